@@ -1,0 +1,48 @@
+//! Command-line parsing (clap) and dispatch to one file per subcommand.
+
+mod analyze;
+mod distill;
+mod eval;
+mod factorize;
+mod sweep;
+mod train;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Measures how many dimensions a Vision Transformer actually uses: squeeze
+/// every linear layer through a rank-r bottleneck, distill the full model
+/// (teacher) into the squeezed one (student), and read off the effective rank
+/// from accuracy as a function of r.
+///
+/// Start with the built-in demo, the whole pipeline in a few minutes on a CPU:
+///
+///     effrank-engine sweep --demo
+#[derive(Parser, Debug)]
+#[command(name = "effrank-engine", version, about, long_about, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    Train(train::TrainArgs),
+    Factorize(factorize::FactorizeArgs),
+    Distill(distill::DistillArgs),
+    Sweep(sweep::SweepArgs),
+    Analyze(analyze::AnalyzeArgs),
+    Eval(eval::EvalArgs),
+}
+
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Factorize(a) => factorize::run(a),
+        Command::Distill(a) => distill::run(a),
+        Command::Sweep(a) => sweep::run(a),
+        Command::Analyze(a) => analyze::run(a),
+        Command::Eval(a) => eval::run(a),
+    }
+}

@@ -1,0 +1,13 @@
+//! effrank-engine: measures the effective rank of Vision Transformers.
+//!
+//! See README.md for the architecture and `../shared/METHOD.md` for the method.
+
+pub mod analysis;
+pub mod backend;
+pub mod data;
+pub mod factorize;
+pub mod io;
+pub mod model;
+pub mod ops;
+pub mod rng;
+pub mod train;

@@ -1,0 +1,8 @@
+//! The Vision Transformer: configuration, parameters, forward and backward,
+//! checkpoints and the importers of other libraries' tensor names.
+
+pub mod config;
+pub mod params;
+
+pub use config::VitConfig;
+pub use params::{Linear, Ranks, VitParams};

@@ -1,0 +1,366 @@
+//! The ViT's parameter tensors as a plain struct (llm.c style), generic over
+//! what holds each tensor: device buffers for weights, gradients and AdamW
+//! moments, host `Vec<f32>` for checkpoints, shapes for documentation.
+//!
+//! Tensor names are timm's, with q, k and v as separate layers and a
+//! documented extension for low-rank layers:
+//!
+//! | name | shape |
+//! |---|---|
+//! | `patch_embed.proj.weight` | `[width, channels, patch, patch]` |
+//! | `patch_embed.proj.bias` | `[width]` |
+//! | `cls_token` | `[1, 1, width]` |
+//! | `pos_embed` | `[1, tokens, width]` |
+//! | `blocks.N.norm1.weight`, `.bias` | `[width]` |
+//! | `blocks.N.attn.{q,k,v,proj}.weight` (dense) | `[width, width]` |
+//! | `blocks.N.attn.{q,k,v,proj}.U`, `.V` (low-rank) | `[width, r]`, `[r, width]` |
+//! | `blocks.N.attn.{q,k,v,proj}.bias` | `[width]` |
+//! | `blocks.N.norm2.weight`, `.bias` | `[width]` |
+//! | `blocks.N.mlp.fc1.weight` or `.U`/`.V`, `.bias` | `[mlp, width]`, `[mlp]` |
+//! | `blocks.N.mlp.fc2.weight` or `.U`/`.V`, `.bias` | `[width, mlp]`, `[width]` |
+//! | `norm.weight`, `norm.bias` | `[width]` |
+//! | `head.weight`, `head.bias` | `[classes, width]`, `[classes]` |
+//!
+//! A dense checkpoint on disk stores q, k, v fused as timm's
+//! `blocks.N.attn.qkv.weight` (see `model::checkpoint`).
+
+use super::config::VitConfig;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// The six factorizable linear layers of a block, in order.
+pub const BLOCK_LINEARS: [&str; 6] = ["attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2"];
+
+/// Rank of each factorizable layer of one block; `None` keeps it dense.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRanks(pub [Option<usize>; 6]);
+
+/// Ranks of every block: the model is a teacher when all are `None`.
+pub type Ranks = Vec<BlockRanks>;
+
+/// All-dense ranks for `cfg`.
+pub fn dense_ranks(cfg: &VitConfig) -> Ranks {
+    vec![BlockRanks::default(); cfg.depth]
+}
+
+/// One rank `r` for every factorizable layer.
+pub fn uniform_ranks(cfg: &VitConfig, r: usize) -> Ranks {
+    vec![BlockRanks([Some(r); 6]); cfg.depth]
+}
+
+/// True when any layer is low-rank.
+pub fn is_lowrank(ranks: &Ranks) -> bool {
+    ranks.iter().any(|b| b.0.iter().any(|r| r.is_some()))
+}
+
+/// (out, in) of the `j`-th factorizable layer of a block.
+pub fn block_linear_shape(cfg: &VitConfig, j: usize) -> (usize, usize) {
+    match j {
+        0..=3 => (cfg.width, cfg.width),
+        4 => (cfg.mlp, cfg.width),
+        5 => (cfg.width, cfg.mlp),
+        _ => unreachable!("a block has six linear layers"),
+    }
+}
+
+/// Check every rank against its layer: 1 <= r <= min(out, in).
+pub fn validate_ranks(cfg: &VitConfig, ranks: &Ranks) -> Result<()> {
+    if ranks.len() != cfg.depth {
+        bail!("ranks given for {} blocks, the model has {}", ranks.len(), cfg.depth);
+    }
+    for (i, b) in ranks.iter().enumerate() {
+        for (j, r) in b.0.iter().enumerate() {
+            if let Some(r) = *r {
+                let (out, inp) = block_linear_shape(cfg, j);
+                if r == 0 || r > out.min(inp) {
+                    bail!(
+                        "rank {r} out of range for layer blocks.{i}.{} of shape [{out}, {inp}] (out x in): must be 1..={}",
+                        BLOCK_LINEARS[j],
+                        out.min(inp)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A linear layer `y = W x + b`, dense or factorized as `W = U V`.
+#[derive(Clone, Debug)]
+pub enum Linear<T> {
+    Dense { weight: T, bias: T },
+    LowRank { u: T, v: T, bias: T },
+}
+
+impl<T> Linear<T> {
+    pub fn bias(&self) -> &T {
+        match self {
+            Linear::Dense { bias, .. } | Linear::LowRank { bias, .. } => bias,
+        }
+    }
+}
+
+/// One pre-norm transformer block.
+#[derive(Clone, Debug)]
+pub struct Block<T> {
+    pub norm1_w: T,
+    pub norm1_b: T,
+    pub q: Linear<T>,
+    pub k: Linear<T>,
+    pub v: Linear<T>,
+    pub proj: Linear<T>,
+    pub norm2_w: T,
+    pub norm2_b: T,
+    pub fc1: Linear<T>,
+    pub fc2: Linear<T>,
+}
+
+impl<T> Block<T> {
+    /// The six factorizable layers, in `BLOCK_LINEARS` order.
+    pub fn linears(&self) -> [&Linear<T>; 6] {
+        [&self.q, &self.k, &self.v, &self.proj, &self.fc1, &self.fc2]
+    }
+    pub fn linears_mut(&mut self) -> [&mut Linear<T>; 6] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.proj, &mut self.fc1, &mut self.fc2]
+    }
+}
+
+/// All parameters of a ViT.
+#[derive(Clone, Debug)]
+pub struct VitParams<T> {
+    pub patch_w: T,
+    pub patch_b: T,
+    pub cls: T,
+    pub pos: T,
+    pub blocks: Vec<Block<T>>,
+    pub norm_w: T,
+    pub norm_b: T,
+    pub head: Linear<T>,
+}
+
+/// Name, shape and optimizer treatment of one parameter tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// Weight decay applies to weight matrices only (as timm's optimizer
+    /// factory does): not to biases, norms, class token or positions.
+    pub decay: bool,
+}
+
+impl TensorSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+fn spec(name: String, shape: Vec<usize>, decay: bool) -> TensorSpec {
+    TensorSpec { name, shape, decay }
+}
+
+fn linear_specs(out: &mut Vec<TensorSpec>, prefix: &str, o: usize, i: usize, rank: Option<usize>) {
+    match rank {
+        None => out.push(spec(format!("{prefix}.weight"), vec![o, i], true)),
+        Some(r) => {
+            out.push(spec(format!("{prefix}.U"), vec![o, r], true));
+            out.push(spec(format!("{prefix}.V"), vec![r, i], true));
+        }
+    }
+    out.push(spec(format!("{prefix}.bias"), vec![o], false));
+}
+
+/// Every parameter tensor of the model, in the order `VitParams::tensors`
+/// lists them. Ranks must be valid (`validate_ranks`).
+pub fn param_specs(cfg: &VitConfig, ranks: &Ranks) -> Vec<TensorSpec> {
+    let d = cfg.width;
+    let mut s = vec![
+        spec("patch_embed.proj.weight".into(), vec![d, cfg.channels, cfg.patch, cfg.patch], true),
+        spec("patch_embed.proj.bias".into(), vec![d], false),
+        spec("cls_token".into(), vec![1, 1, d], false),
+        spec("pos_embed".into(), vec![1, cfg.tokens(), d], false),
+    ];
+    for (i, br) in ranks.iter().enumerate() {
+        s.push(spec(format!("blocks.{i}.norm1.weight"), vec![d], false));
+        s.push(spec(format!("blocks.{i}.norm1.bias"), vec![d], false));
+        for j in 0..4 {
+            let (o, inp) = block_linear_shape(cfg, j);
+            linear_specs(&mut s, &format!("blocks.{i}.{}", BLOCK_LINEARS[j]), o, inp, br.0[j]);
+        }
+        s.push(spec(format!("blocks.{i}.norm2.weight"), vec![d], false));
+        s.push(spec(format!("blocks.{i}.norm2.bias"), vec![d], false));
+        for j in 4..6 {
+            let (o, inp) = block_linear_shape(cfg, j);
+            linear_specs(&mut s, &format!("blocks.{i}.{}", BLOCK_LINEARS[j]), o, inp, br.0[j]);
+        }
+    }
+    s.push(spec("norm.weight".into(), vec![d], false));
+    s.push(spec("norm.bias".into(), vec![d], false));
+    linear_specs(&mut s, "head", cfg.classes, d, None);
+    s
+}
+
+/// Total number of parameters.
+pub fn param_count(cfg: &VitConfig, ranks: &Ranks) -> usize {
+    param_specs(cfg, ranks).iter().map(|t| t.numel()).sum()
+}
+
+fn linear_push<'a, T>(out: &mut Vec<&'a T>, l: &'a Linear<T>) {
+    match l {
+        Linear::Dense { weight, bias } => out.extend([weight, bias]),
+        Linear::LowRank { u, v, bias } => out.extend([u, v, bias]),
+    }
+}
+
+fn linear_push_mut<'a, T>(out: &mut Vec<&'a mut T>, l: &'a mut Linear<T>) {
+    match l {
+        Linear::Dense { weight, bias } => out.extend([weight, bias]),
+        Linear::LowRank { u, v, bias } => out.extend([u, v, bias]),
+    }
+}
+
+fn linear_take<T>(it: &mut impl Iterator<Item = T>, rank: Option<usize>) -> Linear<T> {
+    let mut next = || it.next().expect("param_specs and VitParams::from_tensors agree");
+    match rank {
+        None => Linear::Dense { weight: next(), bias: next() },
+        Some(_) => Linear::LowRank { u: next(), v: next(), bias: next() },
+    }
+}
+
+impl<T> VitParams<T> {
+    /// Build from tensors given in `param_specs` order.
+    pub fn from_tensors(cfg: &VitConfig, ranks: &Ranks, tensors: Vec<T>) -> Self {
+        assert_eq!(tensors.len(), param_specs(cfg, ranks).len(), "one tensor per spec");
+        let mut it = tensors.into_iter();
+        let next = |it: &mut std::vec::IntoIter<T>| it.next().expect("counted above");
+        let patch_w = next(&mut it);
+        let patch_b = next(&mut it);
+        let cls = next(&mut it);
+        let pos = next(&mut it);
+        let mut blocks = Vec::with_capacity(cfg.depth);
+        for br in ranks {
+            let norm1_w = next(&mut it);
+            let norm1_b = next(&mut it);
+            let q = linear_take(&mut it, br.0[0]);
+            let k = linear_take(&mut it, br.0[1]);
+            let v = linear_take(&mut it, br.0[2]);
+            let proj = linear_take(&mut it, br.0[3]);
+            let norm2_w = next(&mut it);
+            let norm2_b = next(&mut it);
+            let fc1 = linear_take(&mut it, br.0[4]);
+            let fc2 = linear_take(&mut it, br.0[5]);
+            blocks.push(Block { norm1_w, norm1_b, q, k, v, proj, norm2_w, norm2_b, fc1, fc2 });
+        }
+        let norm_w = next(&mut it);
+        let norm_b = next(&mut it);
+        let head = linear_take(&mut it, None);
+        VitParams { patch_w, patch_b, cls, pos, blocks, norm_w, norm_b, head }
+    }
+
+    /// Build by calling `make` on each spec, in order.
+    pub fn build<E>(cfg: &VitConfig, ranks: &Ranks, mut make: impl FnMut(&TensorSpec) -> Result<T, E>) -> Result<Self, E> {
+        let tensors = param_specs(cfg, ranks).iter().map(&mut make).collect::<Result<Vec<T>, E>>()?;
+        Ok(Self::from_tensors(cfg, ranks, tensors))
+    }
+
+    /// Every tensor, in `param_specs` order.
+    pub fn tensors(&self) -> Vec<&T> {
+        let mut out = vec![&self.patch_w, &self.patch_b, &self.cls, &self.pos];
+        for b in &self.blocks {
+            out.extend([&b.norm1_w, &b.norm1_b]);
+            for l in [&b.q, &b.k, &b.v, &b.proj] {
+                linear_push(&mut out, l);
+            }
+            out.extend([&b.norm2_w, &b.norm2_b]);
+            for l in [&b.fc1, &b.fc2] {
+                linear_push(&mut out, l);
+            }
+        }
+        out.extend([&self.norm_w, &self.norm_b]);
+        linear_push(&mut out, &self.head);
+        out
+    }
+
+    /// Every tensor, mutably, in `param_specs` order.
+    pub fn tensors_mut(&mut self) -> Vec<&mut T> {
+        let mut out = vec![&mut self.patch_w, &mut self.patch_b, &mut self.cls, &mut self.pos];
+        for b in &mut self.blocks {
+            out.push(&mut b.norm1_w);
+            out.push(&mut b.norm1_b);
+            linear_push_mut(&mut out, &mut b.q);
+            linear_push_mut(&mut out, &mut b.k);
+            linear_push_mut(&mut out, &mut b.v);
+            linear_push_mut(&mut out, &mut b.proj);
+            out.push(&mut b.norm2_w);
+            out.push(&mut b.norm2_b);
+            linear_push_mut(&mut out, &mut b.fc1);
+            linear_push_mut(&mut out, &mut b.fc2);
+        }
+        out.push(&mut self.norm_w);
+        out.push(&mut self.norm_b);
+        linear_push_mut(&mut out, &mut self.head);
+        out
+    }
+
+    /// The same structure with every tensor mapped through `f` (with its spec).
+    pub fn map<U, E>(&self, cfg: &VitConfig, ranks: &Ranks, mut f: impl FnMut(&TensorSpec, &T) -> Result<U, E>) -> Result<VitParams<U>, E> {
+        let specs = param_specs(cfg, ranks);
+        let mapped = specs.iter().zip(self.tensors()).map(|(s, t)| f(s, t)).collect::<Result<Vec<U>, E>>()?;
+        Ok(VitParams::from_tensors(cfg, ranks, mapped))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lin(out: usize, inp: usize, r: Option<usize>) -> usize {
+        match r {
+            None => out * inp + out,
+            Some(r) => r * (out + inp) + out,
+        }
+    }
+
+    #[test]
+    fn vit_b32_teacher_has_the_method_md_count() {
+        let cfg = VitConfig::preset("vit-b32", 100).unwrap();
+        assert_eq!(param_count(&cfg, &dense_ranks(&cfg)), 87_532_132);
+    }
+
+    #[test]
+    fn lowrank_count_is_r_times_in_plus_out_plus_bias_per_layer() {
+        let cfg = VitConfig::preset("vit-b32", 100).unwrap();
+        let r = 32;
+        let dense = param_count(&cfg, &dense_ranks(&cfg));
+        let d = cfg.width;
+        let per_block_dense = 4 * lin(d, d, None) + lin(cfg.mlp, d, None) + lin(d, cfg.mlp, None);
+        let per_block_lr = 4 * lin(d, d, Some(r)) + lin(cfg.mlp, d, Some(r)) + lin(d, cfg.mlp, Some(r));
+        let expect = dense - cfg.depth * (per_block_dense - per_block_lr);
+        assert_eq!(param_count(&cfg, &uniform_ranks(&cfg, r)), expect);
+    }
+
+    #[test]
+    fn specs_and_tensors_agree_in_order() {
+        let cfg = VitConfig::preset("vit-demo", 10).unwrap();
+        let mut ranks = dense_ranks(&cfg);
+        ranks[1].0[4] = Some(3);
+        let specs = param_specs(&cfg, &ranks);
+        let p: VitParams<String> = VitParams::build(&cfg, &ranks, |s| Ok::<_, ()>(s.name.clone())).unwrap();
+        let names: Vec<&String> = p.tensors();
+        assert_eq!(names.len(), specs.len());
+        for (n, s) in names.iter().zip(&specs) {
+            assert_eq!(**n, s.name);
+        }
+        assert!(matches!(p.blocks[1].fc1, Linear::LowRank { .. }));
+        let mut p2 = p.clone();
+        assert_eq!(p2.tensors_mut().len(), specs.len());
+    }
+
+    #[test]
+    fn ranks_out_of_range_name_the_layer_and_shape() {
+        let cfg = VitConfig::preset("vit-demo", 10).unwrap();
+        let e = validate_ranks(&cfg, &uniform_ranks(&cfg, 65)).unwrap_err().to_string();
+        assert!(e.contains("blocks.0.attn.q") && e.contains("[64, 64]"), "{e}");
+        let e = validate_ranks(&cfg, &uniform_ranks(&cfg, 0)).unwrap_err().to_string();
+        assert!(e.contains("rank 0"), "{e}");
+    }
+}

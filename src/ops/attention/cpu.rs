@@ -1,0 +1,1 @@
+//! CPU implementation (to be written).

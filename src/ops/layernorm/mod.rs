@@ -1,0 +1,3 @@
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;

@@ -1,0 +1,1 @@
+//! CUDA implementation (to be written).
