@@ -1,1 +1,223 @@
-//! (to be written)
+//! Factorization of a dense teacher into a low-rank student (METHOD.md step 2).
+//!
+//! Every targeted layer `y = W x + b` (W: out x in) becomes `y = U (V x) + b`.
+//! SVD initialization takes the truncated SVD `W ≈ U_r S_r V_rᵀ` (faer, fp32)
+//! and splits the singular values evenly: `U = U_r S_r^½`, `V = S_r^½ V_rᵀ`.
+//! Its relative Frobenius error is exact from the spectrum:
+//! `‖W - UV‖_F / ‖W‖_F = sqrt(Σ_{i>r} σ_i² / Σ_i σ_i²)`.
+//! Random initialization draws U and V from N(0, s²) with `s² = σ_w / √r`, so
+//! that the entries of `UV` have the standard deviation `σ_w` = 0.02 of a
+//! freshly initialized dense layer (timm's `trunc_normal_(std=0.02)`).
+//! Either way the biases and every tensor that stays full (patch embedding,
+//! class token, positions, LayerNorms, head) are copied from the teacher.
+
+use crate::model::params::{block_linear_shape, is_lowrank, validate_ranks, Linear, Ranks, BLOCK_LINEARS};
+use crate::model::{VitConfig, VitParams};
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+
+/// How the factors of a student start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FactorInit {
+    /// Truncated SVD of the teacher's weight (the default).
+    Svd,
+    /// Fresh random factors, seeded.
+    Random { seed: u64 },
+}
+
+impl std::str::FromStr for FactorInit {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "svd" => Ok(FactorInit::Svd),
+            "random" => Ok(FactorInit::Random { seed: 0 }),
+            other => bail!("unknown factor initialization '{other}': use svd or random"),
+        }
+    }
+}
+
+/// What happened to one layer.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LayerReport {
+    pub name: String,
+    pub out: usize,
+    pub inp: usize,
+    pub rank: usize,
+    pub params_before: usize,
+    pub params_after: usize,
+    /// `‖W - UV‖_F / ‖W‖_F` of the initial factors.
+    pub rel_error: f64,
+}
+
+/// Standard deviation of a fresh dense weight, which random factors match.
+const DENSE_INIT_STD: f32 = 0.02;
+
+/// Truncated SVD factors of `w` (`[out, inp]`, row-major) at rank `r`:
+/// returns `U: [out, r]`, `V: [r, inp]` and the relative Frobenius error.
+pub fn svd_factors(w: &[f32], out: usize, inp: usize, r: usize, name: &str) -> Result<(Vec<f32>, Vec<f32>, f64)> {
+    if r == 0 || r > out.min(inp) {
+        bail!("rank {r} out of range for layer {name} of shape [{out}, {inp}]: must be 1..={}", out.min(inp));
+    }
+    if w.len() != out * inp {
+        bail!("layer {name}: weight has {} values, shape [{out}, {inp}] needs {}", w.len(), out * inp);
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        bail!("layer {name}: weight value {} at index {i} is not finite", w[i]);
+    }
+    let m = faer::Mat::<f32>::from_fn(out, inp, |i, j| w[i * inp + j]);
+    let svd = m.thin_svd().map_err(|e| anyhow::anyhow!("SVD of layer {name} [{out}, {inp}] did not converge: {e:?}"))?;
+    let (u_full, s, v_full) = (svd.U(), svd.S().column_vector(), svd.V());
+    let sigma: Vec<f64> = (0..s.nrows()).map(|i| s[i] as f64).collect();
+    let total: f64 = sigma.iter().map(|x| x * x).sum();
+    let tail: f64 = sigma[r..].iter().map(|x| x * x).sum();
+    let rel_error = if total > 0.0 { (tail / total).sqrt() } else { 0.0 };
+    let mut u = vec![0f32; out * r];
+    let mut v = vec![0f32; r * inp];
+    for k in 0..r {
+        let root = s[k].max(0.0).sqrt();
+        for i in 0..out {
+            u[i * r + k] = u_full[(i, k)] * root;
+        }
+        for j in 0..inp {
+            v[k * inp + j] = v_full[(j, k)] * root;
+        }
+    }
+    Ok((u, v, rel_error))
+}
+
+/// Random factors whose product has the spread of a fresh dense layer, and
+/// the relative error of that product against `w`.
+pub fn random_factors(w: &[f32], out: usize, inp: usize, r: usize, rng: &mut Rng) -> (Vec<f32>, Vec<f32>, f64) {
+    let s = (DENSE_INIT_STD / (r as f32).sqrt()).sqrt();
+    let u = rng.normal_vec(out * r, s);
+    let v = rng.normal_vec(r * inp, s);
+    let rel_error = relative_error(w, &u, &v, out, inp, r);
+    (u, v, rel_error)
+}
+
+/// `‖W - UV‖_F / ‖W‖_F`, computed directly (f64 accumulation).
+pub fn relative_error(w: &[f32], u: &[f32], v: &[f32], out: usize, inp: usize, r: usize) -> f64 {
+    let mut uv = vec![0f32; out * inp];
+    // SAFETY: the slices hold out*r, r*inp and out*inp elements, row-major.
+    unsafe {
+        matrixmultiply::sgemm(out, r, inp, 1.0, u.as_ptr(), r as isize, 1, v.as_ptr(), inp as isize, 1, 0.0, uv.as_mut_ptr(), inp as isize, 1);
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (a, b) in w.iter().zip(&uv) {
+        num += ((a - b) as f64).powi(2);
+        den += (*a as f64).powi(2);
+    }
+    if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    }
+}
+
+/// Factorize a dense model at `ranks`. Layers whose rank is `None` stay
+/// dense. Returns the student's parameters and a report per factorized layer.
+pub fn factorize(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, init: FactorInit) -> Result<(VitParams<Vec<f32>>, Vec<LayerReport>)> {
+    validate_ranks(cfg, ranks)?;
+    if teacher.blocks.len() != cfg.depth {
+        bail!("teacher has {} blocks, the config says {}", teacher.blocks.len(), cfg.depth);
+    }
+    let mut student = teacher.clone();
+    let mut reports = Vec::new();
+    for (l, (block, br)) in student.blocks.iter_mut().zip(ranks).enumerate() {
+        for (j, layer) in block.linears_mut().into_iter().enumerate() {
+            let Some(r) = br.0[j] else { continue };
+            let name = format!("blocks.{l}.{}", BLOCK_LINEARS[j]);
+            let (out, inp) = block_linear_shape(cfg, j);
+            let Linear::Dense { weight, bias } = layer else {
+                bail!("layer {name} of the teacher is already low-rank; factorize a dense teacher");
+            };
+            let (u, v, rel_error) = match init {
+                FactorInit::Svd => svd_factors(weight, out, inp, r, &name).with_context(|| format!("factorizing {name}"))?,
+                FactorInit::Random { seed } => random_factors(weight, out, inp, r, &mut Rng::from_keys(&[seed, l as u64, j as u64])),
+            };
+            reports.push(LayerReport { name, out, inp, rank: r, params_before: out * inp + out, params_after: r * (out + inp) + out, rel_error });
+            *layer = Linear::LowRank { u, v, bias: std::mem::take(bias) };
+        }
+    }
+    debug_assert!(is_lowrank(ranks) || reports.is_empty());
+    Ok((student, reports))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::params::{param_count, uniform_ranks};
+
+    fn random_matrix(out: usize, inp: usize, seed: u64) -> Vec<f32> {
+        Rng::new(seed).normal_vec(out * inp, 1.0)
+    }
+
+    #[test]
+    fn full_rank_svd_factors_reproduce_the_matrix() {
+        let (out, inp) = (24, 40);
+        let w = random_matrix(out, inp, 1);
+        let (u, v, err) = svd_factors(&w, out, inp, out, "w").unwrap();
+        assert!(err < 1e-6, "spectral error {err}");
+        let direct = relative_error(&w, &u, &v, out, inp, out);
+        assert!(direct < 1e-5, "reconstruction error {direct}");
+    }
+
+    #[test]
+    fn truncated_error_matches_direct_computation() {
+        let (out, inp) = (30, 20);
+        let w = random_matrix(out, inp, 2);
+        for r in [1, 5, 19] {
+            let (u, v, err) = svd_factors(&w, out, inp, r, "w").unwrap();
+            let direct = relative_error(&w, &u, &v, out, inp, r);
+            assert!((err - direct).abs() < 1e-4 * direct.max(1e-3), "r={r}: {err} vs {direct}");
+        }
+    }
+
+    #[test]
+    fn factors_split_singular_values_evenly() {
+        // W = diag(9, 4) embedded in 2x3: U = U_r S^½ has column norms 3, 2.
+        let w = vec![9.0, 0.0, 0.0, 0.0, 4.0, 0.0];
+        let (u, v, _) = svd_factors(&w, 2, 3, 2, "w").unwrap();
+        let col_norm = |k: usize| (u[k].powi(2) + u[2 + k].powi(2)).sqrt();
+        let row_norm = |k: usize| (0..3).map(|j| v[k * 3 + j].powi(2)).sum::<f32>().sqrt();
+        assert!((col_norm(0) - 3.0).abs() < 1e-5 && (col_norm(1) - 2.0).abs() < 1e-5);
+        assert!((row_norm(0) - 3.0).abs() < 1e-5 && (row_norm(1) - 2.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn bad_ranks_and_values_are_errors_naming_the_layer() {
+        let w = random_matrix(4, 6, 3);
+        let e = svd_factors(&w, 4, 6, 5, "blocks.0.attn.q").unwrap_err().to_string();
+        assert!(e.contains("blocks.0.attn.q") && e.contains("[4, 6]"), "{e}");
+        assert!(svd_factors(&w, 4, 6, 0, "x").is_err());
+        let mut bad = w.clone();
+        bad[3] = f32::NAN;
+        assert!(svd_factors(&bad, 4, 6, 2, "x").unwrap_err().to_string().contains("not finite"));
+    }
+
+    #[test]
+    fn random_factors_have_dense_init_spread() {
+        let (out, inp, r) = (64, 64, 16);
+        let (u, v, _) = random_factors(&vec![0.0; out * inp], out, inp, r, &mut Rng::new(5));
+        let mut uv = vec![0f32; out * inp];
+        unsafe {
+            matrixmultiply::sgemm(out, r, inp, 1.0, u.as_ptr(), r as isize, 1, v.as_ptr(), inp as isize, 1, 0.0, uv.as_mut_ptr(), inp as isize, 1);
+        }
+        let std = (uv.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / uv.len() as f64).sqrt();
+        assert!((std - 0.02).abs() < 0.003, "std {std}");
+    }
+
+    #[test]
+    fn factorized_model_has_the_expected_parameter_count() {
+        let cfg = VitConfig::preset("vit-demo", 10).unwrap();
+        let dense = crate::model::params::dense_ranks(&cfg);
+        let mut rng = Rng::new(9);
+        let teacher: VitParams<Vec<f32>> = VitParams::build(&cfg, &dense, |s| Ok::<_, ()>(rng.normal_vec(s.numel(), 0.02))).unwrap();
+        let ranks = uniform_ranks(&cfg, 8);
+        let (student, reports) = factorize(&cfg, &teacher, &ranks, FactorInit::Svd).unwrap();
+        assert_eq!(reports.len(), 6 * cfg.depth);
+        let count: usize = student.tensors().iter().map(|t| t.len()).sum();
+        assert_eq!(count, param_count(&cfg, &ranks));
+        assert_eq!(student.head.bias(), teacher.head.bias());
+    }
+}

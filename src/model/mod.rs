@@ -6,3 +6,7 @@ pub mod params;
 
 pub use config::VitConfig;
 pub use params::{Linear, Ranks, VitParams};
+pub mod linear;
+pub mod vit;
+
+pub use vit::{Grads, Vit, VitActs, VitBackwardScratch};

@@ -1,0 +1,335 @@
+//! The Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16
+//! Words", 2021), forward and hand-written backward, on any `Backend`.
+//!
+//! ```text
+//! patches  = gather(image)                       [B*P, C*p*p]
+//! x_0      = [cls; patches Wpᵀ + bp] + pos       [B, T, D]     T = P + 1
+//! for each block l (pre-norm):
+//!   a      = LN1(x_l)
+//!   q,k,v  = a Wqᵀ + bq, a Wkᵀ + bk, a Wvᵀ + bv  (dense or low-rank each)
+//!   attn   = softmax(q kᵀ / √dh) v  per head
+//!   f_attn = attn Woᵀ + bo                        (feature: attention output)
+//!   m      = x_l + f_attn
+//!   f_mlp  = GELU(LN2(m) W1ᵀ + b1) W2ᵀ + b2       (feature: MLP output)
+//!   x_l+1  = m + f_mlp
+//! logits   = LN(x_L[:, 0]) Whᵀ + bh               [B, classes]
+//! ```
+//! The backward pass runs the same steps in reverse; every gradient buffer
+//! of a parameter is accumulated (`+=`), so `Grads` is zeroed once per step.
+//! Activations are allocated once for a maximum batch (`VitActs::new`) and
+//! reused every step; a smaller batch uses their leading part.
+
+use super::config::VitConfig;
+use super::linear::{linear_backward, linear_forward, LinearShape};
+use super::params::{block_linear_shape, param_specs, validate_ranks, Ranks, VitParams};
+use crate::backend::{Backend, BufKind};
+use anyhow::{bail, Result};
+
+/// A ViT's shape, ranks and parameters on one backend.
+pub struct Vit<B: Backend> {
+    pub cfg: VitConfig,
+    pub ranks: Ranks,
+    pub params: VitParams<B::Buf>,
+}
+
+/// Gradients have the parameters' structure.
+pub type Grads<B> = VitParams<<B as Backend>::Buf>;
+
+/// Activations of one block, kept for the backward pass.
+pub struct BlockActs<T> {
+    /// Block input (the residual stream), `[N, D]`.
+    pub x_in: T,
+    pub ln1: T,
+    pub ln1_mean: T,
+    pub ln1_rstd: T,
+    pub q: T,
+    pub k: T,
+    pub v: T,
+    pub probs: T,
+    pub attn: T,
+    /// Attention sub-layer output before the residual add (a feature).
+    pub attn_out: T,
+    /// `x_in + attn_out`.
+    pub x_mid: T,
+    pub ln2: T,
+    pub ln2_mean: T,
+    pub ln2_rstd: T,
+    pub fc1_pre: T,
+    pub fc1_act: T,
+    /// MLP sub-layer output before the residual add (a feature).
+    pub mlp_out: T,
+    /// Low-rank intermediates `h = x Vᵀ` of q, k, v, proj, fc1, fc2
+    /// (`None` for dense layers).
+    pub h: [Option<T>; 6],
+}
+
+/// Every activation of a forward pass for up to `max_batch` images.
+pub struct VitActs<B: Backend> {
+    pub max_batch: usize,
+    pub images: B::Buf,
+    pub patches: B::Buf,
+    pub patch_out: B::Buf,
+    pub blocks: Vec<BlockActs<B::Buf>>,
+    /// Final residual stream `x_L`, `[N, D]`.
+    pub x_out: B::Buf,
+    pub cls: B::Buf,
+    pub cls_ln: B::Buf,
+    pub cls_mean: B::Buf,
+    pub cls_rstd: B::Buf,
+    pub logits: B::Buf,
+}
+
+/// Scratch buffers of the backward pass.
+pub struct VitBackwardScratch<B: Backend> {
+    pub dx: B::Buf,
+    pub d_sub: B::Buf,
+    pub d_ln: B::Buf,
+    pub d_attn: B::Buf,
+    pub dq: B::Buf,
+    pub dk: B::Buf,
+    pub dv: B::Buf,
+    pub d_hidden: B::Buf,
+    pub d_hidden2: B::Buf,
+    pub dh: B::Buf,
+    pub d_cls: B::Buf,
+    pub d_cls_ln: B::Buf,
+    pub d_patch_out: B::Buf,
+}
+
+impl<B: Backend> Vit<B> {
+    /// Upload host parameters (in `param_specs` order) to the backend.
+    pub fn from_host(be: &B, cfg: &VitConfig, ranks: &Ranks, host: &VitParams<Vec<f32>>) -> Result<Self> {
+        cfg.validate()?;
+        validate_ranks(cfg, ranks)?;
+        let params = host.map(cfg, ranks, |spec, t| {
+            if t.len() != spec.numel() {
+                bail!("tensor {} has {} values, its shape {:?} needs {}", spec.name, t.len(), spec.shape, spec.numel());
+            }
+            be.upload(t, BufKind::Param)
+        })?;
+        Ok(Vit { cfg: cfg.clone(), ranks: ranks.clone(), params })
+    }
+
+    /// Download the parameters to the host.
+    pub fn to_host(&self, be: &B) -> Result<VitParams<Vec<f32>>> {
+        self.params.map(&self.cfg, &self.ranks, |_, t| be.download(t))
+    }
+
+    /// Zero-filled gradients with the parameters' structure.
+    pub fn zeros_like(&self, be: &B) -> Result<Grads<B>> {
+        VitParams::build(&self.cfg, &self.ranks, |s| be.alloc(s.numel(), BufKind::Param))
+    }
+
+    /// Set every gradient to zero.
+    pub fn zero_grads(&self, be: &B, grads: &mut Grads<B>) -> Result<()> {
+        for (spec, g) in param_specs(&self.cfg, &self.ranks).iter().zip(grads.tensors_mut()) {
+            be.zero(g, spec.numel())?;
+        }
+        Ok(())
+    }
+
+    fn linear_shape(&self, block: usize, j: usize) -> LinearShape {
+        let (out, inp) = block_linear_shape(&self.cfg, j);
+        LinearShape { inp, out, rank: self.ranks[block].0[j] }
+    }
+
+    fn head_shape(&self) -> LinearShape {
+        LinearShape { inp: self.cfg.width, out: self.cfg.classes, rank: None }
+    }
+
+    fn patch_shape(&self) -> LinearShape {
+        LinearShape { inp: self.cfg.patch_dim(), out: self.cfg.width, rank: None }
+    }
+
+    /// Allocate activations for up to `max_batch` images.
+    pub fn new_acts(&self, be: &B, max_batch: usize) -> Result<VitActs<B>> {
+        let c = &self.cfg;
+        let (n, d, t) = (max_batch * c.tokens(), c.width, c.tokens());
+        let a = |len: usize| be.alloc(len, BufKind::Activation);
+        let mut blocks = Vec::with_capacity(c.depth);
+        for (l, br) in self.ranks.iter().enumerate() {
+            let mut h: [Option<B::Buf>; 6] = Default::default();
+            for (j, r) in br.0.iter().enumerate() {
+                if let Some(r) = r {
+                    debug_assert!(self.linear_shape(l, j).rank == Some(*r));
+                    h[j] = Some(a(n * r)?);
+                }
+            }
+            blocks.push(BlockActs {
+                x_in: a(n * d)?,
+                ln1: a(n * d)?,
+                ln1_mean: a(n)?,
+                ln1_rstd: a(n)?,
+                q: a(n * d)?,
+                k: a(n * d)?,
+                v: a(n * d)?,
+                probs: a(max_batch * c.heads * t * t)?,
+                attn: a(n * d)?,
+                attn_out: a(n * d)?,
+                x_mid: a(n * d)?,
+                ln2: a(n * d)?,
+                ln2_mean: a(n)?,
+                ln2_rstd: a(n)?,
+                fc1_pre: a(n * c.mlp)?,
+                fc1_act: a(n * c.mlp)?,
+                mlp_out: a(n * d)?,
+                h,
+            });
+        }
+        let img = c.channels * c.image_size * c.image_size;
+        Ok(VitActs {
+            max_batch,
+            images: a(max_batch * img)?,
+            patches: a(max_batch * c.n_patches() * c.patch_dim())?,
+            patch_out: a(max_batch * c.n_patches() * d)?,
+            blocks,
+            x_out: a(n * d)?,
+            cls: a(max_batch * d)?,
+            cls_ln: a(max_batch * d)?,
+            cls_mean: a(max_batch)?,
+            cls_rstd: a(max_batch)?,
+            logits: a(max_batch * c.classes)?,
+        })
+    }
+
+    /// Allocate backward scratch for up to `max_batch` images.
+    pub fn new_scratch(&self, be: &B, max_batch: usize) -> Result<VitBackwardScratch<B>> {
+        let c = &self.cfg;
+        let (n, d) = (max_batch * c.tokens(), c.width);
+        let max_rank = self.ranks.iter().flat_map(|b| b.0.iter().flatten()).copied().max().unwrap_or(1);
+        let a = |len: usize| be.alloc(len, BufKind::Activation);
+        Ok(VitBackwardScratch {
+            dx: a(n * d)?,
+            d_sub: a(n * d)?,
+            d_ln: a(n * d)?,
+            d_attn: a(n * d)?,
+            dq: a(n * d)?,
+            dk: a(n * d)?,
+            dv: a(n * d)?,
+            d_hidden: a(n * c.mlp)?,
+            d_hidden2: a(n * c.mlp)?,
+            dh: a(n * max_rank)?,
+            d_cls: a(max_batch * d)?,
+            d_cls_ln: a(max_batch * d)?,
+            d_patch_out: a(max_batch * c.n_patches() * d)?,
+        })
+    }
+
+    /// Forward pass over `batch` images already in `acts.images`
+    /// (`[batch, channels, size, size]`, normalized). Writes every activation
+    /// and `acts.logits`.
+    pub fn forward(&self, be: &B, acts: &mut VitActs<B>, batch: usize) -> Result<()> {
+        if batch == 0 || batch > acts.max_batch {
+            bail!("batch {batch} outside 1..={} (the activations' capacity)", acts.max_batch);
+        }
+        let c = &self.cfg;
+        let p = &self.params;
+        let (t, d) = (c.tokens(), c.width);
+        let n = batch * t;
+        let np = batch * c.n_patches();
+
+        be.patch_gather(&mut acts.patches, &acts.images, batch, c.channels, c.image_size, c.patch)?;
+        be.linear_forward(&mut acts.patch_out, &acts.patches, &p.patch_w, &p.patch_b, np, self.patch_shape().inp, d)?;
+        be.tokens_forward(&mut acts.blocks[0].x_in, &acts.patch_out, &p.cls, &p.pos, batch, c.n_patches(), d)?;
+
+        for l in 0..c.depth {
+            let (done, rest) = acts.blocks.split_at_mut(l + 1);
+            let a = &mut done[l];
+            let bp = &p.blocks[l];
+            be.layernorm_forward(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, &a.x_in, &bp.norm1_w, &bp.norm1_b, n, d, c.ln_eps)?;
+            let [hq, hk, hv, hproj, hfc1, hfc2] = &mut a.h;
+            linear_forward(be, &bp.q, self.linear_shape(l, 0), &mut a.q, hq.as_mut(), &a.ln1, n)?;
+            linear_forward(be, &bp.k, self.linear_shape(l, 1), &mut a.k, hk.as_mut(), &a.ln1, n)?;
+            linear_forward(be, &bp.v, self.linear_shape(l, 2), &mut a.v, hv.as_mut(), &a.ln1, n)?;
+            be.attention_forward(&mut a.attn, &mut a.probs, &a.q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
+            linear_forward(be, &bp.proj, self.linear_shape(l, 3), &mut a.attn_out, hproj.as_mut(), &a.attn, n)?;
+            be.copy(&mut a.x_mid, &a.x_in, n * d)?;
+            be.add_assign(&mut a.x_mid, &a.attn_out, n * d)?;
+            be.layernorm_forward(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.x_mid, &bp.norm2_w, &bp.norm2_b, n, d, c.ln_eps)?;
+            linear_forward(be, &bp.fc1, self.linear_shape(l, 4), &mut a.fc1_pre, hfc1.as_mut(), &a.ln2, n)?;
+            be.gelu_forward(&mut a.fc1_act, &a.fc1_pre, n * c.mlp)?;
+            linear_forward(be, &bp.fc2, self.linear_shape(l, 5), &mut a.mlp_out, hfc2.as_mut(), &a.fc1_act, n)?;
+            let next = match rest.first_mut() {
+                Some(b) => &mut b.x_in,
+                None => &mut acts.x_out,
+            };
+            be.copy(next, &a.x_mid, n * d)?;
+            be.add_assign(next, &a.mlp_out, n * d)?;
+        }
+
+        be.cls_gather(&mut acts.cls, &acts.x_out, batch, t, d)?;
+        be.layernorm_forward(&mut acts.cls_ln, &mut acts.cls_mean, &mut acts.cls_rstd, &acts.cls, &p.norm_w, &p.norm_b, batch, d, c.ln_eps)?;
+        linear_forward(be, &p.head, self.head_shape(), &mut acts.logits, None, &acts.cls_ln, batch)
+    }
+
+    /// Backward pass from `d_logits` (`[batch, classes]`), after `forward`
+    /// on the same `acts`. `feature_grads`, when given, holds for every block
+    /// the extra gradient of the loss with respect to its attention output
+    /// and its MLP output (the feature loss). Adds every parameter gradient
+    /// to `grads`.
+    pub fn backward(
+        &self,
+        be: &B,
+        acts: &VitActs<B>,
+        d_logits: &B::Buf,
+        feature_grads: Option<&[(B::Buf, B::Buf)]>,
+        grads: &mut Grads<B>,
+        s: &mut VitBackwardScratch<B>,
+        batch: usize,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let p = &self.params;
+        let (t, d) = (c.tokens(), c.width);
+        let n = batch * t;
+        if let Some(f) = feature_grads {
+            if f.len() != c.depth {
+                bail!("feature gradients for {} blocks, the model has {}", f.len(), c.depth);
+            }
+        }
+
+        // Head and final LayerNorm on the class token.
+        linear_backward(be, &p.head, &mut grads.head, self.head_shape(), Some(&mut s.d_cls_ln), false, d_logits, &acts.cls_ln, None, None, batch)?;
+        be.zero(&mut s.d_cls, batch * d)?;
+        be.layernorm_backward(&mut s.d_cls, &mut grads.norm_w, &mut grads.norm_b, &s.d_cls_ln, &acts.cls, &acts.cls_mean, &acts.cls_rstd, &p.norm_w, batch, d)?;
+        be.zero(&mut s.dx, n * d)?;
+        be.cls_scatter_add(&mut s.dx, &s.d_cls, batch, t, d)?;
+
+        // Blocks in reverse; s.dx holds the gradient of the block's output.
+        for l in (0..c.depth).rev() {
+            let a = &acts.blocks[l];
+            let bp = &p.blocks[l];
+            let g = &mut grads.blocks[l];
+            let [hq, hk, hv, hproj, hfc1, hfc2] = &a.h;
+
+            // MLP sub-layer: f_mlp = fc2(gelu(fc1(LN2(m)))).
+            be.copy(&mut s.d_sub, &s.dx, n * d)?;
+            if let Some(f) = feature_grads {
+                be.add_assign(&mut s.d_sub, &f[l].1, n * d)?;
+            }
+            linear_backward(be, &bp.fc2, &mut g.fc2, self.linear_shape(l, 5), Some(&mut s.d_hidden), false, &s.d_sub, &a.fc1_act, hfc2.as_ref(), Some(&mut s.dh), n)?;
+            be.gelu_backward(&mut s.d_hidden2, &a.fc1_pre, &s.d_hidden, n * c.mlp)?;
+            linear_backward(be, &bp.fc1, &mut g.fc1, self.linear_shape(l, 4), Some(&mut s.d_ln), false, &s.d_hidden2, &a.ln2, hfc1.as_ref(), Some(&mut s.dh), n)?;
+            // m feeds both the residual and LN2: the LN2 gradient is added.
+            be.layernorm_backward(&mut s.dx, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, n, d)?;
+
+            // Attention sub-layer: f_attn = proj(attention(q, k, v of LN1(x))).
+            be.copy(&mut s.d_sub, &s.dx, n * d)?;
+            if let Some(f) = feature_grads {
+                be.add_assign(&mut s.d_sub, &f[l].0, n * d)?;
+            }
+            linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, 3), Some(&mut s.d_attn), false, &s.d_sub, &a.attn, hproj.as_ref(), Some(&mut s.dh), n)?;
+            be.attention_backward(&mut s.dq, &mut s.dk, &mut s.dv, &s.d_attn, &a.q, &a.k, &a.v, &a.probs, batch, t, c.heads, c.head_dim())?;
+            linear_backward(be, &bp.q, &mut g.q, self.linear_shape(l, 0), Some(&mut s.d_ln), false, &s.dq, &a.ln1, hq.as_ref(), Some(&mut s.dh), n)?;
+            linear_backward(be, &bp.k, &mut g.k, self.linear_shape(l, 1), Some(&mut s.d_ln), true, &s.dk, &a.ln1, hk.as_ref(), Some(&mut s.dh), n)?;
+            linear_backward(be, &bp.v, &mut g.v, self.linear_shape(l, 2), Some(&mut s.d_ln), true, &s.dv, &a.ln1, hv.as_ref(), Some(&mut s.dh), n)?;
+            be.layernorm_backward(&mut s.dx, &mut g.norm1_w, &mut g.norm1_b, &s.d_ln, &a.x_in, &a.ln1_mean, &a.ln1_rstd, &bp.norm1_w, n, d)?;
+        }
+
+        // Embeddings.
+        be.tokens_backward(&mut s.d_patch_out, &mut grads.cls, &mut grads.pos, &s.dx, batch, c.n_patches(), d)?;
+        let np = batch * c.n_patches();
+        let pd = self.patch_shape().inp;
+        be.matmul(&mut grads.patch_w, &s.d_patch_out, &acts.patches, d, pd, np, true, false, true)?;
+        be.bias_backward(&mut grads.patch_b, &s.d_patch_out, np, d)
+    }
+}
