@@ -10,4 +10,5 @@ pub mod io;
 pub mod model;
 pub mod ops;
 pub mod rng;
+pub mod sweep;
 pub mod train;

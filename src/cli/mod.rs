@@ -1,10 +1,12 @@
 //! Command-line parsing (clap) and dispatch to one file per subcommand.
 
 mod analyze;
+mod common;
 mod distill;
 mod eval;
 mod factorize;
 mod sweep;
+mod setup;
 mod train;
 
 use anyhow::Result;

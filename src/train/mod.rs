@@ -1,12 +1,18 @@
-//! Training: the objective, AdamW, the learning-rate schedule and the step
-//! that ties them to the model.
+//! Training: the objective, AdamW, the learning-rate schedule, the step that
+//! ties them to the model, the epoch loop with checkpoints and resume, and
+//! the teacher-logit cache of the sweep.
 
+pub mod fit;
 pub mod loss;
 pub mod optimizer;
 pub mod schedule;
+pub mod state;
 pub mod step;
+pub mod teacher_cache;
 
+pub use fit::{fit, FitOptions, FitSummary, RunFiles, Teacher};
 pub use loss::LossSpec;
 pub use optimizer::{AdamW, AdamWConfig};
 pub use schedule::CosineSchedule;
 pub use step::{Frozen, Learner, StepStats, TeacherSignal};
+pub use teacher_cache::TeacherLogits;

@@ -154,6 +154,16 @@ impl<B: Backend> Learner<B> {
         Ok(StepStats { loss: loss_value, correct: count_correct(&logits, labels, c.classes) })
     }
 
+    /// Logits `[n, classes]` of raw image bytes with the current parameters
+    /// (reuses the training activations).
+    pub fn logits(&mut self, be: &B, bytes: &[u8], n: usize, transform: &ImageTransform) -> Result<Vec<f32>> {
+        be.images_from_bytes(&mut self.acts.images, bytes, n, transform)?;
+        self.model.forward(be, &mut self.acts, n)?;
+        let mut logits = be.download(&self.acts.logits)?;
+        logits.truncate(n * self.model.cfg.classes);
+        Ok(logits)
+    }
+
     /// A full training step: `forward_backward`, a finiteness check, then
     /// AdamW at learning rate `lr`. A non-finite loss is an error and leaves
     /// the parameters untouched.

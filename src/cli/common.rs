@@ -1,0 +1,190 @@
+//! Flags shared by several subcommands, and the choice of device.
+//!
+//! Model and training code are generic over `Backend`; a subcommand packs its
+//! work into a `WithBackend` value and `dispatch` runs it on the CPU or the
+//! GPU that `--device` names.
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use effrank_engine::backend::{Backend, CpuBackend};
+use effrank_engine::data::{Augment, Normalize};
+use effrank_engine::train::{AdamWConfig, FitOptions};
+
+/// Where to compute.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU (rayon, fp32): the reference, fine for small models.
+    Cpu,
+    /// The first CUDA GPU (bf16 matrix products, fp32 master weights).
+    Cuda,
+    /// The GPU when one is usable, else the CPU (says which).
+    Auto,
+}
+
+/// Work that runs on whichever backend `dispatch` picks.
+pub trait WithBackend {
+    type Output;
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Output>;
+}
+
+/// Run `work` on the device `device` names.
+pub fn dispatch<W: WithBackend>(device: DeviceArg, quiet: bool, work: W) -> Result<W::Output> {
+    match device {
+        DeviceArg::Cpu => work.run(&CpuBackend::default()),
+        DeviceArg::Cuda => run_cuda(work),
+        DeviceArg::Auto => {
+            if cuda_usable() {
+                if !quiet {
+                    eprintln!("device: cuda (auto)");
+                }
+                run_cuda(work)
+            } else {
+                if !quiet {
+                    eprintln!("device: cpu (auto: no usable CUDA GPU found)");
+                }
+                work.run(&CpuBackend::default())
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_usable() -> bool {
+    effrank_engine::backend::cuda::cuda_available()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_usable() -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda<W: WithBackend>(work: W) -> Result<W::Output> {
+    let be = effrank_engine::backend::cuda::CudaBackend::new(0)?;
+    work.run(&be)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda<W: WithBackend>(_work: W) -> Result<W::Output> {
+    bail!("--device cuda: this binary was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, or use --device cpu")
+}
+
+/// The data set and how images are prepared.
+#[derive(Args, Debug, Clone)]
+pub struct DataFlags {
+    /// `demo` (built in, generated from a seed), a CIFAR-10/100 binary folder,
+    /// or an image-folder root with train/ and test/ (one sub-folder per class).
+    #[arg(long, default_value = "demo")]
+    pub data: String,
+    /// Per-channel normalization: cifar, imagenet or half (mean = std = 0.5).
+    /// Default: the teacher checkpoint's, else cifar for CIFAR, half otherwise.
+    #[arg(long)]
+    pub normalize: Option<Normalize>,
+    /// Skip unreadable images in image folders (counted) instead of failing.
+    #[arg(long)]
+    pub skip_bad: bool,
+}
+
+/// Optimization settings shared by train, distill and sweep.
+#[derive(Args, Debug, Clone)]
+pub struct TrainFlags {
+    /// Passes over the training set.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    /// Images per optimizer step.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Final learning rate of the cosine schedule.
+    #[arg(long, default_value_t = 1e-5)]
+    pub min_lr: f32,
+    /// Decoupled weight decay (weight matrices only).
+    #[arg(long, default_value_t = 0.01)]
+    pub wd: f32,
+    /// Linear warm-up length, in epochs (fractions allowed).
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f32,
+    /// Clip the global gradient norm to this (0 turns clipping off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f32,
+    /// Seed of initialization, batch order and augmentation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Random-crop padding in pixels (0 turns cropping off).
+    #[arg(long, default_value_t = 2)]
+    pub crop_padding: usize,
+    /// Turn off random horizontal flips.
+    #[arg(long)]
+    pub no_flip: bool,
+    /// Evaluate on the test set only after the last epoch.
+    #[arg(long)]
+    pub eval_last_only: bool,
+}
+
+impl TrainFlags {
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            bail!("--epochs must be at least 1");
+        }
+        if self.batch == 0 {
+            bail!("--batch must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        if !(self.wd >= 0.0) {
+            bail!("--wd must be non-negative, got {}", self.wd);
+        }
+        Ok(())
+    }
+
+    pub fn augment(&self) -> Augment {
+        Augment { flip: !self.no_flip, crop_padding: self.crop_padding }
+    }
+
+    pub fn optimizer(&self) -> AdamWConfig {
+        AdamWConfig { weight_decay: self.wd, max_grad_norm: (self.clip > 0.0).then_some(self.clip), ..AdamWConfig::default() }
+    }
+
+    pub fn fit_options(&self, label: &str, quiet: bool) -> FitOptions {
+        FitOptions {
+            epochs: self.epochs,
+            batch: self.batch,
+            lr: self.lr,
+            min_lr: self.min_lr.min(self.lr),
+            warmup_epochs: self.warmup,
+            seed: self.seed,
+            augment: self.augment(),
+            eval_every_epoch: !self.eval_last_only,
+            quiet,
+            label: label.to_string(),
+        }
+    }
+}
+
+/// The distillation objective.
+#[derive(Args, Debug, Clone)]
+pub struct LossFlags {
+    /// kd (Hinton KD mixed with CE by --alpha), feature (MSE + 1 − cos of
+    /// every block's attention and MLP output and the logits), ce (labels
+    /// only), or a weighted sum such as kd=1,feature=0.5.
+    #[arg(long, default_value = "kd")]
+    pub loss: String,
+    /// KD temperature T (the KD term is scaled by T²).
+    #[arg(long, default_value_t = 4.0)]
+    pub temperature: f32,
+    /// Share of KD in the kd loss: (1 − α)·CE + α·KD.
+    #[arg(long, default_value_t = 0.5)]
+    pub alpha: f32,
+    /// Label smoothing of every cross-entropy term.
+    #[arg(long, default_value_t = 0.0)]
+    pub label_smoothing: f32,
+}
+
+impl LossFlags {
+    pub fn spec(&self) -> Result<effrank_engine::train::LossSpec> {
+        effrank_engine::train::LossSpec::parse(&self.loss, self.alpha, self.temperature, self.label_smoothing)
+    }
+}

@@ -1,0 +1,96 @@
+//! Glue shared by the subcommands: loading data, loading or initializing a
+//! model, the image transform, and the metadata stored in checkpoints.
+
+use super::common::DataFlags;
+use anyhow::{bail, Context, Result};
+use effrank_engine::backend::ImageTransform;
+use effrank_engine::data::{load_data, DataOptions, Dataset, Normalize};
+use effrank_engine::model::import::{load_any, ImportOptions};
+use effrank_engine::model::init::init_params;
+use effrank_engine::model::params::{dense_ranks, Ranks};
+use effrank_engine::model::{VitConfig, VitParams};
+use effrank_engine::train::LossSpec;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Load the training and test sets named by `--data`.
+pub fn load_data_for(flags: &DataFlags, quiet: bool) -> Result<(Dataset, Dataset)> {
+    let opts = DataOptions { skip_bad: flags.skip_bad, ..DataOptions::default() };
+    let (train, test, skipped) = load_data(&flags.data, &opts).with_context(|| format!("loading --data {}", flags.data))?;
+    if skipped > 0 && !quiet {
+        eprintln!("skipped {skipped} unreadable images (--skip-bad)");
+    }
+    if train.len() == 0 || test.len() == 0 {
+        bail!("--data {}: the training set has {} images and the test set {}; both must be non-empty", flags.data, train.len(), test.len());
+    }
+    Ok((train, test))
+}
+
+/// Where a model comes from.
+pub enum ModelSource {
+    Preset { name: String, seed: u64 },
+    Checkpoint { path: PathBuf, heads: Option<usize> },
+}
+
+/// A model on the host with what the checkpoint said about it.
+pub struct HostModel {
+    pub cfg: VitConfig,
+    pub ranks: Ranks,
+    pub params: VitParams<Vec<f32>>,
+    /// The normalization the model was trained with, when known.
+    pub normalize: Option<Normalize>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Load any checkpoint (engine, timm, torchvision, HF names).
+pub fn load_model(path: &PathBuf, heads: Option<usize>, new_classes: Option<usize>) -> Result<HostModel> {
+    let opts = ImportOptions { heads, new_classes, ..ImportOptions::default() };
+    let ck = load_any(path, &opts).with_context(|| format!("loading checkpoint {}", path.display()))?;
+    let normalize = match ck.metadata.get("normalize") {
+        Some(n) => Some(n.parse::<Normalize>().with_context(|| format!("{}: metadata 'normalize'", path.display()))?),
+        None => ck.scheme.default_normalize(),
+    };
+    Ok(HostModel { cfg: ck.cfg, ranks: ck.ranks, params: ck.params, normalize, metadata: ck.metadata })
+}
+
+/// A dense model for `classes` classes: a preset freshly initialized, or a
+/// checkpoint (its head replaced when its classes differ).
+pub fn load_teacher_or_init(source: &ModelSource, classes: usize) -> Result<HostModel> {
+    match source {
+        ModelSource::Preset { name, seed } => {
+            let cfg = VitConfig::from_name_or_file(name, classes)?;
+            if cfg.classes != classes {
+                bail!("model config {name} has {} classes, the data has {classes}", cfg.classes);
+            }
+            let ranks = dense_ranks(&cfg);
+            let params = init_params(&cfg, &ranks, *seed);
+            Ok(HostModel { cfg, ranks, params, normalize: None, metadata: BTreeMap::new() })
+        }
+        ModelSource::Checkpoint { path, heads } => {
+            let probe = load_model(path, *heads, None)?;
+            if probe.cfg.classes == classes {
+                return Ok(probe);
+            }
+            load_model(path, *heads, Some(classes))
+        }
+    }
+}
+
+/// Raw stored images → model input.
+pub fn transform_for(cfg: &VitConfig, data: &Dataset, normalize: Normalize) -> Result<ImageTransform> {
+    if data.channels != cfg.channels {
+        bail!("the data has {} channels, the model expects {}", data.channels, cfg.channels);
+    }
+    let (mean, std) = normalize.mean_std();
+    Ok(ImageTransform { channels: data.channels, src_height: data.height, src_width: data.width, dst_size: cfg.image_size, mean, std })
+}
+
+/// Metadata stored in every checkpoint a run writes.
+pub fn run_metadata(role: &str, data: &str, normalize: Normalize, loss: &LossSpec) -> BTreeMap<String, String> {
+    let mut m = BTreeMap::new();
+    m.insert("role".into(), role.into());
+    m.insert("data".into(), data.into());
+    m.insert("normalize".into(), normalize.to_string());
+    m.insert("loss".into(), serde_json::to_string(loss).unwrap_or_default());
+    m
+}

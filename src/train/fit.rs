@@ -1,0 +1,269 @@
+//! The epoch loop shared by `train`, `distill` and every rank of `sweep`.
+//!
+//! Per epoch: a seeded order of the training set, augmented batches (seeded
+//! by (seed, epoch, index)), one `Learner::step` per batch with the
+//! scheduled learning rate, then top-1/top-5 on the test set. After every
+//! epoch the model and optimizer state go to disk atomically
+//! (`model.safetensors`, `state.safetensors`) and a JSON line to
+//! `metrics.jsonl`, so an interrupted run (Ctrl-C, kill, crash) resumes at
+//! the next epoch with the same numbers it would have produced.
+
+use super::state::{load_train_state, save_train_state};
+use super::step::{count_correct, count_top_k, Frozen, Learner, TeacherSignal};
+use super::teacher_cache::TeacherLogits;
+use super::{CosineSchedule, LossSpec};
+use crate::backend::{Backend, ImageTransform};
+use crate::data::{augmented_batch, epoch_order, Augment, Dataset};
+use crate::io::append_line;
+use crate::model::checkpoint::save_checkpoint;
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// Set by the Ctrl-C handler; the loop stops at the next batch boundary.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Install the Ctrl-C handler once per process.
+pub fn install_interrupt_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = ctrlc::set_handler(|| {
+            if INTERRUPTED.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupted: stopping at the end of this batch; run the same command again to resume");
+        });
+    });
+}
+
+/// Settings of one training run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FitOptions {
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f32,
+    pub min_lr: f32,
+    pub warmup_epochs: f32,
+    pub seed: u64,
+    pub augment: Augment,
+    /// Evaluate on the test set after every epoch (else only after the last).
+    pub eval_every_epoch: bool,
+    pub quiet: bool,
+    /// Label for the progress bar ("teacher", "rank 16").
+    pub label: String,
+}
+
+/// One epoch's numbers, as written to `metrics.jsonl`.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub loss: f64,
+    pub train_top1: f64,
+    pub test_top1: Option<f64>,
+    pub test_top5: Option<f64>,
+    pub images_per_s: f64,
+    pub lr: f32,
+}
+
+/// The outcome of a run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct FitSummary {
+    pub epochs: usize,
+    pub test_top1: f64,
+    pub test_top5: f64,
+    pub wall_s: f64,
+    pub resumed_from_epoch: usize,
+    pub history: Vec<EpochMetrics>,
+}
+
+/// Where the teacher signal of a run comes from.
+pub enum Teacher<'a, B: Backend> {
+    None,
+    /// Run the teacher every step (the feature loss needs its activations).
+    Live(&'a mut Frozen<B>),
+    /// Per-epoch teacher logits, computed once and shared by every rank.
+    Cached(&'a mut TeacherLogits<B>),
+}
+
+/// Files of a run in its output folder.
+pub struct RunFiles {
+    pub dir: PathBuf,
+}
+
+impl RunFiles {
+    pub fn new(dir: &Path) -> Self {
+        RunFiles { dir: dir.to_path_buf() }
+    }
+    pub fn model(&self) -> PathBuf {
+        self.dir.join("model.safetensors")
+    }
+    pub fn state(&self) -> PathBuf {
+        self.dir.join("state.safetensors")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+}
+
+/// Test-set top-1 and top-5 (fractions), from `logits_of(bytes, n)`
+/// applied to un-augmented batches of at most `batch` images.
+pub fn evaluate(test: &Dataset, batch: usize, classes: usize, mut logits_of: impl FnMut(&[u8], usize) -> Result<Vec<f32>>) -> Result<(f64, f64)> {
+    let (mut top1, mut top5) = (0usize, 0usize);
+    let mut bytes = Vec::new();
+    let indices: Vec<usize> = (0..test.len()).collect();
+    for chunk in indices.chunks(batch.max(1)) {
+        augmented_batch(test, chunk, &Augment::none(), 0, 0, &mut bytes);
+        let labels: Vec<u32> = chunk.iter().map(|&i| test.labels[i]).collect();
+        let logits = logits_of(&bytes, chunk.len())?;
+        top1 += count_correct(&logits, &labels, classes);
+        top5 += count_top_k(&logits, &labels, classes, 5.min(classes));
+    }
+    let n = test.len().max(1) as f64;
+    Ok((top1 as f64 / n, top5 as f64 / n))
+}
+
+fn progress_bar(quiet: bool, len: u64, label: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    pb
+}
+
+/// Train `learner` on `train` for `opts.epochs` epochs, writing checkpoints
+/// and metrics into `files.dir` and resuming from them when present.
+/// `metadata` is stored in every model checkpoint (data set, loss, ...);
+/// `on_epoch` is called with the number of finished epochs after each one is
+/// saved (the sweep refreshes its claim there).
+#[allow(clippy::too_many_arguments)]
+pub fn fit<B: Backend>(
+    be: &B,
+    learner: &mut Learner<B>,
+    mut teacher: Teacher<'_, B>,
+    train: &Dataset,
+    test: &Dataset,
+    transform: &ImageTransform,
+    loss: &LossSpec,
+    opts: &FitOptions,
+    files: &RunFiles,
+    metadata: &BTreeMap<String, String>,
+    on_epoch: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<FitSummary> {
+    install_interrupt_handler();
+    if opts.batch == 0 || opts.batch > learner.acts.max_batch {
+        bail!("batch {} outside 1..={}", opts.batch, learner.acts.max_batch);
+    }
+    if train.len() == 0 {
+        bail!("the training set is empty");
+    }
+    std::fs::create_dir_all(&files.dir).with_context(|| format!("creating {}", files.dir.display()))?;
+    let steps_per_epoch = train.len().div_ceil(opts.batch);
+    let schedule = CosineSchedule {
+        base_lr: opts.lr,
+        min_lr: opts.min_lr,
+        warmup_steps: (opts.warmup_epochs * steps_per_epoch as f32).round() as usize,
+        total_steps: opts.epochs * steps_per_epoch,
+    };
+
+    let mut start_epoch = 0;
+    if files.state().exists() {
+        start_epoch = load_train_state(be, &files.state(), learner).with_context(|| format!("resuming from {}", files.state().display()))?;
+        if !opts.quiet {
+            eprintln!("{}: resuming after epoch {start_epoch} from {}", opts.label, files.dir.display());
+        }
+    }
+    let mut history = read_history(&files.metrics())?;
+    history.retain(|m| m.epoch <= start_epoch);
+
+    let started = Instant::now();
+    let mut bytes = Vec::new();
+    let classes = learner.model.cfg.classes;
+    for epoch in start_epoch..opts.epochs {
+        let order = epoch_order(train.len(), opts.seed, epoch as u64);
+        let epoch_logits = match &mut teacher {
+            Teacher::Cached(cache) => Some(cache.epoch(be, train, &order, epoch as u64)?),
+            _ => None,
+        };
+        let pb = progress_bar(opts.quiet, steps_per_epoch as u64, &format!("{} e{}/{}", opts.label, epoch + 1, opts.epochs));
+        let epoch_start = Instant::now();
+        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+        let mut lr = opts.lr;
+        for (b, chunk) in order.chunks(opts.batch).enumerate() {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                pb.abandon();
+                bail!("interrupted during epoch {} of {}; the last finished epoch ({start_epoch}+) is saved in {}", epoch + 1, opts.label, files.dir.display());
+            }
+            augmented_batch(train, chunk, &opts.augment, opts.seed, epoch as u64, &mut bytes);
+            let labels: Vec<u32> = chunk.iter().map(|&i| train.labels[i]).collect();
+            let signal = match (&mut teacher, &epoch_logits) {
+                (Teacher::None, _) => TeacherSignal::None,
+                (Teacher::Live(t), _) => TeacherSignal::Live(t),
+                (Teacher::Cached(_), Some(all)) => {
+                    let from = b * opts.batch * classes;
+                    TeacherSignal::Cached(&all[from..from + chunk.len() * classes])
+                }
+                (Teacher::Cached(_), None) => unreachable!("cached logits are computed above"),
+            };
+            lr = schedule.lr(epoch * steps_per_epoch + b);
+            let stats = learner
+                .step(be, &bytes, &labels, transform, signal, loss, lr)
+                .with_context(|| format!("{}: epoch {}, batch {}; the last good checkpoint is {}", opts.label, epoch + 1, b + 1, files.model().display()))?;
+            loss_sum += stats.loss as f64 * chunk.len() as f64;
+            correct += stats.correct;
+            seen += chunk.len();
+            pb.set_message(format!("loss {:.4}", loss_sum / seen as f64));
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        let images_per_s = seen as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9);
+        let last = epoch + 1 == opts.epochs;
+        let (test_top1, test_top5) = if opts.eval_every_epoch || last {
+            let (t1, t5) = evaluate(test, opts.batch, classes, |bytes, n| learner.logits(be, bytes, n, transform))?;
+            (Some(t1), Some(t5))
+        } else {
+            (None, None)
+        };
+        let m = EpochMetrics { epoch: epoch + 1, loss: loss_sum / seen as f64, train_top1: correct as f64 / seen as f64, test_top1, test_top5, images_per_s, lr };
+        let mut meta = metadata.clone();
+        meta.insert("epoch".into(), (epoch + 1).to_string());
+        meta.insert("metrics".into(), serde_json::to_string(&m)?);
+        let host = learner.model.to_host(be)?;
+        save_checkpoint(&files.model(), &learner.model.cfg, &learner.model.ranks, &host, &meta)?;
+        save_train_state(be, &files.state(), learner, epoch + 1)?;
+        append_line(&files.metrics(), &serde_json::to_string(&m)?)?;
+        on_epoch(epoch + 1)?;
+        if !opts.quiet {
+            let test = test_top1.map(|t| format!(", test top-1 {:.2}%", 100.0 * t)).unwrap_or_default();
+            eprintln!("{} epoch {}/{}: loss {:.4}, train top-1 {:.2}%{test}, {:.0} images/s", opts.label, epoch + 1, opts.epochs, m.loss, 100.0 * m.train_top1, images_per_s);
+        }
+        history.push(m);
+    }
+
+    let (test_top1, test_top5) = match history.last() {
+        Some(EpochMetrics { test_top1: Some(t1), test_top5: Some(t5), .. }) => (*t1, *t5),
+        _ => evaluate(test, opts.batch, classes, |bytes, n| learner.logits(be, bytes, n, transform))?,
+    };
+    Ok(FitSummary { epochs: opts.epochs, test_top1, test_top5, wall_s: started.elapsed().as_secs_f64(), resumed_from_epoch: start_epoch, history })
+}
+
+/// The metrics already written by an earlier (interrupted) run.
+pub fn read_history(path: &Path) -> Result<Vec<EpochMetrics>> {
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a metrics record", path.display(), i + 1)))
+        .collect()
+}
