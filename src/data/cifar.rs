@@ -77,9 +77,15 @@ pub fn load_files(kind: CifarKind, files: &[PathBuf]) -> Result<Dataset> {
 
 /// Append the records of one file's bytes to `images` and `labels`.
 /// `path` is only for the messages.
-pub fn parse_records(kind: CifarKind, path: &Path, bytes: &[u8], images: &mut Vec<u8>, labels: &mut Vec<u32>) -> Result<()> {
+pub fn parse_records(
+    kind: CifarKind,
+    path: &Path,
+    bytes: &[u8],
+    images: &mut Vec<u8>,
+    labels: &mut Vec<u32>,
+) -> Result<()> {
     let rec = kind.record_len();
-    if bytes.is_empty() || bytes.len() % rec != 0 {
+    if bytes.is_empty() || !bytes.len().is_multiple_of(rec) {
         bail!(
             "{}: {} bytes is not a whole, non-zero number of {}-byte {} records",
             path.display(),
@@ -92,7 +98,12 @@ pub fn parse_records(kind: CifarKind, path: &Path, bytes: &[u8], images: &mut Ve
     for (i, record) in bytes.chunks_exact(rec).enumerate() {
         let label = record[kind.label_bytes() - 1] as usize;
         if label >= kind.classes() {
-            bail!("{}: record {i} has label {label}, but {} has {} classes", path.display(), kind.name(), kind.classes());
+            bail!(
+                "{}: record {i} has label {label}, but {} has {} classes",
+                path.display(),
+                kind.name(),
+                kind.classes()
+            );
         }
         labels.push(label as u32);
         images.extend_from_slice(&record[kind.label_bytes()..]);
@@ -133,7 +144,8 @@ mod tests {
     fn label_out_of_range_names_file_and_record() {
         let mut bytes = vec![0u8; 2 * CifarKind::Cifar10.record_len()];
         bytes[CifarKind::Cifar10.record_len()] = 10;
-        let err = parse_records(CifarKind::Cifar10, Path::new("x.bin"), &bytes, &mut Vec::new(), &mut Vec::new()).unwrap_err();
+        let err = parse_records(CifarKind::Cifar10, Path::new("x.bin"), &bytes, &mut Vec::new(), &mut Vec::new())
+            .unwrap_err();
         assert_eq!(err.to_string(), "x.bin: record 1 has label 10, but CIFAR-10 has 10 classes");
     }
 }

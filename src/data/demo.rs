@@ -33,6 +33,19 @@ const DEMO_KEY: u64 = 0xDE70_DA7A;
 const TRAIN_SPLIT: u64 = 1;
 const TEST_SPLIT: u64 = 2;
 
+// How hard the demo is: per-image jitter of each class's pattern. Raising
+// them lowers the accuracy a model can reach.
+/// Standard deviation of the orientation jitter, degrees.
+const ANGLE_JITTER_DEG: f32 = 7.0;
+/// Standard deviation of the relative frequency jitter.
+const FREQ_JITTER: f32 = 0.1;
+/// Range of the pattern's amplitude (pixel values in [0, 1]).
+const CONTRAST: (f32, f32) = (0.12, 0.32);
+/// Standard deviation of the per-channel colour jitter.
+const COLOUR_JITTER: f32 = 0.12;
+/// Standard deviation of the per-pixel noise.
+const NOISE: f32 = 0.06;
+
 /// Size and seed of the demo data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DemoConfig {
@@ -168,14 +181,14 @@ struct Draw {
 }
 
 fn draw(spec: &ClassSpec, rng: &mut Rng) -> Draw {
-    let angle = spec.angle + 7.0 * approx_normal(rng);
-    let freq = spec.freq * (1.0 + 0.1 * approx_normal(rng));
+    let angle = spec.angle + ANGLE_JITTER_DEG * approx_normal(rng);
+    let freq = spec.freq * (1.0 + FREQ_JITTER * approx_normal(rng));
     let mut waves = vec![Wave::new(angle, freq, uniform(rng, 0.0, 2.0 * PI))];
     if let Pattern::Plaid = spec.pattern {
         waves.push(Wave::new(angle + 90.0, freq, uniform(rng, 0.0, 2.0 * PI)));
     }
-    let contrast = uniform(rng, 0.12, 0.32);
-    let colour = spec.colour.map(|c| (c + 0.12 * approx_normal(rng)).clamp(0.0, 1.0));
+    let contrast = uniform(rng, CONTRAST.0, CONTRAST.1);
+    let colour = spec.colour.map(|c| (c + COLOUR_JITTER * approx_normal(rng)).clamp(0.0, 1.0));
     let level = uniform(rng, 0.35, 0.65);
     let background = std::array::from_fn(|c| level + uniform(rng, -0.06, 0.06) + 0.08 * (colour[c] - 0.5));
     let spot = match spec.pattern {
@@ -204,7 +217,7 @@ fn render(spec: &ClassSpec, rng: &mut Rng, s: usize, out: &mut [u8]) {
                 p.amp * libm::expf(-r2 / (2.0 * p.radius * p.radius))
             });
             for c in 0..3 {
-                let value = d.background[c] + d.contrast * d.colour[c] * g + spot + 0.06 * approx_normal(rng);
+                let value = d.background[c] + d.contrast * d.colour[c] * g + spot + NOISE * approx_normal(rng);
                 out[(c * s + y) * s + x] = (value * 255.0).round().clamp(0.0, 255.0) as u8;
             }
         }

@@ -47,25 +47,37 @@ pub fn load_split(dir: &Path, classes: &[String], size: usize, skip_bad: bool) -
         bail!("image size for {} must be at least 1 pixel", dir.display());
     }
     let files = list_images(dir, classes)?;
-    let decoded: Vec<Result<Vec<u8>>> = files.par_iter().map(|(path, _)| decode(path, size)).collect();
-    let mut images = Vec::with_capacity(files.len() * 3 * size * size);
+    let n = 3 * size * size;
+    let mut images = vec![0u8; files.len() * n];
+    let results: Vec<Result<()>> =
+        images.par_chunks_mut(n).zip(files.par_iter()).map(|(out, (path, _))| decode_into(path, size, out)).collect();
     let mut labels = Vec::with_capacity(files.len());
     let mut skipped = Vec::new();
-    for ((path, label), result) in files.into_iter().zip(decoded) {
+    for (i, ((path, label), result)) in files.into_iter().zip(results).enumerate() {
         match result {
-            Ok(pixels) => {
-                images.extend_from_slice(&pixels);
+            Ok(()) => {
+                images.copy_within(i * n..(i + 1) * n, labels.len() * n);
                 labels.push(label);
             }
-            Err(e) if skip_bad => skipped.push((path, format!("{e:#}"))),
-            Err(e) => return Err(e.context("(use the skip-bad option to leave unreadable images out)")),
+            Err(e) if skip_bad => skipped.push((path, describe(&e))),
+            Err(e) => bail!("{} (the skip-bad option leaves unreadable images out)", describe(&e)),
         }
     }
+    images.truncate(labels.len() * n);
     if labels.is_empty() {
         bail!("image folder {} has no readable images", dir.display());
     }
     let data = Dataset::new(images, labels, classes.len(), Some(classes.to_vec()), (3, size, size))?;
     Ok(FolderSplit { data, skipped })
+}
+
+/// An image error in one line: our context and the decoder's message (whose
+/// own sources repeat it, so they are left out).
+fn describe(e: &anyhow::Error) -> String {
+    match e.chain().nth(1) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
 }
 
 /// Every image file of the class sub-folders of `dir`, with its label, in
@@ -92,7 +104,11 @@ fn list_images(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u32)>> {
         files.extend(paths.into_iter().map(|p| (p, label as u32)));
     }
     if files.is_empty() {
-        bail!("image folder {} has no images ({}) in its class sub-folders", dir.display(), IMAGE_EXTENSIONS.join(", "));
+        bail!(
+            "image folder {} has no images ({}) in its class sub-folders",
+            dir.display(),
+            IMAGE_EXTENSIONS.join(", ")
+        );
     }
     Ok(files)
 }
@@ -103,9 +119,9 @@ fn has_image_extension(path: &Path) -> bool {
 }
 
 /// Decode one image (format from its content), convert to RGB, resize to
-/// `size` x `size` with a bilinear filter, and return its `[3, size, size]`
-/// planes.
-pub fn decode(path: &Path, size: usize) -> Result<Vec<u8>> {
+/// `size` x `size` with a bilinear filter, and write its `[3, size, size]`
+/// planes to `out`.
+pub fn decode_into(path: &Path, size: usize, out: &mut [u8]) -> Result<()> {
     let img = image::ImageReader::open(path)
         .and_then(|r| r.with_guessed_format())
         .with_context(|| format!("opening image {}", path.display()))?
@@ -113,20 +129,23 @@ pub fn decode(path: &Path, size: usize) -> Result<Vec<u8>> {
         .with_context(|| format!("decoding image {}", path.display()))?
         .into_rgb8();
     let side = size as u32;
-    let img = if img.dimensions() == (side, side) { img } else { image::imageops::resize(&img, side, side, FilterType::Triangle) };
-    Ok(interleaved_to_planes(img.as_raw(), 3))
+    let img = if img.dimensions() == (side, side) {
+        img
+    } else {
+        image::imageops::resize(&img, side, side, FilterType::Triangle)
+    };
+    interleaved_to_planes(img.as_raw(), 3, out);
+    Ok(())
 }
 
-/// `[h*w, c]` interleaved pixels to `[c, h*w]` planes.
-pub fn interleaved_to_planes(pixels: &[u8], channels: usize) -> Vec<u8> {
+/// `[h*w, c]` interleaved pixels to `[c, h*w]` planes in `planes`.
+pub fn interleaved_to_planes(pixels: &[u8], channels: usize, planes: &mut [u8]) {
     let hw = pixels.len() / channels;
-    let mut planes = vec![0u8; pixels.len()];
     for (i, px) in pixels.chunks_exact(channels).enumerate() {
         for (c, &v) in px.iter().enumerate() {
             planes[c * hw + i] = v;
         }
     }
-    planes
 }
 
 #[cfg(test)]
@@ -136,7 +155,9 @@ mod tests {
     #[test]
     fn interleaved_to_planes_splits_channels() {
         let px = [1u8, 2, 3, 4, 5, 6];
-        assert_eq!(interleaved_to_planes(&px, 3), vec![1, 4, 2, 5, 3, 6]);
+        let mut planes = [0u8; 6];
+        interleaved_to_planes(&px, 3, &mut planes);
+        assert_eq!(planes, [1, 4, 2, 5, 3, 6]);
     }
 
     #[test]

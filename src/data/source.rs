@@ -144,7 +144,10 @@ fn find_cifar(dir: &Path) -> Result<Option<DataSource>> {
             bail!("{} has test_batch.bin but no CIFAR-10 training files data_batch_*.bin", dir.display());
         }
         if !test_batch.is_file() {
-            bail!("{} has CIFAR-10 training files data_batch_*.bin but no test_batch.bin (missing test split)", dir.display());
+            bail!(
+                "{} has CIFAR-10 training files data_batch_*.bin but no test_batch.bin (missing test split)",
+                dir.display()
+            );
         }
         return Ok(Some(DataSource::Cifar { kind: CifarKind::Cifar10, train: batches, test: test_batch }));
     }
@@ -163,7 +166,8 @@ fn cifar10_batches(dir: &Path) -> Result<Vec<PathBuf>> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let number = name.strip_prefix("data_batch_").and_then(|r| r.strip_suffix(".bin")).and_then(|n| n.parse::<u32>().ok());
+        let number =
+            name.strip_prefix("data_batch_").and_then(|r| r.strip_suffix(".bin")).and_then(|n| n.parse::<u32>().ok());
         if let (Some(n), true) = (number, path.is_file()) {
             found.push((n, path));
         }
