@@ -1,1 +1,184 @@
-//! (to be written)
+//! The data layer: every image the engine sees comes through here as raw
+//! bytes, laid out `[n, channels, height, width]` (one plane per channel, as in
+//! the CIFAR binary files), with one `u32` label per image.
+//!
+//! - `source`: `load_data(spec, opts)` turns `demo`, a CIFAR folder or an
+//!   image-folder root into a (train, test) pair of [`Dataset`]s;
+//! - `cifar`: the CIFAR-10 and CIFAR-100 binary formats;
+//! - `folder`: image folders (one sub-folder per class, PNG/JPEG), decoded in
+//!   parallel and resized to one stored size;
+//! - `demo`: the built-in synthetic data set, generated from a seed;
+//! - `augment`: seeded shuffling, random flip and padded random crop, and
+//!   batch assembly, all pure functions of (seed, epoch, index);
+//! - `normalize`: the mean/std presets (`--normalize cifar|imagenet|half`).
+//!
+//! Images stay `u8` on the host: the resize to the model's resolution and the
+//! normalization happen on the device (`Backend::images_from_bytes`), so the
+//! host only moves a quarter of the bytes that `f32` would need.
+
+pub mod augment;
+pub mod cifar;
+pub mod demo;
+pub mod folder;
+pub mod normalize;
+pub mod source;
+
+pub use augment::{augmented_batch, epoch_order, Augment};
+pub use demo::DemoConfig;
+pub use normalize::Normalize;
+pub use source::{load_data, DataSource, LoadOptions, Loaded};
+
+use anyhow::{bail, Result};
+
+/// A labelled set of images, stored as raw bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    /// Pixels `[n, channels, height, width]`, row-major, one plane per channel.
+    pub images: Vec<u8>,
+    /// One label per image, each below `classes`.
+    pub labels: Vec<u32>,
+    /// Number of classes (the model's head size).
+    pub classes: usize,
+    /// Class names by label id, when the source names them.
+    pub class_names: Option<Vec<String>>,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+impl Dataset {
+    /// A data set after checking that the pieces agree: `images` holds exactly
+    /// `labels.len()` images of `channels x height x width`, every label is
+    /// below `classes`, and `class_names` (if any) has `classes` entries.
+    pub fn new(
+        images: Vec<u8>,
+        labels: Vec<u32>,
+        classes: usize,
+        class_names: Option<Vec<String>>,
+        (channels, height, width): (usize, usize, usize),
+    ) -> Result<Self> {
+        let ds = Dataset { images, labels, classes, class_names, channels, height, width };
+        ds.validate()?;
+        Ok(ds)
+    }
+
+    /// Check the invariants listed on [`Dataset::new`].
+    pub fn validate(&self) -> Result<()> {
+        if self.channels == 0 || self.height == 0 || self.width == 0 {
+            bail!("data set image shape {}x{}x{} has a zero dimension", self.channels, self.height, self.width);
+        }
+        if self.classes == 0 {
+            bail!("data set has 0 classes");
+        }
+        let expected = self.labels.len() * self.image_len();
+        if self.images.len() != expected {
+            bail!(
+                "data set holds {} image bytes, expected {} ({} labels x {}x{}x{})",
+                self.images.len(),
+                expected,
+                self.labels.len(),
+                self.channels,
+                self.height,
+                self.width
+            );
+        }
+        if let Some(i) = self.labels.iter().position(|&l| l as usize >= self.classes) {
+            bail!("data set label {} at index {i} is not below the class count {}", self.labels[i], self.classes);
+        }
+        if let Some(names) = &self.class_names {
+            if names.len() != self.classes {
+                bail!("data set has {} class names for {} classes", names.len(), self.classes);
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of images.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Bytes per image: `channels * height * width`.
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// The bytes of image `i`, `[channels, height, width]`.
+    pub fn image(&self, i: usize) -> &[u8] {
+        let n = self.image_len();
+        &self.images[i * n..(i + 1) * n]
+    }
+
+    /// How many images each class has, indexed by label.
+    pub fn class_counts(&self) -> Vec<usize> {
+        let mut counts = vec![0; self.classes];
+        for &l in &self.labels {
+            counts[l as usize] += 1;
+        }
+        counts
+    }
+
+    /// The images at `indices`, in that order (e.g. a quick subset for a CPU
+    /// run). An index past the end is an error.
+    pub fn subset(&self, indices: &[usize]) -> Result<Dataset> {
+        check_indices(self, indices)?;
+        let mut images = Vec::with_capacity(indices.len() * self.image_len());
+        for &i in indices {
+            images.extend_from_slice(self.image(i));
+        }
+        let labels = indices.iter().map(|&i| self.labels[i]).collect();
+        Ok(Dataset {
+            images,
+            labels,
+            classes: self.classes,
+            class_names: self.class_names.clone(),
+            channels: self.channels,
+            height: self.height,
+            width: self.width,
+        })
+    }
+}
+
+/// Error if any index is not below `ds.len()`.
+pub(crate) fn check_indices(ds: &Dataset, indices: &[usize]) -> Result<()> {
+    if let Some(&i) = indices.iter().find(|&&i| i >= ds.len()) {
+        bail!("image index {i} is out of range for a data set of {} images", ds.len());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Dataset {
+        let images: Vec<u8> = (0..3 * 2 * 2 * 2).map(|v| v as u8).collect();
+        Dataset::new(images, vec![0, 1, 1], 2, None, (2, 2, 2)).unwrap()
+    }
+
+    #[test]
+    fn new_rejects_inconsistent_pieces() {
+        let err = Dataset::new(vec![0; 7], vec![0], 2, None, (2, 2, 2)).unwrap_err();
+        assert!(err.to_string().contains("holds 7 image bytes, expected 8"), "{err}");
+        let err = Dataset::new(vec![0; 8], vec![2], 2, None, (2, 2, 2)).unwrap_err();
+        assert!(err.to_string().contains("label 2 at index 0"), "{err}");
+        let err = Dataset::new(vec![0; 8], vec![0], 2, Some(vec!["a".into()]), (2, 2, 2)).unwrap_err();
+        assert!(err.to_string().contains("1 class names for 2 classes"), "{err}");
+    }
+
+    #[test]
+    fn subset_and_counts() {
+        let ds = tiny();
+        assert_eq!(ds.class_counts(), vec![1, 2]);
+        let sub = ds.subset(&[2, 0]).unwrap();
+        assert_eq!(sub.labels, vec![1, 0]);
+        assert_eq!(sub.image(0), ds.image(2));
+        assert_eq!(sub.image(1), ds.image(0));
+        sub.validate().unwrap();
+        assert!(ds.subset(&[3]).unwrap_err().to_string().contains("index 3 is out of range"));
+    }
+}

@@ -1,0 +1,126 @@
+//! Per-channel normalization presets for `--normalize cifar|imagenet|half`:
+//! the model sees `(pixel / 255 - mean[c]) / std[c]`. The arithmetic happens
+//! on the device (`Backend::images_from_bytes`); this file only names the
+//! constants and builds the `ImageTransform` that carries them there.
+
+use super::Dataset;
+use crate::backend::ImageTransform;
+use anyhow::{bail, Result};
+use std::fmt;
+use std::str::FromStr;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Normalize {
+    /// CIFAR-100 training-set statistics.
+    Cifar,
+    /// ImageNet statistics (torchvision and timm ImageNet checkpoints).
+    Imagenet,
+    /// mean 0.5, std 0.5 (Hugging Face ViT checkpoints; maps [0, 1] to [-1, 1]).
+    Half,
+}
+
+impl Normalize {
+    pub const ALL: [Normalize; 3] = [Normalize::Cifar, Normalize::Imagenet, Normalize::Half];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Normalize::Cifar => "cifar",
+            Normalize::Imagenet => "imagenet",
+            Normalize::Half => "half",
+        }
+    }
+
+    pub fn mean(self) -> [f32; 3] {
+        match self {
+            Normalize::Cifar => [0.5071, 0.4865, 0.4409],
+            Normalize::Imagenet => [0.485, 0.456, 0.406],
+            Normalize::Half => [0.5; 3],
+        }
+    }
+
+    pub fn std(self) -> [f32; 3] {
+        match self {
+            Normalize::Cifar => [0.2673, 0.2564, 0.2762],
+            Normalize::Imagenet => [0.229, 0.224, 0.225],
+            Normalize::Half => [0.5; 3],
+        }
+    }
+
+    /// The transform taking `ds`'s stored images to model input of
+    /// `model_size` x `model_size`, normalized with this preset. Only
+    /// 3-channel images are supported (the presets have three channels).
+    pub fn transform(self, ds: &Dataset, model_size: usize) -> Result<ImageTransform> {
+        if ds.channels != 3 {
+            bail!("normalization '{}' needs 3-channel images, the data set has {}", self.name(), ds.channels);
+        }
+        Ok(ImageTransform {
+            channels: 3,
+            src_height: ds.height,
+            src_width: ds.width,
+            dst_size: model_size,
+            mean: self.mean(),
+            std: self.std(),
+        })
+    }
+}
+
+impl fmt::Display for Normalize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Normalize {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match Normalize::ALL.iter().find(|n| n.name() == s.to_ascii_lowercase()) {
+            Some(&n) => Ok(n),
+            None => {
+                let names: Vec<&str> = Normalize::ALL.iter().map(|n| n.name()).collect();
+                bail!("unknown normalization '{s}'; choices: {}", names.join(", "))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_name_and_lists_choices_on_error() {
+        for n in Normalize::ALL {
+            assert_eq!(n.name().parse::<Normalize>().unwrap(), n);
+            assert_eq!(n.to_string().parse::<Normalize>().unwrap(), n);
+        }
+        assert_eq!("ImageNet".parse::<Normalize>().unwrap(), Normalize::Imagenet);
+        let err = "imgnet".parse::<Normalize>().unwrap_err().to_string();
+        assert_eq!(err, "unknown normalization 'imgnet'; choices: cifar, imagenet, half");
+    }
+
+    #[test]
+    fn transform_carries_geometry_and_constants() {
+        let ds = Dataset::new(vec![0; 3 * 32 * 32], vec![0], 1, None, (3, 32, 32)).unwrap();
+        let t = Normalize::Cifar.transform(&ds, 224).unwrap();
+        assert_eq!((t.src_height, t.src_width, t.dst_size, t.channels), (32, 32, 224, 3));
+        assert_eq!(t.mean, [0.5071, 0.4865, 0.4409]);
+        assert_eq!(t.std, [0.2673, 0.2564, 0.2762]);
+        let grey = Dataset::new(vec![0; 4], vec![0], 1, None, (1, 2, 2)).unwrap();
+        assert!(Normalize::Half.transform(&grey, 2).unwrap_err().to_string().contains("3-channel"));
+    }
+
+    #[test]
+    fn works_as_a_clap_value() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[arg(long, default_value = "cifar")]
+            normalize: Normalize,
+        }
+        use clap::Parser;
+        assert_eq!(Cli::try_parse_from(["x", "--normalize", "half"]).unwrap().normalize, Normalize::Half);
+        assert_eq!(Cli::try_parse_from(["x"]).unwrap().normalize, Normalize::Cifar);
+        let err = Cli::try_parse_from(["x", "--normalize", "bad"]).err().unwrap().to_string();
+        assert!(err.contains("choices: cifar, imagenet, half"), "{err}");
+    }
+}

@@ -1,0 +1,194 @@
+//! `--data SPEC`: from a spec to a (train, test) pair of data sets.
+//!
+//! SPEC is `demo` (the built-in synthetic set), or a folder holding
+//! - CIFAR-10 binaries (`data_batch_*.bin` + `test_batch.bin`),
+//! - CIFAR-100 binaries (`train.bin` + `test.bin`; fine labels),
+//!   either directly or in a `cifar-10-batches-bin/` or `cifar-100-binary/`
+//!   sub-folder (the names of the official archives), or
+//! - image folders: `train/` and `test/` (or `val/`), one sub-folder per class.
+//!
+//! Finding the files (`DataSource::resolve`) is separate from reading them
+//! (`DataSource::load`), so a command can report what it found before the
+//! slow part.
+
+use super::cifar::{self, CifarKind};
+use super::demo::{self, DemoConfig};
+use super::{folder, Dataset};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+/// Sub-folders, inside the given folder, where the official CIFAR archives
+/// unpack.
+pub const CIFAR_SUBFOLDERS: [&str; 2] = ["cifar-10-batches-bin", "cifar-100-binary"];
+
+/// Where the data comes from, with every file or folder found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataSource {
+    Demo,
+    Cifar { kind: CifarKind, train: Vec<PathBuf>, test: PathBuf },
+    ImageFolder { train: PathBuf, test: PathBuf },
+}
+
+/// How to read the data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Side of the stored square images for image folders (each image is
+    /// resized to it). CIFAR images stay 32x32; the demo uses `demo.image_size`.
+    pub image_size: usize,
+    /// Leave unreadable images of an image folder out (and list them) instead
+    /// of failing.
+    pub skip_bad: bool,
+    pub demo: DemoConfig,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { image_size: 32, skip_bad: false, demo: DemoConfig::default() }
+    }
+}
+
+/// The loaded data.
+#[derive(Debug)]
+pub struct Loaded {
+    pub train: Dataset,
+    pub test: Dataset,
+    /// Images left out with `skip_bad`: path and reason.
+    pub skipped: Vec<(PathBuf, String)>,
+    /// What was read, for messages: "CIFAR-100 in /data/cifar-100-binary".
+    pub source: String,
+}
+
+impl Loaded {
+    /// One line for the log: source, sizes, classes, skipped images.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{}: {} train / {} test images, {}x{}x{}, {} classes",
+            self.source,
+            self.train.len(),
+            self.test.len(),
+            self.train.channels,
+            self.train.height,
+            self.train.width,
+            self.train.classes
+        );
+        if !self.skipped.is_empty() {
+            s.push_str(&format!(", {} unreadable images skipped", self.skipped.len()));
+        }
+        s
+    }
+}
+
+/// Resolve `spec` and load both splits.
+pub fn load_data(spec: &str, opts: &LoadOptions) -> Result<Loaded> {
+    DataSource::resolve(spec)?.load(opts)
+}
+
+impl DataSource {
+    /// Find the data that `spec` names (see the module doc).
+    pub fn resolve(spec: &str) -> Result<Self> {
+        if spec == "demo" {
+            return Ok(DataSource::Demo);
+        }
+        let root = Path::new(spec);
+        if !root.is_dir() {
+            bail!("data '{spec}' is neither 'demo' nor an existing folder");
+        }
+        let candidates = std::iter::once(root.to_path_buf()).chain(CIFAR_SUBFOLDERS.iter().map(|s| root.join(s)));
+        for dir in candidates.filter(|d| d.is_dir()) {
+            if let Some(source) = find_cifar(&dir)? {
+                return Ok(source);
+            }
+        }
+        find_image_folders(root)
+    }
+
+    /// Read the training and test splits.
+    pub fn load(&self, opts: &LoadOptions) -> Result<Loaded> {
+        match self {
+            DataSource::Demo => {
+                let (train, test) = demo::generate(&opts.demo)?;
+                let source = format!("demo data (seed {})", opts.demo.seed);
+                Ok(Loaded { train, test, skipped: Vec::new(), source })
+            }
+            DataSource::Cifar { kind, train, test } => {
+                let train_ds = cifar::load_files(*kind, train)?;
+                let test_ds = cifar::load_files(*kind, std::slice::from_ref(test))?;
+                let dir = test.parent().unwrap_or(Path::new("."));
+                let source = format!("{} in {}", kind.name(), dir.display());
+                Ok(Loaded { train: train_ds, test: test_ds, skipped: Vec::new(), source })
+            }
+            DataSource::ImageFolder { train, test } => load_image_folders(train, test, opts),
+        }
+    }
+}
+
+fn load_image_folders(train: &Path, test: &Path, opts: &LoadOptions) -> Result<Loaded> {
+    let classes = folder::class_names(train)?;
+    let train_split = folder::load_split(train, &classes, opts.image_size, opts.skip_bad)?;
+    let test_split = folder::load_split(test, &classes, opts.image_size, opts.skip_bad)?;
+    let mut skipped = train_split.skipped;
+    skipped.extend(test_split.skipped);
+    let root = train.parent().unwrap_or(Path::new("."));
+    let source = format!("image folders in {}", root.display());
+    Ok(Loaded { train: train_split.data, test: test_split.data, skipped, source })
+}
+
+/// The CIFAR files directly in `dir`, if there are any. Half a set (training
+/// files without the test file or the reverse) is an error naming what is
+/// missing.
+fn find_cifar(dir: &Path) -> Result<Option<DataSource>> {
+    let batches = cifar10_batches(dir)?;
+    let test_batch = dir.join("test_batch.bin");
+    if !batches.is_empty() || test_batch.is_file() {
+        if batches.is_empty() {
+            bail!("{} has test_batch.bin but no CIFAR-10 training files data_batch_*.bin", dir.display());
+        }
+        if !test_batch.is_file() {
+            bail!(
+                "{} has CIFAR-10 training files data_batch_*.bin but no test_batch.bin (missing test split)",
+                dir.display()
+            );
+        }
+        return Ok(Some(DataSource::Cifar { kind: CifarKind::Cifar10, train: batches, test: test_batch }));
+    }
+    let (train, test) = (dir.join("train.bin"), dir.join("test.bin"));
+    match (train.is_file(), test.is_file()) {
+        (true, true) => Ok(Some(DataSource::Cifar { kind: CifarKind::Cifar100, train: vec![train], test })),
+        (true, false) => bail!("{} has CIFAR-100 train.bin but no test.bin (missing test split)", dir.display()),
+        (false, true) => bail!("{} has CIFAR-100 test.bin but no train.bin", dir.display()),
+        (false, false) => Ok(None),
+    }
+}
+
+/// `data_batch_<n>.bin` files in `dir`, ordered by `n`.
+fn cifar10_batches(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let number =
+            name.strip_prefix("data_batch_").and_then(|r| r.strip_suffix(".bin")).and_then(|n| n.parse::<u32>().ok());
+        if let (Some(n), true) = (number, path.is_file()) {
+            found.push((n, path));
+        }
+    }
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// `root/train` and `root/test` (or `root/val`).
+fn find_image_folders(root: &Path) -> Result<DataSource> {
+    let train = root.join("train");
+    if !train.is_dir() {
+        bail!(
+            "{} holds no CIFAR files (data_batch_*.bin + test_batch.bin, or train.bin + test.bin, here or in {}) \
+             and no train/ image folder",
+            root.display(),
+            CIFAR_SUBFOLDERS.join(" or ")
+        );
+    }
+    let Some(test) = ["test", "val"].iter().map(|s| root.join(s)).find(|p| p.is_dir()) else {
+        bail!("missing test split: {} has train/ but neither test/ nor val/", root.display());
+    };
+    Ok(DataSource::ImageFolder { train, test })
+}
