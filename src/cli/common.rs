@@ -83,6 +83,10 @@ pub struct DataFlags {
     /// Skip unreadable images in image folders (counted) instead of failing.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Side of the stored images of an image folder (resized once at load;
+    /// the model's input resize happens per batch).
+    #[arg(long, default_value_t = 32)]
+    pub image_size: usize,
 }
 
 /// Optimization settings shared by train, distill and sweep.
@@ -141,7 +145,7 @@ impl TrainFlags {
     }
 
     pub fn augment(&self) -> Augment {
-        Augment { flip: !self.no_flip, crop_padding: self.crop_padding }
+        Augment { flip: !self.no_flip, pad: self.crop_padding }
     }
 
     pub fn optimizer(&self) -> AdamWConfig {

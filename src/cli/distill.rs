@@ -1,7 +1,7 @@
 //! `effrank-engine distill`: train one low-rank student against a teacher.
 
 use super::common::{dispatch, DataFlags, DeviceArg, LossFlags, TrainFlags, WithBackend};
-use super::setup::{load_data_for, load_model, run_metadata, transform_for};
+use super::setup::{choose_normalize, load_data_for, load_model, run_metadata, transform_for};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::backend::Backend;
@@ -92,7 +92,7 @@ impl WithBackend for DistillArgs {
             }
             (None, None) => unreachable!("checked in run"),
         };
-        let normalize = self.data.normalize.unwrap_or(teacher.normalize.unwrap_or_else(|| train.default_normalize()));
+        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &self.data.data);
         let transform = transform_for(&teacher.cfg, &train, normalize)?;
         let dense = dense_ranks(&teacher.cfg);
         let mut frozen = Frozen::new(be, Vit::from_host(be, &teacher.cfg, &dense, &teacher.params)?, self.train.batch)?;

@@ -2,7 +2,7 @@
 //! optionally dumping the logits.
 
 use super::common::{dispatch, DataFlags, DeviceArg, WithBackend};
-use super::setup::{load_data_for, load_model, transform_for};
+use super::setup::{choose_normalize, load_data_for, load_model, transform_for};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::backend::Backend;
@@ -54,11 +54,11 @@ impl WithBackend for EvalArgs {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
         let m = load_model(&self.checkpoint, self.heads, None)?;
-        let (train, test) = load_data_for(&self.data, self.quiet)?;
+        let (_, test) = load_data_for(&self.data, self.quiet)?;
         if test.classes > m.cfg.classes {
             bail!("the data has {} classes, the model {} only {}", test.classes, self.checkpoint.display(), m.cfg.classes);
         }
-        let normalize = self.data.normalize.unwrap_or(m.normalize.unwrap_or_else(|| train.default_normalize()));
+        let normalize = choose_normalize(self.data.normalize, m.normalize, &self.data.data);
         let transform = transform_for(&m.cfg, &test, normalize)?;
         let mut model = Frozen::new(be, Vit::from_host(be, &m.cfg, &m.ranks, &m.params)?, self.batch)?;
         let mut all = Vec::new();

@@ -4,7 +4,7 @@
 use super::common::DataFlags;
 use anyhow::{bail, Context, Result};
 use effrank_engine::backend::ImageTransform;
-use effrank_engine::data::{load_data, DataOptions, Dataset, Normalize};
+use effrank_engine::data::{load_data, DataSource, Dataset, LoadOptions, Normalize};
 use effrank_engine::model::import::{load_any, ImportOptions};
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::{dense_ranks, Ranks};
@@ -15,11 +15,12 @@ use std::path::PathBuf;
 
 /// Load the training and test sets named by `--data`.
 pub fn load_data_for(flags: &DataFlags, quiet: bool) -> Result<(Dataset, Dataset)> {
-    let opts = DataOptions { skip_bad: flags.skip_bad, ..DataOptions::default() };
-    let (train, test, skipped) = load_data(&flags.data, &opts).with_context(|| format!("loading --data {}", flags.data))?;
-    if skipped > 0 && !quiet {
-        eprintln!("skipped {skipped} unreadable images (--skip-bad)");
+    let opts = LoadOptions { skip_bad: flags.skip_bad, image_size: flags.image_size, ..LoadOptions::default() };
+    let loaded = load_data(&flags.data, &opts).with_context(|| format!("loading --data {}", flags.data))?;
+    if !quiet {
+        eprintln!("data: {}", loaded.summary());
     }
+    let (train, test) = (loaded.train, loaded.test);
     if train.len() == 0 || test.len() == 0 {
         bail!("--data {}: the training set has {} images and the test set {}; both must be non-empty", flags.data, train.len(), test.len());
     }
@@ -81,8 +82,21 @@ pub fn transform_for(cfg: &VitConfig, data: &Dataset, normalize: Normalize) -> R
     if data.channels != cfg.channels {
         bail!("the data has {} channels, the model expects {}", data.channels, cfg.channels);
     }
-    let (mean, std) = normalize.mean_std();
-    Ok(ImageTransform { channels: data.channels, src_height: data.height, src_width: data.width, dst_size: cfg.image_size, mean, std })
+    normalize.transform(data, cfg.image_size)
+}
+
+/// The normalization for a model trained from scratch on `--data`: CIFAR's
+/// statistics for CIFAR, mean = std = 0.5 otherwise.
+pub fn default_normalize(data: &str) -> Normalize {
+    match DataSource::resolve(data) {
+        Ok(DataSource::Cifar { .. }) => Normalize::Cifar,
+        _ => Normalize::Half,
+    }
+}
+
+/// `--normalize` if given, else the model's own, else the data's default.
+pub fn choose_normalize(flag: Option<Normalize>, model: Option<Normalize>, data: &str) -> Normalize {
+    flag.or(model).unwrap_or_else(|| default_normalize(data))
 }
 
 /// Metadata stored in every checkpoint a run writes.

@@ -3,7 +3,7 @@
 //! the built-in data; `--status` shows a (distributed) sweep's progress.
 
 use super::common::{dispatch, DataFlags, DeviceArg, LossFlags, TrainFlags, WithBackend};
-use super::setup::{load_data_for, load_model, load_teacher_or_init, run_metadata, transform_for, ModelSource};
+use super::setup::{choose_normalize, load_data_for, load_model, load_teacher_or_init, run_metadata, transform_for, ModelSource};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use effrank_engine::analysis::{analyze_folder, suggest_ranks, AnalysisOptions};
@@ -144,7 +144,7 @@ impl WithBackend for SweepArgs {
         if is_lowrank(&teacher.ranks) {
             bail!("--teacher {} is a low-rank model; the teacher must be dense", teacher_path.display());
         }
-        let normalize = self.data.normalize.unwrap_or(teacher.normalize.unwrap_or_else(|| train.default_normalize()));
+        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &self.data.data);
         let transform = transform_for(&teacher.cfg, &train, normalize)?;
         let shard = match &self.shard {
             Some(s) => Shard::parse(s)?,

@@ -3,7 +3,7 @@
 //! Hugging Face).
 
 use super::common::{dispatch, DataFlags, DeviceArg, TrainFlags, WithBackend};
-use super::setup::{load_data_for, load_teacher_or_init, run_metadata, transform_for, ModelSource};
+use super::setup::{choose_normalize, load_data_for, load_teacher_or_init, run_metadata, transform_for, ModelSource};
 use anyhow::Result;
 use clap::Args;
 use effrank_engine::backend::Backend;
@@ -70,7 +70,7 @@ impl WithBackend for TrainArgs {
             None => ModelSource::Preset { name: self.model.clone(), seed: self.train.seed },
         };
         let teacher = load_teacher_or_init(&source, train.classes)?;
-        let normalize = self.data.normalize.unwrap_or(teacher.normalize.unwrap_or_else(|| train.default_normalize()));
+        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &self.data.data);
         let transform = transform_for(&teacher.cfg, &train, normalize)?;
         let model = Vit::from_host(be, &teacher.cfg, &teacher.ranks, &teacher.params)?;
         let mut learner = Learner::new(be, model, self.train.batch, self.train.optimizer())?;

@@ -181,7 +181,12 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
             settings: serde_json::json!({
                 "loss": opts.loss,
                 "init": format!("{:?}", opts.init),
-                "fit": fit_opts,
+                "lr": fit_opts.lr,
+                "min_lr": fit_opts.min_lr,
+                "batch": fit_opts.batch,
+                "warmup_epochs": fit_opts.warmup_epochs,
+                "flip": fit_opts.augment.flip,
+                "crop_padding": fit_opts.augment.pad,
                 "weight_decay": opts.optimizer.weight_decay,
                 "resumed_from_epoch": summary.resumed_from_epoch,
             }),

@@ -40,7 +40,7 @@ pub fn install_interrupt_handler() {
 }
 
 /// Settings of one training run.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
 pub struct FitOptions {
     pub epochs: usize,
     pub batch: usize,
@@ -112,11 +112,10 @@ impl RunFiles {
 /// applied to un-augmented batches of at most `batch` images.
 pub fn evaluate(test: &Dataset, batch: usize, classes: usize, mut logits_of: impl FnMut(&[u8], usize) -> Result<Vec<f32>>) -> Result<(f64, f64)> {
     let (mut top1, mut top5) = (0usize, 0usize);
-    let mut bytes = Vec::new();
+    let (mut bytes, mut labels) = (Vec::new(), Vec::new());
     let indices: Vec<usize> = (0..test.len()).collect();
     for chunk in indices.chunks(batch.max(1)) {
-        augmented_batch(test, chunk, &Augment::none(), 0, 0, &mut bytes);
-        let labels: Vec<u32> = chunk.iter().map(|&i| test.labels[i]).collect();
+        augmented_batch(test, chunk, &Augment::NONE, 0, 0, &mut bytes, &mut labels)?;
         let logits = logits_of(&bytes, chunk.len())?;
         top1 += count_correct(&logits, &labels, classes);
         top5 += count_top_k(&logits, &labels, classes, 5.min(classes));
@@ -185,12 +184,13 @@ pub fn fit<B: Backend>(
     history.retain(|m| m.epoch <= start_epoch);
 
     let started = Instant::now();
-    let mut bytes = Vec::new();
+    let (mut bytes, mut labels) = (Vec::new(), Vec::new());
     let classes = learner.model.cfg.classes;
     for epoch in start_epoch..opts.epochs {
         let order = epoch_order(train.len(), opts.seed, epoch as u64);
         let epoch_logits = match &mut teacher {
-            Teacher::Cached(cache) => Some(cache.epoch(be, train, &order, epoch as u64)?),
+            // A copy (n x classes floats) so the cache is free again for the steps.
+            Teacher::Cached(cache) => Some(cache.epoch(be, train, &order, epoch as u64)?.to_vec()),
             _ => None,
         };
         let pb = progress_bar(opts.quiet, steps_per_epoch as u64, &format!("{} e{}/{}", opts.label, epoch + 1, opts.epochs));
@@ -202,8 +202,7 @@ pub fn fit<B: Backend>(
                 pb.abandon();
                 bail!("interrupted during epoch {} of {}; the last finished epoch ({start_epoch}+) is saved in {}", epoch + 1, opts.label, files.dir.display());
             }
-            augmented_batch(train, chunk, &opts.augment, opts.seed, epoch as u64, &mut bytes);
-            let labels: Vec<u32> = chunk.iter().map(|&i| train.labels[i]).collect();
+            augmented_batch(train, chunk, &opts.augment, opts.seed, epoch as u64, &mut bytes, &mut labels)?;
             let signal = match (&mut teacher, &epoch_logits) {
                 (Teacher::None, _) => TeacherSignal::None,
                 (Teacher::Live(t), _) => TeacherSignal::Live(t),

@@ -80,9 +80,9 @@ impl<B: Backend> TeacherLogits<B> {
         }
         let started = std::time::Instant::now();
         let mut all = Vec::with_capacity(expected);
-        let mut bytes = Vec::new();
+        let (mut bytes, mut labels) = (Vec::new(), Vec::new());
         for chunk in order.chunks(self.batch) {
-            augmented_batch(train, chunk, &self.augment, self.seed, epoch, &mut bytes);
+            augmented_batch(train, chunk, &self.augment, self.seed, epoch, &mut bytes, &mut labels)?;
             all.extend(self.teacher.logits(be, &bytes, chunk.len(), &self.transform)?);
         }
         self.teacher_seconds += started.elapsed().as_secs_f64();
