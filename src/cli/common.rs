@@ -87,6 +87,9 @@ pub struct DataFlags {
     /// the model's input resize happens per batch).
     #[arg(long, default_value_t = 32)]
     pub image_size: usize,
+    /// Training images of the demo data (the test split gets a quarter as many).
+    #[arg(long, default_value_t = 4000)]
+    pub demo_images: usize,
 }
 
 /// Optimization settings shared by train, distill and sweep.

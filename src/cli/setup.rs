@@ -15,7 +15,9 @@ use std::path::PathBuf;
 
 /// Load the training and test sets named by `--data`.
 pub fn load_data_for(flags: &DataFlags, quiet: bool) -> Result<(Dataset, Dataset)> {
-    let opts = LoadOptions { skip_bad: flags.skip_bad, image_size: flags.image_size, ..LoadOptions::default() };
+    let mut opts = LoadOptions { skip_bad: flags.skip_bad, image_size: flags.image_size, ..LoadOptions::default() };
+    opts.demo.train = flags.demo_images;
+    opts.demo.test = (flags.demo_images / 4).max(1);
     let loaded = load_data(&flags.data, &opts).with_context(|| format!("loading --data {}", flags.data))?;
     if !quiet {
         eprintln!("data: {}", loaded.summary());

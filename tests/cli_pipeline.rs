@@ -1,0 +1,204 @@
+//! End-to-end tests of the command line on the built-in demo data (small):
+//! a teacher learns, a sweep writes results, resumes, shards agree with a
+//! single run, and bad input gives errors that name what is wrong.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+const BIN: &str = env!("CARGO_BIN_EXE_effrank-engine");
+/// Small demo data: 800 training and 200 test images.
+const DEMO: [&str; 4] = ["--data", "demo", "--demo-images", "800"];
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).output().expect("the binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "effrank-engine {args:?} failed:\n{text}");
+    text
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = run(args);
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "effrank-engine {args:?} should have failed:\n{text}");
+    assert!(!text.contains("panicked"), "a panic instead of an error:\n{text}");
+    text
+}
+
+/// A teacher shared by the tests (trained once per test process).
+fn teacher() -> &'static Path {
+    static T: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, path) = T.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("teacher");
+        let mut args = vec!["train", "--model", "vit-demo", "--epochs", "4", "--lr", "2e-3", "--device", "cpu", "--quiet", "--out"];
+        args.push(out.to_str().unwrap());
+        args.extend(DEMO);
+        ok(&args);
+        let ckpt = out.join("model.safetensors");
+        (dir, ckpt)
+    });
+    path
+}
+
+/// (rank, seed, top-1) of every student record in a results folder.
+fn results(dir: &Path) -> Vec<(u64, u64, f64)> {
+    let mut rows = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !(name.starts_with("results") && name.ends_with(".jsonl")) {
+            continue;
+        }
+        for line in std::fs::read_to_string(&path).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            if v["kind"] == "student" {
+                rows.push((v["rank"].as_u64().unwrap(), v["seed"].as_u64().unwrap(), v["top1"].as_f64().unwrap()));
+            }
+        }
+    }
+    rows.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    rows
+}
+
+fn sweep_args<'a>(teacher: &'a str, out: &'a str, ranks: &'a str) -> Vec<&'a str> {
+    let mut a = vec!["sweep", "--teacher", teacher, "--ranks", ranks, "--epochs", "1", "--lr", "2e-3", "--device", "cpu", "--quiet", "--no-analyze", "--out", out];
+    a.extend(DEMO);
+    a
+}
+
+#[test]
+fn a_micro_teacher_learns_well_above_chance() {
+    let metrics = std::fs::read_to_string(teacher().with_file_name("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let top1 = last["test_top1"].as_f64().unwrap();
+    // 10 classes: chance is 10%.
+    assert!(top1 > 0.3, "teacher test top-1 {top1}");
+    assert_eq!(metrics.lines().count(), 4);
+    for key in ["loss", "train_top1", "images_per_s"] {
+        assert!(last[key].as_f64().is_some(), "metrics line lacks {key}: {last}");
+    }
+}
+
+#[test]
+fn a_sweep_writes_results_and_resumes_without_redoing_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, out) = (teacher().to_str().unwrap(), dir.path().to_str().unwrap());
+    ok(&sweep_args(t, out, "1,4,16"));
+    let first = results(dir.path());
+    assert_eq!(first.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 4, 16]);
+    assert!(first.iter().all(|r| (0.0..=1.0).contains(&r.2)));
+    let text = ok(&{
+        let mut a = sweep_args(t, out, "1,4,16,32");
+        a.retain(|x| *x != "--quiet");
+        a
+    });
+    assert!(text.contains("3 of 4 jobs of this shard already finished"), "{text}");
+    let second = results(dir.path());
+    assert_eq!(second.len(), 4);
+    assert_eq!(&second[..2], &first[..2]);
+}
+
+#[test]
+fn two_shards_together_equal_one_run() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let t = teacher().to_str().unwrap();
+    ok(&sweep_args(t, one.path().to_str().unwrap(), "2,8,32"));
+    for shard in ["0/2", "1/2"] {
+        let mut a = sweep_args(t, two.path().to_str().unwrap(), "2,8,32");
+        a.extend(["--shard", shard]);
+        ok(&a);
+    }
+    assert_eq!(results(one.path()), results(two.path()));
+    assert!(two.path().join("results-shard0of2.jsonl").exists() && two.path().join("results-shard1of2.jsonl").exists());
+}
+
+#[test]
+fn an_interrupted_rank_resumes_from_its_last_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, out) = (teacher().to_str().unwrap(), dir.path().to_str().unwrap());
+    let mut args = sweep_args(t, out, "8");
+    let epochs = args.iter().position(|a| *a == "--epochs").unwrap();
+    args[epochs + 1] = "3";
+    args.retain(|x| *x != "--quiet");
+    let mut child = Command::new(BIN).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let metrics = dir.path().join("runs/r8-s0/metrics.jsonl");
+    let start = std::time::Instant::now();
+    while !metrics.exists() && start.elapsed().as_secs() < 120 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(metrics.exists(), "the rank never finished an epoch");
+    let text = ok(&args);
+    assert!(text.contains("resuming after epoch"), "{text}");
+    let again = tempfile::tempdir().unwrap();
+    let mut fresh = args.clone();
+    let o = fresh.iter().position(|a| *a == "--out").unwrap();
+    fresh[o + 1] = again.path().to_str().unwrap();
+    ok(&fresh);
+    assert_eq!(results(dir.path()), results(again.path()), "a resumed rank must equal an uninterrupted one");
+}
+
+#[test]
+fn factorize_prints_the_table_and_eval_reads_the_student() {
+    let dir = tempfile::tempdir().unwrap();
+    let student = dir.path().join("s.safetensors");
+    let text = ok(&["factorize", "--teacher", teacher().to_str().unwrap(), "--rank", "8", "--out", student.to_str().unwrap()]);
+    assert!(text.contains("blocks.1.mlp.fc2") && text.contains("compression"), "{text}");
+    let logits = dir.path().join("logits.safetensors");
+    let mut args = vec!["eval", "--checkpoint", student.to_str().unwrap(), "--device", "cpu", "--dump-logits", logits.to_str().unwrap()];
+    args.extend(DEMO);
+    let text = ok(&args);
+    assert!(text.contains("top-1") && logits.exists(), "{text}");
+}
+
+#[test]
+fn distill_trains_a_student_from_a_rank() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["distill", "--teacher", teacher().to_str().unwrap(), "--rank", "4", "--loss", "kd=1,feature=0.5", "--epochs", "1", "--device", "cpu", "--quiet", "--out", dir.path().to_str().unwrap()];
+    args.extend(DEMO);
+    let text = ok(&args);
+    assert!(text.contains("student: test top-1"), "{text}");
+    assert!(dir.path().join("model.safetensors").exists());
+}
+
+#[test]
+fn bad_input_gives_errors_naming_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = teacher().to_str().unwrap();
+    let out = dir.path().to_str().unwrap();
+    // Rank out of range names the layer and its shape.
+    let e = fails(&sweep_args(t, out, "1,65"));
+    assert!(e.contains("rank 65") && e.contains("[64, 64]"), "{e}");
+    // Missing and corrupt checkpoints name the file.
+    let e = fails(&["factorize", "--teacher", "/nonexistent/t.safetensors", "--rank", "2"]);
+    assert!(e.contains("/nonexistent/t.safetensors"), "{e}");
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, b"not a checkpoint").unwrap();
+    let e = fails(&["factorize", "--teacher", bad.to_str().unwrap(), "--rank", "2"]);
+    assert!(e.contains("bad.safetensors"), "{e}");
+    // A truncated CIFAR file names the file and its size.
+    let cifar = dir.path().join("cifar");
+    std::fs::create_dir_all(&cifar).unwrap();
+    std::fs::write(cifar.join("train.bin"), vec![0u8; 3074 * 2 + 5]).unwrap();
+    std::fs::write(cifar.join("test.bin"), vec![0u8; 3074]).unwrap();
+    let e = fails(&["eval", "--checkpoint", t, "--data", cifar.to_str().unwrap(), "--device", "cpu"]);
+    assert!(e.contains("train.bin") && e.contains("6153"), "{e}");
+    // A diverging run stops with a clear message and keeps no broken checkpoint.
+    let mut a = vec!["train", "--model", "vit-demo", "--epochs", "1", "--lr", "1e9", "--clip", "0", "--device", "cpu", "--quiet", "--out", out];
+    a.extend(DEMO);
+    let e = fails(&a);
+    assert!(e.contains("loss became"), "{e}");
+    // No GPU here: --device cuda is an error, not a panic (when none is usable).
+    if std::env::var("EFFRANK_TEST_HAS_GPU").is_err() {
+        let mut a = vec!["eval", "--checkpoint", t, "--device", "cuda"];
+        a.extend(DEMO);
+        let e = fails(&a);
+        assert!(e.to_lowercase().contains("cuda"), "{e}");
+    }
+}
