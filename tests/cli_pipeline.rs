@@ -189,11 +189,20 @@ fn bad_input_gives_errors_naming_what_is_wrong() {
     std::fs::write(cifar.join("test.bin"), vec![0u8; 3074]).unwrap();
     let e = fails(&["eval", "--checkpoint", t, "--data", cifar.to_str().unwrap(), "--device", "cpu"]);
     assert!(e.contains("train.bin") && e.contains("6153"), "{e}");
-    // A diverging run stops with a clear message and keeps no broken checkpoint.
-    let mut a = vec!["train", "--model", "vit-demo", "--epochs", "1", "--lr", "1e9", "--clip", "0", "--device", "cpu", "--quiet", "--out", out];
-    a.extend(DEMO);
-    let e = fails(&a);
-    assert!(e.contains("loss became"), "{e}");
+    // A checkpoint holding NaN names the tensor.
+    let mut ck = effrank_engine::model::checkpoint::load_checkpoint(teacher()).unwrap();
+    ck.params.head.bias_mut()[3] = f32::NAN;
+    let nan = dir.path().join("nan.safetensors");
+    effrank_engine::model::checkpoint::save_checkpoint(&nan, &ck.cfg, &ck.ranks, &ck.params, &ck.metadata).unwrap();
+    let e = fails(&["factorize", "--teacher", nan.to_str().unwrap(), "--rank", "2"]);
+    assert!(e.contains("head.bias") && e.contains("NaN"), "{e}");
+    // Bad flags.
+    let mut a = sweep_args(t, out, "2");
+    a.extend(["--shard", "2/2"]);
+    assert!(fails(&a).contains("--shard"));
+    let mut a = sweep_args(t, out, "2");
+    a.extend(["--loss", "mse"]);
+    assert!(fails(&a).contains("unknown loss 'mse'"));
     // No GPU here: --device cuda is an error, not a panic (when none is usable).
     if std::env::var("EFFRANK_TEST_HAS_GPU").is_err() {
         let mut a = vec!["eval", "--checkpoint", t, "--device", "cuda"];

@@ -130,6 +130,23 @@ fn full_rank_svd_student_reproduces_the_teacher() {
 }
 
 #[test]
+fn a_non_finite_loss_stops_the_step_and_leaves_the_parameters() {
+    let be = CpuBackend::default();
+    let cfg = tiny_config();
+    let dense = dense_ranks(&cfg);
+    let mut host = random_params(&cfg, &dense, 6);
+    host.head.bias_mut()[0] = f32::INFINITY;
+    let model = Vit::from_host(&be, &cfg, &dense, &host).unwrap();
+    let mut learner = Learner::new(&be, model, 4, AdamWConfig::default()).unwrap();
+    let c = case(&cfg, 4);
+    let before = learner.model.to_host(&be).unwrap();
+    let e = learner.step(&be, &c.bytes, &c.labels, &transform(&cfg), TeacherSignal::None, &LossSpec::ce(), 1e-3).unwrap_err().to_string();
+    assert!(e.contains("loss became"), "{e}");
+    let after = learner.model.to_host(&be).unwrap();
+    assert_eq!(before.tensors(), after.tensors());
+}
+
+#[test]
 fn a_few_steps_reduce_the_loss() {
     let be = CpuBackend::default();
     let cfg = tiny_config();

@@ -85,10 +85,16 @@ pub fn svd_factors(w: &[f32], out: usize, inp: usize, r: usize, name: &str) -> R
     Ok((u, v, rel_error))
 }
 
+/// Standard deviation of random U and V entries at rank `r`: the product of
+/// two such factors has entries of standard deviation `σ_w` = 0.02.
+pub fn random_factor_std(r: usize) -> f32 {
+    (DENSE_INIT_STD / (r as f32).sqrt()).sqrt()
+}
+
 /// Random factors whose product has the spread of a fresh dense layer, and
 /// the relative error of that product against `w`.
 pub fn random_factors(w: &[f32], out: usize, inp: usize, r: usize, rng: &mut Rng) -> (Vec<f32>, Vec<f32>, f64) {
-    let s = (DENSE_INIT_STD / (r as f32).sqrt()).sqrt();
+    let s = random_factor_std(r);
     let u = rng.normal_vec(out * r, s);
     let v = rng.normal_vec(r * inp, s);
     let rel_error = relative_error(w, &u, &v, out, inp, r);

@@ -98,6 +98,11 @@ impl<T> Linear<T> {
             Linear::Dense { bias, .. } | Linear::LowRank { bias, .. } => bias,
         }
     }
+    pub fn bias_mut(&mut self) -> &mut T {
+        match self {
+            Linear::Dense { bias, .. } | Linear::LowRank { bias, .. } => bias,
+        }
+    }
 }
 
 /// One pre-norm transformer block.

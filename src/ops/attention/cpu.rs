@@ -1,1 +1,89 @@
-//! CPU implementation (to be written).
+//! Multi-head attention on the CPU: one rayon task per (image, head), each
+//! running strided `sgemm`s directly on its head's columns of q, k, v and
+//! out (no copies), so every task writes only its own head's columns.
+
+use rayon::prelude::*;
+
+/// A raw pointer that tasks writing disjoint parts of one buffer may share.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+/// `c[m, n] = alpha · a[m, k] · b[k, n] + beta · c` with explicit strides.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: usize, csa: usize, b: *const f32, rsb: usize, csb: usize, beta: f32, c: *mut f32, rsc: usize, csc: usize) {
+    matrixmultiply::sgemm(m, k, n, alpha, a, rsa as isize, csa as isize, b, rsb as isize, csb as isize, beta, c, rsc as isize, csc as isize);
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize) {
+    let (t, dh, d) = (tokens, head_dim, heads * head_dim);
+    assert!(q.len() >= batch * t * d && out.len() >= batch * t * d && probs.len() >= batch * heads * t * t);
+    let scale = 1.0 / (dh as f32).sqrt();
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    probs[..batch * heads * t * t].par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
+        let (b, h) = (bh / heads, bh % heads);
+        let base = b * t * d + h * dh;
+        let o = out_ptr;
+        // SAFETY: offsets stay inside [batch, tokens, d]; task (b, h) writes
+        // only rows of image b and columns h*dh..(h+1)*dh of `out`.
+        unsafe {
+            gemm(t, dh, t, scale, q.as_ptr().add(base), d, 1, k.as_ptr().add(base), 1, d, 0.0, p.as_mut_ptr(), t, 1);
+        }
+        for row in p.chunks_mut(t) {
+            softmax_in_place(row);
+        }
+        unsafe {
+            gemm(t, t, dh, 1.0, p.as_ptr(), t, 1, v.as_ptr().add(base), d, 1, 0.0, o.0.add(base), d, 1);
+        }
+    });
+}
+
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in row.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize) {
+    let (t, dh, d) = (tokens, head_dim, heads * head_dim);
+    assert!(dq.len() >= batch * t * d && dk.len() >= batch * t * d && dv.len() >= batch * t * d && probs.len() >= batch * heads * t * t);
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    (0..batch * heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / heads, bh % heads);
+        let base = b * t * d + h * dh;
+        let p = &probs[bh * t * t..(bh + 1) * t * t];
+        let mut ds = vec![0f32; t * t];
+        let (pq, pk, pv) = (pq, pk, pv);
+        // SAFETY: as in the forward pass, task (b, h) touches only its head's
+        // columns of image b.
+        unsafe {
+            // dP = dout · vᵀ
+            gemm(t, dh, t, 1.0, dout.as_ptr().add(base), d, 1, v.as_ptr().add(base), 1, d, 0.0, ds.as_mut_ptr(), t, 1);
+            // dV = Pᵀ · dout
+            gemm(t, t, dh, 1.0, p.as_ptr(), 1, t, dout.as_ptr().add(base), d, 1, 0.0, pv.0.add(base), d, 1);
+        }
+        // dS = P ∘ (dP − rowsum(dP ∘ P))
+        for (ds_row, p_row) in ds.chunks_mut(t).zip(p.chunks(t)) {
+            let dot: f32 = ds_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+            for (g, &pv) in ds_row.iter_mut().zip(p_row) {
+                *g = pv * (*g - dot);
+            }
+        }
+        unsafe {
+            // dQ = scale · dS · k ;  dK = scale · dSᵀ · q
+            gemm(t, t, dh, scale, ds.as_ptr(), t, 1, k.as_ptr().add(base), d, 1, 0.0, pq.0.add(base), d, 1);
+            gemm(t, t, dh, scale, ds.as_ptr(), 1, t, q.as_ptr().add(base), d, 1, 0.0, pk.0.add(base), d, 1);
+        }
+    });
+}

@@ -1,1 +1,63 @@
-//! CPU implementation (to be written).
+//! Matrix products on the CPU through `matrixmultiply::sgemm`, which takes
+//! row and column strides, so transposed operands need no copies.
+
+use rayon::prelude::*;
+
+/// Strides (row, column) of a row-major `[rows, cols]` matrix, read
+/// transposed when `trans`.
+fn strides(cols_stored: usize, trans: bool) -> (isize, isize) {
+    if trans {
+        (1, cols_stored as isize)
+    } else {
+        (cols_stored as isize, 1)
+    }
+}
+
+/// `out[m, n] (+)= op(a)[m, k] · op(b)[k, n]` (see `Backend::matmul`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool) {
+    assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul: buffers shorter than [{m},{k}]x[{k},{n}]");
+    let (rsa, csa) = strides(if trans_a { m } else { k }, trans_a);
+    let (rsb, csb) = strides(if trans_b { k } else { n }, trans_b);
+    let beta = if accumulate { 1.0 } else { 0.0 };
+    if k == 0 {
+        if !accumulate {
+            out[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above guarantee every index sgemm touches is in bounds.
+    unsafe {
+        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, out.as_mut_ptr(), n as isize, 1);
+    }
+}
+
+/// Writes `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ + bias`.
+pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], rows: usize, inp: usize, out: usize) {
+    broadcast_rows(&mut y[..rows * out], &bias[..out]);
+    matmul(y, x, w, rows, out, inp, false, true, true);
+}
+
+/// Fill every row of `y` with `row`.
+pub fn broadcast_rows(y: &mut [f32], row: &[f32]) {
+    y.par_chunks_mut(row.len()).for_each(|r| r.copy_from_slice(row));
+}
+
+/// Adds the column sums of `dy[rows, cols]` to `dbias`. Each column block is
+/// summed by one thread in row order, so the result is deterministic.
+pub fn bias_backward(dbias: &mut [f32], dy: &[f32], rows: usize, cols: usize) {
+    const BLOCK: usize = 64;
+    dbias[..cols].par_chunks_mut(BLOCK).enumerate().for_each(|(blk, db)| {
+        let c0 = blk * BLOCK;
+        let mut acc = vec![0f64; db.len()];
+        for r in 0..rows {
+            let row = &dy[r * cols + c0..r * cols + c0 + db.len()];
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += *v as f64;
+            }
+        }
+        for (d, a) in db.iter_mut().zip(acc) {
+            *d += a as f32;
+        }
+    });
+}
