@@ -1,7 +1,9 @@
 //! The Vision Transformer: configuration, parameters, forward and backward,
 //! checkpoints and the importers of other libraries' tensor names.
 
+pub mod checkpoint;
 pub mod config;
+pub mod init;
 pub mod params;
 
 pub use config::VitConfig;
