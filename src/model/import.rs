@@ -1,0 +1,252 @@
+//! Loading checkpoints of other libraries: timm, torchvision and Hugging
+//! Face ViTs, detected from their tensor names, into the engine's `Checkpoint`.
+//!
+//! Each scheme is a renaming to the engine's names (`model::params`), fused
+//! q/k/v matrices split into three layers:
+//!
+//! | engine | timm | torchvision `vit_b_32` | Hugging Face `ViTForImageClassification` |
+//! |---|---|---|---|
+//! | `cls_token` | `cls_token` | `class_token` | `vit.embeddings.cls_token` |
+//! | `pos_embed` | `pos_embed` | `encoder.pos_embedding` | `vit.embeddings.position_embeddings` |
+//! | `patch_embed.proj.*` | same | `conv_proj.*` | `vit.embeddings.patch_embeddings.projection.*` |
+//! | `blocks.N.norm1.*` | same | `encoder.layers.encoder_layer_N.ln_1.*` | `vit.encoder.layer.N.layernorm_before.*` |
+//! | `blocks.N.attn.{q,k,v}.*` | `blocks.N.attn.qkv.*` (fused) | `….self_attention.in_proj_{weight,bias}` (fused) | `….attention.attention.{query,key,value}.*` |
+//! | `blocks.N.attn.proj.*` | same | `….self_attention.out_proj.*` | `….attention.output.dense.*` |
+//! | `blocks.N.norm2.*` | same | `….ln_2.*` | `….layernorm_after.*` |
+//! | `blocks.N.mlp.fc1.*` | same | `….mlp.0.*` (older: `mlp.linear_1`) | `….intermediate.dense.*` |
+//! | `blocks.N.mlp.fc2.*` | same | `….mlp.3.*` (older: `mlp.linear_2`) | `….output.dense.*` |
+//! | `norm.*` | same | `encoder.ln.*` | `vit.layernorm.*` |
+//! | `head.*` | same | `heads.head.*` | `classifier.*` |
+//!
+//! LayerNorm epsilon: timm and torchvision 1e-6, Hugging Face 1e-12. A
+//! Hugging Face `ViTModel` (no `vit.` prefix, no classifier) is accepted; its
+//! pooler is not part of a class-token classifier and is ignored.
+//! The shape comes from the tensors (width, depth, patch, image size from the
+//! position embedding, MLP width, classes); the number of heads cannot be
+//! read from them: `ImportOptions::heads`, else width / 64 (ViT-B, ViT-S).
+//! With `new_classes`, or when the file has no head, a fresh zero-initialized
+//! head is attached (zeros: every class starts equal and the head learns
+//! from the first step; the usual choice when fine-tuning on a new task).
+
+use super::checkpoint::{load_checkpoint, no_leftovers, read_safetensors, take, Checkpoint, NamingScheme, RawTensor, FORMAT};
+use super::config::VitConfig;
+use super::params::{dense_ranks, Linear, VitParams};
+use anyhow::{anyhow, bail, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// What the tensors cannot say.
+#[derive(Clone, Debug, Default)]
+pub struct ImportOptions {
+    /// Attention heads (default: width / 64).
+    pub heads: Option<usize>,
+    /// Replace the head with a fresh one for this many classes.
+    pub new_classes: Option<usize>,
+}
+
+/// Load the engine's own files or a timm, torchvision or Hugging Face ViT.
+pub fn load_any(path: &Path, opts: &ImportOptions) -> Result<Checkpoint> {
+    let (tensors, metadata) = read_safetensors(path)?;
+    if metadata.get("format").map(String::as_str) == Some(FORMAT) {
+        let mut ck = load_checkpoint(path)?;
+        if let Some(c) = opts.new_classes.filter(|&c| c != ck.cfg.classes) {
+            replace_head(&mut ck.cfg, &mut ck.params, c);
+        }
+        return Ok(ck);
+    }
+    let scheme = detect(&tensors).ok_or_else(|| {
+        let some: Vec<&String> = tensors.keys().take(5).collect();
+        anyhow!("{}: tensor names match no known ViT naming (engine, timm, torchvision, Hugging Face); first names: {some:?}", path.display())
+    })?;
+    let mut renamed = match scheme {
+        NamingScheme::Timm => split_fused(tensors, "blocks.", |i| format!("blocks.{i}.attn.qkv"), path)?,
+        NamingScheme::Torchvision => from_torchvision(tensors, path)?,
+        NamingScheme::HuggingFace => from_hugging_face(tensors),
+        NamingScheme::Engine => unreachable!("engine files are loaded above"),
+    };
+    let ln_eps = if scheme == NamingScheme::HuggingFace { 1e-12 } else { 1e-6 };
+    let mut cfg = infer_config(&renamed, path, opts, ln_eps)?;
+    let has_head = renamed.contains_key("head.weight");
+    let wanted = opts.new_classes.or((!has_head).then_some(0)).filter(|&c| c != cfg.classes || !has_head);
+    if let Some(c) = wanted {
+        if c == 0 {
+            bail!("{}: the checkpoint has no classification head; give the number of classes (train --init takes it from the data)", path.display());
+        }
+        renamed.remove("head.weight");
+        renamed.remove("head.bias");
+        cfg.classes = c;
+        renamed.insert("head.weight".into(), RawTensor { shape: vec![c, cfg.width], data: vec![0.0; c * cfg.width] });
+        renamed.insert("head.bias".into(), RawTensor { shape: vec![c], data: vec![0.0; c] });
+    }
+    let ranks = dense_ranks(&cfg);
+    let params = VitParams::build(&cfg, &ranks, |spec| take(&mut renamed, path, &spec.name, &spec.shape))?;
+    no_leftovers(&renamed, path)?;
+    Ok(Checkpoint { cfg, ranks, params, metadata, scheme })
+}
+
+fn replace_head(cfg: &mut VitConfig, params: &mut VitParams<Vec<f32>>, classes: usize) {
+    cfg.classes = classes;
+    params.head = Linear::Dense { weight: vec![0.0; classes * cfg.width], bias: vec![0.0; classes] };
+}
+
+/// The naming scheme of a foreign file, from marker tensors.
+pub fn detect(tensors: &BTreeMap<String, RawTensor>) -> Option<NamingScheme> {
+    let has = |k: &str| tensors.contains_key(k);
+    if has("cls_token") && has("pos_embed") && has("patch_embed.proj.weight") {
+        Some(NamingScheme::Timm)
+    } else if has("class_token") && has("conv_proj.weight") {
+        Some(NamingScheme::Torchvision)
+    } else if has("vit.embeddings.cls_token") || has("embeddings.cls_token") {
+        Some(NamingScheme::HuggingFace)
+    } else {
+        None
+    }
+}
+
+/// Split every `<prefix>.weight` `[3D, D]` / `.bias` `[3D]` of block `i`
+/// (named by `fused_name(i)`) into `blocks.i.attn.{q,k,v}.*`.
+fn split_fused(mut tensors: BTreeMap<String, RawTensor>, block_prefix: &str, fused_name: impl Fn(usize) -> String, path: &Path) -> Result<BTreeMap<String, RawTensor>> {
+    let depth = count_blocks(&tensors, block_prefix);
+    for i in 0..depth {
+        let base = fused_name(i);
+        for (suffix, is_weight) in [("weight", true), ("bias", false)] {
+            let name = format!("{base}.{suffix}");
+            let Some(t) = tensors.remove(&name) else {
+                bail!("{}: missing tensor {name}", path.display());
+            };
+            if t.shape.is_empty() || t.shape[0] % 3 != 0 {
+                bail!("{}: tensor {name} has shape {:?}; a fused q/k/v needs a first dimension divisible by 3", path.display(), t.shape);
+            }
+            let d = t.shape[0] / 3;
+            let chunk = t.data.len() / 3;
+            for (j, part) in ["q", "k", "v"].iter().enumerate() {
+                let shape = if is_weight { vec![d, t.shape.get(1).copied().unwrap_or(0)] } else { vec![d] };
+                tensors.insert(format!("blocks.{i}.attn.{part}.{suffix}"), RawTensor { shape, data: t.data[j * chunk..(j + 1) * chunk].to_vec() });
+            }
+        }
+    }
+    Ok(tensors)
+}
+
+/// Number of blocks: one more than the largest index after `prefix`.
+fn count_blocks(tensors: &BTreeMap<String, RawTensor>, prefix: &str) -> usize {
+    tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix(prefix))
+        .filter_map(|rest| rest.split('.').next())
+        .filter_map(|i| i.parse::<usize>().ok())
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0)
+}
+
+/// Rename keys by (old prefix, new prefix) pairs, block index substituted.
+fn rename(tensors: BTreeMap<String, RawTensor>, rule: impl Fn(&str) -> Option<String>) -> BTreeMap<String, RawTensor> {
+    tensors.into_iter().map(|(k, v)| (rule(&k).unwrap_or(k), v)).collect()
+}
+
+fn from_torchvision(tensors: BTreeMap<String, RawTensor>, path: &Path) -> Result<BTreeMap<String, RawTensor>> {
+    const LAYER: &str = "encoder.layers.encoder_layer_";
+    let renamed = rename(tensors, |k| {
+        let fixed = match k {
+            "class_token" => "cls_token",
+            "encoder.pos_embedding" => "pos_embed",
+            "conv_proj.weight" => "patch_embed.proj.weight",
+            "conv_proj.bias" => "patch_embed.proj.bias",
+            "encoder.ln.weight" => "norm.weight",
+            "encoder.ln.bias" => "norm.bias",
+            "heads.head.weight" => "head.weight",
+            "heads.head.bias" => "head.bias",
+            _ => "",
+        };
+        if !fixed.is_empty() {
+            return Some(fixed.to_string());
+        }
+        let rest = k.strip_prefix(LAYER)?;
+        let (i, tail) = rest.split_once('.')?;
+        let new_tail = match tail {
+            "ln_1.weight" => "norm1.weight",
+            "ln_1.bias" => "norm1.bias",
+            "ln_2.weight" => "norm2.weight",
+            "ln_2.bias" => "norm2.bias",
+            "self_attention.in_proj_weight" => "attn.qkv.weight",
+            "self_attention.in_proj_bias" => "attn.qkv.bias",
+            "self_attention.out_proj.weight" => "attn.proj.weight",
+            "self_attention.out_proj.bias" => "attn.proj.bias",
+            "mlp.0.weight" | "mlp.linear_1.weight" => "mlp.fc1.weight",
+            "mlp.0.bias" | "mlp.linear_1.bias" => "mlp.fc1.bias",
+            "mlp.3.weight" | "mlp.linear_2.weight" => "mlp.fc2.weight",
+            "mlp.3.bias" | "mlp.linear_2.bias" => "mlp.fc2.bias",
+            _ => return None,
+        };
+        Some(format!("blocks.{i}.{new_tail}"))
+    });
+    split_fused(renamed, "blocks.", |i| format!("blocks.{i}.attn.qkv"), path)
+}
+
+fn from_hugging_face(tensors: BTreeMap<String, RawTensor>) -> BTreeMap<String, RawTensor> {
+    let prefix = if tensors.contains_key("vit.embeddings.cls_token") { "vit." } else { "" };
+    let mut renamed = rename(tensors, |k| {
+        if k == "classifier.weight" || k == "classifier.bias" {
+            return Some(k.replace("classifier", "head"));
+        }
+        let k = k.strip_prefix(prefix)?;
+        let fixed = match k {
+            "embeddings.cls_token" => "cls_token",
+            "embeddings.position_embeddings" => "pos_embed",
+            "embeddings.patch_embeddings.projection.weight" => "patch_embed.proj.weight",
+            "embeddings.patch_embeddings.projection.bias" => "patch_embed.proj.bias",
+            "layernorm.weight" => "norm.weight",
+            "layernorm.bias" => "norm.bias",
+            _ => "",
+        };
+        if !fixed.is_empty() {
+            return Some(fixed.to_string());
+        }
+        let rest = k.strip_prefix("encoder.layer.")?;
+        let (i, tail) = rest.split_once('.')?;
+        let (module, param) = tail.rsplit_once('.')?;
+        let new_module = match module {
+            "layernorm_before" => "norm1",
+            "layernorm_after" => "norm2",
+            "attention.attention.query" => "attn.q",
+            "attention.attention.key" => "attn.k",
+            "attention.attention.value" => "attn.v",
+            "attention.output.dense" => "attn.proj",
+            "intermediate.dense" => "mlp.fc1",
+            "output.dense" => "mlp.fc2",
+            _ => return None,
+        };
+        Some(format!("blocks.{i}.{new_module}.{param}"))
+    });
+    // The pooler (dense + tanh on the class token) is not part of the
+    // class-token classifier; drop it.
+    renamed.retain(|k, _| !k.contains("pooler."));
+    renamed
+}
+
+/// The model shape from renamed tensors.
+fn infer_config(t: &BTreeMap<String, RawTensor>, path: &Path, opts: &ImportOptions, ln_eps: f32) -> Result<VitConfig> {
+    let shape = |name: &str| -> Result<&Vec<usize>> { t.get(name).map(|x| &x.shape).ok_or_else(|| anyhow!("{}: missing tensor {name}", path.display())) };
+    let pw = shape("patch_embed.proj.weight")?;
+    if pw.len() != 4 || pw[2] != pw[3] {
+        bail!("{}: tensor patch_embed.proj.weight has shape {pw:?}, expected [width, channels, patch, patch]", path.display());
+    }
+    let (width, channels, patch) = (pw[0], pw[1], pw[2]);
+    let pos = shape("pos_embed")?;
+    let tokens = *pos.get(1).ok_or_else(|| anyhow!("{}: tensor pos_embed has shape {pos:?}, expected [1, tokens, width]", path.display()))?;
+    let grid = ((tokens.saturating_sub(1)) as f64).sqrt().round() as usize;
+    if grid * grid + 1 != tokens {
+        bail!("{}: position embedding of {tokens} tokens is not a square grid plus a class token", path.display());
+    }
+    let depth = count_blocks(t, "blocks.");
+    if depth == 0 {
+        bail!("{}: no transformer blocks found", path.display());
+    }
+    let mlp = shape("blocks.0.mlp.fc1.weight")?[0];
+    let classes = t.get("head.weight").map(|h| h.shape[0]).unwrap_or(opts.new_classes.unwrap_or(0));
+    let heads = opts.heads.unwrap_or((width / 64).max(1));
+    let cfg = VitConfig { image_size: grid * patch, channels, patch, width, depth, heads, mlp, classes: classes.max(1), ln_eps };
+    cfg.validate().map_err(|e| anyhow!("{}: inferred shape {cfg:?} is not valid: {e}", path.display()))?;
+    Ok(cfg)
+}
