@@ -12,3 +12,5 @@ pub mod layernorm;
 pub mod loss;
 pub mod lowrank;
 pub mod matmul;
+#[cfg(test)]
+pub mod testing;
