@@ -4,8 +4,8 @@
 //! - a forward pass (inference) of `vit-b32` at batch 8, 100 classes.
 //! Throughput is reported in images/s. `scripts/bench_pytorch_cpu.py` times
 //! the same shapes in PyTorch at the same thread count; README.md has both.
-//! Threads: rayon and matrixmultiply use every core unless
-//! RAYON_NUM_THREADS / MATMUL_NUM_THREADS say otherwise.
+//! Threads: rayon (and the gemm crate through it) uses every core unless
+//! RAYON_NUM_THREADS says otherwise.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use effrank_engine::backend::{CpuBackend, ImageTransform};

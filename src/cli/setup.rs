@@ -29,9 +29,39 @@ pub fn load_data_for(flags: &DataFlags, quiet: bool) -> Result<(Dataset, Dataset
     Ok((train, test))
 }
 
+/// Changes to a preset's shape from the command line.
+#[derive(Clone, Debug, Default)]
+pub struct ShapeOverrides {
+    pub image_size: Option<usize>,
+    pub patch: Option<usize>,
+    pub width: Option<usize>,
+    pub depth: Option<usize>,
+    pub heads: Option<usize>,
+    pub mlp: Option<usize>,
+}
+
+impl ShapeOverrides {
+    fn apply(&self, cfg: &mut VitConfig) -> Result<()> {
+        let fields = [
+            (&mut cfg.image_size, self.image_size),
+            (&mut cfg.patch, self.patch),
+            (&mut cfg.width, self.width),
+            (&mut cfg.depth, self.depth),
+            (&mut cfg.heads, self.heads),
+            (&mut cfg.mlp, self.mlp),
+        ];
+        for (field, value) in fields {
+            if let Some(v) = value {
+                *field = v;
+            }
+        }
+        cfg.validate()
+    }
+}
+
 /// Where a model comes from.
 pub enum ModelSource {
-    Preset { name: String, seed: u64 },
+    Preset { name: String, seed: u64, shape: ShapeOverrides },
     Checkpoint { path: PathBuf, heads: Option<usize> },
 }
 
@@ -60,8 +90,9 @@ pub fn load_model(path: &PathBuf, heads: Option<usize>, new_classes: Option<usiz
 /// checkpoint (its head replaced when its classes differ).
 pub fn load_teacher_or_init(source: &ModelSource, classes: usize) -> Result<HostModel> {
     match source {
-        ModelSource::Preset { name, seed } => {
-            let cfg = VitConfig::from_name_or_file(name, classes)?;
+        ModelSource::Preset { name, seed, shape } => {
+            let mut cfg = VitConfig::from_name_or_file(name, classes)?;
+            shape.apply(&mut cfg)?;
             if cfg.classes != classes {
                 bail!("model config {name} has {} classes, the data has {classes}", cfg.classes);
             }

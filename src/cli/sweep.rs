@@ -216,7 +216,7 @@ fn train_demo_teacher<B: Backend>(be: &B, out: &Path, train: &effrank_engine::da
         return Ok(files.model());
     }
     let seed = 0;
-    let teacher = load_teacher_or_init(&ModelSource::Preset { name: "vit-demo".into(), seed }, train.classes)?;
+    let teacher = load_teacher_or_init(&ModelSource::Preset { name: "vit-demo".into(), seed, shape: Default::default() }, train.classes)?;
     let normalize = Normalize::Half;
     let transform = transform_for(&teacher.cfg, train, normalize)?;
     let flags = TrainFlags {

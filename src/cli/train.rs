@@ -3,7 +3,7 @@
 //! Hugging Face).
 
 use super::common::{dispatch, DataFlags, DeviceArg, TrainFlags, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_teacher_or_init, run_metadata, transform_for, ModelSource};
+use super::setup::{choose_normalize, load_data_for, load_teacher_or_init, run_metadata, transform_for, ModelSource, ShapeOverrides};
 use anyhow::Result;
 use clap::Args;
 use effrank_engine::backend::Backend;
@@ -18,6 +18,7 @@ use std::path::PathBuf;
 ///
 ///     effrank-engine train --model vit-demo --data demo --epochs 12 --out runs/teacher
 ///     effrank-engine train --model vit-cifar --data ~/cifar-100-binary --epochs 100 --out runs/cifar-teacher
+///     effrank-engine train --model vit-demo --width 96 --depth 3 --heads 3 --out runs/wider
 ///     effrank-engine train --init vit_b_32.safetensors --data ~/cifar-100-binary \
 ///         --lr 1e-4 --batch 32 --epochs 20 --out runs/b32
 ///
@@ -35,10 +36,25 @@ pub struct TrainArgs {
     /// its head is replaced when the data has another number of classes.
     #[arg(long)]
     pub init: Option<PathBuf>,
-    /// Attention heads of an imported checkpoint (tensors cannot tell);
-    /// default: width / 64.
+    /// Attention heads: overrides the preset, or sets those of an imported
+    /// checkpoint (tensors cannot tell; default width / 64).
     #[arg(long)]
     pub heads: Option<usize>,
+    /// Override the preset's input size (pixels, square).
+    #[arg(long)]
+    pub input_size: Option<usize>,
+    /// Override the preset's patch size.
+    #[arg(long)]
+    pub patch: Option<usize>,
+    /// Override the preset's width (residual stream).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Override the preset's number of blocks.
+    #[arg(long)]
+    pub depth: Option<usize>,
+    /// Override the preset's MLP hidden width.
+    #[arg(long)]
+    pub mlp: Option<usize>,
     #[command(flatten)]
     pub data: DataFlags,
     #[command(flatten)]
@@ -67,7 +83,7 @@ impl WithBackend for TrainArgs {
         let (train, test) = load_data_for(&self.data, self.quiet)?;
         let source = match &self.init {
             Some(path) => ModelSource::Checkpoint { path: path.clone(), heads: self.heads },
-            None => ModelSource::Preset { name: self.model.clone(), seed: self.train.seed },
+            None => ModelSource::Preset { name: self.model.clone(), seed: self.train.seed, shape: self.shape() },
         };
         let teacher = load_teacher_or_init(&source, train.classes)?;
         let normalize = choose_normalize(self.data.normalize, teacher.normalize, &self.data.data);
@@ -95,6 +111,10 @@ impl WithBackend for TrainArgs {
 }
 
 impl TrainArgs {
+    fn shape(&self) -> ShapeOverrides {
+        ShapeOverrides { image_size: self.input_size, patch: self.patch, width: self.width, depth: self.depth, heads: self.heads, mlp: self.mlp }
+    }
+
     fn model_label(&self) -> String {
         match &self.init {
             Some(p) => format!("a teacher from {}", p.display()),

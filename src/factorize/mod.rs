@@ -104,10 +104,7 @@ pub fn random_factors(w: &[f32], out: usize, inp: usize, r: usize, rng: &mut Rng
 /// `‖W - UV‖_F / ‖W‖_F`, computed directly (f64 accumulation).
 pub fn relative_error(w: &[f32], u: &[f32], v: &[f32], out: usize, inp: usize, r: usize) -> f64 {
     let mut uv = vec![0f32; out * inp];
-    // SAFETY: the slices hold out*r, r*inp and out*inp elements, row-major.
-    unsafe {
-        matrixmultiply::sgemm(out, r, inp, 1.0, u.as_ptr(), r as isize, 1, v.as_ptr(), inp as isize, 1, 0.0, uv.as_mut_ptr(), inp as isize, 1);
-    }
+    crate::ops::matmul::cpu::matmul(&mut uv, u, v, out, inp, r, false, false, false);
     let (mut num, mut den) = (0f64, 0f64);
     for (a, b) in w.iter().zip(&uv) {
         num += ((a - b) as f64).powi(2);
@@ -206,9 +203,7 @@ mod tests {
         let (out, inp, r) = (64, 64, 16);
         let (u, v, _) = random_factors(&vec![0.0; out * inp], out, inp, r, &mut Rng::new(5));
         let mut uv = vec![0f32; out * inp];
-        unsafe {
-            matrixmultiply::sgemm(out, r, inp, 1.0, u.as_ptr(), r as isize, 1, v.as_ptr(), inp as isize, 1, 0.0, uv.as_mut_ptr(), inp as isize, 1);
-        }
+        crate::ops::matmul::cpu::matmul(&mut uv, &u, &v, out, inp, r, false, false, false);
         let std = (uv.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / uv.len() as f64).sqrt();
         assert!((std - 0.02).abs() < 0.003, "std {std}");
     }

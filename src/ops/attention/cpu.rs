@@ -1,5 +1,5 @@
 //! Multi-head attention on the CPU: one rayon task per (image, head), each
-//! running strided `sgemm`s directly on its head's columns of q, k, v and
+//! running single-threaded strided products directly on its head's columns of q, k, v and
 //! out (no copies), so every task writes only its own head's columns.
 
 use rayon::prelude::*;
@@ -10,10 +10,11 @@ struct SharedMut(*mut f32);
 unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
-/// `c[m, n] = alpha · a[m, k] · b[k, n] + beta · c` with explicit strides.
+/// `c[m, n] = alpha · a[m, k] · b[k, n]` with explicit strides, one thread.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: usize, csa: usize, b: *const f32, rsb: usize, csb: usize, beta: f32, c: *mut f32, rsc: usize, csc: usize) {
-    matrixmultiply::sgemm(m, k, n, alpha, a, rsa as isize, csa as isize, b, rsb as isize, csb as isize, beta, c, rsc as isize, csc as isize);
+unsafe fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: usize, csa: usize, b: *const f32, rsb: usize, csb: usize, c: *mut f32, rsc: usize, csc: usize) {
+    let par = gemm::Parallelism::None;
+    gemm::gemm(m, n, k, c, csc as isize, rsc as isize, false, a, csa as isize, rsa as isize, b, csb as isize, rsb as isize, 0.0f32, alpha, false, false, false, par);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -29,13 +30,13 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
         // SAFETY: offsets stay inside [batch, tokens, d]; task (b, h) writes
         // only rows of image b and columns h*dh..(h+1)*dh of `out`.
         unsafe {
-            gemm(t, dh, t, scale, q.as_ptr().add(base), d, 1, k.as_ptr().add(base), 1, d, 0.0, p.as_mut_ptr(), t, 1);
+            gemm(t, dh, t, scale, q.as_ptr().add(base), d, 1, k.as_ptr().add(base), 1, d, p.as_mut_ptr(), t, 1);
         }
         for row in p.chunks_mut(t) {
             softmax_in_place(row);
         }
         unsafe {
-            gemm(t, t, dh, 1.0, p.as_ptr(), t, 1, v.as_ptr().add(base), d, 1, 0.0, o.0.add(base), d, 1);
+            gemm(t, t, dh, 1.0, p.as_ptr(), t, 1, v.as_ptr().add(base), d, 1, o.0.add(base), d, 1);
         }
     });
 }
@@ -69,9 +70,9 @@ pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: 
         // columns of image b.
         unsafe {
             // dP = dout · vᵀ
-            gemm(t, dh, t, 1.0, dout.as_ptr().add(base), d, 1, v.as_ptr().add(base), 1, d, 0.0, ds.as_mut_ptr(), t, 1);
+            gemm(t, dh, t, 1.0, dout.as_ptr().add(base), d, 1, v.as_ptr().add(base), 1, d, ds.as_mut_ptr(), t, 1);
             // dV = Pᵀ · dout
-            gemm(t, t, dh, 1.0, p.as_ptr(), 1, t, dout.as_ptr().add(base), d, 1, 0.0, pv.0.add(base), d, 1);
+            gemm(t, t, dh, 1.0, p.as_ptr(), 1, t, dout.as_ptr().add(base), d, 1, pv.0.add(base), d, 1);
         }
         // dS = P ∘ (dP − rowsum(dP ∘ P))
         for (ds_row, p_row) in ds.chunks_mut(t).zip(p.chunks(t)) {
@@ -82,8 +83,8 @@ pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: 
         }
         unsafe {
             // dQ = scale · dS · k ;  dK = scale · dSᵀ · q
-            gemm(t, t, dh, scale, ds.as_ptr(), t, 1, k.as_ptr().add(base), d, 1, 0.0, pq.0.add(base), d, 1);
-            gemm(t, t, dh, scale, ds.as_ptr(), 1, t, q.as_ptr().add(base), d, 1, 0.0, pk.0.add(base), d, 1);
+            gemm(t, t, dh, scale, ds.as_ptr(), t, 1, k.as_ptr().add(base), d, 1, pq.0.add(base), d, 1);
+            gemm(t, t, dh, scale, ds.as_ptr(), 1, t, q.as_ptr().add(base), d, 1, pk.0.add(base), d, 1);
         }
     });
 }

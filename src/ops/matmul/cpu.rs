@@ -1,7 +1,19 @@
-//! Matrix products on the CPU through `matrixmultiply::sgemm`, which takes
-//! row and column strides, so transposed operands need no copies.
+//! Matrix products on the CPU through the `gemm` crate, which takes row and
+//! column strides (transposed operands need no copies) and splits large
+//! products over rayon's threads.
 
 use rayon::prelude::*;
+
+/// `c[m, n] = alpha·c + a[m, k] · b[k, n]` with explicit (row, column)
+/// strides, on `threads` threads (1 inside already-parallel code).
+///
+/// # Safety
+/// Every element the strides address must lie inside its buffer.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn strided_gemm(m: usize, k: usize, n: usize, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, accumulate: bool, c: *mut f32, rsc: isize, csc: isize, threads: usize) {
+    let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    gemm::gemm(m, n, k, c, csc, rsc, accumulate, a, csa, rsa, b, csb, rsb, 1.0f32, 1.0f32, false, false, false, par);
+}
 
 /// Strides (row, column) of a row-major `[rows, cols]` matrix, read
 /// transposed when `trans`.
@@ -19,16 +31,15 @@ pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usiz
     assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul: buffers shorter than [{m},{k}]x[{k},{n}]");
     let (rsa, csa) = strides(if trans_a { m } else { k }, trans_a);
     let (rsb, csb) = strides(if trans_b { k } else { n }, trans_b);
-    let beta = if accumulate { 1.0 } else { 0.0 };
     if k == 0 {
         if !accumulate {
             out[..m * n].fill(0.0);
         }
         return;
     }
-    // SAFETY: the asserts above guarantee every index sgemm touches is in bounds.
+    // SAFETY: the asserts above guarantee every index the product touches is in bounds.
     unsafe {
-        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, out.as_mut_ptr(), n as isize, 1);
+        strided_gemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, accumulate, out.as_mut_ptr(), n as isize, 1, rayon::current_num_threads());
     }
 }
 
