@@ -211,3 +211,14 @@ fn bad_input_gives_errors_naming_what_is_wrong() {
         assert!(e.to_lowercase().contains("cuda"), "{e}");
     }
 }
+
+#[test]
+fn cached_teacher_logits_give_the_same_students_as_a_live_teacher() {
+    let (cached, live) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let t = teacher().to_str().unwrap();
+    ok(&sweep_args(t, cached.path().to_str().unwrap(), "2,8"));
+    let mut a = sweep_args(t, live.path().to_str().unwrap(), "2,8");
+    a.push("--no-teacher-cache");
+    ok(&a);
+    assert_eq!(results(cached.path()), results(live.path()));
+}

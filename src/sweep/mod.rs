@@ -114,7 +114,7 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
 
     let use_cache = opts.cache_teacher && opts.loss.needs_teacher() && !opts.loss.needs_features();
     let mut caches: HashMap<u64, TeacherLogits<B>> = HashMap::new();
-    let mut live: Option<Frozen<B>> = if opts.loss.needs_features() { Some(teacher) } else { None };
+    let mut live: Option<Frozen<B>> = if opts.loss.needs_teacher() && !use_cache { Some(teacher) } else { None };
     let mut skipped_claimed = 0;
     for job in &todo {
         let job_start = std::time::Instant::now();
