@@ -26,12 +26,17 @@ impl<B: Backend> Frozen<B> {
 
     /// Logits `[batch, classes]` of raw image bytes, on the host.
     pub fn logits(&mut self, be: &B, bytes: &[u8], batch: usize, transform: &ImageTransform) -> Result<Vec<f32>> {
-        be.images_from_bytes(&mut self.acts.images, bytes, batch, transform)?;
-        self.model.forward(be, &mut self.acts, batch)?;
-        let mut logits = be.download(&self.acts.logits)?;
-        logits.truncate(batch * self.model.cfg.classes);
-        Ok(logits)
+        logits_of(be, &self.model, &mut self.acts, bytes, batch, transform)
     }
+}
+
+/// Forward `batch` images given as raw bytes; the logits on the host.
+fn logits_of<B: Backend>(be: &B, model: &Vit<B>, acts: &mut VitActs<B>, bytes: &[u8], batch: usize, transform: &ImageTransform) -> Result<Vec<f32>> {
+    be.images_from_bytes(&mut acts.images, bytes, batch, transform)?;
+    model.forward(be, acts, batch)?;
+    let mut logits = be.download(&acts.logits)?;
+    logits.truncate(batch * model.cfg.classes);
+    Ok(logits)
 }
 
 /// Where the teacher's signal for a step comes from.
@@ -157,11 +162,7 @@ impl<B: Backend> Learner<B> {
     /// Logits `[n, classes]` of raw image bytes with the current parameters
     /// (reuses the training activations).
     pub fn logits(&mut self, be: &B, bytes: &[u8], n: usize, transform: &ImageTransform) -> Result<Vec<f32>> {
-        be.images_from_bytes(&mut self.acts.images, bytes, n, transform)?;
-        self.model.forward(be, &mut self.acts, n)?;
-        let mut logits = be.download(&self.acts.logits)?;
-        logits.truncate(n * self.model.cfg.classes);
-        Ok(logits)
+        logits_of(be, &self.model, &mut self.acts, bytes, n, transform)
     }
 
     /// A full training step: `forward_backward`, a finiteness check, then
