@@ -1,4 +1,10 @@
 //! Exact GELU on the CPU, elementwise over rayon chunks.
+//!
+//! "Exact" means the erf form x·Φ(x), not the tanh approximation. Φ is
+//! evaluated as ½·erfc(−x/√2) with the Chebyshev fit of Numerical Recipes
+//! (`erfcc`, fractional error < 1.2e-7 everywhere, so Φ keeps full relative
+//! precision in both tails) and a Cephes-style `exp`; both are branch-free so
+//! the loops vectorize. The tests hold Φ to 1e-6 relative against f64 erf.
 
 use rayon::prelude::*;
 
@@ -7,12 +13,57 @@ const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
 
-pub fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + libm::erff(x * INV_SQRT2))
+/// e^x for x in about [−87, 88] (clamped), 1-2 ulp: x = n·ln2 + r with
+/// |r| ≤ ln2/2, e^r by Cephes' `expf` polynomial, 2^n through the exponent bits.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // Adding and subtracting 1.5·2^23 rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let mut p = 1.987_569_2e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
+/// erfc(z) for z ≥ 0 (Numerical Recipes `erfcc`).
+#[inline(always)]
+fn erfc_nonneg(z: f32) -> f32 {
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let mut p = 0.170_872_77f32;
+    for c in [-0.822_152_23, 1.488_515_9, -1.135_203_98, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_7] {
+        p = p * t + c;
+    }
+    t * exp(-z * z - 1.265_512_2 + t * p)
+}
+
+/// Φ(x) = ½·erfc(−x/√2), the standard normal CDF.
+#[inline(always)]
+pub fn normal_cdf(x: f32) -> f32 {
+    let z = -x * INV_SQRT2;
+    let half = 0.5 * erfc_nonneg(z.abs());
+    if z >= 0.0 {
+        half
+    } else {
+        1.0 - half
+    }
+}
+
+#[inline(always)]
+pub fn gelu(x: f32) -> f32 {
+    x * normal_cdf(x)
+}
+
+#[inline(always)]
 pub fn gelu_grad(x: f32) -> f32 {
-    0.5 * (1.0 + libm::erff(x * INV_SQRT2)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+    normal_cdf(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
 }
 
 pub fn gelu_forward(out: &mut [f32], x: &[f32], len: usize) {

@@ -24,6 +24,29 @@ mod tests {
     }
 
     #[test]
+    fn cdf_and_exp_are_accurate_to_f32_precision() {
+        for i in -4000..=4000 {
+            let x = i as f32 * 0.004;
+            let want = 0.5 * libm::erfc(-(x as f64) / std::f64::consts::SQRT_2);
+            let got = normal_cdf(x) as f64;
+            // Relative 3e-6 down to Φ ≈ 3e-5 (x = −4); further out, where
+            // GELU is below 1e-4, the f32 rounding of x² inside exp dominates.
+            // Past x ≈ −13, Φ < 1e-38 is below f32's normal range.
+            let tol = if x > -4.0 {
+                3e-6 * want
+            } else if x > -13.0 {
+                3e-5 * want
+            } else {
+                1e-36
+            };
+            assert!((got - want).abs() <= tol, "Φ({x}) = {got}, want {want}");
+            let y = x * 5.0;
+            let (e, want_e) = (exp(y) as f64, (y as f64).exp());
+            assert!((e - want_e).abs() <= 3e-7 * want_e, "exp({y}) = {e}, want {want_e}");
+        }
+    }
+
+    #[test]
     fn backward_matches_finite_differences() {
         let (x, w) = (random(300, 1), random(300, 2));
         let mut dx = vec![0.0; 300];
