@@ -165,7 +165,11 @@ impl ParamsFit {
 pub fn analyze_folder(dir: &Path, opts: &AnalysisOptions) -> Result<AnalysisReport> {
     let m = read_measurements(dir)?;
     let report = report::analyze(&m, opts, None)?;
-    let out = if dir.is_dir() { dir.to_path_buf() } else { dir.parent().map(Path::to_path_buf).unwrap_or_default() };
+    let out = match dir.parent() {
+        _ if dir.is_dir() => dir.to_path_buf(),
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
     report.write(&out, opts.plot)?;
     Ok(report)
 }
