@@ -122,6 +122,13 @@ fn compression_table(mean: &CurveAnalysis, fit: &ParamsFit) -> Vec<CompressionAt
         .collect()
 }
 
+fn axis_name(a: super::KneeAxis) -> &'static str {
+    match a {
+        super::KneeAxis::Linear => "linear",
+        super::KneeAxis::Log2 => "log2",
+    }
+}
+
 fn opt_rank(r: Option<usize>) -> String {
     r.map_or("not reached".into(), |r| r.to_string())
 }
@@ -155,7 +162,7 @@ impl AnalysisReport {
             let exact = c.exact.map_or(String::new(), |x| format!(", exact {x:.2}"));
             let _ = writeln!(s, "  r at {:>3.0}%              {}{exact}{}", 100.0 * c.fraction, opt_rank(c.rank), if c.fraction == self.options.lo { self.compression_of("r_lo") } else { self.compression_of("r_hi") });
         }
-        let _ = writeln!(s, "  knee ({:?} axis)       {}{}", self.options.knee_axis, opt_rank(m.knee.map(|k| k.rank)), self.compression_of("knee"));
+        let _ = writeln!(s, "  knee ({} axis)       {}{}", axis_name(self.options.knee_axis), opt_rank(m.knee.map(|k| k.rank)), self.compression_of("knee"));
         if let Some(sp) = &self.spread {
             let f = |st: &Option<Stat>| st.map_or("-".into(), |t| format!("{:.1} ± {:.1} [{:.0}, {:.0}]", t.mean, t.std, t.min, t.max));
             let _ = writeln!(s, "  over {} seeds: r_lo {}, r_hi {}, knee {}", sp.seeds, f(&sp.r_lo), f(&sp.r_hi), f(&sp.knee));
@@ -179,7 +186,7 @@ impl AnalysisReport {
         let _ = writeln!(s, "- {}", m.hi.note);
         match m.knee {
             Some(k) => {
-                let _ = writeln!(s, "- knee (farthest from the secant, {:?} rank axis): rank {} (distance {:.4})", self.options.knee_axis, k.rank, k.distance);
+                let _ = writeln!(s, "- knee (farthest from the secant, {} rank axis): rank {} (distance {:.4})", axis_name(self.options.knee_axis), k.rank, k.distance);
             }
             None => {
                 let _ = writeln!(s, "- knee: the measured range holds fewer than three integer ranks");
