@@ -1,12 +1,119 @@
-//! `effrank-engine analyze` (to be written).
+//! `effrank-engine analyze`: the effective-rank region, knee and compression
+//! from a sweep's results (or a CSV), rank suggestions for the next
+//! trainings, and weight spectra of a checkpoint.
 
 use anyhow::{bail, Result};
 use clap::Args;
+use effrank_engine::analysis::report::analyze;
+use effrank_engine::analysis::{read_measurements, suggest_ranks, weight_spectra, AnalysisOptions, KneeAxis, Reference};
+use std::path::{Path, PathBuf};
 
-/// (to be written)
+/// Analyze measured accuracies per rank (PCHIP curve, region [r_lo, r_hi],
+/// knee, compression, spread over seeds) and/or a checkpoint's weight spectra.
 #[derive(Args, Debug)]
-pub struct AnalyzeArgs {}
+#[command(after_help = "Examples:
+  effrank-engine analyze --results runs/sweep
+  effrank-engine analyze --results points.csv --teacher-acc 0.7335 --knee-axis log2
+  effrank-engine analyze --results runs/sweep --suggest 4
+  effrank-engine analyze --results runs/sweep --spectrum teacher.safetensors
 
-pub fn run(_args: AnalyzeArgs) -> Result<()> {
-    bail!("'analyze' is not implemented yet")
+--results takes a sweep folder (every results*.jsonl), one results .jsonl file,
+or a CSV with columns rank,accuracy[,seed][,params] (a header naming them is
+optional; rows may come in any order and are sorted by rank). Writes
+analysis.json, summary.md and plot.png (and spectrum.json, spectrum.png) to
+--out, by default beside the input.")]
+pub struct AnalyzeArgs {
+    /// Results folder, results .jsonl file or CSV.
+    #[arg(long)]
+    pub results: Option<PathBuf>,
+    /// A checkpoint (.safetensors) whose weight spectra to compute.
+    #[arg(long)]
+    pub spectrum: Option<PathBuf>,
+    /// Output folder (default: the results folder, or the input file's folder).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Lower threshold (r_lo) as a fraction of the reference accuracy.
+    #[arg(long, default_value_t = 0.85)]
+    pub lo: f64,
+    /// Upper threshold (r_hi) as a fraction of the reference accuracy.
+    #[arg(long, default_value_t = 0.95)]
+    pub hi: f64,
+    /// What the thresholds are fractions of: the teacher's accuracy or the curve's maximum.
+    #[arg(long, value_enum, default_value_t = Reference::Teacher)]
+    pub reference: Reference,
+    /// Rank axis on which the knee's distance from the secant is measured.
+    #[arg(long, value_enum, default_value_t = KneeAxis::Linear)]
+    pub knee_axis: KneeAxis,
+    /// Teacher accuracy (needed for a CSV with --reference teacher; overrides the results' teacher record).
+    #[arg(long)]
+    pub teacher_acc: Option<f64>,
+    /// Teacher parameter count, for compression from a CSV with a params column.
+    #[arg(long)]
+    pub teacher_params: Option<usize>,
+    /// Print up to N ranks to train next (those that most narrow r_lo, r_hi and the knee).
+    #[arg(long, value_name = "N")]
+    pub suggest: Option<usize>,
+    /// Smallest rank --suggest may propose.
+    #[arg(long, default_value_t = 1)]
+    pub min_rank: usize,
+    /// Largest rank --suggest may propose (default: the largest measured rank).
+    #[arg(long)]
+    pub max_rank: Option<usize>,
+    /// Do not draw PNG plots.
+    #[arg(long)]
+    pub no_plot: bool,
+}
+
+pub fn run(args: AnalyzeArgs) -> Result<()> {
+    let opts = AnalysisOptions {
+        lo: args.lo,
+        hi: args.hi,
+        reference: args.reference,
+        knee_axis: args.knee_axis,
+        teacher_acc: args.teacher_acc,
+        teacher_params: args.teacher_params,
+        plot: !args.no_plot,
+    };
+    opts.check()?;
+    let spectrum = args.spectrum.as_deref().map(weight_spectra).transpose()?;
+    let Some(results) = &args.results else {
+        let Some(s) = spectrum else { bail!("give --results DIR|FILE, --spectrum CHECKPOINT, or both (see --help)") };
+        let out = args.out.clone().unwrap_or_else(|| folder_of(args.spectrum.as_deref().unwrap_or(Path::new("."))));
+        std::fs::create_dir_all(&out)?;
+        s.write(&out, opts.plot)?;
+        println!("{}", s.table_md());
+        println!("wrote spectrum.json{} to {}", if opts.plot { " and spectrum.png" } else { "" }, out.display());
+        return Ok(());
+    };
+    let m = read_measurements(results)?;
+    let report = analyze(&m, &opts, spectrum)?;
+    let out = args.out.clone().unwrap_or_else(|| folder_of(results));
+    std::fs::create_dir_all(&out)?;
+    report.write(&out, opts.plot)?;
+    println!("{}", report.terminal_summary());
+    if let Some(s) = &report.spectrum {
+        println!("{}", s.table_md());
+    }
+    println!("wrote analysis.json, summary.md{} to {}", if opts.plot { ", plot.png" } else { "" }, out.display());
+    if let Some(n) = args.suggest {
+        let max_rank = args.max_rank.unwrap_or_else(|| m.points.iter().map(|p| p.rank).max().unwrap_or(1));
+        let next = suggest_ranks(&m.mean_curve(), report.mean.reference_acc, &opts, n, args.min_rank, max_rank);
+        if next.is_empty() {
+            println!("suggested ranks: none (r_lo and r_hi are pinned to ±1 rank and the knee is measured)");
+        } else {
+            println!("suggested ranks: {}", next.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","));
+        }
+    }
+    Ok(())
+}
+
+/// The folder itself, or a file's folder ("." for a bare file name).
+fn folder_of(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        return path.to_path_buf();
+    }
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }

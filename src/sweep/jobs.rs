@@ -153,20 +153,27 @@ pub fn results_files(out: &Path) -> Result<Vec<PathBuf>> {
 pub fn read_records(out: &Path) -> Result<Vec<Record>> {
     let mut records = Vec::new();
     for file in results_files(out)? {
-        let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-        let complete = text.ends_with('\n');
-        let lines: Vec<&str> = text.lines().collect();
-        for (i, line) in lines.iter().enumerate() {
-            if line.trim().is_empty() {
-                continue;
+        records.extend(read_records_file(&file)?);
+    }
+    Ok(records)
+}
+
+/// Every record of one results file (same rules as `read_records`).
+pub fn read_records_file(file: &Path) -> Result<Vec<Record>> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let complete = text.ends_with('\n');
+    let lines: Vec<&str> = text.lines().collect();
+    let mut records = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Record>(line) {
+            Ok(r) => records.push(r),
+            Err(_) if i + 1 == lines.len() && !complete => {
+                eprintln!("warning: {} line {}: incomplete last line ignored", file.display(), i + 1);
             }
-            match serde_json::from_str::<Record>(line) {
-                Ok(r) => records.push(r),
-                Err(_) if i + 1 == lines.len() && !complete => {
-                    eprintln!("warning: {} line {}: incomplete last line ignored", file.display(), i + 1);
-                }
-                Err(e) => bail!("{} line {}: not a results record: {e}", file.display(), i + 1),
-            }
+            Err(e) => bail!("{} line {}: not a results record: {e}", file.display(), i + 1),
         }
     }
     Ok(records)

@@ -1,0 +1,156 @@
+//! PNG plots (plotters' bitmap backend, DejaVu Sans compiled in, so no
+//! system font libraries): the accuracy curve with its region and knee, and
+//! the weight spectra. Rank is drawn on a log axis (ranks span 1..768).
+
+use super::report::AnalysisReport;
+use super::spectrum::SpectrumReport;
+use anyhow::{anyhow, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::{register_font, FontStyle};
+use std::path::Path;
+use std::sync::Once;
+
+static FONT: Once = Once::new();
+
+fn register() {
+    FONT.call_once(|| {
+        // The font is compiled in; registration fails only on a corrupt font.
+        let _ = register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
+    });
+}
+
+fn err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + '_ {
+    move |e| anyhow!("drawing {}: {e:?}", path.display())
+}
+
+const BLUE: RGBColor = RGBColor(31, 119, 180);
+const ORANGE: RGBColor = RGBColor(255, 127, 14);
+const GREEN: RGBColor = RGBColor(44, 160, 44);
+const RED: RGBColor = RGBColor(214, 39, 40);
+
+/// plot.png: measured points (every seed, and the mean), the PCHIP curve,
+/// the threshold lines, the region shaded, the knee marked, compression in
+/// the legend.
+pub fn plot_curve(r: &AnalysisReport, path: &Path) -> Result<()> {
+    register();
+    let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    draw_curve(r, &root).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+fn draw_curve(r: &AnalysisReport, root: &DrawingArea<BitMapBackend, Shift>) -> Result<(), Box<dyn std::error::Error>> {
+    let m = &r.mean;
+    let (x0, x1) = (m.points[0].0, m.points[m.points.len() - 1].0);
+    let all_acc = r.seeds.iter().flat_map(|s| s.points.iter()).chain(m.points.iter()).map(|p| p.1).chain(r.curve.iter().map(|c| c.acc));
+    let (lo_y, hi_y) = all_acc.fold((m.reference_acc, m.reference_acc), |(a, b), v| (a.min(v), b.max(v)));
+    let pad = 0.05 * (hi_y - lo_y).max(1e-6);
+    let mut chart = ChartBuilder::on(root)
+        .caption(format!("Effective rank: accuracy vs rank ({})", r.source), ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x0 * 0.9..x1 * 1.1).log_scale(), (lo_y - pad)..(hi_y + pad))?;
+    chart
+        .configure_mesh()
+        .x_desc("rank r (log axis)")
+        .y_desc("top-1 accuracy")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.3}"))
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    let comp = |what: &str| r.compression.iter().find(|c| c.what == what).map_or(String::new(), |c| format!(", {:.1}x compression", c.compression));
+    if let (Some(a), Some(b)) = (m.lo.rank, m.hi.rank) {
+        chart
+            .draw_series(std::iter::once(Rectangle::new([(a as f64, lo_y - pad), (b as f64, hi_y + pad)], GREEN.mix(0.12).filled())))?
+            .label(format!("region [{a}, {b}]"))
+            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], GREEN.mix(0.3).filled()));
+    }
+    for (c, color, what) in [(&m.lo, ORANGE, "r_lo"), (&m.hi, RED, "r_hi")] {
+        let label = match c.rank {
+            Some(k) => format!("{:.0}% of reference: r = {k}{}", 100.0 * c.fraction, comp(what)),
+            None => format!("{:.0}% of reference: not reached", 100.0 * c.fraction),
+        };
+        chart
+            .draw_series(DashedLineSeries::new(vec![(x0 * 0.9, c.level), (x1 * 1.1, c.level)], 8, 5, color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+    }
+    chart
+        .draw_series(LineSeries::new(vec![(x0 * 0.9, m.reference_acc), (x1 * 1.1, m.reference_acc)], BLACK.mix(0.5)))?
+        .label(format!("reference accuracy {:.4}", m.reference_acc))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
+    chart
+        .draw_series(LineSeries::new(r.curve.iter().map(|c| (c.rank as f64, c.acc)), BLUE.stroke_width(2)))?
+        .label("PCHIP curve (mean)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(2)));
+    for s in &r.seeds {
+        chart.draw_series(s.points.iter().map(|&(x, y)| Circle::new((x, y), 3, BLACK.mix(0.35).filled())))?;
+    }
+    chart
+        .draw_series(m.points.iter().map(|&(x, y)| Circle::new((x, y), 5, BLUE.filled())))?
+        .label("measured (mean over seeds)")
+        .legend(|(x, y)| Circle::new((x + 9, y), 5, BLUE.filled()));
+    if let Some(k) = m.knee {
+        let y = r.curve.iter().find(|c| c.rank == k.rank).map_or(m.reference_acc, |c| c.acc);
+        chart
+            .draw_series(std::iter::once(TriangleMarker::new((k.rank as f64, y), 9, RED.filled())))?
+            .label(format!("knee r* = {}{}", k.rank, comp("knee")))
+            .legend(|(x, y)| TriangleMarker::new((x + 9, y), 7, RED.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    Ok(())
+}
+
+/// spectrum.png: normalized singular values (σ_i / σ_1) of every layer.
+pub fn plot_spectrum(s: &SpectrumReport, path: &Path) -> Result<()> {
+    register();
+    let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    draw_spectrum(s, &root).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+fn draw_spectrum(s: &SpectrumReport, root: &DrawingArea<BitMapBackend, Shift>) -> Result<(), Box<dyn std::error::Error>> {
+    let n = s.layers.iter().map(|l| l.singular_values.len()).max().unwrap_or(1).max(2) as f64;
+    let floor = 1e-4;
+    let mut chart = ChartBuilder::on(root)
+        .caption(format!("Weight spectra ({})", s.checkpoint), ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((1.0..n).log_scale(), (floor..1.5).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("index i (log axis)")
+        .y_desc("σ_i / σ_1 (log axis)")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0e}"))
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    let palette = [BLUE, ORANGE, GREEN, RED, RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+    for (j, kind) in ["attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2"].iter().enumerate() {
+        let color = palette[j];
+        let mut labelled = false;
+        for l in s.layers.iter().filter(|l| l.name.ends_with(kind)) {
+            let top = l.singular_values.first().copied().unwrap_or(1.0).max(f64::MIN_POSITIVE);
+            let pts = l.singular_values.iter().enumerate().map(|(i, v)| ((i + 1) as f64, (v / top).max(floor)));
+            let series = chart.draw_series(LineSeries::new(pts, color.mix(0.6)))?;
+            if !labelled {
+                series.label(*kind).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                labelled = true;
+            }
+        }
+    }
+    chart.configure_series_labels().position(SeriesLabelPosition::LowerLeft).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 15)).draw()?;
+    Ok(())
+}

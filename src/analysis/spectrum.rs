@@ -1,0 +1,210 @@
+//! Weight spectra of a checkpoint: singular values of every 2-D linear
+//! weight of the transformer blocks (q, k, v as the thirds of a fused
+//! `attn.qkv.weight`, `attn.proj`, `mlp.fc1`, `mlp.fc2`; a low-rank layer's
+//! product U·V) and the ranks they suggest, to set beside the distillation
+//! estimate of the effective rank.
+//!
+//! Per layer: entropy effective rank exp(H(p)) with p = σ / Σσ, stable rank
+//! ‖W‖_F² / ‖W‖_2², and the smallest ranks keeping 90/95/99% of Σσ² (the
+//! energy a rank-k truncation keeps).
+
+use crate::io::atomic_write;
+use crate::model::checkpoint::{read_safetensors, RawTensor};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// One layer's spectrum and the ranks derived from it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerSpectrum {
+    pub name: String,
+    /// [out, in]
+    pub shape: [usize; 2],
+    /// Some(r) for a low-rank layer (U·V).
+    pub stored_rank: Option<usize>,
+    pub entropy_rank: f64,
+    pub stable_rank: f64,
+    pub rank_90: usize,
+    pub rank_95: usize,
+    pub rank_99: usize,
+    /// Descending.
+    pub singular_values: Vec<f64>,
+}
+
+/// Every layer's spectrum.
+#[derive(Clone, Debug, Serialize)]
+pub struct SpectrumReport {
+    pub checkpoint: String,
+    pub layers: Vec<LayerSpectrum>,
+}
+
+/// The numbers derived from singular values (descending, non-negative).
+pub fn spectrum_of(name: &str, shape: [usize; 2], stored_rank: Option<usize>, sv: Vec<f64>) -> LayerSpectrum {
+    let sum: f64 = sv.iter().sum();
+    let energy: f64 = sv.iter().map(|s| s * s).sum();
+    let entropy = if sum > 0.0 { -sv.iter().map(|s| s / sum).filter(|&p| p > 0.0).map(|p| p * p.ln()).sum::<f64>() } else { 0.0 };
+    let keep = |frac: f64| {
+        let mut acc = 0.0;
+        for (i, s) in sv.iter().enumerate() {
+            acc += s * s;
+            if acc >= frac * energy {
+                return i + 1;
+            }
+        }
+        sv.len()
+    };
+    let top = sv.first().copied().unwrap_or(0.0);
+    LayerSpectrum {
+        name: name.to_string(),
+        shape,
+        stored_rank,
+        entropy_rank: if sum > 0.0 { entropy.exp() } else { 0.0 },
+        stable_rank: if top > 0.0 { energy / (top * top) } else { 0.0 },
+        rank_90: keep(0.90),
+        rank_95: keep(0.95),
+        rank_99: keep(0.99),
+        singular_values: sv,
+    }
+}
+
+/// Singular values (descending) of a row-major [rows, cols] matrix.
+pub fn singular_values(rows: usize, cols: usize, w: &[f64]) -> Result<Vec<f64>> {
+    let m = faer::Mat::<f64>::from_fn(rows, cols, |i, j| w[i * cols + j]);
+    let mut sv = m.singular_values().map_err(|e| anyhow!("SVD of a {rows}x{cols} matrix did not converge: {e:?}"))?;
+    sv.sort_by(|a, b| b.total_cmp(a));
+    Ok(sv)
+}
+
+/// Spectra of every block linear weight of a safetensors checkpoint.
+pub fn weight_spectra(path: &Path) -> Result<SpectrumReport> {
+    let (tensors, _) = read_safetensors(path)?;
+    let mut layers = Vec::new();
+    for (name, t) in &tensors {
+        if !name.starts_with("blocks.") {
+            continue;
+        }
+        if let Some(prefix) = name.strip_suffix(".qkv.weight") {
+            layers.extend(qkv_layers(prefix, t).with_context(|| format!("{}: {name}", path.display()))?);
+        } else if let Some(prefix) = name.strip_suffix(".weight").filter(|_| t.shape.len() == 2) {
+            let sv = singular_values(t.shape[0], t.shape[1], &to_f64(&t.data))?;
+            layers.push(spectrum_of(prefix, [t.shape[0], t.shape[1]], None, sv));
+        } else if let Some(prefix) = name.strip_suffix(".U") {
+            layers.push(lowrank_layer(prefix, t, &tensors).with_context(|| format!("{}: {prefix}", path.display()))?);
+        }
+    }
+    if layers.is_empty() {
+        bail!("{}: no blocks.N.* linear weights found (is it a ViT checkpoint?)", path.display());
+    }
+    layers.sort_by_key(|l| layer_order(&l.name));
+    Ok(SpectrumReport { checkpoint: path.display().to_string(), layers })
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// q, k, v: the row thirds of a fused [3D, D] weight.
+fn qkv_layers(prefix: &str, t: &RawTensor) -> Result<Vec<LayerSpectrum>> {
+    let [rows, d] = t.shape[..] else { bail!("qkv weight has shape {:?}, expected [3D, D]", t.shape) };
+    if rows != 3 * d {
+        bail!("qkv weight has shape {:?}, expected [3D, D]", t.shape);
+    }
+    ["q", "k", "v"]
+        .iter()
+        .enumerate()
+        .map(|(j, part)| {
+            let sv = singular_values(d, d, &to_f64(&t.data[j * d * d..(j + 1) * d * d]))?;
+            Ok(spectrum_of(&format!("{prefix}.{part}"), [d, d], None, sv))
+        })
+        .collect()
+}
+
+/// A low-rank layer: W = U [out, r] · V [r, in].
+fn lowrank_layer(prefix: &str, u: &RawTensor, tensors: &BTreeMap<String, RawTensor>) -> Result<LayerSpectrum> {
+    let v = tensors.get(&format!("{prefix}.V")).ok_or_else(|| anyhow!("has .U but no .V"))?;
+    let ([o, r], [r2, i]) = (u.shape[..].try_into().unwrap_or([0, 0]), v.shape[..].try_into().unwrap_or([0, 0]));
+    if r != r2 || r == 0 {
+        bail!("U {:?} and V {:?} do not multiply", u.shape, v.shape);
+    }
+    let mut w = vec![0.0f64; o * i];
+    for a in 0..o {
+        for k in 0..r {
+            let uk = u.data[a * r + k] as f64;
+            let vrow = &v.data[k * i..(k + 1) * i];
+            for (wb, &vb) in w[a * i..(a + 1) * i].iter_mut().zip(vrow) {
+                *wb += uk * vb as f64;
+            }
+        }
+    }
+    let mut sv = singular_values(o, i, &w)?;
+    sv.truncate(r);
+    Ok(spectrum_of(prefix, [o, i], Some(r), sv))
+}
+
+/// Sort key: block number, then q, k, v, proj, fc1, fc2.
+fn layer_order(name: &str) -> (usize, usize, String) {
+    let block = name.split('.').nth(1).and_then(|b| b.parse().ok()).unwrap_or(usize::MAX);
+    let kind = ["attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2"].iter().position(|k| name.ends_with(k)).unwrap_or(6);
+    (block, kind, name.to_string())
+}
+
+impl SpectrumReport {
+    /// Write spectrum.json and (when `plot`) spectrum.png into `out`.
+    pub fn write(&self, out: &Path, plot: bool) -> Result<()> {
+        atomic_write(&out.join("spectrum.json"), serde_json::to_string_pretty(self)?.as_bytes())?;
+        if plot {
+            super::plot::plot_spectrum(self, &out.join("spectrum.png")).context("drawing spectrum.png")?;
+        }
+        Ok(())
+    }
+
+    /// Median over layers of each derived rank: (entropy, stable, 90, 95, 99).
+    pub fn medians(&self) -> [f64; 5] {
+        let med = |f: &dyn Fn(&LayerSpectrum) -> f64| {
+            let mut v: Vec<f64> = self.layers.iter().map(f).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            let n = v.len();
+            if n % 2 == 1 {
+                v[n / 2]
+            } else {
+                0.5 * (v[n / 2 - 1] + v[n / 2])
+            }
+        };
+        [med(&|l| l.entropy_rank), med(&|l| l.stable_rank), med(&|l| l.rank_90 as f64), med(&|l| l.rank_95 as f64), med(&|l| l.rank_99 as f64)]
+    }
+
+    /// The per-layer table (terminal and markdown).
+    pub fn table_md(&self) -> String {
+        let mut s = String::from("| layer | shape | entropy rank | stable rank | 90% | 95% | 99% |\n|---|---|---|---|---|---|---|\n");
+        for l in &self.layers {
+            let _ = writeln!(s, "| {} | {}x{} | {:.1} | {:.2} | {} | {} | {} |", l.name, l.shape[0], l.shape[1], l.entropy_rank, l.stable_rank, l.rank_90, l.rank_95, l.rank_99);
+        }
+        let m = self.medians();
+        let _ = writeln!(s, "| **median** | | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} |", m[0], m[1], m[2], m[3], m[4]);
+        s
+    }
+
+    /// The summary.md section, beside the distillation estimate when there is one.
+    pub fn summary_md(&self, r_lo: Option<usize>, r_hi: Option<usize>) -> String {
+        let m = self.medians();
+        let mut s = format!("\n## Weight spectra of `{}`\n\n", self.checkpoint);
+        if r_lo.is_some() || r_hi.is_some() {
+            let f = |r: Option<usize>| r.map_or("not reached".into(), |r| r.to_string());
+            let _ = writeln!(
+                s,
+                "Distillation estimate: r_lo = {}, r_hi = {}. Weight spectra (median over layers): entropy rank {:.1}, stable rank {:.2}, 90/95/99% energy ranks {:.0}/{:.0}/{:.0}.\n",
+                f(r_lo),
+                f(r_hi),
+                m[0],
+                m[1],
+                m[2],
+                m[3],
+                m[4]
+            );
+        }
+        s.push_str(&self.table_md());
+        s
+    }
+}
