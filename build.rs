@@ -1,1 +1,116 @@
-fn main() {}
+//! Compiles every `kernels/*.cu` to PTX with NVRTC (through cudarc, loaded
+//! dynamically) and writes `$OUT_DIR/kernels.rs`: a table of (kernel file
+//! name, PTX text) that `src/backend/cuda.rs` includes.
+//!
+//! NVRTC does not need a GPU. Without NVRTC the build still succeeds with an
+//! empty table and a warning (the CUDA backend then reports that the binary
+//! has no kernels); with `EFFRANK_REQUIRE_KERNELS=1`, a missing NVRTC or any
+//! kernel that does not compile fails the build with the NVRTC log.
+//! `scripts/ci_kernels.sh` installs NVRTC 13.0 and the CUDA headers from the
+//! Python package index and sets the environment this script reads.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// PTX target: Hopper (H100/H200). PTX ISA 9.0, loadable by driver 580+.
+const ARCH: &str = "compute_90";
+const ENV_VARS: [&str; 4] = ["EFFRANK_REQUIRE_KERNELS", "CUDA_PATH", "CUDA_HOME", "LD_LIBRARY_PATH"];
+
+fn main() {
+    println!("cargo:rerun-if-changed=kernels");
+    println!("cargo:rerun-if-changed=build.rs");
+    for var in ENV_VARS {
+        println!("cargo:rerun-if-env-changed={var}");
+    }
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let require = std::env::var("EFFRANK_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
+    let sources = kernel_sources(Path::new("kernels"));
+    for (_, path) in &sources {
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+    let compiled = if nvrtc_present() {
+        compile_all(&sources, &out_dir, require)
+    } else {
+        let msg = "NVRTC (libnvrtc.so) not found: building without CUDA kernels. To embed them, run \
+                   `source scripts/ci_kernels.sh` (installs NVRTC 13.0 from PyPI and sets CUDA_PATH and \
+                   LD_LIBRARY_PATH), then rebuild";
+        if require {
+            panic!("EFFRANK_REQUIRE_KERNELS=1: {msg}");
+        }
+        println!("cargo:warning={msg}");
+        Vec::new()
+    };
+    write_table(&out_dir, &compiled);
+}
+
+/// `(file stem, path)` of every `.cu` file, sorted by name.
+fn kernel_sources(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<(String, PathBuf)> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .map(|p| (p.file_stem().unwrap_or_default().to_string_lossy().into_owned(), p))
+        .collect();
+    files.sort();
+    files
+}
+
+fn nvrtc_present() -> bool {
+    // SAFETY: only probes whether the shared library can be opened.
+    std::panic::catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+}
+
+/// The first folder holding `cuda_bf16.h`, from the usual CUDA locations.
+fn cuda_include() -> Option<String> {
+    let mut roots: Vec<PathBuf> = ["CUDA_PATH", "CUDA_HOME"].iter().filter_map(|v| std::env::var(v).ok()).map(PathBuf::from).collect();
+    roots.push(PathBuf::from("/usr/local/cuda"));
+    if let Ok(home) = std::env::var("HOME") {
+        roots.push(PathBuf::from(home).join(".cache/effrank-cu13/nvidia/cu13"));
+    }
+    roots.into_iter().map(|r| r.join("include")).find(|i| i.join("cuda_bf16.h").exists()).map(|i| i.display().to_string())
+}
+
+/// Compiles each source; returns `(name, path of the .ptx)` for those that compiled.
+fn compile_all(sources: &[(String, PathBuf)], out_dir: &Path, require: bool) -> Vec<(String, PathBuf)> {
+    let mut include_paths = vec![fs::canonicalize("kernels").map(|p| p.display().to_string()).unwrap_or_else(|_| "kernels".into())];
+    include_paths.extend(cuda_include());
+    let mut done = Vec::new();
+    for (name, path) in sources {
+        let src = fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some(ARCH),
+            include_paths: include_paths.clone(),
+            name: Some(format!("{name}.cu")),
+            options: vec!["--std=c++17".into()],
+            ..Default::default()
+        };
+        match cudarc::nvrtc::compile_ptx_with_opts(&src, opts) {
+            Ok(ptx) => {
+                let file = out_dir.join(format!("{name}.ptx"));
+                fs::write(&file, ptx.to_src()).unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
+                done.push((name.clone(), file));
+            }
+            Err(e) => {
+                let log = match &e {
+                    cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+                    other => format!("{other:?}"),
+                };
+                if require {
+                    panic!("NVRTC failed on {}:\n{log}", path.display());
+                }
+                println!("cargo:warning=NVRTC failed on {} (kernel file skipped): {}", path.display(), log.lines().next().unwrap_or(""));
+            }
+        }
+    }
+    done
+}
+
+fn write_table(out_dir: &Path, compiled: &[(String, PathBuf)]) {
+    let mut table = String::from("/// (kernel file name, PTX) for every kernel file compiled at build time.\npub const KERNELS: &[(&str, &str)] = &[\n");
+    for (name, file) in compiled {
+        table.push_str(&format!("    ({name:?}, include_str!({:?})),\n", file.display().to_string()));
+    }
+    table.push_str("];\n");
+    let path = out_dir.join("kernels.rs");
+    fs::write(&path, table).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}

@@ -1,1 +1,149 @@
-//! CUDA implementation (to be written).
+//! Launchers of `kernels/attention.cu`. The fused kernels (one block per
+//! (image, head), K and V in shared memory) run when the block's shared
+//! memory fits the device (ViT: T ≤ 256, head_dim ≤ 128; T = 197, dh = 64
+//! needs 118 KiB); otherwise the unfused path runs: strided-batched cuBLAS
+//! SGEMMs per image plus row-softmax kernels, which is also the benchmark
+//! baseline.
+
+use crate::backend::cuda::{CudaBackend, DriverResultExt};
+use crate::ops::matmul::cuda::{gemm, RowMajorGemm};
+use anyhow::Result;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+/// Warps per block of the fused kernels (ATT_WARPS in the kernel file).
+const WARPS: usize = 8;
+/// Largest sequence and head width the fused kernels are written for.
+pub const MAX_FUSED_TOKENS: usize = 256;
+pub const MAX_FUSED_HEAD_DIM: usize = 128;
+
+/// Shared memory of the fused forward: K, V padded rows, and per warp a q row and a score row.
+pub fn forward_smem_bytes(t: usize, dh: usize) -> usize {
+    4 * (2 * t * (dh + 1) + WARPS * (dh + t))
+}
+
+/// Shared memory of the fused backward: two padded [T, dh] tiles, D[T], and
+/// per warp a vector and two rows of T.
+pub fn backward_smem_bytes(t: usize, dh: usize) -> usize {
+    4 * (2 * t * (dh + 1) + t + WARPS * (dh + 2 * t))
+}
+
+fn fused_fits(be: &CudaBackend, t: usize, dh: usize, smem: usize) -> bool {
+    t <= MAX_FUSED_TOKENS && dh <= MAX_FUSED_HEAD_DIM && smem <= be.max_shared_bytes()
+}
+
+fn block_config(batch: usize, heads: usize, smem: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((batch * heads) as u32, 1, 1), block_dim: ((WARPS * 32) as u32, 1, 1), shared_mem_bytes: smem as u32 }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward(be: &CudaBackend, out: &mut CudaSlice<f32>, probs: &mut CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+    if batch * heads * tokens * head_dim == 0 {
+        return Ok(());
+    }
+    let smem = forward_smem_bytes(tokens, head_dim);
+    if !fused_fits(be, tokens, head_dim, smem) {
+        return unfused_forward(be, out, probs, q, k, v, batch, tokens, heads, head_dim);
+    }
+    let a = [tokens, heads, head_dim].map(|v| v as i32);
+    let mut l = be.stream().launch_builder(be.func("attention_forward")?);
+    l.arg(out).arg(probs).arg(q).arg(k).arg(v).arg(&a[0]).arg(&a[1]).arg(&a[2]);
+    unsafe { l.launch(block_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_forward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward(be: &CudaBackend, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, dv: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, probs: &CudaSlice<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+    if batch * heads * tokens * head_dim == 0 {
+        return Ok(());
+    }
+    let smem = backward_smem_bytes(tokens, head_dim);
+    if !fused_fits(be, tokens, head_dim, smem) {
+        return unfused_backward(be, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim);
+    }
+    let a = [tokens, heads, head_dim].map(|v| v as i32);
+    let mut l = be.stream().launch_builder(be.func("attention_backward")?);
+    l.arg(dq).arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v).arg(probs).arg(&a[0]).arg(&a[1]).arg(&a[2]);
+    unsafe { l.launch(block_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_backward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
+    Ok(())
+}
+
+/// Per-image batched product over the heads of one image: operand `a` is
+/// a head of `[T, D]` (stride dh between heads) or a `[T, T]` probability
+/// block (stride T²), likewise `b` and `c`.
+struct HeadGemm {
+    t: usize,
+    dh: usize,
+    d: usize,
+    heads: usize,
+}
+
+impl HeadGemm {
+    /// `(row stride, batch stride)` of a head operand (`wide`) or a T×T block.
+    fn layout(&self, wide: bool) -> (usize, usize) {
+        if wide {
+            (self.d, self.dh)
+        } else {
+            (self.t, self.t * self.t)
+        }
+    }
+    #[allow(clippy::too_many_arguments)]
+    fn spec(&self, m: usize, n: usize, k: usize, (ta, a_wide): (bool, bool), (tb, b_wide): (bool, bool), c_wide: bool, alpha: f32) -> RowMajorGemm {
+        let (lda, sa) = self.layout(a_wide);
+        let (ldb, sb) = self.layout(b_wide);
+        let (ldc, sc) = self.layout(c_wide);
+        RowMajorGemm { m, n, k, trans_a: ta, trans_b: tb, lda, ldb, ldc, alpha, beta: 0.0, batch: self.heads, stride_a: sa, stride_b: sb, stride_c: sc }
+    }
+}
+
+fn rows_config(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Unfused forward: per image, `S = q kᵀ/√dh` (cuBLAS), softmax (kernel), `out = P v` (cuBLAS).
+#[allow(clippy::too_many_arguments)]
+pub fn unfused_forward(be: &CudaBackend, out: &mut CudaSlice<f32>, probs: &mut CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+    let (t, dh) = (tokens, head_dim);
+    let hg = HeadGemm { t, dh, d: heads * dh, heads };
+    let scale = 1.0 / (dh as f32).sqrt();
+    for b in 0..batch {
+        let (x0, p0) = (b * t * hg.d, b * heads * t * t);
+        gemm(be, &mut probs.slice_mut(p0..), &q.slice(x0..), &k.slice(x0..), &hg.spec(t, t, dh, (false, true), (true, true), false, scale))?;
+    }
+    let rows = batch * heads * t;
+    let (r, c) = (rows as i32, t as i32);
+    let mut l = be.stream().launch_builder(be.func("softmax_rows")?);
+    l.arg(&mut *probs).arg(&r).arg(&c);
+    unsafe { l.launch(rows_config(rows)) }.cu_context("softmax_rows launch")?;
+    for b in 0..batch {
+        let (x0, p0) = (b * t * hg.d, b * heads * t * t);
+        gemm(be, &mut out.slice_mut(x0..), &probs.slice(p0..), &v.slice(x0..), &hg.spec(t, dh, t, (false, false), (false, true), true, 1.0))?;
+    }
+    Ok(())
+}
+
+/// Unfused backward: `dP = dout vᵀ`, `dV = Pᵀ dout`, `dS = P∘(dP − rowsum(dP∘P))`,
+/// `dQ = dS k/√dh`, `dK = dSᵀ q/√dh`.
+#[allow(clippy::too_many_arguments)]
+pub fn unfused_backward(be: &CudaBackend, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, dv: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, probs: &CudaSlice<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+    let (t, dh) = (tokens, head_dim);
+    let hg = HeadGemm { t, dh, d: heads * dh, heads };
+    let scale = 1.0 / (dh as f32).sqrt();
+    let len = batch * heads * t * t;
+    let mut ds = be.stream().alloc_zeros::<f32>(len).map_err(|e| crate::backend::cuda::alloc_error(e, len, "attention score gradients"))?;
+    for b in 0..batch {
+        let (x0, p0) = (b * t * hg.d, b * heads * t * t);
+        gemm(be, &mut ds.slice_mut(p0..), &dout.slice(x0..), &v.slice(x0..), &hg.spec(t, t, dh, (false, true), (true, true), false, 1.0))?;
+        gemm(be, &mut dv.slice_mut(x0..), &probs.slice(p0..), &dout.slice(x0..), &hg.spec(t, dh, t, (true, false), (false, true), true, 1.0))?;
+    }
+    let rows = batch * heads * t;
+    let (r, c) = (rows as i32, t as i32);
+    let mut l = be.stream().launch_builder(be.func("softmax_rows_backward")?);
+    l.arg(&mut ds).arg(probs).arg(&r).arg(&c);
+    unsafe { l.launch(rows_config(rows)) }.cu_context("softmax_rows_backward launch")?;
+    for b in 0..batch {
+        let (x0, p0) = (b * t * hg.d, b * heads * t * t);
+        gemm(be, &mut dq.slice_mut(x0..), &ds.slice(p0..), &k.slice(x0..), &hg.spec(t, dh, t, (false, false), (false, true), true, scale))?;
+        gemm(be, &mut dk.slice_mut(x0..), &ds.slice(p0..), &q.slice(x0..), &hg.spec(t, dh, t, (true, false), (false, true), true, scale))?;
+    }
+    Ok(())
+}

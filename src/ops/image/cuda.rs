@@ -1,1 +1,31 @@
-//! CUDA implementation (to be written).
+//! Launcher of `kernels/image.cu`: the raw bytes go to a reusable device
+//! buffer, then one thread per output pixel resizes and normalizes.
+
+use crate::backend::cuda::{CudaBackend, DriverResultExt};
+use crate::backend::ImageTransform;
+use anyhow::Result;
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+pub fn images_from_bytes(be: &CudaBackend, out: &mut CudaSlice<f32>, src: &[u8], batch: usize, t: &ImageTransform) -> Result<()> {
+    let n = batch * t.channels * t.dst_size * t.dst_size;
+    if n == 0 {
+        return Ok(());
+    }
+    let dims = [batch, t.channels, t.src_height, t.src_width, t.dst_size].map(|v| v as i32);
+    let inv = t.std.map(|s| 1.0 / s);
+    be.with_device_bytes(src, |bytes| {
+        let mut l = be.stream().launch_builder(be.func("images_from_bytes")?);
+        l.arg(out).arg(bytes);
+        for d in &dims {
+            l.arg(d);
+        }
+        for m in &t.mean {
+            l.arg(m);
+        }
+        for i in &inv {
+            l.arg(i);
+        }
+        unsafe { l.launch(be.grid_for(n)) }.cu_with_context(|| format!("images_from_bytes launch ({batch} images {}x{}x{} to {})", t.channels, t.src_height, t.src_width, t.dst_size))?;
+        Ok(())
+    })
+}

@@ -1,0 +1,79 @@
+// Patch embedding input, token assembly and class-token pooling, forward and backward.
+//
+//   patch_gather:    patches[b·G² + py·G + px, (c, y, x)] = images[b, c, py·P + y, px·P + x],  G = S/P
+//   tokens_forward:  x[b, 0] = cls + pos[0];  x[b, 1+i] = patch_out[b, i] + pos[1+i]
+//   tokens_backward: dpatch_out[b, i] = dx[b, 1+i] (WRITES);
+//                    dpos[t] += Σ_b dx[b, t];  dcls += Σ_b dx[b, 0]  (ADDS; summed over b in order)
+//   cls_gather:      out[b] = x[b, 0];   cls_scatter_add: dx[b, 0] += dout[b]
+#include "common.cuh"
+
+#define GRID_STRIDE(i, n) \
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < (n); \
+         i += (unsigned long long)gridDim.x * blockDim.x)
+
+extern "C" __global__ void patch_gather(float* patches, const float* images, int batch, int channels, int size, int patch) {
+    int grid = size / patch;
+    unsigned long long row_len = (unsigned long long)channels * patch * patch;
+    unsigned long long n = (unsigned long long)batch * grid * grid * row_len;
+    GRID_STRIDE(i, n) {
+        unsigned long long row = i / row_len;
+        int col = (int)(i % row_len);
+        int b = (int)(row / (grid * grid)), cell = (int)(row % (grid * grid));
+        int py = cell / grid, px = cell % grid;
+        int c = col / (patch * patch), y = (col / patch) % patch, x = col % patch;
+        patches[i] = images[(((unsigned long long)b * channels + c) * size + py * patch + y) * size + px * patch + x];
+    }
+}
+
+extern "C" __global__ void tokens_forward(float* x, const float* patch_out, const float* cls, const float* pos,
+                                          int batch, int n_patches, int width) {
+    int t = n_patches + 1;
+    unsigned long long n = (unsigned long long)batch * t * width;
+    GRID_STRIDE(i, n) {
+        unsigned long long row = i / width;
+        int c = (int)(i % width);
+        int b = (int)(row / t), tok = (int)(row % t);
+        float src = tok == 0 ? cls[c] : patch_out[((unsigned long long)b * n_patches + tok - 1) * width + c];
+        x[i] = src + pos[(unsigned long long)tok * width + c];
+    }
+}
+
+extern "C" __global__ void tokens_backward_patches(float* dpatch_out, const float* dx, int batch, int n_patches, int width) {
+    int t = n_patches + 1;
+    unsigned long long n = (unsigned long long)batch * n_patches * width;
+    GRID_STRIDE(i, n) {
+        unsigned long long row = i / width;
+        int c = (int)(i % width);
+        int b = (int)(row / n_patches), p = (int)(row % n_patches);
+        dpatch_out[i] = dx[((unsigned long long)b * t + 1 + p) * width + c];
+    }
+}
+
+// One thread per (token, column): the batch sum for dpos, and for dcls on token 0.
+extern "C" __global__ void tokens_backward_params(float* dcls, float* dpos, const float* dx, int batch, int n_patches, int width) {
+    int t = n_patches + 1;
+    unsigned long long n = (unsigned long long)t * width;
+    GRID_STRIDE(i, n) {
+        int tok = (int)(i / width), c = (int)(i % width);
+        float s = 0.f;
+        for (int b = 0; b < batch; b++) s += dx[((unsigned long long)b * t + tok) * width + c];
+        dpos[i] += s;
+        if (tok == 0) dcls[c] += s;
+    }
+}
+
+extern "C" __global__ void cls_gather(float* out, const float* x, int batch, int tokens, int width) {
+    unsigned long long n = (unsigned long long)batch * width;
+    GRID_STRIDE(i, n) {
+        int b = (int)(i / width), c = (int)(i % width);
+        out[i] = x[(unsigned long long)b * tokens * width + c];
+    }
+}
+
+extern "C" __global__ void cls_scatter_add(float* dx, const float* dout, int batch, int tokens, int width) {
+    unsigned long long n = (unsigned long long)batch * width;
+    GRID_STRIDE(i, n) {
+        int b = (int)(i / width), c = (int)(i % width);
+        dx[(unsigned long long)b * tokens * width + c] += dout[i];
+    }
+}

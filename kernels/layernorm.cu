@@ -1,0 +1,73 @@
+// LayerNorm over the last axis, forward and backward (one warp per row).
+//
+// Forward (two passes over the row, fp32):
+//   μ = Σx/C,  σ² = Σ(x−μ)²/C,  rstd = 1/√(σ²+ε),  x̂ = (x−μ)·rstd,  out = x̂·γ + β
+// Backward, with dn = dout·γ:
+//   dx     += rstd · (dn − mean(dn) − x̂ · mean(dn·x̂))        (ADDS)
+//   dγ[c]  += Σ_r dout[r,c] · x̂[r,c],   dβ[c] += Σ_r dout[r,c]  (ADDS; block partials + atomicAdd)
+#include "common.cuh"
+
+extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* x,
+                                             const float* gamma, const float* beta, int rows, int cols, float eps) {
+    int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= rows) return;
+    const float* xr = x + (unsigned long long)row * cols;
+    float s = 0.f;
+    for (int c = lane; c < cols; c += WARP) s += xr[c];
+    float mu = warp_sum(s) / cols;
+    float v = 0.f;
+    for (int c = lane; c < cols; c += WARP) { float d = xr[c] - mu; v += d * d; }
+    float rs = rsqrtf(warp_sum(v) / cols + eps);
+    float* o = out + (unsigned long long)row * cols;
+    for (int c = lane; c < cols; c += WARP) o[c] = (xr[c] - mu) * rs * gamma[c] + beta[c];
+    if (lane == 0) { mean[row] = mu; rstd[row] = rs; }
+}
+
+extern "C" __global__ void layernorm_backward_dx(float* dx, const float* dout, const float* x, const float* mean,
+                                                 const float* rstd, const float* gamma, int rows, int cols) {
+    int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
+    int lane = threadIdx.x % WARP;
+    if (row >= rows) return;
+    unsigned long long off = (unsigned long long)row * cols;
+    float mu = mean[row], rs = rstd[row];
+    float a = 0.f, b = 0.f;
+    for (int c = lane; c < cols; c += WARP) {
+        float dn = dout[off + c] * gamma[c];
+        a += dn;
+        b += dn * (x[off + c] - mu) * rs;
+    }
+    float mean_dn = warp_sum(a) / cols, mean_dn_xhat = warp_sum(b) / cols;
+    for (int c = lane; c < cols; c += WARP) {
+        float xhat = (x[off + c] - mu) * rs;
+        float dn = dout[off + c] * gamma[c];
+        dx[off + c] += rs * (dn - mean_dn - xhat * mean_dn_xhat);
+    }
+}
+
+// Block (32, 8), grid (ceil(cols/32), row chunks), as bias_backward.
+extern "C" __global__ void layernorm_backward_params(float* dgamma, float* dbeta, const float* dout, const float* x,
+                                                     const float* mean, const float* rstd, int rows, int cols,
+                                                     int rows_per_block) {
+    __shared__ float pg[8][33], pb[8][33];
+    int col = blockIdx.x * 32 + threadIdx.x;
+    int r0 = blockIdx.y * rows_per_block;
+    int r1 = min(rows, r0 + rows_per_block);
+    float ag = 0.f, ab = 0.f;
+    if (col < cols)
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+            unsigned long long i = (unsigned long long)r * cols + col;
+            float g = dout[i];
+            ag += g * (x[i] - mean[r]) * rstd[r];
+            ab += g;
+        }
+    pg[threadIdx.y][threadIdx.x] = ag;
+    pb[threadIdx.y][threadIdx.x] = ab;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < cols) {
+        float sg = 0.f, sb = 0.f;
+        for (int k = 0; k < 8; k++) { sg += pg[k][threadIdx.x]; sb += pb[k][threadIdx.x]; }
+        atomicAdd(&dgamma[col], sg);
+        atomicAdd(&dbeta[col], sb);
+    }
+}

@@ -1,0 +1,39 @@
+# Sourced by .ci/run (under `set -euo pipefail`): installs NVRTC 13.0, the
+# CUDA 13.0 headers and ptxas from the Python package index into a cache
+# folder, exports the environment build.rs reads (so the `cargo test` that
+# follows uses the same environment and does not rebuild), builds with every
+# kernel required to compile, and prints ptxas's register and spill report
+# for each kernel. Needs only Rust, python3 and pip; no GPU.
+#
+#   source scripts/ci_kernels.sh
+#
+# EFFRANK_CUDA_DIR overrides the cache folder (default ~/.cache/effrank-cu13).
+
+EFFRANK_CUDA_DIR="${EFFRANK_CUDA_DIR:-$HOME/.cache/effrank-cu13}"
+if [ ! -x "$EFFRANK_CUDA_DIR/nvidia/cu13/bin/ptxas" ] || [ ! -e "$EFFRANK_CUDA_DIR/nvidia/cu13/lib/libnvrtc.so.13" ]; then
+    echo "ci_kernels: installing NVRTC 13.0.88, CUDA runtime headers 13.0.96 and ptxas into $EFFRANK_CUDA_DIR"
+    python3 -m pip install --quiet --disable-pip-version-check --upgrade --target "$EFFRANK_CUDA_DIR" \
+        nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvcc==13.0.88
+fi
+export CUDA_PATH="$EFFRANK_CUDA_DIR/nvidia/cu13"
+export LD_LIBRARY_PATH="$CUDA_PATH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export EFFRANK_REQUIRE_KERNELS=1
+
+echo "ci_kernels: cargo build (kernels required)"
+cargo build
+
+echo "ci_kernels: ptxas -arch=sm_90 -v on the embedded PTX"
+ci_kernels_target="${CARGO_TARGET_DIR:-target}"
+ci_kernels_out="$(ls -td "$ci_kernels_target"/debug/build/effrank-engine-*/out 2>/dev/null | while read -r d; do [ -e "$d/kernels.rs" ] && echo "$d" && break; done || true)"
+if [ -z "$ci_kernels_out" ] || ! ls "$ci_kernels_out"/*.ptx >/dev/null 2>&1; then
+    echo "ci_kernels: no embedded PTX found under $ci_kernels_target/debug/build/effrank-engine-*/out" >&2
+    return 1 2>/dev/null || exit 1
+fi
+for ci_kernels_ptx in "$ci_kernels_out"/*.ptx; do
+    echo "-- $(basename "$ci_kernels_ptx")"
+    "$CUDA_PATH/bin/ptxas" -arch=sm_90 -v "$ci_kernels_ptx" -o /dev/null 2>&1 \
+        | awk '/Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); name = substr($0, RSTART + 1, RLENGTH - 2) }
+               /spill stores/ { spills = $0; sub(/.*info *: */, "", spills) }
+               /Used [0-9]+ registers/ { regs = $0; sub(/.*info *: */, "", regs); printf "   %-28s %s; %s\n", name, regs, spills }'
+done
+unset ci_kernels_target ci_kernels_out ci_kernels_ptx
