@@ -20,13 +20,17 @@ export LD_LIBRARY_PATH="$CUDA_PATH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export EFFRANK_REQUIRE_KERNELS=1
 
 echo "ci_kernels: cargo build (kernels required)"
-cargo build
+# The build script's OUT_DIR (where the PTX is) comes from cargo's JSON messages.
+ci_kernels_out="$(cargo build --message-format=json-render-diagnostics \
+    | python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "build-script-executed" and "effrank-engine" in m.get("package_id", ""):
+        print(m["out_dir"])')"
 
 echo "ci_kernels: ptxas -arch=sm_90 -v on the embedded PTX"
-ci_kernels_target="${CARGO_TARGET_DIR:-target}"
-ci_kernels_out="$(ls -td "$ci_kernels_target"/debug/build/effrank-engine-*/out 2>/dev/null | while read -r d; do [ -e "$d/kernels.rs" ] && echo "$d" && break; done || true)"
 if [ -z "$ci_kernels_out" ] || ! ls "$ci_kernels_out"/*.ptx >/dev/null 2>&1; then
-    echo "ci_kernels: no embedded PTX found under $ci_kernels_target/debug/build/effrank-engine-*/out" >&2
+    echo "ci_kernels: no PTX in the build script's output folder '$ci_kernels_out'" >&2
     return 1 2>/dev/null || exit 1
 fi
 for ci_kernels_ptx in "$ci_kernels_out"/*.ptx; do
@@ -36,4 +40,4 @@ for ci_kernels_ptx in "$ci_kernels_out"/*.ptx; do
                /spill stores/ { spills = $0; sub(/.*info *: */, "", spills) }
                /Used [0-9]+ registers/ { regs = $0; sub(/.*info *: */, "", regs); printf "   %-28s %s; %s\n", name, regs, spills }'
 done
-unset ci_kernels_target ci_kernels_out ci_kernels_ptx
+unset ci_kernels_out ci_kernels_ptx
