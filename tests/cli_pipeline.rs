@@ -222,3 +222,16 @@ fn cached_teacher_logits_give_the_same_students_as_a_live_teacher() {
     ok(&a);
     assert_eq!(results(cached.path()), results(live.path()));
 }
+
+#[test]
+fn an_adaptive_sweep_adds_the_ranks_the_analysis_suggests() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = teacher().to_str().unwrap();
+    let mut a = sweep_args(t, dir.path().to_str().unwrap(), "1,8,64");
+    a.retain(|x| *x != "--no-analyze");
+    a.extend(["--adaptive", "--adaptive-budget", "4"]);
+    ok(&a);
+    let ranks: Vec<u64> = results(dir.path()).iter().map(|r| r.0).collect();
+    assert!(ranks.len() > 3 && ranks.len() <= 7, "ranks trained: {ranks:?}");
+    assert!(dir.path().join("analysis.json").exists() && dir.path().join("plot.png").exists());
+}
