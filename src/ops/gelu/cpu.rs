@@ -30,7 +30,10 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // SAFETY: the clamp keeps n within [−126, 127], so the conversion is
+    // exact (unchecked: a saturating `as` would stop the loop vectorizing).
+    let n = unsafe { n.to_int_unchecked::<i32>() };
+    e * f32::from_bits(((n + 127) as u32) << 23)
 }
 
 /// erfc(z) for z ≥ 0 (Numerical Recipes `erfcc`).

@@ -54,21 +54,55 @@ pub fn broadcast_rows(y: &mut [f32], row: &[f32]) {
     y.par_chunks_mut(row.len()).for_each(|r| r.copy_from_slice(row));
 }
 
-/// Adds the column sums of `dy[rows, cols]` to `dbias`. Each column block is
-/// summed by one thread in row order, so the result is deterministic.
+/// Adds the column sums of `dy[rows, cols]` to `dbias`.
 pub fn bias_backward(dbias: &mut [f32], dy: &[f32], rows: usize, cols: usize) {
-    const BLOCK: usize = 64;
-    dbias[..cols].par_chunks_mut(BLOCK).enumerate().for_each(|(blk, db)| {
-        let c0 = blk * BLOCK;
-        let mut acc = vec![0f64; db.len()];
-        for r in 0..rows {
-            let row = &dy[r * cols + c0..r * cols + c0 + db.len()];
-            for (a, v) in acc.iter_mut().zip(row) {
-                *a += *v as f64;
-            }
-        }
-        for (d, a) in db.iter_mut().zip(acc) {
-            *d += a as f32;
+    let sums = column_sums(rows, cols, |r, out| {
+        for (o, v) in out.iter_mut().zip(&dy[r * cols..(r + 1) * cols]) {
+            *o += v;
         }
     });
+    for (d, s) in dbias[..cols].iter_mut().zip(sums) {
+        *d += s as f32;
+    }
+}
+
+/// Rows per partial sum in `column_sums`.
+const ROW_CHUNK: usize = 64;
+
+/// Σ over rows of the `cols`-long vectors that `add_row(r, acc)` adds into
+/// `acc`: rows are split into chunks of 64 summed in parallel in f32 (the
+/// inner loop over columns vectorizes), then the chunks are added in order
+/// in f64, so the result does not depend on the thread count.
+pub fn column_sums(rows: usize, cols: usize, add_row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f64> {
+    let partials: Vec<Vec<f32>> = (0..rows.div_ceil(ROW_CHUNK))
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![0f32; cols];
+            for r in c * ROW_CHUNK..((c + 1) * ROW_CHUNK).min(rows) {
+                add_row(r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f64; cols];
+    for p in partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v as f64;
+        }
+    }
+    total
+}
+
+/// `Σ f(i)` for `i < n` in 8 independent f32 lanes (so the loop vectorizes;
+/// the fixed lane order keeps it deterministic), lanes and tail added in f64.
+#[inline(always)]
+pub fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f64 {
+    let mut lanes = [0f32; 8];
+    let full = n / 8 * 8;
+    for base in (0..full).step_by(8) {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane += f(base + l);
+        }
+    }
+    lanes.iter().map(|&v| v as f64).sum::<f64>() + (full..n).map(|i| f(i) as f64).sum::<f64>()
 }
