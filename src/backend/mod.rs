@@ -29,9 +29,10 @@ use anyhow::Result;
 
 pub use cpu::CpuBackend;
 
-/// What a buffer holds; a backend may store the kinds at different precisions
-/// (CUDA: parameters, gradients and optimizer state in fp32, activations in
-/// bf16). The CPU backend stores everything in fp32.
+/// What a buffer holds, so that a backend may store the kinds at different
+/// precisions (the plan for CUDA: parameters, gradients and optimizer state
+/// in fp32, activations in bf16). Both backends store everything in fp32
+/// today.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BufKind {
     /// Master weights, their gradients, optimizer moments, loss accumulators.

@@ -15,7 +15,7 @@ use effrank_engine::train::{AdamWConfig, FitOptions};
 pub enum DeviceArg {
     /// The CPU (rayon, fp32): the reference, fine for small models.
     Cpu,
-    /// The first CUDA GPU (bf16 matrix products, fp32 master weights).
+    /// The first CUDA GPU (handwritten kernels and cuBLAS, fp32).
     Cuda,
     /// The GPU when one is usable, else the CPU (says which).
     Auto,
