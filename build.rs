@@ -75,13 +75,21 @@ fn compile_all(sources: &[(String, PathBuf)], out_dir: &Path, require: bool) -> 
     let mut include_paths = vec![fs::canonicalize("kernels").map(|p| p.display().to_string()).unwrap_or_else(|_| "kernels".into())];
     include_paths.extend(cuda_include());
     let mut done = Vec::new();
-    for (name, path) in sources {
+    // Every file is compiled twice: activations in fp32 (kernel names end in
+    // `_f32`) and in bf16 (`-DEFFRANK_ACT_BF16`, names end in `_bf16`); see
+    // kernels/common.cuh.
+    for (name, path) in sources.iter().flat_map(|s| [(s, "f32"), (s, "bf16")]).map(|((n, p), v)| (format!("{n}_{v}"), p)) {
+        let name = &name;
         let src = fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let mut options = vec!["--std=c++17".to_string()];
+        if name.ends_with("_bf16") {
+            options.push("-DEFFRANK_ACT_BF16".into());
+        }
         let opts = cudarc::nvrtc::CompileOptions {
             arch: Some(ARCH),
             include_paths: include_paths.clone(),
             name: Some(format!("{name}.cu")),
-            options: vec!["--std=c++17".into()],
+            options,
             ..Default::default()
         };
         match cudarc::nvrtc::compile_ptx_with_opts(&src, opts) {

@@ -3,31 +3,55 @@
 //! same run: two cuBLAS SGEMMs for the fused low-rank layer (M = 12,800
 //! rows, width 768, r from 16 to 256), the unfused cuBLAS + softmax path for
 //! attention (ViT-B/16: 197 tokens, 12 heads of 64). Memory-bound kernels
-//! report GB/s against none. Without a GPU it says so and exits 0.
+//! report GB/s against none. Runs the bf16 mixed-precision backend (the
+//! default; baselines are bf16 cuBLAS GEMMs with fp32 accumulation), then the
+//! fp32 backend (baselines fp32 SGEMMs). Inputs of the low-rank rows rotate
+//! over 4 sets so that they do not sit in the 50 MB L2 cache. Without a GPU
+//! it says so and exits 0.
 
 use anyhow::Result;
-use effrank_engine::backend::cuda::{cuda_available, CudaBackend};
-use effrank_engine::backend::{AdamWStep, Backend, BufKind};
+use effrank_engine::backend::cuda::{cuda_available, CudaBackend, Precision};
+use effrank_engine::backend::{AdamWStep, Backend, BufKind, ImageTransform, LogitLossConfig};
 use effrank_engine::ops;
 use effrank_engine::rng::Rng;
-use std::time::Instant;
 
-/// Mean seconds per call of `f` over `iters` calls after 3 warm-up calls.
+/// Median device seconds per call of `f` over `iters` calls after 3 warm-up
+/// calls, each call bracketed by CUDA events (device time: host launch
+/// overhead between calls is not counted, gaps inside a call are).
 fn time(be: &CudaBackend, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..3 {
         f()?;
     }
-    be.stream().synchronize().map_err(|e| anyhow::anyhow!("synchronize: {e:?}"))?;
-    let start = Instant::now();
+    let ev = || be.context().new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| anyhow::anyhow!("creating a CUDA event: {e:?}"));
+    let mut pairs = Vec::with_capacity(iters);
     for _ in 0..iters {
+        let (start, end) = (ev()?, ev()?);
+        start.record(be.stream()).map_err(|e| anyhow::anyhow!("recording an event: {e:?}"))?;
         f()?;
+        end.record(be.stream()).map_err(|e| anyhow::anyhow!("recording an event: {e:?}"))?;
+        pairs.push((start, end));
     }
-    be.stream().synchronize().map_err(|e| anyhow::anyhow!("synchronize: {e:?}"))?;
-    Ok(start.elapsed().as_secs_f64() / iters as f64)
+    let mut ms = pairs.iter().map(|(s, e)| s.elapsed_ms(e).map(|v| v as f64)).collect::<std::result::Result<Vec<_>, _>>().map_err(|e| anyhow::anyhow!("reading event times: {e:?}"))?;
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok(ms[ms.len() / 2] / 1e3)
 }
 
+/// A random activation buffer.
 fn buf(be: &CudaBackend, seed: u64, n: usize, std: f32) -> Result<<CudaBackend as Backend>::Buf> {
     be.upload(&Rng::new(seed).normal_vec(n, std), BufKind::Activation)
+}
+
+/// A random fp32 parameter buffer.
+fn param(be: &CudaBackend, seed: u64, n: usize, std: f32) -> Result<<CudaBackend as Backend>::Buf> {
+    be.upload(&Rng::new(seed).normal_vec(n, std), BufKind::Param)
+}
+
+/// Bytes of one activation element.
+fn act_bytes(be: &CudaBackend) -> f64 {
+    match be.precision() {
+        Precision::F32 => 4.0,
+        Precision::Bf16 => 2.0,
+    }
 }
 
 struct Row {
@@ -39,17 +63,26 @@ struct Row {
 
 fn lowrank_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     let (m, width) = (12_800, 768);
-    let x = buf(be, 1, m * width, 1.0)?;
-    let bias = buf(be, 2, width, 1.0)?;
-    let mut y = be.alloc(m * width, BufKind::Activation)?;
+    const SETS: usize = 4;
+    let xs = (0..SETS).map(|i| buf(be, 1 + 100 * i as u64, m * width, 1.0)).collect::<Result<Vec<_>>>()?;
+    let mut ys = (0..SETS).map(|_| be.alloc(m * width, BufKind::Activation)).collect::<Result<Vec<_>>>()?;
+    let bias = param(be, 2, width, 1.0)?;
     for r in [16, 32, 64, 128, 256] {
-        let v = buf(be, 3, r * width, 0.05)?;
-        let u = buf(be, 4, width * r, 0.05)?;
-        let mut h = be.alloc(m * r, BufKind::Activation)?;
-        let fused = time(be, 20, || ops::lowrank::cuda::lowrank_forward(be, &mut y, &mut h, &x, &v, &u, &bias, m, width, r, width))?;
-        let base = time(be, 20, || ops::lowrank::cuda::unfused(be, &mut y, &mut h, &x, &v, &u, &bias, m, width, r, width))?;
+        let v = param(be, 3, r * width, 0.05)?;
+        let u = param(be, 4, width * r, 0.05)?;
+        let mut hs = (0..SETS).map(|_| be.alloc(m * r, BufKind::Activation)).collect::<Result<Vec<_>>>()?;
+        let mut i = 0;
+        let fused = time(be, 40, || {
+            i = (i + 1) % SETS;
+            ops::lowrank::cuda::lowrank_forward(be, &mut ys[i], &mut hs[i], &xs[i], &v, &u, &bias, m, width, r, width)
+        })?;
+        let base = time(be, 40, || {
+            i = (i + 1) % SETS;
+            ops::lowrank::cuda::unfused(be, &mut ys[i], &mut hs[i], &xs[i], &v, &u, &bias, m, width, r, width)
+        })?;
         let flops = 2.0 * m as f64 * r as f64 * (2 * width) as f64;
-        rows.push(Row { kernel: format!("lowrank_forward r={r}"), ms: fused * 1e3, rate: format!("{:.2} TFLOP/s", flops / fused / 1e12), baseline_ms: Some(base * 1e3) });
+        let bytes = act_bytes(be) * (m * (2 * width + r)) as f64;
+        rows.push(Row { kernel: format!("lowrank_forward r={r}"), ms: fused * 1e3, rate: format!("{:.1} TFLOP/s {:.0} GB/s", flops / fused / 1e12, bytes / fused / 1e9), baseline_ms: Some(base * 1e3) });
     }
     Ok(())
 }
@@ -74,17 +107,49 @@ fn attention_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
 fn memory_bound_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     let (r, c) = (64 * 197, 768);
     let n = r * c;
+    let e = act_bytes(be);
     let x = buf(be, 9, n, 1.0)?;
-    let (gamma, beta) = (buf(be, 10, c, 1.0)?, buf(be, 11, c, 1.0)?);
+    let dout = buf(be, 14, n, 1.0)?;
+    let (gamma, beta) = (param(be, 10, c, 1.0)?, param(be, 11, c, 1.0)?);
+    let (mut dgamma, mut dbeta) = (be.alloc(c, BufKind::Param)?, be.alloc(c, BufKind::Param)?);
     let mut out = be.alloc(n, BufKind::Activation)?;
-    let (mut mean, mut rstd) = (be.alloc(r, BufKind::Activation)?, be.alloc(r, BufKind::Activation)?);
+    let mut dx = be.alloc(n, BufKind::Activation)?;
+    let (mut mean, mut rstd) = (be.alloc(r, BufKind::Statistic)?, be.alloc(r, BufKind::Statistic)?);
     let gbs = |bytes: f64, s: f64| format!("{:.0} GB/s", bytes / s / 1e9);
     let s = time(be, 50, || be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &gamma, &beta, r, c, 1e-6))?;
-    rows.push(Row { kernel: format!("layernorm_forward [{r}, {c}]"), ms: s * 1e3, rate: gbs(8.0 * n as f64, s), baseline_ms: None });
+    rows.push(Row { kernel: format!("layernorm_forward [{r}, {c}]"), ms: s * 1e3, rate: gbs(2.0 * e * n as f64, s), baseline_ms: None });
+    let s = time(be, 50, || be.layernorm_backward(&mut dx, &mut dgamma, &mut dbeta, &dout, &x, &mean, &rstd, &gamma, r, c))?;
+    rows.push(Row { kernel: format!("layernorm_backward [{r}, {c}]"), ms: s * 1e3, rate: gbs(5.0 * e * n as f64, s), baseline_ms: None });
     let s = time(be, 50, || be.gelu_forward(&mut out, &x, n))?;
-    rows.push(Row { kernel: format!("gelu_forward {n}"), ms: s * 1e3, rate: gbs(8.0 * n as f64, s), baseline_ms: None });
+    rows.push(Row { kernel: format!("gelu_forward {n}"), ms: s * 1e3, rate: gbs(2.0 * e * n as f64, s), baseline_ms: None });
+    let s = time(be, 50, || be.gelu_backward(&mut dx, &x, &dout, n))?;
+    rows.push(Row { kernel: format!("gelu_backward {n}"), ms: s * 1e3, rate: gbs(3.0 * e * n as f64, s), baseline_ms: None });
+    let s = time(be, 50, || be.add_assign(&mut out, &x, n))?;
+    rows.push(Row { kernel: format!("add_assign {n}"), ms: s * 1e3, rate: gbs(3.0 * e * n as f64, s), baseline_ms: None });
+    let s = time(be, 50, || be.bias_backward(&mut dbeta, &dout, r, c))?;
+    rows.push(Row { kernel: format!("bias_backward [{r}, {c}]"), ms: s * 1e3, rate: gbs(e * n as f64, s), baseline_ms: None });
+    // Data path: 256 CIFAR-sized byte images to 224 px, then patches.
+    let (batch, size) = (256, 224);
+    let t = ImageTransform { channels: 3, src_height: 32, src_width: 32, dst_size: size, mean: [0.5; 3], std: [0.25; 3] };
+    let bytes: Vec<u8> = (0..batch * 3 * 32 * 32).map(|i| (i * 7 % 251) as u8).collect();
+    let img_n = batch * 3 * size * size;
+    let mut images = be.alloc(img_n, BufKind::Activation)?;
+    let mut patches = be.alloc(img_n, BufKind::Activation)?;
+    let s = time(be, 20, || be.images_from_bytes(&mut images, &bytes, batch, &t))?;
+    rows.push(Row { kernel: format!("images_from_bytes {batch}x32² -> 224² (incl. upload)"), ms: s * 1e3, rate: format!("{:.0} img/ms", batch as f64 / s / 1e3), baseline_ms: None });
+    let s = time(be, 20, || be.patch_gather(&mut patches, &images, batch, 3, size, 32))?;
+    rows.push(Row { kernel: format!("patch_gather {batch}x3x224²"), ms: s * 1e3, rate: gbs(2.0 * e * img_n as f64, s), baseline_ms: None });
+    // Loss over 1000-class logits of 256 images (CE + KD + feature terms).
+    let (lb, classes) = (256, 1000);
+    let (s_logits, t_logits) = (buf(be, 15, lb * classes, 3.0)?, buf(be, 16, lb * classes, 3.0)?);
+    let mut ds = be.alloc(lb * classes, BufKind::Activation)?;
+    let mut loss = be.alloc(1, BufKind::Param)?;
+    let labels: Vec<u32> = (0..lb as u32).map(|i| i * 37 % classes as u32).collect();
+    let cfg = LogitLossConfig { ce_weight: 0.5, label_smoothing: 0.1, kd_weight: 0.5, temperature: 4.0, feature_weight: 0.1 };
+    let s = time(be, 50, || be.logit_loss(&mut ds, &mut loss, &s_logits, Some(&t_logits), &labels, lb, classes, &cfg, 1.0))?;
+    rows.push(Row { kernel: format!("logit_loss [{lb}, {classes}] all terms"), ms: s * 1e3, rate: gbs(3.0 * e * (lb * classes) as f64, s), baseline_ms: None });
     let p = 86_000_000;
-    let (mut param, grad) = (buf(be, 12, p, 0.02)?, buf(be, 13, p, 1e-3)?);
+    let (mut param, grad) = (param(be, 12, p, 0.02)?, param(be, 13, p, 1e-3)?);
     let (mut m, mut v, mut gn) = (be.alloc(p, BufKind::Param)?, be.alloc(p, BufKind::Param)?, be.alloc(1, BufKind::Param)?);
     let s = time(be, 20, || be.sum_squares(&mut gn, &grad, p))?;
     rows.push(Row { kernel: format!("sum_squares {p}"), ms: s * 1e3, rate: gbs(4.0 * p as f64, s), baseline_ms: None });
@@ -99,19 +164,21 @@ fn main() -> Result<()> {
         println!("no CUDA GPU: skipping kernel benchmarks");
         return Ok(());
     }
-    let be = CudaBackend::new(0)?;
-    println!("device: {}", be.name());
-    let mut rows = Vec::new();
-    lowrank_rows(&be, &mut rows)?;
-    attention_rows(&be, &mut rows)?;
-    memory_bound_rows(&be, &mut rows)?;
-    println!("{:<44} {:>10} {:>14} {:>13} {:>8}", "kernel", "ms", "rate", "baseline ms", "speedup");
-    for r in rows {
-        let (b, ratio) = match r.baseline_ms {
-            Some(b) => (format!("{b:.3}"), format!("{:.2}x", b / r.ms)),
-            None => ("-".into(), "-".into()),
-        };
-        println!("{:<44} {:>10.3} {:>14} {:>13} {:>8}", r.kernel, r.ms, r.rate, b, ratio);
+    for precision in [Precision::Bf16, Precision::F32] {
+        let be = CudaBackend::with_precision(0, precision)?;
+        println!("\ndevice: {}", be.name());
+        let mut rows = Vec::new();
+        lowrank_rows(&be, &mut rows)?;
+        attention_rows(&be, &mut rows)?;
+        memory_bound_rows(&be, &mut rows)?;
+        println!("{:<52} {:>9} {:>24} {:>12} {:>8}", "kernel", "ms", "rate", "baseline ms", "speedup");
+        for r in rows {
+            let (b, ratio) = match r.baseline_ms {
+                Some(b) => (format!("{b:.3}"), format!("{:.2}x", b / r.ms)),
+                None => ("-".into(), "-".into()),
+            };
+            println!("{:<52} {:>9.3} {:>24} {:>12} {:>8}", r.kernel, r.ms, r.rate, b, ratio);
+        }
     }
     Ok(())
 }

@@ -105,15 +105,18 @@ fn run<B: Backend>(be: &B, batch: usize) {
 
 #[cfg(feature = "cuda")]
 fn main() {
-    use effrank_engine::backend::cuda::{cuda_available, CudaBackend};
+    use effrank_engine::backend::cuda::{cuda_available, CudaBackend, Precision};
     if !cuda_available() {
         println!("no CUDA GPU: skipping the step benchmark");
         return;
     }
     let batch = std::env::var("EFFRANK_STEP_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
-    match CudaBackend::new(0) {
-        Ok(be) => run(&be, batch),
-        Err(e) => println!("no usable CUDA GPU ({e:#}): skipping the step benchmark"),
+    // bf16 mixed precision (the engine's default on CUDA), then the fp32 reference path.
+    for precision in [Precision::Bf16, Precision::F32] {
+        match CudaBackend::with_precision(0, precision) {
+            Ok(be) => run(&be, batch),
+            Err(e) => println!("no usable CUDA GPU ({e:#}): skipping the step benchmark"),
+        }
     }
 }
 

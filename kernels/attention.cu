@@ -8,7 +8,8 @@
 //                                      dS_ij = P_ij (dP_ij − D_i),  dq_i = Σ_j dS_ij k_j / √dh
 // Backward, phase 2, per column j:     dv_j = Σ_i P_ij do_i,  dk_j = Σ_i dS_ij q_i / √dh
 //   (dS recomputed from P, do, v and the D_i kept in shared memory).
-// Everything is WRITTEN (no accumulation); fp32 throughout.
+// Everything is WRITTEN (no accumulation). Global tensors are act_t
+// (common.cuh); shared memory and all arithmetic are fp32.
 // Also: softmax_rows, the softmax of the unfused (cuBLAS) fallback path, and
 // softmax_rows_backward: dS = P ∘ (dP − rowsum(dP ∘ P)) in place on dP.
 #include "common.cuh"
@@ -16,14 +17,14 @@
 #define ATT_WARPS 8
 
 // Copy rows [T, dh] of one head (row stride D in global) into shared [T][dh+1].
-__device__ void load_head(float* dst, const float* src, int T, int dh, int D) {
+__device__ void load_head(float* dst, const act_t* src, int T, int dh, int D) {
     for (int idx = threadIdx.x; idx < T * dh; idx += blockDim.x) {
         int r = idx / dh, c = idx % dh;
-        dst[r * (dh + 1) + c] = src[(unsigned long long)r * D + c];
+        dst[r * (dh + 1) + c] = to_float(src[(unsigned long long)r * D + c]);
     }
 }
 
-extern "C" __global__ void attention_forward(float* out, float* probs, const float* q, const float* k, const float* v,
+KERNEL(attention_forward)(act_t* out, act_t* probs, const act_t* q, const act_t* k, const act_t* v,
                                              int T, int heads, int dh) {
     extern __shared__ float smem[];
     int bh = blockIdx.x, b = bh / heads, h = bh % heads;
@@ -38,9 +39,9 @@ extern "C" __global__ void attention_forward(float* out, float* probs, const flo
     load_head(vs, v + base, T, dh, D);
     __syncthreads();
     float scale = rsqrtf((float)dh);
-    float* pout = probs + (unsigned long long)bh * T * T;
+    act_t* pout = probs + (unsigned long long)bh * T * T;
     for (int i = warp; i < T; i += ATT_WARPS) {
-        for (int d = lane; d < dh; d += WARP) qrow[d] = q[base + (unsigned long long)i * D + d];
+        for (int d = lane; d < dh; d += WARP) qrow[d] = to_float(q[base + (unsigned long long)i * D + d]);
         __syncwarp();
         float m = -INFINITY;
         for (int j = lane; j < T; j += WARP) {
@@ -61,20 +62,20 @@ extern "C" __global__ void attention_forward(float* out, float* probs, const flo
         for (int j = lane; j < T; j += WARP) {
             float p = prow[j] * inv;
             prow[j] = p;
-            pout[(unsigned long long)i * T + j] = p;
+            pout[(unsigned long long)i * T + j] = to_act(p);
         }
         __syncwarp();
         for (int d = lane; d < dh; d += WARP) {
             float o = 0.f;
             for (int j = 0; j < T; j++) o += prow[j] * vs[j * ld + d];
-            out[base + (unsigned long long)i * D + d] = o;
+            out[base + (unsigned long long)i * D + d] = to_act(o);
         }
         __syncwarp();
     }
 }
 
-extern "C" __global__ void attention_backward(float* dq, float* dk, float* dv, const float* dout, const float* q,
-                                              const float* k, const float* v, const float* probs, int T, int heads,
+KERNEL(attention_backward)(act_t* dq, act_t* dk, act_t* dv, const act_t* dout, const act_t* q,
+                                              const act_t* k, const act_t* v, const act_t* probs, int T, int heads,
                                               int dh) {
     extern __shared__ float smem[];
     int bh = blockIdx.x, b = bh / heads, h = bh % heads;
@@ -87,30 +88,30 @@ extern "C" __global__ void attention_backward(float* dq, float* dk, float* dv, c
     float* vec = dsum + T + warp * (dh + 2 * T);  // do_i (phase 1) or v_j (phase 2)
     float* buf0 = vec + dh;                        // dS row (phase 1) or P column (phase 2)
     float* buf1 = buf0 + T;                        // dS column (phase 2)
-    const float* p = probs + (unsigned long long)bh * T * T;
+    const act_t* p = probs + (unsigned long long)bh * T * T;
     float scale = rsqrtf((float)dh);
 
     load_head(big0, k + base, T, dh, D);
     load_head(big1, v + base, T, dh, D);
     __syncthreads();
     for (int i = warp; i < T; i += ATT_WARPS) {
-        for (int d = lane; d < dh; d += WARP) vec[d] = dout[base + (unsigned long long)i * D + d];
+        for (int d = lane; d < dh; d += WARP) vec[d] = to_float(dout[base + (unsigned long long)i * D + d]);
         __syncwarp();
         float acc = 0.f;
         for (int j = lane; j < T; j += WARP) {
             float dp = 0.f;
             for (int d = 0; d < dh; d++) dp += vec[d] * big1[j * ld + d];
             buf0[j] = dp;
-            acc += dp * p[(unsigned long long)i * T + j];
+            acc += dp * to_float(p[(unsigned long long)i * T + j]);
         }
         float di = warp_sum(acc);
         if (lane == 0) dsum[i] = di;
-        for (int j = lane; j < T; j += WARP) buf0[j] = p[(unsigned long long)i * T + j] * (buf0[j] - di);
+        for (int j = lane; j < T; j += WARP) buf0[j] = to_float(p[(unsigned long long)i * T + j]) * (buf0[j] - di);
         __syncwarp();
         for (int d = lane; d < dh; d += WARP) {
             float g = 0.f;
             for (int j = 0; j < T; j++) g += buf0[j] * big0[j * ld + d];
-            dq[base + (unsigned long long)i * D + d] = g * scale;
+            dq[base + (unsigned long long)i * D + d] = to_act(g * scale);
         }
         __syncwarp();
     }
@@ -119,12 +120,12 @@ extern "C" __global__ void attention_backward(float* dq, float* dk, float* dv, c
     load_head(big1, dout + base, T, dh, D);
     __syncthreads();
     for (int j = warp; j < T; j += ATT_WARPS) {
-        for (int d = lane; d < dh; d += WARP) vec[d] = v[base + (unsigned long long)j * D + d];
+        for (int d = lane; d < dh; d += WARP) vec[d] = to_float(v[base + (unsigned long long)j * D + d]);
         __syncwarp();
         for (int i = lane; i < T; i += WARP) {
             float dp = 0.f;
             for (int d = 0; d < dh; d++) dp += big1[i * ld + d] * vec[d];
-            float pij = p[(unsigned long long)i * T + j];
+            float pij = to_float(p[(unsigned long long)i * T + j]);
             buf0[i] = pij;
             buf1[i] = pij * (dp - dsum[i]);
         }
@@ -135,36 +136,38 @@ extern "C" __global__ void attention_backward(float* dq, float* dk, float* dv, c
                 gv += buf0[i] * big1[i * ld + d];
                 gk += buf1[i] * big0[i * ld + d];
             }
-            dv[base + (unsigned long long)j * D + d] = gv;
-            dk[base + (unsigned long long)j * D + d] = gk * scale;
+            dv[base + (unsigned long long)j * D + d] = to_act(gv);
+            dk[base + (unsigned long long)j * D + d] = to_act(gk * scale);
         }
         __syncwarp();
     }
 }
 
 // Row softmax in place, one warp per row (fallback path and benchmark baseline).
-extern "C" __global__ void softmax_rows(float* x, int rows, int cols) {
+KERNEL(softmax_rows)(act_t* x, int rows, int cols) {
     int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
     if (row >= rows) return;
-    float* r = x + (unsigned long long)row * cols;
+    act_t* r = x + (unsigned long long)row * cols;
     float m = -INFINITY;
-    for (int j = lane; j < cols; j += WARP) m = fmaxf(m, r[j]);
+    for (int j = lane; j < cols; j += WARP) m = fmaxf(m, to_float(r[j]));
     m = warp_max(m);
     float s = 0.f;
-    for (int j = lane; j < cols; j += WARP) { float e = expf(r[j] - m); r[j] = e; s += e; }
+    for (int j = lane; j < cols; j += WARP) s += expf(to_float(r[j]) - m);
     float inv = 1.f / warp_sum(s);
-    for (int j = lane; j < cols; j += WARP) r[j] *= inv;
+    // exp recomputed from the stored scores: rounding e to act_t before the
+    // division would round twice.
+    for (int j = lane; j < cols; j += WARP) r[j] = to_act(expf(to_float(r[j]) - m) * inv);
 }
 
 // dS = P ∘ (dP − rowsum(dP ∘ P)), in place on dP, one warp per row.
-extern "C" __global__ void softmax_rows_backward(float* dp, const float* p, int rows, int cols) {
+KERNEL(softmax_rows_backward)(act_t* dp, const act_t* p, int rows, int cols) {
     int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
     if (row >= rows) return;
     unsigned long long off = (unsigned long long)row * cols;
     float dot = 0.f;
-    for (int j = lane; j < cols; j += WARP) dot += dp[off + j] * p[off + j];
+    for (int j = lane; j < cols; j += WARP) dot += to_float(dp[off + j]) * to_float(p[off + j]);
     dot = warp_sum(dot);
-    for (int j = lane; j < cols; j += WARP) dp[off + j] = p[off + j] * (dp[off + j] - dot);
+    for (int j = lane; j < cols; j += WARP) dp[off + j] = to_act(to_float(p[off + j]) * (to_float(dp[off + j]) - dot));
 }

@@ -1,7 +1,44 @@
-// Shared helpers for every kernel file: warp and block reductions in fp32
-// and fp64. Every kernel in this folder stores fp32 and accumulates in fp32
-// (fp64 where the CPU reference sums in f64: losses, norms).
+// Shared helpers for every kernel file: the activation type, kernel naming,
+// and warp and block reductions in fp32 and fp64.
+//
+// Precision. build.rs compiles every kernel file twice:
+//   - without EFFRANK_ACT_BF16: act_t = float, kernel names end in `_f32`;
+//   - with -DEFFRANK_ACT_BF16: act_t = __nv_bfloat16, names end in `_bf16`.
+// act_t is the storage type of activations, their gradients and the weight
+// copies that feed matrix products. Master weights, their gradients, the
+// optimizer state, LayerNorm statistics and loss accumulators are always
+// float. Arithmetic and accumulation are fp32 (fp64 where the CPU reference
+// sums in f64: losses, norms); act_t is only ever loaded with `to_float` and
+// stored with `to_act`.
 #pragma once
+#include <cuda_bf16.h>
+
+typedef __nv_bfloat16 bf16;
+
+#ifdef EFFRANK_ACT_BF16
+typedef bf16 act_t;
+#define KSUFFIX _bf16
+#else
+typedef float act_t;
+#define KSUFFIX _f32
+#endif
+
+#define KCAT2(a, b) a##b
+#define KCAT(a, b) KCAT2(a, b)
+// `KERNEL(name)(args) { ... }` declares the extern "C" kernel `name_f32` or
+// `name_bf16`; KERNEL_BOUNDS adds __launch_bounds__(threads).
+#define KERNEL(name) extern "C" __global__ void KCAT(name, KSUFFIX)
+#define KERNEL_BOUNDS(name, threads) extern "C" __global__ void __launch_bounds__(threads) KCAT(name, KSUFFIX)
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(bf16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ act_t to_act(float v) {
+#ifdef EFFRANK_ACT_BF16
+    return __float2bfloat16_rn(v);
+#else
+    return v;
+#endif
+}
 
 // NVRTC has no <math.h>: the IEEE constants by bit pattern.
 #define INFINITY __int_as_float(0x7f800000)

@@ -5,13 +5,15 @@
 //   tokens_backward: dpatch_out[b, i] = dx[b, 1+i] (WRITES);
 //                    dpos[t] += Σ_b dx[b, t];  dcls += Σ_b dx[b, 0]  (ADDS; summed over b in order)
 //   cls_gather:      out[b] = x[b, 0];   cls_scatter_add: dx[b, 0] += dout[b]
+// Activations (images, patches, tokens and their gradients) are act_t
+// (common.cuh); cls, pos and their gradients fp32.
 #include "common.cuh"
 
 #define GRID_STRIDE(i, n) \
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < (n); \
          i += (unsigned long long)gridDim.x * blockDim.x)
 
-extern "C" __global__ void patch_gather(float* patches, const float* images, int batch, int channels, int size, int patch) {
+KERNEL(patch_gather)(act_t* patches, const act_t* images, int batch, int channels, int size, int patch) {
     int grid = size / patch;
     unsigned long long row_len = (unsigned long long)channels * patch * patch;
     unsigned long long n = (unsigned long long)batch * grid * grid * row_len;
@@ -25,7 +27,7 @@ extern "C" __global__ void patch_gather(float* patches, const float* images, int
     }
 }
 
-extern "C" __global__ void tokens_forward(float* x, const float* patch_out, const float* cls, const float* pos,
+KERNEL(tokens_forward)(act_t* x, const act_t* patch_out, const float* cls, const float* pos,
                                           int batch, int n_patches, int width) {
     int t = n_patches + 1;
     unsigned long long n = (unsigned long long)batch * t * width;
@@ -33,12 +35,12 @@ extern "C" __global__ void tokens_forward(float* x, const float* patch_out, cons
         unsigned long long row = i / width;
         int c = (int)(i % width);
         int b = (int)(row / t), tok = (int)(row % t);
-        float src = tok == 0 ? cls[c] : patch_out[((unsigned long long)b * n_patches + tok - 1) * width + c];
-        x[i] = src + pos[(unsigned long long)tok * width + c];
+        float src = tok == 0 ? cls[c] : to_float(patch_out[((unsigned long long)b * n_patches + tok - 1) * width + c]);
+        x[i] = to_act(src + pos[(unsigned long long)tok * width + c]);
     }
 }
 
-extern "C" __global__ void tokens_backward_patches(float* dpatch_out, const float* dx, int batch, int n_patches, int width) {
+KERNEL(tokens_backward_patches)(act_t* dpatch_out, const act_t* dx, int batch, int n_patches, int width) {
     int t = n_patches + 1;
     unsigned long long n = (unsigned long long)batch * n_patches * width;
     GRID_STRIDE(i, n) {
@@ -50,19 +52,19 @@ extern "C" __global__ void tokens_backward_patches(float* dpatch_out, const floa
 }
 
 // One thread per (token, column): the batch sum for dpos, and for dcls on token 0.
-extern "C" __global__ void tokens_backward_params(float* dcls, float* dpos, const float* dx, int batch, int n_patches, int width) {
+KERNEL(tokens_backward_params)(float* dcls, float* dpos, const act_t* dx, int batch, int n_patches, int width) {
     int t = n_patches + 1;
     unsigned long long n = (unsigned long long)t * width;
     GRID_STRIDE(i, n) {
         int tok = (int)(i / width), c = (int)(i % width);
         float s = 0.f;
-        for (int b = 0; b < batch; b++) s += dx[((unsigned long long)b * t + tok) * width + c];
+        for (int b = 0; b < batch; b++) s += to_float(dx[((unsigned long long)b * t + tok) * width + c]);
         dpos[i] += s;
         if (tok == 0) dcls[c] += s;
     }
 }
 
-extern "C" __global__ void cls_gather(float* out, const float* x, int batch, int tokens, int width) {
+KERNEL(cls_gather)(act_t* out, const act_t* x, int batch, int tokens, int width) {
     unsigned long long n = (unsigned long long)batch * width;
     GRID_STRIDE(i, n) {
         int b = (int)(i / width), c = (int)(i % width);
@@ -70,10 +72,11 @@ extern "C" __global__ void cls_gather(float* out, const float* x, int batch, int
     }
 }
 
-extern "C" __global__ void cls_scatter_add(float* dx, const float* dout, int batch, int tokens, int width) {
+KERNEL(cls_scatter_add)(act_t* dx, const act_t* dout, int batch, int tokens, int width) {
     unsigned long long n = (unsigned long long)batch * width;
     GRID_STRIDE(i, n) {
         int b = (int)(i / width), c = (int)(i % width);
-        dx[(unsigned long long)b * tokens * width + c] += dout[i];
+        act_t* d = dx + (unsigned long long)b * tokens * width + c;
+        *d = to_act(to_float(*d) + to_float(dout[i]));
     }
 }

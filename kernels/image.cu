@@ -4,6 +4,7 @@
 //   src_coord(o) = max((o + ½) · in/out − ½, 0);  i0 = min(⌊src⌋, in−1);  i1 = min(i0+1, in−1);  λ = src − i0
 //   v = (1−λy)((1−λx) p(y0,x0) + λx p(y0,x1)) + λy((1−λx) p(y1,x0) + λx p(y1,x1))
 //   out[b, c, oy, ox] = (v/255 − mean[c]) / std[c]
+// The output is act_t (common.cuh); math in fp32.
 #include "common.cuh"
 
 __device__ __forceinline__ void tap(int o, int in, int out, int* i0, int* i1, float* l) {
@@ -15,7 +16,7 @@ __device__ __forceinline__ void tap(int o, int in, int out, int* i0, int* i1, fl
     *l = src - (float)a;
 }
 
-extern "C" __global__ void images_from_bytes(float* out, const unsigned char* src, int batch, int channels, int h, int w,
+KERNEL(images_from_bytes)(act_t* out, const unsigned char* src, int batch, int channels, int h, int w,
                                              int s, float m0, float m1, float m2, float inv0, float inv1, float inv2) {
     unsigned long long n = (unsigned long long)batch * channels * s * s;
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
@@ -33,6 +34,6 @@ extern "C" __global__ void images_from_bytes(float* out, const unsigned char* sr
         float v = (1.f - ly) * ((1.f - lx) * p00 + lx * p01) + ly * ((1.f - lx) * p10 + lx * p11);
         float mean = ch == 0 ? m0 : (ch == 1 ? m1 : m2);
         float inv = ch == 0 ? inv0 : (ch == 1 ? inv1 : inv2);
-        out[i] = (v / 255.f - mean) * inv;
+        out[i] = to_act((v / 255.f - mean) * inv);
     }
 }

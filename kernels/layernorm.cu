@@ -5,26 +5,27 @@
 // Backward, with dn = dout·γ:
 //   dx     += rstd · (dn − mean(dn) − x̂ · mean(dn·x̂))        (ADDS)
 //   dγ[c]  += Σ_r dout[r,c] · x̂[r,c],   dβ[c] += Σ_r dout[r,c]  (ADDS; block partials + atomicAdd)
+// x, out, dout, dx are act_t (common.cuh); γ, β, their gradients, μ and rstd fp32.
 #include "common.cuh"
 
-extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* x,
+KERNEL(layernorm_forward)(act_t* out, float* mean, float* rstd, const act_t* x,
                                              const float* gamma, const float* beta, int rows, int cols, float eps) {
     int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
     if (row >= rows) return;
-    const float* xr = x + (unsigned long long)row * cols;
+    const act_t* xr = x + (unsigned long long)row * cols;
     float s = 0.f;
-    for (int c = lane; c < cols; c += WARP) s += xr[c];
+    for (int c = lane; c < cols; c += WARP) s += to_float(xr[c]);
     float mu = warp_sum(s) / cols;
     float v = 0.f;
-    for (int c = lane; c < cols; c += WARP) { float d = xr[c] - mu; v += d * d; }
+    for (int c = lane; c < cols; c += WARP) { float d = to_float(xr[c]) - mu; v += d * d; }
     float rs = rsqrtf(warp_sum(v) / cols + eps);
-    float* o = out + (unsigned long long)row * cols;
-    for (int c = lane; c < cols; c += WARP) o[c] = (xr[c] - mu) * rs * gamma[c] + beta[c];
+    act_t* o = out + (unsigned long long)row * cols;
+    for (int c = lane; c < cols; c += WARP) o[c] = to_act((to_float(xr[c]) - mu) * rs * gamma[c] + beta[c]);
     if (lane == 0) { mean[row] = mu; rstd[row] = rs; }
 }
 
-extern "C" __global__ void layernorm_backward_dx(float* dx, const float* dout, const float* x, const float* mean,
+KERNEL(layernorm_backward_dx)(act_t* dx, const act_t* dout, const act_t* x, const float* mean,
                                                  const float* rstd, const float* gamma, int rows, int cols) {
     int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
@@ -33,20 +34,20 @@ extern "C" __global__ void layernorm_backward_dx(float* dx, const float* dout, c
     float mu = mean[row], rs = rstd[row];
     float a = 0.f, b = 0.f;
     for (int c = lane; c < cols; c += WARP) {
-        float dn = dout[off + c] * gamma[c];
+        float dn = to_float(dout[off + c]) * gamma[c];
         a += dn;
-        b += dn * (x[off + c] - mu) * rs;
+        b += dn * (to_float(x[off + c]) - mu) * rs;
     }
     float mean_dn = warp_sum(a) / cols, mean_dn_xhat = warp_sum(b) / cols;
     for (int c = lane; c < cols; c += WARP) {
-        float xhat = (x[off + c] - mu) * rs;
-        float dn = dout[off + c] * gamma[c];
-        dx[off + c] += rs * (dn - mean_dn - xhat * mean_dn_xhat);
+        float xhat = (to_float(x[off + c]) - mu) * rs;
+        float dn = to_float(dout[off + c]) * gamma[c];
+        dx[off + c] = to_act(to_float(dx[off + c]) + rs * (dn - mean_dn - xhat * mean_dn_xhat));
     }
 }
 
 // Block (32, 8), grid (ceil(cols/32), row chunks), as bias_backward.
-extern "C" __global__ void layernorm_backward_params(float* dgamma, float* dbeta, const float* dout, const float* x,
+KERNEL(layernorm_backward_params)(float* dgamma, float* dbeta, const act_t* dout, const act_t* x,
                                                      const float* mean, const float* rstd, int rows, int cols,
                                                      int rows_per_block) {
     __shared__ float pg[8][33], pb[8][33];
@@ -57,8 +58,8 @@ extern "C" __global__ void layernorm_backward_params(float* dgamma, float* dbeta
     if (col < cols)
         for (int r = r0 + threadIdx.y; r < r1; r += 8) {
             unsigned long long i = (unsigned long long)r * cols + col;
-            float g = dout[i];
-            ag += g * (x[i] - mean[r]) * rstd[r];
+            float g = to_float(dout[i]);
+            ag += g * (to_float(x[i]) - mean[r]) * rstd[r];
             ab += g;
         }
     pg[threadIdx.y][threadIdx.x] = ag;

@@ -11,6 +11,7 @@
 //   ds = k·g (WRITES);  loss[0] += k·L  (atomicAdd)
 // feature_loss, per row with w = scale/rows: the MSE+(1−cos) term with weight w
 //   and denominator cols; ds += w·g (ADDS); loss[0] += w·value.
+// Logits and their gradients are act_t (common.cuh); all math in fp32/fp64.
 #include "common.cuh"
 
 #define COS_EPS 1e-8
@@ -21,11 +22,11 @@ struct Lse {
 };
 
 // log Σ exp(v_j · inv_t) over the row, NaN when any v_j is not finite.
-__device__ Lse row_lse(const float* v, int c, double inv_t, double* dscratch, float* fscratch) {
+__device__ Lse row_lse(const act_t* v, int c, double inv_t, double* dscratch, float* fscratch) {
     float m = -INFINITY;
     int bad = 0;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
-        float x = v[j];
+        float x = to_float(v[j]);
         if (!isfinite(x)) bad = 1;
         m = fmaxf(m, (float)((double)x * inv_t));
     }
@@ -34,7 +35,7 @@ __device__ Lse row_lse(const float* v, int c, double inv_t, double* dscratch, fl
     // gives the same log-sum-exp, so the fp32 max suffices.
     double mx = any_bad > 0.0 ? (double)NAN : (double)block_max(m, fscratch);
     double s = 0.0;
-    for (int j = threadIdx.x; j < c; j += blockDim.x) s += exp((double)v[j] * inv_t - mx);
+    for (int j = threadIdx.x; j < c; j += blockDim.x) s += exp((double)to_float(v[j]) * inv_t - mx);
     s = block_sum_d(s, dscratch);
     Lse r = {mx, log(s)};
     return r;
@@ -44,10 +45,10 @@ struct MseCos {
     double ns, nt, cos, value;
 };
 
-__device__ MseCos mse_cos_stats(const float* s, const float* t, int c, double denom, double* dscratch) {
+__device__ MseCos mse_cos_stats(const act_t* s, const act_t* t, int c, double denom, double* dscratch) {
     double dot = 0.0, ss = 0.0, tt = 0.0, se = 0.0;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
-        double a = s[j], b = t[j];
+        double a = to_float(s[j]), b = to_float(t[j]);
         dot += a * b;
         ss += a * a;
         tt += b * b;
@@ -69,15 +70,15 @@ __device__ __forceinline__ double mse_cos_grad(const MseCos& m, double a, double
     return 2.0 * (a - b) / denom - (b / (m.ns * m.nt) - m.cos * a / (m.ns * m.ns));
 }
 
-extern "C" __global__ void logit_loss(float* ds, float* loss, const float* s_all, const float* t_all,
+KERNEL(logit_loss)(act_t* ds, float* loss, const act_t* s_all, const act_t* t_all,
                                       const unsigned int* labels, int batch, int classes, float ce_w, float ls,
                                       float kd_w, float temperature, float feat_w, float scale) {
     __shared__ double dscratch[32];
     __shared__ float fscratch[32];
     int row = blockIdx.x;
     int c = classes;
-    const float* s = s_all + (unsigned long long)row * c;
-    const float* t = t_all ? t_all + (unsigned long long)row * c : 0;
+    const act_t* s = s_all + (unsigned long long)row * c;
+    const act_t* t = t_all ? t_all + (unsigned long long)row * c : 0;
     double k = (double)scale / batch;
     double temp = temperature;
     Lse ce = {0.0, 0.0}, ks = {0.0, 0.0}, kt = {0.0, 0.0};
@@ -93,7 +94,7 @@ extern "C" __global__ void logit_loss(float* ds, float* loss, const float* s_all
     double part = 0.0;
     for (int j = threadIdx.x; j < c; j += blockDim.x) {
         double g = 0.0;
-        double sj = s[j];
+        double sj = to_float(s[j]);
         if (ce_w != 0.f) {
             double log_p = sj - ce.max - ce.log_sum;
             double q = lsd / c + (j == y ? 1.0 - lsd : 0.0);
@@ -102,28 +103,28 @@ extern "C" __global__ void logit_loss(float* ds, float* loss, const float* s_all
         }
         if (kd_w != 0.f) {
             double log_ps = sj / temp - ks.max - ks.log_sum;
-            double log_pt = (double)t[j] / temp - kt.max - kt.log_sum;
+            double log_pt = (double)to_float(t[j]) / temp - kt.max - kt.log_sum;
             double pt = exp(log_pt);
             if (pt > 0.0) part += (double)kd_w * temp * temp * pt * (log_pt - log_ps);
             g += (double)kd_w * temp * (exp(log_ps) - pt);
         }
-        if (feat_w != 0.f) g += (double)feat_w * mse_cos_grad(fm, sj, (double)t[j], (double)c);
-        ds[(unsigned long long)row * c + j] = (float)(g * k);
+        if (feat_w != 0.f) g += (double)feat_w * mse_cos_grad(fm, sj, (double)to_float(t[j]), (double)c);
+        ds[(unsigned long long)row * c + j] = to_act((float)(g * k));
     }
     double total = block_sum_d(part, dscratch);
     if (feat_w != 0.f) total += (double)feat_w * fm.value;
     if (threadIdx.x == 0) atomicAdd(loss, (float)(total * k));
 }
 
-extern "C" __global__ void feature_loss(float* ds, float* loss, const float* s_all, const float* t_all, int rows,
+KERNEL(feature_loss)(act_t* ds, float* loss, const act_t* s_all, const act_t* t_all, int rows,
                                         int cols, float scale) {
     __shared__ double dscratch[32];
     int row = blockIdx.x;
-    const float* s = s_all + (unsigned long long)row * cols;
-    const float* t = t_all + (unsigned long long)row * cols;
+    const act_t* s = s_all + (unsigned long long)row * cols;
+    const act_t* t = t_all + (unsigned long long)row * cols;
     double w = (double)scale / rows;
     MseCos fm = mse_cos_stats(s, t, cols, (double)cols, dscratch);
     for (int j = threadIdx.x; j < cols; j += blockDim.x)
-        ds[(unsigned long long)row * cols + j] += (float)(w * mse_cos_grad(fm, s[j], t[j], (double)cols));
+        ds[(unsigned long long)row * cols + j] = to_act(to_float(ds[(unsigned long long)row * cols + j]) + (float)(w * mse_cos_grad(fm, to_float(s[j]), to_float(t[j]), (double)cols)));
     if (threadIdx.x == 0) atomicAdd(loss, (float)(w * fm.value));
 }

@@ -1,32 +1,39 @@
 // Fused low-rank linear layer, forward:
 //   h[rows, r] = x[rows, inp] · V[r, inp]ᵀ          (written: the backward pass needs it)
 //   y[rows, out] = h · U[out, r]ᵀ + b
+// The r-wide intermediate h stays in shared memory between the two products,
+// so it is never read back from global memory; r ≤ 256. Two variants (see
+// common.cuh): fp32 SIMT (the reference) and bf16 on tensor cores.
+// (The backward pass is two ordinary GEMMs per factor: dU = dyᵀ h,
+// dh = dy U, dV = dhᵀ x, dx = dh V, run through cuBLAS.)
+#include "common.cuh"
+
+#ifndef EFFRANK_ACT_BF16
+// ---- fp32 variant: SIMT FMA ----------------------------------------------
+//
 // One block of 256 threads (8 warps) per 32 rows; the 32×r tile of h stays in
 // shared memory between the two products, so h is never read back from
 // global memory. r ≤ 256. Each thread owns a 4×8 register tile: rows
 // warp + 8·i (i < 4), columns lane + 32·c (c < 8); operands are staged in
 // shared memory 32 columns of the reduction axis at a time, padded to 33
-// floats per row (no bank conflicts). fp32 FMA, fp32 accumulation.
-// (The backward pass is two ordinary GEMMs per factor: dU = dyᵀ h,
-// dh = dy U, dV = dhᵀ x, dx = dh V, run through cuBLAS.)
-#include "common.cuh"
-
+// floats per row (no bank conflicts). x, h, y, V, U are act_t (common.cuh),
+// staged as fp32 in shared memory; fp32 FMA, fp32 accumulation.
 #define LR_BM 32
 #define LR_BK 32
 #define LR_BN 256
 #define LR_MAX_RANK 256
 
 // tile[n][kk] = w[(n0 + n) * ld + k0 + kk] for n < LR_BN rows (zero outside).
-__device__ void load_tile(float* tile, const float* w, int n0, int n_total, int k0, int k_total, int ld) {
+__device__ void load_tile(float* tile, const act_t* w, int n0, int n_total, int k0, int k_total, int ld) {
     for (int idx = threadIdx.x; idx < LR_BN * LR_BK; idx += blockDim.x) {
         int n = idx / LR_BK, kk = idx % LR_BK;
         int gn = n0 + n, gk = k0 + kk;
-        tile[n * (LR_BK + 1) + kk] = (gn < n_total && gk < k_total) ? w[(unsigned long long)gn * ld + gk] : 0.f;
+        tile[n * (LR_BK + 1) + kk] = (gn < n_total && gk < k_total) ? to_float(w[(unsigned long long)gn * ld + gk]) : 0.f;
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) lowrank_forward(float* y, float* h, const float* x, const float* v,
-                                                                  const float* u, const float* bias, int rows, int inp,
+KERNEL_BOUNDS(lowrank_forward, 256)(act_t* y, act_t* h, const act_t* x, const act_t* v,
+                                    const act_t* u, const float* bias, int rows, int inp,
                                                                   int rank, int out) {
     extern __shared__ float smem[];
     int hld = rank + 1;
@@ -46,7 +53,7 @@ extern "C" __global__ void __launch_bounds__(256) lowrank_forward(float* y, floa
         for (int idx = threadIdx.x; idx < LR_BM * LR_BK; idx += blockDim.x) {
             int r = idx / LR_BK, kk = idx % LR_BK;
             int gr = row0 + r, gk = k0 + kk;
-            xs[r * (LR_BK + 1) + kk] = (gr < rows && gk < inp) ? x[(unsigned long long)gr * inp + gk] : 0.f;
+            xs[r * (LR_BK + 1) + kk] = (gr < rows && gk < inp) ? to_float(x[(unsigned long long)gr * inp + gk]) : 0.f;
         }
         load_tile(ws, v, 0, rank, k0, inp, inp);
         __syncthreads();
@@ -72,7 +79,7 @@ extern "C" __global__ void __launch_bounds__(256) lowrank_forward(float* y, floa
             int col = lane + 32 * c;
             if (col < rank) {
                 hs[r * hld + col] = acc[i][c];
-                if (gr < rows) h[(unsigned long long)gr * rank + col] = acc[i][c];
+                if (gr < rows) h[(unsigned long long)gr * rank + col] = to_act(acc[i][c]);
             }
         }
     }
@@ -108,8 +115,307 @@ extern "C" __global__ void __launch_bounds__(256) lowrank_forward(float* y, floa
 #pragma unroll
             for (int c = 0; c < 8; c++) {
                 int col = n0 + lane + 32 * c;
-                if (col < out) y[(unsigned long long)gr * out + col] = acc[i][c] + bias[col];
+                if (col < out) y[(unsigned long long)gr * out + col] = to_act(acc[i][c] + bias[col]);
             }
         }
     }
 }
+
+#else  // EFFRANK_ACT_BF16: tensor cores
+// ---- bf16 variant: WMMA tensor cores (16×16×16 bf16 → fp32) -------------
+//
+// One block of 256 threads (8 warps) per 64 rows of x. R = rank rounded up
+// to 16 (≤ 256); all tiles are zero-padded at every edge, so any shape works.
+//   phase 1: h[64, R] = x[64, inp] · V[R, inp]ᵀ over k-chunks of 32: the
+//            x chunk [64][32] and the V chunk [R][32] are staged in shared
+//            memory (bf16, rows padded to 40 elements: 80-byte rows keep the
+//            WMMA loads off one bank). Warp w owns row tile w%4 and the column
+//            tiles of its half (w/4) of R: ≤ 8 fp32 accumulator fragments.
+//            The fp32 result goes through a shared fp32 staging tile, is
+//            rounded to bf16 into hs[64][R+8] (shared) and written to global h.
+//   phase 2: for each chunk of 128 output columns, y[64, 128] = hs · U[128, R]ᵀ
+//            over k-chunks of 32 (U chunk [128][32] staged like V); warp w owns
+//            row tile w%4 and 4 column tiles; the result is staged in fp32,
+//            bias added, rounded and stored with coalesced writes.
+// Shared memory (bytes), R = round_up(rank, 16):
+//   stage  = 4 · 64 · (max(R, 128) + 4)            fp32 staging (aliases nothing)
+//   hs     = 2 · 64 · (R + 8)
+//   tiles  = 2 · 40 · (64 + max(R, 128))           x/V chunk, then the U chunk
+//   total  = stage + hs + tiles
+#include <mma.h>
+using namespace nvcuda;
+
+#define TC_BM 64
+#define TC_BK 32
+#define TC_LDK 40      // padded row length (elements) of the k-chunk tiles
+#define TC_BN 128
+
+__device__ __forceinline__ int round16(int v) { return (v + 15) & ~15; }
+
+// tile[r][kk] = src[(r0 + r) * ld + k0 + kk] for r < nrows, kk < TC_BK; zero
+// outside [0, r_total) × [0, k_total). 16-byte loads when the row is aligned.
+__device__ void load_chunk(bf16* tile, const bf16* src, int r0, int nrows, int r_total, int k0, int k_total, int ld) {
+    const int vec = 8;  // bf16 per 16 bytes
+    bool aligned = (ld % vec == 0) && ((((unsigned long long)src) & 15) == 0);
+    for (int idx = threadIdx.x; idx < nrows * (TC_BK / vec); idx += blockDim.x) {
+        int r = idx / (TC_BK / vec), kk = (idx % (TC_BK / vec)) * vec;
+        int gr = r0 + r, gk = k0 + kk;
+        bf16* dst = tile + r * TC_LDK + kk;
+        if (gr < r_total && aligned && gk + vec <= k_total) {
+            *(uint4*)dst = *(const uint4*)(src + (unsigned long long)gr * ld + gk);
+        } else {
+            for (int e = 0; e < vec; e++)
+                dst[e] = (gr < r_total && gk + e < k_total) ? src[(unsigned long long)gr * ld + gk + e] : __float2bfloat16_rn(0.f);
+        }
+    }
+}
+
+KERNEL_BOUNDS(lowrank_forward, 256)(act_t* y, act_t* h, const act_t* x, const act_t* v, const act_t* u,
+                                    const float* bias, int rows, int inp, int rank, int out) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const int R = round16(rank);
+    const int wide = R > TC_BN ? R : TC_BN;
+    const int ld_stage = wide + 4;
+    const int ld_h = R + 8;
+    float* stage = (float*)smem_raw;                       // [64][ld_stage]
+    bf16* hs = (bf16*)(stage + TC_BM * ld_stage);          // [64][ld_h]
+    bf16* xs = hs + TC_BM * ld_h;                          // [64][TC_LDK]
+    bf16* ws = xs + TC_BM * TC_LDK;                        // [wide][TC_LDK]: V chunk, then U chunk
+    const int warp = threadIdx.x / WARP;
+    const int row0 = blockIdx.x * TC_BM;
+    const int rt = warp % 4;                               // this warp's row tile
+
+    // ---- phase 1: h = x Vᵀ
+    {
+        const int ntiles = R / 16;
+        const int half = (ntiles + 1) / 2;
+        const int c_begin = (warp / 4) * half;
+        const int c_end = min(ntiles, c_begin + half);
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) wmma::fill_fragment(acc[j], 0.f);
+        for (int k0 = 0; k0 < inp; k0 += TC_BK) {
+            load_chunk(xs, x, row0, TC_BM, rows, k0, inp, inp);
+            load_chunk(ws, v, 0, R, rank, k0, inp, inp);
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < TC_BK; kk += 16) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                wmma::load_matrix_sync(a, xs + rt * 16 * TC_LDK + kk, TC_LDK);
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    int ct = c_begin + j;
+                    if (ct < c_end) {
+                        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
+                        wmma::load_matrix_sync(b, ws + ct * 16 * TC_LDK + kk, TC_LDK);
+                        wmma::mma_sync(acc[j], a, b, acc[j]);
+                    }
+                }
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int ct = c_begin + j;
+            if (ct < c_end) wmma::store_matrix_sync(stage + rt * 16 * ld_stage + ct * 16, acc[j], ld_stage, wmma::mem_row_major);
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < TC_BM * R; idx += blockDim.x) {
+        int r = idx / R, c = idx % R;
+        bf16 hv = __float2bfloat16_rn(stage[r * ld_stage + c]);
+        hs[r * ld_h + c] = hv;
+        int gr = row0 + r;
+        if (gr < rows && c < rank) h[(unsigned long long)gr * rank + c] = hv;
+    }
+    __syncthreads();
+
+    // ---- phase 2: y = h Uᵀ + b, 128 output columns at a time
+    for (int n0 = 0; n0 < out; n0 += TC_BN) {
+        const int c_begin = (warp / 4) * 4;  // 4 column tiles of 16 per warp
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) wmma::fill_fragment(acc[j], 0.f);
+        for (int k0 = 0; k0 < R; k0 += TC_BK) {
+            load_chunk(ws, u, n0, TC_BN, out, k0, rank, rank);
+            __syncthreads();
+#pragma unroll
+            for (int kk = 0; kk < TC_BK; kk += 16) {
+                if (k0 + kk < R) {
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                    wmma::load_matrix_sync(a, hs + rt * 16 * ld_h + k0 + kk, ld_h);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
+                        wmma::load_matrix_sync(b, ws + (c_begin + j) * 16 * TC_LDK + kk, TC_LDK);
+                        wmma::mma_sync(acc[j], a, b, acc[j]);
+                    }
+                }
+            }
+            __syncthreads();
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) wmma::store_matrix_sync(stage + rt * 16 * ld_stage + (c_begin + j) * 16, acc[j], ld_stage, wmma::mem_row_major);
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < TC_BM * TC_BN; idx += blockDim.x) {
+            int r = idx / TC_BN, c = idx % TC_BN;
+            int gr = row0 + r, gc = n0 + c;
+            if (gr < rows && gc < out) y[(unsigned long long)gr * out + gc] = __float2bfloat16_rn(stage[r * ld_stage + c] + bias[gc]);
+        }
+        __syncthreads();
+    }
+}
+// ---- bf16, aligned shapes: B fragments straight from global memory -------
+//
+// When rows, rank, inp and out are multiples of 16 (ViT shapes at batch
+// sizes that are multiples of 8, e.g. 256 × 50 tokens), no tile needs zero
+// padding. One block of 256 threads (8 warps) per 64 rows (4 row tiles).
+//   phase 1: x is staged in shared memory 256 columns at a time (16-byte
+//            loads); warp w owns column tiles j ≡ w (mod 8) of h (≤ 2) and,
+//            for each k step, loads the V fragment of a column tile from
+//            global memory (V is small and stays in L2) once and multiplies
+//            it into all 4 row tiles: every operand is read once per block.
+//            Below 8 column tiles (rank < 128), 2 or 4 warps share a column
+//            tile and split the row tiles, so that every warp has work. h goes through a per-warp 16×16 fp32 staging tile,
+//            is rounded to bf16 into hs[64][rank+8] and written to global h.
+//   phase 2: warp w owns the output column tiles ct ≡ w (mod 8); for each k
+//            step it loads the U fragment once (global, L2) and the 4 row-tile
+//            fragments of h from shared memory; then per row tile it stages
+//            16×16 fp32, adds the bias and writes bf16, one 16-byte store per
+//            lane.
+// Shared memory (bytes): x chunk 2·64·(256+8) = 33792, hs 2·64·(rank+8),
+// staging 8·16·16·4 = 8192.
+#define AL_KC 256
+#define AL_LDX (AL_KC + 8)
+#define AL_LOADS (TC_BM * AL_KC / 8 / 256)  // 16-byte x loads per thread per chunk
+
+KERNEL_BOUNDS(lowrank_forward_aligned, 256)(act_t* y, act_t* h, const act_t* x, const act_t* v, const act_t* u,
+                                            const float* bias, int rows, int inp, int rank, int out) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const int ld_h = rank + 8;
+    float* stage_all = (float*)smem_raw;                  // [8 warps][16][16]
+    bf16* xs = (bf16*)(stage_all + 8 * 256);              // [64][AL_LDX]
+    bf16* hs = xs + TC_BM * AL_LDX;                       // [64][ld_h]
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    float* stage = stage_all + warp * 256;
+    const int row0 = blockIdx.x * TC_BM;
+    const int ntiles = rank / 16;
+    // Phase-1 work split: with few column tiles of h (small rank), G warps
+    // share a column tile, each taking 4/G of the row tiles, so that all 8
+    // warps have work; with 8 or more column tiles, G = 1.
+    const int G = ntiles >= 8 ? 1 : (ntiles >= 4 ? 2 : 4);
+    const int col_groups = 8 / G;
+    const int col_group = warp / G;
+    const int row_tiles = 4 / G;
+    const int row_tile0 = (warp % G) * row_tiles;
+
+    // ---- phase 1: h = x Vᵀ
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+        for (int i = 0; i < 4; i++) wmma::fill_fragment(acc[t][i], 0.f);
+    for (int k0 = 0; k0 < inp; k0 += AL_KC) {
+        const int kc = min(AL_KC, inp - k0);
+        __syncthreads();
+        // x[row0 .. row0+64, k0 .. k0+kc] → xs; rows past `rows` are zero.
+        // All 8 loads of a thread are issued before any store, so 32 KB per
+        // block are in flight at once (a load-store loop would keep one).
+        uint4 xv[AL_LOADS];
+#pragma unroll
+        for (int q = 0; q < AL_LOADS; q++) {
+            int idx = threadIdx.x + q * 256;
+            int r = idx / (AL_KC / 8), c = (idx % (AL_KC / 8)) * 8;
+            int gr = row0 + r;
+            xv[q] = make_uint4(0, 0, 0, 0);
+            if (gr < rows && c < kc) xv[q] = *(const uint4*)(x + (unsigned long long)gr * inp + k0 + c);
+        }
+#pragma unroll
+        for (int q = 0; q < AL_LOADS; q++) {
+            int idx = threadIdx.x + q * 256;
+            int r = idx / (AL_KC / 8), c = (idx % (AL_KC / 8)) * 8;
+            *(uint4*)(xs + r * AL_LDX + c) = xv[q];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int t = 0; t < 2; t++) {
+            const int j = col_group + col_groups * t;
+            if (j >= ntiles) continue;
+            // The V fragment of step k+16 is loaded (from L2) while step k multiplies.
+            const bf16* vj = v + (unsigned long long)j * 16 * inp + k0;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b, b_next;
+            wmma::load_matrix_sync(b, vj, inp);
+            for (int k = 0; k < kc; k += 16) {
+                if (k + 16 < kc) wmma::load_matrix_sync(b_next, vj + k + 16, inp);
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    if (i >= row_tiles) break;
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                    wmma::load_matrix_sync(a, xs + (row_tile0 + i) * 16 * AL_LDX + k, AL_LDX);
+                    wmma::mma_sync(acc[t][i], a, b, acc[t][i]);
+                }
+                b = b_next;
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < 2; t++) {
+        const int j = col_group + col_groups * t;
+        if (j >= ntiles) continue;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (i >= row_tiles) break;
+            const int it = row_tile0 + i;
+            wmma::store_matrix_sync(stage, acc[t][i], 16, wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < 256; e += WARP) {
+                int r = e / 16, c = e % 16;
+                bf16 hv = __float2bfloat16_rn(stage[e]);
+                hs[(it * 16 + r) * ld_h + j * 16 + c] = hv;
+                int gr = row0 + it * 16 + r;
+                if (gr < rows) h[(unsigned long long)gr * rank + j * 16 + c] = hv;
+            }
+            __syncwarp();
+        }
+    }
+    __syncthreads();
+
+    // ---- phase 2: y = h Uᵀ + b
+    for (int ct = warp; ct < out / 16; ct += 8) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> yacc[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) wmma::fill_fragment(yacc[i], 0.f);
+        const bf16* uc = u + (unsigned long long)ct * 16 * rank;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b, b_next;
+        wmma::load_matrix_sync(b, uc, rank);
+        for (int k = 0; k < rank; k += 16) {
+            if (k + 16 < rank) wmma::load_matrix_sync(b_next, uc + k + 16, rank);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+                wmma::load_matrix_sync(a, hs + i * 16 * ld_h + k, ld_h);
+                wmma::mma_sync(yacc[i], a, b, yacc[i]);
+            }
+            b = b_next;
+        }
+        // lane → row lane/2, 8 columns (lane%2)·8: one 16-byte store.
+        const int r = lane / 2, c0 = (lane % 2) * 8;
+        float b8[8];
+#pragma unroll
+        for (int e = 0; e < 8; e++) b8[e] = bias[ct * 16 + c0 + e];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            wmma::store_matrix_sync(stage, yacc[i], 16, wmma::mem_row_major);
+            __syncwarp();
+            int gr = row0 + i * 16 + r;
+            if (gr < rows) {
+                __align__(16) bf16 o[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++) o[e] = __float2bfloat16_rn(stage[r * 16 + c0 + e] + b8[e]);
+                *(uint4*)(y + (unsigned long long)gr * out + ct * 16 + c0) = *(uint4*)o;
+            }
+            __syncwarp();
+        }
+    }
+}
+#endif

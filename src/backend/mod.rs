@@ -30,15 +30,16 @@ use anyhow::Result;
 pub use cpu::CpuBackend;
 
 /// What a buffer holds, so that a backend may store the kinds at different
-/// precisions (the plan for CUDA: parameters, gradients and optimizer state
-/// in fp32, activations in bf16). Both backends store everything in fp32
-/// today.
+/// precisions. The CPU backend stores everything in fp32; the CUDA backend in
+/// bf16 mixed precision stores `Activation` in bf16 and the rest in fp32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BufKind {
     /// Master weights, their gradients, optimizer moments, loss accumulators.
     Param,
     /// Activations and their gradients.
     Activation,
+    /// Per-row statistics kept at full precision (LayerNorm mean and 1/std).
+    Statistic,
 }
 
 /// Settings of the fused loss over the logits (see `ops::loss`).

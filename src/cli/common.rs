@@ -15,8 +15,12 @@ use effrank_engine::train::{AdamWConfig, FitOptions};
 pub enum DeviceArg {
     /// The CPU (rayon, fp32): the reference, fine for small models.
     Cpu,
-    /// The first CUDA GPU (handwritten kernels and cuBLAS, fp32).
+    /// The first CUDA GPU: handwritten kernels and cuBLAS, bf16 mixed
+    /// precision (bf16 activations, fp32 master weights and optimizer).
     Cuda,
+    /// The first CUDA GPU with everything in fp32 (the reference for the
+    /// bf16 path; slower).
+    CudaFp32,
     /// The GPU when one is usable, else the CPU (says which).
     Auto,
 }
@@ -31,13 +35,14 @@ pub trait WithBackend {
 pub fn dispatch<W: WithBackend>(device: DeviceArg, quiet: bool, work: W) -> Result<W::Output> {
     match device {
         DeviceArg::Cpu => work.run(&CpuBackend::default()),
-        DeviceArg::Cuda => run_cuda(work),
+        DeviceArg::Cuda => run_cuda(work, false),
+        DeviceArg::CudaFp32 => run_cuda(work, true),
         DeviceArg::Auto => {
             if cuda_usable() {
                 if !quiet {
                     eprintln!("device: cuda (auto)");
                 }
-                run_cuda(work)
+                run_cuda(work, false)
             } else {
                 if !quiet {
                     eprintln!("device: cpu (auto: no usable CUDA GPU found)");
@@ -59,13 +64,14 @@ fn cuda_usable() -> bool {
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda<W: WithBackend>(work: W) -> Result<W::Output> {
-    let be = effrank_engine::backend::cuda::CudaBackend::new(0)?;
+fn run_cuda<W: WithBackend>(work: W, fp32: bool) -> Result<W::Output> {
+    use effrank_engine::backend::cuda::{CudaBackend, Precision};
+    let be = CudaBackend::with_precision(0, if fp32 { Precision::F32 } else { Precision::Bf16 })?;
     work.run(&be)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda<W: WithBackend>(_work: W) -> Result<W::Output> {
+fn run_cuda<W: WithBackend>(_work: W, _fp32: bool) -> Result<W::Output> {
     bail!("--device cuda: this binary was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, or use --device cpu")
 }
 

@@ -146,6 +146,7 @@ impl<B: Backend> Vit<B> {
         let c = &self.cfg;
         let (n, d, t) = (max_batch * c.tokens(), c.width, c.tokens());
         let a = |len: usize| be.alloc(len, BufKind::Activation);
+        let stat = |len: usize| be.alloc(len, BufKind::Statistic);
         let mut blocks = Vec::with_capacity(c.depth);
         for (l, br) in self.ranks.iter().enumerate() {
             let mut h: [Option<B::Buf>; 6] = Default::default();
@@ -158,8 +159,8 @@ impl<B: Backend> Vit<B> {
             blocks.push(BlockActs {
                 x_in: a(n * d)?,
                 ln1: a(n * d)?,
-                ln1_mean: a(n)?,
-                ln1_rstd: a(n)?,
+                ln1_mean: stat(n)?,
+                ln1_rstd: stat(n)?,
                 q: a(n * d)?,
                 k: a(n * d)?,
                 v: a(n * d)?,
@@ -168,8 +169,8 @@ impl<B: Backend> Vit<B> {
                 attn_out: a(n * d)?,
                 x_mid: a(n * d)?,
                 ln2: a(n * d)?,
-                ln2_mean: a(n)?,
-                ln2_rstd: a(n)?,
+                ln2_mean: stat(n)?,
+                ln2_rstd: stat(n)?,
                 fc1_pre: a(n * c.mlp)?,
                 fc1_act: a(n * c.mlp)?,
                 mlp_out: a(n * d)?,
@@ -186,8 +187,8 @@ impl<B: Backend> Vit<B> {
             x_out: a(n * d)?,
             cls: a(max_batch * d)?,
             cls_ln: a(max_batch * d)?,
-            cls_mean: a(max_batch)?,
-            cls_rstd: a(max_batch)?,
+            cls_mean: stat(max_batch)?,
+            cls_rstd: stat(max_batch)?,
             logits: a(max_batch * c.classes)?,
         })
     }

@@ -2,24 +2,25 @@
 //! sums, one atomicAdd per block) and the fused AdamW step, which reads the
 //! squared norm on the device so the clip needs no host synchronization.
 
-use crate::backend::cuda::{CudaBackend, DriverResultExt};
+use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt};
 use crate::backend::AdamWStep;
 use anyhow::Result;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
-pub fn sum_squares(be: &CudaBackend, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>, len: usize) -> Result<()> {
+pub fn sum_squares(be: &CudaBackend, acc: &mut CudaBuf, x: &CudaBuf, len: usize) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
     let n = len as u64;
+    let (a, xp) = (be.f32_mut(acc, "sum_squares acc")?, be.f32(x, "sum_squares x")?);
     let mut l = be.stream().launch_builder(be.func("sum_squares")?);
-    l.arg(acc).arg(x).arg(&n);
+    l.arg(&a).arg(&xp).arg(&n);
     unsafe { l.launch(be.grid_for(len)) }.cu_with_context(|| format!("sum_squares launch ({len} elements)"))?;
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn adamw_update(be: &CudaBackend, param: &mut CudaSlice<f32>, grad: &CudaSlice<f32>, m: &mut CudaSlice<f32>, v: &mut CudaSlice<f32>, grad_norm_sq: &CudaSlice<f32>, len: usize, hp: &AdamWStep) -> Result<()> {
+pub fn adamw_update(be: &CudaBackend, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, grad_norm_sq: &CudaBuf, len: usize, hp: &AdamWStep) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
@@ -29,9 +30,13 @@ pub fn adamw_update(be: &CudaBackend, param: &mut CudaSlice<f32>, grad: &CudaSli
     let n = len as u64;
     let clip = i32::from(hp.max_grad_norm.is_some());
     let max_norm = hp.max_grad_norm.unwrap_or(0.0);
+    let p = be.f32_mut(param, "adamw param")?;
+    // The weight's bf16 copy (if it has one) is rewritten by the same kernel.
+    let copy = if len == param.len() { be.bf16_copy_for_update(param) } else { 0 };
+    let (g, mp, vp, gn) = (be.f32(grad, "adamw grad")?, be.f32_mut(m, "adamw m")?, be.f32_mut(v, "adamw v")?, be.f32(grad_norm_sq, "adamw grad_norm_sq")?);
     let mut l = be.stream().launch_builder(be.func("adamw_update")?);
-    l.arg(param).arg(grad).arg(m).arg(v).arg(grad_norm_sq).arg(&n);
-    l.arg(&hp.lr).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&hp.weight_decay).arg(&bc1).arg(&bc2).arg(&clip).arg(&max_norm);
+    l.arg(&p).arg(&g).arg(&mp).arg(&vp).arg(&gn).arg(&n);
+    l.arg(&hp.lr).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&hp.weight_decay).arg(&bc1).arg(&bc2).arg(&clip).arg(&max_norm).arg(&copy);
     unsafe { l.launch(be.grid_for(len)) }.cu_with_context(|| format!("adamw_update launch ({len} elements)"))?;
     Ok(())
 }

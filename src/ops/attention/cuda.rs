@@ -2,13 +2,14 @@
 //! (image, head), K and V in shared memory) run when the block's shared
 //! memory fits the device (ViT: T ≤ 256, head_dim ≤ 128; T = 197, dh = 64
 //! needs 118 KiB); otherwise the unfused path runs: strided-batched cuBLAS
-//! SGEMMs per image plus row-softmax kernels, which is also the benchmark
+//! GEMMs per image plus row-softmax kernels, which is also the benchmark
 //! baseline.
 
-use crate::backend::cuda::{CudaBackend, DriverResultExt};
-use crate::ops::matmul::cuda::{gemm, RowMajorGemm};
+use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt};
+use crate::backend::{Backend, BufKind};
+use crate::ops::matmul::cuda::{gemm, Mat, RowMajorGemm};
 use anyhow::Result;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// Warps per block of the fused kernels (ATT_WARPS in the kernel file).
 const WARPS: usize = 8;
@@ -36,7 +37,7 @@ fn block_config(batch: usize, heads: usize, smem: usize) -> LaunchConfig {
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward(be: &CudaBackend, out: &mut CudaSlice<f32>, probs: &mut CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub fn attention_forward(be: &CudaBackend, out: &mut CudaBuf, probs: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
     if batch * heads * tokens * head_dim == 0 {
         return Ok(());
     }
@@ -45,14 +46,16 @@ pub fn attention_forward(be: &CudaBackend, out: &mut CudaSlice<f32>, probs: &mut
         return unfused_forward(be, out, probs, q, k, v, batch, tokens, heads, head_dim);
     }
     let a = [tokens, heads, head_dim].map(|v| v as i32);
+    let (o, p) = (be.act_mut(out, "attention out")?, be.act_mut(probs, "attention probs")?);
+    let (qp, kp, vp) = (be.act(q, "attention q")?, be.act(k, "attention k")?, be.act(v, "attention v")?);
     let mut l = be.stream().launch_builder(be.func("attention_forward")?);
-    l.arg(out).arg(probs).arg(q).arg(k).arg(v).arg(&a[0]).arg(&a[1]).arg(&a[2]);
+    l.arg(&o).arg(&p).arg(&qp).arg(&kp).arg(&vp).arg(&a[0]).arg(&a[1]).arg(&a[2]);
     unsafe { l.launch(block_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_forward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(be: &CudaBackend, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, dv: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, probs: &CudaSlice<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub fn attention_backward(be: &CudaBackend, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, probs: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
     if batch * heads * tokens * head_dim == 0 {
         return Ok(());
     }
@@ -61,8 +64,10 @@ pub fn attention_backward(be: &CudaBackend, dq: &mut CudaSlice<f32>, dk: &mut Cu
         return unfused_backward(be, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim);
     }
     let a = [tokens, heads, head_dim].map(|v| v as i32);
+    let (dqp, dkp, dvp) = (be.act_mut(dq, "attention dq")?, be.act_mut(dk, "attention dk")?, be.act_mut(dv, "attention dv")?);
+    let (dop, qp, kp, vp, pp) = (be.act(dout, "attention dout")?, be.act(q, "attention q")?, be.act(k, "attention k")?, be.act(v, "attention v")?, be.act(probs, "attention probs")?);
     let mut l = be.stream().launch_builder(be.func("attention_backward")?);
-    l.arg(dq).arg(dk).arg(dv).arg(dout).arg(q).arg(k).arg(v).arg(probs).arg(&a[0]).arg(&a[1]).arg(&a[2]);
+    l.arg(&dqp).arg(&dkp).arg(&dvp).arg(&dop).arg(&qp).arg(&kp).arg(&vp).arg(&pp).arg(&a[0]).arg(&a[1]).arg(&a[2]);
     unsafe { l.launch(block_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_backward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
     Ok(())
 }
@@ -99,24 +104,35 @@ fn rows_config(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// An activation as a cuBLAS matrix.
+fn act_mat(be: &CudaBackend, b: &CudaBuf, what: &str) -> Result<Mat> {
+    Ok(Mat { ptr: be.act(b, what)?, dtype: be.operand_type() })
+}
+
+fn act_mat_mut(be: &CudaBackend, b: &mut CudaBuf, what: &str) -> Result<Mat> {
+    Ok(Mat { ptr: be.act_mut(b, what)?, dtype: be.operand_type() })
+}
+
 /// Unfused forward: per image, `S = q kᵀ/√dh` (cuBLAS), softmax (kernel), `out = P v` (cuBLAS).
 #[allow(clippy::too_many_arguments)]
-pub fn unfused_forward(be: &CudaBackend, out: &mut CudaSlice<f32>, probs: &mut CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub fn unfused_forward(be: &CudaBackend, out: &mut CudaBuf, probs: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
     let (t, dh) = (tokens, head_dim);
     let hg = HeadGemm { t, dh, d: heads * dh, heads };
     let scale = 1.0 / (dh as f32).sqrt();
+    let (om, pm) = (act_mat_mut(be, out, "attention out")?, act_mat_mut(be, probs, "attention probs")?);
+    let (qm, km, vm) = (act_mat(be, q, "attention q")?, act_mat(be, k, "attention k")?, act_mat(be, v, "attention v")?);
     for b in 0..batch {
         let (x0, p0) = (b * t * hg.d, b * heads * t * t);
-        gemm(be, &mut probs.slice_mut(p0..), &q.slice(x0..), &k.slice(x0..), &hg.spec(t, t, dh, (false, true), (true, true), false, scale))?;
+        gemm(be, pm.at(p0), qm.at(x0), km.at(x0), &hg.spec(t, t, dh, (false, true), (true, true), false, scale))?;
     }
     let rows = batch * heads * t;
     let (r, c) = (rows as i32, t as i32);
     let mut l = be.stream().launch_builder(be.func("softmax_rows")?);
-    l.arg(&mut *probs).arg(&r).arg(&c);
+    l.arg(&pm.ptr).arg(&r).arg(&c);
     unsafe { l.launch(rows_config(rows)) }.cu_context("softmax_rows launch")?;
     for b in 0..batch {
         let (x0, p0) = (b * t * hg.d, b * heads * t * t);
-        gemm(be, &mut out.slice_mut(x0..), &probs.slice(p0..), &v.slice(x0..), &hg.spec(t, dh, t, (false, false), (false, true), true, 1.0))?;
+        gemm(be, om.at(x0), pm.at(p0), vm.at(x0), &hg.spec(t, dh, t, (false, false), (false, true), true, 1.0))?;
     }
     Ok(())
 }
@@ -124,26 +140,29 @@ pub fn unfused_forward(be: &CudaBackend, out: &mut CudaSlice<f32>, probs: &mut C
 /// Unfused backward: `dP = dout vᵀ`, `dV = Pᵀ dout`, `dS = P∘(dP − rowsum(dP∘P))`,
 /// `dQ = dS k/√dh`, `dK = dSᵀ q/√dh`.
 #[allow(clippy::too_many_arguments)]
-pub fn unfused_backward(be: &CudaBackend, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, dv: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, q: &CudaSlice<f32>, k: &CudaSlice<f32>, v: &CudaSlice<f32>, probs: &CudaSlice<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub fn unfused_backward(be: &CudaBackend, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, probs: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
     let (t, dh) = (tokens, head_dim);
     let hg = HeadGemm { t, dh, d: heads * dh, heads };
     let scale = 1.0 / (dh as f32).sqrt();
     let len = batch * heads * t * t;
-    let mut ds = be.stream().alloc_zeros::<f32>(len).map_err(|e| crate::backend::cuda::alloc_error(e, len, "attention score gradients"))?;
+    let mut ds = be.alloc(len, BufKind::Activation)?;
+    let dsm = act_mat_mut(be, &mut ds, "attention score gradients")?;
+    let (dqm, dkm, dvm) = (act_mat_mut(be, dq, "attention dq")?, act_mat_mut(be, dk, "attention dk")?, act_mat_mut(be, dv, "attention dv")?);
+    let (dom, qm, km, vm, pm) = (act_mat(be, dout, "attention dout")?, act_mat(be, q, "attention q")?, act_mat(be, k, "attention k")?, act_mat(be, v, "attention v")?, act_mat(be, probs, "attention probs")?);
     for b in 0..batch {
         let (x0, p0) = (b * t * hg.d, b * heads * t * t);
-        gemm(be, &mut ds.slice_mut(p0..), &dout.slice(x0..), &v.slice(x0..), &hg.spec(t, t, dh, (false, true), (true, true), false, 1.0))?;
-        gemm(be, &mut dv.slice_mut(x0..), &probs.slice(p0..), &dout.slice(x0..), &hg.spec(t, dh, t, (true, false), (false, true), true, 1.0))?;
+        gemm(be, dsm.at(p0), dom.at(x0), vm.at(x0), &hg.spec(t, t, dh, (false, true), (true, true), false, 1.0))?;
+        gemm(be, dvm.at(x0), pm.at(p0), dom.at(x0), &hg.spec(t, dh, t, (true, false), (false, true), true, 1.0))?;
     }
     let rows = batch * heads * t;
     let (r, c) = (rows as i32, t as i32);
     let mut l = be.stream().launch_builder(be.func("softmax_rows_backward")?);
-    l.arg(&mut ds).arg(probs).arg(&r).arg(&c);
+    l.arg(&dsm.ptr).arg(&pm.ptr).arg(&r).arg(&c);
     unsafe { l.launch(rows_config(rows)) }.cu_context("softmax_rows_backward launch")?;
     for b in 0..batch {
         let (x0, p0) = (b * t * hg.d, b * heads * t * t);
-        gemm(be, &mut dq.slice_mut(x0..), &ds.slice(p0..), &k.slice(x0..), &hg.spec(t, dh, t, (false, false), (false, true), true, scale))?;
-        gemm(be, &mut dk.slice_mut(x0..), &ds.slice(p0..), &q.slice(x0..), &hg.spec(t, dh, t, (true, false), (false, true), true, scale))?;
+        gemm(be, dqm.at(x0), dsm.at(p0), km.at(x0), &hg.spec(t, dh, t, (false, false), (false, true), true, scale))?;
+        gemm(be, dkm.at(x0), dsm.at(p0), qm.at(x0), &hg.spec(t, dh, t, (true, false), (false, true), true, scale))?;
     }
     Ok(())
 }

@@ -1,21 +1,22 @@
 //! Launcher of `kernels/image.cu`: the raw bytes go to a reusable device
 //! buffer, then one thread per output pixel resizes and normalizes.
 
-use crate::backend::cuda::{CudaBackend, DriverResultExt};
+use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt};
 use crate::backend::ImageTransform;
 use anyhow::Result;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
-pub fn images_from_bytes(be: &CudaBackend, out: &mut CudaSlice<f32>, src: &[u8], batch: usize, t: &ImageTransform) -> Result<()> {
+pub fn images_from_bytes(be: &CudaBackend, out: &mut CudaBuf, src: &[u8], batch: usize, t: &ImageTransform) -> Result<()> {
     let n = batch * t.channels * t.dst_size * t.dst_size;
     if n == 0 {
         return Ok(());
     }
     let dims = [batch, t.channels, t.src_height, t.src_width, t.dst_size].map(|v| v as i32);
     let inv = t.std.map(|s| 1.0 / s);
+    let o = be.act_mut(out, "images_from_bytes out")?;
     be.with_device_bytes(src, |bytes| {
         let mut l = be.stream().launch_builder(be.func("images_from_bytes")?);
-        l.arg(out).arg(bytes);
+        l.arg(&o).arg(bytes);
         for d in &dims {
             l.arg(d);
         }

@@ -1,48 +1,78 @@
 //! Launcher of the fused low-rank forward (`kernels/lowrank.cu`):
 //! `h = x Vᵀ`, `y = h Uᵀ + b` with the h tile kept in shared memory, for
-//! rank ≤ 256; larger ranks (or a device with too little shared memory) run
-//! as two cuBLAS SGEMMs, which give the same result.
+//! rank ≤ 256. The bf16 kernel runs on tensor cores; the fp32 kernel is the
+//! SIMT reference. Larger ranks (or a device with too little shared memory)
+//! run as two cuBLAS GEMMs, which give the same result (also the benchmark
+//! baseline).
 
-use crate::backend::cuda::{CudaBackend, DriverResultExt};
-use crate::ops::matmul::cuda::{gemm, linear_forward, RowMajorGemm};
+use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt, Precision};
+use crate::ops::matmul::cuda::{gemm, linear_forward, operand, output, RowMajorGemm};
 use anyhow::Result;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-/// Largest rank the fused kernel handles (its register tile covers 256 columns).
+/// Largest rank the fused kernel handles.
 pub const MAX_FUSED_RANK: usize = 256;
-const ROWS_PER_BLOCK: usize = 32;
 
-/// Dynamic shared memory of the fused kernel for `rank`: the h tile
-/// `[32][rank+1]`, the x tile `[32][33]` and the weight tile `[256][33]`.
-pub fn fused_smem_bytes(rank: usize) -> usize {
-    4 * (ROWS_PER_BLOCK * (rank + 1) + ROWS_PER_BLOCK * 33 + 256 * 33)
+/// Rows of x per block, threads per block and dynamic shared memory (bytes)
+/// of the fused kernel for `rank` (the layout in kernels/lowrank.cu).
+pub fn fused_launch(precision: Precision, rank: usize) -> (usize, usize, usize) {
+    match precision {
+        // fp32 SIMT: h tile [32][rank+1], x tile [32][33], weight tile [256][33].
+        Precision::F32 => (32, 256, 4 * (32 * (rank + 1) + 32 * 33 + 256 * 33)),
+        Precision::Bf16 => crate::ops::lowrank::cuda::bf16_launch(rank),
+    }
+}
+
+/// The tensor-core kernel (kernels/lowrank.cu, bf16 variant): 64 rows and
+/// 256 threads per block; shared memory for R = rank rounded up to 16: an
+/// fp32 staging tile [64][max(R,128)+4], h in bf16 [64][R+8], and the k-chunk
+/// tiles [64 + max(R,128)][40] in bf16.
+pub fn bf16_launch(rank: usize) -> (usize, usize, usize) {
+    let r = rank.div_ceil(16) * 16;
+    let wide = r.max(128);
+    (64, 256, 4 * 64 * (wide + 4) + 2 * 64 * (r + 8) + 2 * 40 * (64 + wide))
+}
+
+/// The aligned bf16 kernel: 64 rows, 256 threads; an x chunk [64][264] and
+/// h [64][rank+8] in bf16, and a 16×16 fp32 staging tile per warp.
+pub fn aligned_launch(rank: usize) -> (usize, usize, usize) {
+    (64, 256, 2 * 64 * 264 + 2 * 64 * (rank + 8) + 8 * 16 * 16 * 4)
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn lowrank_forward(be: &CudaBackend, y: &mut CudaSlice<f32>, h: &mut CudaSlice<f32>, x: &CudaSlice<f32>, v: &CudaSlice<f32>, u: &CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
-    if rank == 0 || rank > MAX_FUSED_RANK || fused_smem_bytes(rank) > be.max_shared_bytes() || inp == 0 {
+pub fn lowrank_forward(be: &CudaBackend, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
+    if rank == 0 || rank > MAX_FUSED_RANK || inp == 0 {
+        return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out);
+    }
+    // bf16 with every dimension a multiple of 16: the kernel that loads its
+    // tensor-core fragments straight from global memory.
+    let aligned = be.precision() == Precision::Bf16 && [rows, inp, rank, out].iter().all(|d| d % 16 == 0);
+    let (name, (rows_per_block, threads, smem)) = if aligned { ("lowrank_forward_aligned", aligned_launch(rank)) } else { ("lowrank_forward", fused_launch(be.precision(), rank)) };
+    if smem > be.max_shared_bytes() {
         return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out);
     }
     if rows * out == 0 {
         return Ok(());
     }
     let a = [rows, inp, rank, out].map(|v| v as i32);
-    let cfg = LaunchConfig { grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: fused_smem_bytes(rank) as u32 };
-    let mut l = be.stream().launch_builder(be.func("lowrank_forward")?);
-    l.arg(y).arg(h).arg(x).arg(v).arg(u).arg(bias).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]);
+    let (yp, hp, xp) = (be.act_mut(y, "lowrank y")?, be.act_mut(h, "lowrank h")?, be.act(x, "lowrank x")?);
+    let (vp, up, bp) = (be.operand(v, "lowrank V")?, be.operand(u, "lowrank U")?, be.f32(bias, "lowrank bias")?);
+    let cfg = LaunchConfig { grid_dim: (rows.div_ceil(rows_per_block) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
+    let mut l = be.stream().launch_builder(be.func(name)?);
+    l.arg(&yp).arg(&hp).arg(&xp).arg(&vp).arg(&up).arg(&bp).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]);
     unsafe { l.launch(cfg) }.cu_with_context(|| format!("lowrank_forward launch (rows {rows}, in {inp}, rank {rank}, out {out})"))?;
     Ok(())
 }
 
 /// The two-GEMM path: `h = x Vᵀ` then `y = h Uᵀ + b` (also the benchmark baseline).
 #[allow(clippy::too_many_arguments)]
-pub fn unfused(be: &CudaBackend, y: &mut CudaSlice<f32>, h: &mut CudaSlice<f32>, x: &CudaSlice<f32>, v: &CudaSlice<f32>, u: &CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
+pub fn unfused(be: &CudaBackend, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
     if inp == 0 {
-        if rows * rank > 0 {
-            be.stream().memset_zeros(&mut h.slice_mut(..rows * rank)).cu_context("lowrank with inp = 0: zeroing h")?;
-        }
+        use crate::backend::Backend;
+        be.zero(h, rows * rank)?;
     } else {
-        gemm(be, h, x, v, &RowMajorGemm::plain(rows, rank, inp, false, true, 0.0))?;
+        let (xm, vm) = (operand(be, x, "lowrank x")?, operand(be, v, "lowrank V")?);
+        gemm(be, output(be, h), xm, vm, &RowMajorGemm::plain(rows, rank, inp, false, true, 0.0))?;
     }
     linear_forward(be, y, h, u, bias, rows, rank, out)
 }

@@ -1,15 +1,42 @@
-//! Matrix products on the GPU through cuBLAS SGEMM (fp32, no TF32), and
+//! Matrix products on the GPU through cuBLAS GemmEx (bf16 or fp32 operands,
+//! fp32 accumulation; fp32 mode is plain fp32 without TF32), and
 //! the bias kernels of dense layers (`kernels/elementwise.cu`).
 //!
 //! cuBLAS is column-major; a row-major `C[m, n] = op(A) · op(B)` is the
 //! column-major `Cᵀ = op(B)ᵀ · op(A)ᵀ`, so every call swaps the operands
 //! and passes the row strides as leading dimensions.
 
-use crate::backend::cuda::{CudaBackend, DriverResultExt};
+use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt};
 use anyhow::{anyhow, Result};
-use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
-use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// A matrix in device memory for cuBLAS: address and element type.
+#[derive(Clone, Copy, Debug)]
+pub struct Mat {
+    pub ptr: u64,
+    pub dtype: cudaDataType,
+}
+
+impl Mat {
+    /// The same matrix starting `elems` elements further on.
+    pub fn at(self, elems: usize) -> Mat {
+        let size = if self.dtype == cudaDataType::CUDA_R_16BF { 2 } else { 4 };
+        Mat { ptr: self.ptr + (elems * size) as u64, dtype: self.dtype }
+    }
+}
+
+/// An operand of a product (an activation, or a weight through its bf16 copy in bf16 mode).
+pub fn operand(be: &CudaBackend, b: &CudaBuf, what: &str) -> Result<Mat> {
+    Ok(Mat { ptr: be.operand(b, what)?, dtype: be.operand_type() })
+}
+
+/// The output of a product, in its own storage type (fp32 gradients of
+/// weights, activations in the backend's activation type).
+pub fn output(be: &CudaBackend, b: &mut CudaBuf) -> Mat {
+    let (ptr, dtype) = be.output(b);
+    Mat { ptr, dtype }
+}
 
 /// A row-major (possibly batched, strided) product
 /// `C[m, n] = alpha · op(A) · op(B) + beta · C`; `lda`, `ldb`, `ldc` are the
@@ -50,57 +77,82 @@ fn op(trans: bool) -> cublasOperation_t {
     }
 }
 
-/// Runs `g` on cuBLAS. The caller guarantees the buffers hold the shapes.
-pub fn gemm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(be: &CudaBackend, c: &mut C, a: &A, b: &B, g: &RowMajorGemm) -> Result<()> {
+/// Runs `g` on cuBLAS (`GemmStridedBatchedEx`, fp32 compute and
+/// accumulation whatever the storage types). The caller guarantees the
+/// buffers hold the shapes.
+pub fn gemm(be: &CudaBackend, c: Mat, a: Mat, b: Mat, g: &RowMajorGemm) -> Result<()> {
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
     let int = |v: usize, what: &str| i32::try_from(v.max(1)).map_err(|_| anyhow!("gemm: {what} = {v} exceeds the cuBLAS int range"));
-    let cfg = GemmConfig {
-        transa: op(g.trans_b),
-        transb: op(g.trans_a),
-        m: int(g.n, "n")?,
-        n: int(g.m, "m")?,
-        k: g.k as i32,
-        alpha: g.alpha,
-        lda: int(g.ldb, "ldb")?,
-        ldb: int(g.lda, "lda")?,
-        beta: g.beta,
-        ldc: int(g.ldc, "ldc")?,
-    };
-    let batched = StridedBatchedConfig { gemm: cfg, batch_size: int(g.batch, "batch")?, stride_a: g.stride_b as i64, stride_b: g.stride_a as i64, stride_c: g.stride_c as i64 };
-    unsafe { be.blas().gemm_strided_batched(batched, b, a, c) }.map_err(|e| anyhow!("cuBLAS SGEMM {g:?}: {e:?}"))
+    let (m, n, k) = (int(g.n, "n")?, int(g.m, "m")?, g.k as i32);
+    let (lda, ldb, ldc) = (int(g.ldb, "ldb")?, int(g.lda, "lda")?, int(g.ldc, "ldc")?);
+    let batch = int(g.batch, "batch")?;
+    // SAFETY: shapes and strides are checked by the callers against the
+    // buffer lengths; alpha and beta are fp32 as compute type 32F requires.
+    unsafe {
+        cudarc::cublas::result::gemm_strided_batched_ex(
+            *be.blas().handle(),
+            op(g.trans_b),
+            op(g.trans_a),
+            m,
+            n,
+            k,
+            (&g.alpha) as *const f32 as *const _,
+            b.ptr as *const _,
+            b.dtype,
+            lda,
+            g.stride_b as i64,
+            a.ptr as *const _,
+            a.dtype,
+            ldb,
+            g.stride_a as i64,
+            (&g.beta) as *const f32 as *const _,
+            c.ptr as *mut _,
+            c.dtype,
+            ldc,
+            g.stride_c as i64,
+            batch,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| anyhow!("cuBLAS GemmEx {g:?} ({:?} x {:?} -> {:?}): {e:?}", a.dtype, b.dtype, c.dtype))
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(be: &CudaBackend, out: &mut CudaSlice<f32>, a: &CudaSlice<f32>, b: &CudaSlice<f32>, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool) -> Result<()> {
+pub fn matmul(be: &CudaBackend, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool) -> Result<()> {
     if k == 0 {
         if !accumulate && m * n > 0 {
-            be.stream().memset_zeros(&mut out.slice_mut(..m * n)).cu_context("matmul with k = 0: zeroing out")?;
+            use crate::backend::Backend;
+            be.zero(out, m * n)?;
         }
         return Ok(());
     }
-    gemm(be, out, a, b, &RowMajorGemm::plain(m, n, k, trans_a, trans_b, if accumulate { 1.0 } else { 0.0 }))
+    let (a, b) = (operand(be, a, "matmul a")?, operand(be, b, "matmul b")?);
+    gemm(be, output(be, out), a, b, &RowMajorGemm::plain(m, n, k, trans_a, trans_b, if accumulate { 1.0 } else { 0.0 }))
 }
 
-/// Writes `y = x · wᵀ + bias`: bias broadcast, then SGEMM with beta = 1.
+/// Writes `y = x · wᵀ + bias`: bias broadcast, then a GEMM with beta = 1.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_forward(be: &CudaBackend, y: &mut CudaSlice<f32>, x: &CudaSlice<f32>, w: &CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, inp: usize, out: usize) -> Result<()> {
+pub fn linear_forward(be: &CudaBackend, y: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, out: usize) -> Result<()> {
     broadcast_rows(be, y, bias, rows, out)?;
     if inp == 0 {
         return Ok(());
     }
-    gemm(be, y, x, w, &RowMajorGemm::plain(rows, out, inp, false, true, 1.0))
+    let (x, w) = (operand(be, x, "linear x")?, operand(be, w, "linear w")?);
+    gemm(be, output(be, y), x, w, &RowMajorGemm::plain(rows, out, inp, false, true, 1.0))
 }
 
 /// Fills every row of `y[rows, cols]` with `bias`.
-pub fn broadcast_rows(be: &CudaBackend, y: &mut CudaSlice<f32>, bias: &CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+pub fn broadcast_rows(be: &CudaBackend, y: &mut CudaBuf, bias: &CudaBuf, rows: usize, cols: usize) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c) = (rows as i32, cols as i32);
+    let (yp, bp) = (be.act_mut(y, "linear y")?, be.f32(bias, "linear bias")?);
     let mut l = be.stream().launch_builder(be.func("broadcast_rows")?);
-    l.arg(y).arg(bias).arg(&r).arg(&c);
+    l.arg(&yp).arg(&bp).arg(&r).arg(&c);
     unsafe { l.launch(be.grid_for(rows * cols)) }.cu_with_context(|| format!("broadcast_rows launch [{rows}, {cols}]"))?;
     Ok(())
 }
@@ -114,13 +166,14 @@ pub fn column_sum_config(rows: usize, cols: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (cols.div_ceil(32) as u32, rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 }
 }
 
-pub fn bias_backward(be: &CudaBackend, dbias: &mut CudaSlice<f32>, dy: &CudaSlice<f32>, rows: usize, cols: usize) -> Result<()> {
+pub fn bias_backward(be: &CudaBackend, dbias: &mut CudaBuf, dy: &CudaBuf, rows: usize, cols: usize) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c, rpb) = (rows as i32, cols as i32, ROWS_PER_BLOCK as i32);
+    let (dbp, dyp) = (be.f32_mut(dbias, "bias gradient")?, be.act(dy, "bias_backward dy")?);
     let mut l = be.stream().launch_builder(be.func("bias_backward")?);
-    l.arg(dbias).arg(dy).arg(&r).arg(&c).arg(&rpb);
+    l.arg(&dbp).arg(&dyp).arg(&r).arg(&c).arg(&rpb);
     unsafe { l.launch(column_sum_config(rows, cols)) }.cu_with_context(|| format!("bias_backward launch [{rows}, {cols}]"))?;
     Ok(())
 }
