@@ -74,7 +74,7 @@ fn lowrank_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         let mut i = 0;
         let fused = time(be, 40, || {
             i = (i + 1) % SETS;
-            ops::lowrank::cuda::lowrank_forward(be, &mut ys[i], &mut hs[i], &xs[i], &v, &u, &bias, m, width, r, width)
+            ops::lowrank::cuda::lowrank_forward_fused(be, &mut ys[i], &mut hs[i], &xs[i], &v, &u, &bias, m, width, r, width)
         })?;
         let base = time(be, 40, || {
             i = (i + 1) % SETS;
@@ -120,6 +120,30 @@ fn memory_bound_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     rows.push(Row { kernel: format!("layernorm_forward [{r}, {c}]"), ms: s * 1e3, rate: gbs(2.0 * e * n as f64, s), baseline_ms: None });
     let s = time(be, 50, || be.layernorm_backward(&mut dx, &mut dgamma, &mut dbeta, &dout, &x, &mean, &rstd, &gamma, r, c))?;
     rows.push(Row { kernel: format!("layernorm_backward [{r}, {c}]"), ms: s * 1e3, rate: gbs(5.0 * e * n as f64, s), baseline_ms: None });
+    // Its two kernels apart: the input gradient (a warp per row) and the
+    // parameter gradients (column sums).
+    {
+        use cudarc::driver::PushKernelArg;
+        let (ri, ci, rpb) = (r as i32, c as i32, ops::matmul::cuda::ROWS_PER_BLOCK as i32);
+        let (dxp, dop, xp) = (be.act_mut(&mut dx, "dx")?, be.act(&dout, "dout")?, be.act(&x, "x")?);
+        let (mp, rp, gp) = (be.f32(&mean, "mean")?, be.f32(&rstd, "rstd")?, be.f32(&gamma, "gamma")?);
+        let (dgp, dbp) = (be.f32_mut(&mut dgamma, "dgamma")?, be.f32_mut(&mut dbeta, "dbeta")?);
+        let rows_cfg = cudarc::driver::LaunchConfig { grid_dim: (r.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let s = time(be, 50, || {
+            let mut l = be.stream().launch_builder(be.func("layernorm_backward_dx")?);
+            l.arg(&dxp).arg(&dop).arg(&xp).arg(&mp).arg(&rp).arg(&gp).arg(&ri).arg(&ci);
+            unsafe { l.launch(rows_cfg) }.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            Ok(())
+        })?;
+        rows.push(Row { kernel: "  of which layernorm_backward_dx".into(), ms: s * 1e3, rate: gbs(4.0 * e * n as f64, s), baseline_ms: None });
+        let s = time(be, 50, || {
+            let mut l = be.stream().launch_builder(be.func("layernorm_backward_params")?);
+            l.arg(&dgp).arg(&dbp).arg(&dop).arg(&xp).arg(&mp).arg(&rp).arg(&ri).arg(&ci).arg(&rpb);
+            unsafe { l.launch(ops::matmul::cuda::column_sum_config(r, c)) }.map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            Ok(())
+        })?;
+        rows.push(Row { kernel: "  of which layernorm_backward_params".into(), ms: s * 1e3, rate: gbs(2.0 * e * n as f64, s), baseline_ms: None });
+    }
     let s = time(be, 50, || be.gelu_forward(&mut out, &x, n))?;
     rows.push(Row { kernel: format!("gelu_forward {n}"), ms: s * 1e3, rate: gbs(2.0 * e * n as f64, s), baseline_ms: None });
     let s = time(be, 50, || be.gelu_backward(&mut dx, &x, &dout, n))?;

@@ -25,24 +25,52 @@ KERNEL(layernorm_forward)(act_t* out, float* mean, float* rstd, const act_t* x,
     if (lane == 0) { mean[row] = mu; rstd[row] = rs; }
 }
 
+// Two adjacent columns per lane per step (one 4-byte bf16 pair or 8-byte
+// float pair) when cols is even, so a warp touches 128 contiguous bytes or
+// more per access; a scalar loop otherwise.
+__device__ __forceinline__ float2 load_pair(const float* p) { return *(const float2*)p; }
+__device__ __forceinline__ float2 load_pair(const bf16* p) { return __bfloat1622float2(*(const __nv_bfloat162*)p); }
+__device__ __forceinline__ void store_pair(float* p, float2 v) { *(float2*)p = v; }
+__device__ __forceinline__ void store_pair(bf16* p, float2 v) { *(__nv_bfloat162*)p = __float22bfloat162_rn(v); }
+
 KERNEL(layernorm_backward_dx)(act_t* dx, const act_t* dout, const act_t* x, const float* mean,
-                                                 const float* rstd, const float* gamma, int rows, int cols) {
+                              const float* rstd, const float* gamma, int rows, int cols) {
     int row = blockIdx.x * (blockDim.x / WARP) + threadIdx.x / WARP;
     int lane = threadIdx.x % WARP;
     if (row >= rows) return;
     unsigned long long off = (unsigned long long)row * cols;
     float mu = mean[row], rs = rstd[row];
     float a = 0.f, b = 0.f;
-    for (int c = lane; c < cols; c += WARP) {
-        float dn = to_float(dout[off + c]) * gamma[c];
-        a += dn;
-        b += dn * (to_float(x[off + c]) - mu) * rs;
+    if (cols % 2 == 0) {
+        for (int c = 2 * lane; c < cols; c += 2 * WARP) {
+            float2 d = load_pair(dout + off + c), xv = load_pair(x + off + c);
+            float dn0 = d.x * gamma[c], dn1 = d.y * gamma[c + 1];
+            a += dn0 + dn1;
+            b += dn0 * (xv.x - mu) * rs + dn1 * (xv.y - mu) * rs;
+        }
+    } else {
+        for (int c = lane; c < cols; c += WARP) {
+            float dn = to_float(dout[off + c]) * gamma[c];
+            a += dn;
+            b += dn * (to_float(x[off + c]) - mu) * rs;
+        }
     }
     float mean_dn = warp_sum(a) / cols, mean_dn_xhat = warp_sum(b) / cols;
-    for (int c = lane; c < cols; c += WARP) {
-        float xhat = (to_float(x[off + c]) - mu) * rs;
-        float dn = to_float(dout[off + c]) * gamma[c];
-        dx[off + c] = to_act(to_float(dx[off + c]) + rs * (dn - mean_dn - xhat * mean_dn_xhat));
+    if (cols % 2 == 0) {
+        for (int c = 2 * lane; c < cols; c += 2 * WARP) {
+            float2 d = load_pair(dout + off + c), xv = load_pair(x + off + c), g = load_pair(dx + off + c);
+            float dn0 = d.x * gamma[c], dn1 = d.y * gamma[c + 1];
+            float xh0 = (xv.x - mu) * rs, xh1 = (xv.y - mu) * rs;
+            g.x += rs * (dn0 - mean_dn - xh0 * mean_dn_xhat);
+            g.y += rs * (dn1 - mean_dn - xh1 * mean_dn_xhat);
+            store_pair(dx + off + c, g);
+        }
+    } else {
+        for (int c = lane; c < cols; c += WARP) {
+            float xhat = (to_float(x[off + c]) - mu) * rs;
+            float dn = to_float(dout[off + c]) * gamma[c];
+            dx[off + c] = to_act(to_float(dx[off + c]) + rs * (dn - mean_dn - xhat * mean_dn_xhat));
+        }
     }
 }
 

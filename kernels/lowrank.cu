@@ -265,29 +265,51 @@ KERNEL_BOUNDS(lowrank_forward, 256)(act_t* y, act_t* h, const act_t* x, const ac
         __syncthreads();
     }
 }
-// ---- bf16, aligned shapes: B fragments straight from global memory -------
+// ---- bf16, aligned shapes: every operand staged with 16-byte loads --------
 //
 // When rows, rank, inp and out are multiples of 16 (ViT shapes at batch
 // sizes that are multiples of 8, e.g. 256 × 50 tokens), no tile needs zero
-// padding. One block of 256 threads (8 warps) per 64 rows (4 row tiles).
-//   phase 1: x is staged in shared memory 256 columns at a time (16-byte
-//            loads); warp w owns column tiles j ≡ w (mod 8) of h (≤ 2) and,
-//            for each k step, loads the V fragment of a column tile from
-//            global memory (V is small and stays in L2) once and multiplies
-//            it into all 4 row tiles: every operand is read once per block.
-//            Below 8 column tiles (rank < 128), 2 or 4 warps share a column
-//            tile and split the row tiles, so that every warp has work. h goes through a per-warp 16×16 fp32 staging tile,
-//            is rounded to bf16 into hs[64][rank+8] and written to global h.
-//   phase 2: warp w owns the output column tiles ct ≡ w (mod 8); for each k
-//            step it loads the U fragment once (global, L2) and the 4 row-tile
-//            fragments of h from shared memory; then per row tile it stages
-//            16×16 fp32, adds the bias and writes bf16, one 16-byte store per
-//            lane.
-// Shared memory (bytes): x chunk 2·64·(256+8) = 33792, hs 2·64·(rank+8),
-// staging 8·16·16·4 = 8192.
+// padding and every row is 16-byte aligned. One block of 256 threads
+// (8 warps) per 64 rows (4 row tiles of 16).
+//   phase 1: for each chunk of 256 input columns, x[64][256] and V[rank][256]
+//            are copied to shared memory with 16-byte loads (each thread
+//            issues its loads in batches before storing, so many are in
+//            flight). Warp w owns column tiles j ≡ w (mod 8) of h (≤ 2) and
+//            multiplies each V fragment into its row tiles. Below 8 column
+//            tiles (rank < 128), 2 or 4 warps share a column tile and split
+//            the 4 row tiles, so that every warp has work. h goes through a
+//            per-warp 16×16 fp32 staging tile, is rounded to bf16 into
+//            hs[64][rank+8] and written to global h.
+//   phase 2: for each chunk of 128 output columns, U[128][rank] is copied to
+//            shared memory (in the space V used); warp w computes output
+//            column tile w of the chunk for all 4 row tiles, then stages each
+//            16×16 fp32 tile, adds the bias and writes bf16, one 16-byte
+//            store per lane.
+// Shared memory (bytes), ld = 256 + 8: staging 8·16·16·4 = 8192,
+// x chunk 2·64·ld = 33792, V chunk 2·rank·ld (U chunk 2·128·(rank+8) fits
+// in it for rank ≥ 16), hs 2·64·(rank+8).
 #define AL_KC 256
 #define AL_LDX (AL_KC + 8)
-#define AL_LOADS (TC_BM * AL_KC / 8 / 256)  // 16-byte x loads per thread per chunk
+#define AL_BN 128
+
+// dst[r][c] = src[r * ld_src + c] for r < nrows, c < ncols (ncols % 8 == 0),
+// 16-byte copies; loads are issued 4 at a time before their stores.
+__device__ __forceinline__ void copy_rows16(bf16* dst, int ld_dst, const bf16* src, unsigned long long ld_src, int nrows, int ncols) {
+    const int per_row = ncols / 8, total = nrows * per_row;
+    for (int base = threadIdx.x; base < total; base += 4 * blockDim.x) {
+        uint4 val[4];
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            int idx = base + q * blockDim.x;
+            if (idx < total) val[q] = *(const uint4*)(src + (idx / per_row) * ld_src + (idx % per_row) * 8);
+        }
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            int idx = base + q * blockDim.x;
+            if (idx < total) *(uint4*)(dst + (idx / per_row) * ld_dst + (idx % per_row) * 8) = val[q];
+        }
+    }
+}
 
 KERNEL_BOUNDS(lowrank_forward_aligned, 256)(act_t* y, act_t* h, const act_t* x, const act_t* v, const act_t* u,
                                             const float* bias, int rows, int inp, int rank, int out) {
@@ -295,14 +317,13 @@ KERNEL_BOUNDS(lowrank_forward_aligned, 256)(act_t* y, act_t* h, const act_t* x, 
     const int ld_h = rank + 8;
     float* stage_all = (float*)smem_raw;                  // [8 warps][16][16]
     bf16* xs = (bf16*)(stage_all + 8 * 256);              // [64][AL_LDX]
-    bf16* hs = xs + TC_BM * AL_LDX;                       // [64][ld_h]
+    bf16* ws = xs + TC_BM * AL_LDX;                       // V chunk [rank][AL_LDX], then U chunk [128][ld_h]
+    bf16* hs = ws + rank * AL_LDX;                        // [64][ld_h]
     const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     float* stage = stage_all + warp * 256;
     const int row0 = blockIdx.x * TC_BM;
+    const int live_rows = min(TC_BM, rows - row0);        // a multiple of 16
     const int ntiles = rank / 16;
-    // Phase-1 work split: with few column tiles of h (small rank), G warps
-    // share a column tile, each taking 4/G of the row tiles, so that all 8
-    // warps have work; with 8 or more column tiles, G = 1.
     const int G = ntiles >= 8 ? 1 : (ntiles >= 4 ? 2 : 4);
     const int col_groups = 8 / G;
     const int col_group = warp / G;
@@ -318,35 +339,16 @@ KERNEL_BOUNDS(lowrank_forward_aligned, 256)(act_t* y, act_t* h, const act_t* x, 
     for (int k0 = 0; k0 < inp; k0 += AL_KC) {
         const int kc = min(AL_KC, inp - k0);
         __syncthreads();
-        // x[row0 .. row0+64, k0 .. k0+kc] → xs; rows past `rows` are zero.
-        // All 8 loads of a thread are issued before any store, so 32 KB per
-        // block are in flight at once (a load-store loop would keep one).
-        uint4 xv[AL_LOADS];
-#pragma unroll
-        for (int q = 0; q < AL_LOADS; q++) {
-            int idx = threadIdx.x + q * 256;
-            int r = idx / (AL_KC / 8), c = (idx % (AL_KC / 8)) * 8;
-            int gr = row0 + r;
-            xv[q] = make_uint4(0, 0, 0, 0);
-            if (gr < rows && c < kc) xv[q] = *(const uint4*)(x + (unsigned long long)gr * inp + k0 + c);
-        }
-#pragma unroll
-        for (int q = 0; q < AL_LOADS; q++) {
-            int idx = threadIdx.x + q * 256;
-            int r = idx / (AL_KC / 8), c = (idx % (AL_KC / 8)) * 8;
-            *(uint4*)(xs + r * AL_LDX + c) = xv[q];
-        }
+        copy_rows16(xs, AL_LDX, x + (unsigned long long)row0 * inp + k0, inp, live_rows, kc);
+        copy_rows16(ws, AL_LDX, v + k0, inp, rank, kc);
         __syncthreads();
 #pragma unroll
         for (int t = 0; t < 2; t++) {
             const int j = col_group + col_groups * t;
             if (j >= ntiles) continue;
-            // The V fragment of step k+16 is loaded (from L2) while step k multiplies.
-            const bf16* vj = v + (unsigned long long)j * 16 * inp + k0;
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b, b_next;
-            wmma::load_matrix_sync(b, vj, inp);
             for (int k = 0; k < kc; k += 16) {
-                if (k + 16 < kc) wmma::load_matrix_sync(b_next, vj + k + 16, inp);
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
+                wmma::load_matrix_sync(b, ws + j * 16 * AL_LDX + k, AL_LDX);
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     if (i >= row_tiles) break;
@@ -354,7 +356,6 @@ KERNEL_BOUNDS(lowrank_forward_aligned, 256)(act_t* y, act_t* h, const act_t* x, 
                     wmma::load_matrix_sync(a, xs + (row_tile0 + i) * 16 * AL_LDX + k, AL_LDX);
                     wmma::mma_sync(acc[t][i], a, b, acc[t][i]);
                 }
-                b = b_next;
             }
         }
     }
@@ -378,31 +379,34 @@ KERNEL_BOUNDS(lowrank_forward_aligned, 256)(act_t* y, act_t* h, const act_t* x, 
             __syncwarp();
         }
     }
-    __syncthreads();
 
-    // ---- phase 2: y = h Uᵀ + b
-    for (int ct = warp; ct < out / 16; ct += 8) {
+    // ---- phase 2: y = h Uᵀ + b, 128 output columns per chunk
+    for (int n0 = 0; n0 < out; n0 += AL_BN) {
+        const int nc = min(AL_BN, out - n0);
+        __syncthreads();  // hs complete (first chunk); ws free (later chunks)
+        copy_rows16(ws, ld_h, u + (unsigned long long)n0 * rank, rank, nc, rank);
+        __syncthreads();
+        const int ct = warp;  // column tile of this chunk
+        if (ct * 16 >= nc) continue;
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> yacc[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) wmma::fill_fragment(yacc[i], 0.f);
-        const bf16* uc = u + (unsigned long long)ct * 16 * rank;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b, b_next;
-        wmma::load_matrix_sync(b, uc, rank);
         for (int k = 0; k < rank; k += 16) {
-            if (k + 16 < rank) wmma::load_matrix_sync(b_next, uc + k + 16, rank);
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
+            wmma::load_matrix_sync(b, ws + ct * 16 * ld_h + k, ld_h);
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
                 wmma::load_matrix_sync(a, hs + i * 16 * ld_h + k, ld_h);
                 wmma::mma_sync(yacc[i], a, b, yacc[i]);
             }
-            b = b_next;
         }
         // lane → row lane/2, 8 columns (lane%2)·8: one 16-byte store.
         const int r = lane / 2, c0 = (lane % 2) * 8;
+        const int gc = n0 + ct * 16 + c0;
         float b8[8];
 #pragma unroll
-        for (int e = 0; e < 8; e++) b8[e] = bias[ct * 16 + c0 + e];
+        for (int e = 0; e < 8; e++) b8[e] = bias[gc + e];
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             wmma::store_matrix_sync(stage, yacc[i], 16, wmma::mem_row_major);
@@ -412,7 +416,7 @@ KERNEL_BOUNDS(lowrank_forward_aligned, 256)(act_t* y, act_t* h, const act_t* x, 
                 __align__(16) bf16 o[8];
 #pragma unroll
                 for (int e = 0; e < 8; e++) o[e] = __float2bfloat16_rn(stage[r * 16 + c0 + e] + b8[e]);
-                *(uint4*)(y + (unsigned long long)gr * out + ct * 16 + c0) = *(uint4*)o;
+                *(uint4*)(y + (unsigned long long)gr * out + gc) = *(uint4*)o;
             }
             __syncwarp();
         }

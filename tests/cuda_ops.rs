@@ -206,6 +206,31 @@ fn lowrank_forward_fused_and_fallback() {
     }
 }
 
+/// The fused kernels themselves (the `Backend` path above picks the cuBLAS
+/// pair where that is faster): generic and aligned bf16 kernels, fp32 SIMT.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn lowrank_fused_kernels_directly() {
+    use effrank_engine::ops::lowrank::cuda::lowrank_forward_fused;
+    for p in PRECISIONS {
+        for (rows, inp, out) in [(1000, 192, 300), (77, 24, 10), (1600, 768, 768), (208, 3072, 768), (96, 768, 3072)] {
+            for rank in [1, 3, 16, 17, 32, 64, 100, 128, 256] {
+                let inputs = round_activations(p, vec![act(randn(13, rows * inp, 1.0)), par(randn(14, rank * inp, 0.1)), par(randn(15, out * rank, 0.1)), par(randn(16, out, 1.0))]);
+                let cpu = CpuBackend::default();
+                let cuda = gpu(p);
+                let (mut yc, mut hc) = (vec![0.0; rows * out], vec![0.0; rows * rank]);
+                cpu.lowrank_forward(&mut yc, &mut hc, &inputs[0].1, &inputs[1].1, &inputs[2].1, &inputs[3].1, rows, inp, rank, out).unwrap();
+                let up = |(k, v): &(BufKind, Vec<f32>)| cuda.upload(v, *k).unwrap();
+                let (x, v, u, b) = (up(&inputs[0]), up(&inputs[1]), up(&inputs[2]), up(&inputs[3]));
+                let (mut y, mut h) = (cuda.upload(&vec![f32::NAN; rows * out], BufKind::Activation).unwrap(), cuda.upload(&vec![f32::NAN; rows * rank], BufKind::Activation).unwrap());
+                lowrank_forward_fused(&cuda, &mut y, &mut h, &x, &v, &u, &b, rows, inp, rank, out).unwrap();
+                let got = vec![cuda.download(&y).unwrap(), cuda.download(&h).unwrap()];
+                assert_close(&format!("fused lowrank {p:?} rows {rows} in {inp} out {out} rank {rank}"), &got, &[yc, hc], tol(p, RED));
+            }
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gelu_forward_and_backward() {
@@ -222,7 +247,13 @@ fn gelu_forward_and_backward() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn layernorm_forward_and_backward_add() {
-    let (rows, cols) = (517, 768);
+    // Even widths take the paired-column path of the backward kernel, odd ones the scalar loop.
+    for (rows, cols) in [(517, 768), (33, 45)] {
+        layernorm_check(rows, cols);
+    }
+}
+
+fn layernorm_check(rows: usize, cols: usize) {
     let mut x = randn(19, rows * cols, 2.0);
     for v in x.iter_mut().step_by(7) {
         *v += 5.0;
@@ -234,7 +265,7 @@ fn layernorm_forward_and_backward_add() {
             be.layernorm_forward(out, mean, rstd, x, gamma, beta, rows, cols, 1e-6).unwrap();
             be.layernorm_backward(dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols).unwrap();
         });
-        assert_close(&format!("layernorm {p:?}"), &g, &c, tol(p, RED));
+        assert_close(&format!("layernorm {p:?} [{rows}, {cols}]"), &g, &c, tol(p, RED));
     }
 }
 
@@ -441,12 +472,17 @@ fn whole_vit_step_matches_cpu() {
         // gradients agree to a few percent of their scale; one AdamW step
         // moves each weight by about lr, so the updated weights still agree
         // closely.
-        // A gradient that is zero analytically (the key bias) comes out as
-        // rounding noise: its error is measured against `floor` times the
-        // largest gradient of the model (bf16 noise is ~1e-4 of it).
+        // Errors are measured against max(the tensor's own largest gradient,
+        // `floor` × the model's largest gradient). fp32: only the key bias,
+        // zero analytically, needs the floor. bf16: the residual stream's
+        // gradient is summed in bf16 through every block, so its rounding
+        // error is proportional to the large gradients that flow through it,
+        // not to a small tensor's own scale; measured on an H100, the worst
+        // small tensor was off by 5% of its own scale and 0.05% of the
+        // model's largest gradient, so the bf16 floor is 3e-2.
         let (loss_tol, grad_tol, param_tol, floor) = match p {
             Precision::F32 => (1e-4, 1e-3, 1e-4, 1e-3),
-            Precision::Bf16 => (1e-2, 3e-2, 0.0, 1e-2),
+            Precision::Bf16 => (1e-2, 3e-2, 0.0, 3e-2),
         };
         for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 8)] {
             let (lc, gc, pc) = one_step(&CpuBackend::default(), &cfg, &ranks, &bytes, &labels);

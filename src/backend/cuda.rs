@@ -14,6 +14,7 @@
 //! - `F32`: every buffer fp32 and every product a plain fp32 GEMM (no TF32),
 //!   so results match the CPU reference to fp32 rounding; the reference the
 //!   bf16 path and the tests are checked against.
+//!
 //! Reductions that the CPU sums in f64 (losses, the gradient norm) are
 //! summed in fp64 on the device too.
 //!

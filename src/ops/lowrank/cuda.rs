@@ -1,9 +1,9 @@
 //! Launcher of the fused low-rank forward (`kernels/lowrank.cu`):
 //! `h = x Vᵀ`, `y = h Uᵀ + b` with the h tile kept in shared memory, for
-//! rank ≤ 256. The bf16 kernel runs on tensor cores; the fp32 kernel is the
-//! SIMT reference. Larger ranks (or a device with too little shared memory)
-//! run as two cuBLAS GEMMs, which give the same result (also the benchmark
-//! baseline).
+//! rank ≤ 256. The bf16 kernels run on tensor cores; the fp32 kernel is the
+//! SIMT reference. The engine uses the fused kernel where it is faster than
+//! two cuBLAS GEMMs (`FUSED_FASTER_MAX_RANK`) and the GEMM pair elsewhere;
+//! both give the same result, and the pair is the benchmark baseline.
 
 use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt, Precision};
 use crate::ops::matmul::cuda::{gemm, linear_forward, operand, output, RowMajorGemm};
@@ -33,14 +33,36 @@ pub fn bf16_launch(rank: usize) -> (usize, usize, usize) {
     (64, 256, 4 * 64 * (wide + 4) + 2 * 64 * (r + 8) + 2 * 40 * (64 + wide))
 }
 
-/// The aligned bf16 kernel: 64 rows, 256 threads; an x chunk [64][264] and
-/// h [64][rank+8] in bf16, and a 16×16 fp32 staging tile per warp.
+/// The aligned bf16 kernel: 64 rows, 256 threads; a 16×16 fp32 staging tile
+/// per warp, the x chunk [64][264] and V chunk [rank][264] in bf16 (the U
+/// chunk [128][rank+8] reuses the V space), h in bf16 [64][rank+8].
 pub fn aligned_launch(rank: usize) -> (usize, usize, usize) {
-    (64, 256, 2 * 64 * 264 + 2 * 64 * (rank + 8) + 8 * 16 * 16 * 4)
+    (64, 256, 8 * 16 * 16 * 4 + 2 * 64 * 264 + 2 * rank * 264 + 2 * 64 * (rank + 8))
 }
 
+/// Largest rank at which the engine runs the fused kernel (bf16, aligned
+/// shapes). Measured on an H100 (bench/RESULTS.md, `cargo bench --bench
+/// kernels`, 12,800 rows, width 768): the fused kernel beats the two cuBLAS
+/// GEMMs at rank 16 and ties near rank 32; from rank 64 up cuBLAS is faster,
+/// so larger ranks, ragged shapes and fp32 take the cuBLAS pair.
+pub const FUSED_FASTER_MAX_RANK: usize = 32;
+
+/// The `Backend` operation: the faster of the fused kernel and the cuBLAS
+/// pair for this shape and precision (see FUSED_FASTER_MAX_RANK).
 #[allow(clippy::too_many_arguments)]
 pub fn lowrank_forward(be: &CudaBackend, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
+    let aligned = [rows, inp, rank, out].iter().all(|d| d % 16 == 0);
+    if be.precision() == Precision::Bf16 && aligned && rank <= FUSED_FASTER_MAX_RANK {
+        lowrank_forward_fused(be, y, h, x, v, u, bias, rows, inp, rank, out)
+    } else {
+        unfused(be, y, h, x, v, u, bias, rows, inp, rank, out)
+    }
+}
+
+/// The fused kernel for any shape with rank ≤ 256 (the cuBLAS pair beyond,
+/// or where the device has too little shared memory).
+#[allow(clippy::too_many_arguments)]
+pub fn lowrank_forward_fused(be: &CudaBackend, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
     if rank == 0 || rank > MAX_FUSED_RANK || inp == 0 {
         return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out);
     }
