@@ -1,6 +1,6 @@
 //! The CPU backend: fp32 `Vec<f32>` buffers, each operation in
 //! `src/ops/<op>/cpu.rs` (rayon across rows, images and heads;
-//! the `gemm` crate for every matrix product). It is the reference every
+//! faer's matmul for every matrix product). It is the reference every
 //! CUDA kernel is tested against, and deterministic: the same inputs give the
 //! same bits whatever the thread count.
 

@@ -2,7 +2,7 @@
 //! written against, once, for every device.
 //!
 //! A backend owns flat buffers of real numbers (`Backend::Buf`) and the
-//! operations on them. `CpuBackend` (rayon + the gemm crate, fp32) is the
+//! operations on them. `CpuBackend` (rayon + faer's matmul, fp32) is the
 //! reference; `CudaBackend` (feature `cuda`) implements the same contract with
 //! handwritten kernels and cuBLAS. Every operation's CPU code lives in
 //! `src/ops/<op>/cpu.rs` and its CUDA code in `src/ops/<op>/cuda.rs`; the

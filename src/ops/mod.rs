@@ -12,5 +12,6 @@ pub mod layernorm;
 pub mod loss;
 pub mod lowrank;
 pub mod matmul;
+pub mod simd;
 #[cfg(test)]
 pub mod testing;

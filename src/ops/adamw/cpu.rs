@@ -1,6 +1,7 @@
 //! AdamW and the global gradient norm on the CPU.
 
 use crate::backend::AdamWStep;
+use crate::ops::simd::vectorized;
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
@@ -30,12 +31,17 @@ pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
         .zip(grad[..len].par_chunks(CHUNK))
         .zip(m[..len].par_chunks_mut(CHUNK).zip(v[..len].par_chunks_mut(CHUNK)))
         .for_each(|((p, g), (m, v))| {
-            for i in 0..p.len() {
-                let g = g[i] * scale;
-                m[i] = b1 * m[i] + (1.0 - b1) * g;
-                v[i] = b2 * v[i] + (1.0 - b2) * g * g;
-                let update = (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps);
-                p[i] -= lr * (wd * p[i] + update);
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for i in 0..p.len() {
+                        let g = g[i] * scale;
+                        m[i] = b1 * m[i] + (1.0 - b1) * g;
+                        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                        let update = (m[i] / bc1) / ((v[i] / bc2).sqrt() + eps);
+                        p[i] -= lr * (wd * p[i] + update);
+                    }
+                },
+            )
         });
 }

@@ -2,6 +2,8 @@
 //! running single-threaded strided products directly on its head's columns of q, k, v and
 //! out (no copies), so every task writes only its own head's columns.
 
+use crate::ops::gelu::cpu::exp;
+use crate::ops::simd::vectorized;
 use rayon::prelude::*;
 
 /// A raw pointer that tasks writing disjoint parts of one buffer may share.
@@ -13,8 +15,7 @@ unsafe impl Sync for SharedMut {}
 /// `c[m, n] = alpha · a[m, k] · b[k, n]` with explicit strides, one thread.
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: usize, csa: usize, b: *const f32, rsb: usize, csb: usize, c: *mut f32, rsc: usize, csc: usize) {
-    let par = gemm::Parallelism::None;
-    gemm::gemm(m, n, k, c, csc as isize, rsc as isize, false, a, csa as isize, rsa as isize, b, csb as isize, rsb as isize, 0.0f32, alpha, false, false, false, par);
+    crate::ops::matmul::cpu::strided_gemm(m, k, n, alpha, a, rsa as isize, csa as isize, b, rsb as isize, csb as isize, false, c, rsc as isize, csc as isize, 1);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -32,23 +33,29 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
         unsafe {
             gemm(t, dh, t, scale, q.as_ptr().add(base), d, 1, k.as_ptr().add(base), 1, d, p.as_mut_ptr(), t, 1);
         }
-        for row in p.chunks_mut(t) {
-            softmax_in_place(row);
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for row in p.chunks_mut(t) {
+                    softmax_in_place(row);
+                }
+            },
+        );
         unsafe {
             gemm(t, t, dh, 1.0, p.as_ptr(), t, 1, v.as_ptr().add(base), d, 1, o.0.add(base), d, 1);
         }
     });
 }
 
+/// Row softmax with the branch-free `exp` of the GELU op (1-2 ulp), which
+/// vectorizes; libm's `expf` is one call per score.
+#[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
     for v in row.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
+        *v = exp(*v - max);
     }
-    let inv = 1.0 / sum;
+    let inv = 1.0 / row.iter().sum::<f32>();
     for v in row.iter_mut() {
         *v *= inv;
     }
@@ -75,12 +82,17 @@ pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: 
             gemm(t, t, dh, 1.0, p.as_ptr(), 1, t, dout.as_ptr().add(base), d, 1, pv.0.add(base), d, 1);
         }
         // dS = P ∘ (dP − rowsum(dP ∘ P))
-        for (ds_row, p_row) in ds.chunks_mut(t).zip(p.chunks(t)) {
-            let dot: f32 = ds_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
-            for (g, &pv) in ds_row.iter_mut().zip(p_row) {
-                *g = pv * (*g - dot);
-            }
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for (ds_row, p_row) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                    let dot: f32 = ds_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                    for (g, &pv) in ds_row.iter_mut().zip(p_row) {
+                        *g = pv * (*g - dot);
+                    }
+                }
+            },
+        );
         unsafe {
             // dQ = scale · dS · k ;  dK = scale · dSᵀ · q
             gemm(t, t, dh, scale, ds.as_ptr(), t, 1, k.as_ptr().add(base), d, 1, pq.0.add(base), d, 1);

@@ -6,6 +6,7 @@
 //! precision in both tails) and a Cephes-style `exp`; both are branch-free so
 //! the loops vectorize. The tests hold Φ to 1e-6 relative against f64 erf.
 
+use crate::ops::simd::vectorized;
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
@@ -71,16 +72,26 @@ pub fn gelu_grad(x: f32) -> f32 {
 
 pub fn gelu_forward(out: &mut [f32], x: &[f32], len: usize) {
     out[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).for_each(|(o, x)| {
-        for (o, &x) in o.iter_mut().zip(x) {
-            *o = gelu(x);
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = gelu(x);
+                }
+            },
+        )
     });
 }
 
 pub fn gelu_backward(dx: &mut [f32], x: &[f32], dout: &[f32], len: usize) {
     dx[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).zip(dout[..len].par_chunks(CHUNK)).for_each(|((d, x), g)| {
-        for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-            *d = g * gelu_grad(x);
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                    *d = g * gelu_grad(x);
+                }
+            },
+        )
     });
 }

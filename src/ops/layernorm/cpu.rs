@@ -3,6 +3,7 @@
 //! per 64-row chunk in parallel, chunks combined in order.
 
 use crate::ops::matmul::cpu::{column_sums, lane_sum};
+use crate::ops::simd::vectorized;
 use rayon::prelude::*;
 
 #[allow(clippy::too_many_arguments)]
@@ -12,14 +13,19 @@ pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], x:
         .zip(x[..rows * cols].par_chunks(cols))
         .zip(mean[..rows].par_iter_mut().zip(rstd[..rows].par_iter_mut()))
         .for_each(|((o, x), (m, r))| {
-            let mu = (lane_sum(cols, |j| x[j]) / cols as f64) as f32;
-            let var = lane_sum(cols, |j| (x[j] - mu) * (x[j] - mu)) / cols as f64;
-            let rs = (1.0 / (var + eps as f64).sqrt()) as f32;
-            for j in 0..cols {
-                o[j] = (x[j] - mu) * rs * gamma[j] + beta[j];
-            }
-            *m = mu;
-            *r = rs;
+            vectorized(
+                #[inline(always)]
+                || {
+                    let mu = (lane_sum(cols, |j| x[j]) / cols as f64) as f32;
+                    let var = lane_sum(cols, |j| (x[j] - mu) * (x[j] - mu)) / cols as f64;
+                    let rs = (1.0 / (var + eps as f64).sqrt()) as f32;
+                    for j in 0..cols {
+                        o[j] = (x[j] - mu) * rs * gamma[j] + beta[j];
+                    }
+                    *m = mu;
+                    *r = rs;
+                },
+            )
         });
 }
 
@@ -30,12 +36,17 @@ pub fn layernorm_backward(dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32],
     dx[..rows * cols].par_chunks_mut(cols).enumerate().for_each(|(r, dx)| {
         let (x, g) = (&x[r * cols..(r + 1) * cols], &dout[r * cols..(r + 1) * cols]);
         let (mu, rs) = (mean[r], rstd[r]);
-        let mean_dn = (lane_sum(cols, |j| g[j] * gamma[j]) / cols as f64) as f32;
-        let mean_dn_xhat = (lane_sum(cols, |j| g[j] * gamma[j] * (x[j] - mu) * rs) / cols as f64) as f32;
-        for j in 0..cols {
-            let xhat = (x[j] - mu) * rs;
-            dx[j] += rs * (g[j] * gamma[j] - mean_dn - xhat * mean_dn_xhat);
-        }
+        vectorized(
+            #[inline(always)]
+            || {
+                let mean_dn = (lane_sum(cols, |j| g[j] * gamma[j]) / cols as f64) as f32;
+                let mean_dn_xhat = (lane_sum(cols, |j| g[j] * gamma[j] * (x[j] - mu) * rs) / cols as f64) as f32;
+                for j in 0..cols {
+                    let xhat = (x[j] - mu) * rs;
+                    dx[j] += rs * (g[j] * gamma[j] - mean_dn - xhat * mean_dn_xhat);
+                }
+            },
+        )
     });
     let dg = column_sums(rows, cols, |r, out| {
         let (x, g) = (&x[r * cols..(r + 1) * cols], &dout[r * cols..(r + 1) * cols]);

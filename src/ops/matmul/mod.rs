@@ -42,6 +42,56 @@ mod tests {
         }
     }
 
+    /// The threaded split (rows when C is tall, columns when it is wide) on
+    /// ragged sizes, every transpose, replace (C starts as NaN, so a read of
+    /// it would show) and accumulate, 2 and 3 threads, against f64 loops.
+    #[test]
+    fn threaded_split_matches_plain_loops() {
+        for (m, k, n) in [(37, 9, 5), (5, 9, 41), (130, 3, 129), (1, 4, 70)] {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                for accumulate in [false, true] {
+                    for threads in [2, 3] {
+                        let (a, b) = (random(m * k, 4), random(k * n, 5));
+                        let prior = random(m * n, 6);
+                        let mut c = if accumulate { prior.clone() } else { vec![f32::NAN; m * n] };
+                        let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+                        let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+                        // SAFETY: the strides describe the buffers exactly.
+                        unsafe { strided_gemm(m, k, n, 0.5, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, accumulate, c.as_mut_ptr(), n as isize, 1, threads) };
+                        for i in 0..m {
+                            for j in 0..n {
+                                let dot: f64 = (0..k).map(|l| at(&a, m, k, ta, i, l) * at(&b, k, n, tb, l, j)).sum();
+                                let want = 0.5 * dot + if accumulate { prior[i * n + j] as f64 } else { 0.0 };
+                                let got = c[i * n + j] as f64;
+                                assert!((got - want).abs() < 1e-4, "[{m}x{k}x{n}] ta={ta} tb={tb} acc={accumulate} threads={threads} [{i},{j}]: {got} vs {want}");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The CPU backend promises the same bits whatever the thread count:
+    /// the split only cuts C, never the sum over k.
+    #[test]
+    fn products_give_the_same_bits_on_any_thread_count() {
+        for (m, k, n) in [(1040, 192, 768), (400, 768, 300), (192, 1040, 192), (50, 64, 50), (130, 3, 129)] {
+            let (a, b) = (random(m * k, 7), random(k * n, 8));
+            let product = |threads: usize| {
+                let mut c = vec![0f32; m * n];
+                // SAFETY: the strides describe the buffers exactly (B read transposed).
+                unsafe { strided_gemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, false, c.as_mut_ptr(), n as isize, 1, threads) };
+                c
+            };
+            let one = product(1);
+            for threads in [2, 3, 4] {
+                let differing = one.iter().zip(product(threads)).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+                assert_eq!(differing, 0, "[{m}x{k}x{n}] {threads} threads: {differing} of {} elements differ from 1 thread", m * n);
+            }
+        }
+    }
+
     #[test]
     fn linear_adds_the_bias_and_bias_backward_sums_columns() {
         let (rows, inp, out) = (4, 3, 130);
