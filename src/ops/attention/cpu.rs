@@ -3,14 +3,9 @@
 //! out (no copies), so every task writes only its own head's columns.
 
 use crate::ops::gelu::cpu::exp;
+use crate::ops::matmul::cpu::SharedMut;
 use crate::ops::simd::vectorized;
 use rayon::prelude::*;
-
-/// A raw pointer that tasks writing disjoint parts of one buffer may share.
-#[derive(Clone, Copy)]
-struct SharedMut(*mut f32);
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
 
 /// `c[m, n] = alpha · a[m, k] · b[k, n]` with explicit strides, one thread.
 #[allow(clippy::too_many_arguments)]

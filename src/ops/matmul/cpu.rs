@@ -32,7 +32,7 @@ pub unsafe fn strided_gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f
         serial_gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, accumulate, c, rsc, csc);
         return;
     }
-    let (a, b, c) = (SendPtr(a as *mut f32), SendPtr(b as *mut f32), SendPtr(c));
+    let (a, b, c) = (SharedMut(a as *mut f32), SharedMut(b as *mut f32), SharedMut(c));
     (0..len.div_ceil(chunk)).into_par_iter().for_each(|t| {
         let (start, end) = (t * chunk, ((t + 1) * chunk).min(len));
         let (a, b, c) = (a.get() as *const f32, b.get() as *const f32, c.get());
@@ -48,16 +48,17 @@ pub unsafe fn strided_gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f
     });
 }
 
-/// A raw pointer that tasks touching disjoint parts of one buffer may share.
+/// A raw pointer that tasks writing disjoint parts of one buffer (or only
+/// reading it) may share. Used here and by the attention op.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
+pub(crate) struct SharedMut(pub(crate) *mut f32);
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
 
-impl SendPtr {
-    /// Through a method, so that closures capture the `SendPtr`, not the
+impl SharedMut {
+    /// Through a method, so that closures capture the `SharedMut`, not the
     /// raw pointer inside it.
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
