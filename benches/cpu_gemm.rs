@@ -24,6 +24,19 @@ enum Layout {
     WeightGrad,
 }
 
+impl Layout {
+    fn name(self) -> &'static str {
+        match self {
+            Layout::Forward => "fwd",
+            Layout::InputGrad => "dx",
+            Layout::WeightGrad => "dW",
+        }
+    }
+}
+
+/// (model, layer, rows, in, out, the products timed).
+type Layer = (&'static str, &'static str, usize, usize, usize, &'static [Layout]);
+
 /// (m, k, n, strides of A, strides of B, accumulate) of one layer product.
 fn problem(layout: Layout, rows: usize, inp: usize, out: usize) -> (usize, usize, usize, (isize, isize), (isize, isize), bool) {
     match layout {
@@ -37,20 +50,18 @@ fn main() {
     let threads = rayon::current_num_threads();
     println!("CPU GEMM, {threads} threads, GFLOP/s (median of 7 rounds, alternating)");
     println!("{:<40} {:>9} {:>9} {:>7}", "product (m x k x n)", "engine", "gemm", "ratio");
-    let cases = [
-        ("vit-cifar qkv/proj fwd", Layout::Forward, 4160, 192, 192),
-        ("vit-cifar fc1 fwd", Layout::Forward, 4160, 192, 768),
-        ("vit-cifar fc2 fwd", Layout::Forward, 4160, 768, 192),
-        ("vit-cifar qkv/proj dx", Layout::InputGrad, 4160, 192, 192),
-        ("vit-cifar fc1 dx", Layout::InputGrad, 4160, 192, 768),
-        ("vit-cifar fc2 dx", Layout::InputGrad, 4160, 768, 192),
-        ("vit-cifar qkv/proj dW", Layout::WeightGrad, 4160, 192, 192),
-        ("vit-cifar fc1 dW", Layout::WeightGrad, 4160, 192, 768),
-        ("vit-cifar fc2 dW", Layout::WeightGrad, 4160, 768, 192),
-        ("vit-b32 qkv/proj fwd", Layout::Forward, 400, 768, 768),
-        ("vit-b32 fc1 fwd", Layout::Forward, 400, 768, 3072),
-        ("vit-b32 fc2 fwd", Layout::Forward, 400, 3072, 768),
+    // The training step needs all three products of each layer, the forward
+    // only x·Wᵀ.
+    const ALL: &[Layout] = &[Layout::Forward, Layout::InputGrad, Layout::WeightGrad];
+    let layers: [Layer; 6] = [
+        ("vit-cifar", "qkv/proj", 4160, 192, 192, ALL),
+        ("vit-cifar", "fc1", 4160, 192, 768, ALL),
+        ("vit-cifar", "fc2", 4160, 768, 192, ALL),
+        ("vit-b32", "qkv/proj", 400, 768, 768, &[Layout::Forward]),
+        ("vit-b32", "fc1", 400, 768, 3072, &[Layout::Forward]),
+        ("vit-b32", "fc2", 400, 3072, 768, &[Layout::Forward]),
     ];
+    let cases = layers.iter().flat_map(|&(model, layer, rows, inp, out, layouts)| layouts.iter().map(move |&layout| (format!("{model} {layer} {}", layout.name()), layout, rows, inp, out)));
     let mut rng = Rng::new(3);
     let (mut total_engine, mut total_baseline) = (0.0, 0.0);
     for (name, layout, rows, inp, out) in cases {
