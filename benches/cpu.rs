@@ -2,12 +2,15 @@
 //! - a training step (forward, backward, AdamW) of the CIFAR-native model
 //!   `vit-cifar` at batch 64, 100 classes;
 //! - a forward pass (inference) of `vit-b32` at batch 8, 100 classes.
+//!
 //! Throughput is reported in images/s. `scripts/bench_pytorch_cpu.py` times
 //! the same shapes in PyTorch at the same thread count; README.md has both.
-//! Threads: rayon (and the gemm crate through it) uses every core unless
-//! RAYON_NUM_THREADS says otherwise.
+//! Threads: rayon uses every core unless RAYON_NUM_THREADS says otherwise;
+//! each iteration runs on a rayon worker, as the command line does
+//! (`on_worker_thread`).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use effrank_engine::backend::cpu::on_worker_thread;
 use effrank_engine::backend::{CpuBackend, ImageTransform};
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::dense_ranks;
@@ -38,7 +41,7 @@ fn train_step_vit_cifar(c: &mut Criterion) {
         let mut learner = Learner::new(&be, model, batch, AdamWConfig::default()).unwrap();
         let (bytes, labels, t) = batch_bytes(&cfg, batch);
         let loss = LossSpec::ce();
-        b.iter(|| learner.step(&be, &bytes, &labels, &t, TeacherSignal::None, &loss, 1e-4).unwrap())
+        b.iter(|| on_worker_thread(|| learner.step(&be, &bytes, &labels, &t, TeacherSignal::None, &loss, 1e-4).unwrap()))
     });
     g.finish();
 }
@@ -54,7 +57,7 @@ fn forward_vit_b32(c: &mut Criterion) {
         let model = Vit::from_host(&be, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap();
         let mut frozen = Frozen::new(&be, model, batch).unwrap();
         let (bytes, _, t) = batch_bytes(&cfg, batch);
-        b.iter(|| frozen.logits(&be, &bytes, batch, &t).unwrap())
+        b.iter(|| on_worker_thread(|| frozen.logits(&be, &bytes, batch, &t).unwrap()))
     });
     g.finish();
 }

@@ -39,6 +39,13 @@ enum Command {
 
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The whole command runs on a rayon worker (see `on_worker_thread`),
+    // which then needs the main thread's stack size.
+    let _ = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
+    effrank_engine::backend::cpu::on_worker_thread(|| run(cli))
+}
+
+fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => train::run(a),
         Command::Factorize(a) => factorize::run(a),

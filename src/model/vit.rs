@@ -244,8 +244,7 @@ impl<B: Backend> Vit<B> {
             linear_forward(be, &bp.v, self.linear_shape(l, 2), &mut a.v, hv.as_mut(), &a.ln1, n)?;
             be.attention_forward(&mut a.attn, &mut a.probs, &a.q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
             linear_forward(be, &bp.proj, self.linear_shape(l, 3), &mut a.attn_out, hproj.as_mut(), &a.attn, n)?;
-            be.copy(&mut a.x_mid, &a.x_in, n * d)?;
-            be.add_assign(&mut a.x_mid, &a.attn_out, n * d)?;
+            be.add(&mut a.x_mid, &a.x_in, &a.attn_out, n * d)?;
             be.layernorm_forward(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.x_mid, &bp.norm2_w, &bp.norm2_b, n, d, c.ln_eps)?;
             linear_forward(be, &bp.fc1, self.linear_shape(l, 4), &mut a.fc1_pre, hfc1.as_mut(), &a.ln2, n)?;
             be.gelu_forward(&mut a.fc1_act, &a.fc1_pre, n * c.mlp)?;
@@ -254,8 +253,7 @@ impl<B: Backend> Vit<B> {
                 Some(b) => &mut b.x_in,
                 None => &mut acts.x_out,
             };
-            be.copy(next, &a.x_mid, n * d)?;
-            be.add_assign(next, &a.mlp_out, n * d)?;
+            be.add(next, &a.x_mid, &a.mlp_out, n * d)?;
         }
 
         be.cls_gather(&mut acts.cls, &acts.x_out, batch, t, d)?;

@@ -42,15 +42,41 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
     });
 }
 
+/// Independent lanes of the row maximum and sum in `softmax_in_place`: one
+/// AVX-512 register. A single running max or sum is a chain of dependent
+/// instructions the compiler must keep in order (floats do not reassociate).
+/// `cargo bench --bench cpu_ops`, forward at 8 images × 12 heads × 50
+/// tokens: 2.79-3.05 → 1.92-2.22 ns per score (softmax was half of it).
+const LANES: usize = 16;
+
 /// Row softmax with the branch-free `exp` of the GELU op (1-2 ulp), which
-/// vectorizes; libm's `expf` is one call per score.
+/// vectorizes (libm's `expf` is one call per score); max and sum run in 16
+/// lanes, combined in a fixed order.
 #[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
-    for v in row.iter_mut() {
-        *v = exp(*v - max);
+    let larger = |a: f32, b: f32| if b > a { b } else { a };
+    let (chunks, tail) = row.as_chunks::<LANES>();
+    let mut lane_max = [f32::NEG_INFINITY; LANES];
+    for c in chunks {
+        for l in 0..LANES {
+            lane_max[l] = larger(lane_max[l], c[l]);
+        }
     }
-    let inv = 1.0 / row.iter().sum::<f32>();
+    let max = tail.iter().chain(&lane_max).fold(f32::NEG_INFINITY, |m, &v| larger(m, v));
+    let (chunks, tail) = row.as_chunks_mut::<LANES>();
+    let mut lane_sum = [0f32; LANES];
+    for c in chunks {
+        for l in 0..LANES {
+            c[l] = exp(c[l] - max);
+            lane_sum[l] += c[l];
+        }
+    }
+    let mut sum = 0f32;
+    for v in tail.iter_mut() {
+        *v = exp(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / (lane_sum.iter().sum::<f32>() + sum);
     for v in row.iter_mut() {
         *v *= inv;
     }

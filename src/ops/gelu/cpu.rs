@@ -5,6 +5,15 @@
 //! (`erfcc`, fractional error < 1.2e-7 everywhere, so Φ keeps full relative
 //! precision in both tails) and a Cephes-style `exp`; both are branch-free so
 //! the loops vectorize. The tests hold Φ to 1e-6 relative against f64 erf.
+//!
+//! Polynomials are evaluated with fused multiply-adds (`f32::mul_add`, one
+//! rounding each). Inside `vectorized` on AVX2/AVX-512 each is one
+//! instruction: `cargo bench --bench cpu_ops`, GELU over 400 × 3072 on two
+//! threads, forward 0.649-0.657 → 0.368-0.372 ns per element, backward
+//! 0.917-0.928 → 0.539-0.542, against separate multiplies and adds (same
+//! sitting). Code compiled for baseline x86-64 (`EFFRANK_SIMD=baseline`, or a
+//! CPU without FMA) calls libm's `fmaf` instead: the same bits, about 40x
+//! slower.
 
 use crate::ops::simd::vectorized;
 use rayon::prelude::*;
@@ -22,15 +31,14 @@ pub fn exp(x: f32) -> f32 {
     // Adding and subtracting 1.5·2^23 rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+    let n = x.mul_add(LOG2E, ROUND) - ROUND;
+    // r = x − n·ln2 in two steps (Cody-Waite): n·0.693359375 is exact.
+    let r = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, x));
     let mut p = 1.987_569_2e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        p = p.mul_add(r, c);
+    }
+    let e = p.mul_add(r * r, r) + 1.0;
     // SAFETY: the clamp keeps n within [−126, 127], so the conversion is
     // exact (unchecked: a saturating `as` would stop the loop vectorizing).
     let n = unsafe { n.to_int_unchecked::<i32>() };
@@ -40,12 +48,12 @@ pub fn exp(x: f32) -> f32 {
 /// erfc(z) for z ≥ 0 (Numerical Recipes `erfcc`).
 #[inline(always)]
 fn erfc_nonneg(z: f32) -> f32 {
-    let t = 1.0 / (1.0 + 0.5 * z);
+    let t = 1.0 / z.mul_add(0.5, 1.0);
     let mut p = 0.170_872_77f32;
     for c in [-0.822_152_23, 1.488_515_9, -1.135_203_98, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_7] {
-        p = p * t + c;
+        p = p.mul_add(t, c);
     }
-    t * exp(-z * z - 1.265_512_2 + t * p)
+    t * exp(t.mul_add(p, (-z).mul_add(z, -1.265_512_2)))
 }
 
 /// Φ(x) = ½·erfc(−x/√2), the standard normal CDF.
@@ -67,7 +75,7 @@ pub fn gelu(x: f32) -> f32 {
 
 #[inline(always)]
 pub fn gelu_grad(x: f32) -> f32 {
-    normal_cdf(x) + x * INV_SQRT_2PI * exp(-0.5 * x * x)
+    (x * INV_SQRT_2PI).mul_add(exp((-0.5 * x) * x), normal_cdf(x))
 }
 
 pub fn gelu_forward(out: &mut [f32], x: &[f32], len: usize) {

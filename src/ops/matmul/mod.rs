@@ -72,6 +72,38 @@ mod tests {
         }
     }
 
+    /// A product whose C is wider than one packed block of faer (384 outputs
+    /// at depth ≥ 512) runs as several faer calls, cut along C's contiguous
+    /// side: row-major and column-major C, ragged last piece, replace (C
+    /// starts as NaN) and accumulate, one and two threads, against f64 loops.
+    #[test]
+    fn pieces_of_a_wide_product_match_plain_loops() {
+        let (k, long, short) = (520, 1000, 6);
+        let (a, b) = (random(long * k, 9), random(k * long, 10));
+        for c_row_major in [true, false] {
+            // Row-major C is [short, long]; column-major C is [long, short].
+            let (m, n) = if c_row_major { (short, long) } else { (long, short) };
+            let (rsc, csc) = if c_row_major { (n as isize, 1) } else { (1, m as isize) };
+            for accumulate in [false, true] {
+                for threads in [1, 2] {
+                    let prior = random(m * n, 11);
+                    let mut c = if accumulate { prior.clone() } else { vec![f32::NAN; m * n] };
+                    // SAFETY: A is [m, k] and B is [k, n], both row-major; C as the strides say.
+                    unsafe { strided_gemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, accumulate, c.as_mut_ptr(), rsc, csc, threads) };
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k).map(|l| a[i * k + l] as f64 * b[l * n + j] as f64).sum();
+                            let at_c = (i as isize * rsc + j as isize * csc) as usize;
+                            let want = dot + if accumulate { prior[at_c] as f64 } else { 0.0 };
+                            let got = c[at_c] as f64;
+                            assert!((got - want).abs() < 1e-3, "[{m}x{k}x{n}] row-major C {c_row_major} acc={accumulate} threads={threads} [{i},{j}]: {got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// The CPU backend promises the same bits whatever the thread count:
     /// the split only cuts C, never the sum over k.
     #[test]

@@ -1,0 +1,116 @@
+//! CPU operations of the ViT-B/32 forward and backward at batch 8 (400
+//! token rows, width 768, MLP 3072, 12 heads of 64, 50 tokens), one at a
+//! time: the non-product operations, and the `x·Wᵀ` products with twelve
+//! distinct weight matrices, as a forward pass meets them (each product's
+//! weights come from memory, not from the cache the previous call warmed).
+//! Prints the median time per call over rounds (each round repeats the call
+//! enough to take a few milliseconds) and a rate; the residual add is shown
+//! against copy-then-add, what it replaced, in the same run.
+//!
+//!     cargo bench --bench cpu_ops
+//!
+//! Threads: every core unless RAYON_NUM_THREADS says otherwise; the work
+//! runs on a rayon worker, as in the engine (`on_worker_thread`).
+
+use effrank_engine::backend::cpu::on_worker_thread;
+use effrank_engine::backend::{Backend, CpuBackend};
+use effrank_engine::ops::attention::cpu::{attention_backward, attention_forward};
+use effrank_engine::ops::gelu::cpu::{gelu_backward, gelu_forward};
+use effrank_engine::ops::layernorm::cpu::{layernorm_backward, layernorm_forward};
+use effrank_engine::ops::matmul::cpu::strided_gemm;
+use effrank_engine::rng::Rng;
+use std::time::Instant;
+
+const ROWS: usize = 8 * 50;
+const WIDTH: usize = 768;
+const MLP: usize = 3072;
+const HEADS: usize = 12;
+const ROUNDS: usize = 15;
+
+/// Median over rounds of the seconds per call of `f`.
+fn median_seconds(calls_per_round: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times: Vec<f64> = (0..ROUNDS)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..calls_per_round {
+                f();
+            }
+            t.elapsed().as_secs_f64() / calls_per_round as f64
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[ROUNDS / 2]
+}
+
+fn row(name: &str, seconds: f64, rate: String) {
+    println!("{name:44} {:>10.1} {rate:>22}", seconds * 1e6);
+}
+
+fn per_element(seconds: f64, elements: usize) -> String {
+    format!("{:.3} ns/element", seconds * 1e9 / elements as f64)
+}
+
+fn main() {
+    let mut rng = Rng::new(1);
+    let mut random = |n: usize| rng.normal_vec(n, 1.0);
+    println!("CPU operations, ViT-B/32 at batch 8, {} threads", rayon::current_num_threads());
+    println!("{:44} {:>10} {:>22}", "operation", "us/call", "rate");
+    on_worker_thread(|| {
+        // GELU over the MLP hidden layer.
+        let (x, dy) = (random(ROWS * MLP), random(ROWS * MLP));
+        let mut y = vec![0f32; ROWS * MLP];
+        let n = ROWS * MLP;
+        let t = median_seconds(20, || gelu_forward(&mut y, &x, n));
+        row("gelu forward (400x3072)", t, per_element(t, n));
+        let t = median_seconds(20, || gelu_backward(&mut y, &x, &dy, n));
+        row("gelu backward (400x3072)", t, per_element(t, n));
+
+        // LayerNorm over the residual stream.
+        let (x, dy) = (random(ROWS * WIDTH), random(ROWS * WIDTH));
+        let (gamma, beta) = (random(WIDTH), random(WIDTH));
+        let (mut y, mut mean, mut rstd) = (vec![0f32; ROWS * WIDTH], vec![0f32; ROWS], vec![0f32; ROWS]);
+        let t = median_seconds(50, || layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &gamma, &beta, ROWS, WIDTH, 1e-6));
+        row("layernorm forward (400x768)", t, per_element(t, ROWS * WIDTH));
+        let (mut dx, mut dgamma, mut dbeta) = (vec![0f32; ROWS * WIDTH], vec![0f32; WIDTH], vec![0f32; WIDTH]);
+        let t = median_seconds(50, || layernorm_backward(&mut dx, &mut dgamma, &mut dbeta, &dy, &x, &mean, &rstd, &gamma, ROWS, WIDTH));
+        row("layernorm backward (400x768)", t, per_element(t, ROWS * WIDTH));
+
+        // Attention: 8 images x 12 heads, 50 tokens of 64.
+        let (q, k, v, dout) = (random(ROWS * WIDTH), random(ROWS * WIDTH), random(ROWS * WIDTH), random(ROWS * WIDTH));
+        let (mut out, mut probs) = (vec![0f32; ROWS * WIDTH], vec![0f32; 8 * HEADS * 50 * 50]);
+        let t = median_seconds(10, || attention_forward(&mut out, &mut probs, &q, &k, &v, 8, 50, HEADS, WIDTH / HEADS));
+        row("attention forward (8 x 12 heads, 50 tokens)", t, per_element(t, 8 * HEADS * 50 * 50));
+        let (mut dq, mut dk, mut dv) = (vec![0f32; ROWS * WIDTH], vec![0f32; ROWS * WIDTH], vec![0f32; ROWS * WIDTH]);
+        let t = median_seconds(10, || attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, 8, 50, HEADS, WIDTH / HEADS));
+        row("attention backward", t, per_element(t, 8 * HEADS * 50 * 50));
+
+        // Residual connection: one pass against copy, then add.
+        let be = CpuBackend;
+        let (a, b) = (random(ROWS * WIDTH), random(ROWS * WIDTH));
+        let mut sum = vec![0f32; ROWS * WIDTH];
+        let len = ROWS * WIDTH;
+        let fused = median_seconds(100, || be.add(&mut sum, &a, &b, len).unwrap());
+        let two_pass = median_seconds(100, || {
+            be.copy(&mut sum, &a, len).unwrap();
+            be.add_assign(&mut sum, &b, len).unwrap();
+        });
+        row("residual add (400x768)", fused, per_element(fused, len));
+        row("  copy, then add_assign (replaced)", two_pass, format!("{:.2}x slower", two_pass / fused));
+
+        // x·Wᵀ with twelve distinct weight matrices per round.
+        for (layer, inp, out) in [("qkv/proj", WIDTH, WIDTH), ("fc1", WIDTH, MLP), ("fc2", MLP, WIDTH)] {
+            let x = random(ROWS * inp);
+            let weights: Vec<Vec<f32>> = (0..12).map(|_| random(out * inp)).collect();
+            let mut y = vec![0f32; ROWS * out];
+            let t = median_seconds(1, || {
+                for w in &weights {
+                    // SAFETY: x is [ROWS, inp], w is [out, inp] read transposed, y is [ROWS, out].
+                    unsafe { strided_gemm(ROWS, inp, out, 1.0, x.as_ptr(), inp as isize, 1, w.as_ptr(), 1, inp as isize, false, y.as_mut_ptr(), out as isize, 1, rayon::current_num_threads()) };
+                }
+            }) / 12.0;
+            let gflops = 2.0 * (ROWS * inp * out) as f64 / t / 1e9;
+            row(&format!("x·Wᵀ {layer} ({ROWS}x{inp}x{out}), 12 weights"), t, format!("{gflops:.0} GFLOP/s"));
+        }
+    });
+}
