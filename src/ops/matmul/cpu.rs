@@ -38,14 +38,23 @@ pub unsafe fn strided_gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f
         let (a, b, c) = (a.get() as *const f32, b.get() as *const f32, c.get());
         // SAFETY: each task writes only its own rows (columns) of C; the
         // caller guarantees the rest.
-        unsafe {
-            if along_columns {
-                serial_gemm(m, k, end - start, alpha, a, rsa, csa, b.offset(start as isize * csb), rsb, csb, accumulate, c.offset(start as isize * csc), rsc, csc);
-            } else {
-                serial_gemm(end - start, k, n, alpha, a.offset(start as isize * rsa), rsa, csa, b, rsb, csb, accumulate, c.offset(start as isize * rsc), rsc, csc);
-            }
-        }
+        unsafe { part_of_c(serial_gemm, along_columns, start, end, m, k, n, alpha, a, rsa, csa, b, rsb, csb, accumulate, c, rsc, csc) };
     });
+}
+
+/// The signature of `serial_gemm` and `faer_gemm`.
+type Gemm = unsafe fn(usize, usize, usize, f32, *const f32, isize, isize, *const f32, isize, isize, bool, *mut f32, isize, isize);
+
+/// Runs `gemm` on columns (`along_columns`) or rows `start..end` of C only:
+/// the matching columns of B or rows of A. Used by the thread split and by
+/// the cut into faer calls.
+#[allow(clippy::too_many_arguments)]
+unsafe fn part_of_c(gemm: Gemm, along_columns: bool, start: usize, end: usize, m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, accumulate: bool, c: *mut f32, rsc: isize, csc: isize) {
+    if along_columns {
+        gemm(m, k, end - start, alpha, a, rsa, csa, b.offset(start as isize * csb), rsb, csb, accumulate, c.offset(start as isize * csc), rsc, csc);
+    } else {
+        gemm(end - start, k, n, alpha, a.offset(start as isize * rsa), rsa, csa, b, rsb, csb, accumulate, c.offset(start as isize * rsc), rsc, csc);
+    }
 }
 
 /// A raw pointer that tasks writing disjoint parts of one buffer (or only
@@ -87,11 +96,7 @@ unsafe fn serial_gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, r
     let mut start = 0;
     while start < len {
         let end = (start + piece).min(len);
-        if along_columns {
-            faer_gemm(m, k, end - start, alpha, a, rsa, csa, b.offset(start as isize * csb), rsb, csb, accumulate, c.offset(start as isize * csc), rsc, csc);
-        } else {
-            faer_gemm(end - start, k, n, alpha, a.offset(start as isize * rsa), rsa, csa, b, rsb, csb, accumulate, c.offset(start as isize * rsc), rsc, csc);
-        }
+        part_of_c(faer_gemm, along_columns, start, end, m, k, n, alpha, a, rsa, csa, b, rsb, csb, accumulate, c, rsc, csc);
         start = end;
     }
 }
