@@ -6,6 +6,7 @@
 
 use super::{AdamWStep, Backend, BufKind, ImageTransform, LogitLossConfig};
 use crate::ops;
+use crate::ops::simd::ELEMENTWISE_CHUNK;
 use anyhow::{bail, Result};
 
 /// The CPU reference backend.
@@ -28,8 +29,6 @@ pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
-/// Elements per rayon task in elementwise loops (64 KiB of f32).
-const ELEMENTWISE_CHUNK: usize = 1 << 14;
 
 fn check(name: &str, buf: &[f32], need: usize) -> Result<()> {
     if buf.len() < need {

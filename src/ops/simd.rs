@@ -19,6 +19,10 @@
 //! 123) images/s, most of it in GELU; the ViT-B/32 forward (products are 85%
 //! of it) showed no difference beyond noise.
 
+/// Elements per rayon task in elementwise loops (64 KiB of f32): large
+/// enough that a task's work dwarfs handing it to a thread.
+pub const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
 /// Runs `f` compiled for the widest vector instructions the CPU has.
 #[inline(always)]
 pub fn vectorized<R>(f: impl FnOnce() -> R) -> R {

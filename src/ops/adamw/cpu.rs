@@ -1,10 +1,8 @@
 //! AdamW and the global gradient norm on the CPU.
 
 use crate::backend::AdamWStep;
-use crate::ops::simd::vectorized;
+use crate::ops::simd::{vectorized, ELEMENTWISE_CHUNK as CHUNK};
 use rayon::prelude::*;
-
-const CHUNK: usize = 1 << 14;
 
 /// ADDS `Σ x²` to `acc[0]` (chunk sums combined in order: deterministic).
 pub fn sum_squares(acc: &mut [f32], x: &[f32], len: usize) {

@@ -15,10 +15,9 @@
 //! CPU without FMA) calls libm's `fmaf` instead: the same bits, about 40x
 //! slower.
 
-use crate::ops::simd::vectorized;
+use crate::ops::simd::{vectorized, ELEMENTWISE_CHUNK as CHUNK};
 use rayon::prelude::*;
 
-const CHUNK: usize = 1 << 14;
 const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π)
 const INV_SQRT_2PI: f32 = 0.398_942_3;
