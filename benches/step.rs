@@ -4,6 +4,7 @@
 //!   2. a distillation step at ranks 16, 32, 64, 128 with the teacher run
 //!      live, and with cached teacher logits (student only),
 //!   3. teacher inference,
+//!
 //! at 224 px, 100 classes, on random data. `scripts/bench_pytorch_gpu.py`
 //! times the same steps in PyTorch (eager and torch.compile) for the ratio.
 //!

@@ -27,7 +27,7 @@ impl Rng {
     /// A generator determined by several keys, e.g. (seed, epoch, index):
     /// streams for different keys are independent.
     pub fn from_keys(keys: &[u64]) -> Self {
-        let mut st = 0x5EED_0F_EFF_2A4Cu64;
+        let mut st = 0x0005_EED0_FEFF_2A4Cu64;
         for &k in keys {
             st ^= k;
             st = splitmix64(&mut st);

@@ -50,9 +50,9 @@ fn pchip_matches_scipy_golden_values_derivatives_and_crossings() {
 }
 
 fn random_curve(rng: &mut Rng, n: usize, monotone: bool) -> (Vec<f64>, Vec<f64>) {
-    let mut x = vec![1.0 + (rng.uniform() * 3.0).floor() as f64];
+    let mut x = vec![1.0 + (rng.uniform() * 3.0).floor()];
     while x.len() < n {
-        x.push(x[x.len() - 1] + 1.0 + (rng.uniform() * 40.0).floor() as f64);
+        x.push(x[x.len() - 1] + 1.0 + (rng.uniform() * 40.0).floor());
     }
     let mut y = Vec::new();
     let mut acc = 0.0;
@@ -157,7 +157,7 @@ fn csv_is_sorted_and_seeds_allow_repeated_ranks() {
     let m = read_measurements(&p).unwrap();
     let ranks: Vec<usize> = m.points.iter().map(|p| p.rank).collect();
     assert_eq!(ranks, vec![2, 2, 8, 8, 32, 32]);
-    assert_eq!(m.mean_curve(), vec![(2.0, 0.25), (8.0, 0.55), (32.0, 0.85000000000000009)]);
+    assert_eq!(m.mean_curve(), vec![(2.0, 0.25), (8.0, 0.55), (32.0, 0.850_000_000_000_000_1)]);
     let opts = AnalysisOptions { teacher_acc: Some(1.0), plot: false, ..Default::default() };
     let r = analyze(&m, &opts, None).unwrap();
     assert_eq!(r.seeds.len(), 2);

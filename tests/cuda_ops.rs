@@ -216,7 +216,7 @@ fn lowrank_fused_kernels_directly() {
         for (rows, inp, out) in [(1000, 192, 300), (77, 24, 10), (1600, 768, 768), (208, 3072, 768), (96, 768, 3072)] {
             for rank in [1, 3, 16, 17, 32, 64, 100, 128, 256] {
                 let inputs = round_activations(p, vec![act(randn(13, rows * inp, 1.0)), par(randn(14, rank * inp, 0.1)), par(randn(15, out * rank, 0.1)), par(randn(16, out, 1.0))]);
-                let cpu = CpuBackend::default();
+                let cpu = CpuBackend;
                 let cuda = gpu(p);
                 let (mut yc, mut hc) = (vec![0.0; rows * out], vec![0.0; rows * rank]);
                 cpu.lowrank_forward(&mut yc, &mut hc, &inputs[0].1, &inputs[1].1, &inputs[2].1, &inputs[3].1, rows, inp, rank, out).unwrap();
@@ -485,7 +485,7 @@ fn whole_vit_step_matches_cpu() {
             Precision::Bf16 => (1e-2, 3e-2, 0.0, 3e-2),
         };
         for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 8)] {
-            let (lc, gc, pc) = one_step(&CpuBackend::default(), &cfg, &ranks, &bytes, &labels);
+            let (lc, gc, pc) = one_step(&CpuBackend, &cfg, &ranks, &bytes, &labels);
             let (lg, gg, pg) = one_step(&gpu(p), &cfg, &ranks, &bytes, &labels);
             println!("{p:?}: loss cpu {lc} gpu {lg}");
             assert!((lc - lg).abs() <= loss_tol * lc.abs().max(1.0), "{p:?}: loss cpu {lc} gpu {lg}");

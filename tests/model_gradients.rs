@@ -53,7 +53,7 @@ fn loss_of(be: &CpuBackend, learner: &mut Learner<CpuBackend>, teacher: &mut Fro
 }
 
 fn check_gradients(ranks: Ranks, loss: LossSpec) {
-    let be = CpuBackend::default();
+    let be = CpuBackend;
     let cfg = tiny_config();
     let student = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 1)).unwrap();
     let teacher_model = Vit::from_host(&be, &cfg, &dense_ranks(&cfg), &random_params(&cfg, &dense_ranks(&cfg), 2)).unwrap();
@@ -111,7 +111,7 @@ fn mixed_model_gradients_match_finite_differences_all_losses() {
 
 #[test]
 fn full_rank_svd_student_reproduces_the_teacher() {
-    let be = CpuBackend::default();
+    let be = CpuBackend;
     let cfg = tiny_config();
     let dense = dense_ranks(&cfg);
     let host = random_params(&cfg, &dense, 3);
@@ -131,7 +131,7 @@ fn full_rank_svd_student_reproduces_the_teacher() {
 
 #[test]
 fn a_non_finite_loss_stops_the_step_and_leaves_the_parameters() {
-    let be = CpuBackend::default();
+    let be = CpuBackend;
     let cfg = tiny_config();
     let dense = dense_ranks(&cfg);
     let mut host = random_params(&cfg, &dense, 6);
@@ -148,7 +148,7 @@ fn a_non_finite_loss_stops_the_step_and_leaves_the_parameters() {
 
 #[test]
 fn a_few_steps_reduce_the_loss() {
-    let be = CpuBackend::default();
+    let be = CpuBackend;
     let cfg = tiny_config();
     let dense = dense_ranks(&cfg);
     let model = Vit::from_host(&be, &cfg, &dense, &random_params(&cfg, &dense, 4)).unwrap();

@@ -50,7 +50,7 @@ pub fn knee(p: &Pchip, axis: KneeAxis) -> Option<Knee> {
     for r in ranks {
         let (x, y) = (axis.map(r as f64), p.value(r as f64));
         let distance = ((y - y0) * dx - (x - x0) * dy).abs() / norm;
-        if best.map_or(true, |b| distance > b.distance) {
+        if best.is_none_or(|b| distance > b.distance) {
             best = Some(Knee { rank: r, distance });
         }
     }

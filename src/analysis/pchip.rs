@@ -119,8 +119,8 @@ impl Pchip {
         self.c[i]
     }
 
-    /// Smallest x in [x_min, x_max] where the curve reaches `level` (value
-    /// >= level), found piece by piece in increasing x: each piece is split
+    /// Smallest x in [x_min, x_max] where the curve reaches `level` (a value
+    /// of at least `level`), found piece by piece in increasing x: each piece is split
     /// at the roots of its derivative into monotone parts and the first part
     /// that ends at or above `level` is bisected to the last bit. None when
     /// the curve stays below `level` on the measured range.

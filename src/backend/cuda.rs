@@ -563,7 +563,7 @@ impl Backend for CudaBackend {
     }
 
     fn patch_gather(&self, patches: &mut CudaBuf, images: &CudaBuf, batch: usize, channels: usize, size: usize, patch: usize) -> Result<()> {
-        if patch == 0 || size % patch != 0 {
+        if patch == 0 || !size.is_multiple_of(patch) {
             bail!("patch_gather: image size {size} is not a multiple of the patch size {patch}");
         }
         check("patch_gather images", images, batch * channels * size * size)?;

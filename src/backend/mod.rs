@@ -44,9 +44,14 @@ pub enum BufKind {
 
 /// Settings of the fused loss over the logits (see `ops::loss`).
 ///
-/// Per sample `i`, with student logits `s`, teacher logits `t`, label `y`:
-/// `ce_weight * CE_ls(s, y) + kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T))
-///  + feature_weight * (MSE(s, t) + 1 - cos(s, t))`, averaged over the batch.
+/// Per sample `i`, with student logits `s`, teacher logits `t`, label `y`,
+/// averaged over the batch:
+///
+/// ```text
+/// ce_weight * CE_ls(s, y) + kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T))
+///   + feature_weight * (MSE(s, t) + 1 - cos(s, t))
+/// ```
+///
 /// `CE_ls` is cross-entropy against the label smoothed by `label_smoothing`
 /// (target `1 - ls + ls/C` on the label and `ls/C` elsewhere). MSE is the mean
 /// over the C logits of the sample; cos is the cosine of the two logit rows.

@@ -34,7 +34,7 @@ pub trait WithBackend {
 /// Run `work` on the device `device` names.
 pub fn dispatch<W: WithBackend>(device: DeviceArg, quiet: bool, work: W) -> Result<W::Output> {
     match device {
-        DeviceArg::Cpu => work.run(&CpuBackend::default()),
+        DeviceArg::Cpu => work.run(&CpuBackend),
         DeviceArg::Cuda => run_cuda(work, false),
         DeviceArg::CudaFp32 => run_cuda(work, true),
         DeviceArg::Auto => {
@@ -47,7 +47,7 @@ pub fn dispatch<W: WithBackend>(device: DeviceArg, quiet: bool, work: W) -> Resu
                 if !quiet {
                     eprintln!("device: cpu (auto: no usable CUDA GPU found)");
                 }
-                work.run(&CpuBackend::default())
+                work.run(&CpuBackend)
             }
         }
     }
@@ -147,7 +147,7 @@ impl TrainFlags {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("--lr must be a positive number, got {}", self.lr);
         }
-        if !(self.wd >= 0.0) {
+        if self.wd.is_nan() || self.wd < 0.0 {
             bail!("--wd must be non-negative, got {}", self.wd);
         }
         Ok(())

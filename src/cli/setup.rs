@@ -11,7 +11,7 @@ use effrank_engine::model::params::{dense_ranks, Ranks};
 use effrank_engine::model::{VitConfig, VitParams};
 use effrank_engine::train::LossSpec;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Load the training and test sets named by `--data`.
 pub fn load_data_for(flags: &DataFlags, quiet: bool) -> Result<(Dataset, Dataset)> {
@@ -23,7 +23,7 @@ pub fn load_data_for(flags: &DataFlags, quiet: bool) -> Result<(Dataset, Dataset
         eprintln!("data: {}", loaded.summary());
     }
     let (train, test) = (loaded.train, loaded.test);
-    if train.len() == 0 || test.len() == 0 {
+    if train.is_empty() || test.is_empty() {
         bail!("--data {}: the training set has {} images and the test set {}; both must be non-empty", flags.data, train.len(), test.len());
     }
     Ok((train, test))
@@ -76,8 +76,8 @@ pub struct HostModel {
 }
 
 /// Load any checkpoint (engine, timm, torchvision, HF names).
-pub fn load_model(path: &PathBuf, heads: Option<usize>, new_classes: Option<usize>) -> Result<HostModel> {
-    let opts = ImportOptions { heads, new_classes, ..ImportOptions::default() };
+pub fn load_model(path: &Path, heads: Option<usize>, new_classes: Option<usize>) -> Result<HostModel> {
+    let opts = ImportOptions { heads, new_classes };
     let ck = load_any(path, &opts).with_context(|| format!("loading checkpoint {}", path.display()))?;
     let normalize = match ck.metadata.get("normalize") {
         Some(n) => Some(n.parse::<Normalize>().with_context(|| format!("{}: metadata 'normalize'", path.display()))?),

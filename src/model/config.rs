@@ -81,16 +81,16 @@ impl VitConfig {
                 bail!("model config: {name} must be positive");
             }
         }
-        if self.image_size % self.patch != 0 {
+        if !self.image_size.is_multiple_of(self.patch) {
             bail!("model config: image_size {} is not a multiple of patch {}", self.image_size, self.patch);
         }
-        if self.width % self.heads != 0 {
+        if !self.width.is_multiple_of(self.heads) {
             bail!("model config: width {} is not a multiple of heads {}", self.width, self.heads);
         }
         if self.channels > 3 {
             bail!("model config: channels {} > 3 is not supported", self.channels);
         }
-        if !(self.ln_eps > 0.0) {
+        if self.ln_eps.is_nan() || self.ln_eps <= 0.0 {
             bail!("model config: ln_eps must be positive, got {}", self.ln_eps);
         }
         Ok(())

@@ -187,15 +187,15 @@ pub fn param_specs(cfg: &VitConfig, ranks: &Ranks) -> Vec<TensorSpec> {
     for (i, br) in ranks.iter().enumerate() {
         s.push(spec(format!("blocks.{i}.norm1.weight"), vec![d], false));
         s.push(spec(format!("blocks.{i}.norm1.bias"), vec![d], false));
-        for j in 0..4 {
+        for (j, name) in BLOCK_LINEARS.iter().enumerate().take(4) {
             let (o, inp) = block_linear_shape(cfg, j);
-            linear_specs(&mut s, &format!("blocks.{i}.{}", BLOCK_LINEARS[j]), o, inp, br.0[j]);
+            linear_specs(&mut s, &format!("blocks.{i}.{name}"), o, inp, br.0[j]);
         }
         s.push(spec(format!("blocks.{i}.norm2.weight"), vec![d], false));
         s.push(spec(format!("blocks.{i}.norm2.bias"), vec![d], false));
-        for j in 4..6 {
+        for (j, name) in BLOCK_LINEARS.iter().enumerate().skip(4) {
             let (o, inp) = block_linear_shape(cfg, j);
-            linear_specs(&mut s, &format!("blocks.{i}.{}", BLOCK_LINEARS[j]), o, inp, br.0[j]);
+            linear_specs(&mut s, &format!("blocks.{i}.{name}"), o, inp, br.0[j]);
         }
     }
     s.push(spec("norm.weight".into(), vec![d], false));

@@ -266,6 +266,7 @@ impl<B: Backend> Vit<B> {
     /// the extra gradient of the loss with respect to its attention output
     /// and its MLP output (the feature loss). Adds every parameter gradient
     /// to `grads`.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         be: &B,

@@ -148,10 +148,10 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
         fit_opts.seed = job.seed;
         fit_opts.label = format!("rank {}", job.rank);
         let teacher_signal = if use_cache {
-            if !caches.contains_key(&job.seed) {
+            if let std::collections::hash_map::Entry::Vacant(e) = caches.entry(job.seed) {
                 let t = Frozen::new(be, Vit::from_host(be, cfg, &dense, inputs.teacher)?, batch)?;
                 let cache = TeacherLogits::new(t, inputs.transform, fit_opts.augment, job.seed, batch, Some(opts.out.join("cache")), &inputs.cache_key);
-                caches.insert(job.seed, cache);
+                e.insert(cache);
             }
             Teacher::Cached(caches.get_mut(&job.seed).expect("inserted above"))
         } else if let Some(t) = live.as_mut() {

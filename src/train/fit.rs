@@ -161,7 +161,7 @@ pub fn fit<B: Backend>(
     if opts.batch == 0 || opts.batch > learner.acts.max_batch {
         bail!("batch {} outside 1..={}", opts.batch, learner.acts.max_batch);
     }
-    if train.len() == 0 {
+    if train.is_empty() {
         bail!("the training set is empty");
     }
     std::fs::create_dir_all(&files.dir).with_context(|| format!("creating {}", files.dir.display()))?;

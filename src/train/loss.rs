@@ -57,7 +57,7 @@ impl LossSpec {
         if !(0.0..=1.0).contains(&alpha) {
             bail!("--alpha must be in [0, 1], got {alpha}");
         }
-        if !(temperature > 0.0) {
+        if temperature.is_nan() || temperature <= 0.0 {
             bail!("--temperature must be positive, got {temperature}");
         }
         if !(0.0..1.0).contains(&label_smoothing) {

@@ -30,6 +30,9 @@ impl Default for AdamWConfig {
     }
 }
 
+/// The first and second moments on the host (`AdamW::to_host`).
+pub type HostMoments = (VitParams<Vec<f32>>, VitParams<Vec<f32>>);
+
 /// Optimizer state: first and second moments and the step count.
 pub struct AdamW<B: Backend> {
     pub cfg: AdamWConfig,
@@ -79,7 +82,7 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Moments on the host, for a resumable checkpoint.
-    pub fn to_host(&self, be: &B, model: &Vit<B>) -> Result<(VitParams<Vec<f32>>, VitParams<Vec<f32>>)> {
+    pub fn to_host(&self, be: &B, model: &Vit<B>) -> Result<HostMoments> {
         let m = self.m.map(&model.cfg, &model.ranks, |_, t| be.download(t))?;
         let v = self.v.map(&model.cfg, &model.ranks, |_, t| be.download(t))?;
         Ok((m, v))

@@ -30,7 +30,7 @@ mod tests {
     #[test]
     fn rows_are_normalized() {
         let x: Vec<f32> = random(R * C, 1).iter().map(|v| 3.0 * v + 7.0).collect();
-        let y = forward(&x, &vec![1.0; C], &vec![0.0; C]);
+        let y = forward(&x, &[1.0; C], &[0.0; C]);
         for row in y.chunks(C) {
             let mean: f32 = row.iter().sum::<f32>() / C as f32;
             let var: f32 = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / C as f32;
