@@ -29,7 +29,6 @@ pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
-
 fn check(name: &str, buf: &[f32], need: usize) -> Result<()> {
     if buf.len() < need {
         bail!("{name}: buffer of {} elements, the operation needs {need}", buf.len());
