@@ -1,31 +1,31 @@
 //! CPU benchmarks of whole-model work (criterion):
 //! - a training step (forward, backward, AdamW) of the CIFAR-native model
 //!   `vit-cifar` at batch 64, 100 classes;
-//! - a forward pass (inference) of `vit-b32` at batch 8, 100 classes.
+//! - a forward pass (inference) of `vit-b32` at batch 8, 100 classes:
+//!   `vit-b32_b8` is the engine's inference path (`Frozen::logits`, the last
+//!   block after attention on the class-token rows only), and
+//!   `vit-b32_b8_every_token` the full forward that training runs (every
+//!   token through every block, as timm's forward computes it).
 //!
 //! Throughput is reported in images/s. `scripts/bench_pytorch_cpu.py` times
-//! the same shapes in PyTorch at the same thread count; README.md has both.
+//! the same shapes in PyTorch at the same thread count, and
+//! `benches/cpu_vs_pytorch.rs` runs both sides round by round (the
+//! comparison to trust on a noisy machine); README.md has the numbers.
 //! Threads: rayon uses every core unless RAYON_NUM_THREADS says otherwise;
 //! each iteration runs on a rayon worker, as the command line does
 //! (`on_worker_thread`).
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use effrank_engine::backend::cpu::on_worker_thread;
-use effrank_engine::backend::{CpuBackend, ImageTransform};
+use effrank_engine::backend::{Backend, CpuBackend};
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::dense_ranks;
 use effrank_engine::model::{Vit, VitConfig};
-use effrank_engine::rng::Rng;
 use effrank_engine::train::{AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
+use common::batch_bytes;
 use std::time::Duration;
-
-fn batch_bytes(cfg: &VitConfig, batch: usize) -> (Vec<u8>, Vec<u32>, ImageTransform) {
-    let mut rng = Rng::new(1);
-    let bytes = (0..batch * cfg.channels * cfg.image_size * cfg.image_size).map(|_| rng.below(256) as u8).collect();
-    let labels = (0..batch).map(|_| rng.below(cfg.classes) as u32).collect();
-    let t = ImageTransform { channels: 3, src_height: cfg.image_size, src_width: cfg.image_size, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.5; 3] };
-    (bytes, labels, t)
-}
 
 // Models are built inside `bench_function`, so a filtered-out bench costs nothing.
 
@@ -50,14 +50,28 @@ fn forward_vit_b32(c: &mut Criterion) {
     let batch = 8;
     let mut g = c.benchmark_group("cpu_forward");
     g.throughput(Throughput::Elements(batch as u64)).sample_size(10).measurement_time(Duration::from_secs(15));
-    g.bench_function("vit-b32_b8", |b| {
+    let frozen_b32 = || {
         let be = CpuBackend;
         let cfg = VitConfig::preset("vit-b32", 100).unwrap();
         let ranks = dense_ranks(&cfg);
         let model = Vit::from_host(&be, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap();
-        let mut frozen = Frozen::new(&be, model, batch).unwrap();
         let (bytes, _, t) = batch_bytes(&cfg, batch);
-        b.iter(|| on_worker_thread(|| frozen.logits(&be, &bytes, batch, &t).unwrap()))
+        (Frozen::new(&be, model, batch).unwrap(), bytes, t)
+    };
+    g.bench_function("vit-b32_b8", |b| {
+        let (mut frozen, bytes, t) = frozen_b32();
+        b.iter(|| on_worker_thread(|| frozen.logits(&CpuBackend, &bytes, batch, &t).unwrap()))
+    });
+    g.bench_function("vit-b32_b8_every_token", |b| {
+        let (mut frozen, bytes, t) = frozen_b32();
+        let be = CpuBackend;
+        b.iter(|| {
+            on_worker_thread(|| {
+                be.images_from_bytes(&mut frozen.acts.images, &bytes, batch, &t).unwrap();
+                frozen.model.forward(&be, &mut frozen.acts, batch).unwrap();
+                be.download(&frozen.acts.logits).unwrap()
+            })
+        })
     });
     g.finish();
 }

@@ -515,3 +515,38 @@ fn whole_vit_step_matches_cpu() {
         }
     }
 }
+
+/// The inference forward (`forward_logits`: the last block after attention
+/// on the class-token rows only) on the GPU against the CPU's full forward.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn logits_only_forward_matches_cpu() {
+    let cfg = tiny_config();
+    let batch = 5;
+    let mut rng = Rng::new(59);
+    let bytes: Vec<u8> = (0..batch * 3 * 20 * 20).map(|_| rng.below(256) as u8).collect();
+    let t = ImageTransform { channels: 3, src_height: 20, src_width: 20, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3] };
+    for p in PRECISIONS {
+        for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 8)] {
+            let cpu = CpuBackend;
+            let model = Vit::from_host(&cpu, &cfg, &ranks, &random_params(&cfg, &ranks, 2)).unwrap();
+            let mut acts = model.new_acts(&cpu, batch).unwrap();
+            cpu.images_from_bytes(&mut acts.images, &bytes, batch, &t).unwrap();
+            model.forward(&cpu, &mut acts, batch).unwrap();
+            let want = cpu.download(&acts.logits).unwrap();
+
+            let gpu = gpu(p);
+            let model = Vit::from_host(&gpu, &cfg, &ranks, &random_params(&cfg, &ranks, 2)).unwrap();
+            let mut acts = model.new_acts(&gpu, batch).unwrap();
+            gpu.images_from_bytes(&mut acts.images, &bytes, batch, &t).unwrap();
+            model.forward_logits(&gpu, &mut acts, batch).unwrap();
+            let got = gpu.download(&acts.logits).unwrap();
+            // bf16: the whole model's tolerance (see `whole_vit_step_matches_cpu`).
+            let tolerance = match p {
+                Precision::F32 => RED,
+                Precision::Bf16 => 3e-2,
+            };
+            assert_close(&format!("logits-only forward {p:?}"), &[got], &[want], tolerance);
+        }
+    }
+}

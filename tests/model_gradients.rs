@@ -162,3 +162,33 @@ fn a_few_steps_reduce_the_loss() {
     }
     assert!(last < 0.5 * first, "loss {first} -> {last}");
 }
+
+/// `forward_logits` (inference: the last block after attention on the
+/// class-token rows only) gives the logits of the full `forward`, for dense,
+/// low-rank and mixed models, at a batch below the activations' capacity.
+/// The second shape is wide enough that products are split over threads.
+#[test]
+fn logits_only_forward_matches_the_full_forward() {
+    let be = CpuBackend;
+    let wide = VitConfig { image_size: 16, channels: 3, patch: 4, width: 64, depth: 3, heads: 4, mlp: 160, classes: 7, ln_eps: 1e-6 };
+    for cfg in [tiny_config(), wide] {
+        let mut mixed = uniform_ranks(&cfg, 3);
+        mixed[cfg.depth - 1].0[4] = None;
+        for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 4), mixed] {
+            let model = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 5)).unwrap();
+            let mut acts = model.new_acts(&be, 5).unwrap();
+            let c = case(&cfg, 3);
+            be.images_from_bytes(&mut acts.images, &c.bytes, 3, &transform(&cfg)).unwrap();
+            model.forward(&be, &mut acts, 3).unwrap();
+            let full = be.download(&acts.logits).unwrap()[..3 * cfg.classes].to_vec();
+            be.zero(&mut acts.logits, 5 * cfg.classes).unwrap();
+            model.forward_logits(&be, &mut acts, 3).unwrap();
+            let fast = be.download(&acts.logits).unwrap()[..3 * cfg.classes].to_vec();
+            let scale = full.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.1, "logits too small to compare: {scale}");
+            for (a, b) in fast.iter().zip(&full) {
+                assert!((a - b).abs() <= 1e-5 * scale, "width {}: logits-only {a} vs full {b}", cfg.width);
+            }
+        }
+    }
+}

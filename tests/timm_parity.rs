@@ -68,6 +68,12 @@ fn timm_logits_loss_and_gradients_match() {
     let (logits, model, acts) = logits_of("timm_tiny.safetensors", &r);
     let e = rel_err(&logits, &r.f32s["logits"]);
     assert!(e <= 1e-4, "logits differ from timm's: {e}");
+    // The inference path (class-token rows only after the last attention).
+    let mut frozen_acts = model.new_acts(&be, 4).unwrap();
+    be.write(&mut frozen_acts.images, &r.f32s["input"]).unwrap();
+    model.forward_logits(&be, &mut frozen_acts, 4).unwrap();
+    let e = rel_err(&be.download(&frozen_acts.logits).unwrap(), &r.f32s["logits"]);
+    assert!(e <= 1e-4, "logits-only forward differs from timm's logits: {e}");
 
     let cfg = LogitLossConfig { ce_weight: 1.0, label_smoothing: 0.0, kd_weight: 0.0, temperature: 1.0, feature_weight: 0.0 };
     let mut d_logits = vec![0f32; 40];

@@ -33,7 +33,7 @@ impl<B: Backend> Frozen<B> {
 /// Forward `batch` images given as raw bytes; the logits on the host.
 fn logits_of<B: Backend>(be: &B, model: &Vit<B>, acts: &mut VitActs<B>, bytes: &[u8], batch: usize, transform: &ImageTransform) -> Result<Vec<f32>> {
     be.images_from_bytes(&mut acts.images, bytes, batch, transform)?;
-    model.forward(be, acts, batch)?;
+    model.forward_logits(be, acts, batch)?;
     let mut logits = be.download(&acts.logits)?;
     logits.truncate(batch * model.cfg.classes);
     Ok(logits)
