@@ -17,14 +17,9 @@
 
 mod common;
 
+use common::{Forward, TrainStep};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use effrank_engine::backend::cpu::on_worker_thread;
-use effrank_engine::backend::{Backend, CpuBackend};
-use effrank_engine::model::init::init_params;
-use effrank_engine::model::params::dense_ranks;
-use effrank_engine::model::{Vit, VitConfig};
-use effrank_engine::train::{AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
-use common::batch_bytes;
 use std::time::Duration;
 
 // Models are built inside `bench_function`, so a filtered-out bench costs nothing.
@@ -34,14 +29,8 @@ fn train_step_vit_cifar(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_train_step");
     g.throughput(Throughput::Elements(batch as u64)).sample_size(10).measurement_time(Duration::from_secs(15));
     g.bench_function("vit-cifar_b64", |b| {
-        let be = CpuBackend;
-        let cfg = VitConfig::preset("vit-cifar", 100).unwrap();
-        let ranks = dense_ranks(&cfg);
-        let model = Vit::from_host(&be, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap();
-        let mut learner = Learner::new(&be, model, batch, AdamWConfig::default()).unwrap();
-        let (bytes, labels, t) = batch_bytes(&cfg, batch);
-        let loss = LossSpec::ce();
-        b.iter(|| on_worker_thread(|| learner.step(&be, &bytes, &labels, &t, TeacherSignal::None, &loss, 1e-4).unwrap()))
+        let mut step = TrainStep::vit_cifar(batch);
+        b.iter(|| on_worker_thread(|| step.run()))
     });
     g.finish();
 }
@@ -50,28 +39,13 @@ fn forward_vit_b32(c: &mut Criterion) {
     let batch = 8;
     let mut g = c.benchmark_group("cpu_forward");
     g.throughput(Throughput::Elements(batch as u64)).sample_size(10).measurement_time(Duration::from_secs(15));
-    let frozen_b32 = || {
-        let be = CpuBackend;
-        let cfg = VitConfig::preset("vit-b32", 100).unwrap();
-        let ranks = dense_ranks(&cfg);
-        let model = Vit::from_host(&be, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap();
-        let (bytes, _, t) = batch_bytes(&cfg, batch);
-        (Frozen::new(&be, model, batch).unwrap(), bytes, t)
-    };
     g.bench_function("vit-b32_b8", |b| {
-        let (mut frozen, bytes, t) = frozen_b32();
-        b.iter(|| on_worker_thread(|| frozen.logits(&CpuBackend, &bytes, batch, &t).unwrap()))
+        let mut forward = Forward::vit_b32(batch);
+        b.iter(|| on_worker_thread(|| forward.inference()))
     });
     g.bench_function("vit-b32_b8_every_token", |b| {
-        let (mut frozen, bytes, t) = frozen_b32();
-        let be = CpuBackend;
-        b.iter(|| {
-            on_worker_thread(|| {
-                be.images_from_bytes(&mut frozen.acts.images, &bytes, batch, &t).unwrap();
-                frozen.model.forward(&be, &mut frozen.acts, batch).unwrap();
-                be.download(&frozen.acts.logits).unwrap()
-            })
-        })
+        let mut forward = Forward::vit_b32(batch);
+        b.iter(|| on_worker_thread(|| forward.every_token()))
     });
     g.finish();
 }

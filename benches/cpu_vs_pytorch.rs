@@ -21,13 +21,8 @@
 
 mod common;
 
+use common::{Forward, TrainStep};
 use effrank_engine::backend::cpu::on_worker_thread;
-use effrank_engine::backend::{Backend, CpuBackend};
-use effrank_engine::model::init::init_params;
-use effrank_engine::model::params::dense_ranks;
-use effrank_engine::model::{Vit, VitConfig};
-use effrank_engine::train::{AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
-use common::batch_bytes;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
@@ -141,34 +136,17 @@ fn main() {
             return;
         }
     };
-    let be = CpuBackend;
     println!("engine vs PyTorch + timm, CPU, {threads} threads, {rounds} alternating rounds of {ITERS_PER_ROUND} iterations each");
     println!("{:<44} {:>9} {:>9} {:>8}  quartiles", "workload (images/s, medians)", "engine", "PyTorch", "ratio");
 
     let run = |py: &mut PyTorch| -> Result<(), String> {
-        let cfg = VitConfig::preset("vit-cifar", 100).unwrap();
-        let ranks = dense_ranks(&cfg);
-        let model = Vit::from_host(&be, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap();
-        let mut learner = Learner::new(&be, model, 64, AdamWConfig::default()).unwrap();
-        let (bytes, labels, t) = batch_bytes(&cfg, 64);
-        let loss = LossSpec::ce();
-        paired(py, "train step vit-cifar b64", "train", 64, rounds, &mut || {
-            learner.step(&be, &bytes, &labels, &t, TeacherSignal::None, &loss, 1e-4).unwrap();
-        })?;
-        drop(learner);
+        let mut step = TrainStep::vit_cifar(64);
+        paired(py, "train step vit-cifar b64", "train", 64, rounds, &mut || step.run())?;
+        drop(step);
 
-        let cfg = VitConfig::preset("vit-b32", 100).unwrap();
-        let ranks = dense_ranks(&cfg);
-        let model = Vit::from_host(&be, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap();
-        let mut frozen = Frozen::new(&be, model, 8).unwrap();
-        let (bytes, _, t) = batch_bytes(&cfg, 8);
-        paired(py, "forward vit-b32 b8 (inference path)", "forward", 8, rounds, &mut || {
-            frozen.logits(&be, &bytes, 8, &t).unwrap();
-        })?;
-        paired(py, "forward vit-b32 b8 (every token)", "forward", 8, rounds, &mut || {
-            be.images_from_bytes(&mut frozen.acts.images, &bytes, 8, &t).unwrap();
-            frozen.model.forward(&be, &mut frozen.acts, 8).unwrap();
-        })
+        let mut forward = Forward::vit_b32(8);
+        paired(py, "forward vit-b32 b8 (inference path)", "forward", 8, rounds, &mut || drop(forward.inference()))?;
+        paired(py, "forward vit-b32 b8 (every token)", "forward", 8, rounds, &mut || drop(forward.every_token()))
     };
     if let Err(e) = run(&mut py) {
         eprintln!("cpu_vs_pytorch: {e}");

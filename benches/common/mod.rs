@@ -1,15 +1,80 @@
-//! What the whole-model CPU benches share (`cpu.rs`, `cpu_vs_pytorch.rs`).
+//! The whole-model CPU workloads, shared by `cpu.rs` (criterion, the engine
+//! alone) and `cpu_vs_pytorch.rs` (paired with PyTorch), so that both time
+//! exactly the same work.
 
-use effrank_engine::backend::ImageTransform;
-use effrank_engine::model::VitConfig;
+use effrank_engine::backend::{Backend, CpuBackend, ImageTransform};
+use effrank_engine::model::init::init_params;
+use effrank_engine::model::params::dense_ranks;
+use effrank_engine::model::{Vit, VitConfig};
 use effrank_engine::rng::Rng;
+use effrank_engine::train::{AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
 
 /// A batch of random image bytes at the model's own size, random labels,
 /// and the transform that feeds them to the model unchanged in size.
-pub fn batch_bytes(cfg: &VitConfig, batch: usize) -> (Vec<u8>, Vec<u32>, ImageTransform) {
+fn batch_bytes(cfg: &VitConfig, batch: usize) -> (Vec<u8>, Vec<u32>, ImageTransform) {
     let mut rng = Rng::new(1);
     let bytes = (0..batch * cfg.channels * cfg.image_size * cfg.image_size).map(|_| rng.below(256) as u8).collect();
     let labels = (0..batch).map(|_| rng.below(cfg.classes) as u32).collect();
     let t = ImageTransform { channels: 3, src_height: cfg.image_size, src_width: cfg.image_size, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.5; 3] };
     (bytes, labels, t)
+}
+
+/// A dense model of `preset` with 100 classes and seeded random weights.
+fn dense_model(preset: &str) -> Vit<CpuBackend> {
+    let cfg = VitConfig::preset(preset, 100).unwrap();
+    let ranks = dense_ranks(&cfg);
+    Vit::from_host(&CpuBackend, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap()
+}
+
+/// Training steps (forward, backward, AdamW; cross-entropy) of `vit-cifar`.
+pub struct TrainStep {
+    learner: Learner<CpuBackend>,
+    bytes: Vec<u8>,
+    labels: Vec<u32>,
+    transform: ImageTransform,
+}
+
+impl TrainStep {
+    pub fn vit_cifar(batch: usize) -> Self {
+        let model = dense_model("vit-cifar");
+        let (bytes, labels, transform) = batch_bytes(&model.cfg, batch);
+        let learner = Learner::new(&CpuBackend, model, batch, AdamWConfig::default()).unwrap();
+        TrainStep { learner, bytes, labels, transform }
+    }
+
+    pub fn run(&mut self) {
+        self.learner.step(&CpuBackend, &self.bytes, &self.labels, &self.transform, TeacherSignal::None, &LossSpec::ce(), 1e-4).unwrap();
+    }
+}
+
+/// Forward passes of `vit-b32`, image bytes to logits on the host.
+pub struct Forward {
+    batch: usize,
+    frozen: Frozen<CpuBackend>,
+    bytes: Vec<u8>,
+    transform: ImageTransform,
+}
+
+impl Forward {
+    pub fn vit_b32(batch: usize) -> Self {
+        let model = dense_model("vit-b32");
+        let (bytes, _, transform) = batch_bytes(&model.cfg, batch);
+        let frozen = Frozen::new(&CpuBackend, model, batch).unwrap();
+        Forward { batch, frozen, bytes, transform }
+    }
+
+    /// The engine's inference path (`Frozen::logits`: the last block after
+    /// attention on the class-token rows only).
+    pub fn inference(&mut self) -> Vec<f32> {
+        self.frozen.logits(&CpuBackend, &self.bytes, self.batch, &self.transform).unwrap()
+    }
+
+    /// The full forward that training runs: every token through every block,
+    /// as timm computes it.
+    pub fn every_token(&mut self) -> Vec<f32> {
+        let (be, f) = (CpuBackend, &mut self.frozen);
+        be.images_from_bytes(&mut f.acts.images, &self.bytes, self.batch, &self.transform).unwrap();
+        f.model.forward(&be, &mut f.acts, self.batch).unwrap();
+        be.download(&f.acts.logits).unwrap()
+    }
 }
