@@ -19,7 +19,7 @@ mod common;
 
 use common::{Forward, TrainStep};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use effrank_engine::backend::cpu::on_worker_thread;
+use effrank_engine::device::cpu::on_worker_thread;
 use std::time::Duration;
 
 // Models are built inside `bench_function`, so a filtered-out bench costs nothing.

@@ -12,8 +12,9 @@
 //! Threads: every core unless RAYON_NUM_THREADS says otherwise; the work
 //! runs on a rayon worker, as in the engine (`on_worker_thread`).
 
-use effrank_engine::backend::cpu::on_worker_thread;
-use effrank_engine::backend::{Backend, CpuBackend};
+use effrank_engine::device::cpu::on_worker_thread;
+use effrank_engine::device::{Cpu, Device};
+use effrank_engine::ops::add::{add, add_assign};
 use effrank_engine::ops::attention::cpu::{attention_backward, attention_forward};
 use effrank_engine::ops::gelu::cpu::{gelu_backward, gelu_forward};
 use effrank_engine::ops::layernorm::cpu::{layernorm_backward, layernorm_forward};
@@ -86,14 +87,14 @@ fn main() {
         row("attention backward", t, per_element(t, 8 * HEADS * 50 * 50));
 
         // Residual connection: one pass against copy, then add.
-        let be = CpuBackend;
+        let be = Cpu;
         let (a, b) = (random(ROWS * WIDTH), random(ROWS * WIDTH));
         let mut sum = vec![0f32; ROWS * WIDTH];
         let len = ROWS * WIDTH;
-        let fused = median_seconds(100, || be.add(&mut sum, &a, &b, len).unwrap());
+        let fused = median_seconds(100, || add(&be, &mut sum, &a, &b, len).unwrap());
         let two_pass = median_seconds(100, || {
             be.copy(&mut sum, &a, len).unwrap();
-            be.add_assign(&mut sum, &b, len).unwrap();
+            add_assign(&be, &mut sum, &b, len).unwrap();
         });
         row("residual add (400x768)", fused, per_element(fused, len));
         row("  copy, then add_assign (replaced)", two_pass, format!("{:.2}x slower", two_pass / fused));

@@ -22,7 +22,7 @@
 mod common;
 
 use common::{Forward, TrainStep};
-use effrank_engine::backend::cpu::on_worker_thread;
+use effrank_engine::device::cpu::on_worker_thread;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;

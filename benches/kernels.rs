@@ -3,22 +3,25 @@
 //! same run: two cuBLAS SGEMMs for the fused low-rank layer (M = 12,800
 //! rows, width 768, r from 16 to 256), the unfused cuBLAS + softmax path for
 //! attention (ViT-B/16: 197 tokens, 12 heads of 64). Memory-bound kernels
-//! report GB/s against none. Runs the bf16 mixed-precision backend (the
+//! report GB/s against none. Runs the bf16 mixed-precision device (the
 //! default; baselines are bf16 cuBLAS GEMMs with fp32 accumulation), then the
-//! fp32 backend (baselines fp32 SGEMMs). Inputs of the low-rank rows rotate
+//! fp32 device (baselines fp32 SGEMMs). Inputs of the low-rank rows rotate
 //! over 4 sets so that they do not sit in the 50 MB L2 cache. Without a GPU
 //! it says so and exits 0.
 
 use anyhow::Result;
-use effrank_engine::backend::cuda::{cuda_available, CudaBackend, Precision};
-use effrank_engine::backend::{AdamWStep, Backend, BufKind, ImageTransform, LogitLossConfig};
+use effrank_engine::device::cuda::{cuda_available, CudaBuf};
+use effrank_engine::device::{BufKind, Cuda, Device, Precision};
 use effrank_engine::ops;
+use effrank_engine::ops::adamw::AdamWStep;
+use effrank_engine::ops::image::ImageTransform;
+use effrank_engine::ops::loss::LogitLossConfig;
 use effrank_engine::rng::Rng;
 
 /// Median device seconds per call of `f` over `iters` calls after 3 warm-up
 /// calls, each call bracketed by CUDA events (device time: host launch
 /// overhead between calls is not counted, gaps inside a call are).
-fn time(be: &CudaBackend, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time(be: &Cuda, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..3 {
         f()?;
     }
@@ -37,17 +40,17 @@ fn time(be: &CudaBackend, iters: usize, mut f: impl FnMut() -> Result<()>) -> Re
 }
 
 /// A random activation buffer.
-fn buf(be: &CudaBackend, seed: u64, n: usize, std: f32) -> Result<<CudaBackend as Backend>::Buf> {
+fn buf(be: &Cuda, seed: u64, n: usize, std: f32) -> Result<CudaBuf> {
     be.upload(&Rng::new(seed).normal_vec(n, std), BufKind::Activation)
 }
 
 /// A random fp32 parameter buffer.
-fn param(be: &CudaBackend, seed: u64, n: usize, std: f32) -> Result<<CudaBackend as Backend>::Buf> {
+fn param(be: &Cuda, seed: u64, n: usize, std: f32) -> Result<CudaBuf> {
     be.upload(&Rng::new(seed).normal_vec(n, std), BufKind::Param)
 }
 
 /// Bytes of one activation element.
-fn act_bytes(be: &CudaBackend) -> f64 {
+fn act_bytes(be: &Cuda) -> f64 {
     match be.precision() {
         Precision::F32 => 4.0,
         Precision::Bf16 => 2.0,
@@ -61,7 +64,7 @@ struct Row {
     baseline_ms: Option<f64>,
 }
 
-fn lowrank_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
+fn lowrank_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     let (m, width) = (12_800, 768);
     const SETS: usize = 4;
     let xs = (0..SETS).map(|i| buf(be, 1 + 100 * i as u64, m * width, 1.0)).collect::<Result<Vec<_>>>()?;
@@ -72,13 +75,14 @@ fn lowrank_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
         let u = param(be, 4, width * r, 0.05)?;
         let mut hs = (0..SETS).map(|_| be.alloc(m * r, BufKind::Activation)).collect::<Result<Vec<_>>>()?;
         let mut i = 0;
+        let ok = ops::lowrank::check_forward(be, &ys[0], &hs[0], &xs[0], &v, &u, &bias, m, width, r, width)?;
         let fused = time(be, 40, || {
             i = (i + 1) % SETS;
-            ops::lowrank::cuda::lowrank_forward_fused(be, &mut ys[i], &mut hs[i], &xs[i], &v, &u, &bias, m, width, r, width)
+            ops::lowrank::cuda::lowrank_forward_fused(be, &mut ys[i], &mut hs[i], &xs[i], &v, &u, &bias, m, width, r, width, ok)
         })?;
         let base = time(be, 40, || {
             i = (i + 1) % SETS;
-            ops::lowrank::cuda::unfused(be, &mut ys[i], &mut hs[i], &xs[i], &v, &u, &bias, m, width, r, width)
+            ops::lowrank::cuda::unfused(be, &mut ys[i], &mut hs[i], &xs[i], &v, &u, &bias, m, width, r, width, ok)
         })?;
         let flops = 2.0 * m as f64 * r as f64 * (2 * width) as f64;
         let bytes = act_bytes(be) * (m * (2 * width + r)) as f64;
@@ -87,7 +91,7 @@ fn lowrank_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
-fn attention_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
+fn attention_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     let (batch, t, heads, dh) = (64, 197, 12, 64);
     let n = batch * t * heads * dh;
     let (q, k, v, dout) = (buf(be, 5, n, 1.0)?, buf(be, 6, n, 1.0)?, buf(be, 7, n, 1.0)?, buf(be, 8, n, 1.0)?);
@@ -95,16 +99,18 @@ fn attention_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     let mut probs = be.alloc(batch * heads * t * t, BufKind::Activation)?;
     let (mut dq, mut dk, mut dv) = (be.alloc(n, BufKind::Activation)?, be.alloc(n, BufKind::Activation)?, be.alloc(n, BufKind::Activation)?);
     let flops = 4.0 * (batch * heads) as f64 * (t * t * dh) as f64;
-    let f = time(be, 10, || ops::attention::cuda::attention_forward(be, &mut out, &mut probs, &q, &k, &v, batch, t, heads, dh))?;
-    let fb = time(be, 10, || ops::attention::cuda::unfused_forward(be, &mut out, &mut probs, &q, &k, &v, batch, t, heads, dh))?;
+    let ok = ops::attention::check_forward(be, &out, &probs, &q, &k, &v, batch, t, heads, dh)?;
+    let f = time(be, 10, || ops::attention::cuda::fused_forward(be, &mut out, &mut probs, &q, &k, &v, batch, t, heads, dh, ok))?;
+    let fb = time(be, 10, || ops::attention::cuda::unfused_forward(be, &mut out, &mut probs, &q, &k, &v, batch, t, heads, dh, ok))?;
     rows.push(Row { kernel: format!("attention_forward b{batch} t{t} h{heads}x{dh}"), ms: f * 1e3, rate: format!("{:.2} TFLOP/s", flops / f / 1e12), baseline_ms: Some(fb * 1e3) });
-    let b = time(be, 10, || ops::attention::cuda::attention_backward(be, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh))?;
-    let bb = time(be, 10, || ops::attention::cuda::unfused_backward(be, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh))?;
+    let ok = ops::attention::check_backward(be, &dq, &dk, &dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh)?;
+    let b = time(be, 10, || ops::attention::cuda::fused_backward(be, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh, ok))?;
+    let bb = time(be, 10, || ops::attention::cuda::unfused_backward(be, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh, ok))?;
     rows.push(Row { kernel: format!("attention_backward b{batch} t{t} h{heads}x{dh}"), ms: b * 1e3, rate: format!("{:.2} TFLOP/s", 2.0 * flops / b / 1e12), baseline_ms: Some(bb * 1e3) });
     Ok(())
 }
 
-fn memory_bound_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
+fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     let (r, c) = (64 * 197, 768);
     let n = r * c;
     let e = act_bytes(be);
@@ -116,41 +122,26 @@ fn memory_bound_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     let mut dx = be.alloc(n, BufKind::Activation)?;
     let (mut mean, mut rstd) = (be.alloc(r, BufKind::Statistic)?, be.alloc(r, BufKind::Statistic)?);
     let gbs = |bytes: f64, s: f64| format!("{:.0} GB/s", bytes / s / 1e9);
-    let s = time(be, 50, || be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &gamma, &beta, r, c, 1e-6))?;
+    let s = time(be, 50, || ops::layernorm::forward(be, &mut out, &mut mean, &mut rstd, &x, &gamma, &beta, r, c, 1e-6))?;
     rows.push(Row { kernel: format!("layernorm_forward [{r}, {c}]"), ms: s * 1e3, rate: gbs(2.0 * e * n as f64, s), baseline_ms: None });
-    let s = time(be, 50, || be.layernorm_backward(&mut dx, &mut dgamma, &mut dbeta, &dout, &x, &mean, &rstd, &gamma, r, c))?;
+    let s = time(be, 50, || ops::layernorm::backward(be, &mut dx, &mut dgamma, &mut dbeta, &dout, &x, &mean, &rstd, &gamma, r, c))?;
     rows.push(Row { kernel: format!("layernorm_backward [{r}, {c}]"), ms: s * 1e3, rate: gbs(5.0 * e * n as f64, s), baseline_ms: None });
     // Its two kernels apart: the input gradient (a warp per row) and the
     // parameter gradients (column sums).
     {
-        use cudarc::driver::PushKernelArg;
-        let (ri, ci, rpb) = (r as i32, c as i32, ops::matmul::cuda::ROWS_PER_BLOCK as i32);
-        let (dxp, dop, xp) = (be.act_mut(&mut dx, "dx")?, be.act(&dout, "dout")?, be.act(&x, "x")?);
-        let (mp, rp, gp) = (be.f32(&mean, "mean")?, be.f32(&rstd, "rstd")?, be.f32(&gamma, "gamma")?);
-        let (dgp, dbp) = (be.f32_mut(&mut dgamma, "dgamma")?, be.f32_mut(&mut dbeta, "dbeta")?);
-        let rows_cfg = cudarc::driver::LaunchConfig { grid_dim: (r.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let s = time(be, 50, || {
-            let mut l = be.stream().launch_builder(be.func("layernorm_backward_dx")?);
-            l.arg(&dxp).arg(&dop).arg(&xp).arg(&mp).arg(&rp).arg(&gp).arg(&ri).arg(&ci);
-            unsafe { l.launch(rows_cfg) }.map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            Ok(())
-        })?;
+        let ok = ops::layernorm::check_backward(be, &dx, &dgamma, &dbeta, &dout, &x, &mean, &rstd, &gamma, r, c)?;
+        let s = time(be, 50, || ops::layernorm::cuda::backward_dx(be, &mut dx, &dout, &x, &mean, &rstd, &gamma, r, c, ok))?;
         rows.push(Row { kernel: "  of which layernorm_backward_dx".into(), ms: s * 1e3, rate: gbs(4.0 * e * n as f64, s), baseline_ms: None });
-        let s = time(be, 50, || {
-            let mut l = be.stream().launch_builder(be.func("layernorm_backward_params")?);
-            l.arg(&dgp).arg(&dbp).arg(&dop).arg(&xp).arg(&mp).arg(&rp).arg(&ri).arg(&ci).arg(&rpb);
-            unsafe { l.launch(ops::matmul::cuda::column_sum_config(r, c)) }.map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            Ok(())
-        })?;
+        let s = time(be, 50, || ops::layernorm::cuda::backward_params(be, &mut dgamma, &mut dbeta, &dout, &x, &mean, &rstd, r, c, ok))?;
         rows.push(Row { kernel: "  of which layernorm_backward_params".into(), ms: s * 1e3, rate: gbs(2.0 * e * n as f64, s), baseline_ms: None });
     }
-    let s = time(be, 50, || be.gelu_forward(&mut out, &x, n))?;
+    let s = time(be, 50, || ops::gelu::forward(be, &mut out, &x, n))?;
     rows.push(Row { kernel: format!("gelu_forward {n}"), ms: s * 1e3, rate: gbs(2.0 * e * n as f64, s), baseline_ms: None });
-    let s = time(be, 50, || be.gelu_backward(&mut dx, &x, &dout, n))?;
+    let s = time(be, 50, || ops::gelu::backward(be, &mut dx, &x, &dout, n))?;
     rows.push(Row { kernel: format!("gelu_backward {n}"), ms: s * 1e3, rate: gbs(3.0 * e * n as f64, s), baseline_ms: None });
-    let s = time(be, 50, || be.add_assign(&mut out, &x, n))?;
+    let s = time(be, 50, || ops::add::add_assign(be, &mut out, &x, n))?;
     rows.push(Row { kernel: format!("add_assign {n}"), ms: s * 1e3, rate: gbs(3.0 * e * n as f64, s), baseline_ms: None });
-    let s = time(be, 50, || be.bias_backward(&mut dbeta, &dout, r, c))?;
+    let s = time(be, 50, || ops::matmul::bias_backward(be, &mut dbeta, &dout, r, c))?;
     rows.push(Row { kernel: format!("bias_backward [{r}, {c}]"), ms: s * 1e3, rate: gbs(e * n as f64, s), baseline_ms: None });
     // Data path: 256 CIFAR-sized byte images to 224 px, then patches.
     let (batch, size) = (256, 224);
@@ -159,9 +150,9 @@ fn memory_bound_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     let img_n = batch * 3 * size * size;
     let mut images = be.alloc(img_n, BufKind::Activation)?;
     let mut patches = be.alloc(img_n, BufKind::Activation)?;
-    let s = time(be, 20, || be.images_from_bytes(&mut images, &bytes, batch, &t))?;
+    let s = time(be, 20, || ops::image::from_bytes(be, &mut images, &bytes, batch, &t))?;
     rows.push(Row { kernel: format!("images_from_bytes {batch}x32² -> 224² (incl. upload)"), ms: s * 1e3, rate: format!("{:.0} img/ms", batch as f64 / s / 1e3), baseline_ms: None });
-    let s = time(be, 20, || be.patch_gather(&mut patches, &images, batch, 3, size, 32))?;
+    let s = time(be, 20, || ops::embed::patch_gather(be, &mut patches, &images, batch, 3, size, 32))?;
     rows.push(Row { kernel: format!("patch_gather {batch}x3x224²"), ms: s * 1e3, rate: gbs(2.0 * e * img_n as f64, s), baseline_ms: None });
     // Loss over 1000-class logits of 256 images (CE + KD + feature terms).
     let (lb, classes) = (256, 1000);
@@ -170,15 +161,15 @@ fn memory_bound_rows(be: &CudaBackend, rows: &mut Vec<Row>) -> Result<()> {
     let mut loss = be.alloc(1, BufKind::Param)?;
     let labels: Vec<u32> = (0..lb as u32).map(|i| i * 37 % classes as u32).collect();
     let cfg = LogitLossConfig { ce_weight: 0.5, label_smoothing: 0.1, kd_weight: 0.5, temperature: 4.0, feature_weight: 0.1 };
-    let s = time(be, 50, || be.logit_loss(&mut ds, &mut loss, &s_logits, Some(&t_logits), &labels, lb, classes, &cfg, 1.0))?;
+    let s = time(be, 50, || ops::loss::logit_loss(be, &mut ds, &mut loss, &s_logits, Some(&t_logits), &labels, lb, classes, &cfg, 1.0))?;
     rows.push(Row { kernel: format!("logit_loss [{lb}, {classes}] all terms"), ms: s * 1e3, rate: gbs(3.0 * e * (lb * classes) as f64, s), baseline_ms: None });
     let p = 86_000_000;
     let (mut param, grad) = (param(be, 12, p, 0.02)?, param(be, 13, p, 1e-3)?);
     let (mut m, mut v, mut gn) = (be.alloc(p, BufKind::Param)?, be.alloc(p, BufKind::Param)?, be.alloc(1, BufKind::Param)?);
-    let s = time(be, 20, || be.sum_squares(&mut gn, &grad, p))?;
+    let s = time(be, 20, || ops::adamw::sum_squares(be, &mut gn, &grad, p))?;
     rows.push(Row { kernel: format!("sum_squares {p}"), ms: s * 1e3, rate: gbs(4.0 * p as f64, s), baseline_ms: None });
     let hp = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05, step: 1, max_grad_norm: Some(1.0) };
-    let s = time(be, 20, || be.adamw_update(&mut param, &grad, &mut m, &mut v, &gn, p, &hp))?;
+    let s = time(be, 20, || ops::adamw::update(be, &mut param, &grad, &mut m, &mut v, &gn, p, &hp))?;
     rows.push(Row { kernel: format!("adamw_update {p}"), ms: s * 1e3, rate: gbs(28.0 * p as f64, s), baseline_ms: None });
     Ok(())
 }
@@ -189,7 +180,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     for precision in [Precision::Bf16, Precision::F32] {
-        let be = CudaBackend::with_precision(0, precision)?;
+        let be = Cuda::with_precision(0, precision)?;
         println!("\ndevice: {}", be.name());
         let mut rows = Vec::new();
         lowrank_rows(&be, &mut rows)?;

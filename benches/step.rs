@@ -14,7 +14,8 @@
 //! Timing: 3 warm-up steps, then the median of 10, each closed by a
 //! `download` of the loss (the only synchronization of a step).
 
-use effrank_engine::backend::{Backend, ImageTransform};
+use effrank_engine::ops::image::ImageTransform;
+use effrank_engine::ops::Backend;
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::{dense_ranks, uniform_ranks, Ranks};
 use effrank_engine::model::{Vit, VitConfig};
@@ -28,8 +29,8 @@ fn forward_flops(cfg: &VitConfig, ranks: &Ranks, batch: usize) -> f64 {
     let rows = batch as f64 * t;
     let mut per_row = 0.0;
     for b in ranks {
-        for (j, r) in b.0.iter().enumerate() {
-            let (o, i) = effrank_engine::model::params::block_linear_shape(cfg, j);
+        for (layer, r) in b.iter() {
+            let (o, i) = layer.shape(cfg);
             per_row += match r {
                 None => (o * i) as f64,
                 Some(r) => (r * (o + i)) as f64,
@@ -106,7 +107,8 @@ fn run<B: Backend>(be: &B, batch: usize) {
 
 #[cfg(feature = "cuda")]
 fn main() {
-    use effrank_engine::backend::cuda::{cuda_available, CudaBackend, Precision};
+    use effrank_engine::device::cuda::cuda_available;
+    use effrank_engine::device::{Cuda, Precision};
     if !cuda_available() {
         println!("no CUDA GPU: skipping the step benchmark");
         return;
@@ -114,7 +116,7 @@ fn main() {
     let batch = std::env::var("EFFRANK_STEP_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
     // bf16 mixed precision (the engine's default on CUDA), then the fp32 reference path.
     for precision in [Precision::Bf16, Precision::F32] {
-        match CudaBackend::with_precision(0, precision) {
+        match Cuda::with_precision(0, precision) {
             Ok(be) => run(&be, batch),
             Err(e) => println!("no usable CUDA GPU ({e:#}): skipping the step benchmark"),
         }

@@ -3,12 +3,14 @@
 //! See README.md for the architecture and `../shared/METHOD.md` for the method.
 
 pub mod analysis;
-pub mod backend;
 pub mod data;
+pub mod device;
 pub mod factorize;
 pub mod io;
 pub mod model;
 pub mod ops;
 pub mod rng;
 pub mod sweep;
+#[doc(hidden)]
+pub mod testing;
 pub mod train;

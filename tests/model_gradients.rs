@@ -8,7 +8,9 @@
 //! (+ 2e-4 absolute), while a wrong or missing term changes a gradient by
 //! far more than that.
 
-use effrank_engine::backend::{Backend, CpuBackend, ImageTransform};
+use effrank_engine::device::{Cpu, Device};
+use effrank_engine::model::params::BlockLinear;
+use effrank_engine::ops::image::{self, ImageTransform};
 use effrank_engine::factorize::{factorize, FactorInit};
 use effrank_engine::model::params::{dense_ranks, param_specs, uniform_ranks, Ranks};
 use effrank_engine::model::{Vit, VitConfig, VitParams};
@@ -48,12 +50,12 @@ fn case(cfg: &VitConfig, batch: usize) -> Case {
     Case { bytes, labels }
 }
 
-fn loss_of(be: &CpuBackend, learner: &mut Learner<CpuBackend>, teacher: &mut Frozen<CpuBackend>, c: &Case, loss: &LossSpec, cfg: &VitConfig) -> f32 {
+fn loss_of(be: &Cpu, learner: &mut Learner<Cpu>, teacher: &mut Frozen<Cpu>, c: &Case, loss: &LossSpec, cfg: &VitConfig) -> f32 {
     learner.forward_backward(be, &c.bytes, &c.labels, &transform(cfg), TeacherSignal::Live(teacher), loss).unwrap().loss
 }
 
 fn check_gradients(ranks: Ranks, loss: LossSpec) {
-    let be = CpuBackend;
+    let be = Cpu;
     let cfg = tiny_config();
     let student = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 1)).unwrap();
     let teacher_model = Vit::from_host(&be, &cfg, &dense_ranks(&cfg), &random_params(&cfg, &dense_ranks(&cfg), 2)).unwrap();
@@ -104,14 +106,14 @@ fn lowrank_model_gradients_match_finite_differences_kd() {
 fn mixed_model_gradients_match_finite_differences_all_losses() {
     let cfg = tiny_config();
     let mut ranks = uniform_ranks(&cfg, 2);
-    ranks[0].0[1] = None;
-    ranks[1].0[4] = None;
+    ranks[0][BlockLinear::K] = None;
+    ranks[1][BlockLinear::Fc1] = None;
     check_gradients(ranks, LossSpec::parse("kd=1,feature=1,ce=0.5", 0.3, 3.0, 0.0).unwrap());
 }
 
 #[test]
 fn full_rank_svd_student_reproduces_the_teacher() {
-    let be = CpuBackend;
+    let be = Cpu;
     let cfg = tiny_config();
     let dense = dense_ranks(&cfg);
     let host = random_params(&cfg, &dense, 3);
@@ -131,7 +133,7 @@ fn full_rank_svd_student_reproduces_the_teacher() {
 
 #[test]
 fn a_non_finite_loss_stops_the_step_and_leaves_the_parameters() {
-    let be = CpuBackend;
+    let be = Cpu;
     let cfg = tiny_config();
     let dense = dense_ranks(&cfg);
     let mut host = random_params(&cfg, &dense, 6);
@@ -148,7 +150,7 @@ fn a_non_finite_loss_stops_the_step_and_leaves_the_parameters() {
 
 #[test]
 fn a_few_steps_reduce_the_loss() {
-    let be = CpuBackend;
+    let be = Cpu;
     let cfg = tiny_config();
     let dense = dense_ranks(&cfg);
     let model = Vit::from_host(&be, &cfg, &dense, &random_params(&cfg, &dense, 4)).unwrap();
@@ -169,16 +171,16 @@ fn a_few_steps_reduce_the_loss() {
 /// The second shape is wide enough that products are split over threads.
 #[test]
 fn logits_only_forward_matches_the_full_forward() {
-    let be = CpuBackend;
+    let be = Cpu;
     let wide = VitConfig { image_size: 16, channels: 3, patch: 4, width: 64, depth: 3, heads: 4, mlp: 160, classes: 7, ln_eps: 1e-6 };
     for cfg in [tiny_config(), wide] {
         let mut mixed = uniform_ranks(&cfg, 3);
-        mixed[cfg.depth - 1].0[4] = None;
+        mixed[cfg.depth - 1][BlockLinear::Fc1] = None;
         for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 4), mixed] {
             let model = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 5)).unwrap();
             let mut acts = model.new_acts(&be, 5).unwrap();
             let c = case(&cfg, 3);
-            be.images_from_bytes(&mut acts.images, &c.bytes, 3, &transform(&cfg)).unwrap();
+            image::from_bytes(&be, &mut acts.images, &c.bytes, 3, &transform(&cfg)).unwrap();
             model.forward(&be, &mut acts, 3).unwrap();
             let full = be.download(&acts.logits).unwrap()[..3 * cfg.classes].to_vec();
             be.zero(&mut acts.logits, 5 * cfg.classes).unwrap();

@@ -3,7 +3,8 @@
 //! scripts/make_reference.py) load through the importers and give timm's
 //! logits, loss and parameter gradients to 1e-4 relative error.
 
-use effrank_engine::backend::{Backend, CpuBackend, LogitLossConfig};
+use effrank_engine::device::{Cpu, Device};
+use effrank_engine::ops::loss::{logit_loss, LogitLossConfig};
 use effrank_engine::model::checkpoint::NamingScheme;
 use effrank_engine::model::import::{load_any, ImportOptions};
 use effrank_engine::model::params::param_specs;
@@ -48,8 +49,8 @@ fn opts() -> ImportOptions {
 }
 
 /// Logits of a checkpoint on the reference input; also returns the model.
-fn logits_of(file: &str, r: &Reference) -> (Vec<f32>, Vit<CpuBackend>, effrank_engine::model::VitActs<CpuBackend>) {
-    let be = CpuBackend;
+fn logits_of(file: &str, r: &Reference) -> (Vec<f32>, Vit<Cpu>, effrank_engine::model::VitActs<Cpu>) {
+    let be = Cpu;
     let ck = load_any(&data(file), &opts()).unwrap();
     let model = Vit::from_host(&be, &ck.cfg, &ck.ranks, &ck.params).unwrap();
     let mut acts = model.new_acts(&be, 4).unwrap();
@@ -60,7 +61,7 @@ fn logits_of(file: &str, r: &Reference) -> (Vec<f32>, Vit<CpuBackend>, effrank_e
 
 #[test]
 fn timm_logits_loss_and_gradients_match() {
-    let be = CpuBackend;
+    let be = Cpu;
     let r = reference();
     let ck = load_any(&data("timm_tiny.safetensors"), &opts()).unwrap();
     assert_eq!(ck.scheme, NamingScheme::Timm);
@@ -78,7 +79,7 @@ fn timm_logits_loss_and_gradients_match() {
     let cfg = LogitLossConfig { ce_weight: 1.0, label_smoothing: 0.0, kd_weight: 0.0, temperature: 1.0, feature_weight: 0.0 };
     let mut d_logits = vec![0f32; 40];
     let mut loss = vec![0f32; 1];
-    be.logit_loss(&mut d_logits, &mut loss, &acts.logits, None, &r.labels, 4, 10, &cfg, 1.0).unwrap();
+    logit_loss(&be, &mut d_logits, &mut loss, &acts.logits, None, &r.labels, 4, 10, &cfg, 1.0).unwrap();
     let e = rel_err(&loss, &r.f32s["loss"]);
     assert!(e <= 1e-4, "loss {} vs timm {}", loss[0], r.f32s["loss"][0]);
 

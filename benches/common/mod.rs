@@ -2,7 +2,8 @@
 //! alone) and `cpu_vs_pytorch.rs` (paired with PyTorch), so that both time
 //! exactly the same work.
 
-use effrank_engine::backend::{Backend, CpuBackend, ImageTransform};
+use effrank_engine::device::{Cpu, Device};
+use effrank_engine::ops::image::{self, ImageTransform};
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::dense_ranks;
 use effrank_engine::model::{Vit, VitConfig};
@@ -20,15 +21,15 @@ fn batch_bytes(cfg: &VitConfig, batch: usize) -> (Vec<u8>, Vec<u32>, ImageTransf
 }
 
 /// A dense model of `preset` with 100 classes and seeded random weights.
-fn dense_model(preset: &str) -> Vit<CpuBackend> {
+fn dense_model(preset: &str) -> Vit<Cpu> {
     let cfg = VitConfig::preset(preset, 100).unwrap();
     let ranks = dense_ranks(&cfg);
-    Vit::from_host(&CpuBackend, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap()
+    Vit::from_host(&Cpu, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap()
 }
 
 /// Training steps (forward, backward, AdamW; cross-entropy) of `vit-cifar`.
 pub struct TrainStep {
-    learner: Learner<CpuBackend>,
+    learner: Learner<Cpu>,
     bytes: Vec<u8>,
     labels: Vec<u32>,
     transform: ImageTransform,
@@ -38,19 +39,19 @@ impl TrainStep {
     pub fn vit_cifar(batch: usize) -> Self {
         let model = dense_model("vit-cifar");
         let (bytes, labels, transform) = batch_bytes(&model.cfg, batch);
-        let learner = Learner::new(&CpuBackend, model, batch, AdamWConfig::default()).unwrap();
+        let learner = Learner::new(&Cpu, model, batch, AdamWConfig::default()).unwrap();
         TrainStep { learner, bytes, labels, transform }
     }
 
     pub fn run(&mut self) {
-        self.learner.step(&CpuBackend, &self.bytes, &self.labels, &self.transform, TeacherSignal::None, &LossSpec::ce(), 1e-4).unwrap();
+        self.learner.step(&Cpu, &self.bytes, &self.labels, &self.transform, TeacherSignal::None, &LossSpec::ce(), 1e-4).unwrap();
     }
 }
 
 /// Forward passes of `vit-b32`, image bytes to logits on the host.
 pub struct Forward {
     batch: usize,
-    frozen: Frozen<CpuBackend>,
+    frozen: Frozen<Cpu>,
     bytes: Vec<u8>,
     transform: ImageTransform,
 }
@@ -59,21 +60,21 @@ impl Forward {
     pub fn vit_b32(batch: usize) -> Self {
         let model = dense_model("vit-b32");
         let (bytes, _, transform) = batch_bytes(&model.cfg, batch);
-        let frozen = Frozen::new(&CpuBackend, model, batch).unwrap();
+        let frozen = Frozen::new(&Cpu, model, batch).unwrap();
         Forward { batch, frozen, bytes, transform }
     }
 
     /// The engine's inference path (`Frozen::logits`: the last block after
     /// attention on the class-token rows only).
     pub fn inference(&mut self) -> Vec<f32> {
-        self.frozen.logits(&CpuBackend, &self.bytes, self.batch, &self.transform).unwrap()
+        self.frozen.logits(&Cpu, &self.bytes, self.batch, &self.transform).unwrap()
     }
 
     /// The full forward that training runs: every token through every block,
     /// as timm computes it.
     pub fn every_token(&mut self) -> Vec<f32> {
-        let (be, f) = (CpuBackend, &mut self.frozen);
-        be.images_from_bytes(&mut f.acts.images, &self.bytes, self.batch, &self.transform).unwrap();
+        let (be, f) = (Cpu, &mut self.frozen);
+        image::from_bytes(&be, &mut f.acts.images, &self.bytes, self.batch, &self.transform).unwrap();
         f.model.forward(&be, &mut f.acts, self.batch).unwrap();
         be.download(&f.acts.logits).unwrap()
     }

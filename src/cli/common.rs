@@ -1,12 +1,13 @@
 //! Flags shared by several subcommands, and the choice of device.
 //!
-//! Model and training code are generic over `Backend`; a subcommand packs its
-//! work into a `WithBackend` value and `dispatch` runs it on the CPU or the
-//! GPU that `--device` names.
+//! Model and training code are generic over `ops::Backend` (a device with
+//! every op); a subcommand packs its work into a `WithBackend` value and
+//! `dispatch` runs it on the CPU or the GPU that `--device` names.
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use effrank_engine::backend::{Backend, CpuBackend};
+use effrank_engine::device::Cpu;
+use effrank_engine::ops::Backend;
 use effrank_engine::data::{Augment, Normalize};
 use effrank_engine::train::{AdamWConfig, FitOptions};
 
@@ -25,7 +26,7 @@ pub enum DeviceArg {
     Auto,
 }
 
-/// Work that runs on whichever backend `dispatch` picks.
+/// Work that runs on whichever device `dispatch` picks.
 pub trait WithBackend {
     type Output;
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output>;
@@ -34,7 +35,7 @@ pub trait WithBackend {
 /// Run `work` on the device `device` names.
 pub fn dispatch<W: WithBackend>(device: DeviceArg, quiet: bool, work: W) -> Result<W::Output> {
     match device {
-        DeviceArg::Cpu => work.run(&CpuBackend),
+        DeviceArg::Cpu => work.run(&Cpu),
         DeviceArg::Cuda => run_cuda(work, false),
         DeviceArg::CudaFp32 => run_cuda(work, true),
         DeviceArg::Auto => {
@@ -47,7 +48,7 @@ pub fn dispatch<W: WithBackend>(device: DeviceArg, quiet: bool, work: W) -> Resu
                 if !quiet {
                     eprintln!("device: cpu (auto: no usable CUDA GPU found)");
                 }
-                work.run(&CpuBackend)
+                work.run(&Cpu)
             }
         }
     }
@@ -55,7 +56,7 @@ pub fn dispatch<W: WithBackend>(device: DeviceArg, quiet: bool, work: W) -> Resu
 
 #[cfg(feature = "cuda")]
 fn cuda_usable() -> bool {
-    effrank_engine::backend::cuda::cuda_available()
+    effrank_engine::device::cuda::cuda_available()
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -65,8 +66,8 @@ fn cuda_usable() -> bool {
 
 #[cfg(feature = "cuda")]
 fn run_cuda<W: WithBackend>(work: W, fp32: bool) -> Result<W::Output> {
-    use effrank_engine::backend::cuda::{CudaBackend, Precision};
-    let be = CudaBackend::with_precision(0, if fp32 { Precision::F32 } else { Precision::Bf16 })?;
+    use effrank_engine::device::{Cuda, Precision};
+    let be = Cuda::with_precision(0, if fp32 { Precision::F32 } else { Precision::Bf16 })?;
     work.run(&be)
 }
 

@@ -4,7 +4,7 @@ use super::common::{dispatch, DataFlags, DeviceArg, LossFlags, TrainFlags, WithB
 use super::setup::{choose_normalize, load_data_for, load_model, run_metadata, transform_for};
 use anyhow::{bail, Result};
 use clap::Args;
-use effrank_engine::backend::Backend;
+use effrank_engine::ops::Backend;
 use effrank_engine::factorize::{factorize, FactorInit};
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::params::{dense_ranks, is_lowrank, param_count, uniform_ranks};

@@ -5,7 +5,7 @@ use super::common::{dispatch, DataFlags, DeviceArg, WithBackend};
 use super::setup::{choose_normalize, load_data_for, load_model, transform_for};
 use anyhow::{bail, Result};
 use clap::Args;
-use effrank_engine::backend::Backend;
+use effrank_engine::ops::Backend;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::Vit;
 use effrank_engine::train::fit::evaluate;

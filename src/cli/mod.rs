@@ -42,7 +42,7 @@ pub fn main() -> Result<()> {
     // The whole command runs on a rayon worker (see `on_worker_thread`),
     // which then needs the main thread's stack size.
     let _ = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
-    effrank_engine::backend::cpu::on_worker_thread(|| run(cli))
+    effrank_engine::device::cpu::on_worker_thread(|| run(cli))
 }
 
 fn run(cli: Cli) -> Result<()> {

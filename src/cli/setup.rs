@@ -3,7 +3,7 @@
 
 use super::common::DataFlags;
 use anyhow::{bail, Context, Result};
-use effrank_engine::backend::ImageTransform;
+use effrank_engine::ops::image::ImageTransform;
 use effrank_engine::data::{load_data, DataSource, Dataset, LoadOptions, Normalize};
 use effrank_engine::model::import::{load_any, ImportOptions};
 use effrank_engine::model::init::init_params;

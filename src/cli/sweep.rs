@@ -7,11 +7,11 @@ use super::setup::{choose_normalize, load_data_for, load_model, load_teacher_or_
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use effrank_engine::analysis::{analyze_folder, suggest_ranks, AnalysisOptions};
-use effrank_engine::backend::Backend;
+use effrank_engine::ops::Backend;
 use effrank_engine::data::Normalize;
 use effrank_engine::factorize::FactorInit;
 use effrank_engine::io::atomic_write;
-use effrank_engine::model::params::{block_linear_shape, is_lowrank};
+use effrank_engine::model::params::{is_lowrank, max_rank};
 use effrank_engine::model::Vit;
 use effrank_engine::sweep::jobs::{all_jobs, finished, read_claim, Shard};
 use effrank_engine::sweep::{run_sweep, SweepInputs, SweepOptions, SweepSummary};
@@ -166,7 +166,7 @@ impl WithBackend for SweepArgs {
         };
         let mut summary = run_sweep(be, &inputs, &opts)?;
         if self.adaptive {
-            let max_rank = (0..6).map(|j| block_linear_shape(&teacher.cfg, j)).map(|(o, i)| o.min(i)).min().unwrap_or(1);
+            let max_rank = max_rank(&teacher.cfg);
             let mut added = 0;
             while added < self.adaptive_budget {
                 let points = mean_points(&out)?;

@@ -6,7 +6,7 @@ use super::common::{dispatch, DataFlags, DeviceArg, TrainFlags, WithBackend};
 use super::setup::{choose_normalize, load_data_for, load_teacher_or_init, run_metadata, transform_for, ModelSource, ShapeOverrides};
 use anyhow::Result;
 use clap::Args;
-use effrank_engine::backend::Backend;
+use effrank_engine::ops::Backend;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::Vit;
 use effrank_engine::train::{fit, Learner, LossSpec, RunFiles, Teacher};

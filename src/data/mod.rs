@@ -13,7 +13,7 @@
 //! - `normalize`: the mean/std presets (`--normalize cifar|imagenet|half`).
 //!
 //! Images stay `u8` on the host: the resize to the model's resolution and the
-//! normalization happen on the device (`Backend::images_from_bytes`), so the
+//! normalization happen on the device (`ops::image::from_bytes`), so the
 //! host only moves a quarter of the bytes that `f32` would need.
 
 pub mod augment;

@@ -1,10 +1,10 @@
 //! Per-channel normalization presets for `--normalize cifar|imagenet|half`:
 //! the model sees `(pixel / 255 - mean[c]) / std[c]`. The arithmetic happens
-//! on the device (`Backend::images_from_bytes`); this file only names the
+//! on the device (`ops::image::from_bytes`); this file only names the
 //! constants and builds the `ImageTransform` that carries them there.
 
 use super::Dataset;
-use crate::backend::ImageTransform;
+use crate::ops::image::ImageTransform;
 use anyhow::{bail, Result};
 use std::fmt;
 use std::str::FromStr;

@@ -11,7 +11,7 @@
 //! Either way the biases and every tensor that stays full (patch embedding,
 //! class token, positions, LayerNorms, head) are copied from the teacher.
 
-use crate::model::params::{block_linear_shape, is_lowrank, validate_ranks, Linear, Ranks, BLOCK_LINEARS};
+use crate::model::params::{is_lowrank, validate_ranks, BlockLinear, Linear, Ranks};
 use crate::model::{VitConfig, VitParams};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
@@ -127,16 +127,18 @@ pub fn factorize(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, 
     let mut student = teacher.clone();
     let mut reports = Vec::new();
     for (l, (block, br)) in student.blocks.iter_mut().zip(ranks).enumerate() {
-        for (j, layer) in block.linears_mut().into_iter().enumerate() {
-            let Some(r) = br.0[j] else { continue };
-            let name = format!("blocks.{l}.{}", BLOCK_LINEARS[j]);
-            let (out, inp) = block_linear_shape(cfg, j);
+        for lin in BlockLinear::ALL {
+            let Some(r) = br[lin] else { continue };
+            let name = format!("blocks.{l}.{}", lin.name());
+            let (out, inp) = lin.shape(cfg);
+            let layer = block.linear_mut(lin);
             let Linear::Dense { weight, bias } = layer else {
                 bail!("layer {name} of the teacher is already low-rank; factorize a dense teacher");
             };
             let (u, v, rel_error) = match init {
                 FactorInit::Svd => svd_factors(weight, out, inp, r, &name).with_context(|| format!("factorizing {name}"))?,
-                FactorInit::Random { seed } => random_factors(weight, out, inp, r, &mut Rng::from_keys(&[seed, l as u64, j as u64])),
+                // The key's third part is the layer's position in the block.
+                FactorInit::Random { seed } => random_factors(weight, out, inp, r, &mut Rng::from_keys(&[seed, l as u64, lin as u64])),
             };
             reports.push(LayerReport { name, out, inp, rank: r, params_before: out * inp + out, params_after: r * (out + inp) + out, rel_error });
             *layer = Linear::LowRank { u, v, bias: std::mem::take(bias) };

@@ -21,7 +21,7 @@
 //! `blocks.N.attn.{q,k,v}.weight`.
 
 use super::config::VitConfig;
-use super::params::{param_specs, Ranks, VitParams};
+use super::params::{param_specs, BlockLinear, Ranks, VitParams};
 use crate::io::atomic_write;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
@@ -66,7 +66,7 @@ pub struct Checkpoint {
 
 /// True when q, k and v of block `i` are all dense (fused on disk).
 fn qkv_fused(ranks: &Ranks, i: usize) -> bool {
-    ranks[i].0[..3].iter().all(|r| r.is_none())
+    [BlockLinear::Q, BlockLinear::K, BlockLinear::V].iter().all(|&l| ranks[i][l].is_none())
 }
 
 /// The on-disk tensors of a model: (name, shape, values).
@@ -204,7 +204,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg = VitConfig::preset("vit-demo", 10).unwrap();
         let mut mixed = uniform_ranks(&cfg, 4);
-        mixed[1].0[1] = None;
+        mixed[1][crate::model::params::BlockLinear::K] = None;
         for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 5), mixed] {
             let p = random(&cfg, &ranks);
             let path = dir.path().join("m.safetensors");

@@ -11,7 +11,7 @@
 //! feeds several layers (q, k and v all read the first LayerNorm's output).
 
 use super::params::Linear;
-use crate::backend::Backend;
+use crate::ops::{lowrank, matmul, Backend};
 use anyhow::Result;
 
 /// Shape of one linear layer.
@@ -34,11 +34,11 @@ pub fn linear_forward<B: Backend>(
     rows: usize,
 ) -> Result<()> {
     match layer {
-        Linear::Dense { weight, bias } => be.linear_forward(y, x, weight, bias, rows, shape.inp, shape.out),
+        Linear::Dense { weight, bias } => matmul::linear_forward(be, y, x, weight, bias, rows, shape.inp, shape.out),
         Linear::LowRank { u, v, bias } => {
-            let h = h.expect("a low-rank layer needs its intermediate buffer");
-            let r = shape.rank.expect("a low-rank layer has a rank");
-            be.lowrank_forward(y, h, x, v, u, bias, rows, shape.inp, r, shape.out)
+            let h = h.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its intermediate buffer"))?;
+            let r = shape.rank.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its rank"))?;
+            lowrank::forward(be, y, h, x, v, u, bias, rows, shape.inp, r, shape.out)
         }
     }
 }
@@ -63,22 +63,22 @@ pub fn linear_backward<B: Backend>(
     let (inp, out) = (shape.inp, shape.out);
     match (layer, grad) {
         (Linear::Dense { weight, .. }, Linear::Dense { weight: dw, bias: db }) => {
-            be.matmul(dw, dy, x, out, inp, rows, true, false, true)?;
-            be.bias_backward(db, dy, rows, out)?;
+            matmul::matmul(be, dw, dy, x, out, inp, rows, true, false, true)?;
+            matmul::bias_backward(be, db, dy, rows, out)?;
             if let Some(dx) = dx {
-                be.matmul(dx, dy, weight, rows, inp, out, false, false, accumulate_dx)?;
+                matmul::matmul(be, dx, dy, weight, rows, inp, out, false, false, accumulate_dx)?;
             }
         }
         (Linear::LowRank { u, v, .. }, Linear::LowRank { u: du, v: dv, bias: db }) => {
-            let r = shape.rank.expect("a low-rank layer has a rank");
-            let h = h.expect("a low-rank layer needs its forward intermediate");
-            let dh = dh.expect("a low-rank layer needs scratch for dh");
-            be.matmul(du, dy, h, out, r, rows, true, false, true)?;
-            be.bias_backward(db, dy, rows, out)?;
-            be.matmul(dh, dy, u, rows, r, out, false, false, false)?;
-            be.matmul(dv, dh, x, r, inp, rows, true, false, true)?;
+            let r = shape.rank.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its rank"))?;
+            let h = h.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its forward intermediate"))?;
+            let dh = dh.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs scratch for dh"))?;
+            matmul::matmul(be, du, dy, h, out, r, rows, true, false, true)?;
+            matmul::bias_backward(be, db, dy, rows, out)?;
+            matmul::matmul(be, dh, dy, u, rows, r, out, false, false, false)?;
+            matmul::matmul(be, dv, dh, x, r, inp, rows, true, false, true)?;
             if let Some(dx) = dx {
-                be.matmul(dx, dh, v, rows, inp, r, false, false, accumulate_dx)?;
+                matmul::matmul(be, dx, dh, v, rows, inp, r, false, false, accumulate_dx)?;
             }
         }
         _ => anyhow::bail!("gradient layout does not match the layer (dense vs low-rank)"),

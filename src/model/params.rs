@@ -28,12 +28,96 @@ use super::config::VitConfig;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-/// The six factorizable linear layers of a block, in order.
-pub const BLOCK_LINEARS: [&str; 6] = ["attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2"];
+/// The six factorizable linear layers of a block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum BlockLinear {
+    Q,
+    K,
+    V,
+    /// The attention output projection.
+    Proj,
+    Fc1,
+    Fc2,
+}
+
+impl BlockLinear {
+    /// Every layer, in the block's order.
+    pub const ALL: [BlockLinear; 6] = [BlockLinear::Q, BlockLinear::K, BlockLinear::V, BlockLinear::Proj, BlockLinear::Fc1, BlockLinear::Fc2];
+
+    /// Tensor-name stem inside a block: `attn.q` ... `mlp.fc2` (timm's names).
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockLinear::Q => "attn.q",
+            BlockLinear::K => "attn.k",
+            BlockLinear::V => "attn.v",
+            BlockLinear::Proj => "attn.proj",
+            BlockLinear::Fc1 => "mlp.fc1",
+            BlockLinear::Fc2 => "mlp.fc2",
+        }
+    }
+
+    /// Short name, as flags and tables write it: q, k, v, proj, fc1, fc2.
+    pub fn short(self) -> &'static str {
+        match self {
+            BlockLinear::Q => "q",
+            BlockLinear::K => "k",
+            BlockLinear::V => "v",
+            BlockLinear::Proj => "proj",
+            BlockLinear::Fc1 => "fc1",
+            BlockLinear::Fc2 => "fc2",
+        }
+    }
+
+    /// (out, in) of this layer in a model of shape `cfg`.
+    pub fn shape(self, cfg: &VitConfig) -> (usize, usize) {
+        match self {
+            BlockLinear::Q | BlockLinear::K | BlockLinear::V | BlockLinear::Proj => (cfg.width, cfg.width),
+            BlockLinear::Fc1 => (cfg.mlp, cfg.width),
+            BlockLinear::Fc2 => (cfg.width, cfg.mlp),
+        }
+    }
+
+    /// Position in `ALL` (and in the on-disk rank arrays).
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// One value per factorizable layer of a block, indexed by `BlockLinear`
+/// (stored, and serialized, in `BlockLinear::ALL` order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PerLinear<T>([T; 6]);
+
+impl<T> PerLinear<T> {
+    /// The value of every layer from `f`.
+    pub fn from_fn(mut f: impl FnMut(BlockLinear) -> T) -> Self {
+        PerLinear(BlockLinear::ALL.map(&mut f))
+    }
+    /// (layer, value) in block order.
+    pub fn iter(&self) -> impl Iterator<Item = (BlockLinear, &T)> {
+        BlockLinear::ALL.into_iter().zip(self.0.iter())
+    }
+    /// The values in block order.
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.0.iter()
+    }
+}
+
+impl<T> std::ops::Index<BlockLinear> for PerLinear<T> {
+    type Output = T;
+    fn index(&self, l: BlockLinear) -> &T {
+        &self.0[l.index()]
+    }
+}
+
+impl<T> std::ops::IndexMut<BlockLinear> for PerLinear<T> {
+    fn index_mut(&mut self, l: BlockLinear) -> &mut T {
+        &mut self.0[l.index()]
+    }
+}
 
 /// Rank of each factorizable layer of one block; `None` keeps it dense.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BlockRanks(pub [Option<usize>; 6]);
+pub type BlockRanks = PerLinear<Option<usize>>;
 
 /// Ranks of every block: the model is a teacher when all are `None`.
 pub type Ranks = Vec<BlockRanks>;
@@ -45,22 +129,17 @@ pub fn dense_ranks(cfg: &VitConfig) -> Ranks {
 
 /// One rank `r` for every factorizable layer.
 pub fn uniform_ranks(cfg: &VitConfig, r: usize) -> Ranks {
-    vec![BlockRanks([Some(r); 6]); cfg.depth]
+    vec![BlockRanks::from_fn(|_| Some(r)); cfg.depth]
 }
 
 /// True when any layer is low-rank.
 pub fn is_lowrank(ranks: &Ranks) -> bool {
-    ranks.iter().any(|b| b.0.iter().any(|r| r.is_some()))
+    ranks.iter().any(|b| b.values().any(|r| r.is_some()))
 }
 
-/// (out, in) of the `j`-th factorizable layer of a block.
-pub fn block_linear_shape(cfg: &VitConfig, j: usize) -> (usize, usize) {
-    match j {
-        0..=3 => (cfg.width, cfg.width),
-        4 => (cfg.mlp, cfg.width),
-        5 => (cfg.width, cfg.mlp),
-        _ => unreachable!("a block has six linear layers"),
-    }
+/// The largest rank any layer of `cfg` can take: the smallest min(out, in).
+pub fn max_rank(cfg: &VitConfig) -> usize {
+    BlockLinear::ALL.iter().map(|l| l.shape(cfg)).map(|(o, i)| o.min(i)).min().unwrap_or(1)
 }
 
 /// Check every rank against its layer: 1 <= r <= min(out, in).
@@ -69,15 +148,11 @@ pub fn validate_ranks(cfg: &VitConfig, ranks: &Ranks) -> Result<()> {
         bail!("ranks given for {} blocks, the model has {}", ranks.len(), cfg.depth);
     }
     for (i, b) in ranks.iter().enumerate() {
-        for (j, r) in b.0.iter().enumerate() {
+        for (layer, r) in b.iter() {
             if let Some(r) = *r {
-                let (out, inp) = block_linear_shape(cfg, j);
+                let (out, inp) = layer.shape(cfg);
                 if r == 0 || r > out.min(inp) {
-                    bail!(
-                        "rank {r} out of range for layer blocks.{i}.{} of shape [{out}, {inp}] (out x in): must be 1..={}",
-                        BLOCK_LINEARS[j],
-                        out.min(inp)
-                    );
+                    bail!("rank {r} out of range for layer blocks.{i}.{} of shape [{out}, {inp}] (out x in): must be 1..={}", layer.name(), out.min(inp));
                 }
             }
         }
@@ -121,12 +196,26 @@ pub struct Block<T> {
 }
 
 impl<T> Block<T> {
-    /// The six factorizable layers, in `BLOCK_LINEARS` order.
-    pub fn linears(&self) -> [&Linear<T>; 6] {
-        [&self.q, &self.k, &self.v, &self.proj, &self.fc1, &self.fc2]
+    /// The factorizable layer `l`.
+    pub fn linear(&self, l: BlockLinear) -> &Linear<T> {
+        match l {
+            BlockLinear::Q => &self.q,
+            BlockLinear::K => &self.k,
+            BlockLinear::V => &self.v,
+            BlockLinear::Proj => &self.proj,
+            BlockLinear::Fc1 => &self.fc1,
+            BlockLinear::Fc2 => &self.fc2,
+        }
     }
-    pub fn linears_mut(&mut self) -> [&mut Linear<T>; 6] {
-        [&mut self.q, &mut self.k, &mut self.v, &mut self.proj, &mut self.fc1, &mut self.fc2]
+    pub fn linear_mut(&mut self, l: BlockLinear) -> &mut Linear<T> {
+        match l {
+            BlockLinear::Q => &mut self.q,
+            BlockLinear::K => &mut self.k,
+            BlockLinear::V => &mut self.v,
+            BlockLinear::Proj => &mut self.proj,
+            BlockLinear::Fc1 => &mut self.fc1,
+            BlockLinear::Fc2 => &mut self.fc2,
+        }
     }
 }
 
@@ -187,15 +276,17 @@ pub fn param_specs(cfg: &VitConfig, ranks: &Ranks) -> Vec<TensorSpec> {
     for (i, br) in ranks.iter().enumerate() {
         s.push(spec(format!("blocks.{i}.norm1.weight"), vec![d], false));
         s.push(spec(format!("blocks.{i}.norm1.bias"), vec![d], false));
-        for (j, name) in BLOCK_LINEARS.iter().enumerate().take(4) {
-            let (o, inp) = block_linear_shape(cfg, j);
-            linear_specs(&mut s, &format!("blocks.{i}.{name}"), o, inp, br.0[j]);
+        let linear = |s: &mut Vec<TensorSpec>, l: BlockLinear| {
+            let (o, inp) = l.shape(cfg);
+            linear_specs(s, &format!("blocks.{i}.{}", l.name()), o, inp, br[l]);
+        };
+        for l in [BlockLinear::Q, BlockLinear::K, BlockLinear::V, BlockLinear::Proj] {
+            linear(&mut s, l);
         }
         s.push(spec(format!("blocks.{i}.norm2.weight"), vec![d], false));
         s.push(spec(format!("blocks.{i}.norm2.bias"), vec![d], false));
-        for (j, name) in BLOCK_LINEARS.iter().enumerate().skip(4) {
-            let (o, inp) = block_linear_shape(cfg, j);
-            linear_specs(&mut s, &format!("blocks.{i}.{name}"), o, inp, br.0[j]);
+        for l in [BlockLinear::Fc1, BlockLinear::Fc2] {
+            linear(&mut s, l);
         }
     }
     s.push(spec("norm.weight".into(), vec![d], false));
@@ -245,14 +336,14 @@ impl<T> VitParams<T> {
         for br in ranks {
             let norm1_w = next(&mut it);
             let norm1_b = next(&mut it);
-            let q = linear_take(&mut it, br.0[0]);
-            let k = linear_take(&mut it, br.0[1]);
-            let v = linear_take(&mut it, br.0[2]);
-            let proj = linear_take(&mut it, br.0[3]);
+            let q = linear_take(&mut it, br[BlockLinear::Q]);
+            let k = linear_take(&mut it, br[BlockLinear::K]);
+            let v = linear_take(&mut it, br[BlockLinear::V]);
+            let proj = linear_take(&mut it, br[BlockLinear::Proj]);
             let norm2_w = next(&mut it);
             let norm2_b = next(&mut it);
-            let fc1 = linear_take(&mut it, br.0[4]);
-            let fc2 = linear_take(&mut it, br.0[5]);
+            let fc1 = linear_take(&mut it, br[BlockLinear::Fc1]);
+            let fc2 = linear_take(&mut it, br[BlockLinear::Fc2]);
             blocks.push(Block { norm1_w, norm1_b, q, k, v, proj, norm2_w, norm2_b, fc1, fc2 });
         }
         let norm_w = next(&mut it);
@@ -347,7 +438,7 @@ mod tests {
     fn specs_and_tensors_agree_in_order() {
         let cfg = VitConfig::preset("vit-demo", 10).unwrap();
         let mut ranks = dense_ranks(&cfg);
-        ranks[1].0[4] = Some(3);
+        ranks[1][BlockLinear::Fc1] = Some(3);
         let specs = param_specs(&cfg, &ranks);
         let p: VitParams<String> = VitParams::build(&cfg, &ranks, |s| Ok::<_, ()>(s.name.clone())).unwrap();
         let names: Vec<&String> = p.tensors();
@@ -358,6 +449,15 @@ mod tests {
         assert!(matches!(p.blocks[1].fc1, Linear::LowRank { .. }));
         let mut p2 = p.clone();
         assert_eq!(p2.tensors_mut().len(), specs.len());
+    }
+
+    #[test]
+    fn ranks_serialize_as_arrays_in_block_order() {
+        let mut r = BlockRanks::default();
+        r[BlockLinear::Proj] = Some(7);
+        assert_eq!(serde_json::to_string(&r).unwrap(), "[null,null,null,7,null,null]");
+        assert_eq!(serde_json::from_str::<BlockRanks>("[null,null,null,7,null,null]").unwrap(), r);
+        assert_eq!(BlockLinear::ALL.map(|l| l.short()).join(","), "q,k,v,proj,fc1,fc2");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The Vision Transformer (Dosovitskiy et al., "An Image is Worth 16x16
-//! Words", 2021), forward and hand-written backward, on any `Backend`.
+//! Words", 2021), forward and hand-written backward, on any `Backend`
+//! (a device with every op of `crate::ops`).
 //!
 //! ```text
 //! patches  = gather(image)                       [B*P, C*p*p]
@@ -27,8 +28,9 @@
 
 use super::config::VitConfig;
 use super::linear::{linear_backward, linear_forward, LinearShape};
-use super::params::{block_linear_shape, param_specs, validate_ranks, Ranks, VitParams};
-use crate::backend::{Backend, BufKind};
+use super::params::{param_specs, validate_ranks, BlockLinear, PerLinear, Ranks, VitParams};
+use crate::device::{BufKind, Device};
+use crate::ops::{add, attention, embed, gelu, layernorm, matmul, Backend};
 use anyhow::{bail, Result};
 
 /// What a forward pass must produce.
@@ -40,7 +42,7 @@ enum Outputs {
     LogitsOnly,
 }
 
-/// A ViT's shape, ranks and parameters on one backend.
+/// A ViT's shape, ranks and parameters on one device.
 pub struct Vit<B: Backend> {
     pub cfg: VitConfig,
     pub ranks: Ranks,
@@ -48,7 +50,7 @@ pub struct Vit<B: Backend> {
 }
 
 /// Gradients have the parameters' structure.
-pub type Grads<B> = VitParams<<B as Backend>::Buf>;
+pub type Grads<B> = VitParams<<B as Device>::Buf>;
 
 /// Activations of one block, kept for the backward pass.
 pub struct BlockActs<T> {
@@ -73,9 +75,8 @@ pub struct BlockActs<T> {
     pub fc1_act: T,
     /// MLP sub-layer output before the residual add (a feature).
     pub mlp_out: T,
-    /// Low-rank intermediates `h = x Vᵀ` of q, k, v, proj, fc1, fc2
-    /// (`None` for dense layers).
-    pub h: [Option<T>; 6],
+    /// Low-rank intermediates `h = x Vᵀ` of each layer (`None` for dense layers).
+    pub h: PerLinear<Option<T>>,
 }
 
 /// Every activation of a forward pass for up to `max_batch` images.
@@ -116,7 +117,7 @@ pub struct VitBackwardScratch<B: Backend> {
 }
 
 impl<B: Backend> Vit<B> {
-    /// Upload host parameters (in `param_specs` order) to the backend.
+    /// Upload host parameters (in `param_specs` order) to the device.
     pub fn from_host(be: &B, cfg: &VitConfig, ranks: &Ranks, host: &VitParams<Vec<f32>>) -> Result<Self> {
         cfg.validate()?;
         validate_ranks(cfg, ranks)?;
@@ -147,9 +148,9 @@ impl<B: Backend> Vit<B> {
         Ok(())
     }
 
-    fn linear_shape(&self, block: usize, j: usize) -> LinearShape {
-        let (out, inp) = block_linear_shape(&self.cfg, j);
-        LinearShape { inp, out, rank: self.ranks[block].0[j] }
+    fn linear_shape(&self, block: usize, l: BlockLinear) -> LinearShape {
+        let (out, inp) = l.shape(&self.cfg);
+        LinearShape { inp, out, rank: self.ranks[block][l] }
     }
 
     fn head_shape(&self) -> LinearShape {
@@ -167,12 +168,11 @@ impl<B: Backend> Vit<B> {
         let a = |len: usize| be.alloc(len, BufKind::Activation);
         let stat = |len: usize| be.alloc(len, BufKind::Statistic);
         let mut blocks = Vec::with_capacity(c.depth);
-        for (l, br) in self.ranks.iter().enumerate() {
-            let mut h: [Option<B::Buf>; 6] = Default::default();
-            for (j, r) in br.0.iter().enumerate() {
+        for br in &self.ranks {
+            let mut h: PerLinear<Option<B::Buf>> = Default::default();
+            for (layer, r) in br.iter() {
                 if let Some(r) = r {
-                    debug_assert!(self.linear_shape(l, j).rank == Some(*r));
-                    h[j] = Some(a(n * r)?);
+                    h[layer] = Some(a(n * r)?);
                 }
             }
             blocks.push(BlockActs {
@@ -218,7 +218,7 @@ impl<B: Backend> Vit<B> {
     pub fn new_scratch(&self, be: &B, max_batch: usize) -> Result<VitBackwardScratch<B>> {
         let c = &self.cfg;
         let (n, d) = (max_batch * c.tokens(), c.width);
-        let max_rank = self.ranks.iter().flat_map(|b| b.0.iter().flatten()).copied().max().unwrap_or(1);
+        let max_rank = self.ranks.iter().flat_map(|b| b.values().flatten()).copied().max().unwrap_or(1);
         let a = |len: usize| be.alloc(len, BufKind::Activation);
         Ok(VitBackwardScratch {
             dx: a(n * d)?,
@@ -263,35 +263,34 @@ impl<B: Backend> Vit<B> {
         let n = batch * t;
         let np = batch * c.n_patches();
 
-        be.patch_gather(&mut acts.patches, &acts.images, batch, c.channels, c.image_size, c.patch)?;
-        be.linear_forward(&mut acts.patch_out, &acts.patches, &p.patch_w, &p.patch_b, np, self.patch_shape().inp, d)?;
-        be.tokens_forward(&mut acts.blocks[0].x_in, &acts.patch_out, &p.cls, &p.pos, batch, c.n_patches(), d)?;
+        embed::patch_gather(be, &mut acts.patches, &acts.images, batch, c.channels, c.image_size, c.patch)?;
+        matmul::linear_forward(be, &mut acts.patch_out, &acts.patches, &p.patch_w, &p.patch_b, np, self.patch_shape().inp, d)?;
+        embed::tokens_forward(be, &mut acts.blocks[0].x_in, &acts.patch_out, &p.cls, &p.pos, batch, c.n_patches(), d)?;
 
         for l in 0..c.depth {
             let (done, rest) = acts.blocks.split_at_mut(l + 1);
             let a = &mut done[l];
             let bp = &p.blocks[l];
-            be.layernorm_forward(&mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, &a.x_in, &bp.norm1_w, &bp.norm1_b, n, d, c.ln_eps)?;
-            let [hq, hk, hv, ..] = &mut a.h;
-            linear_forward(be, &bp.q, self.linear_shape(l, 0), &mut a.q, hq.as_mut(), &a.ln1, n)?;
-            linear_forward(be, &bp.k, self.linear_shape(l, 1), &mut a.k, hk.as_mut(), &a.ln1, n)?;
-            linear_forward(be, &bp.v, self.linear_shape(l, 2), &mut a.v, hv.as_mut(), &a.ln1, n)?;
-            be.attention_forward(&mut a.attn, &mut a.probs, &a.q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
+            layernorm::forward(be, &mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, &a.x_in, &bp.norm1_w, &bp.norm1_b, n, d, c.ln_eps)?;
+            linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut a.q, a.h[BlockLinear::Q].as_mut(), &a.ln1, n)?;
+            linear_forward(be, &bp.k, self.linear_shape(l, BlockLinear::K), &mut a.k, a.h[BlockLinear::K].as_mut(), &a.ln1, n)?;
+            linear_forward(be, &bp.v, self.linear_shape(l, BlockLinear::V), &mut a.v, a.h[BlockLinear::V].as_mut(), &a.ln1, n)?;
+            attention::forward(be, &mut a.attn, &mut a.probs, &a.q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
             match (rest.first_mut(), outputs) {
                 (Some(next), _) => self.block_tail(be, l, a, None, &mut next.x_in, n)?,
                 (None, Outputs::Everything) => self.block_tail(be, l, a, None, &mut acts.x_out, n)?,
                 (None, Outputs::LogitsOnly) => {
-                    be.cls_gather(&mut acts.cls_x_in, &a.x_in, batch, t, d)?;
-                    be.cls_gather(&mut acts.cls_attn, &a.attn, batch, t, d)?;
+                    embed::cls_gather(be, &mut acts.cls_x_in, &a.x_in, batch, t, d)?;
+                    embed::cls_gather(be, &mut acts.cls_attn, &a.attn, batch, t, d)?;
                     self.block_tail(be, l, a, Some((&acts.cls_x_in, &acts.cls_attn)), &mut acts.cls, batch)?;
                 }
             }
         }
 
         if outputs == Outputs::Everything {
-            be.cls_gather(&mut acts.cls, &acts.x_out, batch, t, d)?;
+            embed::cls_gather(be, &mut acts.cls, &acts.x_out, batch, t, d)?;
         }
-        be.layernorm_forward(&mut acts.cls_ln, &mut acts.cls_mean, &mut acts.cls_rstd, &acts.cls, &p.norm_w, &p.norm_b, batch, d, c.ln_eps)?;
+        layernorm::forward(be, &mut acts.cls_ln, &mut acts.cls_mean, &mut acts.cls_rstd, &acts.cls, &p.norm_w, &p.norm_b, batch, d, c.ln_eps)?;
         linear_forward(be, &p.head, self.head_shape(), &mut acts.logits, None, &acts.cls_ln, batch)
     }
 
@@ -304,14 +303,13 @@ impl<B: Backend> Vit<B> {
         let (c, bp) = (&self.cfg, &self.params.blocks[l]);
         let d = c.width;
         let (x_in, attn) = inputs.unwrap_or((&a.x_in, &a.attn));
-        let [_, _, _, hproj, hfc1, hfc2] = &mut a.h;
-        linear_forward(be, &bp.proj, self.linear_shape(l, 3), &mut a.attn_out, hproj.as_mut(), attn, rows)?;
-        be.add(&mut a.x_mid, x_in, &a.attn_out, rows * d)?;
-        be.layernorm_forward(&mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.x_mid, &bp.norm2_w, &bp.norm2_b, rows, d, c.ln_eps)?;
-        linear_forward(be, &bp.fc1, self.linear_shape(l, 4), &mut a.fc1_pre, hfc1.as_mut(), &a.ln2, rows)?;
-        be.gelu_forward(&mut a.fc1_act, &a.fc1_pre, rows * c.mlp)?;
-        linear_forward(be, &bp.fc2, self.linear_shape(l, 5), &mut a.mlp_out, hfc2.as_mut(), &a.fc1_act, rows)?;
-        be.add(x_next, &a.x_mid, &a.mlp_out, rows * d)
+        linear_forward(be, &bp.proj, self.linear_shape(l, BlockLinear::Proj), &mut a.attn_out, a.h[BlockLinear::Proj].as_mut(), attn, rows)?;
+        add::add(be, &mut a.x_mid, x_in, &a.attn_out, rows * d)?;
+        layernorm::forward(be, &mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.x_mid, &bp.norm2_w, &bp.norm2_b, rows, d, c.ln_eps)?;
+        linear_forward(be, &bp.fc1, self.linear_shape(l, BlockLinear::Fc1), &mut a.fc1_pre, a.h[BlockLinear::Fc1].as_mut(), &a.ln2, rows)?;
+        gelu::forward(be, &mut a.fc1_act, &a.fc1_pre, rows * c.mlp)?;
+        linear_forward(be, &bp.fc2, self.linear_shape(l, BlockLinear::Fc2), &mut a.mlp_out, a.h[BlockLinear::Fc2].as_mut(), &a.fc1_act, rows)?;
+        add::add(be, x_next, &a.x_mid, &a.mlp_out, rows * d)
     }
 
     /// Backward pass from `d_logits` (`[batch, classes]`), after `forward`
@@ -343,46 +341,45 @@ impl<B: Backend> Vit<B> {
         // Head and final LayerNorm on the class token.
         linear_backward(be, &p.head, &mut grads.head, self.head_shape(), Some(&mut s.d_cls_ln), false, d_logits, &acts.cls_ln, None, None, batch)?;
         be.zero(&mut s.d_cls, batch * d)?;
-        be.layernorm_backward(&mut s.d_cls, &mut grads.norm_w, &mut grads.norm_b, &s.d_cls_ln, &acts.cls, &acts.cls_mean, &acts.cls_rstd, &p.norm_w, batch, d)?;
+        layernorm::backward(be, &mut s.d_cls, &mut grads.norm_w, &mut grads.norm_b, &s.d_cls_ln, &acts.cls, &acts.cls_mean, &acts.cls_rstd, &p.norm_w, batch, d)?;
         be.zero(&mut s.dx, n * d)?;
-        be.cls_scatter_add(&mut s.dx, &s.d_cls, batch, t, d)?;
+        embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
 
         // Blocks in reverse; s.dx holds the gradient of the block's output.
         for l in (0..c.depth).rev() {
             let a = &acts.blocks[l];
             let bp = &p.blocks[l];
             let g = &mut grads.blocks[l];
-            let [hq, hk, hv, hproj, hfc1, hfc2] = &a.h;
 
             // MLP sub-layer: f_mlp = fc2(gelu(fc1(LN2(m)))).
             be.copy(&mut s.d_sub, &s.dx, n * d)?;
             if let Some(f) = feature_grads {
-                be.add_assign(&mut s.d_sub, &f[l].1, n * d)?;
+                add::add_assign(be, &mut s.d_sub, &f[l].1, n * d)?;
             }
-            linear_backward(be, &bp.fc2, &mut g.fc2, self.linear_shape(l, 5), Some(&mut s.d_hidden), false, &s.d_sub, &a.fc1_act, hfc2.as_ref(), Some(&mut s.dh), n)?;
-            be.gelu_backward(&mut s.d_hidden2, &a.fc1_pre, &s.d_hidden, n * c.mlp)?;
-            linear_backward(be, &bp.fc1, &mut g.fc1, self.linear_shape(l, 4), Some(&mut s.d_ln), false, &s.d_hidden2, &a.ln2, hfc1.as_ref(), Some(&mut s.dh), n)?;
+            linear_backward(be, &bp.fc2, &mut g.fc2, self.linear_shape(l, BlockLinear::Fc2), Some(&mut s.d_hidden), false, &s.d_sub, &a.fc1_act, a.h[BlockLinear::Fc2].as_ref(), Some(&mut s.dh), n)?;
+            gelu::backward(be, &mut s.d_hidden2, &a.fc1_pre, &s.d_hidden, n * c.mlp)?;
+            linear_backward(be, &bp.fc1, &mut g.fc1, self.linear_shape(l, BlockLinear::Fc1), Some(&mut s.d_ln), false, &s.d_hidden2, &a.ln2, a.h[BlockLinear::Fc1].as_ref(), Some(&mut s.dh), n)?;
             // m feeds both the residual and LN2: the LN2 gradient is added.
-            be.layernorm_backward(&mut s.dx, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, n, d)?;
+            layernorm::backward(be, &mut s.dx, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, n, d)?;
 
             // Attention sub-layer: f_attn = proj(attention(q, k, v of LN1(x))).
             be.copy(&mut s.d_sub, &s.dx, n * d)?;
             if let Some(f) = feature_grads {
-                be.add_assign(&mut s.d_sub, &f[l].0, n * d)?;
+                add::add_assign(be, &mut s.d_sub, &f[l].0, n * d)?;
             }
-            linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, 3), Some(&mut s.d_attn), false, &s.d_sub, &a.attn, hproj.as_ref(), Some(&mut s.dh), n)?;
-            be.attention_backward(&mut s.dq, &mut s.dk, &mut s.dv, &s.d_attn, &a.q, &a.k, &a.v, &a.probs, batch, t, c.heads, c.head_dim())?;
-            linear_backward(be, &bp.q, &mut g.q, self.linear_shape(l, 0), Some(&mut s.d_ln), false, &s.dq, &a.ln1, hq.as_ref(), Some(&mut s.dh), n)?;
-            linear_backward(be, &bp.k, &mut g.k, self.linear_shape(l, 1), Some(&mut s.d_ln), true, &s.dk, &a.ln1, hk.as_ref(), Some(&mut s.dh), n)?;
-            linear_backward(be, &bp.v, &mut g.v, self.linear_shape(l, 2), Some(&mut s.d_ln), true, &s.dv, &a.ln1, hv.as_ref(), Some(&mut s.dh), n)?;
-            be.layernorm_backward(&mut s.dx, &mut g.norm1_w, &mut g.norm1_b, &s.d_ln, &a.x_in, &a.ln1_mean, &a.ln1_rstd, &bp.norm1_w, n, d)?;
+            linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_attn), false, &s.d_sub, &a.attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), n)?;
+            attention::backward(be, &mut s.dq, &mut s.dk, &mut s.dv, &s.d_attn, &a.q, &a.k, &a.v, &a.probs, batch, t, c.heads, c.head_dim())?;
+            linear_backward(be, &bp.q, &mut g.q, self.linear_shape(l, BlockLinear::Q), Some(&mut s.d_ln), false, &s.dq, &a.ln1, a.h[BlockLinear::Q].as_ref(), Some(&mut s.dh), n)?;
+            linear_backward(be, &bp.k, &mut g.k, self.linear_shape(l, BlockLinear::K), Some(&mut s.d_ln), true, &s.dk, &a.ln1, a.h[BlockLinear::K].as_ref(), Some(&mut s.dh), n)?;
+            linear_backward(be, &bp.v, &mut g.v, self.linear_shape(l, BlockLinear::V), Some(&mut s.d_ln), true, &s.dv, &a.ln1, a.h[BlockLinear::V].as_ref(), Some(&mut s.dh), n)?;
+            layernorm::backward(be, &mut s.dx, &mut g.norm1_w, &mut g.norm1_b, &s.d_ln, &a.x_in, &a.ln1_mean, &a.ln1_rstd, &bp.norm1_w, n, d)?;
         }
 
         // Embeddings.
-        be.tokens_backward(&mut s.d_patch_out, &mut grads.cls, &mut grads.pos, &s.dx, batch, c.n_patches(), d)?;
+        embed::tokens_backward(be, &mut s.d_patch_out, &mut grads.cls, &mut grads.pos, &s.dx, batch, c.n_patches(), d)?;
         let np = batch * c.n_patches();
         let pd = self.patch_shape().inp;
-        be.matmul(&mut grads.patch_w, &s.d_patch_out, &acts.patches, d, pd, np, true, false, true)?;
-        be.bias_backward(&mut grads.patch_b, &s.d_patch_out, np, d)
+        matmul::matmul(be, &mut grads.patch_w, &s.d_patch_out, &acts.patches, d, pd, np, true, false, true)?;
+        matmul::bias_backward(be, &mut grads.patch_b, &s.d_patch_out, np, d)
     }
 }

@@ -1,9 +1,27 @@
-//! One folder per operation (dfdx style): `mod.rs` holds the math, the
-//! contract's tests and the CPU-vs-CUDA comparisons; `cpu.rs` the reference
-//! implementation; `cuda.rs` the launcher of the kernel in `kernels/`.
-//! The contract of each operation is the matching `Backend` method.
+//! Every operation of the model, one folder each (dfdx's layout). A folder
+//! owns its op completely:
+//!
+//! - `mod.rs`: the math (header comment), the op's settings types, the
+//!   kernel trait that each device implements (`GeluKernel`, ...), the
+//!   public checked entry points (`gelu::forward`, ...), which validate
+//!   every shape once for every device before calling the device body, and
+//!   the tests: the CPU's own (values, finite differences, wrong shapes) and
+//!   the cross-device comparison, one body run on every device present
+//!   (`crate::on_every_device!`);
+//! - `cpu.rs`: the kernel trait for `device::Cpu` and the reference loops;
+//! - `cuda.rs`: the kernel trait for `device::Cuda`: its launchers, one per
+//!   kernel of `kernels/<op>.cu` (the kernel file has the folder's name).
+//!
+//! Device bodies take a `Checked` token that only code in this module tree
+//! can make, so the model, the trainer or a test cannot call a body without
+//! its checks. `Backend` bundles every kernel trait: it is what the model,
+//! the losses and the optimizer are generic over.
+//!
+//! Adding an op (say `rmsnorm`): `src/ops/rmsnorm/{mod.rs, cpu.rs, cuda.rs}`,
+//! `kernels/rmsnorm.cu`, and one line in `Backend` below (plus its `pub mod`).
 
 pub mod adamw;
+pub mod add;
 pub mod attention;
 pub mod embed;
 pub mod gelu;
@@ -13,5 +31,117 @@ pub mod loss;
 pub mod lowrank;
 pub mod matmul;
 pub mod simd;
-#[cfg(test)]
-pub mod testing;
+
+use crate::device::{check_len, Cpu, Device};
+use anyhow::Result;
+
+/// Proof that an op's checked entry point has validated the call: every
+/// device body takes one, and only code under `crate::ops` can make one.
+#[derive(Clone, Copy, Debug)]
+pub struct Checked(());
+
+impl Checked {
+    pub(in crate::ops) fn new() -> Self {
+        Checked(())
+    }
+}
+
+/// A device with a body for every op: what the model, losses and optimizer
+/// are generic over.
+pub trait Backend:
+    Device
+    + adamw::AdamWKernel
+    + add::AddKernel
+    + attention::AttentionKernel
+    + embed::EmbedKernel
+    + gelu::GeluKernel
+    + image::ImageKernel
+    + layernorm::LayerNormKernel
+    + loss::LossKernel
+    + lowrank::LowRankKernel
+    + matmul::MatmulKernel
+{
+}
+
+impl Backend for Cpu {}
+#[cfg(feature = "cuda")]
+impl Backend for crate::device::Cuda {}
+
+/// The error of an argument buffer shorter than the op needs.
+pub(in crate::ops) fn need<D: Device>(dev: &D, what: &str, buf: &D::Buf, len: usize) -> Result<()> {
+    check_len(what, dev.len(buf), len)
+}
+
+/// `a · b` for shape arithmetic, an error instead of an overflow.
+pub(in crate::ops) fn product(what: &str, dims: &[usize]) -> Result<usize> {
+    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| anyhow::anyhow!("{what}: shape {dims:?} overflows"))
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use crate::device::cuda::embedded_kernels;
+    use std::collections::BTreeSet;
+    use std::path::Path;
+
+    /// `(file, kernel)` of every `function("file", "kernel", ..)` call in the
+    /// Rust sources under `dir`.
+    fn requested(dir: &Path, out: &mut BTreeSet<(String, String)>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                requested(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for call in text.split(".function(\"").skip(1) {
+                    let mut parts = call.split('"');
+                    let (file, kernel) = (parts.next().unwrap_or(""), parts.nth(1).unwrap_or(""));
+                    if !kernel.is_empty() && kernel.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        out.insert((file.to_string(), kernel.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every kernel the Rust side launches exists in the PTX of the kernel
+    /// file it names, in both precisions, and every compiled kernel is
+    /// launched from somewhere: a renamed kernel or a moved launcher fails
+    /// here, in CI, instead of on the first GPU run.
+    #[test]
+    fn every_launched_kernel_is_compiled_and_every_compiled_kernel_is_launched() {
+        if embedded_kernels().is_empty() {
+            assert!(std::env::var("EFFRANK_REQUIRE_KERNELS").is_err(), "EFFRANK_REQUIRE_KERNELS=1 but no kernels are embedded");
+            eprintln!("no kernels embedded (built without NVRTC): nothing to check");
+            return;
+        }
+        let mut wanted = BTreeSet::new();
+        requested(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut wanted);
+        // The fused low-rank kernel's name is chosen at run time.
+        wanted.insert(("lowrank".into(), "lowrank_forward".into()));
+        wanted.insert(("lowrank".into(), "lowrank_forward_aligned".into()));
+        let mut compiled = BTreeSet::new();
+        for (module, ptx) in embedded_kernels() {
+            for suffix in ["_f32", "_bf16"] {
+                let Some(file) = module.strip_suffix(suffix) else { continue };
+                for line in ptx.lines() {
+                    if let Some(name) = line.trim().strip_prefix(".visible .entry ").and_then(|r| r.split('(').next()) {
+                        let name = name.trim();
+                        compiled.insert((file.to_string(), name.strip_suffix(suffix).unwrap_or(name).to_string(), suffix));
+                    }
+                }
+            }
+        }
+        for (file, kernel) in &wanted {
+            for suffix in ["_f32", "_bf16"] {
+                // The fp32 variant of the aligned tensor-core kernel does not exist (bf16 only).
+                if kernel == "lowrank_forward_aligned" && suffix == "_f32" {
+                    continue;
+                }
+                assert!(compiled.contains(&(file.clone(), kernel.clone(), suffix)), "the Rust side launches {kernel}{suffix} of kernels/{file}.cu, which has no such kernel");
+            }
+        }
+        for (file, kernel, suffix) in &compiled {
+            assert!(wanted.contains(&(file.clone(), kernel.clone())), "kernels/{file}.cu compiles {kernel}{suffix}, which nothing launches");
+        }
+    }
+}

@@ -9,7 +9,8 @@
 
 pub mod jobs;
 
-use crate::backend::{Backend, ImageTransform};
+use crate::ops::image::ImageTransform;
+use crate::ops::Backend;
 use crate::data::Dataset;
 use crate::factorize::{factorize, FactorInit};
 use crate::model::params::{dense_ranks, param_count, uniform_ranks, validate_ranks};

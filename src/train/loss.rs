@@ -8,10 +8,10 @@
 //! The feature terms are every block's attention output and MLP output
 //! (each sub-layer's output before the residual add) and the logits; cos is
 //! taken per token row (per sample for the logits), MSE over all elements.
-//! The logit terms go to the fused `Backend::logit_loss`, the block features
-//! to `Backend::feature_loss`.
+//! The logit terms go to the fused `ops::loss::logit_loss`, the block features
+//! to `ops::loss::feature_loss`.
 
-use crate::backend::LogitLossConfig;
+use crate::ops::loss::LogitLossConfig;
 use anyhow::{bail, Context, Result};
 
 /// Weights and settings of the objective.

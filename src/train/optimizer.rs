@@ -2,12 +2,14 @@
 //! of a `Vit`, with global-norm gradient clipping.
 //!
 //! One step: `‖g‖² = Σ over all tensors of Σ g²` (on the device), then per
-//! tensor the fused `Backend::adamw_update`, which scales g by
+//! tensor the fused `ops::adamw::update`, which scales g by
 //! `min(1, max_norm / ‖g‖)` and applies bias-corrected Adam moments and the
 //! decoupled decay. Weight decay applies to weight matrices only
 //! (`TensorSpec::decay`).
 
-use crate::backend::{AdamWStep, Backend, BufKind};
+use crate::device::BufKind;
+use crate::ops::adamw::{self, AdamWStep};
+use crate::ops::Backend;
 use crate::model::params::param_specs;
 use crate::model::{Grads, Vit, VitParams};
 use anyhow::Result;
@@ -55,7 +57,7 @@ impl<B: Backend> AdamW<B> {
         be.zero(&mut self.grad_norm_sq, 1)?;
         if self.cfg.max_grad_norm.is_some() {
             for (spec, g) in specs.iter().zip(grads.tensors()) {
-                be.sum_squares(&mut self.grad_norm_sq, g, spec.numel())?;
+                adamw::sum_squares(be, &mut self.grad_norm_sq, g, spec.numel())?;
             }
         }
         let params = model.params.tensors_mut();
@@ -70,7 +72,7 @@ impl<B: Backend> AdamW<B> {
                 step: self.step,
                 max_grad_norm: self.cfg.max_grad_norm,
             };
-            be.adamw_update(p, g, m, v, &self.grad_norm_sq, spec.numel(), &hp)?;
+            adamw::update(be, p, g, m, v, &self.grad_norm_sq, spec.numel(), &hp)?;
         }
         Ok(())
     }

@@ -1,4 +1,4 @@
-//! One training step and one inference pass, on any backend.
+//! One training step and one inference pass, on any `Backend`.
 //!
 //! A `Learner` owns everything a step touches (model, gradients,
 //! activations, optimizer state, loss buffers), allocated once for a maximum
@@ -8,7 +8,9 @@
 
 use super::loss::LossSpec;
 use super::optimizer::{AdamW, AdamWConfig};
-use crate::backend::{Backend, BufKind, ImageTransform};
+use crate::device::BufKind;
+use crate::ops::image::{self, ImageTransform};
+use crate::ops::{loss as loss_ops, Backend};
 use crate::model::{Grads, Vit, VitActs, VitBackwardScratch};
 use anyhow::{bail, Result};
 
@@ -32,7 +34,7 @@ impl<B: Backend> Frozen<B> {
 
 /// Forward `batch` images given as raw bytes; the logits on the host.
 fn logits_of<B: Backend>(be: &B, model: &Vit<B>, acts: &mut VitActs<B>, bytes: &[u8], batch: usize, transform: &ImageTransform) -> Result<Vec<f32>> {
-    be.images_from_bytes(&mut acts.images, bytes, batch, transform)?;
+    image::from_bytes(be, &mut acts.images, bytes, batch, transform)?;
     model.forward_logits(be, acts, batch)?;
     let mut logits = be.download(&acts.logits)?;
     logits.truncate(batch * model.cfg.classes);
@@ -106,7 +108,7 @@ impl<B: Backend> Learner<B> {
         let batch = labels.len();
         let c = self.model.cfg.clone();
         let (n, d) = (batch * c.tokens(), c.width);
-        be.images_from_bytes(&mut self.acts.images, bytes, batch, transform)?;
+        image::from_bytes(be, &mut self.acts.images, bytes, batch, transform)?;
         self.model.forward(be, &mut self.acts, batch)?;
 
         let mut teacher_acts: Option<&VitActs<B>> = None;
@@ -135,7 +137,7 @@ impl<B: Backend> Learner<B> {
         }
 
         be.zero(&mut self.loss, 1)?;
-        be.logit_loss(&mut self.d_logits, &mut self.loss, &self.acts.logits, teacher_logits, labels, batch, c.classes, &loss.logit_config(c.depth), 1.0)?;
+        loss_ops::logit_loss(be, &mut self.d_logits, &mut self.loss, &self.acts.logits, teacher_logits, labels, batch, c.classes, &loss.logit_config(c.depth), 1.0)?;
         let features = match teacher_acts {
             Some(t) if loss.needs_features() => {
                 let w = loss.feature_term_weight(c.depth);
@@ -143,8 +145,8 @@ impl<B: Backend> Learner<B> {
                     let (s, tb) = (&self.acts.blocks[l], &t.blocks[l]);
                     be.zero(d_attn, n * d)?;
                     be.zero(d_mlp, n * d)?;
-                    be.feature_loss(d_attn, &mut self.loss, &s.attn_out, &tb.attn_out, n, d, w)?;
-                    be.feature_loss(d_mlp, &mut self.loss, &s.mlp_out, &tb.mlp_out, n, d, w)?;
+                    loss_ops::feature_loss(be, d_attn, &mut self.loss, &s.attn_out, &tb.attn_out, n, d, w)?;
+                    loss_ops::feature_loss(be, d_mlp, &mut self.loss, &s.mlp_out, &tb.mlp_out, n, d, w)?;
                 }
                 Some(&self.feature_grads[..])
             }

@@ -10,7 +10,8 @@
 //! normalization; a file of the wrong length is ignored and recomputed.
 
 use super::step::Frozen;
-use crate::backend::{Backend, ImageTransform};
+use crate::ops::image::ImageTransform;
+use crate::ops::Backend;
 use crate::data::{augmented_batch, Augment, Dataset};
 use crate::io::atomic_write;
 use anyhow::{Context, Result};

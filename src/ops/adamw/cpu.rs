@@ -1,7 +1,10 @@
 //! AdamW and the global gradient norm on the CPU.
 
-use crate::backend::AdamWStep;
+use super::{AdamWKernel, AdamWStep};
+use crate::device::Cpu;
 use crate::ops::simd::{vectorized, ELEMENTWISE_CHUNK as CHUNK};
+use crate::ops::Checked;
+use anyhow::Result;
 use rayon::prelude::*;
 
 /// ADDS `Σ x²` to `acc[0]` (chunk sums combined in order: deterministic).
@@ -42,4 +45,15 @@ pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
                 },
             )
         });
+}
+
+impl AdamWKernel for Cpu {
+    fn sum_squares(&self, acc: &mut Vec<f32>, x: &Vec<f32>, len: usize, _: Checked) -> Result<()> {
+        sum_squares(acc, x, len);
+        Ok(())
+    }
+    fn adamw_update(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, grad_norm_sq: &Vec<f32>, len: usize, hp: &AdamWStep, _: Checked) -> Result<()> {
+        adamw_update(param, grad, m, v, grad_norm_sq[0], len, hp);
+        Ok(())
+    }
 }

@@ -2,9 +2,13 @@
 //! running single-threaded strided products directly on its head's columns of q, k, v and
 //! out (no copies), so every task writes only its own head's columns.
 
+use super::AttentionKernel;
+use crate::device::Cpu;
 use crate::ops::gelu::cpu::exp;
 use crate::ops::matmul::cpu::SharedMut;
 use crate::ops::simd::vectorized;
+use crate::ops::Checked;
+use anyhow::Result;
 use rayon::prelude::*;
 
 /// `c[m, n] = alpha · a[m, k] · b[k, n]` with explicit strides, one thread.
@@ -120,4 +124,15 @@ pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: 
             gemm(t, t, dh, scale, ds.as_ptr(), 1, t, q.as_ptr().add(base), d, 1, pk.0.add(base), d, 1);
         }
     });
+}
+
+impl AttentionKernel for Cpu {
+    fn attention_forward(&self, out: &mut Vec<f32>, probs: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
+        attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim);
+        Ok(())
+    }
+    fn attention_backward(&self, dq: &mut Vec<f32>, dk: &mut Vec<f32>, dv: &mut Vec<f32>, dout: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, probs: &Vec<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
+        attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim);
+        Ok(())
+    }
 }

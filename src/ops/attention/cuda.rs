@@ -5,9 +5,11 @@
 //! GEMMs per image plus row-softmax kernels, which is also the benchmark
 //! baseline.
 
-use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt};
-use crate::backend::{Backend, BufKind};
+use super::AttentionKernel;
+use crate::device::cuda::{CudaBuf, DriverResultExt};
+use crate::device::{BufKind, Cuda, Device};
 use crate::ops::matmul::cuda::{gemm, Mat, RowMajorGemm};
+use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -28,7 +30,7 @@ pub fn backward_smem_bytes(t: usize, dh: usize) -> usize {
     4 * (2 * t * (dh + 1) + t + WARPS * (dh + 2 * t))
 }
 
-fn fused_fits(be: &CudaBackend, t: usize, dh: usize, smem: usize) -> bool {
+fn fused_fits(be: &Cuda, t: usize, dh: usize, smem: usize) -> bool {
     t <= MAX_FUSED_TOKENS && dh <= MAX_FUSED_HEAD_DIM && smem <= be.max_shared_bytes()
 }
 
@@ -36,37 +38,55 @@ fn block_config(batch: usize, heads: usize, smem: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: ((batch * heads) as u32, 1, 1), block_dim: ((WARPS * 32) as u32, 1, 1), shared_mem_bytes: smem as u32 }
 }
 
+impl AttentionKernel for Cuda {
+    fn attention_forward(&self, out: &mut CudaBuf, probs: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, ok: Checked) -> Result<()> {
+        fused_forward(self, out, probs, q, k, v, batch, tokens, heads, head_dim, ok)
+    }
+    fn attention_backward(&self, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, probs: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, ok: Checked) -> Result<()> {
+        fused_backward(self, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok)
+    }
+}
+
+/// `attention_forward(act_t* out, act_t* probs, const act_t* q, const
+/// act_t* k, const act_t* v, int tokens, int heads, int head_dim)`, or the
+/// unfused path where the fused kernel does not fit.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward(be: &CudaBackend, out: &mut CudaBuf, probs: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub fn fused_forward(be: &Cuda, out: &mut CudaBuf, probs: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, ok: Checked) -> Result<()> {
     if batch * heads * tokens * head_dim == 0 {
         return Ok(());
     }
     let smem = forward_smem_bytes(tokens, head_dim);
     if !fused_fits(be, tokens, head_dim, smem) {
-        return unfused_forward(be, out, probs, q, k, v, batch, tokens, heads, head_dim);
+        return unfused_forward(be, out, probs, q, k, v, batch, tokens, heads, head_dim, ok);
     }
     let a = [tokens, heads, head_dim].map(|v| v as i32);
     let (o, p) = (be.act_mut(out, "attention out")?, be.act_mut(probs, "attention probs")?);
     let (qp, kp, vp) = (be.act(q, "attention q")?, be.act(k, "attention k")?, be.act(v, "attention v")?);
-    let mut l = be.stream().launch_builder(be.func("attention_forward")?);
+    let f = be.function("attention", "attention_forward", smem)?;
+    let mut l = be.stream().launch_builder(&f);
     l.arg(&o).arg(&p).arg(&qp).arg(&kp).arg(&vp).arg(&a[0]).arg(&a[1]).arg(&a[2]);
     unsafe { l.launch(block_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_forward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
     Ok(())
 }
 
+/// `attention_backward(act_t* dq, act_t* dk, act_t* dv, const act_t* dout,
+/// const act_t* q, const act_t* k, const act_t* v, const act_t* probs, int
+/// tokens, int heads, int head_dim)`, or the unfused path where the fused
+/// kernel does not fit.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(be: &CudaBackend, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, probs: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub fn fused_backward(be: &Cuda, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, probs: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, ok: Checked) -> Result<()> {
     if batch * heads * tokens * head_dim == 0 {
         return Ok(());
     }
     let smem = backward_smem_bytes(tokens, head_dim);
     if !fused_fits(be, tokens, head_dim, smem) {
-        return unfused_backward(be, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim);
+        return unfused_backward(be, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok);
     }
     let a = [tokens, heads, head_dim].map(|v| v as i32);
     let (dqp, dkp, dvp) = (be.act_mut(dq, "attention dq")?, be.act_mut(dk, "attention dk")?, be.act_mut(dv, "attention dv")?);
     let (dop, qp, kp, vp, pp) = (be.act(dout, "attention dout")?, be.act(q, "attention q")?, be.act(k, "attention k")?, be.act(v, "attention v")?, be.act(probs, "attention probs")?);
-    let mut l = be.stream().launch_builder(be.func("attention_backward")?);
+    let f = be.function("attention", "attention_backward", smem)?;
+    let mut l = be.stream().launch_builder(&f);
     l.arg(&dqp).arg(&dkp).arg(&dvp).arg(&dop).arg(&qp).arg(&kp).arg(&vp).arg(&pp).arg(&a[0]).arg(&a[1]).arg(&a[2]);
     unsafe { l.launch(block_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_backward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
     Ok(())
@@ -105,17 +125,18 @@ fn rows_config(rows: usize) -> LaunchConfig {
 }
 
 /// An activation as a cuBLAS matrix.
-fn act_mat(be: &CudaBackend, b: &CudaBuf, what: &str) -> Result<Mat> {
+fn act_mat(be: &Cuda, b: &CudaBuf, what: &str) -> Result<Mat> {
     Ok(Mat { ptr: be.act(b, what)?, dtype: be.operand_type() })
 }
 
-fn act_mat_mut(be: &CudaBackend, b: &mut CudaBuf, what: &str) -> Result<Mat> {
+fn act_mat_mut(be: &Cuda, b: &mut CudaBuf, what: &str) -> Result<Mat> {
     Ok(Mat { ptr: be.act_mut(b, what)?, dtype: be.operand_type() })
 }
 
-/// Unfused forward: per image, `S = q kᵀ/√dh` (cuBLAS), softmax (kernel), `out = P v` (cuBLAS).
+/// Unfused forward: per image, `S = q kᵀ/√dh` (cuBLAS), softmax
+/// (`softmax_rows(act_t* x, int rows, int cols)`), `out = P v` (cuBLAS).
 #[allow(clippy::too_many_arguments)]
-pub fn unfused_forward(be: &CudaBackend, out: &mut CudaBuf, probs: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub fn unfused_forward(be: &Cuda, out: &mut CudaBuf, probs: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
     let (t, dh) = (tokens, head_dim);
     let hg = HeadGemm { t, dh, d: heads * dh, heads };
     let scale = 1.0 / (dh as f32).sqrt();
@@ -127,7 +148,8 @@ pub fn unfused_forward(be: &CudaBackend, out: &mut CudaBuf, probs: &mut CudaBuf,
     }
     let rows = batch * heads * t;
     let (r, c) = (rows as i32, t as i32);
-    let mut l = be.stream().launch_builder(be.func("softmax_rows")?);
+    let f = be.function("attention", "softmax_rows", 0)?;
+    let mut l = be.stream().launch_builder(&f);
     l.arg(&pm.ptr).arg(&r).arg(&c);
     unsafe { l.launch(rows_config(rows)) }.cu_context("softmax_rows launch")?;
     for b in 0..batch {
@@ -137,10 +159,11 @@ pub fn unfused_forward(be: &CudaBackend, out: &mut CudaBuf, probs: &mut CudaBuf,
     Ok(())
 }
 
-/// Unfused backward: `dP = dout vᵀ`, `dV = Pᵀ dout`, `dS = P∘(dP − rowsum(dP∘P))`,
+/// Unfused backward: `dP = dout vᵀ`, `dV = Pᵀ dout`, `dS = P∘(dP − rowsum(dP∘P))`
+/// (`softmax_rows_backward(act_t* dp, const act_t* p, int rows, int cols)`),
 /// `dQ = dS k/√dh`, `dK = dSᵀ q/√dh`.
 #[allow(clippy::too_many_arguments)]
-pub fn unfused_backward(be: &CudaBackend, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, probs: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+pub fn unfused_backward(be: &Cuda, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, probs: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
     let (t, dh) = (tokens, head_dim);
     let hg = HeadGemm { t, dh, d: heads * dh, heads };
     let scale = 1.0 / (dh as f32).sqrt();
@@ -156,7 +179,8 @@ pub fn unfused_backward(be: &CudaBackend, dq: &mut CudaBuf, dk: &mut CudaBuf, dv
     }
     let rows = batch * heads * t;
     let (r, c) = (rows as i32, t as i32);
-    let mut l = be.stream().launch_builder(be.func("softmax_rows_backward")?);
+    let f = be.function("attention", "softmax_rows_backward", 0)?;
+    let mut l = be.stream().launch_builder(&f);
     l.arg(&dsm.ptr).arg(&pm.ptr).arg(&r).arg(&c);
     unsafe { l.launch(rows_config(rows)) }.cu_context("softmax_rows_backward launch")?;
     for b in 0..batch {

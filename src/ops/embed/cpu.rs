@@ -1,5 +1,9 @@
 //! Patch gathering, token assembly and class-token pooling on the CPU.
 
+use super::EmbedKernel;
+use crate::device::Cpu;
+use crate::ops::Checked;
+use anyhow::Result;
 use rayon::prelude::*;
 
 pub fn patch_gather(patches: &mut [f32], images: &[f32], batch: usize, channels: usize, size: usize, patch: usize) {
@@ -62,5 +66,28 @@ pub fn cls_scatter_add(dx: &mut [f32], dout: &[f32], batch: usize, tokens: usize
         for (d, g) in dx[b * tokens * width..][..width].iter_mut().zip(&dout[b * width..(b + 1) * width]) {
             *d += g;
         }
+    }
+}
+
+impl EmbedKernel for Cpu {
+    fn patch_gather(&self, patches: &mut Vec<f32>, images: &Vec<f32>, batch: usize, channels: usize, size: usize, patch: usize, _: Checked) -> Result<()> {
+        patch_gather(patches, images, batch, channels, size, patch);
+        Ok(())
+    }
+    fn tokens_forward(&self, x: &mut Vec<f32>, patch_out: &Vec<f32>, cls: &Vec<f32>, pos: &Vec<f32>, batch: usize, n_patches: usize, width: usize, _: Checked) -> Result<()> {
+        tokens_forward(x, patch_out, cls, pos, batch, n_patches, width);
+        Ok(())
+    }
+    fn tokens_backward(&self, dpatch_out: &mut Vec<f32>, dcls: &mut Vec<f32>, dpos: &mut Vec<f32>, dx: &Vec<f32>, batch: usize, n_patches: usize, width: usize, _: Checked) -> Result<()> {
+        tokens_backward(dpatch_out, dcls, dpos, dx, batch, n_patches, width);
+        Ok(())
+    }
+    fn cls_gather(&self, out: &mut Vec<f32>, x: &Vec<f32>, batch: usize, tokens: usize, width: usize, _: Checked) -> Result<()> {
+        cls_gather(out, x, batch, tokens, width);
+        Ok(())
+    }
+    fn cls_scatter_add(&self, dx: &mut Vec<f32>, dout: &Vec<f32>, batch: usize, tokens: usize, width: usize, _: Checked) -> Result<()> {
+        cls_scatter_add(dx, dout, batch, tokens, width);
+        Ok(())
     }
 }

@@ -13,10 +13,93 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+use super::{need, product, Checked};
+use crate::device::Device;
+use anyhow::{bail, Result};
+
+/// Device bodies of the embedding and pooling ops (call the functions below).
+pub trait EmbedKernel: Device {
+    #[allow(clippy::too_many_arguments)]
+    fn patch_gather(&self, patches: &mut Self::Buf, images: &Self::Buf, batch: usize, channels: usize, size: usize, patch: usize, _: Checked) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn tokens_forward(&self, x: &mut Self::Buf, patch_out: &Self::Buf, cls: &Self::Buf, pos: &Self::Buf, batch: usize, n_patches: usize, width: usize, _: Checked) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn tokens_backward(&self, dpatch_out: &mut Self::Buf, dcls: &mut Self::Buf, dpos: &mut Self::Buf, dx: &Self::Buf, batch: usize, n_patches: usize, width: usize, _: Checked) -> Result<()>;
+    fn cls_gather(&self, out: &mut Self::Buf, x: &Self::Buf, batch: usize, tokens: usize, width: usize, _: Checked) -> Result<()>;
+    fn cls_scatter_add(&self, dx: &mut Self::Buf, dout: &Self::Buf, batch: usize, tokens: usize, width: usize, _: Checked) -> Result<()>;
+}
+
+fn positive(what: &str, name: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        bail!("{what}: {name} must be positive");
+    }
+    Ok(())
+}
+
+/// Writes `patches[batch * n_patches, channels * patch * patch]` from
+/// `images[batch, channels, size, size]`: row `b * n_patches + py * (size/patch) + px`
+/// holds the patch at (py, px), its columns ordered (channel, y, x), the
+/// order of a flattened `[width, channels, patch, patch]` convolution weight.
+pub fn patch_gather<D: EmbedKernel>(dev: &D, patches: &mut D::Buf, images: &D::Buf, batch: usize, channels: usize, size: usize, patch: usize) -> Result<()> {
+    if patch == 0 || !size.is_multiple_of(patch) {
+        bail!("patch_gather: image size {size} is not a multiple of the patch size {patch}");
+    }
+    if channels == 0 || channels > 3 {
+        bail!("patch_gather: {channels} channels; 1 to 3 are supported");
+    }
+    let n = product("patch_gather", &[batch, channels, size, size])?;
+    need(dev, "patch_gather images", images, n)?;
+    need(dev, "patch_gather patches", patches, n)?;
+    dev.patch_gather(patches, images, batch, channels, size, patch, Checked::new())
+}
+
+/// Writes the token sequence `x[batch, 1 + n_patches, width]`: token 0 is
+/// `cls + pos[0]`, token `1 + i` is `patch_out[b, i] + pos[1 + i]`.
+#[allow(clippy::too_many_arguments)]
+pub fn tokens_forward<D: EmbedKernel>(dev: &D, x: &mut D::Buf, patch_out: &D::Buf, cls: &D::Buf, pos: &D::Buf, batch: usize, n_patches: usize, width: usize) -> Result<()> {
+    positive("tokens_forward", "width", width)?;
+    let t = n_patches + 1;
+    need(dev, "tokens x", x, product("tokens x", &[batch, t, width])?)?;
+    need(dev, "tokens patch_out", patch_out, product("tokens patch_out", &[batch, n_patches, width])?)?;
+    need(dev, "tokens cls", cls, width)?;
+    need(dev, "tokens pos", pos, product("tokens pos", &[t, width])?)?;
+    dev.tokens_forward(x, patch_out, cls, pos, batch, n_patches, width, Checked::new())
+}
+
+/// Backward of `tokens_forward`: WRITES `dpatch_out`, ADDS to `dcls` and `dpos`.
+#[allow(clippy::too_many_arguments)]
+pub fn tokens_backward<D: EmbedKernel>(dev: &D, dpatch_out: &mut D::Buf, dcls: &mut D::Buf, dpos: &mut D::Buf, dx: &D::Buf, batch: usize, n_patches: usize, width: usize) -> Result<()> {
+    positive("tokens_backward", "width", width)?;
+    let t = n_patches + 1;
+    need(dev, "tokens dx", dx, product("tokens dx", &[batch, t, width])?)?;
+    need(dev, "tokens dpatch_out", dpatch_out, product("tokens dpatch_out", &[batch, n_patches, width])?)?;
+    need(dev, "tokens dcls", dcls, width)?;
+    need(dev, "tokens dpos", dpos, product("tokens dpos", &[t, width])?)?;
+    dev.tokens_backward(dpatch_out, dcls, dpos, dx, batch, n_patches, width, Checked::new())
+}
+
+/// Writes `out[batch, width] = x[batch, tokens, width][:, 0, :]` (class-token pooling).
+pub fn cls_gather<D: EmbedKernel>(dev: &D, out: &mut D::Buf, x: &D::Buf, batch: usize, tokens: usize, width: usize) -> Result<()> {
+    positive("cls_gather", "tokens", tokens)?;
+    need(dev, "cls_gather x", x, product("cls_gather x", &[batch, tokens, width])?)?;
+    need(dev, "cls_gather out", out, product("cls_gather out", &[batch, width])?)?;
+    dev.cls_gather(out, x, batch, tokens, width, Checked::new())
+}
+
+/// Backward of `cls_gather`: ADDS `dout[b]` to `dx[b, 0]`.
+pub fn cls_scatter_add<D: EmbedKernel>(dev: &D, dx: &mut D::Buf, dout: &D::Buf, batch: usize, tokens: usize, width: usize) -> Result<()> {
+    positive("cls_scatter_add", "tokens", tokens)?;
+    need(dev, "cls_scatter dx", dx, product("cls_scatter dx", &[batch, tokens, width])?)?;
+    need(dev, "cls_scatter dout", dout, product("cls_scatter dout", &[batch, width])?)?;
+    dev.cls_scatter_add(dx, dout, batch, tokens, width, Checked::new())
+}
+
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
-    use crate::ops::testing::{dot, fd_check, random};
+    use crate::device::Cpu;
+    use crate::ops::Backend;
+    use crate::testing::{act, assert_close, dot, fd_check, par, random, randn, tol, EW};
 
     #[test]
     fn patches_follow_the_convolution_weight_order() {
@@ -58,4 +141,64 @@ mod tests {
         assert_eq!(dx[1], 1.0 + out[1]);
         assert_eq!(dx[d], 1.0);
     }
+
+    #[test]
+    fn wrong_shapes_are_errors() {
+        let z = |n: usize| vec![0.0f32; n];
+        // patch_gather: patch must divide the size; 1-3 channels; buffer lengths.
+        assert!(super::patch_gather(&Cpu, &mut z(48), &z(48), 1, 3, 4, 3).is_err(), "patch 3 of size 4");
+        assert!(super::patch_gather(&Cpu, &mut z(48), &z(48), 1, 3, 4, 0).is_err(), "patch 0");
+        assert!(super::patch_gather(&Cpu, &mut z(64), &z(64), 1, 4, 4, 2).is_err(), "4 channels");
+        assert!(super::patch_gather(&Cpu, &mut z(47), &z(48), 1, 3, 4, 2).is_err());
+        assert!(super::patch_gather(&Cpu, &mut z(48), &z(47), 1, 3, 4, 2).is_err());
+        assert!(super::patch_gather(&Cpu, &mut z(48), &z(48), 1, 3, 4, 2).is_ok());
+        // tokens: x, patch_out, cls (the class token), pos.
+        let (b, np, d) = (2, 4, 3);
+        let t = np + 1;
+        let lens = [b * t * d, b * np * d, d, t * d];
+        for short in 0..=lens.len() {
+            let mut v: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| z(if i == short { l - 1 } else { l })).collect();
+            let [x, po, cls, pos] = v.as_mut_slice() else { unreachable!() };
+            assert_eq!(super::tokens_forward(&Cpu, x, po, cls, pos, b, np, d).is_ok(), short == lens.len(), "tokens_forward, argument {short} short");
+            let mut w: Vec<Vec<f32>> = [b * np * d, d, t * d, b * t * d].iter().enumerate().map(|(i, &l)| z(if i == short { l - 1 } else { l })).collect();
+            let [dpo, dcls, dpos, dx] = w.as_mut_slice() else { unreachable!() };
+            assert_eq!(super::tokens_backward(&Cpu, dpo, dcls, dpos, dx, b, np, d).is_ok(), short == lens.len(), "tokens_backward, argument {short} short");
+        }
+        assert!(super::tokens_forward(&Cpu, &mut z(10), &z(10), &z(10), &z(10), 1, 1, 0).is_err(), "width 0");
+        assert!(super::cls_gather(&Cpu, &mut z(b * d - 1), &z(b * t * d), b, t, d).is_err());
+        assert!(super::cls_gather(&Cpu, &mut z(b * d), &z(b * t * d - 1), b, t, d).is_err());
+        assert!(super::cls_scatter_add(&Cpu, &mut z(b * t * d - 1), &z(b * d), b, t, d).is_err());
+        assert!(super::cls_scatter_add(&Cpu, &mut z(b * t * d), &z(b * d - 1), b, t, d).is_err());
+        assert!(super::cls_gather(&Cpu, &mut z(b * d), &z(b * t * d), b, 0, d).is_err(), "0 tokens");
+    }
+
+    fn embedding_and_pooling_match_the_cpu<D: Backend>(dev: &D) {
+        let (batch, channels, size, patch, width) = (3, 3, 32, 8, 40);
+        let np = (size / patch) * (size / patch);
+        let t = np + 1;
+        let inputs = vec![
+            act(randn(33, batch * channels * size * size, 1.0)),
+            act(vec![0.0; batch * channels * size * size]),
+            act(randn(34, batch * np * width, 1.0)),
+            par(randn(35, width, 1.0)),
+            par(randn(36, t * width, 1.0)),
+            act(vec![0.0; batch * t * width]),
+            act(randn(37, batch * t * width, 1.0)),
+            act(randn(38, batch * np * width, 1.0)),
+            par(randn(39, width, 1.0)),
+            par(randn(40, t * width, 1.0)),
+            act(vec![0.0; batch * width]),
+            act(randn(41, batch * width, 1.0)),
+        ];
+        let (c, g) = crate::on_both!(dev, inputs, |be, [images, patches, patch_out, cls, pos, x, dx, dpatch, dcls, dpos, pooled, dpooled]| {
+            super::patch_gather(be, patches, images, batch, channels, size, patch).unwrap();
+            super::tokens_forward(be, x, patch_out, cls, pos, batch, np, width).unwrap();
+            super::tokens_backward(be, dpatch, dcls, dpos, dx, batch, np, width).unwrap();
+            super::cls_gather(be, pooled, x, batch, t, width).unwrap();
+            super::cls_scatter_add(be, dx, dpooled, batch, t, width).unwrap();
+        });
+        assert_close(&format!("embed {:?}", dev.precision()), &g, &c, tol(dev.precision(), EW));
+    }
+
+    crate::on_every_device!(embedding_and_pooling_match_the_cpu);
 }

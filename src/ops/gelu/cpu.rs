@@ -15,7 +15,11 @@
 //! CPU without FMA) calls libm's `fmaf` instead: the same bits, about 40x
 //! slower.
 
+use super::GeluKernel;
+use crate::device::Cpu;
 use crate::ops::simd::{vectorized, ELEMENTWISE_CHUNK as CHUNK};
+use crate::ops::Checked;
+use anyhow::Result;
 use rayon::prelude::*;
 
 const INV_SQRT2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -104,4 +108,15 @@ pub fn gelu_backward(dx: &mut [f32], x: &[f32], dout: &[f32], len: usize) {
             },
         )
     });
+}
+
+impl GeluKernel for Cpu {
+    fn gelu_forward(&self, out: &mut Vec<f32>, x: &Vec<f32>, len: usize, _: Checked) -> Result<()> {
+        gelu_forward(out, x, len);
+        Ok(())
+    }
+    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, dout: &Vec<f32>, len: usize, _: Checked) -> Result<()> {
+        gelu_backward(dx, x, dout, len);
+        Ok(())
+    }
 }

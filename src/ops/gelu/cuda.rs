@@ -1,55 +1,38 @@
-//! Launchers of the elementwise kernels (`kernels/elementwise.cu`): GELU
-//! forward and backward, the residual `add_assign`, and the fp32 → bf16
-//! conversion that refreshes a weight's bf16 copy.
+//! Launchers of `kernels/gelu.cu` (grid-stride, one thread per element).
 
-use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt};
+use super::GeluKernel;
+use crate::device::cuda::{CudaBuf, DriverResultExt};
+use crate::device::Cuda;
+use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::PushKernelArg;
 
-pub fn add_assign(be: &CudaBackend, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -> Result<()> {
-    if len == 0 {
-        return Ok(());
+impl GeluKernel for Cuda {
+    /// `gelu_forward(act_t* out, const act_t* x, u64 n)`.
+    fn gelu_forward(&self, out: &mut CudaBuf, x: &CudaBuf, len: usize, _: Checked) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let n = len as u64;
+        let (o, xp) = (self.act_mut(out, "gelu out")?, self.act(x, "gelu x")?);
+        let f = self.function("gelu", "gelu_forward", 0)?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&o).arg(&xp).arg(&n);
+        unsafe { l.launch(self.grid_for(len)) }.cu_with_context(|| format!("gelu_forward launch ({len} elements)"))?;
+        Ok(())
     }
-    let n = len as u64;
-    let (d, s) = (be.act_mut(dst, "add_assign dst")?, be.act(src, "add_assign src")?);
-    let mut l = be.stream().launch_builder(be.func("add_assign")?);
-    l.arg(&d).arg(&s).arg(&n);
-    unsafe { l.launch(be.grid_for(len)) }.cu_with_context(|| format!("add_assign launch ({len} elements)"))?;
-    Ok(())
-}
 
-pub fn gelu_forward(be: &CudaBackend, out: &mut CudaBuf, x: &CudaBuf, len: usize) -> Result<()> {
-    if len == 0 {
-        return Ok(());
+    /// `gelu_backward(act_t* dx, const act_t* x, const act_t* dout, u64 n)`.
+    fn gelu_backward(&self, dx: &mut CudaBuf, x: &CudaBuf, dout: &CudaBuf, len: usize, _: Checked) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let n = len as u64;
+        let (d, xp, dop) = (self.act_mut(dx, "gelu dx")?, self.act(x, "gelu x")?, self.act(dout, "gelu dout")?);
+        let f = self.function("gelu", "gelu_backward", 0)?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&d).arg(&xp).arg(&dop).arg(&n);
+        unsafe { l.launch(self.grid_for(len)) }.cu_with_context(|| format!("gelu_backward launch ({len} elements)"))?;
+        Ok(())
     }
-    let n = len as u64;
-    let (o, xp) = (be.act_mut(out, "gelu out")?, be.act(x, "gelu x")?);
-    let mut l = be.stream().launch_builder(be.func("gelu_forward")?);
-    l.arg(&o).arg(&xp).arg(&n);
-    unsafe { l.launch(be.grid_for(len)) }.cu_with_context(|| format!("gelu_forward launch ({len} elements)"))?;
-    Ok(())
-}
-
-pub fn gelu_backward(be: &CudaBackend, dx: &mut CudaBuf, x: &CudaBuf, dout: &CudaBuf, len: usize) -> Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    let n = len as u64;
-    let (d, xp, dop) = (be.act_mut(dx, "gelu dx")?, be.act(x, "gelu x")?, be.act(dout, "gelu dout")?);
-    let mut l = be.stream().launch_builder(be.func("gelu_backward")?);
-    l.arg(&d).arg(&xp).arg(&dop).arg(&n);
-    unsafe { l.launch(be.grid_for(len)) }.cu_with_context(|| format!("gelu_backward launch ({len} elements)"))?;
-    Ok(())
-}
-
-/// `dst[i] = bf16(src[i])` for `i < len` (raw device addresses).
-pub fn convert_f32_to_bf16(be: &CudaBackend, dst: u64, src: u64, len: usize) -> Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    let n = len as u64;
-    let mut l = be.stream().launch_builder(be.func("convert_f32_to_bf16")?);
-    l.arg(&dst).arg(&src).arg(&n);
-    unsafe { l.launch(be.grid_for(len)) }.cu_with_context(|| format!("convert_f32_to_bf16 launch ({len} elements)"))?;
-    Ok(())
 }

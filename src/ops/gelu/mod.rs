@@ -9,10 +9,38 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+use super::{need, Checked};
+use crate::device::Device;
+use anyhow::Result;
+
+/// Device bodies of GELU (call `forward` / `backward`).
+pub trait GeluKernel: Device {
+    fn gelu_forward(&self, out: &mut Self::Buf, x: &Self::Buf, len: usize, _: Checked) -> Result<()>;
+    fn gelu_backward(&self, dx: &mut Self::Buf, x: &Self::Buf, dout: &Self::Buf, len: usize, _: Checked) -> Result<()>;
+}
+
+/// Writes `out[i] = gelu(x[i])` for `i < len`.
+pub fn forward<D: GeluKernel>(dev: &D, out: &mut D::Buf, x: &D::Buf, len: usize) -> Result<()> {
+    need(dev, "gelu out", out, len)?;
+    need(dev, "gelu x", x, len)?;
+    dev.gelu_forward(out, x, len, Checked::new())
+}
+
+/// Writes `dx[i] = dout[i] · gelu'(x[i])` for `i < len`.
+pub fn backward<D: GeluKernel>(dev: &D, dx: &mut D::Buf, x: &D::Buf, dout: &D::Buf, len: usize) -> Result<()> {
+    need(dev, "gelu dx", dx, len)?;
+    need(dev, "gelu x", x, len)?;
+    need(dev, "gelu dout", dout, len)?;
+    dev.gelu_backward(dx, x, dout, len, Checked::new())
+}
+
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
-    use crate::ops::testing::{dot, fd_check, random};
+    use super::{backward, forward};
+    use crate::device::Cpu;
+    use crate::ops::Backend;
+    use crate::testing::{act, assert_close, dot, fd_check, random, randn, tol, EW};
 
     #[test]
     fn matches_known_values() {
@@ -57,4 +85,23 @@ mod tests {
             dot(&w, &y)
         });
     }
+
+    #[test]
+    fn wrong_lengths_are_errors() {
+        let (x, mut out) = (vec![0.0; 10], vec![0.0; 9]);
+        assert!(forward(&Cpu, &mut out, &x, 10).is_err());
+        assert!(backward(&Cpu, &mut vec![0.0; 10], &x, &out, 10).is_err());
+        assert!(backward(&Cpu, &mut out, &x, &x.clone(), 10).is_err());
+    }
+
+    fn forward_and_backward_match_the_cpu<D: Backend>(dev: &D) {
+        let n = 100_003;
+        let (c, g) = crate::on_both!(dev, vec![act(randn(17, n, 3.0)), act(vec![0.0; n]), act(randn(18, n, 1.0)), act(vec![0.0; n])], |be, [x, out, dout, dx]| {
+            forward(be, out, x, n).unwrap();
+            backward(be, dx, x, dout, n).unwrap();
+        });
+        assert_close(&format!("gelu {:?}", dev.precision()), &g, &c, tol(dev.precision(), EW));
+    }
+
+    crate::on_every_device!(forward_and_backward_match_the_cpu);
 }

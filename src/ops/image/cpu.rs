@@ -1,7 +1,10 @@
 //! Raw bytes to normalized model input on the CPU: bilinear resize with
 //! PyTorch's `align_corners=False` sampling, then per-channel normalization.
 
-use crate::backend::ImageTransform;
+use super::{ImageKernel, ImageTransform};
+use crate::device::Cpu;
+use crate::ops::Checked;
+use anyhow::Result;
 use rayon::prelude::*;
 
 /// For each output index, the two source indices and the weight of the
@@ -35,4 +38,11 @@ pub fn images_from_bytes(out: &mut [f32], src: &[u8], batch: usize, t: &ImageTra
             }
         }
     });
+}
+
+impl ImageKernel for Cpu {
+    fn images_from_bytes(&self, out: &mut Vec<f32>, src: &[u8], batch: usize, t: &ImageTransform, _: Checked) -> Result<()> {
+        images_from_bytes(out, src, batch, t);
+        Ok(())
+    }
 }

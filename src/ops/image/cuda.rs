@@ -1,12 +1,22 @@
 //! Launcher of `kernels/image.cu`: the raw bytes go to a reusable device
 //! buffer, then one thread per output pixel resizes and normalizes.
 
-use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt};
-use crate::backend::ImageTransform;
+use super::{ImageKernel, ImageTransform};
+use crate::device::cuda::{CudaBuf, DriverResultExt};
+use crate::device::Cuda;
+use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::PushKernelArg;
 
-pub fn images_from_bytes(be: &CudaBackend, out: &mut CudaBuf, src: &[u8], batch: usize, t: &ImageTransform) -> Result<()> {
+impl ImageKernel for Cuda {
+    fn images_from_bytes(&self, out: &mut CudaBuf, src: &[u8], batch: usize, t: &ImageTransform, _: Checked) -> Result<()> {
+        images_from_bytes(self, out, src, batch, t)
+    }
+}
+
+/// `images_from_bytes(act_t* out, const unsigned char* src, int batch, int
+/// channels, int h, int w, int dst, float mean0..2, float inv_std0..2)`.
+fn images_from_bytes(be: &Cuda, out: &mut CudaBuf, src: &[u8], batch: usize, t: &ImageTransform) -> Result<()> {
     let n = batch * t.channels * t.dst_size * t.dst_size;
     if n == 0 {
         return Ok(());
@@ -15,7 +25,8 @@ pub fn images_from_bytes(be: &CudaBackend, out: &mut CudaBuf, src: &[u8], batch:
     let inv = t.std.map(|s| 1.0 / s);
     let o = be.act_mut(out, "images_from_bytes out")?;
     be.with_device_bytes(src, |bytes| {
-        let mut l = be.stream().launch_builder(be.func("images_from_bytes")?);
+        let f = be.function("image", "images_from_bytes", 0)?;
+        let mut l = be.stream().launch_builder(&f);
         l.arg(&o).arg(bytes);
         for d in &dims {
             l.arg(d);

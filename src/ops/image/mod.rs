@@ -12,10 +12,59 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+use super::{need, product, Checked};
+use crate::device::Device;
+use anyhow::{bail, Result};
+
+/// Per-channel normalization and geometry for turning raw images into model
+/// input: the settings of `from_bytes`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct ImageTransform {
+    pub channels: usize,
+    /// Source height and width (the stored images, after augmentation).
+    pub src_height: usize,
+    pub src_width: usize,
+    /// Model input size (square).
+    pub dst_size: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+/// Device body of the image op (call `from_bytes`).
+pub trait ImageKernel: Device {
+    fn images_from_bytes(&self, out: &mut Self::Buf, src: &[u8], batch: usize, t: &ImageTransform, _: Checked) -> Result<()>;
+}
+
+/// Writes model input `out[batch, channels, dst, dst]` from raw bytes
+/// `src[batch, channels, src_h, src_w]`: bilinear resize with
+/// PyTorch's `interpolate(mode="bilinear", align_corners=False)`
+/// sampling, then `(value/255 - mean[c]) / std[c]`.
+pub fn from_bytes<D: ImageKernel>(dev: &D, out: &mut D::Buf, src: &[u8], batch: usize, t: &ImageTransform) -> Result<()> {
+    if t.channels == 0 || t.channels > 3 {
+        bail!("images_from_bytes: {} channels; 1 to 3 are supported", t.channels);
+    }
+    if t.src_height == 0 || t.src_width == 0 || t.dst_size == 0 {
+        bail!("images_from_bytes: empty images ({}x{} to {})", t.src_height, t.src_width, t.dst_size);
+    }
+    if let Some(s) = t.std[..t.channels].iter().find(|s| !s.is_finite() || **s == 0.0) {
+        bail!("images_from_bytes: standard deviation {s} cannot normalize");
+    }
+    let in_len = product("images_from_bytes", &[batch, t.channels, t.src_height, t.src_width])?;
+    if src.len() < in_len {
+        bail!("images_from_bytes: {} bytes for {batch} images of {}x{}x{}", src.len(), t.channels, t.src_height, t.src_width);
+    }
+    need(dev, "images_from_bytes out", out, product("images_from_bytes out", &[batch, t.channels, t.dst_size, t.dst_size])?)?;
+    dev.images_from_bytes(out, &src[..in_len], batch, t, Checked::new())
+}
+
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
-    use crate::backend::ImageTransform;
+    use super::ImageTransform;
+    use crate::device::Cpu;
+    use crate::ops::Backend;
+    use crate::rng::Rng;
+    use crate::testing::{act, assert_close, tol, EW};
 
     #[test]
     fn upsampling_matches_pytorch() {
@@ -45,4 +94,32 @@ mod tests {
             assert!((o - (s as f32 / 255.0 - t.mean[c]) / t.std[c]).abs() < 1e-6);
         }
     }
+
+    #[test]
+    fn bad_transforms_and_short_buffers_are_errors() {
+        let t = ImageTransform { channels: 3, src_height: 4, src_width: 4, dst_size: 2, mean: [0.0; 3], std: [1.0; 3] };
+        let (src, mut out) = (vec![0u8; 48], vec![0.0f32; 12]);
+        assert!(super::from_bytes(&Cpu, &mut out, &src, 1, &t).is_ok());
+        assert!(super::from_bytes(&Cpu, &mut out, &src[..47], 1, &t).is_err(), "short source");
+        assert!(super::from_bytes(&Cpu, &mut vec![0.0; 11], &src, 1, &t).is_err(), "short output");
+        assert!(super::from_bytes(&Cpu, &mut out, &src, 1, &ImageTransform { channels: 4, ..t }).is_err(), "4 channels");
+        assert!(super::from_bytes(&Cpu, &mut out, &src, 1, &ImageTransform { channels: 0, ..t }).is_err(), "0 channels");
+        assert!(super::from_bytes(&Cpu, &mut out, &src, 1, &ImageTransform { dst_size: 0, ..t }).is_err(), "empty output");
+        assert!(super::from_bytes(&Cpu, &mut out, &src, 1, &ImageTransform { std: [1.0, 0.0, 1.0], ..t }).is_err(), "zero std");
+    }
+
+    fn resize_and_normalize_match_the_cpu<D: Backend>(dev: &D) {
+        for (h, w, s) in [(32, 32, 24), (20, 27, 37), (16, 16, 16)] {
+            let batch = 2;
+            let t = ImageTransform { channels: 3, src_height: h, src_width: w, dst_size: s, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+            let mut rng = Rng::new(42);
+            let bytes: Vec<u8> = (0..batch * 3 * h * w).map(|_| rng.below(256) as u8).collect();
+            let (c, g) = crate::on_both!(dev, vec![act(vec![0.0; batch * 3 * s * s])], |be, [out]| {
+                super::from_bytes(be, out, &bytes, batch, &t).unwrap();
+            });
+            assert_close(&format!("images {:?} {h}x{w} -> {s}", dev.precision()), &g, &c, tol(dev.precision(), EW));
+        }
+    }
+
+    crate::on_every_device!(resize_and_normalize_match_the_cpu);
 }

@@ -2,8 +2,12 @@
 //! combined in f64 (vectorized, deterministic); parameter gradients summed
 //! per 64-row chunk in parallel, chunks combined in order.
 
+use super::LayerNormKernel;
+use crate::device::Cpu;
 use crate::ops::matmul::cpu::column_sums;
 use crate::ops::simd::vectorized;
+use crate::ops::Checked;
+use anyhow::Result;
 use rayon::prelude::*;
 
 #[allow(clippy::too_many_arguments)]
@@ -93,4 +97,15 @@ fn lane_sum(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -
     }
     let tail: f64 = a_tail.iter().zip(b_tail).zip(c_tail).map(|((&a, &b), &c)| f(a, b, c) as f64).sum();
     lanes.iter().map(|&v| v as f64).sum::<f64>() + tail
+}
+
+impl LayerNormKernel for Cpu {
+    fn layernorm_forward(&self, out: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>, x: &Vec<f32>, gamma: &Vec<f32>, beta: &Vec<f32>, rows: usize, cols: usize, eps: f32, _: Checked) -> Result<()> {
+        layernorm_forward(out, mean, rstd, x, gamma, beta, rows, cols, eps);
+        Ok(())
+    }
+    fn layernorm_backward(&self, dx: &mut Vec<f32>, dgamma: &mut Vec<f32>, dbeta: &mut Vec<f32>, dout: &Vec<f32>, x: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>, gamma: &Vec<f32>, rows: usize, cols: usize, _: Checked) -> Result<()> {
+        layernorm_backward(dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols);
+        Ok(())
+    }
 }

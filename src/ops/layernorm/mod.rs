@@ -13,10 +13,67 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+use super::{need, product, Checked};
+use crate::device::Device;
+use anyhow::{bail, Result};
+
+/// Device bodies of LayerNorm (call `forward` / `backward`).
+pub trait LayerNormKernel: Device {
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(&self, out: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, gamma: &Self::Buf, beta: &Self::Buf, rows: usize, cols: usize, eps: f32, _: Checked) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(&self, dx: &mut Self::Buf, dgamma: &mut Self::Buf, dbeta: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, gamma: &Self::Buf, rows: usize, cols: usize, _: Checked) -> Result<()>;
+}
+
+/// LayerNorm over the last axis of `x[rows, cols]`: writes `out`, and the
+/// per-row `mean[rows]` and `rstd[rows] = 1/sqrt(var + eps)` (biased
+/// variance, computed in two passes) for the backward pass.
+#[allow(clippy::too_many_arguments)]
+pub fn forward<D: LayerNormKernel>(dev: &D, out: &mut D::Buf, mean: &mut D::Buf, rstd: &mut D::Buf, x: &D::Buf, gamma: &D::Buf, beta: &D::Buf, rows: usize, cols: usize, eps: f32) -> Result<()> {
+    let n = product("layernorm", &[rows, cols])?;
+    if eps.is_nan() || eps <= 0.0 {
+        bail!("layernorm: eps must be positive, got {eps}");
+    }
+    need(dev, "layernorm out", out, n)?;
+    need(dev, "layernorm x", x, n)?;
+    need(dev, "layernorm mean", mean, rows)?;
+    need(dev, "layernorm rstd", rstd, rows)?;
+    need(dev, "layernorm gamma", gamma, cols)?;
+    need(dev, "layernorm beta", beta, cols)?;
+    dev.layernorm_forward(out, mean, rstd, x, gamma, beta, rows, cols, eps, Checked::new())
+}
+
+/// LayerNorm backward: ADDS the input gradient to `dx` (the residual
+/// stream's gradient already lives there) and the parameter gradients to
+/// `dgamma`, `dbeta`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<D: LayerNormKernel>(dev: &D, dx: &mut D::Buf, dgamma: &mut D::Buf, dbeta: &mut D::Buf, dout: &D::Buf, x: &D::Buf, mean: &D::Buf, rstd: &D::Buf, gamma: &D::Buf, rows: usize, cols: usize) -> Result<()> {
+    let ok = check_backward(dev, dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols)?;
+    dev.layernorm_backward(dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols, ok)
+}
+
+/// The checks of `backward`, for callers that time a device's kernels one
+/// by one (the CUDA bench): the token they need to call them.
+#[allow(clippy::too_many_arguments)]
+pub fn check_backward<D: Device>(dev: &D, dx: &D::Buf, dgamma: &D::Buf, dbeta: &D::Buf, dout: &D::Buf, x: &D::Buf, mean: &D::Buf, rstd: &D::Buf, gamma: &D::Buf, rows: usize, cols: usize) -> Result<Checked> {
+    let n = product("layernorm", &[rows, cols])?;
+    need(dev, "layernorm dx", dx, n)?;
+    need(dev, "layernorm dout", dout, n)?;
+    need(dev, "layernorm x", x, n)?;
+    need(dev, "layernorm mean", mean, rows)?;
+    need(dev, "layernorm rstd", rstd, rows)?;
+    need(dev, "layernorm gamma", gamma, cols)?;
+    need(dev, "layernorm dgamma", dgamma, cols)?;
+    need(dev, "layernorm dbeta", dbeta, cols)?;
+    Ok(Checked::new())
+}
+
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
-    use crate::ops::testing::{dot, fd_check, random};
+    use crate::device::Cpu;
+    use crate::ops::Backend;
+    use crate::testing::{act, assert_close, dot, fd_check, par, random, randn, stat, tol, RED};
 
     const R: usize = 5;
     const C: usize = 24;
@@ -53,4 +110,46 @@ mod tests {
         fd_check("layernorm dgamma", &g, &dg_only, C, |g| dot(&w, &forward(&x, g, &b)));
         fd_check("layernorm dbeta", &b, &db_only, C, |b| dot(&w, &forward(&x, &g, b)));
     }
+
+    #[test]
+    fn wrong_shapes_are_errors() {
+        let (rows, cols) = (3, 4);
+        let n = rows * cols;
+        let lens = [n, rows, rows, n, cols, cols];
+        for short in 0..=lens.len() {
+            let mut b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![1.0; if i == short { l - 1 } else { l }]).collect();
+            let [out, mean, rstd, x, g, be] = b.as_mut_slice() else { unreachable!() };
+            let res = super::forward(&Cpu, out, mean, rstd, x, g, be, rows, cols, 1e-6);
+            assert_eq!(res.is_ok(), short == lens.len(), "forward with argument {short} short");
+        }
+        let lens = [n, cols, cols, n, n, rows, rows, cols];
+        for short in 0..=lens.len() {
+            let mut b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![1.0; if i == short { l - 1 } else { l }]).collect();
+            let [dx, dg, db, dout, x, mean, rstd, g] = b.as_mut_slice() else { unreachable!() };
+            let res = super::backward(&Cpu, dx, dg, db, dout, x, mean, rstd, g, rows, cols);
+            assert_eq!(res.is_ok(), short == lens.len(), "backward with argument {short} short");
+        }
+        let mut b = vec![vec![0.0f32; n]; 6];
+        let [out, mean, rstd, x, g, be] = b.as_mut_slice() else { unreachable!() };
+        assert!(super::forward(&Cpu, out, mean, rstd, x, g, be, rows, cols, 0.0).is_err(), "eps 0");
+    }
+
+    fn forward_and_backward_match_the_cpu<D: Backend>(dev: &D) {
+        // Even widths take the paired-column path of the backward kernel, odd ones the scalar loop.
+        for (rows, cols) in [(517, 768), (33, 45)] {
+            let mut x = randn(19, rows * cols, 2.0);
+            for v in x.iter_mut().step_by(7) {
+                *v += 5.0;
+            }
+            let gamma: Vec<f32> = randn(20, cols, 0.3).iter().map(|v| 1.0 + v).collect();
+            let inputs = vec![act(x.clone()), par(gamma.clone()), par(randn(21, cols, 0.5)), act(vec![0.0; rows * cols]), stat(vec![0.0; rows]), stat(vec![0.0; rows]), act(randn(22, rows * cols, 1.0)), act(randn(23, rows * cols, 1.0)), par(randn(24, cols, 1.0)), par(randn(25, cols, 1.0))];
+            let (c, g) = crate::on_both!(dev, inputs, |be, [x, gamma, beta, out, mean, rstd, dout, dx, dgamma, dbeta]| {
+                super::forward(be, out, mean, rstd, x, gamma, beta, rows, cols, 1e-6).unwrap();
+                super::backward(be, dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols).unwrap();
+            });
+            assert_close(&format!("layernorm {:?} [{rows}, {cols}]", dev.precision()), &g, &c, tol(dev.precision(), RED));
+        }
+    }
+
+    crate::on_every_device!(forward_and_backward_match_the_cpu);
 }

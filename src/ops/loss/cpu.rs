@@ -1,7 +1,10 @@
 //! The losses on the CPU: one row (sample or token) per rayon task, row
 //! losses summed in order in f64 (deterministic).
 
-use crate::backend::LogitLossConfig;
+use super::{LogitLossConfig, LossKernel};
+use crate::device::Cpu;
+use crate::ops::Checked;
+use anyhow::Result;
 use rayon::prelude::*;
 
 /// Norms below this count as this, so cos of a zero row is 0, not NaN
@@ -113,4 +116,15 @@ pub fn feature_loss(ds: &mut [f32], loss: &mut [f32], s: &[f32], t: &[f32], rows
         })
         .collect();
     loss[0] += (values.iter().sum::<f64>() * w) as f32;
+}
+
+impl LossKernel for Cpu {
+    fn logit_loss(&self, ds: &mut Vec<f32>, loss: &mut Vec<f32>, s: &Vec<f32>, teacher: Option<&Vec<f32>>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32, _: Checked) -> Result<()> {
+        logit_loss(ds, loss, s, teacher.map(|t| t.as_slice()), labels, batch, classes, cfg, scale);
+        Ok(())
+    }
+    fn feature_loss(&self, ds: &mut Vec<f32>, loss: &mut Vec<f32>, s: &Vec<f32>, t: &Vec<f32>, rows: usize, cols: usize, scale: f32, _: Checked) -> Result<()> {
+        feature_loss(ds, loss, s, t, rows, cols, scale);
+        Ok(())
+    }
 }

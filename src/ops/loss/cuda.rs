@@ -2,8 +2,10 @@
 //! and gradient in one kernel; the batch loss is accumulated on the device
 //! with atomicAdd into `loss[0]`.
 
-use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt};
-use crate::backend::LogitLossConfig;
+use super::{LogitLossConfig, LossKernel};
+use crate::device::cuda::{CudaBuf, DriverResultExt};
+use crate::device::Cuda;
+use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -11,8 +13,21 @@ fn per_row(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }
 
+impl LossKernel for Cuda {
+    fn logit_loss(&self, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, teacher: Option<&CudaBuf>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32, _: Checked) -> Result<()> {
+        logit_loss(self, ds, loss, s, teacher, labels, batch, classes, cfg, scale)
+    }
+    fn feature_loss(&self, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, t: &CudaBuf, rows: usize, cols: usize, scale: f32, _: Checked) -> Result<()> {
+        feature_loss(self, ds, loss, s, t, rows, cols, scale)
+    }
+}
+
+/// `logit_loss(act_t* ds, float* loss, const act_t* s, const act_t* t (or
+/// null), const unsigned* labels, int batch, int classes, float ce_weight,
+/// float label_smoothing, float kd_weight, float temperature, float
+/// feature_weight, float scale)`.
 #[allow(clippy::too_many_arguments)]
-pub fn logit_loss(be: &CudaBackend, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, teacher: Option<&CudaBuf>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32) -> Result<()> {
+fn logit_loss(be: &Cuda, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, teacher: Option<&CudaBuf>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32) -> Result<()> {
     if batch * classes == 0 {
         return Ok(());
     }
@@ -24,7 +39,8 @@ pub fn logit_loss(be: &CudaBackend, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &Cu
         None => 0u64,
     };
     be.with_device_labels(used_labels, |dev_labels| {
-        let mut l = be.stream().launch_builder(be.func("logit_loss")?);
+        let f = be.function("loss", "logit_loss", 0)?;
+        let mut l = be.stream().launch_builder(&f);
         l.arg(&dsp).arg(&lp).arg(&sp).arg(&tp);
         l.arg(dev_labels).arg(&b).arg(&c);
         l.arg(&cfg.ce_weight).arg(&cfg.label_smoothing).arg(&cfg.kd_weight).arg(&cfg.temperature).arg(&cfg.feature_weight).arg(&scale);
@@ -33,15 +49,18 @@ pub fn logit_loss(be: &CudaBackend, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &Cu
     })
 }
 
+/// `feature_loss(act_t* ds, float* loss, const act_t* s, const act_t* t,
+/// int rows, int cols, float scale)`.
 #[allow(clippy::too_many_arguments)]
-pub fn feature_loss(be: &CudaBackend, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, t: &CudaBuf, rows: usize, cols: usize, scale: f32) -> Result<()> {
+fn feature_loss(be: &Cuda, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, t: &CudaBuf, rows: usize, cols: usize, scale: f32) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c) = (rows as i32, cols as i32);
     let (dsp, lp) = (be.act_mut(ds, "feature_loss ds")?, be.f32_mut(loss, "feature_loss loss")?);
     let (sp, tp) = (be.act(s, "feature_loss s")?, be.act(t, "feature_loss t")?);
-    let mut l = be.stream().launch_builder(be.func("feature_loss")?);
+    let f = be.function("loss", "feature_loss", 0)?;
+    let mut l = be.stream().launch_builder(&f);
     l.arg(&dsp).arg(&lp).arg(&sp).arg(&tp).arg(&r).arg(&c).arg(&scale);
     unsafe { l.launch(per_row(rows)) }.cu_with_context(|| format!("feature_loss launch [{rows}, {cols}]"))?;
     Ok(())

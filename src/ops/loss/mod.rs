@@ -19,11 +19,93 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+use super::{need, product, Checked};
+use crate::device::Device;
+use anyhow::{bail, Result};
+
+/// Settings of the fused loss over the logits (`logit_loss`).
+///
+/// Per sample `i`, with student logits `s`, teacher logits `t`, label `y`,
+/// averaged over the batch:
+///
+/// ```text
+/// ce_weight * CE_ls(s, y) + kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T))
+///   + feature_weight * (MSE(s, t) + 1 - cos(s, t))
+/// ```
+///
+/// `CE_ls` is cross-entropy against the label smoothed by `label_smoothing`
+/// (target `1 - ls + ls/C` on the label and `ls/C` elsewhere). MSE is the mean
+/// over the C logits of the sample; cos is the cosine of the two logit rows.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LogitLossConfig {
+    pub ce_weight: f32,
+    pub label_smoothing: f32,
+    pub kd_weight: f32,
+    pub temperature: f32,
+    pub feature_weight: f32,
+}
+
+/// Device bodies of the losses (call `logit_loss` / `feature_loss`).
+pub trait LossKernel: Device {
+    #[allow(clippy::too_many_arguments)]
+    fn logit_loss(&self, ds: &mut Self::Buf, loss: &mut Self::Buf, s: &Self::Buf, teacher: Option<&Self::Buf>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32, _: Checked) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn feature_loss(&self, ds: &mut Self::Buf, loss: &mut Self::Buf, s: &Self::Buf, t: &Self::Buf, rows: usize, cols: usize, scale: f32, _: Checked) -> Result<()>;
+}
+
+/// Fused loss over the logits `s[batch, classes]` (see `LogitLossConfig`):
+/// WRITES `ds` (the gradient of the batch-mean loss, times `scale`) and
+/// ADDS `scale` × the batch-mean loss to `loss[0]`. `teacher` is required
+/// when `kd_weight` or `feature_weight` is non-zero; `labels` when
+/// `ce_weight` is non-zero.
+#[allow(clippy::too_many_arguments)]
+pub fn logit_loss<D: LossKernel>(dev: &D, ds: &mut D::Buf, loss: &mut D::Buf, s: &D::Buf, teacher: Option<&D::Buf>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32) -> Result<()> {
+    let n = product("logit_loss", &[batch, classes])?;
+    need(dev, "logit_loss s", s, n)?;
+    need(dev, "logit_loss ds", ds, n)?;
+    need(dev, "logit_loss loss", loss, 1)?;
+    if (cfg.kd_weight != 0.0 || cfg.feature_weight != 0.0) && teacher.is_none() {
+        bail!("logit_loss: the KD or feature term needs teacher logits");
+    }
+    if let Some(t) = teacher {
+        need(dev, "logit_loss teacher", t, n)?;
+    }
+    if cfg.kd_weight != 0.0 && (cfg.temperature.is_nan() || cfg.temperature <= 0.0) {
+        bail!("logit_loss: temperature must be positive, got {}", cfg.temperature);
+    }
+    if cfg.ce_weight != 0.0 {
+        if labels.len() < batch {
+            bail!("logit_loss: {} labels for a batch of {batch}", labels.len());
+        }
+        if let Some(&bad) = labels[..batch].iter().find(|&&y| y as usize >= classes) {
+            bail!("logit_loss: label {bad} out of range for {classes} classes");
+        }
+    }
+    dev.logit_loss(ds, loss, s, teacher, labels, batch, classes, cfg, scale, Checked::new())
+}
+
+/// Feature-matching loss of one feature map `s, t: [rows, cols]`:
+/// `scale · (MSE(s, t) + mean over rows of (1 - cos(s_row, t_row)))`,
+/// MSE averaged over all `rows*cols` elements. ADDS the loss to `loss[0]`
+/// and the gradient with respect to `s` to `ds`.
+#[allow(clippy::too_many_arguments)]
+pub fn feature_loss<D: LossKernel>(dev: &D, ds: &mut D::Buf, loss: &mut D::Buf, s: &D::Buf, t: &D::Buf, rows: usize, cols: usize, scale: f32) -> Result<()> {
+    let n = product("feature_loss", &[rows, cols])?;
+    need(dev, "feature_loss s", s, n)?;
+    need(dev, "feature_loss t", t, n)?;
+    need(dev, "feature_loss ds", ds, n)?;
+    need(dev, "feature_loss loss", loss, 1)?;
+    dev.feature_loss(ds, loss, s, t, rows, cols, scale, Checked::new())
+}
+
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
-    use crate::backend::LogitLossConfig;
-    use crate::ops::testing::{fd_check, random};
+    use super::LogitLossConfig;
+    use crate::device::Cpu;
+    use crate::ops::Backend;
+    use crate::rng::Rng;
+    use crate::testing::{act, assert_close, fd_check, par, random, randn, tol, RED};
 
     const B: usize = 3;
     const C: usize = 7;
@@ -96,4 +178,50 @@ mod tests {
         });
         assert!(loss[0] > 2.0);
     }
+
+    #[test]
+    fn wrong_shapes_labels_and_missing_teachers_are_errors() {
+        let z = |n: usize| vec![0.0f32; n];
+        let ce = cfg(1.0, 0.0, 0.0, 1.0, 0.0);
+        let kd = cfg(0.0, 0.0, 1.0, 4.0, 0.0);
+        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), None, &[0, 1, 2], B, C, &ce, 1.0).is_ok());
+        assert!(super::logit_loss(&Cpu, &mut z(B * C - 1), &mut z(1), &z(B * C), None, &[0, 1, 2], B, C, &ce, 1.0).is_err(), "short ds");
+        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(0), &z(B * C), None, &[0, 1, 2], B, C, &ce, 1.0).is_err(), "no loss slot");
+        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C - 1), None, &[0, 1, 2], B, C, &ce, 1.0).is_err(), "short logits");
+        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), None, &[0, 1], B, C, &ce, 1.0).is_err(), "too few labels");
+        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), None, &[0, 1, 7], B, C, &ce, 1.0).is_err(), "label out of range");
+        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), None, &[], B, C, &kd, 1.0).is_err(), "KD without a teacher");
+        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), Some(&z(B * C - 1)), &[], B, C, &kd, 1.0).is_err(), "short teacher");
+        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), Some(&z(B * C)), &[], B, C, &cfg(0.0, 0.0, 1.0, 0.0, 0.0), 1.0).is_err(), "temperature 0");
+        let (rows, cols) = (4, 6);
+        for short in 0..4 {
+            let l = |i: usize, n: usize| if i == short { n - 1 } else { n };
+            let res = super::feature_loss(&Cpu, &mut z(l(0, rows * cols)), &mut z(l(1, 1)), &z(l(2, rows * cols)), &z(l(3, rows * cols)), rows, cols, 1.0);
+            assert!(res.is_err(), "feature_loss with argument {short} short");
+        }
+    }
+
+    fn logit_loss_matches_the_cpu<D: Backend>(dev: &D) {
+        let (batch, classes) = (37, 1000);
+        let mut rng = Rng::new(43);
+        let labels: Vec<u32> = (0..batch).map(|_| rng.below(classes) as u32).collect();
+        let configs = [cfg(1.0, 0.1, 0.0, 1.0, 0.0), cfg(0.0, 0.0, 1.0, 4.0, 0.0), cfg(0.0, 0.0, 0.0, 1.0, 1.0), cfg(0.5, 0.1, 0.5, 2.0, 0.3)];
+        for c in configs {
+            let (cp, gp) = crate::on_both!(dev, vec![act(randn(44, batch * classes, 3.0)), act(randn(45, batch * classes, 3.0)), act(vec![0.0; batch * classes]), par(vec![0.25])], |be, [s, t, ds, loss]| {
+                super::logit_loss(be, ds, loss, s, Some(t), &labels, batch, classes, &c, 0.5).unwrap();
+            });
+            assert_close(&format!("logit loss {:?} {c:?}", dev.precision()), &gp, &cp, tol(dev.precision(), RED));
+        }
+    }
+
+    fn feature_loss_matches_the_cpu<D: Backend>(dev: &D) {
+        let (rows, cols) = (197 * 3, 192);
+        let (c, g) = crate::on_both!(dev, vec![act(randn(46, rows * cols, 1.0)), act(randn(47, rows * cols, 1.0)), act(randn(48, rows * cols, 1e-3)), par(vec![1.5])], |be, [s, t, ds, loss]| {
+            super::feature_loss(be, ds, loss, s, t, rows, cols, 0.7).unwrap();
+        });
+        assert_close(&format!("feature loss {:?}", dev.precision()), &g, &c, tol(dev.precision(), RED));
+    }
+
+    crate::on_every_device!(logit_loss_matches_the_cpu);
+    crate::on_every_device!(feature_loss_matches_the_cpu);
 }

@@ -5,8 +5,11 @@
 //! two cuBLAS GEMMs (`FUSED_FASTER_MAX_RANK`) and the GEMM pair elsewhere;
 //! both give the same result, and the pair is the benchmark baseline.
 
-use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt, Precision};
+use super::LowRankKernel;
+use crate::device::cuda::{CudaBuf, DriverResultExt};
+use crate::device::{Cuda, Device, Precision};
 use crate::ops::matmul::cuda::{gemm, linear_forward, operand, output, RowMajorGemm};
+use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -19,7 +22,7 @@ pub fn fused_launch(precision: Precision, rank: usize) -> (usize, usize, usize) 
     match precision {
         // fp32 SIMT: h tile [32][rank+1], x tile [32][33], weight tile [256][33].
         Precision::F32 => (32, 256, 4 * (32 * (rank + 1) + 32 * 33 + 256 * 33)),
-        Precision::Bf16 => crate::ops::lowrank::cuda::bf16_launch(rank),
+        Precision::Bf16 => bf16_launch(rank),
     }
 }
 
@@ -47,31 +50,35 @@ pub fn aligned_launch(rank: usize) -> (usize, usize, usize) {
 /// so larger ranks, ragged shapes and fp32 take the cuBLAS pair.
 pub const FUSED_FASTER_MAX_RANK: usize = 32;
 
-/// The `Backend` operation: the faster of the fused kernel and the cuBLAS
-/// pair for this shape and precision (see FUSED_FASTER_MAX_RANK).
-#[allow(clippy::too_many_arguments)]
-pub fn lowrank_forward(be: &CudaBackend, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
-    let aligned = [rows, inp, rank, out].iter().all(|d| d % 16 == 0);
-    if be.precision() == Precision::Bf16 && aligned && rank <= FUSED_FASTER_MAX_RANK {
-        lowrank_forward_fused(be, y, h, x, v, u, bias, rows, inp, rank, out)
-    } else {
-        unfused(be, y, h, x, v, u, bias, rows, inp, rank, out)
+impl LowRankKernel for Cuda {
+    /// The faster of the fused kernel and the cuBLAS pair for this shape
+    /// and precision (see FUSED_FASTER_MAX_RANK).
+    fn lowrank_forward(&self, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize, ok: Checked) -> Result<()> {
+        let aligned = [rows, inp, rank, out].iter().all(|d| d % 16 == 0);
+        if self.precision() == Precision::Bf16 && aligned && rank <= FUSED_FASTER_MAX_RANK {
+            lowrank_forward_fused(self, y, h, x, v, u, bias, rows, inp, rank, out, ok)
+        } else {
+            unfused(self, y, h, x, v, u, bias, rows, inp, rank, out, ok)
+        }
     }
 }
 
 /// The fused kernel for any shape with rank ≤ 256 (the cuBLAS pair beyond,
-/// or where the device has too little shared memory).
+/// or where the device has too little shared memory): `lowrank_forward` or
+/// `lowrank_forward_aligned`, both `(act_t* y, act_t* h, const act_t* x,
+/// const act_t* v, const act_t* u, const float* bias, int rows, int inp,
+/// int rank, int out)`.
 #[allow(clippy::too_many_arguments)]
-pub fn lowrank_forward_fused(be: &CudaBackend, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
+pub fn lowrank_forward_fused(be: &Cuda, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize, ok: Checked) -> Result<()> {
     if rank == 0 || rank > MAX_FUSED_RANK || inp == 0 {
-        return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out);
+        return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out, ok);
     }
     // bf16 with every dimension a multiple of 16: the kernel that loads its
     // tensor-core fragments straight from global memory.
     let aligned = be.precision() == Precision::Bf16 && [rows, inp, rank, out].iter().all(|d| d % 16 == 0);
     let (name, (rows_per_block, threads, smem)) = if aligned { ("lowrank_forward_aligned", aligned_launch(rank)) } else { ("lowrank_forward", fused_launch(be.precision(), rank)) };
     if smem > be.max_shared_bytes() {
-        return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out);
+        return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out, ok);
     }
     if rows * out == 0 {
         return Ok(());
@@ -80,7 +87,8 @@ pub fn lowrank_forward_fused(be: &CudaBackend, y: &mut CudaBuf, h: &mut CudaBuf,
     let (yp, hp, xp) = (be.act_mut(y, "lowrank y")?, be.act_mut(h, "lowrank h")?, be.act(x, "lowrank x")?);
     let (vp, up, bp) = (be.operand(v, "lowrank V")?, be.operand(u, "lowrank U")?, be.f32(bias, "lowrank bias")?);
     let cfg = LaunchConfig { grid_dim: (rows.div_ceil(rows_per_block) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
-    let mut l = be.stream().launch_builder(be.func(name)?);
+    let f = be.function("lowrank", name, smem)?;
+    let mut l = be.stream().launch_builder(&f);
     l.arg(&yp).arg(&hp).arg(&xp).arg(&vp).arg(&up).arg(&bp).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]);
     unsafe { l.launch(cfg) }.cu_with_context(|| format!("lowrank_forward launch (rows {rows}, in {inp}, rank {rank}, out {out})"))?;
     Ok(())
@@ -88,9 +96,8 @@ pub fn lowrank_forward_fused(be: &CudaBackend, y: &mut CudaBuf, h: &mut CudaBuf,
 
 /// The two-GEMM path: `h = x Vᵀ` then `y = h Uᵀ + b` (also the benchmark baseline).
 #[allow(clippy::too_many_arguments)]
-pub fn unfused(be: &CudaBackend, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
+pub fn unfused(be: &Cuda, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize, _: Checked) -> Result<()> {
     if inp == 0 {
-        use crate::backend::Backend;
         be.zero(h, rows * rank)?;
     } else {
         let (xm, vm) = (operand(be, x, "lowrank x")?, operand(be, v, "lowrank V")?);

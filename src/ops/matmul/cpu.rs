@@ -3,7 +3,11 @@
 //! runs AVX-512 kernels on stable Rust where the CPU has them (AVX2 + FMA
 //! otherwise); large products are split over rayon's threads here.
 
+use super::MatmulKernel;
+use crate::device::Cpu;
 use crate::ops::simd::vectorized;
+use crate::ops::Checked;
+use anyhow::Result;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
@@ -144,7 +148,7 @@ fn strides(cols_stored: usize, trans: bool) -> (isize, isize) {
     }
 }
 
-/// `out[m, n] (+)= op(a)[m, k] · op(b)[k, n]` (see `Backend::matmul`).
+/// `out[m, n] (+)= op(a)[m, k] · op(b)[k, n]` (see `ops::matmul::matmul`).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool) {
     assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul: buffers shorter than [{m},{k}]x[{k},{n}]");
@@ -164,6 +168,9 @@ pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usiz
 
 /// Writes `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ + bias`.
 pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], rows: usize, inp: usize, out: usize) {
+    if rows * out == 0 {
+        return;
+    }
     broadcast_rows(&mut y[..rows * out], &bias[..out]);
     matmul(y, x, w, rows, out, inp, false, true, true);
 }
@@ -215,4 +222,19 @@ pub fn column_sums(rows: usize, cols: usize, add_row: impl Fn(usize, &mut [f32])
         }
     }
     total
+}
+
+impl MatmulKernel for Cpu {
+    fn matmul(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool, _: Checked) -> Result<()> {
+        matmul(out, a, b, m, n, k, trans_a, trans_b, accumulate);
+        Ok(())
+    }
+    fn linear_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, bias: &Vec<f32>, rows: usize, inp: usize, out: usize, _: Checked) -> Result<()> {
+        linear_forward(y, x, w, bias, rows, inp, out);
+        Ok(())
+    }
+    fn bias_backward(&self, dbias: &mut Vec<f32>, dy: &Vec<f32>, rows: usize, cols: usize, _: Checked) -> Result<()> {
+        bias_backward(dbias, dy, rows, cols);
+        Ok(())
+    }
 }

@@ -1,12 +1,15 @@
 //! Matrix products on the GPU through cuBLAS GemmEx (bf16 or fp32 operands,
 //! fp32 accumulation; fp32 mode is plain fp32 without TF32), and
-//! the bias kernels of dense layers (`kernels/elementwise.cu`).
+//! the bias kernels of dense layers (`kernels/matmul.cu`).
 //!
 //! cuBLAS is column-major; a row-major `C[m, n] = op(A) · op(B)` is the
 //! column-major `Cᵀ = op(B)ᵀ · op(A)ᵀ`, so every call swaps the operands
 //! and passes the row strides as leading dimensions.
 
-use crate::backend::cuda::{CudaBackend, CudaBuf, DriverResultExt};
+use super::MatmulKernel;
+use crate::device::cuda::{CudaBuf, DriverResultExt};
+use crate::device::{Cuda, Device};
+use crate::ops::Checked;
 use anyhow::{anyhow, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -27,13 +30,13 @@ impl Mat {
 }
 
 /// An operand of a product (an activation, or a weight through its bf16 copy in bf16 mode).
-pub fn operand(be: &CudaBackend, b: &CudaBuf, what: &str) -> Result<Mat> {
+pub fn operand(be: &Cuda, b: &CudaBuf, what: &str) -> Result<Mat> {
     Ok(Mat { ptr: be.operand(b, what)?, dtype: be.operand_type() })
 }
 
 /// The output of a product, in its own storage type (fp32 gradients of
 /// weights, activations in the backend's activation type).
-pub fn output(be: &CudaBackend, b: &mut CudaBuf) -> Mat {
+pub fn output(be: &Cuda, b: &mut CudaBuf) -> Mat {
     let (ptr, dtype) = be.output(b);
     Mat { ptr, dtype }
 }
@@ -80,7 +83,7 @@ fn op(trans: bool) -> cublasOperation_t {
 /// Runs `g` on cuBLAS (`GemmStridedBatchedEx`, fp32 compute and
 /// accumulation whatever the storage types). The caller guarantees the
 /// buffers hold the shapes.
-pub fn gemm(be: &CudaBackend, c: Mat, a: Mat, b: Mat, g: &RowMajorGemm) -> Result<()> {
+pub fn gemm(be: &Cuda, c: Mat, a: Mat, b: Mat, g: &RowMajorGemm) -> Result<()> {
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
@@ -120,22 +123,28 @@ pub fn gemm(be: &CudaBackend, c: Mat, a: Mat, b: Mat, g: &RowMajorGemm) -> Resul
     .map_err(|e| anyhow!("cuBLAS GemmEx {g:?} ({:?} x {:?} -> {:?}): {e:?}", a.dtype, b.dtype, c.dtype))
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(be: &CudaBackend, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool) -> Result<()> {
-    if k == 0 {
-        if !accumulate && m * n > 0 {
-            use crate::backend::Backend;
-            be.zero(out, m * n)?;
+impl MatmulKernel for Cuda {
+    fn matmul(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool, _: Checked) -> Result<()> {
+        if k == 0 {
+            if !accumulate && m * n > 0 {
+                self.zero(out, m * n)?;
+            }
+            return Ok(());
         }
-        return Ok(());
+        let (a, b) = (operand(self, a, "matmul a")?, operand(self, b, "matmul b")?);
+        gemm(self, output(self, out), a, b, &RowMajorGemm::plain(m, n, k, trans_a, trans_b, if accumulate { 1.0 } else { 0.0 }))
     }
-    let (a, b) = (operand(be, a, "matmul a")?, operand(be, b, "matmul b")?);
-    gemm(be, output(be, out), a, b, &RowMajorGemm::plain(m, n, k, trans_a, trans_b, if accumulate { 1.0 } else { 0.0 }))
+    fn linear_forward(&self, y: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, out: usize, _: Checked) -> Result<()> {
+        linear_forward(self, y, x, w, bias, rows, inp, out)
+    }
+    fn bias_backward(&self, dbias: &mut CudaBuf, dy: &CudaBuf, rows: usize, cols: usize, _: Checked) -> Result<()> {
+        bias_backward(self, dbias, dy, rows, cols)
+    }
 }
 
 /// Writes `y = x · wᵀ + bias`: bias broadcast, then a GEMM with beta = 1.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_forward(be: &CudaBackend, y: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, out: usize) -> Result<()> {
+pub fn linear_forward(be: &Cuda, y: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, out: usize) -> Result<()> {
     broadcast_rows(be, y, bias, rows, out)?;
     if inp == 0 {
         return Ok(());
@@ -144,14 +153,16 @@ pub fn linear_forward(be: &CudaBackend, y: &mut CudaBuf, x: &CudaBuf, w: &CudaBu
     gemm(be, output(be, y), x, w, &RowMajorGemm::plain(rows, out, inp, false, true, 1.0))
 }
 
-/// Fills every row of `y[rows, cols]` with `bias`.
-pub fn broadcast_rows(be: &CudaBackend, y: &mut CudaBuf, bias: &CudaBuf, rows: usize, cols: usize) -> Result<()> {
+/// `broadcast_rows(act_t* y, const float* bias, int rows, int cols)`:
+/// fills every row of `y[rows, cols]` with `bias`.
+pub fn broadcast_rows(be: &Cuda, y: &mut CudaBuf, bias: &CudaBuf, rows: usize, cols: usize) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c) = (rows as i32, cols as i32);
     let (yp, bp) = (be.act_mut(y, "linear y")?, be.f32(bias, "linear bias")?);
-    let mut l = be.stream().launch_builder(be.func("broadcast_rows")?);
+    let f = be.function("matmul", "broadcast_rows", 0)?;
+    let mut l = be.stream().launch_builder(&f);
     l.arg(&yp).arg(&bp).arg(&r).arg(&c);
     unsafe { l.launch(be.grid_for(rows * cols)) }.cu_with_context(|| format!("broadcast_rows launch [{rows}, {cols}]"))?;
     Ok(())
@@ -166,13 +177,15 @@ pub fn column_sum_config(rows: usize, cols: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (cols.div_ceil(32) as u32, rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 }
 }
 
-pub fn bias_backward(be: &CudaBackend, dbias: &mut CudaBuf, dy: &CudaBuf, rows: usize, cols: usize) -> Result<()> {
+/// `bias_backward(float* dbias, const act_t* dy, int rows, int cols, int rows_per_block)`.
+fn bias_backward(be: &Cuda, dbias: &mut CudaBuf, dy: &CudaBuf, rows: usize, cols: usize) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c, rpb) = (rows as i32, cols as i32, ROWS_PER_BLOCK as i32);
     let (dbp, dyp) = (be.f32_mut(dbias, "bias gradient")?, be.act(dy, "bias_backward dy")?);
-    let mut l = be.stream().launch_builder(be.func("bias_backward")?);
+    let f = be.function("matmul", "bias_backward", 0)?;
+    let mut l = be.stream().launch_builder(&f);
     l.arg(&dbp).arg(&dyp).arg(&r).arg(&c).arg(&rpb);
     unsafe { l.launch(column_sum_config(rows, cols)) }.cu_with_context(|| format!("bias_backward launch [{rows}, {cols}]"))?;
     Ok(())

@@ -1,0 +1,70 @@
+//! The CPU device: fp32 `Vec<f32>` buffers, and rayon's thread pool, on
+//! which every CPU op body (`src/ops/<op>/cpu.rs`) runs its parallel loops.
+//! It is the reference every CUDA kernel is tested against, and
+//! deterministic: the same inputs give the same bits whatever the thread
+//! count.
+
+use super::{check_len, BufKind, Device, Precision};
+use anyhow::{anyhow, Result};
+
+/// The CPU reference device.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+/// Runs `f` on one of rayon's worker threads and returns its result (runs it
+/// in place when already on one). The CPU ops are parallel loops; started
+/// from a thread outside the pool, such as the program's main thread, each
+/// one hands its work to the pool and puts the caller to sleep until it is
+/// done, two thread wake-ups per operation and hundreds per forward pass.
+/// Started on a worker, the caller takes part in its own loop. The command
+/// line and the benches run their work through this (a few percent on the
+/// ViT-B/32 forward at batch 8, within this machine's run-to-run noise, so
+/// no number is claimed).
+pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}
+
+impl Device for Cpu {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+    fn precision(&self) -> Precision {
+        Precision::F32
+    }
+    fn alloc(&self, len: usize, _kind: BufKind) -> Result<Vec<f32>> {
+        let mut v = Vec::new();
+        v.try_reserve_exact(len).map_err(|_| anyhow!("out of host memory allocating {len} floats ({:.1} GiB)", len as f64 * 4.0 / (1u64 << 30) as f64))?;
+        v.resize(len, 0.0);
+        Ok(v)
+    }
+    fn upload(&self, host: &[f32], _kind: BufKind) -> Result<Vec<f32>> {
+        Ok(host.to_vec())
+    }
+    fn write(&self, buf: &mut Vec<f32>, host: &[f32]) -> Result<()> {
+        check_len("write", buf.len(), host.len())?;
+        buf[..host.len()].copy_from_slice(host);
+        Ok(())
+    }
+    fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(buf.clone())
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn zero(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
+        check_len("zero", buf.len(), len)?;
+        buf[..len].fill(0.0);
+        Ok(())
+    }
+    fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>, len: usize) -> Result<()> {
+        check_len("copy dst", dst.len(), len)?;
+        check_len("copy src", src.len(), len)?;
+        dst[..len].copy_from_slice(&src[..len]);
+        Ok(())
+    }
+}
