@@ -9,7 +9,7 @@ use effrank_engine::analysis::report::analyze;
 use effrank_engine::analysis::spectrum::weight_spectra;
 use effrank_engine::analysis::{analyze_folder, read_measurements, suggest_ranks, AnalysisOptions, KneeAxis, Pchip};
 use effrank_engine::rng::Rng;
-use effrank_engine::sweep::jobs::{append_record, Record, StudentRecord, TeacherRecord};
+use effrank_engine::results::{append_record, Record, StudentRecord, TeacherRecord};
 use serde_json::Value;
 use std::path::Path;
 
@@ -182,6 +182,7 @@ fn student(rank: usize, seed: u64, top1: f64) -> Record {
         wall_s: 1.0,
         host: "test".into(),
         settings: Value::Null,
+        resumed_from_epoch: 0,
     })
 }
 
@@ -216,24 +217,27 @@ fn results_folder_keeps_first_duplicates_and_writes_every_output() {
 
 #[test]
 fn weight_spectra_of_fused_qkv_and_low_rank_layers() {
-    use safetensors::tensor::{Dtype, TensorView};
+    use effrank_engine::model::checkpoint::save_checkpoint;
+    use effrank_engine::model::params::{dense_ranks, BlockLinear, Linear};
+    use effrank_engine::model::{VitConfig, VitParams};
+    use std::collections::BTreeMap;
     let d = tempfile::tempdir().unwrap();
-    // q = diag(3, 1), k = diag(1, 1), v = 0; fc1 = U V with U = [1, 0, 0, 2]^T, V = [1, 1, 1].
-    let qkv: Vec<f32> = vec![3.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0];
-    let u: Vec<f32> = vec![1.0, 0.0, 0.0, 2.0];
-    let v: Vec<f32> = vec![1.0, 1.0, 1.0];
-    let bytes = |x: &Vec<f32>| bytemuck::cast_slice::<f32, u8>(x).to_vec();
-    let (bq, bu, bv) = (bytes(&qkv), bytes(&u), bytes(&v));
-    let tensors = vec![
-        ("blocks.0.attn.qkv.weight", TensorView::new(Dtype::F32, vec![6, 2], &bq).unwrap()),
-        ("blocks.0.mlp.fc1.U", TensorView::new(Dtype::F32, vec![4, 1], &bu).unwrap()),
-        ("blocks.0.mlp.fc1.V", TensorView::new(Dtype::F32, vec![1, 3], &bv).unwrap()),
-    ];
+    // Width 2, MLP 4, one block: q = diag(3, 1), k = I, v = 0 (dense, so
+    // fused as qkv on disk); fc1 = U V with U = [1, 0, 0, 2]ᵀ, V = [1, 1].
+    let cfg = VitConfig { image_size: 4, channels: 3, patch: 2, width: 2, depth: 1, heads: 1, mlp: 4, classes: 2, ln_eps: 1e-6 };
+    let mut ranks = dense_ranks(&cfg);
+    ranks[0][BlockLinear::Fc1] = Some(1);
+    let mut p: VitParams<Vec<f32>> = VitParams::build(&cfg, &ranks, |s| Ok::<_, ()>(vec![0.5; s.numel()])).unwrap();
+    let dense = |w: Vec<f32>| Linear::Dense { weight: w, bias: vec![0.0; 2] };
+    p.blocks[0].q = dense(vec![3.0, 0.0, 0.0, 1.0]);
+    p.blocks[0].k = dense(vec![1.0, 0.0, 0.0, 1.0]);
+    p.blocks[0].v = dense(vec![0.0; 4]);
+    p.blocks[0].fc1 = Linear::LowRank { u: vec![1.0, 0.0, 0.0, 2.0], v: vec![1.0, 1.0], bias: vec![0.0; 4] };
     let path = d.path().join("m.safetensors");
-    safetensors::serialize_to_file(tensors, &None, &path).unwrap();
+    save_checkpoint(&path, &cfg, &ranks, &p, &BTreeMap::new()).unwrap();
     let s = weight_spectra(&path).unwrap();
     let names: Vec<&str> = s.layers.iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(names, vec!["blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v", "blocks.0.mlp.fc1"]);
+    assert_eq!(names, vec!["blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]);
     let q = &s.layers[0];
     assert!((q.singular_values[0] - 3.0).abs() < 1e-6 && (q.singular_values[1] - 1.0).abs() < 1e-6);
     let h: f64 = -(0.75f64 * 0.75f64.ln() + 0.25 * 0.25f64.ln());
@@ -242,10 +246,29 @@ fn weight_spectra_of_fused_qkv_and_low_rank_layers() {
     assert_eq!((q.rank_90, q.rank_95, q.rank_99), (1, 2, 2));
     assert!((s.layers[1].entropy_rank - 2.0).abs() < 1e-6);
     assert_eq!(s.layers[2].entropy_rank, 0.0);
-    let fc1 = &s.layers[3];
-    assert_eq!((fc1.shape, fc1.stored_rank, fc1.singular_values.len()), ([4, 3], Some(1), 1));
-    assert!((fc1.singular_values[0] - (5.0f64 * 3.0).sqrt()).abs() < 1e-5);
+    let fc1 = &s.layers[4];
+    assert_eq!((fc1.shape, fc1.stored_rank, fc1.singular_values.len()), ([4, 2], Some(1), 1));
+    assert!((fc1.singular_values[0] - 10.0f64.sqrt()).abs() < 1e-5);
     assert!((fc1.stable_rank - 1.0).abs() < 1e-9);
+}
+
+/// `analyze --spectrum` reads what `eval` reads: the same tiny weights under
+/// timm, torchvision and Hugging Face names give the same spectra.
+#[test]
+fn weight_spectra_of_every_importable_naming_agree() {
+    let file = |name: &str| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+    let timm = weight_spectra(&file("timm_tiny.safetensors")).unwrap();
+    assert_eq!(timm.layers.len(), 12, "two blocks of six layers");
+    for other in ["torchvision_tiny.safetensors", "hf_tiny.safetensors"] {
+        let s = weight_spectra(&file(other)).unwrap_or_else(|e| panic!("{other}: {e:#}"));
+        assert_eq!(s.layers.len(), timm.layers.len(), "{other}");
+        for (a, b) in s.layers.iter().zip(&timm.layers) {
+            assert_eq!(a.name, b.name, "{other}");
+            for (x, y) in a.singular_values.iter().zip(&b.singular_values) {
+                assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{other} {}: {x} vs {y}", a.name);
+            }
+        }
+    }
 }
 
 /// Accuracy of a synthetic student: logistic in log2(r), shaped like

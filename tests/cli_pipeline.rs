@@ -126,14 +126,15 @@ fn an_interrupted_rank_resumes_from_its_last_epoch() {
     args[epochs + 1] = "3";
     args.retain(|x| *x != "--quiet");
     let mut child = Command::new(BIN).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
-    let metrics = dir.path().join("runs/r8-s0/metrics.jsonl");
+    // The training state is written last at the end of an epoch (its commit point).
+    let state = dir.path().join("runs/r8-s0/state.safetensors");
     let start = std::time::Instant::now();
-    while !metrics.exists() && start.elapsed().as_secs() < 120 {
+    while !state.exists() && start.elapsed().as_secs() < 120 {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(metrics.exists(), "the rank never finished an epoch");
+    assert!(state.exists(), "the rank never finished an epoch");
     let text = ok(&args);
     assert!(text.contains("resuming after epoch"), "{text}");
     let again = tempfile::tempdir().unwrap();

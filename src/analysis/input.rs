@@ -1,5 +1,5 @@
 //! Reading the measured points: a sweep's results folder (every
-//! `results*.jsonl`, parsed by `sweep::jobs`), one results `.jsonl` file, or
+//! `results*.jsonl`, parsed by `crate::results`), one results `.jsonl` file, or
 //! a CSV `rank,accuracy[,seed][,params]`.
 //!
 //! Rules: a repeated (rank, seed) in results files keeps the first record
@@ -8,7 +8,7 @@
 //! error naming both lines. Points may come in any order; they are sorted by
 //! rank. Ranks must be positive integers and accuracies finite.
 
-use crate::sweep::jobs::{read_records, read_records_file, Record};
+use crate::results::{read_records, read_records_file, Record};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -6,8 +6,9 @@
 //! One file per concern: `pchip` (the interpolant), `region` (threshold
 //! crossings), `knee`, `suggest` (which ranks to train next), `input`
 //! (results folders, files, CSV), `spectrum` (singular values of a
-//! checkpoint's weights), `report` (analysis.json, summary.md, terminal
-//! table), `plot` (PNG). This file holds the options and ties them together.
+//! checkpoint's weights), `report` (the numbers, summary.md's prose, the
+//! terminal table), `plot` (PNG), `output` (the files, on disk). This file
+//! holds the options and ties them together.
 //!
 //! Compression at a rank is teacher parameters / student parameters. A
 //! uniform-rank student's parameter count is exactly linear in its rank
@@ -17,6 +18,7 @@
 
 pub mod input;
 pub mod knee;
+pub mod output;
 pub mod pchip;
 pub mod plot;
 pub mod region;
@@ -170,6 +172,6 @@ pub fn analyze_folder(dir: &Path, opts: &AnalysisOptions) -> Result<AnalysisRepo
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    report.write(&out, opts.plot)?;
+    output::write_report(&report, &out, opts.plot)?;
     Ok(report)
 }

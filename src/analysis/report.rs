@@ -4,11 +4,9 @@
 use super::input::Measurements;
 use super::spectrum::SpectrumReport;
 use super::{analyze_curve, AnalysisOptions, CurveAnalysis, ParamsFit};
-use crate::io::atomic_write;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::path::Path;
 
 /// Mean, min, max and sample standard deviation (n - 1; 0 for one value)
 /// of a quantity over the seeds where it is defined.
@@ -134,20 +132,6 @@ fn opt_rank(r: Option<usize>) -> String {
 }
 
 impl AnalysisReport {
-    /// Write analysis.json, summary.md and (when `plot`) plot.png into `out`
-    /// (and spectrum.json, spectrum.png when a spectrum was computed).
-    pub fn write(&self, out: &Path, plot: bool) -> Result<()> {
-        atomic_write(&out.join("analysis.json"), serde_json::to_string_pretty(self)?.as_bytes())?;
-        atomic_write(&out.join("summary.md"), self.summary_md().as_bytes())?;
-        if plot {
-            super::plot::plot_curve(self, &out.join("plot.png")).context("drawing plot.png")?;
-        }
-        if let Some(s) = &self.spectrum {
-            s.write(out, plot)?;
-        }
-        Ok(())
-    }
-
     fn compression_of(&self, what: &str) -> String {
         self.compression.iter().find(|c| c.what == what).map_or(String::new(), |c| format!(" ({:.1}x fewer parameters)", c.compression))
     }

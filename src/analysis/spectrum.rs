@@ -1,18 +1,17 @@
-//! Weight spectra of a checkpoint: singular values of every 2-D linear
-//! weight of the transformer blocks (q, k, v as the thirds of a fused
-//! `attn.qkv.weight`, `attn.proj`, `mlp.fc1`, `mlp.fc2`; a low-rank layer's
-//! product U·V) and the ranks they suggest, to set beside the distillation
-//! estimate of the effective rank.
+//! Weight spectra of a checkpoint: singular values of every factorizable
+//! layer of the transformer blocks (q, k, v, proj, fc1, fc2; a low-rank
+//! layer's product U·V), read through the same loader as `eval`, and the
+//! ranks they suggest, to set beside the distillation estimate of the
+//! effective rank.
 //!
 //! Per layer: entropy effective rank exp(H(p)) with p = σ / Σσ, stable rank
 //! ‖W‖_F² / ‖W‖_2², and the smallest ranks keeping 90/95/99% of Σσ² (the
 //! energy a rank-k truncation keeps).
 
-use crate::io::atomic_write;
-use crate::model::checkpoint::{read_safetensors, RawTensor};
-use anyhow::{anyhow, bail, Context, Result};
+use crate::model::import::{load_any, ImportOptions};
+use crate::model::params::{BlockLinear, Linear};
+use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -77,27 +76,23 @@ pub fn singular_values(rows: usize, cols: usize, w: &[f64]) -> Result<Vec<f64>> 
     Ok(sv)
 }
 
-/// Spectra of every block linear weight of a safetensors checkpoint.
+/// Spectra of every factorizable layer of a checkpoint, read the way `eval`
+/// reads it (`model::import::load_any`: engine, timm, torchvision and
+/// Hugging Face names; fused q/k/v split; low-rank layers as U·V).
 pub fn weight_spectra(path: &Path) -> Result<SpectrumReport> {
-    let (tensors, _) = read_safetensors(path)?;
+    let ck = load_any(path, &ImportOptions::default())?;
     let mut layers = Vec::new();
-    for (name, t) in &tensors {
-        if !name.starts_with("blocks.") {
-            continue;
-        }
-        if let Some(prefix) = name.strip_suffix(".qkv.weight") {
-            layers.extend(qkv_layers(prefix, t).with_context(|| format!("{}: {name}", path.display()))?);
-        } else if let Some(prefix) = name.strip_suffix(".weight").filter(|_| t.shape.len() == 2) {
-            let sv = singular_values(t.shape[0], t.shape[1], &to_f64(&t.data))?;
-            layers.push(spectrum_of(prefix, [t.shape[0], t.shape[1]], None, sv));
-        } else if let Some(prefix) = name.strip_suffix(".U") {
-            layers.push(lowrank_layer(prefix, t, &tensors).with_context(|| format!("{}: {prefix}", path.display()))?);
+    for (i, block) in ck.params.blocks.iter().enumerate() {
+        for l in BlockLinear::ALL {
+            let name = format!("blocks.{i}.{}", l.name());
+            let (out, inp) = l.shape(&ck.cfg);
+            let layer = match block.linear(l) {
+                Linear::Dense { weight, .. } => spectrum_of(&name, [out, inp], None, singular_values(out, inp, &to_f64(weight))?),
+                Linear::LowRank { u, v, .. } => lowrank_layer(&name, out, inp, ck.ranks[i][l].unwrap_or(0), u, v)?,
+            };
+            layers.push(layer);
         }
     }
-    if layers.is_empty() {
-        bail!("{}: no blocks.N.* linear weights found (is it a ViT checkpoint?)", path.display());
-    }
-    layers.sort_by_key(|l| layer_order(&l.name));
     Ok(SpectrumReport { checkpoint: path.display().to_string(), layers })
 }
 
@@ -105,61 +100,27 @@ fn to_f64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-/// q, k, v: the row thirds of a fused [3D, D] weight.
-fn qkv_layers(prefix: &str, t: &RawTensor) -> Result<Vec<LayerSpectrum>> {
-    let [rows, d] = t.shape[..] else { bail!("qkv weight has shape {:?}, expected [3D, D]", t.shape) };
-    if rows != 3 * d {
-        bail!("qkv weight has shape {:?}, expected [3D, D]", t.shape);
+/// A low-rank layer: the spectrum of W = U [out, r] · V [r, in] (at most r values).
+fn lowrank_layer(name: &str, out: usize, inp: usize, r: usize, u: &[f32], v: &[f32]) -> Result<LayerSpectrum> {
+    if r == 0 || u.len() != out * r || v.len() != r * inp {
+        bail!("{name}: U of {} and V of {} values do not make a rank-{r} [{out}, {inp}] layer", u.len(), v.len());
     }
-    ["q", "k", "v"]
-        .iter()
-        .enumerate()
-        .map(|(j, part)| {
-            let sv = singular_values(d, d, &to_f64(&t.data[j * d * d..(j + 1) * d * d]))?;
-            Ok(spectrum_of(&format!("{prefix}.{part}"), [d, d], None, sv))
-        })
-        .collect()
-}
-
-/// A low-rank layer: W = U [out, r] · V [r, in].
-fn lowrank_layer(prefix: &str, u: &RawTensor, tensors: &BTreeMap<String, RawTensor>) -> Result<LayerSpectrum> {
-    let v = tensors.get(&format!("{prefix}.V")).ok_or_else(|| anyhow!("has .U but no .V"))?;
-    let ([o, r], [r2, i]) = (u.shape[..].try_into().unwrap_or([0, 0]), v.shape[..].try_into().unwrap_or([0, 0]));
-    if r != r2 || r == 0 {
-        bail!("U {:?} and V {:?} do not multiply", u.shape, v.shape);
-    }
-    let mut w = vec![0.0f64; o * i];
-    for a in 0..o {
+    let mut w = vec![0.0f64; out * inp];
+    for a in 0..out {
         for k in 0..r {
-            let uk = u.data[a * r + k] as f64;
-            let vrow = &v.data[k * i..(k + 1) * i];
-            for (wb, &vb) in w[a * i..(a + 1) * i].iter_mut().zip(vrow) {
+            let uk = u[a * r + k] as f64;
+            let vrow = &v[k * inp..(k + 1) * inp];
+            for (wb, &vb) in w[a * inp..(a + 1) * inp].iter_mut().zip(vrow) {
                 *wb += uk * vb as f64;
             }
         }
     }
-    let mut sv = singular_values(o, i, &w)?;
+    let mut sv = singular_values(out, inp, &w)?;
     sv.truncate(r);
-    Ok(spectrum_of(prefix, [o, i], Some(r), sv))
-}
-
-/// Sort key: block number, then q, k, v, proj, fc1, fc2.
-fn layer_order(name: &str) -> (usize, usize, String) {
-    let block = name.split('.').nth(1).and_then(|b| b.parse().ok()).unwrap_or(usize::MAX);
-    let kind = ["attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2"].iter().position(|k| name.ends_with(k)).unwrap_or(6);
-    (block, kind, name.to_string())
+    Ok(spectrum_of(name, [out, inp], Some(r), sv))
 }
 
 impl SpectrumReport {
-    /// Write spectrum.json and (when `plot`) spectrum.png into `out`.
-    pub fn write(&self, out: &Path, plot: bool) -> Result<()> {
-        atomic_write(&out.join("spectrum.json"), serde_json::to_string_pretty(self)?.as_bytes())?;
-        if plot {
-            super::plot::plot_spectrum(self, &out.join("spectrum.png")).context("drawing spectrum.png")?;
-        }
-        Ok(())
-    }
-
     /// Median over layers of each derived rank: (entropy, stable, 90, 95, 99).
     pub fn medians(&self) -> [f64; 5] {
         let med = |f: &dyn Fn(&LayerSpectrum) -> f64| {

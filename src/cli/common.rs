@@ -76,27 +76,32 @@ fn run_cuda<W: WithBackend>(_work: W, _fp32: bool) -> Result<W::Output> {
     bail!("--device cuda: this binary was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, or use --device cpu")
 }
 
-/// The data set and how images are prepared.
+/// The data set and how images are prepared. Each flag not given takes the
+/// value the model's checkpoint recorded (its run's data), else the
+/// default shown.
 #[derive(Args, Debug, Clone)]
 pub struct DataFlags {
     /// `demo` (built in, generated from a seed), a CIFAR-10/100 binary folder,
-    /// or an image-folder root with train/ and test/ (one sub-folder per class).
-    #[arg(long, default_value = "demo")]
-    pub data: String,
+    /// or an image-folder root with train/ and test/ (one sub-folder per
+    /// class). Default: the data the checkpoint recorded (eval), else demo.
+    #[arg(long)]
+    pub data: Option<String>,
     /// Per-channel normalization: cifar, imagenet or half (mean = std = 0.5).
-    /// Default: the teacher checkpoint's, else cifar for CIFAR, half otherwise.
+    /// Default: the checkpoint's (the teacher's for a new student), else
+    /// cifar for CIFAR, half otherwise.
     #[arg(long)]
     pub normalize: Option<Normalize>,
     /// Skip unreadable images in image folders (counted) instead of failing.
     #[arg(long)]
     pub skip_bad: bool,
     /// Side of the stored images of an image folder (resized once at load;
-    /// the model's input resize happens per batch).
-    #[arg(long, default_value_t = 32)]
-    pub image_size: usize,
-    /// Training images of the demo data (the test split gets a quarter as many).
-    #[arg(long, default_value_t = 4000)]
-    pub demo_images: usize,
+    /// the model's input resize happens per batch) [default: 32].
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    /// Training images of the demo data (the test split gets a quarter as
+    /// many) [default: 4000].
+    #[arg(long)]
+    pub demo_images: Option<usize>,
 }
 
 /// Optimization settings shared by train, distill and sweep.

@@ -1,15 +1,16 @@
 //! `effrank-engine distill`: train one low-rank student against a teacher.
 
 use super::common::{dispatch, DataFlags, DeviceArg, LossFlags, TrainFlags, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_model, run_metadata, transform_for};
+use super::setup::{choose_normalize, load_data_for, load_model, load_resumed_run, transform_for, warn_if_other_data};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::ops::Backend;
-use effrank_engine::factorize::{factorize, FactorInit};
+use effrank_engine::factorize::FactorInit;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::params::{dense_ranks, is_lowrank, param_count, uniform_ranks};
 use effrank_engine::model::Vit;
-use effrank_engine::train::{fit, Frozen, Learner, RunFiles, Teacher};
+use effrank_engine::provenance::{FileRef, RunMeta, Training};
+use effrank_engine::train::{train_student, Frozen, RunFiles, StudentRun, StudentStart, Teacher};
 use std::path::PathBuf;
 
 /// Distill a teacher into a rank-r student and evaluate it every epoch.
@@ -72,36 +73,58 @@ impl WithBackend for DistillArgs {
         if is_lowrank(&teacher.ranks) {
             bail!("--teacher {} is a low-rank model; the teacher must be dense", self.teacher.display());
         }
-        let (train, test) = load_data_for(&self.data, self.quiet)?;
-        let (ranks, student) = match (&self.student, self.rank) {
-            (Some(path), _) => {
+        let choice = self.data.choose(teacher.run.as_ref().and_then(|r| r.data.as_ref()));
+        let (train, test, data) = load_data_for(&choice, self.quiet)?;
+        warn_if_other_data(teacher.run.as_ref(), &data, &format!("the teacher {}", self.teacher.display()));
+        let student_file = match &self.student {
+            Some(path) => {
                 let s = load_model(path, self.heads, None)?;
                 if s.cfg != teacher.cfg {
                     bail!("student {} has shape {:?}, the teacher {:?}", path.display(), s.cfg, teacher.cfg);
                 }
-                (s.ranks, s.params)
+                Some(s)
             }
+            None => None,
+        };
+        let (start, factor_init) = match (&student_file, self.rank) {
+            (Some(s), _) => (StudentStart::Given { ranks: s.ranks.clone(), params: &s.params }, None),
             (None, Some(r)) => {
-                let ranks = uniform_ranks(&teacher.cfg, r);
                 let init = match self.init {
                     FactorInit::Random { .. } => FactorInit::Random { seed: self.train.seed },
                     other => other,
                 };
-                let (params, _) = factorize(&teacher.cfg, &teacher.params, &ranks, init)?;
-                (ranks, params)
+                (StudentStart::Factorize { ranks: uniform_ranks(&teacher.cfg, r), init }, Some(init))
             }
             (None, None) => unreachable!("checked in run"),
         };
-        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &self.data.data);
+        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &choice.source);
         let transform = transform_for(&teacher.cfg, &train, normalize)?;
         let dense = dense_ranks(&teacher.cfg);
-        let mut frozen = Frozen::new(be, Vit::from_host(be, &teacher.cfg, &dense, &teacher.params)?, self.train.batch)?;
-        let mut learner = Learner::new(be, Vit::from_host(be, &teacher.cfg, &ranks, &student)?, self.train.batch, self.train.optimizer())?;
-        let teacher_signal = if loss.needs_teacher() { Teacher::Live(&mut frozen) } else { Teacher::None };
-        let meta = run_metadata("student", &self.data.data, normalize, &loss);
-        let files = RunFiles::new(&self.out);
         let label = self.rank.map(|r| format!("rank {r}")).unwrap_or_else(|| "student".into());
-        let summary = fit(be, &mut learner, teacher_signal, &train, &test, &transform, &loss, &self.train.fit_options(&label, self.quiet), &files, &meta, &mut |_| Ok(()))?;
+        let fit_opts = self.train.fit_options(&label, self.quiet);
+        let training = Training { data: &data, loss: &loss, fit: &fit_opts, optimizer: self.train.optimizer() };
+        let meta = RunMeta::student(normalize, FileRef::of(&self.teacher)?, factor_init, Some(training));
+        let files = RunFiles::new(&self.out);
+        if let Some(resumed) = load_resumed_run(&files)? {
+            warn_if_other_data(Some(&resumed), &data, &format!("the run being resumed in {}", self.out.display()));
+        }
+        let mut frozen = Frozen::new(be, Vit::from_host(be, &teacher.cfg, &dense, &teacher.params)?, self.train.batch)?;
+        let teacher_signal = if loss.needs_teacher() { Teacher::Live(&mut frozen) } else { Teacher::None };
+        let ranks = start.ranks().clone();
+        let run = StudentRun {
+            cfg: &teacher.cfg,
+            teacher: &teacher.params,
+            start,
+            train: &train,
+            test: &test,
+            transform: &transform,
+            loss: &loss,
+            fit: &fit_opts,
+            optimizer: self.train.optimizer(),
+            files: &files,
+            meta: &meta,
+        };
+        let summary = train_student(be, &run, teacher_signal, &mut |_| Ok(()))?;
         atomic_write(&self.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
         let (tp, sp) = (param_count(&teacher.cfg, &dense), param_count(&teacher.cfg, &ranks));
         println!(

@@ -2,10 +2,11 @@
 //! optionally dumping the logits.
 
 use super::common::{dispatch, DataFlags, DeviceArg, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_model, transform_for};
+use super::setup::{choose_normalize, load_data_for, load_model, transform_for, warn_if_other_data};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::ops::Backend;
+use effrank_engine::data::Normalize;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::Vit;
 use effrank_engine::train::fit::evaluate;
@@ -15,10 +16,15 @@ use std::path::PathBuf;
 
 /// Evaluate a teacher or student on the test split.
 ///
-/// Example:
+/// Examples:
 ///
-///     effrank-engine eval --checkpoint runs/demo/teacher/model.safetensors --data demo
+///     effrank-engine eval --checkpoint runs/demo/runs/r8-s0/model.safetensors
 ///     effrank-engine eval --checkpoint student.safetensors --data ~/cifar-100-binary --dump-logits logits.safetensors
+///
+/// An engine checkpoint records the data, normalization and loading it was
+/// trained with; they are the defaults, so a checkpoint evaluates as its
+/// run did (and the run's recorded accuracy is printed beside). Given other
+/// data than it recorded, eval says so.
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct EvalArgs {
@@ -37,6 +43,10 @@ pub struct EvalArgs {
     /// (tensor "labels", I64) to this safetensors file.
     #[arg(long)]
     pub dump_logits: Option<PathBuf>,
+    /// Print the result as one JSON object (top1, top5, the accuracy the
+    /// checkpoint's run recorded, data, normalization, device).
+    #[arg(long)]
+    pub json: bool,
     #[arg(long, value_enum, default_value = "auto")]
     pub device: DeviceArg,
     #[arg(long)]
@@ -54,11 +64,16 @@ impl WithBackend for EvalArgs {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
         let m = load_model(&self.checkpoint, self.heads, None)?;
-        let (_, test) = load_data_for(&self.data, self.quiet)?;
+        let choice = self.data.choose(m.run.as_ref().and_then(|r| r.data.as_ref()));
+        let (_, test, data) = load_data_for(&choice, self.quiet)?;
+        warn_if_other_data(m.run.as_ref(), &data, &format!("the checkpoint {}", self.checkpoint.display()));
         if test.classes > m.cfg.classes {
             bail!("the data has {} classes, the model {} only {}", test.classes, self.checkpoint.display(), m.cfg.classes);
         }
-        let normalize = choose_normalize(self.data.normalize, m.normalize, &self.data.data);
+        if m.normalize.is_none() && self.data.normalize.is_none() {
+            eprintln!("warning: {} does not record how its inputs were normalized; using {} (give --normalize to choose)", self.checkpoint.display(), choose_normalize(None, None, &choice.source));
+        }
+        let normalize = choose_normalize(self.data.normalize, m.normalize, &choice.source);
         let transform = transform_for(&m.cfg, &test, normalize)?;
         let mut model = Frozen::new(be, Vit::from_host(be, &m.cfg, &m.ranks, &m.params)?, self.batch)?;
         let mut all = Vec::new();
@@ -67,7 +82,18 @@ impl WithBackend for EvalArgs {
             all.extend_from_slice(&logits);
             Ok(logits)
         })?;
-        println!("{}: top-1 {:.2}%, top-5 {:.2}% on {} test images", self.checkpoint.display(), 100.0 * top1, 100.0 * top5, test.len());
+        let recorded = m.run.as_ref().and_then(|r| r.recorded_top1());
+        let result = EvalResult { checkpoint: self.checkpoint.display().to_string(), data: choice.source.clone(), normalize, images: test.len(), top1, top5, recorded_top1: recorded, device: be.name() };
+        if self.json {
+            println!("{}", serde_json::to_string(&result)?);
+        } else {
+            let against = match recorded {
+                Some(r) if r == top1 => format!(" (the run recorded the same, {:.2}%)", 100.0 * r),
+                Some(r) => format!(" (the run recorded {:.2}%, on its data and device)", 100.0 * r),
+                None => String::new(),
+            };
+            println!("{}: top-1 {:.2}%, top-5 {:.2}% on {} test images{against}", result.checkpoint, 100.0 * top1, 100.0 * top5, test.len());
+        }
         if let Some(path) = &self.dump_logits {
             let labels: Vec<i64> = test.labels.iter().map(|&l| l as i64).collect();
             let views = vec![
@@ -76,8 +102,24 @@ impl WithBackend for EvalArgs {
             ];
             let bytes = safetensors::serialize(views, &None)?;
             atomic_write(path, &bytes)?;
-            println!("logits written to {}", path.display());
+            if !self.json {
+                println!("logits written to {}", path.display());
+            }
         }
         Ok(())
     }
+}
+
+/// What `eval --json` prints.
+#[derive(serde::Serialize)]
+struct EvalResult {
+    checkpoint: String,
+    data: String,
+    normalize: Normalize,
+    images: usize,
+    top1: f64,
+    top5: f64,
+    /// The test top-1 the checkpoint's run recorded (engine checkpoints).
+    recorded_top1: Option<f64>,
+    device: String,
 }

@@ -6,7 +6,9 @@ use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::factorize::{factorize, FactorInit, LayerReport};
 use effrank_engine::model::checkpoint::save_checkpoint;
+use effrank_engine::data::Normalize;
 use effrank_engine::model::params::{is_lowrank, param_count, uniform_ranks};
+use effrank_engine::provenance::{FileRef, RunMeta};
 use std::path::PathBuf;
 
 /// Factorize every q, k, v, attention-output and MLP layer of a teacher at
@@ -41,6 +43,10 @@ pub struct FactorizeArgs {
     /// Where to write the student.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Input normalization to record in the student: cifar, imagenet or half
+    /// (default: the teacher's).
+    #[arg(long)]
+    pub normalize: Option<Normalize>,
 }
 
 pub fn run(args: FactorizeArgs) -> Result<()> {
@@ -59,13 +65,13 @@ pub fn run(args: FactorizeArgs) -> Result<()> {
     let after = param_count(&teacher.cfg, &ranks);
     println!("model: {before} -> {after} parameters, {:.2}x compression", before as f64 / after as f64);
     let out = args.out.unwrap_or_else(|| args.teacher.with_file_name(format!("student-r{}.safetensors", args.rank)));
-    let mut meta = teacher.metadata.clone();
-    meta.insert("role".into(), "student".into());
-    meta.insert("factor_init".into(), format!("{init:?}"));
-    if let Some(n) = teacher.normalize {
-        meta.insert("normalize".into(), n.to_string());
-    }
-    save_checkpoint(&out, &teacher.cfg, &ranks, &student, &meta)?;
+    let Some(normalize) = args.normalize.or(teacher.normalize) else {
+        bail!("{} does not record how its inputs are normalized, so the student could not say either: give --normalize cifar|imagenet|half", args.teacher.display());
+    };
+    let mut meta = RunMeta::student(normalize, FileRef::of(&args.teacher)?, Some(init), None);
+    // The student is not trained yet; it is meant for the teacher's data.
+    meta.data = teacher.run.and_then(|r| r.data);
+    save_checkpoint(&out, &teacher.cfg, &ranks, &student, &meta.metadata()?)?;
     println!("student written to {}", out.display());
     Ok(())
 }

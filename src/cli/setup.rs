@@ -1,32 +1,84 @@
-//! Glue shared by the subcommands: loading data, loading or initializing a
-//! model, the image transform, and the metadata stored in checkpoints.
+//! Glue shared by the subcommands: choosing and loading data, loading or
+//! initializing a model, the image transform, and the provenance
+//! (`RunMeta`) that every checkpoint carries.
 
 use super::common::DataFlags;
 use anyhow::{bail, Context, Result};
-use effrank_engine::ops::image::ImageTransform;
 use effrank_engine::data::{load_data, DataSource, Dataset, LoadOptions, Normalize};
+use effrank_engine::model::checkpoint::read_metadata;
 use effrank_engine::model::import::{load_any, ImportOptions};
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::{dense_ranks, Ranks};
 use effrank_engine::model::{VitConfig, VitParams};
-use effrank_engine::train::LossSpec;
-use std::collections::BTreeMap;
+use effrank_engine::ops::image::ImageTransform;
+use effrank_engine::provenance::{DataRef, RunMeta};
+use effrank_engine::train::RunFiles;
 use std::path::{Path, PathBuf};
 
-/// Load the training and test sets named by `--data`.
-pub fn load_data_for(flags: &DataFlags, quiet: bool) -> Result<(Dataset, Dataset)> {
-    let mut opts = LoadOptions { skip_bad: flags.skip_bad, image_size: flags.image_size, ..LoadOptions::default() };
-    opts.demo.train = flags.demo_images;
-    opts.demo.test = (flags.demo_images / 4).max(1);
-    let loaded = load_data(&flags.data, &opts).with_context(|| format!("loading --data {}", flags.data))?;
+/// Side of the stored images of an image folder when nothing says otherwise.
+const DEFAULT_IMAGE_SIZE: usize = 32;
+/// Training images of the demo data when nothing says otherwise.
+const DEFAULT_DEMO_IMAGES: usize = 4000;
+
+/// The data to load: each `DataFlags` value as given, else as recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DataChoice {
+    pub source: String,
+    pub image_size: usize,
+    pub demo_images: usize,
+    pub skip_bad: bool,
+}
+
+impl DataFlags {
+    /// The data named by the flags; what a flag leaves open comes from
+    /// `recorded` (the data a checkpoint's run used) when that names the
+    /// same source, else the default.
+    pub fn choose(&self, recorded: Option<&DataRef>) -> DataChoice {
+        let source = self.data.clone().or_else(|| recorded.map(|r| r.source.clone())).unwrap_or_else(|| "demo".into());
+        let same = recorded.filter(|r| r.source == source);
+        DataChoice {
+            image_size: self.image_size.or(same.map(|r| r.image_size)).unwrap_or(DEFAULT_IMAGE_SIZE),
+            demo_images: self.demo_images.or(same.map(|r| r.demo_images)).unwrap_or(DEFAULT_DEMO_IMAGES),
+            skip_bad: self.skip_bad,
+            source,
+        }
+    }
+}
+
+/// The training and test sets of `choice`, with their description.
+pub fn load_data_for(choice: &DataChoice, quiet: bool) -> Result<(Dataset, Dataset, DataRef)> {
+    let mut opts = LoadOptions { skip_bad: choice.skip_bad, image_size: choice.image_size, ..LoadOptions::default() };
+    opts.demo.train = choice.demo_images;
+    opts.demo.test = (choice.demo_images / 4).max(1);
+    let loaded = load_data(&choice.source, &opts).with_context(|| format!("loading --data {}", choice.source))?;
     if !quiet {
         eprintln!("data: {}", loaded.summary());
     }
     let (train, test) = (loaded.train, loaded.test);
     if train.is_empty() || test.is_empty() {
-        bail!("--data {}: the training set has {} images and the test set {}; both must be non-empty", flags.data, train.len(), test.len());
+        bail!("--data {}: the training set has {} images and the test set {}; both must be non-empty", choice.source, train.len(), test.len());
     }
-    Ok((train, test))
+    let data = DataRef::new(&choice.source, choice.image_size, choice.demo_images, &train, &test);
+    Ok((train, test, data))
+}
+
+/// A warning when `given` is not the data `run` recorded (`what` names the
+/// checkpoint: "the teacher", "the checkpoint").
+pub fn warn_if_other_data(run: Option<&RunMeta>, given: &DataRef, what: &str) {
+    let Some(recorded) = run.and_then(|r| r.data.as_ref()) else { return };
+    let differences = recorded.differences(given);
+    if !differences.is_empty() {
+        eprintln!("warning: {what} was trained on other data than --data {} gives ({}; it recorded --data {})", given.source, differences.join(", "), recorded.source);
+    }
+}
+
+/// The provenance of the run in `files` that is about to be resumed (the
+/// `RunMeta` of its last checkpoint), if one is.
+pub fn load_resumed_run(files: &RunFiles) -> Result<Option<RunMeta>> {
+    if !files.state().is_file() || !files.model().is_file() {
+        return Ok(None);
+    }
+    RunMeta::from_metadata(&read_metadata(&files.model())?, &files.model())
 }
 
 /// Changes to a preset's shape from the command line.
@@ -72,18 +124,20 @@ pub struct HostModel {
     pub params: VitParams<Vec<f32>>,
     /// The normalization the model was trained with, when known.
     pub normalize: Option<Normalize>,
-    pub metadata: BTreeMap<String, String>,
+    /// The provenance the engine recorded in the file (None for other
+    /// libraries' files and fresh models).
+    pub run: Option<RunMeta>,
 }
 
 /// Load any checkpoint (engine, timm, torchvision, HF names).
 pub fn load_model(path: &Path, heads: Option<usize>, new_classes: Option<usize>) -> Result<HostModel> {
     let opts = ImportOptions { heads, new_classes };
     let ck = load_any(path, &opts).with_context(|| format!("loading checkpoint {}", path.display()))?;
-    let normalize = match ck.metadata.get("normalize") {
-        Some(n) => Some(n.parse::<Normalize>().with_context(|| format!("{}: metadata 'normalize'", path.display()))?),
-        None => ck.scheme.default_normalize(),
-    };
-    Ok(HostModel { cfg: ck.cfg, ranks: ck.ranks, params: ck.params, normalize, metadata: ck.metadata })
+    let run = RunMeta::from_metadata(&ck.metadata, path)?;
+    // Files written before the engine recorded a `RunMeta` kept only a `normalize` key.
+    let legacy = ck.metadata.get("normalize").map(|n| n.parse::<Normalize>().with_context(|| format!("{}: metadata 'normalize'", path.display()))).transpose()?;
+    let normalize = run.as_ref().map(|r| r.normalize).or(legacy).or(ck.scheme.default_normalize());
+    Ok(HostModel { cfg: ck.cfg, ranks: ck.ranks, params: ck.params, normalize, run })
 }
 
 /// A dense model for `classes` classes: a preset freshly initialized, or a
@@ -98,7 +152,7 @@ pub fn load_teacher_or_init(source: &ModelSource, classes: usize) -> Result<Host
             }
             let ranks = dense_ranks(&cfg);
             let params = init_params(&cfg, &ranks, *seed);
-            Ok(HostModel { cfg, ranks, params, normalize: None, metadata: BTreeMap::new() })
+            Ok(HostModel { cfg, ranks, params, normalize: None, run: None })
         }
         ModelSource::Checkpoint { path, heads } => {
             let probe = load_model(path, *heads, None)?;
@@ -130,14 +184,4 @@ pub fn default_normalize(data: &str) -> Normalize {
 /// `--normalize` if given, else the model's own, else the data's default.
 pub fn choose_normalize(flag: Option<Normalize>, model: Option<Normalize>, data: &str) -> Normalize {
     flag.or(model).unwrap_or_else(|| default_normalize(data))
-}
-
-/// Metadata stored in every checkpoint a run writes.
-pub fn run_metadata(role: &str, data: &str, normalize: Normalize, loss: &LossSpec) -> BTreeMap<String, String> {
-    let mut m = BTreeMap::new();
-    m.insert("role".into(), role.into());
-    m.insert("data".into(), data.into());
-    m.insert("normalize".into(), normalize.to_string());
-    m.insert("loss".into(), serde_json::to_string(loss).unwrap_or_default());
-    m
 }

@@ -3,16 +3,17 @@
 //! the built-in data; `--status` shows a (distributed) sweep's progress.
 
 use super::common::{dispatch, DataFlags, DeviceArg, LossFlags, TrainFlags, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_model, load_teacher_or_init, run_metadata, transform_for, ModelSource};
+use super::setup::{choose_normalize, load_data_for, load_model, load_teacher_or_init, transform_for, warn_if_other_data, ModelSource};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use effrank_engine::analysis::{analyze_folder, suggest_ranks, AnalysisOptions};
 use effrank_engine::ops::Backend;
-use effrank_engine::data::Normalize;
+use effrank_engine::data::{Dataset, Normalize};
 use effrank_engine::factorize::FactorInit;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::params::{is_lowrank, max_rank};
 use effrank_engine::model::Vit;
+use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
 use effrank_engine::sweep::jobs::{all_jobs, finished, read_claim, Shard};
 use effrank_engine::sweep::{run_sweep, SweepInputs, SweepOptions, SweepSummary};
 use effrank_engine::train::{fit, Learner, LossSpec, RunFiles, Teacher};
@@ -116,7 +117,7 @@ pub fn run(mut args: SweepArgs) -> Result<()> {
         if args.ranks.is_empty() {
             args.ranks = DEMO_RANKS.to_vec();
         }
-        args.data.data = "demo".into();
+        args.data.data = Some("demo".into());
         args.train.epochs = DEMO_STUDENT_EPOCHS;
         args.train.lr = DEMO_LR;
         args.train.batch = DEMO_BATCH;
@@ -135,23 +136,31 @@ impl WithBackend for SweepArgs {
         let started = std::time::Instant::now();
         let out = self.out.clone().expect("set in run");
         let loss = self.loss.spec()?;
-        let (train, test) = load_data_for(&self.data, self.quiet)?;
-        let teacher_path = match &self.teacher {
-            Some(p) => p.clone(),
-            None => train_demo_teacher(be, &out, &train, &test, self.quiet)?,
+        // A teacher given by file names the data it was trained on; the
+        // demo teacher is trained here, on the data chosen without it.
+        let given = self.teacher.as_ref().map(|p| load_model(p, self.heads, None)).transpose()?;
+        let choice = self.data.choose(given.as_ref().and_then(|t| t.run.as_ref()).and_then(|r| r.data.as_ref()));
+        let (train, test, data) = load_data_for(&choice, self.quiet)?;
+        let (teacher_path, teacher) = match (&self.teacher, given) {
+            (Some(p), Some(t)) => (p.clone(), t),
+            _ => {
+                let path = train_demo_teacher(be, &out, &train, &test, &data, self.quiet)?;
+                let t = load_model(&path, self.heads, None)?;
+                (path, t)
+            }
         };
-        let teacher = load_model(&teacher_path, self.heads, None)?;
         if is_lowrank(&teacher.ranks) {
             bail!("--teacher {} is a low-rank model; the teacher must be dense", teacher_path.display());
         }
-        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &self.data.data);
+        warn_if_other_data(teacher.run.as_ref(), &data, &format!("the teacher {}", teacher_path.display()));
+        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &choice.source);
         let transform = transform_for(&teacher.cfg, &train, normalize)?;
         let shard = match &self.shard {
             Some(s) => Shard::parse(s)?,
             None => Shard::from_env(|k| std::env::var(k).ok())?.unwrap_or(Shard::ALL),
         };
-        let cache_key = format!("{}|{}|{}|{:?}|{}", canonical(&teacher_path), file_stamp(&teacher_path), self.data.data, self.train.augment(), normalize);
-        let inputs = SweepInputs { cfg: &teacher.cfg, teacher: &teacher.params, train: &train, test: &test, transform, cache_key };
+        let teacher_file = FileRef::of(&teacher_path)?;
+        let inputs = SweepInputs { cfg: &teacher.cfg, teacher: &teacher.params, teacher_file, train: &train, test: &test, normalize, transform, data };
         let mut opts = SweepOptions {
             out: out.clone(),
             ranks: self.ranks.clone(),
@@ -208,7 +217,7 @@ impl WithBackend for SweepArgs {
 }
 
 /// Train (or resume) the demo teacher in `<out>/teacher`; returns its checkpoint.
-fn train_demo_teacher<B: Backend>(be: &B, out: &Path, train: &effrank_engine::data::Dataset, test: &effrank_engine::data::Dataset, quiet: bool) -> Result<PathBuf> {
+fn train_demo_teacher<B: Backend>(be: &B, out: &Path, train: &Dataset, test: &Dataset, data: &DataRef, quiet: bool) -> Result<PathBuf> {
     let dir = out.join("teacher");
     let files = RunFiles::new(&dir);
     let done = dir.join("summary.json");
@@ -237,7 +246,9 @@ fn train_demo_teacher<B: Backend>(be: &B, out: &Path, train: &effrank_engine::da
     if !quiet {
         eprintln!("demo: training the vit-demo teacher ({DEMO_TEACHER_EPOCHS} epochs) on {}", be.name());
     }
-    let summary = fit(be, &mut learner, Teacher::None, train, test, &transform, &loss, &flags.fit_options("teacher", quiet), &files, &run_metadata("teacher", "demo", normalize, &loss), &mut |_| Ok(()))?;
+    let fit_opts = flags.fit_options("teacher", quiet);
+    let meta = RunMeta::teacher(normalize, Training { data, loss: &loss, fit: &fit_opts, optimizer: flags.optimizer() });
+    let summary = fit(be, &mut learner, Teacher::None, train, test, &transform, &loss, &fit_opts, &files, &meta, &mut |_| Ok(()))?;
     atomic_write(&done, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(files.model())
 }
@@ -301,16 +312,4 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
         println!("to run only what is missing: --ranks {}", missing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","));
     }
     Ok(())
-}
-
-fn canonical(p: &Path) -> String {
-    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string()
-}
-
-/// Size and modification time: changes when the teacher file is replaced.
-fn file_stamp(p: &Path) -> String {
-    match std::fs::metadata(p) {
-        Ok(m) => format!("{}-{:?}", m.len(), m.modified().ok()),
-        Err(_) => String::new(),
-    }
 }

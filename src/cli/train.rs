@@ -3,12 +3,13 @@
 //! Hugging Face).
 
 use super::common::{dispatch, DataFlags, DeviceArg, TrainFlags, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_teacher_or_init, run_metadata, transform_for, ModelSource, ShapeOverrides};
+use super::setup::{choose_normalize, load_data_for, load_resumed_run, load_teacher_or_init, transform_for, warn_if_other_data, ModelSource, ShapeOverrides};
 use anyhow::Result;
 use clap::Args;
 use effrank_engine::ops::Backend;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::Vit;
+use effrank_engine::provenance::{RunMeta, Training};
 use effrank_engine::train::{fit, Learner, LossSpec, RunFiles, Teacher};
 use std::path::PathBuf;
 
@@ -80,23 +81,28 @@ pub fn run(args: TrainArgs) -> Result<()> {
 impl WithBackend for TrainArgs {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
-        let (train, test) = load_data_for(&self.data, self.quiet)?;
+        let choice = self.data.choose(None);
+        let (train, test, data) = load_data_for(&choice, self.quiet)?;
         let source = match &self.init {
             Some(path) => ModelSource::Checkpoint { path: path.clone(), heads: self.heads },
             None => ModelSource::Preset { name: self.model.clone(), seed: self.train.seed, shape: self.shape() },
         };
         let teacher = load_teacher_or_init(&source, train.classes)?;
-        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &self.data.data);
+        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &choice.source);
         let transform = transform_for(&teacher.cfg, &train, normalize)?;
         let model = Vit::from_host(be, &teacher.cfg, &teacher.ranks, &teacher.params)?;
         let mut learner = Learner::new(be, model, self.train.batch, self.train.optimizer())?;
         let loss = LossSpec { label_smoothing: self.label_smoothing, ..LossSpec::ce() };
-        let meta = run_metadata("teacher", &self.data.data, normalize, &loss);
+        let fit_opts = self.train.fit_options("teacher", self.quiet);
+        let meta = RunMeta::teacher(normalize, Training { data: &data, loss: &loss, fit: &fit_opts, optimizer: self.train.optimizer() });
         let files = RunFiles::new(&self.out);
-        if !self.quiet {
-            eprintln!("training {} on {} ({} train / {} test images, {} classes) on {}", self.model_label(), self.data.data, train.len(), test.len(), train.classes, be.name());
+        if let Some(resumed) = load_resumed_run(&files)? {
+            warn_if_other_data(Some(&resumed), &data, &format!("the run being resumed in {}", self.out.display()));
         }
-        let summary = fit(be, &mut learner, Teacher::None, &train, &test, &transform, &loss, &self.train.fit_options("teacher", self.quiet), &files, &meta, &mut |_| Ok(()))?;
+        if !self.quiet {
+            eprintln!("training {} on {} ({} train / {} test images, {} classes) on {}", self.model_label(), choice.source, train.len(), test.len(), train.classes, be.name());
+        }
+        let summary = fit(be, &mut learner, Teacher::None, &train, &test, &transform, &loss, &fit_opts, &files, &meta, &mut |_| Ok(()))?;
         atomic_write(&self.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
         println!(
             "teacher: test top-1 {:.2}%, top-5 {:.2}% after {} epochs ({:.1} s); checkpoint {}",

@@ -17,7 +17,7 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 /// Which augmentations to apply.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Augment {
     /// Flip horizontally with probability 1/2.
     pub flip: bool,

@@ -113,6 +113,22 @@ impl Dataset {
         &self.images[i * n..(i + 1) * n]
     }
 
+    /// A content hash of the data set (shape, labels and every pixel):
+    /// the first 16 bytes of a SHA-256, as hex. Two data sets with the same
+    /// fingerprint hold the same images in the same order.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for v in [self.channels, self.height, self.width, self.classes, self.len()] {
+            h.update((v as u64).to_le_bytes());
+        }
+        for l in &self.labels {
+            h.update(l.to_le_bytes());
+        }
+        h.update(&self.images);
+        h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// How many images each class has, indexed by label.
     pub fn class_counts(&self) -> Vec<usize> {
         let mut counts = vec![0; self.classes];
@@ -168,6 +184,21 @@ mod tests {
         assert!(err.to_string().contains("label 2 at index 0"), "{err}");
         let err = Dataset::new(vec![0; 8], vec![0], 2, Some(vec!["a".into()]), (2, 2, 2)).unwrap_err();
         assert!(err.to_string().contains("1 class names for 2 classes"), "{err}");
+    }
+
+    #[test]
+    fn fingerprints_see_every_pixel_and_label() {
+        let ds = tiny();
+        assert_eq!(ds.fingerprint(), tiny().fingerprint());
+        assert_eq!(ds.fingerprint().len(), 32);
+        let mut pixel = tiny();
+        pixel.images[5] ^= 1;
+        let mut label = tiny();
+        label.labels[0] = 1;
+        let reordered = ds.subset(&[1, 0, 2]).unwrap();
+        for other in [pixel, label, reordered] {
+            assert_ne!(other.fingerprint(), ds.fingerprint());
+        }
     }
 
     #[test]

@@ -9,7 +9,8 @@ use anyhow::{bail, Result};
 use std::fmt;
 use std::str::FromStr;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Normalize {
     /// CIFAR-100 training-set statistics.
     Cifar,

@@ -17,7 +17,8 @@ use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 
 /// How the factors of a student start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FactorInit {
     /// Truncated SVD of the teacher's weight (the default).
     Svd,

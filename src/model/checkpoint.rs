@@ -136,6 +136,25 @@ pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, RawTensor>, BTr
     Ok((out, meta))
 }
 
+/// The metadata of a safetensors file, reading only its header (cheap for
+/// a large checkpoint).
+pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).with_context(|| format!("{} is not a safetensors file (shorter than its 8-byte header length)", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if n > 100 << 20 || 8 + n > size {
+        bail!("{} is not a valid safetensors file: header of {n} bytes in a file of {size}", path.display());
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).with_context(|| format!("reading the header of {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| anyhow!("{}: the safetensors header is not JSON: {e}", path.display()))?;
+    let meta = json.get("__metadata__").and_then(|m| m.as_object()).map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()).unwrap_or_default();
+    Ok(meta)
+}
+
 /// Take tensor `name` of shape `shape` out of `tensors`; a missing tensor, a
 /// wrong shape (naming the key and both shapes) or a value that is NaN or
 /// infinite is an error.

@@ -1,15 +1,13 @@
 //! The work of a sweep as a list of independent jobs (rank, seed), how a
-//! shard picks its share, and the records that say a job is finished or
-//! running.
+//! shard picks its share, which jobs are finished (their records in the
+//! results folder, `crate::results`) and which are claimed.
 //!
-//! A results folder holds `results.jsonl` (one process) or
-//! `results-shard<I>of<N>.jsonl` (one file per shard, so shards on different
-//! machines never write the same file). Each finished job appends one JSON
-//! line durably. A job being trained has a claim file
-//! `runs/r<rank>-s<seed>/running.json` naming its host and process, created
-//! exclusively and refreshed every epoch; `sweep --status` reads both.
+//! A job being trained has a claim file `runs/r<rank>-s<seed>/running.json`
+//! naming its host and process, created exclusively and refreshed every
+//! epoch; `sweep --status` reads both.
 
-use crate::io::{append_line, atomic_write};
+use crate::io::atomic_write;
+use crate::results::{read_records, Record, StudentRecord};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -98,87 +96,6 @@ impl Shard {
     }
 }
 
-/// One line of a results file.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-pub enum Record {
-    Student(StudentRecord),
-    Teacher(TeacherRecord),
-}
-
-/// A finished rank.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct StudentRecord {
-    pub rank: usize,
-    pub seed: u64,
-    pub top1: f64,
-    pub top5: f64,
-    pub params: usize,
-    pub teacher_params: usize,
-    pub compression: f64,
-    pub epochs: usize,
-    pub wall_s: f64,
-    pub host: String,
-    pub settings: serde_json::Value,
-}
-
-/// The teacher's accuracy on the same test set.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TeacherRecord {
-    pub top1: f64,
-    pub top5: f64,
-    pub params: usize,
-}
-
-/// Every `results*.jsonl` file in `out`, sorted by name.
-pub fn results_files(out: &Path) -> Result<Vec<PathBuf>> {
-    if !out.exists() {
-        return Ok(Vec::new());
-    }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(out)
-        .with_context(|| format!("listing {}", out.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name.starts_with("results") && name.ends_with(".jsonl")
-        })
-        .collect();
-    files.sort();
-    Ok(files)
-}
-
-/// Every record of every results file in `out`. A line that does not parse
-/// is an error naming the file and line; an incomplete last line (a writer
-/// killed mid-write) is skipped with a warning.
-pub fn read_records(out: &Path) -> Result<Vec<Record>> {
-    let mut records = Vec::new();
-    for file in results_files(out)? {
-        records.extend(read_records_file(&file)?);
-    }
-    Ok(records)
-}
-
-/// Every record of one results file (same rules as `read_records`).
-pub fn read_records_file(file: &Path) -> Result<Vec<Record>> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let complete = text.ends_with('\n');
-    let lines: Vec<&str> = text.lines().collect();
-    let mut records = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<Record>(line) {
-            Ok(r) => records.push(r),
-            Err(_) if i + 1 == lines.len() && !complete => {
-                eprintln!("warning: {} line {}: incomplete last line ignored", file.display(), i + 1);
-            }
-            Err(e) => bail!("{} line {}: not a results record: {e}", file.display(), i + 1),
-        }
-    }
-    Ok(records)
-}
-
 /// Finished jobs and their records (the first record of a job wins).
 pub fn finished(out: &Path) -> Result<BTreeMap<Job, StudentRecord>> {
     let mut done = BTreeMap::new();
@@ -188,11 +105,6 @@ pub fn finished(out: &Path) -> Result<BTreeMap<Job, StudentRecord>> {
         }
     }
     Ok(done)
-}
-
-/// Append a record to a results file (one durable line).
-pub fn append_record(path: &Path, record: &Record) -> Result<()> {
-    append_line(path, &serde_json::to_string(record)?)
 }
 
 /// The host name, for claims and records.
@@ -312,27 +224,6 @@ mod tests {
         assert_eq!(Shard::from_env(env(&[("JOB_COMPLETION_INDEX", "0"), ("EFFRANK_SHARD_COUNT", "2")])).unwrap(), Some(Shard { index: 0, count: 2 }));
         assert!(Shard::from_env(env(&[("JOB_COMPLETION_INDEX", "0")])).is_err());
         assert_eq!(Shard::from_env(env(&[])).unwrap(), None);
-    }
-
-    #[test]
-    fn records_round_trip_and_bad_lines_are_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = Shard::ALL.results_file(dir.path());
-        let s = StudentRecord { rank: 4, seed: 0, top1: 0.5, top5: 0.9, params: 10, teacher_params: 100, compression: 10.0, epochs: 1, wall_s: 1.0, host: "h".into(), settings: serde_json::json!({}) };
-        append_record(&file, &Record::Student(s.clone())).unwrap();
-        append_record(&file, &Record::Teacher(TeacherRecord { top1: 0.7, top5: 0.95, params: 100 })).unwrap();
-        let done = finished(dir.path()).unwrap();
-        assert_eq!(done[&Job { rank: 4, seed: 0 }], s);
-        std::fs::write(dir.path().join("results-shard0of2.jsonl"), "{\"kind\":\"student\"}\n").unwrap();
-        let e = read_records(dir.path()).unwrap_err().to_string();
-        assert!(e.contains("results-shard0of2.jsonl line 1"), "{e}");
-    }
-
-    #[test]
-    fn a_torn_last_line_is_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("results.jsonl"), "{\"kind\":\"teacher\",\"top1\":0.7,\"top5\":0.9,\"params\":5}\n{\"kind\":\"stu").unwrap();
-        assert_eq!(read_records(dir.path()).unwrap().len(), 1);
     }
 }
 

@@ -9,36 +9,49 @@
 
 pub mod jobs;
 
-use crate::ops::image::ImageTransform;
-use crate::ops::Backend;
-use crate::data::Dataset;
-use crate::factorize::{factorize, FactorInit};
+use crate::data::{Dataset, Normalize};
+use crate::device::Precision;
+use crate::factorize::FactorInit;
 use crate::model::params::{dense_ranks, param_count, uniform_ranks, validate_ranks};
 use crate::model::{Vit, VitConfig, VitParams};
+use crate::ops::image::ImageTransform;
+use crate::ops::Backend;
+use crate::provenance::{DataRef, FileRef, RunMeta, Training};
+use crate::results::{append_record, read_records, Record, StudentRecord, TeacherRecord};
 use crate::train::fit::evaluate;
-use crate::train::{fit, AdamWConfig, FitOptions, Frozen, Learner, LossSpec, RunFiles, Teacher, TeacherLogits};
+use crate::train::{train_student, AdamWConfig, FitOptions, Frozen, LossSpec, RunFiles, StudentRun, StudentStart, Teacher, TeacherLogits};
 use anyhow::{bail, Context, Result};
-use jobs::{all_jobs, append_record, clear_claim, finished, host_name, read_records, refresh_claim, try_claim, Job, Record, Shard, StudentRecord, TeacherRecord};
-use std::collections::{BTreeMap, HashMap};
+use jobs::{all_jobs, clear_claim, finished, host_name, refresh_claim, try_claim, Job, Shard};
+use serde::Serialize;
+use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// Everything a sweep needs besides the backend.
+/// Everything a sweep needs besides the device.
 pub struct SweepInputs<'a> {
     pub cfg: &'a VitConfig,
     pub teacher: &'a VitParams<Vec<f32>>,
+    /// The teacher's file, by name and content (students record it).
+    pub teacher_file: FileRef,
     pub train: &'a Dataset,
     pub test: &'a Dataset,
+    pub normalize: Normalize,
     pub transform: ImageTransform,
-    /// Identifies teacher, data and preprocessing for the logit cache.
-    pub cache_key: String,
+    /// How the data was named and loaded, and its fingerprints.
+    pub data: DataRef,
 }
 
-/// Settings of a sweep.
-#[derive(Clone, Debug)]
+/// Settings of a sweep. Serialized whole into every student's record
+/// (`StudentRecord::settings`) less the fields marked `skip`, which choose
+/// which jobs run and where, not how a student is trained.
+#[derive(Clone, Debug, Serialize)]
 pub struct SweepOptions {
+    #[serde(skip)]
     pub out: PathBuf,
+    #[serde(skip)]
     pub ranks: Vec<usize>,
+    #[serde(skip)]
     pub seeds: Vec<u64>,
+    #[serde(skip)]
     pub shard: Shard,
     pub init: FactorInit,
     pub loss: LossSpec,
@@ -47,6 +60,7 @@ pub struct SweepOptions {
     pub optimizer: AdamWConfig,
     /// Reuse teacher logits across ranks (when the loss allows it).
     pub cache_teacher: bool,
+    #[serde(skip)]
     pub quiet: bool,
 }
 
@@ -75,6 +89,18 @@ pub fn validate_options(cfg: &VitConfig, opts: &SweepOptions) -> Result<()> {
         validate_ranks(cfg, &uniform_ranks(cfg, r)).with_context(|| format!("--ranks contains {r}"))?;
     }
     Ok(())
+}
+
+/// What the teacher's logits over an epoch depend on, beyond the seed and
+/// the epoch (in the cache file's name): the key of the on-disk cache.
+#[derive(Serialize)]
+struct TeacherCacheKey<'a> {
+    teacher_sha256: &'a str,
+    train: &'a str,
+    transform: &'a ImageTransform,
+    augment: &'a crate::data::Augment,
+    batch: usize,
+    precision: Precision,
 }
 
 /// Run this shard's part of the sweep.
@@ -114,6 +140,14 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
     }
 
     let use_cache = opts.cache_teacher && opts.loss.needs_teacher() && !opts.loss.needs_features();
+    let cache_key = serde_json::to_string(&TeacherCacheKey {
+        teacher_sha256: &inputs.teacher_file.sha256,
+        train: &inputs.data.train,
+        transform: &inputs.transform,
+        augment: &opts.fit.augment,
+        batch,
+        precision: be.precision(),
+    })?;
     let mut caches: HashMap<u64, TeacherLogits<B>> = HashMap::new();
     let mut live: Option<Frozen<B>> = if opts.loss.needs_teacher() && !use_cache { Some(teacher) } else { None };
     let mut skipped_claimed = 0;
@@ -142,17 +176,11 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
             FactorInit::Svd => FactorInit::Svd,
             FactorInit::Random { .. } => FactorInit::Random { seed: job.seed },
         };
-        let (student, _) = factorize(cfg, inputs.teacher, &ranks, init).with_context(|| format!("factorizing at rank {}", job.rank))?;
-        let model = Vit::from_host(be, cfg, &ranks, &student)?;
-        let mut learner = Learner::new(be, model, batch, opts.optimizer)?;
-        let mut fit_opts = opts.fit.clone();
-        fit_opts.seed = job.seed;
-        fit_opts.label = format!("rank {}", job.rank);
+        let fit_opts = FitOptions { seed: job.seed, label: format!("rank {}", job.rank), ..opts.fit.clone() };
         let teacher_signal = if use_cache {
             if let std::collections::hash_map::Entry::Vacant(e) = caches.entry(job.seed) {
                 let t = Frozen::new(be, Vit::from_host(be, cfg, &dense, inputs.teacher)?, batch)?;
-                let cache = TeacherLogits::new(t, inputs.transform, fit_opts.augment, job.seed, batch, Some(opts.out.join("cache")), &inputs.cache_key);
-                e.insert(cache);
+                e.insert(TeacherLogits::new(t, inputs.transform, fit_opts.augment, job.seed, batch, Some(opts.out.join("cache")), &cache_key));
             }
             Teacher::Cached(caches.get_mut(&job.seed).expect("inserted above"))
         } else if let Some(t) = live.as_mut() {
@@ -160,13 +188,24 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
         } else {
             Teacher::None
         };
-        let mut meta = BTreeMap::new();
-        meta.insert("role".to_string(), "student".to_string());
-        meta.insert("loss".to_string(), serde_json::to_string(&opts.loss)?);
+        let job_opts = SweepOptions { fit: fit_opts.clone(), init, ..opts.clone() };
+        let meta = student_meta(inputs, &job_opts);
         let files = RunFiles::new(&job.dir(&opts.out));
+        let run = StudentRun {
+            cfg,
+            teacher: inputs.teacher,
+            start: StudentStart::Factorize { ranks: ranks.clone(), init },
+            train: inputs.train,
+            test: inputs.test,
+            transform: &inputs.transform,
+            loss: &opts.loss,
+            fit: &fit_opts,
+            optimizer: opts.optimizer,
+            files: &files,
+            meta: &meta,
+        };
         let mut heartbeat = |epoch: usize| refresh_claim(&opts.out, *job, epoch);
-        let summary = fit(be, &mut learner, teacher_signal, inputs.train, inputs.test, &inputs.transform, &opts.loss, &fit_opts, &files, &meta, &mut heartbeat)
-            .with_context(|| format!("training rank {} seed {}", job.rank, job.seed))?;
+        let summary = train_student(be, &run, teacher_signal, &mut heartbeat).with_context(|| format!("training rank {} seed {}", job.rank, job.seed))?;
         let params = param_count(cfg, &ranks);
         let record = StudentRecord {
             rank: job.rank,
@@ -179,18 +218,8 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
             epochs: fit_opts.epochs,
             wall_s: job_start.elapsed().as_secs_f64(),
             host: host_name(),
-            settings: serde_json::json!({
-                "loss": opts.loss,
-                "init": format!("{:?}", opts.init),
-                "lr": fit_opts.lr,
-                "min_lr": fit_opts.min_lr,
-                "batch": fit_opts.batch,
-                "warmup_epochs": fit_opts.warmup_epochs,
-                "flip": fit_opts.augment.flip,
-                "crop_padding": fit_opts.augment.pad,
-                "weight_decay": opts.optimizer.weight_decay,
-                "resumed_from_epoch": summary.resumed_from_epoch,
-            }),
+            settings: serde_json::to_value(&job_opts)?,
+            resumed_from_epoch: summary.resumed_from_epoch,
         };
         append_record(&results_file, &Record::Student(record))?;
         clear_claim(&opts.out, *job);
@@ -218,4 +247,10 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
         teacher_seconds: seconds,
         wall_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The provenance of one job's student.
+fn student_meta(inputs: &SweepInputs<'_>, job: &SweepOptions) -> RunMeta {
+    let training = Training { data: &inputs.data, loss: &job.loss, fit: &job.fit, optimizer: job.optimizer };
+    RunMeta::student(inputs.normalize, inputs.teacher_file.clone(), Some(job.init), Some(training))
 }

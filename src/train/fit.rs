@@ -15,11 +15,11 @@ use super::{CosineSchedule, LossSpec};
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
 use crate::data::{augmented_batch, epoch_order, Augment, Dataset};
-use crate::io::append_line;
+use crate::io::{append_line, read_jsonl};
 use crate::model::checkpoint::save_checkpoint;
+use crate::provenance::RunMeta;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -40,8 +40,9 @@ pub fn install_interrupt_handler() {
     });
 }
 
-/// Settings of one training run.
-#[derive(Clone, Debug)]
+/// Settings of one training run (serialized into provenance and results
+/// records, less how it is shown).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct FitOptions {
     pub epochs: usize,
     pub batch: usize,
@@ -52,13 +53,15 @@ pub struct FitOptions {
     pub augment: Augment,
     /// Evaluate on the test set after every epoch (else only after the last).
     pub eval_every_epoch: bool,
+    #[serde(skip)]
     pub quiet: bool,
     /// Label for the progress bar ("teacher", "rank 16").
+    #[serde(skip)]
     pub label: String,
 }
 
 /// One epoch's numbers, as written to `metrics.jsonl`.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EpochMetrics {
     pub epoch: usize,
     pub loss: f64,
@@ -107,6 +110,16 @@ impl RunFiles {
     pub fn metrics(&self) -> PathBuf {
         self.dir.join("metrics.jsonl")
     }
+
+    /// Where the last finished epoch is, for an error message: the
+    /// checkpoint when there is one, else that none has been saved yet.
+    pub fn last_checkpoint(&self) -> String {
+        if self.model().is_file() {
+            format!("the last good checkpoint is {}", self.model().display())
+        } else {
+            format!("no checkpoint has been saved yet in {}", self.dir.display())
+        }
+    }
 }
 
 /// Test-set top-1 and top-5 (fractions), from `logits_of(bytes, n)`
@@ -141,9 +154,9 @@ fn progress_bar(quiet: bool, len: u64, label: &str) -> ProgressBar {
 
 /// Train `learner` on `train` for `opts.epochs` epochs, writing checkpoints
 /// and metrics into `files.dir` and resuming from them when present.
-/// `metadata` is stored in every model checkpoint (data set, loss, ...);
-/// `on_epoch` is called with the number of finished epochs after each one is
-/// saved (the sweep refreshes its claim there).
+/// `meta` is stored in every model checkpoint, with the epoch and its
+/// metrics; `on_epoch` is called with the number of finished epochs after
+/// each one is saved.
 #[allow(clippy::too_many_arguments)]
 pub fn fit<B: Backend>(
     be: &B,
@@ -155,7 +168,7 @@ pub fn fit<B: Backend>(
     loss: &LossSpec,
     opts: &FitOptions,
     files: &RunFiles,
-    metadata: &BTreeMap<String, String>,
+    meta: &RunMeta,
     on_epoch: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<FitSummary> {
     install_interrupt_handler();
@@ -181,8 +194,7 @@ pub fn fit<B: Backend>(
             eprintln!("{}: resuming after epoch {start_epoch} from {}", opts.label, files.dir.display());
         }
     }
-    let mut history = read_history(&files.metrics())?;
-    history.retain(|m| m.epoch <= start_epoch);
+    let mut history = resumed_history(&files.metrics(), start_epoch)?;
 
     let started = Instant::now();
     let (mut bytes, mut labels) = (Vec::new(), Vec::new());
@@ -201,7 +213,7 @@ pub fn fit<B: Backend>(
         for (b, chunk) in order.chunks(opts.batch).enumerate() {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 pb.abandon();
-                bail!("interrupted during epoch {} of {}; the last finished epoch ({start_epoch}+) is saved in {}", epoch + 1, opts.label, files.dir.display());
+                bail!("interrupted during epoch {} of {}; {}", epoch + 1, opts.label, files.last_checkpoint());
             }
             augmented_batch(train, chunk, &opts.augment, opts.seed, epoch as u64, &mut bytes, &mut labels)?;
             let signal = match (&mut teacher, &epoch_logits) {
@@ -214,9 +226,7 @@ pub fn fit<B: Backend>(
                 (Teacher::Cached(_), None) => unreachable!("cached logits are computed above"),
             };
             lr = schedule.lr(epoch * steps_per_epoch + b);
-            let stats = learner
-                .step(be, &bytes, &labels, transform, signal, loss, lr)
-                .with_context(|| format!("{}: epoch {}, batch {}; the last good checkpoint is {}", opts.label, epoch + 1, b + 1, files.model().display()))?;
+            let stats = learner.step(be, &bytes, &labels, transform, signal, loss, lr).with_context(|| format!("{}: epoch {}, batch {}; {}", opts.label, epoch + 1, b + 1, files.last_checkpoint()))?;
             loss_sum += stats.loss as f64 * chunk.len() as f64;
             correct += stats.correct;
             seen += chunk.len();
@@ -233,13 +243,13 @@ pub fn fit<B: Backend>(
             (None, None)
         };
         let m = EpochMetrics { epoch: epoch + 1, loss: loss_sum / seen as f64, train_top1: correct as f64 / seen as f64, test_top1, test_top5, images_per_s, lr };
-        let mut meta = metadata.clone();
-        meta.insert("epoch".into(), (epoch + 1).to_string());
-        meta.insert("metrics".into(), serde_json::to_string(&m)?);
         let host = learner.model.to_host(be)?;
-        save_checkpoint(&files.model(), &learner.model.cfg, &learner.model.ranks, &host, &meta)?;
-        save_train_state(be, &files.state(), learner, epoch + 1)?;
+        save_checkpoint(&files.model(), &learner.model.cfg, &learner.model.ranks, &host, &meta.after_epoch(epoch + 1, &m).metadata()?)?;
         append_line(&files.metrics(), &serde_json::to_string(&m)?)?;
+        // The training state is the commit point of an epoch: a crash before
+        // it is written redoes the epoch (with the same numbers), and the
+        // metrics line it left is dropped on resume.
+        save_train_state(be, &files.state(), learner, epoch + 1)?;
         on_epoch(epoch + 1)?;
         if !opts.quiet {
             let test = test_top1.map(|t| format!(", test top-1 {:.2}%", 100.0 * t)).unwrap_or_default();
@@ -255,15 +265,32 @@ pub fn fit<B: Backend>(
     Ok(FitSummary { epochs: opts.epochs, test_top1, test_top5, wall_s: started.elapsed().as_secs_f64(), resumed_from_epoch: start_epoch, history })
 }
 
+/// The metrics of the epochs an interrupted run finished (up to
+/// `start_epoch`, the last one of each epoch), with `metrics.jsonl`
+/// rewritten to exactly those when it held more (an epoch whose state was
+/// never committed, see `fit`).
+fn resumed_history(path: &Path, start_epoch: usize) -> Result<Vec<EpochMetrics>> {
+    let on_disk = read_history(path)?;
+    let mut by_epoch = std::collections::BTreeMap::new();
+    for m in on_disk.iter().filter(|m| m.epoch <= start_epoch) {
+        by_epoch.insert(m.epoch, m.clone());
+    }
+    let kept: Vec<EpochMetrics> = by_epoch.into_values().collect();
+    if kept.len() != on_disk.len() {
+        let mut text = String::new();
+        for m in &kept {
+            text.push_str(&serde_json::to_string(m)?);
+            text.push('\n');
+        }
+        crate::io::atomic_write(path, text.as_bytes())?;
+    }
+    Ok(kept)
+}
+
 /// The metrics already written by an earlier (interrupted) run.
 pub fn read_history(path: &Path) -> Result<Vec<EpochMetrics>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{} line {}: not a metrics record", path.display(), i + 1)))
-        .collect()
+    read_jsonl(path, "a metrics record")
 }

@@ -1,6 +1,7 @@
 //! Training: the objective, AdamW, the learning-rate schedule, the step that
-//! ties them to the model, the epoch loop with checkpoints and resume, and
-//! the teacher-logit cache of the sweep.
+//! ties them to the model, the epoch loop with checkpoints and resume, one
+//! student's whole path (shared by `distill` and `sweep`), and the
+//! teacher-logit cache of the sweep.
 
 pub mod fit;
 pub mod loss;
@@ -8,11 +9,13 @@ pub mod optimizer;
 pub mod schedule;
 pub mod state;
 pub mod step;
+pub mod student;
 pub mod teacher_cache;
 
-pub use fit::{fit, FitOptions, FitSummary, RunFiles, Teacher};
+pub use fit::{fit, EpochMetrics, FitOptions, FitSummary, RunFiles, Teacher};
 pub use loss::LossSpec;
 pub use optimizer::{AdamW, AdamWConfig};
 pub use schedule::CosineSchedule;
 pub use step::{Frozen, Learner, StepStats, TeacherSignal};
+pub use student::{train_student, StudentRun, StudentStart};
 pub use teacher_cache::TeacherLogits;

@@ -15,7 +15,7 @@ use crate::model::{Grads, Vit, VitParams};
 use anyhow::Result;
 
 /// AdamW settings that do not change during a run.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
     pub beta1: f32,
     pub beta2: f32,

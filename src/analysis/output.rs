@@ -1,0 +1,35 @@
+//! The files an analysis writes into its output folder, each atomically:
+//! `analysis.json` and `summary.md` (report), `plot.png` (plot), and with
+//! weight spectra `spectrum.json` and `spectrum.png`. The report and the
+//! spectrum know their numbers and prose; the plot reads both; this file
+//! ties them to disk, so neither imports the other's writer.
+
+use super::plot::{plot_curve, plot_spectrum};
+use super::report::AnalysisReport;
+use super::spectrum::SpectrumReport;
+use crate::io::atomic_write;
+use anyhow::{Context, Result};
+use std::path::Path;
+
+/// Write analysis.json, summary.md and (when `plot`) plot.png into `out`,
+/// and the spectrum's files when the report holds one.
+pub fn write_report(report: &AnalysisReport, out: &Path, plot: bool) -> Result<()> {
+    atomic_write(&out.join("analysis.json"), serde_json::to_string_pretty(report)?.as_bytes())?;
+    atomic_write(&out.join("summary.md"), report.summary_md().as_bytes())?;
+    if plot {
+        plot_curve(report, &out.join("plot.png")).context("drawing plot.png")?;
+    }
+    if let Some(s) = &report.spectrum {
+        write_spectrum(s, out, plot)?;
+    }
+    Ok(())
+}
+
+/// Write spectrum.json and (when `plot`) spectrum.png into `out`.
+pub fn write_spectrum(s: &SpectrumReport, out: &Path, plot: bool) -> Result<()> {
+    atomic_write(&out.join("spectrum.json"), serde_json::to_string_pretty(s)?.as_bytes())?;
+    if plot {
+        plot_spectrum(s, &out.join("spectrum.png")).context("drawing spectrum.png")?;
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! One student, from the teacher's weights to a trained checkpoint: the
+//! path that `distill` and every job of `sweep` share. The student starts
+//! factorized from the teacher (or from a student checkpoint), is built on
+//! the device with its optimizer, and is trained by `fit` against the
+//! teacher signal the caller chose (live teacher, cached logits, or none).
+
+use super::fit::{fit, FitOptions, FitSummary, RunFiles, Teacher};
+use super::{AdamWConfig, Learner, LossSpec};
+use crate::data::Dataset;
+use crate::factorize::{factorize, FactorInit};
+use crate::model::{Ranks, Vit, VitConfig, VitParams};
+use crate::ops::image::ImageTransform;
+use crate::ops::Backend;
+use crate::provenance::RunMeta;
+use anyhow::Result;
+
+/// Where a student's weights start.
+pub enum StudentStart<'a> {
+    /// The teacher factorized at `ranks`.
+    Factorize { ranks: Ranks, init: FactorInit },
+    /// A student checkpoint's parameters.
+    Given { ranks: Ranks, params: &'a VitParams<Vec<f32>> },
+}
+
+impl StudentStart<'_> {
+    pub fn ranks(&self) -> &Ranks {
+        match self {
+            StudentStart::Factorize { ranks, .. } | StudentStart::Given { ranks, .. } => ranks,
+        }
+    }
+}
+
+/// Everything about one student's training but the device and the teacher signal.
+pub struct StudentRun<'a> {
+    pub cfg: &'a VitConfig,
+    pub teacher: &'a VitParams<Vec<f32>>,
+    pub start: StudentStart<'a>,
+    pub train: &'a Dataset,
+    pub test: &'a Dataset,
+    pub transform: &'a ImageTransform,
+    pub loss: &'a LossSpec,
+    pub fit: &'a FitOptions,
+    pub optimizer: AdamWConfig,
+    pub files: &'a RunFiles,
+    /// Provenance written into every checkpoint of the run.
+    pub meta: &'a RunMeta,
+}
+
+/// Factorize (or take) the student, build it on `be` and train it.
+/// `on_epoch` runs after every saved epoch (the sweep's claim heartbeat).
+pub fn train_student<B: Backend>(be: &B, run: &StudentRun<'_>, teacher: Teacher<'_, B>, on_epoch: &mut dyn FnMut(usize) -> Result<()>) -> Result<FitSummary> {
+    let params = match &run.start {
+        StudentStart::Factorize { ranks, init } => factorize(run.cfg, run.teacher, ranks, *init)?.0,
+        StudentStart::Given { params, .. } => (*params).clone(),
+    };
+    let model = Vit::from_host(be, run.cfg, run.start.ranks(), &params)?;
+    let mut learner = Learner::new(be, model, run.fit.batch, run.optimizer)?;
+    fit(be, &mut learner, teacher, run.train, run.test, run.transform, run.loss, run.fit, run.files, run.meta, on_epoch)
+}
