@@ -14,7 +14,7 @@ use effrank_engine::io::atomic_write;
 use effrank_engine::model::params::{is_lowrank, max_rank};
 use effrank_engine::model::Vit;
 use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
-use effrank_engine::sweep::jobs::{all_jobs, finished, read_claim, Shard};
+use effrank_engine::sweep::jobs::{all_jobs, claim_state, finished, read_claim, Heartbeat, Shard};
 use effrank_engine::sweep::{run_sweep, SweepInputs, SweepOptions, SweepSummary};
 use effrank_engine::train::{fit, Learner, LossSpec, RunFiles, Teacher};
 use std::path::{Path, PathBuf};
@@ -70,9 +70,17 @@ pub struct SweepArgs {
     /// Most ranks added by --adaptive.
     #[arg(long, default_value_t = 12)]
     pub adaptive_budget: usize,
-    /// Show finished, running and missing jobs of --out and exit.
+    /// Show finished, running, dead, stale and missing jobs of --out and exit.
     #[arg(long)]
     pub status: bool,
+    /// Seconds between refreshes of a running job's claim
+    /// (runs/r<rank>-s<seed>/running.json).
+    #[arg(long, default_value_t = Heartbeat::default().every_s, value_name = "SECONDS")]
+    pub heartbeat: u64,
+    /// Missed heartbeats after which another host takes a job over (on the
+    /// same host a dead process's job is taken over at once).
+    #[arg(long, default_value_t = Heartbeat::default().stale_after_beats, value_name = "BEATS")]
+    pub stale_after: u64,
     /// Do not run the analysis at the end.
     #[arg(long)]
     pub no_analyze: bool,
@@ -171,6 +179,7 @@ impl WithBackend for SweepArgs {
             fit: self.train.fit_options("", self.quiet),
             optimizer: self.train.optimizer(),
             cache_teacher: !self.no_teacher_cache,
+            heartbeat: self.claim_heartbeat(),
             quiet: self.quiet,
         };
         let mut summary = run_sweep(be, &inputs, &opts)?;
@@ -280,7 +289,15 @@ fn print_summary(s: &SweepSummary, out: &Path) {
     }
 }
 
-/// `--status`: finished, running (with host) and missing jobs.
+impl SweepArgs {
+    fn claim_heartbeat(&self) -> Heartbeat {
+        Heartbeat { every_s: self.heartbeat, stale_after_beats: self.stale_after }
+    }
+}
+
+/// `--status`: finished, running (host, pid, epoch, last beat), dead or
+/// stale (with the claim's age; the next sweep takes these over) and
+/// missing jobs, by the same rule the sweep applies.
 fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
     if !out.exists() {
         bail!("--out {} does not exist", out.display());
@@ -292,22 +309,38 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
         ranks.dedup();
     }
     let jobs = all_jobs(&ranks, seeds);
-    let (mut n_done, mut n_running, mut missing) = (0, 0, Vec::new());
+    let (mut n_done, mut n_running, mut n_abandoned, mut missing) = (0, 0, 0, Vec::new());
     println!("{:>6} {:>6}  {:<10} detail", "rank", "seed", "state");
     for job in &jobs {
         if let Some(rec) = done.get(job) {
             n_done += 1;
             println!("{:>6} {:>6}  {:<10} top-1 {:.2}% on {}", job.rank, job.seed, "finished", 100.0 * rec.top1, rec.host);
         } else if let Some((claim, age)) = read_claim(out, *job) {
-            n_running += 1;
-            println!("{:>6} {:>6}  {:<10} on {} (pid {}), started {age} s ago", job.rank, job.seed, "running", claim.host, claim.pid);
+            let state = claim_state(&claim, age);
+            match state {
+                effrank_engine::sweep::jobs::ClaimState::Live => n_running += 1,
+                _ => {
+                    n_abandoned += 1;
+                    missing.push(job.rank);
+                }
+            }
+            println!(
+                "{:>6} {:>6}  {:<10} on {} (pid {}), {} epochs done, last heartbeat {age} s ago (every {} s)",
+                job.rank,
+                job.seed,
+                state.name(),
+                claim.host,
+                claim.pid,
+                claim.epoch,
+                claim.heartbeat.every_s
+            );
         } else {
             missing.push(job.rank);
             println!("{:>6} {:>6}  {:<10}", job.rank, job.seed, "missing");
         }
     }
     missing.dedup();
-    println!("{n_done} finished, {n_running} running, {} missing", jobs.len() - n_done - n_running);
+    println!("{n_done} finished, {n_running} running, {n_abandoned} dead or stale (taken over by the next sweep), {} missing", jobs.len() - n_done - n_running - n_abandoned);
     if !missing.is_empty() {
         println!("to run only what is missing: --ranks {}", missing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","));
     }

@@ -21,7 +21,7 @@ use crate::results::{append_record, read_records, Record, StudentRecord, Teacher
 use crate::train::fit::evaluate;
 use crate::train::{train_student, AdamWConfig, FitOptions, Frozen, LossSpec, RunFiles, StudentRun, StudentStart, Teacher, TeacherLogits};
 use anyhow::{bail, Context, Result};
-use jobs::{all_jobs, clear_claim, finished, host_name, refresh_claim, try_claim, Job, Shard};
+use jobs::{all_jobs, finished, host_name, try_claim, Heartbeat, Job, Shard};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,6 +60,9 @@ pub struct SweepOptions {
     pub optimizer: AdamWConfig,
     /// Reuse teacher logits across ranks (when the loss allows it).
     pub cache_teacher: bool,
+    /// How often a job refreshes its claim, and when others give up on it.
+    #[serde(skip)]
+    pub heartbeat: Heartbeat,
     #[serde(skip)]
     pub quiet: bool,
 }
@@ -153,21 +156,20 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
     let mut skipped_claimed = 0;
     for job in &todo {
         let job_start = std::time::Instant::now();
-        if let Some(other) = try_claim(&opts.out, *job)? {
-            eprintln!(
-                "rank {} seed {} is being trained by {} (pid {}); skipping it here. If that process is dead, delete {}",
-                job.rank,
-                job.seed,
-                other.host,
-                other.pid,
-                job.dir(&opts.out).join("running.json").display()
-            );
-            skipped_claimed += 1;
-            continue;
-        }
+        let claim = match try_claim(&opts.out, *job, opts.heartbeat)? {
+            Ok(claim) => claim,
+            Err(other) => {
+                eprintln!(
+                    "rank {} seed {} is being trained by {} (pid {}, heartbeat every {} s); skipping it here (it is taken over once it misses {} beats or its process is gone)",
+                    job.rank, job.seed, other.host, other.pid, other.heartbeat.every_s, other.heartbeat.stale_after_beats
+                );
+                skipped_claimed += 1;
+                continue;
+            }
+        };
         // Another process may have finished it since this one listed the work.
         if finished(&opts.out)?.contains_key(job) {
-            clear_claim(&opts.out, *job);
+            claim.release();
             skipped_claimed += 1;
             continue;
         }
@@ -191,6 +193,7 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
         let job_opts = SweepOptions { fit: fit_opts.clone(), init, ..opts.clone() };
         let meta = student_meta(inputs, &job_opts);
         let files = RunFiles::new(&job.dir(&opts.out));
+        warn_if_resumed_on_other_data(&files, &inputs.data, *job);
         let run = StudentRun {
             cfg,
             teacher: inputs.teacher,
@@ -204,7 +207,7 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
             files: &files,
             meta: &meta,
         };
-        let mut heartbeat = |epoch: usize| refresh_claim(&opts.out, *job, epoch);
+        let mut heartbeat = |epoch: usize| claim.epoch_done(epoch, opts.heartbeat);
         let summary = train_student(be, &run, teacher_signal, &mut heartbeat).with_context(|| format!("training rank {} seed {}", job.rank, job.seed))?;
         let params = param_count(cfg, &ranks);
         let record = StudentRecord {
@@ -222,7 +225,7 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
             resumed_from_epoch: summary.resumed_from_epoch,
         };
         append_record(&results_file, &Record::Student(record))?;
-        clear_claim(&opts.out, *job);
+        claim.release();
         if !opts.quiet {
             eprintln!(
                 "rank {:>4} seed {}: {:.2}% top-1 ({:.1}% of the teacher), {:.1}x fewer parameters, {:.1} s",
@@ -247,6 +250,20 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
         teacher_seconds: seconds,
         wall_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// A warning when a job about to resume was started on other data.
+fn warn_if_resumed_on_other_data(files: &RunFiles, data: &DataRef, job: Job) {
+    if !files.state().is_file() {
+        return;
+    }
+    let recorded = crate::model::checkpoint::read_metadata(&files.model()).ok().and_then(|m| RunMeta::from_metadata(&m, &files.model()).ok().flatten()).and_then(|r| r.data);
+    if let Some(recorded) = recorded {
+        let d = recorded.differences(data);
+        if !d.is_empty() {
+            eprintln!("warning: rank {} seed {} resumes a run started on other data ({}); delete {} to start it again", job.rank, job.seed, d.join(", "), files.dir.display());
+        }
+    }
 }
 
 /// The provenance of one job's student.
