@@ -5,7 +5,9 @@
 //!
 //! `EFFRANK_FAULT=<kind>:<when>[@<n>]` aborts at the n-th time (default the
 //! first) this process reaches that point. `<when>` is `before` or `after`
-//! the write; `<kind>` is the file's role, from its name:
+//! the write, or, for appended files, `torn`: half the line is written and
+//! synced, then the process aborts (a crash in the middle of an append);
+//! `<kind>` is the file's role, from its name:
 //!
 //! | kind | files |
 //! |---|---|
@@ -65,10 +67,33 @@ fn armed() -> &'static Option<(String, usize)> {
 /// A fault point `<kind of path>:<when>`: aborts the process when it is the
 /// armed one and this is its n-th hit.
 pub fn point(when: &str, path: &Path) {
-    let Some((name, nth)) = armed() else { return };
+    if fires(when, path) {
+        abort_at(when, path);
+    }
+}
+
+/// The `torn` fault point of an append of `bytes` to `file`: when armed,
+/// writes the first half of `bytes`, syncs, and aborts.
+pub fn tear(file: &mut std::fs::File, bytes: &[u8], path: &Path) {
+    use std::io::Write;
+    if fires("torn", path) {
+        let _ = file.write_all(&bytes[..bytes.len() / 2]);
+        let _ = file.sync_all();
+        abort_at("torn", path);
+    }
+}
+
+fn abort_at(when: &str, path: &Path) -> ! {
+    eprintln!("fault injection: aborting at {}:{when} on {}", kind_of(path), path.display());
+    std::process::abort();
+}
+
+/// True when `<kind of path>:<when>` is armed and this is the hit that fires.
+fn fires(when: &str, path: &Path) -> bool {
+    let Some((name, nth)) = armed() else { return false };
     let here = format!("{}:{when}", kind_of(path));
     if &here != name {
-        return;
+        return false;
     }
     static HITS: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
     let hit = {
@@ -77,10 +102,7 @@ pub fn point(when: &str, path: &Path) {
         *count += 1;
         *count
     };
-    if hit == *nth {
-        eprintln!("fault injection: aborting at {here} (hit {hit}) on {}", path.display());
-        std::process::abort();
-    }
+    hit == *nth
 }
 
 #[cfg(test)]

@@ -81,6 +81,7 @@ pub fn append_line(path: &Path, line: &str) -> Result<()> {
     }
     buf.push('\n');
     crate::faults::point("before", path);
+    crate::faults::tear(&mut f, buf.as_bytes(), path);
     f.write_all(buf.as_bytes()).with_context(|| format!("appending to {}", path.display()))?;
     f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
     if !existed {

@@ -33,9 +33,10 @@ pub struct EvalArgs {
     pub checkpoint: PathBuf,
     #[command(flatten)]
     pub data: DataFlags,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 128)]
-    pub batch: usize,
+    /// Images per forward pass (default: the batch the checkpoint's run
+    /// evaluated with, so that a GPU computes the same products; else 128).
+    #[arg(long)]
+    pub batch: Option<usize>,
     /// Attention heads of an imported checkpoint (default: width / 64).
     #[arg(long)]
     pub heads: Option<usize>,
@@ -54,7 +55,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    if args.batch == 0 {
+    if args.batch == Some(0) {
         bail!("--batch must be at least 1");
     }
     dispatch(args.device, args.quiet, args)
@@ -75,9 +76,10 @@ impl WithBackend for EvalArgs {
         }
         let normalize = choose_normalize(self.data.normalize, m.normalize, &choice.source);
         let transform = transform_for(&m.cfg, &test, normalize)?;
-        let mut model = Frozen::new(be, Vit::from_host(be, &m.cfg, &m.ranks, &m.params)?, self.batch)?;
+        let batch = self.batch.or(m.run.as_ref().and_then(|r| r.fit.as_ref()).map(|f| f.batch)).unwrap_or(128);
+        let mut model = Frozen::new(be, Vit::from_host(be, &m.cfg, &m.ranks, &m.params)?, batch)?;
         let mut all = Vec::new();
-        let (top1, top5) = evaluate(&test, self.batch, m.cfg.classes, |bytes, n| {
+        let (top1, top5) = evaluate(&test, batch, m.cfg.classes, |bytes, n| {
             let logits = model.logits(be, bytes, n, &transform)?;
             all.extend_from_slice(&logits);
             Ok(logits)
