@@ -141,3 +141,24 @@ fn a_new_head_replaces_the_old_one() {
     assert_eq!(ck.cfg.classes, 3);
     assert!(ck.params.head.bias().iter().all(|&v| v == 0.0));
 }
+
+/// torchvision distributes its weights as a `.pth` (a `torch.save`d
+/// state_dict): the same tiny weights as a `.pth` (scripts/make_pth_reference.py)
+/// and as safetensors load to the same model, whose logits are equal bit
+/// for bit, and match timm's.
+#[test]
+fn a_pytorch_checkpoint_gives_the_logits_of_its_safetensors_copy() {
+    let r = reference();
+    let pth = load_any(&data("torchvision_tiny.pth"), &opts()).unwrap();
+    assert_eq!(pth.scheme, NamingScheme::Torchvision);
+    let (from_pth, _, _) = logits_of("torchvision_tiny.pth", &r);
+    let (from_safetensors, _, _) = logits_of("torchvision_tiny.safetensors", &r);
+    let differing = from_pth.iter().zip(&from_safetensors).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+    assert_eq!(differing, 0, "{differing} logits differ between the .pth and its safetensors copy");
+    assert!(rel_err(&from_pth, &r.f32s["logits"]) <= 1e-4);
+    // What cannot be read is an error naming the file, never executed.
+    let e = format!("{:#}", load_any(&data("pth_forbidden.pth"), &opts()).unwrap_err());
+    assert!(e.contains("pth_forbidden.pth") && e.contains("system"), "{e}");
+    let e = format!("{:#}", load_any(&data("pth_legacy.pt"), &opts()).unwrap_err());
+    assert!(e.contains("legacy"), "{e}");
+}

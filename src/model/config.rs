@@ -27,6 +27,12 @@ fn default_ln_eps() -> f32 {
     1e-6
 }
 
+/// Largest value of any one shape field.
+pub const MAX_DIM: usize = 1 << 20;
+/// Largest count derived from a shape (tokens × width, parameters): far
+/// beyond any model that fits a machine, far below an overflow.
+pub const MAX_SIZE: u128 = 1 << 40;
+
 /// The named presets, for `--model` and `--help`.
 pub const PRESETS: &[(&str, &str)] = &[
     ("vit-b32", "ViT-B/32: 224 px, patch 32, width 768, depth 12, 12 heads, MLP 3072"),
@@ -64,7 +70,9 @@ impl VitConfig {
         Self::preset(name, classes)
     }
 
-    /// Check that the shape is buildable, naming the field at fault.
+    /// Check that the shape is buildable, naming the field at fault: every
+    /// field positive and at most `MAX_DIM`, the divisibilities, and sizes
+    /// (tokens × width, parameters) small enough that no count overflows.
     pub fn validate(&self) -> Result<()> {
         let fields = [
             ("image_size", self.image_size),
@@ -80,6 +88,9 @@ impl VitConfig {
             if v == 0 {
                 bail!("model config: {name} must be positive");
             }
+            if v > MAX_DIM {
+                bail!("model config: {name} = {v} is larger than {MAX_DIM}");
+            }
         }
         if !self.image_size.is_multiple_of(self.patch) {
             bail!("model config: image_size {} is not a multiple of patch {}", self.image_size, self.patch);
@@ -90,8 +101,18 @@ impl VitConfig {
         if self.channels > 3 {
             bail!("model config: channels {} > 3 is not supported", self.channels);
         }
-        if self.ln_eps.is_nan() || self.ln_eps <= 0.0 {
-            bail!("model config: ln_eps must be positive, got {}", self.ln_eps);
+        if self.ln_eps.is_nan() || self.ln_eps <= 0.0 || self.ln_eps.is_infinite() {
+            bail!("model config: ln_eps must be a positive number, got {}", self.ln_eps);
+        }
+        // Every count below is at most a product of three fields (< 2^60).
+        let grid = (self.image_size / self.patch) as u128;
+        let tokens = grid * grid + 1;
+        let per_block = 4 * (self.width as u128).pow(2) + 2 * (self.width as u128) * (self.mlp as u128);
+        let params = per_block * self.depth as u128 + (self.width * self.classes) as u128 + tokens * self.width as u128;
+        for (what, size) in [("tokens x width", tokens * self.width as u128), ("parameters", params)] {
+            if size > MAX_SIZE {
+                bail!("model config: {what} = {size} is larger than {MAX_SIZE}");
+            }
         }
         Ok(())
     }

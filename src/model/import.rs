@@ -1,5 +1,7 @@
 //! Loading checkpoints of other libraries: timm, torchvision and Hugging
-//! Face ViTs, detected from their tensor names, into the engine's `Checkpoint`.
+//! Face ViTs, detected from their tensor names, into the engine's
+//! `Checkpoint`, from safetensors files or PyTorch `.pth` files (the form
+//! torchvision distributes its weights in).
 //!
 //! Each scheme is a renaming to the engine's names (`model::params`), fused
 //! q/k/v matrices split into three layers:
@@ -29,6 +31,7 @@
 //! from the first step; the usual choice when fine-tuning on a new task).
 
 use super::checkpoint::{load_checkpoint, no_leftovers, read_safetensors, take, Checkpoint, NamingScheme, RawTensor, FORMAT};
+use super::pth::{looks_like_zip, read_pth};
 use super::config::VitConfig;
 use super::params::{dense_ranks, Linear, VitParams};
 use anyhow::{anyhow, bail, Result};
@@ -44,9 +47,23 @@ pub struct ImportOptions {
     pub new_classes: Option<usize>,
 }
 
-/// Load the engine's own files or a timm, torchvision or Hugging Face ViT.
+/// Every tensor of a checkpoint file and its metadata: safetensors, or a
+/// PyTorch `.pth` / `.pt` (`torch.save` of a state_dict, read by
+/// `model::pth` without executing anything; it has no metadata).
+pub fn read_tensors(path: &Path) -> Result<(BTreeMap<String, RawTensor>, BTreeMap<String, String>)> {
+    let mut head = [0u8; 4];
+    let is_torch_name = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("pth") || e.eq_ignore_ascii_case("pt"));
+    let zip = std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok() && looks_like_zip(&head);
+    if zip || is_torch_name {
+        return Ok((read_pth(path)?, BTreeMap::new()));
+    }
+    read_safetensors(path)
+}
+
+/// Load the engine's own files or a timm, torchvision or Hugging Face ViT,
+/// from safetensors or a PyTorch checkpoint.
 pub fn load_any(path: &Path, opts: &ImportOptions) -> Result<Checkpoint> {
-    let (tensors, metadata) = read_safetensors(path)?;
+    let (tensors, metadata) = read_tensors(path)?;
     if metadata.get("format").map(String::as_str) == Some(FORMAT) {
         let mut ck = load_checkpoint(path)?;
         if let Some(c) = opts.new_classes.filter(|&c| c != ck.cfg.classes) {

@@ -6,6 +6,7 @@ pub mod config;
 pub mod import;
 pub mod init;
 pub mod params;
+pub mod pth;
 
 pub use config::VitConfig;
 pub use params::{Linear, Ranks, VitParams};
