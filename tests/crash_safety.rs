@@ -43,9 +43,12 @@ fn teacher() -> &'static Path {
     path
 }
 
-/// (rank, seed) → (top-1, top-5) bits of every student record, and the
-/// number of student records (duplicates would show there).
-fn results(dir: &Path) -> (BTreeMap<(u64, u64), (u64, u64)>, usize) {
+/// (rank, seed) → (top-1, top-5) as bits.
+type Results = BTreeMap<(u64, u64), (u64, u64)>;
+
+/// Every student record, and the number of student records (duplicates
+/// would show there).
+fn results(dir: &Path) -> (Results, usize) {
     let (mut map, mut n) = (BTreeMap::new(), 0);
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
@@ -92,8 +95,8 @@ fn lost_epochs(dir: &Path) -> usize {
     progress(dir).iter().map(|(_, trained, committed)| trained.saturating_sub(*committed)).sum()
 }
 
-fn reference() -> &'static BTreeMap<(u64, u64), (u64, u64)> {
-    static R: OnceLock<(tempfile::TempDir, BTreeMap<(u64, u64), (u64, u64)>)> = OnceLock::new();
+fn reference() -> &'static Results {
+    static R: OnceLock<(tempfile::TempDir, Results)> = OnceLock::new();
     &R.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let out = sweep_command(dir.path(), "2,8", "3").output().unwrap();
