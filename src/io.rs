@@ -28,6 +28,20 @@ fn sync_folder(dir: &Path) -> Result<()> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("syncing folder {}", dir.display()))
 }
 
+/// Create the output folder `path` (and its parents), with an error that
+/// says what is in the way: a file of that name, or a folder that cannot be
+/// written.
+pub fn create_folder(path: &Path) -> Result<()> {
+    if path.exists() && !path.is_dir() {
+        bail!("{} exists and is not a folder; give an output folder", path.display());
+    }
+    std::fs::create_dir_all(path).with_context(|| format!("cannot create the output folder {}", path.display()))?;
+    let probe = path.join(format!(".effrank-write-test.{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("the output folder {} is not writable", path.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Write `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the folder).
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = folder_of(path);

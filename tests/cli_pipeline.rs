@@ -236,3 +236,36 @@ fn an_adaptive_sweep_adds_the_ranks_the_analysis_suggests() {
     assert!(ranks.len() > 3 && ranks.len() <= 7, "ranks trained: {ranks:?}");
     assert!(dir.path().join("analysis.json").exists() && dir.path().join("plot.png").exists());
 }
+
+/// `sweep --status` applies the sweep's own liveness rule: a claim whose
+/// process is gone (this host) is dead at once, one that missed its beats
+/// (another host) is stale; the next sweep takes both over.
+#[test]
+fn status_shows_dead_and_stale_claims_and_the_sweep_takes_them_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, out) = (teacher().to_str().unwrap(), dir.path().to_str().unwrap());
+    let host = effrank_engine::sweep::jobs::host_name();
+    let claim = |rank: usize, host: &str, pid: u32, age_s: u64| {
+        let job = dir.path().join(format!("runs/r{rank}-s0"));
+        std::fs::create_dir_all(&job).unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let c = serde_json::json!({"host": host, "pid": pid, "epoch": 1, "updated_unix_s": now - age_s, "heartbeat": {"every_s": 30, "stale_after_beats": 4}});
+        std::fs::write(job.join("running.json"), c.to_string()).unwrap();
+    };
+    claim(2, &host, u32::MAX - 1, 5);
+    claim(4, "some-other-host", 1, 600);
+    claim(8, "some-other-host", 1, 10);
+    let status = ok(&["sweep", "--status", "--out", out, "--ranks", "2,4,8"]);
+    let line = |rank: &str| status.lines().find(|l| l.split_whitespace().next() == Some(rank)).unwrap_or_else(|| panic!("no line for rank {rank}:\n{status}")).to_string();
+    assert!(line("2").contains("dead"), "{status}");
+    assert!(line("4").contains("stale") && line("4").contains("600 s ago"), "{status}");
+    assert!(line("8").contains("running"), "{status}");
+    let text = ok(&{
+        let mut a = sweep_args(t, out, "2,4,8");
+        a.retain(|x| *x != "--quiet");
+        a
+    });
+    assert!(text.contains("rank 8 seed 0 is being trained by some-other-host"), "{text}");
+    let trained: Vec<u64> = results(dir.path()).iter().map(|r| r.0).collect();
+    assert_eq!(trained, vec![2, 4], "the dead and the stale claims are taken over, the live one is not");
+}

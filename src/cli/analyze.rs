@@ -5,6 +5,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::analysis::output::{write_report, write_spectrum};
+use effrank_engine::io::create_folder;
 use effrank_engine::analysis::report::analyze;
 use effrank_engine::analysis::{read_measurements, suggest_ranks, weight_spectra, AnalysisOptions, KneeAxis, Reference};
 use std::path::{Path, PathBuf};
@@ -80,7 +81,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     let Some(results) = &args.results else {
         let Some(s) = spectrum else { bail!("give --results DIR|FILE, --spectrum CHECKPOINT, or both (see --help)") };
         let out = args.out.clone().unwrap_or_else(|| folder_of(args.spectrum.as_deref().unwrap_or(Path::new("."))));
-        std::fs::create_dir_all(&out)?;
+        create_folder(&out)?;
         write_spectrum(&s, &out, opts.plot)?;
         println!("{}", s.table_md());
         println!("wrote spectrum.json{} to {}", if opts.plot { " and spectrum.png" } else { "" }, out.display());
@@ -89,7 +90,7 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     let m = read_measurements(results)?;
     let report = analyze(&m, &opts, spectrum)?;
     let out = args.out.clone().unwrap_or_else(|| folder_of(results));
-    std::fs::create_dir_all(&out)?;
+    create_folder(&out)?;
     write_report(&report, &out, opts.plot)?;
     println!("{}", report.terminal_summary());
     if let Some(s) = &report.spectrum {

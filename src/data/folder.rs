@@ -42,11 +42,11 @@ pub fn class_names(dir: &Path) -> Result<Vec<String>> {
 /// Read the split in `dir` with label ids from `classes` (sorted names), each
 /// image resized to `size` x `size` RGB. An unreadable image is an error
 /// naming it, or with `skip_bad` is left out and listed in `skipped`.
-pub fn load_split(dir: &Path, classes: &[String], size: usize, skip_bad: bool) -> Result<FolderSplit> {
+pub fn load_split(dir: &Path, classes: &[String], size: usize, skip_bad: bool, is_training_split: bool) -> Result<FolderSplit> {
     if size == 0 {
         bail!("image size for {} must be at least 1 pixel", dir.display());
     }
-    let files = list_images(dir, classes)?;
+    let files = list_images(dir, classes, is_training_split)?;
     let n = 3 * size * size;
     let mut images = vec![0u8; files.len() * n];
     let results: Vec<Result<()>> =
@@ -81,8 +81,10 @@ fn describe(e: &anyhow::Error) -> String {
 }
 
 /// Every image file of the class sub-folders of `dir`, with its label, in
-/// (class, file name) order. A sub-folder not in `classes` is an error.
-fn list_images(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u32)>> {
+/// (class, file name) order. A sub-folder not in `classes` is an error, and
+/// so is an empty class folder in the training split (its class could
+/// never be learned); the test split may lack images of a class.
+fn list_images(dir: &Path, classes: &[String], is_training_split: bool) -> Result<Vec<(PathBuf, u32)>> {
     let mut files = Vec::new();
     for name in class_names(dir)? {
         let Some(label) = classes.iter().position(|c| *c == name) else {
@@ -101,6 +103,9 @@ fn list_images(dir: &Path, classes: &[String]) -> Result<Vec<(PathBuf, u32)>> {
             }
         }
         paths.sort();
+        if paths.is_empty() && is_training_split {
+            bail!("class folder '{name}' in {} has no images ({}); remove it or add its images", dir.display(), IMAGE_EXTENSIONS.join(", "));
+        }
         files.extend(paths.into_iter().map(|p| (p, label as u32)));
     }
     if files.is_empty() {

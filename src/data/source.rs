@@ -124,8 +124,8 @@ impl DataSource {
 
 fn load_image_folders(train: &Path, test: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let classes = folder::class_names(train)?;
-    let train_split = folder::load_split(train, &classes, opts.image_size, opts.skip_bad)?;
-    let test_split = folder::load_split(test, &classes, opts.image_size, opts.skip_bad)?;
+    let train_split = folder::load_split(train, &classes, opts.image_size, opts.skip_bad, true)?;
+    let test_split = folder::load_split(test, &classes, opts.image_size, opts.skip_bad, false)?;
     let mut skipped = train_split.skipped;
     skipped.extend(test_split.skipped);
     let root = train.parent().unwrap_or(Path::new("."));

@@ -116,11 +116,23 @@ pub struct RawTensor {
     pub data: Vec<f32>,
 }
 
+/// What a safetensors parse error means, in words.
+fn safetensors_problem(e: &safetensors::SafeTensorError, len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => format!("{len} bytes, shorter than the 8-byte header length (empty or truncated)"),
+        E::HeaderTooLarge | E::InvalidHeaderLength => "its first 8 bytes do not give a header length that fits the file (not a safetensors file, or truncated)".into(),
+        E::MetadataIncompleteBuffer => format!("its header lists more tensor bytes than the file's {len} (truncated?)"),
+        E::InvalidOffset(name) => format!("tensor {name} lies outside the file's data (corrupt header)"),
+        other => format!("{other} (truncated or corrupt?)"),
+    }
+}
+
 /// Every tensor of a safetensors file as f32 (F32, F16 and BF16 accepted)
 /// and its metadata. Errors name the file (and the tensor).
 pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, RawTensor>, BTreeMap<String, String>)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{} is not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{} is not a valid safetensors file: {}", path.display(), safetensors_problem(&e, bytes.len())))?;
     let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
     let mut out = BTreeMap::new();

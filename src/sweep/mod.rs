@@ -91,7 +91,20 @@ pub fn validate_options(cfg: &VitConfig, opts: &SweepOptions) -> Result<()> {
     for &r in &opts.ranks {
         validate_ranks(cfg, &uniform_ranks(cfg, r)).with_context(|| format!("--ranks contains {r}"))?;
     }
+    if let Some(r) = repeated(&opts.ranks) {
+        bail!("--ranks lists {r} more than once");
+    }
+    if let Some(s) = repeated(&opts.seeds) {
+        bail!("--seeds lists {s} more than once");
+    }
     Ok(())
+}
+
+/// A value that appears twice in `values`.
+fn repeated<T: Ord + Copy>(values: &[T]) -> Option<T> {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    sorted.windows(2).find(|w| w[0] == w[1]).map(|w| w[0])
 }
 
 /// What the teacher's logits over an epoch depend on, beyond the seed and
@@ -111,7 +124,7 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
     let started = std::time::Instant::now();
     let cfg = inputs.cfg;
     validate_options(cfg, opts)?;
-    std::fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
+    crate::io::create_folder(&opts.out)?;
     let results_file = opts.shard.results_file(&opts.out);
     let dense = dense_ranks(cfg);
     let teacher_params = param_count(cfg, &dense);

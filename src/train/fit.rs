@@ -178,7 +178,7 @@ pub fn fit<B: Backend>(
     if train.is_empty() {
         bail!("the training set is empty");
     }
-    std::fs::create_dir_all(&files.dir).with_context(|| format!("creating {}", files.dir.display()))?;
+    crate::io::create_folder(&files.dir)?;
     let steps_per_epoch = train.len().div_ceil(opts.batch);
     let schedule = CosineSchedule {
         base_lr: opts.lr,
