@@ -269,3 +269,20 @@ fn status_shows_dead_and_stale_claims_and_the_sweep_takes_them_over() {
     let trained: Vec<u64> = results(dir.path()).iter().map(|r| r.0).collect();
     assert_eq!(trained, vec![2, 4], "the dead and the stale claims are taken over, the live one is not");
 }
+
+/// Students trained two at once give the same bits as one after the other
+/// (every random choice is a function of the job; the CPU's products are
+/// the same on any thread count).
+#[test]
+fn students_trained_at_once_equal_students_trained_one_by_one() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let t = teacher().to_str().unwrap();
+    let mut a = sweep_args(t, one.path().to_str().unwrap(), "2,4,8");
+    a.extend(["--parallel", "1"]);
+    ok(&a);
+    let mut b = sweep_args(t, two.path().to_str().unwrap(), "2,4,8");
+    b.extend(["--parallel", "2"]);
+    ok(&b);
+    let bits = |rows: Vec<(u64, u64, f64)>| rows.into_iter().map(|(r, s, a)| (r, s, a.to_bits())).collect::<Vec<_>>();
+    assert_eq!(bits(results(one.path())), bits(results(two.path())));
+}

@@ -15,7 +15,7 @@ use effrank_engine::model::params::{is_lowrank, max_rank};
 use effrank_engine::model::Vit;
 use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
 use effrank_engine::sweep::jobs::{all_jobs, claim_state, finished, read_claim, Heartbeat, Shard};
-use effrank_engine::sweep::{run_sweep, SweepInputs, SweepOptions, SweepSummary};
+use effrank_engine::sweep::{run_sweep, Parallel, SweepInputs, SweepOptions, SweepSummary};
 use effrank_engine::train::{fit, Learner, LossSpec, RunFiles, Teacher};
 use std::path::{Path, PathBuf};
 
@@ -81,6 +81,13 @@ pub struct SweepArgs {
     /// same host a dead process's job is taken over at once).
     #[arg(long, default_value_t = Heartbeat::default().stale_after_beats, value_name = "BEATS")]
     pub stale_after: u64,
+    /// Students trained at once, each on its share of the CPU's threads:
+    /// a number, or auto (every thread its own student for models up to
+    /// width 256, whose products are too small to share the threads well;
+    /// one at a time for wider models and on a GPU). Results are the same
+    /// bits whatever the number.
+    #[arg(long, default_value = "auto")]
+    pub parallel: Parallel,
     /// Do not run the analysis at the end.
     #[arg(long)]
     pub no_analyze: bool,
@@ -180,6 +187,7 @@ impl WithBackend for SweepArgs {
             optimizer: self.train.optimizer(),
             cache_teacher: !self.no_teacher_cache,
             heartbeat: self.claim_heartbeat(),
+            parallel: self.parallel,
             quiet: self.quiet,
         };
         let mut summary = run_sweep(be, &inputs, &opts)?;

@@ -431,6 +431,9 @@ impl Device for Cuda {
     fn precision(&self) -> Precision {
         self.precision
     }
+    fn independent_workers(&self) -> usize {
+        1
+    }
 
     fn alloc(&self, len: usize, kind: BufKind) -> Result<CudaBuf> {
         let bf16 = kind == BufKind::Activation && self.precision == Precision::Bf16;

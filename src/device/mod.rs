@@ -70,6 +70,9 @@ pub trait Device: Send + Sync {
     fn name(&self) -> String;
     /// The storage precision of activations.
     fn precision(&self) -> Precision;
+    /// How many independent jobs (students) this device can run at once,
+    /// each from its own thread: the CPU's threads, one per GPU (one stream).
+    fn independent_workers(&self) -> usize;
 
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize, kind: BufKind) -> Result<Self::Buf>;

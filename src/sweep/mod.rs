@@ -20,11 +20,13 @@ use crate::provenance::{DataRef, FileRef, RunMeta, Training};
 use crate::results::{append_record, read_records, Record, StudentRecord, TeacherRecord};
 use crate::train::fit::evaluate;
 use crate::train::{train_student, AdamWConfig, FitOptions, Frozen, LossSpec, RunFiles, StudentRun, StudentStart, Teacher, TeacherLogits};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use jobs::{all_jobs, finished, host_name, try_claim, Heartbeat, Job, Shard};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Everything a sweep needs besides the device.
 pub struct SweepInputs<'a> {
@@ -63,6 +65,9 @@ pub struct SweepOptions {
     /// How often a job refreshes its claim, and when others give up on it.
     #[serde(skip)]
     pub heartbeat: Heartbeat,
+    /// Students trained at once (results do not depend on it).
+    #[serde(skip)]
+    pub parallel: Parallel,
     #[serde(skip)]
     pub quiet: bool,
 }
@@ -131,7 +136,6 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
     let batch = opts.fit.batch;
 
     // The teacher's own accuracy, once per results folder.
-    let mut teacher = Frozen::new(be, Vit::from_host(be, cfg, &dense, inputs.teacher)?, batch)?;
     let known = read_records(&opts.out)?.into_iter().find_map(|r| match r {
         Record::Teacher(t) => Some(t),
         _ => None,
@@ -139,6 +143,7 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
     let teacher_top1 = match known {
         Some(t) => t.top1,
         None => {
+            let mut teacher = Frozen::new(be, Vit::from_host(be, cfg, &dense, inputs.teacher)?, batch)?;
             let (top1, top5) = evaluate(inputs.test, batch, cfg.classes, |bytes, n| teacher.logits(be, bytes, n, &inputs.transform))?;
             append_record(&results_file, &Record::Teacher(TeacherRecord { top1, top5, params: teacher_params }))?;
             top1
@@ -164,95 +169,33 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
         batch,
         precision: be.precision(),
     })?;
-    let mut caches: HashMap<u64, TeacherLogits<B>> = HashMap::new();
-    let mut live: Option<Frozen<B>> = if opts.loss.needs_teacher() && !use_cache { Some(teacher) } else { None };
-    let mut skipped_claimed = 0;
-    for job in &todo {
-        let job_start = std::time::Instant::now();
-        let claim = match try_claim(&opts.out, *job, opts.heartbeat)? {
-            Ok(claim) => claim,
-            Err(other) => {
-                eprintln!(
-                    "rank {} seed {} is being trained by {} (pid {}, heartbeat every {} s); skipping it here (it is taken over once it misses {} beats or its process is gone)",
-                    job.rank, job.seed, other.host, other.pid, other.heartbeat.every_s, other.heartbeat.stale_after_beats
-                );
-                skipped_claimed += 1;
-                continue;
-            }
-        };
-        // Another process may have finished it since this one listed the work.
-        if finished(&opts.out)?.contains_key(job) {
-            claim.release();
-            skipped_claimed += 1;
-            continue;
-        }
-        let ranks = uniform_ranks(cfg, job.rank);
-        let init = match opts.init {
-            FactorInit::Svd => FactorInit::Svd,
-            FactorInit::Random { .. } => FactorInit::Random { seed: job.seed },
-        };
-        let fit_opts = FitOptions { seed: job.seed, label: format!("rank {}", job.rank), ..opts.fit.clone() };
-        let teacher_signal = if use_cache {
-            if let std::collections::hash_map::Entry::Vacant(e) = caches.entry(job.seed) {
-                let t = Frozen::new(be, Vit::from_host(be, cfg, &dense, inputs.teacher)?, batch)?;
-                e.insert(TeacherLogits::new(t, inputs.transform, fit_opts.augment, job.seed, batch, Some(opts.out.join("cache")), &cache_key));
-            }
-            Teacher::Cached(caches.get_mut(&job.seed).expect("inserted above"))
-        } else if let Some(t) = live.as_mut() {
-            Teacher::Live(t)
-        } else {
-            Teacher::None
-        };
-        let job_opts = SweepOptions { fit: fit_opts.clone(), init, ..opts.clone() };
-        let meta = student_meta(inputs, &job_opts);
-        let files = RunFiles::new(&job.dir(&opts.out));
-        warn_if_resumed_on_other_data(&files, &inputs.data, *job);
-        let run = StudentRun {
-            cfg,
-            teacher: inputs.teacher,
-            start: StudentStart::Factorize { ranks: ranks.clone(), init },
-            train: inputs.train,
-            test: inputs.test,
-            transform: &inputs.transform,
-            loss: &opts.loss,
-            fit: &fit_opts,
-            optimizer: opts.optimizer,
-            files: &files,
-            meta: &meta,
-        };
-        let mut heartbeat = |epoch: usize| claim.epoch_done(epoch, opts.heartbeat);
-        let summary = train_student(be, &run, teacher_signal, &mut heartbeat).with_context(|| format!("training rank {} seed {}", job.rank, job.seed))?;
-        let params = param_count(cfg, &ranks);
-        let record = StudentRecord {
-            rank: job.rank,
-            seed: job.seed,
-            top1: summary.test_top1,
-            top5: summary.test_top5,
-            params,
-            teacher_params,
-            compression: teacher_params as f64 / params as f64,
-            epochs: fit_opts.epochs,
-            wall_s: job_start.elapsed().as_secs_f64(),
-            host: host_name(),
-            settings: serde_json::to_value(&job_opts)?,
-            resumed_from_epoch: summary.resumed_from_epoch,
-        };
-        append_record(&results_file, &Record::Student(record))?;
-        claim.release();
-        if !opts.quiet {
-            eprintln!(
-                "rank {:>4} seed {}: {:.2}% top-1 ({:.1}% of the teacher), {:.1}x fewer parameters, {:.1} s",
-                job.rank,
-                job.seed,
-                100.0 * summary.test_top1,
-                100.0 * summary.test_top1 / teacher_top1.max(1e-12),
-                teacher_params as f64 / params as f64,
-                job_start.elapsed().as_secs_f64()
-            );
-        }
+    let workers = opts.parallel.workers(be, cfg, todo.len());
+    if !opts.quiet && workers > 1 {
+        eprintln!("training {workers} students at once, {} thread(s) each", (be.independent_workers() / workers).max(1));
     }
+    let shared = Shared {
+        be,
+        inputs,
+        opts,
+        results_file,
+        teacher_top1,
+        teacher_params,
+        use_cache,
+        cache_key,
+        caches: Mutex::new(HashMap::new()),
+        queue: Mutex::new(todo.iter().copied().collect()),
+        skipped_claimed: AtomicUsize::new(0),
+        failed: AtomicBool::new(false),
+    };
+    run_workers(&shared, workers)?;
 
-    let (computed, reused, seconds) = caches.values().fold((0, 0, 0.0), |(c, r, s), t| (c + t.epochs_computed, r + t.epochs_reused, s + t.teacher_seconds));
+    let caches = shared.caches.into_inner().map_err(|_| anyhow!("teacher-logit cache lock poisoned"))?;
+    let (mut computed, mut reused, mut seconds) = (0, 0, 0.0);
+    for cache in caches.values() {
+        let c = cache.lock().map_err(|_| anyhow!("teacher-logit cache lock poisoned"))?;
+        (computed, reused, seconds) = (computed + c.epochs_computed, reused + c.epochs_reused, seconds + c.teacher_seconds);
+    }
+    let skipped_claimed = shared.skipped_claimed.load(Ordering::SeqCst);
     Ok(SweepSummary {
         jobs_in_shard: mine.len(),
         trained: todo.len() - skipped_claimed,
@@ -263,6 +206,210 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
         teacher_seconds: seconds,
         wall_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// How many students a sweep trains at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parallel {
+    /// Chosen from the device and the model (see `Parallel::workers`).
+    Auto,
+    /// This many (1: one after the other).
+    Jobs(usize),
+}
+
+impl std::str::FromStr for Parallel {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Parallel::Auto),
+            n => match n.parse::<usize>() {
+                Ok(0) | Err(_) => bail!("--parallel '{n}': give a number of students (1 or more) or auto"),
+                Ok(k) => Ok(Parallel::Jobs(k)),
+            },
+        }
+    }
+}
+
+/// Models up to this width train several at once under `Parallel::Auto`:
+/// their products are too small to keep every thread busy, and a student
+/// per thread is faster (`cargo bench --bench pipeline_vs_pytorch`).
+pub const AUTO_PARALLEL_MAX_WIDTH: usize = 256;
+
+impl Parallel {
+    /// Students at once for `jobs` jobs of a model of shape `cfg` on `be`:
+    /// never more than the jobs or the device's independent workers.
+    pub fn workers<D: crate::device::Device>(self, be: &D, cfg: &VitConfig, jobs: usize) -> usize {
+        let wanted = match self {
+            Parallel::Jobs(k) => k,
+            Parallel::Auto if cfg.width <= AUTO_PARALLEL_MAX_WIDTH => be.independent_workers(),
+            Parallel::Auto => 1,
+        };
+        wanted.min(be.independent_workers()).min(jobs).max(1)
+    }
+}
+
+/// What the workers of one sweep share.
+struct Shared<'a, B: Backend> {
+    be: &'a B,
+    inputs: &'a SweepInputs<'a>,
+    opts: &'a SweepOptions,
+    results_file: PathBuf,
+    teacher_top1: f64,
+    teacher_params: usize,
+    use_cache: bool,
+    cache_key: String,
+    /// Teacher logits per seed, shared by every student of that seed.
+    caches: Mutex<HashMap<u64, Arc<Mutex<TeacherLogits<B>>>>>,
+    queue: Mutex<VecDeque<Job>>,
+    skipped_claimed: AtomicUsize,
+    /// Set when a job fails: the other workers take no new job.
+    failed: AtomicBool,
+}
+
+/// Train the queued jobs on `workers` threads, each with its own share of
+/// the device's threads (a rayon pool). Jobs are independent and every
+/// random choice is a function of the job, and the CPU's products give the
+/// same bits on any thread count, so the results do not depend on how many
+/// run at once. The first error stops the taking of new jobs and is returned.
+fn run_workers<B: Backend>(shared: &Shared<'_, B>, workers: usize) -> Result<()> {
+    if workers <= 1 {
+        return worker(shared);
+    }
+    let threads = (shared.be.independent_workers() / workers).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(move || -> Result<()> {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).stack_size(8 << 20).build().map_err(|e| anyhow!("creating a thread pool: {e}"))?;
+                    pool.install(|| worker(shared))
+                })
+            })
+            .collect();
+        let mut first = Ok(());
+        for h in handles {
+            let outcome = h.join().unwrap_or_else(|_| Err(anyhow!("a sweep worker panicked")));
+            if first.is_ok() {
+                first = outcome;
+            }
+        }
+        first
+    })
+}
+
+/// Take jobs from the queue until it is empty or a job failed.
+fn worker<B: Backend>(shared: &Shared<'_, B>) -> Result<()> {
+    let mut live: Option<Frozen<B>> = None;
+    loop {
+        if shared.failed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let Some(job) = shared.queue.lock().map_err(|_| anyhow!("job queue lock poisoned"))?.pop_front() else { return Ok(()) };
+        if let Err(e) = train_job(shared, job, &mut live) {
+            shared.failed.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
+    }
+}
+
+/// The teacher logits of `seed`, made on first use.
+fn cache_for<B: Backend>(shared: &Shared<'_, B>, seed: u64) -> Result<Arc<Mutex<TeacherLogits<B>>>> {
+    let mut caches = shared.caches.lock().map_err(|_| anyhow!("teacher-logit cache lock poisoned"))?;
+    if let Some(c) = caches.get(&seed) {
+        return Ok(c.clone());
+    }
+    let (be, inputs, batch) = (shared.be, shared.inputs, shared.opts.fit.batch);
+    let t = Frozen::new(be, Vit::from_host(be, inputs.cfg, &dense_ranks(inputs.cfg), inputs.teacher)?, batch)?;
+    let cache = Arc::new(Mutex::new(TeacherLogits::new(t, inputs.transform, shared.opts.fit.augment, seed, batch, Some(shared.opts.out.join("cache")), &shared.cache_key)));
+    caches.insert(seed, cache.clone());
+    Ok(cache)
+}
+
+/// Claim, factorize, distill and record one job; `live` is this worker's
+/// own teacher for losses that need it run on every batch.
+fn train_job<B: Backend>(shared: &Shared<'_, B>, job: Job, live: &mut Option<Frozen<B>>) -> Result<()> {
+    let (be, inputs, opts) = (shared.be, shared.inputs, shared.opts);
+    let cfg = inputs.cfg;
+    let job_start = std::time::Instant::now();
+    let claim = match try_claim(&opts.out, job, opts.heartbeat)? {
+        Ok(claim) => claim,
+        Err(other) => {
+            eprintln!(
+                "rank {} seed {} is being trained by {} (pid {}, heartbeat every {} s); skipping it here (it is taken over once it misses {} beats or its process is gone)",
+                job.rank, job.seed, other.host, other.pid, other.heartbeat.every_s, other.heartbeat.stale_after_beats
+            );
+            shared.skipped_claimed.fetch_add(1, Ordering::SeqCst);
+            return Ok(());
+        }
+    };
+    // Another process may have finished it since this one listed the work.
+    if finished(&opts.out)?.contains_key(&job) {
+        claim.release();
+        shared.skipped_claimed.fetch_add(1, Ordering::SeqCst);
+        return Ok(());
+    }
+    let ranks = uniform_ranks(cfg, job.rank);
+    let init = match opts.init {
+        FactorInit::Svd => FactorInit::Svd,
+        FactorInit::Random { .. } => FactorInit::Random { seed: job.seed },
+    };
+    let fit_opts = FitOptions { seed: job.seed, label: format!("rank {}", job.rank), ..opts.fit.clone() };
+    let cache = if shared.use_cache { Some(cache_for(shared, job.seed)?) } else { None };
+    if opts.loss.needs_teacher() && !shared.use_cache && live.is_none() {
+        *live = Some(Frozen::new(be, Vit::from_host(be, cfg, &dense_ranks(cfg), inputs.teacher)?, opts.fit.batch)?);
+    }
+    let teacher_signal = match (&cache, live.as_mut()) {
+        (Some(c), _) => Teacher::Cached(c),
+        (None, Some(t)) if opts.loss.needs_teacher() => Teacher::Live(t),
+        _ => Teacher::None,
+    };
+    let job_opts = SweepOptions { fit: fit_opts.clone(), init, ..opts.clone() };
+    let meta = student_meta(inputs, &job_opts);
+    let files = RunFiles::new(&job.dir(&opts.out));
+    warn_if_resumed_on_other_data(&files, &inputs.data, job);
+    let run = StudentRun {
+        cfg,
+        teacher: inputs.teacher,
+        start: StudentStart::Factorize { ranks: ranks.clone(), init },
+        train: inputs.train,
+        test: inputs.test,
+        transform: &inputs.transform,
+        loss: &opts.loss,
+        fit: &fit_opts,
+        optimizer: opts.optimizer,
+        files: &files,
+        meta: &meta,
+    };
+    let mut heartbeat = |epoch: usize| claim.epoch_done(epoch, opts.heartbeat);
+    let summary = train_student(be, &run, teacher_signal, &mut heartbeat).with_context(|| format!("training rank {} seed {}", job.rank, job.seed))?;
+    let params = param_count(cfg, &ranks);
+    let record = StudentRecord {
+        rank: job.rank,
+        seed: job.seed,
+        top1: summary.test_top1,
+        top5: summary.test_top5,
+        params,
+        teacher_params: shared.teacher_params,
+        compression: shared.teacher_params as f64 / params as f64,
+        epochs: fit_opts.epochs,
+        wall_s: job_start.elapsed().as_secs_f64(),
+        host: host_name(),
+        settings: serde_json::to_value(&job_opts)?,
+        resumed_from_epoch: summary.resumed_from_epoch,
+    };
+    append_record(&shared.results_file, &Record::Student(record))?;
+    claim.release();
+    if !opts.quiet {
+        eprintln!(
+            "rank {:>4} seed {}: {:.2}% top-1 ({:.1}% of the teacher), {:.1}x fewer parameters, {:.1} s",
+            job.rank,
+            job.seed,
+            100.0 * summary.test_top1,
+            100.0 * summary.test_top1 / shared.teacher_top1.max(1e-12),
+            shared.teacher_params as f64 / params as f64,
+            job_start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
 }
 
 /// A warning when a job about to resume was started on other data.

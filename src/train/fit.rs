@@ -19,9 +19,10 @@ use crate::io::{append_line, read_jsonl};
 use crate::model::checkpoint::save_checkpoint;
 use crate::provenance::RunMeta;
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 /// Set by the Ctrl-C handler; the loop stops at the next batch boundary.
@@ -88,8 +89,9 @@ pub enum Teacher<'a, B: Backend> {
     None,
     /// Run the teacher every step (the feature loss needs its activations).
     Live(&'a mut Frozen<B>),
-    /// Per-epoch teacher logits, computed once and shared by every rank.
-    Cached(&'a mut TeacherLogits<B>),
+    /// Per-epoch teacher logits, computed once and shared by every rank
+    /// (behind a lock: students trained at once share one cache).
+    Cached(&'a Mutex<TeacherLogits<B>>),
 }
 
 /// Files of a run in its output folder.
@@ -138,11 +140,23 @@ pub fn evaluate(test: &Dataset, batch: usize, classes: usize, mut logits_of: imp
     Ok((top1 as f64 / n, top5 as f64 / n))
 }
 
+/// Every progress bar of the process, so that students trained at once
+/// each get a line of their own.
+fn bars() -> &'static MultiProgress {
+    static BARS: OnceLock<MultiProgress> = OnceLock::new();
+    BARS.get_or_init(MultiProgress::new)
+}
+
+/// Print a line above the progress bars.
+fn report(line: &str) {
+    bars().suspend(|| eprintln!("{line}"));
+}
+
 fn progress_bar(quiet: bool, len: u64, label: &str) -> ProgressBar {
     if quiet {
         return ProgressBar::hidden();
     }
-    let pb = ProgressBar::new(len);
+    let pb = bars().add(ProgressBar::new(len));
     pb.set_style(
         ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}")
             .expect("a valid template")
@@ -191,7 +205,7 @@ pub fn fit<B: Backend>(
     if files.state().exists() {
         start_epoch = load_train_state(be, &files.state(), learner).with_context(|| format!("resuming from {}", files.state().display()))?;
         if !opts.quiet {
-            eprintln!("{}: resuming after epoch {start_epoch} from {}", opts.label, files.dir.display());
+            report(&format!("{}: resuming after epoch {start_epoch} from {}", opts.label, files.dir.display()));
         }
     }
     let mut history = resumed_history(&files.metrics(), start_epoch)?;
@@ -203,7 +217,7 @@ pub fn fit<B: Backend>(
         let order = epoch_order(train.len(), opts.seed, epoch as u64);
         let epoch_logits = match &mut teacher {
             // A copy (n x classes floats) so the cache is free again for the steps.
-            Teacher::Cached(cache) => Some(cache.epoch(be, train, &order, epoch as u64)?.to_vec()),
+            Teacher::Cached(cache) => Some(cache.lock().map_err(|_| anyhow::anyhow!("the teacher-logit cache lock is poisoned (another student failed)"))?.epoch(be, train, &order, epoch as u64)?.to_vec()),
             _ => None,
         };
         let pb = progress_bar(opts.quiet, steps_per_epoch as u64, &format!("{} e{}/{}", opts.label, epoch + 1, opts.epochs));
@@ -253,7 +267,7 @@ pub fn fit<B: Backend>(
         on_epoch(epoch + 1)?;
         if !opts.quiet {
             let test = test_top1.map(|t| format!(", test top-1 {:.2}%", 100.0 * t)).unwrap_or_default();
-            eprintln!("{} epoch {}/{}: loss {:.4}, train top-1 {:.2}%{test}, {:.0} images/s", opts.label, epoch + 1, opts.epochs, m.loss, 100.0 * m.train_top1, images_per_s);
+            report(&format!("{} epoch {}/{}: loss {:.4}, train top-1 {:.2}%{test}, {:.0} images/s", opts.label, epoch + 1, opts.epochs, m.loss, 100.0 * m.train_top1, images_per_s));
         }
         history.push(m);
     }

@@ -28,6 +28,7 @@ pub struct TeacherLogits<B: Backend> {
     /// Folder for the on-disk cache; `None` keeps it in memory only.
     pub dir: Option<PathBuf>,
     pub key: String,
+    /// The last epochs' logits (at most `MEMORY_EPOCHS`; older ones are on disk).
     memory: HashMap<u64, Vec<f32>>,
     /// Epochs whose logits were computed by a teacher forward pass.
     pub epochs_computed: usize,
@@ -36,6 +37,9 @@ pub struct TeacherLogits<B: Backend> {
     /// Seconds spent in teacher forward passes.
     pub teacher_seconds: f64,
 }
+
+/// Epochs of logits kept in memory.
+const MEMORY_EPOCHS: usize = 4;
 
 /// A 64-bit FNV-1a hash, for short cache keys.
 pub fn fnv1a(text: &str) -> u64 {
@@ -74,7 +78,7 @@ impl<B: Backend> TeacherLogits<B> {
             if let Ok(bytes) = std::fs::read(&path) {
                 if bytes.len() == expected * 4 {
                     self.epochs_reused += 1;
-                    self.memory.insert(epoch, bytemuck::pod_collect_to_vec(&bytes));
+                    self.remember(epoch, bytemuck::pod_collect_to_vec(&bytes));
                     return Ok(&self.memory[&epoch]);
                 }
             }
@@ -91,7 +95,19 @@ impl<B: Backend> TeacherLogits<B> {
         if let Some(path) = self.file(epoch) {
             atomic_write(&path, bytemuck::cast_slice(&all)).with_context(|| format!("caching teacher logits in {}", path.display()))?;
         }
-        self.memory.insert(epoch, all);
+        self.remember(epoch, all);
         Ok(&self.memory[&epoch])
+    }
+
+    /// Keep `logits` of `epoch` in memory, dropping the oldest epoch beyond
+    /// `MEMORY_EPOCHS`: the students of a sweep walk the epochs in order,
+    /// and a reference-size sweep (200 epochs of 50,000 x 100 logits) would
+    /// otherwise hold gigabytes.
+    fn remember(&mut self, epoch: u64, logits: Vec<f32>) {
+        self.memory.insert(epoch, logits);
+        while self.memory.len() > MEMORY_EPOCHS {
+            let oldest = *self.memory.keys().min().expect("not empty");
+            self.memory.remove(&oldest);
+        }
     }
 }
