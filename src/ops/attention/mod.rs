@@ -12,7 +12,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, product, Checked};
+use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::Result;
 
@@ -61,14 +61,23 @@ pub fn check_backward<D: Device>(dev: &D, dq: &D::Buf, dk: &D::Buf, dv: &D::Buf,
 #[allow(clippy::too_many_arguments)]
 pub fn forward<D: AttentionKernel>(dev: &D, out: &mut D::Buf, probs: &mut D::Buf, q: &D::Buf, k: &D::Buf, v: &D::Buf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
     let ok = check_forward(dev, out, probs, q, k, v, batch, tokens, heads, head_dim)?;
-    dev.attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim, ok)
+    let w = dev.profiling().then(|| {
+        let (n, pn) = (batch * tokens * heads * head_dim, batch * heads * tokens * tokens);
+        work(dev, &[(q, n), (k, n), (v, n), (out, n), (probs, pn)], 4.0 * (pn * head_dim) as f64)
+    });
+    profiled(dev, "attention_forward", w, || dev.attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim, ok))
 }
 
 /// Attention backward: WRITES `dq`, `dk`, `dv` from `dout`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<D: AttentionKernel>(dev: &D, dq: &mut D::Buf, dk: &mut D::Buf, dv: &mut D::Buf, dout: &D::Buf, q: &D::Buf, k: &D::Buf, v: &D::Buf, probs: &D::Buf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
     let ok = check_backward(dev, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim)?;
-    dev.attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok)
+    // Four products of 2·T²·dh each per (image, head): dP, dV, dQ, dK.
+    let w = dev.profiling().then(|| {
+        let (n, pn) = (batch * tokens * heads * head_dim, batch * heads * tokens * tokens);
+        work(dev, &[(dout, n), (q, n), (k, n), (v, n), (probs, pn), (dq, n), (dk, n), (dv, n)], 8.0 * (pn * head_dim) as f64)
+    });
+    profiled(dev, "attention_backward", w, || dev.attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok))
 }
 
 #[cfg(test)]
