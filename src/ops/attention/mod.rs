@@ -187,6 +187,21 @@ mod tests {
         check_on(dev, 1, 256, 2, 128, t);
     }
 
+    /// Sequences of at most 64 tokens, head widths multiples of 16: the
+    /// short kernels on a device with `EFFRANK_CUDA_SHORT_ATTENTION` on
+    /// (`cuda_*_new_paths`), the fused kernels otherwise. ViT-B/32's 50
+    /// tokens; one token; 17 and 33 tokens (padding inside a 16-row tile);
+    /// exactly 64; head widths 16 to 128.
+    fn short_sequences_match_the_cpu<D: Backend>(dev: &D) {
+        let t = tol(dev.precision(), RED);
+        check_on(dev, 4, 50, 3, 64, t);
+        check_on(dev, 3, 17, 2, 16, t);
+        check_on(dev, 2, 33, 2, 48, t);
+        check_on(dev, 1, 64, 2, 128, t);
+        check_on(dev, 5, 1, 1, 32, t);
+    }
+
     crate::on_every_device!(fused_vit_shapes_match_the_cpu);
+    crate::on_every_device!(short_sequences_match_the_cpu);
     crate::on_every_device!(long_sequences_match_the_cpu);
 }
