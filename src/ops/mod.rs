@@ -22,6 +22,7 @@
 
 pub mod adamw;
 pub mod add;
+pub mod add_layernorm;
 pub mod attention;
 pub mod embed;
 pub mod gelu;
@@ -52,6 +53,7 @@ pub trait Backend:
     Device
     + adamw::AdamWKernel
     + add::AddKernel
+    + add_layernorm::AddLayerNormKernel
     + attention::AttentionKernel
     + embed::EmbedKernel
     + gelu::GeluKernel
