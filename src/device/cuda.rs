@@ -329,6 +329,27 @@ impl Cuda {
         self.profile.as_ref().map(|m| m.lock().map_err(|_| anyhow!("profile lock poisoned"))).transpose()
     }
 
+    /// Median device seconds per call of `f` over `iters` calls after 3
+    /// warm-up calls, each call bracketed by a CUDA event pair (device time:
+    /// gaps inside a call count, host time between calls does not).
+    pub fn median_device_seconds(&self, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        for _ in 0..3 {
+            f()?;
+        }
+        let event = || self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).cu_context("creating a CUDA event");
+        let mut pairs = Vec::with_capacity(iters);
+        for _ in 0..iters.max(1) {
+            let (start, end) = (event()?, event()?);
+            start.record(&self.stream).cu_context("recording an event")?;
+            f()?;
+            end.record(&self.stream).cu_context("recording an event")?;
+            pairs.push((start, end));
+        }
+        let mut ms = pairs.iter().map(|(s, e)| s.elapsed_ms(e).map(f64::from)).collect::<std::result::Result<Vec<_>, _>>().cu_context("reading event times")?;
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[ms.len() / 2] / 1e3)
+    }
+
     /// A spare event, or a new one that records time.
     fn event(&self, p: &mut Profile) -> Result<CudaEvent> {
         match p.spare.pop() {
