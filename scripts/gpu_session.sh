@@ -5,8 +5,8 @@
 # one-line result; the last lines are a summary table. The raw logs are
 # committed under bench/logs/.
 #
-#   bash scripts/gpu_session.sh all            # tests step kernels pytorch demo sanitize
-#   bash scripts/gpu_session.sh tests kernels demo demo-fp32 democpu step pytorch-eager pytorch pytorch-r32 sanitize
+#   bash scripts/gpu_session.sh all            # tests step kernels pytorch demo sanitize ncu
+#   bash scripts/gpu_session.sh tests kernels demo demo-fp32 democpu step pytorch-eager pytorch pytorch-r32 sanitize ncu
 #
 # Every step has its own time limit, and all steps together stay within
 # SESSION_BUDGET seconds of wall time (default 470, under the 8 minutes the
@@ -56,6 +56,19 @@ sanitize() {
     return $rc
 }
 
+# Nsight Compute (--clock-control none: the clocks are left alone) on the new
+# kernels as the short-attention test launches them in bf16: time, memory
+# and SM throughput of each (the first launches only).
+ncu_new() {
+    if ! command -v ncu >/dev/null 2>&1; then
+        echo "ncu is not on the PATH"
+        return 1
+    fi
+    ncu --clock-control none --kernel-name regex:'attention_short|add_layernorm' --launch-count 8 --section SpeedOfLight \
+        "$G/lib_tests" --include-ignored --exact ops::attention::tests::short_sequences_match_the_cpu::cuda_bf16_new_paths \
+        ops::add_layernorm::tests::forward_and_backward_match_the_cpu::cuda_bf16
+}
+
 # The step bench: the headline table, the per-op breakdown and the protocol
 # projection in bf16 (the first ranks), and the fp32 headline.
 step() {
@@ -71,6 +84,7 @@ limit_of() {
     case "$1" in
         tests) echo 110 ;;
         sanitize) echo 60 ;;
+        ncu) echo 45 ;;
         kernels) echo 70 ;;
         step) echo 130 ;;
         pytorch) echo 170 ;;
@@ -84,6 +98,7 @@ command_of() {
     case "$1" in
         tests) echo "tests" ;;
         sanitize) echo "sanitize" ;;
+        ncu) echo "ncu_new" ;;
         kernels) echo "$G/bench_kernels --bench" ;;
         step) echo "step" ;;
         pytorch) echo "pytorch" ;;
@@ -99,18 +114,18 @@ command_of() {
 steps=("$@")
 if [ "${#steps[@]}" = 1 ] && [ "${steps[0]}" = all ]; then
     # Most needed first: what is left out when time runs short comes last.
-    steps=(tests step kernels pytorch demo sanitize)
+    steps=(tests step kernels pytorch demo sanitize ncu)
 fi
 if [ "$GPU" = 0 ]; then
     echo "== no GPU on this machine (nvidia-smi -L failed): a rehearsal; every step starts and says what it cannot do"
 fi
-export -f tests sanitize step pytorch
+export -f tests sanitize ncu_new step pytorch
 export G GPU CUDA_TESTS OUT
 summary=()
 for s in "${steps[@]}"; do
     log="$OUT/$s.log"
     if ! cmd=$(command_of "$s"); then
-        echo "== $s: unknown step (known: tests sanitize kernels step pytorch pytorch-r32 pytorch-eager demo demo-fp32 democpu, or all)"
+        echo "== $s: unknown step (known: tests sanitize ncu kernels step pytorch pytorch-r32 pytorch-eager demo demo-fp32 democpu, or all)"
         summary+=("$(printf '%-14s unknown' "$s")")
         continue
     fi
