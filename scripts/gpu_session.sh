@@ -5,8 +5,12 @@
 # one-line result; the last lines are a summary table. The raw logs are
 # committed under bench/logs/.
 #
-#   bash scripts/gpu_session.sh all            # tests step kernels pytorch demo sanitize ncu
-#   bash scripts/gpu_session.sh tests kernels demo demo-fp32 democpu step pytorch-eager pytorch pytorch-r32 sanitize ncu
+#   bash scripts/gpu_session.sh all            # tests step kernels pytorch demo demo-new sanitize ncu
+#   bash scripts/gpu_session.sh tests kernels demo demo-new demo-fp32 democpu step pytorch-eager pytorch pytorch-r32 sanitize ncu
+#
+# The demo sweeps start from an empty output folder (a rerun is a new run).
+# demo-new: the demo sweep with every path that is off by default on and
+# EFFRANK_PROFILE=1 (the per-op device time of the whole sweep at exit).
 #
 # Every step has its own time limit, and all steps together stay within
 # SESSION_BUDGET seconds of wall time (default 470, under the 8 minutes the
@@ -89,7 +93,7 @@ limit_of() {
         step) echo 130 ;;
         pytorch) echo 170 ;;
         pytorch-r32|pytorch-eager) echo 120 ;;
-        demo|demo-fp32|democpu) echo 40 ;;
+        demo|demo-new|demo-fp32|democpu) echo 40 ;;
         *) echo 60 ;;
     esac
 }
@@ -104,9 +108,10 @@ command_of() {
         pytorch) echo "pytorch" ;;
         pytorch-r32) echo "python3 scripts/bench_pytorch_gpu.py --ranks 32 --warmup 3 --iters 10 --out $OUT/pytorch_gpu_r32.json" ;;
         pytorch-eager) echo "python3 scripts/bench_pytorch_gpu.py --no-compile --warmup 3 --iters 10 --out $OUT/pytorch_gpu_eager.json" ;;
-        demo-fp32) echo "$G/effrank-engine sweep --demo --device cuda-fp32 --quiet --out /tmp/demo_cuda_fp32" ;;
-        demo) echo "$G/effrank-engine sweep --demo --device cuda --quiet --out /tmp/demo_cuda" ;;
-        democpu) echo "$G/effrank-engine sweep --demo --device cpu --quiet --out /tmp/demo_cpu" ;;
+        demo-fp32) echo "rm -rf /tmp/demo_cuda_fp32 && $G/effrank-engine sweep --demo --device cuda-fp32 --quiet --out /tmp/demo_cuda_fp32" ;;
+        demo) echo "rm -rf /tmp/demo_cuda && $G/effrank-engine sweep --demo --device cuda --quiet --out /tmp/demo_cuda" ;;
+        demo-new) echo "rm -rf /tmp/demo_cuda_new && env EFFRANK_CUDA_SHORT_ATTENTION=1 EFFRANK_CUDA_FUSED_ADD_LN=1 EFFRANK_PROFILE=1 $G/effrank-engine sweep --demo --device cuda --quiet --out /tmp/demo_cuda_new" ;;
+        democpu) echo "rm -rf /tmp/demo_cpu && $G/effrank-engine sweep --demo --device cpu --quiet --out /tmp/demo_cpu" ;;
         *) return 1 ;;
     esac
 }
@@ -114,7 +119,7 @@ command_of() {
 steps=("$@")
 if [ "${#steps[@]}" = 1 ] && [ "${steps[0]}" = all ]; then
     # Most needed first: what is left out when time runs short comes last.
-    steps=(tests step kernels pytorch demo sanitize ncu)
+    steps=(tests step kernels pytorch demo demo-new sanitize ncu)
 fi
 if [ "$GPU" = 0 ]; then
     echo "== no GPU on this machine (nvidia-smi -L failed): a rehearsal; every step starts and says what it cannot do"
@@ -125,7 +130,7 @@ summary=()
 for s in "${steps[@]}"; do
     log="$OUT/$s.log"
     if ! cmd=$(command_of "$s"); then
-        echo "== $s: unknown step (known: tests sanitize ncu kernels step pytorch pytorch-r32 pytorch-eager demo demo-fp32 democpu, or all)"
+        echo "== $s: unknown step (known: tests sanitize ncu kernels step pytorch pytorch-r32 pytorch-eager demo demo-new demo-fp32 democpu, or all)"
         summary+=("$(printf '%-14s unknown' "$s")")
         continue
     fi
