@@ -83,17 +83,17 @@ pytorch() {
     python3 scripts/bench_pytorch_gpu.py --ranks 16,32,64,128 --compile-ranks 32 --warmup 3 --iters 10 --sdpa --protocol --out "$OUT/pytorch_gpu.json"
 }
 
-# step -> "limit_seconds command"
+# The time limit of each step, in seconds.
 limit_of() {
     case "$1" in
-        tests) echo 110 ;;
-        sanitize) echo 60 ;;
-        ncu) echo 45 ;;
-        kernels) echo 70 ;;
+        tests) echo 140 ;;
         step) echo 130 ;;
-        pytorch) echo 170 ;;
+        kernels) echo 60 ;;
+        pytorch) echo 150 ;;
         pytorch-r32|pytorch-eager) echo 120 ;;
-        demo|demo-new|demo-fp32|democpu) echo 40 ;;
+        demo|demo-new|demo-fp32|democpu) echo 30 ;;
+        sanitize) echo 50 ;;
+        ncu) echo 40 ;;
         *) echo 60 ;;
     esac
 }
