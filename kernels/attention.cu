@@ -12,7 +12,29 @@
 // (common.cuh); shared memory and all arithmetic are fp32.
 // Also: softmax_rows, the softmax of the unfused (cuBLAS) fallback path, and
 // softmax_rows_backward: dS = P ∘ (dP − rowsum(dP ∘ P)) in place on dP.
+//
+// Short sequences (T ≤ 64, dh a multiple of 16 up to 128; ViT-B/32 has T =
+// 50): attention_short_forward and attention_short_backward, off by default
+// (EFFRANK_CUDA_SHORT_ATTENTION=1). One block of 4 warps per (image, head);
+// every operand of the head lives in shared memory, zero-padded to TP = T
+// rounded up to 16 rows and columns, so every product runs on whole 16×16
+// tiles and the padding contributes exact zeros:
+//   Q, K, V, dO: act_t [TP][dh + 8]     P, dS: act_t [TP][TP + 8]
+//   F: fp32 [TP][max(TP, dh) + 4], the scores and dP, and the staging tile of each output
+// Forward:   S = Q Kᵀ (F),  P = softmax(S / √dh) per row in fp32 (P, and probs),  O = P V (F → out)
+// Backward:  dV = Pᵀ dO,  dP = dO Vᵀ (F),  D_i = Σ_j P_ij dP_ij,  dS = P ∘ (dP − D),
+//            dQ = dS K / √dh,  dK = dSᵀ Q / √dh
+// Products (block_mm): bf16 operands on tensor cores (WMMA 16×16×16, fp32
+// accumulation) in the bf16 build, fp32 SIMT loops in the fp32 build. P and
+// dS are rounded to act_t before the products that read them (P as the
+// probs the backward reads, so forward and backward see the same P).
+// Shared bytes: forward  (3·TP·(dh+8) + TP·(TP+8))·sizeof(act_t) + 4·TP·(max(TP,dh)+4)
+//               backward (4·TP·(dh+8) + 2·TP·(TP+8))·sizeof(act_t) + 4·TP·(max(TP,dh)+4)
 #include "common.cuh"
+#ifdef EFFRANK_ACT_BF16
+#include <mma.h>
+using namespace nvcuda;
+#endif
 
 #define ATT_WARPS 8
 
@@ -170,4 +192,165 @@ KERNEL(softmax_rows_backward)(act_t* dp, const act_t* p, int rows, int cols) {
     for (int j = lane; j < cols; j += WARP) dot += to_float(dp[off + j]) * to_float(p[off + j]);
     dot = warp_sum(dot);
     for (int j = lane; j < cols; j += WARP) dp[off + j] = to_act(to_float(p[off + j]) * (to_float(dp[off + j]) - dot));
+}
+
+// ---- Short sequences (see the header) -------------------------------------
+
+#define SHORT_WARPS 4
+
+template <bool C, class T, class F> struct pick { typedef T type; };
+template <class T, class F> struct pick<false, T, F> { typedef F type; };
+
+// C[M×N] (fp32, row stride ldc) = op(A) · op(B) over K, every thread of the
+// block taking part, with op(A)[m][k] = TA ? a[k·lda + m] : a[m·lda + k] and
+// op(B)[k][n] = TB ? b[n·ldb + k] : b[k·ldb + n]. M, N, K are multiples of
+// 16; operands and C start on 32-byte boundaries and their row strides are
+// multiples of 8 elements (WMMA's rules).
+template <bool TA, bool TB>
+__device__ void block_mm(float* c, int ldc, const act_t* a, int lda, const act_t* b, int ldb, int M, int N, int K) {
+#ifdef EFFRANK_ACT_BF16
+    const int warp = threadIdx.x / WARP, nt = N / 16, tiles = (M / 16) * nt;
+    for (int t = warp; t < tiles; t += SHORT_WARPS) {
+        const int m0 = (t / nt) * 16, n0 = (t % nt) * 16;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+        for (int k0 = 0; k0 < K; k0 += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, typename pick<TA, wmma::col_major, wmma::row_major>::type> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, typename pick<TB, wmma::col_major, wmma::row_major>::type> fb;
+            wmma::load_matrix_sync(fa, TA ? a + k0 * lda + m0 : a + m0 * lda + k0, lda);
+            wmma::load_matrix_sync(fb, TB ? b + n0 * ldb + k0 : b + k0 * ldb + n0, ldb);
+            wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(c + m0 * ldc + n0, acc, ldc, wmma::mem_row_major);
+    }
+#else
+    for (int idx = threadIdx.x; idx < M * N; idx += blockDim.x) {
+        const int m = idx / N, n = idx % N;
+        float s = 0.f;
+        for (int k = 0; k < K; k++) s = fmaf(TA ? a[k * lda + m] : a[m * lda + k], TB ? b[n * ldb + k] : b[k * ldb + n], s);
+        c[m * ldc + n] = s;
+    }
+#endif
+}
+
+// dst[TP][ld] = rows [0, T) of one head (row stride D), zero rows [T, TP);
+// 16-byte copies (dh a multiple of 16 and D of 8 keep every row aligned).
+__device__ void load_head_tile(act_t* dst, int ld, const act_t* src, int T, int TP, int dh, int D) {
+    const int vec = 16 / sizeof(act_t), per_row = dh / vec;
+    for (int idx = threadIdx.x; idx < TP * per_row; idx += blockDim.x) {
+        const int r = idx / per_row, c = (idx % per_row) * vec;
+        uint4 v = make_uint4(0u, 0u, 0u, 0u);
+        if (r < T) v = *(const uint4*)(src + (unsigned long long)r * D + c);
+        *(uint4*)(dst + r * ld + c) = v;
+    }
+}
+
+// Rows [0, T), columns [0, dh) of the fp32 tile, times scale, into one head
+// of dst (row stride D).
+__device__ void store_head_tile(act_t* dst, const float* src, int ld, float scale, int T, int dh, int D) {
+    for (int idx = threadIdx.x; idx < T * dh; idx += blockDim.x) {
+        const int r = idx / dh, c = idx % dh;
+        dst[(unsigned long long)r * D + c] = to_act(src[r * ld + c] * scale);
+    }
+}
+
+// Shared layout of the short kernels (see the header); every piece is a
+// multiple of 32 bytes long, so each starts on a 32-byte boundary.
+struct ShortLayout {
+    int TP, ldh, ldp, ldf;
+    __device__ ShortLayout(int T, int dh) : TP((T + 15) & ~15), ldh(dh + 8), ldp(((T + 15) & ~15) + 8), ldf(max((T + 15) & ~15, dh) + 4) {}
+};
+
+KERNEL_BOUNDS(attention_short_forward, 128)(act_t* out, act_t* probs, const act_t* q, const act_t* k, const act_t* v,
+                                            int T, int heads, int dh) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const ShortLayout L(T, dh);
+    act_t* qs = (act_t*)smem_raw;
+    act_t* ks = qs + L.TP * L.ldh;
+    act_t* vs = ks + L.TP * L.ldh;
+    act_t* ps = vs + L.TP * L.ldh;
+    float* f = (float*)(ps + L.TP * L.ldp);
+    const int bh = blockIdx.x, b = bh / heads, h = bh % heads, D = heads * dh;
+    const unsigned long long base = (unsigned long long)b * T * D + h * dh;
+    act_t* pout = probs + (unsigned long long)bh * T * T;
+    load_head_tile(qs, L.ldh, q + base, T, L.TP, dh, D);
+    load_head_tile(ks, L.ldh, k + base, T, L.TP, dh, D);
+    load_head_tile(vs, L.ldh, v + base, T, L.TP, dh, D);
+    __syncthreads();
+    block_mm<false, true>(f, L.ldf, qs, L.ldh, ks, L.ldh, L.TP, L.TP, dh);  // S = Q Kᵀ
+    __syncthreads();
+    // P = softmax(S / √dh), one warp per row, two columns per lane (TP ≤ 64).
+    const float scale = rsqrtf((float)dh);
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    for (int i = warp; i < L.TP; i += SHORT_WARPS) {
+        const int j0 = lane, j1 = lane + WARP;
+        const bool row = i < T, in0 = row && j0 < T, in1 = row && j1 < T;
+        const float x0 = in0 ? f[i * L.ldf + j0] * scale : -INFINITY;
+        const float x1 = in1 ? f[i * L.ldf + j1] * scale : -INFINITY;
+        const float m = warp_max(fmaxf(x0, x1));
+        const float e0 = in0 ? expf(x0 - m) : 0.f, e1 = in1 ? expf(x1 - m) : 0.f;
+        const float sum = warp_sum(e0 + e1);
+        const float inv = row ? 1.f / sum : 0.f;
+        const act_t p0 = to_act(e0 * inv), p1 = to_act(e1 * inv);
+        if (j0 < L.TP) ps[i * L.ldp + j0] = p0;
+        if (j1 < L.TP) ps[i * L.ldp + j1] = p1;
+        if (in0) pout[i * T + j0] = p0;
+        if (in1) pout[i * T + j1] = p1;
+    }
+    __syncthreads();
+    block_mm<false, false>(f, L.ldf, ps, L.ldp, vs, L.ldh, L.TP, dh, L.TP);  // O = P V
+    __syncthreads();
+    store_head_tile(out + base, f, L.ldf, 1.f, T, dh, D);
+}
+
+KERNEL_BOUNDS(attention_short_backward, 128)(act_t* dq, act_t* dk, act_t* dv, const act_t* dout, const act_t* q,
+                                             const act_t* k, const act_t* v, const act_t* probs, int T, int heads,
+                                             int dh) {
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    const ShortLayout L(T, dh);
+    act_t* qs = (act_t*)smem_raw;
+    act_t* ks = qs + L.TP * L.ldh;
+    act_t* vs = ks + L.TP * L.ldh;
+    act_t* dos = vs + L.TP * L.ldh;
+    act_t* ps = dos + L.TP * L.ldh;
+    act_t* dss = ps + L.TP * L.ldp;
+    float* f = (float*)(dss + L.TP * L.ldp);
+    const int bh = blockIdx.x, b = bh / heads, h = bh % heads, D = heads * dh;
+    const unsigned long long base = (unsigned long long)b * T * D + h * dh;
+    const act_t* pin = probs + (unsigned long long)bh * T * T;
+    const float scale = rsqrtf((float)dh);
+    load_head_tile(qs, L.ldh, q + base, T, L.TP, dh, D);
+    load_head_tile(ks, L.ldh, k + base, T, L.TP, dh, D);
+    load_head_tile(vs, L.ldh, v + base, T, L.TP, dh, D);
+    load_head_tile(dos, L.ldh, dout + base, T, L.TP, dh, D);
+    for (int idx = threadIdx.x; idx < L.TP * L.TP; idx += blockDim.x) {
+        const int i = idx / L.TP, j = idx % L.TP;
+        ps[i * L.ldp + j] = (i < T && j < T) ? pin[i * T + j] : to_act(0.f);
+    }
+    __syncthreads();
+    block_mm<true, false>(f, L.ldf, ps, L.ldp, dos, L.ldh, L.TP, dh, L.TP);  // dV = Pᵀ dO
+    __syncthreads();
+    store_head_tile(dv + base, f, L.ldf, 1.f, T, dh, D);
+    __syncthreads();
+    block_mm<false, true>(f, L.ldf, dos, L.ldh, vs, L.ldh, L.TP, L.TP, dh);  // dP = dO Vᵀ
+    __syncthreads();
+    // dS = P ∘ (dP − D), D_i = Σ_j P_ij dP_ij: one warp per row (padding: P = 0, so dS = 0).
+    const int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    for (int i = warp; i < L.TP; i += SHORT_WARPS) {
+        const int j0 = lane, j1 = lane + WARP;
+        const bool in0 = j0 < L.TP, in1 = j1 < L.TP;
+        const float p0 = in0 ? to_float(ps[i * L.ldp + j0]) : 0.f, p1 = in1 ? to_float(ps[i * L.ldp + j1]) : 0.f;
+        const float g0 = in0 ? f[i * L.ldf + j0] : 0.f, g1 = in1 ? f[i * L.ldf + j1] : 0.f;
+        const float di = warp_sum(p0 * g0 + p1 * g1);
+        if (in0) dss[i * L.ldp + j0] = to_act(p0 * (g0 - di));
+        if (in1) dss[i * L.ldp + j1] = to_act(p1 * (g1 - di));
+    }
+    __syncthreads();
+    block_mm<false, false>(f, L.ldf, dss, L.ldp, ks, L.ldh, L.TP, dh, L.TP);  // dQ = dS K
+    __syncthreads();
+    store_head_tile(dq + base, f, L.ldf, scale, T, dh, D);
+    __syncthreads();
+    block_mm<true, false>(f, L.ldf, dss, L.ldp, qs, L.ldh, L.TP, dh, L.TP);  // dK = dSᵀ Q
+    __syncthreads();
+    store_head_tile(dk + base, f, L.ldf, scale, T, dh, D);
 }

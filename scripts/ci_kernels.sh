@@ -1,23 +1,16 @@
 # Sourced by .ci/run (under `set -euo pipefail`): installs NVRTC 13.0, the
 # CUDA 13.0 headers and ptxas from the Python package index into a cache
-# folder, exports the environment build.rs reads (so the `cargo test` that
-# follows uses the same environment and does not rebuild), builds with every
-# kernel required to compile, and prints ptxas's register and spill report
-# for each kernel. Needs only Rust, python3 and pip; no GPU.
+# folder and exports the environment build.rs reads (scripts/cuda_env.sh;
+# the `cargo test` that follows uses the same environment and does not
+# rebuild), builds with every kernel required to compile, and prints
+# ptxas's register and spill report for each kernel. Needs only Rust,
+# python3 and pip; no GPU.
 #
 #   source scripts/ci_kernels.sh
 #
 # EFFRANK_CUDA_DIR overrides the cache folder (default ~/.cache/effrank-cu13).
 
-EFFRANK_CUDA_DIR="${EFFRANK_CUDA_DIR:-$HOME/.cache/effrank-cu13}"
-if [ ! -x "$EFFRANK_CUDA_DIR/nvidia/cu13/bin/ptxas" ] || [ ! -e "$EFFRANK_CUDA_DIR/nvidia/cu13/lib/libnvrtc.so.13" ]; then
-    echo "ci_kernels: installing NVRTC 13.0.88, CUDA runtime headers 13.0.96 and ptxas into $EFFRANK_CUDA_DIR"
-    python3 -m pip install --quiet --disable-pip-version-check --upgrade --target "$EFFRANK_CUDA_DIR" \
-        nvidia-cuda-nvrtc==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvcc==13.0.88
-fi
-export CUDA_PATH="$EFFRANK_CUDA_DIR/nvidia/cu13"
-export LD_LIBRARY_PATH="$CUDA_PATH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-export EFFRANK_REQUIRE_KERNELS=1
+source "$(dirname "${BASH_SOURCE[0]}")/cuda_env.sh"
 
 echo "ci_kernels: cargo build (kernels required)"
 # The build script's OUT_DIR (where the PTX is) comes from cargo's JSON messages.

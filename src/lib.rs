@@ -9,6 +9,7 @@ pub mod factorize;
 pub mod faults;
 pub mod io;
 pub mod model;
+pub mod perf;
 pub mod provenance;
 pub mod results;
 pub mod ops;

@@ -11,8 +11,11 @@
 //!
 //! Cross-device checks: `on_every_device!(body)` writes one `#[test]` per
 //! device for `fn body<D: Backend>(dev: &D)`: `cpu`, and with the `cuda`
-//! feature `cuda_fp32` and `cuda_bf16` (ignored without a GPU; run them
-//! with `--include-ignored`). Inside the body, `on_both!` runs the same code
+//! feature `cuda_fp32` and `cuda_bf16` on the default paths, and
+//! `cuda_fp32_new_paths` and `cuda_bf16_new_paths` with every path that is
+//! off by default switched on (`CudaPaths::all`), all ignored without a
+//! GPU (run them with `--include-ignored`). The environment does not
+//! change which paths a test runs. Inside the body, `on_both!` runs the same code
 //! on the CPU reference and on `dev` and returns both sets of buffers, which
 //! `assert_close` compares with the tolerance of the device's precision
 //! (`tol`). On the CPU the comparison is against itself, so it checks that
@@ -114,10 +117,18 @@ pub fn assert_close_floor(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], tol: 
     println!("{what}: max relative error {worst:.2e} (tolerance {tol:.0e})");
 }
 
-/// CUDA device 0 at precision `p` (tests that call this are ignored without a GPU).
+/// CUDA device 0 at precision `p` on the default paths, whatever the
+/// environment says (tests that call this are ignored without a GPU).
 #[cfg(feature = "cuda")]
 pub fn cuda(p: Precision) -> crate::device::Cuda {
-    crate::device::Cuda::with_precision(0, p).expect("CUDA device 0")
+    crate::device::Cuda::with_options(0, p, Default::default()).expect("CUDA device 0")
+}
+
+/// CUDA device 0 at precision `p` with every path that is off by default on.
+#[cfg(feature = "cuda")]
+pub fn cuda_new_paths(p: Precision) -> crate::device::Cuda {
+    let options = crate::device::cuda::CudaOptions { paths: crate::device::cuda::CudaPaths::all(), profile: false };
+    crate::device::Cuda::with_options(0, p, options).expect("CUDA device 0")
 }
 
 /// Runs `body` on the CPU reference and on `dev`, each with its own copy
@@ -150,9 +161,9 @@ macro_rules! on_both {
 }
 
 /// One `#[test]` per device for the generic test body `fn $body<D>(dev: &D)`:
-/// a module named like the body with tests `cpu`, `cuda_fp32` and
-/// `cuda_bf16` (the CUDA ones need the `cuda` feature and are ignored
-/// without a GPU).
+/// a module named like the body with tests `cpu`, `cuda_fp32`,
+/// `cuda_bf16`, `cuda_fp32_new_paths` and `cuda_bf16_new_paths` (the CUDA
+/// ones need the `cuda` feature and are ignored without a GPU).
 #[macro_export]
 macro_rules! on_every_device {
     ($body:ident) => {
@@ -172,6 +183,18 @@ macro_rules! on_every_device {
             #[ignore = "needs a CUDA GPU"]
             fn cuda_bf16() {
                 super::$body(&$crate::testing::cuda($crate::device::Precision::Bf16))
+            }
+            #[cfg(feature = "cuda")]
+            #[test]
+            #[ignore = "needs a CUDA GPU"]
+            fn cuda_fp32_new_paths() {
+                super::$body(&$crate::testing::cuda_new_paths($crate::device::Precision::F32))
+            }
+            #[cfg(feature = "cuda")]
+            #[test]
+            #[ignore = "needs a CUDA GPU"]
+            fn cuda_bf16_new_paths() {
+                super::$body(&$crate::testing::cuda_new_paths($crate::device::Precision::Bf16))
             }
         }
     };

@@ -6,7 +6,9 @@
 //! Checks run on the fp32 device (errors measured as
 //! `max |gpu − cpu| / max |cpu|` per buffer) and on the bf16
 //! mixed-precision device (activations rounded to bf16: tolerance 3e-2
-//! for the whole model). Each check prints its measured error.
+//! for the whole model), each on the default paths and with every path
+//! that is off by default switched on (`CudaPaths::all`). Each check prints
+//! its measured error.
 //!
 //! Tests that need a GPU are `#[ignore = "needs a CUDA GPU"]`; run them with
 //! `cargo test --test cuda_model -- --include-ignored` on a GPU machine.
@@ -19,10 +21,24 @@ use effrank_engine::model::{Vit, VitConfig, VitParams};
 use effrank_engine::ops::image::{self, ImageTransform};
 use effrank_engine::ops::Backend;
 use effrank_engine::rng::Rng;
-use effrank_engine::testing::{assert_close, assert_close_floor, cuda as gpu, RED};
+use effrank_engine::testing::{assert_close, assert_close_floor, cuda, cuda_new_paths, RED};
 use effrank_engine::train::{AdamWConfig, Learner, LossSpec, TeacherSignal};
 
 const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
+
+/// The device of a precision on the default paths, or with every new path on.
+fn gpu(p: Precision, new_paths: bool) -> Cuda {
+    if new_paths {
+        cuda_new_paths(p)
+    } else {
+        cuda(p)
+    }
+}
+
+/// (new paths, ranks) of every model check: both paths, dense and rank 8.
+fn cases(cfg: &VitConfig) -> Vec<(bool, Ranks)> {
+    [false, true].into_iter().flat_map(|new| [dense_ranks(cfg), uniform_ranks(cfg, 8)].map(|r| (new, r))).collect()
+}
 
 #[test]
 fn without_a_gpu_new_returns_a_clear_error() {
@@ -89,12 +105,12 @@ fn whole_vit_step_matches_cpu() {
             Precision::F32 => (1e-4, 1e-3, 1e-4, 1e-3),
             Precision::Bf16 => (1e-2, 3e-2, 0.0, 3e-2),
         };
-        for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 8)] {
+        for (new_paths, ranks) in cases(&cfg) {
             let (lc, gc, pc) = one_step(&Cpu, &cfg, &ranks, &bytes, &labels);
-            let (lg, gg, pg) = one_step(&gpu(p), &cfg, &ranks, &bytes, &labels);
-            println!("{p:?}: loss cpu {lc} gpu {lg}");
+            let (lg, gg, pg) = one_step(&gpu(p, new_paths), &cfg, &ranks, &bytes, &labels);
+            println!("{p:?}, new paths {new_paths}: loss cpu {lc} gpu {lg}");
             assert!((lc - lg).abs() <= loss_tol * lc.abs().max(1.0), "{p:?}: loss cpu {lc} gpu {lg}");
-            assert_close_floor(&format!("ViT gradients {p:?}"), &gg, &gc, grad_tol, floor);
+            assert_close_floor(&format!("ViT gradients {p:?}, new paths {new_paths}"), &gg, &gc, grad_tol, floor);
             // AdamW moves a weight by about lr · g/|g|: where the gradient is
             // zero up to rounding (the key bias: softmax ignores a constant
             // shift of the scores), its direction is rounding noise on both
@@ -132,7 +148,7 @@ fn logits_only_forward_matches_cpu() {
     let bytes: Vec<u8> = (0..batch * 3 * 20 * 20).map(|_| rng.below(256) as u8).collect();
     let t = ImageTransform { channels: 3, src_height: 20, src_width: 20, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3] };
     for p in PRECISIONS {
-        for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 8)] {
+        for (new_paths, ranks) in cases(&cfg) {
             let cpu = Cpu;
             let model = Vit::from_host(&cpu, &cfg, &ranks, &random_params(&cfg, &ranks, 2)).unwrap();
             let mut acts = model.new_acts(&cpu, batch).unwrap();
@@ -140,7 +156,7 @@ fn logits_only_forward_matches_cpu() {
             model.forward(&cpu, &mut acts, batch).unwrap();
             let want = cpu.download(&acts.logits).unwrap();
 
-            let gpu = gpu(p);
+            let gpu = gpu(p, new_paths);
             let model = Vit::from_host(&gpu, &cfg, &ranks, &random_params(&cfg, &ranks, 2)).unwrap();
             let mut acts = model.new_acts(&gpu, batch).unwrap();
             image::from_bytes(&gpu, &mut acts.images, &bytes, batch, &t).unwrap();
@@ -151,7 +167,7 @@ fn logits_only_forward_matches_cpu() {
                 Precision::F32 => RED,
                 Precision::Bf16 => 3e-2,
             };
-            assert_close(&format!("logits-only forward {p:?}"), &[got], &[want], tolerance);
+            assert_close(&format!("logits-only forward {p:?}, new paths {new_paths}"), &[got], &[want], tolerance);
         }
     }
 }

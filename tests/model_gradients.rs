@@ -194,3 +194,35 @@ fn logits_only_forward_matches_the_full_forward() {
         }
     }
 }
+
+/// The fused residual add + LayerNorm path of the model (what
+/// `EFFRANK_CUDA_FUSED_ADD_LN=1` switches on for CUDA) gives the CPU's
+/// numbers bit for bit: loss, every gradient (feature loss, so every
+/// sub-layer's gradient path is used), and the inference logits.
+#[test]
+fn fused_add_layernorm_path_gives_the_same_bits() {
+    let be = Cpu;
+    let cfg = VitConfig { depth: 3, ..tiny_config() };
+    let c = case(&cfg, 3);
+    let loss = LossSpec::parse("kd=1,feature=1,ce=0.5", 0.3, 3.0, 0.0).unwrap();
+    let dense = dense_ranks(&cfg);
+    let mut ranks = uniform_ranks(&cfg, 3);
+    ranks[1][BlockLinear::Fc1] = None;
+    let run = |fused: bool| {
+        let mut teacher_model = Vit::from_host(&be, &cfg, &dense, &random_params(&cfg, &dense, 5)).unwrap();
+        teacher_model.fused_add_layernorm = fused;
+        let mut teacher = Frozen::new(&be, teacher_model, 3).unwrap();
+        let mut model = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 6)).unwrap();
+        assert!(!model.fused_add_layernorm, "the CPU never asks for the fused path");
+        model.fused_add_layernorm = fused;
+        let mut learner = Learner::new(&be, model, 3, AdamWConfig::default()).unwrap();
+        let l = loss_of(&be, &mut learner, &mut teacher, &c, &loss, &cfg);
+        let grads: Vec<Vec<f32>> = learner.grads.tensors().iter().map(|g| be.download(g).unwrap()).collect();
+        let logits = teacher.logits(&be, &c.bytes, 3, &transform(&cfg)).unwrap();
+        (l.to_bits(), grads, logits)
+    };
+    let (plain, fused) = (run(false), run(true));
+    assert_eq!(plain.0, fused.0, "loss");
+    assert_eq!(plain.1, fused.1, "gradients");
+    assert_eq!(plain.2, fused.2, "inference logits");
+}

@@ -70,4 +70,7 @@ impl Device for Cpu {
         dst[..len].copy_from_slice(&src[..len]);
         Ok(())
     }
+    fn element_bytes(&self, _buf: &Vec<f32>) -> usize {
+        4
+    }
 }

@@ -22,17 +22,32 @@
 //! that asks for more than 48 KiB of dynamic shared memory is opted in here
 //! on first use.
 //!
+//! Paths that are off by default (`CudaPaths`), each switched on by its own
+//! environment variable read when the device opens: new kernels that run
+//! beside the default ones until a GPU run has measured them
+//! (README, "GPU").
+//!
+//! Profiling (`EFFRANK_PROFILE=1`, or `CudaOptions::profile`): every op call
+//! (`Device::op_begin` / `op_end`, from the op layer's entry points) and
+//! every copy, zeroing and upload outside an op is bracketed by a CUDA event
+//! pair; `take_profile` sums device time and work per op name
+//! (`crate::perf::OpTable`). Nested calls count in the outermost one. A
+//! profiled device that was never asked for its profile prints it to
+//! stderr when dropped.
+//!
 //! Everything runs in order on the default stream; the only host
 //! synchronizations are `download` and the host-to-device copies of the
 //! per-batch inputs (image bytes, labels), which the caller hands over as
 //! host slices anyway.
 
-use super::{check_len, BufKind, Device, Precision};
+use super::{check_len, BufKind, Device, Precision, Work};
+use crate::perf::OpTable;
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::sys::cudaDataType;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUresult};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -154,6 +169,88 @@ struct Loaded {
     shared_allowed: usize,
 }
 
+/// The CUDA paths that are off by default, each beside the default path it
+/// would replace, each switched on by its own environment variable
+/// (`from_env`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaPaths {
+    /// `EFFRANK_CUDA_SHORT_ATTENTION=1`: attention for sequences of at most
+    /// 64 tokens on tensor cores, Q, K, V and the scores of one (image,
+    /// head) in shared memory (`kernels/attention.cu`, `attention_short_*`).
+    pub short_attention: bool,
+    /// `EFFRANK_CUDA_FUSED_ADD_LN=1`: the model's residual adds and the
+    /// LayerNorms that read them as one op (`ops::add_layernorm`).
+    pub fused_add_layernorm: bool,
+}
+
+impl CudaPaths {
+    /// The environment variable of each path, in field order.
+    pub const VARS: [&'static str; 2] = ["EFFRANK_CUDA_SHORT_ATTENTION", "EFFRANK_CUDA_FUSED_ADD_LN"];
+
+    /// Every path on (what the CUDA-vs-CPU tests of the new paths use).
+    pub fn all() -> Self {
+        CudaPaths { short_attention: true, fused_add_layernorm: true }
+    }
+
+    /// The paths the environment switches on: each variable unset, `0` or
+    /// `1`; anything else is an error naming it.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|v| std::env::var(v).ok())
+    }
+
+    fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let [short_attention, fused_add_layernorm] = Self::VARS.map(|v| switch(v, get(v)));
+        Ok(CudaPaths { short_attention: short_attention?, fused_add_layernorm: fused_add_layernorm? })
+    }
+}
+
+/// An on/off environment variable: unset or `0` off, `1` on.
+fn switch(var: &str, value: Option<String>) -> Result<bool> {
+    match value.as_deref().map(str::trim) {
+        None | Some("") | Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(other) => bail!("{var}={other}: use 1 (on) or 0 (off)"),
+    }
+}
+
+/// How a `Cuda` device is opened beyond its precision.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaOptions {
+    pub paths: CudaPaths,
+    /// Record device time per op call (`take_profile`).
+    pub profile: bool,
+}
+
+impl CudaOptions {
+    /// `CudaPaths::from_env` and `EFFRANK_PROFILE` (unset, `0` or `1`).
+    pub fn from_env() -> Result<Self> {
+        Ok(CudaOptions { paths: CudaPaths::from_env()?, profile: switch("EFFRANK_PROFILE", std::env::var("EFFRANK_PROFILE").ok())? })
+    }
+}
+
+/// One call whose events are recorded and not read yet.
+struct Pending {
+    op: &'static str,
+    work: Work,
+    start: CudaEvent,
+    end: CudaEvent,
+}
+
+/// The state of a profiled device: the open outermost call, the calls
+/// waiting to be read, spare events, and the totals read so far.
+#[derive(Default)]
+struct Profile {
+    depth: usize,
+    open: Option<CudaEvent>,
+    pending: Vec<Pending>,
+    spare: Vec<CudaEvent>,
+    totals: OpTable,
+    taken: bool,
+}
+
+/// Calls whose events are read (one synchronization) once this many wait.
+const PROFILE_FLUSH: usize = 1024;
+
 /// One CUDA GPU (see the module doc for precision).
 pub struct Cuda {
     precision: Precision,
@@ -168,6 +265,8 @@ pub struct Cuda {
     max_smem: usize,
     bytes_scratch: Mutex<Option<CudaSlice<u8>>>,
     labels_scratch: Mutex<Option<CudaSlice<u32>>>,
+    paths: CudaPaths,
+    profile: Option<Mutex<Profile>>,
 }
 
 impl Cuda {
@@ -176,8 +275,14 @@ impl Cuda {
         Self::with_precision(device, Precision::Bf16)
     }
 
-    /// Opens device `device`, loads every embedded kernel module and a cuBLAS handle.
+    /// Opens device `device` in `precision`, with the paths and profiling
+    /// the environment asks for (`CudaOptions::from_env`).
     pub fn with_precision(device: usize, precision: Precision) -> Result<Self> {
+        Self::with_options(device, precision, CudaOptions::from_env()?)
+    }
+
+    /// Opens device `device`, loads every embedded kernel module and a cuBLAS handle.
+    pub fn with_options(device: usize, precision: Precision, options: CudaOptions) -> Result<Self> {
         if !driver_present() {
             bail!("no CUDA driver found (libcuda.so); use --device cpu");
         }
@@ -202,7 +307,78 @@ impl Cuda {
         let max_smem = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
         let modules = load_modules(&ctx)?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(Cuda { precision, ctx, stream, blas, modules, functions: Mutex::new(HashMap::new()), device_name, sm_count, max_smem, bytes_scratch: Mutex::new(None), labels_scratch: Mutex::new(None) })
+        let profile = options.profile.then(|| Mutex::new(Profile::default()));
+        Ok(Cuda { precision, ctx, stream, blas, modules, functions: Mutex::new(HashMap::new()), device_name, sm_count, max_smem, bytes_scratch: Mutex::new(None), labels_scratch: Mutex::new(None), paths: options.paths, profile })
+    }
+
+    /// The paths that are off by default and on for this device.
+    pub fn paths(&self) -> CudaPaths {
+        self.paths
+    }
+
+    /// Device time and work per op since the last call (synchronizes);
+    /// an error if the device was not opened to profile.
+    pub fn take_profile(&self) -> Result<OpTable> {
+        let mut p = self.profile_state()?.ok_or_else(|| anyhow!("this CUDA device was opened without profiling (EFFRANK_PROFILE=1 or CudaOptions::profile)"))?;
+        self.read_pending(&mut p)?;
+        p.taken = true;
+        Ok(std::mem::take(&mut p.totals))
+    }
+
+    fn profile_state(&self) -> Result<Option<std::sync::MutexGuard<'_, Profile>>> {
+        self.profile.as_ref().map(|m| m.lock().map_err(|_| anyhow!("profile lock poisoned"))).transpose()
+    }
+
+    /// Median device seconds per call of `f` over `iters` calls after 3
+    /// warm-up calls, each call bracketed by a CUDA event pair (device time:
+    /// gaps inside a call count, host time between calls does not).
+    pub fn median_device_seconds(&self, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        for _ in 0..3 {
+            f()?;
+        }
+        let event = || self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).cu_context("creating a CUDA event");
+        let mut pairs = Vec::with_capacity(iters);
+        for _ in 0..iters.max(1) {
+            let (start, end) = (event()?, event()?);
+            start.record(&self.stream).cu_context("recording an event")?;
+            f()?;
+            end.record(&self.stream).cu_context("recording an event")?;
+            pairs.push((start, end));
+        }
+        let mut ms = pairs.iter().map(|(s, e)| s.elapsed_ms(e).map(f64::from)).collect::<std::result::Result<Vec<_>, _>>().cu_context("reading event times")?;
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[ms.len() / 2] / 1e3)
+    }
+
+    /// A spare event, or a new one that records time.
+    fn event(&self, p: &mut Profile) -> Result<CudaEvent> {
+        match p.spare.pop() {
+            Some(e) => Ok(e),
+            None => self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).cu_context("creating a CUDA event"),
+        }
+    }
+
+    /// Reads the time of every pending call into the totals.
+    fn read_pending(&self, p: &mut Profile) -> Result<()> {
+        for c in std::mem::take(&mut p.pending) {
+            let ms = c.start.elapsed_ms(&c.end).cu_with_context(|| format!("reading the events of {}", c.op))?;
+            p.totals.record(c.op, ms as f64 / 1e3, c.work);
+            p.spare.extend([c.start, c.end]);
+        }
+        Ok(())
+    }
+
+    /// `op_begin` / `op_end` around `body` for the device's own transfers
+    /// (they count in an op when called inside one).
+    fn span<R>(&self, op: &'static str, work: impl FnOnce() -> Work, body: impl FnOnce() -> Result<R>) -> Result<R> {
+        if self.profile.is_none() {
+            return body();
+        }
+        let w = work();
+        Device::op_begin(self, op)?;
+        let r = body();
+        Device::op_end(self, op, w)?;
+        r
     }
 
     /// Kernel `name` of `kernels/<file>.cu`, compiled for this device's
@@ -454,14 +630,8 @@ impl Device for Cuda {
         if host.is_empty() {
             return Ok(());
         }
-        buf.touch();
-        match &mut buf.store {
-            Store::F32(s) => self.stream.memcpy_htod(host, &mut s.slice_mut(..host.len())).cu_context("copying to the GPU"),
-            Store::Bf16(s) => {
-                let bits: Vec<u16> = host.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
-                self.stream.memcpy_htod(&bits, &mut s.slice_mut(..host.len())).cu_context("copying to the GPU")
-            }
-        }
+        let bytes = (host.len() * self.element_bytes(buf)) as f64;
+        self.span("upload (host to device)", || Work::new(bytes, 0.0), || self.write_now(buf, host))
     }
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
         match &buf.store {
@@ -477,12 +647,8 @@ impl Device for Cuda {
         if len == 0 {
             return Ok(());
         }
-        buf.touch();
-        match &mut buf.store {
-            Store::F32(s) => self.stream.memset_zeros(&mut s.slice_mut(..len)),
-            Store::Bf16(s) => self.stream.memset_zeros(&mut s.slice_mut(..len)),
-        }
-        .cu_context("zeroing a GPU buffer")
+        let bytes = (len * self.element_bytes(buf)) as f64;
+        self.span("zero", || Work::new(bytes, 0.0), || self.zero_now(buf, len))
     }
     fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -> Result<()> {
         check_len("copy dst", dst.len(), len)?;
@@ -490,6 +656,66 @@ impl Device for Cuda {
         if len == 0 {
             return Ok(());
         }
+        let bytes = (len * (self.element_bytes(dst) + self.element_bytes(src))) as f64;
+        self.span("copy", || Work::new(bytes, 0.0), || self.copy_now(dst, src, len))
+    }
+    fn element_bytes(&self, buf: &CudaBuf) -> usize {
+        if buf.is_bf16() {
+            2
+        } else {
+            4
+        }
+    }
+    fn profiling(&self) -> bool {
+        self.profile.is_some()
+    }
+    fn op_begin(&self, _op: &'static str) -> Result<()> {
+        let Some(mut p) = self.profile_state()? else { return Ok(()) };
+        if p.depth == 0 {
+            let start = self.event(&mut p)?;
+            start.record(&self.stream).cu_context("recording a profile event")?;
+            p.open = Some(start);
+        }
+        p.depth += 1;
+        Ok(())
+    }
+    fn op_end(&self, op: &'static str, work: Work) -> Result<()> {
+        let Some(mut p) = self.profile_state()? else { return Ok(()) };
+        p.depth = p.depth.checked_sub(1).ok_or_else(|| anyhow!("profile: {op} ended without a start"))?;
+        if p.depth > 0 {
+            return Ok(());
+        }
+        let start = p.open.take().ok_or_else(|| anyhow!("profile: {op} ended without a start"))?;
+        let end = self.event(&mut p)?;
+        end.record(&self.stream).cu_context("recording a profile event")?;
+        p.pending.push(Pending { op, work, start, end });
+        if p.pending.len() >= PROFILE_FLUSH {
+            self.read_pending(&mut p)?;
+        }
+        Ok(())
+    }
+}
+
+impl Cuda {
+    fn write_now(&self, buf: &mut CudaBuf, host: &[f32]) -> Result<()> {
+        buf.touch();
+        match &mut buf.store {
+            Store::F32(s) => self.stream.memcpy_htod(host, &mut s.slice_mut(..host.len())).cu_context("copying to the GPU"),
+            Store::Bf16(s) => {
+                let bits: Vec<u16> = host.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+                self.stream.memcpy_htod(&bits, &mut s.slice_mut(..host.len())).cu_context("copying to the GPU")
+            }
+        }
+    }
+    fn zero_now(&self, buf: &mut CudaBuf, len: usize) -> Result<()> {
+        buf.touch();
+        match &mut buf.store {
+            Store::F32(s) => self.stream.memset_zeros(&mut s.slice_mut(..len)),
+            Store::Bf16(s) => self.stream.memset_zeros(&mut s.slice_mut(..len)),
+        }
+        .cu_context("zeroing a GPU buffer")
+    }
+    fn copy_now(&self, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -> Result<()> {
         dst.touch();
         match (&mut dst.store, &src.store) {
             (Store::F32(d), Store::F32(s)) => self.stream.memcpy_dtod(&s.slice(..len), &mut d.slice_mut(..len)).cu_context("copying between GPU buffers"),
@@ -497,5 +723,39 @@ impl Device for Cuda {
             (Store::Bf16(d), Store::F32(s)) => self.convert_f32_to_bf16(raw(d, &self.stream), raw(s, &self.stream), len),
             (Store::F32(_), Store::Bf16(_)) => bail!("copy: from a bf16 buffer into an fp32 one is not supported"),
         }
+    }
+}
+
+impl Drop for Cuda {
+    /// A profiled device nobody asked for its profile (a command run with
+    /// `EFFRANK_PROFILE=1`) prints it.
+    fn drop(&mut self) {
+        let untaken = self.profile_state().ok().flatten().is_some_and(|p| !p.taken);
+        if !untaken {
+            return;
+        }
+        match self.take_profile() {
+            Ok(t) => eprintln!("EFFRANK_PROFILE: device time per op over the whole run ({}):\n{}", self.name(), crate::perf::format_totals(&t)),
+            Err(e) => eprintln!("EFFRANK_PROFILE: could not read the profile: {e:#}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_profiling_are_off_unless_their_variable_is_1() {
+        let none = CudaPaths::from_lookup(|_| None).unwrap();
+        assert_eq!(none, CudaPaths::default());
+        assert_eq!(CudaPaths::from_lookup(|_| Some("0".into())).unwrap(), CudaPaths::default());
+        assert_eq!(CudaPaths::from_lookup(|_| Some("1".into())).unwrap(), CudaPaths::all());
+        let only_short = CudaPaths::from_lookup(|v| (v == "EFFRANK_CUDA_SHORT_ATTENTION").then(|| "1".into())).unwrap();
+        assert_eq!(only_short, CudaPaths { short_attention: true, ..CudaPaths::default() });
+        let e = CudaPaths::from_lookup(|v| (v == "EFFRANK_CUDA_FUSED_ADD_LN").then(|| "yes".into())).unwrap_err();
+        assert!(format!("{e}").contains("EFFRANK_CUDA_FUSED_ADD_LN=yes"), "{e}");
+        assert!(switch("EFFRANK_PROFILE", Some("2".into())).is_err());
+        assert!(switch("EFFRANK_PROFILE", Some(" 1 ".into())).unwrap());
     }
 }

@@ -11,6 +11,12 @@
 //!   once, looked up by each op's `cuda.rs`), and the bf16 copies of fp32
 //!   weights that feed bf16 matrix products.
 //!
+//! Profiling: every op's checked entry point (`src/ops/<op>/mod.rs`) wraps
+//! its device body in `Device::op_begin` / `op_end` when
+//! `Device::profiling()` says so; the defaults do nothing, so the CPU pays
+//! one `false` per call. The CUDA device records a CUDA event pair per call
+//! and sums device time and work per op (`crate::perf::OpTable`).
+//!
 //! Conventions: tensors are row-major and contiguous; a buffer may be longer
 //! than an operation's shape says and only its leading elements are
 //! touched. Scalars the host needs (losses, norms) stay in device buffers
@@ -22,6 +28,8 @@ pub mod cpu;
 pub mod cuda;
 
 use anyhow::{bail, Result};
+
+pub use crate::perf::Work;
 
 pub use cpu::Cpu;
 #[cfg(feature = "cuda")]
@@ -88,6 +96,23 @@ pub trait Device: Send + Sync {
     fn zero(&self, buf: &mut Self::Buf, len: usize) -> Result<()>;
     /// Writes `dst[i] = src[i]` for `i < len` (converting to `dst`'s storage type).
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<()>;
+    /// Bytes of one stored element of `buf` (4 for fp32, 2 for bf16).
+    fn element_bytes(&self, buf: &Self::Buf) -> usize;
+
+    /// Whether op calls are profiled. False unless the device was opened to
+    /// profile (the CUDA device with `EFFRANK_PROFILE=1`); the op layer asks
+    /// before every call and does nothing more when it is false.
+    fn profiling(&self) -> bool {
+        false
+    }
+    /// Start of the profiled op call `op` (called only while `profiling()`).
+    fn op_begin(&self, _op: &'static str) -> Result<()> {
+        Ok(())
+    }
+    /// End of the profiled op call `op`, which had to do at least `work`.
+    fn op_end(&self, _op: &'static str, _work: Work) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The error of a buffer too short for an operation: `what` names the

@@ -21,6 +21,11 @@
 //! residuals, LN2 and MLP run on the class-token rows only (one row in
 //! T; ViT-B/32: ~6% of the forward's FLOPs).
 //!
+//! With `fused_add_layernorm` (when the device asks for it:
+//! `EFFRANK_CUDA_FUSED_ADD_LN=1` on CUDA) each residual add that a
+//! LayerNorm reads runs with it as one op (`m` and LN2; `x_l+1` and the
+//! next block's LN1), forward and backward; the numbers are the same.
+//!
 //! The backward pass runs the same steps in reverse; every gradient buffer
 //! of a parameter is accumulated (`+=`), so `Grads` is zeroed once per step.
 //! Activations are allocated once for a maximum batch (`VitActs::new`) and
@@ -30,7 +35,7 @@ use super::config::VitConfig;
 use super::linear::{linear_backward, linear_forward, LinearShape};
 use super::params::{param_specs, validate_ranks, BlockLinear, PerLinear, Ranks, VitParams};
 use crate::device::{BufKind, Device};
-use crate::ops::{add, attention, embed, gelu, layernorm, matmul, Backend};
+use crate::ops::{add, add_layernorm, attention, embed, gelu, layernorm, matmul, Backend};
 use anyhow::{bail, Result};
 
 /// What a forward pass must produce.
@@ -47,6 +52,17 @@ pub struct Vit<B: Backend> {
     pub cfg: VitConfig,
     pub ranks: Ranks,
     pub params: VitParams<B::Buf>,
+    /// Residual adds and the LayerNorms that read them as one op
+    /// (`ops::add_layernorm`); set from the device when the model is made.
+    pub fused_add_layernorm: bool,
+}
+
+/// Where a block writes its output.
+enum BlockOut<'a, T> {
+    /// A buffer: the last block's `x_out`, or its class-token rows.
+    Buf(&'a mut T),
+    /// The next block (its index): its input, and on the fused path its LN1.
+    Next(&'a mut BlockActs<T>, usize),
 }
 
 /// Gradients have the parameters' structure.
@@ -127,7 +143,7 @@ impl<B: Backend> Vit<B> {
             }
             be.upload(t, BufKind::Param)
         })?;
-        Ok(Vit { cfg: cfg.clone(), ranks: ranks.clone(), params })
+        Ok(Vit { cfg: cfg.clone(), ranks: ranks.clone(), params, fused_add_layernorm: be.fuse_add_layernorm() })
     }
 
     /// Download the parameters to the host.
@@ -271,18 +287,21 @@ impl<B: Backend> Vit<B> {
             let (done, rest) = acts.blocks.split_at_mut(l + 1);
             let a = &mut done[l];
             let bp = &p.blocks[l];
-            layernorm::forward(be, &mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, &a.x_in, &bp.norm1_w, &bp.norm1_b, n, d, c.ln_eps)?;
+            // On the fused path the previous block wrote this LN1 with its output.
+            if !(self.fused_add_layernorm && l > 0) {
+                layernorm::forward(be, &mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, &a.x_in, &bp.norm1_w, &bp.norm1_b, n, d, c.ln_eps)?;
+            }
             linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut a.q, a.h[BlockLinear::Q].as_mut(), &a.ln1, n)?;
             linear_forward(be, &bp.k, self.linear_shape(l, BlockLinear::K), &mut a.k, a.h[BlockLinear::K].as_mut(), &a.ln1, n)?;
             linear_forward(be, &bp.v, self.linear_shape(l, BlockLinear::V), &mut a.v, a.h[BlockLinear::V].as_mut(), &a.ln1, n)?;
             attention::forward(be, &mut a.attn, &mut a.probs, &a.q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
             match (rest.first_mut(), outputs) {
-                (Some(next), _) => self.block_tail(be, l, a, None, &mut next.x_in, n)?,
-                (None, Outputs::Everything) => self.block_tail(be, l, a, None, &mut acts.x_out, n)?,
+                (Some(next), _) => self.block_tail(be, l, a, None, BlockOut::Next(next, l + 1), n)?,
+                (None, Outputs::Everything) => self.block_tail(be, l, a, None, BlockOut::Buf(&mut acts.x_out), n)?,
                 (None, Outputs::LogitsOnly) => {
                     embed::cls_gather(be, &mut acts.cls_x_in, &a.x_in, batch, t, d)?;
                     embed::cls_gather(be, &mut acts.cls_attn, &a.attn, batch, t, d)?;
-                    self.block_tail(be, l, a, Some((&acts.cls_x_in, &acts.cls_attn)), &mut acts.cls, batch)?;
+                    self.block_tail(be, l, a, Some((&acts.cls_x_in, &acts.cls_attn)), BlockOut::Buf(&mut acts.cls), batch)?;
                 }
             }
         }
@@ -295,21 +314,32 @@ impl<B: Backend> Vit<B> {
     }
 
     /// The rest of block `l` after attention, on `rows` rows, writing the
-    /// block's output to `x_next`:
+    /// block's output to `out`:
     /// `m = x_in + proj(attn)`, `x_next = m + fc2(GELU(fc1(LN2(m))))`.
     /// `x_in` and `attn` are the block's own (`a.x_in`, `a.attn`) unless
     /// `inputs` gives other rows of them.
-    fn block_tail(&self, be: &B, l: usize, a: &mut BlockActs<B::Buf>, inputs: Option<(&B::Buf, &B::Buf)>, x_next: &mut B::Buf, rows: usize) -> Result<()> {
+    fn block_tail(&self, be: &B, l: usize, a: &mut BlockActs<B::Buf>, inputs: Option<(&B::Buf, &B::Buf)>, out: BlockOut<'_, B::Buf>, rows: usize) -> Result<()> {
         let (c, bp) = (&self.cfg, &self.params.blocks[l]);
         let d = c.width;
         let (x_in, attn) = inputs.unwrap_or((&a.x_in, &a.attn));
         linear_forward(be, &bp.proj, self.linear_shape(l, BlockLinear::Proj), &mut a.attn_out, a.h[BlockLinear::Proj].as_mut(), attn, rows)?;
-        add::add(be, &mut a.x_mid, x_in, &a.attn_out, rows * d)?;
-        layernorm::forward(be, &mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.x_mid, &bp.norm2_w, &bp.norm2_b, rows, d, c.ln_eps)?;
+        if self.fused_add_layernorm {
+            add_layernorm::forward(be, &mut a.x_mid, &mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, x_in, &a.attn_out, &bp.norm2_w, &bp.norm2_b, rows, d, c.ln_eps)?;
+        } else {
+            add::add(be, &mut a.x_mid, x_in, &a.attn_out, rows * d)?;
+            layernorm::forward(be, &mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.x_mid, &bp.norm2_w, &bp.norm2_b, rows, d, c.ln_eps)?;
+        }
         linear_forward(be, &bp.fc1, self.linear_shape(l, BlockLinear::Fc1), &mut a.fc1_pre, a.h[BlockLinear::Fc1].as_mut(), &a.ln2, rows)?;
         gelu::forward(be, &mut a.fc1_act, &a.fc1_pre, rows * c.mlp)?;
         linear_forward(be, &bp.fc2, self.linear_shape(l, BlockLinear::Fc2), &mut a.mlp_out, a.h[BlockLinear::Fc2].as_mut(), &a.fc1_act, rows)?;
-        add::add(be, x_next, &a.x_mid, &a.mlp_out, rows * d)
+        match out {
+            BlockOut::Next(next, nl) if self.fused_add_layernorm => {
+                let np = &self.params.blocks[nl];
+                add_layernorm::forward(be, &mut next.x_in, &mut next.ln1, &mut next.ln1_mean, &mut next.ln1_rstd, &a.x_mid, &a.mlp_out, &np.norm1_w, &np.norm1_b, rows, d, c.ln_eps)
+            }
+            BlockOut::Next(next, _) => add::add(be, &mut next.x_in, &a.x_mid, &a.mlp_out, rows * d),
+            BlockOut::Buf(x_next) => add::add(be, x_next, &a.x_mid, &a.mlp_out, rows * d),
+        }
     }
 
     /// Backward pass from `d_logits` (`[batch, classes]`), after `forward`
@@ -346,13 +376,19 @@ impl<B: Backend> Vit<B> {
         embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
 
         // Blocks in reverse; s.dx holds the gradient of the block's output.
+        // On the fused path a LayerNorm's backward also leaves a copy of its
+        // dx in s.d_sub (`d_sub_ready`), the copy each sub-layer starts from.
+        let fused = self.fused_add_layernorm;
+        let mut d_sub_ready = false;
         for l in (0..c.depth).rev() {
             let a = &acts.blocks[l];
             let bp = &p.blocks[l];
             let g = &mut grads.blocks[l];
 
             // MLP sub-layer: f_mlp = fc2(gelu(fc1(LN2(m)))).
-            be.copy(&mut s.d_sub, &s.dx, n * d)?;
+            if !d_sub_ready {
+                be.copy(&mut s.d_sub, &s.dx, n * d)?;
+            }
             if let Some(f) = feature_grads {
                 add::add_assign(be, &mut s.d_sub, &f[l].1, n * d)?;
             }
@@ -360,10 +396,14 @@ impl<B: Backend> Vit<B> {
             gelu::backward(be, &mut s.d_hidden2, &a.fc1_pre, &s.d_hidden, n * c.mlp)?;
             linear_backward(be, &bp.fc1, &mut g.fc1, self.linear_shape(l, BlockLinear::Fc1), Some(&mut s.d_ln), false, &s.d_hidden2, &a.ln2, a.h[BlockLinear::Fc1].as_ref(), Some(&mut s.dh), n)?;
             // m feeds both the residual and LN2: the LN2 gradient is added.
-            layernorm::backward(be, &mut s.dx, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, n, d)?;
+            if fused {
+                add_layernorm::backward(be, &mut s.dx, &mut s.d_sub, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, n, d)?;
+            } else {
+                layernorm::backward(be, &mut s.dx, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, n, d)?;
+                be.copy(&mut s.d_sub, &s.dx, n * d)?;
+            }
 
             // Attention sub-layer: f_attn = proj(attention(q, k, v of LN1(x))).
-            be.copy(&mut s.d_sub, &s.dx, n * d)?;
             if let Some(f) = feature_grads {
                 add::add_assign(be, &mut s.d_sub, &f[l].0, n * d)?;
             }
@@ -372,7 +412,13 @@ impl<B: Backend> Vit<B> {
             linear_backward(be, &bp.q, &mut g.q, self.linear_shape(l, BlockLinear::Q), Some(&mut s.d_ln), false, &s.dq, &a.ln1, a.h[BlockLinear::Q].as_ref(), Some(&mut s.dh), n)?;
             linear_backward(be, &bp.k, &mut g.k, self.linear_shape(l, BlockLinear::K), Some(&mut s.d_ln), true, &s.dk, &a.ln1, a.h[BlockLinear::K].as_ref(), Some(&mut s.dh), n)?;
             linear_backward(be, &bp.v, &mut g.v, self.linear_shape(l, BlockLinear::V), Some(&mut s.d_ln), true, &s.dv, &a.ln1, a.h[BlockLinear::V].as_ref(), Some(&mut s.dh), n)?;
-            layernorm::backward(be, &mut s.dx, &mut g.norm1_w, &mut g.norm1_b, &s.d_ln, &a.x_in, &a.ln1_mean, &a.ln1_rstd, &bp.norm1_w, n, d)?;
+            // x_in is the previous block's output, whose MLP sub-layer starts from this dx.
+            d_sub_ready = fused && l > 0;
+            if d_sub_ready {
+                add_layernorm::backward(be, &mut s.dx, &mut s.d_sub, &mut g.norm1_w, &mut g.norm1_b, &s.d_ln, &a.x_in, &a.ln1_mean, &a.ln1_rstd, &bp.norm1_w, n, d)?;
+            } else {
+                layernorm::backward(be, &mut s.dx, &mut g.norm1_w, &mut g.norm1_b, &s.d_ln, &a.x_in, &a.ln1_mean, &a.ln1_rstd, &bp.norm1_w, n, d)?;
+            }
         }
 
         // Embeddings.

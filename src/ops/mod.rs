@@ -22,6 +22,7 @@
 
 pub mod adamw;
 pub mod add;
+pub mod add_layernorm;
 pub mod attention;
 pub mod embed;
 pub mod gelu;
@@ -32,7 +33,7 @@ pub mod lowrank;
 pub mod matmul;
 pub mod simd;
 
-use crate::device::{check_len, Cpu, Device};
+use crate::device::{check_len, Cpu, Device, Work};
 use anyhow::Result;
 
 /// Proof that an op's checked entry point has validated the call: every
@@ -52,6 +53,7 @@ pub trait Backend:
     Device
     + adamw::AdamWKernel
     + add::AddKernel
+    + add_layernorm::AddLayerNormKernel
     + attention::AttentionKernel
     + embed::EmbedKernel
     + gelu::GeluKernel
@@ -72,9 +74,112 @@ pub(in crate::ops) fn need<D: Device>(dev: &D, what: &str, buf: &D::Buf, len: us
     check_len(what, dev.len(buf), len)
 }
 
+/// Runs an op's device body, inside a profile span of the device when
+/// `work` is given (`Some` only while `Device::profiling()`: each entry
+/// point writes `dev.profiling().then(|| ...)`, so the work is not even
+/// computed otherwise). The span ends also when the body fails.
+pub(in crate::ops) fn profiled<D: Device>(dev: &D, op: &'static str, work: Option<Work>, body: impl FnOnce() -> Result<()>) -> Result<()> {
+    let Some(work) = work else { return body() };
+    dev.op_begin(op)?;
+    let result = body();
+    dev.op_end(op, work)?;
+    result
+}
+
+/// The least work of an op call: `flops`, and the bytes of touching the
+/// given number of elements of each buffer once, in the buffer's storage
+/// type (a buffer that is read and written is listed twice).
+pub(in crate::ops) fn work<D: Device>(dev: &D, touched: &[(&D::Buf, usize)], flops: f64) -> Work {
+    Work::new(touched.iter().map(|(b, n)| (*n * dev.element_bytes(b)) as f64).sum(), flops)
+}
+
 /// `a · b` for shape arithmetic, an error instead of an overflow.
 pub(in crate::ops) fn product(what: &str, dims: &[usize]) -> Result<usize> {
     dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| anyhow::anyhow!("{what}: shape {dims:?} overflows"))
+}
+
+#[cfg(test)]
+mod profile_tests {
+    use super::{profiled, work};
+    use crate::device::{BufKind, Device, Precision, Work};
+    use anyhow::Result;
+    use std::sync::Mutex;
+
+    /// A device that only records its profile spans (2-byte elements, like bf16).
+    #[derive(Default)]
+    struct Recorder {
+        on: bool,
+        spans: Mutex<Vec<String>>,
+    }
+
+    impl Device for Recorder {
+        type Buf = Vec<f32>;
+        fn name(&self) -> String {
+            "recorder".into()
+        }
+        fn precision(&self) -> Precision {
+            Precision::Bf16
+        }
+        fn alloc(&self, len: usize, _: BufKind) -> Result<Vec<f32>> {
+            Ok(vec![0.0; len])
+        }
+        fn upload(&self, host: &[f32], _: BufKind) -> Result<Vec<f32>> {
+            Ok(host.to_vec())
+        }
+        fn write(&self, buf: &mut Vec<f32>, host: &[f32]) -> Result<()> {
+            buf[..host.len()].copy_from_slice(host);
+            Ok(())
+        }
+        fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+            Ok(buf.clone())
+        }
+        fn len(&self, buf: &Vec<f32>) -> usize {
+            buf.len()
+        }
+        fn zero(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
+            buf[..len].fill(0.0);
+            Ok(())
+        }
+        fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>, len: usize) -> Result<()> {
+            dst[..len].copy_from_slice(&src[..len]);
+            Ok(())
+        }
+        fn element_bytes(&self, _: &Vec<f32>) -> usize {
+            2
+        }
+        fn profiling(&self) -> bool {
+            self.on
+        }
+        fn op_begin(&self, op: &'static str) -> Result<()> {
+            self.spans.lock().unwrap().push(format!("begin {op}"));
+            Ok(())
+        }
+        fn op_end(&self, op: &'static str, w: Work) -> Result<()> {
+            self.spans.lock().unwrap().push(format!("end {op} {} {}", w.bytes, w.flops));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_profiling_device_sees_each_call_with_its_work_and_others_see_nothing() {
+        let (x, mut y) = (vec![0f32; 10], vec![0f32; 10]);
+        for on in [false, true] {
+            let dev = Recorder { on, ..Default::default() };
+            let w = dev.profiling().then(|| work(&dev, &[(&x, 10), (&y, 6)], 7.0));
+            profiled(&dev, "op", w, || {
+                y[0] = 1.0;
+                Ok(())
+            })
+            .unwrap();
+            // A failing body still closes its span, and its error comes back.
+            let failed = profiled(&dev, "bad", dev.profiling().then(Work::default), || anyhow::bail!("no"));
+            assert!(failed.is_err());
+            let spans = dev.spans.lock().unwrap().clone();
+            let want: Vec<String> = if on { vec!["begin op".into(), "end op 32 7".into(), "begin bad".into(), "end bad 0 0".into()] } else { vec![] };
+            assert_eq!(spans, want);
+        }
+        assert_eq!(y[0], 1.0);
+    }
 }
 
 #[cfg(all(test, feature = "cuda"))]

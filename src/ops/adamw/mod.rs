@@ -11,7 +11,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, Checked};
+use super::{need, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::Result;
 
@@ -41,7 +41,8 @@ pub trait AdamWKernel: Device {
 pub fn sum_squares<D: AdamWKernel>(dev: &D, acc: &mut D::Buf, x: &D::Buf, len: usize) -> Result<()> {
     need(dev, "sum_squares acc", acc, 1)?;
     need(dev, "sum_squares x", x, len)?;
-    dev.sum_squares(acc, x, len, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(x, len), (acc, 2)], 2.0 * len as f64));
+    profiled(dev, "sum_squares", w, || dev.sum_squares(acc, x, len, Checked::new()))
 }
 
 /// One AdamW step on `param[len]` with gradient `grad`, moments `m`, `v`.
@@ -60,7 +61,10 @@ pub fn update<D: AdamWKernel>(dev: &D, param: &mut D::Buf, grad: &D::Buf, m: &mu
     if hp.step == 0 {
         anyhow::bail!("adamw: step numbers start at 1 (bias correction divides by 1 - beta^step)");
     }
-    dev.adamw_update(param, grad, m, v, grad_norm_sq, len, hp, Checked::new())
+    // param, m, v read and written, grad read (a bf16 weight copy that the
+    // kernel also rewrites is not counted); about 16 operations per element.
+    let w = dev.profiling().then(|| work(dev, &[(param, 2 * len), (m, 2 * len), (v, 2 * len), (grad, len)], 16.0 * len as f64));
+    profiled(dev, "adamw_update", w, || dev.adamw_update(param, grad, m, v, grad_norm_sq, len, hp, Checked::new()))
 }
 
 #[cfg(test)]

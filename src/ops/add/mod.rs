@@ -11,7 +11,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, Checked};
+use super::{need, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::Result;
 
@@ -26,14 +26,16 @@ pub fn add<D: AddKernel>(dev: &D, dst: &mut D::Buf, a: &D::Buf, b: &D::Buf, len:
     need(dev, "add dst", dst, len)?;
     need(dev, "add a", a, len)?;
     need(dev, "add b", b, len)?;
-    dev.add(dst, a, b, len, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(dst, len), (a, len), (b, len)], len as f64));
+    profiled(dev, "add", w, || dev.add(dst, a, b, len, Checked::new()))
 }
 
 /// Adds `dst[i] += src[i]` for `i < len`.
 pub fn add_assign<D: AddKernel>(dev: &D, dst: &mut D::Buf, src: &D::Buf, len: usize) -> Result<()> {
     need(dev, "add_assign dst", dst, len)?;
     need(dev, "add_assign src", src, len)?;
-    dev.add_assign(dst, src, len, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(dst, 2 * len), (src, len)], len as f64));
+    profiled(dev, "add_assign", w, || dev.add_assign(dst, src, len, Checked::new()))
 }
 
 #[cfg(test)]

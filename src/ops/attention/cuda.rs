@@ -3,11 +3,13 @@
 //! memory fits the device (ViT: T ≤ 256, head_dim ≤ 128; T = 197, dh = 64
 //! needs 118 KiB); otherwise the unfused path runs: strided-batched cuBLAS
 //! GEMMs per image plus row-softmax kernels, which is also the benchmark
-//! baseline.
+//! baseline. With `EFFRANK_CUDA_SHORT_ATTENTION=1` (`CudaPaths`), sequences
+//! of at most 64 tokens with head_dim a multiple of 16 run the short
+//! kernels instead (tensor cores in bf16; ViT-B/32: 50 tokens).
 
 use super::AttentionKernel;
 use crate::device::cuda::{CudaBuf, DriverResultExt};
-use crate::device::{BufKind, Cuda, Device};
+use crate::device::{BufKind, Cuda, Device, Precision};
 use crate::ops::matmul::cuda::{gemm, Mat, RowMajorGemm};
 use crate::ops::Checked;
 use anyhow::Result;
@@ -38,13 +40,99 @@ fn block_config(batch: usize, heads: usize, smem: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: ((batch * heads) as u32, 1, 1), block_dim: ((WARPS * 32) as u32, 1, 1), shared_mem_bytes: smem as u32 }
 }
 
+/// Largest sequence and head width of the short kernels.
+pub const MAX_SHORT_TOKENS: usize = 64;
+pub const MAX_SHORT_HEAD_DIM: usize = 128;
+/// Threads per block of the short kernels (SHORT_WARPS = 4 in the kernel file).
+const SHORT_THREADS: u32 = 128;
+
+/// The short kernels' shared-memory layout (kernels/attention.cu): T and
+/// the columns padded to TP (a multiple of 16), rows of head tiles dh + 8
+/// elements, rows of P and dS TP + 8, and one fp32 tile of rows max(TP, dh) + 4.
+fn short_layout(precision: Precision, t: usize, dh: usize) -> (usize, usize, usize) {
+    let tp = t.div_ceil(16) * 16;
+    let elem = match precision {
+        Precision::F32 => 4,
+        Precision::Bf16 => 2,
+    };
+    (elem * tp * (dh + 8), elem * tp * (tp + 8), 4 * tp * (tp.max(dh) + 4))
+}
+
+/// Shared memory of the short forward: Q, K, V, P and the fp32 tile.
+pub fn short_forward_smem_bytes(precision: Precision, t: usize, dh: usize) -> usize {
+    let (head, square, tile) = short_layout(precision, t, dh);
+    3 * head + square + tile
+}
+
+/// Shared memory of the short backward: Q, K, V, dO, P, dS and the fp32 tile.
+pub fn short_backward_smem_bytes(precision: Precision, t: usize, dh: usize) -> usize {
+    let (head, square, tile) = short_layout(precision, t, dh);
+    4 * head + 2 * square + tile
+}
+
+/// Whether the short kernels take `t` tokens of width `dh` with `smem` bytes on this device.
+fn short_fits(be: &Cuda, t: usize, dh: usize, smem: usize) -> bool {
+    (1..=MAX_SHORT_TOKENS).contains(&t) && dh.is_multiple_of(16) && dh <= MAX_SHORT_HEAD_DIM && smem <= be.max_shared_bytes()
+}
+
+fn short_config(batch: usize, heads: usize, smem: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((batch * heads) as u32, 1, 1), block_dim: (SHORT_THREADS, 1, 1), shared_mem_bytes: smem as u32 }
+}
+
 impl AttentionKernel for Cuda {
     fn attention_forward(&self, out: &mut CudaBuf, probs: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, ok: Checked) -> Result<()> {
-        fused_forward(self, out, probs, q, k, v, batch, tokens, heads, head_dim, ok)
+        if self.paths().short_attention {
+            short_forward(self, out, probs, q, k, v, batch, tokens, heads, head_dim, ok)
+        } else {
+            fused_forward(self, out, probs, q, k, v, batch, tokens, heads, head_dim, ok)
+        }
     }
     fn attention_backward(&self, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, probs: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, ok: Checked) -> Result<()> {
-        fused_backward(self, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok)
+        if self.paths().short_attention {
+            short_backward(self, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok)
+        } else {
+            fused_backward(self, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok)
+        }
     }
+}
+
+/// `attention_short_forward(act_t* out, act_t* probs, const act_t* q, const
+/// act_t* k, const act_t* v, int tokens, int heads, int head_dim)`, or
+/// `fused_forward` where the short kernel does not take the shape.
+#[allow(clippy::too_many_arguments)]
+pub fn short_forward(be: &Cuda, out: &mut CudaBuf, probs: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, ok: Checked) -> Result<()> {
+    let smem = short_forward_smem_bytes(be.precision(), tokens, head_dim);
+    if batch * heads == 0 || !short_fits(be, tokens, head_dim, smem) {
+        return fused_forward(be, out, probs, q, k, v, batch, tokens, heads, head_dim, ok);
+    }
+    let a = [tokens, heads, head_dim].map(|v| v as i32);
+    let (o, p) = (be.act_mut(out, "attention out")?, be.act_mut(probs, "attention probs")?);
+    let (qp, kp, vp) = (be.act(q, "attention q")?, be.act(k, "attention k")?, be.act(v, "attention v")?);
+    let f = be.function("attention", "attention_short_forward", smem)?;
+    let mut l = be.stream().launch_builder(&f);
+    l.arg(&o).arg(&p).arg(&qp).arg(&kp).arg(&vp).arg(&a[0]).arg(&a[1]).arg(&a[2]);
+    unsafe { l.launch(short_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_short_forward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
+    Ok(())
+}
+
+/// `attention_short_backward(act_t* dq, act_t* dk, act_t* dv, const act_t*
+/// dout, const act_t* q, const act_t* k, const act_t* v, const act_t* probs,
+/// int tokens, int heads, int head_dim)`, or `fused_backward` where the
+/// short kernel does not take the shape.
+#[allow(clippy::too_many_arguments)]
+pub fn short_backward(be: &Cuda, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, probs: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, ok: Checked) -> Result<()> {
+    let smem = short_backward_smem_bytes(be.precision(), tokens, head_dim);
+    if batch * heads == 0 || !short_fits(be, tokens, head_dim, smem) {
+        return fused_backward(be, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok);
+    }
+    let a = [tokens, heads, head_dim].map(|v| v as i32);
+    let (dqp, dkp, dvp) = (be.act_mut(dq, "attention dq")?, be.act_mut(dk, "attention dk")?, be.act_mut(dv, "attention dv")?);
+    let (dop, qp, kp, vp, pp) = (be.act(dout, "attention dout")?, be.act(q, "attention q")?, be.act(k, "attention k")?, be.act(v, "attention v")?, be.act(probs, "attention probs")?);
+    let f = be.function("attention", "attention_short_backward", smem)?;
+    let mut l = be.stream().launch_builder(&f);
+    l.arg(&dqp).arg(&dkp).arg(&dvp).arg(&dop).arg(&qp).arg(&kp).arg(&vp).arg(&pp).arg(&a[0]).arg(&a[1]).arg(&a[2]);
+    unsafe { l.launch(short_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_short_backward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
+    Ok(())
 }
 
 /// `attention_forward(act_t* out, act_t* probs, const act_t* q, const

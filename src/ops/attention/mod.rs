@@ -12,7 +12,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, product, Checked};
+use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::Result;
 
@@ -61,14 +61,23 @@ pub fn check_backward<D: Device>(dev: &D, dq: &D::Buf, dk: &D::Buf, dv: &D::Buf,
 #[allow(clippy::too_many_arguments)]
 pub fn forward<D: AttentionKernel>(dev: &D, out: &mut D::Buf, probs: &mut D::Buf, q: &D::Buf, k: &D::Buf, v: &D::Buf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
     let ok = check_forward(dev, out, probs, q, k, v, batch, tokens, heads, head_dim)?;
-    dev.attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim, ok)
+    let w = dev.profiling().then(|| {
+        let (n, pn) = (batch * tokens * heads * head_dim, batch * heads * tokens * tokens);
+        work(dev, &[(q, n), (k, n), (v, n), (out, n), (probs, pn)], 4.0 * (pn * head_dim) as f64)
+    });
+    profiled(dev, "attention_forward", w, || dev.attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim, ok))
 }
 
 /// Attention backward: WRITES `dq`, `dk`, `dv` from `dout`.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<D: AttentionKernel>(dev: &D, dq: &mut D::Buf, dk: &mut D::Buf, dv: &mut D::Buf, dout: &D::Buf, q: &D::Buf, k: &D::Buf, v: &D::Buf, probs: &D::Buf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
     let ok = check_backward(dev, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim)?;
-    dev.attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok)
+    // Four products of 2·T²·dh each per (image, head): dP, dV, dQ, dK.
+    let w = dev.profiling().then(|| {
+        let (n, pn) = (batch * tokens * heads * head_dim, batch * heads * tokens * tokens);
+        work(dev, &[(dout, n), (q, n), (k, n), (v, n), (probs, pn), (dq, n), (dk, n), (dv, n)], 8.0 * (pn * head_dim) as f64)
+    });
+    profiled(dev, "attention_backward", w, || dev.attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok))
 }
 
 #[cfg(test)]
@@ -178,6 +187,21 @@ mod tests {
         check_on(dev, 1, 256, 2, 128, t);
     }
 
+    /// Sequences of at most 64 tokens, head widths multiples of 16: the
+    /// short kernels on a device with `EFFRANK_CUDA_SHORT_ATTENTION` on
+    /// (`cuda_*_new_paths`), the fused kernels otherwise. ViT-B/32's 50
+    /// tokens; one token; 17 and 33 tokens (padding inside a 16-row tile);
+    /// exactly 64; head widths 16 to 128.
+    fn short_sequences_match_the_cpu<D: Backend>(dev: &D) {
+        let t = tol(dev.precision(), RED);
+        check_on(dev, 4, 50, 3, 64, t);
+        check_on(dev, 3, 17, 2, 16, t);
+        check_on(dev, 2, 33, 2, 48, t);
+        check_on(dev, 1, 64, 2, 128, t);
+        check_on(dev, 5, 1, 1, 32, t);
+    }
+
     crate::on_every_device!(fused_vit_shapes_match_the_cpu);
+    crate::on_every_device!(short_sequences_match_the_cpu);
     crate::on_every_device!(long_sequences_match_the_cpu);
 }

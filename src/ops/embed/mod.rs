@@ -13,7 +13,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, product, Checked};
+use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::{bail, Result};
 
@@ -50,7 +50,8 @@ pub fn patch_gather<D: EmbedKernel>(dev: &D, patches: &mut D::Buf, images: &D::B
     let n = product("patch_gather", &[batch, channels, size, size])?;
     need(dev, "patch_gather images", images, n)?;
     need(dev, "patch_gather patches", patches, n)?;
-    dev.patch_gather(patches, images, batch, channels, size, patch, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(images, n), (patches, n)], 0.0));
+    profiled(dev, "patch_gather", w, || dev.patch_gather(patches, images, batch, channels, size, patch, Checked::new()))
 }
 
 /// Writes the token sequence `x[batch, 1 + n_patches, width]`: token 0 is
@@ -63,7 +64,8 @@ pub fn tokens_forward<D: EmbedKernel>(dev: &D, x: &mut D::Buf, patch_out: &D::Bu
     need(dev, "tokens patch_out", patch_out, product("tokens patch_out", &[batch, n_patches, width])?)?;
     need(dev, "tokens cls", cls, width)?;
     need(dev, "tokens pos", pos, product("tokens pos", &[t, width])?)?;
-    dev.tokens_forward(x, patch_out, cls, pos, batch, n_patches, width, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(x, batch * t * width), (patch_out, batch * n_patches * width), (pos, t * width), (cls, width)], (batch * t * width) as f64));
+    profiled(dev, "tokens_forward", w, || dev.tokens_forward(x, patch_out, cls, pos, batch, n_patches, width, Checked::new()))
 }
 
 /// Backward of `tokens_forward`: WRITES `dpatch_out`, ADDS to `dcls` and `dpos`.
@@ -75,7 +77,8 @@ pub fn tokens_backward<D: EmbedKernel>(dev: &D, dpatch_out: &mut D::Buf, dcls: &
     need(dev, "tokens dpatch_out", dpatch_out, product("tokens dpatch_out", &[batch, n_patches, width])?)?;
     need(dev, "tokens dcls", dcls, width)?;
     need(dev, "tokens dpos", dpos, product("tokens dpos", &[t, width])?)?;
-    dev.tokens_backward(dpatch_out, dcls, dpos, dx, batch, n_patches, width, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(dx, batch * t * width), (dpatch_out, batch * n_patches * width), (dpos, 2 * t * width), (dcls, 2 * width)], (batch * t * width) as f64));
+    profiled(dev, "tokens_backward", w, || dev.tokens_backward(dpatch_out, dcls, dpos, dx, batch, n_patches, width, Checked::new()))
 }
 
 /// Writes `out[batch, width] = x[batch, tokens, width][:, 0, :]` (class-token pooling).
@@ -83,7 +86,8 @@ pub fn cls_gather<D: EmbedKernel>(dev: &D, out: &mut D::Buf, x: &D::Buf, batch: 
     positive("cls_gather", "tokens", tokens)?;
     need(dev, "cls_gather x", x, product("cls_gather x", &[batch, tokens, width])?)?;
     need(dev, "cls_gather out", out, product("cls_gather out", &[batch, width])?)?;
-    dev.cls_gather(out, x, batch, tokens, width, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(x, batch * width), (out, batch * width)], 0.0));
+    profiled(dev, "cls_gather", w, || dev.cls_gather(out, x, batch, tokens, width, Checked::new()))
 }
 
 /// Backward of `cls_gather`: ADDS `dout[b]` to `dx[b, 0]`.
@@ -91,7 +95,8 @@ pub fn cls_scatter_add<D: EmbedKernel>(dev: &D, dx: &mut D::Buf, dout: &D::Buf, 
     positive("cls_scatter_add", "tokens", tokens)?;
     need(dev, "cls_scatter dx", dx, product("cls_scatter dx", &[batch, tokens, width])?)?;
     need(dev, "cls_scatter dout", dout, product("cls_scatter dout", &[batch, width])?)?;
-    dev.cls_scatter_add(dx, dout, batch, tokens, width, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(dx, 2 * batch * width), (dout, batch * width)], (batch * width) as f64));
+    profiled(dev, "cls_scatter_add", w, || dev.cls_scatter_add(dx, dout, batch, tokens, width, Checked::new()))
 }
 
 #[cfg(test)]

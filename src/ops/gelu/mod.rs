@@ -9,7 +9,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, Checked};
+use super::{need, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::Result;
 
@@ -23,7 +23,9 @@ pub trait GeluKernel: Device {
 pub fn forward<D: GeluKernel>(dev: &D, out: &mut D::Buf, x: &D::Buf, len: usize) -> Result<()> {
     need(dev, "gelu out", out, len)?;
     need(dev, "gelu x", x, len)?;
-    dev.gelu_forward(out, x, len, Checked::new())
+    // erf and a few multiplies: about 20 operations per element.
+    let w = dev.profiling().then(|| work(dev, &[(x, len), (out, len)], 20.0 * len as f64));
+    profiled(dev, "gelu_forward", w, || dev.gelu_forward(out, x, len, Checked::new()))
 }
 
 /// Writes `dx[i] = dout[i] · gelu'(x[i])` for `i < len`.
@@ -31,7 +33,8 @@ pub fn backward<D: GeluKernel>(dev: &D, dx: &mut D::Buf, x: &D::Buf, dout: &D::B
     need(dev, "gelu dx", dx, len)?;
     need(dev, "gelu x", x, len)?;
     need(dev, "gelu dout", dout, len)?;
-    dev.gelu_backward(dx, x, dout, len, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(x, len), (dout, len), (dx, len)], 30.0 * len as f64));
+    profiled(dev, "gelu_backward", w, || dev.gelu_backward(dx, x, dout, len, Checked::new()))
 }
 
 #[cfg(test)]

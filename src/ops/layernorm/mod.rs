@@ -13,7 +13,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, product, Checked};
+use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::{bail, Result};
 
@@ -40,7 +40,8 @@ pub fn forward<D: LayerNormKernel>(dev: &D, out: &mut D::Buf, mean: &mut D::Buf,
     need(dev, "layernorm rstd", rstd, rows)?;
     need(dev, "layernorm gamma", gamma, cols)?;
     need(dev, "layernorm beta", beta, cols)?;
-    dev.layernorm_forward(out, mean, rstd, x, gamma, beta, rows, cols, eps, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(x, n), (out, n), (gamma, cols), (beta, cols), (mean, rows), (rstd, rows)], 8.0 * n as f64));
+    profiled(dev, "layernorm_forward", w, || dev.layernorm_forward(out, mean, rstd, x, gamma, beta, rows, cols, eps, Checked::new()))
 }
 
 /// LayerNorm backward: ADDS the input gradient to `dx` (the residual
@@ -49,7 +50,9 @@ pub fn forward<D: LayerNormKernel>(dev: &D, out: &mut D::Buf, mean: &mut D::Buf,
 #[allow(clippy::too_many_arguments)]
 pub fn backward<D: LayerNormKernel>(dev: &D, dx: &mut D::Buf, dgamma: &mut D::Buf, dbeta: &mut D::Buf, dout: &D::Buf, x: &D::Buf, mean: &D::Buf, rstd: &D::Buf, gamma: &D::Buf, rows: usize, cols: usize) -> Result<()> {
     let ok = check_backward(dev, dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols)?;
-    dev.layernorm_backward(dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols, ok)
+    let n = rows * cols;
+    let w = dev.profiling().then(|| work(dev, &[(dout, n), (x, n), (dx, 2 * n), (mean, rows), (rstd, rows), (gamma, cols), (dgamma, 2 * cols), (dbeta, 2 * cols)], 14.0 * n as f64));
+    profiled(dev, "layernorm_backward", w, || dev.layernorm_backward(dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols, ok))
 }
 
 /// The checks of `backward`, for callers that time a device's kernels one

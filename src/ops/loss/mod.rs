@@ -19,7 +19,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, product, Checked};
+use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::{bail, Result};
 
@@ -81,7 +81,11 @@ pub fn logit_loss<D: LossKernel>(dev: &D, ds: &mut D::Buf, loss: &mut D::Buf, s:
             bail!("logit_loss: label {bad} out of range for {classes} classes");
         }
     }
-    dev.logit_loss(ds, loss, s, teacher, labels, batch, classes, cfg, scale, Checked::new())
+    let w = dev.profiling().then(|| {
+        let t = teacher.map(|t| work(dev, &[(t, n)], 0.0)).unwrap_or_default();
+        work(dev, &[(s, n), (ds, n)], 30.0 * n as f64) + t
+    });
+    profiled(dev, "logit_loss", w, || dev.logit_loss(ds, loss, s, teacher, labels, batch, classes, cfg, scale, Checked::new()))
 }
 
 /// Feature-matching loss of one feature map `s, t: [rows, cols]`:
@@ -95,7 +99,8 @@ pub fn feature_loss<D: LossKernel>(dev: &D, ds: &mut D::Buf, loss: &mut D::Buf, 
     need(dev, "feature_loss t", t, n)?;
     need(dev, "feature_loss ds", ds, n)?;
     need(dev, "feature_loss loss", loss, 1)?;
-    dev.feature_loss(ds, loss, s, t, rows, cols, scale, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(s, n), (t, n), (ds, 2 * n)], 10.0 * n as f64));
+    profiled(dev, "feature_loss", w, || dev.feature_loss(ds, loss, s, t, rows, cols, scale, Checked::new()))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, product, Checked};
+use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::Result;
 
@@ -44,7 +44,8 @@ pub fn check_forward<D: Device>(dev: &D, y: &D::Buf, h: &D::Buf, x: &D::Buf, v: 
 #[allow(clippy::too_many_arguments)]
 pub fn forward<D: LowRankKernel>(dev: &D, y: &mut D::Buf, h: &mut D::Buf, x: &D::Buf, v: &D::Buf, u: &D::Buf, bias: &D::Buf, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
     let ok = check_forward(dev, y, h, x, v, u, bias, rows, inp, rank, out)?;
-    dev.lowrank_forward(y, h, x, v, u, bias, rows, inp, rank, out, ok)
+    let w = dev.profiling().then(|| work(dev, &[(y, rows * out), (h, rows * rank), (x, rows * inp), (v, rank * inp), (u, out * rank), (bias, out)], 2.0 * (rows * rank) as f64 * (inp + out) as f64));
+    profiled(dev, "lowrank_forward", w, || dev.lowrank_forward(y, h, x, v, u, bias, rows, inp, rank, out, ok))
 }
 
 #[cfg(test)]

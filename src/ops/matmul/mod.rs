@@ -10,7 +10,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, product, Checked};
+use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::Result;
 
@@ -31,7 +31,8 @@ pub fn matmul<D: MatmulKernel>(dev: &D, out: &mut D::Buf, a: &D::Buf, b: &D::Buf
     need(dev, "matmul out", out, product("matmul out", &[m, n])?)?;
     need(dev, "matmul a", a, product("matmul a", &[m, k])?)?;
     need(dev, "matmul b", b, product("matmul b", &[k, n])?)?;
-    dev.matmul(out, a, b, m, n, k, trans_a, trans_b, accumulate, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(out, if accumulate { 2 * m * n } else { m * n }), (a, m * k), (b, k * n)], 2.0 * (m * n) as f64 * k as f64));
+    profiled(dev, "matmul", w, || dev.matmul(out, a, b, m, n, k, trans_a, trans_b, accumulate, Checked::new()))
 }
 
 /// Dense linear layer: writes `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ + bias[out]`.
@@ -41,14 +42,16 @@ pub fn linear_forward<D: MatmulKernel>(dev: &D, y: &mut D::Buf, x: &D::Buf, w: &
     need(dev, "linear x", x, product("linear x", &[rows, inp])?)?;
     need(dev, "linear w", w, product("linear w", &[out, inp])?)?;
     need(dev, "linear bias", bias, out)?;
-    dev.linear_forward(y, x, w, bias, rows, inp, out, Checked::new())
+    let cost = dev.profiling().then(|| work(dev, &[(y, rows * out), (x, rows * inp), (w, out * inp), (bias, out)], 2.0 * (rows * out) as f64 * inp as f64));
+    profiled(dev, "linear_forward", cost, || dev.linear_forward(y, x, w, bias, rows, inp, out, Checked::new()))
 }
 
 /// Adds the column sums of `dy[rows, cols]` to `dbias[cols]`.
 pub fn bias_backward<D: MatmulKernel>(dev: &D, dbias: &mut D::Buf, dy: &D::Buf, rows: usize, cols: usize) -> Result<()> {
     need(dev, "bias_backward dbias", dbias, cols)?;
     need(dev, "bias_backward dy", dy, product("bias_backward dy", &[rows, cols])?)?;
-    dev.bias_backward(dbias, dy, rows, cols, Checked::new())
+    let w = dev.profiling().then(|| work(dev, &[(dy, rows * cols), (dbias, 2 * cols)], (rows * cols) as f64));
+    profiled(dev, "bias_backward", w, || dev.bias_backward(dbias, dy, rows, cols, Checked::new()))
 }
 
 #[cfg(test)]
