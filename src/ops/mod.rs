@@ -120,6 +120,9 @@ mod profile_tests {
         fn precision(&self) -> Precision {
             Precision::Bf16
         }
+        fn independent_workers(&self) -> usize {
+            1
+        }
         fn alloc(&self, len: usize, _: BufKind) -> Result<Vec<f32>> {
             Ok(vec![0.0; len])
         }
