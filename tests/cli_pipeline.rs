@@ -286,3 +286,16 @@ fn students_trained_at_once_equal_students_trained_one_by_one() {
     let bits = |rows: Vec<(u64, u64, f64)>| rows.into_iter().map(|(r, s, a)| (r, s, a.to_bits())).collect::<Vec<_>>();
     assert_eq!(bits(results(one.path())), bits(results(two.path())));
 }
+
+/// `EFFRANK_PROFILE=1` on the CPU prints the time per op of the whole
+/// command, and the run's results do not change.
+#[test]
+fn a_profiled_cpu_run_prints_time_per_op() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["train", "--model", "vit-demo", "--epochs", "1", "--device", "cpu", "--quiet", "--out", dir.path().to_str().unwrap()];
+    args.extend(DEMO);
+    let out = Command::new(BIN).args(&args).env("EFFRANK_PROFILE", "1").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("CPU time per op") && text.contains("linear_forward") && text.contains("attention_backward"), "{text}");
+}

@@ -42,7 +42,17 @@ pub fn main() -> Result<()> {
     // The whole command runs on a rayon worker (see `on_worker_thread`),
     // which then needs the main thread's stack size.
     let _ = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
-    effrank_engine::device::cpu::on_worker_thread(|| run(cli))
+    let started = std::time::Instant::now();
+    let result = effrank_engine::device::cpu::on_worker_thread(|| run(cli));
+    if let Some(table) = effrank_engine::device::cpu::take_profile().filter(|t| !t.is_empty()) {
+        let wall = started.elapsed().as_secs_f64();
+        eprintln!(
+            "EFFRANK_PROFILE: CPU time per op over the whole command (wall {wall:.2} s, of which {:.2} s in op calls; summed over threads):\n{}",
+            table.total_seconds(),
+            effrank_engine::perf::format_totals(&table)
+        );
+    }
+    result
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -4,8 +4,12 @@
 //! deterministic: the same inputs give the same bits whatever the thread
 //! count.
 
-use super::{check_len, BufKind, Device, Precision};
+use super::{check_len, BufKind, Device, Precision, Work};
+use crate::perf::OpTable;
 use anyhow::{anyhow, Result};
+use std::cell::Cell;
+use std::sync::{Mutex, OnceLock};
+use std::time::Instant;
 
 /// The CPU reference device.
 #[derive(Clone, Copy, Debug, Default)]
@@ -25,6 +29,35 @@ pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         return f();
     }
     rayon::scope(|_| f())
+}
+
+/// The CPU's op profile (`EFFRANK_PROFILE=1`): wall time of every
+/// outermost op call on every thread, summed per op (with several students
+/// at once, thread time, which can exceed the wall time). None when off.
+fn profile() -> Option<&'static Mutex<OpTable>> {
+    static PROFILE: OnceLock<Option<Mutex<OpTable>>> = OnceLock::new();
+    PROFILE.get_or_init(|| (std::env::var("EFFRANK_PROFILE").ok().as_deref().map(str::trim) == Some("1")).then(|| Mutex::new(OpTable::default()))).as_ref()
+}
+
+thread_local! {
+    /// Depth of op calls open on this thread, and when the outermost began.
+    static OPEN: Cell<(usize, Option<Instant>)> = const { Cell::new((0, None)) };
+}
+
+/// A zero or copy, profiled as an op of its own when profiling is on.
+fn profiled_memory(cpu: &Cpu, op: &'static str, work: Work, f: impl FnOnce()) -> Result<()> {
+    if profile().is_none() {
+        f();
+        return Ok(());
+    }
+    cpu.op_begin(op)?;
+    f();
+    cpu.op_end(op, work)
+}
+
+/// The CPU's op profile so far, emptied (None when profiling is off).
+pub fn take_profile() -> Option<OpTable> {
+    profile().map(|p| std::mem::take(&mut *p.lock().unwrap_or_else(|e| e.into_inner())))
 }
 
 impl Device for Cpu {
@@ -61,16 +94,33 @@ impl Device for Cpu {
     }
     fn zero(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
         check_len("zero", buf.len(), len)?;
-        buf[..len].fill(0.0);
-        Ok(())
+        profiled_memory(self, "zero", Work::new(4.0 * len as f64, 0.0), || buf[..len].fill(0.0))
     }
     fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>, len: usize) -> Result<()> {
         check_len("copy dst", dst.len(), len)?;
         check_len("copy src", src.len(), len)?;
-        dst[..len].copy_from_slice(&src[..len]);
-        Ok(())
+        profiled_memory(self, "copy", Work::new(8.0 * len as f64, 0.0), || dst[..len].copy_from_slice(&src[..len]))
     }
     fn element_bytes(&self, _buf: &Vec<f32>) -> usize {
         4
+    }
+    fn profiling(&self) -> bool {
+        profile().is_some()
+    }
+    fn op_begin(&self, _op: &'static str) -> Result<()> {
+        OPEN.with(|o| {
+            let (depth, start) = o.get();
+            o.set((depth + 1, if depth == 0 { Some(Instant::now()) } else { start }));
+        });
+        Ok(())
+    }
+    fn op_end(&self, op: &'static str, work: Work) -> Result<()> {
+        let (depth, start) = OPEN.with(|o| o.get());
+        let depth = depth.checked_sub(1).ok_or_else(|| anyhow!("profile: {op} ended without a start"))?;
+        OPEN.with(|o| o.set((depth, if depth == 0 { None } else { start })));
+        if let (0, Some(start), Some(table)) = (depth, start, profile()) {
+            table.lock().unwrap_or_else(|e| e.into_inner()).record(op, start.elapsed().as_secs_f64(), work);
+        }
+        Ok(())
     }
 }
