@@ -67,7 +67,7 @@ fn run<B: Backend>(be: &B, batch: usize) {
     let mut rng = Rng::new(0);
     let bytes: Vec<u8> = (0..batch * 3 * 224 * 224).map(|_| rng.below(256) as u8).collect();
     let labels: Vec<u32> = (0..batch).map(|_| rng.below(100) as u32).collect();
-    let t = ImageTransform { channels: 3, src_height: 224, src_width: 224, dst_size: 224, mean: [0.5; 3], std: [0.5; 3] };
+    let t = ImageTransform { channels: 3, src_height: 224, src_width: 224, dst_size: 224, mean: [0.5; 3], std: [0.5; 3], resize: None };
     let dense = dense_ranks(&cfg);
     let teacher_host = init_params(&cfg, &dense, 0);
     let f_dense = forward_flops(&cfg, &dense, batch);

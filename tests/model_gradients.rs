@@ -35,7 +35,7 @@ fn random_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f32
 }
 
 fn transform(cfg: &VitConfig) -> ImageTransform {
-    ImageTransform { channels: 3, src_height: cfg.image_size, src_width: cfg.image_size, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3] }
+    ImageTransform { channels: 3, src_height: cfg.image_size, src_width: cfg.image_size, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3], resize: None }
 }
 
 struct Case {

@@ -169,7 +169,7 @@ pub fn transform_for(cfg: &VitConfig, data: &Dataset, normalize: Normalize) -> R
     if data.channels != cfg.channels {
         bail!("the data has {} channels, the model expects {}", data.channels, cfg.channels);
     }
-    normalize.transform(data, cfg.image_size)
+    normalize.transform(data, cfg.image_size, None)
 }
 
 /// The normalization for a model trained from scratch on `--data`: CIFAR's
