@@ -3,7 +3,7 @@
 //! Hugging Face).
 
 use super::common::{dispatch, DataFlags, DeviceArg, TrainFlags, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_resumed_run, load_teacher_or_init, transform_for, warn_if_other_data, ModelSource, ShapeOverrides};
+use super::setup::{load_data_for, load_resumed_run, load_teacher_or_init, model_input, warn_if_other_data, ModelSource, ShapeOverrides};
 use anyhow::Result;
 use clap::Args;
 use effrank_engine::ops::Backend;
@@ -88,13 +88,12 @@ impl WithBackend for TrainArgs {
             None => ModelSource::Preset { name: self.model.clone(), seed: self.train.seed, shape: self.shape() },
         };
         let teacher = load_teacher_or_init(&source, train.classes)?;
-        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &choice.source);
-        let transform = transform_for(&teacher.cfg, &train, normalize)?;
+        let (normalize, transform) = model_input(&self.data, &teacher, &train, &choice.source)?;
         let model = Vit::from_host(be, &teacher.cfg, &teacher.ranks, &teacher.params)?;
         let mut learner = Learner::new(be, model, self.train.batch, self.train.optimizer())?;
         let loss = LossSpec { label_smoothing: self.label_smoothing, ..LossSpec::ce() };
         let fit_opts = self.train.fit_options("teacher", self.quiet);
-        let meta = RunMeta::teacher(normalize, Training { data: &data, loss: &loss, fit: &fit_opts, optimizer: self.train.optimizer() });
+        let meta = RunMeta::teacher(normalize, transform.resize, Training { data: &data, loss: &loss, fit: &fit_opts, optimizer: self.train.optimizer() });
         let files = RunFiles::new(&self.out);
         if let Some(resumed) = load_resumed_run(&files)? {
             warn_if_other_data(Some(&resumed), &data, &format!("the run being resumed in {}", self.out.display()));
