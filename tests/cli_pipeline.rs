@@ -331,3 +331,21 @@ fn factorize_picks_layers_and_blocks_and_calibrates_svd_act() {
     let e = fails(&["factorize", "--teacher", t, "--rank", "4", "--init", "svd-act", "--calibration", "0"]);
     assert!(e.contains("--calibration must be at least 1"), "{e}");
 }
+
+/// `--recipe reference` runs end to end (here with a demo-sized override
+/// of the resize, the ranks and the epochs) and its records say so.
+#[test]
+fn a_reference_recipe_sweep_records_the_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = vec!["sweep", "--recipe", "reference", "--teacher", teacher().to_str().unwrap(), "--ranks", "2,8", "--epochs", "1", "--resize", "20", "--device", "cpu", "--quiet", "--out", dir.path().to_str().unwrap()];
+    a.extend(DEMO);
+    let text = ok(&a);
+    assert!(text.contains("against the curve maximum"), "{text}");
+    let r = &student_records(dir.path())[0];
+    let settings = &r["settings"];
+    assert_eq!((r["seed"].as_u64(), settings["from_teacher"].as_str()), (Some(42), Some("embeddings")));
+    assert_eq!(settings["init"]["random"]["seed"], 42);
+    assert_eq!((settings["loss"]["feature"].as_f64(), settings["loss"]["ce"].as_f64()), (Some(1.0), Some(0.0)));
+    assert_eq!(settings["fit"]["min_lr"], settings["fit"]["lr"], "a constant learning rate");
+    assert_eq!(settings["fit"]["batch"], 24);
+}

@@ -112,6 +112,15 @@ pub struct DataFlags {
     pub demo_images: Option<usize>,
 }
 
+/// How the learning rate moves after the warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Schedule {
+    /// Cosine decay from --lr to --min-lr.
+    Cosine,
+    /// --lr until the end (the reference protocol: no schedule).
+    Constant,
+}
+
 /// Optimization settings shared by train, distill and sweep.
 #[derive(Args, Debug, Clone)]
 pub struct TrainFlags {
@@ -124,6 +133,10 @@ pub struct TrainFlags {
     /// Peak learning rate (AdamW).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
+    /// Learning-rate schedule after the warm-up: cosine (decay to
+    /// --min-lr) or constant (--lr throughout).
+    #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
+    pub schedule: Schedule,
     /// Final learning rate of the cosine schedule.
     #[arg(long, default_value_t = 1e-5)]
     pub min_lr: f32,
@@ -175,12 +188,21 @@ impl TrainFlags {
         AdamWConfig { weight_decay: self.wd, max_grad_norm: (self.clip > 0.0).then_some(self.clip), ..AdamWConfig::default() }
     }
 
+    /// The learning rate the schedule ends at: a constant schedule is the
+    /// cosine one with its floor at its peak.
+    fn floor_lr(&self) -> f32 {
+        match self.schedule {
+            Schedule::Cosine => self.min_lr.min(self.lr),
+            Schedule::Constant => self.lr,
+        }
+    }
+
     pub fn fit_options(&self, label: &str, quiet: bool) -> FitOptions {
         FitOptions {
             epochs: self.epochs,
             batch: self.batch,
             lr: self.lr,
-            min_lr: self.min_lr.min(self.lr),
+            min_lr: self.floor_lr(),
             warmup_epochs: self.warmup,
             seed: self.seed,
             augment: self.augment(),

@@ -2,7 +2,8 @@
 //! durably and resumably, then analyze. `--demo` runs the whole pipeline on
 //! the built-in data; `--status` shows a (distributed) sweep's progress.
 
-use super::common::{dispatch, DataFlags, DeviceArg, FactorFlags, LossFlags, TrainFlags, WithBackend};
+use super::common::{dispatch, DataFlags, DeviceArg, FactorFlags, LossFlags, Schedule, TrainFlags, WithBackend};
+use super::recipe::{self, Recipe};
 use super::setup::{load_data_for, load_model, load_teacher_or_init, model_input, transform_for, warn_if_other_data, ModelSource};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -44,16 +45,26 @@ use std::path::{Path, PathBuf};
 ///
 ///     effrank-engine sweep --teacher t.safetensors --ranks 2,4,8,16 --groups attn,mlp --out runs/groups
 ///
+/// The reference protocol's students (see the table at the end of --help):
+///
+///     effrank-engine sweep --recipe reference --teacher runs/b32-reference/model.safetensors \
+///         --data ~/cifar-100-binary --out runs/reference
+///
 /// --demo uses fixed settings: a vit-demo teacher trained 12 epochs on the
 /// demo data (runs/demo/teacher), students at ranks 1,2,4,8,16,32,64 distilled
 /// 6 epochs each with KD, lr 2e-3, batch 64; --ranks, --seeds, --out,
 /// --device and --quiet still apply.
 #[derive(Args, Debug)]
-#[command(verbatim_doc_comment)]
+#[command(verbatim_doc_comment, after_long_help = recipe::sweep_help())]
 pub struct SweepArgs {
     /// Run the built-in demo: train a small teacher, sweep, analyze.
     #[arg(long)]
     pub demo: bool,
+    /// Set every setting of a named protocol at once (`reference`: the
+    /// paper's students; see the table at the end of --help); a flag given
+    /// explicitly overrides the recipe's value.
+    #[arg(long, value_enum, conflicts_with = "demo")]
+    pub recipe: Option<Recipe>,
     /// The dense teacher (any importable naming).
     #[arg(long, required_unless_present_any = ["demo", "status"])]
     pub teacher: Option<PathBuf>,
@@ -301,6 +312,7 @@ fn train_demo_teacher<B: Backend>(be: &B, out: &Path, train: &Dataset, test: &Da
         epochs: DEMO_TEACHER_EPOCHS,
         batch: DEMO_BATCH,
         lr: DEMO_LR,
+        schedule: Schedule::Cosine,
         min_lr: 1e-5,
         wd: 0.05,
         warmup: 1.0,
