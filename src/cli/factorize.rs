@@ -24,10 +24,12 @@ use std::path::PathBuf;
 ///     effrank-engine factorize --teacher t.safetensors --rank 4 --init svd-act --calibration 256
 ///
 /// Prints a table per layer (shape, rank, parameters before and after,
-/// relative Frobenius error ‖W − UV‖/‖W‖) with totals and the compression
-/// ratio, and writes the student (default: student-r<R>.safetensors next to
-/// the teacher). --init svd-act calibrates on the teacher's training data
-/// (the data flags below; by default the data the teacher recorded).
+/// relative Frobenius error ‖W − UV‖/‖W‖; with svd-act also the relative
+/// output error ‖X(W − UV)ᵀ‖/‖XWᵀ‖ on the calibration inputs, of these
+/// factors and of plain SVD's) with totals and the compression ratio, and
+/// writes the student (default: student-r<R>.safetensors next to the
+/// teacher). --init svd-act calibrates on the teacher's training data (the
+/// data flags below; by default the data the teacher recorded).
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct FactorizeArgs {
@@ -93,10 +95,15 @@ fn calibration_data(flags: &DataFlags, teacher: &HostModel, normalize: Normalize
     Ok((train, transform))
 }
 
+/// The per-layer table; with svd-act also the relative output error on
+/// the calibration inputs, of these factors and of plain SVD's.
 fn print_table(reports: &[LayerReport]) {
-    println!("{:<22} {:>12} {:>5} {:>12} {:>12} {:>9}", "layer", "shape", "rank", "params", "factorized", "rel.err");
+    let calibrated = reports.iter().any(|r| r.output_error.is_some());
+    let outputs = |a: &str, b: &str| if calibrated { format!(" {a:>9} {b:>9}") } else { String::new() };
+    println!("{:<22} {:>12} {:>5} {:>12} {:>12} {:>9}{}", "layer", "shape", "rank", "params", "factorized", "rel.err", outputs("out.err", "svd.out"));
     for r in reports {
-        println!("{:<22} {:>12} {:>5} {:>12} {:>12} {:>9.4}", r.name, format!("{}x{}", r.out, r.inp), r.rank, r.params_before, r.params_after, r.rel_error);
+        let errors = outputs(&r.output_error.map_or("-".into(), |e| format!("{e:.4}")), &r.svd_output_error.map_or("-".into(), |e| format!("{e:.4}")));
+        println!("{:<22} {:>12} {:>5} {:>12} {:>12} {:>9.4}{errors}", r.name, format!("{}x{}", r.out, r.inp), r.rank, r.params_before, r.params_after, r.rel_error);
     }
     let before: usize = reports.iter().map(|r| r.params_before).sum();
     let after: usize = reports.iter().map(|r| r.params_after).sum();

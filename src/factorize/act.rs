@@ -56,6 +56,25 @@ pub fn svd_act_factors(w: &[f32], out: usize, inp: usize, r: usize, c: &[f64], n
     Ok((u, v, rel_error))
 }
 
+/// The relative output error of factors `u`, `v` of `w` on inputs of
+/// second moment `c`: `sqrt(tr(E C Eᵀ) / tr(W C Wᵀ))`, `E = W − UV`, i.e.
+/// `‖X (W − UV)ᵀ‖_F / ‖X Wᵀ‖_F` over the calibration rows (no ridge).
+pub fn output_error(w: &[f32], u: &[f32], v: &[f32], c: &[f64], out: usize, inp: usize, r: usize) -> f64 {
+    let weight = Mat::<f64>::from_fn(out, inp, |i, j| w[i * inp + j] as f64);
+    let err = Mat::<f64>::from_fn(out, inp, |i, j| weight[(i, j)] - (0..r).map(|k| u[i * r + k] as f64 * v[k * inp + j] as f64).sum::<f64>());
+    let moment = Mat::<f64>::from_fn(inp, inp, |i, j| c[i * inp + j]);
+    let energy = |m: &Mat<f64>| {
+        let mc = m * &moment;
+        (0..out).map(|i| (0..inp).map(|j| mc[(i, j)] * m[(i, j)]).sum::<f64>()).sum::<f64>().max(0.0)
+    };
+    let total = energy(&weight);
+    if total > 0.0 {
+        (energy(&err) / total).sqrt()
+    } else {
+        0.0
+    }
+}
+
 /// `S = (C + λI)^½` and `S⁻¹` from the symmetric eigendecomposition
 /// `C + λI = Q diag(μ) Qᵀ`: `S = Q diag(√μ) Qᵀ`, `S⁻¹ = Q diag(1/√μ) Qᵀ`.
 fn root_and_inverse(c: &[f64], n: usize, name: &str) -> Result<(Mat<f64>, Mat<f64>)> {
@@ -110,8 +129,8 @@ mod tests {
         c.iter().map(|v| v / rows as f64).collect()
     }
 
-    /// `‖X Wᵀ − X (UV)ᵀ‖_F`, in f64.
-    fn output_error(w: &[f32], u: &[f32], v: &[f32], x: &[f32], out: usize, inp: usize, r: usize) -> f64 {
+    /// `‖X Wᵀ − X (UV)ᵀ‖_F`, in f64, row by row.
+    fn direct_output_error(w: &[f32], u: &[f32], v: &[f32], x: &[f32], out: usize, inp: usize, r: usize) -> f64 {
         let mut total = 0f64;
         for row in x.chunks(inp) {
             let h: Vec<f64> = (0..r).map(|k| (0..inp).map(|j| v[k * inp + j] as f64 * row[j] as f64).sum()).collect();
@@ -133,10 +152,12 @@ mod tests {
                 let w = Rng::new(n as u64).normal_vec(out * inp, 0.3);
                 let x = inputs(200, inp, decay, 10 + n as u64);
                 let r = out.min(inp);
-                let (u, v, err) = svd_act_factors(&w, out, inp, r, &second_moment(&x, 200, inp), "w").unwrap();
+                let c = second_moment(&x, 200, inp);
+                let (u, v, err) = svd_act_factors(&w, out, inp, r, &c, "w").unwrap();
                 assert!(err < 1e-5, "[{out}, {inp}] decay {decay}: weight error {err}");
-                let scale = output_error(&w, &vec![0.0; out * r], &vec![0.0; r * inp], &x, out, inp, r);
-                let e = output_error(&w, &u, &v, &x, out, inp, r) / scale;
+                assert!(output_error(&w, &u, &v, &c, out, inp, r) < 1e-5);
+                let scale = direct_output_error(&w, &vec![0.0; out * r], &vec![0.0; r * inp], &x, out, inp, r);
+                let e = direct_output_error(&w, &u, &v, &x, out, inp, r) / scale;
                 assert!(e < 1e-5, "[{out}, {inp}] decay {decay}: output error {e}");
             }
         }
@@ -158,8 +179,10 @@ mod tests {
                 for r in 1..out.min(inp) {
                     let (ua, va, _) = svd_act_factors(&w, out, inp, r, &c, "w").unwrap();
                     let (us, vs, _) = svd_factors(&w, out, inp, r, "w").unwrap();
-                    let act = output_error(&w, &ua, &va, &x, out, inp, r);
-                    let svd = output_error(&w, &us, &vs, &x, out, inp, r);
+                    let act = direct_output_error(&w, &ua, &va, &x, out, inp, r);
+                    let svd = direct_output_error(&w, &us, &vs, &x, out, inp, r);
+                    let scale = direct_output_error(&w, &vec![0.0; out * r], &vec![0.0; r * inp], &x, out, inp, r);
+                    assert!((output_error(&w, &ua, &va, &c, out, inp, r) - act / scale).abs() < 1e-6, "the moment form equals the direct one");
                     assert!(act <= svd * (1.0 + 1e-5) + 1e-6, "[{out}, {inp}] decay {decay} rank {r}: svd-act {act} > svd {svd}");
                     better += (act < 0.99 * svd) as usize;
                 }

@@ -121,6 +121,11 @@ pub struct LayerReport {
     pub params_after: usize,
     /// `‖W - UV‖_F / ‖W‖_F` of the initial factors.
     pub rel_error: f64,
+    /// `‖X (W - UV)ᵀ‖_F / ‖X Wᵀ‖_F` on the calibration inputs X, when the
+    /// layer was calibrated (svd-act).
+    pub output_error: Option<f64>,
+    /// The same of plain SVD's factors, for comparison (svd-act only).
+    pub svd_output_error: Option<f64>,
 }
 
 /// Standard deviation of a fresh dense weight, which random factors match.
@@ -217,16 +222,20 @@ pub fn factorize(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, 
             let Linear::Dense { weight, bias } = layer else {
                 bail!("layer {name} of the teacher is already low-rank; factorize a dense teacher");
             };
-            let (u, v, rel_error) = match init {
-                FactorInit::Svd => svd_factors(weight, out, inp, r, &name).with_context(|| format!("factorizing {name}"))?,
+            let ((u, v, rel_error), errors) = match init {
+                FactorInit::Svd => (svd_factors(weight, out, inp, r, &name).with_context(|| format!("factorizing {name}"))?, None),
                 FactorInit::SvdAct { .. } => {
                     let c = moments.and_then(|m| m.of(l, lin)).with_context(|| format!("factorizing {name} with svd-act: no calibration of its inputs"))?;
-                    act::svd_act_factors(weight, out, inp, r, c, &name).with_context(|| format!("factorizing {name}"))?
+                    let factors = act::svd_act_factors(weight, out, inp, r, c, &name).with_context(|| format!("factorizing {name}"))?;
+                    let (su, sv, _) = svd_factors(weight, out, inp, r, &name)?;
+                    let errors = (act::output_error(weight, &factors.0, &factors.1, c, out, inp, r), act::output_error(weight, &su, &sv, c, out, inp, r));
+                    (factors, Some(errors))
                 }
                 // The key's third part is the layer's position in the block.
-                FactorInit::Random { seed } => random_factors(weight, out, inp, r, &mut Rng::from_keys(&[seed, l as u64, lin as u64])),
+                FactorInit::Random { seed } => (random_factors(weight, out, inp, r, &mut Rng::from_keys(&[seed, l as u64, lin as u64])), None),
             };
-            reports.push(LayerReport { name, out, inp, rank: r, params_before: out * inp + out, params_after: r * (out + inp) + out, rel_error });
+            let (output_error, svd_output_error) = (errors.map(|e| e.0), errors.map(|e| e.1));
+            reports.push(LayerReport { name, out, inp, rank: r, params_before: out * inp + out, params_after: r * (out + inp) + out, rel_error, output_error, svd_output_error });
             *layer = Linear::LowRank { u, v, bias: std::mem::take(bias) };
         }
     }
