@@ -182,7 +182,7 @@ fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     rows.push(Row { kernel: format!("bias_backward [{r}, {c}]"), ms: s * 1e3, rate: gbs(e * n as f64, s), baseline_ms: None });
     // Data path: 256 CIFAR-sized byte images to 224 px, then patches.
     let (batch, size) = (256, 224);
-    let t = ImageTransform { channels: 3, src_height: 32, src_width: 32, dst_size: size, mean: [0.5; 3], std: [0.25; 3] };
+    let t = ImageTransform { channels: 3, src_height: 32, src_width: 32, dst_size: size, mean: [0.5; 3], std: [0.25; 3], resize: None };
     let bytes: Vec<u8> = (0..batch * 3 * 32 * 32).map(|i| (i * 7 % 251) as u8).collect();
     let img_n = batch * 3 * size * size;
     let mut images = be.alloc(img_n, BufKind::Activation)?;

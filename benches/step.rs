@@ -87,7 +87,7 @@ impl Batch {
         let mut rng = Rng::new(0);
         let bytes = (0..batch * 3 * src * src).map(|_| rng.below(256) as u8).collect();
         let labels = (0..batch).map(|_| rng.below(100) as u32).collect();
-        Batch { bytes, labels, transform: ImageTransform { channels: 3, src_height: src, src_width: src, dst_size: 224, mean: [0.5; 3], std: [0.5; 3] } }
+        Batch { bytes, labels, transform: ImageTransform { channels: 3, src_height: src, src_width: src, dst_size: 224, mean: [0.5; 3], std: [0.5; 3], resize: None } }
     }
     fn len(&self) -> usize {
         self.labels.len()

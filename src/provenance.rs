@@ -11,7 +11,7 @@
 //! data or another teacher.
 
 use crate::data::{Dataset, Normalize};
-use crate::factorize::FactorInit;
+use crate::factorize::{FactorInit, FromTeacher, StudentPlan, Targets};
 use crate::train::{AdamWConfig, EpochMetrics, FitOptions, LossSpec};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -87,6 +87,11 @@ pub struct RunMeta {
     pub role: Role,
     /// The per-channel normalization the model was trained and evaluated with.
     pub normalize: Normalize,
+    /// The intermediate resize before the center crop to the input size
+    /// (`--resize`; None: straight to the input size). Absent from files
+    /// that did not use one, and from files written before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize: Option<usize>,
     /// The data it was trained on (None: not trained by the engine, e.g. a
     /// factorized student of an imported teacher).
     pub data: Option<DataRef>,
@@ -96,6 +101,14 @@ pub struct RunMeta {
     pub teacher: Option<FileRef>,
     /// How a student's factors started.
     pub factor_init: Option<FactorInit>,
+    /// Which layers of which blocks a student factorized (`--layers`,
+    /// `--blocks`; None: a teacher, a student from a checkpoint, or a file
+    /// written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Targets>,
+    /// What a factorized student took from its teacher besides the factors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_teacher: Option<FromTeacher>,
     /// The training settings (None for a checkpoint that was not trained).
     pub fit: Option<FitOptions>,
     pub optimizer: Option<AdamWConfig>,
@@ -115,15 +128,19 @@ pub struct Training<'a> {
 }
 
 impl RunMeta {
-    /// A teacher trained with `training`.
-    pub fn teacher(normalize: Normalize, training: Training<'_>) -> RunMeta {
+    /// A teacher trained with `training` on inputs normalized with
+    /// `normalize` (through `resize` and a center crop when given).
+    pub fn teacher(normalize: Normalize, resize: Option<usize>, training: Training<'_>) -> RunMeta {
         RunMeta {
             role: Role::Teacher,
             normalize,
+            resize,
             data: Some(training.data.clone()),
             loss: Some(*training.loss),
             teacher: None,
             factor_init: None,
+            targets: None,
+            from_teacher: None,
             fit: Some(training.fit.clone()),
             optimizer: Some(training.optimizer),
             epoch: None,
@@ -131,16 +148,19 @@ impl RunMeta {
         }
     }
 
-    /// A student of `teacher`, factorized with `factor_init` (None: it came
-    /// from a student checkpoint), trained with `training` (None: not yet).
-    pub fn student(normalize: Normalize, teacher: FileRef, factor_init: Option<FactorInit>, training: Option<Training<'_>>) -> RunMeta {
+    /// A student of `teacher`, made as `plan` says (None: it came from a
+    /// student checkpoint), trained with `training` (None: not yet).
+    pub fn student(normalize: Normalize, resize: Option<usize>, teacher: FileRef, plan: Option<&StudentPlan>, training: Option<Training<'_>>) -> RunMeta {
         RunMeta {
             role: Role::Student,
             normalize,
+            resize,
             data: training.map(|t| t.data.clone()),
             loss: training.map(|t| *t.loss),
             teacher: Some(teacher),
-            factor_init,
+            factor_init: plan.map(|p| p.init),
+            targets: plan.map(|p| p.targets),
+            from_teacher: plan.map(|p| p.from_teacher),
             fit: training.map(|t| t.fit.clone()),
             optimizer: training.map(|t| t.optimizer),
             epoch: None,
@@ -188,14 +208,21 @@ mod tests {
         let d = data("a");
         let training = Training { data: &d, loss: &LossSpec::ce(), fit: &fit, optimizer: AdamWConfig::default() };
         let teacher = FileRef { path: "t.safetensors".into(), sha256: "00".into() };
-        let meta = RunMeta::student(Normalize::Imagenet, teacher, Some(FactorInit::Random { seed: 3 }), Some(training));
+        let plan = StudentPlan { init: FactorInit::Random { seed: 3 }, targets: Targets { layers: "mlp".parse().unwrap(), blocks: Some("1-2".parse().unwrap()) }, from_teacher: FromTeacher::Embeddings };
+        let meta = RunMeta::student(Normalize::Imagenet, Some(256), teacher, Some(&plan), Some(training));
         assert_eq!(meta.fit.as_ref().unwrap().label, "x");
         let map = meta.metadata().unwrap();
         let back = RunMeta::from_metadata(&map, Path::new("x")).unwrap().unwrap();
         // How a run is shown (its label) is not part of its provenance.
         assert_eq!(back.fit.as_ref().unwrap().label, "");
         assert_eq!(RunMeta { fit: meta.fit.clone().map(|f| FitOptions { label: String::new(), quiet: false, ..f }), ..meta }, back);
-        assert_eq!(RunMeta::teacher(Normalize::Half, training).role, Role::Teacher);
+        assert_eq!(back.targets.unwrap().to_string(), "mlp in blocks 1-2");
+        assert_eq!((back.resize, back.from_teacher), (Some(256), Some(FromTeacher::Embeddings)));
+        let teacher_meta = RunMeta::teacher(Normalize::Half, None, training);
+        assert_eq!(teacher_meta.role, Role::Teacher);
+        // Fields a run did not use are left out, so older readers and files agree.
+        let text = &teacher_meta.metadata().unwrap()[RUN_KEY];
+        assert!(!text.contains("resize") && !text.contains("targets") && !text.contains("from_teacher"), "{text}");
         assert_eq!(RunMeta::from_metadata(&BTreeMap::new(), Path::new("x")).unwrap(), None);
         let bad = BTreeMap::from([(RUN_KEY.to_string(), "{".to_string())]);
         assert!(format!("{:#}", RunMeta::from_metadata(&bad, Path::new("m.safetensors")).unwrap_err()).contains("m.safetensors"));

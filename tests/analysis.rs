@@ -7,7 +7,7 @@ use effrank_engine::analysis::knee::knee;
 use effrank_engine::analysis::region::crossing;
 use effrank_engine::analysis::report::analyze;
 use effrank_engine::analysis::spectrum::weight_spectra;
-use effrank_engine::analysis::{analyze_folder, read_measurements, suggest_ranks, AnalysisOptions, KneeAxis, Pchip};
+use effrank_engine::analysis::{analyze_folder, analyze_labelled, read_measurements, suggest_ranks, AnalysisOptions, KneeAxis, Labelled, Pchip};
 use effrank_engine::rng::Rng;
 use effrank_engine::results::{append_record, Record, StudentRecord, TeacherRecord};
 use serde_json::Value;
@@ -213,6 +213,66 @@ fn results_folder_keeps_first_duplicates_and_writes_every_output() {
     // One results file alone.
     let m = read_measurements(&a).unwrap();
     assert_eq!(m.points.len(), 5);
+}
+
+/// Both normalizations: the teacher's accuracy (0.8) and the curve's
+/// maximum (0.79, the largest measured point) give the crossings of their
+/// own levels, whichever the headline uses.
+#[test]
+fn the_region_is_reported_against_both_normalizations() {
+    let d = tempfile::tempdir().unwrap();
+    let f = d.path().join("results.jsonl");
+    append_record(&f, &Record::Teacher(TeacherRecord { top1: 0.8, top5: 0.95, params: 20_000 })).unwrap();
+    for (r, acc) in [(2, 0.2), (8, 0.6), (16, 0.7), (32, 0.76), (64, 0.79)] {
+        append_record(&f, &student(r, 0, acc)).unwrap();
+    }
+    let m = read_measurements(d.path()).unwrap();
+    let report = analyze(&m, &AnalysisOptions::default(), None).unwrap();
+    let refs: Vec<(String, f64)> = report.by_reference.iter().map(|b| (format!("{:?}", b.reference), b.reference_acc)).collect();
+    assert_eq!(refs, [("Teacher".to_string(), 0.8), ("Max".to_string(), 0.79)]);
+    let p = Pchip::new(&[2.0, 8.0, 16.0, 32.0, 64.0], &[0.2, 0.6, 0.7, 0.76, 0.79]).unwrap();
+    for b in &report.by_reference {
+        assert_eq!(b.hi.rank, crossing(&p, 0.95, b.reference_acc).rank);
+    }
+    assert_eq!(report.by_reference[0].hi.rank, report.mean.hi.rank, "the headline is the teacher's");
+    assert!(report.summary_md().contains("| curve maximum | 0.7900 |"), "{}", report.summary_md());
+    assert!(report.terminal_summary().contains("against the curve maximum 0.7900"));
+    // Without a teacher record only the curve's maximum can be computed.
+    let no_teacher = analyze(&m, &AnalysisOptions { reference: effrank_engine::analysis::Reference::Max, ..Default::default() }, None).unwrap();
+    assert_eq!(no_teacher.by_reference.len(), 2);
+    let csv = write(d.path(), "p.csv", "rank,accuracy\n2,0.2\n8,0.6\n64,0.79\n");
+    let m = read_measurements(&csv).unwrap();
+    let r = analyze(&m, &AnalysisOptions { reference: effrank_engine::analysis::Reference::Max, ..Default::default() }, None).unwrap();
+    assert_eq!(r.by_reference.len(), 1);
+}
+
+/// Two labelled folders: one analysis.json with both curves in the order
+/// given, each the single-curve analysis; one table; labels must differ.
+#[test]
+fn labelled_folders_are_analyzed_together() {
+    let d = tempfile::tempdir().unwrap();
+    let mut inputs = Vec::new();
+    for (label, scale) in [("attn", 1.0), ("mlp", 0.9)] {
+        let dir = d.path().join(label);
+        let f = dir.join("results.jsonl");
+        append_record(&f, &Record::Teacher(TeacherRecord { top1: 0.8, top5: 0.95, params: 20_000 })).unwrap();
+        for (r, acc) in [(2, 0.2), (8, 0.6), (16, 0.7), (64, 0.79)] {
+            append_record(&f, &student(r, 0, acc * scale)).unwrap();
+        }
+        inputs.push(Labelled { label: label.into(), path: dir });
+    }
+    let out = d.path().join("joint");
+    let report = analyze_labelled(&inputs, &out, &AnalysisOptions { plot: false, ..Default::default() }).unwrap();
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("analysis.json")).unwrap()).unwrap();
+    assert_eq!(json["curves"][0]["label"], "attn");
+    assert_eq!(json["curves"][1]["mean"]["points"][0][1].as_f64(), Some(0.2 * 0.9));
+    assert_eq!(json["curves"][1]["params_fit"]["b"].as_f64(), Some(50.0), "parameter counts per curve");
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(md.contains("| attn |") && md.contains("| mlp |") && md.contains("| rank | attn | mlp |"), "{md}");
+    assert!(report.terminal_summary().contains("2 curves"));
+    inputs[1].label = "attn".into();
+    let e = analyze_labelled(&inputs, &out, &AnalysisOptions::default()).unwrap_err().to_string();
+    assert!(e.contains("two curves are labelled 'attn'"), "{e}");
 }
 
 #[test]

@@ -299,3 +299,83 @@ fn a_profiled_cpu_run_prints_time_per_op() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("CPU time per op") && text.contains("linear_forward") && text.contains("attention_backward"), "{text}");
 }
+
+/// The student records of a results folder, as JSON.
+fn student_records(dir: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join("results.jsonl")).unwrap();
+    text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v["kind"] == "student").collect()
+}
+
+/// `sweep --groups`: one ordinary sweep folder per group, parameter counts
+/// as counted by hand, then one joint analysis; `analyze` does the same
+/// from several folders, and with one folder writes the single-curve file.
+#[test]
+fn group_sweeps_write_a_folder_each_and_one_joint_analysis() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, out) = (teacher().to_str().unwrap(), dir.path().to_str().unwrap());
+    let mut a = sweep_args(t, out, "1,4");
+    a.retain(|x| *x != "--no-analyze");
+    a.extend(["--groups", "attn,mlp"]);
+    ok(&a);
+    // vit-demo (72,010 parameters): attn at rank 4 replaces 4 · 2 matrices
+    // of 64·64 by 4·(64 + 64) each; mlp replaces 2 · 2 of 128·64 by 4·(128 + 64).
+    for (group, params) in [("attn", 72_010 - 8 * (64 * 64 - 4 * 128)), ("mlp", 72_010 - 4 * (128 * 64 - 4 * 192))] {
+        let records = student_records(&dir.path().join(group));
+        let r4 = records.iter().find(|r| r["rank"] == 4).unwrap();
+        assert_eq!(r4["params"], params, "{group}");
+        assert_eq!(r4["settings"]["targets"]["layers"], group);
+        assert!(dir.path().join(group).join("analysis.json").exists(), "each group is analyzed on its own too");
+    }
+    let joint: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("analysis.json")).unwrap()).unwrap();
+    let labels: Vec<&str> = joint["curves"].as_array().unwrap().iter().map(|c| c["label"].as_str().unwrap()).collect();
+    assert_eq!(labels, ["attn", "mlp"]);
+    assert!(joint["curves"][0]["by_reference"].as_array().unwrap().len() == 2, "both normalizations");
+    assert!(dir.path().join("plot.png").exists() && std::fs::read_to_string(dir.path().join("summary.md")).unwrap().contains("| mlp |"));
+
+    let (attn, mlp) = (dir.path().join("attn"), dir.path().join("mlp"));
+    let again = dir.path().join("again");
+    let text = ok(&["analyze", "--results", attn.to_str().unwrap(), "--results", mlp.to_str().unwrap(), "--label", "a", "--label", "b", "--out", again.to_str().unwrap(), "--no-plot"]);
+    assert!(text.contains("2 curves"), "{text}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(again.join("analysis.json")).unwrap()).unwrap();
+    assert_eq!((v["curves"][0]["label"].as_str(), v["curves"][1]["label"].as_str()), (Some("a"), Some("b")));
+    let e = fails(&["analyze", "--results", attn.to_str().unwrap(), "--results", mlp.to_str().unwrap(), "--label", "a", "--label", "a"]);
+    assert!(e.contains("two curves are labelled 'a'"), "{e}");
+    ok(&["analyze", "--results", attn.to_str().unwrap(), "--no-plot"]);
+    let single: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(attn.join("analysis.json")).unwrap()).unwrap();
+    assert!(single["mean"].is_object() && single["curves"].is_null(), "one --results keeps the single-curve format");
+}
+
+#[test]
+fn factorize_picks_layers_and_blocks_and_calibrates_svd_act() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = teacher().to_str().unwrap();
+    let s = dir.path().join("s.safetensors");
+    let text = ok(&["factorize", "--teacher", t, "--rank", "4", "--init", "svd-act", "--calibration", "64", "--layers", "fc1,fc2", "--blocks", "1", "--out", s.to_str().unwrap()]);
+    assert!(text.contains("blocks.1.mlp.fc1") && text.contains("blocks.1.mlp.fc2"), "{text}");
+    assert!(!text.contains("blocks.0.") && !text.contains("attn."), "only the named layers: {text}");
+    assert!(text.contains("mlp in blocks 1"), "{text}");
+    let e = fails(&["factorize", "--teacher", t, "--rank", "4", "--blocks", "0-5"]);
+    assert!(e.contains("--blocks 0-5: the model has 2 blocks (0-1)"), "{e}");
+    let e = fails(&["factorize", "--teacher", t, "--rank", "4", "--layers", "q,qkv"]);
+    assert!(e.contains("--layers") && e.contains("unknown layer 'qkv'"), "{e}");
+    let e = fails(&["factorize", "--teacher", t, "--rank", "4", "--init", "svd-act", "--calibration", "0"]);
+    assert!(e.contains("--calibration must be at least 1"), "{e}");
+}
+
+/// `--recipe reference` runs end to end (here with a demo-sized override
+/// of the resize, the ranks and the epochs) and its records say so.
+#[test]
+fn a_reference_recipe_sweep_records_the_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = vec!["sweep", "--recipe", "reference", "--teacher", teacher().to_str().unwrap(), "--ranks", "2,8", "--epochs", "1", "--resize", "20", "--device", "cpu", "--quiet", "--out", dir.path().to_str().unwrap()];
+    a.extend(DEMO);
+    let text = ok(&a);
+    assert!(text.contains("against the curve maximum"), "{text}");
+    let r = &student_records(dir.path())[0];
+    let settings = &r["settings"];
+    assert_eq!((r["seed"].as_u64(), settings["from_teacher"].as_str()), (Some(42), Some("embeddings")));
+    assert_eq!(settings["init"]["random"]["seed"], 42);
+    assert_eq!((settings["loss"]["feature"].as_f64(), settings["loss"]["ce"].as_f64()), (Some(1.0), Some(0.0)));
+    assert_eq!(settings["fit"]["min_lr"], settings["fit"]["lr"], "a constant learning rate");
+    assert_eq!(settings["fit"]["batch"], 24);
+}

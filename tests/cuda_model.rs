@@ -71,7 +71,7 @@ fn random_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f32
 
 /// Loss, gradients after one forward/backward, and parameters after one step.
 fn one_step<B: Backend>(be: &B, cfg: &VitConfig, ranks: &Ranks, bytes: &[u8], labels: &[u32]) -> (f32, Vec<Vec<f32>>, Vec<Vec<f32>>) {
-    let t = ImageTransform { channels: 3, src_height: 20, src_width: 20, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3] };
+    let t = ImageTransform { channels: 3, src_height: 20, src_width: 20, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3], resize: None };
     let model = Vit::from_host(be, cfg, ranks, &random_params(cfg, ranks, 1)).unwrap();
     let mut learner = Learner::new(be, model, labels.len(), AdamWConfig::default()).unwrap();
     let loss = learner.step(be, bytes, labels, &t, TeacherSignal::None, &LossSpec::ce(), 1e-3).unwrap().loss;
@@ -146,7 +146,7 @@ fn logits_only_forward_matches_cpu() {
     let batch = 5;
     let mut rng = Rng::new(59);
     let bytes: Vec<u8> = (0..batch * 3 * 20 * 20).map(|_| rng.below(256) as u8).collect();
-    let t = ImageTransform { channels: 3, src_height: 20, src_width: 20, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3] };
+    let t = ImageTransform { channels: 3, src_height: 20, src_width: 20, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3], resize: None };
     for p in PRECISIONS {
         for (new_paths, ranks) in cases(&cfg) {
             let cpu = Cpu;

@@ -35,7 +35,7 @@ fn random_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f32
 }
 
 fn transform(cfg: &VitConfig) -> ImageTransform {
-    ImageTransform { channels: 3, src_height: cfg.image_size, src_width: cfg.image_size, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3] }
+    ImageTransform { channels: 3, src_height: cfg.image_size, src_width: cfg.image_size, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3], resize: None }
 }
 
 struct Case {
@@ -117,7 +117,7 @@ fn full_rank_svd_student_reproduces_the_teacher() {
     let cfg = tiny_config();
     let dense = dense_ranks(&cfg);
     let host = random_params(&cfg, &dense, 3);
-    let (student_host, reports) = factorize(&cfg, &host, &uniform_ranks(&cfg, 8), FactorInit::Svd).unwrap();
+    let (student_host, reports) = factorize(&cfg, &host, &uniform_ranks(&cfg, 8), FactorInit::Svd, None).unwrap();
     assert!(reports.iter().all(|r| r.rel_error < 1e-5));
     // fc1 is [12, 8] and fc2 [8, 12]: full rank is 8 for every layer.
     let c = case(&cfg, 4);

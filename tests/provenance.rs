@@ -118,3 +118,27 @@ fn eval_on_other_data_than_recorded_warns() {
     let (_, stderr) = eval(teacher(), &["--demo-images", "400"]);
     assert!(stderr.contains("warning") && stderr.contains("other data"), "{stderr}");
 }
+
+/// A student of some layers of some blocks, svd-act-initialized, on
+/// resized and center-cropped inputs: its checkpoint records all of it and
+/// evaluates as it was trained.
+#[test]
+fn a_partial_svd_act_student_on_cropped_inputs_records_it_and_evaluates_as_trained() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["distill", "--teacher", teacher().to_str().unwrap(), "--rank", "4", "--layers", "attn", "--blocks", "1", "--init", "svd-act", "--calibration", "32", "--resize", "20"];
+    args.extend(["--epochs", "1", "--device", "cpu", "--quiet", "--out", dir.path().to_str().unwrap()]);
+    args.extend(DATA);
+    ok(&args);
+    let ck = dir.path().join("model.safetensors");
+    assert_reproduces(&ck);
+    let meta = effrank_engine::model::checkpoint::read_metadata(&ck).unwrap();
+    let run: Value = serde_json::from_str(&meta["run"]).unwrap();
+    assert_eq!(run["resize"], 20);
+    assert_eq!(run["targets"], serde_json::json!({"layers": "attn", "blocks": "1"}));
+    assert_eq!(run["factor_init"], serde_json::json!({"svd-act": {"calibration": 32}}));
+    assert_eq!(run["from_teacher"], "all");
+    // Evaluated without the crop it was trained with, it scores otherwise.
+    let (uncropped, _) = eval(&ck, &["--resize", "16"]);
+    let (cropped, _) = eval(&ck, &[]);
+    assert_ne!(uncropped["top1"], cropped["top1"]);
+}

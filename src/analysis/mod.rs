@@ -7,8 +7,9 @@
 //! crossings), `knee`, `suggest` (which ranks to train next), `input`
 //! (results folders, files, CSV), `spectrum` (singular values of a
 //! checkpoint's weights), `report` (the numbers, summary.md's prose, the
-//! terminal table), `plot` (PNG), `output` (the files, on disk). This file
-//! holds the options and ties them together.
+//! terminal table), `joint` (several labelled curves together), `plot`
+//! (PNG), `output` (the files, on disk). This file holds the options and
+//! ties them together.
 //!
 //! Compression at a rank is teacher parameters / student parameters. A
 //! uniform-rank student's parameter count is exactly linear in its rank
@@ -17,6 +18,7 @@
 //! parameter counts and checked against the others.
 
 pub mod input;
+pub mod joint;
 pub mod knee;
 pub mod output;
 pub mod pchip;
@@ -27,6 +29,7 @@ pub mod spectrum;
 pub mod suggest;
 
 pub use input::{read_measurements, Measurement, Measurements};
+pub use joint::{JointReport, Labelled};
 pub use knee::{Knee, KneeAxis};
 pub use pchip::Pchip;
 pub use region::Crossing;
@@ -173,5 +176,14 @@ pub fn analyze_folder(dir: &Path, opts: &AnalysisOptions) -> Result<AnalysisRepo
         _ => std::path::PathBuf::from("."),
     };
     output::write_report(&report, &out, opts.plot)?;
+    Ok(report)
+}
+
+/// Analyze several labelled results folders or files together and write
+/// the joint analysis.json, summary.md and plot.png into `out`.
+pub fn analyze_labelled(inputs: &[Labelled], out: &Path, opts: &AnalysisOptions) -> Result<JointReport> {
+    let report = joint::analyze_joint(inputs, opts)?;
+    crate::io::create_folder(out)?;
+    output::write_joint(&report, out, opts.plot)?;
     Ok(report)
 }

@@ -1,10 +1,12 @@
 //! The files an analysis writes into its output folder, each atomically:
-//! `analysis.json` and `summary.md` (report), `plot.png` (plot), and with
-//! weight spectra `spectrum.json` and `spectrum.png`. The report and the
+//! `analysis.json` and `summary.md` (report, or joint for several curves),
+//! `plot.png` (plot), and with weight spectra `spectrum.json` and
+//! `spectrum.png`. The report and the
 //! spectrum know their numbers and prose; the plot reads both; this file
 //! ties them to disk, so neither imports the other's writer.
 
-use super::plot::{plot_curve, plot_spectrum};
+use super::joint::JointReport;
+use super::plot::{plot_curve, plot_joint, plot_spectrum};
 use super::report::AnalysisReport;
 use super::spectrum::SpectrumReport;
 use crate::io::atomic_write;
@@ -21,6 +23,18 @@ pub fn write_report(report: &AnalysisReport, out: &Path, plot: bool) -> Result<(
     }
     if let Some(s) = &report.spectrum {
         write_spectrum(s, out, plot)?;
+    }
+    Ok(())
+}
+
+/// Write a joint analysis: analysis.json (`{"curves": [...]}`, each curve
+/// an `AnalysisReport` with its label), summary.md and (when `plot`)
+/// plot.png into `out`.
+pub fn write_joint(report: &JointReport, out: &Path, plot: bool) -> Result<()> {
+    atomic_write(&out.join("analysis.json"), serde_json::to_string_pretty(report)?.as_bytes())?;
+    atomic_write(&out.join("summary.md"), report.summary_md().as_bytes())?;
+    if plot {
+        plot_joint(report, &out.join("plot.png")).context("drawing plot.png")?;
     }
     Ok(())
 }

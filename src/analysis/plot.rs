@@ -1,7 +1,9 @@
 //! PNG plots (plotters' bitmap backend, DejaVu Sans compiled in, so no
-//! system font libraries): the accuracy curve with its region and knee, and
-//! the weight spectra. Rank is drawn on a log axis (ranks span 1..768).
+//! system font libraries): the accuracy curve with its region and knee,
+//! several labelled curves together, and the weight spectra. Rank is drawn
+//! on a log axis (ranks span 1..768).
 
+use super::joint::JointReport;
 use super::report::AnalysisReport;
 use super::spectrum::SpectrumReport;
 use anyhow::{anyhow, Result};
@@ -110,6 +112,65 @@ fn draw_curve(r: &AnalysisReport, root: &DrawingArea<BitMapBackend, Shift>) -> R
     Ok(())
 }
 
+const PALETTE: [RGBColor; 6] = [BLUE, ORANGE, GREEN, RED, RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+
+/// plot.png of a joint analysis: every curve in its own colour (PCHIP
+/// line, measured means, r_lo and r_hi as squares, the knee as a
+/// triangle; region, knee and compression in the legend), and the
+/// reference and threshold lines once when all curves share a reference.
+pub fn plot_joint(j: &JointReport, path: &Path) -> Result<()> {
+    register();
+    let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    draw_joint(j, &root).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+fn draw_joint(j: &JointReport, root: &DrawingArea<BitMapBackend, Shift>) -> Result<(), Box<dyn std::error::Error>> {
+    let reports: Vec<&AnalysisReport> = j.curves.iter().map(|c| &c.report).collect();
+    let xs = reports.iter().flat_map(|r| r.mean.points.iter().map(|p| p.0));
+    let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
+    let ys = reports.iter().flat_map(|r| r.curve.iter().map(|c| c.acc).chain(r.mean.points.iter().map(|p| p.1)).chain([r.mean.reference_acc]));
+    let (lo_y, hi_y) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| (a.min(y), b.max(y)));
+    let pad = 0.05 * (hi_y - lo_y).max(1e-6);
+    let mut chart = ChartBuilder::on(root)
+        .caption(format!("Effective rank: {} curves", j.curves.len()), ("sans-serif", 22))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x0 * 0.9..x1 * 1.1).log_scale(), (lo_y - pad)..(hi_y + pad))?;
+    chart.configure_mesh().x_desc("rank r (log axis)").y_desc("top-1 accuracy").x_label_formatter(&|v| format!("{v:.0}")).y_label_formatter(&|v| format!("{v:.3}")).label_style(("sans-serif", 15)).draw()?;
+    let reference = reports[0].mean.reference_acc;
+    if reports.iter().all(|r| r.mean.reference_acc == reference) {
+        let (lo, hi) = (reports[0].options.lo, reports[0].options.hi);
+        for (level, style) in [(reference, BLACK.mix(0.5)), (lo * reference, BLACK.mix(0.3)), (hi * reference, BLACK.mix(0.3))] {
+            chart.draw_series(DashedLineSeries::new(vec![(x0 * 0.9, level), (x1 * 1.1, level)], 8, 5, style.stroke_width(1)))?;
+        }
+    }
+    for (c, color) in j.curves.iter().zip(PALETTE.iter().cycle()) {
+        let (r, color) = (&c.report, *color);
+        let m = &r.mean;
+        let knee = m.knee.map_or("-".into(), |k| k.rank.to_string());
+        let comp = r.compression.iter().find(|x| x.what == "knee").map_or(String::new(), |x| format!(", {:.1}x", x.compression));
+        let region = |x: Option<usize>| x.map_or("-".into(), |v| v.to_string());
+        chart
+            .draw_series(LineSeries::new(r.curve.iter().map(|s| (s.rank as f64, s.acc)), color.stroke_width(2)))?
+            .label(format!("{}: region [{}, {}], knee {knee}{comp}", c.label, region(m.lo.rank), region(m.hi.rank)))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        chart.draw_series(m.points.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))?;
+        let at = |rank: usize| r.curve.iter().find(|s| s.rank == rank).map(|s| (rank as f64, s.acc));
+        for p in [m.lo.rank, m.hi.rank].into_iter().flatten().filter_map(at) {
+            chart.draw_series(std::iter::once(Rectangle::new([(p.0 * 0.98, p.1 - pad * 0.15), (p.0 * 1.02, p.1 + pad * 0.15)], color.filled())))?;
+        }
+        if let Some(p) = m.knee.and_then(|k| at(k.rank)) {
+            chart.draw_series(std::iter::once(TriangleMarker::new(p, 9, color.filled())))?;
+        }
+    }
+    chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 15)).draw()?;
+    Ok(())
+}
+
 /// spectrum.png: normalized singular values (σ_i / σ_1) of every layer.
 pub fn plot_spectrum(s: &SpectrumReport, path: &Path) -> Result<()> {
     register();
@@ -137,9 +198,8 @@ fn draw_spectrum(s: &SpectrumReport, root: &DrawingArea<BitMapBackend, Shift>) -
         .y_label_formatter(&|v| format!("{v:.0e}"))
         .label_style(("sans-serif", 15))
         .draw()?;
-    let palette = [BLUE, ORANGE, GREEN, RED, RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
     for (j, kind) in ["attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2"].iter().enumerate() {
-        let color = palette[j];
+        let color = PALETTE[j];
         let mut labelled = false;
         for l in s.layers.iter().filter(|l| l.name.ends_with(kind)) {
             let top = l.singular_values.first().copied().unwrap_or(1.0).max(f64::MIN_POSITIVE);

@@ -2,8 +2,10 @@
 //! (summary.md), and as the short table printed at the end of a sweep.
 
 use super::input::Measurements;
+use super::pchip::Pchip;
+use super::region::{self, Crossing};
 use super::spectrum::SpectrumReport;
-use super::{analyze_curve, AnalysisOptions, CurveAnalysis, ParamsFit};
+use super::{analyze_curve, reference_acc, AnalysisOptions, CurveAnalysis, ParamsFit, Reference};
 use anyhow::Result;
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -60,6 +62,18 @@ pub struct CurveSample {
     pub normalized: f64,
 }
 
+/// The region of the mean curve against one normalization: the same
+/// thresholds as fractions of the teacher's accuracy, or of the curve's
+/// maximum (METHOD.md: the reference experiment's two differ by under 0.1
+/// point, so its region is the same with either).
+#[derive(Clone, Debug, Serialize)]
+pub struct ByReference {
+    pub reference: Reference,
+    pub reference_acc: f64,
+    pub lo: Crossing,
+    pub hi: Crossing,
+}
+
 /// Every number of an analysis.
 #[derive(Clone, Debug, Serialize)]
 pub struct AnalysisReport {
@@ -76,6 +90,10 @@ pub struct AnalysisReport {
     pub compression: Vec<CompressionAt>,
     /// The mean curve at every integer rank of the measured range.
     pub curve: Vec<CurveSample>,
+    /// The mean curve's region against each normalization that can be
+    /// computed (the teacher's accuracy when known, and the curve's
+    /// maximum), whichever `options.reference` the headline uses.
+    pub by_reference: Vec<ByReference>,
     pub spectrum: Option<SpectrumReport>,
 }
 
@@ -104,7 +122,34 @@ pub fn analyze(m: &Measurements, opts: &AnalysisOptions, spectrum: Option<Spectr
             CurveSample { rank: r, acc, normalized: acc / mean.reference_acc }
         })
         .collect();
-    Ok(AnalysisReport { source: m.source.clone(), options: opts.clone(), teacher_acc, teacher_params, mean, seeds, spread, params_fit, compression, curve, spectrum })
+    let by_reference = both_references(&pchip, teacher_acc, opts);
+    Ok(AnalysisReport { source: m.source.clone(), options: opts.clone(), teacher_acc, teacher_params, mean, seeds, spread, params_fit, compression, curve, by_reference, spectrum })
+}
+
+fn both_references(p: &Pchip, teacher_acc: Option<f64>, opts: &AnalysisOptions) -> Vec<ByReference> {
+    [Reference::Teacher, Reference::Max]
+        .into_iter()
+        .filter_map(|reference| {
+            let acc = reference_acc(p, teacher_acc, reference).ok()?;
+            Some(ByReference { reference, reference_acc: acc, lo: region::crossing(p, opts.lo, acc), hi: region::crossing(p, opts.hi, acc) })
+        })
+        .collect()
+}
+
+/// "teacher accuracy" or "curve maximum".
+pub fn reference_name(r: Reference) -> &'static str {
+    match r {
+        Reference::Teacher => "teacher accuracy",
+        Reference::Max => "curve maximum",
+    }
+}
+
+/// "16 (exact 15.73)", "not reached".
+fn crossing_text(c: &Crossing) -> String {
+    match (c.rank, c.exact) {
+        (Some(r), Some(x)) => format!("{r} (exact {x:.2})"),
+        (r, _) => opt_rank(r),
+    }
 }
 
 fn spread_of(seeds: &[CurveAnalysis]) -> Spread {
@@ -147,6 +192,9 @@ impl AnalysisReport {
             let _ = writeln!(s, "  r at {:>3.0}%              {}{exact}{}", 100.0 * c.fraction, opt_rank(c.rank), if c.fraction == self.options.lo { self.compression_of("r_lo") } else { self.compression_of("r_hi") });
         }
         let _ = writeln!(s, "  knee ({} axis)       {}{}", axis_name(self.options.knee_axis), opt_rank(m.knee.map(|k| k.rank)), self.compression_of("knee"));
+        for b in self.by_reference.iter().filter(|b| b.reference != self.options.reference) {
+            let _ = writeln!(s, "  against the {} {:.4}: r_lo {}, r_hi {}", reference_name(b.reference), b.reference_acc, opt_rank(b.lo.rank), opt_rank(b.hi.rank));
+        }
         if let Some(sp) = &self.spread {
             let f = |st: &Option<Stat>| st.map_or("-".into(), |t| format!("{:.1} ± {:.1} [{:.0}, {:.0}]", t.mean, t.std, t.min, t.max));
             let _ = writeln!(s, "  over {} seeds: r_lo {}, r_hi {}, knee {}", sp.seeds, f(&sp.r_lo), f(&sp.r_hi), f(&sp.knee));
@@ -190,6 +238,7 @@ impl AnalysisReport {
                 acc.map_or("-".into(), |a| format!("{:.1}%", 100.0 * a / m.reference_acc)),
             );
         }
+        self.references_md(&mut s);
         self.seeds_md(&mut s);
         let _ = writeln!(s, "\n## Measured points\n\n| rank | accuracy (mean over seeds) | % of reference |\n|---|---|---|");
         for (r, a) in &m.points {
@@ -202,6 +251,13 @@ impl AnalysisReport {
             s.push_str(&sp.summary_md(m.lo.rank, m.hi.rank));
         }
         s
+    }
+
+    fn references_md(&self, s: &mut String) {
+        let _ = writeln!(s, "\n## Both normalizations\n\n| reference | accuracy | r_lo ({:.0}%) | r_hi ({:.0}%) |\n|---|---|---|---|", 100.0 * self.options.lo, 100.0 * self.options.hi);
+        for b in &self.by_reference {
+            let _ = writeln!(s, "| {} | {:.4} | {} | {} |", reference_name(b.reference), b.reference_acc, crossing_text(&b.lo), crossing_text(&b.hi));
+        }
     }
 
     fn seeds_md(&self, s: &mut String) {

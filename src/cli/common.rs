@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use effrank_engine::device::Cpu;
 use effrank_engine::ops::Backend;
 use effrank_engine::data::{Augment, Normalize};
+use effrank_engine::factorize::{BlockRange, FactorInit, FromTeacher, LayerSet, StudentPlan, Targets, DEFAULT_CALIBRATION};
 use effrank_engine::train::{AdamWConfig, FitOptions};
 
 /// Where to compute.
@@ -91,6 +92,13 @@ pub struct DataFlags {
     /// cifar for CIFAR, half otherwise.
     #[arg(long)]
     pub normalize: Option<Normalize>,
+    /// Resize the images to N x N (bilinear) and keep the center square of
+    /// the model's input size (torchvision's Resize(N) + CenterCrop; the
+    /// reference protocol: 256 for a 224 px model). Default: the
+    /// checkpoint's (the teacher's for a new student), else straight to the
+    /// input size.
+    #[arg(long, value_name = "N")]
+    pub resize: Option<usize>,
     /// Skip unreadable images in image folders (counted) instead of failing.
     #[arg(long)]
     pub skip_bad: bool,
@@ -102,6 +110,15 @@ pub struct DataFlags {
     /// many) [default: 4000].
     #[arg(long)]
     pub demo_images: Option<usize>,
+}
+
+/// How the learning rate moves after the warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Schedule {
+    /// Cosine decay from --lr to --min-lr.
+    Cosine,
+    /// --lr until the end (the reference protocol: no schedule).
+    Constant,
 }
 
 /// Optimization settings shared by train, distill and sweep.
@@ -116,6 +133,10 @@ pub struct TrainFlags {
     /// Peak learning rate (AdamW).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
+    /// Learning-rate schedule after the warm-up: cosine (decay to
+    /// --min-lr) or constant (--lr throughout).
+    #[arg(long, value_enum, default_value_t = Schedule::Cosine)]
+    pub schedule: Schedule,
     /// Final learning rate of the cosine schedule.
     #[arg(long, default_value_t = 1e-5)]
     pub min_lr: f32,
@@ -167,12 +188,21 @@ impl TrainFlags {
         AdamWConfig { weight_decay: self.wd, max_grad_norm: (self.clip > 0.0).then_some(self.clip), ..AdamWConfig::default() }
     }
 
+    /// The learning rate the schedule ends at: a constant schedule is the
+    /// cosine one with its floor at its peak.
+    fn floor_lr(&self) -> f32 {
+        match self.schedule {
+            Schedule::Cosine => self.min_lr.min(self.lr),
+            Schedule::Constant => self.lr,
+        }
+    }
+
     pub fn fit_options(&self, label: &str, quiet: bool) -> FitOptions {
         FitOptions {
             epochs: self.epochs,
             batch: self.batch,
             lr: self.lr,
-            min_lr: self.min_lr.min(self.lr),
+            min_lr: self.floor_lr(),
             warmup_epochs: self.warmup,
             seed: self.seed,
             augment: self.augment(),
@@ -205,5 +235,47 @@ pub struct LossFlags {
 impl LossFlags {
     pub fn spec(&self) -> Result<effrank_engine::train::LossSpec> {
         effrank_engine::train::LossSpec::parse(&self.loss, self.alpha, self.temperature, self.label_smoothing)
+    }
+}
+
+/// How a student is made from the teacher (factorize, distill, sweep).
+#[derive(Args, Debug, Clone)]
+pub struct FactorFlags {
+    /// Factor initialization: svd (truncated SVD of W, U = U_r S^½, V =
+    /// S^½ V_rᵀ), svd-act (truncated SVD of W C^½, C the second moment of
+    /// the layer's inputs over --calibration training images, mapped back),
+    /// or random (fresh factors).
+    #[arg(long, default_value = "svd")]
+    pub init: FactorInit,
+    /// Training images (the first N, un-augmented, through the teacher on
+    /// the CPU) whose activations calibrate --init svd-act.
+    #[arg(long, default_value_t = DEFAULT_CALIBRATION, value_name = "N")]
+    pub calibration: usize,
+    /// Projections to factorize, comma-separated: q, k, v, proj, fc1, fc2,
+    /// attn (q,k,v,proj), mlp (fc1,fc2), all. The others stay dense.
+    #[arg(long, default_value = "all", value_name = "LAYERS")]
+    pub layers: LayerSet,
+    /// Blocks to factorize: A-B (inclusive, 0-based) or one index A
+    /// [default: every block].
+    #[arg(long, value_name = "A-B")]
+    pub blocks: Option<BlockRange>,
+    /// What a student takes from the teacher besides its factors: all
+    /// (every tensor not factorized) or embeddings (patch embedding, class
+    /// token, position embedding, final LayerNorm; blocks and head fresh,
+    /// as the reference protocol's students).
+    #[arg(long, value_enum, default_value_t = FromTeacher::All)]
+    pub from_teacher: FromTeacher,
+}
+
+impl FactorFlags {
+    /// The plan these flags describe; random factors and fresh tensors draw
+    /// from `seed`.
+    pub fn plan(&self, seed: u64) -> Result<StudentPlan> {
+        let init = match self.init {
+            FactorInit::SvdAct { .. } if self.calibration == 0 => bail!("--calibration must be at least 1 image"),
+            FactorInit::SvdAct { .. } => FactorInit::SvdAct { calibration: self.calibration },
+            other => other.with_seed(seed),
+        };
+        Ok(StudentPlan { init, targets: Targets { layers: self.layers, blocks: self.blocks }, from_teacher: self.from_teacher })
     }
 }

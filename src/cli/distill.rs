@@ -1,13 +1,12 @@
 //! `effrank-engine distill`: train one low-rank student against a teacher.
 
-use super::common::{dispatch, DataFlags, DeviceArg, LossFlags, TrainFlags, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_model, load_resumed_run, transform_for, warn_if_other_data};
+use super::common::{dispatch, DataFlags, DeviceArg, FactorFlags, LossFlags, TrainFlags, WithBackend};
+use super::setup::{load_data_for, load_model, load_resumed_run, model_input, warn_if_other_data};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::ops::Backend;
-use effrank_engine::factorize::FactorInit;
 use effrank_engine::io::atomic_write;
-use effrank_engine::model::params::{dense_ranks, is_lowrank, param_count, uniform_ranks};
+use effrank_engine::model::params::{dense_ranks, is_lowrank, param_count};
 use effrank_engine::model::Vit;
 use effrank_engine::provenance::{FileRef, RunMeta, Training};
 use effrank_engine::train::{train_student, Frozen, RunFiles, StudentRun, StudentStart, Teacher};
@@ -20,9 +19,11 @@ use std::path::PathBuf;
 ///     effrank-engine distill --teacher runs/teacher/model.safetensors --rank 16 --data demo --out runs/r16
 ///     effrank-engine distill --teacher t.safetensors --student student-r32.safetensors \
 ///         --loss feature --data ~/cifar-100-binary --lr 1e-4 --epochs 20 --out runs/r32
+///     effrank-engine distill --teacher t.safetensors --rank 8 --layers attn --init svd-act --out runs/attn-r8
 ///
 /// The student comes from --student, or from --rank (factorizing the teacher
-/// on the fly, --init svd or random). Run the same command again to resume.
+/// on the fly: --init, --layers, --blocks, --from-teacher). Run the same
+/// command again to resume.
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct DistillArgs {
@@ -35,9 +36,9 @@ pub struct DistillArgs {
     /// Factorize the teacher at this rank instead.
     #[arg(long)]
     pub rank: Option<usize>,
-    /// Factor initialization with --rank: svd or random.
-    #[arg(long, default_value = "svd")]
-    pub init: FactorInit,
+    /// How --rank factorizes the teacher.
+    #[command(flatten)]
+    pub factor: FactorFlags,
     /// Attention heads of an imported checkpoint (default: width / 64).
     #[arg(long)]
     pub heads: Option<usize>,
@@ -59,6 +60,7 @@ pub struct DistillArgs {
 pub fn run(args: DistillArgs) -> Result<()> {
     args.train.validate()?;
     args.loss.spec()?;
+    args.factor.plan(0)?;
     if args.student.is_none() && args.rank.is_none() {
         bail!("give the student: --student CKPT, or --rank R to factorize the teacher");
     }
@@ -86,24 +88,20 @@ impl WithBackend for DistillArgs {
             }
             None => None,
         };
-        let (start, factor_init) = match (&student_file, self.rank) {
+        let (start, plan) = match (&student_file, self.rank) {
             (Some(s), _) => (StudentStart::Given { ranks: s.ranks.clone(), params: &s.params }, None),
             (None, Some(r)) => {
-                let init = match self.init {
-                    FactorInit::Random { .. } => FactorInit::Random { seed: self.train.seed },
-                    other => other,
-                };
-                (StudentStart::Factorize { ranks: uniform_ranks(&teacher.cfg, r), init }, Some(init))
+                let plan = self.factor.plan(self.train.seed)?;
+                (StudentStart::Factorize { ranks: plan.targets.ranks(&teacher.cfg, r)?, plan }, Some(plan))
             }
             (None, None) => unreachable!("checked in run"),
         };
-        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &choice.source);
-        let transform = transform_for(&teacher.cfg, &train, normalize)?;
+        let (normalize, transform) = model_input(&self.data, &teacher, &train, &choice.source)?;
         let dense = dense_ranks(&teacher.cfg);
         let label = self.rank.map(|r| format!("rank {r}")).unwrap_or_else(|| "student".into());
         let fit_opts = self.train.fit_options(&label, self.quiet);
         let training = Training { data: &data, loss: &loss, fit: &fit_opts, optimizer: self.train.optimizer() };
-        let meta = RunMeta::student(normalize, FileRef::of(&self.teacher)?, factor_init, Some(training));
+        let meta = RunMeta::student(normalize, transform.resize, FileRef::of(&self.teacher)?, plan.as_ref(), Some(training));
         let files = RunFiles::new(&self.out);
         if let Some(resumed) = load_resumed_run(&files)? {
             warn_if_other_data(Some(&resumed), &data, &format!("the run being resumed in {}", self.out.display()));

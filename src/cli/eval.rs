@@ -2,7 +2,7 @@
 //! optionally dumping the logits.
 
 use super::common::{dispatch, DataFlags, DeviceArg, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_model, transform_for, warn_if_other_data};
+use super::setup::{choose_normalize, load_data_for, load_model, model_input, warn_if_other_data};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::ops::Backend;
@@ -74,8 +74,7 @@ impl WithBackend for EvalArgs {
         if m.normalize.is_none() && self.data.normalize.is_none() {
             eprintln!("warning: {} does not record how its inputs were normalized; using {} (give --normalize to choose)", self.checkpoint.display(), choose_normalize(None, None, &choice.source));
         }
-        let normalize = choose_normalize(self.data.normalize, m.normalize, &choice.source);
-        let transform = transform_for(&m.cfg, &test, normalize)?;
+        let (normalize, transform) = model_input(&self.data, &m, &test, &choice.source)?;
         let batch = self.batch.or(m.run.as_ref().and_then(|r| r.fit.as_ref()).map(|f| f.batch)).unwrap_or(128);
         let mut model = Frozen::new(be, Vit::from_host(be, &m.cfg, &m.ranks, &m.params)?, batch)?;
         let mut all = Vec::new();

@@ -5,12 +5,14 @@ mod common;
 mod distill;
 mod eval;
 mod factorize;
+mod recipe;
 mod sweep;
 mod setup;
 mod train;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::ffi::OsString;
 
 /// Measures how many dimensions a Vision Transformer actually uses: squeeze
 /// every linear layer through a rank-r bottleneck, distill the full model
@@ -38,7 +40,7 @@ enum Command {
 }
 
 pub fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let cli = parse_from(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
     // The whole command runs on a rayon worker (see `on_worker_thread`),
     // which then needs the main thread's stack size.
     let _ = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
@@ -53,6 +55,18 @@ pub fn main() -> Result<()> {
         );
     }
     result
+}
+
+/// Parse a command line; with `--recipe`, parse it again with the
+/// recipe's flags the user did not give inserted (`recipe::expand`).
+fn parse_from(argv: Vec<OsString>) -> Result<Cli, clap::Error> {
+    let matches = Cli::command().try_get_matches_from(&argv)?;
+    let (table, given) = match matches.subcommand() {
+        Some(("train", m)) if m.contains_id("recipe") => (&recipe::TEACHER, m),
+        Some(("sweep", m)) if m.contains_id("recipe") => (&recipe::STUDENTS, m),
+        _ => return Cli::from_arg_matches(&matches),
+    };
+    Cli::from_arg_matches(&Cli::command().try_get_matches_from(recipe::expand(&argv, given, table))?)
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -124,6 +124,8 @@ pub struct HostModel {
     pub params: VitParams<Vec<f32>>,
     /// The normalization the model was trained with, when known.
     pub normalize: Option<Normalize>,
+    /// The intermediate resize (then center crop) it was trained with.
+    pub resize: Option<usize>,
     /// The provenance the engine recorded in the file (None for other
     /// libraries' files and fresh models).
     pub run: Option<RunMeta>,
@@ -137,7 +139,8 @@ pub fn load_model(path: &Path, heads: Option<usize>, new_classes: Option<usize>)
     // Files written before the engine recorded a `RunMeta` kept only a `normalize` key.
     let legacy = ck.metadata.get("normalize").map(|n| n.parse::<Normalize>().with_context(|| format!("{}: metadata 'normalize'", path.display()))).transpose()?;
     let normalize = run.as_ref().map(|r| r.normalize).or(legacy).or(ck.scheme.default_normalize());
-    Ok(HostModel { cfg: ck.cfg, ranks: ck.ranks, params: ck.params, normalize, run })
+    let resize = run.as_ref().and_then(|r| r.resize);
+    Ok(HostModel { cfg: ck.cfg, ranks: ck.ranks, params: ck.params, normalize, resize, run })
 }
 
 /// A dense model for `classes` classes: a preset freshly initialized, or a
@@ -152,7 +155,7 @@ pub fn load_teacher_or_init(source: &ModelSource, classes: usize) -> Result<Host
             }
             let ranks = dense_ranks(&cfg);
             let params = init_params(&cfg, &ranks, *seed);
-            Ok(HostModel { cfg, ranks, params, normalize: None, run: None })
+            Ok(HostModel { cfg, ranks, params, normalize: None, resize: None, run: None })
         }
         ModelSource::Checkpoint { path, heads } => {
             let probe = load_model(path, *heads, None)?;
@@ -164,12 +167,23 @@ pub fn load_teacher_or_init(source: &ModelSource, classes: usize) -> Result<Host
     }
 }
 
-/// Raw stored images → model input.
-pub fn transform_for(cfg: &VitConfig, data: &Dataset, normalize: Normalize) -> Result<ImageTransform> {
+/// Raw stored images → model input, through `resize` and a center crop
+/// when given (`--resize`; the model's own input size means none).
+pub fn transform_for(cfg: &VitConfig, data: &Dataset, normalize: Normalize, resize: Option<usize>) -> Result<ImageTransform> {
     if data.channels != cfg.channels {
         bail!("the data has {} channels, the model expects {}", data.channels, cfg.channels);
     }
-    normalize.transform(data, cfg.image_size)
+    if let Some(r) = resize.filter(|&r| r < cfg.image_size) {
+        bail!("--resize {r} is smaller than the model's input size {0}: the center crop of {0} pixels needs at least that many", cfg.image_size);
+    }
+    normalize.transform(data, cfg.image_size, resize.filter(|&r| r != cfg.image_size))
+}
+
+/// Normalization and resize as the flags give them, else as `model`
+/// recorded, else the data's defaults; and the transform they make.
+pub fn model_input(flags: &DataFlags, model: &HostModel, data: &Dataset, source: &str) -> Result<(Normalize, ImageTransform)> {
+    let normalize = choose_normalize(flags.normalize, model.normalize, source);
+    Ok((normalize, transform_for(&model.cfg, data, normalize, flags.resize.or(model.resize))?))
 }
 
 /// The normalization for a model trained from scratch on `--data`: CIFAR's

@@ -2,14 +2,15 @@
 //! durably and resumably, then analyze. `--demo` runs the whole pipeline on
 //! the built-in data; `--status` shows a (distributed) sweep's progress.
 
-use super::common::{dispatch, DataFlags, DeviceArg, LossFlags, TrainFlags, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_model, load_teacher_or_init, transform_for, warn_if_other_data, ModelSource};
+use super::common::{dispatch, DataFlags, DeviceArg, FactorFlags, LossFlags, Schedule, TrainFlags, WithBackend};
+use super::recipe::{self, Recipe};
+use super::setup::{load_data_for, load_model, load_teacher_or_init, model_input, transform_for, warn_if_other_data, ModelSource};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use effrank_engine::analysis::{analyze_folder, suggest_ranks, AnalysisOptions};
+use effrank_engine::analysis::{analyze_folder, analyze_labelled, suggest_ranks, AnalysisOptions, Labelled};
 use effrank_engine::ops::Backend;
 use effrank_engine::data::{Dataset, Normalize};
-use effrank_engine::factorize::FactorInit;
+use effrank_engine::factorize::{LayerSet, StudentPlan, Targets};
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::params::{is_lowrank, max_rank};
 use effrank_engine::model::Vit;
@@ -39,16 +40,31 @@ use std::path::{Path, PathBuf};
 ///     effrank-engine sweep --teacher t.safetensors --ranks 2,4,8,16 --shard 0/2 --out runs/sweep
 ///     effrank-engine sweep --status --out runs/sweep --ranks 2,4,8,16
 ///
+/// One curve per layer group (each in its own folder, <out>/attn and
+/// <out>/mlp here), then one analysis of both in --out:
+///
+///     effrank-engine sweep --teacher t.safetensors --ranks 2,4,8,16 --groups attn,mlp --out runs/groups
+///
+/// The reference protocol's students (see the table at the end of --help):
+///
+///     effrank-engine sweep --recipe reference --teacher runs/b32-reference/model.safetensors \
+///         --data ~/cifar-100-binary --out runs/reference
+///
 /// --demo uses fixed settings: a vit-demo teacher trained 12 epochs on the
 /// demo data (runs/demo/teacher), students at ranks 1,2,4,8,16,32,64 distilled
 /// 6 epochs each with KD, lr 2e-3, batch 64; --ranks, --seeds, --out,
 /// --device and --quiet still apply.
 #[derive(Args, Debug)]
-#[command(verbatim_doc_comment)]
+#[command(verbatim_doc_comment, after_long_help = recipe::sweep_help())]
 pub struct SweepArgs {
     /// Run the built-in demo: train a small teacher, sweep, analyze.
     #[arg(long)]
     pub demo: bool,
+    /// Set every setting of a named protocol at once (`reference`: the
+    /// paper's students; see the table at the end of --help); a flag given
+    /// explicitly overrides the recipe's value.
+    #[arg(long, value_enum, conflicts_with = "demo")]
+    pub recipe: Option<Recipe>,
     /// The dense teacher (any importable naming).
     #[arg(long, required_unless_present_any = ["demo", "status"])]
     pub teacher: Option<PathBuf>,
@@ -91,9 +107,13 @@ pub struct SweepArgs {
     /// Do not run the analysis at the end.
     #[arg(long)]
     pub no_analyze: bool,
-    /// Factor initialization: svd (default) or random.
-    #[arg(long, default_value = "svd")]
-    pub init: FactorInit,
+    /// One sweep per layer group, comma-separated (each a --layers value,
+    /// its layers joined by + : attn,mlp,all or q+k,v), each into
+    /// <out>/<group>/, then one analysis of all of them in --out.
+    #[arg(long, value_delimiter = ',', conflicts_with = "layers", value_name = "GROUPS")]
+    pub groups: Vec<LayerSet>,
+    #[command(flatten)]
+    pub factor: FactorFlags,
     /// Recompute the teacher's logits for every rank instead of caching them.
     #[arg(long)]
     pub no_teacher_cache: bool,
@@ -126,7 +146,7 @@ pub fn run(mut args: SweepArgs) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| PathBuf::from(if args.demo { "runs/demo" } else { "runs/sweep" }));
     args.out = Some(out.clone());
     if args.status {
-        return print_status(&out, &args.ranks, &args.seeds);
+        return args.group_folders(&out).iter().try_for_each(|(_, dir)| print_status(dir, &args.ranks, &args.seeds));
     }
     if args.demo {
         if args.ranks.is_empty() {
@@ -139,6 +159,10 @@ pub fn run(mut args: SweepArgs) -> Result<()> {
     }
     args.train.validate()?;
     args.loss.spec()?;
+    args.factor.plan(0)?;
+    if let Some(g) = repeated_group(&args.groups) {
+        bail!("--groups lists {g} more than once");
+    }
     if args.ranks.is_empty() {
         bail!("give the ranks to train, e.g. --ranks 2,4,8,16,32");
     }
@@ -150,7 +174,6 @@ impl WithBackend for SweepArgs {
     fn run<B: Backend>(self, be: &B) -> Result<()> {
         let started = std::time::Instant::now();
         let out = self.out.clone().expect("set in run");
-        let loss = self.loss.spec()?;
         // A teacher given by file names the data it was trained on; the
         // demo teacher is trained here, on the data chosen without it.
         let given = self.teacher.as_ref().map(|p| load_model(p, self.heads, None)).transpose()?;
@@ -168,21 +191,58 @@ impl WithBackend for SweepArgs {
             bail!("--teacher {} is a low-rank model; the teacher must be dense", teacher_path.display());
         }
         warn_if_other_data(teacher.run.as_ref(), &data, &format!("the teacher {}", teacher_path.display()));
-        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &choice.source);
-        let transform = transform_for(&teacher.cfg, &train, normalize)?;
+        let (normalize, transform) = model_input(&self.data, &teacher, &train, &choice.source)?;
         let shard = match &self.shard {
             Some(s) => Shard::parse(s)?,
             None => Shard::from_env(|k| std::env::var(k).ok())?.unwrap_or(Shard::ALL),
         };
         let teacher_file = FileRef::of(&teacher_path)?;
         let inputs = SweepInputs { cfg: &teacher.cfg, teacher: &teacher.params, teacher_file, train: &train, test: &test, normalize, transform, data };
+        let base = self.factor.plan(0)?;
+        let mut groups_done = Vec::new();
+        for (group, dir) in self.group_folders(&out) {
+            let targets = Targets { layers: group.unwrap_or(base.targets.layers), ..base.targets };
+            let done = self.sweep_one(be, &inputs, &dir, StudentPlan { targets, ..base }, shard, started)?;
+            if let (Some(g), true) = (group, done) {
+                groups_done.push(Labelled { label: g.to_string(), path: dir });
+            }
+        }
+        if self.groups.is_empty() || self.no_analyze || groups_done.len() < self.groups.len() {
+            return Ok(());
+        }
+        let report = analyze_labelled(&groups_done, &out, &AnalysisOptions::default()).context("analyzing the groups together")?;
+        println!("{}", report.terminal_summary());
+        println!("wrote the joint analysis of {} groups (analysis.json, summary.md, plot.png) to {}", groups_done.len(), out.display());
+        Ok(())
+    }
+}
+
+impl SweepArgs {
+    fn claim_heartbeat(&self) -> Heartbeat {
+        Heartbeat { every_s: self.heartbeat, stale_after_beats: self.stale_after }
+    }
+
+    /// The results folder of each sweep this command runs, with its layer
+    /// group: --out itself without --groups, else one folder per group.
+    fn group_folders(&self, out: &Path) -> Vec<(Option<LayerSet>, PathBuf)> {
+        if self.groups.is_empty() {
+            return vec![(None, out.to_path_buf())];
+        }
+        self.groups.iter().map(|g| (Some(*g), out.join(g.to_string()))).collect()
+    }
+
+    /// One sweep into `out` with `plan`: train (and with --adaptive refine)
+    /// every job of this shard, write the shard's summary, and analyze the
+    /// folder when every job is done. True when it is (and analyzed, unless
+    /// --no-analyze).
+    fn sweep_one<B: Backend>(&self, be: &B, inputs: &SweepInputs<'_>, out: &Path, plan: StudentPlan, shard: Shard, started: std::time::Instant) -> Result<bool> {
         let mut opts = SweepOptions {
-            out: out.clone(),
+            out: out.to_path_buf(),
             ranks: self.ranks.clone(),
             seeds: self.seeds.clone(),
             shard,
-            init: self.init,
-            loss,
+            plan,
+            loss: self.loss.spec()?,
             fit: self.train.fit_options("", self.quiet),
             optimizer: self.train.optimizer(),
             cache_teacher: !self.no_teacher_cache,
@@ -190,47 +250,58 @@ impl WithBackend for SweepArgs {
             parallel: self.parallel,
             quiet: self.quiet,
         };
-        let mut summary = run_sweep(be, &inputs, &opts)?;
+        let mut summary = run_sweep(be, inputs, &opts)?;
         if self.adaptive {
-            let max_rank = max_rank(&teacher.cfg);
-            let mut added = 0;
-            while added < self.adaptive_budget {
-                let points = mean_points(&out)?;
-                let next = suggest_ranks(&points, summary.teacher_top1, &AnalysisOptions::default(), 2, 1, max_rank);
-                let next: Vec<usize> = next.into_iter().filter(|r| !opts.ranks.contains(r)).take(self.adaptive_budget - added).collect();
-                if next.is_empty() {
-                    break;
-                }
-                if !self.quiet {
-                    eprintln!("adaptive: adding ranks {next:?}");
-                }
-                added += next.len();
-                opts.ranks.extend(&next);
-                let more = run_sweep(be, &inputs, &opts)?;
-                summary.trained += more.trained;
-                summary.teacher_epochs_computed += more.teacher_epochs_computed;
-                summary.teacher_epochs_reused += more.teacher_epochs_reused;
-                summary.teacher_seconds += more.teacher_seconds;
-            }
+            self.refine(be, inputs, &mut opts, &mut summary)?;
         }
         summary.wall_s = started.elapsed().as_secs_f64();
         atomic_write(&out.join(format!("sweep-summary-shard{}of{}.json", shard.index, shard.count)), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-        print_summary(&summary, &out);
+        print_summary(&summary, out);
         let all_done = {
-            let done = finished(&out)?;
+            let done = finished(out)?;
             all_jobs(&opts.ranks, &opts.seeds).iter().all(|j| done.contains_key(j))
         };
-        if self.no_analyze {
-            return Ok(());
-        }
         if !all_done {
             println!("other shards are still missing ranks; run `effrank-engine analyze --results {}` when they finish", out.display());
-            return Ok(());
+            return Ok(false);
         }
-        let report = analyze_folder(&out, &AnalysisOptions::default()).context("analyzing the sweep")?;
-        println!("{}", report.terminal_summary());
+        if !self.no_analyze {
+            let report = analyze_folder(out, &AnalysisOptions::default()).context("analyzing the sweep")?;
+            println!("{}", report.terminal_summary());
+        }
+        Ok(true)
+    }
+
+    /// --adaptive: add the ranks the analysis suggests until none is left
+    /// or the budget is spent.
+    fn refine<B: Backend>(&self, be: &B, inputs: &SweepInputs<'_>, opts: &mut SweepOptions, summary: &mut SweepSummary) -> Result<()> {
+        let max_rank = max_rank(inputs.cfg);
+        let mut added = 0;
+        while added < self.adaptive_budget {
+            let points = mean_points(&opts.out)?;
+            let next = suggest_ranks(&points, summary.teacher_top1, &AnalysisOptions::default(), 2, 1, max_rank);
+            let next: Vec<usize> = next.into_iter().filter(|r| !opts.ranks.contains(r)).take(self.adaptive_budget - added).collect();
+            if next.is_empty() {
+                break;
+            }
+            if !self.quiet {
+                eprintln!("adaptive: adding ranks {next:?}");
+            }
+            added += next.len();
+            opts.ranks.extend(&next);
+            let more = run_sweep(be, inputs, opts)?;
+            summary.trained += more.trained;
+            summary.teacher_epochs_computed += more.teacher_epochs_computed;
+            summary.teacher_epochs_reused += more.teacher_epochs_reused;
+            summary.teacher_seconds += more.teacher_seconds;
+        }
         Ok(())
     }
+}
+
+/// A group that appears twice in `groups`.
+fn repeated_group(groups: &[LayerSet]) -> Option<LayerSet> {
+    groups.iter().enumerate().find(|(i, g)| groups[..*i].contains(g)).map(|(_, g)| *g)
 }
 
 /// Train (or resume) the demo teacher in `<out>/teacher`; returns its checkpoint.
@@ -244,11 +315,12 @@ fn train_demo_teacher<B: Backend>(be: &B, out: &Path, train: &Dataset, test: &Da
     let seed = 0;
     let teacher = load_teacher_or_init(&ModelSource::Preset { name: "vit-demo".into(), seed, shape: Default::default() }, train.classes)?;
     let normalize = Normalize::Half;
-    let transform = transform_for(&teacher.cfg, train, normalize)?;
+    let transform = transform_for(&teacher.cfg, train, normalize, None)?;
     let flags = TrainFlags {
         epochs: DEMO_TEACHER_EPOCHS,
         batch: DEMO_BATCH,
         lr: DEMO_LR,
+        schedule: Schedule::Cosine,
         min_lr: 1e-5,
         wd: 0.05,
         warmup: 1.0,
@@ -264,7 +336,7 @@ fn train_demo_teacher<B: Backend>(be: &B, out: &Path, train: &Dataset, test: &Da
         eprintln!("demo: training the vit-demo teacher ({DEMO_TEACHER_EPOCHS} epochs) on {}", be.name());
     }
     let fit_opts = flags.fit_options("teacher", quiet);
-    let meta = RunMeta::teacher(normalize, Training { data, loss: &loss, fit: &fit_opts, optimizer: flags.optimizer() });
+    let meta = RunMeta::teacher(normalize, None, Training { data, loss: &loss, fit: &fit_opts, optimizer: flags.optimizer() });
     let summary = fit(be, &mut learner, Teacher::None, train, test, &transform, &loss, &fit_opts, &files, &meta, &mut |_| Ok(()))?;
     atomic_write(&done, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(files.model())
@@ -294,12 +366,6 @@ fn print_summary(s: &SweepSummary, out: &Path) {
             "teacher logits: {} epochs computed ({:.1} s of teacher forward passes), {} reused from the cache",
             s.teacher_epochs_computed, s.teacher_seconds, s.teacher_epochs_reused
         );
-    }
-}
-
-impl SweepArgs {
-    fn claim_heartbeat(&self) -> Heartbeat {
-        Heartbeat { every_s: self.heartbeat, stale_after_beats: self.stale_after }
     }
 }
 

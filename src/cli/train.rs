@@ -3,8 +3,9 @@
 //! Hugging Face).
 
 use super::common::{dispatch, DataFlags, DeviceArg, TrainFlags, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_resumed_run, load_teacher_or_init, transform_for, warn_if_other_data, ModelSource, ShapeOverrides};
-use anyhow::Result;
+use super::recipe::{self, Recipe};
+use super::setup::{load_data_for, load_resumed_run, load_teacher_or_init, model_input, warn_if_other_data, ModelSource, ShapeOverrides};
+use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::ops::Backend;
 use effrank_engine::io::atomic_write;
@@ -22,13 +23,20 @@ use std::path::PathBuf;
 ///     effrank-engine train --model vit-demo --width 96 --depth 3 --heads 3 --out runs/wider
 ///     effrank-engine train --init vit_b_32.safetensors --data ~/cifar-100-binary \
 ///         --lr 1e-4 --batch 32 --epochs 20 --out runs/b32
+///     effrank-engine train --recipe reference --init vit_b_32-d86f8d99.pth \
+///         --data ~/cifar-100-binary --out runs/b32-reference
 ///
 /// Writes model.safetensors (timm names, loadable by timm), metrics.jsonl
 /// (per epoch: loss, train and test top-1, images/s), state.safetensors (for
 /// resuming: run the same command again) and summary.json into --out.
 #[derive(Args, Debug)]
-#[command(verbatim_doc_comment)]
+#[command(verbatim_doc_comment, after_long_help = recipe::train_help())]
 pub struct TrainArgs {
+    /// Set every setting of a named protocol at once (`reference`: the
+    /// paper's teacher; see the table at the end of --help); a flag given
+    /// explicitly overrides the recipe's value.
+    #[arg(long, value_enum)]
+    pub recipe: Option<Recipe>,
     /// Model preset (vit-b32, vit-s32, vit-cifar, vit-demo) or a JSON config
     /// file; ignored with --init, which takes the shape from the checkpoint.
     #[arg(long, default_value = "vit-demo")]
@@ -75,6 +83,9 @@ pub struct TrainArgs {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     args.train.validate()?;
+    if args.recipe.is_some() && args.init.is_none() {
+        bail!("--recipe reference fine-tunes a checkpoint: give --init (e.g. torchvision's vit_b_32 .pth)");
+    }
     dispatch(args.device, args.quiet, args)
 }
 
@@ -88,13 +99,12 @@ impl WithBackend for TrainArgs {
             None => ModelSource::Preset { name: self.model.clone(), seed: self.train.seed, shape: self.shape() },
         };
         let teacher = load_teacher_or_init(&source, train.classes)?;
-        let normalize = choose_normalize(self.data.normalize, teacher.normalize, &choice.source);
-        let transform = transform_for(&teacher.cfg, &train, normalize)?;
+        let (normalize, transform) = model_input(&self.data, &teacher, &train, &choice.source)?;
         let model = Vit::from_host(be, &teacher.cfg, &teacher.ranks, &teacher.params)?;
         let mut learner = Learner::new(be, model, self.train.batch, self.train.optimizer())?;
         let loss = LossSpec { label_smoothing: self.label_smoothing, ..LossSpec::ce() };
         let fit_opts = self.train.fit_options("teacher", self.quiet);
-        let meta = RunMeta::teacher(normalize, Training { data: &data, loss: &loss, fit: &fit_opts, optimizer: self.train.optimizer() });
+        let meta = RunMeta::teacher(normalize, transform.resize, Training { data: &data, loss: &loss, fit: &fit_opts, optimizer: self.train.optimizer() });
         let files = RunFiles::new(&self.out);
         if let Some(resumed) = load_resumed_run(&files)? {
             warn_if_other_data(Some(&resumed), &data, &format!("the run being resumed in {}", self.out.display()));

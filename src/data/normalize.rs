@@ -48,9 +48,10 @@ impl Normalize {
     }
 
     /// The transform taking `ds`'s stored images to model input of
-    /// `model_size` x `model_size`, normalized with this preset. Only
-    /// 3-channel images are supported (the presets have three channels).
-    pub fn transform(self, ds: &Dataset, model_size: usize) -> Result<ImageTransform> {
+    /// `model_size` x `model_size` (through `resize` x `resize` and a center
+    /// crop when given), normalized with this preset. Only 3-channel images
+    /// are supported (the presets have three channels).
+    pub fn transform(self, ds: &Dataset, model_size: usize, resize: Option<usize>) -> Result<ImageTransform> {
         if ds.channels != 3 {
             bail!("normalization '{}' needs 3-channel images, the data set has {}", self.name(), ds.channels);
         }
@@ -61,6 +62,7 @@ impl Normalize {
             dst_size: model_size,
             mean: self.mean(),
             std: self.std(),
+            resize,
         })
     }
 }
@@ -103,12 +105,13 @@ mod tests {
     #[test]
     fn transform_carries_geometry_and_constants() {
         let ds = Dataset::new(vec![0; 3 * 32 * 32], vec![0], 1, None, (3, 32, 32)).unwrap();
-        let t = Normalize::Cifar.transform(&ds, 224).unwrap();
-        assert_eq!((t.src_height, t.src_width, t.dst_size, t.channels), (32, 32, 224, 3));
+        let t = Normalize::Cifar.transform(&ds, 224, None).unwrap();
+        assert_eq!((t.src_height, t.src_width, t.dst_size, t.channels, t.resize), (32, 32, 224, 3, None));
+        assert_eq!(Normalize::Imagenet.transform(&ds, 224, Some(256)).unwrap().resize, Some(256));
         assert_eq!(t.mean, [0.5071, 0.4865, 0.4409]);
         assert_eq!(t.std, [0.2673, 0.2564, 0.2762]);
         let grey = Dataset::new(vec![0; 4], vec![0], 1, None, (1, 2, 2)).unwrap();
-        assert!(Normalize::Half.transform(&grey, 2).unwrap_err().to_string().contains("3-channel"));
+        assert!(Normalize::Half.transform(&grey, 2, None).unwrap_err().to_string().contains("3-channel"));
     }
 
     #[test]

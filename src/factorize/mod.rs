@@ -5,14 +5,34 @@
 //! and splits the singular values evenly: `U = U_r S_r^½`, `V = S_r^½ V_rᵀ`.
 //! Its relative Frobenius error is exact from the spectrum:
 //! `‖W - UV‖_F / ‖W‖_F = sqrt(Σ_{i>r} σ_i² / Σ_i σ_i²)`.
+//! Activation-aware initialization (`svd-act`, `act.rs`) takes the SVD of
+//! `W C^½` instead, C the second moment of the layer's inputs over
+//! calibration images (`calibrate.rs`), and maps the factors back.
 //! Random initialization draws U and V from N(0, s²) with `s² = σ_w / √r`, so
 //! that the entries of `UV` have the standard deviation `σ_w` = 0.02 of a
 //! freshly initialized dense layer (timm's `trunc_normal_(std=0.02)`).
-//! Either way the biases and every tensor that stays full (patch embedding,
-//! class token, positions, LayerNorms, head) are copied from the teacher.
+//!
+//! Which layers are factorized is a `Targets` (`targets.rs`: `--layers`,
+//! `--blocks`). What else a student takes from the teacher is
+//! `FromTeacher`: by default every tensor that is not factorized (biases,
+//! dense layers, patch embedding, class token, positions, LayerNorms,
+//! head) is copied; the reference protocol keeps only the patch
+//! embedding, class token, position embedding and final LayerNorm and
+//! starts the blocks' other tensors and the head fresh (`model::init`).
+//! `StudentPlan` bundles the three, and `make_student` applies it.
 
+pub mod act;
+pub mod calibrate;
+pub mod targets;
+
+pub use calibrate::{calibrate, InputMoments};
+pub use targets::{BlockRange, LayerSet, Targets};
+
+use crate::data::Dataset;
+use crate::model::init::init_params;
 use crate::model::params::{is_lowrank, validate_ranks, BlockLinear, Linear, Ranks};
 use crate::model::{VitConfig, VitParams};
+use crate::ops::image::ImageTransform;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 
@@ -22,19 +42,72 @@ use anyhow::{bail, Context, Result};
 pub enum FactorInit {
     /// Truncated SVD of the teacher's weight (the default).
     Svd,
+    /// Truncated SVD of `W C^½`, C the second moment of the layer's inputs
+    /// over the first `calibration` training images (`act.rs`).
+    #[serde(rename = "svd-act")]
+    SvdAct { calibration: usize },
     /// Fresh random factors, seeded.
     Random { seed: u64 },
 }
+
+/// Calibration images of `svd-act` when nothing says otherwise.
+pub const DEFAULT_CALIBRATION: usize = 256;
 
 impl std::str::FromStr for FactorInit {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "svd" => Ok(FactorInit::Svd),
+            "svd-act" => Ok(FactorInit::SvdAct { calibration: DEFAULT_CALIBRATION }),
             "random" => Ok(FactorInit::Random { seed: 0 }),
-            other => bail!("unknown factor initialization '{other}': use svd or random"),
+            other => bail!("unknown factor initialization '{other}': use svd, svd-act or random"),
         }
     }
+}
+
+impl FactorInit {
+    /// This initialization with random factors drawn from `seed` (the
+    /// others have no seed and are returned as they are).
+    pub fn with_seed(self, seed: u64) -> FactorInit {
+        match self {
+            FactorInit::Random { .. } => FactorInit::Random { seed },
+            other => other,
+        }
+    }
+}
+
+/// What a student takes from its teacher besides the factors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FromTeacher {
+    /// Every tensor that is not factorized (the default).
+    All,
+    /// The patch embedding, class token, position embedding and final
+    /// LayerNorm; every block's other tensors (LayerNorms, biases, dense
+    /// layers) and the head start fresh (the reference protocol).
+    Embeddings,
+}
+
+/// How a student is made from its teacher at a rank: which layers are
+/// factorized, how their factors start, what else comes from the teacher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StudentPlan {
+    pub init: FactorInit,
+    pub targets: Targets,
+    pub from_teacher: FromTeacher,
+}
+
+impl Default for StudentPlan {
+    fn default() -> Self {
+        StudentPlan { init: FactorInit::Svd, targets: Targets::default(), from_teacher: FromTeacher::All }
+    }
+}
+
+/// The images `svd-act` calibrates on, as the model sees them.
+#[derive(Clone, Copy)]
+pub struct CalibrationData<'a> {
+    pub train: &'a Dataset,
+    pub transform: &'a ImageTransform,
 }
 
 /// What happened to one layer.
@@ -48,6 +121,11 @@ pub struct LayerReport {
     pub params_after: usize,
     /// `‖W - UV‖_F / ‖W‖_F` of the initial factors.
     pub rel_error: f64,
+    /// `‖X (W - UV)ᵀ‖_F / ‖X Wᵀ‖_F` on the calibration inputs X, when the
+    /// layer was calibrated (svd-act).
+    pub output_error: Option<f64>,
+    /// The same of plain SVD's factors, for comparison (svd-act only).
+    pub svd_output_error: Option<f64>,
 }
 
 /// Standard deviation of a fresh dense weight, which random factors match.
@@ -56,15 +134,7 @@ const DENSE_INIT_STD: f32 = 0.02;
 /// Truncated SVD factors of `w` (`[out, inp]`, row-major) at rank `r`:
 /// returns `U: [out, r]`, `V: [r, inp]` and the relative Frobenius error.
 pub fn svd_factors(w: &[f32], out: usize, inp: usize, r: usize, name: &str) -> Result<(Vec<f32>, Vec<f32>, f64)> {
-    if r == 0 || r > out.min(inp) {
-        bail!("rank {r} out of range for layer {name} of shape [{out}, {inp}]: must be 1..={}", out.min(inp));
-    }
-    if w.len() != out * inp {
-        bail!("layer {name}: weight has {} values, shape [{out}, {inp}] needs {}", w.len(), out * inp);
-    }
-    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        bail!("layer {name}: weight value {} at index {i} is not finite", w[i]);
-    }
+    check_layer(w, out, inp, r, name)?;
     let m = faer::Mat::<f32>::from_fn(out, inp, |i, j| w[i * inp + j]);
     let svd = m.thin_svd().map_err(|e| anyhow::anyhow!("SVD of layer {name} [{out}, {inp}] did not converge: {e:?}"))?;
     let (u_full, s, v_full) = (svd.U(), svd.S().column_vector(), svd.V());
@@ -84,6 +154,20 @@ pub fn svd_factors(w: &[f32], out: usize, inp: usize, r: usize, name: &str) -> R
         }
     }
     Ok((u, v, rel_error))
+}
+
+/// A rank for `w` (`[out, inp]`) in 1..=min(out, inp), and finite values.
+fn check_layer(w: &[f32], out: usize, inp: usize, r: usize, name: &str) -> Result<()> {
+    if r == 0 || r > out.min(inp) {
+        bail!("rank {r} out of range for layer {name} of shape [{out}, {inp}]: must be 1..={}", out.min(inp));
+    }
+    if w.len() != out * inp {
+        bail!("layer {name}: weight has {} values, shape [{out}, {inp}] needs {}", w.len(), out * inp);
+    }
+    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+        bail!("layer {name}: weight value {} at index {i} is not finite", w[i]);
+    }
+    Ok(())
 }
 
 /// Standard deviation of random U and V entries at rank `r`: the product of
@@ -119,8 +203,10 @@ pub fn relative_error(w: &[f32], u: &[f32], v: &[f32], out: usize, inp: usize, r
 }
 
 /// Factorize a dense model at `ranks`. Layers whose rank is `None` stay
-/// dense. Returns the student's parameters and a report per factorized layer.
-pub fn factorize(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, init: FactorInit) -> Result<(VitParams<Vec<f32>>, Vec<LayerReport>)> {
+/// dense; everything else is copied from the teacher. `moments` holds the
+/// inputs' second moments for `svd-act` (`calibrate`). Returns the
+/// student's parameters and a report per factorized layer.
+pub fn factorize(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, init: FactorInit, moments: Option<&InputMoments>) -> Result<(VitParams<Vec<f32>>, Vec<LayerReport>)> {
     validate_ranks(cfg, ranks)?;
     if teacher.blocks.len() != cfg.depth {
         bail!("teacher has {} blocks, the config says {}", teacher.blocks.len(), cfg.depth);
@@ -136,17 +222,59 @@ pub fn factorize(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, 
             let Linear::Dense { weight, bias } = layer else {
                 bail!("layer {name} of the teacher is already low-rank; factorize a dense teacher");
             };
-            let (u, v, rel_error) = match init {
-                FactorInit::Svd => svd_factors(weight, out, inp, r, &name).with_context(|| format!("factorizing {name}"))?,
+            let ((u, v, rel_error), errors) = match init {
+                FactorInit::Svd => (svd_factors(weight, out, inp, r, &name).with_context(|| format!("factorizing {name}"))?, None),
+                FactorInit::SvdAct { .. } => {
+                    let c = moments.and_then(|m| m.of(l, lin)).with_context(|| format!("factorizing {name} with svd-act: no calibration of its inputs"))?;
+                    let factors = act::svd_act_factors(weight, out, inp, r, c, &name).with_context(|| format!("factorizing {name}"))?;
+                    let (su, sv, _) = svd_factors(weight, out, inp, r, &name)?;
+                    let errors = (act::output_error(weight, &factors.0, &factors.1, c, out, inp, r), act::output_error(weight, &su, &sv, c, out, inp, r));
+                    (factors, Some(errors))
+                }
                 // The key's third part is the layer's position in the block.
-                FactorInit::Random { seed } => random_factors(weight, out, inp, r, &mut Rng::from_keys(&[seed, l as u64, lin as u64])),
+                FactorInit::Random { seed } => (random_factors(weight, out, inp, r, &mut Rng::from_keys(&[seed, l as u64, lin as u64])), None),
             };
-            reports.push(LayerReport { name, out, inp, rank: r, params_before: out * inp + out, params_after: r * (out + inp) + out, rel_error });
+            let (output_error, svd_output_error) = (errors.map(|e| e.0), errors.map(|e| e.1));
+            reports.push(LayerReport { name, out, inp, rank: r, params_before: out * inp + out, params_after: r * (out + inp) + out, rel_error, output_error, svd_output_error });
             *layer = Linear::LowRank { u, v, bias: std::mem::take(bias) };
         }
     }
     debug_assert!(is_lowrank(ranks) || reports.is_empty());
     Ok((student, reports))
+}
+
+/// The student of `teacher` at `ranks` that `plan` describes: factorized
+/// (calibrating on `data` first for `svd-act`), then, for
+/// `FromTeacher::Embeddings`, every block's tensors but its factors and
+/// the head replaced by fresh ones (`init_params` drawn from `seed`).
+pub fn make_student(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, plan: &StudentPlan, seed: u64, data: Option<CalibrationData<'_>>) -> Result<(VitParams<Vec<f32>>, Vec<LayerReport>)> {
+    let moments = match (plan.init, data) {
+        (FactorInit::SvdAct { calibration }, Some(d)) => Some(calibrate(cfg, teacher, ranks, d.train, d.transform, calibration)?),
+        (FactorInit::SvdAct { .. }, None) => bail!("--init svd-act needs training images to calibrate on (give --data)"),
+        _ => None,
+    };
+    let (mut student, reports) = factorize(cfg, teacher, ranks, plan.init, moments.as_ref())?;
+    if plan.from_teacher == FromTeacher::Embeddings {
+        refresh_blocks_and_head(cfg, ranks, &mut student, seed);
+    }
+    Ok((student, reports))
+}
+
+/// Fresh blocks (but their factors) and a fresh head, as a model trained
+/// from scratch starts (`init_params`): LayerNorms 1 and 0, biases 0,
+/// dense weights and the head truncated-normal.
+fn refresh_blocks_and_head(cfg: &VitConfig, ranks: &Ranks, student: &mut VitParams<Vec<f32>>, seed: u64) {
+    let fresh = init_params(cfg, ranks, seed);
+    for (block, mut new) in student.blocks.iter_mut().zip(fresh.blocks) {
+        for lin in BlockLinear::ALL {
+            if let (Linear::LowRank { u, v, .. }, Linear::LowRank { u: nu, v: nv, .. }) = (block.linear_mut(lin), new.linear_mut(lin)) {
+                std::mem::swap(u, nu);
+                std::mem::swap(v, nv);
+            }
+        }
+        *block = new;
+    }
+    student.head = fresh.head;
 }
 
 #[cfg(test)]
@@ -218,10 +346,57 @@ mod tests {
         let mut rng = Rng::new(9);
         let teacher: VitParams<Vec<f32>> = VitParams::build(&cfg, &dense, |s| Ok::<_, ()>(rng.normal_vec(s.numel(), 0.02))).unwrap();
         let ranks = uniform_ranks(&cfg, 8);
-        let (student, reports) = factorize(&cfg, &teacher, &ranks, FactorInit::Svd).unwrap();
+        let (student, reports) = factorize(&cfg, &teacher, &ranks, FactorInit::Svd, None).unwrap();
         assert_eq!(reports.len(), 6 * cfg.depth);
         let count: usize = student.tensors().iter().map(|t| t.len()).sum();
         assert_eq!(count, param_count(&cfg, &ranks));
         assert_eq!(student.head.bias(), teacher.head.bias());
+    }
+
+    fn random_teacher(cfg: &VitConfig) -> VitParams<Vec<f32>> {
+        let mut rng = Rng::new(9);
+        VitParams::build(cfg, &crate::model::params::dense_ranks(cfg), |s| Ok::<_, ()>(rng.normal_vec(s.numel(), 0.02))).unwrap()
+    }
+
+    /// The reference protocol's student: only the patch embedding, class
+    /// token, position embedding and final LayerNorm are the teacher's.
+    #[test]
+    fn an_embeddings_only_student_has_fresh_blocks_and_head() {
+        let cfg = VitConfig::preset("vit-demo", 10).unwrap();
+        let teacher = random_teacher(&cfg);
+        let ranks = uniform_ranks(&cfg, 4);
+        let plan = StudentPlan { init: FactorInit::Random { seed: 42 }, from_teacher: FromTeacher::Embeddings, ..StudentPlan::default() };
+        let (s, _) = make_student(&cfg, &teacher, &ranks, &plan, 42, None).unwrap();
+        for (name, a, b) in [("patch_w", &s.patch_w, &teacher.patch_w), ("patch_b", &s.patch_b, &teacher.patch_b), ("cls", &s.cls, &teacher.cls), ("pos", &s.pos, &teacher.pos), ("norm_w", &s.norm_w, &teacher.norm_w), ("norm_b", &s.norm_b, &teacher.norm_b)] {
+            assert_eq!(a, b, "{name} comes from the teacher");
+        }
+        let b = &s.blocks[1];
+        assert!(b.norm1_w.iter().chain(&b.norm2_w).all(|&v| v == 1.0) && b.norm1_b.iter().chain(&b.norm2_b).all(|&v| v == 0.0), "fresh LayerNorms");
+        assert!(BlockLinear::ALL.iter().all(|&l| b.linear(l).bias().iter().all(|&v| v == 0.0)), "fresh biases");
+        assert!(s.head.bias().iter().all(|&v| v == 0.0));
+        let (Linear::Dense { weight: head, .. }, Linear::Dense { weight: old, .. }) = (&s.head, &teacher.head) else { panic!("dense heads") };
+        assert_ne!(head, old, "a new head");
+        // The factors are the factor initialization's, not init_params'.
+        let (plain, _) = factorize(&cfg, &teacher, &ranks, plan.init, None).unwrap();
+        let (Linear::LowRank { u, .. }, Linear::LowRank { u: want, .. }) = (&b.fc1, &plain.blocks[1].fc1) else { panic!("low-rank fc1") };
+        assert_eq!(u, want);
+        // The default keeps everything that is not factorized.
+        let (kept, _) = make_student(&cfg, &teacher, &ranks, &StudentPlan { init: plan.init, ..StudentPlan::default() }, 42, None).unwrap();
+        assert_eq!(kept.blocks[1].norm1_w, teacher.blocks[1].norm1_w);
+        assert_eq!(kept.head.bias(), teacher.head.bias());
+    }
+
+    #[test]
+    fn svd_act_parses_records_its_calibration_and_needs_data() {
+        assert_eq!("svd-act".parse::<FactorInit>().unwrap(), FactorInit::SvdAct { calibration: DEFAULT_CALIBRATION });
+        assert!("svdact".parse::<FactorInit>().unwrap_err().to_string().contains("svd, svd-act or random"));
+        assert_eq!(serde_json::to_string(&FactorInit::SvdAct { calibration: 8 }).unwrap(), r#"{"svd-act":{"calibration":8}}"#);
+        assert_eq!(serde_json::to_string(&FactorInit::Svd).unwrap(), r#""svd""#);
+        assert_eq!(FactorInit::Random { seed: 1 }.with_seed(5), FactorInit::Random { seed: 5 });
+        assert_eq!(FactorInit::Svd.with_seed(5), FactorInit::Svd);
+        let cfg = VitConfig::preset("vit-demo", 10).unwrap();
+        let plan = StudentPlan { init: FactorInit::SvdAct { calibration: 8 }, ..StudentPlan::default() };
+        let e = make_student(&cfg, &random_teacher(&cfg), &uniform_ranks(&cfg, 2), &plan, 0, None).unwrap_err().to_string();
+        assert!(e.contains("svd-act") && e.contains("--data"), "{e}");
     }
 }

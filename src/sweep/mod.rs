@@ -11,8 +11,8 @@ pub mod jobs;
 
 use crate::data::{Dataset, Normalize};
 use crate::device::Precision;
-use crate::factorize::FactorInit;
-use crate::model::params::{dense_ranks, param_count, uniform_ranks, validate_ranks};
+use crate::factorize::StudentPlan;
+use crate::model::params::{dense_ranks, param_count, validate_ranks};
 use crate::model::{Vit, VitConfig, VitParams};
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
@@ -55,7 +55,10 @@ pub struct SweepOptions {
     pub seeds: Vec<u64>,
     #[serde(skip)]
     pub shard: Shard,
-    pub init: FactorInit,
+    /// Which layers are factorized, how, and what else comes from the
+    /// teacher (flattened: `init`, `targets`, `from_teacher`).
+    #[serde(flatten)]
+    pub plan: StudentPlan,
     pub loss: LossSpec,
     /// Training settings; `seed` and `label` are set per job.
     pub fit: FitOptions,
@@ -94,7 +97,7 @@ pub fn validate_options(cfg: &VitConfig, opts: &SweepOptions) -> Result<()> {
         bail!("no seeds: give --seeds, e.g. --seeds 0");
     }
     for &r in &opts.ranks {
-        validate_ranks(cfg, &uniform_ranks(cfg, r)).with_context(|| format!("--ranks contains {r}"))?;
+        validate_ranks(cfg, &opts.plan.targets.ranks(cfg, r)?).with_context(|| format!("--ranks contains {r}"))?;
     }
     if let Some(r) = repeated(&opts.ranks) {
         bail!("--ranks lists {r} more than once");
@@ -347,11 +350,8 @@ fn train_job<B: Backend>(shared: &Shared<'_, B>, job: Job, live: &mut Option<Fro
         shared.skipped_claimed.fetch_add(1, Ordering::SeqCst);
         return Ok(());
     }
-    let ranks = uniform_ranks(cfg, job.rank);
-    let init = match opts.init {
-        FactorInit::Svd => FactorInit::Svd,
-        FactorInit::Random { .. } => FactorInit::Random { seed: job.seed },
-    };
+    let ranks = opts.plan.targets.ranks(cfg, job.rank)?;
+    let plan = StudentPlan { init: opts.plan.init.with_seed(job.seed), ..opts.plan };
     let fit_opts = FitOptions { seed: job.seed, label: format!("rank {}", job.rank), ..opts.fit.clone() };
     let cache = if shared.use_cache { Some(cache_for(shared, job.seed)?) } else { None };
     if opts.loss.needs_teacher() && !shared.use_cache && live.is_none() {
@@ -362,14 +362,14 @@ fn train_job<B: Backend>(shared: &Shared<'_, B>, job: Job, live: &mut Option<Fro
         (None, Some(t)) if opts.loss.needs_teacher() => Teacher::Live(t),
         _ => Teacher::None,
     };
-    let job_opts = SweepOptions { fit: fit_opts.clone(), init, ..opts.clone() };
+    let job_opts = SweepOptions { fit: fit_opts.clone(), plan, ..opts.clone() };
     let meta = student_meta(inputs, &job_opts);
     let files = RunFiles::new(&job.dir(&opts.out));
     warn_if_resumed_on_other_data(&files, &inputs.data, job);
     let run = StudentRun {
         cfg,
         teacher: inputs.teacher,
-        start: StudentStart::Factorize { ranks: ranks.clone(), init },
+        start: StudentStart::Factorize { ranks: ranks.clone(), plan },
         train: inputs.train,
         test: inputs.test,
         transform: &inputs.transform,
@@ -429,5 +429,5 @@ fn warn_if_resumed_on_other_data(files: &RunFiles, data: &DataRef, job: Job) {
 /// The provenance of one job's student.
 fn student_meta(inputs: &SweepInputs<'_>, job: &SweepOptions) -> RunMeta {
     let training = Training { data: &inputs.data, loss: &job.loss, fit: &job.fit, optimizer: job.optimizer };
-    RunMeta::student(inputs.normalize, inputs.teacher_file.clone(), Some(job.init), Some(training))
+    RunMeta::student(inputs.normalize, inputs.transform.resize, inputs.teacher_file.clone(), Some(&job.plan), Some(training))
 }

@@ -1,13 +1,15 @@
 //! One student, from the teacher's weights to a trained checkpoint: the
-//! path that `distill` and every job of `sweep` share. The student starts
-//! factorized from the teacher (or from a student checkpoint), is built on
-//! the device with its optimizer, and is trained by `fit` against the
-//! teacher signal the caller chose (live teacher, cached logits, or none).
+//! path that `distill` and every job of `sweep` share. The student is made
+//! from the teacher as its `StudentPlan` says (`factorize::make_student`;
+//! `svd-act` calibrates on the run's training images, fresh tensors draw
+//! from the run's seed), or comes from a student checkpoint; it is built on
+//! the device with its optimizer and trained by `fit` against the teacher
+//! signal the caller chose (live teacher, cached logits, or none).
 
 use super::fit::{fit, FitOptions, FitSummary, RunFiles, Teacher};
 use super::{AdamWConfig, Learner, LossSpec};
 use crate::data::Dataset;
-use crate::factorize::{factorize, FactorInit};
+use crate::factorize::{make_student, CalibrationData, StudentPlan};
 use crate::model::{Ranks, Vit, VitConfig, VitParams};
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
@@ -16,8 +18,8 @@ use anyhow::Result;
 
 /// Where a student's weights start.
 pub enum StudentStart<'a> {
-    /// The teacher factorized at `ranks`.
-    Factorize { ranks: Ranks, init: FactorInit },
+    /// The teacher factorized at `ranks` as `plan` says.
+    Factorize { ranks: Ranks, plan: StudentPlan },
     /// A student checkpoint's parameters.
     Given { ranks: Ranks, params: &'a VitParams<Vec<f32>> },
 }
@@ -50,7 +52,10 @@ pub struct StudentRun<'a> {
 /// `on_epoch` runs after every saved epoch (the sweep's claim heartbeat).
 pub fn train_student<B: Backend>(be: &B, run: &StudentRun<'_>, teacher: Teacher<'_, B>, on_epoch: &mut dyn FnMut(usize) -> Result<()>) -> Result<FitSummary> {
     let params = match &run.start {
-        StudentStart::Factorize { ranks, init } => factorize(run.cfg, run.teacher, ranks, *init)?.0,
+        StudentStart::Factorize { ranks, plan } => {
+            let data = CalibrationData { train: run.train, transform: run.transform };
+            make_student(run.cfg, run.teacher, ranks, plan, run.fit.seed, Some(data))?.0
+        }
         StudentStart::Given { params, .. } => (*params).clone(),
     };
     let model = Vit::from_host(be, run.cfg, run.start.ranks(), &params)?;

@@ -1,5 +1,7 @@
 //! Raw bytes to normalized model input on the CPU: bilinear resize with
-//! PyTorch's `align_corners=False` sampling, then per-channel normalization.
+//! PyTorch's `align_corners=False` sampling (to the intermediate size and a
+//! center crop when the transform asks for one), then per-channel
+//! normalization.
 
 use super::{ImageKernel, ImageTransform};
 use crate::device::Cpu;
@@ -24,8 +26,10 @@ pub fn bilinear_taps(input: usize, output: usize) -> Vec<(usize, usize, f32)> {
 pub fn images_from_bytes(out: &mut [f32], src: &[u8], batch: usize, t: &ImageTransform) {
     let (c, h, w, s) = (t.channels, t.src_height, t.src_width, t.dst_size);
     assert!(src.len() >= batch * c * h * w, "images_from_bytes: {} bytes for {batch} images of {c}x{h}x{w}", src.len());
-    let ys = bilinear_taps(h, s);
-    let xs = bilinear_taps(w, s);
+    // A center crop of the resized image is the crop's window of its taps.
+    let (size, off) = t.resized();
+    let ys = &bilinear_taps(h, size)[off..off + s];
+    let xs = &bilinear_taps(w, size)[off..off + s];
     out[..batch * c * s * s].par_chunks_mut(s * s).enumerate().for_each(|(plane, o)| {
         let ch = plane % c;
         let img = &src[plane * h * w..(plane + 1) * h * w];
