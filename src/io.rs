@@ -50,7 +50,12 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         bail!("cannot write {}: it is a folder", path.display());
     }
     let name = path.file_name().with_context(|| format!("{} has no file name", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp.{}", name.to_string_lossy(), std::process::id()));
+    // Unique per call, not only per process: two threads of one process may
+    // write the same file at once (a claim's heartbeat and its epoch update),
+    // and a shared temporary name would let one rename the other's file away.
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.tmp.{}.{seq}", name.to_string_lossy(), std::process::id()));
     let written = (|| {
         let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
@@ -170,6 +175,29 @@ mod tests {
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1);
         assert!(atomic_write(dir.path(), b"x").is_err(), "a folder as the target");
+    }
+
+    /// Threads of one process writing the same file at once (a claim's
+    /// heartbeat thread and its epoch update) each succeed, and the file
+    /// holds one whole write.
+    #[test]
+    fn threads_writing_one_file_at_once_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("running.json");
+        let texts: Vec<String> = (0..4).map(|t| format!("writer {t} ").repeat(4096)).collect();
+        std::thread::scope(|s| {
+            for text in &texts {
+                let p = &p;
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        atomic_write(p, text.as_bytes()).unwrap();
+                    }
+                });
+            }
+        });
+        let last = std::fs::read_to_string(&p).unwrap();
+        assert!(texts.contains(&last), "the file is one writer's whole text");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
     }
 
     #[test]
