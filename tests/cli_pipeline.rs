@@ -277,12 +277,16 @@ fn status_shows_dead_and_stale_claims_and_the_sweep_takes_them_over() {
 fn students_trained_at_once_equal_students_trained_one_by_one() {
     let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let t = teacher().to_str().unwrap();
-    let mut a = sweep_args(t, one.path().to_str().unwrap(), "2,4,8");
-    a.extend(["--parallel", "1"]);
-    ok(&a);
-    let mut b = sweep_args(t, two.path().to_str().unwrap(), "2,4,8");
-    b.extend(["--parallel", "2"]);
-    ok(&b);
+    // Six epochs, more than the teacher-logit cache holds in memory: the
+    // third student starts at epoch 0 while the other is epochs ahead.
+    let (p1, p2) = (one.path().to_str().unwrap(), two.path().to_str().unwrap());
+    for (out, parallel) in [(p1, "1"), (p2, "2")] {
+        let mut a = sweep_args(t, out, "2,4,8");
+        let epochs = a.iter().position(|x| *x == "--epochs").unwrap() + 1;
+        a[epochs] = "6";
+        a.extend(["--parallel", parallel]);
+        ok(&a);
+    }
     let bits = |rows: Vec<(u64, u64, f64)>| rows.into_iter().map(|(r, s, a)| (r, s, a.to_bits())).collect::<Vec<_>>();
     assert_eq!(bits(results(one.path())), bits(results(two.path())));
 }
