@@ -70,16 +70,24 @@ impl Rng {
         (0..n).map(|_| (self.normal() as f32) * std).collect()
     }
 
-    /// `n` values drawn from a normal truncated to ±2 std (timm's `trunc_normal_`).
-    pub fn trunc_normal_vec(&mut self, n: usize, std: f32) -> Vec<f32> {
+    /// `n` values drawn from N(0, std²) with every value outside
+    /// [-bound, bound] redrawn: timm's `trunc_normal_(std=std, a=-bound,
+    /// b=bound)`, whose bounds are absolute values, not multiples of std
+    /// (ViTs call it with std 0.02 and bounds ±2, i.e. ±100 std).
+    pub fn trunc_normal_vec(&mut self, n: usize, std: f32, bound: f32) -> Vec<f32> {
         (0..n)
             .map(|_| loop {
-                let z = self.normal();
-                if z.abs() <= 2.0 {
-                    break (z as f32) * std;
+                let v = (self.normal() as f32) * std;
+                if v.abs() <= bound {
+                    break v;
                 }
             })
             .collect()
+    }
+
+    /// `n` values uniform in [-bound, bound).
+    pub fn uniform_vec(&mut self, n: usize, bound: f32) -> Vec<f32> {
+        (0..n).map(|_| ((2.0 * self.uniform() - 1.0) as f32) * bound).collect()
     }
 
     /// A random permutation of 0..n (Fisher-Yates).

@@ -1,8 +1,20 @@
-//! Fresh parameters for training from scratch (timm's ViT initialization).
+//! Fresh parameters for training from scratch, drawn as timm's
+//! `VisionTransformer(weight_init='')` draws them:
 //!
-//! Weight matrices (patch embedding included), the position embedding and
-//! the head: truncated normal, std 0.02, cut at ±2 std; class token: normal,
-//! std 1e-6; biases 0; LayerNorm scale 1 and shift 0. A low-rank layer's U
+//! - every linear layer's weight (q, k, v, proj, fc1, fc2, head) and the
+//!   position embedding: `trunc_normal_(std=0.02)`, whose bounds ±2 are
+//!   absolute (±100 std), so in effect N(0, 0.02²); their biases 0;
+//! - the patch embedding, a `Conv2d` that timm leaves at PyTorch's default:
+//!   weight and bias uniform in ±1/√fan_in, fan_in = channels · patch²
+//!   (`kaiming_uniform_(a=√5)`; std 1/√(3 fan_in), 0.083 for 3 x 4 x 4,
+//!   four times the linear layers'. Drawing it at 0.02 instead, and the
+//!   normal cut at ±2 std, cost 9 points of test accuracy on a 32 px
+//!   model trained on 1,500 images (83.5% against timm's 92.8%; with
+//!   timm's initial weights given to `train --init`, the engine reached
+//!   91.5%);
+//! - class token: normal, std 1e-6; LayerNorm scale 1 and shift 0.
+//!
+//! A low-rank layer's U
 //! and V are drawn so that U·V has the spread of a dense layer
 //! (`factorize::random_factor_std`). Tensor `i` (in `param_specs` order)
 //! draws from `Rng::from_keys(&[seed, i])`, so adding a layer does not change
@@ -13,7 +25,10 @@ use super::params::{param_specs, Ranks, VitParams};
 use crate::factorize::random_factor_std;
 use crate::rng::Rng;
 
+/// Std of timm's `trunc_normal_` for linear weights and the position embedding.
 const STD: f32 = 0.02;
+/// Its bounds, absolute (timm's defaults a = -2, b = 2).
+const TRUNC_BOUND: f32 = 2.0;
 
 pub fn init_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f32>> {
     let specs = param_specs(cfg, ranks);
@@ -24,7 +39,10 @@ pub fn init_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f
             let mut rng = Rng::from_keys(&[seed, i as u64]);
             let n = s.numel();
             let name = s.name.as_str();
-            if name.ends_with(".U") || name.ends_with(".V") {
+            if name.starts_with("patch_embed.") {
+                let fan_in = cfg.channels * cfg.patch * cfg.patch;
+                rng.uniform_vec(n, 1.0 / (fan_in as f32).sqrt())
+            } else if name.ends_with(".U") || name.ends_with(".V") {
                 let r = if name.ends_with(".U") { s.shape[1] } else { s.shape[0] };
                 rng.normal_vec(n, random_factor_std(r))
             } else if name.ends_with("bias") {
@@ -34,7 +52,7 @@ pub fn init_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f
             } else if name == "cls_token" {
                 rng.normal_vec(n, 1e-6)
             } else {
-                rng.trunc_normal_vec(n, STD)
+                rng.trunc_normal_vec(n, STD, TRUNC_BOUND)
             }
         })
         .collect();
@@ -44,7 +62,7 @@ pub fn init_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::params::{dense_ranks, uniform_ranks};
+    use crate::model::params::{dense_ranks, uniform_ranks, BlockLinear, Linear};
 
     #[test]
     fn norms_are_one_biases_zero_weights_small_and_seeded() {
@@ -52,8 +70,18 @@ mod tests {
         let p = init_params(&cfg, &dense_ranks(&cfg), 3);
         assert!(p.blocks[0].norm1_w.iter().all(|&v| v == 1.0));
         assert!(p.head.bias().iter().all(|&v| v == 0.0));
-        let std = (p.pos.iter().map(|v| v * v).sum::<f32>() / p.pos.len() as f32).sqrt();
-        assert!((std - 0.0176).abs() < 0.003, "trunc-normal(0.02) std {std}");
+        let rms = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+        let std = rms(&p.pos);
+        assert!((std - 0.02).abs() < 0.002, "pos_embed: timm's trunc_normal_(0.02) has std 0.02, got {std}");
+        let Linear::Dense { weight: q, .. } = p.blocks[0].linear(BlockLinear::Q) else { panic!("dense ranks gave a low-rank q") };
+        assert!((rms(q) - 0.02).abs() < 0.002, "q weight std {}", rms(q));
+        // The patch embedding: PyTorch's Conv2d default, uniform in ±1/√fan_in.
+        let bound = 1.0 / ((cfg.channels * cfg.patch * cfg.patch) as f32).sqrt();
+        for (what, v) in [("weight", &p.patch_w), ("bias", &p.patch_b)] {
+            assert!(v.iter().all(|x| x.abs() <= bound), "patch {what} outside ±{bound}");
+            let expected = bound / 3f32.sqrt();
+            assert!((rms(v) - expected).abs() < 0.25 * expected, "patch {what} std {} against {expected}", rms(v));
+        }
         assert_eq!(init_params(&cfg, &dense_ranks(&cfg), 3).pos, p.pos);
         assert_ne!(init_params(&cfg, &dense_ranks(&cfg), 4).pos, p.pos);
         let lr = init_params(&cfg, &uniform_ranks(&cfg, 8), 3);
