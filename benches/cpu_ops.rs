@@ -15,7 +15,7 @@
 use effrank_engine::device::cpu::on_worker_thread;
 use effrank_engine::device::{Cpu, Device};
 use effrank_engine::ops::add::{add, add_assign};
-use effrank_engine::ops::attention::cpu::{attention_backward, attention_forward};
+use effrank_engine::ops::attention::cpu::{attention_backward, attention_forward, products_backward, products_forward};
 use effrank_engine::ops::gelu::cpu::{gelu_backward, gelu_forward};
 use effrank_engine::ops::layernorm::cpu::{layernorm_backward, layernorm_forward};
 use effrank_engine::ops::matmul::cpu::strided_gemm;
@@ -85,6 +85,32 @@ fn main() {
         let (mut dq, mut dk, mut dv) = (vec![0f32; ROWS * WIDTH], vec![0f32; ROWS * WIDTH], vec![0f32; ROWS * WIDTH]);
         let t = median_seconds(10, || attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, 8, 50, HEADS, WIDTH / HEADS));
         row("attention backward", t, per_element(t, 8 * HEADS * 50 * 50));
+
+        // Attention at every ViT shape here: the register tiles (the path
+        // above, where the head width allows) against faer's products per
+        // head, alternating, in GFLOP/s (4·T²·dh per head forward, twice
+        // that backward).
+        for (name, batch, t, heads, dh) in [("small32", 64, 65, 4, 16), ("vit-demo", 64, 17, 2, 32), ("vit-cifar", 64, 65, 3, 64), ("vit-b32", 8, 50, 12, 64)] {
+            let n = batch * t * heads * dh;
+            let (q, k, v, dout) = (random(n), random(n), random(n), random(n));
+            let (mut out, mut probs) = (vec![0f32; n], vec![0f32; batch * heads * t * t]);
+            let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            let flops = 4.0 * (batch * heads * t * t * dh) as f64;
+            let rate = |f: f64, s: f64| format!("{:.1} GFLOP/s", f / s / 1e9);
+            let (mut tf, mut pf, mut tb, mut pb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..3 {
+                tf.push(median_seconds(5, || attention_forward(&mut out, &mut probs, &q, &k, &v, batch, t, heads, dh)));
+                pf.push(median_seconds(5, || products_forward(&mut out, &mut probs, &q, &k, &v, batch, t, heads, dh)));
+                tb.push(median_seconds(5, || attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh)));
+                pb.push(median_seconds(5, || products_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh)));
+            }
+            let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+            let (tf, pf, tb, pb) = (best(&tf), best(&pf), best(&tb), best(&pb));
+            row(&format!("attention fwd {name} ({batch}x{heads}x{t}x{dh})"), tf, rate(flops, tf));
+            row("  faer products per head", pf, format!("{} ({:.2}x)", rate(flops, pf), pf / tf));
+            row(&format!("attention bwd {name}"), tb, rate(2.0 * flops, tb));
+            row("  faer products per head", pb, format!("{} ({:.2}x)", rate(2.0 * flops, pb), pb / tb));
+        }
 
         // Residual connection: one pass against copy, then add.
         let be = Cpu;

@@ -226,3 +226,60 @@ fn fused_add_layernorm_path_gives_the_same_bits() {
     assert_eq!(plain.1, fused.1, "gradients");
     assert_eq!(plain.2, fused.2, "inference logits");
 }
+
+/// A batch split into shards (the CPU's default for small models) gives the
+/// step of the whole batch: the same loss, top-1 count and gradients up to
+/// rounding, for hard labels and for cached teacher logits (KD), with an
+/// odd batch (shards of 3 and 2).
+#[test]
+fn a_split_batch_gives_the_whole_batch_step() {
+    let be = Cpu;
+    let cfg = tiny_config();
+    let ranks = dense_ranks(&cfg);
+    let params = random_params(&cfg, &ranks, 1);
+    let c = case(&cfg, 5);
+    let teacher_logits = Rng::new(9).normal_vec(5 * cfg.classes, 2.0);
+    for (name, loss, cached) in [("ce", LossSpec::ce(), false), ("kd", LossSpec { ce: 0.0, kd: 1.0, ..LossSpec::ce() }, true)] {
+        let run = |shards: usize| {
+            let mut l = Learner::with_shards(&be, Vit::from_host(&be, &cfg, &ranks, &params).unwrap(), 5, AdamWConfig::default(), shards).unwrap();
+            assert_eq!(l.shards(), shards);
+            let signal = if cached { TeacherSignal::Cached(&teacher_logits) } else { TeacherSignal::None };
+            let stats = l.forward_backward(&be, &c.bytes, &c.labels, &transform(&cfg), signal, &loss).unwrap();
+            let grads: Vec<Vec<f32>> = l.grads.tensors().iter().map(|g| be.download(g).unwrap()).collect();
+            (stats, grads)
+        };
+        let ((whole, gw), (split, gs)) = (run(1), run(2));
+        assert!((whole.loss - split.loss).abs() <= 1e-5 * whole.loss.abs(), "{name}: loss {} whole, {} split", whole.loss, split.loss);
+        assert_eq!(whole.correct, split.correct, "{name}: top-1 count");
+        // The key bias gradient is zero up to rounding (softmax is shift
+        // invariant): its scale is floored at the largest gradient's 1e-2.
+        effrank_engine::testing::assert_close_floor(&format!("{name}: gradients of a split batch"), &gs, &gw, 1e-5, 1e-2);
+    }
+}
+
+/// A split batch gives the same bits on one thread (shards one after the
+/// other) and on two (at once): three optimizer steps, parameters compared
+/// bit for bit.
+#[test]
+fn split_batches_give_the_same_bits_on_one_thread_and_two() {
+    let cfg = tiny_config();
+    let ranks = dense_ranks(&cfg);
+    let params = random_params(&cfg, &ranks, 1);
+    let c = case(&cfg, 6);
+    let train = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let be = Cpu;
+            let mut l = Learner::with_shards(&be, Vit::from_host(&be, &cfg, &ranks, &params).unwrap(), 6, AdamWConfig::default(), 2).unwrap();
+            for _ in 0..3 {
+                l.step(&be, &c.bytes, &c.labels, &transform(&cfg), TeacherSignal::None, &LossSpec::ce(), 1e-2).unwrap();
+            }
+            l.model.params.tensors().iter().map(|t| be.download(t).unwrap()).collect::<Vec<_>>()
+        })
+    };
+    let (one, two) = (train(1), train(2));
+    assert_eq!(one.len(), two.len());
+    for (i, (a, b)) in one.iter().zip(&two).enumerate() {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "tensor {i} differs between one and two threads");
+    }
+}

@@ -81,6 +81,13 @@ pub trait Device: Send + Sync {
     /// How many independent jobs (students) this device can run at once,
     /// each from its own thread: the CPU's threads, one per GPU (one stream).
     fn independent_workers(&self) -> usize;
+    /// Whether a training step of a small model splits its batch into
+    /// halves computed at once, each on its share of the threads
+    /// (`train::Learner`): the CPU, where one small model's products do not
+    /// keep two threads busy. A GPU runs the batch whole.
+    fn splits_small_batches(&self) -> bool {
+        false
+    }
 
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize, kind: BufKind) -> Result<Self::Buf>;

@@ -186,8 +186,8 @@ pub fn fit<B: Backend>(
     on_epoch: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<FitSummary> {
     install_interrupt_handler();
-    if opts.batch == 0 || opts.batch > learner.acts.max_batch {
-        bail!("batch {} outside 1..={}", opts.batch, learner.acts.max_batch);
+    if opts.batch == 0 || opts.batch > learner.max_batch() {
+        bail!("batch {} outside 1..={}", opts.batch, learner.max_batch());
     }
     if train.is_empty() {
         bail!("the training set is empty");

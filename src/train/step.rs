@@ -12,7 +12,7 @@ use crate::device::BufKind;
 use crate::ops::image::{self, ImageTransform};
 use crate::ops::{loss as loss_ops, Backend};
 use crate::model::{Grads, Vit, VitActs, VitBackwardScratch};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 /// A frozen model run forward only (the teacher, or a model being evaluated).
 pub struct Frozen<B: Backend> {
@@ -60,13 +60,41 @@ pub struct StepStats {
     pub correct: usize,
 }
 
+/// Halves of a batch trained at once on the CPU (see `Learner`).
+const SHARDS: usize = 2;
+
 /// A model being trained, with all buffers a step needs.
+///
+/// On the CPU, a model up to `sweep::AUTO_PARALLEL_MAX_WIDTH` wide splits
+/// every batch into two halves (shards), each with its own activations and
+/// gradients, computed at once on half of the threads (their own rayon
+/// pools); the halves' gradients are added in a fixed order (shard 0, then
+/// shard 1) before AdamW, and each half's loss is weighted by its share of
+/// the batch, so the step is that of the whole batch. At these widths one
+/// model's products are too small to keep two threads busy: splitting at
+/// every product hands work between threads hundreds of times per step,
+/// splitting the batch once per step does not. The split depends only on
+/// the model and the device, never on the thread count (one thread runs the
+/// halves one after the other), so a run gives the same bits on any number
+/// of threads. A GPU, and wider models, run the batch whole.
 pub struct Learner<B: Backend> {
     pub model: Vit<B>,
+    /// The batch's gradients (shard 0 writes here, the others are added).
     pub grads: Grads<B>,
-    pub acts: VitActs<B>,
-    pub scratch: VitBackwardScratch<B>,
     pub opt: AdamW<B>,
+    shards: Vec<Shard<B>>,
+    /// Gradients of shards 1.. (shard 0's are `grads`).
+    shard_grads: Vec<Grads<B>>,
+    /// One pool per shard when the shards run at once (two threads or more).
+    pools: Vec<rayon::ThreadPool>,
+    max_batch: usize,
+}
+
+/// The buffers of one shard: activations and loss buffers for its part of
+/// the batch.
+struct Shard<B: Backend> {
+    acts: VitActs<B>,
+    scratch: VitBackwardScratch<B>,
     d_logits: B::Buf,
     loss: B::Buf,
     teacher_logits: B::Buf,
@@ -74,42 +102,33 @@ pub struct Learner<B: Backend> {
     feature_grads: Vec<(B::Buf, B::Buf)>,
 }
 
-impl<B: Backend> Learner<B> {
-    pub fn new(be: &B, model: Vit<B>, max_batch: usize, opt: AdamWConfig) -> Result<Self> {
-        let c = model.cfg.clone();
+impl<B: Backend> Shard<B> {
+    fn new(be: &B, model: &Vit<B>, max_batch: usize) -> Result<Self> {
+        let c = &model.cfg;
         let n = max_batch * c.tokens() * c.width;
         let feature_grads = (0..c.depth)
             .map(|_| Ok((be.alloc(n, BufKind::Activation)?, be.alloc(n, BufKind::Activation)?)))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Learner {
-            grads: model.zeros_like(be)?,
+        Ok(Shard {
             acts: model.new_acts(be, max_batch)?,
             scratch: model.new_scratch(be, max_batch)?,
-            opt: AdamW::new(be, &model, opt)?,
             d_logits: be.alloc(max_batch * c.classes, BufKind::Activation)?,
             loss: be.alloc(1, BufKind::Param)?,
             teacher_logits: be.alloc(max_batch * c.classes, BufKind::Activation)?,
             feature_grads,
-            model,
         })
     }
 
-    /// Forward, loss and backward for one batch; leaves the gradients in
-    /// `self.grads` (zeroed first) and returns the loss and top-1 count.
-    pub fn forward_backward(
-        &mut self,
-        be: &B,
-        bytes: &[u8],
-        labels: &[u32],
-        transform: &ImageTransform,
-        teacher: TeacherSignal<'_, B>,
-        loss: &LossSpec,
-    ) -> Result<StepStats> {
+    /// Forward, loss and backward of this shard's `labels.len()` images,
+    /// the loss weighted by `weight` (its share of the whole batch); writes
+    /// `grads` (zeroed first). Returns the weighted loss and the top-1 count.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_backward(&mut self, be: &B, model: &Vit<B>, grads: &mut Grads<B>, bytes: &[u8], labels: &[u32], transform: &ImageTransform, teacher: TeacherSignal<'_, B>, loss: &LossSpec, weight: f32) -> Result<StepStats> {
         let batch = labels.len();
-        let c = self.model.cfg.clone();
+        let c = &model.cfg;
         let (n, d) = (batch * c.tokens(), c.width);
         image::from_bytes(be, &mut self.acts.images, bytes, batch, transform)?;
-        self.model.forward(be, &mut self.acts, batch)?;
+        model.forward(be, &mut self.acts, batch)?;
 
         let mut teacher_acts: Option<&VitActs<B>> = None;
         let teacher_logits: Option<&B::Buf> = match teacher {
@@ -137,10 +156,10 @@ impl<B: Backend> Learner<B> {
         }
 
         be.zero(&mut self.loss, 1)?;
-        loss_ops::logit_loss(be, &mut self.d_logits, &mut self.loss, &self.acts.logits, teacher_logits, labels, batch, c.classes, &loss.logit_config(c.depth), 1.0)?;
+        loss_ops::logit_loss(be, &mut self.d_logits, &mut self.loss, &self.acts.logits, teacher_logits, labels, batch, c.classes, &loss.logit_config(c.depth), weight)?;
         let features = match teacher_acts {
             Some(t) if loss.needs_features() => {
-                let w = loss.feature_term_weight(c.depth);
+                let w = weight * loss.feature_term_weight(c.depth);
                 for (l, (d_attn, d_mlp)) in self.feature_grads.iter_mut().enumerate() {
                     let (s, tb) = (&self.acts.blocks[l], &t.blocks[l]);
                     be.zero(d_attn, n * d)?;
@@ -153,18 +172,184 @@ impl<B: Backend> Learner<B> {
             _ => None,
         };
 
-        self.model.zero_grads(be, &mut self.grads)?;
-        self.model.backward(be, &self.acts, &self.d_logits, features, &mut self.grads, &mut self.scratch, batch)?;
+        model.zero_grads(be, grads)?;
+        model.backward(be, &self.acts, &self.d_logits, features, grads, &mut self.scratch, batch)?;
 
         let loss_value = be.download(&self.loss)?[0];
         let logits = be.download(&self.acts.logits)?;
         Ok(StepStats { loss: loss_value, correct: count_correct(&logits, labels, c.classes) })
     }
+}
+
+/// `EFFRANK_WHOLE_BATCHES=1`: never split a batch (to pair the two ways in
+/// one build; the results then differ in the last bits).
+fn whole_batches_asked() -> bool {
+    std::env::var_os("EFFRANK_WHOLE_BATCHES").is_some()
+}
+
+/// Images of each shard for a batch of `batch`: the first ⌈batch/s⌉, and
+/// so on (a shard may get none).
+fn shard_sizes(batch: usize, shards: usize) -> Vec<usize> {
+    let per = batch.div_ceil(shards.max(1));
+    (0..shards).map(|s| batch.saturating_sub(s * per).min(per)).collect()
+}
+
+impl<B: Backend> Learner<B> {
+    /// A learner for batches of up to `max_batch` images, split as the
+    /// type's comment says.
+    pub fn new(be: &B, model: Vit<B>, max_batch: usize, opt: AdamWConfig) -> Result<Self> {
+        let split = be.splits_small_batches() && model.cfg.width <= crate::sweep::AUTO_PARALLEL_MAX_WIDTH && max_batch >= SHARDS && !whole_batches_asked();
+        Self::with_shards(be, model, max_batch, opt, if split { SHARDS } else { 1 })
+    }
+
+    /// A learner that splits every batch into `shards` parts (1: whole
+    /// batches), whatever the device and model; for tests and benches.
+    pub fn with_shards(be: &B, model: Vit<B>, max_batch: usize, opt: AdamWConfig, shards: usize) -> Result<Self> {
+        if shards == 0 || shards > max_batch.max(1) {
+            bail!("{shards} shards for batches of up to {max_batch} images");
+        }
+        let per_shard = max_batch.div_ceil(shards);
+        let threads = rayon::current_num_threads();
+        let pools = if shards > 1 && threads >= shards {
+            (0..shards)
+                .map(|_| rayon::ThreadPoolBuilder::new().num_threads(threads / shards).stack_size(8 << 20).build().map_err(|e| anyhow!("creating a thread pool: {e}")))
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Learner {
+            grads: model.zeros_like(be)?,
+            shard_grads: (1..shards).map(|_| model.zeros_like(be)).collect::<Result<_>>()?,
+            shards: (0..shards).map(|_| Shard::new(be, &model, per_shard)).collect::<Result<_>>()?,
+            opt: AdamW::new(be, &model, opt)?,
+            pools,
+            max_batch,
+            model,
+        })
+    }
+
+    /// The largest batch a step takes.
+    pub fn max_batch(&self) -> usize {
+        self.max_batch
+    }
+
+    /// Parts every batch is split into (1: whole batches).
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Forward, loss and backward for one batch; leaves the gradients in
+    /// `self.grads` (zeroed first) and returns the loss and top-1 count.
+    pub fn forward_backward(
+        &mut self,
+        be: &B,
+        bytes: &[u8],
+        labels: &[u32],
+        transform: &ImageTransform,
+        teacher: TeacherSignal<'_, B>,
+        loss: &LossSpec,
+    ) -> Result<StepStats> {
+        let batch = labels.len();
+        if batch == 0 || batch > self.max_batch {
+            bail!("a batch of {batch} images; this learner takes 1 to {}", self.max_batch);
+        }
+        let classes = self.model.cfg.classes;
+        // Stored images may differ in size from the model's input (the
+        // transform resizes them); all of a batch's have one size.
+        if !bytes.len().is_multiple_of(batch) {
+            bail!("{} bytes of pixels do not divide into {batch} images", bytes.len());
+        }
+        let image_bytes = bytes.len() / batch;
+        let sizes = shard_sizes(batch, self.shards.len());
+        let model = &self.model;
+        let mut grads: Vec<&mut Grads<B>> = std::iter::once(&mut self.grads).chain(self.shard_grads.iter_mut()).collect();
+        // Each shard's images, labels and teacher signal.
+        let mut parts = Vec::new();
+        let mut cached = match &teacher {
+            TeacherSignal::Cached(all) if all.len() != batch * classes => bail!("cached teacher logits hold {} values, the batch needs {} x {}", all.len(), batch, classes),
+            TeacherSignal::Cached(all) => Some(*all),
+            _ => None,
+        };
+        let mut start = 0;
+        for &size in &sizes {
+            let signal = match (&teacher, cached.as_mut()) {
+                (TeacherSignal::Cached(_), Some(rest)) => {
+                    let (mine, more) = rest.split_at(size * classes);
+                    *rest = more;
+                    Some(mine)
+                }
+                _ => None,
+            };
+            parts.push((&bytes[start * image_bytes..(start + size) * image_bytes], &labels[start..start + size], signal, size as f32 / batch as f32));
+            start += size;
+        }
+        let stats: Vec<Result<StepStats>> = match teacher {
+            // One teacher's activations: the shards take turns.
+            TeacherSignal::Live(t) => {
+                let mut out = Vec::new();
+                for ((shard, g), (b, l, _, w)) in self.shards.iter_mut().zip(grads.iter_mut()).zip(&parts) {
+                    if !l.is_empty() {
+                        out.push(shard.forward_backward(be, model, g, b, l, transform, TeacherSignal::Live(&mut *t), loss, *w));
+                    }
+                }
+                out
+            }
+            teacher => {
+                let none = matches!(teacher, TeacherSignal::None);
+                let work = self.shards.iter_mut().zip(grads).zip(parts).filter(|(_, (_, l, _, _))| !l.is_empty()).map(|((shard, g), (b, l, cached, w))| {
+                    let signal = match cached {
+                        Some(logits) => TeacherSignal::Cached(logits),
+                        None if none => TeacherSignal::None,
+                        None => unreachable!("a cached signal is split above"),
+                    };
+                    move || shard.forward_backward(be, model, g, b, l, transform, signal, loss, w)
+                });
+                run_at_once(&self.pools, work.collect())
+            }
+        };
+        let mut total = StepStats::default();
+        let used = stats.len();
+        for s in stats {
+            let s = s?;
+            total.loss += s.loss;
+            total.correct += s.correct;
+        }
+        // The batch's gradients: shard 0's plus the others', in order.
+        for g in &self.shard_grads[..used - 1] {
+            for (dst, src) in self.grads.tensors_mut().into_iter().zip(g.tensors()) {
+                let len = be.len(src);
+                crate::ops::add::add_assign(be, dst, src, len)?;
+            }
+        }
+        Ok(total)
+    }
 
     /// Logits `[n, classes]` of raw image bytes with the current parameters
-    /// (reuses the training activations).
+    /// (reuses the training activations; the shards take a part each).
     pub fn logits(&mut self, be: &B, bytes: &[u8], n: usize, transform: &ImageTransform) -> Result<Vec<f32>> {
-        logits_of(be, &self.model, &mut self.acts, bytes, n, transform)
+        if n == 0 || n > self.max_batch {
+            bail!("{n} images to evaluate; this learner takes 1 to {} at a time", self.max_batch);
+        }
+        if !bytes.len().is_multiple_of(n) {
+            bail!("{} bytes of pixels do not divide into {n} images", bytes.len());
+        }
+        let (image_bytes, classes) = (bytes.len() / n, self.model.cfg.classes);
+        let model = &self.model;
+        let mut start = 0;
+        let mut work = Vec::new();
+        let sizes = shard_sizes(n, self.shards.len());
+        for (shard, size) in self.shards.iter_mut().zip(sizes) {
+            if size > 0 {
+                let b = &bytes[start * image_bytes..(start + size) * image_bytes];
+                work.push(move || logits_of(be, model, &mut shard.acts, b, size, transform));
+            }
+            start += size;
+        }
+        let mut logits = Vec::with_capacity(n * classes);
+        for part in run_at_once(&self.pools, work) {
+            logits.extend(part?);
+        }
+        Ok(logits)
     }
 
     /// A full training step: `forward_backward`, a finiteness check, then
@@ -188,6 +373,23 @@ impl<B: Backend> Learner<B> {
         self.opt.update(be, &mut self.model, &self.grads, lr)?;
         Ok(stats)
     }
+}
+
+/// Runs each job, at once on its own pool of `pools` when there are pools
+/// for all of them, else one after the other on the calling thread; the
+/// results in the jobs' order.
+fn run_at_once<T: Send, F: FnOnce() -> T + Send>(pools: &[rayon::ThreadPool], jobs: Vec<F>) -> Vec<T> {
+    if jobs.len() <= 1 || pools.len() < jobs.len() {
+        return jobs.into_iter().map(|f| f()).collect();
+    }
+    std::thread::scope(|scope| {
+        let mut jobs = jobs.into_iter().zip(pools);
+        let (first, first_pool) = jobs.next().expect("two jobs or more");
+        let others: Vec<_> = jobs.map(|(f, pool)| scope.spawn(move || pool.install(f))).collect();
+        let mut out = vec![first_pool.install(first)];
+        out.extend(others.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+        out
+    })
 }
 
 /// Number of rows of `logits [n, classes]` whose argmax equals the label.
