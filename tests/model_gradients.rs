@@ -15,7 +15,7 @@ use effrank_engine::factorize::{factorize, FactorInit};
 use effrank_engine::model::params::{dense_ranks, param_specs, uniform_ranks, Ranks};
 use effrank_engine::model::{Vit, VitConfig, VitParams};
 use effrank_engine::rng::Rng;
-use effrank_engine::train::{AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
+use effrank_engine::train::{spare_threads, AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
 
 fn tiny_config() -> VitConfig {
     VitConfig { image_size: 8, channels: 3, patch: 4, width: 8, depth: 2, heads: 2, mlp: 12, classes: 5, ln_eps: 1e-6 }
@@ -258,7 +258,9 @@ fn a_split_batch_gives_the_whole_batch_step() {
 }
 
 /// A split batch gives the same bits on one thread (shards one after the
-/// other) and on two (at once): three optimizer steps, parameters compared
+/// other), on two (at once, a pool each) and on one with a thread lent by a
+/// finished sweep worker (at once, the second half on the lent thread):
+/// three optimizer steps and an evaluation, parameters and logits compared
 /// bit for bit.
 #[test]
 fn split_batches_give_the_same_bits_on_one_thread_and_two() {
@@ -266,20 +268,29 @@ fn split_batches_give_the_same_bits_on_one_thread_and_two() {
     let ranks = dense_ranks(&cfg);
     let params = random_params(&cfg, &ranks, 1);
     let c = case(&cfg, 6);
-    let train = |threads: usize| {
+    let train = |threads: usize, lend: bool| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let be = Cpu;
+            let lent = lend.then(|| spare_threads::lend(1));
             let mut l = Learner::with_shards(&be, Vit::from_host(&be, &cfg, &ranks, &params).unwrap(), 6, AdamWConfig::default(), 2).unwrap();
             for _ in 0..3 {
                 l.step(&be, &c.bytes, &c.labels, &transform(&cfg), TeacherSignal::None, &LossSpec::ce(), 1e-2).unwrap();
             }
-            l.model.params.tensors().iter().map(|t| be.download(t).unwrap()).collect::<Vec<_>>()
+            let at_once = l.shards_at_once();
+            let mut out = l.model.params.tensors().iter().map(|t| be.download(t).unwrap()).collect::<Vec<_>>();
+            out.push(l.logits(&be, &c.bytes, c.labels.len(), &transform(&cfg)).unwrap());
+            drop(l);
+            drop(lent);
+            (out, at_once)
         })
     };
-    let (one, two) = (train(1), train(2));
-    assert_eq!(one.len(), two.len());
-    for (i, (a, b)) in one.iter().zip(&two).enumerate() {
-        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "tensor {i} differs between one and two threads");
+    let ((one, at_once_1), (two, at_once_2), (lent, at_once_lent)) = (train(1, false), train(2, false), train(1, true));
+    assert!(!at_once_1 && at_once_2 && at_once_lent, "shards at once: one thread {at_once_1}, two {at_once_2}, one and a lent one {at_once_lent}");
+    for (name, other) in [("two threads", &two), ("a lent thread", &lent)] {
+        assert_eq!(one.len(), other.len());
+        for (i, (a, b)) in one.iter().zip(other).enumerate() {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "tensor {i} differs between one thread and {name}");
+        }
     }
 }

@@ -19,6 +19,7 @@ use crate::ops::Backend;
 use crate::provenance::{DataRef, FileRef, RunMeta, Training};
 use crate::results::{append_record, read_records, Record, StudentRecord, TeacherRecord};
 use crate::train::fit::evaluate;
+use crate::train::spare_threads;
 use crate::train::{train_student, AdamWConfig, FitOptions, Frozen, LossSpec, RunFiles, StudentRun, StudentStart, Teacher, TeacherLogits};
 use anyhow::{anyhow, bail, Context, Result};
 use jobs::{all_jobs, finished, host_name, try_claim, Heartbeat, Job, Shard};
@@ -296,7 +297,10 @@ fn queue_order(todo: &[Job], workers: usize, params_at_rank: impl Fn(usize) -> R
 /// the device's threads (a rayon pool). Jobs are independent and every
 /// random choice is a function of the job, and the CPU's products give the
 /// same bits on any thread count, so the results do not depend on how many
-/// run at once. The first error stops the taking of new jobs and is returned.
+/// run at once. A worker that finds the queue empty lends its threads to
+/// the students still training until the sweep ends
+/// (`train::spare_threads`). The first error stops the taking of new jobs
+/// and is returned.
 fn run_workers<B: Backend>(shared: &Shared<'_, B>, workers: usize) -> Result<()> {
     if workers <= 1 {
         return worker(shared);
@@ -305,19 +309,24 @@ fn run_workers<B: Backend>(shared: &Shared<'_, B>, workers: usize) -> Result<()>
     std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)
             .map(|_| {
-                scope.spawn(move || -> Result<()> {
+                scope.spawn(move || -> Result<spare_threads::Lent> {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).stack_size(8 << 20).build().map_err(|e| anyhow!("creating a thread pool: {e}"))?;
-                    pool.install(|| worker(shared))
+                    pool.install(|| worker(shared))?;
+                    Ok(spare_threads::lend(threads))
                 })
             })
             .collect();
+        // Held until every worker is done, so no student holds a loan then.
+        let mut lent = Vec::new();
         let mut first = Ok(());
         for h in handles {
-            let outcome = h.join().unwrap_or_else(|_| Err(anyhow!("a sweep worker panicked")));
-            if first.is_ok() {
-                first = outcome;
+            match h.join().unwrap_or_else(|_| Err(anyhow!("a sweep worker panicked"))) {
+                Ok(l) => lent.push(l),
+                Err(e) if first.is_ok() => first = Err(e),
+                Err(_) => {}
             }
         }
+        drop(lent);
         first
     })
 }

@@ -7,6 +7,7 @@ pub mod fit;
 pub mod loss;
 pub mod optimizer;
 pub mod schedule;
+pub mod spare_threads;
 pub mod state;
 pub mod step;
 pub mod student;

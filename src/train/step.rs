@@ -8,6 +8,7 @@
 
 use super::loss::LossSpec;
 use super::optimizer::{AdamW, AdamWConfig};
+use super::spare_threads;
 use crate::device::BufKind;
 use crate::ops::image::{self, ImageTransform};
 use crate::ops::{loss as loss_ops, Backend};
@@ -76,7 +77,9 @@ const SHARDS: usize = 2;
 /// splitting the batch once per step does not. The split depends only on
 /// the model and the device, never on the thread count (one thread runs the
 /// halves one after the other), so a run gives the same bits on any number
-/// of threads. A GPU, and wider models, run the batch whole.
+/// of threads. A GPU, and wider models, run the batch whole. A learner on
+/// one thread (a sweep's worker) runs its halves one after the other, or at
+/// once on a thread that a finished worker lent (`spare_threads`).
 pub struct Learner<B: Backend> {
     pub model: Vit<B>,
     /// The batch's gradients (shard 0 writes here, the others are added).
@@ -87,6 +90,9 @@ pub struct Learner<B: Backend> {
     shard_grads: Vec<Grads<B>>,
     /// One pool per shard when the shards run at once (two threads or more).
     pools: Vec<rayon::ThreadPool>,
+    /// Without pools: a lent thread and a pool on it, where shard 1 runs
+    /// while shard 0 runs on the calling thread.
+    borrowed: Option<(spare_threads::Loan, rayon::ThreadPool)>,
     max_batch: usize,
 }
 
@@ -223,9 +229,27 @@ impl<B: Backend> Learner<B> {
             shards: (0..shards).map(|_| Shard::new(be, &model, per_shard)).collect::<Result<_>>()?,
             opt: AdamW::new(be, &model, opt)?,
             pools,
+            borrowed: None,
             max_batch,
             model,
         })
+    }
+
+    /// Whether the shards run at once (on pools of their own or with a
+    /// borrowed thread) rather than one after the other.
+    pub fn shards_at_once(&self) -> bool {
+        !self.pools.is_empty() || self.borrowed.is_some()
+    }
+
+    /// Borrows a lent thread when two shards have no pools and one is idle.
+    fn borrow_idle_thread(&mut self) -> Result<()> {
+        if self.pools.is_empty() && self.borrowed.is_none() && self.shards.len() == 2 {
+            if let Some(loan) = spare_threads::borrow() {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(1).stack_size(8 << 20).build().map_err(|e| anyhow!("creating a thread pool: {e}"))?;
+                self.borrowed = Some((loan, pool));
+            }
+        }
+        Ok(())
     }
 
     /// The largest batch a step takes.
@@ -261,6 +285,8 @@ impl<B: Backend> Learner<B> {
         }
         let image_bytes = bytes.len() / batch;
         let sizes = shard_sizes(batch, self.shards.len());
+        self.borrow_idle_thread()?;
+        let pools = shard_pools(&self.pools, &self.borrowed);
         let model = &self.model;
         let mut grads: Vec<&mut Grads<B>> = std::iter::once(&mut self.grads).chain(self.shard_grads.iter_mut()).collect();
         // Each shard's images, labels and teacher signal.
@@ -304,7 +330,7 @@ impl<B: Backend> Learner<B> {
                     };
                     move || shard.forward_backward(be, model, g, b, l, transform, signal, loss, w)
                 });
-                run_at_once(&self.pools, work.collect())
+                run_at_once(pools, work.collect())
             }
         };
         let mut total = StepStats::default();
@@ -334,6 +360,8 @@ impl<B: Backend> Learner<B> {
             bail!("{} bytes of pixels do not divide into {n} images", bytes.len());
         }
         let (image_bytes, classes) = (bytes.len() / n, self.model.cfg.classes);
+        self.borrow_idle_thread()?;
+        let pools = shard_pools(&self.pools, &self.borrowed);
         let model = &self.model;
         let mut start = 0;
         let mut work = Vec::new();
@@ -346,7 +374,7 @@ impl<B: Backend> Learner<B> {
             start += size;
         }
         let mut logits = Vec::with_capacity(n * classes);
-        for part in run_at_once(&self.pools, work) {
+        for part in run_at_once(pools, work) {
             logits.extend(part?);
         }
         Ok(logits)
@@ -375,18 +403,33 @@ impl<B: Backend> Learner<B> {
     }
 }
 
-/// Runs each job, at once on its own pool of `pools` when there are pools
-/// for all of them, else one after the other on the calling thread; the
-/// results in the jobs' order.
+/// The pools a learner's shards run on (see `run_at_once`): their own, or
+/// the borrowed thread's.
+fn shard_pools<'a>(pools: &'a [rayon::ThreadPool], borrowed: &'a Option<(spare_threads::Loan, rayon::ThreadPool)>) -> &'a [rayon::ThreadPool] {
+    match borrowed {
+        Some((_, pool)) => std::slice::from_ref(pool),
+        None => pools,
+    }
+}
+
+/// Runs the jobs at once when `pools` has one pool per job (each on its
+/// own) or one fewer (the first on the calling thread, the others on the
+/// pools), else one after the other on the calling thread; the results in
+/// the jobs' order.
 fn run_at_once<T: Send, F: FnOnce() -> T + Send>(pools: &[rayon::ThreadPool], jobs: Vec<F>) -> Vec<T> {
-    if jobs.len() <= 1 || pools.len() < jobs.len() {
+    let on_caller = jobs.len() == pools.len() + 1;
+    if jobs.len() <= 1 || !(on_caller || jobs.len() == pools.len()) {
         return jobs.into_iter().map(|f| f()).collect();
     }
     std::thread::scope(|scope| {
-        let mut jobs = jobs.into_iter().zip(pools);
-        let (first, first_pool) = jobs.next().expect("two jobs or more");
-        let others: Vec<_> = jobs.map(|(f, pool)| scope.spawn(move || pool.install(f))).collect();
-        let mut out = vec![first_pool.install(first)];
+        let mut jobs = jobs.into_iter();
+        let first = jobs.next().expect("two jobs or more");
+        let (first_pool, others) = if on_caller { (None, pools) } else { (Some(&pools[0]), &pools[1..]) };
+        let others: Vec<_> = jobs.zip(others).map(|(f, pool)| scope.spawn(move || pool.install(f))).collect();
+        let mut out = vec![match first_pool {
+            Some(pool) => pool.install(first),
+            None => first(),
+        }];
         out.extend(others.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
         out
     })
