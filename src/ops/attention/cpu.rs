@@ -174,7 +174,7 @@ pub fn products_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &
 
 #[cfg(target_arch = "x86_64")]
 mod tiles {
-        use std::arch::x86_64::*;
+    use std::arch::x86_64::*;
 
     /// Rows per block of queries (and of keys in dk, dv).
     pub const RS: usize = 8;
