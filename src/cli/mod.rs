@@ -41,9 +41,8 @@ enum Command {
 
 pub fn main() -> Result<()> {
     let cli = parse_from(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
-    // The whole command runs on a rayon worker (see `on_worker_thread`),
-    // which then needs the main thread's stack size.
-    let _ = rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build_global();
+    // The whole command runs on a rayon worker (see `on_worker_thread`).
+    let _ = rayon::ThreadPoolBuilder::new().stack_size(effrank_engine::device::cpu::WORKER_STACK_BYTES).build_global();
     let started = std::time::Instant::now();
     let result = effrank_engine::device::cpu::on_worker_thread(|| run(cli));
     if let Some(table) = effrank_engine::device::cpu::take_profile().filter(|t| !t.is_empty()) {

@@ -31,6 +31,16 @@ pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// Stack size of every rayon worker the engine starts: whole commands run
+/// on a worker (`on_worker_thread`), which then needs the main thread's.
+pub const WORKER_STACK_BYTES: usize = 8 << 20;
+
+/// A rayon pool of `threads` workers, each with `WORKER_STACK_BYTES` of
+/// stack (a sweep worker's pool, a shard's, a borrowed thread's).
+pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).stack_size(WORKER_STACK_BYTES).build().map_err(|e| anyhow!("creating a pool of {threads} thread(s): {e}"))
+}
+
 /// The CPU's op profile (`EFFRANK_PROFILE=1`): wall time of every
 /// outermost op call on every thread, summed per op (with several students
 /// at once, thread time, which can exceed the wall time). None when off.

@@ -310,7 +310,7 @@ fn run_workers<B: Backend>(shared: &Shared<'_, B>, workers: usize) -> Result<()>
         let handles: Vec<_> = (0..workers)
             .map(|_| {
                 scope.spawn(move || -> Result<spare_threads::Lent> {
-                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).stack_size(8 << 20).build().map_err(|e| anyhow!("creating a thread pool: {e}"))?;
+                    let pool = crate::device::cpu::thread_pool(threads)?;
                     pool.install(|| worker(shared))?;
                     Ok(spare_threads::lend(threads))
                 })

@@ -13,7 +13,7 @@ use crate::device::BufKind;
 use crate::ops::image::{self, ImageTransform};
 use crate::ops::{loss as loss_ops, Backend};
 use crate::model::{Grads, Vit, VitActs, VitBackwardScratch};
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 
 /// A frozen model run forward only (the teacher, or a model being evaluated).
 pub struct Frozen<B: Backend> {
@@ -218,7 +218,7 @@ impl<B: Backend> Learner<B> {
         let threads = rayon::current_num_threads();
         let pools = if shards > 1 && threads >= shards {
             (0..shards)
-                .map(|_| rayon::ThreadPoolBuilder::new().num_threads(threads / shards).stack_size(8 << 20).build().map_err(|e| anyhow!("creating a thread pool: {e}")))
+                .map(|_| crate::device::cpu::thread_pool(threads / shards))
                 .collect::<Result<Vec<_>>>()?
         } else {
             Vec::new()
@@ -245,8 +245,7 @@ impl<B: Backend> Learner<B> {
     fn borrow_idle_thread(&mut self) -> Result<()> {
         if self.pools.is_empty() && self.borrowed.is_none() && self.shards.len() == 2 {
             if let Some(loan) = spare_threads::borrow() {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(1).stack_size(8 << 20).build().map_err(|e| anyhow!("creating a thread pool: {e}"))?;
-                self.borrowed = Some((loan, pool));
+                self.borrowed = Some((loan, crate::device::cpu::thread_pool(1)?));
             }
         }
         Ok(())
