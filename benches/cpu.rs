@@ -29,7 +29,11 @@ fn train_step_vit_cifar(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu_train_step");
     g.throughput(Throughput::Elements(batch as u64)).sample_size(10).measurement_time(Duration::from_secs(15));
     g.bench_function("vit-cifar_b64", |b| {
-        let mut step = TrainStep::vit_cifar(batch);
+        let mut step = TrainStep::vit_cifar(batch, true);
+        b.iter(|| on_worker_thread(|| step.run()))
+    });
+    g.bench_function("vit-cifar_b64_every_token", |b| {
+        let mut step = TrainStep::vit_cifar(batch, false);
         b.iter(|| on_worker_thread(|| step.run()))
     });
     g.finish();

@@ -3,7 +3,8 @@
 //!     pip install --target /tmp/torchdeps torch timm
 //!     PYTHONPATH=/tmp/torchdeps cargo bench --bench cpu_vs_pytorch
 //!
-//! The workloads of `benches/cpu.rs` (vit-cifar training step at batch 64;
+//! The workloads of `benches/cpu.rs` (vit-cifar training step at batch 64,
+//! on the class-token tail and with every token;
 //! ViT-B/32 forward at batch 8, both the engine's inference path and its
 //! every-token forward), each against the same work in PyTorch, which runs
 //! in a child process (`scripts/bench_pytorch_cpu.py --serve`) at the same
@@ -140,8 +141,11 @@ fn main() {
     println!("{:<44} {:>9} {:>9} {:>8}  quartiles", "workload (images/s, medians)", "engine", "PyTorch", "ratio");
 
     let run = |py: &mut PyTorch| -> Result<(), String> {
-        let mut step = TrainStep::vit_cifar(64);
-        paired(py, "train step vit-cifar b64", "train", 64, rounds, &mut || step.run())?;
+        let mut step = TrainStep::vit_cifar(64, true);
+        paired(py, "train step vit-cifar b64 (class-token tail)", "train", 64, rounds, &mut || step.run())?;
+        drop(step);
+        let mut step = TrainStep::vit_cifar(64, false);
+        paired(py, "train step vit-cifar b64 (every token)", "train", 64, rounds, &mut || step.run())?;
         drop(step);
 
         let mut forward = Forward::vit_b32(8);

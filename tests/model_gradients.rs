@@ -54,15 +54,28 @@ fn loss_of(be: &Cpu, learner: &mut Learner<Cpu>, teacher: &mut Frozen<Cpu>, c: &
     learner.forward_backward(be, &c.bytes, &c.labels, &transform(cfg), TeacherSignal::Live(teacher), loss).unwrap().loss
 }
 
+/// The analytic gradients of `loss` against central finite differences, on
+/// the path that runs every token and, where the loss reads only the logits,
+/// on the class-token tail (`Vit::class_token_tail`).
 fn check_gradients(ranks: Ranks, loss: LossSpec) {
+    for class_token_tail in [false, true] {
+        if class_token_tail && loss.needs_features() {
+            continue;
+        }
+        check_gradients_on(ranks.clone(), &loss, class_token_tail);
+    }
+}
+
+fn check_gradients_on(ranks: Ranks, loss: &LossSpec, class_token_tail: bool) {
     let be = Cpu;
     let cfg = tiny_config();
-    let student = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 1)).unwrap();
+    let mut student = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 1)).unwrap();
+    student.class_token_tail = class_token_tail;
     let teacher_model = Vit::from_host(&be, &cfg, &dense_ranks(&cfg), &random_params(&cfg, &dense_ranks(&cfg), 2)).unwrap();
     let mut teacher = Frozen::new(&be, teacher_model, 3).unwrap();
     let mut learner = Learner::new(&be, student, 3, AdamWConfig::default()).unwrap();
     let c = case(&cfg, 3);
-    loss_of(&be, &mut learner, &mut teacher, &c, &loss, &cfg);
+    loss_of(&be, &mut learner, &mut teacher, &c, loss, &cfg);
     let grads: Vec<Vec<f32>> = learner.grads.tensors().iter().map(|g| be.download(g).unwrap()).collect();
 
     let h = 3e-3f32;
@@ -75,15 +88,15 @@ fn check_gradients(ranks: Ranks, loss: LossSpec) {
             let mut p = base.clone();
             p[i] = base[i] + h;
             be.write(learner.model.params.tensors_mut()[ti], &p).unwrap();
-            let up = loss_of(&be, &mut learner, &mut teacher, &c, &loss, &cfg);
+            let up = loss_of(&be, &mut learner, &mut teacher, &c, loss, &cfg);
             p[i] = base[i] - h;
             be.write(learner.model.params.tensors_mut()[ti], &p).unwrap();
-            let down = loss_of(&be, &mut learner, &mut teacher, &c, &loss, &cfg);
+            let down = loss_of(&be, &mut learner, &mut teacher, &c, loss, &cfg);
             be.write(learner.model.params.tensors_mut()[ti], &base).unwrap();
             let numeric = (up - down) / (2.0 * h);
             let analytic = grads[ti][i];
             let tol = 2e-2 * numeric.abs().max(analytic.abs()) + 2e-4;
-            assert!((numeric - analytic).abs() <= tol, "{}[{i}]: analytic {analytic}, finite difference {numeric}", spec.name);
+            assert!((numeric - analytic).abs() <= tol, "{}[{i}] (class-token tail {class_token_tail}): analytic {analytic}, finite difference {numeric}", spec.name);
             checked += 1;
         }
     }
@@ -193,6 +206,80 @@ fn logits_only_forward_matches_the_full_forward() {
             }
         }
     }
+}
+
+/// Training on the class-token tail (`forward_logits` and its backward:
+/// the last block after attention on the class-token rows) gives the loss,
+/// top-1 count and every gradient of the pass over every token, up to
+/// rounding: dense, low-rank and mixed models (the last block's layers
+/// low-rank and dense), plain and fused residual adds, hard labels and
+/// cached teacher logits, a batch below the activations' capacity. The
+/// second shape is wide enough that products are split over threads.
+#[test]
+fn class_token_tail_gives_the_gradients_of_every_token() {
+    let be = Cpu;
+    let wide = VitConfig { image_size: 16, channels: 3, patch: 4, width: 64, depth: 3, heads: 4, mlp: 160, classes: 7, ln_eps: 1e-6 };
+    for cfg in [tiny_config(), wide] {
+        let c = case(&cfg, 3);
+        let teacher_logits = Rng::new(9).normal_vec(3 * cfg.classes, 2.0);
+        let mut mixed = uniform_ranks(&cfg, 3);
+        mixed[cfg.depth - 1][BlockLinear::Fc1] = None;
+        mixed[cfg.depth - 1][BlockLinear::Q] = None;
+        for (ri, ranks) in [dense_ranks(&cfg), uniform_ranks(&cfg, 4), mixed].into_iter().enumerate() {
+            let params = random_params(&cfg, &ranks, 5);
+            for fused in [false, true] {
+                for (name, loss, cached) in [("ce", LossSpec::ce(), false), ("kd", LossSpec::parse("kd=1,ce=0.5", 0.3, 3.0, 0.0).unwrap(), true)] {
+                    let run = |class_token_tail: bool| {
+                        let mut model = Vit::from_host(&be, &cfg, &ranks, &params).unwrap();
+                        model.fused_add_layernorm = fused;
+                        model.class_token_tail = class_token_tail;
+                        let mut l = Learner::with_shards(&be, model, 5, AdamWConfig::default(), 1).unwrap();
+                        let signal = if cached { TeacherSignal::Cached(&teacher_logits) } else { TeacherSignal::None };
+                        let stats = l.forward_backward(&be, &c.bytes, &c.labels, &transform(&cfg), signal, &loss).unwrap();
+                        let grads: Vec<Vec<f32>> = l.grads.tensors().iter().map(|g| be.download(g).unwrap()).collect();
+                        (stats, grads)
+                    };
+                    let ((every, ge), (tail, gt)) = (run(false), run(true));
+                    let what = format!("width {}, ranks {ri}, fused {fused}, {name}", cfg.width);
+                    assert!((every.loss - tail.loss).abs() <= 1e-5 * every.loss.abs(), "{what}: loss {} every token, {} tail", every.loss, tail.loss);
+                    assert_eq!(every.correct, tail.correct, "{what}: top-1 count");
+                    assert!(ge.iter().flatten().any(|&g| g != 0.0), "{what}: all gradients zero");
+                    // As in the split-batch test: the key bias gradient is
+                    // zero up to rounding, so scales are floored.
+                    effrank_engine::testing::assert_close_floor(&format!("{what}: class-token tail gradients"), &gt, &ge, 1e-5, 1e-2);
+                }
+            }
+        }
+    }
+}
+
+/// `backward` follows only a forward of the same batch, and the feature
+/// gradients only the forward of every token: anything else is an error,
+/// not gradients of stale activations.
+#[test]
+fn backward_refuses_activations_it_cannot_use() {
+    let be = Cpu;
+    let cfg = tiny_config();
+    let ranks = dense_ranks(&cfg);
+    let model = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 5)).unwrap();
+    let mut acts = model.new_acts(&be, 3).unwrap();
+    let mut scratch = model.new_scratch(&be, 3).unwrap();
+    let mut grads = model.zeros_like(&be).unwrap();
+    let d_logits = be.alloc(3 * cfg.classes, effrank_engine::device::BufKind::Activation).unwrap();
+    let n = 3 * cfg.tokens() * cfg.width;
+    let features: Vec<_> = (0..cfg.depth).map(|_| (vec![0f32; n], vec![0f32; n])).collect();
+    let e = model.backward(&be, &acts, &d_logits, None, &mut grads, &mut scratch, 3).unwrap_err().to_string();
+    assert!(e.contains("needs a forward pass"), "{e}");
+    let c = case(&cfg, 3);
+    image::from_bytes(&be, &mut acts.images, &c.bytes, 3, &transform(&cfg)).unwrap();
+    model.forward_logits(&be, &mut acts, 3).unwrap();
+    let e = model.backward(&be, &acts, &d_logits, None, &mut grads, &mut scratch, 2).unwrap_err().to_string();
+    assert!(e.contains("batch of 2 after a forward of 3"), "{e}");
+    let e = model.backward(&be, &acts, &d_logits, Some(&features), &mut grads, &mut scratch, 3).unwrap_err().to_string();
+    assert!(e.contains("feature loss"), "{e}");
+    model.backward(&be, &acts, &d_logits, None, &mut grads, &mut scratch, 3).unwrap();
+    model.forward(&be, &mut acts, 3).unwrap();
+    model.backward(&be, &acts, &d_logits, Some(&features), &mut grads, &mut scratch, 3).unwrap();
 }
 
 /// The fused residual add + LayerNorm path of the model (what

@@ -27,7 +27,10 @@ fn dense_model(preset: &str) -> Vit<Cpu> {
     Vit::from_host(&Cpu, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap()
 }
 
-/// Training steps (forward, backward, AdamW; cross-entropy) of `vit-cifar`.
+/// Training steps (forward, backward, AdamW; cross-entropy) of `vit-cifar`,
+/// on the class-token tail (the CPU's default: the last block after
+/// attention on the class-token rows, `model::vit`) or with every token
+/// through every block, as timm computes it.
 pub struct TrainStep {
     learner: Learner<Cpu>,
     bytes: Vec<u8>,
@@ -36,8 +39,9 @@ pub struct TrainStep {
 }
 
 impl TrainStep {
-    pub fn vit_cifar(batch: usize) -> Self {
-        let model = dense_model("vit-cifar");
+    pub fn vit_cifar(batch: usize, class_token_tail: bool) -> Self {
+        let mut model = dense_model("vit-cifar");
+        model.class_token_tail = class_token_tail;
         let (bytes, labels, transform) = batch_bytes(&model.cfg, batch);
         let learner = Learner::new(&Cpu, model, batch, AdamWConfig::default()).unwrap();
         TrainStep { learner, bytes, labels, transform }

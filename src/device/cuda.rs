@@ -181,15 +181,19 @@ pub struct CudaPaths {
     /// `EFFRANK_CUDA_FUSED_ADD_LN=1`: the model's residual adds and the
     /// LayerNorms that read them as one op (`ops::add_layernorm`).
     pub fused_add_layernorm: bool,
+    /// `EFFRANK_CUDA_CLASS_TOKEN_TAIL=1`: training on a loss of the logits
+    /// alone runs the last block after attention on the class-token rows
+    /// (`Device::trains_class_token_tail`, `model::vit`).
+    pub class_token_tail: bool,
 }
 
 impl CudaPaths {
     /// The environment variable of each path, in field order.
-    pub const VARS: [&'static str; 2] = ["EFFRANK_CUDA_SHORT_ATTENTION", "EFFRANK_CUDA_FUSED_ADD_LN"];
+    pub const VARS: [&'static str; 3] = ["EFFRANK_CUDA_SHORT_ATTENTION", "EFFRANK_CUDA_FUSED_ADD_LN", "EFFRANK_CUDA_CLASS_TOKEN_TAIL"];
 
     /// Every path on (what the CUDA-vs-CPU tests of the new paths use).
     pub fn all() -> Self {
-        CudaPaths { short_attention: true, fused_add_layernorm: true }
+        CudaPaths { short_attention: true, fused_add_layernorm: true, class_token_tail: true }
     }
 
     /// The paths the environment switches on: each variable unset, `0` or
@@ -199,8 +203,8 @@ impl CudaPaths {
     }
 
     fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let [short_attention, fused_add_layernorm] = Self::VARS.map(|v| switch(v, get(v)));
-        Ok(CudaPaths { short_attention: short_attention?, fused_add_layernorm: fused_add_layernorm? })
+        let [short_attention, fused_add_layernorm, class_token_tail] = Self::VARS.map(|v| switch(v, get(v)));
+        Ok(CudaPaths { short_attention: short_attention?, fused_add_layernorm: fused_add_layernorm?, class_token_tail: class_token_tail? })
     }
 }
 
@@ -609,6 +613,9 @@ impl Device for Cuda {
     }
     fn independent_workers(&self) -> usize {
         1
+    }
+    fn trains_class_token_tail(&self) -> bool {
+        self.paths().class_token_tail
     }
 
     fn alloc(&self, len: usize, kind: BufKind) -> Result<CudaBuf> {

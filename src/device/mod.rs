@@ -88,6 +88,13 @@ pub trait Device: Send + Sync {
     fn splits_small_batches(&self) -> bool {
         false
     }
+    /// Whether training on a loss of the logits alone runs the last block
+    /// after attention on the class-token rows only (`model::vit`, module
+    /// doc): the CPU unless `EFFRANK_EVERY_TOKEN=1`; CUDA only with
+    /// `EFFRANK_CUDA_CLASS_TOKEN_TAIL=1` (`CudaPaths`).
+    fn trains_class_token_tail(&self) -> bool {
+        false
+    }
 
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize, kind: BufKind) -> Result<Self::Buf>;

@@ -21,6 +21,20 @@
 //! residuals, LN2 and MLP run on the class-token rows only (one row in
 //! T; ViT-B/32: ~6% of the forward's FLOPs).
 //!
+//! Training takes the same path when the loss reads only the logits (cross
+//! entropy, KD) and the model's `class_token_tail` is on (the CPU's default,
+//! `Device::trains_class_token_tail`): the rows of the other tokens after
+//! the last block's attention get exactly zero gradient, so `backward`
+//! after `forward_logits` runs that block's MLP, LN2 and projection
+//! backward on the class-token rows, scatters their gradient into the
+//! zeroed rows of the attention output and of the residual stream, and goes
+//! on through the attention, Q, K, V and LN1 of every token as after
+//! `forward`. The gradients are the full pass's up to rounding (the weight
+//! gradients sum 64 rows where the full pass adds 4,096 exact zeros to
+//! them; `tests/model_gradients.rs`); vit-cifar: 12.5% of the products'
+//! FLOPs. The feature loss reads every token of the last block's
+//! sub-layer outputs and runs `forward`.
+//!
 //! With `fused_add_layernorm` (when the device asks for it:
 //! `EFFRANK_CUDA_FUSED_ADD_LN=1` on CUDA) each residual add that a
 //! LayerNorm reads runs with it as one op (`m` and LN2; `x_l+1` and the
@@ -39,7 +53,7 @@ use crate::ops::{add, add_layernorm, attention, embed, gelu, layernorm, matmul, 
 use anyhow::{bail, Result};
 
 /// What a forward pass must produce.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Outputs {
     /// Every activation (training; features for the feature loss).
     Everything,
@@ -55,6 +69,10 @@ pub struct Vit<B: Backend> {
     /// Residual adds and the LayerNorms that read them as one op
     /// (`ops::add_layernorm`); set from the device when the model is made.
     pub fused_add_layernorm: bool,
+    /// Training on a loss of the logits alone runs `forward_logits` and its
+    /// backward (module doc); set from the device when the model is made
+    /// (`Device::trains_class_token_tail`).
+    pub class_token_tail: bool,
 }
 
 /// Where a block writes its output.
@@ -113,6 +131,8 @@ pub struct VitActs<B: Backend> {
     pub cls_mean: B::Buf,
     pub cls_rstd: B::Buf,
     pub logits: B::Buf,
+    /// The last forward pass's outputs and batch, which `backward` follows.
+    forwarded: Option<(Outputs, usize)>,
 }
 
 /// Scratch buffers of the backward pass.
@@ -143,7 +163,7 @@ impl<B: Backend> Vit<B> {
             }
             be.upload(t, BufKind::Param)
         })?;
-        Ok(Vit { cfg: cfg.clone(), ranks: ranks.clone(), params, fused_add_layernorm: be.fuse_add_layernorm() })
+        Ok(Vit { cfg: cfg.clone(), ranks: ranks.clone(), params, fused_add_layernorm: be.fuse_add_layernorm(), class_token_tail: be.trains_class_token_tail() })
     }
 
     /// Download the parameters to the host.
@@ -227,6 +247,7 @@ impl<B: Backend> Vit<B> {
             cls_mean: stat(max_batch)?,
             cls_rstd: stat(max_batch)?,
             logits: a(max_batch * c.classes)?,
+            forwarded: None,
         })
     }
 
@@ -263,8 +284,8 @@ impl<B: Backend> Vit<B> {
     /// `acts.logits` only, for inference: the same logits as `forward`, but
     /// the last block's work after attention is done on the class-token rows
     /// alone, so that block's later activations (`attn_out` .. `mlp_out`)
-    /// hold `batch` rows and `x_out` is not written. `backward` needs
-    /// `forward`.
+    /// hold `batch` rows and `x_out` is not written. `backward` may follow
+    /// (without feature gradients; module doc).
     pub fn forward_logits(&self, be: &B, acts: &mut VitActs<B>, batch: usize) -> Result<()> {
         self.forward_to(be, acts, batch, Outputs::LogitsOnly)
     }
@@ -278,6 +299,7 @@ impl<B: Backend> Vit<B> {
         let (t, d) = (c.tokens(), c.width);
         let n = batch * t;
         let np = batch * c.n_patches();
+        acts.forwarded = None;
 
         embed::patch_gather(be, &mut acts.patches, &acts.images, batch, c.channels, c.image_size, c.patch)?;
         matmul::linear_forward(be, &mut acts.patch_out, &acts.patches, &p.patch_w, &p.patch_b, np, self.patch_shape().inp, d)?;
@@ -310,7 +332,9 @@ impl<B: Backend> Vit<B> {
             embed::cls_gather(be, &mut acts.cls, &acts.x_out, batch, t, d)?;
         }
         layernorm::forward(be, &mut acts.cls_ln, &mut acts.cls_mean, &mut acts.cls_rstd, &acts.cls, &p.norm_w, &p.norm_b, batch, d, c.ln_eps)?;
-        linear_forward(be, &p.head, self.head_shape(), &mut acts.logits, None, &acts.cls_ln, batch)
+        linear_forward(be, &p.head, self.head_shape(), &mut acts.logits, None, &acts.cls_ln, batch)?;
+        acts.forwarded = Some((outputs, batch));
+        Ok(())
     }
 
     /// The rest of block `l` after attention, on `rows` rows, writing the
@@ -343,9 +367,10 @@ impl<B: Backend> Vit<B> {
     }
 
     /// Backward pass from `d_logits` (`[batch, classes]`), after `forward`
-    /// on the same `acts`. `feature_grads`, when given, holds for every block
-    /// the extra gradient of the loss with respect to its attention output
-    /// and its MLP output (the feature loss). Adds every parameter gradient
+    /// or `forward_logits` of the same batch on the same `acts`.
+    /// `feature_grads`, when given, holds for every block the extra gradient
+    /// of the loss with respect to its attention output and its MLP output
+    /// (the feature loss; needs `forward`). Adds every parameter gradient
     /// to `grads`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
@@ -362,9 +387,17 @@ impl<B: Backend> Vit<B> {
         let p = &self.params;
         let (t, d) = (c.tokens(), c.width);
         let n = batch * t;
+        let tail = match acts.forwarded {
+            None => bail!("backward needs a forward pass on these activations first"),
+            Some((_, b)) if b != batch => bail!("backward of a batch of {batch} after a forward of {b}"),
+            Some((outputs, _)) => outputs == Outputs::LogitsOnly,
+        };
         if let Some(f) = feature_grads {
             if f.len() != c.depth {
                 bail!("feature gradients for {} blocks, the model has {}", f.len(), c.depth);
+            }
+            if tail {
+                bail!("the feature loss reads every token of the last block: backward after `forward`, not `forward_logits`");
             }
         }
 
@@ -373,41 +406,57 @@ impl<B: Backend> Vit<B> {
         be.zero(&mut s.d_cls, batch * d)?;
         layernorm::backward(be, &mut s.d_cls, &mut grads.norm_w, &mut grads.norm_b, &s.d_cls_ln, &acts.cls, &acts.cls_mean, &acts.cls_rstd, &p.norm_w, batch, d)?;
         be.zero(&mut s.dx, n * d)?;
-        embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
+        if !tail {
+            embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
+        }
 
-        // Blocks in reverse; s.dx holds the gradient of the block's output.
-        // On the fused path a LayerNorm's backward also leaves a copy of its
-        // dx in s.d_sub (`d_sub_ready`), the copy each sub-layer starts from.
+        // Blocks in reverse; s.dx holds the gradient of the block's output
+        // (on the class-token tail, the last block's is s.d_cls, its
+        // class-token rows). On the fused path a LayerNorm's backward also
+        // leaves a copy of its dx in s.d_sub (`d_sub_ready`), the copy each
+        // sub-layer starts from.
         let fused = self.fused_add_layernorm;
         let mut d_sub_ready = false;
         for l in (0..c.depth).rev() {
             let a = &acts.blocks[l];
             let bp = &p.blocks[l];
             let g = &mut grads.blocks[l];
+            let class_rows = tail && l + 1 == c.depth;
+            let rows = if class_rows { batch } else { n };
+            let d_out = if class_rows { &mut s.d_cls } else { &mut s.dx };
 
             // MLP sub-layer: f_mlp = fc2(gelu(fc1(LN2(m)))).
             if !d_sub_ready {
-                be.copy(&mut s.d_sub, &s.dx, n * d)?;
+                be.copy(&mut s.d_sub, d_out, rows * d)?;
             }
             if let Some(f) = feature_grads {
                 add::add_assign(be, &mut s.d_sub, &f[l].1, n * d)?;
             }
-            linear_backward(be, &bp.fc2, &mut g.fc2, self.linear_shape(l, BlockLinear::Fc2), Some(&mut s.d_hidden), false, &s.d_sub, &a.fc1_act, a.h[BlockLinear::Fc2].as_ref(), Some(&mut s.dh), n)?;
-            gelu::backward(be, &mut s.d_hidden2, &a.fc1_pre, &s.d_hidden, n * c.mlp)?;
-            linear_backward(be, &bp.fc1, &mut g.fc1, self.linear_shape(l, BlockLinear::Fc1), Some(&mut s.d_ln), false, &s.d_hidden2, &a.ln2, a.h[BlockLinear::Fc1].as_ref(), Some(&mut s.dh), n)?;
+            linear_backward(be, &bp.fc2, &mut g.fc2, self.linear_shape(l, BlockLinear::Fc2), Some(&mut s.d_hidden), false, &s.d_sub, &a.fc1_act, a.h[BlockLinear::Fc2].as_ref(), Some(&mut s.dh), rows)?;
+            gelu::backward(be, &mut s.d_hidden2, &a.fc1_pre, &s.d_hidden, rows * c.mlp)?;
+            linear_backward(be, &bp.fc1, &mut g.fc1, self.linear_shape(l, BlockLinear::Fc1), Some(&mut s.d_ln), false, &s.d_hidden2, &a.ln2, a.h[BlockLinear::Fc1].as_ref(), Some(&mut s.dh), rows)?;
             // m feeds both the residual and LN2: the LN2 gradient is added.
             if fused {
-                add_layernorm::backward(be, &mut s.dx, &mut s.d_sub, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, n, d)?;
+                add_layernorm::backward(be, d_out, &mut s.d_sub, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, rows, d)?;
             } else {
-                layernorm::backward(be, &mut s.dx, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, n, d)?;
-                be.copy(&mut s.d_sub, &s.dx, n * d)?;
+                layernorm::backward(be, d_out, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, rows, d)?;
+                be.copy(&mut s.d_sub, d_out, rows * d)?;
             }
 
             // Attention sub-layer: f_attn = proj(attention(q, k, v of LN1(x))).
             if let Some(f) = feature_grads {
                 add::add_assign(be, &mut s.d_sub, &f[l].0, n * d)?;
             }
-            linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_attn), false, &s.d_sub, &a.attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), n)?;
+            if class_rows {
+                // The projection on the class-token rows; the other rows of
+                // the attention output and of x_in get zero gradient.
+                linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_cls_ln), false, &s.d_sub, &acts.cls_attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), batch)?;
+                be.zero(&mut s.d_attn, n * d)?;
+                embed::cls_scatter_add(be, &mut s.d_attn, &s.d_cls_ln, batch, t, d)?;
+                embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
+            } else {
+                linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_attn), false, &s.d_sub, &a.attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), n)?;
+            }
             attention::backward(be, &mut s.dq, &mut s.dk, &mut s.dv, &s.d_attn, &a.q, &a.k, &a.v, &a.probs, batch, t, c.heads, c.head_dim())?;
             linear_backward(be, &bp.q, &mut g.q, self.linear_shape(l, BlockLinear::Q), Some(&mut s.d_ln), false, &s.dq, &a.ln1, a.h[BlockLinear::Q].as_ref(), Some(&mut s.dh), n)?;
             linear_backward(be, &bp.k, &mut g.k, self.linear_shape(l, BlockLinear::K), Some(&mut s.d_ln), true, &s.dk, &a.ln1, a.h[BlockLinear::K].as_ref(), Some(&mut s.dh), n)?;

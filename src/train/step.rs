@@ -134,7 +134,12 @@ impl<B: Backend> Shard<B> {
         let c = &model.cfg;
         let (n, d) = (batch * c.tokens(), c.width);
         image::from_bytes(be, &mut self.acts.images, bytes, batch, transform)?;
-        model.forward(be, &mut self.acts, batch)?;
+        // A loss of the logits alone needs the last block's class-token rows only.
+        if model.class_token_tail && !loss.needs_features() {
+            model.forward_logits(be, &mut self.acts, batch)?;
+        } else {
+            model.forward(be, &mut self.acts, batch)?;
+        }
 
         let mut teacher_acts: Option<&VitActs<B>> = None;
         let teacher_logits: Option<&B::Buf> = match teacher {
@@ -142,7 +147,11 @@ impl<B: Backend> Shard<B> {
             TeacherSignal::Live(t) => {
                 let img_len = batch * c.channels * c.image_size * c.image_size;
                 be.copy(&mut t.acts.images, &self.acts.images, img_len)?;
-                t.model.forward(be, &mut t.acts, batch)?;
+                if loss.needs_features() {
+                    t.model.forward(be, &mut t.acts, batch)?;
+                } else {
+                    t.model.forward_logits(be, &mut t.acts, batch)?;
+                }
                 teacher_acts = Some(&t.acts);
                 Some(&t.acts.logits)
             }
