@@ -21,6 +21,11 @@ fn tiny_config() -> VitConfig {
     VitConfig { image_size: 8, channels: 3, patch: 4, width: 8, depth: 2, heads: 2, mlp: 12, classes: 5, ln_eps: 1e-6 }
 }
 
+/// Wide enough that products are split over threads.
+fn wide_config() -> VitConfig {
+    VitConfig { image_size: 16, channels: 3, patch: 4, width: 64, depth: 3, heads: 4, mlp: 160, classes: 7, ln_eps: 1e-6 }
+}
+
 fn random_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f32>> {
     let mut rng = Rng::new(seed);
     VitParams::build(cfg, ranks, |s| {
@@ -185,8 +190,7 @@ fn a_few_steps_reduce_the_loss() {
 #[test]
 fn logits_only_forward_matches_the_full_forward() {
     let be = Cpu;
-    let wide = VitConfig { image_size: 16, channels: 3, patch: 4, width: 64, depth: 3, heads: 4, mlp: 160, classes: 7, ln_eps: 1e-6 };
-    for cfg in [tiny_config(), wide] {
+    for cfg in [tiny_config(), wide_config()] {
         let mut mixed = uniform_ranks(&cfg, 3);
         mixed[cfg.depth - 1][BlockLinear::Fc1] = None;
         for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 4), mixed] {
@@ -218,8 +222,7 @@ fn logits_only_forward_matches_the_full_forward() {
 #[test]
 fn class_token_tail_gives_the_gradients_of_every_token() {
     let be = Cpu;
-    let wide = VitConfig { image_size: 16, channels: 3, patch: 4, width: 64, depth: 3, heads: 4, mlp: 160, classes: 7, ln_eps: 1e-6 };
-    for cfg in [tiny_config(), wide] {
+    for cfg in [tiny_config(), wide_config()] {
         let c = case(&cfg, 3);
         let teacher_logits = Rng::new(9).normal_vec(3 * cfg.classes, 2.0);
         let mut mixed = uniform_ranks(&cfg, 3);

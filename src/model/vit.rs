@@ -290,6 +290,14 @@ impl<B: Backend> Vit<B> {
         self.forward_to(be, acts, batch, Outputs::LogitsOnly)
     }
 
+    /// The forward a training loss needs: `forward_logits` when the loss
+    /// reads only the logits and `class_token_tail` is on (module doc),
+    /// else `forward` (every token; the feature loss reads them all).
+    pub fn forward_for_loss(&self, be: &B, acts: &mut VitActs<B>, batch: usize, needs_features: bool) -> Result<()> {
+        let outputs = if self.class_token_tail && !needs_features { Outputs::LogitsOnly } else { Outputs::Everything };
+        self.forward_to(be, acts, batch, outputs)
+    }
+
     fn forward_to(&self, be: &B, acts: &mut VitActs<B>, batch: usize, outputs: Outputs) -> Result<()> {
         if batch == 0 || batch > acts.max_batch {
             bail!("batch {batch} outside 1..={} (the activations' capacity)", acts.max_batch);

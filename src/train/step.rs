@@ -134,12 +134,7 @@ impl<B: Backend> Shard<B> {
         let c = &model.cfg;
         let (n, d) = (batch * c.tokens(), c.width);
         image::from_bytes(be, &mut self.acts.images, bytes, batch, transform)?;
-        // A loss of the logits alone needs the last block's class-token rows only.
-        if model.class_token_tail && !loss.needs_features() {
-            model.forward_logits(be, &mut self.acts, batch)?;
-        } else {
-            model.forward(be, &mut self.acts, batch)?;
-        }
+        model.forward_for_loss(be, &mut self.acts, batch, loss.needs_features())?;
 
         let mut teacher_acts: Option<&VitActs<B>> = None;
         let teacher_logits: Option<&B::Buf> = match teacher {
@@ -147,11 +142,7 @@ impl<B: Backend> Shard<B> {
             TeacherSignal::Live(t) => {
                 let img_len = batch * c.channels * c.image_size * c.image_size;
                 be.copy(&mut t.acts.images, &self.acts.images, img_len)?;
-                if loss.needs_features() {
-                    t.model.forward(be, &mut t.acts, batch)?;
-                } else {
-                    t.model.forward_logits(be, &mut t.acts, batch)?;
-                }
+                t.model.forward_for_loss(be, &mut t.acts, batch, loss.needs_features())?;
                 teacher_acts = Some(&t.acts);
                 Some(&t.acts.logits)
             }
