@@ -1,10 +1,11 @@
-//! LayerNorm on the CPU: rows in parallel, 16 per task; per-row sums in 32 f32 lanes
-//! combined in f64 (vectorized, deterministic); parameter gradients summed
-//! per 64-row chunk in parallel, chunks combined in order.
+//! LayerNorm on the CPU: rows in parallel (16 per forward task, 64 per
+//! backward task); per-row sums in 32 f32 lanes combined in f64
+//! (vectorized, deterministic); parameter gradients summed per 64-row chunk
+//! in the backward's own pass, chunks combined in order.
 
 use super::LayerNormKernel;
 use crate::device::Cpu;
-use crate::ops::matmul::cpu::column_sums;
+use crate::ops::matmul::cpu::ROW_CHUNK;
 use crate::ops::simd::vectorized;
 use crate::ops::Checked;
 use anyhow::Result;
@@ -44,40 +45,50 @@ pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], x:
 const ROWS_PER_TASK: usize = 16;
 
 /// ADDS the input gradient to `dx` and the parameter gradients to
-/// `dgamma`, `dbeta`.
+/// `dgamma`, `dbeta`, in one pass over the rows: each task takes a chunk
+/// of `ROW_CHUNK` rows, writes their `dx` and sums the chunk's dγ and dβ in
+/// f32 (rows in order, the inner loop over columns vectorized); the chunks
+/// are then added in order in f64, as `column_sums` does, so the result
+/// does not depend on the thread count. Before, dγ and dβ were two more
+/// passes (`column_sums`) over `dout` and `x`; the sums are the same
+/// expressions in the same order, so the bits did not change.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32], dout: &[f32], x: &[f32], mean: &[f32], rstd: &[f32], gamma: &[f32], rows: usize, cols: usize) {
     let gamma = &gamma[..cols];
-    dx[..rows * cols].par_chunks_mut(cols * ROWS_PER_TASK).enumerate().for_each(|(task, dx)| {
-        vectorized(
-            #[inline(always)]
-            || {
-                for (i, dx) in dx.chunks_mut(cols).enumerate() {
-                    let r = task * ROWS_PER_TASK + i;
-                    let (x, g) = (&x[r * cols..(r + 1) * cols], &dout[r * cols..(r + 1) * cols]);
-                    let (mu, rs) = (mean[r], rstd[r]);
-                    let mean_dn = (lane_sum(g, gamma, g, |g, gamma, _| g * gamma) / cols as f64) as f32;
-                    let mean_dn_xhat = (lane_sum(g, gamma, x, |g, gamma, x| g * gamma * (x - mu) * rs) / cols as f64) as f32;
-                    for (((dx, &x), &g), &gamma) in dx.iter_mut().zip(x).zip(g).zip(gamma) {
-                        let xhat = (x - mu) * rs;
-                        *dx += rs * (g * gamma - mean_dn - xhat * mean_dn_xhat);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx[..rows * cols]
+        .par_chunks_mut(cols * ROW_CHUNK)
+        .enumerate()
+        .map(|(chunk, dx)| {
+            let (mut dg, mut db) = (vec![0f32; cols], vec![0f32; cols]);
+            vectorized(
+                #[inline(always)]
+                || {
+                    let (dg, db) = (&mut dg[..cols], &mut db[..cols]);
+                    for (i, dx) in dx.chunks_mut(cols).enumerate() {
+                        let r = chunk * ROW_CHUNK + i;
+                        let (x, g) = (&x[r * cols..(r + 1) * cols], &dout[r * cols..(r + 1) * cols]);
+                        let (mu, rs) = (mean[r], rstd[r]);
+                        let mean_dn = (lane_sum(g, gamma, g, |g, gamma, _| g * gamma) / cols as f64) as f32;
+                        let mean_dn_xhat = (lane_sum(g, gamma, x, |g, gamma, x| g * gamma * (x - mu) * rs) / cols as f64) as f32;
+                        for (((((dx, &x), &g), &gamma), dg), db) in dx.iter_mut().zip(x).zip(g).zip(gamma).zip(dg.iter_mut()).zip(db.iter_mut()) {
+                            let xhat = (x - mu) * rs;
+                            *dx += rs * (g * gamma - mean_dn - xhat * mean_dn_xhat);
+                            *dg += g * (x - mu) * rs;
+                            *db += g;
+                        }
                     }
-                }
-            },
-        )
-    });
-    let dg = column_sums(rows, cols, |r, out| {
-        let (x, g) = (&x[r * cols..(r + 1) * cols], &dout[r * cols..(r + 1) * cols]);
-        let (mu, rs) = (mean[r], rstd[r]);
-        for ((o, &g), &x) in out.iter_mut().zip(g).zip(x) {
-            *o += g * (x - mu) * rs;
+                },
+            );
+            (dg, db)
+        })
+        .collect();
+    let (mut dg, mut db) = (vec![0f64; cols], vec![0f64; cols]);
+    for (pg, pb) in partials {
+        for j in 0..cols {
+            dg[j] += pg[j] as f64;
+            db[j] += pb[j] as f64;
         }
-    });
-    let db = column_sums(rows, cols, |r, out| {
-        for (o, g) in out.iter_mut().zip(&dout[r * cols..(r + 1) * cols]) {
-            *o += g;
-        }
-    });
+    }
     for j in 0..cols {
         dgamma[j] += dg[j] as f32;
         dbeta[j] += db[j] as f32;
@@ -140,3 +151,4 @@ impl LayerNormKernel for Cpu {
         Ok(())
     }
 }
+

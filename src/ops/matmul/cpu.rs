@@ -192,8 +192,8 @@ pub fn bias_backward(dbias: &mut [f32], dy: &[f32], rows: usize, cols: usize) {
     }
 }
 
-/// Rows per partial sum in `column_sums`.
-const ROW_CHUNK: usize = 64;
+/// Rows per partial sum in `column_sums` (and in LayerNorm's backward).
+pub const ROW_CHUNK: usize = 64;
 
 /// Σ over rows of the `cols`-long vectors that `add_row(r, acc)` adds into
 /// `acc`: rows are split into chunks of 64 summed in parallel in f32 (the
