@@ -58,19 +58,44 @@ pub fn products_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32]
     });
 }
 
-/// Independent lanes of the row maximum and sum in `softmax_in_place`: one
-/// AVX-512 register. A single running max or sum is a chain of dependent
-/// instructions the compiler must keep in order (floats do not reassociate).
-/// `cargo bench --bench cpu_ops`, forward at 8 images × 12 heads × 50
-/// tokens: 2.79-3.05 → 1.92-2.22 ns per score (softmax was half of it).
+/// Independent lanes of the row maximum, sum and dot product in
+/// `softmax_in_place` and the backward's dS: one AVX-512 register. A single
+/// running max or sum is a chain of dependent instructions the compiler
+/// must keep in order (floats do not reassociate). `cargo bench --bench
+/// cpu_ops`, forward at 8 images × 12 heads × 50 tokens: 2.79-3.05 →
+/// 1.92-2.22 ns per score (softmax was half of it).
 const LANES: usize = 16;
+
+/// The 16 lanes folded pairwise, halves first (8 + 4 + 2 + 1 operations,
+/// each level one vector instruction): folded one after the other they
+/// were a chain of 16 dependent operations per row, longer than the row's
+/// own work at 50-65 tokens.
+#[inline(always)]
+fn fold_lanes(mut v: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            v[l] = f(v[l], v[l + width]);
+        }
+        width /= 2;
+    }
+    v[0]
+}
+
+#[inline(always)]
+fn larger(a: f32, b: f32) -> f32 {
+    if b > a {
+        b
+    } else {
+        a
+    }
+}
 
 /// Row softmax with the branch-free `exp` of the GELU op (1-2 ulp), which
 /// vectorizes (libm's `expf` is one call per score); max and sum run in 16
-/// lanes, combined in a fixed order.
+/// lanes, folded pairwise (`fold_lanes`), then the tail's elements in order.
 #[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
-    let larger = |a: f32, b: f32| if b > a { b } else { a };
     let (chunks, tail) = row.as_chunks::<LANES>();
     let mut lane_max = [f32::NEG_INFINITY; LANES];
     for c in chunks {
@@ -78,7 +103,7 @@ fn softmax_in_place(row: &mut [f32]) {
             lane_max[l] = larger(lane_max[l], c[l]);
         }
     }
-    let max = tail.iter().chain(&lane_max).fold(f32::NEG_INFINITY, |m, &v| larger(m, v));
+    let max = tail.iter().fold(fold_lanes(lane_max, larger), |m, &v| larger(m, v));
     let (chunks, tail) = row.as_chunks_mut::<LANES>();
     let mut lane_sum = [0f32; LANES];
     for c in chunks {
@@ -87,15 +112,29 @@ fn softmax_in_place(row: &mut [f32]) {
             lane_sum[l] += c[l];
         }
     }
-    let mut sum = 0f32;
+    let mut sum = fold_lanes(lane_sum, |a, b| a + b);
     for v in tail.iter_mut() {
         *v = exp(*v - max);
         sum += *v;
     }
-    let inv = 1.0 / (lane_sum.iter().sum::<f32>() + sum);
+    let inv = 1.0 / sum;
     for v in row.iter_mut() {
         *v *= inv;
     }
+}
+
+/// `Σ a[i]·b[i]` in 16 lanes folded pairwise, then the tail in order (`b`
+/// at least as long as `a`).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let ((a, a_tail), (b, b_tail)) = (a.as_chunks::<LANES>(), b[..a.len()].as_chunks::<LANES>());
+    let mut lanes = [0f32; LANES];
+    for (a, b) in a.iter().zip(b) {
+        for l in 0..LANES {
+            lanes[l] = a[l].mul_add(b[l], lanes[l]);
+        }
+    }
+    a_tail.iter().zip(b_tail).fold(fold_lanes(lanes, |x, y| x + y), |s, (&a, &b)| a.mul_add(b, s))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -136,7 +175,7 @@ pub fn products_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &
             #[inline(always)]
             || {
                 for (ds_row, p_row) in ds.chunks_mut(t).zip(p.chunks(t)) {
-                    let dot: f32 = ds_row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                    let dot = dot(ds_row, p_row);
                     for (g, &pv) in ds_row.iter_mut().zip(p_row) {
                         *g = pv * (*g - dot);
                     }
@@ -258,27 +297,6 @@ mod tiles {
         }
     }
 
-    /// Σ a·b in 16 lanes, added at the end in a fixed order.
-    #[inline]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let mut acc = _mm512_setzero_ps();
-        let mut j = 0;
-        while j + L <= n {
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(a.as_ptr().add(j)), _mm512_loadu_ps(b.as_ptr().add(j)), acc);
-            j += L;
-        }
-        let mut lanes = [0f32; L];
-        _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
-        let mut sum = lanes.iter().sum::<f32>();
-        while j < n {
-            sum = a[j].mul_add(b[j], sum);
-            j += 1;
-        }
-        sum
-    }
-
     /// Backward pass of one (image, head): dP = do vᵀ by the tiles into
     /// `ds` (`t × tp`), dS in place, the three products with an inner
     /// dimension of `t` by faer. `vt` holds `dh × tp` floats.
@@ -302,7 +320,7 @@ mod tiles {
         // dS = P ∘ (dP − rowsum(dP ∘ P))
         for r in 0..t {
             let (g, pr) = (&mut ds[r * tp..r * tp + t], &p[r * t..(r + 1) * t]);
-            let rowsum = dot(g, pr);
+            let rowsum = super::dot(g, pr);
             for (g, &pv) in g.iter_mut().zip(pr) {
                 *g = pv * (*g - rowsum);
             }
