@@ -22,6 +22,9 @@
 //! measured). Environment: `EFFRANK_PIPELINE_ROUNDS` (default 2),
 //! `EFFRANK_PIPELINE_EPOCH_SCALE` (multiplies every epoch count; default 1),
 //! `EFFRANK_PIPELINE_SETTINGS` (comma-separated names to run: demo, small32),
+//! `EFFRANK_PIPELINE_SEED` (both sides' seed of initialization, batch order
+//! and augmentation, teacher and students; default 0; the data stay the
+//! same),
 //! `PYTHON`, and `RAYON_NUM_THREADS` (the thread count of both sides). Where
 //! PyTorch cannot be started the bench says why and skips itself.
 
@@ -76,6 +79,11 @@ fn threads() -> usize {
     std::env::var("RAYON_NUM_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2)
 }
 
+/// `EFFRANK_PIPELINE_SEED`: the seed both sides train with.
+fn seed() -> usize {
+    env_usize("EFFRANK_PIPELINE_SEED", 0)
+}
+
 fn env_usize(key: &str, default: usize) -> usize {
     std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
@@ -122,11 +130,12 @@ fn engine(s: &Setting, dir: &Path, scale: usize) -> Run {
     let model = model_arg(s, dir);
     let data = ["--data", "demo", "--demo-images", &n, "--device", "cpu", "--quiet"];
     let common = ["--batch", &batch, "--lr", &lr];
-    let (t_teacher, _) = timed(Command::new(BIN).args(["train", "--model", &model, "--epochs", &te, "--wd", &wd, "--out", teacher.to_str().unwrap()]).args(common).args(data), "engine train");
+    let seed = seed().to_string();
+    let (t_teacher, _) = timed(Command::new(BIN).args(["train", "--model", &model, "--epochs", &te, "--wd", &wd, "--seed", &seed, "--out", teacher.to_str().unwrap()]).args(common).args(data), "engine train");
     let sweep = run.path().join("sweep");
     let ranks = s.ranks.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(",");
     let ckpt = teacher.join("model.safetensors");
-    let (t_students, _) = timed(Command::new(BIN).args(["sweep", "--teacher", ckpt.to_str().unwrap(), "--ranks", &ranks, "--epochs", &se, "--no-analyze", "--out", sweep.to_str().unwrap()]).args(common).args(data), "engine sweep");
+    let (t_students, _) = timed(Command::new(BIN).args(["sweep", "--teacher", ckpt.to_str().unwrap(), "--ranks", &ranks, "--epochs", &se, "--seeds", &seed, "--no-analyze", "--out", sweep.to_str().unwrap()]).args(common).args(data), "engine sweep");
     let (t_analysis, _) = timed(Command::new(BIN).args(["analyze", "--results", sweep.to_str().unwrap()]), "engine analyze");
     let (mut teacher_top1, mut student_top1) = (0.0, Vec::new());
     for line in std::fs::read_to_string(sweep.join("results.jsonl")).unwrap().lines() {
@@ -146,7 +155,7 @@ fn pytorch(s: &Setting, dir: &Path, data: &Path, scale: usize) -> Result<Run, St
         "teacher_epochs": s.teacher_epochs * scale, "student_epochs": s.student_epochs * scale, "ranks": s.ranks,
         "batch": s.batch, "lr": s.lr, "min_lr": 1e-5, "warmup_epochs": 1.0, "weight_decay": 0.01, "teacher_weight_decay": s.teacher_wd,
         "clip": 1.0, "crop_padding": 2, "flip": true, "alpha": 0.5, "temperature": 4.0,
-        "normalize_mean": [0.5, 0.5, 0.5], "normalize_std": [0.5, 0.5, 0.5], "threads": threads(),
+        "normalize_mean": [0.5, 0.5, 0.5], "normalize_std": [0.5, 0.5, 0.5], "threads": threads(), "seed": seed(),
     });
     let spec_path = dir.join(format!("{}-spec.json", s.name));
     std::fs::write(&spec_path, spec.to_string()).unwrap();
@@ -184,7 +193,7 @@ fn main() {
     let scale = env_usize("EFFRANK_PIPELINE_EPOCH_SCALE", 1);
     let wanted = std::env::var("EFFRANK_PIPELINE_SETTINGS").unwrap_or_else(|_| "demo,small32".into());
     let work = tempfile::tempdir().unwrap();
-    println!("whole pipeline, engine vs PyTorch + timm, CPU, {} threads, {rounds} alternating rounds", threads());
+    println!("whole pipeline, engine vs PyTorch + timm, CPU, {} threads, {rounds} alternating rounds, seed {}", threads(), seed());
     for s in SETTINGS.iter().filter(|s| wanted.split(',').any(|w| w.trim() == s.name)) {
         let data = work.path().join(format!("{}-data", s.name));
         export_demo(s.demo_images, &data);

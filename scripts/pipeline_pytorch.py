@@ -202,14 +202,15 @@ def main():
     args = ap.parse_args()
     spec = json.load(open(args.spec))
     torch.set_num_threads(spec["threads"])
-    torch.manual_seed(0)
+    seed = spec.get("seed", 0)
+    torch.manual_seed(seed)
     data = load(args.data)
     times, result = {}, {}
 
     t0 = time.perf_counter()
     teacher = make_teacher(spec["model"])
     ce = lambda model, x, y: F.cross_entropy(model(x), y)
-    result["teacher_top1"] = fit(teacher, data, spec, spec["teacher_epochs"], spec["teacher_weight_decay"], ce, 0)
+    result["teacher_top1"] = fit(teacher, data, spec, spec["teacher_epochs"], spec["teacher_weight_decay"], ce, seed)
     times["teacher"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -232,7 +233,7 @@ def main():
     for rank in spec["ranks"]:
         student = factorize(teacher, rank, spec["model"])
         student.train()
-        points.append((rank, fit(student, data, spec, spec["student_epochs"], spec["weight_decay"], kd, 0)))
+        points.append((rank, fit(student, data, spec, spec["student_epochs"], spec["weight_decay"], kd, seed)))
     times["students"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
