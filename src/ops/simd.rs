@@ -88,6 +88,25 @@ unsafe fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// `f` over the lanes, folded pairwise, halves first: `N/2 + N/4 + ... + 1`
+/// operations, each level one vector instruction inside `vectorized`, where
+/// a fold from one end is a chain of `N` dependent operations (floats do not
+/// reassociate). The fixed order keeps results independent of the level and
+/// the thread count. `N` is a power of two. Used by LayerNorm's row sums
+/// and attention's row max, sum and dot.
+#[inline(always)]
+pub fn fold_pairwise<T: Copy, const N: usize>(mut lanes: [T; N], f: impl Fn(T, T) -> T) -> T {
+    debug_assert!(N.is_power_of_two());
+    let mut width = N / 2;
+    while width > 0 {
+        for l in 0..width {
+            lanes[l] = f(lanes[l], lanes[l + width]);
+        }
+        width /= 2;
+    }
+    lanes[0]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

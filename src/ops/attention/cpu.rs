@@ -9,7 +9,7 @@ use super::AttentionKernel;
 use crate::device::Cpu;
 use crate::ops::gelu::cpu::exp;
 use crate::ops::matmul::cpu::SharedMut;
-use crate::ops::simd::{level, vectorized, Level};
+use crate::ops::simd::{fold_pairwise, level, vectorized, Level};
 use crate::ops::Checked;
 use anyhow::Result;
 use rayon::prelude::*;
@@ -66,22 +66,6 @@ pub fn products_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32]
 /// 1.92-2.22 ns per score (softmax was half of it).
 const LANES: usize = 16;
 
-/// The 16 lanes folded pairwise, halves first (8 + 4 + 2 + 1 operations,
-/// each level one vector instruction): folded one after the other they
-/// were a chain of 16 dependent operations per row, longer than the row's
-/// own work at 50-65 tokens.
-#[inline(always)]
-fn fold_lanes(mut v: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            v[l] = f(v[l], v[l + width]);
-        }
-        width /= 2;
-    }
-    v[0]
-}
-
 #[inline(always)]
 fn larger(a: f32, b: f32) -> f32 {
     if b > a {
@@ -93,7 +77,8 @@ fn larger(a: f32, b: f32) -> f32 {
 
 /// Row softmax with the branch-free `exp` of the GELU op (1-2 ulp), which
 /// vectorizes (libm's `expf` is one call per score); max and sum run in 16
-/// lanes, folded pairwise (`fold_lanes`), then the tail's elements in order.
+/// lanes, folded pairwise (`simd::fold_pairwise`), then the tail's elements
+/// in order.
 #[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
     let (chunks, tail) = row.as_chunks::<LANES>();
@@ -103,7 +88,7 @@ fn softmax_in_place(row: &mut [f32]) {
             lane_max[l] = larger(lane_max[l], c[l]);
         }
     }
-    let max = tail.iter().fold(fold_lanes(lane_max, larger), |m, &v| larger(m, v));
+    let max = tail.iter().fold(fold_pairwise(lane_max, larger), |m, &v| larger(m, v));
     let (chunks, tail) = row.as_chunks_mut::<LANES>();
     let mut lane_sum = [0f32; LANES];
     for c in chunks {
@@ -112,7 +97,7 @@ fn softmax_in_place(row: &mut [f32]) {
             lane_sum[l] += c[l];
         }
     }
-    let mut sum = fold_lanes(lane_sum, |a, b| a + b);
+    let mut sum = fold_pairwise(lane_sum, |a, b| a + b);
     for v in tail.iter_mut() {
         *v = exp(*v - max);
         sum += *v;
@@ -134,7 +119,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             lanes[l] = a[l].mul_add(b[l], lanes[l]);
         }
     }
-    a_tail.iter().zip(b_tail).fold(fold_lanes(lanes, |x, y| x + y), |s, (&a, &b)| a.mul_add(b, s))
+    a_tail.iter().zip(b_tail).fold(fold_pairwise(lanes, |x, y| x + y), |s, (&a, &b)| a.mul_add(b, s))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -5,8 +5,8 @@
 
 use super::LayerNormKernel;
 use crate::device::Cpu;
-use crate::ops::matmul::cpu::ROW_CHUNK;
-use crate::ops::simd::vectorized;
+use crate::ops::matmul::cpu::{sum_in_order, ROW_CHUNK};
+use crate::ops::simd::{fold_pairwise, vectorized};
 use crate::ops::Checked;
 use anyhow::Result;
 use rayon::prelude::*;
@@ -63,7 +63,6 @@ pub fn layernorm_backward(dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32],
             vectorized(
                 #[inline(always)]
                 || {
-                    let (dg, db) = (&mut dg[..cols], &mut db[..cols]);
                     for (i, dx) in dx.chunks_mut(cols).enumerate() {
                         let r = chunk * ROW_CHUNK + i;
                         let (x, g) = (&x[r * cols..(r + 1) * cols], &dout[r * cols..(r + 1) * cols]);
@@ -82,13 +81,8 @@ pub fn layernorm_backward(dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32],
             (dg, db)
         })
         .collect();
-    let (mut dg, mut db) = (vec![0f64; cols], vec![0f64; cols]);
-    for (pg, pb) in partials {
-        for j in 0..cols {
-            dg[j] += pg[j] as f64;
-            db[j] += pb[j] as f64;
-        }
-    }
+    let (pg, pb): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+    let (dg, db) = (sum_in_order(pg, cols), sum_in_order(pb, cols));
     for j in 0..cols {
         dgamma[j] += dg[j] as f32;
         dbeta[j] += db[j] as f32;
@@ -117,28 +111,11 @@ fn lane_sum(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -
         }
     }
     let tail: f64 = a_tail.iter().zip(b_tail).zip(c_tail).map(|((&a, &b), &c)| f(a, b, c) as f64).sum();
-    tree_sum(&lanes) + tail
-}
-
-/// The lanes added in f64 pairwise, halves first (16 + 8 + 4 + 2 + 1
-/// additions, each level one vector instruction), not one after the other:
-/// 32 dependent additions were most of a row's time at width 64
-/// (`EFFRANK_PROFILE=1`: LayerNorm forward 77 ns per 64-wide row on one
-/// thread, 9% of a small model's distillation step).
-#[inline(always)]
-fn tree_sum(lanes: &[f32; LANES]) -> f64 {
-    let mut v = [0f64; LANES];
-    for l in 0..LANES {
-        v[l] = lanes[l] as f64;
-    }
-    let mut width = LANES / 2;
-    while width > 0 {
-        for l in 0..width {
-            v[l] += v[l + width];
-        }
-        width /= 2;
-    }
-    v[0]
+    // Folded pairwise in f64: 32 dependent additions one after the other
+    // were most of a row's time at width 64 (`EFFRANK_PROFILE=1`: LayerNorm
+    // forward 77 ns per 64-wide row on one thread, 9% of a small model's
+    // distillation step).
+    fold_pairwise(lanes.map(|v| v as f64), |x, y| x + y) + tail
 }
 
 impl LayerNormKernel for Cpu {

@@ -215,6 +215,12 @@ pub fn column_sums(rows: usize, cols: usize, add_row: impl Fn(usize, &mut [f32])
             acc
         })
         .collect();
+    sum_in_order(partials, cols)
+}
+
+/// The `cols`-long partial sums added in their order in f64 (the last step
+/// of `column_sums` and of LayerNorm's backward).
+pub fn sum_in_order(partials: Vec<Vec<f32>>, cols: usize) -> Vec<f64> {
     let mut total = vec![0f64; cols];
     for p in partials {
         for (t, v) in total.iter_mut().zip(p) {
