@@ -16,7 +16,7 @@ use effrank_engine::device::cpu::on_worker_thread;
 use effrank_engine::device::{Cpu, Device};
 use effrank_engine::ops::add::{add, add_assign};
 use effrank_engine::ops::attention::cpu::{attention_backward, attention_forward, products_backward, products_forward};
-use effrank_engine::ops::gelu::cpu::{gelu_backward, gelu_forward};
+use effrank_engine::ops::gelu::cpu::{gelu_backward, gelu_backward_recomputing, gelu_forward};
 use effrank_engine::ops::layernorm::cpu::{layernorm_backward, layernorm_forward};
 use effrank_engine::ops::matmul::cpu::strided_gemm;
 use effrank_engine::rng::Rng;
@@ -44,6 +44,12 @@ fn median_seconds(calls_per_round: usize, mut f: impl FnMut()) -> f64 {
     times[ROUNDS / 2]
 }
 
+/// The middle value.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn row(name: &str, seconds: f64, rate: String) {
     println!("{name:44} {:>10.1} {rate:>22}", seconds * 1e6);
 }
@@ -64,8 +70,16 @@ fn main() {
         let n = ROWS * MLP;
         let t = median_seconds(20, || gelu_forward(&mut y, &x, n));
         row("gelu forward (400x3072)", t, per_element(t, n));
-        let t = median_seconds(20, || gelu_backward(&mut y, &x, &dy, n));
-        row("gelu backward (400x3072)", t, per_element(t, n));
+        let mut dx = vec![0f32; n];
+        // Paired round by round: Φ read off y (the op's body) and evaluated afresh (the body before).
+        let (mut from_y, mut afresh) = (Vec::new(), Vec::new());
+        for _ in 0..5 {
+            from_y.push(median_seconds(5, || gelu_backward(&mut dx, &x, &y, &dy, n)));
+            afresh.push(median_seconds(5, || gelu_backward_recomputing(&mut dx, &x, &dy, n)));
+        }
+        let (t, before) = (median(from_y), median(afresh));
+        row("gelu backward (400x3072), Φ = y/x", t, per_element(t, n));
+        row("  baseline: Φ evaluated again", before, format!("{} ({:.2}x)", per_element(before, n), before / t));
 
         // LayerNorm over the residual stream.
         let (x, dy) = (random(ROWS * WIDTH), random(ROWS * WIDTH));

@@ -174,7 +174,7 @@ fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     }
     let s = be.median_device_seconds(50, || ops::gelu::forward(be, &mut out, &x, n))?;
     rows.push(Row { kernel: format!("gelu_forward {n}"), ms: s * 1e3, rate: gbs(2.0 * e * n as f64, s), baseline_ms: None });
-    let s = be.median_device_seconds(50, || ops::gelu::backward(be, &mut dx, &x, &dout, n))?;
+    let s = be.median_device_seconds(50, || ops::gelu::backward(be, &mut dx, &x, &out, &dout, n))?;
     rows.push(Row { kernel: format!("gelu_backward {n}"), ms: s * 1e3, rate: gbs(3.0 * e * n as f64, s), baseline_ms: None });
     let s = be.median_device_seconds(50, || ops::add::add_assign(be, &mut out, &x, n))?;
     rows.push(Row { kernel: format!("add_assign {n}"), ms: s * 1e3, rate: gbs(3.0 * e * n as f64, s), baseline_ms: None });

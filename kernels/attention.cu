@@ -354,3 +354,107 @@ KERNEL_BOUNDS(attention_short_backward, 128)(act_t* dq, act_t* dk, act_t* dv, co
     __syncthreads();
     store_head_tile(dk + base, f, L.ldf, scale, T, dh, D);
 }
+
+// ---------------------------------------------------------------------------
+// The class token's query alone (the training tail's last block,
+// src/model/vit.rs): q, out, dq, dout: [B, D] (one row per image), probs:
+// [B, heads, T]; k, v, dk, dv: [B, T, D]. One block of CLS_THREADS per
+// (image, head); q (and do) and the row of scores in fp32 shared memory.
+//   forward:   s_j = q·k_j / √dh (a warp per key),  P = softmax(s),  o = Σ_j P_j v_j
+//   backward:  dP_j = do·v_j,  D = Σ_j P_j dP_j,  dS_j = P_j (dP_j − D),
+//              dq = Σ_j dS_j k_j / √dh,  dk_j = dS_j q / √dh,  dv_j = P_j do
+// Everything is WRITTEN (every row of dk and dv).
+// Shared bytes: forward 4·(dh + T), backward 4·(2·dh + T).
+// ---------------------------------------------------------------------------
+#define CLS_THREADS 128
+
+KERNEL_BOUNDS(attention_cls_forward, CLS_THREADS)(act_t* out, act_t* probs, const act_t* q, const act_t* k,
+                                                  const act_t* v, int T, int heads, int dh) {
+    extern __shared__ float smem[];
+    int bh = blockIdx.x, b = bh / heads, h = bh % heads;
+    int D = heads * dh;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    float* qs = smem;     // [dh]
+    float* ps = qs + dh;  // [T]
+    unsigned long long row = (unsigned long long)b * D + h * dh;
+    unsigned long long keys = (unsigned long long)b * T * D + h * dh;
+    for (int c = threadIdx.x; c < dh; c += blockDim.x) qs[c] = to_float(q[row + c]);
+    __syncthreads();
+    float scale = rsqrtf((float)dh);
+    for (int j = warp; j < T; j += nw) {
+        float s = 0.f;
+        for (int c = lane; c < dh; c += WARP) s += qs[c] * to_float(k[keys + (unsigned long long)j * D + c]);
+        s = warp_sum(s);
+        if (lane == 0) ps[j] = s * scale;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float m = -INFINITY;
+        for (int j = lane; j < T; j += WARP) m = fmaxf(m, ps[j]);
+        m = warp_max(m);
+        float sum = 0.f;
+        for (int j = lane; j < T; j += WARP) {
+            float e = expf(ps[j] - m);
+            ps[j] = e;
+            sum += e;
+        }
+        float inv = 1.f / warp_sum(sum);
+        for (int j = lane; j < T; j += WARP) {
+            float p = ps[j] * inv;
+            ps[j] = p;
+            probs[(unsigned long long)bh * T + j] = to_act(p);
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < dh; c += blockDim.x) {
+        float o = 0.f;
+        for (int j = 0; j < T; j++) o += ps[j] * to_float(v[keys + (unsigned long long)j * D + c]);
+        out[row + c] = to_act(o);
+    }
+}
+
+KERNEL_BOUNDS(attention_cls_backward, CLS_THREADS)(act_t* dq, act_t* dk, act_t* dv, const act_t* dout,
+                                                   const act_t* q, const act_t* k, const act_t* v,
+                                                   const act_t* probs, int T, int heads, int dh) {
+    extern __shared__ float smem[];
+    int bh = blockIdx.x, b = bh / heads, h = bh % heads;
+    int D = heads * dh;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    float* qs = smem;     // [dh]
+    float* gs = qs + dh;  // do, [dh]
+    float* ds = gs + dh;  // dP, then dS, [T]
+    unsigned long long row = (unsigned long long)b * D + h * dh;
+    unsigned long long keys = (unsigned long long)b * T * D + h * dh;
+    const act_t* p = probs + (unsigned long long)bh * T;
+    for (int c = threadIdx.x; c < dh; c += blockDim.x) {
+        qs[c] = to_float(q[row + c]);
+        gs[c] = to_float(dout[row + c]);
+    }
+    __syncthreads();
+    float scale = rsqrtf((float)dh);
+    for (int j = warp; j < T; j += nw) {
+        float s = 0.f;
+        for (int c = lane; c < dh; c += WARP) s += gs[c] * to_float(v[keys + (unsigned long long)j * D + c]);
+        s = warp_sum(s);
+        if (lane == 0) ds[j] = s;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float acc = 0.f;
+        for (int j = lane; j < T; j += WARP) acc += to_float(p[j]) * ds[j];
+        float total = warp_sum(acc);
+        for (int j = lane; j < T; j += WARP) ds[j] = to_float(p[j]) * (ds[j] - total);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < T * dh; idx += blockDim.x) {
+        int j = idx / dh, c = idx % dh;
+        unsigned long long at = keys + (unsigned long long)j * D + c;
+        dk[at] = to_act(ds[j] * qs[c] * scale);
+        dv[at] = to_act(to_float(p[j]) * gs[c]);
+    }
+    for (int c = threadIdx.x; c < dh; c += blockDim.x) {
+        float g = 0.f;
+        for (int j = 0; j < T; j++) g += ds[j] * to_float(k[keys + (unsigned long long)j * D + c]);
+        dq[row + c] = to_act(g * scale);
+    }
+}

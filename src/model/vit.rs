@@ -16,24 +16,27 @@
 //! logits   = LN(x_L[:, 0]) Whᵀ + bh               [B, classes]
 //! ```
 //! `forward_logits` (inference) computes the same logits with less work:
-//! only the class token reaches the head, so after the last block's
-//! attention (which still needs every token's k and v) its projection,
-//! residuals, LN2 and MLP run on the class-token rows only (one row in
-//! T; ViT-B/32: ~6% of the forward's FLOPs).
+//! only the class token reaches the head, so the last block computes the
+//! class token's query alone and its attention over every token's k and v
+//! (`attention::class_token_forward`), and its projection, residuals, LN2
+//! and MLP run on the class-token rows only (one row in T; ViT-B/32: ~7%
+//! of the forward's FLOPs).
 //!
 //! Training takes the same path when the loss reads only the logits (cross
 //! entropy, KD) and the model's `class_token_tail` is on (the CPU's default,
 //! `Device::trains_class_token_tail`): the rows of the other tokens after
 //! the last block's attention get exactly zero gradient, so `backward`
-//! after `forward_logits` runs that block's MLP, LN2 and projection
-//! backward on the class-token rows, scatters their gradient into the
-//! zeroed rows of the attention output and of the residual stream, and goes
-//! on through the attention, Q, K, V and LN1 of every token as after
-//! `forward`. The gradients are the full pass's up to rounding (the weight
-//! gradients sum 64 rows where the full pass adds 4,096 exact zeros to
-//! them; `tests/model_gradients.rs`); vit-cifar: 12.5% of the products'
-//! FLOPs. The feature loss reads every token of the last block's
-//! sub-layer outputs and runs `forward`.
+//! after `forward_logits` runs that block's MLP, LN2, projection,
+//! attention and Q backward on the class-token rows
+//! (`attention::class_token_backward`), which still give every token's k
+//! and v a gradient; K, V and LN1 then run on every token as after
+//! `forward`, the class-token rows of Q's input gradient and of the
+//! residual stream scattered in. The gradients are the full pass's up to
+//! rounding (the weight gradients sum 64 rows where the full pass adds
+//! 4,096 exact zeros to them; `tests/model_gradients.rs`); vit-cifar:
+//! 13.9% of the products' FLOPs, and 1/6 of attention's. The feature loss
+//! reads every token of the last block's sub-layer outputs and runs
+//! `forward`.
 //!
 //! With `fused_add_layernorm` (when the device asks for it:
 //! `EFFRANK_CUDA_FUSED_ADD_LN=1` on CUDA) each residual add that a
@@ -122,9 +125,13 @@ pub struct VitActs<B: Backend> {
     pub blocks: Vec<BlockActs<B::Buf>>,
     /// Final residual stream `x_L`, `[N, D]` (not written by `forward_logits`).
     pub x_out: B::Buf,
-    /// Class-token rows of the last block's input and attention, `[batch, D]`
-    /// (`forward_logits` only).
+    /// Class-token rows of the last block's input, LN1, query and attention
+    /// output, `[batch, D]`, and its attention probabilities `[batch,
+    /// heads, T]` (`forward_logits` only).
     pub cls_x_in: B::Buf,
+    pub cls_ln1: B::Buf,
+    pub cls_q: B::Buf,
+    pub cls_probs: B::Buf,
     pub cls_attn: B::Buf,
     pub cls: B::Buf,
     pub cls_ln: B::Buf,
@@ -149,6 +156,8 @@ pub struct VitBackwardScratch<B: Backend> {
     pub dh: B::Buf,
     pub d_cls: B::Buf,
     pub d_cls_ln: B::Buf,
+    /// Gradient of the last block's class-token query (class-token tail).
+    pub d_cls_q: B::Buf,
     pub d_patch_out: B::Buf,
 }
 
@@ -241,6 +250,9 @@ impl<B: Backend> Vit<B> {
             blocks,
             x_out: a(n * d)?,
             cls_x_in: a(max_batch * d)?,
+            cls_ln1: a(max_batch * d)?,
+            cls_q: a(max_batch * d)?,
+            cls_probs: a(max_batch * c.heads * t)?,
             cls_attn: a(max_batch * d)?,
             cls: a(max_batch * d)?,
             cls_ln: a(max_batch * d)?,
@@ -270,6 +282,7 @@ impl<B: Backend> Vit<B> {
             dh: a(n * max_rank)?,
             d_cls: a(max_batch * d)?,
             d_cls_ln: a(max_batch * d)?,
+            d_cls_q: a(max_batch * d)?,
             d_patch_out: a(max_batch * c.n_patches() * d)?,
         })
     }
@@ -321,17 +334,24 @@ impl<B: Backend> Vit<B> {
             if !(self.fused_add_layernorm && l > 0) {
                 layernorm::forward(be, &mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, &a.x_in, &bp.norm1_w, &bp.norm1_b, n, d, c.ln_eps)?;
             }
-            linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut a.q, a.h[BlockLinear::Q].as_mut(), &a.ln1, n)?;
             linear_forward(be, &bp.k, self.linear_shape(l, BlockLinear::K), &mut a.k, a.h[BlockLinear::K].as_mut(), &a.ln1, n)?;
             linear_forward(be, &bp.v, self.linear_shape(l, BlockLinear::V), &mut a.v, a.h[BlockLinear::V].as_mut(), &a.ln1, n)?;
-            attention::forward(be, &mut a.attn, &mut a.probs, &a.q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
             match (rest.first_mut(), outputs) {
-                (Some(next), _) => self.block_tail(be, l, a, None, BlockOut::Next(next, l + 1), n)?,
-                (None, Outputs::Everything) => self.block_tail(be, l, a, None, BlockOut::Buf(&mut acts.x_out), n)?,
                 (None, Outputs::LogitsOnly) => {
+                    // Only the class token's row of this block reaches the logits: its query alone.
+                    embed::cls_gather(be, &mut acts.cls_ln1, &a.ln1, batch, t, d)?;
+                    linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut acts.cls_q, a.h[BlockLinear::Q].as_mut(), &acts.cls_ln1, batch)?;
+                    attention::class_token_forward(be, &mut acts.cls_attn, &mut acts.cls_probs, &acts.cls_q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
                     embed::cls_gather(be, &mut acts.cls_x_in, &a.x_in, batch, t, d)?;
-                    embed::cls_gather(be, &mut acts.cls_attn, &a.attn, batch, t, d)?;
                     self.block_tail(be, l, a, Some((&acts.cls_x_in, &acts.cls_attn)), BlockOut::Buf(&mut acts.cls), batch)?;
+                }
+                (next, _) => {
+                    linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut a.q, a.h[BlockLinear::Q].as_mut(), &a.ln1, n)?;
+                    attention::forward(be, &mut a.attn, &mut a.probs, &a.q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
+                    match next {
+                        Some(next) => self.block_tail(be, l, a, None, BlockOut::Next(next, l + 1), n)?,
+                        None => self.block_tail(be, l, a, None, BlockOut::Buf(&mut acts.x_out), n)?,
+                    }
                 }
             }
         }
@@ -441,7 +461,7 @@ impl<B: Backend> Vit<B> {
                 add::add_assign(be, &mut s.d_sub, &f[l].1, n * d)?;
             }
             linear_backward(be, &bp.fc2, &mut g.fc2, self.linear_shape(l, BlockLinear::Fc2), Some(&mut s.d_hidden), false, &s.d_sub, &a.fc1_act, a.h[BlockLinear::Fc2].as_ref(), Some(&mut s.dh), rows)?;
-            gelu::backward(be, &mut s.d_hidden2, &a.fc1_pre, &s.d_hidden, rows * c.mlp)?;
+            gelu::backward(be, &mut s.d_hidden2, &a.fc1_pre, &a.fc1_act, &s.d_hidden, rows * c.mlp)?;
             linear_backward(be, &bp.fc1, &mut g.fc1, self.linear_shape(l, BlockLinear::Fc1), Some(&mut s.d_ln), false, &s.d_hidden2, &a.ln2, a.h[BlockLinear::Fc1].as_ref(), Some(&mut s.dh), rows)?;
             // m feeds both the residual and LN2: the LN2 gradient is added.
             if fused {
@@ -455,20 +475,26 @@ impl<B: Backend> Vit<B> {
             if let Some(f) = feature_grads {
                 add::add_assign(be, &mut s.d_sub, &f[l].0, n * d)?;
             }
+            let (q_shape, k_shape, v_shape) = (self.linear_shape(l, BlockLinear::Q), self.linear_shape(l, BlockLinear::K), self.linear_shape(l, BlockLinear::V));
             if class_rows {
-                // The projection on the class-token rows; the other rows of
-                // the attention output and of x_in get zero gradient.
+                // The projection, attention and Q on the class-token rows
+                // (the other rows of the attention output get zero
+                // gradient); K and V on every token.
                 linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_cls_ln), false, &s.d_sub, &acts.cls_attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), batch)?;
-                be.zero(&mut s.d_attn, n * d)?;
-                embed::cls_scatter_add(be, &mut s.d_attn, &s.d_cls_ln, batch, t, d)?;
                 embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
+                attention::class_token_backward(be, &mut s.d_cls_q, &mut s.dk, &mut s.dv, &s.d_cls_ln, &acts.cls_q, &a.k, &a.v, &acts.cls_probs, batch, t, c.heads, c.head_dim())?;
+                linear_backward(be, &bp.k, &mut g.k, k_shape, Some(&mut s.d_ln), false, &s.dk, &a.ln1, a.h[BlockLinear::K].as_ref(), Some(&mut s.dh), n)?;
+                linear_backward(be, &bp.v, &mut g.v, v_shape, Some(&mut s.d_ln), true, &s.dv, &a.ln1, a.h[BlockLinear::V].as_ref(), Some(&mut s.dh), n)?;
+                // s.d_cls_ln (read by the attention above) now takes Q's input gradient, the class-token rows of LN1's.
+                linear_backward(be, &bp.q, &mut g.q, q_shape, Some(&mut s.d_cls_ln), false, &s.d_cls_q, &acts.cls_ln1, a.h[BlockLinear::Q].as_ref(), Some(&mut s.dh), batch)?;
+                embed::cls_scatter_add(be, &mut s.d_ln, &s.d_cls_ln, batch, t, d)?;
             } else {
                 linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_attn), false, &s.d_sub, &a.attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), n)?;
+                attention::backward(be, &mut s.dq, &mut s.dk, &mut s.dv, &s.d_attn, &a.q, &a.k, &a.v, &a.probs, batch, t, c.heads, c.head_dim())?;
+                linear_backward(be, &bp.q, &mut g.q, q_shape, Some(&mut s.d_ln), false, &s.dq, &a.ln1, a.h[BlockLinear::Q].as_ref(), Some(&mut s.dh), n)?;
+                linear_backward(be, &bp.k, &mut g.k, k_shape, Some(&mut s.d_ln), true, &s.dk, &a.ln1, a.h[BlockLinear::K].as_ref(), Some(&mut s.dh), n)?;
+                linear_backward(be, &bp.v, &mut g.v, v_shape, Some(&mut s.d_ln), true, &s.dv, &a.ln1, a.h[BlockLinear::V].as_ref(), Some(&mut s.dh), n)?;
             }
-            attention::backward(be, &mut s.dq, &mut s.dk, &mut s.dv, &s.d_attn, &a.q, &a.k, &a.v, &a.probs, batch, t, c.heads, c.head_dim())?;
-            linear_backward(be, &bp.q, &mut g.q, self.linear_shape(l, BlockLinear::Q), Some(&mut s.d_ln), false, &s.dq, &a.ln1, a.h[BlockLinear::Q].as_ref(), Some(&mut s.dh), n)?;
-            linear_backward(be, &bp.k, &mut g.k, self.linear_shape(l, BlockLinear::K), Some(&mut s.d_ln), true, &s.dk, &a.ln1, a.h[BlockLinear::K].as_ref(), Some(&mut s.dh), n)?;
-            linear_backward(be, &bp.v, &mut g.v, self.linear_shape(l, BlockLinear::V), Some(&mut s.d_ln), true, &s.dv, &a.ln1, a.h[BlockLinear::V].as_ref(), Some(&mut s.dh), n)?;
             // x_in is the previous block's output, whose MLP sub-layer starts from this dx.
             d_sub_ready = fused && l > 0;
             if d_sub_ready {

@@ -353,6 +353,87 @@ fn tiled_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], 
     );
 }
 
+/// Attention of the class token's query alone (`attention::class_token_forward`):
+/// one rayon task per (image, head), the scores as dots of q with each key
+/// row, the softmax of `forward`, and `out = Σ_j P_j v_j` in order.
+#[allow(clippy::too_many_arguments)]
+pub fn class_token_attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize) {
+    let (t, dh, d) = (tokens, head_dim, heads * head_dim);
+    assert!(q.len() >= batch * d && out.len() >= batch * d && k.len() >= batch * t * d && v.len() >= batch * t * d && probs.len() >= batch * heads * t);
+    let scale = 1.0 / (dh as f32).sqrt();
+    let out_ptr = SharedMut(out.as_mut_ptr());
+    probs[..batch * heads * t].par_chunks_mut(t).enumerate().for_each(|(bh, p)| {
+        let (b, h) = (bh / heads, bh % heads);
+        let (row, keys) = (b * d + h * dh, b * t * d + h * dh);
+        // SAFETY: task (b, h) writes only row b, columns h*dh..(h+1)*dh of `out`.
+        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(row), dh) };
+        let q = &q[row..row + dh];
+        vectorized(
+            #[inline(always)]
+            || {
+                for (j, s) in p.iter_mut().enumerate() {
+                    *s = scale * dot(q, &k[keys + j * d..]);
+                }
+                softmax_in_place(p);
+                o.fill(0.0);
+                for (j, &pj) in p.iter().enumerate() {
+                    for (o, &vj) in o.iter_mut().zip(&v[keys + j * d..keys + j * d + dh]) {
+                        *o = pj.mul_add(vj, *o);
+                    }
+                }
+            },
+        );
+    });
+}
+
+/// Backward of `class_token_attention_forward` (`attention::class_token_backward`),
+/// per (image, head): dP_j = do·v_j, dS_j = P_j (dP_j − Σ P∘dP),
+/// dq = s·Σ_j dS_j k_j, dk_j = s·dS_j q, dv_j = P_j do.
+#[allow(clippy::too_many_arguments)]
+pub fn class_token_attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize) {
+    let (t, dh, d) = (tokens, head_dim, heads * head_dim);
+    let (rows, all) = (batch * d, batch * t * d);
+    assert!(dq.len() >= rows && dout.len() >= rows && q.len() >= rows && dk.len() >= all && dv.len() >= all && k.len() >= all && v.len() >= all && probs.len() >= batch * heads * t);
+    let scale = 1.0 / (dh as f32).sqrt();
+    let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    (0..batch * heads).into_par_iter().for_each(|bh| {
+        let (b, h) = (bh / heads, bh % heads);
+        let (row, keys) = (b * d + h * dh, b * t * d + h * dh);
+        let (p, q, g) = (&probs[bh * t..(bh + 1) * t], &q[row..row + dh], &dout[row..row + dh]);
+        let (pq, pk, pv) = (pq, pk, pv);
+        let mut ds = vec![0f32; t];
+        vectorized(
+            #[inline(always)]
+            || {
+                for (j, s) in ds.iter_mut().enumerate() {
+                    *s = dot(g, &v[keys + j * d..]);
+                }
+                let total = dot(&ds, p);
+                for (s, &pj) in ds.iter_mut().zip(p) {
+                    *s = pj * (*s - total);
+                }
+                // SAFETY: task (b, h) writes only row b of dq and rows of
+                // image b of dk and dv, all in columns h*dh..(h+1)*dh.
+                let dq = unsafe { std::slice::from_raw_parts_mut(pq.get().add(row), dh) };
+                dq.fill(0.0);
+                for (j, (&sj, &pj)) in ds.iter().zip(p).enumerate() {
+                    let at = keys + j * d;
+                    let (dk, dv) = unsafe { (std::slice::from_raw_parts_mut(pk.get().add(at), dh), std::slice::from_raw_parts_mut(pv.get().add(at), dh)) };
+                    let sj_scaled = scale * sj;
+                    for c in 0..dh {
+                        dq[c] = sj.mul_add(k[at + c], dq[c]);
+                        dk[c] = sj_scaled * q[c];
+                        dv[c] = pj * g[c];
+                    }
+                }
+                for x in dq.iter_mut() {
+                    *x *= scale;
+                }
+            },
+        );
+    });
+}
+
 impl AttentionKernel for Cpu {
     fn attention_forward(&self, out: &mut Vec<f32>, probs: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
         attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim);
@@ -360,6 +441,14 @@ impl AttentionKernel for Cpu {
     }
     fn attention_backward(&self, dq: &mut Vec<f32>, dk: &mut Vec<f32>, dv: &mut Vec<f32>, dout: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, probs: &Vec<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
         attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim);
+        Ok(())
+    }
+    fn class_token_attention_forward(&self, out: &mut Vec<f32>, probs: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
+        class_token_attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim);
+        Ok(())
+    }
+    fn class_token_attention_backward(&self, dq: &mut Vec<f32>, dk: &mut Vec<f32>, dv: &mut Vec<f32>, dout: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, probs: &Vec<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
+        class_token_attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim);
         Ok(())
     }
 }

@@ -94,6 +94,48 @@ impl AttentionKernel for Cuda {
             fused_backward(self, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok)
         }
     }
+
+    /// `attention_cls_forward(act_t* out, act_t* probs, const act_t* q,
+    /// const act_t* k, const act_t* v, int tokens, int heads, int head_dim)`.
+    fn class_token_attention_forward(&self, out: &mut CudaBuf, probs: &mut CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
+        if batch * heads * tokens == 0 {
+            return Ok(());
+        }
+        let smem = 4 * (head_dim + tokens);
+        let a = [tokens, heads, head_dim].map(|v| v as i32);
+        let (o, p) = (self.act_mut(out, "class-token attention out")?, self.act_mut(probs, "class-token attention probs")?);
+        let (qp, kp, vp) = (self.act(q, "class-token attention q")?, self.act(k, "class-token attention k")?, self.act(v, "class-token attention v")?);
+        let f = self.function("attention", "attention_cls_forward", smem)?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&o).arg(&p).arg(&qp).arg(&kp).arg(&vp).arg(&a[0]).arg(&a[1]).arg(&a[2]);
+        unsafe { l.launch(class_token_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_cls_forward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
+        Ok(())
+    }
+
+    /// `attention_cls_backward(act_t* dq, act_t* dk, act_t* dv, const act_t*
+    /// dout, const act_t* q, const act_t* k, const act_t* v, const act_t*
+    /// probs, int tokens, int heads, int head_dim)`.
+    fn class_token_attention_backward(&self, dq: &mut CudaBuf, dk: &mut CudaBuf, dv: &mut CudaBuf, dout: &CudaBuf, q: &CudaBuf, k: &CudaBuf, v: &CudaBuf, probs: &CudaBuf, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
+        if batch * heads * tokens == 0 {
+            return Ok(());
+        }
+        let smem = 4 * (2 * head_dim + tokens);
+        let a = [tokens, heads, head_dim].map(|v| v as i32);
+        let (dqp, dkp, dvp) = (self.act_mut(dq, "class-token attention dq")?, self.act_mut(dk, "class-token attention dk")?, self.act_mut(dv, "class-token attention dv")?);
+        let (dop, qp, kp, vp, pp) = (self.act(dout, "class-token attention dout")?, self.act(q, "class-token attention q")?, self.act(k, "class-token attention k")?, self.act(v, "class-token attention v")?, self.act(probs, "class-token attention probs")?);
+        let f = self.function("attention", "attention_cls_backward", smem)?;
+        let mut l = self.stream().launch_builder(&f);
+        l.arg(&dqp).arg(&dkp).arg(&dvp).arg(&dop).arg(&qp).arg(&kp).arg(&vp).arg(&pp).arg(&a[0]).arg(&a[1]).arg(&a[2]);
+        unsafe { l.launch(class_token_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_cls_backward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
+        Ok(())
+    }
+}
+
+/// Threads per block of the class-token kernels (CLS_THREADS in the kernel file).
+const CLASS_TOKEN_THREADS: u32 = 128;
+
+fn class_token_config(batch: usize, heads: usize, smem: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((batch * heads) as u32, 1, 1), block_dim: (CLASS_TOKEN_THREADS, 1, 1), shared_mem_bytes: smem as u32 }
 }
 
 /// `attention_short_forward(act_t* out, act_t* probs, const act_t* q, const

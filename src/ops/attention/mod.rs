@@ -7,6 +7,12 @@
 //!           dS = P ∘ (dP − rowsum(dP ∘ P)),  dq = s · dS k,  dk = s · dSᵀ q
 //! ```
 //! `P` is kept for the backward pass.
+//!
+//! The class token's query alone (`class_token_forward`, `_backward`): the
+//! training tail's last block (`model::vit`), where only the class token's
+//! row of the output reaches the loss. The same formulas with one query
+//! row: `q, o, dq: [1, dh]` per image and head, `P: [1, T]`, while `k, v,
+//! dk, dv` keep every token (each key and value still gets a gradient).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -22,6 +28,10 @@ pub trait AttentionKernel: Device {
     fn attention_forward(&self, out: &mut Self::Buf, probs: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()>;
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(&self, dq: &mut Self::Buf, dk: &mut Self::Buf, dv: &mut Self::Buf, dout: &Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, probs: &Self::Buf, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn class_token_attention_forward(&self, out: &mut Self::Buf, probs: &mut Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()>;
+    #[allow(clippy::too_many_arguments)]
+    fn class_token_attention_backward(&self, dq: &mut Self::Buf, dk: &mut Self::Buf, dv: &mut Self::Buf, dout: &Self::Buf, q: &Self::Buf, k: &Self::Buf, v: &Self::Buf, probs: &Self::Buf, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()>;
 }
 
 /// Elements of one `[batch, tokens, heads·head_dim]` tensor and of the
@@ -78,6 +88,43 @@ pub fn backward<D: AttentionKernel>(dev: &D, dq: &mut D::Buf, dk: &mut D::Buf, d
         work(dev, &[(dout, n), (q, n), (k, n), (v, n), (probs, pn), (dq, n), (dk, n), (dv, n)], 8.0 * (pn * head_dim) as f64)
     });
     profiled(dev, "attention_backward", w, || dev.attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok))
+}
+
+/// Elements of one `[batch, heads·head_dim]` class-token tensor (q, out,
+/// dq, dout), of one `[batch, tokens, heads·head_dim]` tensor (k, v, dk,
+/// dv) and of the probabilities `[batch, heads, tokens]`.
+fn class_token_sizes(batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<(usize, usize, usize)> {
+    Ok((product("class-token attention", &[batch, heads, head_dim])?, product("class-token attention", &[batch, tokens, heads, head_dim])?, product("class-token attention probs", &[batch, heads, tokens])?))
+}
+
+/// Attention of the class token's query alone, for `batch` images of
+/// `tokens` tokens (module doc): `q, out: [batch, heads·head_dim]` (one row
+/// per image), `k, v: [batch, tokens, heads·head_dim]`. Writes
+/// `probs[batch, heads, tokens] = softmax(q kᵀ / √head_dim)` and
+/// `out = probs · v`: the class-token rows of `forward`.
+#[allow(clippy::too_many_arguments)]
+pub fn class_token_forward<D: AttentionKernel>(dev: &D, out: &mut D::Buf, probs: &mut D::Buf, q: &D::Buf, k: &D::Buf, v: &D::Buf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+    let (rows, all, pn) = class_token_sizes(batch, tokens, heads, head_dim)?;
+    for (name, b, n) in [("class-token attention q", q, rows), ("class-token attention out", &*out, rows), ("class-token attention k", k, all), ("class-token attention v", v, all), ("class-token attention probs", &*probs, pn)] {
+        need(dev, name, b, n)?;
+    }
+    let w = dev.profiling().then(|| work(dev, &[(q, rows), (k, all), (v, all), (out, rows), (probs, pn)], 4.0 * (pn * head_dim) as f64));
+    profiled(dev, "attention_cls_forward", w, || dev.class_token_attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim, Checked::new()))
+}
+
+/// Backward of `class_token_forward`: WRITES `dq` (`[batch, heads·head_dim]`)
+/// and every row of `dk`, `dv` from `dout` (`[batch, heads·head_dim]`): the
+/// gradients of `backward` when only the class token's row of `dout` is
+/// non-zero.
+#[allow(clippy::too_many_arguments)]
+pub fn class_token_backward<D: AttentionKernel>(dev: &D, dq: &mut D::Buf, dk: &mut D::Buf, dv: &mut D::Buf, dout: &D::Buf, q: &D::Buf, k: &D::Buf, v: &D::Buf, probs: &D::Buf, batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<()> {
+    let (rows, all, pn) = class_token_sizes(batch, tokens, heads, head_dim)?;
+    for (name, b, n) in [("class-token attention dq", &*dq, rows), ("class-token attention dk", &*dk, all), ("class-token attention dv", &*dv, all), ("class-token attention dout", dout, rows), ("class-token attention q", q, rows), ("class-token attention k", k, all), ("class-token attention v", v, all), ("class-token attention probs", probs, pn)] {
+        need(dev, name, b, n)?;
+    }
+    // dP, dq, dk, dv: 2·T·dh each per (image, head).
+    let w = dev.profiling().then(|| work(dev, &[(dout, rows), (q, rows), (k, all), (v, all), (probs, pn), (dq, rows), (dk, all), (dv, all)], 8.0 * (pn * head_dim) as f64));
+    profiled(dev, "attention_cls_backward", w, || dev.class_token_attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, Checked::new()))
 }
 
 #[cfg(test)]
@@ -201,6 +248,97 @@ mod tests {
         check_on(dev, 5, 1, 1, 32, t);
     }
 
+    /// The class token's row of each image, `[B, H·DH]`, of a `[B, T, H·DH]` tensor.
+    fn class_rows(x: &[f32]) -> Vec<f32> {
+        let d = H * DH;
+        (0..B).flat_map(|b| x[b * T * d..b * T * d + d].to_vec()).collect()
+    }
+
+    fn class_token(q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (mut o, mut p) = (vec![0.0; B * H * DH], vec![0.0; B * H * T]);
+        class_token_attention_forward(&mut o, &mut p, q, k, v, B, T, H, DH);
+        (o, p)
+    }
+
+    /// The class-token op gives `forward`'s class-token rows (output and
+    /// probabilities) and, with `dout` zero on every other row, `backward`'s
+    /// gradients: dq's class-token rows, every row of dk and dv.
+    #[test]
+    fn class_token_attention_is_the_class_token_rows_of_attention() {
+        let (q, k, v) = (random(N, 5), random(N, 6), random(N, 7));
+        let (o, p) = forward(&q, &k, &v);
+        let (o_cls, p_cls) = class_token(&class_rows(&q), &k, &v);
+        let close = |name: &str, got: &[f32], want: &[f32]| {
+            assert_eq!(got.len(), want.len(), "{name}");
+            for (i, (a, b)) in got.iter().zip(want).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{name}[{i}]: {a} vs {b}");
+            }
+        };
+        close("out", &o_cls, &class_rows(&o));
+        let p_rows: Vec<f32> = (0..B * H).flat_map(|bh| p[bh * T * T..bh * T * T + T].to_vec()).collect();
+        close("probs", &p_cls, &p_rows);
+
+        let d = H * DH;
+        let dout_cls = random(B * d, 8);
+        let mut dout = vec![0.0; N];
+        for b in 0..B {
+            dout[b * T * d..b * T * d + d].copy_from_slice(&dout_cls[b * d..(b + 1) * d]);
+        }
+        let (mut dq, mut dk, mut dv) = (vec![0.0; N], vec![0.0; N], vec![0.0; N]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &p, B, T, H, DH);
+        let (mut dq_cls, mut dk_cls, mut dv_cls) = (vec![f32::NAN; B * d], vec![f32::NAN; N], vec![f32::NAN; N]);
+        class_token_attention_backward(&mut dq_cls, &mut dk_cls, &mut dv_cls, &dout_cls, &class_rows(&q), &k, &v, &p_cls, B, T, H, DH);
+        close("dq", &dq_cls, &class_rows(&dq));
+        close("dk", &dk_cls, &dk);
+        close("dv", &dv_cls, &dv);
+    }
+
+    #[test]
+    fn class_token_backward_matches_finite_differences() {
+        let (q, k, v, w) = (random(B * H * DH, 11), random(N, 12), random(N, 13), random(B * H * DH, 14));
+        let (_, p) = class_token(&q, &k, &v);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; B * H * DH], vec![0.0; N], vec![0.0; N]);
+        class_token_attention_backward(&mut dq, &mut dk, &mut dv, &w, &q, &k, &v, &p, B, T, H, DH);
+        fd_check("class-token attention dq", &q, &dq, 16, |q| dot(&w, &class_token(q, &k, &v).0));
+        fd_check("class-token attention dk", &k, &dk, 40, |k| dot(&w, &class_token(&q, k, &v).0));
+        fd_check("class-token attention dv", &v, &dv, 40, |v| dot(&w, &class_token(&q, &k, v).0));
+    }
+
+    #[test]
+    fn class_token_wrong_shapes_are_errors() {
+        let (rows, pn) = (B * H * DH, B * H * T);
+        let lens = [rows, pn, rows, N, N];
+        for short in 0..=lens.len() {
+            let mut b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![0.5; if i == short { l - 1 } else { l }]).collect();
+            let [out, probs, q, k, v] = b.as_mut_slice() else { unreachable!() };
+            let res = super::class_token_forward(&Cpu, out, probs, q, k, v, B, T, H, DH);
+            assert_eq!(res.is_ok(), short == lens.len(), "class-token forward with argument {short} short");
+        }
+        let lens = [rows, N, N, rows, rows, N, N, pn];
+        for short in 0..=lens.len() {
+            let mut b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![0.5; if i == short { l - 1 } else { l }]).collect();
+            let [dq, dk, dv, dout, q, k, v, probs] = b.as_mut_slice() else { unreachable!() };
+            let res = super::class_token_backward(&Cpu, dq, dk, dv, dout, q, k, v, probs, B, T, H, DH);
+            assert_eq!(res.is_ok(), short == lens.len(), "class-token backward with argument {short} short");
+        }
+    }
+
+    /// The device's class-token kernels against the CPU's, forward and
+    /// backward: vit-cifar's last block (65 tokens, 3 heads of 64), ViT-B's
+    /// (50 tokens, 12 of 64), an odd shape, and one token.
+    fn class_token_attention_matches_the_cpu<D: Backend>(dev: &D) {
+        for (batch, tokens, heads, head_dim) in [(4, 65, 3, 64), (2, 50, 12, 64), (3, 17, 2, 8), (2, 1, 1, 32)] {
+            let (rows, all, pn) = (batch * heads * head_dim, batch * tokens * heads * head_dim, batch * heads * tokens);
+            let inputs = vec![act(randn(40, rows, 1.0)), act(randn(41, all, 1.0)), act(randn(42, all, 1.0)), act(vec![0.0; rows]), act(vec![0.0; pn]), act(randn(43, rows, 1.0)), act(vec![0.0; rows]), act(vec![0.0; all]), act(vec![0.0; all])];
+            let (c, g) = crate::on_both!(dev, inputs, |be, [q, k, v, out, probs, dout, dq, dk, dv]| {
+                super::class_token_forward(be, out, probs, q, k, v, batch, tokens, heads, head_dim).unwrap();
+                super::class_token_backward(be, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim).unwrap();
+            });
+            assert_close(&format!("class-token attention {:?} b{batch} t{tokens} h{heads} dh{head_dim}", dev.precision()), &g, &c, tol(dev.precision(), RED));
+        }
+    }
+
+    crate::on_every_device!(class_token_attention_matches_the_cpu);
     crate::on_every_device!(fused_vit_shapes_match_the_cpu);
     crate::on_every_device!(short_sequences_match_the_cpu);
     crate::on_every_device!(long_sequences_match_the_cpu);

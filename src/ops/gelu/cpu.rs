@@ -14,6 +14,10 @@
 //! sitting). Code compiled for baseline x86-64 (`EFFRANK_SIMD=baseline`, or a
 //! CPU without FMA) calls libm's `fmaf` instead: the same bits, about 40x
 //! slower.
+//!
+//! The backward pass reads Φ(x) off the forward's output: Φ(x) = y/x with
+//! y = x·Φ(x) (2 ulp), so only φ(x) needs an `exp`, where evaluating Φ
+//! again costs a division, the erfc polynomial and a second `exp`.
 
 use super::GeluKernel;
 use crate::device::Cpu;
@@ -79,9 +83,24 @@ pub fn gelu(x: f32) -> f32 {
     x * normal_cdf(x)
 }
 
+/// gelu'(x) = Φ(x) + x·φ(x), Φ evaluated afresh.
 #[inline(always)]
 pub fn gelu_grad(x: f32) -> f32 {
     (x * INV_SQRT_2PI).mul_add(exp((-0.5 * x) * x), normal_cdf(x))
+}
+
+/// Below this |x|, Φ(x) is ½ to f32 precision (Φ(x) − ½ ≈ 0.4·x), and y/x
+/// would be 0/0 at x = 0.
+const CDF_IS_HALF: f32 = 1e-18;
+
+/// gelu'(x) from x and the forward's y = gelu(x): Φ(x) = y/x. Where y is
+/// subnormal (x below about −13) Φ loses precision, but there Φ < 1e-38
+/// and gelu' is x·φ(x) to within 1/x² (the tests hold it to `gelu_grad`
+/// and to f64).
+#[inline(always)]
+pub fn gelu_grad_from_output(x: f32, y: f32) -> f32 {
+    let cdf = if x.abs() > CDF_IS_HALF { y / x } else { 0.5 };
+    (x * INV_SQRT_2PI).mul_add(exp((-0.5 * x) * x), cdf)
 }
 
 pub fn gelu_forward(out: &mut [f32], x: &[f32], len: usize) {
@@ -97,7 +116,24 @@ pub fn gelu_forward(out: &mut [f32], x: &[f32], len: usize) {
     });
 }
 
-pub fn gelu_backward(dx: &mut [f32], x: &[f32], dout: &[f32], len: usize) {
+/// `dx = dout · gelu'(x)`, with `y = gelu(x)` the forward's output (module doc).
+pub fn gelu_backward(dx: &mut [f32], x: &[f32], y: &[f32], dout: &[f32], len: usize) {
+    let inputs = x[..len].par_chunks(CHUNK).zip(y[..len].par_chunks(CHUNK)).zip(dout[..len].par_chunks(CHUNK));
+    dx[..len].par_chunks_mut(CHUNK).zip(inputs).for_each(|(d, ((x, y), g))| {
+        vectorized(
+            #[inline(always)]
+            || {
+                for (((d, &x), &y), &g) in d.iter_mut().zip(x).zip(y).zip(g) {
+                    *d = g * gelu_grad_from_output(x, y);
+                }
+            },
+        )
+    });
+}
+
+/// The backward pass evaluating Φ afresh (the body before `gelu_backward`
+/// read it off y), kept as the baseline of `cargo bench --bench cpu_ops`.
+pub fn gelu_backward_recomputing(dx: &mut [f32], x: &[f32], dout: &[f32], len: usize) {
     dx[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).zip(dout[..len].par_chunks(CHUNK)).for_each(|((d, x), g)| {
         vectorized(
             #[inline(always)]
@@ -115,8 +151,8 @@ impl GeluKernel for Cpu {
         gelu_forward(out, x, len);
         Ok(())
     }
-    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, dout: &Vec<f32>, len: usize, _: Checked) -> Result<()> {
-        gelu_backward(dx, x, dout, len);
+    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, y: &Vec<f32>, dout: &Vec<f32>, len: usize, _: Checked) -> Result<()> {
+        gelu_backward(dx, x, y, dout, len);
         Ok(())
     }
 }

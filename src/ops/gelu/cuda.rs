@@ -22,8 +22,10 @@ impl GeluKernel for Cuda {
         Ok(())
     }
 
-    /// `gelu_backward(act_t* dx, const act_t* x, const act_t* dout, u64 n)`.
-    fn gelu_backward(&self, dx: &mut CudaBuf, x: &CudaBuf, dout: &CudaBuf, len: usize, _: Checked) -> Result<()> {
+    /// `gelu_backward(act_t* dx, const act_t* x, const act_t* dout, u64 n)`;
+    /// evaluates Φ(x) again rather than reading it off `y` (bf16 on the
+    /// mixed-precision path: y/x would keep only 8 bits of Φ).
+    fn gelu_backward(&self, dx: &mut CudaBuf, x: &CudaBuf, _y: &CudaBuf, dout: &CudaBuf, len: usize, _: Checked) -> Result<()> {
         if len == 0 {
             return Ok(());
         }

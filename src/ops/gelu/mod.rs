@@ -4,6 +4,10 @@
 //! forward   y  = x · Φ(x) = x/2 · (1 + erf(x/√2))
 //! backward  dx = dy · (Φ(x) + x · φ(x)),   φ(x) = exp(−x²/2) / √(2π)
 //! ```
+//!
+//! The backward pass is given the forward's output y too: a device may
+//! read Φ(x) = y/x off it instead of evaluating erf again (the CPU does;
+//! CUDA, whose y may be bf16, does not).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -16,7 +20,7 @@ use anyhow::Result;
 /// Device bodies of GELU (call `forward` / `backward`).
 pub trait GeluKernel: Device {
     fn gelu_forward(&self, out: &mut Self::Buf, x: &Self::Buf, len: usize, _: Checked) -> Result<()>;
-    fn gelu_backward(&self, dx: &mut Self::Buf, x: &Self::Buf, dout: &Self::Buf, len: usize, _: Checked) -> Result<()>;
+    fn gelu_backward(&self, dx: &mut Self::Buf, x: &Self::Buf, y: &Self::Buf, dout: &Self::Buf, len: usize, _: Checked) -> Result<()>;
 }
 
 /// Writes `out[i] = gelu(x[i])` for `i < len`.
@@ -28,13 +32,15 @@ pub fn forward<D: GeluKernel>(dev: &D, out: &mut D::Buf, x: &D::Buf, len: usize)
     profiled(dev, "gelu_forward", w, || dev.gelu_forward(out, x, len, Checked::new()))
 }
 
-/// Writes `dx[i] = dout[i] · gelu'(x[i])` for `i < len`.
-pub fn backward<D: GeluKernel>(dev: &D, dx: &mut D::Buf, x: &D::Buf, dout: &D::Buf, len: usize) -> Result<()> {
+/// Writes `dx[i] = dout[i] · gelu'(x[i])` for `i < len`; `y` holds
+/// `gelu(x)` as `forward` wrote it (module doc).
+pub fn backward<D: GeluKernel>(dev: &D, dx: &mut D::Buf, x: &D::Buf, y: &D::Buf, dout: &D::Buf, len: usize) -> Result<()> {
     need(dev, "gelu dx", dx, len)?;
     need(dev, "gelu x", x, len)?;
+    need(dev, "gelu y", y, len)?;
     need(dev, "gelu dout", dout, len)?;
-    let w = dev.profiling().then(|| work(dev, &[(x, len), (dout, len), (dx, len)], 30.0 * len as f64));
-    profiled(dev, "gelu_backward", w, || dev.gelu_backward(dx, x, dout, len, Checked::new()))
+    let w = dev.profiling().then(|| work(dev, &[(x, len), (y, len), (dout, len), (dx, len)], 20.0 * len as f64));
+    profiled(dev, "gelu_backward", w, || dev.gelu_backward(dx, x, y, dout, len, Checked::new()))
 }
 
 #[cfg(test)]
@@ -77,11 +83,33 @@ mod tests {
         }
     }
 
+    /// gelu' read off the forward's output against f64 and against gelu'
+    /// evaluated afresh, from −20 to 20, through 0 and tiny |x|: error
+    /// relative to |Φ| + |x·φ| (the two terms cancel near x = −0.75) of
+    /// 2e-6 (3e-5 below −4, as Φ itself), an absolute 1e-36 past −13 where
+    /// y is subnormal and `exp` stops at e^−87.
+    #[test]
+    fn gradient_from_the_output_matches_the_gradient_recomputed() {
+        let mut xs: Vec<f32> = (-20_000..=20_000).map(|i| i as f32 * 0.001).collect();
+        xs.extend([1e-20, -1e-20, 1e-17, -1e-17, 1e-10, -1e-10, f32::MIN_POSITIVE, -0.0]);
+        for x in xs {
+            let got = gelu_grad_from_output(x, gelu(x)) as f64;
+            let xd = x as f64;
+            let (cdf, x_pdf) = (0.5 * libm::erfc(-xd / std::f64::consts::SQRT_2), xd * (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt());
+            let (want, scale) = (cdf + x_pdf, cdf.abs() + x_pdf.abs());
+            let tol = if x > -4.0 { 2e-6 * scale } else if x > -13.0 { 3e-5 * scale } else { 1e-36 };
+            assert!((got - want).abs() <= tol.max(1e-36), "gelu'({x}) from y = {got}, want {want}");
+            let recomputed = gelu_grad(x) as f64;
+            assert!((got - recomputed).abs() <= 2.0 * tol.max(1e-36), "gelu'({x}): from y {got}, recomputed {recomputed}");
+        }
+    }
+
     #[test]
     fn backward_matches_finite_differences() {
         let (x, w) = (random(300, 1), random(300, 2));
-        let mut dx = vec![0.0; 300];
-        gelu_backward(&mut dx, &x, &w, 300);
+        let (mut dx, mut y) = (vec![0.0; 300], vec![0.0; 300]);
+        gelu_forward(&mut y, &x, 300);
+        gelu_backward(&mut dx, &x, &y, &w, 300);
         fd_check("gelu", &x, &dx, 100, |x| {
             let mut y = vec![0.0; 300];
             gelu_forward(&mut y, x, 300);
@@ -93,15 +121,17 @@ mod tests {
     fn wrong_lengths_are_errors() {
         let (x, mut out) = (vec![0.0; 10], vec![0.0; 9]);
         assert!(forward(&Cpu, &mut out, &x, 10).is_err());
-        assert!(backward(&Cpu, &mut vec![0.0; 10], &x, &out, 10).is_err());
-        assert!(backward(&Cpu, &mut out, &x, &x.clone(), 10).is_err());
+        let y = x.clone();
+        assert!(backward(&Cpu, &mut vec![0.0; 10], &x, &y, &out, 10).is_err(), "dout short");
+        assert!(backward(&Cpu, &mut vec![0.0; 10], &x, &out, &y, 10).is_err(), "y short");
+        assert!(backward(&Cpu, &mut out, &x, &y, &x.clone(), 10).is_err(), "dx short");
     }
 
     fn forward_and_backward_match_the_cpu<D: Backend>(dev: &D) {
         let n = 100_003;
         let (c, g) = crate::on_both!(dev, vec![act(randn(17, n, 3.0)), act(vec![0.0; n]), act(randn(18, n, 1.0)), act(vec![0.0; n])], |be, [x, out, dout, dx]| {
             forward(be, out, x, n).unwrap();
-            backward(be, dx, x, dout, n).unwrap();
+            backward(be, dx, x, out, dout, n).unwrap();
         });
         assert_close(&format!("gelu {:?}", dev.precision()), &g, &c, tol(dev.precision(), EW));
     }
