@@ -61,21 +61,24 @@ fn loss_of(be: &Cpu, learner: &mut Learner<Cpu>, teacher: &mut Frozen<Cpu>, c: &
 
 /// The analytic gradients of `loss` against central finite differences, on
 /// the path that runs every token and, where the loss reads only the logits,
-/// on the class-token tail (`Vit::class_token_tail`).
+/// on the class-token tail (`Vit::class_token_tail`), with the last block's
+/// attention for the class token's query alone and for every token
+/// (`Vit::class_token_query`).
 fn check_gradients(ranks: Ranks, loss: LossSpec) {
-    for class_token_tail in [false, true] {
+    for (class_token_tail, class_token_query) in [(false, true), (true, true), (true, false)] {
         if class_token_tail && loss.needs_features() {
             continue;
         }
-        check_gradients_on(ranks.clone(), &loss, class_token_tail);
+        check_gradients_on(ranks.clone(), &loss, class_token_tail, class_token_query);
     }
 }
 
-fn check_gradients_on(ranks: Ranks, loss: &LossSpec, class_token_tail: bool) {
+fn check_gradients_on(ranks: Ranks, loss: &LossSpec, class_token_tail: bool, class_token_query: bool) {
     let be = Cpu;
     let cfg = tiny_config();
     let mut student = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 1)).unwrap();
     student.class_token_tail = class_token_tail;
+    student.class_token_query = class_token_query;
     let teacher_model = Vit::from_host(&be, &cfg, &dense_ranks(&cfg), &random_params(&cfg, &dense_ranks(&cfg), 2)).unwrap();
     let mut teacher = Frozen::new(&be, teacher_model, 3).unwrap();
     let mut learner = Learner::new(&be, student, 3, AdamWConfig::default()).unwrap();
@@ -101,7 +104,7 @@ fn check_gradients_on(ranks: Ranks, loss: &LossSpec, class_token_tail: bool) {
             let numeric = (up - down) / (2.0 * h);
             let analytic = grads[ti][i];
             let tol = 2e-2 * numeric.abs().max(analytic.abs()) + 2e-4;
-            assert!((numeric - analytic).abs() <= tol, "{}[{i}] (class-token tail {class_token_tail}): analytic {analytic}, finite difference {numeric}", spec.name);
+            assert!((numeric - analytic).abs() <= tol, "{}[{i}] (class-token tail {class_token_tail}, query {class_token_query}): analytic {analytic}, finite difference {numeric}", spec.name);
             checked += 1;
         }
     }
@@ -183,18 +186,21 @@ fn a_few_steps_reduce_the_loss() {
     assert!(last < 0.5 * first, "loss {first} -> {last}");
 }
 
-/// `forward_logits` (inference: the last block after attention on the
-/// class-token rows only) gives the logits of the full `forward`, for dense,
-/// low-rank and mixed models, at a batch below the activations' capacity.
-/// The second shape is wide enough that products are split over threads.
+/// `forward_logits` (inference: the last block's query and attention for
+/// the class token alone, or for every token without `class_token_query`,
+/// and after attention the class-token rows only) gives the logits of the
+/// full `forward`, for dense, low-rank and mixed models, at a batch below
+/// the activations' capacity. The second shape is wide enough that products
+/// are split over threads.
 #[test]
 fn logits_only_forward_matches_the_full_forward() {
     let be = Cpu;
     for cfg in [tiny_config(), wide_config()] {
         let mut mixed = uniform_ranks(&cfg, 3);
         mixed[cfg.depth - 1][BlockLinear::Fc1] = None;
-        for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 4), mixed] {
-            let model = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 5)).unwrap();
+        for (ranks, class_token_query) in [dense_ranks(&cfg), uniform_ranks(&cfg, 4), mixed].into_iter().flat_map(|r| [(r.clone(), true), (r, false)]) {
+            let mut model = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 5)).unwrap();
+            model.class_token_query = class_token_query;
             let mut acts = model.new_acts(&be, 5).unwrap();
             let c = case(&cfg, 3);
             image::from_bytes(&be, &mut acts.images, &c.bytes, 3, &transform(&cfg)).unwrap();
@@ -206,14 +212,16 @@ fn logits_only_forward_matches_the_full_forward() {
             let scale = full.iter().fold(0f32, |m, v| m.max(v.abs()));
             assert!(scale > 0.1, "logits too small to compare: {scale}");
             for (a, b) in fast.iter().zip(&full) {
-                assert!((a - b).abs() <= 1e-5 * scale, "width {}: logits-only {a} vs full {b}", cfg.width);
+                assert!((a - b).abs() <= 1e-5 * scale, "width {}, class-token query {class_token_query}: logits-only {a} vs full {b}", cfg.width);
             }
         }
     }
 }
 
 /// Training on the class-token tail (`forward_logits` and its backward:
-/// the last block after attention on the class-token rows) gives the loss,
+/// the last block's query and attention for the class token alone or, without
+/// `class_token_query`, for every token, and after attention the
+/// class-token rows) gives the loss,
 /// top-1 count and every gradient of the pass over every token, up to
 /// rounding: dense, low-rank and mixed models (the last block's layers
 /// low-rank and dense), plain and fused residual adds, hard labels and
@@ -230,12 +238,13 @@ fn class_token_tail_gives_the_gradients_of_every_token() {
         mixed[cfg.depth - 1][BlockLinear::Q] = None;
         for (ri, ranks) in [dense_ranks(&cfg), uniform_ranks(&cfg, 4), mixed].into_iter().enumerate() {
             let params = random_params(&cfg, &ranks, 5);
-            for fused in [false, true] {
+            for (fused, class_token_query) in [(false, true), (true, true), (false, false), (true, false)] {
                 for (name, loss, cached) in [("ce", LossSpec::ce(), false), ("kd", LossSpec::parse("kd=1,ce=0.5", 0.3, 3.0, 0.0).unwrap(), true)] {
                     let run = |class_token_tail: bool| {
                         let mut model = Vit::from_host(&be, &cfg, &ranks, &params).unwrap();
                         model.fused_add_layernorm = fused;
                         model.class_token_tail = class_token_tail;
+                        model.class_token_query = class_token_query;
                         let mut l = Learner::with_shards(&be, model, 5, AdamWConfig::default(), 1).unwrap();
                         let signal = if cached { TeacherSignal::Cached(&teacher_logits) } else { TeacherSignal::None };
                         let stats = l.forward_backward(&be, &c.bytes, &c.labels, &transform(&cfg), signal, &loss).unwrap();
@@ -243,7 +252,7 @@ fn class_token_tail_gives_the_gradients_of_every_token() {
                         (stats, grads)
                     };
                     let ((every, ge), (tail, gt)) = (run(false), run(true));
-                    let what = format!("width {}, ranks {ri}, fused {fused}, {name}", cfg.width);
+                    let what = format!("width {}, ranks {ri}, fused {fused}, class-token query {class_token_query}, {name}", cfg.width);
                     assert!((every.loss - tail.loss).abs() <= 1e-5 * every.loss.abs(), "{what}: loss {} every token, {} tail", every.loss, tail.loss);
                     assert_eq!(every.correct, tail.correct, "{what}: top-1 count");
                     assert!(ge.iter().flatten().any(|&g| g != 0.0), "{what}: all gradients zero");

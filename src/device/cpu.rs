@@ -88,6 +88,9 @@ impl Device for Cpu {
     fn trains_class_token_tail(&self) -> bool {
         std::env::var_os("EFFRANK_EVERY_TOKEN").is_none()
     }
+    fn class_token_query(&self) -> bool {
+        true
+    }
     fn alloc(&self, len: usize, _kind: BufKind) -> Result<Vec<f32>> {
         let mut v = Vec::new();
         v.try_reserve_exact(len).map_err(|_| anyhow!("out of host memory allocating {len} floats ({:.1} GiB)", len as f64 * 4.0 / (1u64 << 30) as f64))?;

@@ -183,7 +183,9 @@ pub struct CudaPaths {
     pub fused_add_layernorm: bool,
     /// `EFFRANK_CUDA_CLASS_TOKEN_TAIL=1`: training on a loss of the logits
     /// alone runs the last block after attention on the class-token rows
-    /// (`Device::trains_class_token_tail`, `model::vit`).
+    /// (`Device::trains_class_token_tail`, `model::vit`), and every
+    /// logits-only pass computes that block's query and attention for the
+    /// class token alone (`Device::class_token_query`).
     pub class_token_tail: bool,
 }
 
@@ -615,6 +617,9 @@ impl Device for Cuda {
         1
     }
     fn trains_class_token_tail(&self) -> bool {
+        self.paths().class_token_tail
+    }
+    fn class_token_query(&self) -> bool {
         self.paths().class_token_tail
     }
 

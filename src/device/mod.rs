@@ -95,6 +95,13 @@ pub trait Device: Send + Sync {
     fn trains_class_token_tail(&self) -> bool {
         false
     }
+    /// Whether a logits-only pass computes the last block's query and
+    /// attention for the class token alone (`attention::class_token_forward`,
+    /// `model::vit`): the CPU; CUDA only with
+    /// `EFFRANK_CUDA_CLASS_TOKEN_TAIL=1` (its kernels have not run on a GPU).
+    fn class_token_query(&self) -> bool {
+        false
+    }
 
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize, kind: BufKind) -> Result<Self::Buf>;

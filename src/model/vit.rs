@@ -18,9 +18,11 @@
 //! `forward_logits` (inference) computes the same logits with less work:
 //! only the class token reaches the head, so the last block computes the
 //! class token's query alone and its attention over every token's k and v
-//! (`attention::class_token_forward`), and its projection, residuals, LN2
-//! and MLP run on the class-token rows only (one row in T; ViT-B/32: ~7%
-//! of the forward's FLOPs).
+//! (`attention::class_token_forward`; with `class_token_query`, set by the
+//! device: the CPU, CUDA with `EFFRANK_CUDA_CLASS_TOKEN_TAIL=1`; otherwise
+//! every token's, keeping the class token's row), and its projection,
+//! residuals, LN2 and MLP run on the class-token rows only (one row in T;
+//! ViT-B/32: ~7% of the forward's FLOPs).
 //!
 //! Training takes the same path when the loss reads only the logits (cross
 //! entropy, KD) and the model's `class_token_tail` is on (the CPU's default,
@@ -28,10 +30,13 @@
 //! the last block's attention get exactly zero gradient, so `backward`
 //! after `forward_logits` runs that block's MLP, LN2, projection,
 //! attention and Q backward on the class-token rows
-//! (`attention::class_token_backward`), which still give every token's k
-//! and v a gradient; K, V and LN1 then run on every token as after
-//! `forward`, the class-token rows of Q's input gradient and of the
-//! residual stream scattered in. The gradients are the full pass's up to
+//! (`attention::class_token_backward`, with `class_token_query`), which
+//! still give every token's k and v a gradient; K, V and LN1 then run on
+//! every token as after `forward`, the class-token rows of Q's input
+//! gradient and of the residual stream scattered in. (Without
+//! `class_token_query` the attention's gradient is scattered into the
+//! zeroed rows of the other tokens and the attention and Q run on every
+//! token.) The gradients are the full pass's up to
 //! rounding (the weight gradients sum 64 rows where the full pass adds
 //! 4,096 exact zeros to them; `tests/model_gradients.rs`); vit-cifar:
 //! 13.9% of the products' FLOPs, and 1/6 of attention's. The feature loss
@@ -76,6 +81,11 @@ pub struct Vit<B: Backend> {
     /// backward (module doc); set from the device when the model is made
     /// (`Device::trains_class_token_tail`).
     pub class_token_tail: bool,
+    /// A logits-only pass (inference, and training on the class-token
+    /// tail) computes the last block's query and attention for the class
+    /// token alone (module doc); else for every token, keeping the
+    /// class-token rows. Set from the device (`Device::class_token_query`).
+    pub class_token_query: bool,
 }
 
 /// Where a block writes its output.
@@ -172,7 +182,7 @@ impl<B: Backend> Vit<B> {
             }
             be.upload(t, BufKind::Param)
         })?;
-        Ok(Vit { cfg: cfg.clone(), ranks: ranks.clone(), params, fused_add_layernorm: be.fuse_add_layernorm(), class_token_tail: be.trains_class_token_tail() })
+        Ok(Vit { cfg: cfg.clone(), ranks: ranks.clone(), params, fused_add_layernorm: be.fuse_add_layernorm(), class_token_tail: be.trains_class_token_tail(), class_token_query: be.class_token_query() })
     }
 
     /// Download the parameters to the host.
@@ -336,22 +346,25 @@ impl<B: Backend> Vit<B> {
             }
             linear_forward(be, &bp.k, self.linear_shape(l, BlockLinear::K), &mut a.k, a.h[BlockLinear::K].as_mut(), &a.ln1, n)?;
             linear_forward(be, &bp.v, self.linear_shape(l, BlockLinear::V), &mut a.v, a.h[BlockLinear::V].as_mut(), &a.ln1, n)?;
+            let class_rows = rest.is_empty() && outputs == Outputs::LogitsOnly;
+            if class_rows && self.class_token_query {
+                // Only the class token's row of this block reaches the logits: its query alone.
+                embed::cls_gather(be, &mut acts.cls_ln1, &a.ln1, batch, t, d)?;
+                linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut acts.cls_q, a.h[BlockLinear::Q].as_mut(), &acts.cls_ln1, batch)?;
+                attention::class_token_forward(be, &mut acts.cls_attn, &mut acts.cls_probs, &acts.cls_q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
+            } else {
+                linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut a.q, a.h[BlockLinear::Q].as_mut(), &a.ln1, n)?;
+                attention::forward(be, &mut a.attn, &mut a.probs, &a.q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
+                if class_rows {
+                    embed::cls_gather(be, &mut acts.cls_attn, &a.attn, batch, t, d)?;
+                }
+            }
             match (rest.first_mut(), outputs) {
+                (Some(next), _) => self.block_tail(be, l, a, None, BlockOut::Next(next, l + 1), n)?,
+                (None, Outputs::Everything) => self.block_tail(be, l, a, None, BlockOut::Buf(&mut acts.x_out), n)?,
                 (None, Outputs::LogitsOnly) => {
-                    // Only the class token's row of this block reaches the logits: its query alone.
-                    embed::cls_gather(be, &mut acts.cls_ln1, &a.ln1, batch, t, d)?;
-                    linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut acts.cls_q, a.h[BlockLinear::Q].as_mut(), &acts.cls_ln1, batch)?;
-                    attention::class_token_forward(be, &mut acts.cls_attn, &mut acts.cls_probs, &acts.cls_q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
                     embed::cls_gather(be, &mut acts.cls_x_in, &a.x_in, batch, t, d)?;
                     self.block_tail(be, l, a, Some((&acts.cls_x_in, &acts.cls_attn)), BlockOut::Buf(&mut acts.cls), batch)?;
-                }
-                (next, _) => {
-                    linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut a.q, a.h[BlockLinear::Q].as_mut(), &a.ln1, n)?;
-                    attention::forward(be, &mut a.attn, &mut a.probs, &a.q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
-                    match next {
-                        Some(next) => self.block_tail(be, l, a, None, BlockOut::Next(next, l + 1), n)?,
-                        None => self.block_tail(be, l, a, None, BlockOut::Buf(&mut acts.x_out), n)?,
-                    }
                 }
             }
         }
@@ -477,11 +490,15 @@ impl<B: Backend> Vit<B> {
             }
             let (q_shape, k_shape, v_shape) = (self.linear_shape(l, BlockLinear::Q), self.linear_shape(l, BlockLinear::K), self.linear_shape(l, BlockLinear::V));
             if class_rows {
-                // The projection, attention and Q on the class-token rows
-                // (the other rows of the attention output get zero
-                // gradient); K and V on every token.
+                // The projection on the class-token rows; the other rows of
+                // the attention output and of x_in get zero gradient.
                 linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_cls_ln), false, &s.d_sub, &acts.cls_attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), batch)?;
                 embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
+            } else {
+                linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_attn), false, &s.d_sub, &a.attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), n)?;
+            }
+            if class_rows && self.class_token_query {
+                // Attention and Q on the class-token rows; K and V on every token.
                 attention::class_token_backward(be, &mut s.d_cls_q, &mut s.dk, &mut s.dv, &s.d_cls_ln, &acts.cls_q, &a.k, &a.v, &acts.cls_probs, batch, t, c.heads, c.head_dim())?;
                 linear_backward(be, &bp.k, &mut g.k, k_shape, Some(&mut s.d_ln), false, &s.dk, &a.ln1, a.h[BlockLinear::K].as_ref(), Some(&mut s.dh), n)?;
                 linear_backward(be, &bp.v, &mut g.v, v_shape, Some(&mut s.d_ln), true, &s.dv, &a.ln1, a.h[BlockLinear::V].as_ref(), Some(&mut s.dh), n)?;
@@ -489,7 +506,10 @@ impl<B: Backend> Vit<B> {
                 linear_backward(be, &bp.q, &mut g.q, q_shape, Some(&mut s.d_cls_ln), false, &s.d_cls_q, &acts.cls_ln1, a.h[BlockLinear::Q].as_ref(), Some(&mut s.dh), batch)?;
                 embed::cls_scatter_add(be, &mut s.d_ln, &s.d_cls_ln, batch, t, d)?;
             } else {
-                linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_attn), false, &s.d_sub, &a.attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), n)?;
+                if class_rows {
+                    be.zero(&mut s.d_attn, n * d)?;
+                    embed::cls_scatter_add(be, &mut s.d_attn, &s.d_cls_ln, batch, t, d)?;
+                }
                 attention::backward(be, &mut s.dq, &mut s.dk, &mut s.dv, &s.d_attn, &a.q, &a.k, &a.v, &a.probs, batch, t, c.heads, c.head_dim())?;
                 linear_backward(be, &bp.q, &mut g.q, q_shape, Some(&mut s.d_ln), false, &s.dq, &a.ln1, a.h[BlockLinear::Q].as_ref(), Some(&mut s.dh), n)?;
                 linear_backward(be, &bp.k, &mut g.k, k_shape, Some(&mut s.d_ln), true, &s.dk, &a.ln1, a.h[BlockLinear::K].as_ref(), Some(&mut s.dh), n)?;
