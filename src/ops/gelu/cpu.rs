@@ -66,12 +66,23 @@ fn erfc_nonneg(z: f32) -> f32 {
     t * exp(t.mul_add(p, (-z).mul_add(z, -1.265_512_2)))
 }
 
-/// Φ(x) = ½·erfc(−x/√2), the standard normal CDF.
+/// Beyond this z = |x|/√2 (x below −12.73), ½·erfc(z) < 1e-37 falls
+/// toward f32's subnormal range, and every operation that makes or reads a
+/// subnormal costs the CPU a microcode assist: GELU forward over N(0, 8²)
+/// inputs ran at 9.7 ns per element against 1.2 over N(0, 1) (one thread).
+/// Φ is taken as exactly 0 there; z is clamped first so that the lanes
+/// that take 0 compute nothing subnormal either.
+const CDF_IS_ZERO_BEYOND: f32 = 9.0;
+
+/// Φ(x) = ½·erfc(−x/√2), the standard normal CDF (0 below x = −12.73:
+/// `CDF_IS_ZERO_BEYOND`).
 #[inline(always)]
 pub fn normal_cdf(x: f32) -> f32 {
     let z = -x * INV_SQRT2;
-    let half = 0.5 * erfc_nonneg(z.abs());
-    if z >= 0.0 {
+    let half = 0.5 * erfc_nonneg(z.abs().min(CDF_IS_ZERO_BEYOND));
+    if z >= CDF_IS_ZERO_BEYOND {
+        0.0
+    } else if z >= 0.0 {
         half
     } else {
         1.0 - half

@@ -68,10 +68,11 @@ mod tests {
             let got = normal_cdf(x) as f64;
             // Relative 3e-6 down to Φ ≈ 3e-5 (x = −4); further out, where
             // GELU is below 1e-4, the f32 rounding of x² inside exp dominates.
-            // Past x ≈ −13, Φ < 1e-38 is below f32's normal range.
+            // Below x = −12.73 (Φ < 1e-37, near f32's subnormal range) Φ is
+            // taken as 0 (`cpu::CDF_IS_ZERO_BEYOND`).
             let tol = if x > -4.0 {
                 3e-6 * want
-            } else if x > -13.0 {
+            } else if x > -12.7 {
                 3e-5 * want
             } else {
                 1e-36
@@ -102,6 +103,22 @@ mod tests {
             let recomputed = gelu_grad(x) as f64;
             assert!((got - recomputed).abs() <= 2.0 * tol.max(1e-36), "gelu'({x}): from y {got}, recomputed {recomputed}");
         }
+    }
+
+    /// Far below zero Φ is exactly 0 and nothing subnormal is made
+    /// (`cpu::CDF_IS_ZERO_BEYOND`): GELU and its gradient there are 0 or
+    /// normal numbers, never subnormal ones, and tiny against 1e-36.
+    #[test]
+    fn far_negative_inputs_make_no_subnormals() {
+        for i in 0..=20_000 {
+            let x = -10.0 - i as f32 * 0.001;
+            let (y, g, cdf) = (gelu(x), gelu_grad_from_output(x, gelu(x)), normal_cdf(x));
+            for (name, v) in [("gelu", y), ("gelu'", g), ("Φ", cdf)] {
+                assert!(!v.is_subnormal() && v.abs() < 1e-20, "{name}({x}) = {v:e}");
+            }
+        }
+        assert_eq!(normal_cdf(-12.8), 0.0);
+        assert!(normal_cdf(-12.6) > 0.0);
     }
 
     #[test]
