@@ -75,10 +75,27 @@ fn larger(a: f32, b: f32) -> f32 {
     }
 }
 
+/// Scores more than this below their row's maximum get probability exactly
+/// 0 (e^−80 < 2e-35): further down, e^x / Σ would be subnormal, and every
+/// operation making or reading one costs the CPU a microcode assist (as
+/// GELU's far tail did, `gelu::cpu::CDF_IS_ZERO_BEYOND`).
+const FLUSHED_BELOW_MAX: f32 = -80.0;
+
+/// e^x, or exactly 0 below `FLUSHED_BELOW_MAX`.
+#[inline(always)]
+fn exp_or_zero(x: f32) -> f32 {
+    let e = exp(x);
+    if x < FLUSHED_BELOW_MAX {
+        0.0
+    } else {
+        e
+    }
+}
+
 /// Row softmax with the branch-free `exp` of the GELU op (1-2 ulp), which
 /// vectorizes (libm's `expf` is one call per score); max and sum run in 16
 /// lanes, folded pairwise (`simd::fold_pairwise`), then the tail's elements
-/// in order.
+/// in order. Scores 80 or more below the maximum get 0 (`FLUSHED_BELOW_MAX`).
 #[inline(always)]
 fn softmax_in_place(row: &mut [f32]) {
     let (chunks, tail) = row.as_chunks::<LANES>();
@@ -93,13 +110,13 @@ fn softmax_in_place(row: &mut [f32]) {
     let mut lane_sum = [0f32; LANES];
     for c in chunks {
         for l in 0..LANES {
-            c[l] = exp(c[l] - max);
+            c[l] = exp_or_zero(c[l] - max);
             lane_sum[l] += c[l];
         }
     }
     let mut sum = fold_pairwise(lane_sum, |a, b| a + b);
     for v in tail.iter_mut() {
-        *v = exp(*v - max);
+        *v = exp_or_zero(*v - max);
         sum += *v;
     }
     let inv = 1.0 / sum;

@@ -176,6 +176,40 @@ mod tests {
         }
     }
 
+    /// Scores far below their row's maximum give probabilities that are
+    /// exactly 0, never subnormal numbers (each would cost a microcode
+    /// assist), rows that still sum to 1, and gradients without subnormals.
+    /// Two tied maxima make Σ = 2, so the clamped e^−87 / Σ of the far
+    /// scores would be subnormal without the flush.
+    #[test]
+    fn far_apart_scores_make_no_subnormals() {
+        let d = H * DH;
+        // Per image and head, q = (4, 0, ..) and the keys' first coordinates
+        // give the scores 4·a/√DH = 20, 20, −200, −400, 10.
+        let first = [10.0f32, 10.0, -100.0, -200.0, 5.0];
+        let (mut q, mut k) = (vec![0.0; N], vec![0.0; N]);
+        for b in 0..B {
+            for t in 0..T {
+                for h in 0..H {
+                    q[(b * T + t) * d + h * DH] = 4.0;
+                    k[(b * T + t) * d + h * DH] = first[t];
+                }
+            }
+        }
+        let v = random(N, 23);
+        let (_, p) = forward(&q, &k, &v);
+        let (mut dq, mut dk, mut dv) = (vec![0.0; N], vec![0.0; N], vec![0.0; N]);
+        attention_backward(&mut dq, &mut dk, &mut dv, &random(N, 24), &q, &k, &v, &p, B, T, H, DH);
+        assert!(p.iter().all(|x| !x.is_subnormal()), "a subnormal probability: {p:?}");
+        assert!(dq.iter().chain(&dk).chain(&dv).all(|x| !x.is_subnormal()), "a subnormal gradient");
+        for row in p.chunks(T) {
+            assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+            assert_eq!((row[2], row[3]), (0.0, 0.0), "{row:?}");
+        }
+        let (_, p_cls) = class_token(&class_rows(&q), &k, &v);
+        assert!(p_cls.iter().all(|x| !x.is_subnormal()), "a subnormal class-token probability: {p_cls:?}");
+    }
+
     #[test]
     fn backward_matches_finite_differences() {
         let (q, k, v, w) = (random(N, 1), random(N, 2), random(N, 3), random(N, 4));
