@@ -65,6 +65,18 @@ pub fn fd_check(name: &str, x: &[f32], analytic: &[f32], samples: usize, mut los
     }
 }
 
+/// Calls `call` with buffers of the lengths `lens` (filled with `fill`),
+/// once with each of them one element short and once with none short:
+/// only the last call may succeed (an op's shape checks, argument by
+/// argument; `what` names the entry point in the message).
+pub fn each_buffer_short(what: &str, lens: &[usize], fill: f32, mut call: impl FnMut(&mut [Vec<f32>]) -> anyhow::Result<()>) {
+    for short in 0..=lens.len() {
+        let mut bufs: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![fill; if i == short { l - 1 } else { l }]).collect();
+        let res = call(&mut bufs);
+        assert_eq!(res.is_ok(), short == lens.len(), "{what} with argument {short} short");
+    }
+}
+
 /// The tolerance of a check: `fp32` at fp32, `BF16` at bf16.
 pub fn tol(p: Precision, fp32: f32) -> f32 {
     match p {

@@ -132,7 +132,7 @@ mod tests {
     use super::cpu::*;
     use crate::device::{Cpu, Precision};
     use crate::ops::Backend;
-    use crate::testing::{act, assert_close, dot, fd_check, random, randn, tol, RED};
+    use crate::testing::{act, assert_close, dot, each_buffer_short, fd_check, random, randn, tol, RED};
 
     const B: usize = 2;
     const T: usize = 5;
@@ -225,19 +225,15 @@ mod tests {
     fn wrong_shapes_are_errors() {
         let pn = B * H * T * T;
         let lens = [N, pn, N, N, N];
-        for short in 0..=lens.len() {
-            let mut b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![0.5; if i == short { l - 1 } else { l }]).collect();
-            let [out, probs, q, k, v] = b.as_mut_slice() else { unreachable!() };
-            let res = super::forward(&Cpu, out, probs, q, k, v, B, T, H, DH);
-            assert_eq!(res.is_ok(), short == lens.len(), "forward with argument {short} short");
-        }
+        each_buffer_short("forward", &lens, 0.5, |b| {
+            let [out, probs, q, k, v] = b else { unreachable!() };
+            super::forward(&Cpu, out, probs, q, k, v, B, T, H, DH)
+        });
         let lens = [N, N, N, N, N, N, N, pn];
-        for short in 0..=lens.len() {
-            let mut b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![0.5; if i == short { l - 1 } else { l }]).collect();
-            let [dq, dk, dv, dout, q, k, v, probs] = b.as_mut_slice() else { unreachable!() };
-            let res = super::backward(&Cpu, dq, dk, dv, dout, q, k, v, probs, B, T, H, DH);
-            assert_eq!(res.is_ok(), short == lens.len(), "backward with argument {short} short");
-        }
+        each_buffer_short("backward", &lens, 0.5, |b| {
+            let [dq, dk, dv, dout, q, k, v, probs] = b else { unreachable!() };
+            super::backward(&Cpu, dq, dk, dv, dout, q, k, v, probs, B, T, H, DH)
+        });
     }
 
     fn check_on<D: Backend>(dev: &D, batch: usize, tokens: usize, heads: usize, head_dim: usize, tolerance: f32) {
@@ -342,19 +338,15 @@ mod tests {
     fn class_token_wrong_shapes_are_errors() {
         let (rows, pn) = (B * H * DH, B * H * T);
         let lens = [rows, pn, rows, N, N];
-        for short in 0..=lens.len() {
-            let mut b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![0.5; if i == short { l - 1 } else { l }]).collect();
-            let [out, probs, q, k, v] = b.as_mut_slice() else { unreachable!() };
-            let res = super::class_token_forward(&Cpu, out, probs, q, k, v, B, T, H, DH);
-            assert_eq!(res.is_ok(), short == lens.len(), "class-token forward with argument {short} short");
-        }
+        each_buffer_short("class-token forward", &lens, 0.5, |b| {
+            let [out, probs, q, k, v] = b else { unreachable!() };
+            super::class_token_forward(&Cpu, out, probs, q, k, v, B, T, H, DH)
+        });
         let lens = [rows, N, N, rows, rows, N, N, pn];
-        for short in 0..=lens.len() {
-            let mut b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![0.5; if i == short { l - 1 } else { l }]).collect();
-            let [dq, dk, dv, dout, q, k, v, probs] = b.as_mut_slice() else { unreachable!() };
-            let res = super::class_token_backward(&Cpu, dq, dk, dv, dout, q, k, v, probs, B, T, H, DH);
-            assert_eq!(res.is_ok(), short == lens.len(), "class-token backward with argument {short} short");
-        }
+        each_buffer_short("class-token backward", &lens, 0.5, |b| {
+            let [dq, dk, dv, dout, q, k, v, probs] = b else { unreachable!() };
+            super::class_token_backward(&Cpu, dq, dk, dv, dout, q, k, v, probs, B, T, H, DH)
+        });
     }
 
     /// The device's class-token kernels against the CPU's, forward and

@@ -76,7 +76,7 @@ mod tests {
     use super::cpu::*;
     use crate::device::Cpu;
     use crate::ops::Backend;
-    use crate::testing::{act, assert_close, dot, fd_check, par, random, randn, stat, tol, RED};
+    use crate::testing::{act, assert_close, dot, each_buffer_short, fd_check, par, random, randn, stat, tol, RED};
 
     const R: usize = 5;
     const C: usize = 24;
@@ -119,19 +119,15 @@ mod tests {
         let (rows, cols) = (3, 4);
         let n = rows * cols;
         let lens = [n, rows, rows, n, cols, cols];
-        for short in 0..=lens.len() {
-            let mut b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![1.0; if i == short { l - 1 } else { l }]).collect();
-            let [out, mean, rstd, x, g, be] = b.as_mut_slice() else { unreachable!() };
-            let res = super::forward(&Cpu, out, mean, rstd, x, g, be, rows, cols, 1e-6);
-            assert_eq!(res.is_ok(), short == lens.len(), "forward with argument {short} short");
-        }
+        each_buffer_short("forward", &lens, 1.0, |b| {
+            let [out, mean, rstd, x, g, be] = b else { unreachable!() };
+            super::forward(&Cpu, out, mean, rstd, x, g, be, rows, cols, 1e-6)
+        });
         let lens = [n, cols, cols, n, n, rows, rows, cols];
-        for short in 0..=lens.len() {
-            let mut b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![1.0; if i == short { l - 1 } else { l }]).collect();
-            let [dx, dg, db, dout, x, mean, rstd, g] = b.as_mut_slice() else { unreachable!() };
-            let res = super::backward(&Cpu, dx, dg, db, dout, x, mean, rstd, g, rows, cols);
-            assert_eq!(res.is_ok(), short == lens.len(), "backward with argument {short} short");
-        }
+        each_buffer_short("backward", &lens, 1.0, |b| {
+            let [dx, dg, db, dout, x, mean, rstd, g] = b else { unreachable!() };
+            super::backward(&Cpu, dx, dg, db, dout, x, mean, rstd, g, rows, cols)
+        });
         let mut b = vec![vec![0.0f32; n]; 6];
         let [out, mean, rstd, x, g, be] = b.as_mut_slice() else { unreachable!() };
         assert!(super::forward(&Cpu, out, mean, rstd, x, g, be, rows, cols, 0.0).is_err(), "eps 0");
