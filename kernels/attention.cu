@@ -368,12 +368,23 @@ KERNEL_BOUNDS(attention_short_backward, 128)(act_t* dq, act_t* dk, act_t* dv, co
 // ---------------------------------------------------------------------------
 #define CLS_THREADS 128
 
+// out[j] = scale · (vec · row j) for j < T, the rows dh long at stride D; a warp per row.
+__device__ void warp_row_dots(float* out, const float* vec, const act_t* rows, int T, int D, int dh, float scale) {
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    for (int j = warp; j < T; j += nw) {
+        float s = 0.f;
+        for (int c = lane; c < dh; c += WARP) s += vec[c] * to_float(rows[(unsigned long long)j * D + c]);
+        s = warp_sum(s);
+        if (lane == 0) out[j] = s * scale;
+    }
+}
+
 KERNEL_BOUNDS(attention_cls_forward, CLS_THREADS)(act_t* out, act_t* probs, const act_t* q, const act_t* k,
                                                   const act_t* v, int T, int heads, int dh) {
     extern __shared__ float smem[];
     int bh = blockIdx.x, b = bh / heads, h = bh % heads;
     int D = heads * dh;
-    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     float* qs = smem;     // [dh]
     float* ps = qs + dh;  // [T]
     unsigned long long row = (unsigned long long)b * D + h * dh;
@@ -381,12 +392,7 @@ KERNEL_BOUNDS(attention_cls_forward, CLS_THREADS)(act_t* out, act_t* probs, cons
     for (int c = threadIdx.x; c < dh; c += blockDim.x) qs[c] = to_float(q[row + c]);
     __syncthreads();
     float scale = rsqrtf((float)dh);
-    for (int j = warp; j < T; j += nw) {
-        float s = 0.f;
-        for (int c = lane; c < dh; c += WARP) s += qs[c] * to_float(k[keys + (unsigned long long)j * D + c]);
-        s = warp_sum(s);
-        if (lane == 0) ps[j] = s * scale;
-    }
+    warp_row_dots(ps, qs, k + keys, T, D, dh, scale);
     __syncthreads();
     if (warp == 0) {
         float m = -INFINITY;
@@ -419,7 +425,7 @@ KERNEL_BOUNDS(attention_cls_backward, CLS_THREADS)(act_t* dq, act_t* dk, act_t* 
     extern __shared__ float smem[];
     int bh = blockIdx.x, b = bh / heads, h = bh % heads;
     int D = heads * dh;
-    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, nw = blockDim.x / WARP;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     float* qs = smem;     // [dh]
     float* gs = qs + dh;  // do, [dh]
     float* ds = gs + dh;  // dP, then dS, [T]
@@ -432,12 +438,7 @@ KERNEL_BOUNDS(attention_cls_backward, CLS_THREADS)(act_t* dq, act_t* dk, act_t* 
     }
     __syncthreads();
     float scale = rsqrtf((float)dh);
-    for (int j = warp; j < T; j += nw) {
-        float s = 0.f;
-        for (int c = lane; c < dh; c += WARP) s += gs[c] * to_float(v[keys + (unsigned long long)j * D + c]);
-        s = warp_sum(s);
-        if (lane == 0) ds[j] = s;
-    }
+    warp_row_dots(ds, gs, v + keys, T, D, dh, 1.f);
     __syncthreads();
     if (warp == 0) {
         float acc = 0.f;
