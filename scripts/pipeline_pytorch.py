@@ -237,7 +237,8 @@ def main():
     times["students"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result.update(analysis(points, teacher_acc))
+    if points:  # no ranks: the teacher alone (EFFRANK_PIPELINE_STAGES=teacher)
+        result.update(analysis(points, teacher_acc))
     times["analysis"] = time.perf_counter() - t0
     result["students_top1"] = points
     print(json.dumps({"seconds": times, "result": result}))

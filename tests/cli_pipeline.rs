@@ -331,6 +331,14 @@ fn group_sweeps_write_a_folder_each_and_one_joint_analysis() {
         assert_eq!(r4["settings"]["targets"]["layers"], group);
         assert!(dir.path().join(group).join("analysis.json").exists(), "each group is analyzed on its own too");
     }
+    // One teacher, data and augmentation: the second group reads the
+    // teacher logits the first computed (one cache folder under --out).
+    let summary = |group: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dir.path().join(group).join("sweep-summary-shard0of1.json")).unwrap()).unwrap() };
+    let (first, second) = (summary("attn"), summary("mlp"));
+    assert!(first["teacher_epochs_computed"].as_u64().unwrap() > 0, "{first}");
+    assert_eq!(second["teacher_epochs_computed"], 0, "the mlp group recomputed teacher logits: {second}");
+    assert!(second["teacher_epochs_reused"].as_u64().unwrap() > 0, "{second}");
+    assert!(dir.path().join("cache").is_dir() && !dir.path().join("attn").join("cache").exists());
     let joint: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("analysis.json")).unwrap()).unwrap();
     let labels: Vec<&str> = joint["curves"].as_array().unwrap().iter().map(|c| c["label"].as_str().unwrap()).collect();
     assert_eq!(labels, ["attn", "mlp"]);

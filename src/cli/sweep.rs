@@ -202,7 +202,7 @@ impl WithBackend for SweepArgs {
         let mut groups_done = Vec::new();
         for (group, dir) in self.group_folders(&out) {
             let targets = Targets { layers: group.unwrap_or(base.targets.layers), ..base.targets };
-            let done = self.sweep_one(be, &inputs, &dir, StudentPlan { targets, ..base }, shard, started)?;
+            let done = self.sweep_one(be, &inputs, &dir, &out.join("cache"), StudentPlan { targets, ..base }, shard, started)?;
             if let (Some(g), true) = (group, done) {
                 groups_done.push(Labelled { label: g.to_string(), path: dir });
             }
@@ -231,13 +231,16 @@ impl SweepArgs {
         self.groups.iter().map(|g| (Some(*g), out.join(g.to_string()))).collect()
     }
 
-    /// One sweep into `out` with `plan`: train (and with --adaptive refine)
-    /// every job of this shard, write the shard's summary, and analyze the
-    /// folder when every job is done. True when it is (and analyzed, unless
+    /// One sweep into `out` with `plan`, its teacher logits in `cache_dir`
+    /// (`<--out>/cache`, shared by the groups): train (and with --adaptive
+    /// refine) every job of this shard, write the shard's summary, and
+    /// analyze the folder when every job is done. True when it is (and analyzed, unless
     /// --no-analyze).
-    fn sweep_one<B: Backend>(&self, be: &B, inputs: &SweepInputs<'_>, out: &Path, plan: StudentPlan, shard: Shard, started: std::time::Instant) -> Result<bool> {
+    #[allow(clippy::too_many_arguments)]
+    fn sweep_one<B: Backend>(&self, be: &B, inputs: &SweepInputs<'_>, out: &Path, cache_dir: &Path, plan: StudentPlan, shard: Shard, started: std::time::Instant) -> Result<bool> {
         let mut opts = SweepOptions {
             out: out.to_path_buf(),
+            cache_dir: cache_dir.to_path_buf(),
             ranks: self.ranks.clone(),
             seeds: self.seeds.clone(),
             shard,

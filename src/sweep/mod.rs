@@ -50,6 +50,12 @@ pub struct SweepInputs<'a> {
 pub struct SweepOptions {
     #[serde(skip)]
     pub out: PathBuf,
+    /// Where the teacher logits go on disk (`TeacherLogits`): `<out>/cache`
+    /// for one sweep; one folder for every group of `sweep --groups`, whose
+    /// students see the same teacher, data and augmentation, so the second
+    /// group reads the logits the first computed.
+    #[serde(skip)]
+    pub cache_dir: PathBuf,
     #[serde(skip)]
     pub ranks: Vec<usize>,
     #[serde(skip)]
@@ -354,7 +360,7 @@ fn cache_for<B: Backend>(shared: &Shared<'_, B>, seed: u64) -> Result<Arc<Mutex<
     }
     let (be, inputs, batch) = (shared.be, shared.inputs, shared.opts.fit.batch);
     let t = Frozen::new(be, Vit::from_host(be, inputs.cfg, &dense_ranks(inputs.cfg), inputs.teacher)?, batch)?;
-    let cache = Arc::new(Mutex::new(TeacherLogits::new(t, inputs.transform, shared.opts.fit.augment, seed, batch, Some(shared.opts.out.join("cache")), &shared.cache_key)));
+    let cache = Arc::new(Mutex::new(TeacherLogits::new(t, inputs.transform, shared.opts.fit.augment, seed, batch, Some(shared.opts.cache_dir.clone()), &shared.cache_key)));
     caches.insert(seed, cache.clone());
     Ok(cache)
 }
