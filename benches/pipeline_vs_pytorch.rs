@@ -190,9 +190,7 @@ fn pytorch(s: &Setting, dir: &Path, data: &Path, scale: usize, seed: usize) -> R
     let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| format!("{script} printed {line:?}: {e}"))?;
     let secs = |k: &str| v["seconds"][k].as_f64().unwrap();
     let student_top1 = v["result"]["students_top1"].as_array().unwrap().iter().map(|p| p[1].as_f64().unwrap()).collect();
-    // The teacher alone: the script's evaluation of it for the students is not counted.
-    let (students, analysis) = if teacher_only() { (0.0, 0.0) } else { (secs("students"), secs("analysis")) };
-    Ok(Run { teacher: secs("teacher"), students, analysis, teacher_top1: v["result"]["teacher_top1"].as_f64().unwrap(), student_top1 })
+    Ok(Run { teacher: secs("teacher"), students: secs("students"), analysis: secs("analysis"), teacher_top1: v["result"]["teacher_top1"].as_f64().unwrap(), student_top1 })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

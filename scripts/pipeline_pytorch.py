@@ -212,6 +212,11 @@ def main():
     ce = lambda model, x, y: F.cross_entropy(model(x), y)
     result["teacher_top1"] = fit(teacher, data, spec, spec["teacher_epochs"], spec["teacher_weight_decay"], ce, seed)
     times["teacher"] = time.perf_counter() - t0
+    if not spec["ranks"]:  # the teacher alone (EFFRANK_PIPELINE_STAGES=teacher)
+        times["students"] = times["analysis"] = 0.0
+        result["students_top1"] = []
+        print(json.dumps({"seconds": times, "result": result}))
+        return
 
     t0 = time.perf_counter()
     teacher.eval()
@@ -237,8 +242,7 @@ def main():
     times["students"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if points:  # no ranks: the teacher alone (EFFRANK_PIPELINE_STAGES=teacher)
-        result.update(analysis(points, teacher_acc))
+    result.update(analysis(points, teacher_acc))
     times["analysis"] = time.perf_counter() - t0
     result["students_top1"] = points
     print(json.dumps({"seconds": times, "result": result}))

@@ -200,9 +200,11 @@ impl WithBackend for SweepArgs {
         let inputs = SweepInputs { cfg: &teacher.cfg, teacher: &teacher.params, teacher_file, train: &train, test: &test, normalize, transform, data };
         let base = self.factor.plan(0)?;
         let mut groups_done = Vec::new();
+        // One teacher-logit cache for every group: same teacher, data and augmentation.
+        let cache_dir = out.join("cache");
         for (group, dir) in self.group_folders(&out) {
             let targets = Targets { layers: group.unwrap_or(base.targets.layers), ..base.targets };
-            let done = self.sweep_one(be, &inputs, &dir, &out.join("cache"), StudentPlan { targets, ..base }, shard, started)?;
+            let done = self.sweep_one(be, &inputs, &dir, &cache_dir, StudentPlan { targets, ..base }, shard, started)?;
             if let (Some(g), true) = (group, done) {
                 groups_done.push(Labelled { label: g.to_string(), path: dir });
             }
@@ -234,8 +236,8 @@ impl SweepArgs {
     /// One sweep into `out` with `plan`, its teacher logits in `cache_dir`
     /// (`<--out>/cache`, shared by the groups): train (and with --adaptive
     /// refine) every job of this shard, write the shard's summary, and
-    /// analyze the folder when every job is done. True when it is (and analyzed, unless
-    /// --no-analyze).
+    /// analyze the folder when every job is done. True when it is (and
+    /// analyzed, unless --no-analyze).
     #[allow(clippy::too_many_arguments)]
     fn sweep_one<B: Backend>(&self, be: &B, inputs: &SweepInputs<'_>, out: &Path, cache_dir: &Path, plan: StudentPlan, shard: Shard, started: std::time::Instant) -> Result<bool> {
         let mut opts = SweepOptions {
