@@ -14,7 +14,12 @@ use std::path::{Path, PathBuf};
 
 /// PTX target: Hopper (H100/H200). PTX ISA 9.0, loadable by driver 580+.
 const ARCH: &str = "compute_90";
-const ENV_VARS: [&str; 4] = ["EFFRANK_REQUIRE_KERNELS", "CUDA_PATH", "CUDA_HOME", "LD_LIBRARY_PATH"];
+const ENV_VARS: [&str; 4] = [
+    "EFFRANK_REQUIRE_KERNELS",
+    "CUDA_PATH",
+    "CUDA_HOME",
+    "LD_LIBRARY_PATH",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
@@ -45,11 +50,21 @@ fn main() {
 
 /// `(file stem, path)` of every `.cu` file, sorted by name.
 fn kernel_sources(dir: &Path) -> Vec<(String, PathBuf)> {
-    let Ok(entries) = fs::read_dir(dir) else { return Vec::new() };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
     let mut files: Vec<(String, PathBuf)> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
-        .map(|p| (p.file_stem().unwrap_or_default().to_string_lossy().into_owned(), p))
+        .map(|p| {
+            (
+                p.file_stem()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned(),
+                p,
+            )
+        })
         .collect();
     files.sort();
     files
@@ -62,25 +77,44 @@ fn nvrtc_present() -> bool {
 
 /// The first folder holding `cuda_bf16.h`, from the usual CUDA locations.
 fn cuda_include() -> Option<String> {
-    let mut roots: Vec<PathBuf> = ["CUDA_PATH", "CUDA_HOME"].iter().filter_map(|v| std::env::var(v).ok()).map(PathBuf::from).collect();
+    let mut roots: Vec<PathBuf> = ["CUDA_PATH", "CUDA_HOME"]
+        .iter()
+        .filter_map(|v| std::env::var(v).ok())
+        .map(PathBuf::from)
+        .collect();
     roots.push(PathBuf::from("/usr/local/cuda"));
     if let Ok(home) = std::env::var("HOME") {
         roots.push(PathBuf::from(home).join(".cache/effrank-cu13/nvidia/cu13"));
     }
-    roots.into_iter().map(|r| r.join("include")).find(|i| i.join("cuda_bf16.h").exists()).map(|i| i.display().to_string())
+    roots
+        .into_iter()
+        .map(|r| r.join("include"))
+        .find(|i| i.join("cuda_bf16.h").exists())
+        .map(|i| i.display().to_string())
 }
 
 /// Compiles each source; returns `(name, path of the .ptx)` for those that compiled.
-fn compile_all(sources: &[(String, PathBuf)], out_dir: &Path, require: bool) -> Vec<(String, PathBuf)> {
-    let mut include_paths = vec![fs::canonicalize("kernels").map(|p| p.display().to_string()).unwrap_or_else(|_| "kernels".into())];
+fn compile_all(
+    sources: &[(String, PathBuf)],
+    out_dir: &Path,
+    require: bool,
+) -> Vec<(String, PathBuf)> {
+    let mut include_paths = vec![fs::canonicalize("kernels")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "kernels".into())];
     include_paths.extend(cuda_include());
     let mut done = Vec::new();
     // Every file is compiled twice: activations in fp32 (kernel names end in
     // `_f32`) and in bf16 (`-DEFFRANK_ACT_BF16`, names end in `_bf16`); see
     // kernels/common.cuh.
-    for (name, path) in sources.iter().flat_map(|s| [(s, "f32"), (s, "bf16")]).map(|((n, p), v)| (format!("{n}_{v}"), p)) {
+    for (name, path) in sources
+        .iter()
+        .flat_map(|s| [(s, "f32"), (s, "bf16")])
+        .map(|((n, p), v)| (format!("{n}_{v}"), p))
+    {
         let name = &name;
-        let src = fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        let src =
+            fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
         let mut options = vec!["--std=c++17".to_string()];
         if name.ends_with("_bf16") {
             options.push("-DEFFRANK_ACT_BF16".into());
@@ -95,18 +129,25 @@ fn compile_all(sources: &[(String, PathBuf)], out_dir: &Path, require: bool) -> 
         match cudarc::nvrtc::compile_ptx_with_opts(&src, opts) {
             Ok(ptx) => {
                 let file = out_dir.join(format!("{name}.ptx"));
-                fs::write(&file, ptx.to_src()).unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
+                fs::write(&file, ptx.to_src())
+                    .unwrap_or_else(|e| panic!("writing {}: {e}", file.display()));
                 done.push((name.clone(), file));
             }
             Err(e) => {
                 let log = match &e {
-                    cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+                    cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                        log.to_string_lossy().into_owned()
+                    }
                     other => format!("{other:?}"),
                 };
                 if require {
                     panic!("NVRTC failed on {}:\n{log}", path.display());
                 }
-                println!("cargo:warning=NVRTC failed on {} (kernel file skipped): {}", path.display(), log.lines().next().unwrap_or(""));
+                println!(
+                    "cargo:warning=NVRTC failed on {} (kernel file skipped): {}",
+                    path.display(),
+                    log.lines().next().unwrap_or("")
+                );
             }
         }
     }
@@ -116,7 +157,10 @@ fn compile_all(sources: &[(String, PathBuf)], out_dir: &Path, require: bool) -> 
 fn write_table(out_dir: &Path, compiled: &[(String, PathBuf)]) {
     let mut table = String::from("/// (kernel file name, PTX) for every kernel file compiled at build time.\npub const KERNELS: &[(&str, &str)] = &[\n");
     for (name, file) in compiled {
-        table.push_str(&format!("    ({name:?}, include_str!({:?})),\n", file.display().to_string()));
+        table.push_str(&format!(
+            "    ({name:?}, include_str!({:?})),\n",
+            file.display().to_string()
+        ));
     }
     table.push_str("];\n");
     let path = out_dir.join("kernels.rs");

@@ -27,7 +27,9 @@ use std::time::Duration;
 fn train_step_vit_cifar(c: &mut Criterion) {
     let batch = 64;
     let mut g = c.benchmark_group("cpu_train_step");
-    g.throughput(Throughput::Elements(batch as u64)).sample_size(10).measurement_time(Duration::from_secs(15));
+    g.throughput(Throughput::Elements(batch as u64))
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(15));
     g.bench_function("vit-cifar_b64", |b| {
         let mut step = TrainStep::vit_cifar(batch, true);
         b.iter(|| on_worker_thread(|| step.run()))
@@ -42,7 +44,9 @@ fn train_step_vit_cifar(c: &mut Criterion) {
 fn forward_vit_b32(c: &mut Criterion) {
     let batch = 8;
     let mut g = c.benchmark_group("cpu_forward");
-    g.throughput(Throughput::Elements(batch as u64)).sample_size(10).measurement_time(Duration::from_secs(15));
+    g.throughput(Throughput::Elements(batch as u64))
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(15));
     g.bench_function("vit-b32_b8", |b| {
         let mut forward = Forward::vit_b32(batch);
         b.iter(|| on_worker_thread(|| forward.inference()))

@@ -35,10 +35,22 @@ impl Layout {
 }
 
 /// (model, layer, rows, in, out, the products timed).
-type Layer = (&'static str, &'static str, usize, usize, usize, &'static [Layout]);
+type Layer = (
+    &'static str,
+    &'static str,
+    usize,
+    usize,
+    usize,
+    &'static [Layout],
+);
 
 /// (m, k, n, strides of A, strides of B, accumulate) of one layer product.
-fn problem(layout: Layout, rows: usize, inp: usize, out: usize) -> (usize, usize, usize, (isize, isize), (isize, isize), bool) {
+fn problem(
+    layout: Layout,
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> (usize, usize, usize, (isize, isize), (isize, isize), bool) {
     match layout {
         Layout::Forward => (rows, inp, out, (inp as isize, 1), (1, inp as isize), false),
         Layout::InputGrad => (rows, out, inp, (out as isize, 1), (inp as isize, 1), false),
@@ -49,7 +61,10 @@ fn problem(layout: Layout, rows: usize, inp: usize, out: usize) -> (usize, usize
 fn main() {
     let threads = rayon::current_num_threads();
     println!("CPU GEMM, {threads} threads, GFLOP/s (median of 7 rounds, alternating)");
-    println!("{:<40} {:>9} {:>9} {:>7}", "product (m x k x n)", "engine", "gemm", "ratio");
+    println!(
+        "{:<40} {:>9} {:>9} {:>7}",
+        "product (m x k x n)", "engine", "gemm", "ratio"
+    );
     // The training step needs all three products of each layer, the forward
     // only x·Wᵀ.
     const ALL: &[Layout] = &[Layout::Forward, Layout::InputGrad, Layout::WeightGrad];
@@ -61,7 +76,19 @@ fn main() {
         ("vit-b32", "fc1", 400, 768, 3072, &[Layout::Forward]),
         ("vit-b32", "fc2", 400, 3072, 768, &[Layout::Forward]),
     ];
-    let cases = layers.iter().flat_map(|&(model, layer, rows, inp, out, layouts)| layouts.iter().map(move |&layout| (format!("{model} {layer} {}", layout.name()), layout, rows, inp, out)));
+    let cases = layers
+        .iter()
+        .flat_map(|&(model, layer, rows, inp, out, layouts)| {
+            layouts.iter().map(move |&layout| {
+                (
+                    format!("{model} {layer} {}", layout.name()),
+                    layout,
+                    rows,
+                    inp,
+                    out,
+                )
+            })
+        });
     let mut rng = Rng::new(3);
     let (mut total_engine, mut total_baseline) = (0.0, 0.0);
     for (name, layout, rows, inp, out) in cases {
@@ -77,10 +104,50 @@ fn main() {
                 // SAFETY: the strides describe `a`, `b` and `c` exactly.
                 unsafe {
                     if baseline {
-                        let par = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-                        gemm::gemm(m, n, k, c.as_mut_ptr(), 1, n as isize, accumulate, a.as_ptr(), csa, rsa, b.as_ptr(), csb, rsb, 1.0f32, 1.0f32, false, false, false, par);
+                        let par = if threads > 1 {
+                            gemm::Parallelism::Rayon(threads)
+                        } else {
+                            gemm::Parallelism::None
+                        };
+                        gemm::gemm(
+                            m,
+                            n,
+                            k,
+                            c.as_mut_ptr(),
+                            1,
+                            n as isize,
+                            accumulate,
+                            a.as_ptr(),
+                            csa,
+                            rsa,
+                            b.as_ptr(),
+                            csb,
+                            rsb,
+                            1.0f32,
+                            1.0f32,
+                            false,
+                            false,
+                            false,
+                            par,
+                        );
                     } else {
-                        strided_gemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, accumulate, c.as_mut_ptr(), n as isize, 1, threads);
+                        strided_gemm(
+                            m,
+                            k,
+                            n,
+                            1.0,
+                            a.as_ptr(),
+                            rsa,
+                            csa,
+                            b.as_ptr(),
+                            rsb,
+                            csb,
+                            accumulate,
+                            c.as_mut_ptr(),
+                            n as isize,
+                            1,
+                            threads,
+                        );
                     }
                 }
             }
@@ -100,7 +167,16 @@ fn main() {
         let (e, g) = (median(&mut engine), median(&mut baseline));
         total_engine += flops / e;
         total_baseline += flops / g;
-        println!("{:<40} {:>9.0} {:>9.0} {:>6.2}x", format!("{name} ({m}x{k}x{n})"), e, g, e / g);
+        println!(
+            "{:<40} {:>9.0} {:>9.0} {:>6.2}x",
+            format!("{name} ({m}x{k}x{n})"),
+            e,
+            g,
+            e / g
+        );
     }
-    println!("all shapes, one call each: engine {:.2}x the speed of the gemm crate", total_baseline / total_engine);
+    println!(
+        "all shapes, one call each: engine {:.2}x the speed of the gemm crate",
+        total_baseline / total_engine
+    );
 }

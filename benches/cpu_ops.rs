@@ -15,7 +15,9 @@
 use effrank_engine::device::cpu::on_worker_thread;
 use effrank_engine::device::{Cpu, Device};
 use effrank_engine::ops::add::{add, add_assign};
-use effrank_engine::ops::attention::cpu::{attention_backward, attention_forward, products_backward, products_forward};
+use effrank_engine::ops::attention::cpu::{
+    attention_backward, attention_forward, products_backward, products_forward,
+};
 use effrank_engine::ops::gelu::cpu::{gelu_backward, gelu_backward_recomputing, gelu_forward};
 use effrank_engine::ops::layernorm::cpu::{layernorm_backward, layernorm_forward};
 use effrank_engine::ops::matmul::cpu::strided_gemm;
@@ -61,7 +63,10 @@ fn per_element(seconds: f64, elements: usize) -> String {
 fn main() {
     let mut rng = Rng::new(1);
     let mut random = |n: usize| rng.normal_vec(n, 1.0);
-    println!("CPU operations, ViT-B/32 at batch 8, {} threads", rayon::current_num_threads());
+    println!(
+        "CPU operations, ViT-B/32 at batch 8, {} threads",
+        rayon::current_num_threads()
+    );
     println!("{:44} {:>10} {:>22}", "operation", "us/call", "rate");
     on_worker_thread(|| {
         // GELU over the MLP hidden layer.
@@ -75,36 +80,117 @@ fn main() {
         let (mut from_y, mut afresh) = (Vec::new(), Vec::new());
         for _ in 0..5 {
             from_y.push(median_seconds(5, || gelu_backward(&mut dx, &x, &y, &dy, n)));
-            afresh.push(median_seconds(5, || gelu_backward_recomputing(&mut dx, &x, &dy, n)));
+            afresh.push(median_seconds(5, || {
+                gelu_backward_recomputing(&mut dx, &x, &dy, n)
+            }));
         }
         let (t, before) = (median(from_y), median(afresh));
         row("gelu backward (400x3072), Φ = y/x", t, per_element(t, n));
-        row("  baseline: Φ evaluated again", before, format!("{} ({:.2}x)", per_element(before, n), before / t));
+        row(
+            "  baseline: Φ evaluated again",
+            before,
+            format!("{} ({:.2}x)", per_element(before, n), before / t),
+        );
 
         // LayerNorm over the residual stream.
         let (x, dy) = (random(ROWS * WIDTH), random(ROWS * WIDTH));
         let (gamma, beta) = (random(WIDTH), random(WIDTH));
-        let (mut y, mut mean, mut rstd) = (vec![0f32; ROWS * WIDTH], vec![0f32; ROWS], vec![0f32; ROWS]);
-        let t = median_seconds(50, || layernorm_forward(&mut y, &mut mean, &mut rstd, &x, &gamma, &beta, ROWS, WIDTH, 1e-6));
-        row("layernorm forward (400x768)", t, per_element(t, ROWS * WIDTH));
-        let (mut dx, mut dgamma, mut dbeta) = (vec![0f32; ROWS * WIDTH], vec![0f32; WIDTH], vec![0f32; WIDTH]);
-        let t = median_seconds(50, || layernorm_backward(&mut dx, &mut dgamma, &mut dbeta, &dy, &x, &mean, &rstd, &gamma, ROWS, WIDTH));
-        row("layernorm backward (400x768)", t, per_element(t, ROWS * WIDTH));
+        let (mut y, mut mean, mut rstd) =
+            (vec![0f32; ROWS * WIDTH], vec![0f32; ROWS], vec![0f32; ROWS]);
+        let t = median_seconds(50, || {
+            layernorm_forward(
+                &mut y, &mut mean, &mut rstd, &x, &gamma, &beta, ROWS, WIDTH, 1e-6,
+            )
+        });
+        row(
+            "layernorm forward (400x768)",
+            t,
+            per_element(t, ROWS * WIDTH),
+        );
+        let (mut dx, mut dgamma, mut dbeta) = (
+            vec![0f32; ROWS * WIDTH],
+            vec![0f32; WIDTH],
+            vec![0f32; WIDTH],
+        );
+        let t = median_seconds(50, || {
+            layernorm_backward(
+                &mut dx,
+                &mut dgamma,
+                &mut dbeta,
+                &dy,
+                &x,
+                &mean,
+                &rstd,
+                &gamma,
+                ROWS,
+                WIDTH,
+            )
+        });
+        row(
+            "layernorm backward (400x768)",
+            t,
+            per_element(t, ROWS * WIDTH),
+        );
 
         // Attention: 8 images x 12 heads, 50 tokens of 64.
-        let (q, k, v, dout) = (random(ROWS * WIDTH), random(ROWS * WIDTH), random(ROWS * WIDTH), random(ROWS * WIDTH));
+        let (q, k, v, dout) = (
+            random(ROWS * WIDTH),
+            random(ROWS * WIDTH),
+            random(ROWS * WIDTH),
+            random(ROWS * WIDTH),
+        );
         let (mut out, mut probs) = (vec![0f32; ROWS * WIDTH], vec![0f32; 8 * HEADS * 50 * 50]);
-        let t = median_seconds(10, || attention_forward(&mut out, &mut probs, &q, &k, &v, 8, 50, HEADS, WIDTH / HEADS));
-        row("attention forward (8 x 12 heads, 50 tokens)", t, per_element(t, 8 * HEADS * 50 * 50));
-        let (mut dq, mut dk, mut dv) = (vec![0f32; ROWS * WIDTH], vec![0f32; ROWS * WIDTH], vec![0f32; ROWS * WIDTH]);
-        let t = median_seconds(10, || attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, 8, 50, HEADS, WIDTH / HEADS));
+        let t = median_seconds(10, || {
+            attention_forward(
+                &mut out,
+                &mut probs,
+                &q,
+                &k,
+                &v,
+                8,
+                50,
+                HEADS,
+                WIDTH / HEADS,
+            )
+        });
+        row(
+            "attention forward (8 x 12 heads, 50 tokens)",
+            t,
+            per_element(t, 8 * HEADS * 50 * 50),
+        );
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; ROWS * WIDTH],
+            vec![0f32; ROWS * WIDTH],
+            vec![0f32; ROWS * WIDTH],
+        );
+        let t = median_seconds(10, || {
+            attention_backward(
+                &mut dq,
+                &mut dk,
+                &mut dv,
+                &dout,
+                &q,
+                &k,
+                &v,
+                &probs,
+                8,
+                50,
+                HEADS,
+                WIDTH / HEADS,
+            )
+        });
         row("attention backward", t, per_element(t, 8 * HEADS * 50 * 50));
 
         // Attention at every ViT shape here: the register tiles (the path
         // above, where the head width allows) against faer's products per
         // head, alternating, in GFLOP/s (4·T²·dh per head forward, twice
         // that backward).
-        for (name, batch, t, heads, dh) in [("small32", 64, 65, 4, 16), ("vit-demo", 64, 17, 2, 32), ("vit-cifar", 64, 65, 3, 64), ("vit-b32", 8, 50, 12, 64)] {
+        for (name, batch, t, heads, dh) in [
+            ("small32", 64, 65, 4, 16),
+            ("vit-demo", 64, 17, 2, 32),
+            ("vit-cifar", 64, 65, 3, 64),
+            ("vit-b32", 8, 50, 12, 64),
+        ] {
             let n = batch * t * heads * dh;
             let (q, k, v, dout) = (random(n), random(n), random(n), random(n));
             let (mut out, mut probs) = (vec![0f32; n], vec![0f32; batch * heads * t * t]);
@@ -113,17 +199,41 @@ fn main() {
             let rate = |f: f64, s: f64| format!("{:.1} GFLOP/s", f / s / 1e9);
             let (mut tf, mut pf, mut tb, mut pb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..3 {
-                tf.push(median_seconds(5, || attention_forward(&mut out, &mut probs, &q, &k, &v, batch, t, heads, dh)));
-                pf.push(median_seconds(5, || products_forward(&mut out, &mut probs, &q, &k, &v, batch, t, heads, dh)));
-                tb.push(median_seconds(5, || attention_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh)));
-                pb.push(median_seconds(5, || products_backward(&mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh)));
+                tf.push(median_seconds(5, || {
+                    attention_forward(&mut out, &mut probs, &q, &k, &v, batch, t, heads, dh)
+                }));
+                pf.push(median_seconds(5, || {
+                    products_forward(&mut out, &mut probs, &q, &k, &v, batch, t, heads, dh)
+                }));
+                tb.push(median_seconds(5, || {
+                    attention_backward(
+                        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh,
+                    )
+                }));
+                pb.push(median_seconds(5, || {
+                    products_backward(
+                        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh,
+                    )
+                }));
             }
             let best = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
             let (tf, pf, tb, pb) = (best(&tf), best(&pf), best(&tb), best(&pb));
-            row(&format!("attention fwd {name} ({batch}x{heads}x{t}x{dh})"), tf, rate(flops, tf));
-            row("  faer products per head", pf, format!("{} ({:.2}x)", rate(flops, pf), pf / tf));
+            row(
+                &format!("attention fwd {name} ({batch}x{heads}x{t}x{dh})"),
+                tf,
+                rate(flops, tf),
+            );
+            row(
+                "  faer products per head",
+                pf,
+                format!("{} ({:.2}x)", rate(flops, pf), pf / tf),
+            );
             row(&format!("attention bwd {name}"), tb, rate(2.0 * flops, tb));
-            row("  faer products per head", pb, format!("{} ({:.2}x)", rate(2.0 * flops, pb), pb / tb));
+            row(
+                "  faer products per head",
+                pb,
+                format!("{} ({:.2}x)", rate(2.0 * flops, pb), pb / tb),
+            );
         }
 
         // Residual connection: one pass against copy, then add.
@@ -137,21 +247,51 @@ fn main() {
             add_assign(&be, &mut sum, &b, len).unwrap();
         });
         row("residual add (400x768)", fused, per_element(fused, len));
-        row("  copy, then add_assign (replaced)", two_pass, format!("{:.2}x slower", two_pass / fused));
+        row(
+            "  copy, then add_assign (replaced)",
+            two_pass,
+            format!("{:.2}x slower", two_pass / fused),
+        );
 
         // x·Wᵀ with twelve distinct weight matrices per round.
-        for (layer, inp, out) in [("qkv/proj", WIDTH, WIDTH), ("fc1", WIDTH, MLP), ("fc2", MLP, WIDTH)] {
+        for (layer, inp, out) in [
+            ("qkv/proj", WIDTH, WIDTH),
+            ("fc1", WIDTH, MLP),
+            ("fc2", MLP, WIDTH),
+        ] {
             let x = random(ROWS * inp);
             let weights: Vec<Vec<f32>> = (0..12).map(|_| random(out * inp)).collect();
             let mut y = vec![0f32; ROWS * out];
             let t = median_seconds(1, || {
                 for w in &weights {
                     // SAFETY: x is [ROWS, inp], w is [out, inp] read transposed, y is [ROWS, out].
-                    unsafe { strided_gemm(ROWS, inp, out, 1.0, x.as_ptr(), inp as isize, 1, w.as_ptr(), 1, inp as isize, false, y.as_mut_ptr(), out as isize, 1, rayon::current_num_threads()) };
+                    unsafe {
+                        strided_gemm(
+                            ROWS,
+                            inp,
+                            out,
+                            1.0,
+                            x.as_ptr(),
+                            inp as isize,
+                            1,
+                            w.as_ptr(),
+                            1,
+                            inp as isize,
+                            false,
+                            y.as_mut_ptr(),
+                            out as isize,
+                            1,
+                            rayon::current_num_threads(),
+                        )
+                    };
                 }
             }) / 12.0;
             let gflops = 2.0 * (ROWS * inp * out) as f64 / t / 1e9;
-            row(&format!("x·Wᵀ {layer} ({ROWS}x{inp}x{out}), 12 weights"), t, format!("{gflops:.0} GFLOP/s"));
+            row(
+                &format!("x·Wᵀ {layer} ({ROWS}x{inp}x{out}), 12 weights"),
+                t,
+                format!("{gflops:.0} GFLOP/s"),
+            );
         }
     });
 }

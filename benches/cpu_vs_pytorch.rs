@@ -51,16 +51,25 @@ impl PyTorch {
             .map_err(|e| format!("cannot run {python}: {e}"))?;
         let stdin = child.stdin.take().expect("piped stdin");
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
-        let mut py = PyTorch { child, stdin, stdout };
+        let mut py = PyTorch {
+            child,
+            stdin,
+            stdout,
+        };
         match py.read_line()?.as_str() {
             "ready" => Ok(py),
-            other => Err(format!("{script} --serve said {other:?} instead of \"ready\"")),
+            other => Err(format!(
+                "{script} --serve said {other:?} instead of \"ready\""
+            )),
         }
     }
 
     fn read_line(&mut self) -> Result<String, String> {
         let mut line = String::new();
-        let n = self.stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+        let n = self
+            .stdout
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
         if n == 0 {
             return Err("the PyTorch process ended (is torch importable? pip install --target /tmp/torchdeps torch timm, then PYTHONPATH=/tmp/torchdeps)".into());
         }
@@ -71,7 +80,8 @@ impl PyTorch {
     fn time(&mut self, workload: &str, n: usize) -> Result<f64, String> {
         writeln!(self.stdin, "{workload} {n}").map_err(|e| e.to_string())?;
         let line = self.read_line()?;
-        line.parse().map_err(|_| format!("PyTorch answered {line:?} to \"{workload} {n}\""))
+        line.parse()
+            .map_err(|_| format!("PyTorch answered {line:?} to \"{workload} {n}\""))
     }
 }
 
@@ -101,7 +111,14 @@ fn quartiles(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 /// Alternating rounds of one workload; prints its line of the table.
-fn paired(py: &mut PyTorch, name: &str, py_workload: &str, images: usize, rounds: usize, engine: &mut (dyn FnMut() + Send)) -> Result<(), String> {
+fn paired(
+    py: &mut PyTorch,
+    name: &str,
+    py_workload: &str,
+    images: usize,
+    rounds: usize,
+    engine: &mut (dyn FnMut() + Send),
+) -> Result<(), String> {
     engine_time(WARMUP_ITERS, engine);
     py.time(py_workload, WARMUP_ITERS)?;
     let (mut ours, mut theirs, mut ratios) = (vec![], vec![], vec![]);
@@ -127,7 +144,10 @@ fn paired(py: &mut PyTorch, name: &str, py_workload: &str, images: usize, rounds
 fn main() {
     // `cargo bench` passes --bench; nothing else is taken from the command line.
     let threads = rayon::current_num_threads();
-    let rounds: usize = std::env::var("EFFRANK_PAIRED_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(15);
+    let rounds: usize = std::env::var("EFFRANK_PAIRED_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
     // Without PyTorch this bench has nothing to compare against: it says so
     // and steps aside, so that a plain `cargo bench` still runs the others.
     let mut py = match PyTorch::start(threads) {
@@ -138,19 +158,50 @@ fn main() {
         }
     };
     println!("engine vs PyTorch + timm, CPU, {threads} threads, {rounds} alternating rounds of {ITERS_PER_ROUND} iterations each");
-    println!("{:<44} {:>9} {:>9} {:>8}  quartiles", "workload (images/s, medians)", "engine", "PyTorch", "ratio");
+    println!(
+        "{:<44} {:>9} {:>9} {:>8}  quartiles",
+        "workload (images/s, medians)", "engine", "PyTorch", "ratio"
+    );
 
     let run = |py: &mut PyTorch| -> Result<(), String> {
         let mut step = TrainStep::vit_cifar(64, true);
-        paired(py, "train step vit-cifar b64 (class-token tail)", "train", 64, rounds, &mut || step.run())?;
+        paired(
+            py,
+            "train step vit-cifar b64 (class-token tail)",
+            "train",
+            64,
+            rounds,
+            &mut || step.run(),
+        )?;
         drop(step);
         let mut step = TrainStep::vit_cifar(64, false);
-        paired(py, "train step vit-cifar b64 (every token)", "train", 64, rounds, &mut || step.run())?;
+        paired(
+            py,
+            "train step vit-cifar b64 (every token)",
+            "train",
+            64,
+            rounds,
+            &mut || step.run(),
+        )?;
         drop(step);
 
         let mut forward = Forward::vit_b32(8);
-        paired(py, "forward vit-b32 b8 (inference path)", "forward", 8, rounds, &mut || drop(forward.inference()))?;
-        paired(py, "forward vit-b32 b8 (every token)", "forward", 8, rounds, &mut || drop(forward.every_token()))
+        paired(
+            py,
+            "forward vit-b32 b8 (inference path)",
+            "forward",
+            8,
+            rounds,
+            &mut || drop(forward.inference()),
+        )?;
+        paired(
+            py,
+            "forward vit-b32 b8 (every token)",
+            "forward",
+            8,
+            rounds,
+            &mut || drop(forward.every_token()),
+        )
     };
     if let Err(e) = run(&mut py) {
         eprintln!("cpu_vs_pytorch: {e}");

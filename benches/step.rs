@@ -64,14 +64,23 @@ fn forward_flops(cfg: &VitConfig, ranks: &Ranks, batch: usize) -> f64 {
 
 fn env_or<T: std::str::FromStr>(var: &str, default: T) -> Result<T> {
     match std::env::var(var) {
-        Ok(v) => v.trim().parse().map_err(|_| anyhow!("{var}={v} is not a valid value")),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("{var}={v} is not a valid value")),
         Err(_) => Ok(default),
     }
 }
 
 fn env_list<T: std::str::FromStr>(var: &str, default: &str) -> Result<Vec<T>> {
     let text = std::env::var(var).unwrap_or_else(|_| default.to_string());
-    text.split(',').map(|p| p.trim().parse().map_err(|_| anyhow!("{var}: '{p}' is not a valid value"))).collect()
+    text.split(',')
+        .map(|p| {
+            p.trim()
+                .parse()
+                .map_err(|_| anyhow!("{var}: '{p}' is not a valid value"))
+        })
+        .collect()
 }
 
 /// One batch of random image bytes and labels, and its transform.
@@ -85,9 +94,23 @@ impl Batch {
     /// `batch` images of `src` px, upsampled to 224.
     fn new(batch: usize, src: usize) -> Self {
         let mut rng = Rng::new(0);
-        let bytes = (0..batch * 3 * src * src).map(|_| rng.below(256) as u8).collect();
+        let bytes = (0..batch * 3 * src * src)
+            .map(|_| rng.below(256) as u8)
+            .collect();
         let labels = (0..batch).map(|_| rng.below(100) as u32).collect();
-        Batch { bytes, labels, transform: ImageTransform { channels: 3, src_height: src, src_width: src, dst_size: 224, mean: [0.5; 3], std: [0.5; 3], resize: None } }
+        Batch {
+            bytes,
+            labels,
+            transform: ImageTransform {
+                channels: 3,
+                src_height: src,
+                src_width: src,
+                dst_size: 224,
+                mean: [0.5; 3],
+                std: [0.5; 3],
+                resize: None,
+            },
+        }
     }
     fn len(&self) -> usize {
         self.labels.len()
@@ -105,11 +128,20 @@ impl Hosts {
     fn new(ranks: &[usize]) -> Result<Self> {
         let cfg = VitConfig::preset("vit-b32", 100)?;
         let teacher = init_params(&cfg, &dense_ranks(&cfg), 0);
-        let students = ranks.iter().map(|&r| (r, init_params(&cfg, &uniform_ranks(&cfg, r), 1))).collect();
-        Ok(Hosts { cfg, teacher, students })
+        let students = ranks
+            .iter()
+            .map(|&r| (r, init_params(&cfg, &uniform_ranks(&cfg, r), 1)))
+            .collect();
+        Ok(Hosts {
+            cfg,
+            teacher,
+            students,
+        })
     }
     fn student(&self, r: usize) -> Result<&VitParams<Vec<f32>>> {
-        self.students.get(&r).ok_or_else(|| anyhow!("no student parameters for rank {r}"))
+        self.students
+            .get(&r)
+            .ok_or_else(|| anyhow!("no student parameters for rank {r}"))
     }
 }
 
@@ -117,25 +149,89 @@ impl Hosts {
 type Measure<'a> = dyn FnMut(&str, f64, &mut dyn FnMut() -> Result<()>) -> Result<()> + 'a;
 
 /// The steps of the headline table at `batch`, each handed to `measure`.
-fn headline_steps(be: &Cuda, h: &Hosts, ranks: &[usize], data: &Batch, measure: &mut Measure) -> Result<()> {
+fn headline_steps(
+    be: &Cuda,
+    h: &Hosts,
+    ranks: &[usize],
+    data: &Batch,
+    measure: &mut Measure,
+) -> Result<()> {
     let (cfg, batch) = (&h.cfg, data.len());
     let dense = dense_ranks(cfg);
     let f_dense = forward_flops(cfg, &dense, batch);
     let ce = LossSpec::ce();
     {
-        let mut learner = Learner::new(be, Vit::from_host(be, cfg, &dense, &h.teacher)?, batch, AdamWConfig::default())?;
-        measure("teacher train step", 3.0 * f_dense, &mut || learner.step(be, &data.bytes, &data.labels, &data.transform, TeacherSignal::None, &ce, 1e-4).map(drop))?;
+        let mut learner = Learner::new(
+            be,
+            Vit::from_host(be, cfg, &dense, &h.teacher)?,
+            batch,
+            AdamWConfig::default(),
+        )?;
+        measure("teacher train step", 3.0 * f_dense, &mut || {
+            learner
+                .step(
+                    be,
+                    &data.bytes,
+                    &data.labels,
+                    &data.transform,
+                    TeacherSignal::None,
+                    &ce,
+                    1e-4,
+                )
+                .map(drop)
+        })?;
     }
     let mut teacher = Frozen::new(be, Vit::from_host(be, cfg, &dense, &h.teacher)?, batch)?;
-    measure("teacher inference", f_dense, &mut || teacher.logits(be, &data.bytes, batch, &data.transform).map(drop))?;
+    measure("teacher inference", f_dense, &mut || {
+        teacher
+            .logits(be, &data.bytes, batch, &data.transform)
+            .map(drop)
+    })?;
     let cached = teacher.logits(be, &data.bytes, batch, &data.transform)?;
     let kd = LossSpec::parse("kd", 0.5, 4.0, 0.0)?;
     for &r in ranks {
         let sr = uniform_ranks(cfg, r);
         let f_student = forward_flops(cfg, &sr, batch);
-        let mut student = Learner::new(be, Vit::from_host(be, cfg, &sr, h.student(r)?)?, batch, AdamWConfig::default())?;
-        measure(&format!("distill r{r} (live teacher)"), f_dense + 3.0 * f_student, &mut || student.step(be, &data.bytes, &data.labels, &data.transform, TeacherSignal::Live(&mut teacher), &kd, 1e-4).map(drop))?;
-        measure(&format!("distill r{r} (cached logits)"), 3.0 * f_student, &mut || student.step(be, &data.bytes, &data.labels, &data.transform, TeacherSignal::Cached(&cached), &kd, 1e-4).map(drop))?;
+        let mut student = Learner::new(
+            be,
+            Vit::from_host(be, cfg, &sr, h.student(r)?)?,
+            batch,
+            AdamWConfig::default(),
+        )?;
+        measure(
+            &format!("distill r{r} (live teacher)"),
+            f_dense + 3.0 * f_student,
+            &mut || {
+                student
+                    .step(
+                        be,
+                        &data.bytes,
+                        &data.labels,
+                        &data.transform,
+                        TeacherSignal::Live(&mut teacher),
+                        &kd,
+                        1e-4,
+                    )
+                    .map(drop)
+            },
+        )?;
+        measure(
+            &format!("distill r{r} (cached logits)"),
+            3.0 * f_student,
+            &mut || {
+                student
+                    .step(
+                        be,
+                        &data.bytes,
+                        &data.labels,
+                        &data.transform,
+                        TeacherSignal::Cached(&cached),
+                        &kd,
+                        1e-4,
+                    )
+                    .map(drop)
+            },
+        )?;
     }
     Ok(())
 }
@@ -143,22 +239,82 @@ fn headline_steps(be: &Cuda, h: &Hosts, ranks: &[usize], data: &Batch, measure: 
 /// The steps of the reference protocol: the teacher's training step and
 /// inference at the teacher's batch, and at each rank a student's step with
 /// the feature loss and the teacher run live, at the students' batch.
-fn protocol_steps(be: &Cuda, h: &Hosts, ranks: &[usize], p: &Protocol, measure: &mut Measure) -> Result<()> {
+fn protocol_steps(
+    be: &Cuda,
+    h: &Hosts,
+    ranks: &[usize],
+    p: &Protocol,
+    measure: &mut Measure,
+) -> Result<()> {
     let cfg = &h.cfg;
     let dense = dense_ranks(cfg);
-    let (tdata, sdata) = (Batch::new(p.teacher_batch, 32), Batch::new(p.student_batch, 32));
+    let (tdata, sdata) = (
+        Batch::new(p.teacher_batch, 32),
+        Batch::new(p.student_batch, 32),
+    );
     {
-        let mut learner = Learner::new(be, Vit::from_host(be, cfg, &dense, &h.teacher)?, p.teacher_batch, AdamWConfig::default())?;
-        measure("protocol teacher step", 3.0 * forward_flops(cfg, &dense, p.teacher_batch), &mut || learner.step(be, &tdata.bytes, &tdata.labels, &tdata.transform, TeacherSignal::None, &LossSpec::ce(), 1e-4).map(drop))?;
+        let mut learner = Learner::new(
+            be,
+            Vit::from_host(be, cfg, &dense, &h.teacher)?,
+            p.teacher_batch,
+            AdamWConfig::default(),
+        )?;
+        measure(
+            "protocol teacher step",
+            3.0 * forward_flops(cfg, &dense, p.teacher_batch),
+            &mut || {
+                learner
+                    .step(
+                        be,
+                        &tdata.bytes,
+                        &tdata.labels,
+                        &tdata.transform,
+                        TeacherSignal::None,
+                        &LossSpec::ce(),
+                        1e-4,
+                    )
+                    .map(drop)
+            },
+        )?;
     }
-    let mut teacher = Frozen::new(be, Vit::from_host(be, cfg, &dense, &h.teacher)?, p.teacher_batch.max(p.student_batch))?;
-    measure("protocol inference", forward_flops(cfg, &dense, p.teacher_batch), &mut || teacher.logits(be, &tdata.bytes, p.teacher_batch, &tdata.transform).map(drop))?;
+    let mut teacher = Frozen::new(
+        be,
+        Vit::from_host(be, cfg, &dense, &h.teacher)?,
+        p.teacher_batch.max(p.student_batch),
+    )?;
+    measure(
+        "protocol inference",
+        forward_flops(cfg, &dense, p.teacher_batch),
+        &mut || {
+            teacher
+                .logits(be, &tdata.bytes, p.teacher_batch, &tdata.transform)
+                .map(drop)
+        },
+    )?;
     let geometric = LossSpec::parse("feature", 0.5, 4.0, 0.0)?;
     for &r in ranks {
         let sr = uniform_ranks(cfg, r);
-        let flops = forward_flops(cfg, &dense, p.student_batch) + 3.0 * forward_flops(cfg, &sr, p.student_batch);
-        let mut student = Learner::new(be, Vit::from_host(be, cfg, &sr, h.student(r)?)?, p.student_batch, AdamWConfig::default())?;
-        measure(&format!("protocol student r{r}"), flops, &mut || student.step(be, &sdata.bytes, &sdata.labels, &sdata.transform, TeacherSignal::Live(&mut teacher), &geometric, 1e-4).map(drop))?;
+        let flops = forward_flops(cfg, &dense, p.student_batch)
+            + 3.0 * forward_flops(cfg, &sr, p.student_batch);
+        let mut student = Learner::new(
+            be,
+            Vit::from_host(be, cfg, &sr, h.student(r)?)?,
+            p.student_batch,
+            AdamWConfig::default(),
+        )?;
+        measure(&format!("protocol student r{r}"), flops, &mut || {
+            student
+                .step(
+                    be,
+                    &sdata.bytes,
+                    &sdata.labels,
+                    &sdata.transform,
+                    TeacherSignal::Live(&mut teacher),
+                    &geometric,
+                    1e-4,
+                )
+                .map(drop)
+        })?;
     }
     Ok(())
 }
@@ -216,14 +372,26 @@ fn ceilings(be: &Cuda) -> Result<Ceilings> {
     let copy = be.median_device_seconds(10, || be.copy(&mut dst, &src, n))?;
     drop((src, dst));
     let m = 8192;
-    let (a, b) = (be.upload(&random_tiled(m * m, 4), BufKind::Activation)?, be.upload(&random_tiled(m * m, 5), BufKind::Activation)?);
+    let (a, b) = (
+        be.upload(&random_tiled(m * m, 4), BufKind::Activation)?,
+        be.upload(&random_tiled(m * m, 5), BufKind::Activation)?,
+    );
     let mut c = be.alloc(m * m, BufKind::Activation)?;
-    let gemm = be.median_device_seconds(10, || ops::matmul::matmul(be, &mut c, &a, &b, m, m, m, false, false, false))?;
-    Ok(Ceilings { copy_bytes_per_s: 8.0 * n as f64 / copy, gemm_flops_per_s: 2.0 * (m as f64).powi(3) / gemm })
+    let gemm = be.median_device_seconds(10, || {
+        ops::matmul::matmul(be, &mut c, &a, &b, m, m, m, false, false, false)
+    })?;
+    Ok(Ceilings {
+        copy_bytes_per_s: 8.0 * n as f64 / copy,
+        gemm_flops_per_s: 2.0 * (m as f64).powi(3) / gemm,
+    })
 }
 
 /// Prints the per-op breakdown of every step of `steps` on the profiling device `be`.
-fn print_breakdown(be: &Cuda, ceil: &Ceilings, steps: impl FnOnce(&mut Measure) -> Result<()>) -> Result<()> {
+fn print_breakdown(
+    be: &Cuda,
+    ceil: &Ceilings,
+    steps: impl FnOnce(&mut Measure) -> Result<()>,
+) -> Result<()> {
     const STEPS: usize = 3;
     steps(&mut |name, _flops, step| {
         for _ in 0..2 {
@@ -236,18 +404,37 @@ fn print_breakdown(be: &Cuda, ceil: &Ceilings, steps: impl FnOnce(&mut Measure) 
         }
         let seconds = t.elapsed().as_secs_f64() / STEPS as f64;
         let table = be.take_profile()?;
-        println!("\n-- {name}: {:.2} ms per step (profiled; wall clock, {STEPS} steps)", seconds * 1e3);
-        print!("{}", format_breakdown(&breakdown(&table, STEPS, seconds, ceil)));
+        println!(
+            "\n-- {name}: {:.2} ms per step (profiled; wall clock, {STEPS} steps)",
+            seconds * 1e3
+        );
+        print!(
+            "{}",
+            format_breakdown(&breakdown(&table, STEPS, seconds, ceil))
+        );
         Ok(())
     })
 }
 
 fn print_headline(batch: usize, default: &Timings, new: Option<&Timings>) {
-    println!("{:<32} {:>9} {:>10} {:>9} | {:>9} {:>10} {:>7}", "step", "ms", "images/s", "TFLOP/s", "new ms", "images/s", "ratio");
+    println!(
+        "{:<32} {:>9} {:>10} {:>9} | {:>9} {:>10} {:>7}",
+        "step", "ms", "images/s", "TFLOP/s", "new ms", "images/s", "ratio"
+    );
     for (i, (name, s, flops)) in default.iter().enumerate() {
-        let base = format!("{name:<32} {:>9.2} {:>10.1} {:>9.1}", s * 1e3, batch as f64 / s, flops / s / 1e12);
+        let base = format!(
+            "{name:<32} {:>9.2} {:>10.1} {:>9.1}",
+            s * 1e3,
+            batch as f64 / s,
+            flops / s / 1e12
+        );
         match new.and_then(|n| n.get(i)) {
-            Some((_, ns, _)) => println!("{base} | {:>9.2} {:>10.1} {:>6.2}x", ns * 1e3, batch as f64 / ns, s / ns),
+            Some((_, ns, _)) => println!(
+                "{base} | {:>9.2} {:>10.1} {:>6.2}x",
+                ns * 1e3,
+                batch as f64 / ns,
+                s / ns
+            ),
             None => println!("{base}"),
         }
     }
@@ -255,11 +442,34 @@ fn print_headline(batch: usize, default: &Timings, new: Option<&Timings>) {
 
 /// GPU-hours of the reference protocol from the protocol steps' timings.
 fn print_projection(label: &str, p: &Protocol, rows: &Timings) -> Result<()> {
-    let rate = |name: &str, batch: usize| rows.iter().find(|r| r.0 == name).map(|r| batch as f64 / r.1).with_context(|| format!("no '{name}' timing"));
-    let (teacher, eval) = (rate("protocol teacher step", p.teacher_batch)?, rate("protocol inference", p.teacher_batch)?);
-    let students: Vec<(usize, f64)> = rows.iter().filter_map(|(n, s, _)| n.strip_prefix("protocol student r").and_then(|r| r.parse().ok()).map(|r| (r, p.student_batch as f64 / s))).collect();
-    let h = project(p, teacher, |r| interpolate(&students, r).unwrap_or(f64::NAN), eval);
-    let measured: Vec<String> = students.iter().map(|(r, v)| format!("r{r} {v:.0}")).collect();
+    let rate = |name: &str, batch: usize| {
+        rows.iter()
+            .find(|r| r.0 == name)
+            .map(|r| batch as f64 / r.1)
+            .with_context(|| format!("no '{name}' timing"))
+    };
+    let (teacher, eval) = (
+        rate("protocol teacher step", p.teacher_batch)?,
+        rate("protocol inference", p.teacher_batch)?,
+    );
+    let students: Vec<(usize, f64)> = rows
+        .iter()
+        .filter_map(|(n, s, _)| {
+            n.strip_prefix("protocol student r")
+                .and_then(|r| r.parse().ok())
+                .map(|r| (r, p.student_batch as f64 / s))
+        })
+        .collect();
+    let h = project(
+        p,
+        teacher,
+        |r| interpolate(&students, r).unwrap_or(f64::NAN),
+        eval,
+    );
+    let measured: Vec<String> = students
+        .iter()
+        .map(|(r, v)| format!("r{r} {v:.0}"))
+        .collect();
     println!(
         "{label}: teacher {:.0} images/s (batch {}), students {} images/s (batch {}), eval {:.0} images/s -> teacher {:.2} h + students {:.2} h + eval {:.2} h = {:.2} GPU-hours",
         teacher,
@@ -293,27 +503,58 @@ fn run() -> Result<()> {
     let data = Batch::new(batch, 224);
     for precision in precisions {
         let be = open(precision, CudaPaths::default(), false)?;
-        println!("\n== device: {}; ViT-B/32, batch {batch}, {iters} timed steps (median)", be.name());
+        println!(
+            "\n== device: {}; ViT-B/32, batch {batch}, {iters} timed steps (median)",
+            be.name()
+        );
         let default = timed(iters, |m| headline_steps(&be, &hosts, &ranks, &data, m))?;
         drop(be);
         // New paths in bf16 (the fp32 device is the reference; its new paths are checked by the tests).
         let new = match precision {
-            Precision::Bf16 => Some(timed(iters, |m| headline_steps(&open(precision, CudaPaths::all(), false)?, &hosts, &ranks, &data, m))?),
+            Precision::Bf16 => Some(timed(iters, |m| {
+                headline_steps(
+                    &open(precision, CudaPaths::all(), false)?,
+                    &hosts,
+                    &ranks,
+                    &data,
+                    m,
+                )
+            })?),
             Precision::F32 => None,
         };
-        println!("headline (no profiling); 'new': every path that is off by default on ({:?})", CudaPaths::VARS);
+        println!(
+            "headline (no profiling); 'new': every path that is off by default on ({:?})",
+            CudaPaths::VARS
+        );
         print_headline(batch, &default, new.as_ref());
         if !profile || precision != Precision::Bf16 {
             continue;
         }
         let ceil = ceilings(&open(precision, CudaPaths::default(), false)?)?;
-        println!("\nceilings measured now: copy {:.0} GB/s (read + write), 8192³ GEMM {:.0} TFLOP/s", ceil.copy_bytes_per_s / 1e9, ceil.gemm_flops_per_s / 1e12);
-        for (label, paths) in [("default paths", CudaPaths::default()), ("new paths", CudaPaths::all())] {
+        println!(
+            "\nceilings measured now: copy {:.0} GB/s (read + write), 8192³ GEMM {:.0} TFLOP/s",
+            ceil.copy_bytes_per_s / 1e9,
+            ceil.gemm_flops_per_s / 1e12
+        );
+        for (label, paths) in [
+            ("default paths", CudaPaths::default()),
+            ("new paths", CudaPaths::all()),
+        ] {
             let be = open(precision, paths, true)?;
             println!("\n== per-op breakdown, {label}");
-            print_breakdown(&be, &ceil, |m| headline_steps(&be, &hosts, &ranks, &data, m))?;
+            print_breakdown(&be, &ceil, |m| {
+                headline_steps(&be, &hosts, &ranks, &data, m)
+            })?;
             drop(be);
-            let rows = timed(iters, |m| protocol_steps(&open(precision, paths, false)?, &hosts, &protocol_ranks, &protocol, m))?;
+            let rows = timed(iters, |m| {
+                protocol_steps(
+                    &open(precision, paths, false)?,
+                    &hosts,
+                    &protocol_ranks,
+                    &protocol,
+                    m,
+                )
+            })?;
             println!("\n== reference protocol, {label} (no profiling)");
             for (name, s, _) in &rows {
                 println!("{name:<32} {:>9.2} ms", s * 1e3);

@@ -31,7 +31,17 @@ use std::sync::{Mutex, OnceLock};
 pub const FAULT_VAR: &str = "EFFRANK_FAULT";
 
 /// Every fault point name, for tests that visit them all.
-pub const KINDS: [&str; 9] = ["results", "metrics", "checkpoint", "state", "teacher-cache", "claim", "summary", "report", "file"];
+pub const KINDS: [&str; 9] = [
+    "results",
+    "metrics",
+    "checkpoint",
+    "state",
+    "teacher-cache",
+    "claim",
+    "summary",
+    "report",
+    "file",
+];
 
 /// The role of a durable file, from its name (the table in the module doc).
 pub fn kind_of(path: &Path) -> &'static str {
@@ -84,13 +94,19 @@ pub fn tear(file: &mut std::fs::File, bytes: &[u8], path: &Path) {
 }
 
 fn abort_at(when: &str, path: &Path) -> ! {
-    eprintln!("fault injection: aborting at {}:{when} on {}", kind_of(path), path.display());
+    eprintln!(
+        "fault injection: aborting at {}:{when} on {}",
+        kind_of(path),
+        path.display()
+    );
     std::process::abort();
 }
 
 /// True when `<kind of path>:<when>` is armed and this is the hit that fires.
 fn fires(when: &str, path: &Path) -> bool {
-    let Some((name, nth)) = armed() else { return false };
+    let Some((name, nth)) = armed() else {
+        return false;
+    };
     let here = format!("{}:{when}", kind_of(path));
     if &here != name {
         return false;
@@ -98,7 +114,10 @@ fn fires(when: &str, path: &Path) -> bool {
     static HITS: Mutex<Option<HashMap<String, usize>>> = Mutex::new(None);
     let hit = {
         let mut hits = HITS.lock().unwrap_or_else(|e| e.into_inner());
-        let count = hits.get_or_insert_with(HashMap::new).entry(here.clone()).or_insert(0);
+        let count = hits
+            .get_or_insert_with(HashMap::new)
+            .entry(here.clone())
+            .or_insert(0);
         *count += 1;
         *count
     };

@@ -20,12 +20,16 @@ use std::path::Path;
 
 /// The folder of `path` ("." for a bare file name).
 fn folder_of(path: &Path) -> &Path {
-    path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."))
+    path.parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
 }
 
 /// fsync a folder, so that a rename or a new file in it survives a crash.
 fn sync_folder(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("syncing folder {}", dir.display()))
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing folder {}", dir.display()))
 }
 
 /// Create the output folder `path` (and its parents), with an error that
@@ -33,11 +37,16 @@ fn sync_folder(dir: &Path) -> Result<()> {
 /// written.
 pub fn create_folder(path: &Path) -> Result<()> {
     if path.exists() && !path.is_dir() {
-        bail!("{} exists and is not a folder; give an output folder", path.display());
+        bail!(
+            "{} exists and is not a folder; give an output folder",
+            path.display()
+        );
     }
-    std::fs::create_dir_all(path).with_context(|| format!("cannot create the output folder {}", path.display()))?;
+    std::fs::create_dir_all(path)
+        .with_context(|| format!("cannot create the output folder {}", path.display()))?;
     let probe = path.join(format!(".effrank-write-test.{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("the output folder {} is not writable", path.display()))?;
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("the output folder {} is not writable", path.display()))?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }
@@ -49,19 +58,29 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     if path.is_dir() {
         bail!("cannot write {}: it is a folder", path.display());
     }
-    let name = path.file_name().with_context(|| format!("{} has no file name", path.display()))?;
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} has no file name", path.display()))?;
     // Unique per call, not only per process: two threads of one process may
     // write the same file at once (a claim's heartbeat and its epoch update),
     // and a shared temporary name would let one rename the other's file away.
     static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(".{}.tmp.{}.{seq}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp.{}.{seq}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", tmp.display()))?;
         crate::faults::point("before", path);
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
     })();
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -98,7 +117,11 @@ pub fn append_line(path: &Path, line: &str) -> Result<()> {
     if existed {
         cut_torn_tail(path)?;
     }
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("opening {} for appending", path.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {} for appending", path.display()))?;
     let mut buf = line.trim_end_matches('\n').to_string();
     if buf.contains('\n') {
         bail!("appending to {}: a record must be one line", path.display());
@@ -106,8 +129,10 @@ pub fn append_line(path: &Path, line: &str) -> Result<()> {
     buf.push('\n');
     crate::faults::point("before", path);
     crate::faults::tear(&mut f, buf.as_bytes(), path);
-    f.write_all(buf.as_bytes()).with_context(|| format!("appending to {}", path.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    f.write_all(buf.as_bytes())
+        .with_context(|| format!("appending to {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
     if !existed {
         sync_folder(dir)?;
     }
@@ -117,14 +142,23 @@ pub fn append_line(path: &Path, line: &str) -> Result<()> {
 
 /// Truncate `path` to its complete lines, warning when that removes anything.
 fn cut_torn_tail(path: &Path) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
-    let len = f.metadata().with_context(|| format!("reading the size of {}", path.display()))?.len();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let len = f
+        .metadata()
+        .with_context(|| format!("reading the size of {}", path.display()))?
+        .len();
     // A record is far shorter than this; read back no more than needed to
     // find the last newline.
     let window = len.min(1 << 20);
-    f.seek(SeekFrom::Start(len - window)).with_context(|| format!("reading {}", path.display()))?;
+    f.seek(SeekFrom::Start(len - window))
+        .with_context(|| format!("reading {}", path.display()))?;
     let mut tail = Vec::with_capacity(window as usize);
-    f.read_to_end(&mut tail).with_context(|| format!("reading {}", path.display()))?;
+    f.read_to_end(&mut tail)
+        .with_context(|| format!("reading {}", path.display()))?;
     if tail.last().is_none_or(|&b| b == b'\n') {
         return Ok(());
     }
@@ -133,9 +167,15 @@ fn cut_torn_tail(path: &Path) -> Result<()> {
         None if window == len => 0,
         None => bail!("{}: its last line is over 1 MiB long without a newline; this is not a file the engine appended to", path.display()),
     };
-    warn_torn(path, (len - keep) as usize, "cutting it off; the record it would have held is redone");
-    f.set_len(keep).with_context(|| format!("truncating {}", path.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", path.display()))
+    warn_torn(
+        path,
+        (len - keep) as usize,
+        "cutting it off; the record it would have held is redone",
+    );
+    f.set_len(keep)
+        .with_context(|| format!("truncating {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))
 }
 
 /// Every record of an append-only JSON-lines file, in order. An incomplete
@@ -149,13 +189,15 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path, what: &str) -> Result<Vec<T>
     if complete < bytes.len() {
         warn_torn(path, bytes.len() - complete, "ignoring it");
     }
-    let text = std::str::from_utf8(&bytes[..complete]).with_context(|| format!("{}: not UTF-8 text", path.display()))?;
+    let text = std::str::from_utf8(&bytes[..complete])
+        .with_context(|| format!("{}: not UTF-8 text", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let record = serde_json::from_str(line).with_context(|| format!("{} line {}: not {what}", path.display(), i + 1))?;
+        let record = serde_json::from_str(line)
+            .with_context(|| format!("{} line {}: not {what}", path.display(), i + 1))?;
         out.push(record);
     }
     Ok(out)
@@ -172,9 +214,15 @@ mod tests {
         atomic_write(&p, b"one").unwrap();
         atomic_write(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1);
-        assert!(atomic_write(dir.path(), b"x").is_err(), "a folder as the target");
+        assert!(
+            atomic_write(dir.path(), b"x").is_err(),
+            "a folder as the target"
+        );
     }
 
     /// Threads of one process writing the same file at once (a claim's
@@ -184,7 +232,9 @@ mod tests {
     fn threads_writing_one_file_at_once_all_succeed() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("running.json");
-        let texts: Vec<String> = (0..4).map(|t| format!("writer {t} ").repeat(4096)).collect();
+        let texts: Vec<String> = (0..4)
+            .map(|t| format!("writer {t} ").repeat(4096))
+            .collect();
         std::thread::scope(|s| {
             for text in &texts {
                 let p = &p;
@@ -197,7 +247,11 @@ mod tests {
         });
         let last = std::fs::read_to_string(&p).unwrap();
         assert!(texts.contains(&last), "the file is one writer's whole text");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
     }
 
     #[test]
@@ -206,8 +260,14 @@ mod tests {
         let p = dir.path().join("r.jsonl");
         append_line(&p, "{\"a\":1}").unwrap();
         append_line(&p, "{\"a\":2}\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"a\":2}\n");
-        assert!(append_line(&p, "{\"a\":\n3}").is_err(), "two lines as one record");
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"a\":1}\n{\"a\":2}\n"
+        );
+        assert!(
+            append_line(&p, "{\"a\":\n3}").is_err(),
+            "two lines as one record"
+        );
     }
 
     #[test]
@@ -218,9 +278,16 @@ mod tests {
         std::fs::write(&p, torn).unwrap();
         let read: Vec<serde_json::Value> = read_jsonl(&p, "a record").unwrap();
         assert_eq!(read.len(), 2);
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), torn, "readers leave the file alone");
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            torn,
+            "readers leave the file alone"
+        );
         append_line(&p, "{\"a\":4}").unwrap();
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "{\"a\":1}\n{\"a\":2}\n{\"a\":4}\n");
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"a\":1}\n{\"a\":2}\n{\"a\":4}\n"
+        );
         // A file that is nothing but a torn line.
         std::fs::write(&p, "{\"a\"").unwrap();
         append_line(&p, "{\"a\":5}").unwrap();
@@ -232,7 +299,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("r.jsonl");
         std::fs::write(&p, "{\"a\":1}\nnot json\n{\"a\":3}\n").unwrap();
-        let e = format!("{:#}", read_jsonl::<serde_json::Value>(&p, "a record").unwrap_err());
+        let e = format!(
+            "{:#}",
+            read_jsonl::<serde_json::Value>(&p, "a record").unwrap_err()
+        );
         assert!(e.contains("r.jsonl line 2: not a record"), "{e}");
     }
 }

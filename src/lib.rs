@@ -9,10 +9,10 @@ pub mod factorize;
 pub mod faults;
 pub mod io;
 pub mod model;
+pub mod ops;
 pub mod perf;
 pub mod provenance;
 pub mod results;
-pub mod ops;
 pub mod rng;
 pub mod sweep;
 #[doc(hidden)]

@@ -34,7 +34,10 @@ impl Work {
 impl std::ops::Add for Work {
     type Output = Work;
     fn add(self, o: Work) -> Work {
-        Work { bytes: self.bytes + o.bytes, flops: self.flops + o.flops }
+        Work {
+            bytes: self.bytes + o.bytes,
+            flops: self.flops + o.flops,
+        }
     }
 }
 
@@ -129,7 +132,12 @@ pub const OTHER: &str = "(outside op calls)";
 
 /// Per-op rows of a step from `table`, summed over `steps` steps whose
 /// device time was `step_seconds` each, slowest first, then `OTHER`.
-pub fn breakdown(table: &OpTable, steps: usize, step_seconds: f64, ceilings: &Ceilings) -> Vec<Row> {
+pub fn breakdown(
+    table: &OpTable,
+    steps: usize,
+    step_seconds: f64,
+    ceilings: &Ceilings,
+) -> Vec<Row> {
     let n = steps.max(1) as f64;
     let mut rows: Vec<Row> = table
         .iter()
@@ -150,16 +158,36 @@ pub fn breakdown(table: &OpTable, steps: usize, step_seconds: f64, ceilings: &Ce
         .collect();
     rows.sort_by(|a, b| b.seconds_per_step.total_cmp(&a.seconds_per_step));
     let other = (step_seconds - table.total_seconds() / n).max(0.0);
-    rows.push(Row { op: OTHER.into(), calls_per_step: 0.0, seconds_per_step: other, share: other / step_seconds, work_per_step: Work::default(), bytes_per_s: 0.0, flops_per_s: 0.0, roofline_fraction: 0.0, bound: Bound::Memory });
+    rows.push(Row {
+        op: OTHER.into(),
+        calls_per_step: 0.0,
+        seconds_per_step: other,
+        share: other / step_seconds,
+        work_per_step: Work::default(),
+        bytes_per_s: 0.0,
+        flops_per_s: 0.0,
+        roofline_fraction: 0.0,
+        bound: Bound::Memory,
+    });
     rows
 }
 
 /// The rows as a text table (ms, share, MB, GFLOP, GB/s, TFLOP/s, roofline fraction).
 pub fn format_breakdown(rows: &[Row]) -> String {
-    let mut s = format!("{:<26} {:>7} {:>9} {:>6} {:>9} {:>9} {:>8} {:>8} {:>9}\n", "op", "calls", "ms", "share", "MB", "GFLOP", "GB/s", "TFLOP/s", "roofline");
+    let mut s = format!(
+        "{:<26} {:>7} {:>9} {:>6} {:>9} {:>9} {:>8} {:>8} {:>9}\n",
+        "op", "calls", "ms", "share", "MB", "GFLOP", "GB/s", "TFLOP/s", "roofline"
+    );
     for r in rows {
         if r.op == OTHER {
-            let _ = writeln!(s, "{:<26} {:>7} {:>9.3} {:>5.1}%", r.op, "", r.seconds_per_step * 1e3, 100.0 * r.share);
+            let _ = writeln!(
+                s,
+                "{:<26} {:>7} {:>9.3} {:>5.1}%",
+                r.op,
+                "",
+                r.seconds_per_step * 1e3,
+                100.0 * r.share
+            );
             continue;
         }
         let bound = match r.bound {
@@ -188,7 +216,10 @@ pub fn format_breakdown(rows: &[Row]) -> String {
 pub fn format_totals(table: &OpTable) -> String {
     let mut ops: Vec<_> = table.iter().collect();
     ops.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
-    let mut s = format!("{:<26} {:>8} {:>10} {:>6} {:>10} {:>10} {:>8} {:>8}\n", "op", "calls", "ms", "share", "MB", "GFLOP", "GB/s", "TFLOP/s");
+    let mut s = format!(
+        "{:<26} {:>8} {:>10} {:>6} {:>10} {:>10} {:>8} {:>8}\n",
+        "op", "calls", "ms", "share", "MB", "GFLOP", "GB/s", "TFLOP/s"
+    );
     let total = table.total_seconds();
     for (op, t) in ops {
         let _ = writeln!(
@@ -224,7 +255,17 @@ pub struct Protocol {
 impl Protocol {
     /// Teacher 20 epochs at batch 32; 16 ranks x 200 epochs at batch 24; CIFAR-100.
     pub fn reference() -> Self {
-        Protocol { teacher_epochs: 20, student_epochs: 200, ranks: vec![2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256], train_images: 50_000, test_images: 10_000, teacher_batch: 32, student_batch: 24 }
+        Protocol {
+            teacher_epochs: 20,
+            student_epochs: 200,
+            ranks: vec![
+                2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+            ],
+            train_images: 50_000,
+            test_images: 10_000,
+            teacher_batch: 32,
+            student_batch: 24,
+        }
     }
 }
 
@@ -244,13 +285,26 @@ impl Projection {
 
 /// GPU-hours of `p` from measured rates (images per second): the teacher's
 /// training step, a student's step at a rank (`student_rate`), inference.
-pub fn project(p: &Protocol, teacher_rate: f64, student_rate: impl Fn(usize) -> f64, eval_rate: f64) -> Projection {
+pub fn project(
+    p: &Protocol,
+    teacher_rate: f64,
+    student_rate: impl Fn(usize) -> f64,
+    eval_rate: f64,
+) -> Projection {
     let hours = |images: f64, rate: f64| images / rate / 3600.0;
     let epoch = p.train_images as f64;
     let teacher_hours = hours(p.teacher_epochs as f64 * epoch, teacher_rate);
-    let student_hours = p.ranks.iter().map(|&r| hours(p.student_epochs as f64 * epoch, student_rate(r))).sum();
+    let student_hours = p
+        .ranks
+        .iter()
+        .map(|&r| hours(p.student_epochs as f64 * epoch, student_rate(r)))
+        .sum();
     let eval_hours = hours(((1 + p.ranks.len()) * p.test_images) as f64, eval_rate);
-    Projection { teacher_hours, student_hours, eval_hours }
+    Projection {
+        teacher_hours,
+        student_hours,
+        eval_hours,
+    }
 }
 
 /// The rate at rank `r` from rates measured at some ranks: linear between
@@ -276,7 +330,10 @@ pub fn interpolate(points: &[(usize, f64)], r: usize) -> Option<f64> {
 mod tests {
     use super::*;
 
-    const CEIL: Ceilings = Ceilings { copy_bytes_per_s: 4e12, gemm_flops_per_s: 800e12 };
+    const CEIL: Ceilings = Ceilings {
+        copy_bytes_per_s: 4e12,
+        gemm_flops_per_s: 800e12,
+    };
 
     #[test]
     fn the_table_sums_calls_time_and_work_per_op() {
@@ -313,26 +370,52 @@ mod tests {
             t.record("matmul", 4e-3, Work::new(1e8, 1.6e12));
         }
         let rows = breakdown(&t, 2, 10e-3, &CEIL);
-        assert_eq!(rows.iter().map(|r| r.op.as_str()).collect::<Vec<_>>(), ["matmul", "layernorm_forward", OTHER]);
+        assert_eq!(
+            rows.iter().map(|r| r.op.as_str()).collect::<Vec<_>>(),
+            ["matmul", "layernorm_forward", OTHER]
+        );
         let (m, l, o) = (&rows[0], &rows[1], &rows[2]);
         assert_eq!(m.calls_per_step, 1.0);
         assert!((m.seconds_per_step - 4e-3).abs() < 1e-12 && (m.share - 0.4).abs() < 1e-9);
-        assert!((m.flops_per_s - 400e12).abs() < 1e3 && (m.roofline_fraction - 0.5).abs() < 1e-9 && m.bound == Bound::Compute);
-        assert!((l.bytes_per_s - 2e12).abs() < 1e3 && (l.roofline_fraction - 0.5).abs() < 1e-9 && l.bound == Bound::Memory);
+        assert!(
+            (m.flops_per_s - 400e12).abs() < 1e3
+                && (m.roofline_fraction - 0.5).abs() < 1e-9
+                && m.bound == Bound::Compute
+        );
+        assert!(
+            (l.bytes_per_s - 2e12).abs() < 1e3
+                && (l.roofline_fraction - 0.5).abs() < 1e-9
+                && l.bound == Bound::Memory
+        );
         // 10 ms step, 5 ms in ops.
         assert!((o.seconds_per_step - 5e-3).abs() < 1e-12 && (o.share - 0.5).abs() < 1e-9);
         let text = format_breakdown(&rows);
-        assert!(text.contains("matmul") && text.contains("50%") && text.contains(OTHER), "{text}");
+        assert!(
+            text.contains("matmul") && text.contains("50%") && text.contains(OTHER),
+            "{text}"
+        );
         let totals = format_totals(&t);
-        assert!(totals.lines().nth(1).unwrap().starts_with("matmul"), "{totals}");
-        assert!(totals.contains("80.0%") && totals.contains("400.0"), "{totals}");
+        assert!(
+            totals.lines().nth(1).unwrap().starts_with("matmul"),
+            "{totals}"
+        );
+        assert!(
+            totals.contains("80.0%") && totals.contains("400.0"),
+            "{totals}"
+        );
     }
 
     #[test]
     fn the_rest_is_never_negative() {
         let mut t = OpTable::default();
         t.record("add", 2e-3, Work::new(1.0, 0.0));
-        assert_eq!(breakdown(&t, 1, 1e-3, &CEIL).last().unwrap().seconds_per_step, 0.0);
+        assert_eq!(
+            breakdown(&t, 1, 1e-3, &CEIL)
+                .last()
+                .unwrap()
+                .seconds_per_step,
+            0.0
+        );
     }
 
     #[test]
@@ -359,7 +442,12 @@ mod tests {
         assert!((h.eval_hours - 10.0 / 3600.0).abs() < 1e-12);
         assert!((h.total_hours() - 81_010.0 / 3600.0).abs() < 1e-9);
         // A rate per rank is used rank by rank.
-        let by_rank = project(&p, 1000.0, |r| if r <= 128 { 2000.0 } else { 1000.0 }, 17_000.0);
+        let by_rank = project(
+            &p,
+            1000.0,
+            |r| if r <= 128 { 2000.0 } else { 1000.0 },
+            17_000.0,
+        );
         assert!((by_rank.student_hours - (12.0 * 5000.0 + 4.0 * 10_000.0) / 3600.0).abs() < 1e-9);
     }
 }

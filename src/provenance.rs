@@ -41,11 +41,15 @@ impl FileRef {
     /// Hash `path` (reads the whole file).
     pub fn of(path: &Path) -> Result<FileRef> {
         use sha2::{Digest, Sha256};
-        let mut f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let mut f =
+            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
         let mut h = Sha256::new();
         std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
         let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        Ok(FileRef { path: path.display().to_string(), sha256 })
+        Ok(FileRef {
+            path: path.display().to_string(),
+            sha256,
+        })
     }
 }
 
@@ -64,18 +68,36 @@ pub struct DataRef {
 }
 
 impl DataRef {
-    pub fn new(source: &str, image_size: usize, demo_images: usize, train: &Dataset, test: &Dataset) -> Self {
-        DataRef { source: source.to_string(), image_size, demo_images, train: train.fingerprint(), test: test.fingerprint() }
+    pub fn new(
+        source: &str,
+        image_size: usize,
+        demo_images: usize,
+        train: &Dataset,
+        test: &Dataset,
+    ) -> Self {
+        DataRef {
+            source: source.to_string(),
+            image_size,
+            demo_images,
+            train: train.fingerprint(),
+            test: test.fingerprint(),
+        }
     }
 
     /// The ways `other` differs from this data (empty when they agree), for warnings.
     pub fn differences(&self, other: &DataRef) -> Vec<String> {
         let mut d = Vec::new();
         if self.train != other.train {
-            d.push(format!("training split {} instead of {}", other.train, self.train));
+            d.push(format!(
+                "training split {} instead of {}",
+                other.train, self.train
+            ));
         }
         if self.test != other.test {
-            d.push(format!("test split {} instead of {}", other.test, self.test));
+            d.push(format!(
+                "test split {} instead of {}",
+                other.test, self.test
+            ));
         }
         d
     }
@@ -150,7 +172,13 @@ impl RunMeta {
 
     /// A student of `teacher`, made as `plan` says (None: it came from a
     /// student checkpoint), trained with `training` (None: not yet).
-    pub fn student(normalize: Normalize, resize: Option<usize>, teacher: FileRef, plan: Option<&StudentPlan>, training: Option<Training<'_>>) -> RunMeta {
+    pub fn student(
+        normalize: Normalize,
+        resize: Option<usize>,
+        teacher: FileRef,
+        plan: Option<&StudentPlan>,
+        training: Option<Training<'_>>,
+    ) -> RunMeta {
         RunMeta {
             role: Role::Student,
             normalize,
@@ -170,22 +198,37 @@ impl RunMeta {
 
     /// The checkpoint metadata that carries this (`run` → JSON).
     pub fn metadata(&self) -> Result<BTreeMap<String, String>> {
-        Ok(BTreeMap::from([(RUN_KEY.to_string(), serde_json::to_string(self)?)]))
+        Ok(BTreeMap::from([(
+            RUN_KEY.to_string(),
+            serde_json::to_string(self)?,
+        )]))
     }
 
     /// The `RunMeta` of a checkpoint's metadata: `None` for files the engine
     /// did not write (timm, torchvision, Hugging Face) or wrote before it
     /// recorded one; an error naming the file when it is there but unreadable.
-    pub fn from_metadata(metadata: &BTreeMap<String, String>, path: &Path) -> Result<Option<RunMeta>> {
+    pub fn from_metadata(
+        metadata: &BTreeMap<String, String>,
+        path: &Path,
+    ) -> Result<Option<RunMeta>> {
         match metadata.get(RUN_KEY) {
             None => Ok(None),
-            Some(text) => serde_json::from_str(text).map(Some).with_context(|| format!("{}: metadata '{RUN_KEY}' is not a run description", path.display())),
+            Some(text) => serde_json::from_str(text).map(Some).with_context(|| {
+                format!(
+                    "{}: metadata '{RUN_KEY}' is not a run description",
+                    path.display()
+                )
+            }),
         }
     }
 
     /// This run after `epoch` finished epochs with `metrics`.
     pub fn after_epoch(&self, epoch: usize, metrics: &EpochMetrics) -> RunMeta {
-        RunMeta { epoch: Some(epoch), metrics: Some(metrics.clone()), ..self.clone() }
+        RunMeta {
+            epoch: Some(epoch),
+            metrics: Some(metrics.clone()),
+            ..self.clone()
+        }
     }
 
     /// The test top-1 the run recorded, when its last epoch was evaluated.
@@ -199,33 +242,96 @@ mod tests {
     use super::*;
 
     fn data(train: &str) -> DataRef {
-        DataRef { source: "demo".into(), image_size: 32, demo_images: 4000, train: train.into(), test: "t".into() }
+        DataRef {
+            source: "demo".into(),
+            image_size: 32,
+            demo_images: 4000,
+            train: train.into(),
+            test: "t".into(),
+        }
     }
 
     #[test]
     fn round_trips_through_checkpoint_metadata() {
-        let fit = FitOptions { epochs: 2, batch: 8, lr: 1e-3, min_lr: 0.0, warmup_epochs: 0.0, seed: 1, augment: crate::data::Augment::NONE, eval_every_epoch: true, quiet: true, label: "x".into() };
+        let fit = FitOptions {
+            epochs: 2,
+            batch: 8,
+            lr: 1e-3,
+            min_lr: 0.0,
+            warmup_epochs: 0.0,
+            seed: 1,
+            augment: crate::data::Augment::NONE,
+            eval_every_epoch: true,
+            quiet: true,
+            label: "x".into(),
+        };
         let d = data("a");
-        let training = Training { data: &d, loss: &LossSpec::ce(), fit: &fit, optimizer: AdamWConfig::default() };
-        let teacher = FileRef { path: "t.safetensors".into(), sha256: "00".into() };
-        let plan = StudentPlan { init: FactorInit::Random { seed: 3 }, targets: Targets { layers: "mlp".parse().unwrap(), blocks: Some("1-2".parse().unwrap()) }, from_teacher: FromTeacher::Embeddings };
-        let meta = RunMeta::student(Normalize::Imagenet, Some(256), teacher, Some(&plan), Some(training));
+        let training = Training {
+            data: &d,
+            loss: &LossSpec::ce(),
+            fit: &fit,
+            optimizer: AdamWConfig::default(),
+        };
+        let teacher = FileRef {
+            path: "t.safetensors".into(),
+            sha256: "00".into(),
+        };
+        let plan = StudentPlan {
+            init: FactorInit::Random { seed: 3 },
+            targets: Targets {
+                layers: "mlp".parse().unwrap(),
+                blocks: Some("1-2".parse().unwrap()),
+            },
+            from_teacher: FromTeacher::Embeddings,
+        };
+        let meta = RunMeta::student(
+            Normalize::Imagenet,
+            Some(256),
+            teacher,
+            Some(&plan),
+            Some(training),
+        );
         assert_eq!(meta.fit.as_ref().unwrap().label, "x");
         let map = meta.metadata().unwrap();
-        let back = RunMeta::from_metadata(&map, Path::new("x")).unwrap().unwrap();
+        let back = RunMeta::from_metadata(&map, Path::new("x"))
+            .unwrap()
+            .unwrap();
         // How a run is shown (its label) is not part of its provenance.
         assert_eq!(back.fit.as_ref().unwrap().label, "");
-        assert_eq!(RunMeta { fit: meta.fit.clone().map(|f| FitOptions { label: String::new(), quiet: false, ..f }), ..meta }, back);
+        assert_eq!(
+            RunMeta {
+                fit: meta.fit.clone().map(|f| FitOptions {
+                    label: String::new(),
+                    quiet: false,
+                    ..f
+                }),
+                ..meta
+            },
+            back
+        );
         assert_eq!(back.targets.unwrap().to_string(), "mlp in blocks 1-2");
-        assert_eq!((back.resize, back.from_teacher), (Some(256), Some(FromTeacher::Embeddings)));
+        assert_eq!(
+            (back.resize, back.from_teacher),
+            (Some(256), Some(FromTeacher::Embeddings))
+        );
         let teacher_meta = RunMeta::teacher(Normalize::Half, None, training);
         assert_eq!(teacher_meta.role, Role::Teacher);
         // Fields a run did not use are left out, so older readers and files agree.
         let text = &teacher_meta.metadata().unwrap()[RUN_KEY];
-        assert!(!text.contains("resize") && !text.contains("targets") && !text.contains("from_teacher"), "{text}");
-        assert_eq!(RunMeta::from_metadata(&BTreeMap::new(), Path::new("x")).unwrap(), None);
+        assert!(
+            !text.contains("resize") && !text.contains("targets") && !text.contains("from_teacher"),
+            "{text}"
+        );
+        assert_eq!(
+            RunMeta::from_metadata(&BTreeMap::new(), Path::new("x")).unwrap(),
+            None
+        );
         let bad = BTreeMap::from([(RUN_KEY.to_string(), "{".to_string())]);
-        assert!(format!("{:#}", RunMeta::from_metadata(&bad, Path::new("m.safetensors")).unwrap_err()).contains("m.safetensors"));
+        assert!(format!(
+            "{:#}",
+            RunMeta::from_metadata(&bad, Path::new("m.safetensors")).unwrap_err()
+        )
+        .contains("m.safetensors"));
     }
 
     #[test]
@@ -241,6 +347,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, b"abc").unwrap();
-        assert_eq!(FileRef::of(&p).unwrap().sha256, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            FileRef::of(&p).unwrap().sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -93,7 +93,20 @@ mod tests {
     use super::*;
 
     fn student(rank: usize) -> StudentRecord {
-        StudentRecord { rank, seed: 0, top1: 0.5, top5: 0.9, params: 10, teacher_params: 100, compression: 10.0, epochs: 1, wall_s: 1.0, host: "h".into(), settings: serde_json::json!({}), resumed_from_epoch: 0 }
+        StudentRecord {
+            rank,
+            seed: 0,
+            top1: 0.5,
+            top5: 0.9,
+            params: 10,
+            teacher_params: 100,
+            compression: 10.0,
+            epochs: 1,
+            wall_s: 1.0,
+            host: "h".into(),
+            settings: serde_json::json!({}),
+            resumed_from_epoch: 0,
+        }
     }
 
     #[test]
@@ -101,10 +114,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("results.jsonl");
         append_record(&file, &Record::Student(student(4))).unwrap();
-        append_record(&file, &Record::Teacher(TeacherRecord { top1: 0.7, top5: 0.95, params: 100 })).unwrap();
+        append_record(
+            &file,
+            &Record::Teacher(TeacherRecord {
+                top1: 0.7,
+                top5: 0.95,
+                params: 100,
+            }),
+        )
+        .unwrap();
         let read = read_records(dir.path()).unwrap();
         assert_eq!(read[0], Record::Student(student(4)));
-        std::fs::write(dir.path().join("results-shard0of2.jsonl"), "{\"kind\":\"student\"}\n").unwrap();
+        std::fs::write(
+            dir.path().join("results-shard0of2.jsonl"),
+            "{\"kind\":\"student\"}\n",
+        )
+        .unwrap();
         let e = format!("{:#}", read_records(dir.path()).unwrap_err());
         assert!(e.contains("results-shard0of2.jsonl line 1"), "{e}");
     }
@@ -113,16 +138,30 @@ mod tests {
     fn a_torn_last_line_is_skipped_and_cut_off_by_the_next_append() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("results.jsonl");
-        std::fs::write(&file, "{\"kind\":\"teacher\",\"top1\":0.7,\"top5\":0.9,\"params\":5}\n{\"kind\":\"stu").unwrap();
+        std::fs::write(
+            &file,
+            "{\"kind\":\"teacher\",\"top1\":0.7,\"top5\":0.9,\"params\":5}\n{\"kind\":\"stu",
+        )
+        .unwrap();
         assert_eq!(read_records(dir.path()).unwrap().len(), 1);
         append_record(&file, &Record::Student(student(8))).unwrap();
-        assert_eq!(read_records(dir.path()).unwrap().len(), 2, "the next record lands on a line of its own");
+        assert_eq!(
+            read_records(dir.path()).unwrap().len(),
+            2,
+            "the next record lands on a line of its own"
+        );
     }
 
     #[test]
     fn records_written_before_the_resume_field_still_read() {
         let old = r#"{"kind":"student","rank":2,"seed":0,"top1":0.5,"top5":0.9,"params":10,"teacher_params":100,"compression":10.0,"epochs":1,"wall_s":1.0,"host":"h","settings":{}}"#;
         let r: Record = serde_json::from_str(old).unwrap();
-        assert!(matches!(r, Record::Student(StudentRecord { resumed_from_epoch: 0, .. })));
+        assert!(matches!(
+            r,
+            Record::Student(StudentRecord {
+                resumed_from_epoch: 0,
+                ..
+            })
+        ));
     }
 }

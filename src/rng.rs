@@ -21,7 +21,14 @@ impl Rng {
     /// A generator determined by `seed`.
     pub fn new(seed: u64) -> Self {
         let mut st = seed;
-        Rng { s: [splitmix64(&mut st), splitmix64(&mut st), splitmix64(&mut st), splitmix64(&mut st)] }
+        Rng {
+            s: [
+                splitmix64(&mut st),
+                splitmix64(&mut st),
+                splitmix64(&mut st),
+                splitmix64(&mut st),
+            ],
+        }
     }
 
     /// A generator determined by several keys, e.g. (seed, epoch, index):
@@ -87,7 +94,9 @@ impl Rng {
 
     /// `n` values uniform in [-bound, bound).
     pub fn uniform_vec(&mut self, n: usize, bound: f32) -> Vec<f32> {
-        (0..n).map(|_| ((2.0 * self.uniform() - 1.0) as f32) * bound).collect()
+        (0..n)
+            .map(|_| ((2.0 * self.uniform() - 1.0) as f32) * bound)
+            .collect()
     }
 
     /// A random permutation of 0..n (Fisher-Yates).
@@ -107,9 +116,24 @@ mod tests {
 
     #[test]
     fn same_keys_same_stream_different_keys_differ() {
-        let a: Vec<u64> = (0..4).map({ let mut r = Rng::from_keys(&[1, 2, 3]); move |_| r.next_u64() }).collect();
-        let b: Vec<u64> = (0..4).map({ let mut r = Rng::from_keys(&[1, 2, 3]); move |_| r.next_u64() }).collect();
-        let c: Vec<u64> = (0..4).map({ let mut r = Rng::from_keys(&[1, 2, 4]); move |_| r.next_u64() }).collect();
+        let a: Vec<u64> = (0..4)
+            .map({
+                let mut r = Rng::from_keys(&[1, 2, 3]);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .map({
+                let mut r = Rng::from_keys(&[1, 2, 3]);
+                move |_| r.next_u64()
+            })
+            .collect();
+        let c: Vec<u64> = (0..4)
+            .map({
+                let mut r = Rng::from_keys(&[1, 2, 4]);
+                move |_| r.next_u64()
+            })
+            .collect();
         assert_eq!(a, b);
         assert_ne!(a, c);
     }

@@ -46,7 +46,13 @@ pub fn dot(w: &[f32], out: &[f32]) -> f64 {
 
 /// Compare `analytic` with central differences of `loss` at `x`, on up to
 /// `samples` coordinates chosen at random.
-pub fn fd_check(name: &str, x: &[f32], analytic: &[f32], samples: usize, mut loss: impl FnMut(&[f32]) -> f64) {
+pub fn fd_check(
+    name: &str,
+    x: &[f32],
+    analytic: &[f32],
+    samples: usize,
+    mut loss: impl FnMut(&[f32]) -> f64,
+) {
     assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
     let h = 1e-2f32;
     let mut rng = Rng::new(99);
@@ -61,7 +67,10 @@ pub fn fd_check(name: &str, x: &[f32], analytic: &[f32], samples: usize, mut los
         let numeric = (up - down) / (2.0 * h as f64);
         let a = analytic[i] as f64;
         let tol = 1e-2 * numeric.abs().max(a.abs()) + 1e-3;
-        assert!((numeric - a).abs() <= tol, "{name}[{i}]: analytic {a}, finite difference {numeric}");
+        assert!(
+            (numeric - a).abs() <= tol,
+            "{name}[{i}]: analytic {a}, finite difference {numeric}"
+        );
     }
 }
 
@@ -69,11 +78,24 @@ pub fn fd_check(name: &str, x: &[f32], analytic: &[f32], samples: usize, mut los
 /// once with each of them one element short and once with none short:
 /// only the last call may succeed (an op's shape checks, argument by
 /// argument; `what` names the entry point in the message).
-pub fn each_buffer_short(what: &str, lens: &[usize], fill: f32, mut call: impl FnMut(&mut [Vec<f32>]) -> anyhow::Result<()>) {
+pub fn each_buffer_short(
+    what: &str,
+    lens: &[usize],
+    fill: f32,
+    mut call: impl FnMut(&mut [Vec<f32>]) -> anyhow::Result<()>,
+) {
     for short in 0..=lens.len() {
-        let mut bufs: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &l)| vec![fill; if i == short { l - 1 } else { l }]).collect();
+        let mut bufs: Vec<Vec<f32>> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| vec![fill; if i == short { l - 1 } else { l }])
+            .collect();
         let res = call(&mut bufs);
-        assert_eq!(res.is_ok(), short == lens.len(), "{what} with argument {short} short");
+        assert_eq!(
+            res.is_ok(),
+            short == lens.len(),
+            "{what} with argument {short} short"
+        );
     }
 }
 
@@ -102,7 +124,21 @@ pub fn rounded<D: Device>(dev: &D, inputs: Vec<(BufKind, Vec<f32>)>) -> Vec<(Buf
     if dev.precision() == Precision::F32 {
         return inputs;
     }
-    inputs.into_iter().map(|(k, v)| if k == BufKind::Activation { (k, v.into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()) } else { (k, v) }).collect()
+    inputs
+        .into_iter()
+        .map(|(k, v)| {
+            if k == BufKind::Activation {
+                (
+                    k,
+                    v.into_iter()
+                        .map(|x| half::bf16::from_f32(x).to_f32())
+                        .collect(),
+                )
+            } else {
+                (k, v)
+            }
+        })
+        .collect()
 }
 
 /// Panics naming the buffer when `max |got − want| > tol · max |want|`;
@@ -120,8 +156,23 @@ pub fn assert_close_floor(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], tol: 
     let mut worst = 0f32;
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert_eq!(g.len(), w.len(), "{what}: buffer {i} length");
-        let scale = w.iter().fold(0f32, |m, v| m.max(v.abs())).max(floor * global).max(1e-20);
-        let (at, err) = g.iter().zip(w).map(|(a, b)| (a - b).abs()).enumerate().fold((0, 0f32), |(bi, be), (j, e)| if e > be || e.is_nan() { (j, e) } else { (bi, be) });
+        let scale = w
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(floor * global)
+            .max(1e-20);
+        let (at, err) = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .enumerate()
+            .fold((0, 0f32), |(bi, be), (j, e)| {
+                if e > be || e.is_nan() {
+                    (j, e)
+                } else {
+                    (bi, be)
+                }
+            });
         let finite_alike = g.iter().all(|v| v.is_finite()) == w.iter().all(|v| v.is_finite());
         assert!(err <= tol * scale && finite_alike, "{what}: buffer {i}: max error {err:e} at {at} (device {}, cpu {}), scale {scale:e}, tolerance {tol:e}", g[at], w[at]);
         worst = worst.max(err / scale);
@@ -139,7 +190,10 @@ pub fn cuda(p: Precision) -> crate::device::Cuda {
 /// CUDA device 0 at precision `p` with every path that is off by default on.
 #[cfg(feature = "cuda")]
 pub fn cuda_new_paths(p: Precision) -> crate::device::Cuda {
-    let options = crate::device::cuda::CudaOptions { paths: crate::device::cuda::CudaPaths::all(), profile: false };
+    let options = crate::device::cuda::CudaOptions {
+        paths: crate::device::cuda::CudaPaths::all(),
+        profile: false,
+    };
     crate::device::Cuda::with_options(0, p, options).expect("CUDA device 0")
 }
 
@@ -200,13 +254,17 @@ macro_rules! on_every_device {
             #[test]
             #[ignore = "needs a CUDA GPU"]
             fn cuda_fp32_new_paths() {
-                super::$body(&$crate::testing::cuda_new_paths($crate::device::Precision::F32))
+                super::$body(&$crate::testing::cuda_new_paths(
+                    $crate::device::Precision::F32,
+                ))
             }
             #[cfg(feature = "cuda")]
             #[test]
             #[ignore = "needs a CUDA GPU"]
             fn cuda_bf16_new_paths() {
-                super::$body(&$crate::testing::cuda_new_paths($crate::device::Precision::Bf16))
+                super::$body(&$crate::testing::cuda_new_paths(
+                    $crate::device::Precision::Bf16,
+                ))
             }
         }
     };

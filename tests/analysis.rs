@@ -7,9 +7,12 @@ use effrank_engine::analysis::knee::knee;
 use effrank_engine::analysis::region::crossing;
 use effrank_engine::analysis::report::analyze;
 use effrank_engine::analysis::spectrum::weight_spectra;
-use effrank_engine::analysis::{analyze_folder, analyze_labelled, read_measurements, suggest_ranks, AnalysisOptions, KneeAxis, Labelled, Pchip};
-use effrank_engine::rng::Rng;
+use effrank_engine::analysis::{
+    analyze_folder, analyze_labelled, read_measurements, suggest_ranks, AnalysisOptions, KneeAxis,
+    Labelled, Pchip,
+};
 use effrank_engine::results::{append_record, Record, StudentRecord, TeacherRecord};
+use effrank_engine::rng::Rng;
 use serde_json::Value;
 use std::path::Path;
 
@@ -18,12 +21,19 @@ fn close(a: f64, b: f64) -> bool {
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 #[test]
 fn pchip_matches_scipy_golden_values_derivatives_and_crossings() {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pchip_golden.json")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pchip_golden.json"),
+    )
+    .unwrap();
     let golden: Value = serde_json::from_str(&text).unwrap();
     let cases = golden["cases"].as_array().unwrap();
     assert!(cases.len() >= 100);
@@ -31,22 +41,45 @@ fn pchip_matches_scipy_golden_values_derivatives_and_crossings() {
     for (ci, c) in cases.iter().enumerate() {
         let (x, y) = (floats(&c["x"]), floats(&c["y"]));
         let p = Pchip::new(&x, &y).unwrap();
-        for ((q, v), d) in floats(&c["query"]).iter().zip(floats(&c["value"])).zip(floats(&c["derivative"])) {
-            assert!(close(p.value(*q), v), "case {ci} ({}): value at {q}: {} vs SciPy {v}", c["kind"], p.value(*q));
-            assert!(close(p.derivative(*q), d), "case {ci} ({}): derivative at {q}: {} vs SciPy {d}", c["kind"], p.derivative(*q));
+        for ((q, v), d) in floats(&c["query"])
+            .iter()
+            .zip(floats(&c["value"]))
+            .zip(floats(&c["derivative"]))
+        {
+            assert!(
+                close(p.value(*q), v),
+                "case {ci} ({}): value at {q}: {} vs SciPy {v}",
+                c["kind"],
+                p.value(*q)
+            );
+            assert!(
+                close(p.derivative(*q), d),
+                "case {ci} ({}): derivative at {q}: {} vs SciPy {d}",
+                c["kind"],
+                p.derivative(*q)
+            );
             values += 1;
         }
         for cr in c["crossings"].as_array().unwrap() {
             let level = cr["level"].as_f64().unwrap();
             let ours = p.first_reaching(level);
             match cr["x"].as_f64() {
-                Some(want) => assert!(ours.is_some_and(|o| close(o, want)), "case {ci}: crossing of {level}: {ours:?} vs SciPy {want}"),
-                None => assert!(ours.is_none(), "case {ci}: crossing of {level}: {ours:?}, SciPy finds none"),
+                Some(want) => assert!(
+                    ours.is_some_and(|o| close(o, want)),
+                    "case {ci}: crossing of {level}: {ours:?} vs SciPy {want}"
+                ),
+                None => assert!(
+                    ours.is_none(),
+                    "case {ci}: crossing of {level}: {ours:?}, SciPy finds none"
+                ),
             }
             crossings += 1;
         }
     }
-    println!("{values} values and derivatives, {crossings} crossings match SciPy {}", golden["scipy"]);
+    println!(
+        "{values} values and derivatives, {crossings} crossings match SciPy {}",
+        golden["scipy"]
+    );
 }
 
 fn random_curve(rng: &mut Rng, n: usize, monotone: bool) -> (Vec<f64>, Vec<f64>) {
@@ -57,7 +90,11 @@ fn random_curve(rng: &mut Rng, n: usize, monotone: bool) -> (Vec<f64>, Vec<f64>)
     let mut y = Vec::new();
     let mut acc = 0.0;
     for _ in 0..n {
-        acc = if monotone { acc + rng.uniform() } else { rng.uniform() };
+        acc = if monotone {
+            acc + rng.uniform()
+        } else {
+            rng.uniform()
+        };
         y.push(acc);
     }
     (x, y)
@@ -76,13 +113,22 @@ fn knee_is_the_brute_force_maximum_distance_on_both_axes() {
             let dist = |r: usize| {
                 let (px, py) = (f(r as f64), p.value(r as f64));
                 // Distance to the line through a and b, via the triangle area.
-                ((b.0 - a.0) * (a.1 - py) - (a.0 - px) * (b.1 - a.1)).abs() / ((b.0 - a.0).hypot(b.1 - a.1))
+                ((b.0 - a.0) * (a.1 - py) - (a.0 - px) * (b.1 - a.1)).abs()
+                    / ((b.0 - a.0).hypot(b.1 - a.1))
             };
             let ranks: Vec<usize> = (r0 as usize..=r1 as usize).collect();
             let best = ranks.iter().map(|&r| dist(r)).fold(f64::MIN, f64::max);
             let k = knee(&p, axis).unwrap();
-            assert!((dist(k.rank) - best).abs() <= 1e-12 * best.max(1e-300), "trial {trial} {axis:?}: knee {} at {} vs best {best}", k.rank, dist(k.rank));
-            let first_best = ranks.iter().find(|&&r| (dist(r) - best).abs() <= 1e-12 * best.max(1e-300)).unwrap();
+            assert!(
+                (dist(k.rank) - best).abs() <= 1e-12 * best.max(1e-300),
+                "trial {trial} {axis:?}: knee {} at {} vs best {best}",
+                k.rank,
+                dist(k.rank)
+            );
+            let first_best = ranks
+                .iter()
+                .find(|&&r| (dist(r) - best).abs() <= 1e-12 * best.max(1e-300))
+                .unwrap();
             assert_eq!(k.rank, *first_best, "ties go to the smaller rank");
         }
     }
@@ -91,10 +137,19 @@ fn knee_is_the_brute_force_maximum_distance_on_both_axes() {
 #[test]
 fn log2_axis_moves_the_knee_left_on_a_saturating_curve() {
     let x: Vec<f64> = [2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0].to_vec();
-    let y: Vec<f64> = x.iter().map(|r: &f64| 1.0 / (1.0 + (-(r.log2() - 3.5) * 1.5).exp())).collect();
+    let y: Vec<f64> = x
+        .iter()
+        .map(|r: &f64| 1.0 / (1.0 + (-(r.log2() - 3.5) * 1.5).exp()))
+        .collect();
     let p = Pchip::new(&x, &y).unwrap();
-    let (lin, log) = (knee(&p, KneeAxis::Linear).unwrap().rank, knee(&p, KneeAxis::Log2).unwrap().rank);
-    assert!(log < lin, "log2 knee {log} should lie left of the linear knee {lin}");
+    let (lin, log) = (
+        knee(&p, KneeAxis::Linear).unwrap().rank,
+        knee(&p, KneeAxis::Log2).unwrap().rank,
+    );
+    assert!(
+        log < lin,
+        "log2 knee {log} should lie left of the linear knee {lin}"
+    );
 }
 
 #[test]
@@ -107,14 +162,20 @@ fn region_matches_dense_evaluation() {
         for frac in [0.3, 0.85, 0.95] {
             let c = crossing(&p, frac, reference);
             let level = frac * reference;
-            let dense_int = (x[0] as usize..=x[x.len() - 1] as usize).find(|&r| p.value(r as f64) >= level);
+            let dense_int =
+                (x[0] as usize..=x[x.len() - 1] as usize).find(|&r| p.value(r as f64) >= level);
             assert_eq!(c.rank, dense_int, "trial {trial}: integer crossing");
             let steps = 20_000;
             let h = (x[x.len() - 1] - x[0]) / steps as f64;
-            let dense_real = (0..=steps).map(|i| x[0] + i as f64 * h).find(|&t| p.value(t) >= level);
+            let dense_real = (0..=steps)
+                .map(|i| x[0] + i as f64 * h)
+                .find(|&t| p.value(t) >= level);
             match (c.exact, dense_real) {
                 (Some(e), Some(d)) => {
-                    assert!(e <= d + 1e-9 && d - e <= h + 1e-9, "trial {trial}: exact {e} vs dense {d}");
+                    assert!(
+                        e <= d + 1e-9 && d - e <= h + 1e-9,
+                        "trial {trial}: exact {e} vs dense {d}"
+                    );
                     assert!(e == x[0] || (p.value(e) - level).abs() <= 1e-9 * level.abs().max(1.0));
                 }
                 (None, None) => assert!(c.note.contains("never reaches")),
@@ -140,11 +201,26 @@ fn bad_input_is_an_error_naming_the_problem() {
     let dir = d.path();
     assert!(err_of(&write(dir, "one.csv", "rank,accuracy\n4,0.5\n")).contains("at least two"));
     assert!(err_of(&write(dir, "nan.csv", "rank,accuracy\n4,0.5\n8,NaN\n")).contains("line 3"));
-    assert!(err_of(&write(dir, "zero.csv", "rank,accuracy\n0,0.5\n8,0.6\n")).contains("must be positive"));
+    assert!(
+        err_of(&write(dir, "zero.csv", "rank,accuracy\n0,0.5\n8,0.6\n"))
+            .contains("must be positive")
+    );
     assert!(err_of(&write(dir, "neg.csv", "4,0.5\n-8,0.6\n")).contains("line 2"));
-    let dup = err_of(&write(dir, "dup.csv", "rank,accuracy\n4,0.5\n8,0.6\n4,0.55\n"));
-    assert!(dup.contains("line 4") && dup.contains("line 2") && dup.contains("seed"), "{dup}");
-    assert!(err_of(&write(dir, "bad.csv", "rank,accuracy\n4,0.5\n8,zero point six\n")).contains("line 3"));
+    let dup = err_of(&write(
+        dir,
+        "dup.csv",
+        "rank,accuracy\n4,0.5\n8,0.6\n4,0.55\n",
+    ));
+    assert!(
+        dup.contains("line 4") && dup.contains("line 2") && dup.contains("seed"),
+        "{dup}"
+    );
+    assert!(err_of(&write(
+        dir,
+        "bad.csv",
+        "rank,accuracy\n4,0.5\n8,zero point six\n"
+    ))
+    .contains("line 3"));
     let jsonl = write(dir, "results-bad.jsonl", "{\"kind\":\"teacher\",\"top1\":0.7,\"top5\":0.9,\"params\":100}\nnot json\n{\"kind\":\"teacher\",\"top1\":0.7,\"top5\":0.9,\"params\":100}\n");
     assert!(err_of(&jsonl).contains("line 2"));
     assert!(err_of(&dir.join("missing")).contains("no such"));
@@ -153,19 +229,33 @@ fn bad_input_is_an_error_naming_the_problem() {
 #[test]
 fn csv_is_sorted_and_seeds_allow_repeated_ranks() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "pts.csv", "32,0.9,1\n2,0.2,1\n8,0.6,1\n2,0.3,2\n8,0.5,2\n32,0.8,2\n");
+    let p = write(
+        d.path(),
+        "pts.csv",
+        "32,0.9,1\n2,0.2,1\n8,0.6,1\n2,0.3,2\n8,0.5,2\n32,0.8,2\n",
+    );
     let m = read_measurements(&p).unwrap();
     let ranks: Vec<usize> = m.points.iter().map(|p| p.rank).collect();
     assert_eq!(ranks, vec![2, 2, 8, 8, 32, 32]);
-    assert_eq!(m.mean_curve(), vec![(2.0, 0.25), (8.0, 0.55), (32.0, 0.850_000_000_000_000_1)]);
-    let opts = AnalysisOptions { teacher_acc: Some(1.0), plot: false, ..Default::default() };
+    assert_eq!(
+        m.mean_curve(),
+        vec![(2.0, 0.25), (8.0, 0.55), (32.0, 0.850_000_000_000_000_1)]
+    );
+    let opts = AnalysisOptions {
+        teacher_acc: Some(1.0),
+        plot: false,
+        ..Default::default()
+    };
     let r = analyze(&m, &opts, None).unwrap();
     assert_eq!(r.seeds.len(), 2);
     let sp = r.spread.unwrap();
     assert_eq!(sp.seeds, 2);
     assert!(sp.r_lo.is_some_and(|s| s.min >= 8.0 && s.max <= 32.0));
     // No teacher accuracy and --reference teacher: a plain error.
-    let err = format!("{:#}", analyze(&m, &AnalysisOptions::default(), None).unwrap_err());
+    let err = format!(
+        "{:#}",
+        analyze(&m, &AnalysisOptions::default(), None).unwrap_err()
+    );
     assert!(err.contains("--teacher-acc"), "{err}");
 }
 
@@ -191,8 +281,24 @@ fn results_folder_keeps_first_duplicates_and_writes_every_output() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("results-shard0of2.jsonl");
     let b = d.path().join("results-shard1of2.jsonl");
-    append_record(&a, &Record::Teacher(TeacherRecord { top1: 0.8, top5: 0.95, params: 20_000 })).unwrap();
-    append_record(&b, &Record::Teacher(TeacherRecord { top1: 0.5, top5: 0.9, params: 1 })).unwrap();
+    append_record(
+        &a,
+        &Record::Teacher(TeacherRecord {
+            top1: 0.8,
+            top5: 0.95,
+            params: 20_000,
+        }),
+    )
+    .unwrap();
+    append_record(
+        &b,
+        &Record::Teacher(TeacherRecord {
+            top1: 0.5,
+            top5: 0.9,
+            params: 1,
+        }),
+    )
+    .unwrap();
     for (r, acc) in [(2, 0.2), (8, 0.6), (16, 0.7), (32, 0.76), (64, 0.79)] {
         append_record(&a, &student(r, 0, acc)).unwrap();
     }
@@ -202,13 +308,22 @@ fn results_folder_keeps_first_duplicates_and_writes_every_output() {
     assert_eq!(report.mean.points[1], (8.0, 0.6));
     let fit = report.params_fit.unwrap();
     assert_eq!((fit.a, fit.b), (1000.0, 50.0));
-    let lo = report.compression.iter().find(|c| c.what == "r_lo").unwrap();
+    let lo = report
+        .compression
+        .iter()
+        .find(|c| c.what == "r_lo")
+        .unwrap();
     assert!((lo.compression - 20_000.0 / (1000.0 + 50.0 * lo.rank as f64)).abs() < 1e-12);
     for f in ["analysis.json", "summary.md", "plot.png"] {
         assert!(d.path().join(f).metadata().unwrap().len() > 100, "{f}");
     }
-    let json: Value = serde_json::from_str(&std::fs::read_to_string(d.path().join("analysis.json")).unwrap()).unwrap();
-    assert_eq!(json["mean"]["lo"]["rank"].as_u64(), report.mean.lo.rank.map(|r| r as u64));
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("analysis.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        json["mean"]["lo"]["rank"].as_u64(),
+        report.mean.lo.rank.map(|r| r as u64)
+    );
     assert!(report.terminal_summary().contains("r at  85%"));
     // One results file alone.
     let m = read_measurements(&a).unwrap();
@@ -222,27 +337,67 @@ fn results_folder_keeps_first_duplicates_and_writes_every_output() {
 fn the_region_is_reported_against_both_normalizations() {
     let d = tempfile::tempdir().unwrap();
     let f = d.path().join("results.jsonl");
-    append_record(&f, &Record::Teacher(TeacherRecord { top1: 0.8, top5: 0.95, params: 20_000 })).unwrap();
+    append_record(
+        &f,
+        &Record::Teacher(TeacherRecord {
+            top1: 0.8,
+            top5: 0.95,
+            params: 20_000,
+        }),
+    )
+    .unwrap();
     for (r, acc) in [(2, 0.2), (8, 0.6), (16, 0.7), (32, 0.76), (64, 0.79)] {
         append_record(&f, &student(r, 0, acc)).unwrap();
     }
     let m = read_measurements(d.path()).unwrap();
     let report = analyze(&m, &AnalysisOptions::default(), None).unwrap();
-    let refs: Vec<(String, f64)> = report.by_reference.iter().map(|b| (format!("{:?}", b.reference), b.reference_acc)).collect();
-    assert_eq!(refs, [("Teacher".to_string(), 0.8), ("Max".to_string(), 0.79)]);
+    let refs: Vec<(String, f64)> = report
+        .by_reference
+        .iter()
+        .map(|b| (format!("{:?}", b.reference), b.reference_acc))
+        .collect();
+    assert_eq!(
+        refs,
+        [("Teacher".to_string(), 0.8), ("Max".to_string(), 0.79)]
+    );
     let p = Pchip::new(&[2.0, 8.0, 16.0, 32.0, 64.0], &[0.2, 0.6, 0.7, 0.76, 0.79]).unwrap();
     for b in &report.by_reference {
         assert_eq!(b.hi.rank, crossing(&p, 0.95, b.reference_acc).rank);
     }
-    assert_eq!(report.by_reference[0].hi.rank, report.mean.hi.rank, "the headline is the teacher's");
-    assert!(report.summary_md().contains("| curve maximum | 0.7900 |"), "{}", report.summary_md());
-    assert!(report.terminal_summary().contains("against the curve maximum 0.7900"));
+    assert_eq!(
+        report.by_reference[0].hi.rank, report.mean.hi.rank,
+        "the headline is the teacher's"
+    );
+    assert!(
+        report.summary_md().contains("| curve maximum | 0.7900 |"),
+        "{}",
+        report.summary_md()
+    );
+    assert!(report
+        .terminal_summary()
+        .contains("against the curve maximum 0.7900"));
     // Without a teacher record only the curve's maximum can be computed.
-    let no_teacher = analyze(&m, &AnalysisOptions { reference: effrank_engine::analysis::Reference::Max, ..Default::default() }, None).unwrap();
+    let no_teacher = analyze(
+        &m,
+        &AnalysisOptions {
+            reference: effrank_engine::analysis::Reference::Max,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
     assert_eq!(no_teacher.by_reference.len(), 2);
     let csv = write(d.path(), "p.csv", "rank,accuracy\n2,0.2\n8,0.6\n64,0.79\n");
     let m = read_measurements(&csv).unwrap();
-    let r = analyze(&m, &AnalysisOptions { reference: effrank_engine::analysis::Reference::Max, ..Default::default() }, None).unwrap();
+    let r = analyze(
+        &m,
+        &AnalysisOptions {
+            reference: effrank_engine::analysis::Reference::Max,
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
     assert_eq!(r.by_reference.len(), 1);
 }
 
@@ -255,23 +410,55 @@ fn labelled_folders_are_analyzed_together() {
     for (label, scale) in [("attn", 1.0), ("mlp", 0.9)] {
         let dir = d.path().join(label);
         let f = dir.join("results.jsonl");
-        append_record(&f, &Record::Teacher(TeacherRecord { top1: 0.8, top5: 0.95, params: 20_000 })).unwrap();
+        append_record(
+            &f,
+            &Record::Teacher(TeacherRecord {
+                top1: 0.8,
+                top5: 0.95,
+                params: 20_000,
+            }),
+        )
+        .unwrap();
         for (r, acc) in [(2, 0.2), (8, 0.6), (16, 0.7), (64, 0.79)] {
             append_record(&f, &student(r, 0, acc * scale)).unwrap();
         }
-        inputs.push(Labelled { label: label.into(), path: dir });
+        inputs.push(Labelled {
+            label: label.into(),
+            path: dir,
+        });
     }
     let out = d.path().join("joint");
-    let report = analyze_labelled(&inputs, &out, &AnalysisOptions { plot: false, ..Default::default() }).unwrap();
-    let json: Value = serde_json::from_str(&std::fs::read_to_string(out.join("analysis.json")).unwrap()).unwrap();
+    let report = analyze_labelled(
+        &inputs,
+        &out,
+        &AnalysisOptions {
+            plot: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("analysis.json")).unwrap()).unwrap();
     assert_eq!(json["curves"][0]["label"], "attn");
-    assert_eq!(json["curves"][1]["mean"]["points"][0][1].as_f64(), Some(0.2 * 0.9));
-    assert_eq!(json["curves"][1]["params_fit"]["b"].as_f64(), Some(50.0), "parameter counts per curve");
+    assert_eq!(
+        json["curves"][1]["mean"]["points"][0][1].as_f64(),
+        Some(0.2 * 0.9)
+    );
+    assert_eq!(
+        json["curves"][1]["params_fit"]["b"].as_f64(),
+        Some(50.0),
+        "parameter counts per curve"
+    );
     let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
-    assert!(md.contains("| attn |") && md.contains("| mlp |") && md.contains("| rank | attn | mlp |"), "{md}");
+    assert!(
+        md.contains("| attn |") && md.contains("| mlp |") && md.contains("| rank | attn | mlp |"),
+        "{md}"
+    );
     assert!(report.terminal_summary().contains("2 curves"));
     inputs[1].label = "attn".into();
-    let e = analyze_labelled(&inputs, &out, &AnalysisOptions::default()).unwrap_err().to_string();
+    let e = analyze_labelled(&inputs, &out, &AnalysisOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("two curves are labelled 'attn'"), "{e}");
 }
 
@@ -284,20 +471,48 @@ fn weight_spectra_of_fused_qkv_and_low_rank_layers() {
     let d = tempfile::tempdir().unwrap();
     // Width 2, MLP 4, one block: q = diag(3, 1), k = I, v = 0 (dense, so
     // fused as qkv on disk); fc1 = U V with U = [1, 0, 0, 2]ᵀ, V = [1, 1].
-    let cfg = VitConfig { image_size: 4, channels: 3, patch: 2, width: 2, depth: 1, heads: 1, mlp: 4, classes: 2, ln_eps: 1e-6 };
+    let cfg = VitConfig {
+        image_size: 4,
+        channels: 3,
+        patch: 2,
+        width: 2,
+        depth: 1,
+        heads: 1,
+        mlp: 4,
+        classes: 2,
+        ln_eps: 1e-6,
+    };
     let mut ranks = dense_ranks(&cfg);
     ranks[0][BlockLinear::Fc1] = Some(1);
-    let mut p: VitParams<Vec<f32>> = VitParams::build(&cfg, &ranks, |s| Ok::<_, ()>(vec![0.5; s.numel()])).unwrap();
-    let dense = |w: Vec<f32>| Linear::Dense { weight: w, bias: vec![0.0; 2] };
+    let mut p: VitParams<Vec<f32>> =
+        VitParams::build(&cfg, &ranks, |s| Ok::<_, ()>(vec![0.5; s.numel()])).unwrap();
+    let dense = |w: Vec<f32>| Linear::Dense {
+        weight: w,
+        bias: vec![0.0; 2],
+    };
     p.blocks[0].q = dense(vec![3.0, 0.0, 0.0, 1.0]);
     p.blocks[0].k = dense(vec![1.0, 0.0, 0.0, 1.0]);
     p.blocks[0].v = dense(vec![0.0; 4]);
-    p.blocks[0].fc1 = Linear::LowRank { u: vec![1.0, 0.0, 0.0, 2.0], v: vec![1.0, 1.0], bias: vec![0.0; 4] };
+    p.blocks[0].fc1 = Linear::LowRank {
+        u: vec![1.0, 0.0, 0.0, 2.0],
+        v: vec![1.0, 1.0],
+        bias: vec![0.0; 4],
+    };
     let path = d.path().join("m.safetensors");
     save_checkpoint(&path, &cfg, &ranks, &p, &BTreeMap::new()).unwrap();
     let s = weight_spectra(&path).unwrap();
     let names: Vec<&str> = s.layers.iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(names, vec!["blocks.0.attn.q", "blocks.0.attn.k", "blocks.0.attn.v", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]);
+    assert_eq!(
+        names,
+        vec![
+            "blocks.0.attn.q",
+            "blocks.0.attn.k",
+            "blocks.0.attn.v",
+            "blocks.0.attn.proj",
+            "blocks.0.mlp.fc1",
+            "blocks.0.mlp.fc2"
+        ]
+    );
     let q = &s.layers[0];
     assert!((q.singular_values[0] - 3.0).abs() < 1e-6 && (q.singular_values[1] - 1.0).abs() < 1e-6);
     let h: f64 = -(0.75f64 * 0.75f64.ln() + 0.25 * 0.25f64.ln());
@@ -307,7 +522,10 @@ fn weight_spectra_of_fused_qkv_and_low_rank_layers() {
     assert!((s.layers[1].entropy_rank - 2.0).abs() < 1e-6);
     assert_eq!(s.layers[2].entropy_rank, 0.0);
     let fc1 = &s.layers[4];
-    assert_eq!((fc1.shape, fc1.stored_rank, fc1.singular_values.len()), ([4, 2], Some(1), 1));
+    assert_eq!(
+        (fc1.shape, fc1.stored_rank, fc1.singular_values.len()),
+        ([4, 2], Some(1), 1)
+    );
     assert!((fc1.singular_values[0] - 10.0f64.sqrt()).abs() < 1e-5);
     assert!((fc1.stable_rank - 1.0).abs() < 1e-9);
 }
@@ -316,7 +534,11 @@ fn weight_spectra_of_fused_qkv_and_low_rank_layers() {
 /// timm, torchvision and Hugging Face names give the same spectra.
 #[test]
 fn weight_spectra_of_every_importable_naming_agree() {
-    let file = |name: &str| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+    let file = |name: &str| {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name)
+    };
     let timm = weight_spectra(&file("timm_tiny.safetensors")).unwrap();
     assert_eq!(timm.layers.len(), 12, "two blocks of six layers");
     for other in ["torchvision_tiny.safetensors", "hf_tiny.safetensors"] {
@@ -325,7 +547,11 @@ fn weight_spectra_of_every_importable_naming_agree() {
         for (a, b) in s.layers.iter().zip(&timm.layers) {
             assert_eq!(a.name, b.name, "{other}");
             for (x, y) in a.singular_values.iter().zip(&b.singular_values) {
-                assert!((x - y).abs() <= 1e-6 * y.abs().max(1.0), "{other} {}: {x} vs {y}", a.name);
+                assert!(
+                    (x - y).abs() <= 1e-6 * y.abs().max(1.0),
+                    "{other} {}: {x} vs {y}",
+                    a.name
+                );
             }
         }
     }
@@ -344,7 +570,9 @@ fn synthetic_acc(r: f64, teacher: f64) -> f64 {
 
 /// Measured ranks bracketing the true integer crossing within ±1?
 fn pinned(ranks: &[usize], level: f64, teacher: f64) -> bool {
-    let truth = (1..=256).find(|&r| synthetic_acc(r as f64, teacher) >= level).unwrap();
+    let truth = (1..=256)
+        .find(|&r| synthetic_acc(r as f64, teacher) >= level)
+        .unwrap();
     let below = ranks.iter().filter(|&&r| r < truth).max();
     let above = ranks.iter().filter(|&&r| r >= truth).min();
     matches!((below, above), (Some(&a), Some(&b)) if b - a <= 2)
@@ -359,7 +587,10 @@ fn adaptive_sweep_pins_the_region_with_fewer_trainings_than_a_grid() {
     let mut rounds = 0;
     let mut pinned_after = None;
     loop {
-        let points: Vec<(f64, f64)> = ranks.iter().map(|&r| (r as f64, synthetic_acc(r as f64, teacher))).collect();
+        let points: Vec<(f64, f64)> = ranks
+            .iter()
+            .map(|&r| (r as f64, synthetic_acc(r as f64, teacher)))
+            .collect();
         if pinned_after.is_none() && levels.iter().all(|&l| pinned(&ranks, l, teacher)) {
             pinned_after = Some(ranks.len());
         }
@@ -367,14 +598,20 @@ fn adaptive_sweep_pins_the_region_with_fewer_trainings_than_a_grid() {
         if next.is_empty() {
             break;
         }
-        assert!(next.iter().all(|r| !ranks.contains(r)), "suggested a measured rank: {next:?}");
+        assert!(
+            next.iter().all(|r| !ranks.contains(r)),
+            "suggested a measured rank: {next:?}"
+        );
         ranks.extend(next);
         rounds += 1;
         assert!(rounds < 40, "adaptive loop does not converge: {ranks:?}");
     }
-    let region_trainings = pinned_after.expect("adaptive suggestions stopped before pinning the region");
+    let region_trainings =
+        pinned_after.expect("adaptive suggestions stopped before pinning the region");
     assert!(levels.iter().all(|&l| pinned(&ranks, l, teacher)));
-    let grid = [2, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128, 192, 256];
+    let grid = [
+        2, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 64, 96, 128, 192, 256,
+    ];
     let grid_pinned: Vec<bool> = levels.iter().map(|&l| pinned(&grid, l, teacher)).collect();
     ranks.sort();
     println!(
@@ -383,5 +620,8 @@ fn adaptive_sweep_pins_the_region_with_fewer_trainings_than_a_grid() {
         grid_pinned[0],
         grid_pinned[1]
     );
-    assert!(region_trainings < grid.len(), "adaptive needed {region_trainings} trainings, the grid 16");
+    assert!(
+        region_trainings < grid.len(),
+        "adaptive needed {region_trainings} trainings, the grid 16"
+    );
 }

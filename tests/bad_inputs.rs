@@ -28,7 +28,11 @@ fn root() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 /// The case's arguments with the placeholders filled in and the flags that
@@ -37,7 +41,10 @@ fn command_line(args: &[String], tmp: &Path, readonly: &Path) -> Vec<String> {
     let corpus = root().join("tests/bad_inputs");
     let data = root().join("tests/data");
     let fill = |a: &String| {
-        a.replace("{corpus}", corpus.to_str().unwrap()).replace("{data}", data.to_str().unwrap()).replace("{tmp}", tmp.to_str().unwrap()).replace("{readonly}", readonly.to_str().unwrap())
+        a.replace("{corpus}", corpus.to_str().unwrap())
+            .replace("{data}", data.to_str().unwrap())
+            .replace("{tmp}", tmp.to_str().unwrap())
+            .replace("{readonly}", readonly.to_str().unwrap())
     };
     let mut out: Vec<String> = args.iter().map(fill).collect();
     let command = out[0].clone();
@@ -68,19 +75,45 @@ fn every_bad_input_gives_its_error_and_exit_code() {
         let readonly = tmp.path().join("readonly");
         std::fs::create_dir_all(&readonly).unwrap();
         if let Some(setup) = &case.setup {
-            let status = Command::new(BIN).args(command_line(setup, tmp.path(), &readonly)).status().unwrap();
+            let status = Command::new(BIN)
+                .args(command_line(setup, tmp.path(), &readonly))
+                .status()
+                .unwrap();
             assert!(status.success(), "{}: setup failed", case.name);
         }
         let mut permissions = std::fs::metadata(&readonly).unwrap().permissions();
         permissions.set_readonly(true);
         std::fs::set_permissions(&readonly, permissions).unwrap();
         let args = command_line(&case.args, tmp.path(), &readonly);
-        let out = Command::new(BIN).args(&args).env("RUST_BACKTRACE", "0").output().unwrap();
-        let msg = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(!msg.contains("panicked"), "{}: a panic instead of an error:\n{msg}", case.name);
-        assert_eq!(out.status.code(), Some(case.exit), "{}: exit status {:?} (expected {}) for {args:?}:\n{msg}", case.name, out.status, case.exit);
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let msg = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !msg.contains("panicked"),
+            "{}: a panic instead of an error:\n{msg}",
+            case.name
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(case.exit),
+            "{}: exit status {:?} (expected {}) for {args:?}:\n{msg}",
+            case.name,
+            out.status,
+            case.exit
+        );
         for want in &case.error {
-            assert!(msg.contains(want.as_str()), "{}: the error does not say '{want}':\n{msg}", case.name);
+            assert!(
+                msg.contains(want.as_str()),
+                "{}: the error does not say '{want}':\n{msg}",
+                case.name
+            );
         }
         let mut permissions = std::fs::metadata(&readonly).unwrap().permissions();
         #[allow(clippy::permissions_set_readonly_false)]

@@ -10,23 +10,39 @@ fn timm_file() -> PathBuf {
 }
 
 fn opts() -> ImportOptions {
-    ImportOptions { heads: Some(4), ..ImportOptions::default() }
+    ImportOptions {
+        heads: Some(4),
+        ..ImportOptions::default()
+    }
 }
 
 /// Rewrite the timm file with `edit` applied to its (name, dtype, shape, bytes) list.
-fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) -> PathBuf {
+fn rewrite(
+    dir: &Path,
+    edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>),
+) -> PathBuf {
     let bytes = std::fs::read(timm_file()).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
     edit(&mut tensors);
-    let views: Vec<(String, TensorView)> = tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     let path = dir.join("edited.safetensors");
     std::fs::write(&path, safetensors::serialize(views, &None).unwrap()).unwrap();
     path
 }
 
 fn error_of(path: &Path) -> String {
-    format!("{:#}", load_any(path, &opts()).expect_err("loading should fail"))
+    format!(
+        "{:#}",
+        load_any(path, &opts()).expect_err("loading should fail")
+    )
 }
 
 #[test]
@@ -47,13 +63,23 @@ fn missing_key_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let p = rewrite(dir.path(), |t| t.retain(|x| x.0 != "blocks.1.norm2.bias"));
     let e = error_of(&p);
-    assert!(e.contains("missing tensor blocks.1.norm2.bias") && e.contains("[64]"), "{e}");
+    assert!(
+        e.contains("missing tensor blocks.1.norm2.bias") && e.contains("[64]"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unexpected_key_is_named() {
     let dir = tempfile::tempdir().unwrap();
-    let p = rewrite(dir.path(), |t| t.push(("blocks.0.extra.weight".into(), Dtype::F32, vec![2], vec![0; 8])));
+    let p = rewrite(dir.path(), |t| {
+        t.push((
+            "blocks.0.extra.weight".into(),
+            Dtype::F32,
+            vec![2],
+            vec![0; 8],
+        ))
+    });
     let e = error_of(&p);
     assert!(e.contains("unexpected tensor blocks.0.extra.weight"), "{e}");
 }
@@ -62,11 +88,17 @@ fn unexpected_key_is_named() {
 fn wrong_shape_names_key_and_both_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let p = rewrite(dir.path(), |t| {
-        let x = t.iter_mut().find(|x| x.0 == "blocks.0.mlp.fc2.bias").unwrap();
+        let x = t
+            .iter_mut()
+            .find(|x| x.0 == "blocks.0.mlp.fc2.bias")
+            .unwrap();
         x.2 = vec![32, 2];
     });
     let e = error_of(&p);
-    assert!(e.contains("blocks.0.mlp.fc2.bias") && e.contains("[32, 2]") && e.contains("[64]"), "{e}");
+    assert!(
+        e.contains("blocks.0.mlp.fc2.bias") && e.contains("[32, 2]") && e.contains("[64]"),
+        "{e}"
+    );
 }
 
 #[test]

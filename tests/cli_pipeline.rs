@@ -11,21 +11,41 @@ const BIN: &str = env!("CARGO_BIN_EXE_effrank-engine");
 const DEMO: [&str; 4] = ["--data", "demo", "--demo-images", "800"];
 
 fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("the binary runs")
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("the binary runs")
 }
 
 fn ok(args: &[&str]) -> String {
     let out = run(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "effrank-engine {args:?} failed:\n{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "effrank-engine {args:?} failed:\n{text}"
+    );
     text
 }
 
 fn fails(args: &[&str]) -> String {
     let out = run(args);
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "effrank-engine {args:?} should have failed:\n{text}");
-    assert!(!text.contains("panicked"), "a panic instead of an error:\n{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "effrank-engine {args:?} should have failed:\n{text}"
+    );
+    assert!(
+        !text.contains("panicked"),
+        "a panic instead of an error:\n{text}"
+    );
     text
 }
 
@@ -35,7 +55,10 @@ fn teacher() -> &'static Path {
     let (_, path) = T.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("teacher");
-        let mut args = vec!["train", "--model", "vit-demo", "--epochs", "4", "--lr", "2e-3", "--device", "cpu", "--quiet", "--out"];
+        let mut args = vec![
+            "train", "--model", "vit-demo", "--epochs", "4", "--lr", "2e-3", "--device", "cpu",
+            "--quiet", "--out",
+        ];
         args.push(out.to_str().unwrap());
         args.extend(DEMO);
         ok(&args);
@@ -57,7 +80,11 @@ fn results(dir: &Path) -> Vec<(u64, u64, f64)> {
         for line in std::fs::read_to_string(&path).unwrap().lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             if v["kind"] == "student" {
-                rows.push((v["rank"].as_u64().unwrap(), v["seed"].as_u64().unwrap(), v["top1"].as_f64().unwrap()));
+                rows.push((
+                    v["rank"].as_u64().unwrap(),
+                    v["seed"].as_u64().unwrap(),
+                    v["top1"].as_f64().unwrap(),
+                ));
             }
         }
     }
@@ -66,7 +93,23 @@ fn results(dir: &Path) -> Vec<(u64, u64, f64)> {
 }
 
 fn sweep_args<'a>(teacher: &'a str, out: &'a str, ranks: &'a str) -> Vec<&'a str> {
-    let mut a = vec!["sweep", "--teacher", teacher, "--ranks", ranks, "--epochs", "1", "--lr", "2e-3", "--device", "cpu", "--quiet", "--no-analyze", "--out", out];
+    let mut a = vec![
+        "sweep",
+        "--teacher",
+        teacher,
+        "--ranks",
+        ranks,
+        "--epochs",
+        "1",
+        "--lr",
+        "2e-3",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--no-analyze",
+        "--out",
+        out,
+    ];
     a.extend(DEMO);
     a
 }
@@ -80,7 +123,10 @@ fn a_micro_teacher_learns_well_above_chance() {
     assert!(top1 > 0.3, "teacher test top-1 {top1}");
     assert_eq!(metrics.lines().count(), 4);
     for key in ["loss", "train_top1", "images_per_s"] {
-        assert!(last[key].as_f64().is_some(), "metrics line lacks {key}: {last}");
+        assert!(
+            last[key].as_f64().is_some(),
+            "metrics line lacks {key}: {last}"
+        );
     }
 }
 
@@ -90,14 +136,20 @@ fn a_sweep_writes_results_and_resumes_without_redoing_ranks() {
     let (t, out) = (teacher().to_str().unwrap(), dir.path().to_str().unwrap());
     ok(&sweep_args(t, out, "1,4,16"));
     let first = results(dir.path());
-    assert_eq!(first.iter().map(|r| r.0).collect::<Vec<_>>(), vec![1, 4, 16]);
+    assert_eq!(
+        first.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![1, 4, 16]
+    );
     assert!(first.iter().all(|r| (0.0..=1.0).contains(&r.2)));
     let text = ok(&{
         let mut a = sweep_args(t, out, "1,4,16,32");
         a.retain(|x| *x != "--quiet");
         a
     });
-    assert!(text.contains("3 of 4 jobs of this shard already finished"), "{text}");
+    assert!(
+        text.contains("3 of 4 jobs of this shard already finished"),
+        "{text}"
+    );
     let second = results(dir.path());
     assert_eq!(second.len(), 4);
     assert_eq!(&second[..2], &first[..2]);
@@ -114,7 +166,10 @@ fn two_shards_together_equal_one_run() {
         ok(&a);
     }
     assert_eq!(results(one.path()), results(two.path()));
-    assert!(two.path().join("results-shard0of2.jsonl").exists() && two.path().join("results-shard1of2.jsonl").exists());
+    assert!(
+        two.path().join("results-shard0of2.jsonl").exists()
+            && two.path().join("results-shard1of2.jsonl").exists()
+    );
 }
 
 #[test]
@@ -125,7 +180,12 @@ fn an_interrupted_rank_resumes_from_its_last_epoch() {
     let epochs = args.iter().position(|a| *a == "--epochs").unwrap();
     args[epochs + 1] = "3";
     args.retain(|x| *x != "--quiet");
-    let mut child = Command::new(BIN).args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(BIN)
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     // The training state is written last at the end of an epoch (its commit point).
     let state = dir.path().join("runs/r8-s0/state.safetensors");
     let start = std::time::Instant::now();
@@ -142,17 +202,40 @@ fn an_interrupted_rank_resumes_from_its_last_epoch() {
     let o = fresh.iter().position(|a| *a == "--out").unwrap();
     fresh[o + 1] = again.path().to_str().unwrap();
     ok(&fresh);
-    assert_eq!(results(dir.path()), results(again.path()), "a resumed rank must equal an uninterrupted one");
+    assert_eq!(
+        results(dir.path()),
+        results(again.path()),
+        "a resumed rank must equal an uninterrupted one"
+    );
 }
 
 #[test]
 fn factorize_prints_the_table_and_eval_reads_the_student() {
     let dir = tempfile::tempdir().unwrap();
     let student = dir.path().join("s.safetensors");
-    let text = ok(&["factorize", "--teacher", teacher().to_str().unwrap(), "--rank", "8", "--out", student.to_str().unwrap()]);
-    assert!(text.contains("blocks.1.mlp.fc2") && text.contains("compression"), "{text}");
+    let text = ok(&[
+        "factorize",
+        "--teacher",
+        teacher().to_str().unwrap(),
+        "--rank",
+        "8",
+        "--out",
+        student.to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains("blocks.1.mlp.fc2") && text.contains("compression"),
+        "{text}"
+    );
     let logits = dir.path().join("logits.safetensors");
-    let mut args = vec!["eval", "--checkpoint", student.to_str().unwrap(), "--device", "cpu", "--dump-logits", logits.to_str().unwrap()];
+    let mut args = vec![
+        "eval",
+        "--checkpoint",
+        student.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--dump-logits",
+        logits.to_str().unwrap(),
+    ];
     args.extend(DEMO);
     let text = ok(&args);
     assert!(text.contains("top-1") && logits.exists(), "{text}");
@@ -161,7 +244,22 @@ fn factorize_prints_the_table_and_eval_reads_the_student() {
 #[test]
 fn distill_trains_a_student_from_a_rank() {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["distill", "--teacher", teacher().to_str().unwrap(), "--rank", "4", "--loss", "kd=1,feature=0.5", "--epochs", "1", "--device", "cpu", "--quiet", "--out", dir.path().to_str().unwrap()];
+    let mut args = vec![
+        "distill",
+        "--teacher",
+        teacher().to_str().unwrap(),
+        "--rank",
+        "4",
+        "--loss",
+        "kd=1,feature=0.5",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ];
     args.extend(DEMO);
     let text = ok(&args);
     assert!(text.contains("student: test top-1"), "{text}");
@@ -177,25 +275,58 @@ fn bad_input_gives_errors_naming_what_is_wrong() {
     let e = fails(&sweep_args(t, out, "1,65"));
     assert!(e.contains("rank 65") && e.contains("[64, 64]"), "{e}");
     // Missing and corrupt checkpoints name the file.
-    let e = fails(&["factorize", "--teacher", "/nonexistent/t.safetensors", "--rank", "2"]);
+    let e = fails(&[
+        "factorize",
+        "--teacher",
+        "/nonexistent/t.safetensors",
+        "--rank",
+        "2",
+    ]);
     assert!(e.contains("/nonexistent/t.safetensors"), "{e}");
     let bad = dir.path().join("bad.safetensors");
     std::fs::write(&bad, b"not a checkpoint").unwrap();
-    let e = fails(&["factorize", "--teacher", bad.to_str().unwrap(), "--rank", "2"]);
+    let e = fails(&[
+        "factorize",
+        "--teacher",
+        bad.to_str().unwrap(),
+        "--rank",
+        "2",
+    ]);
     assert!(e.contains("bad.safetensors"), "{e}");
     // A truncated CIFAR file names the file and its size.
     let cifar = dir.path().join("cifar");
     std::fs::create_dir_all(&cifar).unwrap();
     std::fs::write(cifar.join("train.bin"), vec![0u8; 3074 * 2 + 5]).unwrap();
     std::fs::write(cifar.join("test.bin"), vec![0u8; 3074]).unwrap();
-    let e = fails(&["eval", "--checkpoint", t, "--data", cifar.to_str().unwrap(), "--device", "cpu"]);
+    let e = fails(&[
+        "eval",
+        "--checkpoint",
+        t,
+        "--data",
+        cifar.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
     assert!(e.contains("train.bin") && e.contains("6153"), "{e}");
     // A checkpoint holding NaN names the tensor.
     let mut ck = effrank_engine::model::checkpoint::load_checkpoint(teacher()).unwrap();
     ck.params.head.bias_mut()[3] = f32::NAN;
     let nan = dir.path().join("nan.safetensors");
-    effrank_engine::model::checkpoint::save_checkpoint(&nan, &ck.cfg, &ck.ranks, &ck.params, &ck.metadata).unwrap();
-    let e = fails(&["factorize", "--teacher", nan.to_str().unwrap(), "--rank", "2"]);
+    effrank_engine::model::checkpoint::save_checkpoint(
+        &nan,
+        &ck.cfg,
+        &ck.ranks,
+        &ck.params,
+        &ck.metadata,
+    )
+    .unwrap();
+    let e = fails(&[
+        "factorize",
+        "--teacher",
+        nan.to_str().unwrap(),
+        "--rank",
+        "2",
+    ]);
     assert!(e.contains("head.bias") && e.contains("NaN"), "{e}");
     // Bad flags.
     let mut a = sweep_args(t, out, "2");
@@ -233,7 +364,10 @@ fn an_adaptive_sweep_adds_the_ranks_the_analysis_suggests() {
     a.extend(["--adaptive", "--adaptive-budget", "4"]);
     ok(&a);
     let ranks: Vec<u64> = results(dir.path()).iter().map(|r| r.0).collect();
-    assert!(ranks.len() > 3 && ranks.len() <= 7, "ranks trained: {ranks:?}");
+    assert!(
+        ranks.len() > 3 && ranks.len() <= 7,
+        "ranks trained: {ranks:?}"
+    );
     assert!(dir.path().join("analysis.json").exists() && dir.path().join("plot.png").exists());
 }
 
@@ -248,7 +382,10 @@ fn status_shows_dead_and_stale_claims_and_the_sweep_takes_them_over() {
     let claim = |rank: usize, host: &str, pid: u32, age_s: u64| {
         let job = dir.path().join(format!("runs/r{rank}-s0"));
         std::fs::create_dir_all(&job).unwrap();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let c = serde_json::json!({"host": host, "pid": pid, "epoch": 1, "updated_unix_s": now - age_s, "heartbeat": {"every_s": 30, "stale_after_beats": 4}});
         std::fs::write(job.join("running.json"), c.to_string()).unwrap();
     };
@@ -256,19 +393,36 @@ fn status_shows_dead_and_stale_claims_and_the_sweep_takes_them_over() {
     claim(4, "some-other-host", 1, 600);
     claim(8, "some-other-host", 1, 10);
     let status = ok(&["sweep", "--status", "--out", out, "--ranks", "2,4,8"]);
-    let line = |rank: &str| status.lines().find(|l| l.split_whitespace().next() == Some(rank)).unwrap_or_else(|| panic!("no line for rank {rank}:\n{status}")).to_string();
+    let line = |rank: &str| {
+        status
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(rank))
+            .unwrap_or_else(|| panic!("no line for rank {rank}:\n{status}"))
+            .to_string()
+    };
     assert!(line("2").contains("dead"), "{status}");
     // 600 s, or 601 when a second boundary passed between the claim and the status.
-    assert!(line("4").contains("stale") && (line("4").contains("600 s ago") || line("4").contains("601 s ago")), "{status}");
+    assert!(
+        line("4").contains("stale")
+            && (line("4").contains("600 s ago") || line("4").contains("601 s ago")),
+        "{status}"
+    );
     assert!(line("8").contains("running"), "{status}");
     let text = ok(&{
         let mut a = sweep_args(t, out, "2,4,8");
         a.retain(|x| *x != "--quiet");
         a
     });
-    assert!(text.contains("rank 8 seed 0 is being trained by some-other-host"), "{text}");
+    assert!(
+        text.contains("rank 8 seed 0 is being trained by some-other-host"),
+        "{text}"
+    );
     let trained: Vec<u64> = results(dir.path()).iter().map(|r| r.0).collect();
-    assert_eq!(trained, vec![2, 4], "the dead and the stale claims are taken over, the live one is not");
+    assert_eq!(
+        trained,
+        vec![2, 4],
+        "the dead and the stale claims are taken over, the live one is not"
+    );
 }
 
 /// Students trained two at once give the same bits as one after the other
@@ -288,7 +442,11 @@ fn students_trained_at_once_equal_students_trained_one_by_one() {
         a.extend(["--parallel", parallel]);
         ok(&a);
     }
-    let bits = |rows: Vec<(u64, u64, f64)>| rows.into_iter().map(|(r, s, a)| (r, s, a.to_bits())).collect::<Vec<_>>();
+    let bits = |rows: Vec<(u64, u64, f64)>| {
+        rows.into_iter()
+            .map(|(r, s, a)| (r, s, a.to_bits()))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(bits(results(one.path())), bits(results(two.path())));
 }
 
@@ -297,18 +455,41 @@ fn students_trained_at_once_equal_students_trained_one_by_one() {
 #[test]
 fn a_profiled_cpu_run_prints_time_per_op() {
     let dir = tempfile::tempdir().unwrap();
-    let mut args = vec!["train", "--model", "vit-demo", "--epochs", "1", "--device", "cpu", "--quiet", "--out", dir.path().to_str().unwrap()];
+    let mut args = vec![
+        "train",
+        "--model",
+        "vit-demo",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ];
     args.extend(DEMO);
-    let out = Command::new(BIN).args(&args).env("EFFRANK_PROFILE", "1").output().unwrap();
+    let out = Command::new(BIN)
+        .args(&args)
+        .env("EFFRANK_PROFILE", "1")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("CPU time per op") && text.contains("linear_forward") && text.contains("attention_backward"), "{text}");
+    assert!(
+        text.contains("CPU time per op")
+            && text.contains("linear_forward")
+            && text.contains("attention_backward"),
+        "{text}"
+    );
 }
 
 /// The student records of a results folder, as JSON.
 fn student_records(dir: &Path) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(dir.join("results.jsonl")).unwrap();
-    text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).filter(|v| v["kind"] == "student").collect()
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "student")
+        .collect()
 }
 
 /// `sweep --groups`: one ordinary sweep folder per group, parameter counts
@@ -324,38 +505,110 @@ fn group_sweeps_write_a_folder_each_and_one_joint_analysis() {
     ok(&a);
     // vit-demo (72,010 parameters): attn at rank 4 replaces 4 · 2 matrices
     // of 64·64 by 4·(64 + 64) each; mlp replaces 2 · 2 of 128·64 by 4·(128 + 64).
-    for (group, params) in [("attn", 72_010 - 8 * (64 * 64 - 4 * 128)), ("mlp", 72_010 - 4 * (128 * 64 - 4 * 192))] {
+    for (group, params) in [
+        ("attn", 72_010 - 8 * (64 * 64 - 4 * 128)),
+        ("mlp", 72_010 - 4 * (128 * 64 - 4 * 192)),
+    ] {
         let records = student_records(&dir.path().join(group));
         let r4 = records.iter().find(|r| r["rank"] == 4).unwrap();
         assert_eq!(r4["params"], params, "{group}");
         assert_eq!(r4["settings"]["targets"]["layers"], group);
-        assert!(dir.path().join(group).join("analysis.json").exists(), "each group is analyzed on its own too");
+        assert!(
+            dir.path().join(group).join("analysis.json").exists(),
+            "each group is analyzed on its own too"
+        );
     }
     // One teacher, data and augmentation: the second group reads the
     // teacher logits the first computed (one cache folder under --out).
-    let summary = |group: &str| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(dir.path().join(group).join("sweep-summary-shard0of1.json")).unwrap()).unwrap() };
+    let summary = |group: &str| -> serde_json::Value {
+        serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(group).join("sweep-summary-shard0of1.json"))
+                .unwrap(),
+        )
+        .unwrap()
+    };
     let (first, second) = (summary("attn"), summary("mlp"));
-    assert!(first["teacher_epochs_computed"].as_u64().unwrap() > 0, "{first}");
-    assert_eq!(second["teacher_epochs_computed"], 0, "the mlp group recomputed teacher logits: {second}");
-    assert!(second["teacher_epochs_reused"].as_u64().unwrap() > 0, "{second}");
+    assert!(
+        first["teacher_epochs_computed"].as_u64().unwrap() > 0,
+        "{first}"
+    );
+    assert_eq!(
+        second["teacher_epochs_computed"], 0,
+        "the mlp group recomputed teacher logits: {second}"
+    );
+    assert!(
+        second["teacher_epochs_reused"].as_u64().unwrap() > 0,
+        "{second}"
+    );
     assert!(dir.path().join("cache").is_dir() && !dir.path().join("attn").join("cache").exists());
-    let joint: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("analysis.json")).unwrap()).unwrap();
-    let labels: Vec<&str> = joint["curves"].as_array().unwrap().iter().map(|c| c["label"].as_str().unwrap()).collect();
+    let joint: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("analysis.json")).unwrap())
+            .unwrap();
+    let labels: Vec<&str> = joint["curves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["label"].as_str().unwrap())
+        .collect();
     assert_eq!(labels, ["attn", "mlp"]);
-    assert!(joint["curves"][0]["by_reference"].as_array().unwrap().len() == 2, "both normalizations");
-    assert!(dir.path().join("plot.png").exists() && std::fs::read_to_string(dir.path().join("summary.md")).unwrap().contains("| mlp |"));
+    assert!(
+        joint["curves"][0]["by_reference"].as_array().unwrap().len() == 2,
+        "both normalizations"
+    );
+    assert!(
+        dir.path().join("plot.png").exists()
+            && std::fs::read_to_string(dir.path().join("summary.md"))
+                .unwrap()
+                .contains("| mlp |")
+    );
 
     let (attn, mlp) = (dir.path().join("attn"), dir.path().join("mlp"));
     let again = dir.path().join("again");
-    let text = ok(&["analyze", "--results", attn.to_str().unwrap(), "--results", mlp.to_str().unwrap(), "--label", "a", "--label", "b", "--out", again.to_str().unwrap(), "--no-plot"]);
+    let text = ok(&[
+        "analyze",
+        "--results",
+        attn.to_str().unwrap(),
+        "--results",
+        mlp.to_str().unwrap(),
+        "--label",
+        "a",
+        "--label",
+        "b",
+        "--out",
+        again.to_str().unwrap(),
+        "--no-plot",
+    ]);
     assert!(text.contains("2 curves"), "{text}");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(again.join("analysis.json")).unwrap()).unwrap();
-    assert_eq!((v["curves"][0]["label"].as_str(), v["curves"][1]["label"].as_str()), (Some("a"), Some("b")));
-    let e = fails(&["analyze", "--results", attn.to_str().unwrap(), "--results", mlp.to_str().unwrap(), "--label", "a", "--label", "a"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(again.join("analysis.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (
+            v["curves"][0]["label"].as_str(),
+            v["curves"][1]["label"].as_str()
+        ),
+        (Some("a"), Some("b"))
+    );
+    let e = fails(&[
+        "analyze",
+        "--results",
+        attn.to_str().unwrap(),
+        "--results",
+        mlp.to_str().unwrap(),
+        "--label",
+        "a",
+        "--label",
+        "a",
+    ]);
     assert!(e.contains("two curves are labelled 'a'"), "{e}");
     ok(&["analyze", "--results", attn.to_str().unwrap(), "--no-plot"]);
-    let single: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(attn.join("analysis.json")).unwrap()).unwrap();
-    assert!(single["mean"].is_object() && single["curves"].is_null(), "one --results keeps the single-curve format");
+    let single: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(attn.join("analysis.json")).unwrap())
+            .unwrap();
+    assert!(
+        single["mean"].is_object() && single["curves"].is_null(),
+        "one --results keeps the single-curve format"
+    );
 }
 
 #[test]
@@ -363,15 +616,69 @@ fn factorize_picks_layers_and_blocks_and_calibrates_svd_act() {
     let dir = tempfile::tempdir().unwrap();
     let t = teacher().to_str().unwrap();
     let s = dir.path().join("s.safetensors");
-    let text = ok(&["factorize", "--teacher", t, "--rank", "4", "--init", "svd-act", "--calibration", "64", "--layers", "fc1,fc2", "--blocks", "1", "--out", s.to_str().unwrap()]);
-    assert!(text.contains("blocks.1.mlp.fc1") && text.contains("blocks.1.mlp.fc2"), "{text}");
-    assert!(!text.contains("blocks.0.") && !text.contains("attn."), "only the named layers: {text}");
+    let text = ok(&[
+        "factorize",
+        "--teacher",
+        t,
+        "--rank",
+        "4",
+        "--init",
+        "svd-act",
+        "--calibration",
+        "64",
+        "--layers",
+        "fc1,fc2",
+        "--blocks",
+        "1",
+        "--out",
+        s.to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains("blocks.1.mlp.fc1") && text.contains("blocks.1.mlp.fc2"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("blocks.0.") && !text.contains("attn."),
+        "only the named layers: {text}"
+    );
     assert!(text.contains("mlp in blocks 1"), "{text}");
-    let e = fails(&["factorize", "--teacher", t, "--rank", "4", "--blocks", "0-5"]);
-    assert!(e.contains("--blocks 0-5: the model has 2 blocks (0-1)"), "{e}");
-    let e = fails(&["factorize", "--teacher", t, "--rank", "4", "--layers", "q,qkv"]);
-    assert!(e.contains("--layers") && e.contains("unknown layer 'qkv'"), "{e}");
-    let e = fails(&["factorize", "--teacher", t, "--rank", "4", "--init", "svd-act", "--calibration", "0"]);
+    let e = fails(&[
+        "factorize",
+        "--teacher",
+        t,
+        "--rank",
+        "4",
+        "--blocks",
+        "0-5",
+    ]);
+    assert!(
+        e.contains("--blocks 0-5: the model has 2 blocks (0-1)"),
+        "{e}"
+    );
+    let e = fails(&[
+        "factorize",
+        "--teacher",
+        t,
+        "--rank",
+        "4",
+        "--layers",
+        "q,qkv",
+    ]);
+    assert!(
+        e.contains("--layers") && e.contains("unknown layer 'qkv'"),
+        "{e}"
+    );
+    let e = fails(&[
+        "factorize",
+        "--teacher",
+        t,
+        "--rank",
+        "4",
+        "--init",
+        "svd-act",
+        "--calibration",
+        "0",
+    ]);
     assert!(e.contains("--calibration must be at least 1"), "{e}");
 }
 
@@ -380,15 +687,44 @@ fn factorize_picks_layers_and_blocks_and_calibrates_svd_act() {
 #[test]
 fn a_reference_recipe_sweep_records_the_protocol() {
     let dir = tempfile::tempdir().unwrap();
-    let mut a = vec!["sweep", "--recipe", "reference", "--teacher", teacher().to_str().unwrap(), "--ranks", "2,8", "--epochs", "1", "--resize", "20", "--device", "cpu", "--quiet", "--out", dir.path().to_str().unwrap()];
+    let mut a = vec![
+        "sweep",
+        "--recipe",
+        "reference",
+        "--teacher",
+        teacher().to_str().unwrap(),
+        "--ranks",
+        "2,8",
+        "--epochs",
+        "1",
+        "--resize",
+        "20",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        dir.path().to_str().unwrap(),
+    ];
     a.extend(DEMO);
     let text = ok(&a);
     assert!(text.contains("against the curve maximum"), "{text}");
     let r = &student_records(dir.path())[0];
     let settings = &r["settings"];
-    assert_eq!((r["seed"].as_u64(), settings["from_teacher"].as_str()), (Some(42), Some("embeddings")));
+    assert_eq!(
+        (r["seed"].as_u64(), settings["from_teacher"].as_str()),
+        (Some(42), Some("embeddings"))
+    );
     assert_eq!(settings["init"]["random"]["seed"], 42);
-    assert_eq!((settings["loss"]["feature"].as_f64(), settings["loss"]["ce"].as_f64()), (Some(1.0), Some(0.0)));
-    assert_eq!(settings["fit"]["min_lr"], settings["fit"]["lr"], "a constant learning rate");
+    assert_eq!(
+        (
+            settings["loss"]["feature"].as_f64(),
+            settings["loss"]["ce"].as_f64()
+        ),
+        (Some(1.0), Some(0.0))
+    );
+    assert_eq!(
+        settings["fit"]["min_lr"], settings["fit"]["lr"],
+        "a constant learning rate"
+    );
     assert_eq!(settings["fit"]["batch"], 24);
 }

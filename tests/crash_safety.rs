@@ -19,13 +19,34 @@ const SIGABRT: i32 = 6;
 
 fn sweep_command(out: &Path, ranks: &str, epochs: &str) -> Command {
     let mut c = Command::new(BIN);
-    c.args(["sweep", "--teacher", teacher().to_str().unwrap(), "--ranks", ranks, "--epochs", epochs, "--lr", "2e-3", "--device", "cpu", "--quiet", "--heartbeat", "1", "--out", out.to_str().unwrap()]);
+    c.args([
+        "sweep",
+        "--teacher",
+        teacher().to_str().unwrap(),
+        "--ranks",
+        ranks,
+        "--epochs",
+        epochs,
+        "--lr",
+        "2e-3",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--heartbeat",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     c.args(DATA);
     c
 }
 
 fn output_text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn teacher() -> &'static Path {
@@ -34,7 +55,20 @@ fn teacher() -> &'static Path {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("teacher");
         let status = Command::new(BIN)
-            .args(["train", "--model", "vit-demo", "--epochs", "2", "--lr", "2e-3", "--device", "cpu", "--quiet", "--out", out.to_str().unwrap()])
+            .args([
+                "train",
+                "--model",
+                "vit-demo",
+                "--epochs",
+                "2",
+                "--lr",
+                "2e-3",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--out",
+                out.to_str().unwrap(),
+            ])
             .args(DATA)
             .status()
             .unwrap();
@@ -58,11 +92,19 @@ fn results(dir: &Path) -> (Results, usize) {
             continue;
         }
         for line in std::fs::read_to_string(&path).unwrap().lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{}: a line that does not parse ({e}): {line}", path.display()));
+            let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| {
+                panic!(
+                    "{}: a line that does not parse ({e}): {line}",
+                    path.display()
+                )
+            });
             if v["kind"] == "student" {
                 n += 1;
                 let bits = |k: &str| v[k].as_f64().unwrap().to_bits();
-                map.insert((v["rank"].as_u64().unwrap(), v["seed"].as_u64().unwrap()), (bits("top1"), bits("top5")));
+                map.insert(
+                    (v["rank"].as_u64().unwrap(), v["seed"].as_u64().unwrap()),
+                    (bits("top1"), bits("top5")),
+                );
             }
         }
     }
@@ -73,12 +115,17 @@ fn results(dir: &Path) -> (Results, usize) {
 /// training state) of every job folder.
 fn progress(dir: &Path) -> Vec<(String, usize, usize)> {
     let runs = dir.join("runs");
-    let Ok(entries) = std::fs::read_dir(&runs) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(&runs) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for e in entries {
         let job = e.unwrap().path();
         let metrics = std::fs::read_to_string(job.join("metrics.jsonl")).unwrap_or_default();
-        let trained = metrics.split_inclusive('\n').filter(|l| l.ends_with('\n')).count();
+        let trained = metrics
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .count();
         let committed = match std::fs::read(job.join("state.safetensors")) {
             Ok(bytes) => {
                 let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -86,7 +133,11 @@ fn progress(dir: &Path) -> Vec<(String, usize, usize)> {
             }
             Err(_) => 0,
         };
-        out.push((job.file_name().unwrap().to_string_lossy().to_string(), trained, committed));
+        out.push((
+            job.file_name().unwrap().to_string_lossy().to_string(),
+            trained,
+            committed,
+        ));
     }
     out
 }
@@ -95,7 +146,11 @@ fn progress(dir: &Path) -> Vec<(String, usize, usize)> {
 /// cost it. Students trained at once (`--parallel`) each lose at most the
 /// epoch they were in.
 fn lost_epochs(dir: &Path) -> usize {
-    progress(dir).iter().map(|(_, trained, committed)| trained.saturating_sub(*committed)).max().unwrap_or(0)
+    progress(dir)
+        .iter()
+        .map(|(_, trained, committed)| trained.saturating_sub(*committed))
+        .max()
+        .unwrap_or(0)
 }
 
 fn reference() -> &'static Results {
@@ -114,9 +169,17 @@ fn reference() -> &'static Results {
 /// Run the sweep to completion in `dir`, expecting the results to match the reference.
 fn finish_and_compare(dir: &Path, what: &str) {
     let out = sweep_command(dir, "2,8", "3").output().unwrap();
-    assert!(out.status.success(), "{what}: the resumed sweep failed:\n{}", output_text(&out));
+    assert!(
+        out.status.success(),
+        "{what}: the resumed sweep failed:\n{}",
+        output_text(&out)
+    );
     let (map, n) = results(dir);
-    assert_eq!(&map, reference(), "{what}: the resumed results differ from an uninterrupted run");
+    assert_eq!(
+        &map,
+        reference(),
+        "{what}: the resumed results differ from an uninterrupted run"
+    );
     assert_eq!(n, map.len(), "{what}: a job was recorded twice");
 }
 
@@ -153,10 +216,23 @@ fn every_fault_point_is_survived() {
     for &(point, hit) in points {
         let what = format!("{point}@{hit}");
         let dir = tempfile::tempdir().unwrap();
-        let out = sweep_command(dir.path(), "2,8", "3").env("EFFRANK_FAULT", &what).output().unwrap();
-        assert_eq!(out.status.signal(), Some(SIGABRT), "{what}: the fault point was not reached (status {:?}):\n{}", out.status, output_text(&out));
+        let out = sweep_command(dir.path(), "2,8", "3")
+            .env("EFFRANK_FAULT", &what)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.signal(),
+            Some(SIGABRT),
+            "{what}: the fault point was not reached (status {:?}):\n{}",
+            out.status,
+            output_text(&out)
+        );
         let lost = lost_epochs(dir.path());
-        assert!(lost <= 1, "{what}: a job lost {lost} epochs (trained, committed): {:?}", progress(dir.path()));
+        assert!(
+            lost <= 1,
+            "{what}: a job lost {lost} epochs (trained, committed): {:?}",
+            progress(dir.path())
+        );
         finish_and_compare(dir.path(), &what);
         survived += 1;
     }
@@ -183,8 +259,15 @@ fn ten_sigkills_at_random_moments_lose_nothing() {
     let mut kills = 0;
     let started = Instant::now();
     while kills < 10 {
-        assert!(started.elapsed() < Duration::from_secs(600), "took too long");
-        let mut child = sweep_command(dir.path(), "2,8", "3").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "took too long"
+        );
+        let mut child = sweep_command(dir.path(), "2,8", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         // Between 0.15 and 0.9 s after the start: after loading, in training.
         let delay = Duration::from_millis(150 + rng.next() % 750);
         let until = Instant::now() + delay;
@@ -198,7 +281,10 @@ fn ten_sigkills_at_random_moments_lose_nothing() {
         }
         match exited {
             Some(status) => {
-                assert!(status.success(), "the sweep failed after {kills} kills: {status:?}");
+                assert!(
+                    status.success(),
+                    "the sweep failed after {kills} kills: {status:?}"
+                );
                 // It finished before this kill: start the same work again in a fresh folder.
                 finish_and_compare(dir.path(), &format!("after {kills} kills"));
                 std::fs::remove_dir_all(dir.path()).unwrap();
@@ -209,7 +295,11 @@ fn ten_sigkills_at_random_moments_lose_nothing() {
                 child.wait().unwrap();
                 kills += 1;
                 let lost = lost_epochs(dir.path());
-                assert!(lost <= 1, "kill {kills}: a job lost {lost} epochs (trained, committed): {:?}", progress(dir.path()));
+                assert!(
+                    lost <= 1,
+                    "kill {kills}: a job lost {lost} epochs (trained, committed): {:?}",
+                    progress(dir.path())
+                );
             }
         }
     }

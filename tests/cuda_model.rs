@@ -37,7 +37,10 @@ fn gpu(p: Precision, new_paths: bool) -> Cuda {
 
 /// (new paths, ranks) of every model check: both paths, dense and rank 8.
 fn cases(cfg: &VitConfig) -> Vec<(bool, Ranks)> {
-    [false, true].into_iter().flat_map(|new| [dense_ranks(cfg), uniform_ranks(cfg, 8)].map(|r| (new, r))).collect()
+    [false, true]
+        .into_iter()
+        .flat_map(|new| [dense_ranks(cfg), uniform_ranks(cfg, 8)].map(|r| (new, r)))
+        .collect()
 }
 
 #[test]
@@ -49,18 +52,36 @@ fn without_a_gpu_new_returns_a_clear_error() {
         Ok(_) => panic!("Cuda::new succeeded although cuda_available() is false"),
         Err(e) => format!("{e:#}"),
     };
-    assert!(e.contains("--device cpu") || e.contains("NVRTC"), "unclear error: {e}");
+    assert!(
+        e.contains("--device cpu") || e.contains("NVRTC"),
+        "unclear error: {e}"
+    );
 }
 
 fn tiny_config() -> VitConfig {
-    VitConfig { image_size: 16, channels: 3, patch: 4, width: 32, depth: 2, heads: 2, mlp: 48, classes: 10, ln_eps: 1e-6 }
+    VitConfig {
+        image_size: 16,
+        channels: 3,
+        patch: 4,
+        width: 32,
+        depth: 2,
+        heads: 2,
+        mlp: 48,
+        classes: 10,
+        ln_eps: 1e-6,
+    }
 }
 
 fn random_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f32>> {
     let mut rng = Rng::new(seed);
     VitParams::build(cfg, ranks, |s| {
-        let v = if s.name.ends_with("norm1.weight") || s.name.ends_with("norm2.weight") || s.name == "norm.weight" {
-            (0..s.numel()).map(|_| 1.0 + 0.1 * rng.normal() as f32).collect()
+        let v = if s.name.ends_with("norm1.weight")
+            || s.name.ends_with("norm2.weight")
+            || s.name == "norm.weight"
+        {
+            (0..s.numel())
+                .map(|_| 1.0 + 0.1 * rng.normal() as f32)
+                .collect()
         } else {
             rng.normal_vec(s.numel(), 0.1)
         };
@@ -70,13 +91,49 @@ fn random_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f32
 }
 
 /// Loss, gradients after one forward/backward, and parameters after one step.
-fn one_step<B: Backend>(be: &B, cfg: &VitConfig, ranks: &Ranks, bytes: &[u8], labels: &[u32]) -> (f32, Vec<Vec<f32>>, Vec<Vec<f32>>) {
-    let t = ImageTransform { channels: 3, src_height: 20, src_width: 20, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3], resize: None };
+fn one_step<B: Backend>(
+    be: &B,
+    cfg: &VitConfig,
+    ranks: &Ranks,
+    bytes: &[u8],
+    labels: &[u32],
+) -> (f32, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let t = ImageTransform {
+        channels: 3,
+        src_height: 20,
+        src_width: 20,
+        dst_size: cfg.image_size,
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        resize: None,
+    };
     let model = Vit::from_host(be, cfg, ranks, &random_params(cfg, ranks, 1)).unwrap();
     let mut learner = Learner::new(be, model, labels.len(), AdamWConfig::default()).unwrap();
-    let loss = learner.step(be, bytes, labels, &t, TeacherSignal::None, &LossSpec::ce(), 1e-3).unwrap().loss;
-    let grads = learner.grads.tensors().iter().map(|g| be.download(g).unwrap()).collect();
-    let params = learner.model.params.tensors().iter().map(|p| be.download(p).unwrap()).collect();
+    let loss = learner
+        .step(
+            be,
+            bytes,
+            labels,
+            &t,
+            TeacherSignal::None,
+            &LossSpec::ce(),
+            1e-3,
+        )
+        .unwrap()
+        .loss;
+    let grads = learner
+        .grads
+        .tensors()
+        .iter()
+        .map(|g| be.download(g).unwrap())
+        .collect();
+    let params = learner
+        .model
+        .params
+        .tensors()
+        .iter()
+        .map(|p| be.download(p).unwrap())
+        .collect();
     (loss, grads, params)
 }
 
@@ -86,7 +143,9 @@ fn whole_vit_step_matches_cpu() {
     let cfg = tiny_config();
     let batch = 6;
     let mut rng = Rng::new(53);
-    let bytes: Vec<u8> = (0..batch * 3 * 20 * 20).map(|_| rng.below(256) as u8).collect();
+    let bytes: Vec<u8> = (0..batch * 3 * 20 * 20)
+        .map(|_| rng.below(256) as u8)
+        .collect();
     let labels: Vec<u32> = (0..batch).map(|_| rng.below(cfg.classes) as u32).collect();
     for p in PRECISIONS {
         // fp32: rounding only. bf16: every activation rounded to 8 bits, so
@@ -109,27 +168,58 @@ fn whole_vit_step_matches_cpu() {
             let (lc, gc, pc) = one_step(&Cpu, &cfg, &ranks, &bytes, &labels);
             let (lg, gg, pg) = one_step(&gpu(p, new_paths), &cfg, &ranks, &bytes, &labels);
             println!("{p:?}, new paths {new_paths}: loss cpu {lc} gpu {lg}");
-            assert!((lc - lg).abs() <= loss_tol * lc.abs().max(1.0), "{p:?}: loss cpu {lc} gpu {lg}");
-            assert_close_floor(&format!("ViT gradients {p:?}, new paths {new_paths}"), &gg, &gc, grad_tol, floor);
+            assert!(
+                (lc - lg).abs() <= loss_tol * lc.abs().max(1.0),
+                "{p:?}: loss cpu {lc} gpu {lg}"
+            );
+            assert_close_floor(
+                &format!("ViT gradients {p:?}, new paths {new_paths}"),
+                &gg,
+                &gc,
+                grad_tol,
+                floor,
+            );
             // AdamW moves a weight by about lr · g/|g|: where the gradient is
             // zero up to rounding (the key bias: softmax ignores a constant
             // shift of the scores), its direction is rounding noise on both
             // devices, so those tensors are left out of the parameter check.
             let global = gc.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
-            let keep: Vec<usize> = (0..gc.len()).filter(|&i| gc[i].iter().fold(0f32, |m, v| m.max(v.abs())) > 1e-4 * global).collect();
-            println!("{p:?}: {} of {} parameter tensors have a non-degenerate gradient", keep.len(), gc.len());
-            assert!(keep.len() + 2 * cfg.depth >= gc.len(), "{p:?}: too many tensors with zero gradient");
+            let keep: Vec<usize> = (0..gc.len())
+                .filter(|&i| gc[i].iter().fold(0f32, |m, v| m.max(v.abs())) > 1e-4 * global)
+                .collect();
+            println!(
+                "{p:?}: {} of {} parameter tensors have a non-degenerate gradient",
+                keep.len(),
+                gc.len()
+            );
+            assert!(
+                keep.len() + 2 * cfg.depth >= gc.len(),
+                "{p:?}: too many tensors with zero gradient"
+            );
             let pick = |v: &[Vec<f32>]| keep.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
             match p {
-                Precision::F32 => assert_close(&format!("ViT parameters after one AdamW step {p:?}"), &pick(&pg), &pick(&pc), param_tol),
+                Precision::F32 => assert_close(
+                    &format!("ViT parameters after one AdamW step {p:?}"),
+                    &pick(&pg),
+                    &pick(&pc),
+                    param_tol,
+                ),
                 Precision::Bf16 => {
                     // At step 1 AdamW moves every weight by lr · g/(|g| + eps):
                     // where bf16 noise flips the sign of a tiny gradient element
                     // the two updates differ by up to 2 lr, never more.
                     let lr = 1e-3f32;
-                    let worst = pg.iter().flatten().zip(pc.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                    let worst = pg
+                        .iter()
+                        .flatten()
+                        .zip(pc.iter().flatten())
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
                     println!("{p:?}: parameters after one AdamW step differ by at most {worst:.2e} (bound 2.05 lr = {:.2e})", 2.05 * lr);
-                    assert!(worst <= 2.05 * lr, "{p:?}: parameters after one step differ by {worst:e} > 2.05 lr");
+                    assert!(
+                        worst <= 2.05 * lr,
+                        "{p:?}: parameters after one step differ by {worst:e} > 2.05 lr"
+                    );
                     let _ = param_tol;
                 }
             }
@@ -145,19 +235,31 @@ fn logits_only_forward_matches_cpu() {
     let cfg = tiny_config();
     let batch = 5;
     let mut rng = Rng::new(59);
-    let bytes: Vec<u8> = (0..batch * 3 * 20 * 20).map(|_| rng.below(256) as u8).collect();
-    let t = ImageTransform { channels: 3, src_height: 20, src_width: 20, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.25; 3], resize: None };
+    let bytes: Vec<u8> = (0..batch * 3 * 20 * 20)
+        .map(|_| rng.below(256) as u8)
+        .collect();
+    let t = ImageTransform {
+        channels: 3,
+        src_height: 20,
+        src_width: 20,
+        dst_size: cfg.image_size,
+        mean: [0.5; 3],
+        std: [0.25; 3],
+        resize: None,
+    };
     for p in PRECISIONS {
         for (new_paths, ranks) in cases(&cfg) {
             let cpu = Cpu;
-            let model = Vit::from_host(&cpu, &cfg, &ranks, &random_params(&cfg, &ranks, 2)).unwrap();
+            let model =
+                Vit::from_host(&cpu, &cfg, &ranks, &random_params(&cfg, &ranks, 2)).unwrap();
             let mut acts = model.new_acts(&cpu, batch).unwrap();
             image::from_bytes(&cpu, &mut acts.images, &bytes, batch, &t).unwrap();
             model.forward(&cpu, &mut acts, batch).unwrap();
             let want = cpu.download(&acts.logits).unwrap();
 
             let gpu = gpu(p, new_paths);
-            let model = Vit::from_host(&gpu, &cfg, &ranks, &random_params(&cfg, &ranks, 2)).unwrap();
+            let model =
+                Vit::from_host(&gpu, &cfg, &ranks, &random_params(&cfg, &ranks, 2)).unwrap();
             let mut acts = model.new_acts(&gpu, batch).unwrap();
             image::from_bytes(&gpu, &mut acts.images, &bytes, batch, &t).unwrap();
             model.forward_logits(&gpu, &mut acts, batch).unwrap();
@@ -167,7 +269,12 @@ fn logits_only_forward_matches_cpu() {
                 Precision::F32 => RED,
                 Precision::Bf16 => 3e-2,
             };
-            assert_close(&format!("logits-only forward {p:?}, new paths {new_paths}"), &[got], &[want], tolerance);
+            assert_close(
+                &format!("logits-only forward {p:?}, new paths {new_paths}"),
+                &[got],
+                &[want],
+                tolerance,
+            );
         }
     }
 }

@@ -7,7 +7,8 @@
 use effrank_engine::data::augment::{apply, AugmentDraw};
 use effrank_engine::data::cifar::{CifarKind, PIXELS};
 use effrank_engine::data::{
-    augmented_batch, demo, epoch_order, load_data, Augment, DataSource, Dataset, DemoConfig, LoadOptions,
+    augmented_batch, demo, epoch_order, load_data, Augment, DataSource, Dataset, DemoConfig,
+    LoadOptions,
 };
 use image::{Rgb, RgbImage};
 use std::path::{Path, PathBuf};
@@ -31,17 +32,25 @@ fn err_of<T: std::fmt::Debug>(r: anyhow::Result<T>) -> String {
 }
 
 fn opts(size: usize, skip_bad: bool) -> LoadOptions {
-    LoadOptions { image_size: size, skip_bad, ..LoadOptions::default() }
+    LoadOptions {
+        image_size: size,
+        skip_bad,
+        ..LoadOptions::default()
+    }
 }
 
 /// A `w` x `h` RGB image whose pixel (x, y) is (seed + x, seed + 2y, seed + x + y).
 fn pattern_image(w: u32, h: u32, seed: u8) -> RgbImage {
-    RgbImage::from_fn(w, h, |x, y| Rgb([seed + x as u8, seed + 2 * y as u8, seed + (x + y) as u8]))
+    RgbImage::from_fn(w, h, |x, y| {
+        Rgb([seed + x as u8, seed + 2 * y as u8, seed + (x + y) as u8])
+    })
 }
 
 /// The `[3, h, w]` planes of `img`.
 fn planes(img: &RgbImage) -> Vec<u8> {
-    (0..3).flat_map(|c| img.pixels().map(move |p| p[c])).collect()
+    (0..3)
+        .flat_map(|c| img.pixels().map(move |p| p[c]))
+        .collect()
 }
 
 fn save(img: &RgbImage, path: &Path) {
@@ -56,22 +65,44 @@ fn cifar10_batches_load_in_numeric_order_from_the_archive_folder() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("cifar-10-batches-bin");
     // data_batch_10 must come after data_batch_2 (numeric, not text, order).
-    write(&dir.join("data_batch_1.bin"), &[cifar_record(&[3], 1), cifar_record(&[9], 2)].concat());
+    write(
+        &dir.join("data_batch_1.bin"),
+        &[cifar_record(&[3], 1), cifar_record(&[9], 2)].concat(),
+    );
     write(&dir.join("data_batch_2.bin"), &cifar_record(&[0], 3));
     write(&dir.join("data_batch_10.bin"), &cifar_record(&[5], 4));
     write(&dir.join("test_batch.bin"), &cifar_record(&[7], 5));
-    write(&dir.join("batches.meta.txt"), b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n");
+    write(
+        &dir.join("batches.meta.txt"),
+        b"airplane\nautomobile\nbird\ncat\ndeer\ndog\nfrog\nhorse\nship\ntruck\n\n",
+    );
 
     let src = DataSource::resolve(root.path().to_str().unwrap()).unwrap();
-    let DataSource::Cifar { kind, train, .. } = &src else { panic!("resolved to {src:?}") };
+    let DataSource::Cifar { kind, train, .. } = &src else {
+        panic!("resolved to {src:?}")
+    };
     assert_eq!(*kind, CifarKind::Cifar10);
-    let names: Vec<_> = train.iter().map(|p| p.file_name().unwrap().to_str().unwrap().to_string()).collect();
-    assert_eq!(names, ["data_batch_1.bin", "data_batch_2.bin", "data_batch_10.bin"]);
+    let names: Vec<_> = train
+        .iter()
+        .map(|p| p.file_name().unwrap().to_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["data_batch_1.bin", "data_batch_2.bin", "data_batch_10.bin"]
+    );
 
     let data = src.load(&LoadOptions::default()).unwrap();
     assert_eq!(data.train.labels, vec![3, 9, 0, 5]);
     assert_eq!(data.test.labels, vec![7]);
-    assert_eq!((data.train.classes, data.train.channels, data.train.height, data.train.width), (10, 3, 32, 32));
+    assert_eq!(
+        (
+            data.train.classes,
+            data.train.channels,
+            data.train.height,
+            data.train.width
+        ),
+        (10, 3, 32, 32)
+    );
     assert_eq!(data.train.image(1), &cifar_record(&[9], 2)[1..]);
     assert_eq!(data.test.image(0), &cifar_record(&[7], 5)[1..]);
     assert_eq!(data.train.class_names.as_ref().unwrap()[3], "cat");
@@ -81,7 +112,10 @@ fn cifar10_batches_load_in_numeric_order_from_the_archive_folder() {
 #[test]
 fn cifar100_uses_fine_labels() {
     let root = tempfile::tempdir().unwrap();
-    write(&root.path().join("train.bin"), &[cifar_record(&[19, 99], 1), cifar_record(&[0, 42], 2)].concat());
+    write(
+        &root.path().join("train.bin"),
+        &[cifar_record(&[19, 99], 1), cifar_record(&[0, 42], 2)].concat(),
+    );
     write(&root.path().join("test.bin"), &cifar_record(&[4, 17], 3));
     let data = load_data(root.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
     assert_eq!(data.train.classes, 100);
@@ -97,7 +131,10 @@ fn cifar100_uses_fine_labels() {
     write(&dir.join("train.bin"), &cifar_record(&[1, 2], 0));
     write(&dir.join("test.bin"), &cifar_record(&[1, 3], 0));
     let data = load_data(root2.path().to_str().unwrap(), &LoadOptions::default()).unwrap();
-    assert_eq!((data.train.labels.clone(), data.test.labels.clone()), (vec![2], vec![3]));
+    assert_eq!(
+        (data.train.labels.clone(), data.test.labels.clone()),
+        (vec![2], vec![3])
+    );
 }
 
 #[test]
@@ -107,16 +144,30 @@ fn truncated_cifar_file_names_file_size_and_record_size() {
     bytes.extend_from_slice(&[0; 100]);
     write(&root.path().join("train.bin"), &bytes);
     write(&root.path().join("test.bin"), &cifar_record(&[0, 1], 0));
-    let err = err_of(load_data(root.path().to_str().unwrap(), &LoadOptions::default()));
-    assert!(err.contains("train.bin") && err.contains("3174 bytes") && err.contains("3074-byte CIFAR-100"), "{err}");
+    let err = err_of(load_data(
+        root.path().to_str().unwrap(),
+        &LoadOptions::default(),
+    ));
+    assert!(
+        err.contains("train.bin")
+            && err.contains("3174 bytes")
+            && err.contains("3074-byte CIFAR-100"),
+        "{err}"
+    );
 }
 
 #[test]
 fn cifar_label_out_of_range_names_file_and_record() {
     let root = tempfile::tempdir().unwrap();
     write(&root.path().join("train.bin"), &cifar_record(&[0, 1], 0));
-    write(&root.path().join("test.bin"), &[cifar_record(&[0, 1], 0), cifar_record(&[0, 100], 0)].concat());
-    let err = err_of(load_data(root.path().to_str().unwrap(), &LoadOptions::default()));
+    write(
+        &root.path().join("test.bin"),
+        &[cifar_record(&[0, 1], 0), cifar_record(&[0, 100], 0)].concat(),
+    );
+    let err = err_of(load_data(
+        root.path().to_str().unwrap(),
+        &LoadOptions::default(),
+    ));
     assert!(err.contains("test.bin: record 1 has label 100"), "{err}");
 }
 
@@ -124,12 +175,21 @@ fn cifar_label_out_of_range_names_file_and_record() {
 fn half_a_cifar_set_is_a_missing_split_error() {
     let root = tempfile::tempdir().unwrap();
     write(&root.path().join("train.bin"), &cifar_record(&[0, 1], 0));
-    let err = err_of(load_data(root.path().to_str().unwrap(), &LoadOptions::default()));
+    let err = err_of(load_data(
+        root.path().to_str().unwrap(),
+        &LoadOptions::default(),
+    ));
     assert!(err.contains("train.bin but no test.bin"), "{err}");
 
     let root = tempfile::tempdir().unwrap();
-    write(&root.path().join("data_batch_1.bin"), &cifar_record(&[0], 0));
-    let err = err_of(load_data(root.path().to_str().unwrap(), &LoadOptions::default()));
+    write(
+        &root.path().join("data_batch_1.bin"),
+        &cifar_record(&[0], 0),
+    );
+    let err = err_of(load_data(
+        root.path().to_str().unwrap(),
+        &LoadOptions::default(),
+    ));
     assert!(err.contains("no test_batch.bin"), "{err}");
 }
 
@@ -168,18 +228,30 @@ fn image_folders_map_sorted_classes_and_read_png_and_jpeg() {
     let root = tempfile::tempdir().unwrap();
     let files = image_tree(root.path(), "test");
     let data = load_data(root.path().to_str().unwrap(), &opts(8, false)).unwrap();
-    assert_eq!(data.train.class_names.as_deref(), Some(&["cat".to_string(), "dog".to_string()][..]));
+    assert_eq!(
+        data.train.class_names.as_deref(),
+        Some(&["cat".to_string(), "dog".to_string()][..])
+    );
     // Order: class "cat" (a.jpg, b.png), then "dog" (a.png).
     assert_eq!(data.train.labels, vec![0, 0, 1]);
     assert_eq!(data.test.labels, vec![0]);
-    assert_eq!((data.train.channels, data.train.height, data.train.width), (3, 8, 8));
+    assert_eq!(
+        (data.train.channels, data.train.height, data.train.width),
+        (3, 8, 8)
+    );
     // PNG is lossless: exact planes.
     assert_eq!(data.train.image(1), planes(&files[1].1));
     assert_eq!(data.train.image(2), planes(&files[0].1));
     assert_eq!(data.test.image(0), planes(&files[3].1));
     // JPEG is lossy: close.
-    let jpeg_err =
-        data.train.image(0).iter().zip(planes(&files[2].1)).map(|(&a, b)| (a as i32 - b as i32).abs()).max().unwrap();
+    let jpeg_err = data
+        .train
+        .image(0)
+        .iter()
+        .zip(planes(&files[2].1))
+        .map(|(&a, b)| (a as i32 - b as i32).abs())
+        .max()
+        .unwrap();
     assert!(jpeg_err <= 12, "JPEG differs by up to {jpeg_err}");
     assert!(data.skipped.is_empty());
 }
@@ -189,12 +261,18 @@ fn image_folders_resize_bilinear_and_accept_val() {
     let root = tempfile::tempdir().unwrap();
     image_tree(root.path(), "val");
     let data = load_data(root.path().to_str().unwrap(), &opts(4, false)).unwrap();
-    assert_eq!((data.train.height, data.train.width, data.test.len()), (4, 4, 1));
+    assert_eq!(
+        (data.train.height, data.train.width, data.test.len()),
+        (4, 4, 1)
+    );
     // A 2x downscale of the linear ramp x + 40 (red plane) stays a ramp near 41.5 + 2x.
     let red = &data.test.image(0)[..16];
     for (i, &v) in red.iter().enumerate() {
         let expected = 41.5 + 2.0 * (i % 4) as f32;
-        assert!((v as f32 - expected).abs() <= 1.5, "red pixel {i} = {v}, expected about {expected}");
+        assert!(
+            (v as f32 - expected).abs() <= 1.5,
+            "red pixel {i} = {v}, expected about {expected}"
+        );
     }
 }
 
@@ -203,10 +281,16 @@ fn corrupt_image_is_named_or_skipped_and_counted() {
     let root = tempfile::tempdir().unwrap();
     let files = image_tree(root.path(), "test");
     // Sorts before train/dog/a.png, so skipping it must close the gap.
-    write(&root.path().join("train/dog/0broken.png"), b"\x89PNG\r\n\x1a\n this is not really a PNG");
+    write(
+        &root.path().join("train/dog/0broken.png"),
+        b"\x89PNG\r\n\x1a\n this is not really a PNG",
+    );
     let err = err_of(load_data(root.path().to_str().unwrap(), &opts(8, false)));
     eprintln!("{err}");
-    assert!(err.contains("decoding image") && err.contains("0broken.png") && err.contains("skip-bad"), "{err}");
+    assert!(
+        err.contains("decoding image") && err.contains("0broken.png") && err.contains("skip-bad"),
+        "{err}"
+    );
 
     let data = load_data(root.path().to_str().unwrap(), &opts(8, true)).unwrap();
     assert_eq!(data.skipped.len(), 1);
@@ -214,16 +298,26 @@ fn corrupt_image_is_named_or_skipped_and_counted() {
     assert_eq!(data.train.len(), 3);
     assert_eq!(data.train.labels, vec![0, 0, 1]);
     assert_eq!(data.train.image(2), planes(&files[0].1));
-    assert!(data.summary().contains("1 unreadable images skipped"), "{}", data.summary());
+    assert!(
+        data.summary().contains("1 unreadable images skipped"),
+        "{}",
+        data.summary()
+    );
 }
 
 #[test]
 fn test_class_missing_from_train_is_an_error() {
     let root = tempfile::tempdir().unwrap();
     image_tree(root.path(), "test");
-    save(&pattern_image(8, 8, 0), &root.path().join("test/zebra/z.png"));
+    save(
+        &pattern_image(8, 8, 0),
+        &root.path().join("test/zebra/z.png"),
+    );
     let err = err_of(load_data(root.path().to_str().unwrap(), &opts(8, false)));
-    assert!(err.contains("'zebra'") && err.contains("not among the training classes"), "{err}");
+    assert!(
+        err.contains("'zebra'") && err.contains("not among the training classes"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -231,7 +325,10 @@ fn missing_test_split_and_empty_folders_are_errors() {
     let root = tempfile::tempdir().unwrap();
     let spec = root.path().to_str().unwrap().to_string();
     let err = err_of(load_data(&spec, &opts(8, false)));
-    assert!(err.contains("holds no CIFAR files") && err.contains("no train/ image folder"), "{err}");
+    assert!(
+        err.contains("holds no CIFAR files") && err.contains("no train/ image folder"),
+        "{err}"
+    );
 
     std::fs::create_dir_all(root.path().join("train")).unwrap();
     let err = err_of(load_data(&spec, &opts(8, false)));
@@ -247,7 +344,10 @@ fn missing_test_split_and_empty_folders_are_errors() {
     assert!(err.contains("has no images"), "{err}");
 
     let err = err_of(load_data("/no/such/folder", &opts(8, false)));
-    assert!(err.contains("neither 'demo' nor an existing folder"), "{err}");
+    assert!(
+        err.contains("neither 'demo' nor an existing folder"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -292,12 +392,25 @@ fn demo_is_deterministic_balanced_and_fast() {
 
 /// Nearest class mean, features standardized on the training set; returns
 /// test accuracy.
-fn nearest_centroid(train: &[Vec<f32>], train_y: &[u32], test: &[Vec<f32>], test_y: &[u32], classes: usize) -> f64 {
+fn nearest_centroid(
+    train: &[Vec<f32>],
+    train_y: &[u32],
+    test: &[Vec<f32>],
+    test_y: &[u32],
+    classes: usize,
+) -> f64 {
     let d = train[0].len();
     let n = train.len() as f32;
-    let mean: Vec<f32> = (0..d).map(|j| train.iter().map(|f| f[j]).sum::<f32>() / n).collect();
-    let std: Vec<f32> =
-        (0..d).map(|j| (train.iter().map(|f| (f[j] - mean[j]).powi(2)).sum::<f32>() / n).sqrt().max(1e-6)).collect();
+    let mean: Vec<f32> = (0..d)
+        .map(|j| train.iter().map(|f| f[j]).sum::<f32>() / n)
+        .collect();
+    let std: Vec<f32> = (0..d)
+        .map(|j| {
+            (train.iter().map(|f| (f[j] - mean[j]).powi(2)).sum::<f32>() / n)
+                .sqrt()
+                .max(1e-6)
+        })
+        .collect();
     let z = |f: &Vec<f32>| -> Vec<f32> { (0..d).map(|j| (f[j] - mean[j]) / std[j]).collect() };
     let mut centroids = vec![vec![0f32; d]; classes];
     let mut counts = vec![0f32; classes];
@@ -313,7 +426,9 @@ fn nearest_centroid(train: &[Vec<f32>], train_y: &[u32], test: &[Vec<f32>], test
     let correct = test.iter().zip(test_y).filter(|(f, &y)| {
         let zf = z(f);
         let dist = |c: &Vec<f32>| c.iter().zip(&zf).map(|(a, b)| (a - b).powi(2)).sum::<f32>();
-        let best = (0..classes).min_by(|&a, &b| dist(&centroids[a]).total_cmp(&dist(&centroids[b]))).unwrap();
+        let best = (0..classes)
+            .min_by(|&a, &b| dist(&centroids[a]).total_cmp(&dist(&centroids[b])))
+            .unwrap();
         best == y as usize
     });
     correct.count() as f64 / test.len() as f64
@@ -323,7 +438,9 @@ fn nearest_centroid(train: &[Vec<f32>], train_y: &[u32], test: &[Vec<f32>], test
 /// frequency, and each channel's mean and standard deviation.
 fn spectral_features(ds: &Dataset, i: usize) -> Vec<f32> {
     let (s, img) = (ds.width, ds.image(i));
-    let lum: Vec<f32> = (0..s * s).map(|p| (0..3).map(|c| img[c * s * s + p] as f32).sum::<f32>()).collect();
+    let lum: Vec<f32> = (0..s * s)
+        .map(|p| (0..3).map(|c| img[c * s * s + p] as f32).sum::<f32>())
+        .collect();
     let mut f = Vec::new();
     for ky in 0..s {
         for kx in 0..=s / 2 {
@@ -351,15 +468,40 @@ fn spectral_features(ds: &Dataset, i: usize) -> Vec<f32> {
 fn demo_is_learnable_but_not_from_a_linear_read_of_the_pixels() {
     let (train, test) = demo::generate(&DemoConfig::default()).unwrap();
     let pixels = |ds: &Dataset| -> Vec<Vec<f32>> {
-        (0..ds.len()).map(|i| ds.image(i).iter().map(|&v| v as f32).collect()).collect()
+        (0..ds.len())
+            .map(|i| ds.image(i).iter().map(|&v| v as f32).collect())
+            .collect()
     };
-    let spectra = |ds: &Dataset| -> Vec<Vec<f32>> { (0..ds.len()).map(|i| spectral_features(ds, i)).collect() };
-    let raw = nearest_centroid(&pixels(&train), &train.labels, &pixels(&test), &test.labels, 10);
-    let spectral = nearest_centroid(&spectra(&train), &train.labels, &spectra(&test), &test.labels, 10);
+    let spectra = |ds: &Dataset| -> Vec<Vec<f32>> {
+        (0..ds.len()).map(|i| spectral_features(ds, i)).collect()
+    };
+    let raw = nearest_centroid(
+        &pixels(&train),
+        &train.labels,
+        &pixels(&test),
+        &test.labels,
+        10,
+    );
+    let spectral = nearest_centroid(
+        &spectra(&train),
+        &train.labels,
+        &spectra(&test),
+        &test.labels,
+        10,
+    );
     eprintln!("nearest class mean: raw pixels {raw:.3}, spectral features {spectral:.3}");
-    assert!(spectral > 0.5, "phase-invariant features reach only {spectral}");
-    assert!(raw < spectral - 0.15, "raw pixels {raw} vs spectral {spectral}: the demo is too linear");
-    assert!(spectral < 0.97, "a nearest-mean classifier solves the demo ({spectral}): too easy");
+    assert!(
+        spectral > 0.5,
+        "phase-invariant features reach only {spectral}"
+    );
+    assert!(
+        raw < spectral - 0.15,
+        "raw pixels {raw} vs spectral {spectral}: the demo is too linear"
+    );
+    assert!(
+        spectral < 0.97,
+        "a nearest-mean classifier solves the demo ({spectral}): too easy"
+    );
 }
 
 // ---- augmentation -----------------------------------------------------------
@@ -378,23 +520,68 @@ fn crop_and_flip_move_the_right_pixels() {
     //   5  6  7  8
     //   9 10 11 12
     // Padded by 1, crop offset (dy, dx) = (0, 2): output (y, x) = source (y - 1, x + 1).
-    apply(ds.image(0), (2, 3, 4), 1, AugmentDraw { dy: 0, dx: 2, flip: false }, &mut out);
+    apply(
+        ds.image(0),
+        (2, 3, 4),
+        1,
+        AugmentDraw {
+            dy: 0,
+            dx: 2,
+            flip: false,
+        },
+        &mut out,
+    );
     assert_eq!(&out[..12], &[0, 0, 0, 0, 2, 3, 4, 0, 6, 7, 8, 0]);
     assert_eq!(&out[12..], &[0, 0, 0, 0, 14, 15, 16, 0, 18, 19, 20, 0]);
     // Flip only.
-    apply(ds.image(0), (2, 3, 4), 0, AugmentDraw { dy: 0, dx: 0, flip: true }, &mut out);
+    apply(
+        ds.image(0),
+        (2, 3, 4),
+        0,
+        AugmentDraw {
+            dy: 0,
+            dx: 0,
+            flip: true,
+        },
+        &mut out,
+    );
     assert_eq!(&out[..12], &[4, 3, 2, 1, 8, 7, 6, 5, 12, 11, 10, 9]);
     // Crop (dy, dx) = (2, 1) then flip: output (y, x) = source (y + 1, 3 - x).
-    apply(ds.image(0), (2, 3, 4), 1, AugmentDraw { dy: 2, dx: 1, flip: true }, &mut out);
+    apply(
+        ds.image(0),
+        (2, 3, 4),
+        1,
+        AugmentDraw {
+            dy: 2,
+            dx: 1,
+            flip: true,
+        },
+        &mut out,
+    );
     assert_eq!(&out[..12], &[8, 7, 6, 5, 12, 11, 10, 9, 0, 0, 0, 0]);
     // Centre crop, no flip: identity.
-    apply(ds.image(0), (2, 3, 4), 1, AugmentDraw { dy: 1, dx: 1, flip: false }, &mut out);
+    apply(
+        ds.image(0),
+        (2, 3, 4),
+        1,
+        AugmentDraw {
+            dy: 1,
+            dx: 1,
+            flip: false,
+        },
+        &mut out,
+    );
     assert_eq!(out, ds.image(0));
 }
 
 #[test]
 fn augmentation_repeats_for_equal_keys_and_differs_otherwise() {
-    let (train, _) = demo::generate(&DemoConfig { train: 64, test: 1, ..DemoConfig::default() }).unwrap();
+    let (train, _) = demo::generate(&DemoConfig {
+        train: 64,
+        test: 1,
+        ..DemoConfig::default()
+    })
+    .unwrap();
     let aug = Augment::STANDARD;
     let batch = |idx: &[usize], seed: u64, epoch: u64| {
         let (mut images, mut labels) = (Vec::new(), Vec::new());
@@ -414,7 +601,9 @@ fn augmentation_repeats_for_equal_keys_and_differs_otherwise() {
     assert_eq!(&b[n..], &a[3 * n..4 * n]);
     assert_eq!(blabels, vec![train.labels[17], train.labels[3]]);
     // Augmentation changed most images (a centred, unflipped crop is 1 in 162).
-    let changed = (0..64).filter(|&i| a[i * n..(i + 1) * n] != *train.image(i)).count();
+    let changed = (0..64)
+        .filter(|&i| a[i * n..(i + 1) * n] != *train.image(i))
+        .count();
     assert!(changed >= 60, "only {changed} of 64 images changed");
 }
 
@@ -425,7 +614,15 @@ fn no_augmentation_copies_and_bad_index_is_an_error() {
     augmented_batch(&ds, &[0, 0], &Augment::NONE, 1, 2, &mut images, &mut labels).unwrap();
     assert_eq!(images, [ds.image(0), ds.image(0)].concat());
     assert_eq!(labels, vec![0, 0]);
-    let err = err_of(augmented_batch(&ds, &[1], &Augment::NONE, 1, 2, &mut images, &mut labels));
+    let err = err_of(augmented_batch(
+        &ds,
+        &[1],
+        &Augment::NONE,
+        1,
+        2,
+        &mut images,
+        &mut labels,
+    ));
     assert!(err.contains("index 1 is out of range"), "{err}");
 }
 

@@ -22,12 +22,35 @@ use std::path::{Path, PathBuf};
 
 /// Cases per property (`EFFRANK_FUZZ_CASES` overrides, e.g. for a long run).
 fn cases(default: u32) -> ProptestConfig {
-    let n = std::env::var("EFFRANK_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default);
-    ProptestConfig { cases: n, failure_persistence: None, ..ProptestConfig::default() }
+    let n = std::env::var("EFFRANK_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    ProptestConfig {
+        cases: n,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
 }
 
 /// Numbers that break naive arithmetic, as text.
-const EXTREMES: &[&str] = &["0", "-1", "1e308", "-1e308", "NaN", "inf", "18446744073709551615", "4294967296", "9007199254740993", "1.5", "\"7\"", "null", "[]", "{}", "true"];
+const EXTREMES: &[&str] = &[
+    "0",
+    "-1",
+    "1e308",
+    "-1e308",
+    "NaN",
+    "inf",
+    "18446744073709551615",
+    "4294967296",
+    "9007199254740993",
+    "1.5",
+    "\"7\"",
+    "null",
+    "[]",
+    "{}",
+    "true",
+];
 
 /// One edit of a byte string.
 #[derive(Clone, Debug)]
@@ -43,7 +66,8 @@ enum Edit {
 fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         (any::<usize>(), any::<u8>()).prop_map(|(i, b)| Edit::Flip(i, b)),
-        (any::<usize>(), prop::collection::vec(any::<u8>(), 1..8)).prop_map(|(i, b)| Edit::Insert(i, b)),
+        (any::<usize>(), prop::collection::vec(any::<u8>(), 1..8))
+            .prop_map(|(i, b)| Edit::Insert(i, b)),
         (any::<usize>(), 1usize..16).prop_map(|(i, n)| Edit::Delete(i, n)),
         (any::<usize>(), 0..EXTREMES.len()).prop_map(|(i, e)| Edit::Number(i, e)),
         any::<usize>().prop_map(Edit::Truncate),
@@ -191,7 +215,8 @@ const RESULTS: &str = concat!(
     "\n"
 );
 
-const CSV: &str = "rank,accuracy,seed,params\n2,0.31,0,120\n4,0.52,0,140\n8,0.66,1,180\n16,0.7,0,260\n";
+const CSV: &str =
+    "rank,accuracy,seed,params\n2,0.31,0,120\n4,0.52,0,140\n8,0.66,1,180\n16,0.7,0,260\n";
 
 proptest! {
     #![proptest_config(cases(3000))]
@@ -254,7 +279,8 @@ proptest! {
 
 /// A tiny low-rank engine checkpoint (valid), its bytes and metadata.
 fn checkpoint_sample() -> (Vec<u8>, BTreeMap<String, String>) {
-    static SAMPLE: std::sync::OnceLock<(Vec<u8>, BTreeMap<String, String>)> = std::sync::OnceLock::new();
+    static SAMPLE: std::sync::OnceLock<(Vec<u8>, BTreeMap<String, String>)> =
+        std::sync::OnceLock::new();
     SAMPLE
         .get_or_init(|| {
             let cfg = VitConfig { image_size: 8, channels: 3, patch: 4, width: 8, depth: 1, heads: 2, mlp: 16, classes: 3, ln_eps: 1e-6 };

@@ -4,17 +4,19 @@
 //! logits, loss and parameter gradients to 1e-4 relative error.
 
 use effrank_engine::device::{Cpu, Device};
-use effrank_engine::ops::loss::{logit_loss, LogitLossConfig};
 use effrank_engine::model::checkpoint::NamingScheme;
 use effrank_engine::model::import::{load_any, ImportOptions};
 use effrank_engine::model::params::param_specs;
 use effrank_engine::model::Vit;
+use effrank_engine::ops::loss::{logit_loss, LogitLossConfig};
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
 }
 
 struct Reference {
@@ -29,7 +31,10 @@ fn reference() -> Reference {
     let mut labels = Vec::new();
     for (name, view) in st.tensors() {
         if name == "labels" {
-            labels = bytemuck::pod_collect_to_vec::<u8, i64>(view.data()).into_iter().map(|v| v as u32).collect();
+            labels = bytemuck::pod_collect_to_vec::<u8, i64>(view.data())
+                .into_iter()
+                .map(|v| v as u32)
+                .collect();
         } else {
             f32s.insert(name, bytemuck::pod_collect_to_vec::<u8, f32>(view.data()));
         }
@@ -45,11 +50,17 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn opts() -> ImportOptions {
-    ImportOptions { heads: Some(4), ..ImportOptions::default() }
+    ImportOptions {
+        heads: Some(4),
+        ..ImportOptions::default()
+    }
 }
 
 /// Logits of a checkpoint on the reference input; also returns the model.
-fn logits_of(file: &str, r: &Reference) -> (Vec<f32>, Vit<Cpu>, effrank_engine::model::VitActs<Cpu>) {
+fn logits_of(
+    file: &str,
+    r: &Reference,
+) -> (Vec<f32>, Vit<Cpu>, effrank_engine::model::VitActs<Cpu>) {
     let be = Cpu;
     let ck = load_any(&data(file), &opts()).unwrap();
     let model = Vit::from_host(&be, &ck.cfg, &ck.ranks, &ck.params).unwrap();
@@ -65,7 +76,17 @@ fn timm_logits_loss_and_gradients_match() {
     let r = reference();
     let ck = load_any(&data("timm_tiny.safetensors"), &opts()).unwrap();
     assert_eq!(ck.scheme, NamingScheme::Timm);
-    assert_eq!((ck.cfg.image_size, ck.cfg.patch, ck.cfg.width, ck.cfg.depth, ck.cfg.mlp, ck.cfg.classes), (32, 8, 64, 2, 256, 10));
+    assert_eq!(
+        (
+            ck.cfg.image_size,
+            ck.cfg.patch,
+            ck.cfg.width,
+            ck.cfg.depth,
+            ck.cfg.mlp,
+            ck.cfg.classes
+        ),
+        (32, 8, 64, 2, 256, 10)
+    );
     let (logits, model, acts) = logits_of("timm_tiny.safetensors", &r);
     let e = rel_err(&logits, &r.f32s["logits"]);
     assert!(e <= 1e-4, "logits differ from timm's: {e}");
@@ -73,27 +94,67 @@ fn timm_logits_loss_and_gradients_match() {
     let mut frozen_acts = model.new_acts(&be, 4).unwrap();
     be.write(&mut frozen_acts.images, &r.f32s["input"]).unwrap();
     model.forward_logits(&be, &mut frozen_acts, 4).unwrap();
-    let e = rel_err(&be.download(&frozen_acts.logits).unwrap(), &r.f32s["logits"]);
-    assert!(e <= 1e-4, "logits-only forward differs from timm's logits: {e}");
+    let e = rel_err(
+        &be.download(&frozen_acts.logits).unwrap(),
+        &r.f32s["logits"],
+    );
+    assert!(
+        e <= 1e-4,
+        "logits-only forward differs from timm's logits: {e}"
+    );
 
-    let cfg = LogitLossConfig { ce_weight: 1.0, label_smoothing: 0.0, kd_weight: 0.0, temperature: 1.0, feature_weight: 0.0 };
+    let cfg = LogitLossConfig {
+        ce_weight: 1.0,
+        label_smoothing: 0.0,
+        kd_weight: 0.0,
+        temperature: 1.0,
+        feature_weight: 0.0,
+    };
     let mut d_logits = vec![0f32; 40];
     let mut loss = vec![0f32; 1];
-    logit_loss(&be, &mut d_logits, &mut loss, &acts.logits, None, &r.labels, 4, 10, &cfg, 1.0).unwrap();
+    logit_loss(
+        &be,
+        &mut d_logits,
+        &mut loss,
+        &acts.logits,
+        None,
+        &r.labels,
+        4,
+        10,
+        &cfg,
+        1.0,
+    )
+    .unwrap();
     let e = rel_err(&loss, &r.f32s["loss"]);
     assert!(e <= 1e-4, "loss {} vs timm {}", loss[0], r.f32s["loss"][0]);
 
     let mut grads = model.zeros_like(&be).unwrap();
     let mut scratch = model.new_scratch(&be, 4).unwrap();
-    model.backward(&be, &acts, &d_logits, None, &mut grads, &mut scratch, 4).unwrap();
+    model
+        .backward(&be, &acts, &d_logits, None, &mut grads, &mut scratch, 4)
+        .unwrap();
     let specs = param_specs(&model.cfg, &model.ranks);
-    let by_name: HashMap<String, Vec<f32>> = specs.iter().zip(grads.tensors()).map(|(s, g)| (s.name.clone(), g.clone())).collect();
+    let by_name: HashMap<String, Vec<f32>> = specs
+        .iter()
+        .zip(grads.tensors())
+        .map(|(s, g)| (s.name.clone(), g.clone()))
+        .collect();
     let mut checked = 0;
     for (key, want) in r.f32s.iter().filter(|(k, _)| k.starts_with("grad.")) {
         let name = &key["grad.".len()..];
-        let got: Vec<f32> = if let Some(prefix) = name.strip_suffix(".qkv.weight").or(name.strip_suffix(".qkv.bias")) {
-            let suffix = if name.ends_with("weight") { "weight" } else { "bias" };
-            ["q", "k", "v"].iter().flat_map(|p| by_name[&format!("{prefix}.{p}.{suffix}")].clone()).collect()
+        let got: Vec<f32> = if let Some(prefix) = name
+            .strip_suffix(".qkv.weight")
+            .or(name.strip_suffix(".qkv.bias"))
+        {
+            let suffix = if name.ends_with("weight") {
+                "weight"
+            } else {
+                "bias"
+            };
+            ["q", "k", "v"]
+                .iter()
+                .flat_map(|p| by_name[&format!("{prefix}.{p}.{suffix}")].clone())
+                .collect()
         } else {
             by_name[name].clone()
         };
@@ -101,7 +162,10 @@ fn timm_logits_loss_and_gradients_match() {
         assert!(e <= 1e-4, "gradient of {name} differs from timm's: {e}");
         checked += 1;
     }
-    assert!(checked >= 10, "only {checked} gradients in the reference file");
+    assert!(
+        checked >= 10,
+        "only {checked} gradients in the reference file"
+    );
 }
 
 #[test]
@@ -137,7 +201,14 @@ fn bf16_weights_load_close_to_f32() {
 
 #[test]
 fn a_new_head_replaces_the_old_one() {
-    let ck = load_any(&data("timm_tiny.safetensors"), &ImportOptions { heads: Some(4), new_classes: Some(3) }).unwrap();
+    let ck = load_any(
+        &data("timm_tiny.safetensors"),
+        &ImportOptions {
+            heads: Some(4),
+            new_classes: Some(3),
+        },
+    )
+    .unwrap();
     assert_eq!(ck.cfg.classes, 3);
     assert!(ck.params.head.bias().iter().all(|&v| v == 0.0));
 }
@@ -153,12 +224,28 @@ fn a_pytorch_checkpoint_gives_the_logits_of_its_safetensors_copy() {
     assert_eq!(pth.scheme, NamingScheme::Torchvision);
     let (from_pth, _, _) = logits_of("torchvision_tiny.pth", &r);
     let (from_safetensors, _, _) = logits_of("torchvision_tiny.safetensors", &r);
-    let differing = from_pth.iter().zip(&from_safetensors).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-    assert_eq!(differing, 0, "{differing} logits differ between the .pth and its safetensors copy");
+    let differing = from_pth
+        .iter()
+        .zip(&from_safetensors)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(
+        differing, 0,
+        "{differing} logits differ between the .pth and its safetensors copy"
+    );
     assert!(rel_err(&from_pth, &r.f32s["logits"]) <= 1e-4);
     // What cannot be read is an error naming the file, never executed.
-    let e = format!("{:#}", load_any(&data("pth_forbidden.pth"), &opts()).unwrap_err());
-    assert!(e.contains("pth_forbidden.pth") && e.contains("system"), "{e}");
-    let e = format!("{:#}", load_any(&data("pth_legacy.pt"), &opts()).unwrap_err());
+    let e = format!(
+        "{:#}",
+        load_any(&data("pth_forbidden.pth"), &opts()).unwrap_err()
+    );
+    assert!(
+        e.contains("pth_forbidden.pth") && e.contains("system"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        load_any(&data("pth_legacy.pt"), &opts()).unwrap_err()
+    );
     assert!(e.contains("legacy"), "{e}");
 }

@@ -3,10 +3,10 @@
 //! exactly the same work.
 
 use effrank_engine::device::{Cpu, Device};
-use effrank_engine::ops::image::{self, ImageTransform};
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::dense_ranks;
 use effrank_engine::model::{Vit, VitConfig};
+use effrank_engine::ops::image::{self, ImageTransform};
 use effrank_engine::rng::Rng;
 use effrank_engine::train::{AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
 
@@ -14,9 +14,19 @@ use effrank_engine::train::{AdamWConfig, Frozen, Learner, LossSpec, TeacherSigna
 /// and the transform that feeds them to the model unchanged in size.
 fn batch_bytes(cfg: &VitConfig, batch: usize) -> (Vec<u8>, Vec<u32>, ImageTransform) {
     let mut rng = Rng::new(1);
-    let bytes = (0..batch * cfg.channels * cfg.image_size * cfg.image_size).map(|_| rng.below(256) as u8).collect();
+    let bytes = (0..batch * cfg.channels * cfg.image_size * cfg.image_size)
+        .map(|_| rng.below(256) as u8)
+        .collect();
     let labels = (0..batch).map(|_| rng.below(cfg.classes) as u32).collect();
-    let t = ImageTransform { channels: 3, src_height: cfg.image_size, src_width: cfg.image_size, dst_size: cfg.image_size, mean: [0.5; 3], std: [0.5; 3], resize: None };
+    let t = ImageTransform {
+        channels: 3,
+        src_height: cfg.image_size,
+        src_width: cfg.image_size,
+        dst_size: cfg.image_size,
+        mean: [0.5; 3],
+        std: [0.5; 3],
+        resize: None,
+    };
     (bytes, labels, t)
 }
 
@@ -44,11 +54,26 @@ impl TrainStep {
         model.class_token_tail = class_token_tail;
         let (bytes, labels, transform) = batch_bytes(&model.cfg, batch);
         let learner = Learner::new(&Cpu, model, batch, AdamWConfig::default()).unwrap();
-        TrainStep { learner, bytes, labels, transform }
+        TrainStep {
+            learner,
+            bytes,
+            labels,
+            transform,
+        }
     }
 
     pub fn run(&mut self) {
-        self.learner.step(&Cpu, &self.bytes, &self.labels, &self.transform, TeacherSignal::None, &LossSpec::ce(), 1e-4).unwrap();
+        self.learner
+            .step(
+                &Cpu,
+                &self.bytes,
+                &self.labels,
+                &self.transform,
+                TeacherSignal::None,
+                &LossSpec::ce(),
+                1e-4,
+            )
+            .unwrap();
     }
 }
 
@@ -65,20 +90,34 @@ impl Forward {
         let model = dense_model("vit-b32");
         let (bytes, _, transform) = batch_bytes(&model.cfg, batch);
         let frozen = Frozen::new(&Cpu, model, batch).unwrap();
-        Forward { batch, frozen, bytes, transform }
+        Forward {
+            batch,
+            frozen,
+            bytes,
+            transform,
+        }
     }
 
     /// The engine's inference path (`Frozen::logits`: the last block after
     /// attention on the class-token rows only).
     pub fn inference(&mut self) -> Vec<f32> {
-        self.frozen.logits(&Cpu, &self.bytes, self.batch, &self.transform).unwrap()
+        self.frozen
+            .logits(&Cpu, &self.bytes, self.batch, &self.transform)
+            .unwrap()
     }
 
     /// The full forward that training runs: every token through every block,
     /// as timm computes it.
     pub fn every_token(&mut self) -> Vec<f32> {
         let (be, f) = (Cpu, &mut self.frozen);
-        image::from_bytes(&be, &mut f.acts.images, &self.bytes, self.batch, &self.transform).unwrap();
+        image::from_bytes(
+            &be,
+            &mut f.acts.images,
+            &self.bytes,
+            self.batch,
+            &self.transform,
+        )
+        .unwrap();
         f.model.forward(&be, &mut f.acts, self.batch).unwrap();
         be.download(&f.acts.logits).unwrap()
     }

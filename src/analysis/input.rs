@@ -44,7 +44,11 @@ impl Measurements {
 
     /// (rank, accuracy) of one seed, ascending rank.
     pub fn seed_curve(&self, seed: u64) -> Vec<(f64, f64)> {
-        self.points.iter().filter(|m| m.seed == seed).map(|m| (m.rank as f64, m.acc)).collect()
+        self.points
+            .iter()
+            .filter(|m| m.seed == seed)
+            .map(|m| (m.rank as f64, m.acc))
+            .collect()
     }
 
     /// (rank, mean accuracy over the seeds measured at that rank), ascending rank.
@@ -55,7 +59,10 @@ impl Measurements {
             e.0 += m.acc;
             e.1 += 1;
         }
-        by_rank.into_iter().map(|(r, (sum, n))| (r as f64, sum / n as f64)).collect()
+        by_rank
+            .into_iter()
+            .map(|(r, (sum, n))| (r as f64, sum / n as f64))
+            .collect()
     }
 }
 
@@ -63,7 +70,10 @@ impl Measurements {
 pub fn read_measurements(path: &Path) -> Result<Measurements> {
     let m = if path.is_dir() {
         from_records(read_records(path)?, path)
-    } else if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
+    } else if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+    {
         read_csv(path)?
     } else if path.is_file() {
         from_records(read_records_file(path)?, path)
@@ -75,12 +85,20 @@ pub fn read_measurements(path: &Path) -> Result<Measurements> {
 }
 
 fn from_records(records: Vec<Record>, path: &Path) -> Measurements {
-    let mut out = Measurements { source: path.display().to_string(), ..Default::default() };
+    let mut out = Measurements {
+        source: path.display().to_string(),
+        ..Default::default()
+    };
     let mut seen = BTreeMap::new();
     for r in records {
         match r {
             Record::Student(s) => {
-                seen.entry((s.rank, s.seed)).or_insert(Measurement { rank: s.rank, seed: s.seed, acc: s.top1, params: Some(s.params) });
+                seen.entry((s.rank, s.seed)).or_insert(Measurement {
+                    rank: s.rank,
+                    seed: s.seed,
+                    acc: s.top1,
+                    params: Some(s.params),
+                });
                 out.teacher_params.get_or_insert(s.teacher_params);
             }
             Record::Teacher(t) => {
@@ -104,15 +122,30 @@ struct Columns {
 }
 
 fn columns(header: &[&str], path: &Path) -> Result<Columns> {
-    let find = |names: &[&str]| header.iter().position(|h| names.contains(&h.to_ascii_lowercase().as_str()));
-    let rank = find(&["rank", "r"]).with_context(|| format!("{} line 1: header has no 'rank' column", path.display()))?;
-    let acc = find(&["accuracy", "acc", "top1"]).with_context(|| format!("{} line 1: header has no 'accuracy' column", path.display()))?;
-    Ok(Columns { rank, acc, seed: find(&["seed"]), params: find(&["params"]) })
+    let find = |names: &[&str]| {
+        header
+            .iter()
+            .position(|h| names.contains(&h.to_ascii_lowercase().as_str()))
+    };
+    let rank = find(&["rank", "r"])
+        .with_context(|| format!("{} line 1: header has no 'rank' column", path.display()))?;
+    let acc = find(&["accuracy", "acc", "top1"])
+        .with_context(|| format!("{} line 1: header has no 'accuracy' column", path.display()))?;
+    Ok(Columns {
+        rank,
+        acc,
+        seed: find(&["seed"]),
+        params: find(&["params"]),
+    })
 }
 
 fn read_csv(path: &Path) -> Result<Measurements> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Measurements { source: path.display().to_string(), ..Default::default() };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Measurements {
+        source: path.display().to_string(),
+        ..Default::default()
+    };
     let mut cols: Option<Columns> = None;
     let mut lines_of: BTreeMap<(usize, u64), usize> = BTreeMap::new();
     for (i, line) in text.lines().enumerate() {
@@ -125,12 +158,23 @@ fn read_csv(path: &Path) -> Result<Measurements> {
             cols = Some(columns(&fields, path)?);
             continue;
         }
-        let c = cols.get_or_insert(Columns { rank: 0, acc: 1, seed: (fields.len() > 2).then_some(2), params: (fields.len() > 3).then_some(3) });
-        let m = csv_row(&fields, c).with_context(|| format!("{} line {n}: '{line}'", path.display()))?;
+        let c = cols.get_or_insert(Columns {
+            rank: 0,
+            acc: 1,
+            seed: (fields.len() > 2).then_some(2),
+            params: (fields.len() > 3).then_some(3),
+        });
+        let m = csv_row(&fields, c)
+            .with_context(|| format!("{} line {n}: '{line}'", path.display()))?;
         let has_seed = c.seed.is_some();
         if let Some(first) = lines_of.insert((m.rank, m.seed), n) {
             if has_seed {
-                bail!("{} line {n}: rank {} seed {} is already on line {first}", path.display(), m.rank, m.seed);
+                bail!(
+                    "{} line {n}: rank {} seed {} is already on line {first}",
+                    path.display(),
+                    m.rank,
+                    m.seed
+                );
             }
             bail!("{} line {n}: rank {} is already on line {first}; give a seed column (rank,accuracy,seed) for repeated ranks", path.display(), m.rank);
         }
@@ -141,42 +185,78 @@ fn read_csv(path: &Path) -> Result<Measurements> {
 }
 
 fn csv_row(fields: &[&str], c: &Columns) -> Result<Measurement> {
-    let get = |i: usize, what: &str| fields.get(i).copied().with_context(|| format!("missing the {what} column"));
+    let get = |i: usize, what: &str| {
+        fields
+            .get(i)
+            .copied()
+            .with_context(|| format!("missing the {what} column"))
+    };
     let rank_text = get(c.rank, "rank")?;
-    let rank: i64 = rank_text.parse().with_context(|| format!("rank '{rank_text}' is not an integer"))?;
+    let rank: i64 = rank_text
+        .parse()
+        .with_context(|| format!("rank '{rank_text}' is not an integer"))?;
     if rank <= 0 {
         bail!("rank {rank} must be positive");
     }
     let acc_text = get(c.acc, "accuracy")?;
-    let acc: f64 = acc_text.parse().with_context(|| format!("accuracy '{acc_text}' is not a number"))?;
+    let acc: f64 = acc_text
+        .parse()
+        .with_context(|| format!("accuracy '{acc_text}' is not a number"))?;
     if !acc.is_finite() {
         bail!("accuracy '{acc_text}' is not a finite number");
     }
     let seed = match c.seed {
-        Some(i) => get(i, "seed")?.parse().with_context(|| format!("seed '{}' is not a non-negative integer", fields[i]))?,
+        Some(i) => get(i, "seed")?
+            .parse()
+            .with_context(|| format!("seed '{}' is not a non-negative integer", fields[i]))?,
         None => 0,
     };
-    let params = match c.params {
-        Some(i) => Some(get(i, "params")?.parse().with_context(|| format!("params '{}' is not a non-negative integer", fields[i]))?),
-        None => None,
-    };
-    Ok(Measurement { rank: rank as usize, seed, acc, params })
+    let params =
+        match c.params {
+            Some(i) => Some(get(i, "params")?.parse().with_context(|| {
+                format!("params '{}' is not a non-negative integer", fields[i])
+            })?),
+            None => None,
+        };
+    Ok(Measurement {
+        rank: rank as usize,
+        seed,
+        acc,
+        params,
+    })
 }
 
 /// Finite accuracies, positive ranks and at least two distinct ranks.
 fn check(m: &Measurements, path: &Path) -> Result<()> {
     if let Some(p) = m.points.iter().find(|p| !p.acc.is_finite()) {
-        bail!("{}: rank {} seed {} has accuracy {}, which is not a finite number", path.display(), p.rank, p.seed, p.acc);
+        bail!(
+            "{}: rank {} seed {} has accuracy {}, which is not a finite number",
+            path.display(),
+            p.rank,
+            p.seed,
+            p.acc
+        );
     }
     if let Some(p) = m.points.iter().find(|p| p.rank == 0) {
-        bail!("{}: rank 0 (seed {}) is not a valid rank", path.display(), p.seed);
+        bail!(
+            "{}: rank 0 (seed {}) is not a valid rank",
+            path.display(),
+            p.seed
+        );
     }
     if let Some(t) = m.teacher_acc.filter(|t| !t.is_finite() || *t <= 0.0) {
-        bail!("{}: the teacher accuracy {t} is not a positive number", path.display());
+        bail!(
+            "{}: the teacher accuracy {t} is not a positive number",
+            path.display()
+        );
     }
     let ranks = m.mean_curve().len();
     if ranks < 2 {
-        bail!("{}: {} distinct rank(s) measured; the analysis needs at least two", path.display(), ranks);
+        bail!(
+            "{}: {} distinct rank(s) measured; the analysis needs at least two",
+            path.display(),
+            ranks
+        );
     }
     Ok(())
 }

@@ -70,7 +70,15 @@ pub struct AnalysisOptions {
 
 impl Default for AnalysisOptions {
     fn default() -> Self {
-        AnalysisOptions { lo: 0.85, hi: 0.95, reference: Reference::Teacher, knee_axis: KneeAxis::Linear, teacher_acc: None, teacher_params: None, plot: true }
+        AnalysisOptions {
+            lo: 0.85,
+            hi: 0.95,
+            reference: Reference::Teacher,
+            knee_axis: KneeAxis::Linear,
+            teacher_acc: None,
+            teacher_params: None,
+            plot: true,
+        }
     }
 }
 
@@ -78,7 +86,11 @@ impl AnalysisOptions {
     /// Thresholds in (0, 1], lo < hi.
     pub fn check(&self) -> Result<()> {
         if !(self.lo > 0.0 && self.lo < self.hi && self.hi <= 1.0) {
-            bail!("thresholds must satisfy 0 < lo < hi <= 1, got lo = {} and hi = {}", self.lo, self.hi);
+            bail!(
+                "thresholds must satisfy 0 < lo < hi <= 1, got lo = {} and hi = {}",
+                self.lo,
+                self.hi
+            );
         }
         if let Some(t) = self.teacher_acc.filter(|t| !(t.is_finite() && *t > 0.0)) {
             bail!("--teacher-acc {t} must be a positive number");
@@ -110,7 +122,12 @@ pub fn reference_acc(p: &Pchip, teacher_acc: Option<f64>, reference: Reference) 
 }
 
 /// Analyze one curve (points ascending in rank, at least two).
-pub fn analyze_curve(label: &str, points: &[(f64, f64)], teacher_acc: Option<f64>, opts: &AnalysisOptions) -> Result<(CurveAnalysis, Pchip)> {
+pub fn analyze_curve(
+    label: &str,
+    points: &[(f64, f64)],
+    teacher_acc: Option<f64>,
+    opts: &AnalysisOptions,
+) -> Result<(CurveAnalysis, Pchip)> {
     let x: Vec<f64> = points.iter().map(|p| p.0).collect();
     let y: Vec<f64> = points.iter().map(|p| p.1).collect();
     let p = Pchip::new(&x, &y).with_context(|| format!("fitting the {label} curve"))?;
@@ -137,9 +154,18 @@ pub struct ParamsFit {
 impl ParamsFit {
     /// Exact fit from the measurements' parameter counts (two distinct
     /// ranks needed; every other rank must agree). None without counts.
-    pub fn from_measurements(m: &Measurements, teacher_params: Option<usize>) -> Result<Option<ParamsFit>> {
-        let Some(teacher_params) = teacher_params else { return Ok(None) };
-        let mut known: Vec<(usize, usize)> = m.points.iter().filter_map(|p| p.params.map(|n| (p.rank, n))).collect();
+    pub fn from_measurements(
+        m: &Measurements,
+        teacher_params: Option<usize>,
+    ) -> Result<Option<ParamsFit>> {
+        let Some(teacher_params) = teacher_params else {
+            return Ok(None);
+        };
+        let mut known: Vec<(usize, usize)> = m
+            .points
+            .iter()
+            .filter_map(|p| p.params.map(|n| (p.rank, n)))
+            .collect();
         known.dedup_by_key(|k| k.0);
         if known.len() < 2 {
             return Ok(None);
@@ -147,8 +173,15 @@ impl ParamsFit {
         let ((r0, p0), (r1, p1)) = (known[0], known[known.len() - 1]);
         let b = (p1 as f64 - p0 as f64) / (r1 as f64 - r0 as f64);
         let a = p0 as f64 - b * r0 as f64;
-        let fit = ParamsFit { a, b, teacher_params };
-        if let Some(&(r, n)) = known.iter().find(|&&(r, n)| (fit.params(r) - n as f64).abs() > 0.5) {
+        let fit = ParamsFit {
+            a,
+            b,
+            teacher_params,
+        };
+        if let Some(&(r, n)) = known
+            .iter()
+            .find(|&&(r, n)| (fit.params(r) - n as f64).abs() > 0.5)
+        {
             bail!("parameter counts are not linear in rank: rank {r} has {n}, the line through ranks {r0} and {r1} gives {:.0} (mixed models in one results folder?)", fit.params(r));
         }
         Ok(Some(fit))
@@ -181,7 +214,11 @@ pub fn analyze_folder(dir: &Path, opts: &AnalysisOptions) -> Result<AnalysisRepo
 
 /// Analyze several labelled results folders or files together and write
 /// the joint analysis.json, summary.md and plot.png into `out`.
-pub fn analyze_labelled(inputs: &[Labelled], out: &Path, opts: &AnalysisOptions) -> Result<JointReport> {
+pub fn analyze_labelled(
+    inputs: &[Labelled],
+    out: &Path,
+    opts: &AnalysisOptions,
+) -> Result<JointReport> {
     let report = joint::analyze_joint(inputs, opts)?;
     crate::io::create_folder(out)?;
     output::write_joint(&report, out, opts.plot)?;

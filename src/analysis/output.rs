@@ -16,7 +16,10 @@ use std::path::Path;
 /// Write analysis.json, summary.md and (when `plot`) plot.png into `out`,
 /// and the spectrum's files when the report holds one.
 pub fn write_report(report: &AnalysisReport, out: &Path, plot: bool) -> Result<()> {
-    atomic_write(&out.join("analysis.json"), serde_json::to_string_pretty(report)?.as_bytes())?;
+    atomic_write(
+        &out.join("analysis.json"),
+        serde_json::to_string_pretty(report)?.as_bytes(),
+    )?;
     atomic_write(&out.join("summary.md"), report.summary_md().as_bytes())?;
     if plot {
         plot_curve(report, &out.join("plot.png")).context("drawing plot.png")?;
@@ -31,7 +34,10 @@ pub fn write_report(report: &AnalysisReport, out: &Path, plot: bool) -> Result<(
 /// an `AnalysisReport` with its label), summary.md and (when `plot`)
 /// plot.png into `out`.
 pub fn write_joint(report: &JointReport, out: &Path, plot: bool) -> Result<()> {
-    atomic_write(&out.join("analysis.json"), serde_json::to_string_pretty(report)?.as_bytes())?;
+    atomic_write(
+        &out.join("analysis.json"),
+        serde_json::to_string_pretty(report)?.as_bytes(),
+    )?;
     atomic_write(&out.join("summary.md"), report.summary_md().as_bytes())?;
     if plot {
         plot_joint(report, &out.join("plot.png")).context("drawing plot.png")?;
@@ -41,7 +47,10 @@ pub fn write_joint(report: &JointReport, out: &Path, plot: bool) -> Result<()> {
 
 /// Write spectrum.json and (when `plot`) spectrum.png into `out`.
 pub fn write_spectrum(s: &SpectrumReport, out: &Path, plot: bool) -> Result<()> {
-    atomic_write(&out.join("spectrum.json"), serde_json::to_string_pretty(s)?.as_bytes())?;
+    atomic_write(
+        &out.join("spectrum.json"),
+        serde_json::to_string_pretty(s)?.as_bytes(),
+    )?;
     if plot {
         plot_spectrum(s, &out.join("spectrum.png")).context("drawing spectrum.png")?;
     }

@@ -35,10 +35,20 @@ impl Pchip {
             bail!("PCHIP needs at least two points, got {}", x.len());
         }
         if let Some(i) = (0..x.len()).find(|&i| !x[i].is_finite() || !y[i].is_finite()) {
-            bail!("PCHIP: point {i} is not finite (x = {}, y = {})", x[i], y[i]);
+            bail!(
+                "PCHIP: point {i} is not finite (x = {}, y = {})",
+                x[i],
+                y[i]
+            );
         }
         if let Some(i) = (1..x.len()).find(|&i| x[i] <= x[i - 1]) {
-            bail!("PCHIP: x must increase strictly, but x[{}] = {} follows x[{}] = {}", i, x[i], i - 1, x[i - 1]);
+            bail!(
+                "PCHIP: x must increase strictly, but x[{}] = {} follows x[{}] = {}",
+                i,
+                x[i],
+                i - 1,
+                x[i - 1]
+            );
         }
         let d = derivatives(x, y);
         let c = (0..x.len() - 1)
@@ -166,7 +176,10 @@ fn critical_points(c: &[f64; 4], h: f64) -> Vec<f64> {
             }
         }
     }
-    let mut inside: Vec<f64> = roots.into_iter().filter(|&s| s.is_finite() && s > 0.0 && s < h).collect();
+    let mut inside: Vec<f64> = roots
+        .into_iter()
+        .filter(|&s| s.is_finite() && s > 0.0 && s < h)
+        .collect();
     inside.sort_by(|p, q| p.total_cmp(q));
     inside
 }
@@ -268,7 +281,10 @@ mod tests {
         let p = Pchip::new(&x, &y).unwrap();
         let r = p.first_reaching(0.5).unwrap();
         assert!((p.value(r) - 0.5).abs() < 1e-14);
-        let first_dense = (0..=9000).map(|i| 1.0 + i as f64 * 1e-3).find(|&t| p.value(t) >= 0.5).unwrap();
+        let first_dense = (0..=9000)
+            .map(|i| 1.0 + i as f64 * 1e-3)
+            .find(|&t| p.value(t) >= 0.5)
+            .unwrap();
         assert!((first_dense - r).abs() <= 1e-3);
         assert!(p.first_reaching(0.95).is_none());
         assert_eq!(p.first_reaching(-1.0), Some(1.0));

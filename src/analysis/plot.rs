@@ -43,14 +43,28 @@ pub fn plot_curve(r: &AnalysisReport, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn draw_curve(r: &AnalysisReport, root: &DrawingArea<BitMapBackend, Shift>) -> Result<(), Box<dyn std::error::Error>> {
+fn draw_curve(
+    r: &AnalysisReport,
+    root: &DrawingArea<BitMapBackend, Shift>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let m = &r.mean;
     let (x0, x1) = (m.points[0].0, m.points[m.points.len() - 1].0);
-    let all_acc = r.seeds.iter().flat_map(|s| s.points.iter()).chain(m.points.iter()).map(|p| p.1).chain(r.curve.iter().map(|c| c.acc));
-    let (lo_y, hi_y) = all_acc.fold((m.reference_acc, m.reference_acc), |(a, b), v| (a.min(v), b.max(v)));
+    let all_acc = r
+        .seeds
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .chain(m.points.iter())
+        .map(|p| p.1)
+        .chain(r.curve.iter().map(|c| c.acc));
+    let (lo_y, hi_y) = all_acc.fold((m.reference_acc, m.reference_acc), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
     let pad = 0.05 * (hi_y - lo_y).max(1e-6);
     let mut chart = ChartBuilder::on(root)
-        .caption(format!("Effective rank: accuracy vs rank ({})", r.source), ("sans-serif", 22))
+        .caption(
+            format!("Effective rank: accuracy vs rank ({})", r.source),
+            ("sans-serif", 22),
+        )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
@@ -63,42 +77,87 @@ fn draw_curve(r: &AnalysisReport, root: &DrawingArea<BitMapBackend, Shift>) -> R
         .y_label_formatter(&|v| format!("{v:.3}"))
         .label_style(("sans-serif", 15))
         .draw()?;
-    let comp = |what: &str| r.compression.iter().find(|c| c.what == what).map_or(String::new(), |c| format!(", {:.1}x compression", c.compression));
+    let comp = |what: &str| {
+        r.compression
+            .iter()
+            .find(|c| c.what == what)
+            .map_or(String::new(), |c| {
+                format!(", {:.1}x compression", c.compression)
+            })
+    };
     if let (Some(a), Some(b)) = (m.lo.rank, m.hi.rank) {
         chart
-            .draw_series(std::iter::once(Rectangle::new([(a as f64, lo_y - pad), (b as f64, hi_y + pad)], GREEN.mix(0.12).filled())))?
+            .draw_series(std::iter::once(Rectangle::new(
+                [(a as f64, lo_y - pad), (b as f64, hi_y + pad)],
+                GREEN.mix(0.12).filled(),
+            )))?
             .label(format!("region [{a}, {b}]"))
-            .legend(|(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], GREEN.mix(0.3).filled()));
+            .legend(|(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 18, y + 5)], GREEN.mix(0.3).filled())
+            });
     }
     for (c, color, what) in [(&m.lo, ORANGE, "r_lo"), (&m.hi, RED, "r_hi")] {
         let label = match c.rank {
-            Some(k) => format!("{:.0}% of reference: r = {k}{}", 100.0 * c.fraction, comp(what)),
+            Some(k) => format!(
+                "{:.0}% of reference: r = {k}{}",
+                100.0 * c.fraction,
+                comp(what)
+            ),
             None => format!("{:.0}% of reference: not reached", 100.0 * c.fraction),
         };
         chart
-            .draw_series(DashedLineSeries::new(vec![(x0 * 0.9, c.level), (x1 * 1.1, c.level)], 8, 5, color.stroke_width(2)))?
+            .draw_series(DashedLineSeries::new(
+                vec![(x0 * 0.9, c.level), (x1 * 1.1, c.level)],
+                8,
+                5,
+                color.stroke_width(2),
+            ))?
             .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
     }
     chart
-        .draw_series(LineSeries::new(vec![(x0 * 0.9, m.reference_acc), (x1 * 1.1, m.reference_acc)], BLACK.mix(0.5)))?
+        .draw_series(LineSeries::new(
+            vec![(x0 * 0.9, m.reference_acc), (x1 * 1.1, m.reference_acc)],
+            BLACK.mix(0.5),
+        ))?
         .label(format!("reference accuracy {:.4}", m.reference_acc))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
     chart
-        .draw_series(LineSeries::new(r.curve.iter().map(|c| (c.rank as f64, c.acc)), BLUE.stroke_width(2)))?
+        .draw_series(LineSeries::new(
+            r.curve.iter().map(|c| (c.rank as f64, c.acc)),
+            BLUE.stroke_width(2),
+        ))?
         .label("PCHIP curve (mean)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLUE.stroke_width(2)));
     for s in &r.seeds {
-        chart.draw_series(s.points.iter().map(|&(x, y)| Circle::new((x, y), 3, BLACK.mix(0.35).filled())))?;
+        chart.draw_series(
+            s.points
+                .iter()
+                .map(|&(x, y)| Circle::new((x, y), 3, BLACK.mix(0.35).filled())),
+        )?;
     }
     chart
-        .draw_series(m.points.iter().map(|&(x, y)| Circle::new((x, y), 5, BLUE.filled())))?
+        .draw_series(
+            m.points
+                .iter()
+                .map(|&(x, y)| Circle::new((x, y), 5, BLUE.filled())),
+        )?
         .label("measured (mean over seeds)")
         .legend(|(x, y)| Circle::new((x + 9, y), 5, BLUE.filled()));
     if let Some(k) = m.knee {
-        let y = r.curve.iter().find(|c| c.rank == k.rank).map_or(m.reference_acc, |c| c.acc);
+        let y = r
+            .curve
+            .iter()
+            .find(|c| c.rank == k.rank)
+            .map_or(m.reference_acc, |c| c.acc);
         chart
-            .draw_series(std::iter::once(TriangleMarker::new((k.rank as f64, y), 9, RED.filled())))?
+            .draw_series(std::iter::once(TriangleMarker::new(
+                (k.rank as f64, y),
+                9,
+                RED.filled(),
+            )))?
             .label(format!("knee r* = {}{}", k.rank, comp("knee")))
             .legend(|(x, y)| TriangleMarker::new((x + 9, y), 7, RED.filled()));
     }
@@ -112,7 +171,14 @@ fn draw_curve(r: &AnalysisReport, root: &DrawingArea<BitMapBackend, Shift>) -> R
     Ok(())
 }
 
-const PALETTE: [RGBColor; 6] = [BLUE, ORANGE, GREEN, RED, RGBColor(148, 103, 189), RGBColor(140, 86, 75)];
+const PALETTE: [RGBColor; 6] = [
+    BLUE,
+    ORANGE,
+    GREEN,
+    RED,
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+];
 
 /// plot.png of a joint analysis: every curve in its own colour (PCHIP
 /// line, measured means, r_lo and r_hi as squares, the knee as a
@@ -127,47 +193,116 @@ pub fn plot_joint(j: &JointReport, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn draw_joint(j: &JointReport, root: &DrawingArea<BitMapBackend, Shift>) -> Result<(), Box<dyn std::error::Error>> {
+fn draw_joint(
+    j: &JointReport,
+    root: &DrawingArea<BitMapBackend, Shift>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let reports: Vec<&AnalysisReport> = j.curves.iter().map(|c| &c.report).collect();
-    let xs = reports.iter().flat_map(|r| r.mean.points.iter().map(|p| p.0));
-    let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| (a.min(x), b.max(x)));
-    let ys = reports.iter().flat_map(|r| r.curve.iter().map(|c| c.acc).chain(r.mean.points.iter().map(|p| p.1)).chain([r.mean.reference_acc]));
-    let (lo_y, hi_y) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| (a.min(y), b.max(y)));
+    let xs = reports
+        .iter()
+        .flat_map(|r| r.mean.points.iter().map(|p| p.0));
+    let (x0, x1) = xs.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), x| {
+        (a.min(x), b.max(x))
+    });
+    let ys = reports.iter().flat_map(|r| {
+        r.curve
+            .iter()
+            .map(|c| c.acc)
+            .chain(r.mean.points.iter().map(|p| p.1))
+            .chain([r.mean.reference_acc])
+    });
+    let (lo_y, hi_y) = ys.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), y| {
+        (a.min(y), b.max(y))
+    });
     let pad = 0.05 * (hi_y - lo_y).max(1e-6);
     let mut chart = ChartBuilder::on(root)
-        .caption(format!("Effective rank: {} curves", j.curves.len()), ("sans-serif", 22))
+        .caption(
+            format!("Effective rank: {} curves", j.curves.len()),
+            ("sans-serif", 22),
+        )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
         .build_cartesian_2d((x0 * 0.9..x1 * 1.1).log_scale(), (lo_y - pad)..(hi_y + pad))?;
-    chart.configure_mesh().x_desc("rank r (log axis)").y_desc("top-1 accuracy").x_label_formatter(&|v| format!("{v:.0}")).y_label_formatter(&|v| format!("{v:.3}")).label_style(("sans-serif", 15)).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("rank r (log axis)")
+        .y_desc("top-1 accuracy")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.3}"))
+        .label_style(("sans-serif", 15))
+        .draw()?;
     let reference = reports[0].mean.reference_acc;
     if reports.iter().all(|r| r.mean.reference_acc == reference) {
         let (lo, hi) = (reports[0].options.lo, reports[0].options.hi);
-        for (level, style) in [(reference, BLACK.mix(0.5)), (lo * reference, BLACK.mix(0.3)), (hi * reference, BLACK.mix(0.3))] {
-            chart.draw_series(DashedLineSeries::new(vec![(x0 * 0.9, level), (x1 * 1.1, level)], 8, 5, style.stroke_width(1)))?;
+        for (level, style) in [
+            (reference, BLACK.mix(0.5)),
+            (lo * reference, BLACK.mix(0.3)),
+            (hi * reference, BLACK.mix(0.3)),
+        ] {
+            chart.draw_series(DashedLineSeries::new(
+                vec![(x0 * 0.9, level), (x1 * 1.1, level)],
+                8,
+                5,
+                style.stroke_width(1),
+            ))?;
         }
     }
     for (c, color) in j.curves.iter().zip(PALETTE.iter().cycle()) {
         let (r, color) = (&c.report, *color);
         let m = &r.mean;
         let knee = m.knee.map_or("-".into(), |k| k.rank.to_string());
-        let comp = r.compression.iter().find(|x| x.what == "knee").map_or(String::new(), |x| format!(", {:.1}x", x.compression));
+        let comp = r
+            .compression
+            .iter()
+            .find(|x| x.what == "knee")
+            .map_or(String::new(), |x| format!(", {:.1}x", x.compression));
         let region = |x: Option<usize>| x.map_or("-".into(), |v| v.to_string());
         chart
-            .draw_series(LineSeries::new(r.curve.iter().map(|s| (s.rank as f64, s.acc)), color.stroke_width(2)))?
-            .label(format!("{}: region [{}, {}], knee {knee}{comp}", c.label, region(m.lo.rank), region(m.hi.rank)))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        chart.draw_series(m.points.iter().map(|&(x, y)| Circle::new((x, y), 4, color.filled())))?;
-        let at = |rank: usize| r.curve.iter().find(|s| s.rank == rank).map(|s| (rank as f64, s.acc));
+            .draw_series(LineSeries::new(
+                r.curve.iter().map(|s| (s.rank as f64, s.acc)),
+                color.stroke_width(2),
+            ))?
+            .label(format!(
+                "{}: region [{}, {}], knee {knee}{comp}",
+                c.label,
+                region(m.lo.rank),
+                region(m.hi.rank)
+            ))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        chart.draw_series(
+            m.points
+                .iter()
+                .map(|&(x, y)| Circle::new((x, y), 4, color.filled())),
+        )?;
+        let at = |rank: usize| {
+            r.curve
+                .iter()
+                .find(|s| s.rank == rank)
+                .map(|s| (rank as f64, s.acc))
+        };
         for p in [m.lo.rank, m.hi.rank].into_iter().flatten().filter_map(at) {
-            chart.draw_series(std::iter::once(Rectangle::new([(p.0 * 0.98, p.1 - pad * 0.15), (p.0 * 1.02, p.1 + pad * 0.15)], color.filled())))?;
+            chart.draw_series(std::iter::once(Rectangle::new(
+                [
+                    (p.0 * 0.98, p.1 - pad * 0.15),
+                    (p.0 * 1.02, p.1 + pad * 0.15),
+                ],
+                color.filled(),
+            )))?;
         }
         if let Some(p) = m.knee.and_then(|k| at(k.rank)) {
             chart.draw_series(std::iter::once(TriangleMarker::new(p, 9, color.filled())))?;
         }
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 15)).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
     Ok(())
 }
 
@@ -181,11 +316,23 @@ pub fn plot_spectrum(s: &SpectrumReport, path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn draw_spectrum(s: &SpectrumReport, root: &DrawingArea<BitMapBackend, Shift>) -> Result<(), Box<dyn std::error::Error>> {
-    let n = s.layers.iter().map(|l| l.singular_values.len()).max().unwrap_or(1).max(2) as f64;
+fn draw_spectrum(
+    s: &SpectrumReport,
+    root: &DrawingArea<BitMapBackend, Shift>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let n = s
+        .layers
+        .iter()
+        .map(|l| l.singular_values.len())
+        .max()
+        .unwrap_or(1)
+        .max(2) as f64;
     let floor = 1e-4;
     let mut chart = ChartBuilder::on(root)
-        .caption(format!("Weight spectra ({})", s.checkpoint), ("sans-serif", 22))
+        .caption(
+            format!("Weight spectra ({})", s.checkpoint),
+            ("sans-serif", 22),
+        )
         .margin(15)
         .x_label_area_size(45)
         .y_label_area_size(70)
@@ -198,19 +345,46 @@ fn draw_spectrum(s: &SpectrumReport, root: &DrawingArea<BitMapBackend, Shift>) -
         .y_label_formatter(&|v| format!("{v:.0e}"))
         .label_style(("sans-serif", 15))
         .draw()?;
-    for (j, kind) in ["attn.q", "attn.k", "attn.v", "attn.proj", "mlp.fc1", "mlp.fc2"].iter().enumerate() {
+    for (j, kind) in [
+        "attn.q",
+        "attn.k",
+        "attn.v",
+        "attn.proj",
+        "mlp.fc1",
+        "mlp.fc2",
+    ]
+    .iter()
+    .enumerate()
+    {
         let color = PALETTE[j];
         let mut labelled = false;
         for l in s.layers.iter().filter(|l| l.name.ends_with(kind)) {
-            let top = l.singular_values.first().copied().unwrap_or(1.0).max(f64::MIN_POSITIVE);
-            let pts = l.singular_values.iter().enumerate().map(|(i, v)| ((i + 1) as f64, (v / top).max(floor)));
+            let top = l
+                .singular_values
+                .first()
+                .copied()
+                .unwrap_or(1.0)
+                .max(f64::MIN_POSITIVE);
+            let pts = l
+                .singular_values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| ((i + 1) as f64, (v / top).max(floor)));
             let series = chart.draw_series(LineSeries::new(pts, color.mix(0.6)))?;
             if !labelled {
-                series.label(*kind).legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+                series.label(*kind).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
                 labelled = true;
             }
         }
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::LowerLeft).background_style(WHITE.mix(0.85)).border_style(BLACK).label_font(("sans-serif", 15)).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
     Ok(())
 }

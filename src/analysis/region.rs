@@ -42,12 +42,21 @@ pub fn crossing(p: &Pchip, fraction: f64, reference: f64) -> Crossing {
             100.0 * curve_max(p) / reference
         ),
     };
-    Crossing { fraction, level, rank, exact, note }
+    Crossing {
+        fraction,
+        level,
+        rank,
+        exact,
+        note,
+    }
 }
 
 /// The curve's maximum on the measured range. A PCHIP curve is monotone on
 /// every piece (zero slope at every interior extremum of the data), so its
 /// maximum is the largest measured value.
 pub fn curve_max(p: &Pchip) -> f64 {
-    p.knots().iter().map(|&x| p.value(x)).fold(f64::MIN, f64::max)
+    p.knots()
+        .iter()
+        .map(|&x| p.value(x))
+        .fold(f64::MIN, f64::max)
 }

@@ -40,10 +40,23 @@ pub struct SpectrumReport {
 }
 
 /// The numbers derived from singular values (descending, non-negative).
-pub fn spectrum_of(name: &str, shape: [usize; 2], stored_rank: Option<usize>, sv: Vec<f64>) -> LayerSpectrum {
+pub fn spectrum_of(
+    name: &str,
+    shape: [usize; 2],
+    stored_rank: Option<usize>,
+    sv: Vec<f64>,
+) -> LayerSpectrum {
     let sum: f64 = sv.iter().sum();
     let energy: f64 = sv.iter().map(|s| s * s).sum();
-    let entropy = if sum > 0.0 { -sv.iter().map(|s| s / sum).filter(|&p| p > 0.0).map(|p| p * p.ln()).sum::<f64>() } else { 0.0 };
+    let entropy = if sum > 0.0 {
+        -sv.iter()
+            .map(|s| s / sum)
+            .filter(|&p| p > 0.0)
+            .map(|p| p * p.ln())
+            .sum::<f64>()
+    } else {
+        0.0
+    };
     let keep = |frac: f64| {
         let mut acc = 0.0;
         for (i, s) in sv.iter().enumerate() {
@@ -71,7 +84,9 @@ pub fn spectrum_of(name: &str, shape: [usize; 2], stored_rank: Option<usize>, sv
 /// Singular values (descending) of a row-major [rows, cols] matrix.
 pub fn singular_values(rows: usize, cols: usize, w: &[f64]) -> Result<Vec<f64>> {
     let m = faer::Mat::<f64>::from_fn(rows, cols, |i, j| w[i * cols + j]);
-    let mut sv = m.singular_values().map_err(|e| anyhow!("SVD of a {rows}x{cols} matrix did not converge: {e:?}"))?;
+    let mut sv = m
+        .singular_values()
+        .map_err(|e| anyhow!("SVD of a {rows}x{cols} matrix did not converge: {e:?}"))?;
     sv.sort_by(|a, b| b.total_cmp(a));
     Ok(sv)
 }
@@ -87,13 +102,23 @@ pub fn weight_spectra(path: &Path) -> Result<SpectrumReport> {
             let name = format!("blocks.{i}.{}", l.name());
             let (out, inp) = l.shape(&ck.cfg);
             let layer = match block.linear(l) {
-                Linear::Dense { weight, .. } => spectrum_of(&name, [out, inp], None, singular_values(out, inp, &to_f64(weight))?),
-                Linear::LowRank { u, v, .. } => lowrank_layer(&name, out, inp, ck.ranks[i][l].unwrap_or(0), u, v)?,
+                Linear::Dense { weight, .. } => spectrum_of(
+                    &name,
+                    [out, inp],
+                    None,
+                    singular_values(out, inp, &to_f64(weight))?,
+                ),
+                Linear::LowRank { u, v, .. } => {
+                    lowrank_layer(&name, out, inp, ck.ranks[i][l].unwrap_or(0), u, v)?
+                }
             };
             layers.push(layer);
         }
     }
-    Ok(SpectrumReport { checkpoint: path.display().to_string(), layers })
+    Ok(SpectrumReport {
+        checkpoint: path.display().to_string(),
+        layers,
+    })
 }
 
 fn to_f64(v: &[f32]) -> Vec<f64> {
@@ -101,9 +126,20 @@ fn to_f64(v: &[f32]) -> Vec<f64> {
 }
 
 /// A low-rank layer: the spectrum of W = U [out, r] · V [r, in] (at most r values).
-fn lowrank_layer(name: &str, out: usize, inp: usize, r: usize, u: &[f32], v: &[f32]) -> Result<LayerSpectrum> {
+fn lowrank_layer(
+    name: &str,
+    out: usize,
+    inp: usize,
+    r: usize,
+    u: &[f32],
+    v: &[f32],
+) -> Result<LayerSpectrum> {
     if r == 0 || u.len() != out * r || v.len() != r * inp {
-        bail!("{name}: U of {} and V of {} values do not make a rank-{r} [{out}, {inp}] layer", u.len(), v.len());
+        bail!(
+            "{name}: U of {} and V of {} values do not make a rank-{r} [{out}, {inp}] layer",
+            u.len(),
+            v.len()
+        );
     }
     let mut w = vec![0.0f64; out * inp];
     for a in 0..out {
@@ -133,17 +169,38 @@ impl SpectrumReport {
                 0.5 * (v[n / 2 - 1] + v[n / 2])
             }
         };
-        [med(&|l| l.entropy_rank), med(&|l| l.stable_rank), med(&|l| l.rank_90 as f64), med(&|l| l.rank_95 as f64), med(&|l| l.rank_99 as f64)]
+        [
+            med(&|l| l.entropy_rank),
+            med(&|l| l.stable_rank),
+            med(&|l| l.rank_90 as f64),
+            med(&|l| l.rank_95 as f64),
+            med(&|l| l.rank_99 as f64),
+        ]
     }
 
     /// The per-layer table (terminal and markdown).
     pub fn table_md(&self) -> String {
         let mut s = String::from("| layer | shape | entropy rank | stable rank | 90% | 95% | 99% |\n|---|---|---|---|---|---|---|\n");
         for l in &self.layers {
-            let _ = writeln!(s, "| {} | {}x{} | {:.1} | {:.2} | {} | {} | {} |", l.name, l.shape[0], l.shape[1], l.entropy_rank, l.stable_rank, l.rank_90, l.rank_95, l.rank_99);
+            let _ = writeln!(
+                s,
+                "| {} | {}x{} | {:.1} | {:.2} | {} | {} | {} |",
+                l.name,
+                l.shape[0],
+                l.shape[1],
+                l.entropy_rank,
+                l.stable_rank,
+                l.rank_90,
+                l.rank_95,
+                l.rank_99
+            );
         }
         let m = self.medians();
-        let _ = writeln!(s, "| **median** | | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} |", m[0], m[1], m[2], m[3], m[4]);
+        let _ = writeln!(
+            s,
+            "| **median** | | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} |",
+            m[0], m[1], m[2], m[3], m[4]
+        );
         s
     }
 

@@ -22,22 +22,50 @@ use super::{reference_acc, AnalysisOptions};
 /// ±1 rank (or cannot be narrowed inside [min_rank, max_rank]) and the knee
 /// lies within one rank of a measurement. `points` are (rank, accuracy), in
 /// any order; `teacher_acc` is the reference when `opts.reference` is Teacher.
-pub fn suggest_ranks(points: &[(f64, f64)], teacher_acc: f64, opts: &AnalysisOptions, n: usize, min_rank: usize, max_rank: usize) -> Vec<usize> {
-    let mut pts: Vec<(f64, f64)> = points.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite() && p.0 >= 1.0).collect();
+pub fn suggest_ranks(
+    points: &[(f64, f64)],
+    teacher_acc: f64,
+    opts: &AnalysisOptions,
+    n: usize,
+    min_rank: usize,
+    max_rank: usize,
+) -> Vec<usize> {
+    let mut pts: Vec<(f64, f64)> = points
+        .iter()
+        .copied()
+        .filter(|p| p.0.is_finite() && p.1.is_finite() && p.0 >= 1.0)
+        .collect();
     pts.sort_by(|a, b| a.0.total_cmp(&b.0));
     pts.dedup_by(|a, b| a.0 == b.0);
     let measured: Vec<usize> = pts.iter().map(|p| p.0 as usize).collect();
-    let targets = if pts.len() < 2 { vec![vec![min_rank, max_rank]] } else { targets(&pts, teacher_acc, opts, min_rank, max_rank) };
+    let targets = if pts.len() < 2 {
+        vec![vec![min_rank, max_rank]]
+    } else {
+        targets(&pts, teacher_acc, opts, min_rank, max_rank)
+    };
     round_robin(&targets, &measured, n, min_rank, max_rank)
 }
 
 /// Candidate lists, one per unpinned target, best candidate first.
-fn targets(pts: &[(f64, f64)], teacher_acc: f64, opts: &AnalysisOptions, min_rank: usize, max_rank: usize) -> Vec<Vec<usize>> {
+fn targets(
+    pts: &[(f64, f64)],
+    teacher_acc: f64,
+    opts: &AnalysisOptions,
+    min_rank: usize,
+    max_rank: usize,
+) -> Vec<Vec<usize>> {
     let x: Vec<f64> = pts.iter().map(|p| p.0).collect();
     let y: Vec<f64> = pts.iter().map(|p| p.1).collect();
-    let Ok(p) = Pchip::new(&x, &y) else { return Vec::new() };
-    let Ok(reference) = reference_acc(&p, Some(teacher_acc), opts.reference) else { return Vec::new() };
-    let mut out: Vec<Vec<usize>> = [opts.lo, opts.hi].iter().filter_map(|f| threshold_candidates(&p, pts, f * reference, min_rank, max_rank)).collect();
+    let Ok(p) = Pchip::new(&x, &y) else {
+        return Vec::new();
+    };
+    let Ok(reference) = reference_acc(&p, Some(teacher_acc), opts.reference) else {
+        return Vec::new();
+    };
+    let mut out: Vec<Vec<usize>> = [opts.lo, opts.hi]
+        .iter()
+        .filter_map(|f| threshold_candidates(&p, pts, f * reference, min_rank, max_rank))
+        .collect();
     if let Some(k) = knee(&p, opts.knee_axis) {
         if !pts.iter().any(|q| (q.0 - k.rank as f64).abs() <= 1.0) {
             out.push(vec![k.rank]);
@@ -47,7 +75,13 @@ fn targets(pts: &[(f64, f64)], teacher_acc: f64, opts: &AnalysisOptions, min_ran
 }
 
 /// Candidates that narrow one threshold's bracket; None when pinned.
-fn threshold_candidates(p: &Pchip, pts: &[(f64, f64)], level: f64, min_rank: usize, max_rank: usize) -> Option<Vec<usize>> {
+fn threshold_candidates(
+    p: &Pchip,
+    pts: &[(f64, f64)],
+    level: f64,
+    min_rank: usize,
+    max_rank: usize,
+) -> Option<Vec<usize>> {
     let rank = |i: usize| pts[i].0 as usize;
     match pts.iter().position(|q| q.1 >= level) {
         None => {
@@ -63,7 +97,9 @@ fn threshold_candidates(p: &Pchip, pts: &[(f64, f64)], level: f64, min_rank: usi
             if b - a <= 2 {
                 return None;
             }
-            let c = (a + 1..=b).find(|&k| p.value(k as f64) >= level).unwrap_or(b);
+            let c = (a + 1..=b)
+                .find(|&k| p.value(k as f64) >= level)
+                .unwrap_or(b);
             let c = c.clamp(a + 2, b - 1);
             Some(vec![c, c - 1])
         }
@@ -71,13 +107,23 @@ fn threshold_candidates(p: &Pchip, pts: &[(f64, f64)], level: f64, min_rank: usi
 }
 
 /// First candidates of every target, then second ones, ...; new ranks only.
-fn round_robin(targets: &[Vec<usize>], measured: &[usize], n: usize, min_rank: usize, max_rank: usize) -> Vec<usize> {
+fn round_robin(
+    targets: &[Vec<usize>],
+    measured: &[usize],
+    n: usize,
+    min_rank: usize,
+    max_rank: usize,
+) -> Vec<usize> {
     let mut out: Vec<usize> = Vec::new();
     let depth = targets.iter().map(Vec::len).max().unwrap_or(0);
     for d in 0..depth {
         for t in targets {
             if let Some(&r) = t.get(d) {
-                if out.len() < n && (min_rank..=max_rank).contains(&r) && !measured.contains(&r) && !out.contains(&r) {
+                if out.len() < n
+                    && (min_rank..=max_rank).contains(&r)
+                    && !measured.contains(&r)
+                    && !out.contains(&r)
+                {
                     out.push(r);
                 }
             }
@@ -92,7 +138,16 @@ mod tests {
 
     #[test]
     fn pinned_region_and_measured_knee_suggest_nothing() {
-        let pts: Vec<(f64, f64)> = [(1.0, 0.1), (2.0, 0.5), (3.0, 0.84), (4.0, 0.86), (5.0, 0.94), (6.0, 0.96), (8.0, 0.97)].to_vec();
+        let pts: Vec<(f64, f64)> = [
+            (1.0, 0.1),
+            (2.0, 0.5),
+            (3.0, 0.84),
+            (4.0, 0.86),
+            (5.0, 0.94),
+            (6.0, 0.96),
+            (8.0, 0.97),
+        ]
+        .to_vec();
         assert!(suggest_ranks(&pts, 1.0, &AnalysisOptions::default(), 4, 1, 8).is_empty());
     }
 

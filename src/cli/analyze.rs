@@ -6,9 +6,12 @@
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use effrank_engine::analysis::output::{write_report, write_spectrum};
-use effrank_engine::io::create_folder;
 use effrank_engine::analysis::report::analyze;
-use effrank_engine::analysis::{analyze_labelled, read_measurements, suggest_ranks, weight_spectra, AnalysisOptions, KneeAxis, Labelled, Reference, SpectrumReport};
+use effrank_engine::analysis::{
+    analyze_labelled, read_measurements, suggest_ranks, weight_spectra, AnalysisOptions, KneeAxis,
+    Labelled, Reference, SpectrumReport,
+};
+use effrank_engine::io::create_folder;
 use std::path::{Path, PathBuf};
 
 /// Analyze measured accuracies per rank (PCHIP curve, region [r_lo, r_hi],
@@ -90,13 +93,22 @@ pub fn run(args: AnalyzeArgs) -> Result<()> {
     };
     opts.check()?;
     if !args.label.is_empty() && args.label.len() != args.results.len() {
-        bail!("{} --label for {} --results: give one label per results folder, in the same order", args.label.len(), args.results.len());
+        bail!(
+            "{} --label for {} --results: give one label per results folder, in the same order",
+            args.label.len(),
+            args.results.len()
+        );
     }
     let spectrum = args.spectrum.as_deref().map(weight_spectra).transpose()?;
     match args.results.as_slice() {
         [] => {
-            let Some(s) = spectrum else { bail!("give --results DIR|FILE, --spectrum CHECKPOINT, or both (see --help)") };
-            let out = args.out.clone().unwrap_or_else(|| folder_of(args.spectrum.as_deref().unwrap_or(Path::new("."))));
+            let Some(s) = spectrum else {
+                bail!("give --results DIR|FILE, --spectrum CHECKPOINT, or both (see --help)")
+            };
+            let out = args
+                .out
+                .clone()
+                .unwrap_or_else(|| folder_of(args.spectrum.as_deref().unwrap_or(Path::new("."))));
             write_spectrum_only(&s, &out, opts.plot)
         }
         [results] => analyze_one(&args, results, &opts, spectrum),
@@ -108,23 +120,44 @@ fn write_spectrum_only(s: &SpectrumReport, out: &Path, plot: bool) -> Result<()>
     create_folder(out)?;
     write_spectrum(s, out, plot)?;
     println!("{}", s.table_md());
-    println!("wrote spectrum.json{} to {}", if plot { " and spectrum.png" } else { "" }, out.display());
+    println!(
+        "wrote spectrum.json{} to {}",
+        if plot { " and spectrum.png" } else { "" },
+        out.display()
+    );
     Ok(())
 }
 
 /// Several curves: one joint analysis.
-fn analyze_several(args: &AnalyzeArgs, results: &[PathBuf], opts: &AnalysisOptions, spectrum: Option<SpectrumReport>) -> Result<()> {
+fn analyze_several(
+    args: &AnalyzeArgs,
+    results: &[PathBuf],
+    opts: &AnalysisOptions,
+    spectrum: Option<SpectrumReport>,
+) -> Result<()> {
     if args.suggest.is_some() {
         bail!("--suggest proposes ranks for one curve: give a single --results");
     }
-    let inputs: Vec<Labelled> = results.iter().enumerate().map(|(i, p)| Labelled { label: args.label.get(i).cloned().unwrap_or_else(|| name_of(p)), path: p.clone() }).collect();
+    let inputs: Vec<Labelled> = results
+        .iter()
+        .enumerate()
+        .map(|(i, p)| Labelled {
+            label: args.label.get(i).cloned().unwrap_or_else(|| name_of(p)),
+            path: p.clone(),
+        })
+        .collect();
     let out = match &args.out {
         Some(o) => o.clone(),
         None => common_folder(results)?,
     };
     let report = analyze_labelled(&inputs, &out, opts)?;
     println!("{}", report.terminal_summary());
-    println!("wrote analysis.json, summary.md{} of {} curves to {}", if opts.plot { ", plot.png" } else { "" }, inputs.len(), out.display());
+    println!(
+        "wrote analysis.json, summary.md{} of {} curves to {}",
+        if opts.plot { ", plot.png" } else { "" },
+        inputs.len(),
+        out.display()
+    );
     match spectrum {
         Some(s) => write_spectrum_only(&s, &out, opts.plot),
         None => Ok(()),
@@ -133,8 +166,15 @@ fn analyze_several(args: &AnalyzeArgs, results: &[PathBuf], opts: &AnalysisOptio
 
 /// A folder's or file's own name (a file without its extension).
 fn name_of(path: &Path) -> String {
-    let name = if path.is_dir() { path.file_name() } else { path.file_stem() };
-    name.map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+    let name = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    name.map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 /// The folder that holds every results folder or file (the common
@@ -144,7 +184,9 @@ fn common_folder(results: &[PathBuf]) -> Result<PathBuf> {
     let holders = results
         .iter()
         .map(|p| {
-            let abs = p.canonicalize().with_context(|| format!("--results {}: no such results folder or file", p.display()))?;
+            let abs = p.canonicalize().with_context(|| {
+                format!("--results {}: no such results folder or file", p.display())
+            })?;
             Ok(abs.parent().map_or(abs.clone(), Path::to_path_buf))
         })
         .collect::<Result<Vec<_>>>()?;
@@ -158,7 +200,12 @@ fn common_folder(results: &[PathBuf]) -> Result<PathBuf> {
 }
 
 /// One curve: the single-folder analysis (its files as they always were).
-fn analyze_one(args: &AnalyzeArgs, results: &Path, opts: &AnalysisOptions, spectrum: Option<SpectrumReport>) -> Result<()> {
+fn analyze_one(
+    args: &AnalyzeArgs,
+    results: &Path,
+    opts: &AnalysisOptions,
+    spectrum: Option<SpectrumReport>,
+) -> Result<()> {
     let m = read_measurements(results)?;
     let report = analyze(&m, opts, spectrum)?;
     let out = args.out.clone().unwrap_or_else(|| folder_of(results));
@@ -168,14 +215,33 @@ fn analyze_one(args: &AnalyzeArgs, results: &Path, opts: &AnalysisOptions, spect
     if let Some(s) = &report.spectrum {
         println!("{}", s.table_md());
     }
-    println!("wrote analysis.json, summary.md{} to {}", if opts.plot { ", plot.png" } else { "" }, out.display());
+    println!(
+        "wrote analysis.json, summary.md{} to {}",
+        if opts.plot { ", plot.png" } else { "" },
+        out.display()
+    );
     if let Some(n) = args.suggest {
-        let max_rank = args.max_rank.unwrap_or_else(|| m.points.iter().map(|p| p.rank).max().unwrap_or(1));
-        let next = suggest_ranks(&m.mean_curve(), report.mean.reference_acc, opts, n, args.min_rank, max_rank);
+        let max_rank = args
+            .max_rank
+            .unwrap_or_else(|| m.points.iter().map(|p| p.rank).max().unwrap_or(1));
+        let next = suggest_ranks(
+            &m.mean_curve(),
+            report.mean.reference_acc,
+            opts,
+            n,
+            args.min_rank,
+            max_rank,
+        );
         if next.is_empty() {
             println!("suggested ranks: none (r_lo and r_hi are pinned to ±1 rank and the knee is measured)");
         } else {
-            println!("suggested ranks: {}", next.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","));
+            println!(
+                "suggested ranks: {}",
+                next.iter()
+                    .map(|r| r.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
         }
     }
     Ok(())

@@ -6,10 +6,12 @@
 
 use anyhow::{bail, Result};
 use clap::{Args, ValueEnum};
-use effrank_engine::device::Cpu;
-use effrank_engine::ops::Backend;
 use effrank_engine::data::{Augment, Normalize};
-use effrank_engine::factorize::{BlockRange, FactorInit, FromTeacher, LayerSet, StudentPlan, Targets, DEFAULT_CALIBRATION};
+use effrank_engine::device::Cpu;
+use effrank_engine::factorize::{
+    BlockRange, FactorInit, FromTeacher, LayerSet, StudentPlan, Targets, DEFAULT_CALIBRATION,
+};
+use effrank_engine::ops::Backend;
 use effrank_engine::train::{AdamWConfig, FitOptions};
 
 /// Where to compute.
@@ -68,7 +70,14 @@ fn cuda_usable() -> bool {
 #[cfg(feature = "cuda")]
 fn run_cuda<W: WithBackend>(work: W, fp32: bool) -> Result<W::Output> {
     use effrank_engine::device::{Cuda, Precision};
-    let be = Cuda::with_precision(0, if fp32 { Precision::F32 } else { Precision::Bf16 })?;
+    let be = Cuda::with_precision(
+        0,
+        if fp32 {
+            Precision::F32
+        } else {
+            Precision::Bf16
+        },
+    )?;
     work.run(&be)
 }
 
@@ -181,11 +190,18 @@ impl TrainFlags {
     }
 
     pub fn augment(&self) -> Augment {
-        Augment { flip: !self.no_flip, pad: self.crop_padding }
+        Augment {
+            flip: !self.no_flip,
+            pad: self.crop_padding,
+        }
     }
 
     pub fn optimizer(&self) -> AdamWConfig {
-        AdamWConfig { weight_decay: self.wd, max_grad_norm: (self.clip > 0.0).then_some(self.clip), ..AdamWConfig::default() }
+        AdamWConfig {
+            weight_decay: self.wd,
+            max_grad_norm: (self.clip > 0.0).then_some(self.clip),
+            ..AdamWConfig::default()
+        }
     }
 
     /// The learning rate the schedule ends at: a constant schedule is the
@@ -234,7 +250,12 @@ pub struct LossFlags {
 
 impl LossFlags {
     pub fn spec(&self) -> Result<effrank_engine::train::LossSpec> {
-        effrank_engine::train::LossSpec::parse(&self.loss, self.alpha, self.temperature, self.label_smoothing)
+        effrank_engine::train::LossSpec::parse(
+            &self.loss,
+            self.alpha,
+            self.temperature,
+            self.label_smoothing,
+        )
     }
 }
 
@@ -272,10 +293,21 @@ impl FactorFlags {
     /// from `seed`.
     pub fn plan(&self, seed: u64) -> Result<StudentPlan> {
         let init = match self.init {
-            FactorInit::SvdAct { .. } if self.calibration == 0 => bail!("--calibration must be at least 1 image"),
-            FactorInit::SvdAct { .. } => FactorInit::SvdAct { calibration: self.calibration },
+            FactorInit::SvdAct { .. } if self.calibration == 0 => {
+                bail!("--calibration must be at least 1 image")
+            }
+            FactorInit::SvdAct { .. } => FactorInit::SvdAct {
+                calibration: self.calibration,
+            },
             other => other.with_seed(seed),
         };
-        Ok(StudentPlan { init, targets: Targets { layers: self.layers, blocks: self.blocks }, from_teacher: self.from_teacher })
+        Ok(StudentPlan {
+            init,
+            targets: Targets {
+                layers: self.layers,
+                blocks: self.blocks,
+            },
+            from_teacher: self.from_teacher,
+        })
     }
 }

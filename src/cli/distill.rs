@@ -1,13 +1,15 @@
 //! `effrank-engine distill`: train one low-rank student against a teacher.
 
-use super::common::{dispatch, DataFlags, DeviceArg, FactorFlags, LossFlags, TrainFlags, WithBackend};
+use super::common::{
+    dispatch, DataFlags, DeviceArg, FactorFlags, LossFlags, TrainFlags, WithBackend,
+};
 use super::setup::{load_data_for, load_model, load_resumed_run, model_input, warn_if_other_data};
 use anyhow::{bail, Result};
 use clap::Args;
-use effrank_engine::ops::Backend;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::params::{dense_ranks, is_lowrank, param_count};
 use effrank_engine::model::Vit;
+use effrank_engine::ops::Backend;
 use effrank_engine::provenance::{FileRef, RunMeta, Training};
 use effrank_engine::train::{train_student, Frozen, RunFiles, StudentRun, StudentStart, Teacher};
 use std::path::PathBuf;
@@ -73,41 +75,93 @@ impl WithBackend for DistillArgs {
         let loss = self.loss.spec()?;
         let teacher = load_model(&self.teacher, self.heads, None)?;
         if is_lowrank(&teacher.ranks) {
-            bail!("--teacher {} is a low-rank model; the teacher must be dense", self.teacher.display());
+            bail!(
+                "--teacher {} is a low-rank model; the teacher must be dense",
+                self.teacher.display()
+            );
         }
-        let choice = self.data.choose(teacher.run.as_ref().and_then(|r| r.data.as_ref()));
+        let choice = self
+            .data
+            .choose(teacher.run.as_ref().and_then(|r| r.data.as_ref()));
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
-        warn_if_other_data(teacher.run.as_ref(), &data, &format!("the teacher {}", self.teacher.display()));
+        warn_if_other_data(
+            teacher.run.as_ref(),
+            &data,
+            &format!("the teacher {}", self.teacher.display()),
+        );
         let student_file = match &self.student {
             Some(path) => {
                 let s = load_model(path, self.heads, None)?;
                 if s.cfg != teacher.cfg {
-                    bail!("student {} has shape {:?}, the teacher {:?}", path.display(), s.cfg, teacher.cfg);
+                    bail!(
+                        "student {} has shape {:?}, the teacher {:?}",
+                        path.display(),
+                        s.cfg,
+                        teacher.cfg
+                    );
                 }
                 Some(s)
             }
             None => None,
         };
         let (start, plan) = match (&student_file, self.rank) {
-            (Some(s), _) => (StudentStart::Given { ranks: s.ranks.clone(), params: &s.params }, None),
+            (Some(s), _) => (
+                StudentStart::Given {
+                    ranks: s.ranks.clone(),
+                    params: &s.params,
+                },
+                None,
+            ),
             (None, Some(r)) => {
                 let plan = self.factor.plan(self.train.seed)?;
-                (StudentStart::Factorize { ranks: plan.targets.ranks(&teacher.cfg, r)?, plan }, Some(plan))
+                (
+                    StudentStart::Factorize {
+                        ranks: plan.targets.ranks(&teacher.cfg, r)?,
+                        plan,
+                    },
+                    Some(plan),
+                )
             }
             (None, None) => unreachable!("checked in run"),
         };
         let (normalize, transform) = model_input(&self.data, &teacher, &train, &choice.source)?;
         let dense = dense_ranks(&teacher.cfg);
-        let label = self.rank.map(|r| format!("rank {r}")).unwrap_or_else(|| "student".into());
+        let label = self
+            .rank
+            .map(|r| format!("rank {r}"))
+            .unwrap_or_else(|| "student".into());
         let fit_opts = self.train.fit_options(&label, self.quiet);
-        let training = Training { data: &data, loss: &loss, fit: &fit_opts, optimizer: self.train.optimizer() };
-        let meta = RunMeta::student(normalize, transform.resize, FileRef::of(&self.teacher)?, plan.as_ref(), Some(training));
+        let training = Training {
+            data: &data,
+            loss: &loss,
+            fit: &fit_opts,
+            optimizer: self.train.optimizer(),
+        };
+        let meta = RunMeta::student(
+            normalize,
+            transform.resize,
+            FileRef::of(&self.teacher)?,
+            plan.as_ref(),
+            Some(training),
+        );
         let files = RunFiles::new(&self.out);
         if let Some(resumed) = load_resumed_run(&files)? {
-            warn_if_other_data(Some(&resumed), &data, &format!("the run being resumed in {}", self.out.display()));
+            warn_if_other_data(
+                Some(&resumed),
+                &data,
+                &format!("the run being resumed in {}", self.out.display()),
+            );
         }
-        let mut frozen = Frozen::new(be, Vit::from_host(be, &teacher.cfg, &dense, &teacher.params)?, self.train.batch)?;
-        let teacher_signal = if loss.needs_teacher() { Teacher::Live(&mut frozen) } else { Teacher::None };
+        let mut frozen = Frozen::new(
+            be,
+            Vit::from_host(be, &teacher.cfg, &dense, &teacher.params)?,
+            self.train.batch,
+        )?;
+        let teacher_signal = if loss.needs_teacher() {
+            Teacher::Live(&mut frozen)
+        } else {
+            Teacher::None
+        };
         let ranks = start.ranks().clone();
         let run = StudentRun {
             cfg: &teacher.cfg,
@@ -123,8 +177,14 @@ impl WithBackend for DistillArgs {
             meta: &meta,
         };
         let summary = train_student(be, &run, teacher_signal, &mut |_| Ok(()))?;
-        atomic_write(&self.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
-        let (tp, sp) = (param_count(&teacher.cfg, &dense), param_count(&teacher.cfg, &ranks));
+        atomic_write(
+            &self.out.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
+        let (tp, sp) = (
+            param_count(&teacher.cfg, &dense),
+            param_count(&teacher.cfg, &ranks),
+        );
         println!(
             "student: test top-1 {:.2}%, top-5 {:.2}%; {sp} parameters ({:.2}x fewer than the teacher's {tp}); checkpoint {}",
             100.0 * summary.test_top1,

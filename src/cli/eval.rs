@@ -5,10 +5,10 @@ use super::common::{dispatch, DataFlags, DeviceArg, WithBackend};
 use super::setup::{choose_normalize, load_data_for, load_model, model_input, warn_if_other_data};
 use anyhow::{bail, Result};
 use clap::Args;
-use effrank_engine::ops::Backend;
 use effrank_engine::data::Normalize;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::Vit;
+use effrank_engine::ops::Backend;
 use effrank_engine::train::fit::evaluate;
 use effrank_engine::train::Frozen;
 use safetensors::tensor::{Dtype, TensorView};
@@ -65,17 +65,31 @@ impl WithBackend for EvalArgs {
     type Output = ();
     fn run<B: Backend>(self, be: &B) -> Result<()> {
         let m = load_model(&self.checkpoint, self.heads, None)?;
-        let choice = self.data.choose(m.run.as_ref().and_then(|r| r.data.as_ref()));
+        let choice = self
+            .data
+            .choose(m.run.as_ref().and_then(|r| r.data.as_ref()));
         let (_, test, data) = load_data_for(&choice, self.quiet)?;
-        warn_if_other_data(m.run.as_ref(), &data, &format!("the checkpoint {}", self.checkpoint.display()));
+        warn_if_other_data(
+            m.run.as_ref(),
+            &data,
+            &format!("the checkpoint {}", self.checkpoint.display()),
+        );
         if test.classes > m.cfg.classes {
-            bail!("the data has {} classes, the model {} only {}", test.classes, self.checkpoint.display(), m.cfg.classes);
+            bail!(
+                "the data has {} classes, the model {} only {}",
+                test.classes,
+                self.checkpoint.display(),
+                m.cfg.classes
+            );
         }
         if m.normalize.is_none() && self.data.normalize.is_none() {
             eprintln!("warning: {} does not record how its inputs were normalized; using {} (give --normalize to choose)", self.checkpoint.display(), choose_normalize(None, None, &choice.source));
         }
         let (normalize, transform) = model_input(&self.data, &m, &test, &choice.source)?;
-        let batch = self.batch.or(m.run.as_ref().and_then(|r| r.fit.as_ref()).map(|f| f.batch)).unwrap_or(128);
+        let batch = self
+            .batch
+            .or(m.run.as_ref().and_then(|r| r.fit.as_ref()).map(|f| f.batch))
+            .unwrap_or(128);
         let mut model = Frozen::new(be, Vit::from_host(be, &m.cfg, &m.ranks, &m.params)?, batch)?;
         let mut all = Vec::new();
         let (top1, top5) = evaluate(&test, batch, m.cfg.classes, |bytes, n| {
@@ -84,22 +98,50 @@ impl WithBackend for EvalArgs {
             Ok(logits)
         })?;
         let recorded = m.run.as_ref().and_then(|r| r.recorded_top1());
-        let result = EvalResult { checkpoint: self.checkpoint.display().to_string(), data: choice.source.clone(), normalize, images: test.len(), top1, top5, recorded_top1: recorded, device: be.name() };
+        let result = EvalResult {
+            checkpoint: self.checkpoint.display().to_string(),
+            data: choice.source.clone(),
+            normalize,
+            images: test.len(),
+            top1,
+            top5,
+            recorded_top1: recorded,
+            device: be.name(),
+        };
         if self.json {
             println!("{}", serde_json::to_string(&result)?);
         } else {
             let against = match recorded {
                 Some(r) if r == top1 => format!(" (the run recorded the same, {:.2}%)", 100.0 * r),
-                Some(r) => format!(" (the run recorded {:.2}%, on its data and device)", 100.0 * r),
+                Some(r) => format!(
+                    " (the run recorded {:.2}%, on its data and device)",
+                    100.0 * r
+                ),
                 None => String::new(),
             };
-            println!("{}: top-1 {:.2}%, top-5 {:.2}% on {} test images{against}", result.checkpoint, 100.0 * top1, 100.0 * top5, test.len());
+            println!(
+                "{}: top-1 {:.2}%, top-5 {:.2}% on {} test images{against}",
+                result.checkpoint,
+                100.0 * top1,
+                100.0 * top5,
+                test.len()
+            );
         }
         if let Some(path) = &self.dump_logits {
             let labels: Vec<i64> = test.labels.iter().map(|&l| l as i64).collect();
             let views = vec![
-                ("logits".to_string(), TensorView::new(Dtype::F32, vec![test.len(), m.cfg.classes], bytemuck::cast_slice(&all))?),
-                ("labels".to_string(), TensorView::new(Dtype::I64, vec![test.len()], bytemuck::cast_slice(&labels))?),
+                (
+                    "logits".to_string(),
+                    TensorView::new(
+                        Dtype::F32,
+                        vec![test.len(), m.cfg.classes],
+                        bytemuck::cast_slice(&all),
+                    )?,
+                ),
+                (
+                    "labels".to_string(),
+                    TensorView::new(Dtype::I64, vec![test.len()], bytemuck::cast_slice(&labels))?,
+                ),
             ];
             let bytes = safetensors::serialize(views, &None)?;
             atomic_write(path, &bytes)?;

@@ -59,7 +59,10 @@ pub struct FactorizeArgs {
 pub fn run(args: FactorizeArgs) -> Result<()> {
     let teacher = load_model(&args.teacher, args.heads, None)?;
     if is_lowrank(&teacher.ranks) {
-        bail!("{} is already a low-rank student; factorize a dense teacher", args.teacher.display());
+        bail!(
+            "{} is already a low-rank student; factorize a dense teacher",
+            args.teacher.display()
+        );
     }
     let Some(normalize) = args.data.normalize.or(teacher.normalize) else {
         bail!("{} does not record how its inputs are normalized, so the student could not say either: give --normalize cifar|imagenet|half", args.teacher.display());
@@ -68,17 +71,41 @@ pub fn run(args: FactorizeArgs) -> Result<()> {
     let plan = args.factor.plan(args.seed)?;
     let ranks = plan.targets.ranks(&teacher.cfg, args.rank)?;
     let calibration = match plan.init {
-        FactorInit::SvdAct { .. } => Some(calibration_data(&args.data, &teacher, normalize, resize)?),
+        FactorInit::SvdAct { .. } => {
+            Some(calibration_data(&args.data, &teacher, normalize, resize)?)
+        }
         _ => None,
     };
-    let data = calibration.as_ref().map(|(train, transform)| CalibrationData { train, transform });
-    let (student, reports) = make_student(&teacher.cfg, &teacher.params, &ranks, &plan, args.seed, data)?;
+    let data = calibration
+        .as_ref()
+        .map(|(train, transform)| CalibrationData { train, transform });
+    let (student, reports) = make_student(
+        &teacher.cfg,
+        &teacher.params,
+        &ranks,
+        &plan,
+        args.seed,
+        data,
+    )?;
     print_table(&reports);
     let before = param_count(&teacher.cfg, &teacher.ranks);
     let after = param_count(&teacher.cfg, &ranks);
-    println!("model ({}): {before} -> {after} parameters, {:.2}x compression", plan.targets, before as f64 / after as f64);
-    let out = args.out.unwrap_or_else(|| args.teacher.with_file_name(format!("student-r{}.safetensors", args.rank)));
-    let mut meta = RunMeta::student(normalize, resize, FileRef::of(&args.teacher)?, Some(&plan), None);
+    println!(
+        "model ({}): {before} -> {after} parameters, {:.2}x compression",
+        plan.targets,
+        before as f64 / after as f64
+    );
+    let out = args.out.unwrap_or_else(|| {
+        args.teacher
+            .with_file_name(format!("student-r{}.safetensors", args.rank))
+    });
+    let mut meta = RunMeta::student(
+        normalize,
+        resize,
+        FileRef::of(&args.teacher)?,
+        Some(&plan),
+        None,
+    );
     // The student is not trained yet; it is meant for the teacher's data.
     meta.data = teacher.run.and_then(|r| r.data);
     save_checkpoint(&out, &teacher.cfg, &ranks, &student, &meta.metadata()?)?;
@@ -88,7 +115,12 @@ pub fn run(args: FactorizeArgs) -> Result<()> {
 
 /// The training images svd-act calibrates on: the data the flags name,
 /// else the data the teacher recorded, as the teacher sees them.
-fn calibration_data(flags: &DataFlags, teacher: &HostModel, normalize: Normalize, resize: Option<usize>) -> Result<(Dataset, ImageTransform)> {
+fn calibration_data(
+    flags: &DataFlags,
+    teacher: &HostModel,
+    normalize: Normalize,
+    resize: Option<usize>,
+) -> Result<(Dataset, ImageTransform)> {
     let choice = flags.choose(teacher.run.as_ref().and_then(|r| r.data.as_ref()));
     let (train, _, _) = load_data_for(&choice, true)?;
     let transform = transform_for(&teacher.cfg, &train, normalize, resize)?;
@@ -99,13 +131,47 @@ fn calibration_data(flags: &DataFlags, teacher: &HostModel, normalize: Normalize
 /// the calibration inputs, of these factors and of plain SVD's.
 fn print_table(reports: &[LayerReport]) {
     let calibrated = reports.iter().any(|r| r.output_error.is_some());
-    let outputs = |a: &str, b: &str| if calibrated { format!(" {a:>9} {b:>9}") } else { String::new() };
-    println!("{:<22} {:>12} {:>5} {:>12} {:>12} {:>9}{}", "layer", "shape", "rank", "params", "factorized", "rel.err", outputs("out.err", "svd.out"));
+    let outputs = |a: &str, b: &str| {
+        if calibrated {
+            format!(" {a:>9} {b:>9}")
+        } else {
+            String::new()
+        }
+    };
+    println!(
+        "{:<22} {:>12} {:>5} {:>12} {:>12} {:>9}{}",
+        "layer",
+        "shape",
+        "rank",
+        "params",
+        "factorized",
+        "rel.err",
+        outputs("out.err", "svd.out")
+    );
     for r in reports {
-        let errors = outputs(&r.output_error.map_or("-".into(), |e| format!("{e:.4}")), &r.svd_output_error.map_or("-".into(), |e| format!("{e:.4}")));
-        println!("{:<22} {:>12} {:>5} {:>12} {:>12} {:>9.4}{errors}", r.name, format!("{}x{}", r.out, r.inp), r.rank, r.params_before, r.params_after, r.rel_error);
+        let errors = outputs(
+            &r.output_error.map_or("-".into(), |e| format!("{e:.4}")),
+            &r.svd_output_error.map_or("-".into(), |e| format!("{e:.4}")),
+        );
+        println!(
+            "{:<22} {:>12} {:>5} {:>12} {:>12} {:>9.4}{errors}",
+            r.name,
+            format!("{}x{}", r.out, r.inp),
+            r.rank,
+            r.params_before,
+            r.params_after,
+            r.rel_error
+        );
     }
     let before: usize = reports.iter().map(|r| r.params_before).sum();
     let after: usize = reports.iter().map(|r| r.params_after).sum();
-    println!("{:<22} {:>12} {:>5} {:>12} {:>12} {:>8.2}x", "factorized layers", "", "", before, after, before as f64 / after.max(1) as f64);
+    println!(
+        "{:<22} {:>12} {:>5} {:>12} {:>12} {:>8.2}x",
+        "factorized layers",
+        "",
+        "",
+        before,
+        after,
+        before as f64 / after.max(1) as f64
+    );
 }

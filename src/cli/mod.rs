@@ -6,8 +6,8 @@ mod distill;
 mod eval;
 mod factorize;
 mod recipe;
-mod sweep;
 mod setup;
+mod sweep;
 mod train;
 
 use anyhow::Result;
@@ -23,7 +23,13 @@ use std::ffi::OsString;
 ///
 ///     effrank-engine sweep --demo
 #[derive(Parser, Debug)]
-#[command(name = "effrank-engine", version, about, long_about, verbatim_doc_comment)]
+#[command(
+    name = "effrank-engine",
+    version,
+    about,
+    long_about,
+    verbatim_doc_comment
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,7 +48,9 @@ enum Command {
 pub fn main() -> Result<()> {
     let cli = parse_from(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
     // The whole command runs on a rayon worker (see `on_worker_thread`).
-    let _ = rayon::ThreadPoolBuilder::new().stack_size(effrank_engine::device::cpu::WORKER_STACK_BYTES).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(effrank_engine::device::cpu::WORKER_STACK_BYTES)
+        .build_global();
     let started = std::time::Instant::now();
     let result = effrank_engine::device::cpu::on_worker_thread(|| run(cli));
     if let Some(table) = effrank_engine::device::cpu::take_profile().filter(|t| !t.is_empty()) {
@@ -65,7 +73,9 @@ fn parse_from(argv: Vec<OsString>) -> Result<Cli, clap::Error> {
         Some(("sweep", m)) if m.contains_id("recipe") => (&recipe::STUDENTS, m),
         _ => return Cli::from_arg_matches(&matches),
     };
-    Cli::from_arg_matches(&Cli::command().try_get_matches_from(recipe::expand(&argv, given, table))?)
+    Cli::from_arg_matches(
+        &Cli::command().try_get_matches_from(recipe::expand(&argv, given, table))?,
+    )
 }
 
 fn run(cli: Cli) -> Result<()> {

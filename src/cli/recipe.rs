@@ -42,7 +42,11 @@ const INPUT: [Setting; 3] = [
 /// The optimizer, shared by the teacher and its students.
 const OPTIMIZER: [Setting; 5] = [
     set("--lr", "1e-4", "AdamW, learning rate 1e-4"),
-    set("--schedule", "constant", "no learning-rate schedule: constant"),
+    set(
+        "--schedule",
+        "constant",
+        "no learning-rate schedule: constant",
+    ),
     set("--warmup", "0", "no warm-up"),
     set("--wd", "0.01", "weight decay 0.01"),
     set("--clip", "0", "no gradient clipping (plain AdamW)"),
@@ -50,7 +54,15 @@ const OPTIMIZER: [Setting; 5] = [
 
 /// `train --recipe reference`: the teacher. The checkpoint to fine-tune
 /// (`--init`) and the data (`--data`) are the user's to give.
-pub static TEACHER: [&[Setting]; 3] = [&INPUT, &OPTIMIZER, &[set("--epochs", "20", "15-20 epochs"), set("--batch", "32", "batch 32"), set("--label-smoothing", "0", "plain cross-entropy")]];
+pub static TEACHER: [&[Setting]; 3] = [
+    &INPUT,
+    &OPTIMIZER,
+    &[
+        set("--epochs", "20", "15-20 epochs"),
+        set("--batch", "32", "batch 32"),
+        set("--label-smoothing", "0", "plain cross-entropy"),
+    ],
+];
 
 /// `sweep --recipe reference`: the students.
 pub static STUDENTS: [&[Setting]; 3] = [
@@ -80,9 +92,15 @@ fn arg_id(flag: &str) -> String {
 /// `argv` (program, subcommand, its arguments) with the recipe's flags that
 /// `given` (the subcommand's first parse) did not get from the command
 /// line inserted after the subcommand.
-pub fn expand(argv: &[OsString], given: &ArgMatches, table: &'static [&'static [Setting]]) -> Vec<OsString> {
+pub fn expand(
+    argv: &[OsString],
+    given: &ArgMatches,
+    table: &'static [&'static [Setting]],
+) -> Vec<OsString> {
     let mut out = argv[..2].to_vec();
-    for s in settings(table).filter(|s| given.value_source(&arg_id(s.flag)) != Some(ValueSource::CommandLine)) {
+    for s in settings(table)
+        .filter(|s| given.value_source(&arg_id(s.flag)) != Some(ValueSource::CommandLine))
+    {
         out.extend([OsString::from(s.flag), OsString::from(s.value)]);
     }
     out.extend_from_slice(&argv[2..]);
@@ -142,8 +160,13 @@ mod tests {
     use effrank_engine::train::{CosineSchedule, FitOptions};
 
     fn parse(args: &[&str]) -> Command {
-        let argv: Vec<OsString> = std::iter::once("effrank-engine").chain(args.iter().copied()).map(OsString::from).collect();
-        parse_from(argv).unwrap_or_else(|e| panic!("{args:?}: {e}")).command
+        let argv: Vec<OsString> = std::iter::once("effrank-engine")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect();
+        parse_from(argv)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .command
     }
 
     fn train(extra: &[&str]) -> TrainArgs {
@@ -156,7 +179,13 @@ mod tests {
     }
 
     fn sweep(extra: &[&str]) -> SweepArgs {
-        let mut args = vec!["sweep", "--recipe", "reference", "--teacher", "t.safetensors"];
+        let mut args = vec![
+            "sweep",
+            "--recipe",
+            "reference",
+            "--teacher",
+            "t.safetensors",
+        ];
         args.extend(extra);
         match parse(&args) {
             Command::Sweep(a) => a,
@@ -166,7 +195,12 @@ mod tests {
 
     /// The learning rate is the same at the first, a middle and the last step.
     fn assert_constant(fit: &FitOptions, lr: f32) {
-        let s = CosineSchedule { base_lr: fit.lr, min_lr: fit.min_lr, warmup_steps: (fit.warmup_epochs * 100.0) as usize, total_steps: fit.epochs * 100 };
+        let s = CosineSchedule {
+            base_lr: fit.lr,
+            min_lr: fit.min_lr,
+            warmup_steps: (fit.warmup_epochs * 100.0) as usize,
+            total_steps: fit.epochs * 100,
+        };
         for step in [0, 1, fit.epochs * 50, fit.epochs * 100 - 1] {
             assert_eq!(s.lr(step), lr, "step {step}");
         }
@@ -175,31 +209,71 @@ mod tests {
     #[test]
     fn the_reference_teacher_recipe_sets_each_setting() {
         let a = train(&[]);
-        assert_eq!(a.data.normalize, Some(Normalize::Imagenet), "ImageNet mean and std");
+        assert_eq!(
+            a.data.normalize,
+            Some(Normalize::Imagenet),
+            "ImageNet mean and std"
+        );
         assert_eq!(a.data.resize, Some(256), "resize 256, center crop 224");
-        assert_eq!(a.train.augment(), Augment { flip: true, pad: 4 }, "flip, 32 px crop with 4 px padding");
+        assert_eq!(
+            a.train.augment(),
+            Augment { flip: true, pad: 4 },
+            "flip, 32 px crop with 4 px padding"
+        );
         assert_eq!(a.train.epochs, 20);
         assert_eq!(a.train.batch, 32);
         let fit = a.train.fit_options("teacher", true);
         assert_eq!((fit.lr, fit.warmup_epochs), (1e-4, 0.0));
         assert_constant(&fit, 1e-4);
         let opt = a.train.optimizer();
-        assert_eq!((opt.weight_decay, opt.max_grad_norm), (0.01, None), "AdamW wd 0.01, no clipping");
-        assert_eq!((opt.beta1, opt.beta2, opt.eps), (0.9, 0.999, 1e-8), "PyTorch's AdamW");
+        assert_eq!(
+            (opt.weight_decay, opt.max_grad_norm),
+            (0.01, None),
+            "AdamW wd 0.01, no clipping"
+        );
+        assert_eq!(
+            (opt.beta1, opt.beta2, opt.eps),
+            (0.9, 0.999, 1e-8),
+            "PyTorch's AdamW"
+        );
         assert_eq!(a.label_smoothing, 0.0, "plain cross-entropy");
-        assert_eq!(a.init.as_deref(), Some(std::path::Path::new("vit_b_32.pth")), "fine-tuned from the checkpoint");
+        assert_eq!(
+            a.init.as_deref(),
+            Some(std::path::Path::new("vit_b_32.pth")),
+            "fine-tuned from the checkpoint"
+        );
     }
 
     #[test]
     fn the_reference_student_recipe_sets_each_setting() {
         let a = sweep(&[]);
         let plan = a.factor.plan(42).unwrap();
-        assert_eq!(plan.init, FactorInit::Random { seed: 42 }, "random U and V, no SVD");
-        assert_eq!(plan.from_teacher, FromTeacher::Embeddings, "blocks and head fresh");
-        assert_eq!(plan.targets, Targets::default(), "q, k, v, proj, fc1, fc2 of every block");
+        assert_eq!(
+            plan.init,
+            FactorInit::Random { seed: 42 },
+            "random U and V, no SVD"
+        );
+        assert_eq!(
+            plan.from_teacher,
+            FromTeacher::Embeddings,
+            "blocks and head fresh"
+        );
+        assert_eq!(
+            plan.targets,
+            Targets::default(),
+            "q, k, v, proj, fc1, fc2 of every block"
+        );
         let loss = a.loss.spec().unwrap();
-        assert_eq!((loss.feature, loss.ce, loss.kd), (1.0, 0.0, 0.0), "the geometric loss alone");
-        assert_eq!(loss.feature_term_weight(12), 1.0 / 25.0, "24 block features + logits, / 25");
+        assert_eq!(
+            (loss.feature, loss.ce, loss.kd),
+            (1.0, 0.0, 0.0),
+            "the geometric loss alone"
+        );
+        assert_eq!(
+            loss.feature_term_weight(12),
+            1.0 / 25.0,
+            "24 block features + logits, / 25"
+        );
         assert_eq!(a.train.epochs, 200);
         assert_eq!(a.train.batch, 24);
         let fit = a.train.fit_options("", true);
@@ -208,8 +282,14 @@ mod tests {
         let opt = a.train.optimizer();
         assert_eq!((opt.weight_decay, opt.max_grad_norm), (0.01, None));
         assert_eq!(a.seeds, vec![42]);
-        assert_eq!(a.ranks, vec![2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256]);
-        assert_eq!((a.data.normalize, a.data.resize), (Some(Normalize::Imagenet), Some(256)));
+        assert_eq!(
+            a.ranks,
+            vec![2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256]
+        );
+        assert_eq!(
+            (a.data.normalize, a.data.resize),
+            (Some(Normalize::Imagenet), Some(256))
+        );
         assert_eq!(a.train.augment(), Augment { flip: true, pad: 4 });
     }
 
@@ -217,12 +297,47 @@ mod tests {
     /// wherever the flag stands on the line.
     #[test]
     fn explicit_flags_override_the_recipe() {
-        let a = train(&["--epochs", "3", "--lr", "3e-4", "--no-flip", "--normalize", "half"]);
-        assert_eq!((a.train.epochs, a.train.lr, a.data.normalize), (3, 3e-4, Some(Normalize::Half)));
-        assert_eq!(a.train.augment(), Augment { flip: false, pad: 4 });
+        let a = train(&[
+            "--epochs",
+            "3",
+            "--lr",
+            "3e-4",
+            "--no-flip",
+            "--normalize",
+            "half",
+        ]);
+        assert_eq!(
+            (a.train.epochs, a.train.lr, a.data.normalize),
+            (3, 3e-4, Some(Normalize::Half))
+        );
+        assert_eq!(
+            a.train.augment(),
+            Augment {
+                flip: false,
+                pad: 4
+            }
+        );
         assert_constant(&a.train.fit_options("", true), 3e-4);
         assert_eq!(a.train.batch, 32, "the rest still the recipe's");
-        let s = match parse(&["sweep", "--ranks", "2,4", "--teacher", "t", "--recipe", "reference", "--seeds", "0,1", "--loss", "kd", "--init", "svd", "--schedule", "cosine", "--warmup", "1"]) {
+        let s = match parse(&[
+            "sweep",
+            "--ranks",
+            "2,4",
+            "--teacher",
+            "t",
+            "--recipe",
+            "reference",
+            "--seeds",
+            "0,1",
+            "--loss",
+            "kd",
+            "--init",
+            "svd",
+            "--schedule",
+            "cosine",
+            "--warmup",
+            "1",
+        ]) {
             Command::Sweep(a) => a,
             other => panic!("{other:?}"),
         };
@@ -231,11 +346,33 @@ mod tests {
         assert_eq!(s.factor.plan(0).unwrap().init, FactorInit::Svd);
         assert_eq!(s.factor.from_teacher, FromTeacher::Embeddings);
         let fit = s.train.fit_options("", true);
-        assert_eq!((fit.min_lr, fit.warmup_epochs), (1e-5_f32.min(1e-4), 1.0), "a cosine from 1e-4 down to --min-lr's default");
+        assert_eq!(
+            (fit.min_lr, fit.warmup_epochs),
+            (1e-5_f32.min(1e-4), 1.0),
+            "a cosine from 1e-4 down to --min-lr's default"
+        );
         // Without the recipe the defaults are untouched.
-        let Command::Train(plain) = parse(&["train"]) else { panic!("train") };
-        assert_eq!((plain.train.epochs, plain.train.batch, plain.data.resize, plain.data.normalize), (10, 64, None, None));
-        assert!(parse_from(["effrank-engine", "sweep", "--demo", "--recipe", "reference"].map(OsString::from).to_vec()).is_err(), "--demo has its own settings");
+        let Command::Train(plain) = parse(&["train"]) else {
+            panic!("train")
+        };
+        assert_eq!(
+            (
+                plain.train.epochs,
+                plain.train.batch,
+                plain.data.resize,
+                plain.data.normalize
+            ),
+            (10, 64, None, None)
+        );
+        assert!(
+            parse_from(
+                ["effrank-engine", "sweep", "--demo", "--recipe", "reference"]
+                    .map(OsString::from)
+                    .to_vec()
+            )
+            .is_err(),
+            "--demo has its own settings"
+        );
     }
 
     /// The README carries the tables this file prints, word for word.
@@ -243,7 +380,11 @@ mod tests {
     fn the_readme_shows_both_tables() {
         let readme = include_str!("../../README.md");
         for (what, table) in [("teacher", &TEACHER), ("students", &STUDENTS)] {
-            assert!(readme.contains(&markdown_table(table)), "README lacks the {what} table:\n{}", markdown_table(table));
+            assert!(
+                readme.contains(&markdown_table(table)),
+                "README lacks the {what} table:\n{}",
+                markdown_table(table)
+            );
         }
     }
 

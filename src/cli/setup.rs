@@ -34,11 +34,21 @@ impl DataFlags {
     /// `recorded` (the data a checkpoint's run used) when that names the
     /// same source, else the default.
     pub fn choose(&self, recorded: Option<&DataRef>) -> DataChoice {
-        let source = self.data.clone().or_else(|| recorded.map(|r| r.source.clone())).unwrap_or_else(|| "demo".into());
+        let source = self
+            .data
+            .clone()
+            .or_else(|| recorded.map(|r| r.source.clone()))
+            .unwrap_or_else(|| "demo".into());
         let same = recorded.filter(|r| r.source == source);
         DataChoice {
-            image_size: self.image_size.or(same.map(|r| r.image_size)).unwrap_or(DEFAULT_IMAGE_SIZE),
-            demo_images: self.demo_images.or(same.map(|r| r.demo_images)).unwrap_or(DEFAULT_DEMO_IMAGES),
+            image_size: self
+                .image_size
+                .or(same.map(|r| r.image_size))
+                .unwrap_or(DEFAULT_IMAGE_SIZE),
+            demo_images: self
+                .demo_images
+                .or(same.map(|r| r.demo_images))
+                .unwrap_or(DEFAULT_DEMO_IMAGES),
             skip_bad: self.skip_bad,
             source,
         }
@@ -47,25 +57,43 @@ impl DataFlags {
 
 /// The training and test sets of `choice`, with their description.
 pub fn load_data_for(choice: &DataChoice, quiet: bool) -> Result<(Dataset, Dataset, DataRef)> {
-    let mut opts = LoadOptions { skip_bad: choice.skip_bad, image_size: choice.image_size, ..LoadOptions::default() };
+    let mut opts = LoadOptions {
+        skip_bad: choice.skip_bad,
+        image_size: choice.image_size,
+        ..LoadOptions::default()
+    };
     opts.demo.train = choice.demo_images;
     opts.demo.test = (choice.demo_images / 4).max(1);
-    let loaded = load_data(&choice.source, &opts).with_context(|| format!("loading --data {}", choice.source))?;
+    let loaded = load_data(&choice.source, &opts)
+        .with_context(|| format!("loading --data {}", choice.source))?;
     if !quiet {
         eprintln!("data: {}", loaded.summary());
     }
     let (train, test) = (loaded.train, loaded.test);
     if train.is_empty() || test.is_empty() {
-        bail!("--data {}: the training set has {} images and the test set {}; both must be non-empty", choice.source, train.len(), test.len());
+        bail!(
+            "--data {}: the training set has {} images and the test set {}; both must be non-empty",
+            choice.source,
+            train.len(),
+            test.len()
+        );
     }
-    let data = DataRef::new(&choice.source, choice.image_size, choice.demo_images, &train, &test);
+    let data = DataRef::new(
+        &choice.source,
+        choice.image_size,
+        choice.demo_images,
+        &train,
+        &test,
+    );
     Ok((train, test, data))
 }
 
 /// A warning when `given` is not the data `run` recorded (`what` names the
 /// checkpoint: "the teacher", "the checkpoint").
 pub fn warn_if_other_data(run: Option<&RunMeta>, given: &DataRef, what: &str) {
-    let Some(recorded) = run.and_then(|r| r.data.as_ref()) else { return };
+    let Some(recorded) = run.and_then(|r| r.data.as_ref()) else {
+        return;
+    };
     let differences = recorded.differences(given);
     if !differences.is_empty() {
         eprintln!("warning: {what} was trained on other data than --data {} gives ({}; it recorded --data {})", given.source, differences.join(", "), recorded.source);
@@ -113,8 +141,15 @@ impl ShapeOverrides {
 
 /// Where a model comes from.
 pub enum ModelSource {
-    Preset { name: String, seed: u64, shape: ShapeOverrides },
-    Checkpoint { path: PathBuf, heads: Option<usize> },
+    Preset {
+        name: String,
+        seed: u64,
+        shape: ShapeOverrides,
+    },
+    Checkpoint {
+        path: PathBuf,
+        heads: Option<usize>,
+    },
 }
 
 /// A model on the host with what the checkpoint said about it.
@@ -132,15 +167,38 @@ pub struct HostModel {
 }
 
 /// Load any checkpoint (engine, timm, torchvision, HF names).
-pub fn load_model(path: &Path, heads: Option<usize>, new_classes: Option<usize>) -> Result<HostModel> {
+pub fn load_model(
+    path: &Path,
+    heads: Option<usize>,
+    new_classes: Option<usize>,
+) -> Result<HostModel> {
     let opts = ImportOptions { heads, new_classes };
-    let ck = load_any(path, &opts).with_context(|| format!("loading checkpoint {}", path.display()))?;
+    let ck =
+        load_any(path, &opts).with_context(|| format!("loading checkpoint {}", path.display()))?;
     let run = RunMeta::from_metadata(&ck.metadata, path)?;
     // Files written before the engine recorded a `RunMeta` kept only a `normalize` key.
-    let legacy = ck.metadata.get("normalize").map(|n| n.parse::<Normalize>().with_context(|| format!("{}: metadata 'normalize'", path.display()))).transpose()?;
-    let normalize = run.as_ref().map(|r| r.normalize).or(legacy).or(ck.scheme.default_normalize());
+    let legacy = ck
+        .metadata
+        .get("normalize")
+        .map(|n| {
+            n.parse::<Normalize>()
+                .with_context(|| format!("{}: metadata 'normalize'", path.display()))
+        })
+        .transpose()?;
+    let normalize = run
+        .as_ref()
+        .map(|r| r.normalize)
+        .or(legacy)
+        .or(ck.scheme.default_normalize());
     let resize = run.as_ref().and_then(|r| r.resize);
-    Ok(HostModel { cfg: ck.cfg, ranks: ck.ranks, params: ck.params, normalize, resize, run })
+    Ok(HostModel {
+        cfg: ck.cfg,
+        ranks: ck.ranks,
+        params: ck.params,
+        normalize,
+        resize,
+        run,
+    })
 }
 
 /// A dense model for `classes` classes: a preset freshly initialized, or a
@@ -151,11 +209,21 @@ pub fn load_teacher_or_init(source: &ModelSource, classes: usize) -> Result<Host
             let mut cfg = VitConfig::from_name_or_file(name, classes)?;
             shape.apply(&mut cfg)?;
             if cfg.classes != classes {
-                bail!("model config {name} has {} classes, the data has {classes}", cfg.classes);
+                bail!(
+                    "model config {name} has {} classes, the data has {classes}",
+                    cfg.classes
+                );
             }
             let ranks = dense_ranks(&cfg);
             let params = init_params(&cfg, &ranks, *seed);
-            Ok(HostModel { cfg, ranks, params, normalize: None, resize: None, run: None })
+            Ok(HostModel {
+                cfg,
+                ranks,
+                params,
+                normalize: None,
+                resize: None,
+                run: None,
+            })
         }
         ModelSource::Checkpoint { path, heads } => {
             let probe = load_model(path, *heads, None)?;
@@ -169,21 +237,42 @@ pub fn load_teacher_or_init(source: &ModelSource, classes: usize) -> Result<Host
 
 /// Raw stored images → model input, through `resize` and a center crop
 /// when given (`--resize`; the model's own input size means none).
-pub fn transform_for(cfg: &VitConfig, data: &Dataset, normalize: Normalize, resize: Option<usize>) -> Result<ImageTransform> {
+pub fn transform_for(
+    cfg: &VitConfig,
+    data: &Dataset,
+    normalize: Normalize,
+    resize: Option<usize>,
+) -> Result<ImageTransform> {
     if data.channels != cfg.channels {
-        bail!("the data has {} channels, the model expects {}", data.channels, cfg.channels);
+        bail!(
+            "the data has {} channels, the model expects {}",
+            data.channels,
+            cfg.channels
+        );
     }
     if let Some(r) = resize.filter(|&r| r < cfg.image_size) {
         bail!("--resize {r} is smaller than the model's input size {0}: the center crop of {0} pixels needs at least that many", cfg.image_size);
     }
-    normalize.transform(data, cfg.image_size, resize.filter(|&r| r != cfg.image_size))
+    normalize.transform(
+        data,
+        cfg.image_size,
+        resize.filter(|&r| r != cfg.image_size),
+    )
 }
 
 /// Normalization and resize as the flags give them, else as `model`
 /// recorded, else the data's defaults; and the transform they make.
-pub fn model_input(flags: &DataFlags, model: &HostModel, data: &Dataset, source: &str) -> Result<(Normalize, ImageTransform)> {
+pub fn model_input(
+    flags: &DataFlags,
+    model: &HostModel,
+    data: &Dataset,
+    source: &str,
+) -> Result<(Normalize, ImageTransform)> {
     let normalize = choose_normalize(flags.normalize, model.normalize, source);
-    Ok((normalize, transform_for(&model.cfg, data, normalize, flags.resize.or(model.resize))?))
+    Ok((
+        normalize,
+        transform_for(&model.cfg, data, normalize, flags.resize.or(model.resize))?,
+    ))
 }
 
 /// The normalization for a model trained from scratch on `--data`: CIFAR's
@@ -196,6 +285,10 @@ pub fn default_normalize(data: &str) -> Normalize {
 }
 
 /// `--normalize` if given, else the model's own, else the data's default.
-pub fn choose_normalize(flag: Option<Normalize>, model: Option<Normalize>, data: &str) -> Normalize {
+pub fn choose_normalize(
+    flag: Option<Normalize>,
+    model: Option<Normalize>,
+    data: &str,
+) -> Normalize {
     flag.or(model).unwrap_or_else(|| default_normalize(data))
 }

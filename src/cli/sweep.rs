@@ -2,18 +2,25 @@
 //! durably and resumably, then analyze. `--demo` runs the whole pipeline on
 //! the built-in data; `--status` shows a (distributed) sweep's progress.
 
-use super::common::{dispatch, DataFlags, DeviceArg, FactorFlags, LossFlags, Schedule, TrainFlags, WithBackend};
+use super::common::{
+    dispatch, DataFlags, DeviceArg, FactorFlags, LossFlags, Schedule, TrainFlags, WithBackend,
+};
 use super::recipe::{self, Recipe};
-use super::setup::{load_data_for, load_model, load_teacher_or_init, model_input, transform_for, warn_if_other_data, ModelSource};
+use super::setup::{
+    load_data_for, load_model, load_teacher_or_init, model_input, transform_for,
+    warn_if_other_data, ModelSource,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use effrank_engine::analysis::{analyze_folder, analyze_labelled, suggest_ranks, AnalysisOptions, Labelled};
-use effrank_engine::ops::Backend;
+use effrank_engine::analysis::{
+    analyze_folder, analyze_labelled, suggest_ranks, AnalysisOptions, Labelled,
+};
 use effrank_engine::data::{Dataset, Normalize};
 use effrank_engine::factorize::{LayerSet, StudentPlan, Targets};
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::params::{is_lowrank, max_rank};
 use effrank_engine::model::Vit;
+use effrank_engine::ops::Backend;
 use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
 use effrank_engine::sweep::jobs::{all_jobs, claim_state, finished, read_claim, Heartbeat, Shard};
 use effrank_engine::sweep::{run_sweep, Parallel, SweepInputs, SweepOptions, SweepSummary};
@@ -110,7 +117,12 @@ pub struct SweepArgs {
     /// One sweep per layer group, comma-separated (each a --layers value,
     /// its layers joined by + : attn,mlp,all or q+k,v), each into
     /// <out>/<group>/, then one analysis of all of them in --out.
-    #[arg(long, value_delimiter = ',', conflicts_with = "layers", value_name = "GROUPS")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        conflicts_with = "layers",
+        value_name = "GROUPS"
+    )]
     pub groups: Vec<LayerSet>,
     #[command(flatten)]
     pub factor: FactorFlags,
@@ -143,10 +155,16 @@ const DEMO_LR: f32 = 2e-3;
 const DEMO_BATCH: usize = 64;
 
 pub fn run(mut args: SweepArgs) -> Result<()> {
-    let out = args.out.clone().unwrap_or_else(|| PathBuf::from(if args.demo { "runs/demo" } else { "runs/sweep" }));
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(if args.demo { "runs/demo" } else { "runs/sweep" }));
     args.out = Some(out.clone());
     if args.status {
-        return args.group_folders(&out).iter().try_for_each(|(_, dir)| print_status(dir, &args.ranks, &args.seeds));
+        return args
+            .group_folders(&out)
+            .iter()
+            .try_for_each(|(_, dir)| print_status(dir, &args.ranks, &args.seeds));
     }
     if args.demo {
         if args.ranks.is_empty() {
@@ -176,8 +194,17 @@ impl WithBackend for SweepArgs {
         let out = self.out.clone().expect("set in run");
         // A teacher given by file names the data it was trained on; the
         // demo teacher is trained here, on the data chosen without it.
-        let given = self.teacher.as_ref().map(|p| load_model(p, self.heads, None)).transpose()?;
-        let choice = self.data.choose(given.as_ref().and_then(|t| t.run.as_ref()).and_then(|r| r.data.as_ref()));
+        let given = self
+            .teacher
+            .as_ref()
+            .map(|p| load_model(p, self.heads, None))
+            .transpose()?;
+        let choice = self.data.choose(
+            given
+                .as_ref()
+                .and_then(|t| t.run.as_ref())
+                .and_then(|r| r.data.as_ref()),
+        );
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
         let (teacher_path, teacher) = match (&self.teacher, given) {
             (Some(p), Some(t)) => (p.clone(), t),
@@ -188,40 +215,78 @@ impl WithBackend for SweepArgs {
             }
         };
         if is_lowrank(&teacher.ranks) {
-            bail!("--teacher {} is a low-rank model; the teacher must be dense", teacher_path.display());
+            bail!(
+                "--teacher {} is a low-rank model; the teacher must be dense",
+                teacher_path.display()
+            );
         }
-        warn_if_other_data(teacher.run.as_ref(), &data, &format!("the teacher {}", teacher_path.display()));
+        warn_if_other_data(
+            teacher.run.as_ref(),
+            &data,
+            &format!("the teacher {}", teacher_path.display()),
+        );
         let (normalize, transform) = model_input(&self.data, &teacher, &train, &choice.source)?;
         let shard = match &self.shard {
             Some(s) => Shard::parse(s)?,
             None => Shard::from_env(|k| std::env::var(k).ok())?.unwrap_or(Shard::ALL),
         };
         let teacher_file = FileRef::of(&teacher_path)?;
-        let inputs = SweepInputs { cfg: &teacher.cfg, teacher: &teacher.params, teacher_file, train: &train, test: &test, normalize, transform, data };
+        let inputs = SweepInputs {
+            cfg: &teacher.cfg,
+            teacher: &teacher.params,
+            teacher_file,
+            train: &train,
+            test: &test,
+            normalize,
+            transform,
+            data,
+        };
         let base = self.factor.plan(0)?;
         let mut groups_done = Vec::new();
         // One teacher-logit cache for every group: same teacher, data and augmentation.
         let cache_dir = out.join("cache");
         for (group, dir) in self.group_folders(&out) {
-            let targets = Targets { layers: group.unwrap_or(base.targets.layers), ..base.targets };
-            let done = self.sweep_one(be, &inputs, &dir, &cache_dir, StudentPlan { targets, ..base }, shard, started)?;
+            let targets = Targets {
+                layers: group.unwrap_or(base.targets.layers),
+                ..base.targets
+            };
+            let done = self.sweep_one(
+                be,
+                &inputs,
+                &dir,
+                &cache_dir,
+                StudentPlan { targets, ..base },
+                shard,
+                started,
+            )?;
             if let (Some(g), true) = (group, done) {
-                groups_done.push(Labelled { label: g.to_string(), path: dir });
+                groups_done.push(Labelled {
+                    label: g.to_string(),
+                    path: dir,
+                });
             }
         }
         if self.groups.is_empty() || self.no_analyze || groups_done.len() < self.groups.len() {
             return Ok(());
         }
-        let report = analyze_labelled(&groups_done, &out, &AnalysisOptions::default()).context("analyzing the groups together")?;
+        let report = analyze_labelled(&groups_done, &out, &AnalysisOptions::default())
+            .context("analyzing the groups together")?;
         println!("{}", report.terminal_summary());
-        println!("wrote the joint analysis of {} groups (analysis.json, summary.md, plot.png) to {}", groups_done.len(), out.display());
+        println!(
+            "wrote the joint analysis of {} groups (analysis.json, summary.md, plot.png) to {}",
+            groups_done.len(),
+            out.display()
+        );
         Ok(())
     }
 }
 
 impl SweepArgs {
     fn claim_heartbeat(&self) -> Heartbeat {
-        Heartbeat { every_s: self.heartbeat, stale_after_beats: self.stale_after }
+        Heartbeat {
+            every_s: self.heartbeat,
+            stale_after_beats: self.stale_after,
+        }
     }
 
     /// The results folder of each sweep this command runs, with its layer
@@ -230,7 +295,10 @@ impl SweepArgs {
         if self.groups.is_empty() {
             return vec![(None, out.to_path_buf())];
         }
-        self.groups.iter().map(|g| (Some(*g), out.join(g.to_string()))).collect()
+        self.groups
+            .iter()
+            .map(|g| (Some(*g), out.join(g.to_string())))
+            .collect()
     }
 
     /// One sweep into `out` with `plan`, its teacher logits in `cache_dir`
@@ -239,7 +307,16 @@ impl SweepArgs {
     /// analyze the folder when every job is done. True when it is (and
     /// analyzed, unless --no-analyze).
     #[allow(clippy::too_many_arguments)]
-    fn sweep_one<B: Backend>(&self, be: &B, inputs: &SweepInputs<'_>, out: &Path, cache_dir: &Path, plan: StudentPlan, shard: Shard, started: std::time::Instant) -> Result<bool> {
+    fn sweep_one<B: Backend>(
+        &self,
+        be: &B,
+        inputs: &SweepInputs<'_>,
+        out: &Path,
+        cache_dir: &Path,
+        plan: StudentPlan,
+        shard: Shard,
+        started: std::time::Instant,
+    ) -> Result<bool> {
         let mut opts = SweepOptions {
             out: out.to_path_buf(),
             cache_dir: cache_dir.to_path_buf(),
@@ -260,18 +337,27 @@ impl SweepArgs {
             self.refine(be, inputs, &mut opts, &mut summary)?;
         }
         summary.wall_s = started.elapsed().as_secs_f64();
-        atomic_write(&out.join(format!("sweep-summary-shard{}of{}.json", shard.index, shard.count)), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        atomic_write(
+            &out.join(format!(
+                "sweep-summary-shard{}of{}.json",
+                shard.index, shard.count
+            )),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
         print_summary(&summary, out);
         let all_done = {
             let done = finished(out)?;
-            all_jobs(&opts.ranks, &opts.seeds).iter().all(|j| done.contains_key(j))
+            all_jobs(&opts.ranks, &opts.seeds)
+                .iter()
+                .all(|j| done.contains_key(j))
         };
         if !all_done {
             println!("other shards are still missing ranks; run `effrank-engine analyze --results {}` when they finish", out.display());
             return Ok(false);
         }
         if !self.no_analyze {
-            let report = analyze_folder(out, &AnalysisOptions::default()).context("analyzing the sweep")?;
+            let report =
+                analyze_folder(out, &AnalysisOptions::default()).context("analyzing the sweep")?;
             println!("{}", report.terminal_summary());
         }
         Ok(true)
@@ -279,13 +365,30 @@ impl SweepArgs {
 
     /// --adaptive: add the ranks the analysis suggests until none is left
     /// or the budget is spent.
-    fn refine<B: Backend>(&self, be: &B, inputs: &SweepInputs<'_>, opts: &mut SweepOptions, summary: &mut SweepSummary) -> Result<()> {
+    fn refine<B: Backend>(
+        &self,
+        be: &B,
+        inputs: &SweepInputs<'_>,
+        opts: &mut SweepOptions,
+        summary: &mut SweepSummary,
+    ) -> Result<()> {
         let max_rank = max_rank(inputs.cfg);
         let mut added = 0;
         while added < self.adaptive_budget {
             let points = mean_points(&opts.out)?;
-            let next = suggest_ranks(&points, summary.teacher_top1, &AnalysisOptions::default(), 2, 1, max_rank);
-            let next: Vec<usize> = next.into_iter().filter(|r| !opts.ranks.contains(r)).take(self.adaptive_budget - added).collect();
+            let next = suggest_ranks(
+                &points,
+                summary.teacher_top1,
+                &AnalysisOptions::default(),
+                2,
+                1,
+                max_rank,
+            );
+            let next: Vec<usize> = next
+                .into_iter()
+                .filter(|r| !opts.ranks.contains(r))
+                .take(self.adaptive_budget - added)
+                .collect();
             if next.is_empty() {
                 break;
             }
@@ -306,11 +409,22 @@ impl SweepArgs {
 
 /// A group that appears twice in `groups`.
 fn repeated_group(groups: &[LayerSet]) -> Option<LayerSet> {
-    groups.iter().enumerate().find(|(i, g)| groups[..*i].contains(g)).map(|(_, g)| *g)
+    groups
+        .iter()
+        .enumerate()
+        .find(|(i, g)| groups[..*i].contains(g))
+        .map(|(_, g)| *g)
 }
 
 /// Train (or resume) the demo teacher in `<out>/teacher`; returns its checkpoint.
-fn train_demo_teacher<B: Backend>(be: &B, out: &Path, train: &Dataset, test: &Dataset, data: &DataRef, quiet: bool) -> Result<PathBuf> {
+fn train_demo_teacher<B: Backend>(
+    be: &B,
+    out: &Path,
+    train: &Dataset,
+    test: &Dataset,
+    data: &DataRef,
+    quiet: bool,
+) -> Result<PathBuf> {
     let dir = out.join("teacher");
     let files = RunFiles::new(&dir);
     let done = dir.join("summary.json");
@@ -318,7 +432,14 @@ fn train_demo_teacher<B: Backend>(be: &B, out: &Path, train: &Dataset, test: &Da
         return Ok(files.model());
     }
     let seed = 0;
-    let teacher = load_teacher_or_init(&ModelSource::Preset { name: "vit-demo".into(), seed, shape: Default::default() }, train.classes)?;
+    let teacher = load_teacher_or_init(
+        &ModelSource::Preset {
+            name: "vit-demo".into(),
+            seed,
+            shape: Default::default(),
+        },
+        train.classes,
+    )?;
     let normalize = Normalize::Half;
     let transform = transform_for(&teacher.cfg, train, normalize, None)?;
     let flags = TrainFlags {
@@ -336,13 +457,42 @@ fn train_demo_teacher<B: Backend>(be: &B, out: &Path, train: &Dataset, test: &Da
         eval_last_only: false,
     };
     let loss = LossSpec::ce();
-    let mut learner = Learner::new(be, Vit::from_host(be, &teacher.cfg, &teacher.ranks, &teacher.params)?, DEMO_BATCH, flags.optimizer())?;
+    let mut learner = Learner::new(
+        be,
+        Vit::from_host(be, &teacher.cfg, &teacher.ranks, &teacher.params)?,
+        DEMO_BATCH,
+        flags.optimizer(),
+    )?;
     if !quiet {
-        eprintln!("demo: training the vit-demo teacher ({DEMO_TEACHER_EPOCHS} epochs) on {}", be.name());
+        eprintln!(
+            "demo: training the vit-demo teacher ({DEMO_TEACHER_EPOCHS} epochs) on {}",
+            be.name()
+        );
     }
     let fit_opts = flags.fit_options("teacher", quiet);
-    let meta = RunMeta::teacher(normalize, None, Training { data, loss: &loss, fit: &fit_opts, optimizer: flags.optimizer() });
-    let summary = fit(be, &mut learner, Teacher::None, train, test, &transform, &loss, &fit_opts, &files, &meta, &mut |_| Ok(()))?;
+    let meta = RunMeta::teacher(
+        normalize,
+        None,
+        Training {
+            data,
+            loss: &loss,
+            fit: &fit_opts,
+            optimizer: flags.optimizer(),
+        },
+    );
+    let summary = fit(
+        be,
+        &mut learner,
+        Teacher::None,
+        train,
+        test,
+        &transform,
+        &loss,
+        &fit_opts,
+        &files,
+        &meta,
+        &mut |_| Ok(()),
+    )?;
     atomic_write(&done, serde_json::to_string_pretty(&summary)?.as_bytes())?;
     Ok(files.model())
 }
@@ -353,7 +503,10 @@ fn mean_points(out: &Path) -> Result<Vec<(f64, f64)>> {
     for (job, rec) in finished(out)? {
         by_rank.entry(job.rank).or_default().push(rec.top1);
     }
-    Ok(by_rank.into_iter().map(|(r, v)| (r as f64, v.iter().sum::<f64>() / v.len() as f64)).collect())
+    Ok(by_rank
+        .into_iter()
+        .map(|(r, v)| (r as f64, v.iter().sum::<f64>() / v.len() as f64))
+        .collect())
 }
 
 fn print_summary(s: &SweepSummary, out: &Path) {
@@ -393,7 +546,14 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
     for job in &jobs {
         if let Some(rec) = done.get(job) {
             n_done += 1;
-            println!("{:>6} {:>6}  {:<10} top-1 {:.2}% on {}", job.rank, job.seed, "finished", 100.0 * rec.top1, rec.host);
+            println!(
+                "{:>6} {:>6}  {:<10} top-1 {:.2}% on {}",
+                job.rank,
+                job.seed,
+                "finished",
+                100.0 * rec.top1,
+                rec.host
+            );
         } else if let Some((claim, age)) = read_claim(out, *job) {
             let state = claim_state(&claim, age);
             match state {
@@ -421,7 +581,14 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
     missing.dedup();
     println!("{n_done} finished, {n_running} running, {n_abandoned} dead or stale (taken over by the next sweep), {} missing", jobs.len() - n_done - n_running - n_abandoned);
     if !missing.is_empty() {
-        println!("to run only what is missing: --ranks {}", missing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(","));
+        println!(
+            "to run only what is missing: --ranks {}",
+            missing
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        );
     }
     Ok(())
 }

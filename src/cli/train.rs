@@ -4,12 +4,15 @@
 
 use super::common::{dispatch, DataFlags, DeviceArg, TrainFlags, WithBackend};
 use super::recipe::{self, Recipe};
-use super::setup::{load_data_for, load_resumed_run, load_teacher_or_init, model_input, warn_if_other_data, ModelSource, ShapeOverrides};
+use super::setup::{
+    load_data_for, load_resumed_run, load_teacher_or_init, model_input, warn_if_other_data,
+    ModelSource, ShapeOverrides,
+};
 use anyhow::{bail, Result};
 use clap::Args;
-use effrank_engine::ops::Backend;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::Vit;
+use effrank_engine::ops::Backend;
 use effrank_engine::provenance::{RunMeta, Training};
 use effrank_engine::train::{fit, Learner, LossSpec, RunFiles, Teacher};
 use std::path::PathBuf;
@@ -95,25 +98,71 @@ impl WithBackend for TrainArgs {
         let choice = self.data.choose(None);
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
         let source = match &self.init {
-            Some(path) => ModelSource::Checkpoint { path: path.clone(), heads: self.heads },
-            None => ModelSource::Preset { name: self.model.clone(), seed: self.train.seed, shape: self.shape() },
+            Some(path) => ModelSource::Checkpoint {
+                path: path.clone(),
+                heads: self.heads,
+            },
+            None => ModelSource::Preset {
+                name: self.model.clone(),
+                seed: self.train.seed,
+                shape: self.shape(),
+            },
         };
         let teacher = load_teacher_or_init(&source, train.classes)?;
         let (normalize, transform) = model_input(&self.data, &teacher, &train, &choice.source)?;
         let model = Vit::from_host(be, &teacher.cfg, &teacher.ranks, &teacher.params)?;
         let mut learner = Learner::new(be, model, self.train.batch, self.train.optimizer())?;
-        let loss = LossSpec { label_smoothing: self.label_smoothing, ..LossSpec::ce() };
+        let loss = LossSpec {
+            label_smoothing: self.label_smoothing,
+            ..LossSpec::ce()
+        };
         let fit_opts = self.train.fit_options("teacher", self.quiet);
-        let meta = RunMeta::teacher(normalize, transform.resize, Training { data: &data, loss: &loss, fit: &fit_opts, optimizer: self.train.optimizer() });
+        let meta = RunMeta::teacher(
+            normalize,
+            transform.resize,
+            Training {
+                data: &data,
+                loss: &loss,
+                fit: &fit_opts,
+                optimizer: self.train.optimizer(),
+            },
+        );
         let files = RunFiles::new(&self.out);
         if let Some(resumed) = load_resumed_run(&files)? {
-            warn_if_other_data(Some(&resumed), &data, &format!("the run being resumed in {}", self.out.display()));
+            warn_if_other_data(
+                Some(&resumed),
+                &data,
+                &format!("the run being resumed in {}", self.out.display()),
+            );
         }
         if !self.quiet {
-            eprintln!("training {} on {} ({} train / {} test images, {} classes) on {}", self.model_label(), choice.source, train.len(), test.len(), train.classes, be.name());
+            eprintln!(
+                "training {} on {} ({} train / {} test images, {} classes) on {}",
+                self.model_label(),
+                choice.source,
+                train.len(),
+                test.len(),
+                train.classes,
+                be.name()
+            );
         }
-        let summary = fit(be, &mut learner, Teacher::None, &train, &test, &transform, &loss, &fit_opts, &files, &meta, &mut |_| Ok(()))?;
-        atomic_write(&self.out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        let summary = fit(
+            be,
+            &mut learner,
+            Teacher::None,
+            &train,
+            &test,
+            &transform,
+            &loss,
+            &fit_opts,
+            &files,
+            &meta,
+            &mut |_| Ok(()),
+        )?;
+        atomic_write(
+            &self.out.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
         println!(
             "teacher: test top-1 {:.2}%, top-5 {:.2}% after {} epochs ({:.1} s); checkpoint {}",
             100.0 * summary.test_top1,
@@ -128,7 +177,14 @@ impl WithBackend for TrainArgs {
 
 impl TrainArgs {
     fn shape(&self) -> ShapeOverrides {
-        ShapeOverrides { image_size: self.input_size, patch: self.patch, width: self.width, depth: self.depth, heads: self.heads, mlp: self.mlp }
+        ShapeOverrides {
+            image_size: self.input_size,
+            patch: self.patch,
+            width: self.width,
+            depth: self.depth,
+            heads: self.heads,
+            mlp: self.mlp,
+        }
     }
 
     fn model_label(&self) -> String {

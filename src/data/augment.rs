@@ -27,7 +27,10 @@ pub struct Augment {
 
 impl Augment {
     /// No augmentation: batches are plain copies (evaluation).
-    pub const NONE: Augment = Augment { flip: false, pad: 0 };
+    pub const NONE: Augment = Augment {
+        flip: false,
+        pad: 0,
+    };
     /// The reference training augmentation: flip, 4-pixel padded crop.
     pub const STANDARD: Augment = Augment { flip: true, pad: 4 };
 
@@ -49,8 +52,16 @@ impl AugmentDraw {
     /// The draw for image `index` of epoch `epoch`.
     pub fn new(aug: &Augment, seed: u64, epoch: u64, index: usize) -> Self {
         let mut rng = Rng::from_keys(&[seed, epoch, index as u64]);
-        let dy = if aug.pad > 0 { rng.below(2 * aug.pad + 1) } else { 0 };
-        let dx = if aug.pad > 0 { rng.below(2 * aug.pad + 1) } else { 0 };
+        let dy = if aug.pad > 0 {
+            rng.below(2 * aug.pad + 1)
+        } else {
+            0
+        };
+        let dx = if aug.pad > 0 {
+            rng.below(2 * aug.pad + 1)
+        } else {
+            0
+        };
         let flip = aug.flip && rng.next_u64() >> 63 == 1;
         AugmentDraw { dy, dx, flip }
     }
@@ -77,14 +88,23 @@ pub fn augmented_batch(
     let n = ds.image_len();
     images.clear();
     images.resize(indices.len() * n, 0);
-    images.par_chunks_mut(n).zip(indices.par_iter()).for_each(|(out, &i)| {
-        if aug.is_none() {
-            out.copy_from_slice(ds.image(i));
-        } else {
-            let draw = AugmentDraw::new(aug, seed, epoch, i);
-            apply(ds.image(i), (ds.channels, ds.height, ds.width), aug.pad, draw, out);
-        }
-    });
+    images
+        .par_chunks_mut(n)
+        .zip(indices.par_iter())
+        .for_each(|(out, &i)| {
+            if aug.is_none() {
+                out.copy_from_slice(ds.image(i));
+            } else {
+                let draw = AugmentDraw::new(aug, seed, epoch, i);
+                apply(
+                    ds.image(i),
+                    (ds.channels, ds.height, ds.width),
+                    aug.pad,
+                    draw,
+                    out,
+                );
+            }
+        });
     labels.clear();
     labels.extend(indices.iter().map(|&i| ds.labels[i]));
     Ok(())
@@ -93,9 +113,18 @@ pub fn augmented_batch(
 /// Crop-and-flip one `[c, h, w]` image: output pixel (y, x) is the padded
 /// image's pixel (y + dy, x' + dx) with x' = w-1-x when flipping, else x;
 /// pixels of the padding are 0.
-pub fn apply(src: &[u8], (c, h, w): (usize, usize, usize), pad: usize, d: AugmentDraw, out: &mut [u8]) {
+pub fn apply(
+    src: &[u8],
+    (c, h, w): (usize, usize, usize),
+    pad: usize,
+    d: AugmentDraw,
+    out: &mut [u8],
+) {
     for ch in 0..c {
-        let (plane, out_plane) = (&src[ch * h * w..(ch + 1) * h * w], &mut out[ch * h * w..(ch + 1) * h * w]);
+        let (plane, out_plane) = (
+            &src[ch * h * w..(ch + 1) * h * w],
+            &mut out[ch * h * w..(ch + 1) * h * w],
+        );
         for y in 0..h {
             let sy = (y + d.dy).checked_sub(pad).filter(|&sy| sy < h);
             for x in 0..w {
@@ -131,11 +160,21 @@ mod tests {
         let draws: Vec<AugmentDraw> = (0..2000).map(|i| AugmentDraw::new(&aug, 3, 1, i)).collect();
         assert!(draws.iter().all(|d| d.dy <= 8 && d.dx <= 8));
         for off in 0..=8 {
-            assert!(draws.iter().any(|d| d.dy == off) && draws.iter().any(|d| d.dx == off), "offset {off} never drawn");
+            assert!(
+                draws.iter().any(|d| d.dy == off) && draws.iter().any(|d| d.dx == off),
+                "offset {off} never drawn"
+            );
         }
         let flips = draws.iter().filter(|d| d.flip).count();
         assert!((900..1100).contains(&flips), "{flips} flips of 2000");
         let none = AugmentDraw::new(&Augment::NONE, 3, 1, 0);
-        assert_eq!(none, AugmentDraw { dy: 0, dx: 0, flip: false });
+        assert_eq!(
+            none,
+            AugmentDraw {
+                dy: 0,
+                dx: 0,
+                flip: false
+            }
+        );
     }
 }

@@ -68,10 +68,14 @@ pub fn load_files(kind: CifarKind, files: &[PathBuf]) -> Result<Dataset> {
     let mut images = Vec::new();
     let mut labels = Vec::new();
     for path in files {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {} file {}", kind.name(), path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading {} file {}", kind.name(), path.display()))?;
         parse_records(kind, path, &bytes, &mut images, &mut labels)?;
     }
-    let names = files.first().and_then(|f| f.parent()).and_then(|dir| read_class_names(kind, dir));
+    let names = files
+        .first()
+        .and_then(|f| f.parent())
+        .and_then(|dir| read_class_names(kind, dir));
     Dataset::new(images, labels, kind.classes(), names, (3, SIDE, SIDE))
 }
 
@@ -115,7 +119,12 @@ pub fn parse_records(
 /// classes of `kind`.
 fn read_class_names(kind: CifarKind, dir: &Path) -> Option<Vec<String>> {
     let text = std::fs::read_to_string(dir.join(kind.names_file())).ok()?;
-    let names: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
+    let names: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
     (names.len() == kind.classes()).then_some(names)
 }
 
@@ -128,14 +137,28 @@ mod tests {
         let mut rec10 = vec![7u8];
         rec10.extend((0..PIXELS).map(|i| (i % 251) as u8));
         let (mut images, mut labels) = (Vec::new(), Vec::new());
-        parse_records(CifarKind::Cifar10, Path::new("a.bin"), &rec10, &mut images, &mut labels).unwrap();
+        parse_records(
+            CifarKind::Cifar10,
+            Path::new("a.bin"),
+            &rec10,
+            &mut images,
+            &mut labels,
+        )
+        .unwrap();
         assert_eq!(labels, vec![7]);
         assert_eq!(images, rec10[1..]);
 
         let mut rec100 = vec![3u8, 99];
         rec100.extend(std::iter::repeat_n(5u8, PIXELS));
         let (mut images, mut labels) = (Vec::new(), Vec::new());
-        parse_records(CifarKind::Cifar100, Path::new("b.bin"), &rec100, &mut images, &mut labels).unwrap();
+        parse_records(
+            CifarKind::Cifar100,
+            Path::new("b.bin"),
+            &rec100,
+            &mut images,
+            &mut labels,
+        )
+        .unwrap();
         assert_eq!(labels, vec![99]);
         assert_eq!(images, vec![5u8; PIXELS]);
     }
@@ -144,8 +167,17 @@ mod tests {
     fn label_out_of_range_names_file_and_record() {
         let mut bytes = vec![0u8; 2 * CifarKind::Cifar10.record_len()];
         bytes[CifarKind::Cifar10.record_len()] = 10;
-        let err = parse_records(CifarKind::Cifar10, Path::new("x.bin"), &bytes, &mut Vec::new(), &mut Vec::new())
-            .unwrap_err();
-        assert_eq!(err.to_string(), "x.bin: record 1 has label 10, but CIFAR-10 has 10 classes");
+        let err = parse_records(
+            CifarKind::Cifar10,
+            Path::new("x.bin"),
+            &bytes,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "x.bin: record 1 has label 10, but CIFAR-10 has 10 classes"
+        );
     }
 }

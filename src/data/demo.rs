@@ -58,7 +58,12 @@ pub struct DemoConfig {
 
 impl Default for DemoConfig {
     fn default() -> Self {
-        DemoConfig { seed: 0, image_size: 16, train: 4000, test: 1000 }
+        DemoConfig {
+            seed: 0,
+            image_size: 16,
+            train: 4000,
+            test: 1000,
+        }
     }
 }
 
@@ -90,16 +95,76 @@ const GREY: [f32; 3] = [0.7, 0.7, 0.7];
 const MAGENTA: [f32; 3] = [0.85, 0.3, 0.85];
 
 const CLASSES: [ClassSpec; 10] = [
-    ClassSpec { name: "warm-0deg", angle: 0.0, freq: 2.0, colour: WARM, pattern: Pattern::Grating },
-    ClassSpec { name: "warm-90deg", angle: 90.0, freq: 2.0, colour: WARM, pattern: Pattern::Grating },
-    ClassSpec { name: "cool-45deg", angle: 45.0, freq: 3.0, colour: COOL, pattern: Pattern::Grating },
-    ClassSpec { name: "cool-75deg", angle: 75.0, freq: 3.0, colour: COOL, pattern: Pattern::Grating },
-    ClassSpec { name: "green-fine", angle: 120.0, freq: 4.5, colour: GREEN, pattern: Pattern::Grating },
-    ClassSpec { name: "green-coarse", angle: 120.0, freq: 3.5, colour: GREEN, pattern: Pattern::Grating },
-    ClassSpec { name: "grey-plaid", angle: 0.0, freq: 3.0, colour: GREY, pattern: Pattern::Plaid },
-    ClassSpec { name: "magenta-plaid", angle: 45.0, freq: 3.0, colour: MAGENTA, pattern: Pattern::Plaid },
-    ClassSpec { name: "bright-spot", angle: 150.0, freq: 2.5, colour: GREY, pattern: Pattern::Spot(1.0) },
-    ClassSpec { name: "dark-spot", angle: 150.0, freq: 2.5, colour: GREY, pattern: Pattern::Spot(-1.0) },
+    ClassSpec {
+        name: "warm-0deg",
+        angle: 0.0,
+        freq: 2.0,
+        colour: WARM,
+        pattern: Pattern::Grating,
+    },
+    ClassSpec {
+        name: "warm-90deg",
+        angle: 90.0,
+        freq: 2.0,
+        colour: WARM,
+        pattern: Pattern::Grating,
+    },
+    ClassSpec {
+        name: "cool-45deg",
+        angle: 45.0,
+        freq: 3.0,
+        colour: COOL,
+        pattern: Pattern::Grating,
+    },
+    ClassSpec {
+        name: "cool-75deg",
+        angle: 75.0,
+        freq: 3.0,
+        colour: COOL,
+        pattern: Pattern::Grating,
+    },
+    ClassSpec {
+        name: "green-fine",
+        angle: 120.0,
+        freq: 4.5,
+        colour: GREEN,
+        pattern: Pattern::Grating,
+    },
+    ClassSpec {
+        name: "green-coarse",
+        angle: 120.0,
+        freq: 3.5,
+        colour: GREEN,
+        pattern: Pattern::Grating,
+    },
+    ClassSpec {
+        name: "grey-plaid",
+        angle: 0.0,
+        freq: 3.0,
+        colour: GREY,
+        pattern: Pattern::Plaid,
+    },
+    ClassSpec {
+        name: "magenta-plaid",
+        angle: 45.0,
+        freq: 3.0,
+        colour: MAGENTA,
+        pattern: Pattern::Plaid,
+    },
+    ClassSpec {
+        name: "bright-spot",
+        angle: 150.0,
+        freq: 2.5,
+        colour: GREY,
+        pattern: Pattern::Spot(1.0),
+    },
+    ClassSpec {
+        name: "dark-spot",
+        angle: 150.0,
+        freq: 2.5,
+        colour: GREY,
+        pattern: Pattern::Spot(-1.0),
+    },
 ];
 
 /// Number of demo classes.
@@ -114,21 +179,34 @@ pub fn class_names() -> Vec<String> {
 /// every class has `n / 10` images (the first `n % 10` classes one more).
 pub fn generate(cfg: &DemoConfig) -> Result<(Dataset, Dataset)> {
     if cfg.image_size < 4 {
-        bail!("demo image size {} is too small; use at least 4 pixels", cfg.image_size);
+        bail!(
+            "demo image size {} is too small; use at least 4 pixels",
+            cfg.image_size
+        );
     }
     if cfg.train == 0 || cfg.test == 0 {
-        bail!("demo data needs at least one training and one test image (asked for {} and {})", cfg.train, cfg.test);
+        bail!(
+            "demo data needs at least one training and one test image (asked for {} and {})",
+            cfg.train,
+            cfg.test
+        );
     }
-    Ok((split(cfg, TRAIN_SPLIT, cfg.train)?, split(cfg, TEST_SPLIT, cfg.test)?))
+    Ok((
+        split(cfg, TRAIN_SPLIT, cfg.train)?,
+        split(cfg, TEST_SPLIT, cfg.test)?,
+    ))
 }
 
 fn split(cfg: &DemoConfig, split: u64, n: usize) -> Result<Dataset> {
     let s = cfg.image_size;
     let mut images = vec![0u8; n * 3 * s * s];
-    images.par_chunks_mut(3 * s * s).enumerate().for_each(|(i, out)| {
-        let mut rng = Rng::from_keys(&[DEMO_KEY, cfg.seed, split, i as u64]);
-        render(&CLASSES[i % N_CLASSES], &mut rng, s, out);
-    });
+    images
+        .par_chunks_mut(3 * s * s)
+        .enumerate()
+        .for_each(|(i, out)| {
+            let mut rng = Rng::from_keys(&[DEMO_KEY, cfg.seed, split, i as u64]);
+            render(&CLASSES[i % N_CLASSES], &mut rng, s, out);
+        });
     let labels = (0..n).map(|i| (i % N_CLASSES) as u32).collect();
     Dataset::new(images, labels, N_CLASSES, Some(class_names()), (3, s, s))
 }
@@ -154,7 +232,11 @@ struct Wave {
 impl Wave {
     fn new(angle_deg: f32, freq: f32, phase: f32) -> Self {
         let a = angle_deg * PI / 180.0;
-        Wave { kx: 2.0 * PI * freq * libm::cosf(a), ky: 2.0 * PI * freq * libm::sinf(a), phase }
+        Wave {
+            kx: 2.0 * PI * freq * libm::cosf(a),
+            ky: 2.0 * PI * freq * libm::sinf(a),
+            phase,
+        }
     }
 
     fn at(&self, u: f32, v: f32) -> f32 {
@@ -188,9 +270,12 @@ fn draw(spec: &ClassSpec, rng: &mut Rng) -> Draw {
         waves.push(Wave::new(angle + 90.0, freq, uniform(rng, 0.0, 2.0 * PI)));
     }
     let contrast = uniform(rng, CONTRAST.0, CONTRAST.1);
-    let colour = spec.colour.map(|c| (c + COLOUR_JITTER * approx_normal(rng)).clamp(0.0, 1.0));
+    let colour = spec
+        .colour
+        .map(|c| (c + COLOUR_JITTER * approx_normal(rng)).clamp(0.0, 1.0));
     let level = uniform(rng, 0.35, 0.65);
-    let background = std::array::from_fn(|c| level + uniform(rng, -0.06, 0.06) + 0.08 * (colour[c] - 0.5));
+    let background =
+        std::array::from_fn(|c| level + uniform(rng, -0.06, 0.06) + 0.08 * (colour[c] - 0.5));
     let spot = match spec.pattern {
         Pattern::Spot(sign) => Some(Spot {
             cx: uniform(rng, -0.25, 0.25),
@@ -200,7 +285,13 @@ fn draw(spec: &ClassSpec, rng: &mut Rng) -> Draw {
         }),
         _ => None,
     };
-    Draw { waves, contrast, colour, background, spot }
+    Draw {
+        waves,
+        contrast,
+        colour,
+        background,
+        spot,
+    }
 }
 
 /// Render one image of class `spec` into `out` (`[3, s, s]`).
@@ -217,7 +308,10 @@ fn render(spec: &ClassSpec, rng: &mut Rng, s: usize, out: &mut [u8]) {
                 p.amp * libm::expf(-r2 / (2.0 * p.radius * p.radius))
             });
             for c in 0..3 {
-                let value = d.background[c] + d.contrast * d.colour[c] * g + spot + NOISE * approx_normal(rng);
+                let value = d.background[c]
+                    + d.contrast * d.colour[c] * g
+                    + spot
+                    + NOISE * approx_normal(rng);
                 out[(c * s + y) * s + x] = (value * 255.0).round().clamp(0.0, 255.0) as u8;
             }
         }
@@ -230,10 +324,22 @@ mod tests {
 
     #[test]
     fn rejects_degenerate_configs() {
-        let cfg = DemoConfig { image_size: 2, ..DemoConfig::default() };
-        assert!(generate(&cfg).unwrap_err().to_string().contains("too small"));
-        let cfg = DemoConfig { test: 0, ..DemoConfig::default() };
-        assert!(generate(&cfg).unwrap_err().to_string().contains("at least one"));
+        let cfg = DemoConfig {
+            image_size: 2,
+            ..DemoConfig::default()
+        };
+        assert!(generate(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("too small"));
+        let cfg = DemoConfig {
+            test: 0,
+            ..DemoConfig::default()
+        };
+        assert!(generate(&cfg)
+            .unwrap_err()
+            .to_string()
+            .contains("at least one"));
     }
 
     #[test]
@@ -242,6 +348,9 @@ mod tests {
         let x: Vec<f32> = (0..100_000).map(|_| approx_normal(&mut rng)).collect();
         let mean = x.iter().sum::<f32>() / x.len() as f32;
         let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / x.len() as f32;
-        assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.03, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.02 && (var - 1.0).abs() < 0.03,
+            "mean {mean} var {var}"
+        );
     }
 }

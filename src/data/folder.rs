@@ -25,7 +25,9 @@ pub struct FolderSplit {
 /// The sorted class sub-folder names of `dir` (hidden entries ignored).
 pub fn class_names(dir: &Path) -> Result<Vec<String>> {
     let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("listing image folder {}", dir.display()))? {
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("listing image folder {}", dir.display()))?
+    {
         let entry = entry.with_context(|| format!("listing image folder {}", dir.display()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if !name.starts_with('.') && entry.path().is_dir() {
@@ -42,15 +44,24 @@ pub fn class_names(dir: &Path) -> Result<Vec<String>> {
 /// Read the split in `dir` with label ids from `classes` (sorted names), each
 /// image resized to `size` x `size` RGB. An unreadable image is an error
 /// naming it, or with `skip_bad` is left out and listed in `skipped`.
-pub fn load_split(dir: &Path, classes: &[String], size: usize, skip_bad: bool, is_training_split: bool) -> Result<FolderSplit> {
+pub fn load_split(
+    dir: &Path,
+    classes: &[String],
+    size: usize,
+    skip_bad: bool,
+    is_training_split: bool,
+) -> Result<FolderSplit> {
     if size == 0 {
         bail!("image size for {} must be at least 1 pixel", dir.display());
     }
     let files = list_images(dir, classes, is_training_split)?;
     let n = 3 * size * size;
     let mut images = vec![0u8; files.len() * n];
-    let results: Vec<Result<()>> =
-        images.par_chunks_mut(n).zip(files.par_iter()).map(|(out, (path, _))| decode_into(path, size, out)).collect();
+    let results: Vec<Result<()>> = images
+        .par_chunks_mut(n)
+        .zip(files.par_iter())
+        .map(|(out, (path, _))| decode_into(path, size, out))
+        .collect();
     let mut labels = Vec::with_capacity(files.len());
     let mut skipped = Vec::new();
     for (i, ((path, label), result)) in files.into_iter().zip(results).enumerate() {
@@ -60,14 +71,23 @@ pub fn load_split(dir: &Path, classes: &[String], size: usize, skip_bad: bool, i
                 labels.push(label);
             }
             Err(e) if skip_bad => skipped.push((path, describe(&e))),
-            Err(e) => bail!("{} (the skip-bad option leaves unreadable images out)", describe(&e)),
+            Err(e) => bail!(
+                "{} (the skip-bad option leaves unreadable images out)",
+                describe(&e)
+            ),
         }
     }
     images.truncate(labels.len() * n);
     if labels.is_empty() {
         bail!("image folder {} has no readable images", dir.display());
     }
-    let data = Dataset::new(images, labels, classes.len(), Some(classes.to_vec()), (3, size, size))?;
+    let data = Dataset::new(
+        images,
+        labels,
+        classes.len(),
+        Some(classes.to_vec()),
+        (3, size, size),
+    )?;
     Ok(FolderSplit { data, skipped })
 }
 
@@ -84,7 +104,11 @@ fn describe(e: &anyhow::Error) -> String {
 /// (class, file name) order. A sub-folder not in `classes` is an error, and
 /// so is an empty class folder in the training split (its class could
 /// never be learned); the test split may lack images of a class.
-fn list_images(dir: &Path, classes: &[String], is_training_split: bool) -> Result<Vec<(PathBuf, u32)>> {
+fn list_images(
+    dir: &Path,
+    classes: &[String],
+    is_training_split: bool,
+) -> Result<Vec<(PathBuf, u32)>> {
     let mut files = Vec::new();
     for name in class_names(dir)? {
         let Some(label) = classes.iter().position(|c| *c == name) else {
@@ -96,15 +120,23 @@ fn list_images(dir: &Path, classes: &[String], is_training_split: bool) -> Resul
         };
         let class_dir = dir.join(&name);
         let mut paths = Vec::new();
-        for entry in std::fs::read_dir(&class_dir).with_context(|| format!("listing {}", class_dir.display()))? {
-            let path = entry.with_context(|| format!("listing {}", class_dir.display()))?.path();
+        for entry in std::fs::read_dir(&class_dir)
+            .with_context(|| format!("listing {}", class_dir.display()))?
+        {
+            let path = entry
+                .with_context(|| format!("listing {}", class_dir.display()))?
+                .path();
             if path.is_file() && has_image_extension(&path) {
                 paths.push(path);
             }
         }
         paths.sort();
         if paths.is_empty() && is_training_split {
-            bail!("class folder '{name}' in {} has no images ({}); remove it or add its images", dir.display(), IMAGE_EXTENSIONS.join(", "));
+            bail!(
+                "class folder '{name}' in {} has no images ({}); remove it or add its images",
+                dir.display(),
+                IMAGE_EXTENSIONS.join(", ")
+            );
         }
         files.extend(paths.into_iter().map(|p| (p, label as u32)));
     }
@@ -119,7 +151,9 @@ fn list_images(dir: &Path, classes: &[String], is_training_split: bool) -> Resul
 }
 
 fn has_image_extension(path: &Path) -> bool {
-    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase());
     ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
 }
 

@@ -57,7 +57,15 @@ impl Dataset {
         class_names: Option<Vec<String>>,
         (channels, height, width): (usize, usize, usize),
     ) -> Result<Self> {
-        let ds = Dataset { images, labels, classes, class_names, channels, height, width };
+        let ds = Dataset {
+            images,
+            labels,
+            classes,
+            class_names,
+            channels,
+            height,
+            width,
+        };
         ds.validate()?;
         Ok(ds)
     }
@@ -65,7 +73,12 @@ impl Dataset {
     /// Check the invariants listed on [`Dataset::new`].
     pub fn validate(&self) -> Result<()> {
         if self.channels == 0 || self.height == 0 || self.width == 0 {
-            bail!("data set image shape {}x{}x{} has a zero dimension", self.channels, self.height, self.width);
+            bail!(
+                "data set image shape {}x{}x{} has a zero dimension",
+                self.channels,
+                self.height,
+                self.width
+            );
         }
         if self.classes == 0 {
             bail!("data set has 0 classes");
@@ -83,11 +96,19 @@ impl Dataset {
             );
         }
         if let Some(i) = self.labels.iter().position(|&l| l as usize >= self.classes) {
-            bail!("data set label {} at index {i} is not below the class count {}", self.labels[i], self.classes);
+            bail!(
+                "data set label {} at index {i} is not below the class count {}",
+                self.labels[i],
+                self.classes
+            );
         }
         if let Some(names) = &self.class_names {
             if names.len() != self.classes {
-                bail!("data set has {} class names for {} classes", names.len(), self.classes);
+                bail!(
+                    "data set has {} class names for {} classes",
+                    names.len(),
+                    self.classes
+                );
             }
         }
         Ok(())
@@ -119,14 +140,23 @@ impl Dataset {
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
-        for v in [self.channels, self.height, self.width, self.classes, self.len()] {
+        for v in [
+            self.channels,
+            self.height,
+            self.width,
+            self.classes,
+            self.len(),
+        ] {
             h.update((v as u64).to_le_bytes());
         }
         for l in &self.labels {
             h.update(l.to_le_bytes());
         }
         h.update(&self.images);
-        h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
+        h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// How many images each class has, indexed by label.
@@ -162,7 +192,10 @@ impl Dataset {
 /// Error if any index is not below `ds.len()`.
 pub(crate) fn check_indices(ds: &Dataset, indices: &[usize]) -> Result<()> {
     if let Some(&i) = indices.iter().find(|&&i| i >= ds.len()) {
-        bail!("image index {i} is out of range for a data set of {} images", ds.len());
+        bail!(
+            "image index {i} is out of range for a data set of {} images",
+            ds.len()
+        );
     }
     Ok(())
 }
@@ -179,11 +212,18 @@ mod tests {
     #[test]
     fn new_rejects_inconsistent_pieces() {
         let err = Dataset::new(vec![0; 7], vec![0], 2, None, (2, 2, 2)).unwrap_err();
-        assert!(err.to_string().contains("holds 7 image bytes, expected 8"), "{err}");
+        assert!(
+            err.to_string().contains("holds 7 image bytes, expected 8"),
+            "{err}"
+        );
         let err = Dataset::new(vec![0; 8], vec![2], 2, None, (2, 2, 2)).unwrap_err();
         assert!(err.to_string().contains("label 2 at index 0"), "{err}");
-        let err = Dataset::new(vec![0; 8], vec![0], 2, Some(vec!["a".into()]), (2, 2, 2)).unwrap_err();
-        assert!(err.to_string().contains("1 class names for 2 classes"), "{err}");
+        let err =
+            Dataset::new(vec![0; 8], vec![0], 2, Some(vec!["a".into()]), (2, 2, 2)).unwrap_err();
+        assert!(
+            err.to_string().contains("1 class names for 2 classes"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -210,6 +250,10 @@ mod tests {
         assert_eq!(sub.image(0), ds.image(2));
         assert_eq!(sub.image(1), ds.image(0));
         sub.validate().unwrap();
-        assert!(ds.subset(&[3]).unwrap_err().to_string().contains("index 3 is out of range"));
+        assert!(ds
+            .subset(&[3])
+            .unwrap_err()
+            .to_string()
+            .contains("index 3 is out of range"));
     }
 }

@@ -51,9 +51,18 @@ impl Normalize {
     /// `model_size` x `model_size` (through `resize` x `resize` and a center
     /// crop when given), normalized with this preset. Only 3-channel images
     /// are supported (the presets have three channels).
-    pub fn transform(self, ds: &Dataset, model_size: usize, resize: Option<usize>) -> Result<ImageTransform> {
+    pub fn transform(
+        self,
+        ds: &Dataset,
+        model_size: usize,
+        resize: Option<usize>,
+    ) -> Result<ImageTransform> {
         if ds.channels != 3 {
-            bail!("normalization '{}' needs 3-channel images, the data set has {}", self.name(), ds.channels);
+            bail!(
+                "normalization '{}' needs 3-channel images, the data set has {}",
+                self.name(),
+                ds.channels
+            );
         }
         Ok(ImageTransform {
             channels: 3,
@@ -77,7 +86,10 @@ impl FromStr for Normalize {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        match Normalize::ALL.iter().find(|n| n.name() == s.to_ascii_lowercase()) {
+        match Normalize::ALL
+            .iter()
+            .find(|n| n.name() == s.to_ascii_lowercase())
+        {
             Some(&n) => Ok(n),
             None => {
                 let names: Vec<&str> = Normalize::ALL.iter().map(|n| n.name()).collect();
@@ -97,21 +109,40 @@ mod tests {
             assert_eq!(n.name().parse::<Normalize>().unwrap(), n);
             assert_eq!(n.to_string().parse::<Normalize>().unwrap(), n);
         }
-        assert_eq!("ImageNet".parse::<Normalize>().unwrap(), Normalize::Imagenet);
+        assert_eq!(
+            "ImageNet".parse::<Normalize>().unwrap(),
+            Normalize::Imagenet
+        );
         let err = "imgnet".parse::<Normalize>().unwrap_err().to_string();
-        assert_eq!(err, "unknown normalization 'imgnet'; choices: cifar, imagenet, half");
+        assert_eq!(
+            err,
+            "unknown normalization 'imgnet'; choices: cifar, imagenet, half"
+        );
     }
 
     #[test]
     fn transform_carries_geometry_and_constants() {
         let ds = Dataset::new(vec![0; 3 * 32 * 32], vec![0], 1, None, (3, 32, 32)).unwrap();
         let t = Normalize::Cifar.transform(&ds, 224, None).unwrap();
-        assert_eq!((t.src_height, t.src_width, t.dst_size, t.channels, t.resize), (32, 32, 224, 3, None));
-        assert_eq!(Normalize::Imagenet.transform(&ds, 224, Some(256)).unwrap().resize, Some(256));
+        assert_eq!(
+            (t.src_height, t.src_width, t.dst_size, t.channels, t.resize),
+            (32, 32, 224, 3, None)
+        );
+        assert_eq!(
+            Normalize::Imagenet
+                .transform(&ds, 224, Some(256))
+                .unwrap()
+                .resize,
+            Some(256)
+        );
         assert_eq!(t.mean, [0.5071, 0.4865, 0.4409]);
         assert_eq!(t.std, [0.2673, 0.2564, 0.2762]);
         let grey = Dataset::new(vec![0; 4], vec![0], 1, None, (1, 2, 2)).unwrap();
-        assert!(Normalize::Half.transform(&grey, 2, None).unwrap_err().to_string().contains("3-channel"));
+        assert!(Normalize::Half
+            .transform(&grey, 2, None)
+            .unwrap_err()
+            .to_string()
+            .contains("3-channel"));
     }
 
     #[test]
@@ -122,9 +153,20 @@ mod tests {
             normalize: Normalize,
         }
         use clap::Parser;
-        assert_eq!(Cli::try_parse_from(["x", "--normalize", "half"]).unwrap().normalize, Normalize::Half);
-        assert_eq!(Cli::try_parse_from(["x"]).unwrap().normalize, Normalize::Cifar);
-        let err = Cli::try_parse_from(["x", "--normalize", "bad"]).err().unwrap().to_string();
+        assert_eq!(
+            Cli::try_parse_from(["x", "--normalize", "half"])
+                .unwrap()
+                .normalize,
+            Normalize::Half
+        );
+        assert_eq!(
+            Cli::try_parse_from(["x"]).unwrap().normalize,
+            Normalize::Cifar
+        );
+        let err = Cli::try_parse_from(["x", "--normalize", "bad"])
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("choices: cifar, imagenet, half"), "{err}");
     }
 }

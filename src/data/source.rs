@@ -25,8 +25,15 @@ pub const CIFAR_SUBFOLDERS: [&str; 2] = ["cifar-10-batches-bin", "cifar-100-bina
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataSource {
     Demo,
-    Cifar { kind: CifarKind, train: Vec<PathBuf>, test: PathBuf },
-    ImageFolder { train: PathBuf, test: PathBuf },
+    Cifar {
+        kind: CifarKind,
+        train: Vec<PathBuf>,
+        test: PathBuf,
+    },
+    ImageFolder {
+        train: PathBuf,
+        test: PathBuf,
+    },
 }
 
 /// How to read the data.
@@ -43,7 +50,11 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { image_size: 32, skip_bad: false, demo: DemoConfig::default() }
+        LoadOptions {
+            image_size: 32,
+            skip_bad: false,
+            demo: DemoConfig::default(),
+        }
     }
 }
 
@@ -72,7 +83,10 @@ impl Loaded {
             self.train.classes
         );
         if !self.skipped.is_empty() {
-            s.push_str(&format!(", {} unreadable images skipped", self.skipped.len()));
+            s.push_str(&format!(
+                ", {} unreadable images skipped",
+                self.skipped.len()
+            ));
         }
         s
     }
@@ -93,7 +107,8 @@ impl DataSource {
         if !root.is_dir() {
             bail!("data '{spec}' is neither 'demo' nor an existing folder");
         }
-        let candidates = std::iter::once(root.to_path_buf()).chain(CIFAR_SUBFOLDERS.iter().map(|s| root.join(s)));
+        let candidates = std::iter::once(root.to_path_buf())
+            .chain(CIFAR_SUBFOLDERS.iter().map(|s| root.join(s)));
         for dir in candidates.filter(|d| d.is_dir()) {
             if let Some(source) = find_cifar(&dir)? {
                 return Ok(source);
@@ -108,14 +123,24 @@ impl DataSource {
             DataSource::Demo => {
                 let (train, test) = demo::generate(&opts.demo)?;
                 let source = format!("demo data (seed {})", opts.demo.seed);
-                Ok(Loaded { train, test, skipped: Vec::new(), source })
+                Ok(Loaded {
+                    train,
+                    test,
+                    skipped: Vec::new(),
+                    source,
+                })
             }
             DataSource::Cifar { kind, train, test } => {
                 let train_ds = cifar::load_files(*kind, train)?;
                 let test_ds = cifar::load_files(*kind, std::slice::from_ref(test))?;
                 let dir = test.parent().unwrap_or(Path::new("."));
                 let source = format!("{} in {}", kind.name(), dir.display());
-                Ok(Loaded { train: train_ds, test: test_ds, skipped: Vec::new(), source })
+                Ok(Loaded {
+                    train: train_ds,
+                    test: test_ds,
+                    skipped: Vec::new(),
+                    source,
+                })
             }
             DataSource::ImageFolder { train, test } => load_image_folders(train, test, opts),
         }
@@ -130,7 +155,12 @@ fn load_image_folders(train: &Path, test: &Path, opts: &LoadOptions) -> Result<L
     skipped.extend(test_split.skipped);
     let root = train.parent().unwrap_or(Path::new("."));
     let source = format!("image folders in {}", root.display());
-    Ok(Loaded { train: train_split.data, test: test_split.data, skipped, source })
+    Ok(Loaded {
+        train: train_split.data,
+        test: test_split.data,
+        skipped,
+        source,
+    })
 }
 
 /// The CIFAR files directly in `dir`, if there are any. Half a set (training
@@ -141,7 +171,10 @@ fn find_cifar(dir: &Path) -> Result<Option<DataSource>> {
     let test_batch = dir.join("test_batch.bin");
     if !batches.is_empty() || test_batch.is_file() {
         if batches.is_empty() {
-            bail!("{} has test_batch.bin but no CIFAR-10 training files data_batch_*.bin", dir.display());
+            bail!(
+                "{} has test_batch.bin but no CIFAR-10 training files data_batch_*.bin",
+                dir.display()
+            );
         }
         if !test_batch.is_file() {
             bail!(
@@ -149,12 +182,23 @@ fn find_cifar(dir: &Path) -> Result<Option<DataSource>> {
                 dir.display()
             );
         }
-        return Ok(Some(DataSource::Cifar { kind: CifarKind::Cifar10, train: batches, test: test_batch }));
+        return Ok(Some(DataSource::Cifar {
+            kind: CifarKind::Cifar10,
+            train: batches,
+            test: test_batch,
+        }));
     }
     let (train, test) = (dir.join("train.bin"), dir.join("test.bin"));
     match (train.is_file(), test.is_file()) {
-        (true, true) => Ok(Some(DataSource::Cifar { kind: CifarKind::Cifar100, train: vec![train], test })),
-        (true, false) => bail!("{} has CIFAR-100 train.bin but no test.bin (missing test split)", dir.display()),
+        (true, true) => Ok(Some(DataSource::Cifar {
+            kind: CifarKind::Cifar100,
+            train: vec![train],
+            test,
+        })),
+        (true, false) => bail!(
+            "{} has CIFAR-100 train.bin but no test.bin (missing test split)",
+            dir.display()
+        ),
         (false, true) => bail!("{} has CIFAR-100 test.bin but no train.bin", dir.display()),
         (false, false) => Ok(None),
     }
@@ -164,10 +208,17 @@ fn find_cifar(dir: &Path) -> Result<Option<DataSource>> {
 fn cifar10_batches(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let number =
-            name.strip_prefix("data_batch_").and_then(|r| r.strip_suffix(".bin")).and_then(|n| n.parse::<u32>().ok());
+        let path = entry
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let number = name
+            .strip_prefix("data_batch_")
+            .and_then(|r| r.strip_suffix(".bin"))
+            .and_then(|n| n.parse::<u32>().ok());
         if let (Some(n), true) = (number, path.is_file()) {
             found.push((n, path));
         }
@@ -187,8 +238,15 @@ fn find_image_folders(root: &Path) -> Result<DataSource> {
             CIFAR_SUBFOLDERS.join(" or ")
         );
     }
-    let Some(test) = ["test", "val"].iter().map(|s| root.join(s)).find(|p| p.is_dir()) else {
-        bail!("missing test split: {} has train/ but neither test/ nor val/", root.display());
+    let Some(test) = ["test", "val"]
+        .iter()
+        .map(|s| root.join(s))
+        .find(|p| p.is_dir())
+    else {
+        bail!(
+            "missing test split: {} has train/ but neither test/ nor val/",
+            root.display()
+        );
     };
     Ok(DataSource::ImageFolder { train, test })
 }

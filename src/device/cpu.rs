@@ -38,7 +38,11 @@ pub const WORKER_STACK_BYTES: usize = 8 << 20;
 /// A rayon pool of `threads` workers, each with `WORKER_STACK_BYTES` of
 /// stack (a sweep worker's pool, a shard's, a borrowed thread's).
 pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
-    rayon::ThreadPoolBuilder::new().num_threads(threads).stack_size(WORKER_STACK_BYTES).build().map_err(|e| anyhow!("creating a pool of {threads} thread(s): {e}"))
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .stack_size(WORKER_STACK_BYTES)
+        .build()
+        .map_err(|e| anyhow!("creating a pool of {threads} thread(s): {e}"))
 }
 
 /// The CPU's op profile (`EFFRANK_PROFILE=1`): wall time of every
@@ -46,7 +50,16 @@ pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
 /// at once, thread time, which can exceed the wall time). None when off.
 fn profile() -> Option<&'static Mutex<OpTable>> {
     static PROFILE: OnceLock<Option<Mutex<OpTable>>> = OnceLock::new();
-    PROFILE.get_or_init(|| (std::env::var("EFFRANK_PROFILE").ok().as_deref().map(str::trim) == Some("1")).then(|| Mutex::new(OpTable::default()))).as_ref()
+    PROFILE
+        .get_or_init(|| {
+            (std::env::var("EFFRANK_PROFILE")
+                .ok()
+                .as_deref()
+                .map(str::trim)
+                == Some("1"))
+            .then(|| Mutex::new(OpTable::default()))
+        })
+        .as_ref()
 }
 
 thread_local! {
@@ -93,7 +106,12 @@ impl Device for Cpu {
     }
     fn alloc(&self, len: usize, _kind: BufKind) -> Result<Vec<f32>> {
         let mut v = Vec::new();
-        v.try_reserve_exact(len).map_err(|_| anyhow!("out of host memory allocating {len} floats ({:.1} GiB)", len as f64 * 4.0 / (1u64 << 30) as f64))?;
+        v.try_reserve_exact(len).map_err(|_| {
+            anyhow!(
+                "out of host memory allocating {len} floats ({:.1} GiB)",
+                len as f64 * 4.0 / (1u64 << 30) as f64
+            )
+        })?;
         v.resize(len, 0.0);
         Ok(v)
     }
@@ -113,12 +131,16 @@ impl Device for Cpu {
     }
     fn zero(&self, buf: &mut Vec<f32>, len: usize) -> Result<()> {
         check_len("zero", buf.len(), len)?;
-        profiled_memory(self, "zero", Work::new(4.0 * len as f64, 0.0), || buf[..len].fill(0.0))
+        profiled_memory(self, "zero", Work::new(4.0 * len as f64, 0.0), || {
+            buf[..len].fill(0.0)
+        })
     }
     fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>, len: usize) -> Result<()> {
         check_len("copy dst", dst.len(), len)?;
         check_len("copy src", src.len(), len)?;
-        profiled_memory(self, "copy", Work::new(8.0 * len as f64, 0.0), || dst[..len].copy_from_slice(&src[..len]))
+        profiled_memory(self, "copy", Work::new(8.0 * len as f64, 0.0), || {
+            dst[..len].copy_from_slice(&src[..len])
+        })
     }
     fn element_bytes(&self, _buf: &Vec<f32>) -> usize {
         4
@@ -129,16 +151,29 @@ impl Device for Cpu {
     fn op_begin(&self, _op: &'static str) -> Result<()> {
         OPEN.with(|o| {
             let (depth, start) = o.get();
-            o.set((depth + 1, if depth == 0 { Some(Instant::now()) } else { start }));
+            o.set((
+                depth + 1,
+                if depth == 0 {
+                    Some(Instant::now())
+                } else {
+                    start
+                },
+            ));
         });
         Ok(())
     }
     fn op_end(&self, op: &'static str, work: Work) -> Result<()> {
         let (depth, start) = OPEN.with(|o| o.get());
-        let depth = depth.checked_sub(1).ok_or_else(|| anyhow!("profile: {op} ended without a start"))?;
+        let depth = depth
+            .checked_sub(1)
+            .ok_or_else(|| anyhow!("profile: {op} ended without a start"))?;
         OPEN.with(|o| o.set((depth, if depth == 0 { None } else { start })));
         if let (0, Some(start), Some(table)) = (depth, start, profile()) {
-            table.lock().unwrap_or_else(|e| e.into_inner()).record(op, start.elapsed().as_secs_f64(), work);
+            table.lock().unwrap_or_else(|e| e.into_inner()).record(
+                op,
+                start.elapsed().as_secs_f64(),
+                work,
+            );
         }
         Ok(())
     }

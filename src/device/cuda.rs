@@ -45,9 +45,12 @@ use crate::perf::OpTable;
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::sys::cudaDataType;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUresult};
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig, PushKernelArg};
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute, CUresult};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    DriverError, LaunchConfig, PushKernelArg,
+};
 use half::bf16;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -191,11 +194,19 @@ pub struct CudaPaths {
 
 impl CudaPaths {
     /// The environment variable of each path, in field order.
-    pub const VARS: [&'static str; 3] = ["EFFRANK_CUDA_SHORT_ATTENTION", "EFFRANK_CUDA_FUSED_ADD_LN", "EFFRANK_CUDA_CLASS_TOKEN_TAIL"];
+    pub const VARS: [&'static str; 3] = [
+        "EFFRANK_CUDA_SHORT_ATTENTION",
+        "EFFRANK_CUDA_FUSED_ADD_LN",
+        "EFFRANK_CUDA_CLASS_TOKEN_TAIL",
+    ];
 
     /// Every path on (what the CUDA-vs-CPU tests of the new paths use).
     pub fn all() -> Self {
-        CudaPaths { short_attention: true, fused_add_layernorm: true, class_token_tail: true }
+        CudaPaths {
+            short_attention: true,
+            fused_add_layernorm: true,
+            class_token_tail: true,
+        }
     }
 
     /// The paths the environment switches on: each variable unset, `0` or
@@ -205,8 +216,13 @@ impl CudaPaths {
     }
 
     fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let [short_attention, fused_add_layernorm, class_token_tail] = Self::VARS.map(|v| switch(v, get(v)));
-        Ok(CudaPaths { short_attention: short_attention?, fused_add_layernorm: fused_add_layernorm?, class_token_tail: class_token_tail? })
+        let [short_attention, fused_add_layernorm, class_token_tail] =
+            Self::VARS.map(|v| switch(v, get(v)));
+        Ok(CudaPaths {
+            short_attention: short_attention?,
+            fused_add_layernorm: fused_add_layernorm?,
+            class_token_tail: class_token_tail?,
+        })
     }
 }
 
@@ -230,7 +246,10 @@ pub struct CudaOptions {
 impl CudaOptions {
     /// `CudaPaths::from_env` and `EFFRANK_PROFILE` (unset, `0` or `1`).
     pub fn from_env() -> Result<Self> {
-        Ok(CudaOptions { paths: CudaPaths::from_env()?, profile: switch("EFFRANK_PROFILE", std::env::var("EFFRANK_PROFILE").ok())? })
+        Ok(CudaOptions {
+            paths: CudaPaths::from_env()?,
+            profile: switch("EFFRANK_PROFILE", std::env::var("EFFRANK_PROFILE").ok())?,
+        })
     }
 }
 
@@ -292,7 +311,8 @@ impl Cuda {
         if !driver_present() {
             bail!("no CUDA driver found (libcuda.so); use --device cpu");
         }
-        let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA driver present but not usable ({e:?}); use --device cpu"))?;
+        let count = CudaContext::device_count()
+            .map_err(|e| anyhow!("CUDA driver present but not usable ({e:?}); use --device cpu"))?;
         if device >= count.max(0) as usize {
             bail!("CUDA device {device} requested but {count} device(s) found; use --device cpu");
         }
@@ -302,19 +322,40 @@ impl Cuda {
         if !cublas_present() {
             bail!("cuBLAS (libcublas.so.13) not found: install the CUDA 13 toolkit or `pip install nvidia-cublas` and add its lib folder to LD_LIBRARY_PATH; or use --device cpu");
         }
-        let ctx = CudaContext::new(device).cu_with_context(|| format!("opening CUDA device {device}"))?;
+        let ctx =
+            CudaContext::new(device).cu_with_context(|| format!("opening CUDA device {device}"))?;
         // SAFETY: all work runs in order on one stream, so cudarc's per-buffer
         // events (for ordering across streams) are not needed.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("creating the cuBLAS handle: {e:?}"))?;
-        let attr = |a| ctx.attribute(a).map_err(|e| anyhow!("reading device attribute {a:?}: {e:?}"));
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| anyhow!("creating the cuBLAS handle: {e:?}"))?;
+        let attr = |a| {
+            ctx.attribute(a)
+                .map_err(|e| anyhow!("reading device attribute {a:?}: {e:?}"))
+        };
         let sm_count = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
-        let max_smem = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
+        let max_smem =
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+                as usize;
         let modules = load_modules(&ctx)?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let profile = options.profile.then(|| Mutex::new(Profile::default()));
-        Ok(Cuda { precision, ctx, stream, blas, modules, functions: Mutex::new(HashMap::new()), device_name, sm_count, max_smem, bytes_scratch: Mutex::new(None), labels_scratch: Mutex::new(None), paths: options.paths, profile })
+        Ok(Cuda {
+            precision,
+            ctx,
+            stream,
+            blas,
+            modules,
+            functions: Mutex::new(HashMap::new()),
+            device_name,
+            sm_count,
+            max_smem,
+            bytes_scratch: Mutex::new(None),
+            labels_scratch: Mutex::new(None),
+            paths: options.paths,
+            profile,
+        })
     }
 
     /// The paths that are off by default and on for this device.
@@ -332,26 +373,43 @@ impl Cuda {
     }
 
     fn profile_state(&self) -> Result<Option<std::sync::MutexGuard<'_, Profile>>> {
-        self.profile.as_ref().map(|m| m.lock().map_err(|_| anyhow!("profile lock poisoned"))).transpose()
+        self.profile
+            .as_ref()
+            .map(|m| m.lock().map_err(|_| anyhow!("profile lock poisoned")))
+            .transpose()
     }
 
     /// Median device seconds per call of `f` over `iters` calls after 3
     /// warm-up calls, each call bracketed by a CUDA event pair (device time:
     /// gaps inside a call count, host time between calls does not).
-    pub fn median_device_seconds(&self, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    pub fn median_device_seconds(
+        &self,
+        iters: usize,
+        mut f: impl FnMut() -> Result<()>,
+    ) -> Result<f64> {
         for _ in 0..3 {
             f()?;
         }
-        let event = || self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).cu_context("creating a CUDA event");
+        let event = || {
+            self.ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .cu_context("creating a CUDA event")
+        };
         let mut pairs = Vec::with_capacity(iters);
         for _ in 0..iters.max(1) {
             let (start, end) = (event()?, event()?);
-            start.record(&self.stream).cu_context("recording an event")?;
+            start
+                .record(&self.stream)
+                .cu_context("recording an event")?;
             f()?;
             end.record(&self.stream).cu_context("recording an event")?;
             pairs.push((start, end));
         }
-        let mut ms = pairs.iter().map(|(s, e)| s.elapsed_ms(e).map(f64::from)).collect::<std::result::Result<Vec<_>, _>>().cu_context("reading event times")?;
+        let mut ms = pairs
+            .iter()
+            .map(|(s, e)| s.elapsed_ms(e).map(f64::from))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .cu_context("reading event times")?;
         ms.sort_by(f64::total_cmp);
         Ok(ms[ms.len() / 2] / 1e3)
     }
@@ -360,14 +418,20 @@ impl Cuda {
     fn event(&self, p: &mut Profile) -> Result<CudaEvent> {
         match p.spare.pop() {
             Some(e) => Ok(e),
-            None => self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).cu_context("creating a CUDA event"),
+            None => self
+                .ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .cu_context("creating a CUDA event"),
         }
     }
 
     /// Reads the time of every pending call into the totals.
     fn read_pending(&self, p: &mut Profile) -> Result<()> {
         for c in std::mem::take(&mut p.pending) {
-            let ms = c.start.elapsed_ms(&c.end).cu_with_context(|| format!("reading the events of {}", c.op))?;
+            let ms = c
+                .start
+                .elapsed_ms(&c.end)
+                .cu_with_context(|| format!("reading the events of {}", c.op))?;
             p.totals.record(c.op, ms as f64 / 1e3, c.work);
             p.spare.extend([c.start, c.end]);
         }
@@ -376,7 +440,12 @@ impl Cuda {
 
     /// `op_begin` / `op_end` around `body` for the device's own transfers
     /// (they count in an op when called inside one).
-    fn span<R>(&self, op: &'static str, work: impl FnOnce() -> Work, body: impl FnOnce() -> Result<R>) -> Result<R> {
+    fn span<R>(
+        &self,
+        op: &'static str,
+        work: impl FnOnce() -> Work,
+        body: impl FnOnce() -> Result<R>,
+    ) -> Result<R> {
         if self.profile.is_none() {
             return body();
         }
@@ -393,25 +462,51 @@ impl Cuda {
     pub fn function(&self, file: &str, name: &str, shared_bytes: usize) -> Result<CudaFunction> {
         let suffix = kernel_suffix(self.precision);
         let full = format!("{name}{suffix}");
-        let mut functions = self.functions.lock().map_err(|_| anyhow!("kernel table lock poisoned"))?;
+        let mut functions = self
+            .functions
+            .lock()
+            .map_err(|_| anyhow!("kernel table lock poisoned"))?;
         let loaded = match functions.get(&full) {
             Some(l) => l.clone(),
             None => {
                 let module_name = format!("{file}{suffix}");
-                let module = self.modules.get(module_name.as_str()).ok_or_else(|| anyhow!("kernels/{file}.cu is not among the embedded kernel files ({module_name})"))?;
-                let function = module.load_function(&full).cu_with_context(|| format!("loading kernel {full} from kernels/{file}.cu"))?;
-                Loaded { function, shared_allowed: DEFAULT_SHARED_BYTES }
+                let module = self.modules.get(module_name.as_str()).ok_or_else(|| {
+                    anyhow!(
+                        "kernels/{file}.cu is not among the embedded kernel files ({module_name})"
+                    )
+                })?;
+                let function = module
+                    .load_function(&full)
+                    .cu_with_context(|| format!("loading kernel {full} from kernels/{file}.cu"))?;
+                Loaded {
+                    function,
+                    shared_allowed: DEFAULT_SHARED_BYTES,
+                }
             }
         };
         let loaded = if shared_bytes > loaded.shared_allowed {
             if shared_bytes > self.max_smem {
-                bail!("kernel {full} needs {shared_bytes} bytes of shared memory; this GPU allows {}", self.max_smem);
+                bail!(
+                    "kernel {full} needs {shared_bytes} bytes of shared memory; this GPU allows {}",
+                    self.max_smem
+                );
             }
             loaded
                 .function
-                .set_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, self.max_smem as i32)
-                .cu_with_context(|| format!("allowing kernel {full} {} bytes of shared memory", self.max_smem))?;
-            Loaded { shared_allowed: self.max_smem, ..loaded }
+                .set_attribute(
+                    CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    self.max_smem as i32,
+                )
+                .cu_with_context(|| {
+                    format!(
+                        "allowing kernel {full} {} bytes of shared memory",
+                        self.max_smem
+                    )
+                })?;
+            Loaded {
+                shared_allowed: self.max_smem,
+                ..loaded
+            }
         } else {
             loaded
         };
@@ -459,9 +554,16 @@ impl Cuda {
         }
     }
     fn bf16_copy(&self, b: &CudaBuf, master: &CudaSlice<f32>, what: &str) -> Result<u64> {
-        let mut sh = b.shadow.lock().map_err(|_| anyhow!("{what}: bf16 copy lock poisoned"))?;
+        let mut sh = b
+            .shadow
+            .lock()
+            .map_err(|_| anyhow!("{what}: bf16 copy lock poisoned"))?;
         if sh.copy.is_none() {
-            sh.copy = Some(self.stream.alloc_zeros::<u16>(master.len().max(1)).map_err(|e| alloc_error(e, master.len(), "a bf16 weight copy"))?);
+            sh.copy = Some(
+                self.stream
+                    .alloc_zeros::<u16>(master.len().max(1))
+                    .map_err(|e| alloc_error(e, master.len(), "a bf16 weight copy"))?,
+            );
             sh.fresh = false;
         }
         let copy = raw(sh.copy.as_ref().expect("just made"), &self.stream);
@@ -495,7 +597,11 @@ impl Cuda {
     /// A matrix-product output: its pointer and cuBLAS data type.
     pub fn output(&self, b: &mut CudaBuf) -> (u64, cudaDataType) {
         b.touch();
-        let t = if b.is_bf16() { cudaDataType::CUDA_R_16BF } else { cudaDataType::CUDA_R_32F };
+        let t = if b.is_bf16() {
+            cudaDataType::CUDA_R_16BF
+        } else {
+            cudaDataType::CUDA_R_32F
+        };
         (self.ptr(b), t)
     }
     fn expect_act(&self, b: &CudaBuf, what: &str) -> Result<()> {
@@ -528,23 +634,45 @@ impl Cuda {
     /// block, at most 32 blocks per SM.
     pub fn grid_for(&self, n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(256).clamp(1, self.sm_count as usize * 32);
-        LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     /// Copies `host` bytes into a reusable device buffer and runs `f` on it.
-    pub fn with_device_bytes<R>(&self, host: &[u8], f: impl FnOnce(&CudaSlice<u8>) -> Result<R>) -> Result<R> {
-        let mut guard = self.bytes_scratch.lock().map_err(|_| anyhow!("image byte buffer lock poisoned"))?;
+    pub fn with_device_bytes<R>(
+        &self,
+        host: &[u8],
+        f: impl FnOnce(&CudaSlice<u8>) -> Result<R>,
+    ) -> Result<R> {
+        let mut guard = self
+            .bytes_scratch
+            .lock()
+            .map_err(|_| anyhow!("image byte buffer lock poisoned"))?;
         let buf = scratch(&self.stream, &mut guard, host.len().max(1), "image bytes")?;
-        self.stream.memcpy_htod(host, &mut buf.slice_mut(..host.len())).map_err(|e| alloc_error(e, host.len(), "image bytes"))?;
+        self.stream
+            .memcpy_htod(host, &mut buf.slice_mut(..host.len()))
+            .map_err(|e| alloc_error(e, host.len(), "image bytes"))?;
         f(buf)
     }
 
     /// Copies `labels` into a reusable device buffer and runs `f` on it.
-    pub fn with_device_labels<R>(&self, labels: &[u32], f: impl FnOnce(&CudaSlice<u32>) -> Result<R>) -> Result<R> {
-        let mut guard = self.labels_scratch.lock().map_err(|_| anyhow!("label buffer lock poisoned"))?;
+    pub fn with_device_labels<R>(
+        &self,
+        labels: &[u32],
+        f: impl FnOnce(&CudaSlice<u32>) -> Result<R>,
+    ) -> Result<R> {
+        let mut guard = self
+            .labels_scratch
+            .lock()
+            .map_err(|_| anyhow!("label buffer lock poisoned"))?;
         let buf = scratch(&self.stream, &mut guard, labels.len().max(1), "labels")?;
         if !labels.is_empty() {
-            self.stream.memcpy_htod(labels, &mut buf.slice_mut(..labels.len())).map_err(|e| alloc_error(e, labels.len(), "labels"))?;
+            self.stream
+                .memcpy_htod(labels, &mut buf.slice_mut(..labels.len()))
+                .map_err(|e| alloc_error(e, labels.len(), "labels"))?;
         }
         f(buf)
     }
@@ -559,17 +687,28 @@ impl Cuda {
         let f = self.function("device", "convert_f32_to_bf16", 0)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(&dst).arg(&src).arg(&n);
-        unsafe { l.launch(self.grid_for(len)) }.cu_with_context(|| format!("convert_f32_to_bf16 launch ({len} elements)"))?;
+        unsafe { l.launch(self.grid_for(len)) }
+            .cu_with_context(|| format!("convert_f32_to_bf16 launch ({len} elements)"))?;
         Ok(())
     }
 }
 
 /// The buffer in `slot`, grown to at least `len` elements.
-fn scratch<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(stream: &Arc<CudaStream>, slot: &'a mut Option<CudaSlice<T>>, len: usize, what: &str) -> Result<&'a mut CudaSlice<T>> {
+fn scratch<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    slot: &'a mut Option<CudaSlice<T>>,
+    len: usize,
+    what: &str,
+) -> Result<&'a mut CudaSlice<T>> {
     if slot.as_ref().is_none_or(|b| b.len() < len) {
-        *slot = Some(stream.alloc_zeros::<T>(len).map_err(|e| alloc_error(e, len, what))?);
+        *slot = Some(
+            stream
+                .alloc_zeros::<T>(len)
+                .map_err(|e| alloc_error(e, len, what))?,
+        );
     }
-    slot.as_mut().ok_or_else(|| anyhow!("{what}: scratch buffer missing"))
+    slot.as_mut()
+        .ok_or_else(|| anyhow!("{what}: scratch buffer missing"))
 }
 
 /// Loads every embedded PTX module (so that a driver too old for the PTX
@@ -577,7 +716,9 @@ fn scratch<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 fn load_modules(ctx: &Arc<CudaContext>) -> Result<HashMap<&'static str, Arc<CudaModule>>> {
     let mut modules = HashMap::new();
     for (file, ptx) in embedded_kernels() {
-        let module = ctx.load_module(cudarc::nvrtc::Ptx::from_src(*ptx)).map_err(|e| module_error(e, file))?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(*ptx))
+            .map_err(|e| module_error(e, file))?;
         modules.insert(*file, module);
     }
     Ok(modules)
@@ -594,7 +735,10 @@ fn module_error(e: DriverError, file: &str) -> anyhow::Error {
 /// Turns an allocation failure into a message; out of memory suggests a smaller batch.
 pub fn alloc_error(e: DriverError, len: usize, what: &str) -> anyhow::Error {
     if e.0 == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-        anyhow!("GPU out of memory allocating {what} ({:.2} GiB); try a smaller --batch", len as f64 * 4.0 / (1u64 << 30) as f64)
+        anyhow!(
+            "GPU out of memory allocating {what} ({:.2} GiB); try a smaller --batch",
+            len as f64 * 4.0 / (1u64 << 30) as f64
+        )
     } else {
         anyhow!("CUDA error allocating {what} ({len} elements): {e:?}")
     }
@@ -626,11 +770,30 @@ impl Device for Cuda {
     fn alloc(&self, len: usize, kind: BufKind) -> Result<CudaBuf> {
         let bf16 = kind == BufKind::Activation && self.precision == Precision::Bf16;
         let store = if bf16 {
-            Store::Bf16(if len == 0 { self.stream.null::<u16>().cu_context("creating an empty GPU buffer")? } else { self.stream.alloc_zeros::<u16>(len).map_err(|e| alloc_error(e, len, "a buffer"))? })
+            Store::Bf16(if len == 0 {
+                self.stream
+                    .null::<u16>()
+                    .cu_context("creating an empty GPU buffer")?
+            } else {
+                self.stream
+                    .alloc_zeros::<u16>(len)
+                    .map_err(|e| alloc_error(e, len, "a buffer"))?
+            })
         } else {
-            Store::F32(if len == 0 { self.stream.null::<f32>().cu_context("creating an empty GPU buffer")? } else { self.stream.alloc_zeros::<f32>(len).map_err(|e| alloc_error(e, len, "a buffer"))? })
+            Store::F32(if len == 0 {
+                self.stream
+                    .null::<f32>()
+                    .cu_context("creating an empty GPU buffer")?
+            } else {
+                self.stream
+                    .alloc_zeros::<f32>(len)
+                    .map_err(|e| alloc_error(e, len, "a buffer"))?
+            })
         };
-        Ok(CudaBuf { store, shadow: Mutex::new(Shadow::default()) })
+        Ok(CudaBuf {
+            store,
+            shadow: Mutex::new(Shadow::default()),
+        })
     }
     fn upload(&self, host: &[f32], kind: BufKind) -> Result<CudaBuf> {
         let mut buf = self.alloc(host.len(), kind)?;
@@ -643,12 +806,22 @@ impl Device for Cuda {
             return Ok(());
         }
         let bytes = (host.len() * self.element_bytes(buf)) as f64;
-        self.span("upload (host to device)", || Work::new(bytes, 0.0), || self.write_now(buf, host))
+        self.span(
+            "upload (host to device)",
+            || Work::new(bytes, 0.0),
+            || self.write_now(buf, host),
+        )
     }
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
         match &buf.store {
             Store::F32(s) => self.stream.clone_dtoh(s).cu_context("copying from the GPU"),
-            Store::Bf16(s) => Ok(self.stream.clone_dtoh(s).cu_context("copying from the GPU")?.into_iter().map(|b| bf16::from_bits(b).to_f32()).collect()),
+            Store::Bf16(s) => Ok(self
+                .stream
+                .clone_dtoh(s)
+                .cu_context("copying from the GPU")?
+                .into_iter()
+                .map(|b| bf16::from_bits(b).to_f32())
+                .collect()),
         }
     }
     fn len(&self, buf: &CudaBuf) -> usize {
@@ -669,7 +842,11 @@ impl Device for Cuda {
             return Ok(());
         }
         let bytes = (len * (self.element_bytes(dst) + self.element_bytes(src))) as f64;
-        self.span("copy", || Work::new(bytes, 0.0), || self.copy_now(dst, src, len))
+        self.span(
+            "copy",
+            || Work::new(bytes, 0.0),
+            || self.copy_now(dst, src, len),
+        )
     }
     fn element_bytes(&self, buf: &CudaBuf) -> usize {
         if buf.is_bf16() {
@@ -682,25 +859,43 @@ impl Device for Cuda {
         self.profile.is_some()
     }
     fn op_begin(&self, _op: &'static str) -> Result<()> {
-        let Some(mut p) = self.profile_state()? else { return Ok(()) };
+        let Some(mut p) = self.profile_state()? else {
+            return Ok(());
+        };
         if p.depth == 0 {
             let start = self.event(&mut p)?;
-            start.record(&self.stream).cu_context("recording a profile event")?;
+            start
+                .record(&self.stream)
+                .cu_context("recording a profile event")?;
             p.open = Some(start);
         }
         p.depth += 1;
         Ok(())
     }
     fn op_end(&self, op: &'static str, work: Work) -> Result<()> {
-        let Some(mut p) = self.profile_state()? else { return Ok(()) };
-        p.depth = p.depth.checked_sub(1).ok_or_else(|| anyhow!("profile: {op} ended without a start"))?;
+        let Some(mut p) = self.profile_state()? else {
+            return Ok(());
+        };
+        p.depth = p
+            .depth
+            .checked_sub(1)
+            .ok_or_else(|| anyhow!("profile: {op} ended without a start"))?;
         if p.depth > 0 {
             return Ok(());
         }
-        let start = p.open.take().ok_or_else(|| anyhow!("profile: {op} ended without a start"))?;
+        let start = p
+            .open
+            .take()
+            .ok_or_else(|| anyhow!("profile: {op} ended without a start"))?;
         let end = self.event(&mut p)?;
-        end.record(&self.stream).cu_context("recording a profile event")?;
-        p.pending.push(Pending { op, work, start, end });
+        end.record(&self.stream)
+            .cu_context("recording a profile event")?;
+        p.pending.push(Pending {
+            op,
+            work,
+            start,
+            end,
+        });
         if p.pending.len() >= PROFILE_FLUSH {
             self.read_pending(&mut p)?;
         }
@@ -712,10 +907,15 @@ impl Cuda {
     fn write_now(&self, buf: &mut CudaBuf, host: &[f32]) -> Result<()> {
         buf.touch();
         match &mut buf.store {
-            Store::F32(s) => self.stream.memcpy_htod(host, &mut s.slice_mut(..host.len())).cu_context("copying to the GPU"),
+            Store::F32(s) => self
+                .stream
+                .memcpy_htod(host, &mut s.slice_mut(..host.len()))
+                .cu_context("copying to the GPU"),
             Store::Bf16(s) => {
                 let bits: Vec<u16> = host.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
-                self.stream.memcpy_htod(&bits, &mut s.slice_mut(..host.len())).cu_context("copying to the GPU")
+                self.stream
+                    .memcpy_htod(&bits, &mut s.slice_mut(..host.len()))
+                    .cu_context("copying to the GPU")
             }
         }
     }
@@ -730,10 +930,20 @@ impl Cuda {
     fn copy_now(&self, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -> Result<()> {
         dst.touch();
         match (&mut dst.store, &src.store) {
-            (Store::F32(d), Store::F32(s)) => self.stream.memcpy_dtod(&s.slice(..len), &mut d.slice_mut(..len)).cu_context("copying between GPU buffers"),
-            (Store::Bf16(d), Store::Bf16(s)) => self.stream.memcpy_dtod(&s.slice(..len), &mut d.slice_mut(..len)).cu_context("copying between GPU buffers"),
-            (Store::Bf16(d), Store::F32(s)) => self.convert_f32_to_bf16(raw(d, &self.stream), raw(s, &self.stream), len),
-            (Store::F32(_), Store::Bf16(_)) => bail!("copy: from a bf16 buffer into an fp32 one is not supported"),
+            (Store::F32(d), Store::F32(s)) => self
+                .stream
+                .memcpy_dtod(&s.slice(..len), &mut d.slice_mut(..len))
+                .cu_context("copying between GPU buffers"),
+            (Store::Bf16(d), Store::Bf16(s)) => self
+                .stream
+                .memcpy_dtod(&s.slice(..len), &mut d.slice_mut(..len))
+                .cu_context("copying between GPU buffers"),
+            (Store::Bf16(d), Store::F32(s)) => {
+                self.convert_f32_to_bf16(raw(d, &self.stream), raw(s, &self.stream), len)
+            }
+            (Store::F32(_), Store::Bf16(_)) => {
+                bail!("copy: from a bf16 buffer into an fp32 one is not supported")
+            }
         }
     }
 }
@@ -742,12 +952,20 @@ impl Drop for Cuda {
     /// A profiled device nobody asked for its profile (a command run with
     /// `EFFRANK_PROFILE=1`) prints it.
     fn drop(&mut self) {
-        let untaken = self.profile_state().ok().flatten().is_some_and(|p| !p.taken);
+        let untaken = self
+            .profile_state()
+            .ok()
+            .flatten()
+            .is_some_and(|p| !p.taken);
         if !untaken {
             return;
         }
         match self.take_profile() {
-            Ok(t) => eprintln!("EFFRANK_PROFILE: device time per op over the whole run ({}):\n{}", self.name(), crate::perf::format_totals(&t)),
+            Ok(t) => eprintln!(
+                "EFFRANK_PROFILE: device time per op over the whole run ({}):\n{}",
+                self.name(),
+                crate::perf::format_totals(&t)
+            ),
             Err(e) => eprintln!("EFFRANK_PROFILE: could not read the profile: {e:#}"),
         }
     }
@@ -761,12 +979,31 @@ mod tests {
     fn paths_and_profiling_are_off_unless_their_variable_is_1() {
         let none = CudaPaths::from_lookup(|_| None).unwrap();
         assert_eq!(none, CudaPaths::default());
-        assert_eq!(CudaPaths::from_lookup(|_| Some("0".into())).unwrap(), CudaPaths::default());
-        assert_eq!(CudaPaths::from_lookup(|_| Some("1".into())).unwrap(), CudaPaths::all());
-        let only_short = CudaPaths::from_lookup(|v| (v == "EFFRANK_CUDA_SHORT_ATTENTION").then(|| "1".into())).unwrap();
-        assert_eq!(only_short, CudaPaths { short_attention: true, ..CudaPaths::default() });
-        let e = CudaPaths::from_lookup(|v| (v == "EFFRANK_CUDA_FUSED_ADD_LN").then(|| "yes".into())).unwrap_err();
-        assert!(format!("{e}").contains("EFFRANK_CUDA_FUSED_ADD_LN=yes"), "{e}");
+        assert_eq!(
+            CudaPaths::from_lookup(|_| Some("0".into())).unwrap(),
+            CudaPaths::default()
+        );
+        assert_eq!(
+            CudaPaths::from_lookup(|_| Some("1".into())).unwrap(),
+            CudaPaths::all()
+        );
+        let only_short =
+            CudaPaths::from_lookup(|v| (v == "EFFRANK_CUDA_SHORT_ATTENTION").then(|| "1".into()))
+                .unwrap();
+        assert_eq!(
+            only_short,
+            CudaPaths {
+                short_attention: true,
+                ..CudaPaths::default()
+            }
+        );
+        let e =
+            CudaPaths::from_lookup(|v| (v == "EFFRANK_CUDA_FUSED_ADD_LN").then(|| "yes".into()))
+                .unwrap_err();
+        assert!(
+            format!("{e}").contains("EFFRANK_CUDA_FUSED_ADD_LN=yes"),
+            "{e}"
+        );
         assert!(switch("EFFRANK_PROFILE", Some("2".into())).is_err());
         assert!(switch("EFFRANK_PROFILE", Some(" 1 ".into())).unwrap());
     }

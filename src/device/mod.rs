@@ -154,15 +154,27 @@ mod tests {
     fn memory_ops_match<D: Device>(dev: &D) {
         let n = 10_007;
         for kind in [BufKind::Activation, BufKind::Param] {
-            let inputs = vec![(kind, randn(2, n, 1.0)), (kind, randn(3, n, 1.0)), (kind, randn(4, n, 1.0))];
+            let inputs = vec![
+                (kind, randn(2, n, 1.0)),
+                (kind, randn(3, n, 1.0)),
+                (kind, randn(4, n, 1.0)),
+            ];
             let (c, g) = crate::on_both!(dev, inputs, |be, [b, z, d]| {
                 be.zero(z, n / 2).unwrap();
                 be.copy(d, b, n - 5).unwrap();
                 be.write(b, &[7.0; 100]).unwrap();
             });
-            assert_close(&format!("memory ops {:?} {kind:?}", dev.precision()), &g, &c, 0.0);
+            assert_close(
+                &format!("memory ops {:?} {kind:?}", dev.precision()),
+                &g,
+                &c,
+                0.0,
+            );
             assert_eq!(dev.len(&dev.alloc(123, kind).unwrap()), 123);
-            assert!(dev.zero(&mut dev.alloc(3, kind).unwrap(), 4).is_err(), "zeroing past the end must be an error");
+            assert!(
+                dev.zero(&mut dev.alloc(3, kind).unwrap(), 4).is_err(),
+                "zeroing past the end must be an error"
+            );
         }
     }
 

@@ -37,21 +37,38 @@ pub const RIDGE: f64 = 1e-4;
 /// returns `U: [out, r]`, `V: [r, inp]` and the relative weight error
 /// `‖W − UV‖_F / ‖W‖_F` (larger than plain SVD's; the output error is
 /// what these factors make smallest).
-pub fn svd_act_factors(w: &[f32], out: usize, inp: usize, r: usize, c: &[f64], name: &str) -> Result<(Vec<f32>, Vec<f32>, f64)> {
+pub fn svd_act_factors(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    r: usize,
+    c: &[f64],
+    name: &str,
+) -> Result<(Vec<f32>, Vec<f32>, f64)> {
     check_layer(w, out, inp, r, name)?;
     if c.len() != inp * inp {
-        bail!("layer {name}: the input second moment has {} values, [{inp}, {inp}] needs {}", c.len(), inp * inp);
+        bail!(
+            "layer {name}: the input second moment has {} values, [{inp}, {inp}] needs {}",
+            c.len(),
+            inp * inp
+        );
     }
     let (s, s_inv) = root_and_inverse(c, inp, name)?;
     let weight = Mat::<f64>::from_fn(out, inp, |i, j| w[i * inp + j] as f64);
     let ws = &weight * &s;
-    let svd = ws.thin_svd().map_err(|e| anyhow!("SVD of W·C^½ of layer {name} [{out}, {inp}] did not converge: {e:?}"))?;
+    let svd = ws.thin_svd().map_err(|e| {
+        anyhow!("SVD of W·C^½ of layer {name} [{out}, {inp}] did not converge: {e:?}")
+    })?;
     let (p, sigma, rt) = (svd.U(), svd.S().column_vector(), svd.V());
     let root: Vec<f64> = (0..r).map(|k| sigma[k].max(0.0).sqrt()).collect();
     // V = Σ_r^½ R_rᵀ S⁻¹, row k: √σ_k (column k of R)ᵀ S⁻¹.
     let v_act = Mat::<f64>::from_fn(r, inp, |k, j| root[k] * rt[(j, k)]) * &s_inv;
-    let u: Vec<f32> = (0..out * r).map(|i| (p[(i / r, i % r)] * root[i % r]) as f32).collect();
-    let v: Vec<f32> = (0..r * inp).map(|i| v_act[(i / inp, i % inp)] as f32).collect();
+    let u: Vec<f32> = (0..out * r)
+        .map(|i| (p[(i / r, i % r)] * root[i % r]) as f32)
+        .collect();
+    let v: Vec<f32> = (0..r * inp)
+        .map(|i| v_act[(i / inp, i % inp)] as f32)
+        .collect();
     let rel_error = relative_error(w, &u, &v, out, inp, r);
     Ok((u, v, rel_error))
 }
@@ -59,13 +76,29 @@ pub fn svd_act_factors(w: &[f32], out: usize, inp: usize, r: usize, c: &[f64], n
 /// The relative output error of factors `u`, `v` of `w` on inputs of
 /// second moment `c`: `sqrt(tr(E C Eᵀ) / tr(W C Wᵀ))`, `E = W − UV`, i.e.
 /// `‖X (W − UV)ᵀ‖_F / ‖X Wᵀ‖_F` over the calibration rows (no ridge).
-pub fn output_error(w: &[f32], u: &[f32], v: &[f32], c: &[f64], out: usize, inp: usize, r: usize) -> f64 {
+pub fn output_error(
+    w: &[f32],
+    u: &[f32],
+    v: &[f32],
+    c: &[f64],
+    out: usize,
+    inp: usize,
+    r: usize,
+) -> f64 {
     let weight = Mat::<f64>::from_fn(out, inp, |i, j| w[i * inp + j] as f64);
-    let err = Mat::<f64>::from_fn(out, inp, |i, j| weight[(i, j)] - (0..r).map(|k| u[i * r + k] as f64 * v[k * inp + j] as f64).sum::<f64>());
+    let err = Mat::<f64>::from_fn(out, inp, |i, j| {
+        weight[(i, j)]
+            - (0..r)
+                .map(|k| u[i * r + k] as f64 * v[k * inp + j] as f64)
+                .sum::<f64>()
+    });
     let moment = Mat::<f64>::from_fn(inp, inp, |i, j| c[i * inp + j]);
     let energy = |m: &Mat<f64>| {
         let mc = m * &moment;
-        (0..out).map(|i| (0..inp).map(|j| mc[(i, j)] * m[(i, j)]).sum::<f64>()).sum::<f64>().max(0.0)
+        (0..out)
+            .map(|i| (0..inp).map(|j| mc[(i, j)] * m[(i, j)]).sum::<f64>())
+            .sum::<f64>()
+            .max(0.0)
     };
     let total = energy(&weight);
     if total > 0.0 {
@@ -83,14 +116,22 @@ fn root_and_inverse(c: &[f64], n: usize, name: &str) -> Result<(Mat<f64>, Mat<f6
     }
     let trace: f64 = (0..n).map(|i| c[i * n + i]).sum();
     // An all-zero input has no direction to prefer: λ = RIDGE gives S ∝ I (plain SVD).
-    let lambda = if trace > 0.0 { RIDGE * trace / n as f64 } else { RIDGE };
+    let lambda = if trace > 0.0 {
+        RIDGE * trace / n as f64
+    } else {
+        RIDGE
+    };
     // Symmetrized, so the accumulated rounding cannot make it asymmetric.
-    let reg = Mat::<f64>::from_fn(n, n, |i, j| 0.5 * (c[i * n + j] + c[j * n + i]) + if i == j { lambda } else { 0.0 });
+    let reg = Mat::<f64>::from_fn(n, n, |i, j| {
+        0.5 * (c[i * n + j] + c[j * n + i]) + if i == j { lambda } else { 0.0 }
+    });
     let evd = reg.self_adjoint_eigen(Side::Lower).map_err(|e| anyhow!("eigendecomposition of the input second moment of layer {name} [{n}, {n}] did not converge: {e:?}"))?;
     let (q, mu) = (evd.U(), evd.S().column_vector());
     // μ ≥ λ in exact arithmetic; the clamp keeps rounding from taking a root of a negative.
     let mu: Vec<f64> = (0..n).map(|k| mu[k].max(lambda)).collect();
-    let scaled = |f: &dyn Fn(f64) -> f64| Mat::<f64>::from_fn(n, n, |i, k| q[(i, k)] * f(mu[k])) * q.transpose();
+    let scaled = |f: &dyn Fn(f64) -> f64| {
+        Mat::<f64>::from_fn(n, n, |i, k| q[(i, k)] * f(mu[k])) * q.transpose()
+    };
     Ok((scaled(&|m| m.sqrt()), scaled(&|m| 1.0 / m.sqrt())))
 }
 
@@ -111,7 +152,11 @@ mod tests {
         (0..rows * inp)
             .map(|i| {
                 let (row, j) = (i / inp, i % inp);
-                let v: f64 = (0..inp).map(|k| z[row * inp + k] as f64 * decay.powi(k as i32) * mix[k * inp + j] as f64).sum();
+                let v: f64 = (0..inp)
+                    .map(|k| {
+                        z[row * inp + k] as f64 * decay.powi(k as i32) * mix[k * inp + j] as f64
+                    })
+                    .sum();
                 v as f32 + offset[j]
             })
             .collect()
@@ -130,12 +175,28 @@ mod tests {
     }
 
     /// `‖X Wᵀ − X (UV)ᵀ‖_F`, in f64, row by row.
-    fn direct_output_error(w: &[f32], u: &[f32], v: &[f32], x: &[f32], out: usize, inp: usize, r: usize) -> f64 {
+    fn direct_output_error(
+        w: &[f32],
+        u: &[f32],
+        v: &[f32],
+        x: &[f32],
+        out: usize,
+        inp: usize,
+        r: usize,
+    ) -> f64 {
         let mut total = 0f64;
         for row in x.chunks(inp) {
-            let h: Vec<f64> = (0..r).map(|k| (0..inp).map(|j| v[k * inp + j] as f64 * row[j] as f64).sum()).collect();
+            let h: Vec<f64> = (0..r)
+                .map(|k| {
+                    (0..inp)
+                        .map(|j| v[k * inp + j] as f64 * row[j] as f64)
+                        .sum()
+                })
+                .collect();
             for i in 0..out {
-                let dense: f64 = (0..inp).map(|j| w[i * inp + j] as f64 * row[j] as f64).sum();
+                let dense: f64 = (0..inp)
+                    .map(|j| w[i * inp + j] as f64 * row[j] as f64)
+                    .sum();
                 let low: f64 = (0..r).map(|k| u[i * r + k] as f64 * h[k]).sum();
                 total += (dense - low).powi(2);
             }
@@ -154,9 +215,20 @@ mod tests {
                 let r = out.min(inp);
                 let c = second_moment(&x, 200, inp);
                 let (u, v, err) = svd_act_factors(&w, out, inp, r, &c, "w").unwrap();
-                assert!(err < 1e-5, "[{out}, {inp}] decay {decay}: weight error {err}");
+                assert!(
+                    err < 1e-5,
+                    "[{out}, {inp}] decay {decay}: weight error {err}"
+                );
                 assert!(output_error(&w, &u, &v, &c, out, inp, r) < 1e-5);
-                let scale = direct_output_error(&w, &vec![0.0; out * r], &vec![0.0; r * inp], &x, out, inp, r);
+                let scale = direct_output_error(
+                    &w,
+                    &vec![0.0; out * r],
+                    &vec![0.0; r * inp],
+                    &x,
+                    out,
+                    inp,
+                    r,
+                );
                 let e = direct_output_error(&w, &u, &v, &x, out, inp, r) / scale;
                 assert!(e < 1e-5, "[{out}, {inp}] decay {decay}: output error {e}");
             }
@@ -181,25 +253,53 @@ mod tests {
                     let (us, vs, _) = svd_factors(&w, out, inp, r, "w").unwrap();
                     let act = direct_output_error(&w, &ua, &va, &x, out, inp, r);
                     let svd = direct_output_error(&w, &us, &vs, &x, out, inp, r);
-                    let scale = direct_output_error(&w, &vec![0.0; out * r], &vec![0.0; r * inp], &x, out, inp, r);
-                    assert!((output_error(&w, &ua, &va, &c, out, inp, r) - act / scale).abs() < 1e-6, "the moment form equals the direct one");
-                    assert!(act <= svd * (1.0 + 1e-5) + 1e-6, "[{out}, {inp}] decay {decay} rank {r}: svd-act {act} > svd {svd}");
+                    let scale = direct_output_error(
+                        &w,
+                        &vec![0.0; out * r],
+                        &vec![0.0; r * inp],
+                        &x,
+                        out,
+                        inp,
+                        r,
+                    );
+                    assert!(
+                        (output_error(&w, &ua, &va, &c, out, inp, r) - act / scale).abs() < 1e-6,
+                        "the moment form equals the direct one"
+                    );
+                    assert!(
+                        act <= svd * (1.0 + 1e-5) + 1e-6,
+                        "[{out}, {inp}] decay {decay} rank {r}: svd-act {act} > svd {svd}"
+                    );
                     better += (act < 0.99 * svd) as usize;
                 }
             }
         }
-        assert!(better > 20, "svd-act should be clearly better on most of these, was on {better}");
+        assert!(
+            better > 20,
+            "svd-act should be clearly better on most of these, was on {better}"
+        );
     }
 
     #[test]
     fn bad_moments_are_errors_naming_the_layer() {
         let w = vec![1.0; 12];
-        let e = svd_act_factors(&w, 3, 4, 2, &[0.0; 15], "blocks.0.mlp.fc1").unwrap_err().to_string();
-        assert!(e.contains("blocks.0.mlp.fc1") && e.contains("[4, 4]"), "{e}");
+        let e = svd_act_factors(&w, 3, 4, 2, &[0.0; 15], "blocks.0.mlp.fc1")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blocks.0.mlp.fc1") && e.contains("[4, 4]"),
+            "{e}"
+        );
         let mut c = vec![0.0; 16];
         c[5] = f64::NAN;
-        assert!(svd_act_factors(&w, 3, 4, 2, &c, "x").unwrap_err().to_string().contains("not finite"));
-        assert!(svd_act_factors(&w, 3, 4, 4, &[0.0; 16], "x").unwrap_err().to_string().contains("rank 4"));
+        assert!(svd_act_factors(&w, 3, 4, 2, &c, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("not finite"));
+        assert!(svd_act_factors(&w, 3, 4, 4, &[0.0; 16], "x")
+            .unwrap_err()
+            .to_string()
+            .contains("rank 4"));
         // All-zero inputs leave nothing to weigh by: plain SVD's factors.
         let w = Rng::new(3).normal_vec(12, 1.0);
         let (ua, va, ea) = svd_act_factors(&w, 3, 4, 2, &[0.0; 16], "x").unwrap();

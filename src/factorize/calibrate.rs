@@ -65,21 +65,40 @@ impl InputMoments {
     /// The second moment of the input of layer `l` of block `block`, when
     /// that layer was factorized at calibration.
     pub fn of(&self, block: usize, l: BlockLinear) -> Option<&[f64]> {
-        self.blocks.get(block)?.get(&Input::of(l)).map(|c| c.as_slice())
+        self.blocks
+            .get(block)?
+            .get(&Input::of(l))
+            .map(|c| c.as_slice())
     }
 }
 
 /// Accumulate the second moments of the inputs of every layer `ranks`
 /// factorizes over the first `images` training images (all of them when
 /// the set is smaller), through the dense `teacher` on the CPU.
-pub fn calibrate(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, train: &Dataset, transform: &ImageTransform, images: usize) -> Result<InputMoments> {
+pub fn calibrate(
+    cfg: &VitConfig,
+    teacher: &VitParams<Vec<f32>>,
+    ranks: &Ranks,
+    train: &Dataset,
+    transform: &ImageTransform,
+    images: usize,
+) -> Result<InputMoments> {
     let n = images.min(train.len());
     if n == 0 {
         bail!("svd-act calibration needs at least one training image (--calibration {images}, {} training images)", train.len());
     }
-    let model = Vit::from_host(&Cpu, cfg, &dense_ranks(cfg), teacher).context("building the teacher for svd-act calibration")?;
+    let model = Vit::from_host(&Cpu, cfg, &dense_ranks(cfg), teacher)
+        .context("building the teacher for svd-act calibration")?;
     let mut acts = model.new_acts(&Cpu, BATCH.min(n))?;
-    let mut sums: Vec<BTreeMap<Input, Vec<f64>>> = ranks.iter().map(|b| b.iter().filter(|(_, r)| r.is_some()).map(|(l, _)| (Input::of(l), Vec::new())).collect()).collect();
+    let mut sums: Vec<BTreeMap<Input, Vec<f64>>> = ranks
+        .iter()
+        .map(|b| {
+            b.iter()
+                .filter(|(_, r)| r.is_some())
+                .map(|(l, _)| (Input::of(l), Vec::new()))
+                .collect()
+        })
+        .collect();
     let (mut bytes, mut labels, mut product) = (Vec::new(), Vec::new(), Vec::new());
     let indices: Vec<usize> = (0..n).collect();
     for chunk in indices.chunks(BATCH) {
@@ -118,7 +137,14 @@ mod tests {
     fn data(n: usize) -> Dataset {
         let mut rng = crate::rng::Rng::new(4);
         let pixels = (0..n * 3 * 16 * 16).map(|_| rng.below(256) as u8).collect();
-        Dataset::new(pixels, (0..n as u32).map(|i| i % 10).collect(), 10, None, (3, 16, 16)).unwrap()
+        Dataset::new(
+            pixels,
+            (0..n as u32).map(|i| i % 10).collect(),
+            10,
+            None,
+            (3, 16, 16),
+        )
+        .unwrap()
     }
 
     /// The moment of fc2's input equals `XᵀX / n` of the GELU outputs of a
@@ -129,7 +155,9 @@ mod tests {
         let dense = dense_ranks(&cfg);
         let teacher = init_params(&cfg, &dense, 1);
         let train = data(40);
-        let t = Normalize::Half.transform(&train, cfg.image_size, None).unwrap();
+        let t = Normalize::Half
+            .transform(&train, cfg.image_size, None)
+            .unwrap();
         let mut ranks = dense.clone();
         ranks[1][BlockLinear::Fc2] = Some(4);
         let m = calibrate(&cfg, &teacher, &ranks, &train, &t, 35).unwrap();
@@ -139,18 +167,41 @@ mod tests {
         let model = Vit::from_host(&Cpu, &cfg, &dense, &teacher).unwrap();
         let mut acts = model.new_acts(&Cpu, 35).unwrap();
         let (mut bytes, mut labels) = (Vec::new(), Vec::new());
-        augmented_batch(&train, &(0..35).collect::<Vec<_>>(), &Augment::NONE, 0, 0, &mut bytes, &mut labels).unwrap();
+        augmented_batch(
+            &train,
+            &(0..35).collect::<Vec<_>>(),
+            &Augment::NONE,
+            0,
+            0,
+            &mut bytes,
+            &mut labels,
+        )
+        .unwrap();
         image::from_bytes(&Cpu, &mut acts.images, &bytes, 35, &t).unwrap();
         model.forward(&Cpu, &mut acts, 35).unwrap();
         let h = &acts.blocks[1].fc1_act;
         let (rows, dim) = (35 * cfg.tokens(), cfg.mlp);
         for (i, j) in [(0, 0), (3, 17), (127, 5)] {
-            let want: f64 = (0..rows).map(|n| h[n * dim + i] as f64 * h[n * dim + j] as f64).sum::<f64>() / rows as f64;
-            assert!((got[i * dim + j] - want).abs() < 1e-5 * want.abs().max(1e-3), "C[{i}, {j}] = {} vs {want}", got[i * dim + j]);
+            let want: f64 = (0..rows)
+                .map(|n| h[n * dim + i] as f64 * h[n * dim + j] as f64)
+                .sum::<f64>()
+                / rows as f64;
+            assert!(
+                (got[i * dim + j] - want).abs() < 1e-5 * want.abs().max(1e-3),
+                "C[{i}, {j}] = {} vs {want}",
+                got[i * dim + j]
+            );
         }
         let all = calibrate(&cfg, &teacher, &uniform_ranks(&cfg, 2), &train, &t, 1000).unwrap();
         assert_eq!(all.rows, 40 * cfg.tokens(), "capped at the training set");
-        assert_eq!(all.of(0, BlockLinear::K).unwrap(), all.of(0, BlockLinear::Q).unwrap(), "q, k and v read one input");
-        assert!(calibrate(&cfg, &teacher, &ranks, &train, &t, 0).unwrap_err().to_string().contains("--calibration 0"));
+        assert_eq!(
+            all.of(0, BlockLinear::K).unwrap(),
+            all.of(0, BlockLinear::Q).unwrap(),
+            "q, k and v read one input"
+        );
+        assert!(calibrate(&cfg, &teacher, &ranks, &train, &t, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("--calibration 0"));
     }
 }

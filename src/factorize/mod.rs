@@ -58,7 +58,9 @@ impl std::str::FromStr for FactorInit {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "svd" => Ok(FactorInit::Svd),
-            "svd-act" => Ok(FactorInit::SvdAct { calibration: DEFAULT_CALIBRATION }),
+            "svd-act" => Ok(FactorInit::SvdAct {
+                calibration: DEFAULT_CALIBRATION,
+            }),
             "random" => Ok(FactorInit::Random { seed: 0 }),
             other => bail!("unknown factor initialization '{other}': use svd, svd-act or random"),
         }
@@ -77,7 +79,9 @@ impl FactorInit {
 }
 
 /// What a student takes from its teacher besides the factors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FromTeacher {
     /// Every tensor that is not factorized (the default).
@@ -99,7 +103,11 @@ pub struct StudentPlan {
 
 impl Default for StudentPlan {
     fn default() -> Self {
-        StudentPlan { init: FactorInit::Svd, targets: Targets::default(), from_teacher: FromTeacher::All }
+        StudentPlan {
+            init: FactorInit::Svd,
+            targets: Targets::default(),
+            from_teacher: FromTeacher::All,
+        }
     }
 }
 
@@ -133,15 +141,27 @@ const DENSE_INIT_STD: f32 = 0.02;
 
 /// Truncated SVD factors of `w` (`[out, inp]`, row-major) at rank `r`:
 /// returns `U: [out, r]`, `V: [r, inp]` and the relative Frobenius error.
-pub fn svd_factors(w: &[f32], out: usize, inp: usize, r: usize, name: &str) -> Result<(Vec<f32>, Vec<f32>, f64)> {
+pub fn svd_factors(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    r: usize,
+    name: &str,
+) -> Result<(Vec<f32>, Vec<f32>, f64)> {
     check_layer(w, out, inp, r, name)?;
     let m = faer::Mat::<f32>::from_fn(out, inp, |i, j| w[i * inp + j]);
-    let svd = m.thin_svd().map_err(|e| anyhow::anyhow!("SVD of layer {name} [{out}, {inp}] did not converge: {e:?}"))?;
+    let svd = m.thin_svd().map_err(|e| {
+        anyhow::anyhow!("SVD of layer {name} [{out}, {inp}] did not converge: {e:?}")
+    })?;
     let (u_full, s, v_full) = (svd.U(), svd.S().column_vector(), svd.V());
     let sigma: Vec<f64> = (0..s.nrows()).map(|i| s[i] as f64).collect();
     let total: f64 = sigma.iter().map(|x| x * x).sum();
     let tail: f64 = sigma[r..].iter().map(|x| x * x).sum();
-    let rel_error = if total > 0.0 { (tail / total).sqrt() } else { 0.0 };
+    let rel_error = if total > 0.0 {
+        (tail / total).sqrt()
+    } else {
+        0.0
+    };
     let mut u = vec![0f32; out * r];
     let mut v = vec![0f32; r * inp];
     for k in 0..r {
@@ -159,13 +179,23 @@ pub fn svd_factors(w: &[f32], out: usize, inp: usize, r: usize, name: &str) -> R
 /// A rank for `w` (`[out, inp]`) in 1..=min(out, inp), and finite values.
 fn check_layer(w: &[f32], out: usize, inp: usize, r: usize, name: &str) -> Result<()> {
     if r == 0 || r > out.min(inp) {
-        bail!("rank {r} out of range for layer {name} of shape [{out}, {inp}]: must be 1..={}", out.min(inp));
+        bail!(
+            "rank {r} out of range for layer {name} of shape [{out}, {inp}]: must be 1..={}",
+            out.min(inp)
+        );
     }
     if w.len() != out * inp {
-        bail!("layer {name}: weight has {} values, shape [{out}, {inp}] needs {}", w.len(), out * inp);
+        bail!(
+            "layer {name}: weight has {} values, shape [{out}, {inp}] needs {}",
+            w.len(),
+            out * inp
+        );
     }
     if let Some(i) = w.iter().position(|v| !v.is_finite()) {
-        bail!("layer {name}: weight value {} at index {i} is not finite", w[i]);
+        bail!(
+            "layer {name}: weight value {} at index {i} is not finite",
+            w[i]
+        );
     }
     Ok(())
 }
@@ -178,7 +208,13 @@ pub fn random_factor_std(r: usize) -> f32 {
 
 /// Random factors whose product has the spread of a fresh dense layer, and
 /// the relative error of that product against `w`.
-pub fn random_factors(w: &[f32], out: usize, inp: usize, r: usize, rng: &mut Rng) -> (Vec<f32>, Vec<f32>, f64) {
+pub fn random_factors(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    r: usize,
+    rng: &mut Rng,
+) -> (Vec<f32>, Vec<f32>, f64) {
     let s = random_factor_std(r);
     let u = rng.normal_vec(out * r, s);
     let v = rng.normal_vec(r * inp, s);
@@ -206,10 +242,20 @@ pub fn relative_error(w: &[f32], u: &[f32], v: &[f32], out: usize, inp: usize, r
 /// dense; everything else is copied from the teacher. `moments` holds the
 /// inputs' second moments for `svd-act` (`calibrate`). Returns the
 /// student's parameters and a report per factorized layer.
-pub fn factorize(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, init: FactorInit, moments: Option<&InputMoments>) -> Result<(VitParams<Vec<f32>>, Vec<LayerReport>)> {
+pub fn factorize(
+    cfg: &VitConfig,
+    teacher: &VitParams<Vec<f32>>,
+    ranks: &Ranks,
+    init: FactorInit,
+    moments: Option<&InputMoments>,
+) -> Result<(VitParams<Vec<f32>>, Vec<LayerReport>)> {
     validate_ranks(cfg, ranks)?;
     if teacher.blocks.len() != cfg.depth {
-        bail!("teacher has {} blocks, the config says {}", teacher.blocks.len(), cfg.depth);
+        bail!(
+            "teacher has {} blocks, the config says {}",
+            teacher.blocks.len(),
+            cfg.depth
+        );
     }
     let mut student = teacher.clone();
     let mut reports = Vec::new();
@@ -223,20 +269,53 @@ pub fn factorize(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, 
                 bail!("layer {name} of the teacher is already low-rank; factorize a dense teacher");
             };
             let ((u, v, rel_error), errors) = match init {
-                FactorInit::Svd => (svd_factors(weight, out, inp, r, &name).with_context(|| format!("factorizing {name}"))?, None),
+                FactorInit::Svd => (
+                    svd_factors(weight, out, inp, r, &name)
+                        .with_context(|| format!("factorizing {name}"))?,
+                    None,
+                ),
                 FactorInit::SvdAct { .. } => {
-                    let c = moments.and_then(|m| m.of(l, lin)).with_context(|| format!("factorizing {name} with svd-act: no calibration of its inputs"))?;
-                    let factors = act::svd_act_factors(weight, out, inp, r, c, &name).with_context(|| format!("factorizing {name}"))?;
+                    let c = moments.and_then(|m| m.of(l, lin)).with_context(|| {
+                        format!("factorizing {name} with svd-act: no calibration of its inputs")
+                    })?;
+                    let factors = act::svd_act_factors(weight, out, inp, r, c, &name)
+                        .with_context(|| format!("factorizing {name}"))?;
                     let (su, sv, _) = svd_factors(weight, out, inp, r, &name)?;
-                    let errors = (act::output_error(weight, &factors.0, &factors.1, c, out, inp, r), act::output_error(weight, &su, &sv, c, out, inp, r));
+                    let errors = (
+                        act::output_error(weight, &factors.0, &factors.1, c, out, inp, r),
+                        act::output_error(weight, &su, &sv, c, out, inp, r),
+                    );
                     (factors, Some(errors))
                 }
                 // The key's third part is the layer's position in the block.
-                FactorInit::Random { seed } => (random_factors(weight, out, inp, r, &mut Rng::from_keys(&[seed, l as u64, lin as u64])), None),
+                FactorInit::Random { seed } => (
+                    random_factors(
+                        weight,
+                        out,
+                        inp,
+                        r,
+                        &mut Rng::from_keys(&[seed, l as u64, lin as u64]),
+                    ),
+                    None,
+                ),
             };
             let (output_error, svd_output_error) = (errors.map(|e| e.0), errors.map(|e| e.1));
-            reports.push(LayerReport { name, out, inp, rank: r, params_before: out * inp + out, params_after: r * (out + inp) + out, rel_error, output_error, svd_output_error });
-            *layer = Linear::LowRank { u, v, bias: std::mem::take(bias) };
+            reports.push(LayerReport {
+                name,
+                out,
+                inp,
+                rank: r,
+                params_before: out * inp + out,
+                params_after: r * (out + inp) + out,
+                rel_error,
+                output_error,
+                svd_output_error,
+            });
+            *layer = Linear::LowRank {
+                u,
+                v,
+                bias: std::mem::take(bias),
+            };
         }
     }
     debug_assert!(is_lowrank(ranks) || reports.is_empty());
@@ -247,10 +326,26 @@ pub fn factorize(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, 
 /// (calibrating on `data` first for `svd-act`), then, for
 /// `FromTeacher::Embeddings`, every block's tensors but its factors and
 /// the head replaced by fresh ones (`init_params` drawn from `seed`).
-pub fn make_student(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Ranks, plan: &StudentPlan, seed: u64, data: Option<CalibrationData<'_>>) -> Result<(VitParams<Vec<f32>>, Vec<LayerReport>)> {
+pub fn make_student(
+    cfg: &VitConfig,
+    teacher: &VitParams<Vec<f32>>,
+    ranks: &Ranks,
+    plan: &StudentPlan,
+    seed: u64,
+    data: Option<CalibrationData<'_>>,
+) -> Result<(VitParams<Vec<f32>>, Vec<LayerReport>)> {
     let moments = match (plan.init, data) {
-        (FactorInit::SvdAct { calibration }, Some(d)) => Some(calibrate(cfg, teacher, ranks, d.train, d.transform, calibration)?),
-        (FactorInit::SvdAct { .. }, None) => bail!("--init svd-act needs training images to calibrate on (give --data)"),
+        (FactorInit::SvdAct { calibration }, Some(d)) => Some(calibrate(
+            cfg,
+            teacher,
+            ranks,
+            d.train,
+            d.transform,
+            calibration,
+        )?),
+        (FactorInit::SvdAct { .. }, None) => {
+            bail!("--init svd-act needs training images to calibrate on (give --data)")
+        }
         _ => None,
     };
     let (mut student, reports) = factorize(cfg, teacher, ranks, plan.init, moments.as_ref())?;
@@ -263,11 +358,18 @@ pub fn make_student(cfg: &VitConfig, teacher: &VitParams<Vec<f32>>, ranks: &Rank
 /// Fresh blocks (but their factors) and a fresh head, as a model trained
 /// from scratch starts (`init_params`): LayerNorms 1 and 0, biases 0,
 /// dense weights and the head truncated-normal.
-fn refresh_blocks_and_head(cfg: &VitConfig, ranks: &Ranks, student: &mut VitParams<Vec<f32>>, seed: u64) {
+fn refresh_blocks_and_head(
+    cfg: &VitConfig,
+    ranks: &Ranks,
+    student: &mut VitParams<Vec<f32>>,
+    seed: u64,
+) {
     let fresh = init_params(cfg, ranks, seed);
     for (block, mut new) in student.blocks.iter_mut().zip(fresh.blocks) {
         for lin in BlockLinear::ALL {
-            if let (Linear::LowRank { u, v, .. }, Linear::LowRank { u: nu, v: nv, .. }) = (block.linear_mut(lin), new.linear_mut(lin)) {
+            if let (Linear::LowRank { u, v, .. }, Linear::LowRank { u: nu, v: nv, .. }) =
+                (block.linear_mut(lin), new.linear_mut(lin))
+            {
                 std::mem::swap(u, nu);
                 std::mem::swap(v, nv);
             }
@@ -303,7 +405,10 @@ mod tests {
         for r in [1, 5, 19] {
             let (u, v, err) = svd_factors(&w, out, inp, r, "w").unwrap();
             let direct = relative_error(&w, &u, &v, out, inp, r);
-            assert!((err - direct).abs() < 1e-4 * direct.max(1e-3), "r={r}: {err} vs {direct}");
+            assert!(
+                (err - direct).abs() < 1e-4 * direct.max(1e-3),
+                "r={r}: {err} vs {direct}"
+            );
         }
     }
 
@@ -321,12 +426,17 @@ mod tests {
     #[test]
     fn bad_ranks_and_values_are_errors_naming_the_layer() {
         let w = random_matrix(4, 6, 3);
-        let e = svd_factors(&w, 4, 6, 5, "blocks.0.attn.q").unwrap_err().to_string();
+        let e = svd_factors(&w, 4, 6, 5, "blocks.0.attn.q")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("blocks.0.attn.q") && e.contains("[4, 6]"), "{e}");
         assert!(svd_factors(&w, 4, 6, 0, "x").is_err());
         let mut bad = w.clone();
         bad[3] = f32::NAN;
-        assert!(svd_factors(&bad, 4, 6, 2, "x").unwrap_err().to_string().contains("not finite"));
+        assert!(svd_factors(&bad, 4, 6, 2, "x")
+            .unwrap_err()
+            .to_string()
+            .contains("not finite"));
     }
 
     #[test]
@@ -344,7 +454,10 @@ mod tests {
         let cfg = VitConfig::preset("vit-demo", 10).unwrap();
         let dense = crate::model::params::dense_ranks(&cfg);
         let mut rng = Rng::new(9);
-        let teacher: VitParams<Vec<f32>> = VitParams::build(&cfg, &dense, |s| Ok::<_, ()>(rng.normal_vec(s.numel(), 0.02))).unwrap();
+        let teacher: VitParams<Vec<f32>> = VitParams::build(&cfg, &dense, |s| {
+            Ok::<_, ()>(rng.normal_vec(s.numel(), 0.02))
+        })
+        .unwrap();
         let ranks = uniform_ranks(&cfg, 8);
         let (student, reports) = factorize(&cfg, &teacher, &ranks, FactorInit::Svd, None).unwrap();
         assert_eq!(reports.len(), 6 * cfg.depth);
@@ -355,7 +468,10 @@ mod tests {
 
     fn random_teacher(cfg: &VitConfig) -> VitParams<Vec<f32>> {
         let mut rng = Rng::new(9);
-        VitParams::build(cfg, &crate::model::params::dense_ranks(cfg), |s| Ok::<_, ()>(rng.normal_vec(s.numel(), 0.02))).unwrap()
+        VitParams::build(cfg, &crate::model::params::dense_ranks(cfg), |s| {
+            Ok::<_, ()>(rng.normal_vec(s.numel(), 0.02))
+        })
+        .unwrap()
     }
 
     /// The reference protocol's student: only the patch embedding, class
@@ -365,38 +481,104 @@ mod tests {
         let cfg = VitConfig::preset("vit-demo", 10).unwrap();
         let teacher = random_teacher(&cfg);
         let ranks = uniform_ranks(&cfg, 4);
-        let plan = StudentPlan { init: FactorInit::Random { seed: 42 }, from_teacher: FromTeacher::Embeddings, ..StudentPlan::default() };
+        let plan = StudentPlan {
+            init: FactorInit::Random { seed: 42 },
+            from_teacher: FromTeacher::Embeddings,
+            ..StudentPlan::default()
+        };
         let (s, _) = make_student(&cfg, &teacher, &ranks, &plan, 42, None).unwrap();
-        for (name, a, b) in [("patch_w", &s.patch_w, &teacher.patch_w), ("patch_b", &s.patch_b, &teacher.patch_b), ("cls", &s.cls, &teacher.cls), ("pos", &s.pos, &teacher.pos), ("norm_w", &s.norm_w, &teacher.norm_w), ("norm_b", &s.norm_b, &teacher.norm_b)] {
+        for (name, a, b) in [
+            ("patch_w", &s.patch_w, &teacher.patch_w),
+            ("patch_b", &s.patch_b, &teacher.patch_b),
+            ("cls", &s.cls, &teacher.cls),
+            ("pos", &s.pos, &teacher.pos),
+            ("norm_w", &s.norm_w, &teacher.norm_w),
+            ("norm_b", &s.norm_b, &teacher.norm_b),
+        ] {
             assert_eq!(a, b, "{name} comes from the teacher");
         }
         let b = &s.blocks[1];
-        assert!(b.norm1_w.iter().chain(&b.norm2_w).all(|&v| v == 1.0) && b.norm1_b.iter().chain(&b.norm2_b).all(|&v| v == 0.0), "fresh LayerNorms");
-        assert!(BlockLinear::ALL.iter().all(|&l| b.linear(l).bias().iter().all(|&v| v == 0.0)), "fresh biases");
+        assert!(
+            b.norm1_w.iter().chain(&b.norm2_w).all(|&v| v == 1.0)
+                && b.norm1_b.iter().chain(&b.norm2_b).all(|&v| v == 0.0),
+            "fresh LayerNorms"
+        );
+        assert!(
+            BlockLinear::ALL
+                .iter()
+                .all(|&l| b.linear(l).bias().iter().all(|&v| v == 0.0)),
+            "fresh biases"
+        );
         assert!(s.head.bias().iter().all(|&v| v == 0.0));
-        let (Linear::Dense { weight: head, .. }, Linear::Dense { weight: old, .. }) = (&s.head, &teacher.head) else { panic!("dense heads") };
+        let (Linear::Dense { weight: head, .. }, Linear::Dense { weight: old, .. }) =
+            (&s.head, &teacher.head)
+        else {
+            panic!("dense heads")
+        };
         assert_ne!(head, old, "a new head");
         // The factors are the factor initialization's, not init_params'.
         let (plain, _) = factorize(&cfg, &teacher, &ranks, plan.init, None).unwrap();
-        let (Linear::LowRank { u, .. }, Linear::LowRank { u: want, .. }) = (&b.fc1, &plain.blocks[1].fc1) else { panic!("low-rank fc1") };
+        let (Linear::LowRank { u, .. }, Linear::LowRank { u: want, .. }) =
+            (&b.fc1, &plain.blocks[1].fc1)
+        else {
+            panic!("low-rank fc1")
+        };
         assert_eq!(u, want);
         // The default keeps everything that is not factorized.
-        let (kept, _) = make_student(&cfg, &teacher, &ranks, &StudentPlan { init: plan.init, ..StudentPlan::default() }, 42, None).unwrap();
+        let (kept, _) = make_student(
+            &cfg,
+            &teacher,
+            &ranks,
+            &StudentPlan {
+                init: plan.init,
+                ..StudentPlan::default()
+            },
+            42,
+            None,
+        )
+        .unwrap();
         assert_eq!(kept.blocks[1].norm1_w, teacher.blocks[1].norm1_w);
         assert_eq!(kept.head.bias(), teacher.head.bias());
     }
 
     #[test]
     fn svd_act_parses_records_its_calibration_and_needs_data() {
-        assert_eq!("svd-act".parse::<FactorInit>().unwrap(), FactorInit::SvdAct { calibration: DEFAULT_CALIBRATION });
-        assert!("svdact".parse::<FactorInit>().unwrap_err().to_string().contains("svd, svd-act or random"));
-        assert_eq!(serde_json::to_string(&FactorInit::SvdAct { calibration: 8 }).unwrap(), r#"{"svd-act":{"calibration":8}}"#);
+        assert_eq!(
+            "svd-act".parse::<FactorInit>().unwrap(),
+            FactorInit::SvdAct {
+                calibration: DEFAULT_CALIBRATION
+            }
+        );
+        assert!("svdact"
+            .parse::<FactorInit>()
+            .unwrap_err()
+            .to_string()
+            .contains("svd, svd-act or random"));
+        assert_eq!(
+            serde_json::to_string(&FactorInit::SvdAct { calibration: 8 }).unwrap(),
+            r#"{"svd-act":{"calibration":8}}"#
+        );
         assert_eq!(serde_json::to_string(&FactorInit::Svd).unwrap(), r#""svd""#);
-        assert_eq!(FactorInit::Random { seed: 1 }.with_seed(5), FactorInit::Random { seed: 5 });
+        assert_eq!(
+            FactorInit::Random { seed: 1 }.with_seed(5),
+            FactorInit::Random { seed: 5 }
+        );
         assert_eq!(FactorInit::Svd.with_seed(5), FactorInit::Svd);
         let cfg = VitConfig::preset("vit-demo", 10).unwrap();
-        let plan = StudentPlan { init: FactorInit::SvdAct { calibration: 8 }, ..StudentPlan::default() };
-        let e = make_student(&cfg, &random_teacher(&cfg), &uniform_ranks(&cfg, 2), &plan, 0, None).unwrap_err().to_string();
+        let plan = StudentPlan {
+            init: FactorInit::SvdAct { calibration: 8 },
+            ..StudentPlan::default()
+        };
+        let e = make_student(
+            &cfg,
+            &random_teacher(&cfg),
+            &uniform_ranks(&cfg, 2),
+            &plan,
+            0,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("svd-act") && e.contains("--data"), "{e}");
     }
 }

@@ -19,7 +19,15 @@ use std::str::FromStr;
 /// written back (the first whose layers a set equals names it).
 const GROUPS: [(&str, &[BlockLinear]); 3] = [
     ("all", &BlockLinear::ALL),
-    ("attn", &[BlockLinear::Q, BlockLinear::K, BlockLinear::V, BlockLinear::Proj]),
+    (
+        "attn",
+        &[
+            BlockLinear::Q,
+            BlockLinear::K,
+            BlockLinear::V,
+            BlockLinear::Proj,
+        ],
+    ),
     ("mlp", &[BlockLinear::Fc1, BlockLinear::Fc2]),
 ];
 
@@ -51,10 +59,17 @@ impl FromStr for LayerSet {
     type Err = anyhow::Error;
     fn from_str(text: &str) -> Result<Self> {
         let mut set = PerLinear::<bool>::default();
-        for name in text.split([',', '+']).map(str::trim).filter(|n| !n.is_empty()) {
+        for name in text
+            .split([',', '+'])
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+        {
             let layers: Vec<BlockLinear> = match GROUPS.iter().find(|g| g.0 == name) {
                 Some(g) => g.1.to_vec(),
-                None => BlockLinear::ALL.into_iter().filter(|l| l.short() == name).collect(),
+                None => BlockLinear::ALL
+                    .into_iter()
+                    .filter(|l| l.short() == name)
+                    .collect(),
             };
             if layers.is_empty() {
                 bail!("unknown layer '{name}': use q, k, v, proj, fc1, fc2, or the groups attn (q,k,v,proj), mlp (fc1,fc2), all");
@@ -92,7 +107,14 @@ pub struct BlockRange {
 impl FromStr for BlockRange {
     type Err = anyhow::Error;
     fn from_str(text: &str) -> Result<Self> {
-        let index = |t: &str| t.trim().parse::<usize>().with_context(|| format!("block '{}' in '{text}' is not a non-negative integer (give A-B or A, 0-based)", t.trim()));
+        let index = |t: &str| {
+            t.trim().parse::<usize>().with_context(|| {
+                format!(
+                    "block '{}' in '{text}' is not a non-negative integer (give A-B or A, 0-based)",
+                    t.trim()
+                )
+            })
+        };
         let (first, last) = match text.split_once('-') {
             Some((a, b)) => (index(a)?, index(b)?),
             None => (index(text)?, index(text)?),
@@ -124,7 +146,9 @@ macro_rules! serde_as_text {
         }
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+                String::deserialize(d)?
+                    .parse()
+                    .map_err(serde::de::Error::custom)
             }
         }
     };
@@ -142,7 +166,10 @@ pub struct Targets {
 
 impl Default for Targets {
     fn default() -> Self {
-        Targets { layers: LayerSet::all(), blocks: None }
+        Targets {
+            layers: LayerSet::all(),
+            blocks: None,
+        }
     }
 }
 
@@ -152,7 +179,13 @@ impl Targets {
     pub fn ranks(&self, cfg: &VitConfig, r: usize) -> Result<Ranks> {
         let (first, last) = self.block_bounds(cfg)?;
         Ok((0..cfg.depth)
-            .map(|b| if (first..=last).contains(&b) { BlockRanks::from_fn(|l| self.layers.contains(l).then_some(r)) } else { BlockRanks::default() })
+            .map(|b| {
+                if (first..=last).contains(&b) {
+                    BlockRanks::from_fn(|l| self.layers.contains(l).then_some(r))
+                } else {
+                    BlockRanks::default()
+                }
+            })
             .collect())
     }
 
@@ -160,7 +193,11 @@ impl Targets {
         match self.blocks {
             None => Ok((0, cfg.depth - 1)),
             Some(b) if b.last < cfg.depth => Ok((b.first, b.last)),
-            Some(b) => bail!("--blocks {b}: the model has {} blocks (0-{})", cfg.depth, cfg.depth - 1),
+            Some(b) => bail!(
+                "--blocks {b}: the model has {} blocks (0-{})",
+                cfg.depth,
+                cfg.depth - 1
+            ),
         }
     }
 }
@@ -182,13 +219,28 @@ mod tests {
 
     #[test]
     fn layer_names_and_groups_parse_and_print_back() {
-        assert_eq!("attn".parse::<LayerSet>().unwrap(), "q,k,v,proj".parse().unwrap());
-        assert_eq!("mlp".parse::<LayerSet>().unwrap(), "fc2,fc1".parse().unwrap());
+        assert_eq!(
+            "attn".parse::<LayerSet>().unwrap(),
+            "q,k,v,proj".parse().unwrap()
+        );
+        assert_eq!(
+            "mlp".parse::<LayerSet>().unwrap(),
+            "fc2,fc1".parse().unwrap()
+        );
         assert_eq!("all".parse::<LayerSet>().unwrap(), LayerSet::all());
         assert_eq!("attn,mlp".parse::<LayerSet>().unwrap(), LayerSet::all());
         let qk: LayerSet = "q+k".parse().unwrap();
-        assert_eq!(qk.layers().collect::<Vec<_>>(), vec![BlockLinear::Q, BlockLinear::K]);
-        for (text, shown) in [("k,q", "q+k"), ("fc1,fc2", "mlp"), ("q,k,v,proj,fc1,fc2", "all"), ("proj", "proj"), ("attn,fc2", "q+k+v+proj+fc2")] {
+        assert_eq!(
+            qk.layers().collect::<Vec<_>>(),
+            vec![BlockLinear::Q, BlockLinear::K]
+        );
+        for (text, shown) in [
+            ("k,q", "q+k"),
+            ("fc1,fc2", "mlp"),
+            ("q,k,v,proj,fc1,fc2", "all"),
+            ("proj", "proj"),
+            ("attn,fc2", "q+k+v+proj+fc2"),
+        ] {
             assert_eq!(text.parse::<LayerSet>().unwrap().to_string(), shown);
             assert_eq!(shown.parse::<LayerSet>().unwrap(), text.parse().unwrap());
         }
@@ -197,35 +249,72 @@ mod tests {
     #[test]
     fn bad_layer_sets_and_block_ranges_are_errors_that_say_why() {
         let e = "q,qkv".parse::<LayerSet>().unwrap_err().to_string();
-        assert!(e.contains("unknown layer 'qkv'") && e.contains("attn"), "{e}");
-        assert!("".parse::<LayerSet>().unwrap_err().to_string().contains("no layers"));
-        assert!(" , ".parse::<LayerSet>().unwrap_err().to_string().contains("no layers"));
-        assert_eq!("3-5".parse::<BlockRange>().unwrap(), BlockRange { first: 3, last: 5 });
-        assert_eq!("4".parse::<BlockRange>().unwrap(), BlockRange { first: 4, last: 4 });
-        assert!("5-3".parse::<BlockRange>().unwrap_err().to_string().contains("backwards"));
-        assert!("a-3".parse::<BlockRange>().unwrap_err().to_string().contains("block 'a'"));
+        assert!(
+            e.contains("unknown layer 'qkv'") && e.contains("attn"),
+            "{e}"
+        );
+        assert!(""
+            .parse::<LayerSet>()
+            .unwrap_err()
+            .to_string()
+            .contains("no layers"));
+        assert!(" , "
+            .parse::<LayerSet>()
+            .unwrap_err()
+            .to_string()
+            .contains("no layers"));
+        assert_eq!(
+            "3-5".parse::<BlockRange>().unwrap(),
+            BlockRange { first: 3, last: 5 }
+        );
+        assert_eq!(
+            "4".parse::<BlockRange>().unwrap(),
+            BlockRange { first: 4, last: 4 }
+        );
+        assert!("5-3"
+            .parse::<BlockRange>()
+            .unwrap_err()
+            .to_string()
+            .contains("backwards"));
+        assert!("a-3"
+            .parse::<BlockRange>()
+            .unwrap_err()
+            .to_string()
+            .contains("block 'a'"));
         assert!("-1".parse::<BlockRange>().is_err());
         let cfg = VitConfig::preset("vit-demo", 10).unwrap();
-        let t = Targets { layers: LayerSet::all(), blocks: Some("1-2".parse().unwrap()) };
+        let t = Targets {
+            layers: LayerSet::all(),
+            blocks: Some("1-2".parse().unwrap()),
+        };
         let e = t.ranks(&cfg, 4).unwrap_err().to_string();
         assert_eq!(e, "--blocks 1-2: the model has 2 blocks (0-1)");
     }
 
     #[test]
     fn targets_serialize_as_the_flags_write_them() {
-        let t = Targets { layers: "attn".parse().unwrap(), blocks: Some("0-5".parse().unwrap()) };
+        let t = Targets {
+            layers: "attn".parse().unwrap(),
+            blocks: Some("0-5".parse().unwrap()),
+        };
         let json = serde_json::to_string(&t).unwrap();
         assert_eq!(json, r#"{"layers":"attn","blocks":"0-5"}"#);
         assert_eq!(serde_json::from_str::<Targets>(&json).unwrap(), t);
         assert_eq!(t.to_string(), "attn in blocks 0-5");
-        assert_eq!(serde_json::to_string(&Targets::default()).unwrap(), r#"{"layers":"all","blocks":null}"#);
+        assert_eq!(
+            serde_json::to_string(&Targets::default()).unwrap(),
+            r#"{"layers":"all","blocks":null}"#
+        );
         assert!(serde_json::from_str::<Targets>(r#"{"layers":"qq","blocks":null}"#).is_err());
     }
 
     #[test]
     fn default_targets_are_uniform_ranks() {
         let cfg = VitConfig::preset("vit-b32", 100).unwrap();
-        assert_eq!(Targets::default().ranks(&cfg, 16).unwrap(), uniform_ranks(&cfg, 16));
+        assert_eq!(
+            Targets::default().ranks(&cfg, 16).unwrap(),
+            uniform_ranks(&cfg, 16)
+        );
     }
 
     /// vit-demo: width 64, MLP 128, 2 blocks, 10 classes. Counted by hand:
@@ -244,15 +333,33 @@ mod tests {
         assert_eq!(param_count(&cfg, &dense_ranks(&cfg)), dense);
         let r = 4;
         // attn in block 1 only: q, k, v, proj each 64·64 → 4·(64 + 64).
-        let attn_b1 = Targets { layers: "attn".parse().unwrap(), blocks: Some("1".parse().unwrap()) };
-        assert_eq!(param_count(&cfg, &attn_b1.ranks(&cfg, r).unwrap()), dense - 4 * (64 * 64 - r * (64 + 64)));
+        let attn_b1 = Targets {
+            layers: "attn".parse().unwrap(),
+            blocks: Some("1".parse().unwrap()),
+        };
+        assert_eq!(
+            param_count(&cfg, &attn_b1.ranks(&cfg, r).unwrap()),
+            dense - 4 * (64 * 64 - r * (64 + 64))
+        );
         // mlp in both blocks: fc1 128·64 and fc2 64·128 → r·(128 + 64) each.
-        let mlp = Targets { layers: "mlp".parse().unwrap(), blocks: None };
-        assert_eq!(param_count(&cfg, &mlp.ranks(&cfg, r).unwrap()), dense - 2 * 2 * (128 * 64 - r * (128 + 64)));
+        let mlp = Targets {
+            layers: "mlp".parse().unwrap(),
+            blocks: None,
+        };
+        assert_eq!(
+            param_count(&cfg, &mlp.ranks(&cfg, r).unwrap()),
+            dense - 2 * 2 * (128 * 64 - r * (128 + 64))
+        );
         // q and fc2 in blocks 0-1, written as a range.
-        let mixed = Targets { layers: "q,fc2".parse().unwrap(), blocks: Some("0-1".parse().unwrap()) };
+        let mixed = Targets {
+            layers: "q,fc2".parse().unwrap(),
+            blocks: Some("0-1".parse().unwrap()),
+        };
         let per_block = (64 * 64 - r * 128) + (64 * 128 - r * 192);
-        assert_eq!(param_count(&cfg, &mixed.ranks(&cfg, r).unwrap()), dense - 2 * per_block);
+        assert_eq!(
+            param_count(&cfg, &mixed.ranks(&cfg, r).unwrap()),
+            dense - 2 * per_block
+        );
         let ranks = mixed.ranks(&cfg, r).unwrap();
         assert_eq!(ranks[0][BlockLinear::Q], Some(4));
         assert_eq!(ranks[0][BlockLinear::K], None);

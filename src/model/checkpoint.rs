@@ -66,17 +66,26 @@ pub struct Checkpoint {
 
 /// True when q, k and v of block `i` are all dense (fused on disk).
 fn qkv_fused(ranks: &Ranks, i: usize) -> bool {
-    [BlockLinear::Q, BlockLinear::K, BlockLinear::V].iter().all(|&l| ranks[i][l].is_none())
+    [BlockLinear::Q, BlockLinear::K, BlockLinear::V]
+        .iter()
+        .all(|&l| ranks[i][l].is_none())
 }
 
 /// The on-disk tensors of a model: (name, shape, values).
-pub fn disk_tensors(cfg: &VitConfig, ranks: &Ranks, params: &VitParams<Vec<f32>>) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+pub fn disk_tensors(
+    cfg: &VitConfig,
+    ranks: &Ranks,
+    params: &VitParams<Vec<f32>>,
+) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut out = Vec::new();
     let mut pending_qkv: HashMap<(usize, bool), Vec<f32>> = HashMap::new();
     for (spec, t) in param_specs(cfg, ranks).iter().zip(params.tensors()) {
         let parts: Vec<&str> = spec.name.split('.').collect();
         let block = (parts[0] == "blocks").then(|| parts[1].parse::<usize>().expect("block index"));
-        let fused = block.is_some_and(|i| qkv_fused(ranks, i)) && parts.len() == 5 && parts[2] == "attn" && ["q", "k", "v"].contains(&parts[3]);
+        let fused = block.is_some_and(|i| qkv_fused(ranks, i))
+            && parts.len() == 5
+            && parts[2] == "attn"
+            && ["q", "k", "v"].contains(&parts[3]);
         if !fused {
             out.push((spec.name.clone(), spec.shape.clone(), t.clone()));
             continue;
@@ -87,26 +96,47 @@ pub fn disk_tensors(cfg: &VitConfig, ranks: &Ranks, params: &VitParams<Vec<f32>>
         acc.extend_from_slice(t);
         if parts[3] == "v" {
             let d = cfg.width;
-            let (name, shape) = if is_weight { (format!("blocks.{i}.attn.qkv.weight"), vec![3 * d, d]) } else { (format!("blocks.{i}.attn.qkv.bias"), vec![3 * d]) };
-            out.push((name, shape, pending_qkv.remove(&(i, is_weight)).expect("filled above")));
+            let (name, shape) = if is_weight {
+                (format!("blocks.{i}.attn.qkv.weight"), vec![3 * d, d])
+            } else {
+                (format!("blocks.{i}.attn.qkv.bias"), vec![3 * d])
+            };
+            out.push((
+                name,
+                shape,
+                pending_qkv.remove(&(i, is_weight)).expect("filled above"),
+            ));
         }
     }
     out
 }
 
 /// Write a checkpoint atomically.
-pub fn save_checkpoint(path: &Path, cfg: &VitConfig, ranks: &Ranks, params: &VitParams<Vec<f32>>, extra: &BTreeMap<String, String>) -> Result<()> {
+pub fn save_checkpoint(
+    path: &Path,
+    cfg: &VitConfig,
+    ranks: &Ranks,
+    params: &VitParams<Vec<f32>>,
+    extra: &BTreeMap<String, String>,
+) -> Result<()> {
     let tensors = disk_tensors(cfg, ranks, params);
     let views = tensors
         .iter()
-        .map(|(name, shape, data)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(data))?)))
+        .map(|(name, shape, data)| {
+            Ok((
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(data))?,
+            ))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow!("building {}: {e}", path.display()))?;
-    let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut meta: HashMap<String, String> =
+        extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     meta.insert("format".into(), FORMAT.into());
     meta.insert("config".into(), serde_json::to_string(cfg)?);
     meta.insert("ranks".into(), serde_json::to_string(ranks)?);
-    let bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| anyhow!("serializing {}: {e}", path.display()))?;
+    let bytes = safetensors::serialize(views, &Some(meta))
+        .map_err(|e| anyhow!("serializing {}: {e}", path.display()))?;
     atomic_write(path, &bytes)
 }
 
@@ -130,20 +160,50 @@ fn safetensors_problem(e: &safetensors::SafeTensorError, len: usize) -> String {
 
 /// Every tensor of a safetensors file as f32 (F32, F16 and BF16 accepted)
 /// and its metadata. Errors name the file (and the tensor).
-pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, RawTensor>, BTreeMap<String, String>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{} is not a valid safetensors file: {}", path.display(), safetensors_problem(&e, bytes.len())))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let meta: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+pub fn read_safetensors(
+    path: &Path,
+) -> Result<(BTreeMap<String, RawTensor>, BTreeMap<String, String>)> {
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow!(
+            "{} is not a valid safetensors file: {}",
+            path.display(),
+            safetensors_problem(&e, bytes.len())
+        )
+    })?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let meta: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let data = match view.dtype() {
             Dtype::F32 => bytemuck::pod_collect_to_vec::<u8, f32>(view.data()),
-            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(view.data()).into_iter().map(f32::from).collect(),
-            Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(view.data()).into_iter().map(f32::from).collect(),
-            other => bail!("{}: tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported", path.display()),
+            Dtype::F16 => bytemuck::pod_collect_to_vec::<u8, half::f16>(view.data())
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+            Dtype::BF16 => bytemuck::pod_collect_to_vec::<u8, half::bf16>(view.data())
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+            other => bail!(
+                "{}: tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported",
+                path.display()
+            ),
         };
-        out.insert(name, RawTensor { shape: view.shape().to_vec(), data });
+        out.insert(
+            name,
+            RawTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
     }
     Ok((out, meta))
 }
@@ -152,31 +212,72 @@ pub fn read_safetensors(path: &Path) -> Result<(BTreeMap<String, RawTensor>, BTr
 /// a large checkpoint).
 pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+    let mut f = std::fs::File::open(path)
+        .with_context(|| format!("reading checkpoint {}", path.display()))?;
     let mut len = [0u8; 8];
-    f.read_exact(&mut len).with_context(|| format!("{} is not a safetensors file (shorter than its 8-byte header length)", path.display()))?;
+    f.read_exact(&mut len).with_context(|| {
+        format!(
+            "{} is not a safetensors file (shorter than its 8-byte header length)",
+            path.display()
+        )
+    })?;
     let n = u64::from_le_bytes(len);
     let size = f.metadata().map(|m| m.len()).unwrap_or(0);
     if n > 100 << 20 || 8 + n > size {
-        bail!("{} is not a valid safetensors file: header of {n} bytes in a file of {size}", path.display());
+        bail!(
+            "{} is not a valid safetensors file: header of {n} bytes in a file of {size}",
+            path.display()
+        );
     }
     let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header).with_context(|| format!("reading the header of {}", path.display()))?;
-    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| anyhow!("{}: the safetensors header is not JSON: {e}", path.display()))?;
-    let meta = json.get("__metadata__").and_then(|m| m.as_object()).map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect()).unwrap_or_default();
+    f.read_exact(&mut header)
+        .with_context(|| format!("reading the header of {}", path.display()))?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| {
+        anyhow!(
+            "{}: the safetensors header is not JSON: {e}",
+            path.display()
+        )
+    })?;
+    let meta = json
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(meta)
 }
 
 /// Take tensor `name` of shape `shape` out of `tensors`; a missing tensor, a
 /// wrong shape (naming the key and both shapes) or a value that is NaN or
 /// infinite is an error.
-pub fn take(tensors: &mut BTreeMap<String, RawTensor>, path: &Path, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let t = tensors.remove(name).ok_or_else(|| anyhow!("{}: missing tensor {name} (expected shape {shape:?})", path.display()))?;
+pub fn take(
+    tensors: &mut BTreeMap<String, RawTensor>,
+    path: &Path,
+    name: &str,
+    shape: &[usize],
+) -> Result<Vec<f32>> {
+    let t = tensors.remove(name).ok_or_else(|| {
+        anyhow!(
+            "{}: missing tensor {name} (expected shape {shape:?})",
+            path.display()
+        )
+    })?;
     if t.shape != shape {
-        bail!("{}: tensor {name} has shape {:?}, expected {shape:?}", path.display(), t.shape);
+        bail!(
+            "{}: tensor {name} has shape {:?}, expected {shape:?}",
+            path.display(),
+            t.shape
+        );
     }
     if let Some(i) = t.data.iter().position(|v| !v.is_finite()) {
-        bail!("{}: tensor {name} holds {} at index {i}", path.display(), t.data[i]);
+        bail!(
+            "{}: tensor {name} holds {} at index {i}",
+            path.display(),
+            t.data[i]
+        );
     }
     Ok(t.data)
 }
@@ -184,7 +285,12 @@ pub fn take(tensors: &mut BTreeMap<String, RawTensor>, path: &Path, name: &str, 
 /// Error when tensors remain that the model does not use.
 pub fn no_leftovers(tensors: &BTreeMap<String, RawTensor>, path: &Path) -> Result<()> {
     if let Some((name, t)) = tensors.iter().next() {
-        bail!("{}: unexpected tensor {name} of shape {:?} ({} unexpected in all)", path.display(), t.shape, tensors.len());
+        bail!(
+            "{}: unexpected tensor {name} of shape {:?} ({} unexpected in all)",
+            path.display(),
+            t.shape,
+            tensors.len()
+        );
     }
     Ok(())
 }
@@ -195,28 +301,68 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
     if metadata.get("format").map(String::as_str) != Some(FORMAT) {
         bail!("{} is not an effrank-engine checkpoint (no format metadata); use model::import::load_any", path.display());
     }
-    let cfg: VitConfig = serde_json::from_str(metadata.get("config").ok_or_else(|| anyhow!("{}: metadata has no config", path.display()))?)
+    let cfg: VitConfig = serde_json::from_str(
+        metadata
+            .get("config")
+            .ok_or_else(|| anyhow!("{}: metadata has no config", path.display()))?,
+    )
+    .with_context(|| format!("{}: metadata 'config'", path.display()))?;
+    cfg.validate()
         .with_context(|| format!("{}: metadata 'config'", path.display()))?;
-    cfg.validate().with_context(|| format!("{}: metadata 'config'", path.display()))?;
-    let ranks: Ranks = serde_json::from_str(metadata.get("ranks").ok_or_else(|| anyhow!("{}: metadata has no ranks", path.display()))?)
+    let ranks: Ranks = serde_json::from_str(
+        metadata
+            .get("ranks")
+            .ok_or_else(|| anyhow!("{}: metadata has no ranks", path.display()))?,
+    )
+    .with_context(|| format!("{}: metadata 'ranks'", path.display()))?;
+    super::params::validate_ranks(&cfg, &ranks)
         .with_context(|| format!("{}: metadata 'ranks'", path.display()))?;
-    super::params::validate_ranks(&cfg, &ranks).with_context(|| format!("{}: metadata 'ranks'", path.display()))?;
     let d = cfg.width;
     // Split fused qkv tensors back into q, k, v.
     for i in 0..cfg.depth {
         if !qkv_fused(&ranks, i) {
             continue;
         }
-        let w = take(&mut tensors, path, &format!("blocks.{i}.attn.qkv.weight"), &[3 * d, d])?;
-        let b = take(&mut tensors, path, &format!("blocks.{i}.attn.qkv.bias"), &[3 * d])?;
+        let w = take(
+            &mut tensors,
+            path,
+            &format!("blocks.{i}.attn.qkv.weight"),
+            &[3 * d, d],
+        )?;
+        let b = take(
+            &mut tensors,
+            path,
+            &format!("blocks.{i}.attn.qkv.bias"),
+            &[3 * d],
+        )?;
         for (j, name) in ["q", "k", "v"].iter().enumerate() {
-            tensors.insert(format!("blocks.{i}.attn.{name}.weight"), RawTensor { shape: vec![d, d], data: w[j * d * d..(j + 1) * d * d].to_vec() });
-            tensors.insert(format!("blocks.{i}.attn.{name}.bias"), RawTensor { shape: vec![d], data: b[j * d..(j + 1) * d].to_vec() });
+            tensors.insert(
+                format!("blocks.{i}.attn.{name}.weight"),
+                RawTensor {
+                    shape: vec![d, d],
+                    data: w[j * d * d..(j + 1) * d * d].to_vec(),
+                },
+            );
+            tensors.insert(
+                format!("blocks.{i}.attn.{name}.bias"),
+                RawTensor {
+                    shape: vec![d],
+                    data: b[j * d..(j + 1) * d].to_vec(),
+                },
+            );
         }
     }
-    let params = VitParams::build(&cfg, &ranks, |spec| take(&mut tensors, path, &spec.name, &spec.shape))?;
+    let params = VitParams::build(&cfg, &ranks, |spec| {
+        take(&mut tensors, path, &spec.name, &spec.shape)
+    })?;
     no_leftovers(&tensors, path)?;
-    Ok(Checkpoint { cfg, ranks, params, metadata, scheme: NamingScheme::Engine })
+    Ok(Checkpoint {
+        cfg,
+        ranks,
+        params,
+        metadata,
+        scheme: NamingScheme::Engine,
+    })
 }
 
 #[cfg(test)]
@@ -262,7 +408,9 @@ mod tests {
         let (tensors, _) = read_safetensors(&path).unwrap();
         let qkv = &tensors["blocks.0.attn.qkv.weight"];
         assert_eq!(qkv.shape, vec![192, 64]);
-        let Linear::Dense { weight: k, .. } = &p.blocks[0].k else { panic!() };
+        let Linear::Dense { weight: k, .. } = &p.blocks[0].k else {
+            panic!()
+        };
         assert_eq!(&qkv.data[64 * 64..2 * 64 * 64], k.as_slice());
         assert!(!tensors.contains_key("blocks.0.attn.q.weight"));
     }

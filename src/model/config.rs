@@ -35,10 +35,22 @@ pub const MAX_SIZE: u128 = 1 << 40;
 
 /// The named presets, for `--model` and `--help`.
 pub const PRESETS: &[(&str, &str)] = &[
-    ("vit-b32", "ViT-B/32: 224 px, patch 32, width 768, depth 12, 12 heads, MLP 3072"),
-    ("vit-s32", "ViT-S/32: 224 px, patch 32, width 384, depth 12, 6 heads, MLP 1536"),
-    ("vit-cifar", "CIFAR-native: 32 px, patch 4, width 192, depth 6, 3 heads, MLP 768"),
-    ("vit-demo", "the built-in demo's: 16 px, patch 4, width 64, depth 2, 2 heads, MLP 128"),
+    (
+        "vit-b32",
+        "ViT-B/32: 224 px, patch 32, width 768, depth 12, 12 heads, MLP 3072",
+    ),
+    (
+        "vit-s32",
+        "ViT-S/32: 224 px, patch 32, width 384, depth 12, 6 heads, MLP 1536",
+    ),
+    (
+        "vit-cifar",
+        "CIFAR-native: 32 px, patch 4, width 192, depth 6, 3 heads, MLP 768",
+    ),
+    (
+        "vit-demo",
+        "the built-in demo's: 16 px, patch 4, width 64, depth 2, 2 heads, MLP 128",
+    ),
 ];
 
 impl VitConfig {
@@ -51,10 +63,23 @@ impl VitConfig {
             "vit-demo" => (16, 4, 64, 2, 2, 128),
             other => {
                 let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
-                bail!("unknown model preset '{other}'; known presets: {}, or a JSON file", names.join(", "))
+                bail!(
+                    "unknown model preset '{other}'; known presets: {}, or a JSON file",
+                    names.join(", ")
+                )
             }
         };
-        let cfg = VitConfig { image_size, channels: 3, patch, width, depth, heads, mlp, classes, ln_eps: 1e-6 };
+        let cfg = VitConfig {
+            image_size,
+            channels: 3,
+            patch,
+            width,
+            depth,
+            heads,
+            mlp,
+            classes,
+            ln_eps: 1e-6,
+        };
         cfg.validate()?;
         Ok(cfg)
     }
@@ -62,9 +87,12 @@ impl VitConfig {
     /// A preset name, or the path of a JSON file holding a `VitConfig`.
     pub fn from_name_or_file(name: &str, classes: usize) -> Result<Self> {
         if name.ends_with(".json") || std::path::Path::new(name).is_file() {
-            let text = std::fs::read_to_string(name).with_context(|| format!("reading model config {name}"))?;
-            let cfg: VitConfig = serde_json::from_str(&text).with_context(|| format!("parsing model config {name}"))?;
-            cfg.validate().with_context(|| format!("model config {name}"))?;
+            let text = std::fs::read_to_string(name)
+                .with_context(|| format!("reading model config {name}"))?;
+            let cfg: VitConfig = serde_json::from_str(&text)
+                .with_context(|| format!("parsing model config {name}"))?;
+            cfg.validate()
+                .with_context(|| format!("model config {name}"))?;
             return Ok(cfg);
         }
         Self::preset(name, classes)
@@ -93,23 +121,43 @@ impl VitConfig {
             }
         }
         if !self.image_size.is_multiple_of(self.patch) {
-            bail!("model config: image_size {} is not a multiple of patch {}", self.image_size, self.patch);
+            bail!(
+                "model config: image_size {} is not a multiple of patch {}",
+                self.image_size,
+                self.patch
+            );
         }
         if !self.width.is_multiple_of(self.heads) {
-            bail!("model config: width {} is not a multiple of heads {}", self.width, self.heads);
+            bail!(
+                "model config: width {} is not a multiple of heads {}",
+                self.width,
+                self.heads
+            );
         }
         if self.channels > 3 {
-            bail!("model config: channels {} > 3 is not supported", self.channels);
+            bail!(
+                "model config: channels {} > 3 is not supported",
+                self.channels
+            );
         }
         if self.ln_eps.is_nan() || self.ln_eps <= 0.0 || self.ln_eps.is_infinite() {
-            bail!("model config: ln_eps must be a positive number, got {}", self.ln_eps);
+            bail!(
+                "model config: ln_eps must be a positive number, got {}",
+                self.ln_eps
+            );
         }
         // Every count below is at most a product of three fields (< 2^60).
         let grid = (self.image_size / self.patch) as u128;
         let tokens = grid * grid + 1;
-        let per_block = 4 * (self.width as u128).pow(2) + 2 * (self.width as u128) * (self.mlp as u128);
-        let params = per_block * self.depth as u128 + (self.width * self.classes) as u128 + tokens * self.width as u128;
-        for (what, size) in [("tokens x width", tokens * self.width as u128), ("parameters", params)] {
+        let per_block =
+            4 * (self.width as u128).pow(2) + 2 * (self.width as u128) * (self.mlp as u128);
+        let params = per_block * self.depth as u128
+            + (self.width * self.classes) as u128
+            + tokens * self.width as u128;
+        for (what, size) in [
+            ("tokens x width", tokens * self.width as u128),
+            ("parameters", params),
+        ] {
             if size > MAX_SIZE {
                 bail!("model config: {what} = {size} is larger than {MAX_SIZE}");
             }

@@ -30,10 +30,13 @@
 //! head is attached (zeros: every class starts equal and the head learns
 //! from the first step; the usual choice when fine-tuning on a new task).
 
-use super::checkpoint::{load_checkpoint, no_leftovers, read_safetensors, take, Checkpoint, NamingScheme, RawTensor, FORMAT};
-use super::pth::{looks_like_zip, read_pth};
+use super::checkpoint::{
+    load_checkpoint, no_leftovers, read_safetensors, take, Checkpoint, NamingScheme, RawTensor,
+    FORMAT,
+};
 use super::config::VitConfig;
 use super::params::{dense_ranks, Linear, VitParams};
+use super::pth::{looks_like_zip, read_pth};
 use anyhow::{anyhow, bail, Result};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -50,10 +53,18 @@ pub struct ImportOptions {
 /// Every tensor of a checkpoint file and its metadata: safetensors, or a
 /// PyTorch `.pth` / `.pt` (`torch.save` of a state_dict, read by
 /// `model::pth` without executing anything; it has no metadata).
-pub fn read_tensors(path: &Path) -> Result<(BTreeMap<String, RawTensor>, BTreeMap<String, String>)> {
+pub fn read_tensors(
+    path: &Path,
+) -> Result<(BTreeMap<String, RawTensor>, BTreeMap<String, String>)> {
     let mut head = [0u8; 4];
-    let is_torch_name = path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("pth") || e.eq_ignore_ascii_case("pt"));
-    let zip = std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head)).is_ok() && looks_like_zip(&head);
+    let is_torch_name = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("pth") || e.eq_ignore_ascii_case("pt"));
+    let zip = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok()
+        && looks_like_zip(&head);
     if zip || is_torch_name {
         return Ok((read_pth(path)?, BTreeMap::new()));
     }
@@ -76,15 +87,24 @@ pub fn load_any(path: &Path, opts: &ImportOptions) -> Result<Checkpoint> {
         anyhow!("{}: tensor names match no known ViT naming (engine, timm, torchvision, Hugging Face); first names: {some:?}", path.display())
     })?;
     let mut renamed = match scheme {
-        NamingScheme::Timm => split_fused(tensors, "blocks.", |i| format!("blocks.{i}.attn.qkv"), path)?,
+        NamingScheme::Timm => {
+            split_fused(tensors, "blocks.", |i| format!("blocks.{i}.attn.qkv"), path)?
+        }
         NamingScheme::Torchvision => from_torchvision(tensors, path)?,
         NamingScheme::HuggingFace => from_hugging_face(tensors),
         NamingScheme::Engine => unreachable!("engine files are loaded above"),
     };
-    let ln_eps = if scheme == NamingScheme::HuggingFace { 1e-12 } else { 1e-6 };
+    let ln_eps = if scheme == NamingScheme::HuggingFace {
+        1e-12
+    } else {
+        1e-6
+    };
     let mut cfg = infer_config(&renamed, path, opts, ln_eps)?;
     let has_head = renamed.contains_key("head.weight");
-    let wanted = opts.new_classes.or((!has_head).then_some(0)).filter(|&c| c != cfg.classes || !has_head);
+    let wanted = opts
+        .new_classes
+        .or((!has_head).then_some(0))
+        .filter(|&c| c != cfg.classes || !has_head);
     if let Some(c) = wanted {
         if c == 0 {
             bail!("{}: the checkpoint has no classification head; give the number of classes (train --init takes it from the data)", path.display());
@@ -92,18 +112,41 @@ pub fn load_any(path: &Path, opts: &ImportOptions) -> Result<Checkpoint> {
         renamed.remove("head.weight");
         renamed.remove("head.bias");
         cfg.classes = c;
-        renamed.insert("head.weight".into(), RawTensor { shape: vec![c, cfg.width], data: vec![0.0; c * cfg.width] });
-        renamed.insert("head.bias".into(), RawTensor { shape: vec![c], data: vec![0.0; c] });
+        renamed.insert(
+            "head.weight".into(),
+            RawTensor {
+                shape: vec![c, cfg.width],
+                data: vec![0.0; c * cfg.width],
+            },
+        );
+        renamed.insert(
+            "head.bias".into(),
+            RawTensor {
+                shape: vec![c],
+                data: vec![0.0; c],
+            },
+        );
     }
     let ranks = dense_ranks(&cfg);
-    let params = VitParams::build(&cfg, &ranks, |spec| take(&mut renamed, path, &spec.name, &spec.shape))?;
+    let params = VitParams::build(&cfg, &ranks, |spec| {
+        take(&mut renamed, path, &spec.name, &spec.shape)
+    })?;
     no_leftovers(&renamed, path)?;
-    Ok(Checkpoint { cfg, ranks, params, metadata, scheme })
+    Ok(Checkpoint {
+        cfg,
+        ranks,
+        params,
+        metadata,
+        scheme,
+    })
 }
 
 fn replace_head(cfg: &mut VitConfig, params: &mut VitParams<Vec<f32>>, classes: usize) {
     cfg.classes = classes;
-    params.head = Linear::Dense { weight: vec![0.0; classes * cfg.width], bias: vec![0.0; classes] };
+    params.head = Linear::Dense {
+        weight: vec![0.0; classes * cfg.width],
+        bias: vec![0.0; classes],
+    };
 }
 
 /// The naming scheme of a foreign file, from marker tensors.
@@ -122,7 +165,12 @@ pub fn detect(tensors: &BTreeMap<String, RawTensor>) -> Option<NamingScheme> {
 
 /// Split every `<prefix>.weight` `[3D, D]` / `.bias` `[3D]` of block `i`
 /// (named by `fused_name(i)`) into `blocks.i.attn.{q,k,v}.*`.
-fn split_fused(mut tensors: BTreeMap<String, RawTensor>, block_prefix: &str, fused_name: impl Fn(usize) -> String, path: &Path) -> Result<BTreeMap<String, RawTensor>> {
+fn split_fused(
+    mut tensors: BTreeMap<String, RawTensor>,
+    block_prefix: &str,
+    fused_name: impl Fn(usize) -> String,
+    path: &Path,
+) -> Result<BTreeMap<String, RawTensor>> {
     let depth = count_blocks(&tensors, block_prefix);
     for i in 0..depth {
         let base = fused_name(i);
@@ -137,8 +185,18 @@ fn split_fused(mut tensors: BTreeMap<String, RawTensor>, block_prefix: &str, fus
             let d = t.shape[0] / 3;
             let chunk = t.data.len() / 3;
             for (j, part) in ["q", "k", "v"].iter().enumerate() {
-                let shape = if is_weight { vec![d, t.shape.get(1).copied().unwrap_or(0)] } else { vec![d] };
-                tensors.insert(format!("blocks.{i}.attn.{part}.{suffix}"), RawTensor { shape, data: t.data[j * chunk..(j + 1) * chunk].to_vec() });
+                let shape = if is_weight {
+                    vec![d, t.shape.get(1).copied().unwrap_or(0)]
+                } else {
+                    vec![d]
+                };
+                tensors.insert(
+                    format!("blocks.{i}.attn.{part}.{suffix}"),
+                    RawTensor {
+                        shape,
+                        data: t.data[j * chunk..(j + 1) * chunk].to_vec(),
+                    },
+                );
             }
         }
     }
@@ -158,11 +216,20 @@ fn count_blocks(tensors: &BTreeMap<String, RawTensor>, prefix: &str) -> usize {
 }
 
 /// Rename keys by (old prefix, new prefix) pairs, block index substituted.
-fn rename(tensors: BTreeMap<String, RawTensor>, rule: impl Fn(&str) -> Option<String>) -> BTreeMap<String, RawTensor> {
-    tensors.into_iter().map(|(k, v)| (rule(&k).unwrap_or(k), v)).collect()
+fn rename(
+    tensors: BTreeMap<String, RawTensor>,
+    rule: impl Fn(&str) -> Option<String>,
+) -> BTreeMap<String, RawTensor> {
+    tensors
+        .into_iter()
+        .map(|(k, v)| (rule(&k).unwrap_or(k), v))
+        .collect()
 }
 
-fn from_torchvision(tensors: BTreeMap<String, RawTensor>, path: &Path) -> Result<BTreeMap<String, RawTensor>> {
+fn from_torchvision(
+    tensors: BTreeMap<String, RawTensor>,
+    path: &Path,
+) -> Result<BTreeMap<String, RawTensor>> {
     const LAYER: &str = "encoder.layers.encoder_layer_";
     let renamed = rename(tensors, |k| {
         let fixed = match k {
@@ -202,7 +269,11 @@ fn from_torchvision(tensors: BTreeMap<String, RawTensor>, path: &Path) -> Result
 }
 
 fn from_hugging_face(tensors: BTreeMap<String, RawTensor>) -> BTreeMap<String, RawTensor> {
-    let prefix = if tensors.contains_key("vit.embeddings.cls_token") { "vit." } else { "" };
+    let prefix = if tensors.contains_key("vit.embeddings.cls_token") {
+        "vit."
+    } else {
+        ""
+    };
     let mut renamed = rename(tensors, |k| {
         if k == "classifier.weight" || k == "classifier.bias" {
             return Some(k.replace("classifier", "head"));
@@ -243,27 +314,62 @@ fn from_hugging_face(tensors: BTreeMap<String, RawTensor>) -> BTreeMap<String, R
 }
 
 /// The model shape from renamed tensors.
-fn infer_config(t: &BTreeMap<String, RawTensor>, path: &Path, opts: &ImportOptions, ln_eps: f32) -> Result<VitConfig> {
-    let shape = |name: &str| -> Result<&Vec<usize>> { t.get(name).map(|x| &x.shape).ok_or_else(|| anyhow!("{}: missing tensor {name}", path.display())) };
+fn infer_config(
+    t: &BTreeMap<String, RawTensor>,
+    path: &Path,
+    opts: &ImportOptions,
+    ln_eps: f32,
+) -> Result<VitConfig> {
+    let shape = |name: &str| -> Result<&Vec<usize>> {
+        t.get(name)
+            .map(|x| &x.shape)
+            .ok_or_else(|| anyhow!("{}: missing tensor {name}", path.display()))
+    };
     let pw = shape("patch_embed.proj.weight")?;
     if pw.len() != 4 || pw[2] != pw[3] {
         bail!("{}: tensor patch_embed.proj.weight has shape {pw:?}, expected [width, channels, patch, patch]", path.display());
     }
     let (width, channels, patch) = (pw[0], pw[1], pw[2]);
     let pos = shape("pos_embed")?;
-    let tokens = *pos.get(1).ok_or_else(|| anyhow!("{}: tensor pos_embed has shape {pos:?}, expected [1, tokens, width]", path.display()))?;
+    let tokens = *pos.get(1).ok_or_else(|| {
+        anyhow!(
+            "{}: tensor pos_embed has shape {pos:?}, expected [1, tokens, width]",
+            path.display()
+        )
+    })?;
     let grid = ((tokens.saturating_sub(1)) as f64).sqrt().round() as usize;
     if grid * grid + 1 != tokens {
-        bail!("{}: position embedding of {tokens} tokens is not a square grid plus a class token", path.display());
+        bail!(
+            "{}: position embedding of {tokens} tokens is not a square grid plus a class token",
+            path.display()
+        );
     }
     let depth = count_blocks(t, "blocks.");
     if depth == 0 {
         bail!("{}: no transformer blocks found", path.display());
     }
     let mlp = shape("blocks.0.mlp.fc1.weight")?[0];
-    let classes = t.get("head.weight").map(|h| h.shape[0]).unwrap_or(opts.new_classes.unwrap_or(0));
+    let classes = t
+        .get("head.weight")
+        .map(|h| h.shape[0])
+        .unwrap_or(opts.new_classes.unwrap_or(0));
     let heads = opts.heads.unwrap_or((width / 64).max(1));
-    let cfg = VitConfig { image_size: grid * patch, channels, patch, width, depth, heads, mlp, classes: classes.max(1), ln_eps };
-    cfg.validate().map_err(|e| anyhow!("{}: inferred shape {cfg:?} is not valid: {e}", path.display()))?;
+    let cfg = VitConfig {
+        image_size: grid * patch,
+        channels,
+        patch,
+        width,
+        depth,
+        heads,
+        mlp,
+        classes: classes.max(1),
+        ln_eps,
+    };
+    cfg.validate().map_err(|e| {
+        anyhow!(
+            "{}: inferred shape {cfg:?} is not valid: {e}",
+            path.display()
+        )
+    })?;
     Ok(cfg)
 }

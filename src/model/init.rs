@@ -43,7 +43,11 @@ pub fn init_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f
                 let fan_in = cfg.channels * cfg.patch * cfg.patch;
                 rng.uniform_vec(n, 1.0 / (fan_in as f32).sqrt())
             } else if name.ends_with(".U") || name.ends_with(".V") {
-                let r = if name.ends_with(".U") { s.shape[1] } else { s.shape[0] };
+                let r = if name.ends_with(".U") {
+                    s.shape[1]
+                } else {
+                    s.shape[0]
+                };
                 rng.normal_vec(n, random_factor_std(r))
             } else if name.ends_with("bias") {
                 vec![0.0; n]
@@ -72,19 +76,34 @@ mod tests {
         assert!(p.head.bias().iter().all(|&v| v == 0.0));
         let rms = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
         let std = rms(&p.pos);
-        assert!((std - 0.02).abs() < 0.002, "pos_embed: timm's trunc_normal_(0.02) has std 0.02, got {std}");
-        let Linear::Dense { weight: q, .. } = p.blocks[0].linear(BlockLinear::Q) else { panic!("dense ranks gave a low-rank q") };
+        assert!(
+            (std - 0.02).abs() < 0.002,
+            "pos_embed: timm's trunc_normal_(0.02) has std 0.02, got {std}"
+        );
+        let Linear::Dense { weight: q, .. } = p.blocks[0].linear(BlockLinear::Q) else {
+            panic!("dense ranks gave a low-rank q")
+        };
         assert!((rms(q) - 0.02).abs() < 0.002, "q weight std {}", rms(q));
         // The patch embedding: PyTorch's Conv2d default, uniform in ±1/√fan_in.
         let bound = 1.0 / ((cfg.channels * cfg.patch * cfg.patch) as f32).sqrt();
         for (what, v) in [("weight", &p.patch_w), ("bias", &p.patch_b)] {
-            assert!(v.iter().all(|x| x.abs() <= bound), "patch {what} outside ±{bound}");
+            assert!(
+                v.iter().all(|x| x.abs() <= bound),
+                "patch {what} outside ±{bound}"
+            );
             let expected = bound / 3f32.sqrt();
-            assert!((rms(v) - expected).abs() < 0.25 * expected, "patch {what} std {} against {expected}", rms(v));
+            assert!(
+                (rms(v) - expected).abs() < 0.25 * expected,
+                "patch {what} std {} against {expected}",
+                rms(v)
+            );
         }
         assert_eq!(init_params(&cfg, &dense_ranks(&cfg), 3).pos, p.pos);
         assert_ne!(init_params(&cfg, &dense_ranks(&cfg), 4).pos, p.pos);
         let lr = init_params(&cfg, &uniform_ranks(&cfg, 8), 3);
-        assert_eq!(lr.tensors().len(), param_specs(&cfg, &uniform_ranks(&cfg, 8)).len());
+        assert_eq!(
+            lr.tensors().len(),
+            param_specs(&cfg, &uniform_ranks(&cfg, 8)).len()
+        );
     }
 }

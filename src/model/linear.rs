@@ -34,10 +34,15 @@ pub fn linear_forward<B: Backend>(
     rows: usize,
 ) -> Result<()> {
     match layer {
-        Linear::Dense { weight, bias } => matmul::linear_forward(be, y, x, weight, bias, rows, shape.inp, shape.out),
+        Linear::Dense { weight, bias } => {
+            matmul::linear_forward(be, y, x, weight, bias, rows, shape.inp, shape.out)
+        }
         Linear::LowRank { u, v, bias } => {
-            let h = h.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its intermediate buffer"))?;
-            let r = shape.rank.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its rank"))?;
+            let h =
+                h.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its intermediate buffer"))?;
+            let r = shape
+                .rank
+                .ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its rank"))?;
             lowrank::forward(be, y, h, x, v, u, bias, rows, shape.inp, r, shape.out)
         }
     }
@@ -62,16 +67,44 @@ pub fn linear_backward<B: Backend>(
 ) -> Result<()> {
     let (inp, out) = (shape.inp, shape.out);
     match (layer, grad) {
-        (Linear::Dense { weight, .. }, Linear::Dense { weight: dw, bias: db }) => {
+        (
+            Linear::Dense { weight, .. },
+            Linear::Dense {
+                weight: dw,
+                bias: db,
+            },
+        ) => {
             matmul::matmul(be, dw, dy, x, out, inp, rows, true, false, true)?;
             matmul::bias_backward(be, db, dy, rows, out)?;
             if let Some(dx) = dx {
-                matmul::matmul(be, dx, dy, weight, rows, inp, out, false, false, accumulate_dx)?;
+                matmul::matmul(
+                    be,
+                    dx,
+                    dy,
+                    weight,
+                    rows,
+                    inp,
+                    out,
+                    false,
+                    false,
+                    accumulate_dx,
+                )?;
             }
         }
-        (Linear::LowRank { u, v, .. }, Linear::LowRank { u: du, v: dv, bias: db }) => {
-            let r = shape.rank.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its rank"))?;
-            let h = h.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its forward intermediate"))?;
+        (
+            Linear::LowRank { u, v, .. },
+            Linear::LowRank {
+                u: du,
+                v: dv,
+                bias: db,
+            },
+        ) => {
+            let r = shape
+                .rank
+                .ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its rank"))?;
+            let h = h.ok_or_else(|| {
+                anyhow::anyhow!("a low-rank layer needs its forward intermediate")
+            })?;
             let dh = dh.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs scratch for dh"))?;
             matmul::matmul(be, du, dy, h, out, r, rows, true, false, true)?;
             matmul::bias_backward(be, db, dy, rows, out)?;

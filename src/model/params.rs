@@ -42,7 +42,14 @@ pub enum BlockLinear {
 
 impl BlockLinear {
     /// Every layer, in the block's order.
-    pub const ALL: [BlockLinear; 6] = [BlockLinear::Q, BlockLinear::K, BlockLinear::V, BlockLinear::Proj, BlockLinear::Fc1, BlockLinear::Fc2];
+    pub const ALL: [BlockLinear; 6] = [
+        BlockLinear::Q,
+        BlockLinear::K,
+        BlockLinear::V,
+        BlockLinear::Proj,
+        BlockLinear::Fc1,
+        BlockLinear::Fc2,
+    ];
 
     /// Tensor-name stem inside a block: `attn.q` ... `mlp.fc2` (timm's names).
     pub fn name(self) -> &'static str {
@@ -71,7 +78,9 @@ impl BlockLinear {
     /// (out, in) of this layer in a model of shape `cfg`.
     pub fn shape(self, cfg: &VitConfig) -> (usize, usize) {
         match self {
-            BlockLinear::Q | BlockLinear::K | BlockLinear::V | BlockLinear::Proj => (cfg.width, cfg.width),
+            BlockLinear::Q | BlockLinear::K | BlockLinear::V | BlockLinear::Proj => {
+                (cfg.width, cfg.width)
+            }
             BlockLinear::Fc1 => (cfg.mlp, cfg.width),
             BlockLinear::Fc2 => (cfg.width, cfg.mlp),
         }
@@ -139,13 +148,22 @@ pub fn is_lowrank(ranks: &Ranks) -> bool {
 
 /// The largest rank any layer of `cfg` can take: the smallest min(out, in).
 pub fn max_rank(cfg: &VitConfig) -> usize {
-    BlockLinear::ALL.iter().map(|l| l.shape(cfg)).map(|(o, i)| o.min(i)).min().unwrap_or(1)
+    BlockLinear::ALL
+        .iter()
+        .map(|l| l.shape(cfg))
+        .map(|(o, i)| o.min(i))
+        .min()
+        .unwrap_or(1)
 }
 
 /// Check every rank against its layer: 1 <= r <= min(out, in).
 pub fn validate_ranks(cfg: &VitConfig, ranks: &Ranks) -> Result<()> {
     if ranks.len() != cfg.depth {
-        bail!("ranks given for {} blocks, the model has {}", ranks.len(), cfg.depth);
+        bail!(
+            "ranks given for {} blocks, the model has {}",
+            ranks.len(),
+            cfg.depth
+        );
     }
     for (i, b) in ranks.iter().enumerate() {
         for (layer, r) in b.iter() {
@@ -268,7 +286,11 @@ fn linear_specs(out: &mut Vec<TensorSpec>, prefix: &str, o: usize, i: usize, ran
 pub fn param_specs(cfg: &VitConfig, ranks: &Ranks) -> Vec<TensorSpec> {
     let d = cfg.width;
     let mut s = vec![
-        spec("patch_embed.proj.weight".into(), vec![d, cfg.channels, cfg.patch, cfg.patch], true),
+        spec(
+            "patch_embed.proj.weight".into(),
+            vec![d, cfg.channels, cfg.patch, cfg.patch],
+            true,
+        ),
         spec("patch_embed.proj.bias".into(), vec![d], false),
         spec("cls_token".into(), vec![1, 1, d], false),
         spec("pos_embed".into(), vec![1, cfg.tokens(), d], false),
@@ -280,7 +302,12 @@ pub fn param_specs(cfg: &VitConfig, ranks: &Ranks) -> Vec<TensorSpec> {
             let (o, inp) = l.shape(cfg);
             linear_specs(s, &format!("blocks.{i}.{}", l.name()), o, inp, br[l]);
         };
-        for l in [BlockLinear::Q, BlockLinear::K, BlockLinear::V, BlockLinear::Proj] {
+        for l in [
+            BlockLinear::Q,
+            BlockLinear::K,
+            BlockLinear::V,
+            BlockLinear::Proj,
+        ] {
             linear(&mut s, l);
         }
         s.push(spec(format!("blocks.{i}.norm2.weight"), vec![d], false));
@@ -315,17 +342,31 @@ fn linear_push_mut<'a, T>(out: &mut Vec<&'a mut T>, l: &'a mut Linear<T>) {
 }
 
 fn linear_take<T>(it: &mut impl Iterator<Item = T>, rank: Option<usize>) -> Linear<T> {
-    let mut next = || it.next().expect("param_specs and VitParams::from_tensors agree");
+    let mut next = || {
+        it.next()
+            .expect("param_specs and VitParams::from_tensors agree")
+    };
     match rank {
-        None => Linear::Dense { weight: next(), bias: next() },
-        Some(_) => Linear::LowRank { u: next(), v: next(), bias: next() },
+        None => Linear::Dense {
+            weight: next(),
+            bias: next(),
+        },
+        Some(_) => Linear::LowRank {
+            u: next(),
+            v: next(),
+            bias: next(),
+        },
     }
 }
 
 impl<T> VitParams<T> {
     /// Build from tensors given in `param_specs` order.
     pub fn from_tensors(cfg: &VitConfig, ranks: &Ranks, tensors: Vec<T>) -> Self {
-        assert_eq!(tensors.len(), param_specs(cfg, ranks).len(), "one tensor per spec");
+        assert_eq!(
+            tensors.len(),
+            param_specs(cfg, ranks).len(),
+            "one tensor per spec"
+        );
         let mut it = tensors.into_iter();
         let next = |it: &mut std::vec::IntoIter<T>| it.next().expect("counted above");
         let patch_w = next(&mut it);
@@ -344,17 +385,44 @@ impl<T> VitParams<T> {
             let norm2_b = next(&mut it);
             let fc1 = linear_take(&mut it, br[BlockLinear::Fc1]);
             let fc2 = linear_take(&mut it, br[BlockLinear::Fc2]);
-            blocks.push(Block { norm1_w, norm1_b, q, k, v, proj, norm2_w, norm2_b, fc1, fc2 });
+            blocks.push(Block {
+                norm1_w,
+                norm1_b,
+                q,
+                k,
+                v,
+                proj,
+                norm2_w,
+                norm2_b,
+                fc1,
+                fc2,
+            });
         }
         let norm_w = next(&mut it);
         let norm_b = next(&mut it);
         let head = linear_take(&mut it, None);
-        VitParams { patch_w, patch_b, cls, pos, blocks, norm_w, norm_b, head }
+        VitParams {
+            patch_w,
+            patch_b,
+            cls,
+            pos,
+            blocks,
+            norm_w,
+            norm_b,
+            head,
+        }
     }
 
     /// Build by calling `make` on each spec, in order.
-    pub fn build<E>(cfg: &VitConfig, ranks: &Ranks, mut make: impl FnMut(&TensorSpec) -> Result<T, E>) -> Result<Self, E> {
-        let tensors = param_specs(cfg, ranks).iter().map(&mut make).collect::<Result<Vec<T>, E>>()?;
+    pub fn build<E>(
+        cfg: &VitConfig,
+        ranks: &Ranks,
+        mut make: impl FnMut(&TensorSpec) -> Result<T, E>,
+    ) -> Result<Self, E> {
+        let tensors = param_specs(cfg, ranks)
+            .iter()
+            .map(&mut make)
+            .collect::<Result<Vec<T>, E>>()?;
         Ok(Self::from_tensors(cfg, ranks, tensors))
     }
 
@@ -378,7 +446,12 @@ impl<T> VitParams<T> {
 
     /// Every tensor, mutably, in `param_specs` order.
     pub fn tensors_mut(&mut self) -> Vec<&mut T> {
-        let mut out = vec![&mut self.patch_w, &mut self.patch_b, &mut self.cls, &mut self.pos];
+        let mut out = vec![
+            &mut self.patch_w,
+            &mut self.patch_b,
+            &mut self.cls,
+            &mut self.pos,
+        ];
         for b in &mut self.blocks {
             out.push(&mut b.norm1_w);
             out.push(&mut b.norm1_b);
@@ -398,9 +471,18 @@ impl<T> VitParams<T> {
     }
 
     /// The same structure with every tensor mapped through `f` (with its spec).
-    pub fn map<U, E>(&self, cfg: &VitConfig, ranks: &Ranks, mut f: impl FnMut(&TensorSpec, &T) -> Result<U, E>) -> Result<VitParams<U>, E> {
+    pub fn map<U, E>(
+        &self,
+        cfg: &VitConfig,
+        ranks: &Ranks,
+        mut f: impl FnMut(&TensorSpec, &T) -> Result<U, E>,
+    ) -> Result<VitParams<U>, E> {
         let specs = param_specs(cfg, ranks);
-        let mapped = specs.iter().zip(self.tensors()).map(|(s, t)| f(s, t)).collect::<Result<Vec<U>, E>>()?;
+        let mapped = specs
+            .iter()
+            .zip(self.tensors())
+            .map(|(s, t)| f(s, t))
+            .collect::<Result<Vec<U>, E>>()?;
         Ok(VitParams::from_tensors(cfg, ranks, mapped))
     }
 }
@@ -429,7 +511,8 @@ mod tests {
         let dense = param_count(&cfg, &dense_ranks(&cfg));
         let d = cfg.width;
         let per_block_dense = 4 * lin(d, d, None) + lin(cfg.mlp, d, None) + lin(d, cfg.mlp, None);
-        let per_block_lr = 4 * lin(d, d, Some(r)) + lin(cfg.mlp, d, Some(r)) + lin(d, cfg.mlp, Some(r));
+        let per_block_lr =
+            4 * lin(d, d, Some(r)) + lin(cfg.mlp, d, Some(r)) + lin(d, cfg.mlp, Some(r));
         let expect = dense - cfg.depth * (per_block_dense - per_block_lr);
         assert_eq!(param_count(&cfg, &uniform_ranks(&cfg, r)), expect);
     }
@@ -440,7 +523,8 @@ mod tests {
         let mut ranks = dense_ranks(&cfg);
         ranks[1][BlockLinear::Fc1] = Some(3);
         let specs = param_specs(&cfg, &ranks);
-        let p: VitParams<String> = VitParams::build(&cfg, &ranks, |s| Ok::<_, ()>(s.name.clone())).unwrap();
+        let p: VitParams<String> =
+            VitParams::build(&cfg, &ranks, |s| Ok::<_, ()>(s.name.clone())).unwrap();
         let names: Vec<&String> = p.tensors();
         assert_eq!(names.len(), specs.len());
         for (n, s) in names.iter().zip(&specs) {
@@ -455,17 +539,33 @@ mod tests {
     fn ranks_serialize_as_arrays_in_block_order() {
         let mut r = BlockRanks::default();
         r[BlockLinear::Proj] = Some(7);
-        assert_eq!(serde_json::to_string(&r).unwrap(), "[null,null,null,7,null,null]");
-        assert_eq!(serde_json::from_str::<BlockRanks>("[null,null,null,7,null,null]").unwrap(), r);
-        assert_eq!(BlockLinear::ALL.map(|l| l.short()).join(","), "q,k,v,proj,fc1,fc2");
+        assert_eq!(
+            serde_json::to_string(&r).unwrap(),
+            "[null,null,null,7,null,null]"
+        );
+        assert_eq!(
+            serde_json::from_str::<BlockRanks>("[null,null,null,7,null,null]").unwrap(),
+            r
+        );
+        assert_eq!(
+            BlockLinear::ALL.map(|l| l.short()).join(","),
+            "q,k,v,proj,fc1,fc2"
+        );
     }
 
     #[test]
     fn ranks_out_of_range_name_the_layer_and_shape() {
         let cfg = VitConfig::preset("vit-demo", 10).unwrap();
-        let e = validate_ranks(&cfg, &uniform_ranks(&cfg, 65)).unwrap_err().to_string();
-        assert!(e.contains("blocks.0.attn.q") && e.contains("[64, 64]"), "{e}");
-        let e = validate_ranks(&cfg, &uniform_ranks(&cfg, 0)).unwrap_err().to_string();
+        let e = validate_ranks(&cfg, &uniform_ranks(&cfg, 65))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("blocks.0.attn.q") && e.contains("[64, 64]"),
+            "{e}"
+        );
+        let e = validate_ranks(&cfg, &uniform_ranks(&cfg, 0))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rank 0"), "{e}");
     }
 }

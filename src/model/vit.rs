@@ -173,31 +173,55 @@ pub struct VitBackwardScratch<B: Backend> {
 
 impl<B: Backend> Vit<B> {
     /// Upload host parameters (in `param_specs` order) to the device.
-    pub fn from_host(be: &B, cfg: &VitConfig, ranks: &Ranks, host: &VitParams<Vec<f32>>) -> Result<Self> {
+    pub fn from_host(
+        be: &B,
+        cfg: &VitConfig,
+        ranks: &Ranks,
+        host: &VitParams<Vec<f32>>,
+    ) -> Result<Self> {
         cfg.validate()?;
         validate_ranks(cfg, ranks)?;
         let params = host.map(cfg, ranks, |spec, t| {
             if t.len() != spec.numel() {
-                bail!("tensor {} has {} values, its shape {:?} needs {}", spec.name, t.len(), spec.shape, spec.numel());
+                bail!(
+                    "tensor {} has {} values, its shape {:?} needs {}",
+                    spec.name,
+                    t.len(),
+                    spec.shape,
+                    spec.numel()
+                );
             }
             be.upload(t, BufKind::Param)
         })?;
-        Ok(Vit { cfg: cfg.clone(), ranks: ranks.clone(), params, fused_add_layernorm: be.fuse_add_layernorm(), class_token_tail: be.trains_class_token_tail(), class_token_query: be.class_token_query() })
+        Ok(Vit {
+            cfg: cfg.clone(),
+            ranks: ranks.clone(),
+            params,
+            fused_add_layernorm: be.fuse_add_layernorm(),
+            class_token_tail: be.trains_class_token_tail(),
+            class_token_query: be.class_token_query(),
+        })
     }
 
     /// Download the parameters to the host.
     pub fn to_host(&self, be: &B) -> Result<VitParams<Vec<f32>>> {
-        self.params.map(&self.cfg, &self.ranks, |_, t| be.download(t))
+        self.params
+            .map(&self.cfg, &self.ranks, |_, t| be.download(t))
     }
 
     /// Zero-filled gradients with the parameters' structure.
     pub fn zeros_like(&self, be: &B) -> Result<Grads<B>> {
-        VitParams::build(&self.cfg, &self.ranks, |s| be.alloc(s.numel(), BufKind::Param))
+        VitParams::build(&self.cfg, &self.ranks, |s| {
+            be.alloc(s.numel(), BufKind::Param)
+        })
     }
 
     /// Set every gradient to zero.
     pub fn zero_grads(&self, be: &B, grads: &mut Grads<B>) -> Result<()> {
-        for (spec, g) in param_specs(&self.cfg, &self.ranks).iter().zip(grads.tensors_mut()) {
+        for (spec, g) in param_specs(&self.cfg, &self.ranks)
+            .iter()
+            .zip(grads.tensors_mut())
+        {
             be.zero(g, spec.numel())?;
         }
         Ok(())
@@ -205,15 +229,27 @@ impl<B: Backend> Vit<B> {
 
     fn linear_shape(&self, block: usize, l: BlockLinear) -> LinearShape {
         let (out, inp) = l.shape(&self.cfg);
-        LinearShape { inp, out, rank: self.ranks[block][l] }
+        LinearShape {
+            inp,
+            out,
+            rank: self.ranks[block][l],
+        }
     }
 
     fn head_shape(&self) -> LinearShape {
-        LinearShape { inp: self.cfg.width, out: self.cfg.classes, rank: None }
+        LinearShape {
+            inp: self.cfg.width,
+            out: self.cfg.classes,
+            rank: None,
+        }
     }
 
     fn patch_shape(&self) -> LinearShape {
-        LinearShape { inp: self.cfg.patch_dim(), out: self.cfg.width, rank: None }
+        LinearShape {
+            inp: self.cfg.patch_dim(),
+            out: self.cfg.width,
+            rank: None,
+        }
     }
 
     /// Allocate activations for up to `max_batch` images.
@@ -277,7 +313,13 @@ impl<B: Backend> Vit<B> {
     pub fn new_scratch(&self, be: &B, max_batch: usize) -> Result<VitBackwardScratch<B>> {
         let c = &self.cfg;
         let (n, d) = (max_batch * c.tokens(), c.width);
-        let max_rank = self.ranks.iter().flat_map(|b| b.values().flatten()).copied().max().unwrap_or(1);
+        let max_rank = self
+            .ranks
+            .iter()
+            .flat_map(|b| b.values().flatten())
+            .copied()
+            .max()
+            .unwrap_or(1);
         let a = |len: usize| be.alloc(len, BufKind::Activation);
         Ok(VitBackwardScratch {
             dx: a(n * d)?,
@@ -316,14 +358,33 @@ impl<B: Backend> Vit<B> {
     /// The forward a training loss needs: `forward_logits` when the loss
     /// reads only the logits and `class_token_tail` is on (module doc),
     /// else `forward` (every token; the feature loss reads them all).
-    pub fn forward_for_loss(&self, be: &B, acts: &mut VitActs<B>, batch: usize, needs_features: bool) -> Result<()> {
-        let outputs = if self.class_token_tail && !needs_features { Outputs::LogitsOnly } else { Outputs::Everything };
+    pub fn forward_for_loss(
+        &self,
+        be: &B,
+        acts: &mut VitActs<B>,
+        batch: usize,
+        needs_features: bool,
+    ) -> Result<()> {
+        let outputs = if self.class_token_tail && !needs_features {
+            Outputs::LogitsOnly
+        } else {
+            Outputs::Everything
+        };
         self.forward_to(be, acts, batch, outputs)
     }
 
-    fn forward_to(&self, be: &B, acts: &mut VitActs<B>, batch: usize, outputs: Outputs) -> Result<()> {
+    fn forward_to(
+        &self,
+        be: &B,
+        acts: &mut VitActs<B>,
+        batch: usize,
+        outputs: Outputs,
+    ) -> Result<()> {
         if batch == 0 || batch > acts.max_batch {
-            bail!("batch {batch} outside 1..={} (the activations' capacity)", acts.max_batch);
+            bail!(
+                "batch {batch} outside 1..={} (the activations' capacity)",
+                acts.max_batch
+            );
         }
         let c = &self.cfg;
         let p = &self.params;
@@ -332,9 +393,35 @@ impl<B: Backend> Vit<B> {
         let np = batch * c.n_patches();
         acts.forwarded = None;
 
-        embed::patch_gather(be, &mut acts.patches, &acts.images, batch, c.channels, c.image_size, c.patch)?;
-        matmul::linear_forward(be, &mut acts.patch_out, &acts.patches, &p.patch_w, &p.patch_b, np, self.patch_shape().inp, d)?;
-        embed::tokens_forward(be, &mut acts.blocks[0].x_in, &acts.patch_out, &p.cls, &p.pos, batch, c.n_patches(), d)?;
+        embed::patch_gather(
+            be,
+            &mut acts.patches,
+            &acts.images,
+            batch,
+            c.channels,
+            c.image_size,
+            c.patch,
+        )?;
+        matmul::linear_forward(
+            be,
+            &mut acts.patch_out,
+            &acts.patches,
+            &p.patch_w,
+            &p.patch_b,
+            np,
+            self.patch_shape().inp,
+            d,
+        )?;
+        embed::tokens_forward(
+            be,
+            &mut acts.blocks[0].x_in,
+            &acts.patch_out,
+            &p.cls,
+            &p.pos,
+            batch,
+            c.n_patches(),
+            d,
+        )?;
 
         for l in 0..c.depth {
             let (done, rest) = acts.blocks.split_at_mut(l + 1);
@@ -342,29 +429,105 @@ impl<B: Backend> Vit<B> {
             let bp = &p.blocks[l];
             // On the fused path the previous block wrote this LN1 with its output.
             if !(self.fused_add_layernorm && l > 0) {
-                layernorm::forward(be, &mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, &a.x_in, &bp.norm1_w, &bp.norm1_b, n, d, c.ln_eps)?;
+                layernorm::forward(
+                    be,
+                    &mut a.ln1,
+                    &mut a.ln1_mean,
+                    &mut a.ln1_rstd,
+                    &a.x_in,
+                    &bp.norm1_w,
+                    &bp.norm1_b,
+                    n,
+                    d,
+                    c.ln_eps,
+                )?;
             }
-            linear_forward(be, &bp.k, self.linear_shape(l, BlockLinear::K), &mut a.k, a.h[BlockLinear::K].as_mut(), &a.ln1, n)?;
-            linear_forward(be, &bp.v, self.linear_shape(l, BlockLinear::V), &mut a.v, a.h[BlockLinear::V].as_mut(), &a.ln1, n)?;
+            linear_forward(
+                be,
+                &bp.k,
+                self.linear_shape(l, BlockLinear::K),
+                &mut a.k,
+                a.h[BlockLinear::K].as_mut(),
+                &a.ln1,
+                n,
+            )?;
+            linear_forward(
+                be,
+                &bp.v,
+                self.linear_shape(l, BlockLinear::V),
+                &mut a.v,
+                a.h[BlockLinear::V].as_mut(),
+                &a.ln1,
+                n,
+            )?;
             let class_rows = rest.is_empty() && outputs == Outputs::LogitsOnly;
             if class_rows && self.class_token_query {
                 // Only the class token's row of this block reaches the logits: its query alone.
                 embed::cls_gather(be, &mut acts.cls_ln1, &a.ln1, batch, t, d)?;
-                linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut acts.cls_q, a.h[BlockLinear::Q].as_mut(), &acts.cls_ln1, batch)?;
-                attention::class_token_forward(be, &mut acts.cls_attn, &mut acts.cls_probs, &acts.cls_q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
+                linear_forward(
+                    be,
+                    &bp.q,
+                    self.linear_shape(l, BlockLinear::Q),
+                    &mut acts.cls_q,
+                    a.h[BlockLinear::Q].as_mut(),
+                    &acts.cls_ln1,
+                    batch,
+                )?;
+                attention::class_token_forward(
+                    be,
+                    &mut acts.cls_attn,
+                    &mut acts.cls_probs,
+                    &acts.cls_q,
+                    &a.k,
+                    &a.v,
+                    batch,
+                    t,
+                    c.heads,
+                    c.head_dim(),
+                )?;
             } else {
-                linear_forward(be, &bp.q, self.linear_shape(l, BlockLinear::Q), &mut a.q, a.h[BlockLinear::Q].as_mut(), &a.ln1, n)?;
-                attention::forward(be, &mut a.attn, &mut a.probs, &a.q, &a.k, &a.v, batch, t, c.heads, c.head_dim())?;
+                linear_forward(
+                    be,
+                    &bp.q,
+                    self.linear_shape(l, BlockLinear::Q),
+                    &mut a.q,
+                    a.h[BlockLinear::Q].as_mut(),
+                    &a.ln1,
+                    n,
+                )?;
+                attention::forward(
+                    be,
+                    &mut a.attn,
+                    &mut a.probs,
+                    &a.q,
+                    &a.k,
+                    &a.v,
+                    batch,
+                    t,
+                    c.heads,
+                    c.head_dim(),
+                )?;
                 if class_rows {
                     embed::cls_gather(be, &mut acts.cls_attn, &a.attn, batch, t, d)?;
                 }
             }
             match (rest.first_mut(), outputs) {
-                (Some(next), _) => self.block_tail(be, l, a, None, BlockOut::Next(next, l + 1), n)?,
-                (None, Outputs::Everything) => self.block_tail(be, l, a, None, BlockOut::Buf(&mut acts.x_out), n)?,
+                (Some(next), _) => {
+                    self.block_tail(be, l, a, None, BlockOut::Next(next, l + 1), n)?
+                }
+                (None, Outputs::Everything) => {
+                    self.block_tail(be, l, a, None, BlockOut::Buf(&mut acts.x_out), n)?
+                }
                 (None, Outputs::LogitsOnly) => {
                     embed::cls_gather(be, &mut acts.cls_x_in, &a.x_in, batch, t, d)?;
-                    self.block_tail(be, l, a, Some((&acts.cls_x_in, &acts.cls_attn)), BlockOut::Buf(&mut acts.cls), batch)?;
+                    self.block_tail(
+                        be,
+                        l,
+                        a,
+                        Some((&acts.cls_x_in, &acts.cls_attn)),
+                        BlockOut::Buf(&mut acts.cls),
+                        batch,
+                    )?;
                 }
             }
         }
@@ -372,8 +535,27 @@ impl<B: Backend> Vit<B> {
         if outputs == Outputs::Everything {
             embed::cls_gather(be, &mut acts.cls, &acts.x_out, batch, t, d)?;
         }
-        layernorm::forward(be, &mut acts.cls_ln, &mut acts.cls_mean, &mut acts.cls_rstd, &acts.cls, &p.norm_w, &p.norm_b, batch, d, c.ln_eps)?;
-        linear_forward(be, &p.head, self.head_shape(), &mut acts.logits, None, &acts.cls_ln, batch)?;
+        layernorm::forward(
+            be,
+            &mut acts.cls_ln,
+            &mut acts.cls_mean,
+            &mut acts.cls_rstd,
+            &acts.cls,
+            &p.norm_w,
+            &p.norm_b,
+            batch,
+            d,
+            c.ln_eps,
+        )?;
+        linear_forward(
+            be,
+            &p.head,
+            self.head_shape(),
+            &mut acts.logits,
+            None,
+            &acts.cls_ln,
+            batch,
+        )?;
         acts.forwarded = Some((outputs, batch));
         Ok(())
     }
@@ -383,24 +565,93 @@ impl<B: Backend> Vit<B> {
     /// `m = x_in + proj(attn)`, `x_next = m + fc2(GELU(fc1(LN2(m))))`.
     /// `x_in` and `attn` are the block's own (`a.x_in`, `a.attn`) unless
     /// `inputs` gives other rows of them.
-    fn block_tail(&self, be: &B, l: usize, a: &mut BlockActs<B::Buf>, inputs: Option<(&B::Buf, &B::Buf)>, out: BlockOut<'_, B::Buf>, rows: usize) -> Result<()> {
+    fn block_tail(
+        &self,
+        be: &B,
+        l: usize,
+        a: &mut BlockActs<B::Buf>,
+        inputs: Option<(&B::Buf, &B::Buf)>,
+        out: BlockOut<'_, B::Buf>,
+        rows: usize,
+    ) -> Result<()> {
         let (c, bp) = (&self.cfg, &self.params.blocks[l]);
         let d = c.width;
         let (x_in, attn) = inputs.unwrap_or((&a.x_in, &a.attn));
-        linear_forward(be, &bp.proj, self.linear_shape(l, BlockLinear::Proj), &mut a.attn_out, a.h[BlockLinear::Proj].as_mut(), attn, rows)?;
+        linear_forward(
+            be,
+            &bp.proj,
+            self.linear_shape(l, BlockLinear::Proj),
+            &mut a.attn_out,
+            a.h[BlockLinear::Proj].as_mut(),
+            attn,
+            rows,
+        )?;
         if self.fused_add_layernorm {
-            add_layernorm::forward(be, &mut a.x_mid, &mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, x_in, &a.attn_out, &bp.norm2_w, &bp.norm2_b, rows, d, c.ln_eps)?;
+            add_layernorm::forward(
+                be,
+                &mut a.x_mid,
+                &mut a.ln2,
+                &mut a.ln2_mean,
+                &mut a.ln2_rstd,
+                x_in,
+                &a.attn_out,
+                &bp.norm2_w,
+                &bp.norm2_b,
+                rows,
+                d,
+                c.ln_eps,
+            )?;
         } else {
             add::add(be, &mut a.x_mid, x_in, &a.attn_out, rows * d)?;
-            layernorm::forward(be, &mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, &a.x_mid, &bp.norm2_w, &bp.norm2_b, rows, d, c.ln_eps)?;
+            layernorm::forward(
+                be,
+                &mut a.ln2,
+                &mut a.ln2_mean,
+                &mut a.ln2_rstd,
+                &a.x_mid,
+                &bp.norm2_w,
+                &bp.norm2_b,
+                rows,
+                d,
+                c.ln_eps,
+            )?;
         }
-        linear_forward(be, &bp.fc1, self.linear_shape(l, BlockLinear::Fc1), &mut a.fc1_pre, a.h[BlockLinear::Fc1].as_mut(), &a.ln2, rows)?;
+        linear_forward(
+            be,
+            &bp.fc1,
+            self.linear_shape(l, BlockLinear::Fc1),
+            &mut a.fc1_pre,
+            a.h[BlockLinear::Fc1].as_mut(),
+            &a.ln2,
+            rows,
+        )?;
         gelu::forward(be, &mut a.fc1_act, &a.fc1_pre, rows * c.mlp)?;
-        linear_forward(be, &bp.fc2, self.linear_shape(l, BlockLinear::Fc2), &mut a.mlp_out, a.h[BlockLinear::Fc2].as_mut(), &a.fc1_act, rows)?;
+        linear_forward(
+            be,
+            &bp.fc2,
+            self.linear_shape(l, BlockLinear::Fc2),
+            &mut a.mlp_out,
+            a.h[BlockLinear::Fc2].as_mut(),
+            &a.fc1_act,
+            rows,
+        )?;
         match out {
             BlockOut::Next(next, nl) if self.fused_add_layernorm => {
                 let np = &self.params.blocks[nl];
-                add_layernorm::forward(be, &mut next.x_in, &mut next.ln1, &mut next.ln1_mean, &mut next.ln1_rstd, &a.x_mid, &a.mlp_out, &np.norm1_w, &np.norm1_b, rows, d, c.ln_eps)
+                add_layernorm::forward(
+                    be,
+                    &mut next.x_in,
+                    &mut next.ln1,
+                    &mut next.ln1_mean,
+                    &mut next.ln1_rstd,
+                    &a.x_mid,
+                    &a.mlp_out,
+                    &np.norm1_w,
+                    &np.norm1_b,
+                    rows,
+                    d,
+                    c.ln_eps,
+                )
             }
             BlockOut::Next(next, _) => add::add(be, &mut next.x_in, &a.x_mid, &a.mlp_out, rows * d),
             BlockOut::Buf(x_next) => add::add(be, x_next, &a.x_mid, &a.mlp_out, rows * d),
@@ -430,12 +681,18 @@ impl<B: Backend> Vit<B> {
         let n = batch * t;
         let tail = match acts.forwarded {
             None => bail!("backward needs a forward pass on these activations first"),
-            Some((_, b)) if b != batch => bail!("backward of a batch of {batch} after a forward of {b}"),
+            Some((_, b)) if b != batch => {
+                bail!("backward of a batch of {batch} after a forward of {b}")
+            }
             Some((outputs, _)) => outputs == Outputs::LogitsOnly,
         };
         if let Some(f) = feature_grads {
             if f.len() != c.depth {
-                bail!("feature gradients for {} blocks, the model has {}", f.len(), c.depth);
+                bail!(
+                    "feature gradients for {} blocks, the model has {}",
+                    f.len(),
+                    c.depth
+                );
             }
             if tail {
                 bail!("the feature loss reads every token of the last block: backward after `forward`, not `forward_logits`");
@@ -443,9 +700,33 @@ impl<B: Backend> Vit<B> {
         }
 
         // Head and final LayerNorm on the class token.
-        linear_backward(be, &p.head, &mut grads.head, self.head_shape(), Some(&mut s.d_cls_ln), false, d_logits, &acts.cls_ln, None, None, batch)?;
+        linear_backward(
+            be,
+            &p.head,
+            &mut grads.head,
+            self.head_shape(),
+            Some(&mut s.d_cls_ln),
+            false,
+            d_logits,
+            &acts.cls_ln,
+            None,
+            None,
+            batch,
+        )?;
         be.zero(&mut s.d_cls, batch * d)?;
-        layernorm::backward(be, &mut s.d_cls, &mut grads.norm_w, &mut grads.norm_b, &s.d_cls_ln, &acts.cls, &acts.cls_mean, &acts.cls_rstd, &p.norm_w, batch, d)?;
+        layernorm::backward(
+            be,
+            &mut s.d_cls,
+            &mut grads.norm_w,
+            &mut grads.norm_b,
+            &s.d_cls_ln,
+            &acts.cls,
+            &acts.cls_mean,
+            &acts.cls_rstd,
+            &p.norm_w,
+            batch,
+            d,
+        )?;
         be.zero(&mut s.dx, n * d)?;
         if !tail {
             embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
@@ -473,14 +754,70 @@ impl<B: Backend> Vit<B> {
             if let Some(f) = feature_grads {
                 add::add_assign(be, &mut s.d_sub, &f[l].1, n * d)?;
             }
-            linear_backward(be, &bp.fc2, &mut g.fc2, self.linear_shape(l, BlockLinear::Fc2), Some(&mut s.d_hidden), false, &s.d_sub, &a.fc1_act, a.h[BlockLinear::Fc2].as_ref(), Some(&mut s.dh), rows)?;
-            gelu::backward(be, &mut s.d_hidden2, &a.fc1_pre, &a.fc1_act, &s.d_hidden, rows * c.mlp)?;
-            linear_backward(be, &bp.fc1, &mut g.fc1, self.linear_shape(l, BlockLinear::Fc1), Some(&mut s.d_ln), false, &s.d_hidden2, &a.ln2, a.h[BlockLinear::Fc1].as_ref(), Some(&mut s.dh), rows)?;
+            linear_backward(
+                be,
+                &bp.fc2,
+                &mut g.fc2,
+                self.linear_shape(l, BlockLinear::Fc2),
+                Some(&mut s.d_hidden),
+                false,
+                &s.d_sub,
+                &a.fc1_act,
+                a.h[BlockLinear::Fc2].as_ref(),
+                Some(&mut s.dh),
+                rows,
+            )?;
+            gelu::backward(
+                be,
+                &mut s.d_hidden2,
+                &a.fc1_pre,
+                &a.fc1_act,
+                &s.d_hidden,
+                rows * c.mlp,
+            )?;
+            linear_backward(
+                be,
+                &bp.fc1,
+                &mut g.fc1,
+                self.linear_shape(l, BlockLinear::Fc1),
+                Some(&mut s.d_ln),
+                false,
+                &s.d_hidden2,
+                &a.ln2,
+                a.h[BlockLinear::Fc1].as_ref(),
+                Some(&mut s.dh),
+                rows,
+            )?;
             // m feeds both the residual and LN2: the LN2 gradient is added.
             if fused {
-                add_layernorm::backward(be, d_out, &mut s.d_sub, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, rows, d)?;
+                add_layernorm::backward(
+                    be,
+                    d_out,
+                    &mut s.d_sub,
+                    &mut g.norm2_w,
+                    &mut g.norm2_b,
+                    &s.d_ln,
+                    &a.x_mid,
+                    &a.ln2_mean,
+                    &a.ln2_rstd,
+                    &bp.norm2_w,
+                    rows,
+                    d,
+                )?;
             } else {
-                layernorm::backward(be, d_out, &mut g.norm2_w, &mut g.norm2_b, &s.d_ln, &a.x_mid, &a.ln2_mean, &a.ln2_rstd, &bp.norm2_w, rows, d)?;
+                layernorm::backward(
+                    be,
+                    d_out,
+                    &mut g.norm2_w,
+                    &mut g.norm2_b,
+                    &s.d_ln,
+                    &a.x_mid,
+                    &a.ln2_mean,
+                    &a.ln2_rstd,
+                    &bp.norm2_w,
+                    rows,
+                    d,
+                )?;
                 be.copy(&mut s.d_sub, d_out, rows * d)?;
             }
 
@@ -488,47 +825,220 @@ impl<B: Backend> Vit<B> {
             if let Some(f) = feature_grads {
                 add::add_assign(be, &mut s.d_sub, &f[l].0, n * d)?;
             }
-            let (q_shape, k_shape, v_shape) = (self.linear_shape(l, BlockLinear::Q), self.linear_shape(l, BlockLinear::K), self.linear_shape(l, BlockLinear::V));
+            let (q_shape, k_shape, v_shape) = (
+                self.linear_shape(l, BlockLinear::Q),
+                self.linear_shape(l, BlockLinear::K),
+                self.linear_shape(l, BlockLinear::V),
+            );
             if class_rows {
                 // The projection on the class-token rows; the other rows of
                 // the attention output and of x_in get zero gradient.
-                linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_cls_ln), false, &s.d_sub, &acts.cls_attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), batch)?;
+                linear_backward(
+                    be,
+                    &bp.proj,
+                    &mut g.proj,
+                    self.linear_shape(l, BlockLinear::Proj),
+                    Some(&mut s.d_cls_ln),
+                    false,
+                    &s.d_sub,
+                    &acts.cls_attn,
+                    a.h[BlockLinear::Proj].as_ref(),
+                    Some(&mut s.dh),
+                    batch,
+                )?;
                 embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
             } else {
-                linear_backward(be, &bp.proj, &mut g.proj, self.linear_shape(l, BlockLinear::Proj), Some(&mut s.d_attn), false, &s.d_sub, &a.attn, a.h[BlockLinear::Proj].as_ref(), Some(&mut s.dh), n)?;
+                linear_backward(
+                    be,
+                    &bp.proj,
+                    &mut g.proj,
+                    self.linear_shape(l, BlockLinear::Proj),
+                    Some(&mut s.d_attn),
+                    false,
+                    &s.d_sub,
+                    &a.attn,
+                    a.h[BlockLinear::Proj].as_ref(),
+                    Some(&mut s.dh),
+                    n,
+                )?;
             }
             if class_rows && self.class_token_query {
                 // Attention and Q on the class-token rows; K and V on every token.
-                attention::class_token_backward(be, &mut s.d_cls_q, &mut s.dk, &mut s.dv, &s.d_cls_ln, &acts.cls_q, &a.k, &a.v, &acts.cls_probs, batch, t, c.heads, c.head_dim())?;
-                linear_backward(be, &bp.k, &mut g.k, k_shape, Some(&mut s.d_ln), false, &s.dk, &a.ln1, a.h[BlockLinear::K].as_ref(), Some(&mut s.dh), n)?;
-                linear_backward(be, &bp.v, &mut g.v, v_shape, Some(&mut s.d_ln), true, &s.dv, &a.ln1, a.h[BlockLinear::V].as_ref(), Some(&mut s.dh), n)?;
+                attention::class_token_backward(
+                    be,
+                    &mut s.d_cls_q,
+                    &mut s.dk,
+                    &mut s.dv,
+                    &s.d_cls_ln,
+                    &acts.cls_q,
+                    &a.k,
+                    &a.v,
+                    &acts.cls_probs,
+                    batch,
+                    t,
+                    c.heads,
+                    c.head_dim(),
+                )?;
+                linear_backward(
+                    be,
+                    &bp.k,
+                    &mut g.k,
+                    k_shape,
+                    Some(&mut s.d_ln),
+                    false,
+                    &s.dk,
+                    &a.ln1,
+                    a.h[BlockLinear::K].as_ref(),
+                    Some(&mut s.dh),
+                    n,
+                )?;
+                linear_backward(
+                    be,
+                    &bp.v,
+                    &mut g.v,
+                    v_shape,
+                    Some(&mut s.d_ln),
+                    true,
+                    &s.dv,
+                    &a.ln1,
+                    a.h[BlockLinear::V].as_ref(),
+                    Some(&mut s.dh),
+                    n,
+                )?;
                 // s.d_cls_ln (read by the attention above) now takes Q's input gradient, the class-token rows of LN1's.
-                linear_backward(be, &bp.q, &mut g.q, q_shape, Some(&mut s.d_cls_ln), false, &s.d_cls_q, &acts.cls_ln1, a.h[BlockLinear::Q].as_ref(), Some(&mut s.dh), batch)?;
+                linear_backward(
+                    be,
+                    &bp.q,
+                    &mut g.q,
+                    q_shape,
+                    Some(&mut s.d_cls_ln),
+                    false,
+                    &s.d_cls_q,
+                    &acts.cls_ln1,
+                    a.h[BlockLinear::Q].as_ref(),
+                    Some(&mut s.dh),
+                    batch,
+                )?;
                 embed::cls_scatter_add(be, &mut s.d_ln, &s.d_cls_ln, batch, t, d)?;
             } else {
                 if class_rows {
                     be.zero(&mut s.d_attn, n * d)?;
                     embed::cls_scatter_add(be, &mut s.d_attn, &s.d_cls_ln, batch, t, d)?;
                 }
-                attention::backward(be, &mut s.dq, &mut s.dk, &mut s.dv, &s.d_attn, &a.q, &a.k, &a.v, &a.probs, batch, t, c.heads, c.head_dim())?;
-                linear_backward(be, &bp.q, &mut g.q, q_shape, Some(&mut s.d_ln), false, &s.dq, &a.ln1, a.h[BlockLinear::Q].as_ref(), Some(&mut s.dh), n)?;
-                linear_backward(be, &bp.k, &mut g.k, k_shape, Some(&mut s.d_ln), true, &s.dk, &a.ln1, a.h[BlockLinear::K].as_ref(), Some(&mut s.dh), n)?;
-                linear_backward(be, &bp.v, &mut g.v, v_shape, Some(&mut s.d_ln), true, &s.dv, &a.ln1, a.h[BlockLinear::V].as_ref(), Some(&mut s.dh), n)?;
+                attention::backward(
+                    be,
+                    &mut s.dq,
+                    &mut s.dk,
+                    &mut s.dv,
+                    &s.d_attn,
+                    &a.q,
+                    &a.k,
+                    &a.v,
+                    &a.probs,
+                    batch,
+                    t,
+                    c.heads,
+                    c.head_dim(),
+                )?;
+                linear_backward(
+                    be,
+                    &bp.q,
+                    &mut g.q,
+                    q_shape,
+                    Some(&mut s.d_ln),
+                    false,
+                    &s.dq,
+                    &a.ln1,
+                    a.h[BlockLinear::Q].as_ref(),
+                    Some(&mut s.dh),
+                    n,
+                )?;
+                linear_backward(
+                    be,
+                    &bp.k,
+                    &mut g.k,
+                    k_shape,
+                    Some(&mut s.d_ln),
+                    true,
+                    &s.dk,
+                    &a.ln1,
+                    a.h[BlockLinear::K].as_ref(),
+                    Some(&mut s.dh),
+                    n,
+                )?;
+                linear_backward(
+                    be,
+                    &bp.v,
+                    &mut g.v,
+                    v_shape,
+                    Some(&mut s.d_ln),
+                    true,
+                    &s.dv,
+                    &a.ln1,
+                    a.h[BlockLinear::V].as_ref(),
+                    Some(&mut s.dh),
+                    n,
+                )?;
             }
             // x_in is the previous block's output, whose MLP sub-layer starts from this dx.
             d_sub_ready = fused && l > 0;
             if d_sub_ready {
-                add_layernorm::backward(be, &mut s.dx, &mut s.d_sub, &mut g.norm1_w, &mut g.norm1_b, &s.d_ln, &a.x_in, &a.ln1_mean, &a.ln1_rstd, &bp.norm1_w, n, d)?;
+                add_layernorm::backward(
+                    be,
+                    &mut s.dx,
+                    &mut s.d_sub,
+                    &mut g.norm1_w,
+                    &mut g.norm1_b,
+                    &s.d_ln,
+                    &a.x_in,
+                    &a.ln1_mean,
+                    &a.ln1_rstd,
+                    &bp.norm1_w,
+                    n,
+                    d,
+                )?;
             } else {
-                layernorm::backward(be, &mut s.dx, &mut g.norm1_w, &mut g.norm1_b, &s.d_ln, &a.x_in, &a.ln1_mean, &a.ln1_rstd, &bp.norm1_w, n, d)?;
+                layernorm::backward(
+                    be,
+                    &mut s.dx,
+                    &mut g.norm1_w,
+                    &mut g.norm1_b,
+                    &s.d_ln,
+                    &a.x_in,
+                    &a.ln1_mean,
+                    &a.ln1_rstd,
+                    &bp.norm1_w,
+                    n,
+                    d,
+                )?;
             }
         }
 
         // Embeddings.
-        embed::tokens_backward(be, &mut s.d_patch_out, &mut grads.cls, &mut grads.pos, &s.dx, batch, c.n_patches(), d)?;
+        embed::tokens_backward(
+            be,
+            &mut s.d_patch_out,
+            &mut grads.cls,
+            &mut grads.pos,
+            &s.dx,
+            batch,
+            c.n_patches(),
+            d,
+        )?;
         let np = batch * c.n_patches();
         let pd = self.patch_shape().inp;
-        matmul::matmul(be, &mut grads.patch_w, &s.d_patch_out, &acts.patches, d, pd, np, true, false, true)?;
+        matmul::matmul(
+            be,
+            &mut grads.patch_w,
+            &s.d_patch_out,
+            &acts.patches,
+            d,
+            pd,
+            np,
+            true,
+            false,
+            true,
+        )?;
         matmul::bias_backward(be, &mut grads.patch_b, &s.d_patch_out, np, d)
     }
 }

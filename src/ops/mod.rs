@@ -78,7 +78,12 @@ pub(in crate::ops) fn need<D: Device>(dev: &D, what: &str, buf: &D::Buf, len: us
 /// `work` is given (`Some` only while `Device::profiling()`: each entry
 /// point writes `dev.profiling().then(|| ...)`, so the work is not even
 /// computed otherwise). The span ends also when the body fails.
-pub(in crate::ops) fn profiled<D: Device>(dev: &D, op: &'static str, work: Option<Work>, body: impl FnOnce() -> Result<()>) -> Result<()> {
+pub(in crate::ops) fn profiled<D: Device>(
+    dev: &D,
+    op: &'static str,
+    work: Option<Work>,
+    body: impl FnOnce() -> Result<()>,
+) -> Result<()> {
     let Some(work) = work else { return body() };
     dev.op_begin(op)?;
     let result = body();
@@ -90,12 +95,20 @@ pub(in crate::ops) fn profiled<D: Device>(dev: &D, op: &'static str, work: Optio
 /// given number of elements of each buffer once, in the buffer's storage
 /// type (a buffer that is read and written is listed twice).
 pub(in crate::ops) fn work<D: Device>(dev: &D, touched: &[(&D::Buf, usize)], flops: f64) -> Work {
-    Work::new(touched.iter().map(|(b, n)| (*n * dev.element_bytes(b)) as f64).sum(), flops)
+    Work::new(
+        touched
+            .iter()
+            .map(|(b, n)| (*n * dev.element_bytes(b)) as f64)
+            .sum(),
+        flops,
+    )
 }
 
 /// `a · b` for shape arithmetic, an error instead of an overflow.
 pub(in crate::ops) fn product(what: &str, dims: &[usize]) -> Result<usize> {
-    dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)).ok_or_else(|| anyhow::anyhow!("{what}: shape {dims:?} overflows"))
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| anyhow::anyhow!("{what}: shape {dims:?} overflows"))
 }
 
 #[cfg(test)]
@@ -158,7 +171,10 @@ mod profile_tests {
             Ok(())
         }
         fn op_end(&self, op: &'static str, w: Work) -> Result<()> {
-            self.spans.lock().unwrap().push(format!("end {op} {} {}", w.bytes, w.flops));
+            self.spans
+                .lock()
+                .unwrap()
+                .push(format!("end {op} {} {}", w.bytes, w.flops));
             Ok(())
         }
     }
@@ -167,18 +183,34 @@ mod profile_tests {
     fn a_profiling_device_sees_each_call_with_its_work_and_others_see_nothing() {
         let (x, mut y) = (vec![0f32; 10], vec![0f32; 10]);
         for on in [false, true] {
-            let dev = Recorder { on, ..Default::default() };
-            let w = dev.profiling().then(|| work(&dev, &[(&x, 10), (&y, 6)], 7.0));
+            let dev = Recorder {
+                on,
+                ..Default::default()
+            };
+            let w = dev
+                .profiling()
+                .then(|| work(&dev, &[(&x, 10), (&y, 6)], 7.0));
             profiled(&dev, "op", w, || {
                 y[0] = 1.0;
                 Ok(())
             })
             .unwrap();
             // A failing body still closes its span, and its error comes back.
-            let failed = profiled(&dev, "bad", dev.profiling().then(Work::default), || anyhow::bail!("no"));
+            let failed = profiled(&dev, "bad", dev.profiling().then(Work::default), || {
+                anyhow::bail!("no")
+            });
             assert!(failed.is_err());
             let spans = dev.spans.lock().unwrap().clone();
-            let want: Vec<String> = if on { vec!["begin op".into(), "end op 32 7".into(), "begin bad".into(), "end bad 0 0".into()] } else { vec![] };
+            let want: Vec<String> = if on {
+                vec![
+                    "begin op".into(),
+                    "end op 32 7".into(),
+                    "begin bad".into(),
+                    "end bad 0 0".into(),
+                ]
+            } else {
+                vec![]
+            };
             assert_eq!(spans, want);
         }
         assert_eq!(y[0], 1.0);
@@ -203,7 +235,11 @@ mod tests {
                 for call in text.split(".function(\"").skip(1) {
                     let mut parts = call.split('"');
                     let (file, kernel) = (parts.next().unwrap_or(""), parts.nth(1).unwrap_or(""));
-                    if !kernel.is_empty() && kernel.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    if !kernel.is_empty()
+                        && kernel
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    {
                         out.insert((file.to_string(), kernel.to_string()));
                     }
                 }
@@ -218,23 +254,39 @@ mod tests {
     #[test]
     fn every_launched_kernel_is_compiled_and_every_compiled_kernel_is_launched() {
         if embedded_kernels().is_empty() {
-            assert!(std::env::var("EFFRANK_REQUIRE_KERNELS").is_err(), "EFFRANK_REQUIRE_KERNELS=1 but no kernels are embedded");
+            assert!(
+                std::env::var("EFFRANK_REQUIRE_KERNELS").is_err(),
+                "EFFRANK_REQUIRE_KERNELS=1 but no kernels are embedded"
+            );
             eprintln!("no kernels embedded (built without NVRTC): nothing to check");
             return;
         }
         let mut wanted = BTreeSet::new();
-        requested(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut wanted);
+        requested(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut wanted,
+        );
         // The fused low-rank kernel's name is chosen at run time.
         wanted.insert(("lowrank".into(), "lowrank_forward".into()));
         wanted.insert(("lowrank".into(), "lowrank_forward_aligned".into()));
         let mut compiled = BTreeSet::new();
         for (module, ptx) in embedded_kernels() {
             for suffix in ["_f32", "_bf16"] {
-                let Some(file) = module.strip_suffix(suffix) else { continue };
+                let Some(file) = module.strip_suffix(suffix) else {
+                    continue;
+                };
                 for line in ptx.lines() {
-                    if let Some(name) = line.trim().strip_prefix(".visible .entry ").and_then(|r| r.split('(').next()) {
+                    if let Some(name) = line
+                        .trim()
+                        .strip_prefix(".visible .entry ")
+                        .and_then(|r| r.split('(').next())
+                    {
                         let name = name.trim();
-                        compiled.insert((file.to_string(), name.strip_suffix(suffix).unwrap_or(name).to_string(), suffix));
+                        compiled.insert((
+                            file.to_string(),
+                            name.strip_suffix(suffix).unwrap_or(name).to_string(),
+                            suffix,
+                        ));
                     }
                 }
             }
@@ -249,7 +301,10 @@ mod tests {
             }
         }
         for (file, kernel, suffix) in &compiled {
-            assert!(wanted.contains(&(file.clone(), kernel.clone())), "kernels/{file}.cu compiles {kernel}{suffix}, which nothing launches");
+            assert!(
+                wanted.contains(&(file.clone(), kernel.clone())),
+                "kernels/{file}.cu compiles {kernel}{suffix}, which nothing launches"
+            );
         }
     }
 }

@@ -66,7 +66,13 @@ fn detect() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512vl") && has!("avx512dq") && has!("avx512bw") && has!("avx2") && has!("fma") {
+        if has!("avx512f")
+            && has!("avx512vl")
+            && has!("avx512dq")
+            && has!("avx512bw")
+            && has!("avx2")
+            && has!("fma")
+        {
             return Level::Avx512;
         }
         if has!("avx2") && has!("fma") {
@@ -115,10 +121,14 @@ mod tests {
     /// bit (no contraction, no reordering), on inputs that exercise rounding.
     #[test]
     fn wide_and_baseline_loops_agree_bitwise() {
-        let x: Vec<f32> = (0..10_001).map(|i| ((i as f32) * 0.737).sin() * 3.0).collect();
+        let x: Vec<f32> = (0..10_001)
+            .map(|i| ((i as f32) * 0.737).sin() * 3.0)
+            .collect();
         #[inline(always)]
         fn body(x: &[f32]) -> Vec<f32> {
-            x.iter().map(|&v| v * 1.000_1 + v * v * 0.3 - crate::ops::gelu::cpu::gelu(v)).collect()
+            x.iter()
+                .map(|&v| v * 1.000_1 + v * v * 0.3 - crate::ops::gelu::cpu::gelu(v))
+                .collect()
         }
         let wide = vectorized(
             #[inline(always)]
@@ -127,7 +137,12 @@ mod tests {
         let base = body(&x);
         assert_eq!(wide.len(), base.len());
         for (i, (a, b)) in wide.iter().zip(&base).enumerate() {
-            assert_eq!(a.to_bits(), b.to_bits(), "element {i}: wide {a} vs baseline {b} (level {:?})", level());
+            assert_eq!(
+                a.to_bits(),
+                b.to_bits(),
+                "element {i}: wide {a} vs baseline {b} (level {:?})",
+                level()
+            );
         }
     }
 }

@@ -25,13 +25,17 @@ pub struct Job {
 impl Job {
     /// The job's own folder (checkpoints, metrics, claim).
     pub fn dir(&self, out: &Path) -> PathBuf {
-        out.join("runs").join(format!("r{}-s{}", self.rank, self.seed))
+        out.join("runs")
+            .join(format!("r{}-s{}", self.rank, self.seed))
     }
 }
 
 /// Every (rank, seed) pair, ranks ascending, then seeds.
 pub fn all_jobs(ranks: &[usize], seeds: &[u64]) -> Vec<Job> {
-    let mut jobs: Vec<Job> = ranks.iter().flat_map(|&rank| seeds.iter().map(move |&seed| Job { rank, seed })).collect();
+    let mut jobs: Vec<Job> = ranks
+        .iter()
+        .flat_map(|&rank| seeds.iter().map(move |&seed| Job { rank, seed }))
+        .collect();
     jobs.sort();
     jobs.dedup();
     jobs
@@ -49,9 +53,17 @@ impl Shard {
 
     /// Parse `I/N` (0 <= I < N).
     pub fn parse(text: &str) -> Result<Shard> {
-        let (i, n) = text.split_once('/').ok_or_else(|| anyhow!("--shard '{text}': expected I/N, e.g. 0/4"))?;
-        let index: usize = i.trim().parse().with_context(|| format!("--shard '{text}': '{i}' is not a number"))?;
-        let count: usize = n.trim().parse().with_context(|| format!("--shard '{text}': '{n}' is not a number"))?;
+        let (i, n) = text
+            .split_once('/')
+            .ok_or_else(|| anyhow!("--shard '{text}': expected I/N, e.g. 0/4"))?;
+        let index: usize = i
+            .trim()
+            .parse()
+            .with_context(|| format!("--shard '{text}': '{i}' is not a number"))?;
+        let count: usize = n
+            .trim()
+            .parse()
+            .with_context(|| format!("--shard '{text}': '{n}' is not a number"))?;
         if count == 0 || index >= count {
             bail!("--shard '{text}': need 0 <= I < N");
         }
@@ -64,16 +76,23 @@ impl Shard {
     /// Kubernetes indexed Jobs (`JOB_COMPLETION_INDEX` with the count in
     /// `EFFRANK_SHARD_COUNT`, since Kubernetes does not export it).
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<Shard>> {
-        let num = |key: &str| -> Result<Option<usize>> {
-            match get(key) {
-                None => Ok(None),
-                Some(v) => v.trim().parse().map(Some).with_context(|| format!("environment variable {key}='{v}' is not a number")),
-            }
-        };
+        let num =
+            |key: &str| -> Result<Option<usize>> {
+                match get(key) {
+                    None => Ok(None),
+                    Some(v) => v.trim().parse().map(Some).with_context(|| {
+                        format!("environment variable {key}='{v}' is not a number")
+                    }),
+                }
+            };
         if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
-            let count = num("SLURM_ARRAY_TASK_COUNT")?.ok_or_else(|| anyhow!("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not"))?;
+            let count = num("SLURM_ARRAY_TASK_COUNT")?.ok_or_else(|| {
+                anyhow!("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")
+            })?;
             let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
-            let index = id.checked_sub(min).ok_or_else(|| anyhow!("SLURM_ARRAY_TASK_ID {id} < SLURM_ARRAY_TASK_MIN {min}"))?;
+            let index = id
+                .checked_sub(min)
+                .ok_or_else(|| anyhow!("SLURM_ARRAY_TASK_ID {id} < SLURM_ARRAY_TASK_MIN {min}"))?;
             return Shard::parse(&format!("{index}/{count}")).map(Some);
         }
         if let Some(index) = num("JOB_COMPLETION_INDEX")? {
@@ -85,7 +104,11 @@ impl Shard {
 
     /// This shard's jobs: every `count`-th job starting at `index`.
     pub fn select(&self, jobs: &[Job]) -> Vec<Job> {
-        jobs.iter().enumerate().filter(|(j, _)| j % self.count == self.index).map(|(_, job)| *job).collect()
+        jobs.iter()
+            .enumerate()
+            .filter(|(j, _)| j % self.count == self.index)
+            .map(|(_, job)| *job)
+            .collect()
     }
 
     /// The results file this shard appends to.
@@ -103,7 +126,11 @@ pub fn finished(out: &Path) -> Result<BTreeMap<Job, StudentRecord>> {
     let mut done = BTreeMap::new();
     for r in read_records(out)? {
         if let Record::Student(s) = r {
-            done.entry(Job { rank: s.rank, seed: s.seed }).or_insert(s);
+            done.entry(Job {
+                rank: s.rank,
+                seed: s.seed,
+            })
+            .or_insert(s);
         }
     }
     Ok(done)
@@ -114,7 +141,11 @@ pub fn host_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -129,7 +160,10 @@ pub struct Heartbeat {
 impl Default for Heartbeat {
     /// A beat every 30 s; stale after 4 missed beats (2 minutes).
     fn default() -> Self {
-        Heartbeat { every_s: 30, stale_after_beats: 4 }
+        Heartbeat {
+            every_s: 30,
+            stale_after_beats: 4,
+        }
     }
 }
 
@@ -157,7 +191,10 @@ pub struct Claim {
 }
 
 fn legacy_heartbeat() -> Heartbeat {
-    Heartbeat { every_s: 3600, stale_after_beats: 1 }
+    Heartbeat {
+        every_s: 3600,
+        stale_after_beats: 1,
+    }
 }
 
 /// What a claim says about its job.
@@ -182,7 +219,10 @@ impl ClaimState {
 }
 
 fn now_unix() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn claim_path(out: &Path, job: Job) -> PathBuf {
@@ -228,7 +268,14 @@ pub fn claim_state(claim: &Claim, age_s: u64) -> ClaimState {
 }
 
 fn own_claim(epoch: usize, heartbeat: Heartbeat) -> Claim {
-    Claim { host: host_name(), pid: std::process::id(), pid_start: own_start(), epoch, updated_unix_s: now_unix(), heartbeat }
+    Claim {
+        host: host_name(),
+        pid: std::process::id(),
+        pid_start: own_start(),
+        epoch,
+        updated_unix_s: now_unix(),
+        heartbeat,
+    }
 }
 
 /// A job this process holds: a thread refreshes its claim file every
@@ -280,7 +327,8 @@ fn write_claim(path: &Path, claim: &Claim) -> Result<()> {
 /// claim's name (which fails when the name exists).
 fn create_exclusively(path: &Path, claim: &Claim) -> Result<bool> {
     let tmp = path.with_file_name(format!(".running.json.{}", std::process::id()));
-    std::fs::write(&tmp, serde_json::to_string(claim)?).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_string(claim)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     crate::faults::point("before", path);
     let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
@@ -302,7 +350,9 @@ fn take_over(path: &Path, seen: &Claim) {
     if std::fs::rename(path, &aside).is_err() {
         return;
     }
-    let moved = std::fs::read_to_string(&aside).ok().and_then(|t| serde_json::from_str::<Claim>(&t).ok());
+    let moved = std::fs::read_to_string(&aside)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Claim>(&t).ok());
     if moved.as_ref().is_some_and(|c| c != seen) {
         // A live claimant replaced it between our read and the move: give it back.
         let _ = std::fs::hard_link(&aside, path);
@@ -315,15 +365,22 @@ fn take_over(path: &Path, seen: &Claim) {
 /// the caller skips the job instead of training it twice; a dead or stale
 /// claim is taken over. Two processes starting together cannot both win:
 /// the claim file is created exclusively.
-pub fn try_claim(out: &Path, job: Job, heartbeat: Heartbeat) -> Result<std::result::Result<ClaimGuard, Claim>> {
+pub fn try_claim(
+    out: &Path,
+    job: Job,
+    heartbeat: Heartbeat,
+) -> Result<std::result::Result<ClaimGuard, Claim>> {
     let path = claim_path(out, job);
-    std::fs::create_dir_all(job.dir(out)).with_context(|| format!("creating {}", job.dir(out).display()))?;
+    std::fs::create_dir_all(job.dir(out))
+        .with_context(|| format!("creating {}", job.dir(out).display()))?;
     for _ in 0..3 {
         if create_exclusively(&path, &own_claim(0, heartbeat))? {
             return Ok(Ok(start_heartbeat(path, heartbeat)));
         }
         match read_claim(out, job) {
-            Some((other, age)) if claim_state(&other, age) == ClaimState::Live => return Ok(Err(other)),
+            Some((other, age)) if claim_state(&other, age) == ClaimState::Live => {
+                return Ok(Err(other))
+            }
             Some((other, _)) => take_over(&path, &other),
             // Unreadable: a claim file torn by a crash (claims are written whole, so not a live one).
             None => {
@@ -331,7 +388,10 @@ pub fn try_claim(out: &Path, job: Job, heartbeat: Heartbeat) -> Result<std::resu
             }
         }
     }
-    bail!("could not claim {} (another process keeps re-creating it)", path.display())
+    bail!(
+        "could not claim {} (another process keeps re-creating it)",
+        path.display()
+    )
 }
 
 fn start_heartbeat(path: PathBuf, heartbeat: Heartbeat) -> ClaimGuard {
@@ -345,7 +405,9 @@ fn start_heartbeat(path: PathBuf, heartbeat: Heartbeat) -> ClaimGuard {
         loop {
             // The flag is checked under the lock before every wait, so a stop
             // that comes before the thread first waits is not missed.
-            let (guard, _) = cvar.wait_timeout_while(stopped, every, |stop| !*stop).unwrap_or_else(|e| e.into_inner());
+            let (guard, _) = cvar
+                .wait_timeout_while(stopped, every, |stop| !*stop)
+                .unwrap_or_else(|e| e.into_inner());
             stopped = guard;
             if *stopped {
                 return;
@@ -355,7 +417,12 @@ fn start_heartbeat(path: PathBuf, heartbeat: Heartbeat) -> ClaimGuard {
             }
         }
     });
-    ClaimGuard { path, epoch, stop, beat: Some(beat) }
+    ClaimGuard {
+        path,
+        epoch,
+        stop,
+        beat: Some(beat),
+    }
 }
 
 /// The claim of `job` if one exists, with its age in seconds.
@@ -374,7 +441,9 @@ mod tests {
     fn shards_partition_the_jobs() {
         let jobs = all_jobs(&[2, 4, 8, 16, 32], &[0, 1]);
         assert_eq!(jobs.len(), 10);
-        let mut union: Vec<Job> = (0..3).flat_map(|i| Shard { index: i, count: 3 }.select(&jobs)).collect();
+        let mut union: Vec<Job> = (0..3)
+            .flat_map(|i| Shard { index: i, count: 3 }.select(&jobs))
+            .collect();
         union.sort();
         assert_eq!(union, jobs);
     }
@@ -384,13 +453,34 @@ mod tests {
         assert_eq!(Shard::parse("1/4").unwrap(), Shard { index: 1, count: 4 });
         assert!(Shard::parse("4/4").is_err());
         assert!(Shard::parse("x").is_err());
-        let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|p| p.0 == k).map(|p| p.1.to_string());
-        assert_eq!(Shard::from_env(env(&[("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_COUNT", "3")])).unwrap(), Some(Shard { index: 2, count: 3 }));
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|p| p.0 == k).map(|p| p.1.to_string())
+        };
         assert_eq!(
-            Shard::from_env(env(&[("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_COUNT", "3"), ("SLURM_ARRAY_TASK_MIN", "1")])).unwrap(),
+            Shard::from_env(env(&[
+                ("SLURM_ARRAY_TASK_ID", "2"),
+                ("SLURM_ARRAY_TASK_COUNT", "3")
+            ]))
+            .unwrap(),
             Some(Shard { index: 2, count: 3 })
         );
-        assert_eq!(Shard::from_env(env(&[("JOB_COMPLETION_INDEX", "0"), ("EFFRANK_SHARD_COUNT", "2")])).unwrap(), Some(Shard { index: 0, count: 2 }));
+        assert_eq!(
+            Shard::from_env(env(&[
+                ("SLURM_ARRAY_TASK_ID", "3"),
+                ("SLURM_ARRAY_TASK_COUNT", "3"),
+                ("SLURM_ARRAY_TASK_MIN", "1")
+            ]))
+            .unwrap(),
+            Some(Shard { index: 2, count: 3 })
+        );
+        assert_eq!(
+            Shard::from_env(env(&[
+                ("JOB_COMPLETION_INDEX", "0"),
+                ("EFFRANK_SHARD_COUNT", "2")
+            ]))
+            .unwrap(),
+            Some(Shard { index: 0, count: 2 })
+        );
         assert!(Shard::from_env(env(&[("JOB_COMPLETION_INDEX", "0")])).is_err());
         assert_eq!(Shard::from_env(env(&[])).unwrap(), None);
     }
@@ -405,7 +495,9 @@ mod claim_tests {
         let dir = tempfile::tempdir().unwrap();
         let job = Job { rank: 8, seed: 0 };
         let hb = Heartbeat::default();
-        let guard = try_claim(dir.path(), job, hb).unwrap().expect("the first claim wins");
+        let guard = try_claim(dir.path(), job, hb)
+            .unwrap()
+            .expect("the first claim wins");
         // Our own process holds it and is alive: a second claim sees it.
         assert!(try_claim(dir.path(), job, hb).unwrap().is_err());
         guard.epoch_done(2, hb).unwrap();
@@ -413,23 +505,53 @@ mod claim_tests {
         guard.release();
         assert!(read_claim(dir.path(), job).is_none());
         // A claim of a dead process on this host is taken over at once.
-        let dead = Claim { host: host_name(), pid: u32::MAX - 1, pid_start: None, epoch: 3, updated_unix_s: now_unix(), heartbeat: hb };
+        let dead = Claim {
+            host: host_name(),
+            pid: u32::MAX - 1,
+            pid_start: None,
+            epoch: 3,
+            updated_unix_s: now_unix(),
+            heartbeat: hb,
+        };
         assert_eq!(claim_state(&dead, 0), ClaimState::Dead);
-        std::fs::write(claim_path(dir.path(), job), serde_json::to_string(&dead).unwrap()).unwrap();
-        try_claim(dir.path(), job, hb).unwrap().expect("a dead claim is taken over").release();
+        std::fs::write(
+            claim_path(dir.path(), job),
+            serde_json::to_string(&dead).unwrap(),
+        )
+        .unwrap();
+        try_claim(dir.path(), job, hb)
+            .unwrap()
+            .expect("a dead claim is taken over")
+            .release();
         // A torn claim file (unreadable) is taken over too.
         std::fs::write(claim_path(dir.path(), job), "{\"host\":").unwrap();
-        try_claim(dir.path(), job, hb).unwrap().expect("a torn claim is taken over").release();
+        try_claim(dir.path(), job, hb)
+            .unwrap()
+            .expect("a torn claim is taken over")
+            .release();
     }
 
     #[test]
     fn this_process_is_live_and_a_reused_pid_or_missed_beats_are_not() {
-        let hb = Heartbeat { every_s: 2, stale_after_beats: 3 };
+        let hb = Heartbeat {
+            every_s: 2,
+            stale_after_beats: 3,
+        };
         let me = own_claim(0, hb);
-        assert_eq!(claim_state(&me, 1000), ClaimState::Live, "on this host, liveness is the process, not the age");
-        let reused = Claim { pid_start: me.pid_start.map(|s| s + 1), ..me.clone() };
+        assert_eq!(
+            claim_state(&me, 1000),
+            ClaimState::Live,
+            "on this host, liveness is the process, not the age"
+        );
+        let reused = Claim {
+            pid_start: me.pid_start.map(|s| s + 1),
+            ..me.clone()
+        };
         assert_eq!(claim_state(&reused, 0), ClaimState::Dead);
-        let elsewhere = Claim { host: "another-host".into(), ..me };
+        let elsewhere = Claim {
+            host: "another-host".into(),
+            ..me
+        };
         assert_eq!(claim_state(&elsewhere, 6), ClaimState::Live);
         assert_eq!(claim_state(&elsewhere, 7), ClaimState::Stale);
     }
@@ -438,7 +560,10 @@ mod claim_tests {
     fn the_heartbeat_refreshes_the_claim_on_its_own() {
         let dir = tempfile::tempdir().unwrap();
         let job = Job { rank: 4, seed: 1 };
-        let hb = Heartbeat { every_s: 1, stale_after_beats: 2 };
+        let hb = Heartbeat {
+            every_s: 1,
+            stale_after_beats: 2,
+        };
         let guard = try_claim(dir.path(), job, hb).unwrap().unwrap();
         let path = claim_path(dir.path(), job);
         let first = std::fs::metadata(&path).unwrap().modified().unwrap();

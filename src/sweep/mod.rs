@@ -20,7 +20,10 @@ use crate::provenance::{DataRef, FileRef, RunMeta, Training};
 use crate::results::{append_record, read_records, Record, StudentRecord, TeacherRecord};
 use crate::train::fit::evaluate;
 use crate::train::spare_threads;
-use crate::train::{train_student, AdamWConfig, FitOptions, Frozen, LossSpec, RunFiles, StudentRun, StudentStart, Teacher, TeacherLogits};
+use crate::train::{
+    train_student, AdamWConfig, FitOptions, Frozen, LossSpec, RunFiles, StudentRun, StudentStart,
+    Teacher, TeacherLogits,
+};
 use anyhow::{anyhow, bail, Context, Result};
 use jobs::{all_jobs, finished, host_name, try_claim, Heartbeat, Job, Shard};
 use serde::Serialize;
@@ -104,7 +107,8 @@ pub fn validate_options(cfg: &VitConfig, opts: &SweepOptions) -> Result<()> {
         bail!("no seeds: give --seeds, e.g. --seeds 0");
     }
     for &r in &opts.ranks {
-        validate_ranks(cfg, &opts.plan.targets.ranks(cfg, r)?).with_context(|| format!("--ranks contains {r}"))?;
+        validate_ranks(cfg, &opts.plan.targets.ranks(cfg, r)?)
+            .with_context(|| format!("--ranks contains {r}"))?;
     }
     if let Some(r) = repeated(&opts.ranks) {
         bail!("--ranks lists {r} more than once");
@@ -135,7 +139,11 @@ struct TeacherCacheKey<'a> {
 }
 
 /// Run this shard's part of the sweep.
-pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptions) -> Result<SweepSummary> {
+pub fn run_sweep<B: Backend>(
+    be: &B,
+    inputs: &SweepInputs<'_>,
+    opts: &SweepOptions,
+) -> Result<SweepSummary> {
     let started = std::time::Instant::now();
     let cfg = inputs.cfg;
     validate_options(cfg, opts)?;
@@ -153,21 +161,42 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
     let teacher_top1 = match known {
         Some(t) => t.top1,
         None => {
-            let mut teacher = Frozen::new(be, Vit::from_host(be, cfg, &dense, inputs.teacher)?, batch)?;
-            let (top1, top5) = evaluate(inputs.test, batch, cfg.classes, |bytes, n| teacher.logits(be, bytes, n, &inputs.transform))?;
-            append_record(&results_file, &Record::Teacher(TeacherRecord { top1, top5, params: teacher_params }))?;
+            let mut teacher =
+                Frozen::new(be, Vit::from_host(be, cfg, &dense, inputs.teacher)?, batch)?;
+            let (top1, top5) = evaluate(inputs.test, batch, cfg.classes, |bytes, n| {
+                teacher.logits(be, bytes, n, &inputs.transform)
+            })?;
+            append_record(
+                &results_file,
+                &Record::Teacher(TeacherRecord {
+                    top1,
+                    top5,
+                    params: teacher_params,
+                }),
+            )?;
             top1
         }
     };
     if !opts.quiet {
-        eprintln!("teacher: {:.2}% top-1, {teacher_params} parameters", 100.0 * teacher_top1);
+        eprintln!(
+            "teacher: {:.2}% top-1, {teacher_params} parameters",
+            100.0 * teacher_top1
+        );
     }
 
     let mine = opts.shard.select(&all_jobs(&opts.ranks, &opts.seeds));
     let done = finished(&opts.out)?;
-    let todo: Vec<Job> = mine.iter().copied().filter(|j| !done.contains_key(j)).collect();
+    let todo: Vec<Job> = mine
+        .iter()
+        .copied()
+        .filter(|j| !done.contains_key(j))
+        .collect();
     if !opts.quiet && todo.len() < mine.len() {
-        eprintln!("{} of {} jobs of this shard already finished; skipping them", mine.len() - todo.len(), mine.len());
+        eprintln!(
+            "{} of {} jobs of this shard already finished; skipping them",
+            mine.len() - todo.len(),
+            mine.len()
+        );
     }
 
     let use_cache = opts.cache_teacher && opts.loss.needs_teacher() && !opts.loss.needs_features();
@@ -181,7 +210,10 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
     })?;
     let workers = opts.parallel.workers(be, cfg, todo.len());
     if !opts.quiet && workers > 1 {
-        eprintln!("training {workers} students at once, {} thread(s) each", (be.independent_workers() / workers).max(1));
+        eprintln!(
+            "training {workers} students at once, {} thread(s) each",
+            (be.independent_workers() / workers).max(1)
+        );
     }
     let shared = Shared {
         be,
@@ -193,17 +225,31 @@ pub fn run_sweep<B: Backend>(be: &B, inputs: &SweepInputs<'_>, opts: &SweepOptio
         use_cache,
         cache_key,
         caches: Mutex::new(HashMap::new()),
-        queue: Mutex::new(queue_order(&todo, workers, |rank| Ok(param_count(cfg, &opts.plan.targets.ranks(cfg, rank)?)))?.into()),
+        queue: Mutex::new(
+            queue_order(&todo, workers, |rank| {
+                Ok(param_count(cfg, &opts.plan.targets.ranks(cfg, rank)?))
+            })?
+            .into(),
+        ),
         skipped_claimed: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
     };
     run_workers(&shared, workers)?;
 
-    let caches = shared.caches.into_inner().map_err(|_| anyhow!("teacher-logit cache lock poisoned"))?;
+    let caches = shared
+        .caches
+        .into_inner()
+        .map_err(|_| anyhow!("teacher-logit cache lock poisoned"))?;
     let (mut computed, mut reused, mut seconds) = (0, 0, 0.0);
     for cache in caches.values() {
-        let c = cache.lock().map_err(|_| anyhow!("teacher-logit cache lock poisoned"))?;
-        (computed, reused, seconds) = (computed + c.epochs_computed, reused + c.epochs_reused, seconds + c.teacher_seconds);
+        let c = cache
+            .lock()
+            .map_err(|_| anyhow!("teacher-logit cache lock poisoned"))?;
+        (computed, reused, seconds) = (
+            computed + c.epochs_computed,
+            reused + c.epochs_reused,
+            seconds + c.teacher_seconds,
+        );
     }
     let skipped_claimed = shared.skipped_claimed.load(Ordering::SeqCst);
     Ok(SweepSummary {
@@ -233,7 +279,9 @@ impl std::str::FromStr for Parallel {
         match s {
             "auto" => Ok(Parallel::Auto),
             n => match n.parse::<usize>() {
-                Ok(0) | Err(_) => bail!("--parallel '{n}': give a number of students (1 or more) or auto"),
+                Ok(0) | Err(_) => {
+                    bail!("--parallel '{n}': give a number of students (1 or more) or auto")
+                }
                 Ok(k) => Ok(Parallel::Jobs(k)),
             },
         }
@@ -286,7 +334,11 @@ struct Shared<'a, B: Backend> {
 /// change of the same commit: demo sweep 12.7-13.2 → 11.6-11.9 s; this
 /// order alone was not timed). Each student's result does not depend on
 /// the order.
-fn queue_order(todo: &[Job], workers: usize, params_at_rank: impl Fn(usize) -> Result<usize>) -> Result<Vec<Job>> {
+fn queue_order(
+    todo: &[Job],
+    workers: usize,
+    params_at_rank: impl Fn(usize) -> Result<usize>,
+) -> Result<Vec<Job>> {
     let mut order = todo.to_vec();
     if workers > 1 {
         let mut cost = HashMap::new();
@@ -326,7 +378,10 @@ fn run_workers<B: Backend>(shared: &Shared<'_, B>, workers: usize) -> Result<()>
         let mut lent = Vec::new();
         let mut first = Ok(());
         for h in handles {
-            match h.join().unwrap_or_else(|_| Err(anyhow!("a sweep worker panicked"))) {
+            match h
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("a sweep worker panicked")))
+            {
                 Ok(l) => lent.push(l),
                 Err(e) if first.is_ok() => first = Err(e),
                 Err(_) => {}
@@ -344,7 +399,14 @@ fn worker<B: Backend>(shared: &Shared<'_, B>) -> Result<()> {
         if shared.failed.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let Some(job) = shared.queue.lock().map_err(|_| anyhow!("job queue lock poisoned"))?.pop_front() else { return Ok(()) };
+        let Some(job) = shared
+            .queue
+            .lock()
+            .map_err(|_| anyhow!("job queue lock poisoned"))?
+            .pop_front()
+        else {
+            return Ok(());
+        };
         if let Err(e) = train_job(shared, job, &mut live) {
             shared.failed.store(true, Ordering::SeqCst);
             return Err(e);
@@ -353,21 +415,43 @@ fn worker<B: Backend>(shared: &Shared<'_, B>) -> Result<()> {
 }
 
 /// The teacher logits of `seed`, made on first use.
-fn cache_for<B: Backend>(shared: &Shared<'_, B>, seed: u64) -> Result<Arc<Mutex<TeacherLogits<B>>>> {
-    let mut caches = shared.caches.lock().map_err(|_| anyhow!("teacher-logit cache lock poisoned"))?;
+fn cache_for<B: Backend>(
+    shared: &Shared<'_, B>,
+    seed: u64,
+) -> Result<Arc<Mutex<TeacherLogits<B>>>> {
+    let mut caches = shared
+        .caches
+        .lock()
+        .map_err(|_| anyhow!("teacher-logit cache lock poisoned"))?;
     if let Some(c) = caches.get(&seed) {
         return Ok(c.clone());
     }
     let (be, inputs, batch) = (shared.be, shared.inputs, shared.opts.fit.batch);
-    let t = Frozen::new(be, Vit::from_host(be, inputs.cfg, &dense_ranks(inputs.cfg), inputs.teacher)?, batch)?;
-    let cache = Arc::new(Mutex::new(TeacherLogits::new(t, inputs.transform, shared.opts.fit.augment, seed, batch, Some(shared.opts.cache_dir.clone()), &shared.cache_key)));
+    let t = Frozen::new(
+        be,
+        Vit::from_host(be, inputs.cfg, &dense_ranks(inputs.cfg), inputs.teacher)?,
+        batch,
+    )?;
+    let cache = Arc::new(Mutex::new(TeacherLogits::new(
+        t,
+        inputs.transform,
+        shared.opts.fit.augment,
+        seed,
+        batch,
+        Some(shared.opts.cache_dir.clone()),
+        &shared.cache_key,
+    )));
     caches.insert(seed, cache.clone());
     Ok(cache)
 }
 
 /// Claim, factorize, distill and record one job; `live` is this worker's
 /// own teacher for losses that need it run on every batch.
-fn train_job<B: Backend>(shared: &Shared<'_, B>, job: Job, live: &mut Option<Frozen<B>>) -> Result<()> {
+fn train_job<B: Backend>(
+    shared: &Shared<'_, B>,
+    job: Job,
+    live: &mut Option<Frozen<B>>,
+) -> Result<()> {
     let (be, inputs, opts) = (shared.be, shared.inputs, shared.opts);
     let cfg = inputs.cfg;
     let job_start = std::time::Instant::now();
@@ -389,25 +473,47 @@ fn train_job<B: Backend>(shared: &Shared<'_, B>, job: Job, live: &mut Option<Fro
         return Ok(());
     }
     let ranks = opts.plan.targets.ranks(cfg, job.rank)?;
-    let plan = StudentPlan { init: opts.plan.init.with_seed(job.seed), ..opts.plan };
-    let fit_opts = FitOptions { seed: job.seed, label: format!("rank {}", job.rank), ..opts.fit.clone() };
-    let cache = if shared.use_cache { Some(cache_for(shared, job.seed)?) } else { None };
+    let plan = StudentPlan {
+        init: opts.plan.init.with_seed(job.seed),
+        ..opts.plan
+    };
+    let fit_opts = FitOptions {
+        seed: job.seed,
+        label: format!("rank {}", job.rank),
+        ..opts.fit.clone()
+    };
+    let cache = if shared.use_cache {
+        Some(cache_for(shared, job.seed)?)
+    } else {
+        None
+    };
     if opts.loss.needs_teacher() && !shared.use_cache && live.is_none() {
-        *live = Some(Frozen::new(be, Vit::from_host(be, cfg, &dense_ranks(cfg), inputs.teacher)?, opts.fit.batch)?);
+        *live = Some(Frozen::new(
+            be,
+            Vit::from_host(be, cfg, &dense_ranks(cfg), inputs.teacher)?,
+            opts.fit.batch,
+        )?);
     }
     let teacher_signal = match (&cache, live.as_mut()) {
         (Some(c), _) => Teacher::Cached(c),
         (None, Some(t)) if opts.loss.needs_teacher() => Teacher::Live(t),
         _ => Teacher::None,
     };
-    let job_opts = SweepOptions { fit: fit_opts.clone(), plan, ..opts.clone() };
+    let job_opts = SweepOptions {
+        fit: fit_opts.clone(),
+        plan,
+        ..opts.clone()
+    };
     let meta = student_meta(inputs, &job_opts);
     let files = RunFiles::new(&job.dir(&opts.out));
     warn_if_resumed_on_other_data(&files, &inputs.data, job);
     let run = StudentRun {
         cfg,
         teacher: inputs.teacher,
-        start: StudentStart::Factorize { ranks: ranks.clone(), plan },
+        start: StudentStart::Factorize {
+            ranks: ranks.clone(),
+            plan,
+        },
         train: inputs.train,
         test: inputs.test,
         transform: &inputs.transform,
@@ -418,7 +524,8 @@ fn train_job<B: Backend>(shared: &Shared<'_, B>, job: Job, live: &mut Option<Fro
         meta: &meta,
     };
     let mut heartbeat = |epoch: usize| claim.epoch_done(epoch, opts.heartbeat);
-    let summary = train_student(be, &run, teacher_signal, &mut heartbeat).with_context(|| format!("training rank {} seed {}", job.rank, job.seed))?;
+    let summary = train_student(be, &run, teacher_signal, &mut heartbeat)
+        .with_context(|| format!("training rank {} seed {}", job.rank, job.seed))?;
     let params = param_count(cfg, &ranks);
     let record = StudentRecord {
         rank: job.rank,
@@ -455,7 +562,10 @@ fn warn_if_resumed_on_other_data(files: &RunFiles, data: &DataRef, job: Job) {
     if !files.state().is_file() {
         return;
     }
-    let recorded = crate::model::checkpoint::read_metadata(&files.model()).ok().and_then(|m| RunMeta::from_metadata(&m, &files.model()).ok().flatten()).and_then(|r| r.data);
+    let recorded = crate::model::checkpoint::read_metadata(&files.model())
+        .ok()
+        .and_then(|m| RunMeta::from_metadata(&m, &files.model()).ok().flatten())
+        .and_then(|r| r.data);
     if let Some(recorded) = recorded {
         let d = recorded.differences(data);
         if !d.is_empty() {
@@ -466,8 +576,19 @@ fn warn_if_resumed_on_other_data(files: &RunFiles, data: &DataRef, job: Job) {
 
 /// The provenance of one job's student.
 fn student_meta(inputs: &SweepInputs<'_>, job: &SweepOptions) -> RunMeta {
-    let training = Training { data: &inputs.data, loss: &job.loss, fit: &job.fit, optimizer: job.optimizer };
-    RunMeta::student(inputs.normalize, inputs.transform.resize, inputs.teacher_file.clone(), Some(&job.plan), Some(training))
+    let training = Training {
+        data: &inputs.data,
+        loss: &job.loss,
+        fit: &job.fit,
+        optimizer: job.optimizer,
+    };
+    RunMeta::student(
+        inputs.normalize,
+        inputs.transform.resize,
+        inputs.teacher_file.clone(),
+        Some(&job.plan),
+        Some(training),
+    )
 }
 
 #[cfg(test)]
@@ -479,10 +600,17 @@ mod tests {
         let todo: Vec<Job> = all_jobs(&[1, 64, 8, 2], &[0, 1]);
         let cost = |rank: usize| Ok(1000 + 10 * rank);
         assert_eq!(queue_order(&todo, 1, cost).unwrap(), todo);
-        let ranks: Vec<(usize, u64)> = queue_order(&todo, 2, cost).unwrap().iter().map(|j| (j.rank, j.seed)).collect();
+        let ranks: Vec<(usize, u64)> = queue_order(&todo, 2, cost)
+            .unwrap()
+            .iter()
+            .map(|j| (j.rank, j.seed))
+            .collect();
         let mut want: Vec<(usize, u64)> = todo.iter().map(|j| (j.rank, j.seed)).collect();
         want.sort_by_key(|&(r, _)| std::cmp::Reverse(r));
-        assert_eq!(ranks, want, "by rank, highest first; seeds in listed order within a rank");
+        assert_eq!(
+            ranks, want,
+            "by rank, highest first; seeds in listed order within a rank"
+        );
         // The cost the sweep uses grows with the rank.
         let cfg = VitConfig::preset("vit-demo", 10).unwrap();
         let params = |r| param_count(&cfg, &crate::model::params::uniform_ranks(&cfg, r));

@@ -12,11 +12,11 @@ use super::state::{load_train_state, save_train_state};
 use super::step::{count_correct, count_top_k, Frozen, Learner, TeacherSignal};
 use super::teacher_cache::TeacherLogits;
 use super::{CosineSchedule, LossSpec};
-use crate::ops::image::ImageTransform;
-use crate::ops::Backend;
 use crate::data::{augmented_batch, epoch_order, Augment, Dataset};
 use crate::io::{append_line, read_jsonl};
 use crate::model::checkpoint::save_checkpoint;
+use crate::ops::image::ImageTransform;
+use crate::ops::Backend;
 use crate::provenance::RunMeta;
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -101,7 +101,9 @@ pub struct RunFiles {
 
 impl RunFiles {
     pub fn new(dir: &Path) -> Self {
-        RunFiles { dir: dir.to_path_buf() }
+        RunFiles {
+            dir: dir.to_path_buf(),
+        }
     }
     pub fn model(&self) -> PathBuf {
         self.dir.join("model.safetensors")
@@ -126,7 +128,12 @@ impl RunFiles {
 
 /// Test-set top-1 and top-5 (fractions), from `logits_of(bytes, n)`
 /// applied to un-augmented batches of at most `batch` images.
-pub fn evaluate(test: &Dataset, batch: usize, classes: usize, mut logits_of: impl FnMut(&[u8], usize) -> Result<Vec<f32>>) -> Result<(f64, f64)> {
+pub fn evaluate(
+    test: &Dataset,
+    batch: usize,
+    classes: usize,
+    mut logits_of: impl FnMut(&[u8], usize) -> Result<Vec<f32>>,
+) -> Result<(f64, f64)> {
     let (mut top1, mut top5) = (0usize, 0usize);
     let (mut bytes, mut labels) = (Vec::new(), Vec::new());
     let indices: Vec<usize> = (0..test.len()).collect();
@@ -158,9 +165,11 @@ fn progress_bar(quiet: bool, len: u64, label: &str) -> ProgressBar {
     }
     let pb = bars().add(ProgressBar::new(len));
     pb.set_style(
-        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}")
-            .expect("a valid template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} ETA {eta} {msg}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
     );
     pb.set_prefix(label.to_string());
     pb
@@ -203,9 +212,14 @@ pub fn fit<B: Backend>(
 
     let mut start_epoch = 0;
     if files.state().exists() {
-        start_epoch = load_train_state(be, &files.state(), learner).with_context(|| format!("resuming from {}", files.state().display()))?;
+        start_epoch = load_train_state(be, &files.state(), learner)
+            .with_context(|| format!("resuming from {}", files.state().display()))?;
         if !opts.quiet {
-            report(&format!("{}: resuming after epoch {start_epoch} from {}", opts.label, files.dir.display()));
+            report(&format!(
+                "{}: resuming after epoch {start_epoch} from {}",
+                opts.label,
+                files.dir.display()
+            ));
         }
     }
     let mut history = resumed_history(&files.metrics(), start_epoch)?;
@@ -217,19 +231,46 @@ pub fn fit<B: Backend>(
         let order = epoch_order(train.len(), opts.seed, epoch as u64);
         let epoch_logits = match &mut teacher {
             // A copy (n x classes floats) so the cache is free again for the steps.
-            Teacher::Cached(cache) => Some(cache.lock().map_err(|_| anyhow::anyhow!("the teacher-logit cache lock is poisoned (another student failed)"))?.epoch(be, train, &order, epoch as u64)?.to_vec()),
+            Teacher::Cached(cache) => Some(
+                cache
+                    .lock()
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "the teacher-logit cache lock is poisoned (another student failed)"
+                        )
+                    })?
+                    .epoch(be, train, &order, epoch as u64)?
+                    .to_vec(),
+            ),
             _ => None,
         };
-        let pb = progress_bar(opts.quiet, steps_per_epoch as u64, &format!("{} e{}/{}", opts.label, epoch + 1, opts.epochs));
+        let pb = progress_bar(
+            opts.quiet,
+            steps_per_epoch as u64,
+            &format!("{} e{}/{}", opts.label, epoch + 1, opts.epochs),
+        );
         let epoch_start = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = opts.lr;
         for (b, chunk) in order.chunks(opts.batch).enumerate() {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 pb.abandon();
-                bail!("interrupted during epoch {} of {}; {}", epoch + 1, opts.label, files.last_checkpoint());
+                bail!(
+                    "interrupted during epoch {} of {}; {}",
+                    epoch + 1,
+                    opts.label,
+                    files.last_checkpoint()
+                );
             }
-            augmented_batch(train, chunk, &opts.augment, opts.seed, epoch as u64, &mut bytes, &mut labels)?;
+            augmented_batch(
+                train,
+                chunk,
+                &opts.augment,
+                opts.seed,
+                epoch as u64,
+                &mut bytes,
+                &mut labels,
+            )?;
             let signal = match (&mut teacher, &epoch_logits) {
                 (Teacher::None, _) => TeacherSignal::None,
                 (Teacher::Live(t), _) => TeacherSignal::Live(t),
@@ -240,7 +281,17 @@ pub fn fit<B: Backend>(
                 (Teacher::Cached(_), None) => unreachable!("cached logits are computed above"),
             };
             lr = schedule.lr(epoch * steps_per_epoch + b);
-            let stats = learner.step(be, &bytes, &labels, transform, signal, loss, lr).with_context(|| format!("{}: epoch {}, batch {}; {}", opts.label, epoch + 1, b + 1, files.last_checkpoint()))?;
+            let stats = learner
+                .step(be, &bytes, &labels, transform, signal, loss, lr)
+                .with_context(|| {
+                    format!(
+                        "{}: epoch {}, batch {}; {}",
+                        opts.label,
+                        epoch + 1,
+                        b + 1,
+                        files.last_checkpoint()
+                    )
+                })?;
             loss_sum += stats.loss as f64 * chunk.len() as f64;
             correct += stats.correct;
             seen += chunk.len();
@@ -251,14 +302,30 @@ pub fn fit<B: Backend>(
         let images_per_s = seen as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9);
         let last = epoch + 1 == opts.epochs;
         let (test_top1, test_top5) = if opts.eval_every_epoch || last {
-            let (t1, t5) = evaluate(test, opts.batch, classes, |bytes, n| learner.logits(be, bytes, n, transform))?;
+            let (t1, t5) = evaluate(test, opts.batch, classes, |bytes, n| {
+                learner.logits(be, bytes, n, transform)
+            })?;
             (Some(t1), Some(t5))
         } else {
             (None, None)
         };
-        let m = EpochMetrics { epoch: epoch + 1, loss: loss_sum / seen as f64, train_top1: correct as f64 / seen as f64, test_top1, test_top5, images_per_s, lr };
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            loss: loss_sum / seen as f64,
+            train_top1: correct as f64 / seen as f64,
+            test_top1,
+            test_top5,
+            images_per_s,
+            lr,
+        };
         let host = learner.model.to_host(be)?;
-        save_checkpoint(&files.model(), &learner.model.cfg, &learner.model.ranks, &host, &meta.after_epoch(epoch + 1, &m).metadata()?)?;
+        save_checkpoint(
+            &files.model(),
+            &learner.model.cfg,
+            &learner.model.ranks,
+            &host,
+            &meta.after_epoch(epoch + 1, &m).metadata()?,
+        )?;
         append_line(&files.metrics(), &serde_json::to_string(&m)?)?;
         // The training state is the commit point of an epoch: a crash before
         // it is written redoes the epoch (with the same numbers), and the
@@ -266,17 +333,40 @@ pub fn fit<B: Backend>(
         save_train_state(be, &files.state(), learner, epoch + 1)?;
         on_epoch(epoch + 1)?;
         if !opts.quiet {
-            let test = test_top1.map(|t| format!(", test top-1 {:.2}%", 100.0 * t)).unwrap_or_default();
-            report(&format!("{} epoch {}/{}: loss {:.4}, train top-1 {:.2}%{test}, {:.0} images/s", opts.label, epoch + 1, opts.epochs, m.loss, 100.0 * m.train_top1, images_per_s));
+            let test = test_top1
+                .map(|t| format!(", test top-1 {:.2}%", 100.0 * t))
+                .unwrap_or_default();
+            report(&format!(
+                "{} epoch {}/{}: loss {:.4}, train top-1 {:.2}%{test}, {:.0} images/s",
+                opts.label,
+                epoch + 1,
+                opts.epochs,
+                m.loss,
+                100.0 * m.train_top1,
+                images_per_s
+            ));
         }
         history.push(m);
     }
 
     let (test_top1, test_top5) = match history.last() {
-        Some(EpochMetrics { test_top1: Some(t1), test_top5: Some(t5), .. }) => (*t1, *t5),
-        _ => evaluate(test, opts.batch, classes, |bytes, n| learner.logits(be, bytes, n, transform))?,
+        Some(EpochMetrics {
+            test_top1: Some(t1),
+            test_top5: Some(t5),
+            ..
+        }) => (*t1, *t5),
+        _ => evaluate(test, opts.batch, classes, |bytes, n| {
+            learner.logits(be, bytes, n, transform)
+        })?,
     };
-    Ok(FitSummary { epochs: opts.epochs, test_top1, test_top5, wall_s: started.elapsed().as_secs_f64(), resumed_from_epoch: start_epoch, history })
+    Ok(FitSummary {
+        epochs: opts.epochs,
+        test_top1,
+        test_top5,
+        wall_s: started.elapsed().as_secs_f64(),
+        resumed_from_epoch: start_epoch,
+        history,
+    })
 }
 
 /// The metrics of the epochs an interrupted run finished (up to

@@ -30,15 +30,34 @@ pub struct LossSpec {
 impl LossSpec {
     /// Hard-label cross-entropy only (teacher training).
     pub fn ce() -> Self {
-        LossSpec { ce: 1.0, kd: 0.0, feature: 0.0, alpha: 0.5, temperature: 4.0, label_smoothing: 0.0 }
+        LossSpec {
+            ce: 1.0,
+            kd: 0.0,
+            feature: 0.0,
+            alpha: 0.5,
+            temperature: 4.0,
+            label_smoothing: 0.0,
+        }
     }
 
     /// Parse `kd`, `feature`, `ce`, or weights like `kd=1,feature=0.5`.
     pub fn parse(text: &str, alpha: f32, temperature: f32, label_smoothing: f32) -> Result<Self> {
-        let mut spec = LossSpec { ce: 0.0, kd: 0.0, feature: 0.0, alpha, temperature, label_smoothing };
+        let mut spec = LossSpec {
+            ce: 0.0,
+            kd: 0.0,
+            feature: 0.0,
+            alpha,
+            temperature,
+            label_smoothing,
+        };
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             let (name, weight) = match part.split_once('=') {
-                Some((n, w)) => (n.trim(), w.trim().parse::<f32>().with_context(|| format!("loss weight '{w}' in '{part}' is not a number"))?),
+                Some((n, w)) => (
+                    n.trim(),
+                    w.trim().parse::<f32>().with_context(|| {
+                        format!("loss weight '{w}' in '{part}' is not a number")
+                    })?,
+                ),
                 None => (part, 1.0),
             };
             if !weight.is_finite() || weight < 0.0 {
@@ -48,7 +67,9 @@ impl LossSpec {
                 "ce" => spec.ce += weight,
                 "kd" => spec.kd += weight,
                 "feature" => spec.feature += weight,
-                other => bail!("unknown loss '{other}': use kd, feature, ce, or weights like kd=1,feature=0.5"),
+                other => bail!(
+                    "unknown loss '{other}': use kd, feature, ce, or weights like kd=1,feature=0.5"
+                ),
             }
         }
         if spec.ce + spec.kd + spec.feature == 0.0 {
@@ -102,7 +123,10 @@ mod tests {
     fn kd_mixes_ce_and_kd_by_alpha() {
         let s = LossSpec::parse("kd", 0.5, 4.0, 0.0).unwrap();
         let c = s.logit_config(12);
-        assert_eq!((c.ce_weight, c.kd_weight, c.feature_weight), (0.5, 0.5, 0.0));
+        assert_eq!(
+            (c.ce_weight, c.kd_weight, c.feature_weight),
+            (0.5, 0.5, 0.0)
+        );
         assert!(s.needs_teacher() && !s.needs_features());
     }
 
@@ -119,8 +143,14 @@ mod tests {
     fn weighted_sums_parse_and_bad_input_is_named() {
         let s = LossSpec::parse("kd=1, feature=0.5,ce=0.25", 0.5, 4.0, 0.1).unwrap();
         assert_eq!((s.kd, s.feature, s.ce), (1.0, 0.5, 0.25));
-        assert!(LossSpec::parse("mse", 0.5, 4.0, 0.0).unwrap_err().to_string().contains("unknown loss 'mse'"));
-        assert!(LossSpec::parse("kd=x", 0.5, 4.0, 0.0).unwrap_err().to_string().contains("'x'"));
+        assert!(LossSpec::parse("mse", 0.5, 4.0, 0.0)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown loss 'mse'"));
+        assert!(LossSpec::parse("kd=x", 0.5, 4.0, 0.0)
+            .unwrap_err()
+            .to_string()
+            .contains("'x'"));
         assert!(LossSpec::parse("kd", 1.5, 4.0, 0.0).is_err());
         assert!(LossSpec::parse("kd", 0.5, 0.0, 0.0).is_err());
         assert!(LossSpec::parse("ce=0", 0.5, 4.0, 0.0).is_err());

@@ -8,10 +8,10 @@
 //! (`TensorSpec::decay`).
 
 use crate::device::BufKind;
-use crate::ops::adamw::{self, AdamWStep};
-use crate::ops::Backend;
 use crate::model::params::param_specs;
 use crate::model::{Grads, Vit, VitParams};
+use crate::ops::adamw::{self, AdamWStep};
+use crate::ops::Backend;
 use anyhow::Result;
 
 /// AdamW settings that do not change during a run.
@@ -28,7 +28,13 @@ impl Default for AdamWConfig {
     /// PyTorch's AdamW defaults with the reference experiment's decay 0.01,
     /// and clipping at norm 1.
     fn default() -> Self {
-        AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, max_grad_norm: Some(1.0) }
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            max_grad_norm: Some(1.0),
+        }
     }
 }
 
@@ -47,7 +53,13 @@ pub struct AdamW<B: Backend> {
 impl<B: Backend> AdamW<B> {
     /// Fresh state (zero moments) for `model`.
     pub fn new(be: &B, model: &Vit<B>, cfg: AdamWConfig) -> Result<Self> {
-        Ok(AdamW { cfg, m: model.zeros_like(be)?, v: model.zeros_like(be)?, step: 0, grad_norm_sq: be.alloc(1, BufKind::Param)? })
+        Ok(AdamW {
+            cfg,
+            m: model.zeros_like(be)?,
+            v: model.zeros_like(be)?,
+            step: 0,
+            grad_norm_sq: be.alloc(1, BufKind::Param)?,
+        })
     }
 
     /// One update of `model` with `grads` at learning rate `lr`.
@@ -68,7 +80,11 @@ impl<B: Backend> AdamW<B> {
                 beta1: self.cfg.beta1,
                 beta2: self.cfg.beta2,
                 eps: self.cfg.eps,
-                weight_decay: if spec.decay { self.cfg.weight_decay } else { 0.0 },
+                weight_decay: if spec.decay {
+                    self.cfg.weight_decay
+                } else {
+                    0.0
+                },
                 step: self.step,
                 max_grad_norm: self.cfg.max_grad_norm,
             };
@@ -85,13 +101,23 @@ impl<B: Backend> AdamW<B> {
 
     /// Moments on the host, for a resumable checkpoint.
     pub fn to_host(&self, be: &B, model: &Vit<B>) -> Result<HostMoments> {
-        let m = self.m.map(&model.cfg, &model.ranks, |_, t| be.download(t))?;
-        let v = self.v.map(&model.cfg, &model.ranks, |_, t| be.download(t))?;
+        let m = self
+            .m
+            .map(&model.cfg, &model.ranks, |_, t| be.download(t))?;
+        let v = self
+            .v
+            .map(&model.cfg, &model.ranks, |_, t| be.download(t))?;
         Ok((m, v))
     }
 
     /// Restore moments and step from the host.
-    pub fn load_host(&mut self, be: &B, m: &VitParams<Vec<f32>>, v: &VitParams<Vec<f32>>, step: u32) -> Result<()> {
+    pub fn load_host(
+        &mut self,
+        be: &B,
+        m: &VitParams<Vec<f32>>,
+        v: &VitParams<Vec<f32>>,
+        step: u32,
+    ) -> Result<()> {
         for (dst, src) in self.m.tensors_mut().into_iter().zip(m.tensors()) {
             be.write(dst, src)?;
         }

@@ -34,7 +34,12 @@ mod tests {
 
     #[test]
     fn warms_up_linearly_then_decays_to_min() {
-        let s = CosineSchedule { base_lr: 1.0, min_lr: 0.1, warmup_steps: 4, total_steps: 104 };
+        let s = CosineSchedule {
+            base_lr: 1.0,
+            min_lr: 0.1,
+            warmup_steps: 4,
+            total_steps: 104,
+        };
         assert_eq!(s.lr(0), 0.25);
         assert_eq!(s.lr(3), 1.0);
         assert!((s.lr(4) - 1.0).abs() < 1e-6);
@@ -47,7 +52,12 @@ mod tests {
 
     #[test]
     fn no_warmup_starts_at_base() {
-        let s = CosineSchedule { base_lr: 0.5, min_lr: 0.0, warmup_steps: 0, total_steps: 10 };
+        let s = CosineSchedule {
+            base_lr: 0.5,
+            min_lr: 0.0,
+            warmup_steps: 0,
+            total_steps: 10,
+        };
         assert_eq!(s.lr(0), 0.5);
     }
 }

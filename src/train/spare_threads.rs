@@ -32,7 +32,9 @@ impl Drop for Lent {
     fn drop(&mut self) {
         // Saturating: a loan still out (a test's learner outliving its
         // sweep) must not wrap the count around.
-        let _ = SPARE.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some(n.saturating_sub(self.0)));
+        let _ = SPARE.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            Some(n.saturating_sub(self.0))
+        });
     }
 }
 
@@ -42,7 +44,10 @@ pub struct Loan(());
 
 /// A lent thread, if one is idle.
 pub fn borrow() -> Option<Loan> {
-    SPARE.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).ok().map(|_| Loan(()))
+    SPARE
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .ok()
+        .map(|_| Loan(()))
 }
 
 impl Drop for Loan {

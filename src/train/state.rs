@@ -5,10 +5,10 @@
 //! The file alone is enough to continue a run exactly where it stopped.
 
 use super::step::Learner;
-use crate::ops::Backend;
 use crate::io::atomic_write;
 use crate::model::params::param_specs;
 use crate::model::VitParams;
+use crate::ops::Backend;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -18,7 +18,12 @@ use std::path::Path;
 const PREFIXES: [&str; 3] = ["param", "adam_m", "adam_v"];
 
 /// Write the learner's state after `epoch` finished epochs.
-pub fn save_train_state<B: Backend>(be: &B, path: &Path, learner: &Learner<B>, epoch: usize) -> Result<()> {
+pub fn save_train_state<B: Backend>(
+    be: &B,
+    path: &Path,
+    learner: &Learner<B>,
+    epoch: usize,
+) -> Result<()> {
     let model = &learner.model;
     let specs = param_specs(&model.cfg, &model.ranks);
     let params = model.to_host(be)?;
@@ -27,24 +32,44 @@ pub fn save_train_state<B: Backend>(be: &B, path: &Path, learner: &Learner<B>, e
     let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (prefix, set) in PREFIXES.iter().zip(sets) {
         for (spec, t) in specs.iter().zip(set.tensors()) {
-            bytes.push((format!("{prefix}.{}", spec.name), spec.shape.clone(), bytemuck::cast_slice(t).to_vec()));
+            bytes.push((
+                format!("{prefix}.{}", spec.name),
+                spec.shape.clone(),
+                bytemuck::cast_slice(t).to_vec(),
+            ));
         }
     }
     let views = bytes
         .iter()
-        .map(|(name, shape, data)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), data)?)))
+        .map(|(name, shape, data)| {
+            Ok((
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), data)?,
+            ))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let meta: HashMap<String, String> = [("step".to_string(), learner.opt.step.to_string()), ("epoch".to_string(), epoch.to_string())].into();
-    let out = safetensors::serialize(views, &Some(meta)).map_err(|e| anyhow!("serializing training state: {e}"))?;
+    let meta: HashMap<String, String> = [
+        ("step".to_string(), learner.opt.step.to_string()),
+        ("epoch".to_string(), epoch.to_string()),
+    ]
+    .into();
+    let out = safetensors::serialize(views, &Some(meta))
+        .map_err(|e| anyhow!("serializing training state: {e}"))?;
     atomic_write(path, &out)
 }
 
 /// Restore parameters and optimizer state into `learner` (whose shape must
 /// match); returns the number of finished epochs.
-pub fn load_train_state<B: Backend>(be: &B, path: &Path, learner: &mut Learner<B>) -> Result<usize> {
+pub fn load_train_state<B: Backend>(
+    be: &B,
+    path: &Path,
+    learner: &mut Learner<B>,
+) -> Result<usize> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("{} is not a valid safetensors file: {e}", path.display()))?;
+    let (_, header) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let meta = header.metadata().clone().unwrap_or_default();
     let number = |key: &str| -> Result<usize> {
         meta.get(key)
@@ -60,9 +85,20 @@ pub fn load_train_state<B: Backend>(be: &B, path: &Path, learner: &mut Learner<B
         let mut tensors = Vec::with_capacity(specs.len());
         for spec in &specs {
             let name = format!("{prefix}.{}", spec.name);
-            let t = st.tensor(&name).map_err(|_| anyhow!("{}: missing tensor {name} (was the run started with another model or rank?)", path.display()))?;
+            let t = st.tensor(&name).map_err(|_| {
+                anyhow!(
+                    "{}: missing tensor {name} (was the run started with another model or rank?)",
+                    path.display()
+                )
+            })?;
             if t.shape() != spec.shape.as_slice() || t.dtype() != Dtype::F32 {
-                bail!("{}: tensor {name} is {:?} {:?}, expected F32 {:?}", path.display(), t.dtype(), t.shape(), spec.shape);
+                bail!(
+                    "{}: tensor {name} is {:?} {:?}, expected F32 {:?}",
+                    path.display(),
+                    t.dtype(),
+                    t.shape(),
+                    spec.shape
+                );
             }
             tensors.push(bytemuck::pod_collect_to_vec::<u8, f32>(t.data()));
         }
@@ -74,7 +110,13 @@ pub fn load_train_state<B: Backend>(be: &B, path: &Path, learner: &mut Learner<B
     let params = VitParams::from_tensors(&cfg, &ranks, it.next().expect("three sets"));
     let m = VitParams::from_tensors(&cfg, &ranks, it.next().expect("three sets"));
     let v = VitParams::from_tensors(&cfg, &ranks, it.next().expect("three sets"));
-    for (dst, src) in learner.model.params.tensors_mut().into_iter().zip(params.tensors()) {
+    for (dst, src) in learner
+        .model
+        .params
+        .tensors_mut()
+        .into_iter()
+        .zip(params.tensors())
+    {
         be.write(dst, src)?;
     }
     learner.opt.load_host(be, &m, &v, step as u32)?;

@@ -10,9 +10,9 @@ use super::loss::LossSpec;
 use super::optimizer::{AdamW, AdamWConfig};
 use super::spare_threads;
 use crate::device::BufKind;
+use crate::model::{Grads, Vit, VitActs, VitBackwardScratch};
 use crate::ops::image::{self, ImageTransform};
 use crate::ops::{loss as loss_ops, Backend};
-use crate::model::{Grads, Vit, VitActs, VitBackwardScratch};
 use anyhow::{bail, Result};
 
 /// A frozen model run forward only (the teacher, or a model being evaluated).
@@ -28,13 +28,26 @@ impl<B: Backend> Frozen<B> {
     }
 
     /// Logits `[batch, classes]` of raw image bytes, on the host.
-    pub fn logits(&mut self, be: &B, bytes: &[u8], batch: usize, transform: &ImageTransform) -> Result<Vec<f32>> {
+    pub fn logits(
+        &mut self,
+        be: &B,
+        bytes: &[u8],
+        batch: usize,
+        transform: &ImageTransform,
+    ) -> Result<Vec<f32>> {
         logits_of(be, &self.model, &mut self.acts, bytes, batch, transform)
     }
 }
 
 /// Forward `batch` images given as raw bytes; the logits on the host.
-fn logits_of<B: Backend>(be: &B, model: &Vit<B>, acts: &mut VitActs<B>, bytes: &[u8], batch: usize, transform: &ImageTransform) -> Result<Vec<f32>> {
+fn logits_of<B: Backend>(
+    be: &B,
+    model: &Vit<B>,
+    acts: &mut VitActs<B>,
+    bytes: &[u8],
+    batch: usize,
+    transform: &ImageTransform,
+) -> Result<Vec<f32>> {
     image::from_bytes(be, &mut acts.images, bytes, batch, transform)?;
     model.forward_logits(be, acts, batch)?;
     let mut logits = be.download(&acts.logits)?;
@@ -113,7 +126,12 @@ impl<B: Backend> Shard<B> {
         let c = &model.cfg;
         let n = max_batch * c.tokens() * c.width;
         let feature_grads = (0..c.depth)
-            .map(|_| Ok((be.alloc(n, BufKind::Activation)?, be.alloc(n, BufKind::Activation)?)))
+            .map(|_| {
+                Ok((
+                    be.alloc(n, BufKind::Activation)?,
+                    be.alloc(n, BufKind::Activation)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Shard {
             acts: model.new_acts(be, max_batch)?,
@@ -129,7 +147,18 @@ impl<B: Backend> Shard<B> {
     /// the loss weighted by `weight` (its share of the whole batch); writes
     /// `grads` (zeroed first). Returns the weighted loss and the top-1 count.
     #[allow(clippy::too_many_arguments)]
-    fn forward_backward(&mut self, be: &B, model: &Vit<B>, grads: &mut Grads<B>, bytes: &[u8], labels: &[u32], transform: &ImageTransform, teacher: TeacherSignal<'_, B>, loss: &LossSpec, weight: f32) -> Result<StepStats> {
+    fn forward_backward(
+        &mut self,
+        be: &B,
+        model: &Vit<B>,
+        grads: &mut Grads<B>,
+        bytes: &[u8],
+        labels: &[u32],
+        transform: &ImageTransform,
+        teacher: TeacherSignal<'_, B>,
+        loss: &LossSpec,
+        weight: f32,
+    ) -> Result<StepStats> {
         let batch = labels.len();
         let c = &model.cfg;
         let (n, d) = (batch * c.tokens(), c.width);
@@ -142,13 +171,19 @@ impl<B: Backend> Shard<B> {
             TeacherSignal::Live(t) => {
                 let img_len = batch * c.channels * c.image_size * c.image_size;
                 be.copy(&mut t.acts.images, &self.acts.images, img_len)?;
-                t.model.forward_for_loss(be, &mut t.acts, batch, loss.needs_features())?;
+                t.model
+                    .forward_for_loss(be, &mut t.acts, batch, loss.needs_features())?;
                 teacher_acts = Some(&t.acts);
                 Some(&t.acts.logits)
             }
             TeacherSignal::Cached(logits) => {
                 if logits.len() != batch * c.classes {
-                    bail!("cached teacher logits hold {} values, the batch needs {} x {}", logits.len(), batch, c.classes);
+                    bail!(
+                        "cached teacher logits hold {} values, the batch needs {} x {}",
+                        logits.len(),
+                        batch,
+                        c.classes
+                    );
                 }
                 be.write(&mut self.teacher_logits, logits)?;
                 Some(&self.teacher_logits)
@@ -162,7 +197,18 @@ impl<B: Backend> Shard<B> {
         }
 
         be.zero(&mut self.loss, 1)?;
-        loss_ops::logit_loss(be, &mut self.d_logits, &mut self.loss, &self.acts.logits, teacher_logits, labels, batch, c.classes, &loss.logit_config(c.depth), weight)?;
+        loss_ops::logit_loss(
+            be,
+            &mut self.d_logits,
+            &mut self.loss,
+            &self.acts.logits,
+            teacher_logits,
+            labels,
+            batch,
+            c.classes,
+            &loss.logit_config(c.depth),
+            weight,
+        )?;
         let features = match teacher_acts {
             Some(t) if loss.needs_features() => {
                 let w = weight * loss.feature_term_weight(c.depth);
@@ -170,8 +216,26 @@ impl<B: Backend> Shard<B> {
                     let (s, tb) = (&self.acts.blocks[l], &t.blocks[l]);
                     be.zero(d_attn, n * d)?;
                     be.zero(d_mlp, n * d)?;
-                    loss_ops::feature_loss(be, d_attn, &mut self.loss, &s.attn_out, &tb.attn_out, n, d, w)?;
-                    loss_ops::feature_loss(be, d_mlp, &mut self.loss, &s.mlp_out, &tb.mlp_out, n, d, w)?;
+                    loss_ops::feature_loss(
+                        be,
+                        d_attn,
+                        &mut self.loss,
+                        &s.attn_out,
+                        &tb.attn_out,
+                        n,
+                        d,
+                        w,
+                    )?;
+                    loss_ops::feature_loss(
+                        be,
+                        d_mlp,
+                        &mut self.loss,
+                        &s.mlp_out,
+                        &tb.mlp_out,
+                        n,
+                        d,
+                        w,
+                    )?;
                 }
                 Some(&self.feature_grads[..])
             }
@@ -179,11 +243,22 @@ impl<B: Backend> Shard<B> {
         };
 
         model.zero_grads(be, grads)?;
-        model.backward(be, &self.acts, &self.d_logits, features, grads, &mut self.scratch, batch)?;
+        model.backward(
+            be,
+            &self.acts,
+            &self.d_logits,
+            features,
+            grads,
+            &mut self.scratch,
+            batch,
+        )?;
 
         let loss_value = be.download(&self.loss)?[0];
         let logits = be.download(&self.acts.logits)?;
-        Ok(StepStats { loss: loss_value, correct: count_correct(&logits, labels, c.classes) })
+        Ok(StepStats {
+            loss: loss_value,
+            correct: count_correct(&logits, labels, c.classes),
+        })
     }
 }
 
@@ -197,20 +272,31 @@ fn whole_batches_asked() -> bool {
 /// so on (a shard may get none).
 fn shard_sizes(batch: usize, shards: usize) -> Vec<usize> {
     let per = batch.div_ceil(shards.max(1));
-    (0..shards).map(|s| batch.saturating_sub(s * per).min(per)).collect()
+    (0..shards)
+        .map(|s| batch.saturating_sub(s * per).min(per))
+        .collect()
 }
 
 impl<B: Backend> Learner<B> {
     /// A learner for batches of up to `max_batch` images, split as the
     /// type's comment says.
     pub fn new(be: &B, model: Vit<B>, max_batch: usize, opt: AdamWConfig) -> Result<Self> {
-        let split = be.splits_small_batches() && model.cfg.width <= crate::sweep::AUTO_PARALLEL_MAX_WIDTH && max_batch >= SHARDS && !whole_batches_asked();
+        let split = be.splits_small_batches()
+            && model.cfg.width <= crate::sweep::AUTO_PARALLEL_MAX_WIDTH
+            && max_batch >= SHARDS
+            && !whole_batches_asked();
         Self::with_shards(be, model, max_batch, opt, if split { SHARDS } else { 1 })
     }
 
     /// A learner that splits every batch into `shards` parts (1: whole
     /// batches), whatever the device and model; for tests and benches.
-    pub fn with_shards(be: &B, model: Vit<B>, max_batch: usize, opt: AdamWConfig, shards: usize) -> Result<Self> {
+    pub fn with_shards(
+        be: &B,
+        model: Vit<B>,
+        max_batch: usize,
+        opt: AdamWConfig,
+        shards: usize,
+    ) -> Result<Self> {
         if shards == 0 || shards > max_batch.max(1) {
             bail!("{shards} shards for batches of up to {max_batch} images");
         }
@@ -225,8 +311,12 @@ impl<B: Backend> Learner<B> {
         };
         Ok(Learner {
             grads: model.zeros_like(be)?,
-            shard_grads: (1..shards).map(|_| model.zeros_like(be)).collect::<Result<_>>()?,
-            shards: (0..shards).map(|_| Shard::new(be, &model, per_shard)).collect::<Result<_>>()?,
+            shard_grads: (1..shards)
+                .map(|_| model.zeros_like(be))
+                .collect::<Result<_>>()?,
+            shards: (0..shards)
+                .map(|_| Shard::new(be, &model, per_shard))
+                .collect::<Result<_>>()?,
             opt: AdamW::new(be, &model, opt)?,
             pools,
             borrowed: None,
@@ -274,24 +364,37 @@ impl<B: Backend> Learner<B> {
     ) -> Result<StepStats> {
         let batch = labels.len();
         if batch == 0 || batch > self.max_batch {
-            bail!("a batch of {batch} images; this learner takes 1 to {}", self.max_batch);
+            bail!(
+                "a batch of {batch} images; this learner takes 1 to {}",
+                self.max_batch
+            );
         }
         let classes = self.model.cfg.classes;
         // Stored images may differ in size from the model's input (the
         // transform resizes them); all of a batch's have one size.
         if !bytes.len().is_multiple_of(batch) {
-            bail!("{} bytes of pixels do not divide into {batch} images", bytes.len());
+            bail!(
+                "{} bytes of pixels do not divide into {batch} images",
+                bytes.len()
+            );
         }
         let image_bytes = bytes.len() / batch;
         let sizes = shard_sizes(batch, self.shards.len());
         self.borrow_idle_thread()?;
         let pools = shard_pools(&self.pools, &self.borrowed);
         let model = &self.model;
-        let mut grads: Vec<&mut Grads<B>> = std::iter::once(&mut self.grads).chain(self.shard_grads.iter_mut()).collect();
+        let mut grads: Vec<&mut Grads<B>> = std::iter::once(&mut self.grads)
+            .chain(self.shard_grads.iter_mut())
+            .collect();
         // Each shard's images, labels and teacher signal.
         let mut parts = Vec::new();
         let mut cached = match &teacher {
-            TeacherSignal::Cached(all) if all.len() != batch * classes => bail!("cached teacher logits hold {} values, the batch needs {} x {}", all.len(), batch, classes),
+            TeacherSignal::Cached(all) if all.len() != batch * classes => bail!(
+                "cached teacher logits hold {} values, the batch needs {} x {}",
+                all.len(),
+                batch,
+                classes
+            ),
             TeacherSignal::Cached(all) => Some(*all),
             _ => None,
         };
@@ -305,30 +408,55 @@ impl<B: Backend> Learner<B> {
                 }
                 _ => None,
             };
-            parts.push((&bytes[start * image_bytes..(start + size) * image_bytes], &labels[start..start + size], signal, size as f32 / batch as f32));
+            parts.push((
+                &bytes[start * image_bytes..(start + size) * image_bytes],
+                &labels[start..start + size],
+                signal,
+                size as f32 / batch as f32,
+            ));
             start += size;
         }
         let stats: Vec<Result<StepStats>> = match teacher {
             // One teacher's activations: the shards take turns.
             TeacherSignal::Live(t) => {
                 let mut out = Vec::new();
-                for ((shard, g), (b, l, _, w)) in self.shards.iter_mut().zip(grads.iter_mut()).zip(&parts) {
+                for ((shard, g), (b, l, _, w)) in
+                    self.shards.iter_mut().zip(grads.iter_mut()).zip(&parts)
+                {
                     if !l.is_empty() {
-                        out.push(shard.forward_backward(be, model, g, b, l, transform, TeacherSignal::Live(&mut *t), loss, *w));
+                        out.push(shard.forward_backward(
+                            be,
+                            model,
+                            g,
+                            b,
+                            l,
+                            transform,
+                            TeacherSignal::Live(&mut *t),
+                            loss,
+                            *w,
+                        ));
                     }
                 }
                 out
             }
             teacher => {
                 let none = matches!(teacher, TeacherSignal::None);
-                let work = self.shards.iter_mut().zip(grads).zip(parts).filter(|(_, (_, l, _, _))| !l.is_empty()).map(|((shard, g), (b, l, cached, w))| {
-                    let signal = match cached {
-                        Some(logits) => TeacherSignal::Cached(logits),
-                        None if none => TeacherSignal::None,
-                        None => unreachable!("a cached signal is split above"),
-                    };
-                    move || shard.forward_backward(be, model, g, b, l, transform, signal, loss, w)
-                });
+                let work = self
+                    .shards
+                    .iter_mut()
+                    .zip(grads)
+                    .zip(parts)
+                    .filter(|(_, (_, l, _, _))| !l.is_empty())
+                    .map(|((shard, g), (b, l, cached, w))| {
+                        let signal = match cached {
+                            Some(logits) => TeacherSignal::Cached(logits),
+                            None if none => TeacherSignal::None,
+                            None => unreachable!("a cached signal is split above"),
+                        };
+                        move || {
+                            shard.forward_backward(be, model, g, b, l, transform, signal, loss, w)
+                        }
+                    });
                 run_at_once(pools, work.collect())
             }
         };
@@ -351,12 +479,24 @@ impl<B: Backend> Learner<B> {
 
     /// Logits `[n, classes]` of raw image bytes with the current parameters
     /// (reuses the training activations; the shards take a part each).
-    pub fn logits(&mut self, be: &B, bytes: &[u8], n: usize, transform: &ImageTransform) -> Result<Vec<f32>> {
+    pub fn logits(
+        &mut self,
+        be: &B,
+        bytes: &[u8],
+        n: usize,
+        transform: &ImageTransform,
+    ) -> Result<Vec<f32>> {
         if n == 0 || n > self.max_batch {
-            bail!("{n} images to evaluate; this learner takes 1 to {} at a time", self.max_batch);
+            bail!(
+                "{n} images to evaluate; this learner takes 1 to {} at a time",
+                self.max_batch
+            );
         }
         if !bytes.len().is_multiple_of(n) {
-            bail!("{} bytes of pixels do not divide into {n} images", bytes.len());
+            bail!(
+                "{} bytes of pixels do not divide into {n} images",
+                bytes.len()
+            );
         }
         let (image_bytes, classes) = (bytes.len() / n, self.model.cfg.classes);
         self.borrow_idle_thread()?;
@@ -395,7 +535,11 @@ impl<B: Backend> Learner<B> {
     ) -> Result<StepStats> {
         let stats = self.forward_backward(be, bytes, labels, transform, teacher, loss)?;
         if !stats.loss.is_finite() {
-            bail!("the loss became {} at optimizer step {}: lower --lr, or check the data", stats.loss, self.opt.step + 1);
+            bail!(
+                "the loss became {} at optimizer step {}: lower --lr, or check the data",
+                stats.loss,
+                self.opt.step + 1
+            );
         }
         self.opt.update(be, &mut self.model, &self.grads, lr)?;
         Ok(stats)
@@ -404,7 +548,10 @@ impl<B: Backend> Learner<B> {
 
 /// The pools a learner's shards run on (see `run_at_once`): their own, or
 /// the borrowed thread's.
-fn shard_pools<'a>(pools: &'a [rayon::ThreadPool], borrowed: &'a Option<(spare_threads::Loan, rayon::ThreadPool)>) -> &'a [rayon::ThreadPool] {
+fn shard_pools<'a>(
+    pools: &'a [rayon::ThreadPool],
+    borrowed: &'a Option<(spare_threads::Loan, rayon::ThreadPool)>,
+) -> &'a [rayon::ThreadPool] {
     match borrowed {
         Some((_, pool)) => std::slice::from_ref(pool),
         None => pools,
@@ -415,7 +562,10 @@ fn shard_pools<'a>(pools: &'a [rayon::ThreadPool], borrowed: &'a Option<(spare_t
 /// own) or one fewer (the first on the calling thread, the others on the
 /// pools), else one after the other on the calling thread; the results in
 /// the jobs' order.
-fn run_at_once<T: Send, F: FnOnce() -> T + Send>(pools: &[rayon::ThreadPool], jobs: Vec<F>) -> Vec<T> {
+fn run_at_once<T: Send, F: FnOnce() -> T + Send>(
+    pools: &[rayon::ThreadPool],
+    jobs: Vec<F>,
+) -> Vec<T> {
     let on_caller = jobs.len() == pools.len() + 1;
     if jobs.len() <= 1 || !(on_caller || jobs.len() == pools.len()) {
         return jobs.into_iter().map(|f| f()).collect();
@@ -423,20 +573,35 @@ fn run_at_once<T: Send, F: FnOnce() -> T + Send>(pools: &[rayon::ThreadPool], jo
     std::thread::scope(|scope| {
         let mut jobs = jobs.into_iter();
         let first = jobs.next().expect("two jobs or more");
-        let (first_pool, others) = if on_caller { (None, pools) } else { (Some(&pools[0]), &pools[1..]) };
-        let others: Vec<_> = jobs.zip(others).map(|(f, pool)| scope.spawn(move || pool.install(f))).collect();
+        let (first_pool, others) = if on_caller {
+            (None, pools)
+        } else {
+            (Some(&pools[0]), &pools[1..])
+        };
+        let others: Vec<_> = jobs
+            .zip(others)
+            .map(|(f, pool)| scope.spawn(move || pool.install(f)))
+            .collect();
         let mut out = vec![match first_pool {
             Some(pool) => pool.install(first),
             None => first(),
         }];
-        out.extend(others.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))));
+        out.extend(
+            others
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))),
+        );
         out
     })
 }
 
 /// Number of rows of `logits [n, classes]` whose argmax equals the label.
 pub fn count_correct(logits: &[f32], labels: &[u32], classes: usize) -> usize {
-    labels.iter().enumerate().filter(|(i, &y)| argmax(&logits[i * classes..(i + 1) * classes]) == y as usize).count()
+    labels
+        .iter()
+        .enumerate()
+        .filter(|(i, &y)| argmax(&logits[i * classes..(i + 1) * classes]) == y as usize)
+        .count()
 }
 
 /// Number of rows whose label is among the `k` largest logits.
@@ -448,7 +613,11 @@ pub fn count_top_k(logits: &[f32], labels: &[u32], classes: usize, k: usize) -> 
             let row = &logits[i * classes..(i + 1) * classes];
             let target = row[y as usize];
             // Ties count against the label, so a constant output is not "correct".
-            row.iter().enumerate().filter(|&(j, &v)| j != y as usize && v >= target).count() < k
+            row.iter()
+                .enumerate()
+                .filter(|&(j, &v)| j != y as usize && v >= target)
+                .count()
+                < k
         })
         .count()
 }

@@ -21,7 +21,10 @@ pub enum StudentStart<'a> {
     /// The teacher factorized at `ranks` as `plan` says.
     Factorize { ranks: Ranks, plan: StudentPlan },
     /// A student checkpoint's parameters.
-    Given { ranks: Ranks, params: &'a VitParams<Vec<f32>> },
+    Given {
+        ranks: Ranks,
+        params: &'a VitParams<Vec<f32>>,
+    },
 }
 
 impl StudentStart<'_> {
@@ -50,15 +53,35 @@ pub struct StudentRun<'a> {
 
 /// Factorize (or take) the student, build it on `be` and train it.
 /// `on_epoch` runs after every saved epoch (the sweep's claim heartbeat).
-pub fn train_student<B: Backend>(be: &B, run: &StudentRun<'_>, teacher: Teacher<'_, B>, on_epoch: &mut dyn FnMut(usize) -> Result<()>) -> Result<FitSummary> {
+pub fn train_student<B: Backend>(
+    be: &B,
+    run: &StudentRun<'_>,
+    teacher: Teacher<'_, B>,
+    on_epoch: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<FitSummary> {
     let params = match &run.start {
         StudentStart::Factorize { ranks, plan } => {
-            let data = CalibrationData { train: run.train, transform: run.transform };
+            let data = CalibrationData {
+                train: run.train,
+                transform: run.transform,
+            };
             make_student(run.cfg, run.teacher, ranks, plan, run.fit.seed, Some(data))?.0
         }
         StudentStart::Given { params, .. } => (*params).clone(),
     };
     let model = Vit::from_host(be, run.cfg, run.start.ranks(), &params)?;
     let mut learner = Learner::new(be, model, run.fit.batch, run.optimizer)?;
-    fit(be, &mut learner, teacher, run.train, run.test, run.transform, run.loss, run.fit, run.files, run.meta, on_epoch)
+    fit(
+        be,
+        &mut learner,
+        teacher,
+        run.train,
+        run.test,
+        run.transform,
+        run.loss,
+        run.fit,
+        run.files,
+        run.meta,
+        on_epoch,
+    )
 }

@@ -10,10 +10,10 @@
 //! normalization; a file of the wrong length is ignored and recomputed.
 
 use super::step::Frozen;
-use crate::ops::image::ImageTransform;
-use crate::ops::Backend;
 use crate::data::{augmented_batch, Augment, Dataset};
 use crate::io::atomic_write;
+use crate::ops::image::ImageTransform;
+use crate::ops::Backend;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -56,14 +56,21 @@ struct RecentEpochs {
 
 impl RecentEpochs {
     fn new(capacity: usize) -> Self {
-        RecentEpochs { capacity: capacity.max(1), entries: HashMap::new(), uses: 0 }
+        RecentEpochs {
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+            uses: 0,
+        }
     }
 
     /// The logits of `epoch` if held and of `len` values.
     fn get(&mut self, epoch: u64, len: usize) -> Option<&[f32]> {
         self.uses += 1;
         let uses = self.uses;
-        let (logits, last) = self.entries.get_mut(&epoch).filter(|(v, _)| v.len() == len)?;
+        let (logits, last) = self
+            .entries
+            .get_mut(&epoch)
+            .filter(|(v, _)| v.len() == len)?;
         *last = uses;
         Some(logits)
     }
@@ -73,7 +80,12 @@ impl RecentEpochs {
         self.uses += 1;
         self.entries.insert(epoch, (logits, self.uses));
         while self.entries.len() > self.capacity {
-            let (&oldest, _) = self.entries.iter().filter(|(&e, _)| e != epoch).min_by_key(|(_, (_, last))| *last).expect("more than one entry");
+            let (&oldest, _) = self
+                .entries
+                .iter()
+                .filter(|(&e, _)| e != epoch)
+                .min_by_key(|(_, (_, last))| *last)
+                .expect("more than one entry");
             self.entries.remove(&oldest);
         }
         &self.entries[&epoch].0
@@ -82,11 +94,21 @@ impl RecentEpochs {
 
 /// A 64-bit FNV-1a hash, for short cache keys.
 pub fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl<B: Backend> TeacherLogits<B> {
-    pub fn new(teacher: Frozen<B>, transform: ImageTransform, augment: Augment, seed: u64, batch: usize, dir: Option<PathBuf>, key: &str) -> Self {
+    pub fn new(
+        teacher: Frozen<B>,
+        transform: ImageTransform,
+        augment: Augment,
+        seed: u64,
+        batch: usize,
+        dir: Option<PathBuf>,
+        key: &str,
+    ) -> Self {
         TeacherLogits {
             teacher,
             transform,
@@ -103,11 +125,19 @@ impl<B: Backend> TeacherLogits<B> {
     }
 
     fn file(&self, epoch: u64) -> Option<PathBuf> {
-        self.dir.as_ref().map(|d| d.join(format!("teacher-logits-{}-e{epoch}.f32", self.key)))
+        self.dir
+            .as_ref()
+            .map(|d| d.join(format!("teacher-logits-{}-e{epoch}.f32", self.key)))
     }
 
     /// Logits of every sample of `epoch`, in `order` (the epoch's batch order).
-    pub fn epoch(&mut self, be: &B, train: &Dataset, order: &[usize], epoch: u64) -> Result<&[f32]> {
+    pub fn epoch(
+        &mut self,
+        be: &B,
+        train: &Dataset,
+        order: &[usize],
+        epoch: u64,
+    ) -> Result<&[f32]> {
         let expected = order.len() * self.teacher.model.cfg.classes;
         if self.memory.get(epoch, expected).is_some() {
             self.epochs_reused += 1;
@@ -117,7 +147,9 @@ impl<B: Backend> TeacherLogits<B> {
             if let Ok(bytes) = std::fs::read(&path) {
                 if bytes.len() == expected * 4 {
                     self.epochs_reused += 1;
-                    return Ok(self.memory.insert(epoch, bytemuck::pod_collect_to_vec(&bytes)));
+                    return Ok(self
+                        .memory
+                        .insert(epoch, bytemuck::pod_collect_to_vec(&bytes)));
                 }
             }
         }
@@ -125,13 +157,25 @@ impl<B: Backend> TeacherLogits<B> {
         let mut all = Vec::with_capacity(expected);
         let (mut bytes, mut labels) = (Vec::new(), Vec::new());
         for chunk in order.chunks(self.batch) {
-            augmented_batch(train, chunk, &self.augment, self.seed, epoch, &mut bytes, &mut labels)?;
-            all.extend(self.teacher.logits(be, &bytes, chunk.len(), &self.transform)?);
+            augmented_batch(
+                train,
+                chunk,
+                &self.augment,
+                self.seed,
+                epoch,
+                &mut bytes,
+                &mut labels,
+            )?;
+            all.extend(
+                self.teacher
+                    .logits(be, &bytes, chunk.len(), &self.transform)?,
+            );
         }
         self.teacher_seconds += started.elapsed().as_secs_f64();
         self.epochs_computed += 1;
         if let Some(path) = self.file(epoch) {
-            atomic_write(&path, bytemuck::cast_slice(&all)).with_context(|| format!("caching teacher logits in {}", path.display()))?;
+            atomic_write(&path, bytemuck::cast_slice(&all))
+                .with_context(|| format!("caching teacher logits in {}", path.display()))?;
         }
         Ok(self.memory.insert(epoch, all))
     }
@@ -150,10 +194,17 @@ mod tests {
             assert_eq!(m.insert(e, vec![e as f32; 2]), &[e as f32; 2]);
         }
         assert!(m.get(5, 2).is_some(), "5 used again");
-        assert_eq!(m.insert(0, vec![0.0; 2]), &[0.0; 2], "the oldest epoch number, just stored");
+        assert_eq!(
+            m.insert(0, vec![0.0; 2]),
+            &[0.0; 2],
+            "the oldest epoch number, just stored"
+        );
         assert!(m.get(6, 2).is_none(), "6 was the least recently used");
         assert!(m.get(5, 2).is_some() && m.get(7, 2).is_some() && m.get(0, 2).is_some());
-        assert!(m.get(7, 3).is_none(), "a length that does not match is not a hit");
+        assert!(
+            m.get(7, 3).is_none(),
+            "a length that does not match is not a hit"
+        );
         let mut one = RecentEpochs::new(1);
         one.insert(3, vec![1.0]);
         assert_eq!(one.insert(1, vec![2.0]), &[2.0]);

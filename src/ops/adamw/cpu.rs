@@ -9,7 +9,10 @@ use rayon::prelude::*;
 
 /// ADDS `Σ x²` to `acc[0]` (chunk sums combined in order: deterministic).
 pub fn sum_squares(acc: &mut [f32], x: &[f32], len: usize) {
-    let parts: Vec<f64> = x[..len].par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum()).collect();
+    let parts: Vec<f64> = x[..len]
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum())
+        .collect();
     acc[0] += parts.iter().sum::<f64>() as f32;
 }
 
@@ -21,7 +24,15 @@ pub fn clip_scale(grad_norm_sq: f32, max_norm: Option<f32>) -> f32 {
     }
 }
 
-pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], grad_norm_sq: f32, len: usize, hp: &AdamWStep) {
+pub fn adamw_update(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grad_norm_sq: f32,
+    len: usize,
+    hp: &AdamWStep,
+) {
     let scale = clip_scale(grad_norm_sq, hp.max_grad_norm);
     let bc1 = 1.0 - (hp.beta1 as f64).powi(hp.step as i32);
     let bc2 = 1.0 - (hp.beta2 as f64).powi(hp.step as i32);
@@ -30,7 +41,11 @@ pub fn adamw_update(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32
     param[..len]
         .par_chunks_mut(CHUNK)
         .zip(grad[..len].par_chunks(CHUNK))
-        .zip(m[..len].par_chunks_mut(CHUNK).zip(v[..len].par_chunks_mut(CHUNK)))
+        .zip(
+            m[..len]
+                .par_chunks_mut(CHUNK)
+                .zip(v[..len].par_chunks_mut(CHUNK)),
+        )
         .for_each(|((p, g), (m, v))| {
             vectorized(
                 #[inline(always)]
@@ -52,7 +67,17 @@ impl AdamWKernel for Cpu {
         sum_squares(acc, x, len);
         Ok(())
     }
-    fn adamw_update(&self, param: &mut Vec<f32>, grad: &Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>, grad_norm_sq: &Vec<f32>, len: usize, hp: &AdamWStep, _: Checked) -> Result<()> {
+    fn adamw_update(
+        &self,
+        param: &mut Vec<f32>,
+        grad: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        grad_norm_sq: &Vec<f32>,
+        len: usize,
+        hp: &AdamWStep,
+        _: Checked,
+    ) -> Result<()> {
         adamw_update(param, grad, m, v, grad_norm_sq[0], len, hp);
         Ok(())
     }

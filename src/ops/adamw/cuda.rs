@@ -13,7 +13,17 @@ impl AdamWKernel for Cuda {
     fn sum_squares(&self, acc: &mut CudaBuf, x: &CudaBuf, len: usize, _: Checked) -> Result<()> {
         sum_squares(self, acc, x, len)
     }
-    fn adamw_update(&self, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, grad_norm_sq: &CudaBuf, len: usize, hp: &AdamWStep, _: Checked) -> Result<()> {
+    fn adamw_update(
+        &self,
+        param: &mut CudaBuf,
+        grad: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        grad_norm_sq: &CudaBuf,
+        len: usize,
+        hp: &AdamWStep,
+        _: Checked,
+    ) -> Result<()> {
         adamw_update(self, param, grad, m, v, grad_norm_sq, len, hp)
     }
 }
@@ -24,11 +34,15 @@ fn sum_squares(be: &Cuda, acc: &mut CudaBuf, x: &CudaBuf, len: usize) -> Result<
         return Ok(());
     }
     let n = len as u64;
-    let (a, xp) = (be.f32_mut(acc, "sum_squares acc")?, be.f32(x, "sum_squares x")?);
+    let (a, xp) = (
+        be.f32_mut(acc, "sum_squares acc")?,
+        be.f32(x, "sum_squares x")?,
+    );
     let f = be.function("adamw", "sum_squares", 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&a).arg(&xp).arg(&n);
-    unsafe { l.launch(be.grid_for(len)) }.cu_with_context(|| format!("sum_squares launch ({len} elements)"))?;
+    unsafe { l.launch(be.grid_for(len)) }
+        .cu_with_context(|| format!("sum_squares launch ({len} elements)"))?;
     Ok(())
 }
 
@@ -36,7 +50,16 @@ fn sum_squares(be: &Cuda, acc: &mut CudaBuf, x: &CudaBuf, len: usize) -> Result<
 /// float* grad_norm_sq, u64 n, float lr, float beta1, float beta2, float eps,
 /// float weight_decay, float bc1, float bc2, int clip, float max_norm, bf16* shadow)`.
 #[allow(clippy::too_many_arguments)]
-fn adamw_update(be: &Cuda, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, grad_norm_sq: &CudaBuf, len: usize, hp: &AdamWStep) -> Result<()> {
+fn adamw_update(
+    be: &Cuda,
+    param: &mut CudaBuf,
+    grad: &CudaBuf,
+    m: &mut CudaBuf,
+    v: &mut CudaBuf,
+    grad_norm_sq: &CudaBuf,
+    len: usize,
+    hp: &AdamWStep,
+) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
@@ -48,12 +71,31 @@ fn adamw_update(be: &Cuda, param: &mut CudaBuf, grad: &CudaBuf, m: &mut CudaBuf,
     let max_norm = hp.max_grad_norm.unwrap_or(0.0);
     let p = be.f32_mut(param, "adamw param")?;
     // The weight's bf16 copy (if it has one) is rewritten by the same kernel.
-    let copy = if len == param.len() { be.bf16_copy_for_update(param) } else { 0 };
-    let (g, mp, vp, gn) = (be.f32(grad, "adamw grad")?, be.f32_mut(m, "adamw m")?, be.f32_mut(v, "adamw v")?, be.f32(grad_norm_sq, "adamw grad_norm_sq")?);
+    let copy = if len == param.len() {
+        be.bf16_copy_for_update(param)
+    } else {
+        0
+    };
+    let (g, mp, vp, gn) = (
+        be.f32(grad, "adamw grad")?,
+        be.f32_mut(m, "adamw m")?,
+        be.f32_mut(v, "adamw v")?,
+        be.f32(grad_norm_sq, "adamw grad_norm_sq")?,
+    );
     let f = be.function("adamw", "adamw_update", 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&p).arg(&g).arg(&mp).arg(&vp).arg(&gn).arg(&n);
-    l.arg(&hp.lr).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&hp.weight_decay).arg(&bc1).arg(&bc2).arg(&clip).arg(&max_norm).arg(&copy);
-    unsafe { l.launch(be.grid_for(len)) }.cu_with_context(|| format!("adamw_update launch ({len} elements)"))?;
+    l.arg(&hp.lr)
+        .arg(&hp.beta1)
+        .arg(&hp.beta2)
+        .arg(&hp.eps)
+        .arg(&hp.weight_decay)
+        .arg(&bc1)
+        .arg(&bc2)
+        .arg(&clip)
+        .arg(&max_norm)
+        .arg(&copy);
+    unsafe { l.launch(be.grid_for(len)) }
+        .cu_with_context(|| format!("adamw_update launch ({len} elements)"))?;
     Ok(())
 }

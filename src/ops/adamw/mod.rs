@@ -32,17 +32,37 @@ pub struct AdamWStep {
 
 /// Device bodies of the optimizer (call `sum_squares` / `update`).
 pub trait AdamWKernel: Device {
-    fn sum_squares(&self, acc: &mut Self::Buf, x: &Self::Buf, len: usize, _: Checked) -> Result<()>;
+    fn sum_squares(&self, acc: &mut Self::Buf, x: &Self::Buf, len: usize, _: Checked)
+        -> Result<()>;
     #[allow(clippy::too_many_arguments)]
-    fn adamw_update(&self, param: &mut Self::Buf, grad: &Self::Buf, m: &mut Self::Buf, v: &mut Self::Buf, grad_norm_sq: &Self::Buf, len: usize, hp: &AdamWStep, _: Checked) -> Result<()>;
+    fn adamw_update(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        grad_norm_sq: &Self::Buf,
+        len: usize,
+        hp: &AdamWStep,
+        _: Checked,
+    ) -> Result<()>;
 }
 
 /// ADDS `Σ x[i]²` over `i < len` to `acc[0]` (global gradient norm).
-pub fn sum_squares<D: AdamWKernel>(dev: &D, acc: &mut D::Buf, x: &D::Buf, len: usize) -> Result<()> {
+pub fn sum_squares<D: AdamWKernel>(
+    dev: &D,
+    acc: &mut D::Buf,
+    x: &D::Buf,
+    len: usize,
+) -> Result<()> {
     need(dev, "sum_squares acc", acc, 1)?;
     need(dev, "sum_squares x", x, len)?;
-    let w = dev.profiling().then(|| work(dev, &[(x, len), (acc, 2)], 2.0 * len as f64));
-    profiled(dev, "sum_squares", w, || dev.sum_squares(acc, x, len, Checked::new()))
+    let w = dev
+        .profiling()
+        .then(|| work(dev, &[(x, len), (acc, 2)], 2.0 * len as f64));
+    profiled(dev, "sum_squares", w, || {
+        dev.sum_squares(acc, x, len, Checked::new())
+    })
 }
 
 /// One AdamW step on `param[len]` with gradient `grad`, moments `m`, `v`.
@@ -52,7 +72,16 @@ pub fn sum_squares<D: AdamWKernel>(dev: &D, acc: &mut D::Buf, x: &D::Buf, len: u
 /// `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
 ///  p -= lr (wd p + (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps))`.
 #[allow(clippy::too_many_arguments)]
-pub fn update<D: AdamWKernel>(dev: &D, param: &mut D::Buf, grad: &D::Buf, m: &mut D::Buf, v: &mut D::Buf, grad_norm_sq: &D::Buf, len: usize, hp: &AdamWStep) -> Result<()> {
+pub fn update<D: AdamWKernel>(
+    dev: &D,
+    param: &mut D::Buf,
+    grad: &D::Buf,
+    m: &mut D::Buf,
+    v: &mut D::Buf,
+    grad_norm_sq: &D::Buf,
+    len: usize,
+    hp: &AdamWStep,
+) -> Result<()> {
     need(dev, "adamw param", param, len)?;
     need(dev, "adamw grad", grad, len)?;
     need(dev, "adamw m", m, len)?;
@@ -63,8 +92,16 @@ pub fn update<D: AdamWKernel>(dev: &D, param: &mut D::Buf, grad: &D::Buf, m: &mu
     }
     // param, m, v read and written, grad read (a bf16 weight copy that the
     // kernel also rewrites is not counted); about 16 operations per element.
-    let w = dev.profiling().then(|| work(dev, &[(param, 2 * len), (m, 2 * len), (v, 2 * len), (grad, len)], 16.0 * len as f64));
-    profiled(dev, "adamw_update", w, || dev.adamw_update(param, grad, m, v, grad_norm_sq, len, hp, Checked::new()))
+    let w = dev.profiling().then(|| {
+        work(
+            dev,
+            &[(param, 2 * len), (m, 2 * len), (v, 2 * len), (grad, len)],
+            16.0 * len as f64,
+        )
+    });
+    profiled(dev, "adamw_update", w, || {
+        dev.adamw_update(param, grad, m, v, grad_norm_sq, len, hp, Checked::new())
+    })
 }
 
 #[cfg(test)]
@@ -76,7 +113,15 @@ mod tests {
     use crate::testing::{act, assert_close, par, randn, BF16, RED};
 
     fn hp(step: u32, clip: Option<f32>) -> AdamWStep {
-        AdamWStep { lr: 0.1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.01, step, max_grad_norm: clip }
+        AdamWStep {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            step,
+            max_grad_norm: clip,
+        }
     }
 
     #[test]
@@ -99,7 +144,15 @@ mod tests {
         assert_eq!(clip_scale(16.0, None), 1.0);
         // With clipping the first step's moment holds the clipped gradient.
         let (mut p, mut m, mut v) = (vec![0.0f32; 2], vec![0.0f32; 2], vec![0.0f32; 2]);
-        adamw_update(&mut p, &[3.0, 4.0], &mut m, &mut v, 25.0, 2, &hp(1, Some(1.0)));
+        adamw_update(
+            &mut p,
+            &[3.0, 4.0],
+            &mut m,
+            &mut v,
+            25.0,
+            2,
+            &hp(1, Some(1.0)),
+        );
         assert!((m[0] - 0.1 * 0.6).abs() < 1e-7 && (m[1] - 0.1 * 0.8).abs() < 1e-7);
         let mut acc = vec![1.0];
         sum_squares(&mut acc, &[3.0, 4.0], 2);
@@ -112,10 +165,32 @@ mod tests {
         let h = hp(1, None);
         for short in 0..5 {
             let l = |i: usize, n: usize| if i == short { n - 1 } else { n };
-            let res = super::update(&Cpu, &mut z(l(0, 4)), &z(l(1, 4)), &mut z(l(2, 4)), &mut z(l(3, 4)), &z(l(4, 1)), 4, &h);
+            let res = super::update(
+                &Cpu,
+                &mut z(l(0, 4)),
+                &z(l(1, 4)),
+                &mut z(l(2, 4)),
+                &mut z(l(3, 4)),
+                &z(l(4, 1)),
+                4,
+                &h,
+            );
             assert!(res.is_err(), "update with argument {short} short");
         }
-        assert!(super::update(&Cpu, &mut z(4), &z(4), &mut z(4), &mut z(4), &z(1), 4, &hp(0, None)).is_err(), "step 0");
+        assert!(
+            super::update(
+                &Cpu,
+                &mut z(4),
+                &z(4),
+                &mut z(4),
+                &mut z(4),
+                &z(1),
+                4,
+                &hp(0, None)
+            )
+            .is_err(),
+            "step 0"
+        );
         assert!(super::sum_squares(&Cpu, &mut z(0), &z(4), 4).is_err());
         assert!(super::sum_squares(&Cpu, &mut z(1), &z(3), 4).is_err());
     }
@@ -123,14 +198,33 @@ mod tests {
     fn update_matches_the_cpu<D: Backend>(dev: &D) {
         let n = 300_001;
         for clip in [None, Some(0.5), Some(1e6)] {
-            let h = AdamWStep { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.05, step: 3, max_grad_norm: clip };
-            let inputs = vec![par(randn(49, n, 1.0)), par(randn(50, n, 0.01)), par(randn(51, n, 0.01)), par(randn(52, n, 1e-4).iter().map(|v| v.abs()).collect()), par(vec![0.125])];
+            let h = AdamWStep {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: 0.05,
+                step: 3,
+                max_grad_norm: clip,
+            };
+            let inputs = vec![
+                par(randn(49, n, 1.0)),
+                par(randn(50, n, 0.01)),
+                par(randn(51, n, 0.01)),
+                par(randn(52, n, 1e-4).iter().map(|v| v.abs()).collect()),
+                par(vec![0.125]),
+            ];
             let (c, g) = crate::on_both!(dev, inputs, |be, [w, grad, m, v, gn]| {
                 super::sum_squares(be, gn, grad, n).unwrap();
                 super::update(be, w, grad, m, v, gn, n, &h).unwrap();
             });
             // Everything here is fp32 on every device.
-            assert_close(&format!("adamw {:?} clip {clip:?}", dev.precision()), &g, &c, RED);
+            assert_close(
+                &format!("adamw {:?} clip {clip:?}", dev.precision()),
+                &g,
+                &c,
+                RED,
+            );
         }
     }
 
@@ -140,8 +234,25 @@ mod tests {
     fn weight_copies_follow_updates<D: Backend>(dev: &D) {
         use crate::ops::matmul::linear_forward;
         let (rows, inp, out) = (64, 48, 40);
-        let h = AdamWStep { lr: 1e-1, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0, step: 1, max_grad_norm: None };
-        let inputs = vec![act(vec![0.0; rows * out]), act(randn(60, rows * inp, 1.0)), par(randn(61, out * inp, 0.3)), par(vec![0.0; out]), par(randn(62, out * inp, 1.0)), par(vec![0.0; out * inp]), par(vec![0.0; out * inp]), par(vec![0.0])];
+        let h = AdamWStep {
+            lr: 1e-1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step: 1,
+            max_grad_norm: None,
+        };
+        let inputs = vec![
+            act(vec![0.0; rows * out]),
+            act(randn(60, rows * inp, 1.0)),
+            par(randn(61, out * inp, 0.3)),
+            par(vec![0.0; out]),
+            par(randn(62, out * inp, 1.0)),
+            par(vec![0.0; out * inp]),
+            par(vec![0.0; out * inp]),
+            par(vec![0.0]),
+        ];
         let (c, g) = crate::on_both!(dev, inputs, |be, [y, x, w, bias, grad, m, v, gn]| {
             linear_forward(be, y, x, w, bias, rows, inp, out).unwrap();
             super::update(be, w, grad, m, v, gn, out * inp, &h).unwrap();
@@ -153,8 +264,17 @@ mod tests {
             linear_forward(be, y, x, w, bias, rows, inp, out).unwrap();
             be.write(bias, &y_after_step[..out]).unwrap();
         });
-        let tolerance = if dev.precision() == Precision::Bf16 { BF16 } else { RED };
-        assert_close(&format!("weight copy after AdamW and write {:?}", dev.precision()), &g, &c, tolerance);
+        let tolerance = if dev.precision() == Precision::Bf16 {
+            BF16
+        } else {
+            RED
+        };
+        assert_close(
+            &format!("weight copy after AdamW and write {:?}", dev.precision()),
+            &g,
+            &c,
+            tolerance,
+        );
     }
 
     crate::on_every_device!(update_matches_the_cpu);

@@ -11,7 +11,14 @@ impl AddKernel for Cuda {
     fn add_assign(&self, dst: &mut CudaBuf, src: &CudaBuf, len: usize, _: Checked) -> Result<()> {
         add_assign_kernel(self, dst, src, len)
     }
-    fn add(&self, dst: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, len: usize, _: Checked) -> Result<()> {
+    fn add(
+        &self,
+        dst: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        len: usize,
+        _: Checked,
+    ) -> Result<()> {
         self.copy(dst, a, len)?;
         add_assign_kernel(self, dst, b, len)
     }
@@ -23,10 +30,14 @@ fn add_assign_kernel(dev: &Cuda, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -
         return Ok(());
     }
     let n = len as u64;
-    let (d, s) = (dev.act_mut(dst, "add_assign dst")?, dev.act(src, "add_assign src")?);
+    let (d, s) = (
+        dev.act_mut(dst, "add_assign dst")?,
+        dev.act(src, "add_assign src")?,
+    );
     let f = dev.function("add", "add_assign", 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&d).arg(&s).arg(&n);
-    unsafe { l.launch(dev.grid_for(len)) }.cu_with_context(|| format!("add_assign launch ({len} elements)"))?;
+    unsafe { l.launch(dev.grid_for(len)) }
+        .cu_with_context(|| format!("add_assign launch ({len} elements)"))?;
     Ok(())
 }

@@ -17,16 +17,37 @@ use anyhow::Result;
 
 /// Device bodies of the residual connections (call `add` / `add_assign`).
 pub trait AddKernel: Device {
-    fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize, _: Checked) -> Result<()>;
-    fn add(&self, dst: &mut Self::Buf, a: &Self::Buf, b: &Self::Buf, len: usize, _: Checked) -> Result<()>;
+    fn add_assign(
+        &self,
+        dst: &mut Self::Buf,
+        src: &Self::Buf,
+        len: usize,
+        _: Checked,
+    ) -> Result<()>;
+    fn add(
+        &self,
+        dst: &mut Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        len: usize,
+        _: Checked,
+    ) -> Result<()>;
 }
 
 /// Writes `dst[i] = a[i] + b[i]` for `i < len`.
-pub fn add<D: AddKernel>(dev: &D, dst: &mut D::Buf, a: &D::Buf, b: &D::Buf, len: usize) -> Result<()> {
+pub fn add<D: AddKernel>(
+    dev: &D,
+    dst: &mut D::Buf,
+    a: &D::Buf,
+    b: &D::Buf,
+    len: usize,
+) -> Result<()> {
     need(dev, "add dst", dst, len)?;
     need(dev, "add a", a, len)?;
     need(dev, "add b", b, len)?;
-    let w = dev.profiling().then(|| work(dev, &[(dst, len), (a, len), (b, len)], len as f64));
+    let w = dev
+        .profiling()
+        .then(|| work(dev, &[(dst, len), (a, len), (b, len)], len as f64));
     profiled(dev, "add", w, || dev.add(dst, a, b, len, Checked::new()))
 }
 
@@ -34,8 +55,12 @@ pub fn add<D: AddKernel>(dev: &D, dst: &mut D::Buf, a: &D::Buf, b: &D::Buf, len:
 pub fn add_assign<D: AddKernel>(dev: &D, dst: &mut D::Buf, src: &D::Buf, len: usize) -> Result<()> {
     need(dev, "add_assign dst", dst, len)?;
     need(dev, "add_assign src", src, len)?;
-    let w = dev.profiling().then(|| work(dev, &[(dst, 2 * len), (src, len)], len as f64));
-    profiled(dev, "add_assign", w, || dev.add_assign(dst, src, len, Checked::new()))
+    let w = dev
+        .profiling()
+        .then(|| work(dev, &[(dst, 2 * len), (src, len)], len as f64));
+    profiled(dev, "add_assign", w, || {
+        dev.add_assign(dst, src, len, Checked::new())
+    })
 }
 
 #[cfg(test)]
@@ -70,13 +95,21 @@ mod tests {
 
     fn adds_match_the_cpu<D: Backend>(dev: &D) {
         let n = 10_007;
-        let inputs = vec![act(randn(1, n, 1.0)), act(randn(2, n, 1.0)), act(randn(3, n, 1.0))];
+        let inputs = vec![
+            act(randn(1, n, 1.0)),
+            act(randn(2, n, 1.0)),
+            act(randn(3, n, 1.0)),
+        ];
         let (c, g) = crate::on_both!(dev, inputs, |be, [a, b, d]| {
             add_assign(be, a, b, n - 3).unwrap();
             add(be, d, a, b, n - 5).unwrap();
         });
         // The sums round to bf16 on a bf16 device.
-        let tolerance = if dev.precision() == Precision::Bf16 { 4e-3 } else { 0.0 };
+        let tolerance = if dev.precision() == Precision::Bf16 {
+            4e-3
+        } else {
+            0.0
+        };
         assert_close(&format!("add {:?}", dev.precision()), &g, &c, tolerance);
     }
 

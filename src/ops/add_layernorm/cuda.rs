@@ -12,14 +12,48 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// 8 warps per block, one row per warp.
 fn row_config(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 impl AddLayerNormKernel for Cuda {
-    fn add_layernorm_forward(&self, sum: &mut CudaBuf, out: &mut CudaBuf, mean: &mut CudaBuf, rstd: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, gamma: &CudaBuf, beta: &CudaBuf, rows: usize, cols: usize, eps: f32, _: Checked) -> Result<()> {
-        forward(self, sum, out, mean, rstd, a, b, gamma, beta, rows, cols, eps)
+    fn add_layernorm_forward(
+        &self,
+        sum: &mut CudaBuf,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        gamma: &CudaBuf,
+        beta: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        _: Checked,
+    ) -> Result<()> {
+        forward(
+            self, sum, out, mean, rstd, a, b, gamma, beta, rows, cols, eps,
+        )
     }
-    fn add_layernorm_backward(&self, dx: &mut CudaBuf, dbranch: &mut CudaBuf, dgamma: &mut CudaBuf, dbeta: &mut CudaBuf, dout: &CudaBuf, sum: &CudaBuf, mean: &CudaBuf, rstd: &CudaBuf, gamma: &CudaBuf, rows: usize, cols: usize, ok: Checked) -> Result<()> {
+    fn add_layernorm_backward(
+        &self,
+        dx: &mut CudaBuf,
+        dbranch: &mut CudaBuf,
+        dgamma: &mut CudaBuf,
+        dbeta: &mut CudaBuf,
+        dout: &CudaBuf,
+        sum: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
+        gamma: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        ok: Checked,
+    ) -> Result<()> {
         backward_dx(self, dx, dbranch, dout, sum, mean, rstd, gamma, rows, cols)?;
         backward_params(self, dgamma, dbeta, dout, sum, mean, rstd, rows, cols, ok)
     }
@@ -32,19 +66,52 @@ impl AddLayerNormKernel for Cuda {
 /// const act_t* a, const act_t* b, const float* gamma, const float* beta,
 /// int rows, int cols, float eps)`.
 #[allow(clippy::too_many_arguments)]
-fn forward(be: &Cuda, sum: &mut CudaBuf, out: &mut CudaBuf, mean: &mut CudaBuf, rstd: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, gamma: &CudaBuf, beta: &CudaBuf, rows: usize, cols: usize, eps: f32) -> Result<()> {
+fn forward(
+    be: &Cuda,
+    sum: &mut CudaBuf,
+    out: &mut CudaBuf,
+    mean: &mut CudaBuf,
+    rstd: &mut CudaBuf,
+    a: &CudaBuf,
+    b: &CudaBuf,
+    gamma: &CudaBuf,
+    beta: &CudaBuf,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c) = (rows as i32, cols as i32);
-    let (sp, op) = (be.act_mut(sum, "add_layernorm sum")?, be.act_mut(out, "add_layernorm out")?);
-    let (mu, rs) = (be.f32_mut(mean, "add_layernorm mean")?, be.f32_mut(rstd, "add_layernorm rstd")?);
+    let (sp, op) = (
+        be.act_mut(sum, "add_layernorm sum")?,
+        be.act_mut(out, "add_layernorm out")?,
+    );
+    let (mu, rs) = (
+        be.f32_mut(mean, "add_layernorm mean")?,
+        be.f32_mut(rstd, "add_layernorm rstd")?,
+    );
     let (ap, bp) = (be.act(a, "add_layernorm a")?, be.act(b, "add_layernorm b")?);
-    let (g, bt) = (be.f32(gamma, "add_layernorm gamma")?, be.f32(beta, "add_layernorm beta")?);
+    let (g, bt) = (
+        be.f32(gamma, "add_layernorm gamma")?,
+        be.f32(beta, "add_layernorm beta")?,
+    );
     let f = be.function("add_layernorm", "add_layernorm_forward", 0)?;
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&sp).arg(&op).arg(&mu).arg(&rs).arg(&ap).arg(&bp).arg(&g).arg(&bt).arg(&r).arg(&c).arg(&eps);
-    unsafe { l.launch(row_config(rows)) }.cu_with_context(|| format!("add_layernorm_forward launch [{rows}, {cols}]"))?;
+    l.arg(&sp)
+        .arg(&op)
+        .arg(&mu)
+        .arg(&rs)
+        .arg(&ap)
+        .arg(&bp)
+        .arg(&g)
+        .arg(&bt)
+        .arg(&r)
+        .arg(&c)
+        .arg(&eps);
+    unsafe { l.launch(row_config(rows)) }
+        .cu_with_context(|| format!("add_layernorm_forward launch [{rows}, {cols}]"))?;
     Ok(())
 }
 
@@ -52,17 +119,47 @@ fn forward(be: &Cuda, sum: &mut CudaBuf, out: &mut CudaBuf, mean: &mut CudaBuf, 
 /// const act_t* s, const float* mean, const float* rstd, const float* gamma,
 /// int rows, int cols)`: ADDS the input gradient to dx and copies it to dbranch.
 #[allow(clippy::too_many_arguments)]
-fn backward_dx(be: &Cuda, dx: &mut CudaBuf, dbranch: &mut CudaBuf, dout: &CudaBuf, sum: &CudaBuf, mean: &CudaBuf, rstd: &CudaBuf, gamma: &CudaBuf, rows: usize, cols: usize) -> Result<()> {
+fn backward_dx(
+    be: &Cuda,
+    dx: &mut CudaBuf,
+    dbranch: &mut CudaBuf,
+    dout: &CudaBuf,
+    sum: &CudaBuf,
+    mean: &CudaBuf,
+    rstd: &CudaBuf,
+    gamma: &CudaBuf,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c) = (rows as i32, cols as i32);
-    let (dxp, dbp) = (be.act_mut(dx, "add_layernorm dx")?, be.act_mut(dbranch, "add_layernorm dbranch")?);
-    let (dop, sp) = (be.act(dout, "add_layernorm dout")?, be.act(sum, "add_layernorm sum")?);
-    let (mu, rs, g) = (be.f32(mean, "add_layernorm mean")?, be.f32(rstd, "add_layernorm rstd")?, be.f32(gamma, "add_layernorm gamma")?);
+    let (dxp, dbp) = (
+        be.act_mut(dx, "add_layernorm dx")?,
+        be.act_mut(dbranch, "add_layernorm dbranch")?,
+    );
+    let (dop, sp) = (
+        be.act(dout, "add_layernorm dout")?,
+        be.act(sum, "add_layernorm sum")?,
+    );
+    let (mu, rs, g) = (
+        be.f32(mean, "add_layernorm mean")?,
+        be.f32(rstd, "add_layernorm rstd")?,
+        be.f32(gamma, "add_layernorm gamma")?,
+    );
     let f = be.function("add_layernorm", "add_layernorm_backward_dx", 0)?;
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&dxp).arg(&dbp).arg(&dop).arg(&sp).arg(&mu).arg(&rs).arg(&g).arg(&r).arg(&c);
-    unsafe { l.launch(row_config(rows)) }.cu_with_context(|| format!("add_layernorm_backward_dx launch [{rows}, {cols}]"))?;
+    l.arg(&dxp)
+        .arg(&dbp)
+        .arg(&dop)
+        .arg(&sp)
+        .arg(&mu)
+        .arg(&rs)
+        .arg(&g)
+        .arg(&r)
+        .arg(&c);
+    unsafe { l.launch(row_config(rows)) }
+        .cu_with_context(|| format!("add_layernorm_backward_dx launch [{rows}, {cols}]"))?;
     Ok(())
 }

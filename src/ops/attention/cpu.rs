@@ -16,14 +16,60 @@ use rayon::prelude::*;
 
 /// `c[m, n] = alpha · a[m, k] · b[k, n]` with explicit strides, one thread.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: usize, csa: usize, b: *const f32, rsb: usize, csb: usize, c: *mut f32, rsc: usize, csc: usize) {
-    crate::ops::matmul::cpu::strided_gemm(m, k, n, alpha, a, rsa as isize, csa as isize, b, rsb as isize, csb as isize, false, c, rsc as isize, csc as isize, 1);
+unsafe fn gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    rsb: usize,
+    csb: usize,
+    c: *mut f32,
+    rsc: usize,
+    csc: usize,
+) {
+    crate::ops::matmul::cpu::strided_gemm(
+        m,
+        k,
+        n,
+        alpha,
+        a,
+        rsa as isize,
+        csa as isize,
+        b,
+        rsb as isize,
+        csb as isize,
+        false,
+        c,
+        rsc as isize,
+        csc as isize,
+        1,
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize) {
+pub fn attention_forward(
+    out: &mut [f32],
+    probs: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+) {
     let (t, d) = (tokens, heads * head_dim);
-    assert!(q.len() >= batch * t * d && k.len() >= batch * t * d && v.len() >= batch * t * d && out.len() >= batch * t * d && probs.len() >= batch * heads * t * t);
+    assert!(
+        q.len() >= batch * t * d
+            && k.len() >= batch * t * d
+            && v.len() >= batch * t * d
+            && out.len() >= batch * t * d
+            && probs.len() >= batch * heads * t * t
+    );
     products_forward(out, probs, q, k, v, batch, tokens, heads, head_dim)
 }
 
@@ -31,31 +77,72 @@ pub fn attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32
 /// widths the tiles do not cover, and the baseline of `cargo bench --bench
 /// cpu_ops`.
 #[allow(clippy::too_many_arguments)]
-pub fn products_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize) {
+pub fn products_forward(
+    out: &mut [f32],
+    probs: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+) {
     let (t, dh, d) = (tokens, head_dim, heads * head_dim);
     let scale = 1.0 / (dh as f32).sqrt();
     let out_ptr = SharedMut(out.as_mut_ptr());
-    probs[..batch * heads * t * t].par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
-        let (b, h) = (bh / heads, bh % heads);
-        let base = b * t * d + h * dh;
-        let o = out_ptr;
-        // SAFETY: offsets stay inside [batch, tokens, d]; task (b, h) writes
-        // only rows of image b and columns h*dh..(h+1)*dh of `out`.
-        unsafe {
-            gemm(t, dh, t, scale, q.as_ptr().add(base), d, 1, k.as_ptr().add(base), 1, d, p.as_mut_ptr(), t, 1);
-        }
-        vectorized(
-            #[inline(always)]
-            || {
-                for row in p.chunks_mut(t) {
-                    softmax_in_place(row);
-                }
-            },
-        );
-        unsafe {
-            gemm(t, t, dh, 1.0, p.as_ptr(), t, 1, v.as_ptr().add(base), d, 1, o.0.add(base), d, 1);
-        }
-    });
+    probs[..batch * heads * t * t]
+        .par_chunks_mut(t * t)
+        .enumerate()
+        .for_each(|(bh, p)| {
+            let (b, h) = (bh / heads, bh % heads);
+            let base = b * t * d + h * dh;
+            let o = out_ptr;
+            // SAFETY: offsets stay inside [batch, tokens, d]; task (b, h) writes
+            // only rows of image b and columns h*dh..(h+1)*dh of `out`.
+            unsafe {
+                gemm(
+                    t,
+                    dh,
+                    t,
+                    scale,
+                    q.as_ptr().add(base),
+                    d,
+                    1,
+                    k.as_ptr().add(base),
+                    1,
+                    d,
+                    p.as_mut_ptr(),
+                    t,
+                    1,
+                );
+            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for row in p.chunks_mut(t) {
+                        softmax_in_place(row);
+                    }
+                },
+            );
+            unsafe {
+                gemm(
+                    t,
+                    t,
+                    dh,
+                    1.0,
+                    p.as_ptr(),
+                    t,
+                    1,
+                    v.as_ptr().add(base),
+                    d,
+                    1,
+                    o.0.add(base),
+                    d,
+                    1,
+                );
+            }
+        });
 }
 
 /// Independent lanes of the row maximum, sum and dot product in
@@ -105,7 +192,9 @@ fn softmax_in_place(row: &mut [f32]) {
             lane_max[l] = larger(lane_max[l], c[l]);
         }
     }
-    let max = tail.iter().fold(fold_pairwise(lane_max, larger), |m, &v| larger(m, v));
+    let max = tail
+        .iter()
+        .fold(fold_pairwise(lane_max, larger), |m, &v| larger(m, v));
     let (chunks, tail) = row.as_chunks_mut::<LANES>();
     let mut lane_sum = [0f32; LANES];
     for c in chunks {
@@ -136,28 +225,76 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             lanes[l] = a[l].mul_add(b[l], lanes[l]);
         }
     }
-    a_tail.iter().zip(b_tail).fold(fold_pairwise(lanes, |x, y| x + y), |s, (&a, &b)| a.mul_add(b, s))
+    a_tail
+        .iter()
+        .zip(b_tail)
+        .fold(fold_pairwise(lanes, |x, y| x + y), |s, (&a, &b)| {
+            a.mul_add(b, s)
+        })
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize) {
+pub fn attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+) {
     let (t, d) = (tokens, heads * head_dim);
     let n = batch * t * d;
-    assert!(dq.len() >= n && dk.len() >= n && dv.len() >= n && dout.len() >= n && q.len() >= n && k.len() >= n && v.len() >= n && probs.len() >= batch * heads * t * t);
+    assert!(
+        dq.len() >= n
+            && dk.len() >= n
+            && dv.len() >= n
+            && dout.len() >= n
+            && q.len() >= n
+            && k.len() >= n
+            && v.len() >= n
+            && probs.len() >= batch * heads * t * t
+    );
     if tiled(head_dim) {
-        tiled_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim)
+        tiled_backward(
+            dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
+        )
     } else {
-        products_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim)
+        products_backward(
+            dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
+        )
     }
 }
 
 /// The backward pass as faer products per (image, head) (see
 /// `products_forward`).
 #[allow(clippy::too_many_arguments)]
-pub fn products_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize) {
+pub fn products_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+) {
     let (t, dh, d) = (tokens, head_dim, heads * head_dim);
     let scale = 1.0 / (dh as f32).sqrt();
-    let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    let (pq, pk, pv) = (
+        SharedMut(dq.as_mut_ptr()),
+        SharedMut(dk.as_mut_ptr()),
+        SharedMut(dv.as_mut_ptr()),
+    );
     (0..batch * heads).into_par_iter().for_each(|bh| {
         let (b, h) = (bh / heads, bh % heads);
         let base = b * t * d + h * dh;
@@ -168,9 +305,37 @@ pub fn products_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &
         // columns of image b.
         unsafe {
             // dP = dout · vᵀ
-            gemm(t, dh, t, 1.0, dout.as_ptr().add(base), d, 1, v.as_ptr().add(base), 1, d, ds.as_mut_ptr(), t, 1);
+            gemm(
+                t,
+                dh,
+                t,
+                1.0,
+                dout.as_ptr().add(base),
+                d,
+                1,
+                v.as_ptr().add(base),
+                1,
+                d,
+                ds.as_mut_ptr(),
+                t,
+                1,
+            );
             // dV = Pᵀ · dout
-            gemm(t, t, dh, 1.0, p.as_ptr(), 1, t, dout.as_ptr().add(base), d, 1, pv.0.add(base), d, 1);
+            gemm(
+                t,
+                t,
+                dh,
+                1.0,
+                p.as_ptr(),
+                1,
+                t,
+                dout.as_ptr().add(base),
+                d,
+                1,
+                pv.0.add(base),
+                d,
+                1,
+            );
         }
         // dS = P ∘ (dP − rowsum(dP ∘ P))
         vectorized(
@@ -186,8 +351,36 @@ pub fn products_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &
         );
         unsafe {
             // dQ = scale · dS · k ;  dK = scale · dSᵀ · q
-            gemm(t, t, dh, scale, ds.as_ptr(), t, 1, k.as_ptr().add(base), d, 1, pq.0.add(base), d, 1);
-            gemm(t, t, dh, scale, ds.as_ptr(), 1, t, q.as_ptr().add(base), d, 1, pk.0.add(base), d, 1);
+            gemm(
+                t,
+                t,
+                dh,
+                scale,
+                ds.as_ptr(),
+                t,
+                1,
+                k.as_ptr().add(base),
+                d,
+                1,
+                pq.0.add(base),
+                d,
+                1,
+            );
+            gemm(
+                t,
+                t,
+                dh,
+                scale,
+                ds.as_ptr(),
+                1,
+                t,
+                q.as_ptr().add(base),
+                d,
+                1,
+                pk.0.add(base),
+                d,
+                1,
+            );
         }
     });
 }
@@ -230,7 +423,16 @@ mod tiles {
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn tile_abt<const R: usize, const C: usize>(a: *const f32, lda: usize, bt: *const f32, ldb: usize, depth: usize, alpha: f32, out: *mut f32, ldo: usize) {
+    unsafe fn tile_abt<const R: usize, const C: usize>(
+        a: *const f32,
+        lda: usize,
+        bt: *const f32,
+        ldb: usize,
+        depth: usize,
+        alpha: f32,
+        out: *mut f32,
+        ldo: usize,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         for dd in 0..depth {
             let mut b = [_mm512_setzero_ps(); C];
@@ -260,7 +462,17 @@ mod tiles {
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows_abt(rows: usize, a: *const f32, lda: usize, bt: *const f32, tp: usize, depth: usize, alpha: f32, out: *mut f32, ldo: usize) {
+    unsafe fn rows_abt(
+        rows: usize,
+        a: *const f32,
+        lda: usize,
+        bt: *const f32,
+        tp: usize,
+        depth: usize,
+        alpha: f32,
+        out: *mut f32,
+        ldo: usize,
+    ) {
         let vectors = tp / L;
         let mut c = 0;
         while c < vectors {
@@ -290,7 +502,14 @@ mod tiles {
     /// # Safety
     /// `src` addresses `t` rows of `dh` elements at stride `d`.
     #[inline]
-    unsafe fn pack_transposed(dst: &mut [f32], src: *const f32, t: usize, tp: usize, dh: usize, d: usize) {
+    unsafe fn pack_transposed(
+        dst: &mut [f32],
+        src: *const f32,
+        t: usize,
+        tp: usize,
+        dh: usize,
+        d: usize,
+    ) {
         dst.fill(0.0);
         for j in 0..t {
             for dd in 0..dh {
@@ -309,14 +528,39 @@ mod tiles {
     /// first token (`t` rows at stride `d`).
     #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,avx")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn head_backward(p: &[f32], dout: *const f32, q: *const f32, k: *const f32, v: *const f32, dq: *mut f32, dk: *mut f32, dv: *mut f32, t: usize, dh: usize, d: usize, scale: f32, vt: &mut [f32], ds: &mut [f32]) {
+    pub unsafe fn head_backward(
+        p: &[f32],
+        dout: *const f32,
+        q: *const f32,
+        k: *const f32,
+        v: *const f32,
+        dq: *mut f32,
+        dk: *mut f32,
+        dv: *mut f32,
+        t: usize,
+        dh: usize,
+        d: usize,
+        scale: f32,
+        vt: &mut [f32],
+        ds: &mut [f32],
+    ) {
         let tp = t.div_ceil(L) * L;
         pack_transposed(vt, v, t, tp, dh, d);
         let mut i0 = 0;
         while i0 < t {
             let rows = RS.min(t - i0);
             // dP = do vᵀ
-            rows_abt(rows, dout.add(i0 * d), d, vt.as_ptr(), tp, dh, 1.0, ds.as_mut_ptr().add(i0 * tp), tp);
+            rows_abt(
+                rows,
+                dout.add(i0 * d),
+                d,
+                vt.as_ptr(),
+                tp,
+                dh,
+                1.0,
+                ds.as_mut_ptr().add(i0 * tp),
+                tp,
+            );
             i0 += rows;
         }
         // dS = P ∘ (dP − rowsum(dP ∘ P))
@@ -339,24 +583,55 @@ mod tiles {
 /// products at every width (to pair the two paths in one build).
 fn tiled(head_dim: usize) -> bool {
     static PRODUCTS_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let products_only = *PRODUCTS_ONLY.get_or_init(|| std::env::var_os("EFFRANK_ATTENTION_PRODUCTS").is_some());
+    let products_only =
+        *PRODUCTS_ONLY.get_or_init(|| std::env::var_os("EFFRANK_ATTENTION_PRODUCTS").is_some());
     !products_only && cfg!(target_arch = "x86_64") && level() == Level::Avx512 && head_dim == 16
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn tiled_backward(_: &mut [f32], _: &mut [f32], _: &mut [f32], _: &[f32], _: &[f32], _: &[f32], _: &[f32], _: &[f32], _: usize, _: usize, _: usize, _: usize) {
+fn tiled_backward(
+    _: &mut [f32],
+    _: &mut [f32],
+    _: &mut [f32],
+    _: &[f32],
+    _: &[f32],
+    _: &[f32],
+    _: &[f32],
+    _: &[f32],
+    _: usize,
+    _: usize,
+    _: usize,
+    _: usize,
+) {
     unreachable!("the tiled path is x86-64 only (see `tiled`)")
 }
 
 /// The backward pass with dP on the tiles.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn tiled_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], batch: usize, t: usize, heads: usize, dh: usize) {
+fn tiled_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    batch: usize,
+    t: usize,
+    heads: usize,
+    dh: usize,
+) {
     assert!(level() == Level::Avx512, "the tiles need AVX-512");
     let d = heads * dh;
     let scale = 1.0 / (dh as f32).sqrt();
     let tp = t.div_ceil(tiles::L) * tiles::L;
-    let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    let (pq, pk, pv) = (
+        SharedMut(dq.as_mut_ptr()),
+        SharedMut(dk.as_mut_ptr()),
+        SharedMut(dv.as_mut_ptr()),
+    );
     (0..batch * heads).into_par_iter().for_each_init(
         || (vec![0f32; dh * tp], vec![0f32; t * tp]),
         |(vt, ds), bh| {
@@ -365,7 +640,24 @@ fn tiled_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], 
             let (dq, dk, dv) = (pq.get(), pk.get(), pv.get());
             // SAFETY: as in the forward pass, task (b, h) touches only its
             // head's columns of image b.
-            unsafe { tiles::head_backward(p, dout.as_ptr().add(base), q.as_ptr().add(base), k.as_ptr().add(base), v.as_ptr().add(base), dq.add(base), dk.add(base), dv.add(base), t, dh, d, scale, vt, ds) }
+            unsafe {
+                tiles::head_backward(
+                    p,
+                    dout.as_ptr().add(base),
+                    q.as_ptr().add(base),
+                    k.as_ptr().add(base),
+                    v.as_ptr().add(base),
+                    dq.add(base),
+                    dk.add(base),
+                    dv.add(base),
+                    t,
+                    dh,
+                    d,
+                    scale,
+                    vt,
+                    ds,
+                )
+            }
         },
     );
 }
@@ -374,49 +666,98 @@ fn tiled_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], 
 /// one rayon task per (image, head), the scores as dots of q with each key
 /// row, the softmax of `forward`, and `out = Σ_j P_j v_j` in order.
 #[allow(clippy::too_many_arguments)]
-pub fn class_token_attention_forward(out: &mut [f32], probs: &mut [f32], q: &[f32], k: &[f32], v: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize) {
+pub fn class_token_attention_forward(
+    out: &mut [f32],
+    probs: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+) {
     let (t, dh, d) = (tokens, head_dim, heads * head_dim);
-    assert!(q.len() >= batch * d && out.len() >= batch * d && k.len() >= batch * t * d && v.len() >= batch * t * d && probs.len() >= batch * heads * t);
+    assert!(
+        q.len() >= batch * d
+            && out.len() >= batch * d
+            && k.len() >= batch * t * d
+            && v.len() >= batch * t * d
+            && probs.len() >= batch * heads * t
+    );
     let scale = 1.0 / (dh as f32).sqrt();
     let out_ptr = SharedMut(out.as_mut_ptr());
-    probs[..batch * heads * t].par_chunks_mut(t).enumerate().for_each(|(bh, p)| {
-        let (b, h) = (bh / heads, bh % heads);
-        let (row, keys) = (b * d + h * dh, b * t * d + h * dh);
-        // SAFETY: task (b, h) writes only row b, columns h*dh..(h+1)*dh of `out`.
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(row), dh) };
-        let q = &q[row..row + dh];
-        vectorized(
-            #[inline(always)]
-            || {
-                for (j, s) in p.iter_mut().enumerate() {
-                    *s = scale * dot(q, &k[keys + j * d..]);
-                }
-                softmax_in_place(p);
-                o.fill(0.0);
-                for (j, &pj) in p.iter().enumerate() {
-                    for (o, &vj) in o.iter_mut().zip(&v[keys + j * d..keys + j * d + dh]) {
-                        *o = pj.mul_add(vj, *o);
+    probs[..batch * heads * t]
+        .par_chunks_mut(t)
+        .enumerate()
+        .for_each(|(bh, p)| {
+            let (b, h) = (bh / heads, bh % heads);
+            let (row, keys) = (b * d + h * dh, b * t * d + h * dh);
+            // SAFETY: task (b, h) writes only row b, columns h*dh..(h+1)*dh of `out`.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(row), dh) };
+            let q = &q[row..row + dh];
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (j, s) in p.iter_mut().enumerate() {
+                        *s = scale * dot(q, &k[keys + j * d..]);
                     }
-                }
-            },
-        );
-    });
+                    softmax_in_place(p);
+                    o.fill(0.0);
+                    for (j, &pj) in p.iter().enumerate() {
+                        for (o, &vj) in o.iter_mut().zip(&v[keys + j * d..keys + j * d + dh]) {
+                            *o = pj.mul_add(vj, *o);
+                        }
+                    }
+                },
+            );
+        });
 }
 
 /// Backward of `class_token_attention_forward` (`attention::class_token_backward`),
 /// per (image, head): dP_j = do·v_j, dS_j = P_j (dP_j − Σ P∘dP),
 /// dq = s·Σ_j dS_j k_j, dk_j = s·dS_j q, dv_j = P_j do.
 #[allow(clippy::too_many_arguments)]
-pub fn class_token_attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [f32], dout: &[f32], q: &[f32], k: &[f32], v: &[f32], probs: &[f32], batch: usize, tokens: usize, heads: usize, head_dim: usize) {
+pub fn class_token_attention_backward(
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+    dout: &[f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    probs: &[f32],
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+) {
     let (t, dh, d) = (tokens, head_dim, heads * head_dim);
     let (rows, all) = (batch * d, batch * t * d);
-    assert!(dq.len() >= rows && dout.len() >= rows && q.len() >= rows && dk.len() >= all && dv.len() >= all && k.len() >= all && v.len() >= all && probs.len() >= batch * heads * t);
+    assert!(
+        dq.len() >= rows
+            && dout.len() >= rows
+            && q.len() >= rows
+            && dk.len() >= all
+            && dv.len() >= all
+            && k.len() >= all
+            && v.len() >= all
+            && probs.len() >= batch * heads * t
+    );
     let scale = 1.0 / (dh as f32).sqrt();
-    let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+    let (pq, pk, pv) = (
+        SharedMut(dq.as_mut_ptr()),
+        SharedMut(dk.as_mut_ptr()),
+        SharedMut(dv.as_mut_ptr()),
+    );
     (0..batch * heads).into_par_iter().for_each(|bh| {
         let (b, h) = (bh / heads, bh % heads);
         let (row, keys) = (b * d + h * dh, b * t * d + h * dh);
-        let (p, q, g) = (&probs[bh * t..(bh + 1) * t], &q[row..row + dh], &dout[row..row + dh]);
+        let (p, q, g) = (
+            &probs[bh * t..(bh + 1) * t],
+            &q[row..row + dh],
+            &dout[row..row + dh],
+        );
         let (pq, pk, pv) = (pq, pk, pv);
         let mut ds = vec![0f32; t];
         vectorized(
@@ -435,7 +776,12 @@ pub fn class_token_attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [
                 dq.fill(0.0);
                 for (j, (&sj, &pj)) in ds.iter().zip(p).enumerate() {
                     let at = keys + j * d;
-                    let (dk, dv) = unsafe { (std::slice::from_raw_parts_mut(pk.get().add(at), dh), std::slice::from_raw_parts_mut(pv.get().add(at), dh)) };
+                    let (dk, dv) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(pk.get().add(at), dh),
+                            std::slice::from_raw_parts_mut(pv.get().add(at), dh),
+                        )
+                    };
                     let sj_scaled = scale * sj;
                     for c in 0..dh {
                         dq[c] = sj.mul_add(k[at + c], dq[c]);
@@ -452,20 +798,78 @@ pub fn class_token_attention_backward(dq: &mut [f32], dk: &mut [f32], dv: &mut [
 }
 
 impl AttentionKernel for Cpu {
-    fn attention_forward(&self, out: &mut Vec<f32>, probs: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
+    fn attention_forward(
+        &self,
+        out: &mut Vec<f32>,
+        probs: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        batch: usize,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        _: Checked,
+    ) -> Result<()> {
         attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim);
         Ok(())
     }
-    fn attention_backward(&self, dq: &mut Vec<f32>, dk: &mut Vec<f32>, dv: &mut Vec<f32>, dout: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, probs: &Vec<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
-        attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim);
+    fn attention_backward(
+        &self,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        probs: &Vec<f32>,
+        batch: usize,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        _: Checked,
+    ) -> Result<()> {
+        attention_backward(
+            dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
+        );
         Ok(())
     }
-    fn class_token_attention_forward(&self, out: &mut Vec<f32>, probs: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
+    fn class_token_attention_forward(
+        &self,
+        out: &mut Vec<f32>,
+        probs: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        batch: usize,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        _: Checked,
+    ) -> Result<()> {
         class_token_attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim);
         Ok(())
     }
-    fn class_token_attention_backward(&self, dq: &mut Vec<f32>, dk: &mut Vec<f32>, dv: &mut Vec<f32>, dout: &Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, probs: &Vec<f32>, batch: usize, tokens: usize, heads: usize, head_dim: usize, _: Checked) -> Result<()> {
-        class_token_attention_backward(dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim);
+    fn class_token_attention_backward(
+        &self,
+        dq: &mut Vec<f32>,
+        dk: &mut Vec<f32>,
+        dv: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        probs: &Vec<f32>,
+        batch: usize,
+        tokens: usize,
+        heads: usize,
+        head_dim: usize,
+        _: Checked,
+    ) -> Result<()> {
+        class_token_attention_backward(
+            dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
+        );
         Ok(())
     }
 }
@@ -487,25 +891,70 @@ mod tests {
         }
         assert_eq!((tiled(16), tiled(32), tiled(8)), (true, false, false));
         let mut seed = 40;
-        for (batch, t, heads, dh) in [(2, 65, 4, 16), (3, 17, 2, 32), (2, 50, 3, 64), (1, 197, 2, 48), (2, 1, 2, 16), (1, 9, 3, 32), (1, 33, 1, 16), (2, 24, 2, 64)] {
+        for (batch, t, heads, dh) in [
+            (2, 65, 4, 16),
+            (3, 17, 2, 32),
+            (2, 50, 3, 64),
+            (1, 197, 2, 48),
+            (2, 1, 2, 16),
+            (1, 9, 3, 32),
+            (1, 33, 1, 16),
+            (2, 24, 2, 64),
+        ] {
             let n = batch * t * heads * dh;
             seed += 10;
-            let (q, k, v, g) = (randn(seed, n, 1.0), randn(seed + 1, n, 1.0), randn(seed + 2, n, 1.0), randn(seed + 3, n, 1.0));
+            let (q, k, v, g) = (
+                randn(seed, n, 1.0),
+                randn(seed + 1, n, 1.0),
+                randn(seed + 2, n, 1.0),
+                randn(seed + 3, n, 1.0),
+            );
             let (mut o, mut p) = (vec![0f32; n], vec![0f32; batch * heads * t * t]);
             products_forward(&mut o, &mut p, &q, &k, &v, batch, t, heads, dh);
-            let (mut dq_ref, mut dk_ref, mut dv_ref) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-            products_backward(&mut dq_ref, &mut dk_ref, &mut dv_ref, &g, &q, &k, &v, &p, batch, t, heads, dh);
-            let (mut dq, mut dk, mut dv) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
-            tiled_backward(&mut dq, &mut dk, &mut dv, &g, &q, &k, &v, &p, batch, t, heads, dh);
+            let (mut dq_ref, mut dk_ref, mut dv_ref) =
+                (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+            products_backward(
+                &mut dq_ref,
+                &mut dk_ref,
+                &mut dv_ref,
+                &g,
+                &q,
+                &k,
+                &v,
+                &p,
+                batch,
+                t,
+                heads,
+                dh,
+            );
+            let (mut dq, mut dk, mut dv) =
+                (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
+            tiled_backward(
+                &mut dq, &mut dk, &mut dv, &g, &q, &k, &v, &p, batch, t, heads, dh,
+            );
             let what = format!("tiled attention backward, b{batch} t{t} h{heads} dh{dh}");
-            for (name, got, want) in [("dq", &dq, &dq_ref), ("dk", &dk, &dk_ref), ("dv", &dv, &dv_ref)] {
-                assert_close(&format!("{what}: {name}"), std::slice::from_ref(got), std::slice::from_ref(want), 1e-5);
+            for (name, got, want) in [
+                ("dq", &dq, &dq_ref),
+                ("dk", &dk, &dk_ref),
+                ("dv", &dv, &dv_ref),
+            ] {
+                assert_close(
+                    &format!("{what}: {name}"),
+                    std::slice::from_ref(got),
+                    std::slice::from_ref(want),
+                    1e-5,
+                );
             }
         }
         // And against finite differences of the forward pass.
         let (t, dh) = (7, 16);
         let n = t * dh;
-        let (q, k, v, w) = (randn(1, n, 1.0), randn(2, n, 1.0), randn(3, n, 1.0), randn(4, n, 1.0));
+        let (q, k, v, w) = (
+            randn(1, n, 1.0),
+            randn(2, n, 1.0),
+            randn(3, n, 1.0),
+            randn(4, n, 1.0),
+        );
         let forward = |q: &[f32], k: &[f32], v: &[f32]| {
             let (mut o, mut p) = (vec![0f32; n], vec![0f32; t * t]);
             products_forward(&mut o, &mut p, q, k, v, 1, t, 1, dh);
@@ -514,8 +963,14 @@ mod tests {
         let p = forward(&q, &k, &v).1;
         let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
         tiled_backward(&mut dq, &mut dk, &mut dv, &w, &q, &k, &v, &p, 1, t, 1, dh);
-        fd_check("tiled attention dq", &q, &dq, 40, |q| dot(&w, &forward(q, &k, &v).0));
-        fd_check("tiled attention dk", &k, &dk, 40, |k| dot(&w, &forward(&q, k, &v).0));
-        fd_check("tiled attention dv", &v, &dv, 40, |v| dot(&w, &forward(&q, &k, v).0));
+        fd_check("tiled attention dq", &q, &dq, 40, |q| {
+            dot(&w, &forward(q, &k, &v).0)
+        });
+        fd_check("tiled attention dk", &k, &dk, 40, |k| {
+            dot(&w, &forward(&q, k, &v).0)
+        });
+        fd_check("tiled attention dv", &v, &dv, 40, |v| {
+            dot(&w, &forward(&q, &k, v).0)
+        });
     }
 }

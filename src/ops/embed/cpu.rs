@@ -6,48 +6,91 @@ use crate::ops::Checked;
 use anyhow::Result;
 use rayon::prelude::*;
 
-pub fn patch_gather(patches: &mut [f32], images: &[f32], batch: usize, channels: usize, size: usize, patch: usize) {
+pub fn patch_gather(
+    patches: &mut [f32],
+    images: &[f32],
+    batch: usize,
+    channels: usize,
+    size: usize,
+    patch: usize,
+) {
     let grid = size / patch;
     let row_len = channels * patch * patch;
-    patches[..batch * grid * grid * row_len].par_chunks_mut(row_len).enumerate().for_each(|(row, out)| {
-        let (b, cell) = (row / (grid * grid), row % (grid * grid));
-        let (py, px) = (cell / grid, cell % grid);
-        for c in 0..channels {
-            for y in 0..patch {
-                let src = ((b * channels + c) * size + py * patch + y) * size + px * patch;
-                let dst = (c * patch + y) * patch;
-                out[dst..dst + patch].copy_from_slice(&images[src..src + patch]);
+    patches[..batch * grid * grid * row_len]
+        .par_chunks_mut(row_len)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (b, cell) = (row / (grid * grid), row % (grid * grid));
+            let (py, px) = (cell / grid, cell % grid);
+            for c in 0..channels {
+                for y in 0..patch {
+                    let src = ((b * channels + c) * size + py * patch + y) * size + px * patch;
+                    let dst = (c * patch + y) * patch;
+                    out[dst..dst + patch].copy_from_slice(&images[src..src + patch]);
+                }
             }
-        }
-    });
+        });
 }
 
-pub fn tokens_forward(x: &mut [f32], patch_out: &[f32], cls: &[f32], pos: &[f32], batch: usize, n_patches: usize, width: usize) {
+pub fn tokens_forward(
+    x: &mut [f32],
+    patch_out: &[f32],
+    cls: &[f32],
+    pos: &[f32],
+    batch: usize,
+    n_patches: usize,
+    width: usize,
+) {
     let t = n_patches + 1;
-    x[..batch * t * width].par_chunks_mut(width).enumerate().for_each(|(row, out)| {
-        let (b, tok) = (row / t, row % t);
-        let src = if tok == 0 { &cls[..width] } else { &patch_out[(b * n_patches + tok - 1) * width..][..width] };
-        for ((o, s), p) in out.iter_mut().zip(src).zip(&pos[tok * width..(tok + 1) * width]) {
-            *o = s + p;
-        }
-    });
+    x[..batch * t * width]
+        .par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (b, tok) = (row / t, row % t);
+            let src = if tok == 0 {
+                &cls[..width]
+            } else {
+                &patch_out[(b * n_patches + tok - 1) * width..][..width]
+            };
+            for ((o, s), p) in out
+                .iter_mut()
+                .zip(src)
+                .zip(&pos[tok * width..(tok + 1) * width])
+            {
+                *o = s + p;
+            }
+        });
 }
 
 /// WRITES `dpatch_out`, ADDS to `dcls` and `dpos` (summed over the batch in
 /// order, per token, so the result is deterministic).
-pub fn tokens_backward(dpatch_out: &mut [f32], dcls: &mut [f32], dpos: &mut [f32], dx: &[f32], batch: usize, n_patches: usize, width: usize) {
+pub fn tokens_backward(
+    dpatch_out: &mut [f32],
+    dcls: &mut [f32],
+    dpos: &mut [f32],
+    dx: &[f32],
+    batch: usize,
+    n_patches: usize,
+    width: usize,
+) {
     let t = n_patches + 1;
-    dpatch_out[..batch * n_patches * width].par_chunks_mut(width).enumerate().for_each(|(row, out)| {
-        let (b, i) = (row / n_patches, row % n_patches);
-        out.copy_from_slice(&dx[(b * t + 1 + i) * width..][..width]);
-    });
-    dpos[..t * width].par_chunks_mut(width).enumerate().for_each(|(tok, dp)| {
-        for b in 0..batch {
-            for (d, g) in dp.iter_mut().zip(&dx[(b * t + tok) * width..][..width]) {
-                *d += g;
+    dpatch_out[..batch * n_patches * width]
+        .par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(row, out)| {
+            let (b, i) = (row / n_patches, row % n_patches);
+            out.copy_from_slice(&dx[(b * t + 1 + i) * width..][..width]);
+        });
+    dpos[..t * width]
+        .par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(tok, dp)| {
+            for b in 0..batch {
+                for (d, g) in dp.iter_mut().zip(&dx[(b * t + tok) * width..][..width]) {
+                    *d += g;
+                }
             }
-        }
-    });
+        });
     for b in 0..batch {
         for (d, g) in dcls[..width].iter_mut().zip(&dx[b * t * width..][..width]) {
             *d += g;
@@ -63,30 +106,78 @@ pub fn cls_gather(out: &mut [f32], x: &[f32], batch: usize, tokens: usize, width
 
 pub fn cls_scatter_add(dx: &mut [f32], dout: &[f32], batch: usize, tokens: usize, width: usize) {
     for b in 0..batch {
-        for (d, g) in dx[b * tokens * width..][..width].iter_mut().zip(&dout[b * width..(b + 1) * width]) {
+        for (d, g) in dx[b * tokens * width..][..width]
+            .iter_mut()
+            .zip(&dout[b * width..(b + 1) * width])
+        {
             *d += g;
         }
     }
 }
 
 impl EmbedKernel for Cpu {
-    fn patch_gather(&self, patches: &mut Vec<f32>, images: &Vec<f32>, batch: usize, channels: usize, size: usize, patch: usize, _: Checked) -> Result<()> {
+    fn patch_gather(
+        &self,
+        patches: &mut Vec<f32>,
+        images: &Vec<f32>,
+        batch: usize,
+        channels: usize,
+        size: usize,
+        patch: usize,
+        _: Checked,
+    ) -> Result<()> {
         patch_gather(patches, images, batch, channels, size, patch);
         Ok(())
     }
-    fn tokens_forward(&self, x: &mut Vec<f32>, patch_out: &Vec<f32>, cls: &Vec<f32>, pos: &Vec<f32>, batch: usize, n_patches: usize, width: usize, _: Checked) -> Result<()> {
+    fn tokens_forward(
+        &self,
+        x: &mut Vec<f32>,
+        patch_out: &Vec<f32>,
+        cls: &Vec<f32>,
+        pos: &Vec<f32>,
+        batch: usize,
+        n_patches: usize,
+        width: usize,
+        _: Checked,
+    ) -> Result<()> {
         tokens_forward(x, patch_out, cls, pos, batch, n_patches, width);
         Ok(())
     }
-    fn tokens_backward(&self, dpatch_out: &mut Vec<f32>, dcls: &mut Vec<f32>, dpos: &mut Vec<f32>, dx: &Vec<f32>, batch: usize, n_patches: usize, width: usize, _: Checked) -> Result<()> {
+    fn tokens_backward(
+        &self,
+        dpatch_out: &mut Vec<f32>,
+        dcls: &mut Vec<f32>,
+        dpos: &mut Vec<f32>,
+        dx: &Vec<f32>,
+        batch: usize,
+        n_patches: usize,
+        width: usize,
+        _: Checked,
+    ) -> Result<()> {
         tokens_backward(dpatch_out, dcls, dpos, dx, batch, n_patches, width);
         Ok(())
     }
-    fn cls_gather(&self, out: &mut Vec<f32>, x: &Vec<f32>, batch: usize, tokens: usize, width: usize, _: Checked) -> Result<()> {
+    fn cls_gather(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        batch: usize,
+        tokens: usize,
+        width: usize,
+        _: Checked,
+    ) -> Result<()> {
         cls_gather(out, x, batch, tokens, width);
         Ok(())
     }
-    fn cls_scatter_add(&self, dx: &mut Vec<f32>, dout: &Vec<f32>, batch: usize, tokens: usize, width: usize, _: Checked) -> Result<()> {
+    fn cls_scatter_add(
+        &self,
+        dx: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        batch: usize,
+        tokens: usize,
+        width: usize,
+        _: Checked,
+    ) -> Result<()> {
         cls_scatter_add(dx, dout, batch, tokens, width);
         Ok(())
     }

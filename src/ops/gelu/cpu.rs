@@ -42,7 +42,13 @@ pub fn exp(x: f32) -> f32 {
     // r = x − n·ln2 in two steps (Cody-Waite): n·0.693359375 is exact.
     let r = n.mul_add(2.121_944_4e-4, n.mul_add(-0.693_359_4, x));
     let mut p = 1.987_569_2e-4f32;
-    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+    for c in [
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        0.166_666_65,
+        0.5,
+    ] {
         p = p.mul_add(r, c);
     }
     let e = p.mul_add(r * r, r) + 1.0;
@@ -60,7 +66,16 @@ pub fn exp(x: f32) -> f32 {
 fn erfc_nonneg(z: f32) -> f32 {
     let t = 1.0 / z.mul_add(0.5, 1.0);
     let mut p = 0.170_872_77f32;
-    for c in [-0.822_152_23, 1.488_515_9, -1.135_203_98, 0.278_868_07, -0.186_288_06, 0.096_784_18, 0.374_091_96, 1.000_023_7] {
+    for c in [
+        -0.822_152_23,
+        1.488_515_9,
+        -1.135_203_98,
+        0.278_868_07,
+        -0.186_288_06,
+        0.096_784_18,
+        0.374_091_96,
+        1.000_023_7,
+    ] {
         p = p.mul_add(t, c);
     }
     t * exp(t.mul_add(p, (-z).mul_add(z, -1.265_512_2)))
@@ -115,46 +130,59 @@ pub fn gelu_grad_from_output(x: f32, y: f32) -> f32 {
 }
 
 pub fn gelu_forward(out: &mut [f32], x: &[f32], len: usize) {
-    out[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).for_each(|(o, x)| {
-        vectorized(
-            #[inline(always)]
-            || {
-                for (o, &x) in o.iter_mut().zip(x) {
-                    *o = gelu(x);
-                }
-            },
-        )
-    });
+    out[..len]
+        .par_chunks_mut(CHUNK)
+        .zip(x[..len].par_chunks(CHUNK))
+        .for_each(|(o, x)| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = gelu(x);
+                    }
+                },
+            )
+        });
 }
 
 /// `dx = dout · gelu'(x)`, with `y = gelu(x)` the forward's output (module doc).
 pub fn gelu_backward(dx: &mut [f32], x: &[f32], y: &[f32], dout: &[f32], len: usize) {
-    let inputs = x[..len].par_chunks(CHUNK).zip(y[..len].par_chunks(CHUNK)).zip(dout[..len].par_chunks(CHUNK));
-    dx[..len].par_chunks_mut(CHUNK).zip(inputs).for_each(|(d, ((x, y), g))| {
-        vectorized(
-            #[inline(always)]
-            || {
-                for (((d, &x), &y), &g) in d.iter_mut().zip(x).zip(y).zip(g) {
-                    *d = g * gelu_grad_from_output(x, y);
-                }
-            },
-        )
-    });
+    let inputs = x[..len]
+        .par_chunks(CHUNK)
+        .zip(y[..len].par_chunks(CHUNK))
+        .zip(dout[..len].par_chunks(CHUNK));
+    dx[..len]
+        .par_chunks_mut(CHUNK)
+        .zip(inputs)
+        .for_each(|(d, ((x, y), g))| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (((d, &x), &y), &g) in d.iter_mut().zip(x).zip(y).zip(g) {
+                        *d = g * gelu_grad_from_output(x, y);
+                    }
+                },
+            )
+        });
 }
 
 /// The backward pass evaluating Φ afresh (the body before `gelu_backward`
 /// read it off y), kept as the baseline of `cargo bench --bench cpu_ops`.
 pub fn gelu_backward_recomputing(dx: &mut [f32], x: &[f32], dout: &[f32], len: usize) {
-    dx[..len].par_chunks_mut(CHUNK).zip(x[..len].par_chunks(CHUNK)).zip(dout[..len].par_chunks(CHUNK)).for_each(|((d, x), g)| {
-        vectorized(
-            #[inline(always)]
-            || {
-                for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
-                    *d = g * gelu_grad(x);
-                }
-            },
-        )
-    });
+    dx[..len]
+        .par_chunks_mut(CHUNK)
+        .zip(x[..len].par_chunks(CHUNK))
+        .zip(dout[..len].par_chunks(CHUNK))
+        .for_each(|((d, x), g)| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                        *d = g * gelu_grad(x);
+                    }
+                },
+            )
+        });
 }
 
 impl GeluKernel for Cpu {
@@ -162,7 +190,15 @@ impl GeluKernel for Cpu {
         gelu_forward(out, x, len);
         Ok(())
     }
-    fn gelu_backward(&self, dx: &mut Vec<f32>, x: &Vec<f32>, y: &Vec<f32>, dout: &Vec<f32>, len: usize, _: Checked) -> Result<()> {
+    fn gelu_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        x: &Vec<f32>,
+        y: &Vec<f32>,
+        dout: &Vec<f32>,
+        len: usize,
+        _: Checked,
+    ) -> Result<()> {
         gelu_backward(dx, x, y, dout, len);
         Ok(())
     }

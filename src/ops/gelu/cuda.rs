@@ -18,23 +18,37 @@ impl GeluKernel for Cuda {
         let f = self.function("gelu", "gelu_forward", 0)?;
         let mut l = self.stream().launch_builder(&f);
         l.arg(&o).arg(&xp).arg(&n);
-        unsafe { l.launch(self.grid_for(len)) }.cu_with_context(|| format!("gelu_forward launch ({len} elements)"))?;
+        unsafe { l.launch(self.grid_for(len)) }
+            .cu_with_context(|| format!("gelu_forward launch ({len} elements)"))?;
         Ok(())
     }
 
     /// `gelu_backward(act_t* dx, const act_t* x, const act_t* dout, u64 n)`;
     /// evaluates Φ(x) again rather than reading it off `y` (bf16 on the
     /// mixed-precision path: y/x would keep only 8 bits of Φ).
-    fn gelu_backward(&self, dx: &mut CudaBuf, x: &CudaBuf, _y: &CudaBuf, dout: &CudaBuf, len: usize, _: Checked) -> Result<()> {
+    fn gelu_backward(
+        &self,
+        dx: &mut CudaBuf,
+        x: &CudaBuf,
+        _y: &CudaBuf,
+        dout: &CudaBuf,
+        len: usize,
+        _: Checked,
+    ) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
         let n = len as u64;
-        let (d, xp, dop) = (self.act_mut(dx, "gelu dx")?, self.act(x, "gelu x")?, self.act(dout, "gelu dout")?);
+        let (d, xp, dop) = (
+            self.act_mut(dx, "gelu dx")?,
+            self.act(x, "gelu x")?,
+            self.act(dout, "gelu dout")?,
+        );
         let f = self.function("gelu", "gelu_backward", 0)?;
         let mut l = self.stream().launch_builder(&f);
         l.arg(&d).arg(&xp).arg(&dop).arg(&n);
-        unsafe { l.launch(self.grid_for(len)) }.cu_with_context(|| format!("gelu_backward launch ({len} elements)"))?;
+        unsafe { l.launch(self.grid_for(len)) }
+            .cu_with_context(|| format!("gelu_backward launch ({len} elements)"))?;
         Ok(())
     }
 }

@@ -19,8 +19,22 @@ use anyhow::Result;
 
 /// Device bodies of GELU (call `forward` / `backward`).
 pub trait GeluKernel: Device {
-    fn gelu_forward(&self, out: &mut Self::Buf, x: &Self::Buf, len: usize, _: Checked) -> Result<()>;
-    fn gelu_backward(&self, dx: &mut Self::Buf, x: &Self::Buf, y: &Self::Buf, dout: &Self::Buf, len: usize, _: Checked) -> Result<()>;
+    fn gelu_forward(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        len: usize,
+        _: Checked,
+    ) -> Result<()>;
+    fn gelu_backward(
+        &self,
+        dx: &mut Self::Buf,
+        x: &Self::Buf,
+        y: &Self::Buf,
+        dout: &Self::Buf,
+        len: usize,
+        _: Checked,
+    ) -> Result<()>;
 }
 
 /// Writes `out[i] = gelu(x[i])` for `i < len`.
@@ -28,19 +42,38 @@ pub fn forward<D: GeluKernel>(dev: &D, out: &mut D::Buf, x: &D::Buf, len: usize)
     need(dev, "gelu out", out, len)?;
     need(dev, "gelu x", x, len)?;
     // erf and a few multiplies: about 20 operations per element.
-    let w = dev.profiling().then(|| work(dev, &[(x, len), (out, len)], 20.0 * len as f64));
-    profiled(dev, "gelu_forward", w, || dev.gelu_forward(out, x, len, Checked::new()))
+    let w = dev
+        .profiling()
+        .then(|| work(dev, &[(x, len), (out, len)], 20.0 * len as f64));
+    profiled(dev, "gelu_forward", w, || {
+        dev.gelu_forward(out, x, len, Checked::new())
+    })
 }
 
 /// Writes `dx[i] = dout[i] · gelu'(x[i])` for `i < len`; `y` holds
 /// `gelu(x)` as `forward` wrote it (module doc).
-pub fn backward<D: GeluKernel>(dev: &D, dx: &mut D::Buf, x: &D::Buf, y: &D::Buf, dout: &D::Buf, len: usize) -> Result<()> {
+pub fn backward<D: GeluKernel>(
+    dev: &D,
+    dx: &mut D::Buf,
+    x: &D::Buf,
+    y: &D::Buf,
+    dout: &D::Buf,
+    len: usize,
+) -> Result<()> {
     need(dev, "gelu dx", dx, len)?;
     need(dev, "gelu x", x, len)?;
     need(dev, "gelu y", y, len)?;
     need(dev, "gelu dout", dout, len)?;
-    let w = dev.profiling().then(|| work(dev, &[(x, len), (y, len), (dout, len), (dx, len)], 20.0 * len as f64));
-    profiled(dev, "gelu_backward", w, || dev.gelu_backward(dx, x, y, dout, len, Checked::new()))
+    let w = dev.profiling().then(|| {
+        work(
+            dev,
+            &[(x, len), (y, len), (dout, len), (dx, len)],
+            20.0 * len as f64,
+        )
+    });
+    profiled(dev, "gelu_backward", w, || {
+        dev.gelu_backward(dx, x, y, dout, len, Checked::new())
+    })
 }
 
 #[cfg(test)]
@@ -49,7 +82,7 @@ mod tests {
     use super::{backward, forward};
     use crate::device::Cpu;
     use crate::ops::Backend;
-    use crate::testing::{act, assert_close, dot, fd_check, random, randn, tol, EW};
+    use crate::testing::{act, assert_close, dot, fd_check, randn, random, tol, EW};
 
     #[test]
     fn matches_known_values() {
@@ -80,7 +113,10 @@ mod tests {
             assert!((got - want).abs() <= tol, "Φ({x}) = {got}, want {want}");
             let y = x * 5.0;
             let (e, want_e) = (exp(y) as f64, (y as f64).exp());
-            assert!((e - want_e).abs() <= 3e-7 * want_e, "exp({y}) = {e}, want {want_e}");
+            assert!(
+                (e - want_e).abs() <= 3e-7 * want_e,
+                "exp({y}) = {e}, want {want_e}"
+            );
         }
     }
 
@@ -92,16 +128,40 @@ mod tests {
     #[test]
     fn gradient_from_the_output_matches_the_gradient_recomputed() {
         let mut xs: Vec<f32> = (-20_000..=20_000).map(|i| i as f32 * 0.001).collect();
-        xs.extend([1e-20, -1e-20, 1e-17, -1e-17, 1e-10, -1e-10, f32::MIN_POSITIVE, -0.0]);
+        xs.extend([
+            1e-20,
+            -1e-20,
+            1e-17,
+            -1e-17,
+            1e-10,
+            -1e-10,
+            f32::MIN_POSITIVE,
+            -0.0,
+        ]);
         for x in xs {
             let got = gelu_grad_from_output(x, gelu(x)) as f64;
             let xd = x as f64;
-            let (cdf, x_pdf) = (0.5 * libm::erfc(-xd / std::f64::consts::SQRT_2), xd * (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt());
+            let (cdf, x_pdf) = (
+                0.5 * libm::erfc(-xd / std::f64::consts::SQRT_2),
+                xd * (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt(),
+            );
             let (want, scale) = (cdf + x_pdf, cdf.abs() + x_pdf.abs());
-            let tol = if x > -4.0 { 2e-6 * scale } else if x > -13.0 { 3e-5 * scale } else { 1e-36 };
-            assert!((got - want).abs() <= tol.max(1e-36), "gelu'({x}) from y = {got}, want {want}");
+            let tol = if x > -4.0 {
+                2e-6 * scale
+            } else if x > -13.0 {
+                3e-5 * scale
+            } else {
+                1e-36
+            };
+            assert!(
+                (got - want).abs() <= tol.max(1e-36),
+                "gelu'({x}) from y = {got}, want {want}"
+            );
             let recomputed = gelu_grad(x) as f64;
-            assert!((got - recomputed).abs() <= 2.0 * tol.max(1e-36), "gelu'({x}): from y {got}, recomputed {recomputed}");
+            assert!(
+                (got - recomputed).abs() <= 2.0 * tol.max(1e-36),
+                "gelu'({x}): from y {got}, recomputed {recomputed}"
+            );
         }
     }
 
@@ -139,18 +199,41 @@ mod tests {
         let (x, mut out) = (vec![0.0; 10], vec![0.0; 9]);
         assert!(forward(&Cpu, &mut out, &x, 10).is_err());
         let y = x.clone();
-        assert!(backward(&Cpu, &mut vec![0.0; 10], &x, &y, &out, 10).is_err(), "dout short");
-        assert!(backward(&Cpu, &mut vec![0.0; 10], &x, &out, &y, 10).is_err(), "y short");
-        assert!(backward(&Cpu, &mut out, &x, &y, &x.clone(), 10).is_err(), "dx short");
+        assert!(
+            backward(&Cpu, &mut vec![0.0; 10], &x, &y, &out, 10).is_err(),
+            "dout short"
+        );
+        assert!(
+            backward(&Cpu, &mut vec![0.0; 10], &x, &out, &y, 10).is_err(),
+            "y short"
+        );
+        assert!(
+            backward(&Cpu, &mut out, &x, &y, &x.clone(), 10).is_err(),
+            "dx short"
+        );
     }
 
     fn forward_and_backward_match_the_cpu<D: Backend>(dev: &D) {
         let n = 100_003;
-        let (c, g) = crate::on_both!(dev, vec![act(randn(17, n, 3.0)), act(vec![0.0; n]), act(randn(18, n, 1.0)), act(vec![0.0; n])], |be, [x, out, dout, dx]| {
-            forward(be, out, x, n).unwrap();
-            backward(be, dx, x, out, dout, n).unwrap();
-        });
-        assert_close(&format!("gelu {:?}", dev.precision()), &g, &c, tol(dev.precision(), EW));
+        let (c, g) = crate::on_both!(
+            dev,
+            vec![
+                act(randn(17, n, 3.0)),
+                act(vec![0.0; n]),
+                act(randn(18, n, 1.0)),
+                act(vec![0.0; n])
+            ],
+            |be, [x, out, dout, dx]| {
+                forward(be, out, x, n).unwrap();
+                backward(be, dx, x, out, dout, n).unwrap();
+            }
+        );
+        assert_close(
+            &format!("gelu {:?}", dev.precision()),
+            &g,
+            &c,
+            tol(dev.precision(), EW),
+        );
     }
 
     crate::on_every_device!(forward_and_backward_match_the_cpu);

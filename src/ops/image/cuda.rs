@@ -11,7 +11,14 @@ use anyhow::Result;
 use cudarc::driver::PushKernelArg;
 
 impl ImageKernel for Cuda {
-    fn images_from_bytes(&self, out: &mut CudaBuf, src: &[u8], batch: usize, t: &ImageTransform, _: Checked) -> Result<()> {
+    fn images_from_bytes(
+        &self,
+        out: &mut CudaBuf,
+        src: &[u8],
+        batch: usize,
+        t: &ImageTransform,
+        _: Checked,
+    ) -> Result<()> {
         match t.resize {
             None => images_from_bytes(self, out, src, batch, t),
             Some(_) => images_from_bytes_cropped(self, out, src, batch, t),
@@ -21,7 +28,13 @@ impl ImageKernel for Cuda {
 
 /// `images_from_bytes(act_t* out, const unsigned char* src, int batch, int
 /// channels, int h, int w, int dst, float mean0..2, float inv_std0..2)`.
-fn images_from_bytes(be: &Cuda, out: &mut CudaBuf, src: &[u8], batch: usize, t: &ImageTransform) -> Result<()> {
+fn images_from_bytes(
+    be: &Cuda,
+    out: &mut CudaBuf,
+    src: &[u8],
+    batch: usize,
+    t: &ImageTransform,
+) -> Result<()> {
     let n = batch * t.channels * t.dst_size * t.dst_size;
     if n == 0 {
         return Ok(());
@@ -42,7 +55,12 @@ fn images_from_bytes(be: &Cuda, out: &mut CudaBuf, src: &[u8], batch: usize, t: 
         for i in &inv {
             l.arg(i);
         }
-        unsafe { l.launch(be.grid_for(n)) }.cu_with_context(|| format!("images_from_bytes launch ({batch} images {}x{}x{} to {})", t.channels, t.src_height, t.src_width, t.dst_size))?;
+        unsafe { l.launch(be.grid_for(n)) }.cu_with_context(|| {
+            format!(
+                "images_from_bytes launch ({batch} images {}x{}x{} to {})",
+                t.channels, t.src_height, t.src_width, t.dst_size
+            )
+        })?;
         Ok(())
     })
 }
@@ -50,13 +68,28 @@ fn images_from_bytes(be: &Cuda, out: &mut CudaBuf, src: &[u8], batch: usize, t: 
 /// `images_from_bytes_cropped(act_t* out, const unsigned char* src, int
 /// batch, int channels, int h, int w, int dst, int resized, int offset,
 /// float mean0..2, float inv_std0..2)`.
-fn images_from_bytes_cropped(be: &Cuda, out: &mut CudaBuf, src: &[u8], batch: usize, t: &ImageTransform) -> Result<()> {
+fn images_from_bytes_cropped(
+    be: &Cuda,
+    out: &mut CudaBuf,
+    src: &[u8],
+    batch: usize,
+    t: &ImageTransform,
+) -> Result<()> {
     let n = batch * t.channels * t.dst_size * t.dst_size;
     if n == 0 {
         return Ok(());
     }
     let (resized, off) = t.resized();
-    let dims = [batch, t.channels, t.src_height, t.src_width, t.dst_size, resized, off].map(|v| v as i32);
+    let dims = [
+        batch,
+        t.channels,
+        t.src_height,
+        t.src_width,
+        t.dst_size,
+        resized,
+        off,
+    ]
+    .map(|v| v as i32);
     let inv = t.std.map(|s| 1.0 / s);
     let o = be.act_mut(out, "images_from_bytes_cropped out")?;
     be.with_device_bytes(src, |bytes| {

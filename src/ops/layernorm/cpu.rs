@@ -12,19 +12,38 @@ use anyhow::Result;
 use rayon::prelude::*;
 
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_forward(out: &mut [f32], mean: &mut [f32], rstd: &mut [f32], x: &[f32], gamma: &[f32], beta: &[f32], rows: usize, cols: usize, eps: f32) {
+pub fn layernorm_forward(
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) {
     // Exactly `cols` long, so that indexing inside the loops needs no bounds checks.
     let (gamma, beta) = (&gamma[..cols], &beta[..cols]);
     let task = cols * ROWS_PER_TASK;
     out[..rows * cols]
         .par_chunks_mut(task)
         .zip(x[..rows * cols].par_chunks(task))
-        .zip(mean[..rows].par_chunks_mut(ROWS_PER_TASK).zip(rstd[..rows].par_chunks_mut(ROWS_PER_TASK)))
+        .zip(
+            mean[..rows]
+                .par_chunks_mut(ROWS_PER_TASK)
+                .zip(rstd[..rows].par_chunks_mut(ROWS_PER_TASK)),
+        )
         .for_each(|((o, x), (m, r))| {
             vectorized(
                 #[inline(always)]
                 || {
-                    for (((o, x), m), r) in o.chunks_mut(cols).zip(x.chunks(cols)).zip(m.iter_mut()).zip(r.iter_mut()) {
+                    for (((o, x), m), r) in o
+                        .chunks_mut(cols)
+                        .zip(x.chunks(cols))
+                        .zip(m.iter_mut())
+                        .zip(r.iter_mut())
+                    {
                         let x = &x[..cols];
                         let mu = (lane_sum(x, x, x, |x, _, _| x) / cols as f64) as f32;
                         let var = lane_sum(x, x, x, |x, _, _| (x - mu) * (x - mu)) / cols as f64;
@@ -53,7 +72,18 @@ const ROWS_PER_TASK: usize = 16;
 /// passes (`column_sums`) over `dout` and `x`; the sums are the same
 /// expressions in the same order, so the bits did not change.
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_backward(dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32], dout: &[f32], x: &[f32], mean: &[f32], rstd: &[f32], gamma: &[f32], rows: usize, cols: usize) {
+pub fn layernorm_backward(
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    mean: &[f32],
+    rstd: &[f32],
+    gamma: &[f32],
+    rows: usize,
+    cols: usize,
+) {
     let gamma = &gamma[..cols];
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx[..rows * cols]
         .par_chunks_mut(cols * ROW_CHUNK)
@@ -65,11 +95,24 @@ pub fn layernorm_backward(dx: &mut [f32], dgamma: &mut [f32], dbeta: &mut [f32],
                 || {
                     for (i, dx) in dx.chunks_mut(cols).enumerate() {
                         let r = chunk * ROW_CHUNK + i;
-                        let (x, g) = (&x[r * cols..(r + 1) * cols], &dout[r * cols..(r + 1) * cols]);
+                        let (x, g) = (
+                            &x[r * cols..(r + 1) * cols],
+                            &dout[r * cols..(r + 1) * cols],
+                        );
                         let (mu, rs) = (mean[r], rstd[r]);
-                        let mean_dn = (lane_sum(g, gamma, g, |g, gamma, _| g * gamma) / cols as f64) as f32;
-                        let mean_dn_xhat = (lane_sum(g, gamma, x, |g, gamma, x| g * gamma * (x - mu) * rs) / cols as f64) as f32;
-                        for (((((dx, &x), &g), &gamma), dg), db) in dx.iter_mut().zip(x).zip(g).zip(gamma).zip(dg.iter_mut()).zip(db.iter_mut()) {
+                        let mean_dn =
+                            (lane_sum(g, gamma, g, |g, gamma, _| g * gamma) / cols as f64) as f32;
+                        let mean_dn_xhat =
+                            (lane_sum(g, gamma, x, |g, gamma, x| g * gamma * (x - mu) * rs)
+                                / cols as f64) as f32;
+                        for (((((dx, &x), &g), &gamma), dg), db) in dx
+                            .iter_mut()
+                            .zip(x)
+                            .zip(g)
+                            .zip(gamma)
+                            .zip(dg.iter_mut())
+                            .zip(db.iter_mut())
+                        {
                             let xhat = (x - mu) * rs;
                             *dx += rs * (g * gamma - mean_dn - xhat * mean_dn_xhat);
                             *dg += g * (x - mu) * rs;
@@ -103,14 +146,23 @@ const LANES: usize = 32;
 #[inline(always)]
 fn lane_sum(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f64 {
     let n = a.len();
-    let ((a, a_tail), (b, b_tail), (c, c_tail)) = (a.as_chunks::<LANES>(), b[..n].as_chunks::<LANES>(), c[..n].as_chunks::<LANES>());
+    let ((a, a_tail), (b, b_tail), (c, c_tail)) = (
+        a.as_chunks::<LANES>(),
+        b[..n].as_chunks::<LANES>(),
+        c[..n].as_chunks::<LANES>(),
+    );
     let mut lanes = [0f32; LANES];
     for ((a, b), c) in a.iter().zip(b).zip(c) {
         for l in 0..LANES {
             lanes[l] += f(a[l], b[l], c[l]);
         }
     }
-    let tail: f64 = a_tail.iter().zip(b_tail).zip(c_tail).map(|((&a, &b), &c)| f(a, b, c) as f64).sum();
+    let tail: f64 = a_tail
+        .iter()
+        .zip(b_tail)
+        .zip(c_tail)
+        .map(|((&a, &b), &c)| f(a, b, c) as f64)
+        .sum();
     // Folded pairwise in f64: 32 dependent additions one after the other
     // were most of a row's time at width 64 (`EFFRANK_PROFILE=1`: LayerNorm
     // forward 77 ns per 64-wide row on one thread, 9% of a small model's
@@ -119,13 +171,37 @@ fn lane_sum(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -
 }
 
 impl LayerNormKernel for Cpu {
-    fn layernorm_forward(&self, out: &mut Vec<f32>, mean: &mut Vec<f32>, rstd: &mut Vec<f32>, x: &Vec<f32>, gamma: &Vec<f32>, beta: &Vec<f32>, rows: usize, cols: usize, eps: f32, _: Checked) -> Result<()> {
+    fn layernorm_forward(
+        &self,
+        out: &mut Vec<f32>,
+        mean: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        x: &Vec<f32>,
+        gamma: &Vec<f32>,
+        beta: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        _: Checked,
+    ) -> Result<()> {
         layernorm_forward(out, mean, rstd, x, gamma, beta, rows, cols, eps);
         Ok(())
     }
-    fn layernorm_backward(&self, dx: &mut Vec<f32>, dgamma: &mut Vec<f32>, dbeta: &mut Vec<f32>, dout: &Vec<f32>, x: &Vec<f32>, mean: &Vec<f32>, rstd: &Vec<f32>, gamma: &Vec<f32>, rows: usize, cols: usize, _: Checked) -> Result<()> {
+    fn layernorm_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        dgamma: &mut Vec<f32>,
+        dbeta: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        x: &Vec<f32>,
+        mean: &Vec<f32>,
+        rstd: &Vec<f32>,
+        gamma: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        _: Checked,
+    ) -> Result<()> {
         layernorm_backward(dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols);
         Ok(())
     }
 }
-

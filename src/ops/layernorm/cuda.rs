@@ -12,14 +12,43 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 /// 8 warps per block, one row per warp.
 fn row_config(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 impl LayerNormKernel for Cuda {
-    fn layernorm_forward(&self, out: &mut CudaBuf, mean: &mut CudaBuf, rstd: &mut CudaBuf, x: &CudaBuf, gamma: &CudaBuf, beta: &CudaBuf, rows: usize, cols: usize, eps: f32, _: Checked) -> Result<()> {
+    fn layernorm_forward(
+        &self,
+        out: &mut CudaBuf,
+        mean: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        x: &CudaBuf,
+        gamma: &CudaBuf,
+        beta: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        _: Checked,
+    ) -> Result<()> {
         forward(self, out, mean, rstd, x, gamma, beta, rows, cols, eps)
     }
-    fn layernorm_backward(&self, dx: &mut CudaBuf, dgamma: &mut CudaBuf, dbeta: &mut CudaBuf, dout: &CudaBuf, x: &CudaBuf, mean: &CudaBuf, rstd: &CudaBuf, gamma: &CudaBuf, rows: usize, cols: usize, ok: Checked) -> Result<()> {
+    fn layernorm_backward(
+        &self,
+        dx: &mut CudaBuf,
+        dgamma: &mut CudaBuf,
+        dbeta: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+        mean: &CudaBuf,
+        rstd: &CudaBuf,
+        gamma: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        ok: Checked,
+    ) -> Result<()> {
         backward_dx(self, dx, dout, x, mean, rstd, gamma, rows, cols, ok)?;
         backward_params(self, dgamma, dbeta, dout, x, mean, rstd, rows, cols, ok)
     }
@@ -28,17 +57,45 @@ impl LayerNormKernel for Cuda {
 /// `layernorm_forward(act_t* out, float* mean, float* rstd, const act_t* x,
 /// const float* gamma, const float* beta, int rows, int cols, float eps)`.
 #[allow(clippy::too_many_arguments)]
-fn forward(be: &Cuda, out: &mut CudaBuf, mean: &mut CudaBuf, rstd: &mut CudaBuf, x: &CudaBuf, gamma: &CudaBuf, beta: &CudaBuf, rows: usize, cols: usize, eps: f32) -> Result<()> {
+fn forward(
+    be: &Cuda,
+    out: &mut CudaBuf,
+    mean: &mut CudaBuf,
+    rstd: &mut CudaBuf,
+    x: &CudaBuf,
+    gamma: &CudaBuf,
+    beta: &CudaBuf,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
     if rows == 0 {
         return Ok(());
     }
     let (r, c) = (rows as i32, cols as i32);
-    let (o, mu, rs) = (be.act_mut(out, "layernorm out")?, be.f32_mut(mean, "layernorm mean")?, be.f32_mut(rstd, "layernorm rstd")?);
-    let (xp, g, b) = (be.act(x, "layernorm x")?, be.f32(gamma, "layernorm gamma")?, be.f32(beta, "layernorm beta")?);
+    let (o, mu, rs) = (
+        be.act_mut(out, "layernorm out")?,
+        be.f32_mut(mean, "layernorm mean")?,
+        be.f32_mut(rstd, "layernorm rstd")?,
+    );
+    let (xp, g, b) = (
+        be.act(x, "layernorm x")?,
+        be.f32(gamma, "layernorm gamma")?,
+        be.f32(beta, "layernorm beta")?,
+    );
     let f = be.function("layernorm", "layernorm_forward", 0)?;
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&o).arg(&mu).arg(&rs).arg(&xp).arg(&g).arg(&b).arg(&r).arg(&c).arg(&eps);
-    unsafe { l.launch(row_config(rows)) }.cu_with_context(|| format!("layernorm_forward launch [{rows}, {cols}]"))?;
+    l.arg(&o)
+        .arg(&mu)
+        .arg(&rs)
+        .arg(&xp)
+        .arg(&g)
+        .arg(&b)
+        .arg(&r)
+        .arg(&c)
+        .arg(&eps);
+    unsafe { l.launch(row_config(rows)) }
+        .cu_with_context(|| format!("layernorm_forward launch [{rows}, {cols}]"))?;
     Ok(())
 }
 
@@ -46,17 +103,44 @@ fn forward(be: &Cuda, out: &mut CudaBuf, mean: &mut CudaBuf, rstd: &mut CudaBuf,
 /// const float* mean, const float* rstd, const float* gamma, int rows, int
 /// cols)`: ADDS the input gradient, one warp per row.
 #[allow(clippy::too_many_arguments)]
-pub fn backward_dx(be: &Cuda, dx: &mut CudaBuf, dout: &CudaBuf, x: &CudaBuf, mean: &CudaBuf, rstd: &CudaBuf, gamma: &CudaBuf, rows: usize, cols: usize, _: Checked) -> Result<()> {
+pub fn backward_dx(
+    be: &Cuda,
+    dx: &mut CudaBuf,
+    dout: &CudaBuf,
+    x: &CudaBuf,
+    mean: &CudaBuf,
+    rstd: &CudaBuf,
+    gamma: &CudaBuf,
+    rows: usize,
+    cols: usize,
+    _: Checked,
+) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c) = (rows as i32, cols as i32);
-    let (dxp, dop, xp) = (be.act_mut(dx, "layernorm dx")?, be.act(dout, "layernorm dout")?, be.act(x, "layernorm x")?);
-    let (mu, rs, g) = (be.f32(mean, "layernorm mean")?, be.f32(rstd, "layernorm rstd")?, be.f32(gamma, "layernorm gamma")?);
+    let (dxp, dop, xp) = (
+        be.act_mut(dx, "layernorm dx")?,
+        be.act(dout, "layernorm dout")?,
+        be.act(x, "layernorm x")?,
+    );
+    let (mu, rs, g) = (
+        be.f32(mean, "layernorm mean")?,
+        be.f32(rstd, "layernorm rstd")?,
+        be.f32(gamma, "layernorm gamma")?,
+    );
     let f = be.function("layernorm", "layernorm_backward_dx", 0)?;
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&dxp).arg(&dop).arg(&xp).arg(&mu).arg(&rs).arg(&g).arg(&r).arg(&c);
-    unsafe { l.launch(row_config(rows)) }.cu_with_context(|| format!("layernorm_backward_dx launch [{rows}, {cols}]"))?;
+    l.arg(&dxp)
+        .arg(&dop)
+        .arg(&xp)
+        .arg(&mu)
+        .arg(&rs)
+        .arg(&g)
+        .arg(&r)
+        .arg(&c);
+    unsafe { l.launch(row_config(rows)) }
+        .cu_with_context(|| format!("layernorm_backward_dx launch [{rows}, {cols}]"))?;
     Ok(())
 }
 
@@ -64,16 +148,44 @@ pub fn backward_dx(be: &Cuda, dx: &mut CudaBuf, dout: &CudaBuf, x: &CudaBuf, mea
 /// dout, const act_t* x, const float* mean, const float* rstd, int rows, int
 /// cols, int rows_per_block)`: ADDS the parameter gradients (column sums).
 #[allow(clippy::too_many_arguments)]
-pub fn backward_params(be: &Cuda, dgamma: &mut CudaBuf, dbeta: &mut CudaBuf, dout: &CudaBuf, x: &CudaBuf, mean: &CudaBuf, rstd: &CudaBuf, rows: usize, cols: usize, _: Checked) -> Result<()> {
+pub fn backward_params(
+    be: &Cuda,
+    dgamma: &mut CudaBuf,
+    dbeta: &mut CudaBuf,
+    dout: &CudaBuf,
+    x: &CudaBuf,
+    mean: &CudaBuf,
+    rstd: &CudaBuf,
+    rows: usize,
+    cols: usize,
+    _: Checked,
+) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c, rpb) = (rows as i32, cols as i32, ROWS_PER_BLOCK as i32);
-    let (dop, xp, mu, rs) = (be.act(dout, "layernorm dout")?, be.act(x, "layernorm x")?, be.f32(mean, "layernorm mean")?, be.f32(rstd, "layernorm rstd")?);
-    let (dg, db) = (be.f32_mut(dgamma, "layernorm dgamma")?, be.f32_mut(dbeta, "layernorm dbeta")?);
+    let (dop, xp, mu, rs) = (
+        be.act(dout, "layernorm dout")?,
+        be.act(x, "layernorm x")?,
+        be.f32(mean, "layernorm mean")?,
+        be.f32(rstd, "layernorm rstd")?,
+    );
+    let (dg, db) = (
+        be.f32_mut(dgamma, "layernorm dgamma")?,
+        be.f32_mut(dbeta, "layernorm dbeta")?,
+    );
     let f = be.function("layernorm", "layernorm_backward_params", 0)?;
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&dg).arg(&db).arg(&dop).arg(&xp).arg(&mu).arg(&rs).arg(&r).arg(&c).arg(&rpb);
-    unsafe { l.launch(column_sum_config(rows, cols)) }.cu_with_context(|| format!("layernorm_backward_params launch [{rows}, {cols}]"))?;
+    l.arg(&dg)
+        .arg(&db)
+        .arg(&dop)
+        .arg(&xp)
+        .arg(&mu)
+        .arg(&rs)
+        .arg(&r)
+        .arg(&c)
+        .arg(&rpb);
+    unsafe { l.launch(column_sum_config(rows, cols)) }
+        .cu_with_context(|| format!("layernorm_backward_params launch [{rows}, {cols}]"))?;
     Ok(())
 }

@@ -20,16 +20,52 @@ use anyhow::{bail, Result};
 /// Device bodies of LayerNorm (call `forward` / `backward`).
 pub trait LayerNormKernel: Device {
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_forward(&self, out: &mut Self::Buf, mean: &mut Self::Buf, rstd: &mut Self::Buf, x: &Self::Buf, gamma: &Self::Buf, beta: &Self::Buf, rows: usize, cols: usize, eps: f32, _: Checked) -> Result<()>;
+    fn layernorm_forward(
+        &self,
+        out: &mut Self::Buf,
+        mean: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        gamma: &Self::Buf,
+        beta: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+        _: Checked,
+    ) -> Result<()>;
     #[allow(clippy::too_many_arguments)]
-    fn layernorm_backward(&self, dx: &mut Self::Buf, dgamma: &mut Self::Buf, dbeta: &mut Self::Buf, dout: &Self::Buf, x: &Self::Buf, mean: &Self::Buf, rstd: &Self::Buf, gamma: &Self::Buf, rows: usize, cols: usize, _: Checked) -> Result<()>;
+    fn layernorm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dgamma: &mut Self::Buf,
+        dbeta: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        mean: &Self::Buf,
+        rstd: &Self::Buf,
+        gamma: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        _: Checked,
+    ) -> Result<()>;
 }
 
 /// LayerNorm over the last axis of `x[rows, cols]`: writes `out`, and the
 /// per-row `mean[rows]` and `rstd[rows] = 1/sqrt(var + eps)` (biased
 /// variance, computed in two passes) for the backward pass.
 #[allow(clippy::too_many_arguments)]
-pub fn forward<D: LayerNormKernel>(dev: &D, out: &mut D::Buf, mean: &mut D::Buf, rstd: &mut D::Buf, x: &D::Buf, gamma: &D::Buf, beta: &D::Buf, rows: usize, cols: usize, eps: f32) -> Result<()> {
+pub fn forward<D: LayerNormKernel>(
+    dev: &D,
+    out: &mut D::Buf,
+    mean: &mut D::Buf,
+    rstd: &mut D::Buf,
+    x: &D::Buf,
+    gamma: &D::Buf,
+    beta: &D::Buf,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Result<()> {
     let n = product("layernorm", &[rows, cols])?;
     if eps.is_nan() || eps <= 0.0 {
         bail!("layernorm: eps must be positive, got {eps}");
@@ -40,25 +76,96 @@ pub fn forward<D: LayerNormKernel>(dev: &D, out: &mut D::Buf, mean: &mut D::Buf,
     need(dev, "layernorm rstd", rstd, rows)?;
     need(dev, "layernorm gamma", gamma, cols)?;
     need(dev, "layernorm beta", beta, cols)?;
-    let w = dev.profiling().then(|| work(dev, &[(x, n), (out, n), (gamma, cols), (beta, cols), (mean, rows), (rstd, rows)], 8.0 * n as f64));
-    profiled(dev, "layernorm_forward", w, || dev.layernorm_forward(out, mean, rstd, x, gamma, beta, rows, cols, eps, Checked::new()))
+    let w = dev.profiling().then(|| {
+        work(
+            dev,
+            &[
+                (x, n),
+                (out, n),
+                (gamma, cols),
+                (beta, cols),
+                (mean, rows),
+                (rstd, rows),
+            ],
+            8.0 * n as f64,
+        )
+    });
+    profiled(dev, "layernorm_forward", w, || {
+        dev.layernorm_forward(
+            out,
+            mean,
+            rstd,
+            x,
+            gamma,
+            beta,
+            rows,
+            cols,
+            eps,
+            Checked::new(),
+        )
+    })
 }
 
 /// LayerNorm backward: ADDS the input gradient to `dx` (the residual
 /// stream's gradient already lives there) and the parameter gradients to
 /// `dgamma`, `dbeta`.
 #[allow(clippy::too_many_arguments)]
-pub fn backward<D: LayerNormKernel>(dev: &D, dx: &mut D::Buf, dgamma: &mut D::Buf, dbeta: &mut D::Buf, dout: &D::Buf, x: &D::Buf, mean: &D::Buf, rstd: &D::Buf, gamma: &D::Buf, rows: usize, cols: usize) -> Result<()> {
-    let ok = check_backward(dev, dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols)?;
+pub fn backward<D: LayerNormKernel>(
+    dev: &D,
+    dx: &mut D::Buf,
+    dgamma: &mut D::Buf,
+    dbeta: &mut D::Buf,
+    dout: &D::Buf,
+    x: &D::Buf,
+    mean: &D::Buf,
+    rstd: &D::Buf,
+    gamma: &D::Buf,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
+    let ok = check_backward(
+        dev, dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols,
+    )?;
     let n = rows * cols;
-    let w = dev.profiling().then(|| work(dev, &[(dout, n), (x, n), (dx, 2 * n), (mean, rows), (rstd, rows), (gamma, cols), (dgamma, 2 * cols), (dbeta, 2 * cols)], 14.0 * n as f64));
-    profiled(dev, "layernorm_backward", w, || dev.layernorm_backward(dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols, ok))
+    let w = dev.profiling().then(|| {
+        work(
+            dev,
+            &[
+                (dout, n),
+                (x, n),
+                (dx, 2 * n),
+                (mean, rows),
+                (rstd, rows),
+                (gamma, cols),
+                (dgamma, 2 * cols),
+                (dbeta, 2 * cols),
+            ],
+            14.0 * n as f64,
+        )
+    });
+    profiled(dev, "layernorm_backward", w, || {
+        dev.layernorm_backward(
+            dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols, ok,
+        )
+    })
 }
 
 /// The checks of `backward`, for callers that time a device's kernels one
 /// by one (the CUDA bench): the token they need to call them.
 #[allow(clippy::too_many_arguments)]
-pub fn check_backward<D: Device>(dev: &D, dx: &D::Buf, dgamma: &D::Buf, dbeta: &D::Buf, dout: &D::Buf, x: &D::Buf, mean: &D::Buf, rstd: &D::Buf, gamma: &D::Buf, rows: usize, cols: usize) -> Result<Checked> {
+pub fn check_backward<D: Device>(
+    dev: &D,
+    dx: &D::Buf,
+    dgamma: &D::Buf,
+    dbeta: &D::Buf,
+    dout: &D::Buf,
+    x: &D::Buf,
+    mean: &D::Buf,
+    rstd: &D::Buf,
+    gamma: &D::Buf,
+    rows: usize,
+    cols: usize,
+) -> Result<Checked> {
     let n = product("layernorm", &[rows, cols])?;
     need(dev, "layernorm dx", dx, n)?;
     need(dev, "layernorm dout", dout, n)?;
@@ -76,7 +183,9 @@ mod tests {
     use super::cpu::*;
     use crate::device::Cpu;
     use crate::ops::Backend;
-    use crate::testing::{act, assert_close, dot, each_buffer_short, fd_check, par, random, randn, stat, tol, RED};
+    use crate::testing::{
+        act, assert_close, dot, each_buffer_short, fd_check, par, randn, random, stat, tol, RED,
+    };
 
     const R: usize = 5;
     const C: usize = 24;
@@ -94,13 +203,21 @@ mod tests {
         for row in y.chunks(C) {
             let mean: f32 = row.iter().sum::<f32>() / C as f32;
             let var: f32 = row.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / C as f32;
-            assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4, "mean {mean} var {var}");
+            assert!(
+                mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4,
+                "mean {mean} var {var}"
+            );
         }
     }
 
     #[test]
     fn backward_matches_finite_differences_and_adds() {
-        let (x, g, b, w) = (random(R * C, 1), random(C, 2), random(C, 3), random(R * C, 4));
+        let (x, g, b, w) = (
+            random(R * C, 1),
+            random(C, 2),
+            random(C, 3),
+            random(R * C, 4),
+        );
         let (mut y, mut m, mut r) = (vec![0.0; R * C], vec![0.0; R], vec![0.0; R]);
         layernorm_forward(&mut y, &mut m, &mut r, &x, &g, &b, R, C, 1e-6);
         let prior = random(R * C, 5);
@@ -109,9 +226,15 @@ mod tests {
         let dx_only: Vec<f32> = dx.iter().zip(&prior).map(|(a, p)| a - p).collect();
         let dg_only: Vec<f32> = dg.iter().map(|v| v - 0.5).collect();
         let db_only: Vec<f32> = db.iter().map(|v| v - 0.5).collect();
-        fd_check("layernorm dx", &x, &dx_only, 60, |x| dot(&w, &forward(x, &g, &b)));
-        fd_check("layernorm dgamma", &g, &dg_only, C, |g| dot(&w, &forward(&x, g, &b)));
-        fd_check("layernorm dbeta", &b, &db_only, C, |b| dot(&w, &forward(&x, &g, b)));
+        fd_check("layernorm dx", &x, &dx_only, 60, |x| {
+            dot(&w, &forward(x, &g, &b))
+        });
+        fd_check("layernorm dgamma", &g, &dg_only, C, |g| {
+            dot(&w, &forward(&x, g, &b))
+        });
+        fd_check("layernorm dbeta", &b, &db_only, C, |b| {
+            dot(&w, &forward(&x, &g, b))
+        });
     }
 
     #[test]
@@ -120,17 +243,26 @@ mod tests {
         let n = rows * cols;
         let lens = [n, rows, rows, n, cols, cols];
         each_buffer_short("forward", &lens, 1.0, |b| {
-            let [out, mean, rstd, x, g, be] = b else { unreachable!() };
+            let [out, mean, rstd, x, g, be] = b else {
+                unreachable!()
+            };
             super::forward(&Cpu, out, mean, rstd, x, g, be, rows, cols, 1e-6)
         });
         let lens = [n, cols, cols, n, n, rows, rows, cols];
         each_buffer_short("backward", &lens, 1.0, |b| {
-            let [dx, dg, db, dout, x, mean, rstd, g] = b else { unreachable!() };
+            let [dx, dg, db, dout, x, mean, rstd, g] = b else {
+                unreachable!()
+            };
             super::backward(&Cpu, dx, dg, db, dout, x, mean, rstd, g, rows, cols)
         });
         let mut b = vec![vec![0.0f32; n]; 6];
-        let [out, mean, rstd, x, g, be] = b.as_mut_slice() else { unreachable!() };
-        assert!(super::forward(&Cpu, out, mean, rstd, x, g, be, rows, cols, 0.0).is_err(), "eps 0");
+        let [out, mean, rstd, x, g, be] = b.as_mut_slice() else {
+            unreachable!()
+        };
+        assert!(
+            super::forward(&Cpu, out, mean, rstd, x, g, be, rows, cols, 0.0).is_err(),
+            "eps 0"
+        );
     }
 
     fn forward_and_backward_match_the_cpu<D: Backend>(dev: &D) {
@@ -141,12 +273,35 @@ mod tests {
                 *v += 5.0;
             }
             let gamma: Vec<f32> = randn(20, cols, 0.3).iter().map(|v| 1.0 + v).collect();
-            let inputs = vec![act(x.clone()), par(gamma.clone()), par(randn(21, cols, 0.5)), act(vec![0.0; rows * cols]), stat(vec![0.0; rows]), stat(vec![0.0; rows]), act(randn(22, rows * cols, 1.0)), act(randn(23, rows * cols, 1.0)), par(randn(24, cols, 1.0)), par(randn(25, cols, 1.0))];
-            let (c, g) = crate::on_both!(dev, inputs, |be, [x, gamma, beta, out, mean, rstd, dout, dx, dgamma, dbeta]| {
-                super::forward(be, out, mean, rstd, x, gamma, beta, rows, cols, 1e-6).unwrap();
-                super::backward(be, dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols).unwrap();
-            });
-            assert_close(&format!("layernorm {:?} [{rows}, {cols}]", dev.precision()), &g, &c, tol(dev.precision(), RED));
+            let inputs = vec![
+                act(x.clone()),
+                par(gamma.clone()),
+                par(randn(21, cols, 0.5)),
+                act(vec![0.0; rows * cols]),
+                stat(vec![0.0; rows]),
+                stat(vec![0.0; rows]),
+                act(randn(22, rows * cols, 1.0)),
+                act(randn(23, rows * cols, 1.0)),
+                par(randn(24, cols, 1.0)),
+                par(randn(25, cols, 1.0)),
+            ];
+            let (c, g) = crate::on_both!(
+                dev,
+                inputs,
+                |be, [x, gamma, beta, out, mean, rstd, dout, dx, dgamma, dbeta]| {
+                    super::forward(be, out, mean, rstd, x, gamma, beta, rows, cols, 1e-6).unwrap();
+                    super::backward(
+                        be, dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols,
+                    )
+                    .unwrap();
+                }
+            );
+            assert_close(
+                &format!("layernorm {:?} [{rows}, {cols}]", dev.precision()),
+                &g,
+                &c,
+                tol(dev.precision(), RED),
+            );
         }
     }
 

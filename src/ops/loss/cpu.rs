@@ -14,9 +14,21 @@ pub const COS_EPS: f64 = 1e-8;
 /// `log softmax(row · inv_t)` in f64. A NaN or infinite logit makes the
 /// result NaN, so a diverged model shows up as a NaN loss.
 fn log_softmax(row: &[f32], inv_t: f64) -> Vec<f64> {
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| if v.is_finite() { m.max(v as f64 * inv_t) } else { f64::NAN });
-    let log_sum = row.iter().map(|&v| (v as f64 * inv_t - max).exp()).sum::<f64>().ln();
-    row.iter().map(|&v| v as f64 * inv_t - max - log_sum).collect()
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &v| {
+        if v.is_finite() {
+            m.max(v as f64 * inv_t)
+        } else {
+            f64::NAN
+        }
+    });
+    let log_sum = row
+        .iter()
+        .map(|&v| (v as f64 * inv_t - max).exp())
+        .sum::<f64>()
+        .ln();
+    row.iter()
+        .map(|&v| v as f64 * inv_t - max - log_sum)
+        .collect()
 }
 
 /// MSE + (1 − cos) of one row pair; adds `weight` × its gradient to `g`.
@@ -40,7 +52,13 @@ fn mse_cos_row(s: &[f32], t: &[f32], weight: f64, mse_denominator: f64, g: &mut 
 }
 
 /// Per-row value and gradient of the fused logit loss (see `LogitLossConfig`).
-fn logit_row(s: &[f32], t: Option<&[f32]>, label: Option<u32>, cfg: &LogitLossConfig, g: &mut [f64]) -> f64 {
+fn logit_row(
+    s: &[f32],
+    t: Option<&[f32]>,
+    label: Option<u32>,
+    cfg: &LogitLossConfig,
+    g: &mut [f64],
+) -> f64 {
     let c = s.len();
     g.fill(0.0);
     let mut loss = 0f64;
@@ -80,7 +98,17 @@ fn logit_row(s: &[f32], t: Option<&[f32]>, label: Option<u32>, cfg: &LogitLossCo
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn logit_loss(ds: &mut [f32], loss: &mut [f32], s: &[f32], teacher: Option<&[f32]>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32) {
+pub fn logit_loss(
+    ds: &mut [f32],
+    loss: &mut [f32],
+    s: &[f32],
+    teacher: Option<&[f32]>,
+    labels: &[u32],
+    batch: usize,
+    classes: usize,
+    cfg: &LogitLossConfig,
+    scale: f32,
+) {
     let k = scale as f64 / batch as f64;
     let rows: Vec<f64> = ds[..batch * classes]
         .par_chunks_mut(classes)
@@ -88,7 +116,13 @@ pub fn logit_loss(ds: &mut [f32], loss: &mut [f32], s: &[f32], teacher: Option<&
         .map(|(i, d)| {
             let mut g = vec![0f64; classes];
             let t = teacher.map(|t| &t[i * classes..(i + 1) * classes]);
-            let l = logit_row(&s[i * classes..(i + 1) * classes], t, labels.get(i).copied(), cfg, &mut g);
+            let l = logit_row(
+                &s[i * classes..(i + 1) * classes],
+                t,
+                labels.get(i).copied(),
+                cfg,
+                &mut g,
+            );
             for (d, g) in d.iter_mut().zip(g) {
                 *d = (g * k) as f32;
             }
@@ -99,7 +133,15 @@ pub fn logit_loss(ds: &mut [f32], loss: &mut [f32], s: &[f32], teacher: Option<&
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn feature_loss(ds: &mut [f32], loss: &mut [f32], s: &[f32], t: &[f32], rows: usize, cols: usize, scale: f32) {
+pub fn feature_loss(
+    ds: &mut [f32],
+    loss: &mut [f32],
+    s: &[f32],
+    t: &[f32],
+    rows: usize,
+    cols: usize,
+    scale: f32,
+) {
     // loss = scale · (Σ (s − t)² / (rows·cols) + Σ_rows (1 − cos) / rows)
     //      = Σ_rows (scale/rows) · (Σ_row (s − t)² / cols + 1 − cos)
     let w = scale as f64 / rows as f64;
@@ -108,7 +150,13 @@ pub fn feature_loss(ds: &mut [f32], loss: &mut [f32], s: &[f32], t: &[f32], rows
         .enumerate()
         .map(|(r, d)| {
             let mut g = vec![0f64; cols];
-            let v = mse_cos_row(&s[r * cols..(r + 1) * cols], &t[r * cols..(r + 1) * cols], w, cols as f64, &mut g);
+            let v = mse_cos_row(
+                &s[r * cols..(r + 1) * cols],
+                &t[r * cols..(r + 1) * cols],
+                w,
+                cols as f64,
+                &mut g,
+            );
             for (d, g) in d.iter_mut().zip(g) {
                 *d += g as f32;
             }
@@ -119,11 +167,43 @@ pub fn feature_loss(ds: &mut [f32], loss: &mut [f32], s: &[f32], t: &[f32], rows
 }
 
 impl LossKernel for Cpu {
-    fn logit_loss(&self, ds: &mut Vec<f32>, loss: &mut Vec<f32>, s: &Vec<f32>, teacher: Option<&Vec<f32>>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32, _: Checked) -> Result<()> {
-        logit_loss(ds, loss, s, teacher.map(|t| t.as_slice()), labels, batch, classes, cfg, scale);
+    fn logit_loss(
+        &self,
+        ds: &mut Vec<f32>,
+        loss: &mut Vec<f32>,
+        s: &Vec<f32>,
+        teacher: Option<&Vec<f32>>,
+        labels: &[u32],
+        batch: usize,
+        classes: usize,
+        cfg: &LogitLossConfig,
+        scale: f32,
+        _: Checked,
+    ) -> Result<()> {
+        logit_loss(
+            ds,
+            loss,
+            s,
+            teacher.map(|t| t.as_slice()),
+            labels,
+            batch,
+            classes,
+            cfg,
+            scale,
+        );
         Ok(())
     }
-    fn feature_loss(&self, ds: &mut Vec<f32>, loss: &mut Vec<f32>, s: &Vec<f32>, t: &Vec<f32>, rows: usize, cols: usize, scale: f32, _: Checked) -> Result<()> {
+    fn feature_loss(
+        &self,
+        ds: &mut Vec<f32>,
+        loss: &mut Vec<f32>,
+        s: &Vec<f32>,
+        t: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+        _: Checked,
+    ) -> Result<()> {
         feature_loss(ds, loss, s, t, rows, cols, scale);
         Ok(())
     }

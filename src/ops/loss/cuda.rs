@@ -10,14 +10,42 @@ use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 impl LossKernel for Cuda {
-    fn logit_loss(&self, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, teacher: Option<&CudaBuf>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32, _: Checked) -> Result<()> {
-        logit_loss(self, ds, loss, s, teacher, labels, batch, classes, cfg, scale)
+    fn logit_loss(
+        &self,
+        ds: &mut CudaBuf,
+        loss: &mut CudaBuf,
+        s: &CudaBuf,
+        teacher: Option<&CudaBuf>,
+        labels: &[u32],
+        batch: usize,
+        classes: usize,
+        cfg: &LogitLossConfig,
+        scale: f32,
+        _: Checked,
+    ) -> Result<()> {
+        logit_loss(
+            self, ds, loss, s, teacher, labels, batch, classes, cfg, scale,
+        )
     }
-    fn feature_loss(&self, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, t: &CudaBuf, rows: usize, cols: usize, scale: f32, _: Checked) -> Result<()> {
+    fn feature_loss(
+        &self,
+        ds: &mut CudaBuf,
+        loss: &mut CudaBuf,
+        s: &CudaBuf,
+        t: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+        _: Checked,
+    ) -> Result<()> {
         feature_loss(self, ds, loss, s, t, rows, cols, scale)
     }
 }
@@ -27,13 +55,32 @@ impl LossKernel for Cuda {
 /// float label_smoothing, float kd_weight, float temperature, float
 /// feature_weight, float scale)`.
 #[allow(clippy::too_many_arguments)]
-fn logit_loss(be: &Cuda, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, teacher: Option<&CudaBuf>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32) -> Result<()> {
+fn logit_loss(
+    be: &Cuda,
+    ds: &mut CudaBuf,
+    loss: &mut CudaBuf,
+    s: &CudaBuf,
+    teacher: Option<&CudaBuf>,
+    labels: &[u32],
+    batch: usize,
+    classes: usize,
+    cfg: &LogitLossConfig,
+    scale: f32,
+) -> Result<()> {
     if batch * classes == 0 {
         return Ok(());
     }
-    let used_labels = if cfg.ce_weight != 0.0 { &labels[..batch] } else { &[][..] };
+    let used_labels = if cfg.ce_weight != 0.0 {
+        &labels[..batch]
+    } else {
+        &[][..]
+    };
     let (b, c) = (batch as i32, classes as i32);
-    let (dsp, lp, sp) = (be.act_mut(ds, "logit_loss ds")?, be.f32_mut(loss, "logit_loss loss")?, be.act(s, "logit_loss logits")?);
+    let (dsp, lp, sp) = (
+        be.act_mut(ds, "logit_loss ds")?,
+        be.f32_mut(loss, "logit_loss loss")?,
+        be.act(s, "logit_loss logits")?,
+    );
     let tp = match teacher {
         Some(t) => be.act(t, "logit_loss teacher logits")?,
         None => 0u64,
@@ -43,8 +90,14 @@ fn logit_loss(be: &Cuda, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, teac
         let mut l = be.stream().launch_builder(&f);
         l.arg(&dsp).arg(&lp).arg(&sp).arg(&tp);
         l.arg(dev_labels).arg(&b).arg(&c);
-        l.arg(&cfg.ce_weight).arg(&cfg.label_smoothing).arg(&cfg.kd_weight).arg(&cfg.temperature).arg(&cfg.feature_weight).arg(&scale);
-        unsafe { l.launch(per_row(batch)) }.cu_with_context(|| format!("logit_loss launch [{batch}, {classes}]"))?;
+        l.arg(&cfg.ce_weight)
+            .arg(&cfg.label_smoothing)
+            .arg(&cfg.kd_weight)
+            .arg(&cfg.temperature)
+            .arg(&cfg.feature_weight)
+            .arg(&scale);
+        unsafe { l.launch(per_row(batch)) }
+            .cu_with_context(|| format!("logit_loss launch [{batch}, {classes}]"))?;
         Ok(())
     })
 }
@@ -52,16 +105,35 @@ fn logit_loss(be: &Cuda, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, teac
 /// `feature_loss(act_t* ds, float* loss, const act_t* s, const act_t* t,
 /// int rows, int cols, float scale)`.
 #[allow(clippy::too_many_arguments)]
-fn feature_loss(be: &Cuda, ds: &mut CudaBuf, loss: &mut CudaBuf, s: &CudaBuf, t: &CudaBuf, rows: usize, cols: usize, scale: f32) -> Result<()> {
+fn feature_loss(
+    be: &Cuda,
+    ds: &mut CudaBuf,
+    loss: &mut CudaBuf,
+    s: &CudaBuf,
+    t: &CudaBuf,
+    rows: usize,
+    cols: usize,
+    scale: f32,
+) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c) = (rows as i32, cols as i32);
-    let (dsp, lp) = (be.act_mut(ds, "feature_loss ds")?, be.f32_mut(loss, "feature_loss loss")?);
+    let (dsp, lp) = (
+        be.act_mut(ds, "feature_loss ds")?,
+        be.f32_mut(loss, "feature_loss loss")?,
+    );
     let (sp, tp) = (be.act(s, "feature_loss s")?, be.act(t, "feature_loss t")?);
     let f = be.function("loss", "feature_loss", 0)?;
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&dsp).arg(&lp).arg(&sp).arg(&tp).arg(&r).arg(&c).arg(&scale);
-    unsafe { l.launch(per_row(rows)) }.cu_with_context(|| format!("feature_loss launch [{rows}, {cols}]"))?;
+    l.arg(&dsp)
+        .arg(&lp)
+        .arg(&sp)
+        .arg(&tp)
+        .arg(&r)
+        .arg(&c)
+        .arg(&scale);
+    unsafe { l.launch(per_row(rows)) }
+        .cu_with_context(|| format!("feature_loss launch [{rows}, {cols}]"))?;
     Ok(())
 }

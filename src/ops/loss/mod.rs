@@ -48,9 +48,31 @@ pub struct LogitLossConfig {
 /// Device bodies of the losses (call `logit_loss` / `feature_loss`).
 pub trait LossKernel: Device {
     #[allow(clippy::too_many_arguments)]
-    fn logit_loss(&self, ds: &mut Self::Buf, loss: &mut Self::Buf, s: &Self::Buf, teacher: Option<&Self::Buf>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32, _: Checked) -> Result<()>;
+    fn logit_loss(
+        &self,
+        ds: &mut Self::Buf,
+        loss: &mut Self::Buf,
+        s: &Self::Buf,
+        teacher: Option<&Self::Buf>,
+        labels: &[u32],
+        batch: usize,
+        classes: usize,
+        cfg: &LogitLossConfig,
+        scale: f32,
+        _: Checked,
+    ) -> Result<()>;
     #[allow(clippy::too_many_arguments)]
-    fn feature_loss(&self, ds: &mut Self::Buf, loss: &mut Self::Buf, s: &Self::Buf, t: &Self::Buf, rows: usize, cols: usize, scale: f32, _: Checked) -> Result<()>;
+    fn feature_loss(
+        &self,
+        ds: &mut Self::Buf,
+        loss: &mut Self::Buf,
+        s: &Self::Buf,
+        t: &Self::Buf,
+        rows: usize,
+        cols: usize,
+        scale: f32,
+        _: Checked,
+    ) -> Result<()>;
 }
 
 /// Fused loss over the logits `s[batch, classes]` (see `LogitLossConfig`):
@@ -59,7 +81,18 @@ pub trait LossKernel: Device {
 /// when `kd_weight` or `feature_weight` is non-zero; `labels` when
 /// `ce_weight` is non-zero.
 #[allow(clippy::too_many_arguments)]
-pub fn logit_loss<D: LossKernel>(dev: &D, ds: &mut D::Buf, loss: &mut D::Buf, s: &D::Buf, teacher: Option<&D::Buf>, labels: &[u32], batch: usize, classes: usize, cfg: &LogitLossConfig, scale: f32) -> Result<()> {
+pub fn logit_loss<D: LossKernel>(
+    dev: &D,
+    ds: &mut D::Buf,
+    loss: &mut D::Buf,
+    s: &D::Buf,
+    teacher: Option<&D::Buf>,
+    labels: &[u32],
+    batch: usize,
+    classes: usize,
+    cfg: &LogitLossConfig,
+    scale: f32,
+) -> Result<()> {
     let n = product("logit_loss", &[batch, classes])?;
     need(dev, "logit_loss s", s, n)?;
     need(dev, "logit_loss ds", ds, n)?;
@@ -71,7 +104,10 @@ pub fn logit_loss<D: LossKernel>(dev: &D, ds: &mut D::Buf, loss: &mut D::Buf, s:
         need(dev, "logit_loss teacher", t, n)?;
     }
     if cfg.kd_weight != 0.0 && (cfg.temperature.is_nan() || cfg.temperature <= 0.0) {
-        bail!("logit_loss: temperature must be positive, got {}", cfg.temperature);
+        bail!(
+            "logit_loss: temperature must be positive, got {}",
+            cfg.temperature
+        );
     }
     if cfg.ce_weight != 0.0 {
         if labels.len() < batch {
@@ -82,10 +118,25 @@ pub fn logit_loss<D: LossKernel>(dev: &D, ds: &mut D::Buf, loss: &mut D::Buf, s:
         }
     }
     let w = dev.profiling().then(|| {
-        let t = teacher.map(|t| work(dev, &[(t, n)], 0.0)).unwrap_or_default();
+        let t = teacher
+            .map(|t| work(dev, &[(t, n)], 0.0))
+            .unwrap_or_default();
         work(dev, &[(s, n), (ds, n)], 30.0 * n as f64) + t
     });
-    profiled(dev, "logit_loss", w, || dev.logit_loss(ds, loss, s, teacher, labels, batch, classes, cfg, scale, Checked::new()))
+    profiled(dev, "logit_loss", w, || {
+        dev.logit_loss(
+            ds,
+            loss,
+            s,
+            teacher,
+            labels,
+            batch,
+            classes,
+            cfg,
+            scale,
+            Checked::new(),
+        )
+    })
 }
 
 /// Feature-matching loss of one feature map `s, t: [rows, cols]`:
@@ -93,14 +144,27 @@ pub fn logit_loss<D: LossKernel>(dev: &D, ds: &mut D::Buf, loss: &mut D::Buf, s:
 /// MSE averaged over all `rows*cols` elements. ADDS the loss to `loss[0]`
 /// and the gradient with respect to `s` to `ds`.
 #[allow(clippy::too_many_arguments)]
-pub fn feature_loss<D: LossKernel>(dev: &D, ds: &mut D::Buf, loss: &mut D::Buf, s: &D::Buf, t: &D::Buf, rows: usize, cols: usize, scale: f32) -> Result<()> {
+pub fn feature_loss<D: LossKernel>(
+    dev: &D,
+    ds: &mut D::Buf,
+    loss: &mut D::Buf,
+    s: &D::Buf,
+    t: &D::Buf,
+    rows: usize,
+    cols: usize,
+    scale: f32,
+) -> Result<()> {
     let n = product("feature_loss", &[rows, cols])?;
     need(dev, "feature_loss s", s, n)?;
     need(dev, "feature_loss t", t, n)?;
     need(dev, "feature_loss ds", ds, n)?;
     need(dev, "feature_loss loss", loss, 1)?;
-    let w = dev.profiling().then(|| work(dev, &[(s, n), (t, n), (ds, 2 * n)], 10.0 * n as f64));
-    profiled(dev, "feature_loss", w, || dev.feature_loss(ds, loss, s, t, rows, cols, scale, Checked::new()))
+    let w = dev
+        .profiling()
+        .then(|| work(dev, &[(s, n), (t, n), (ds, 2 * n)], 10.0 * n as f64));
+    profiled(dev, "feature_loss", w, || {
+        dev.feature_loss(ds, loss, s, t, rows, cols, scale, Checked::new())
+    })
 }
 
 #[cfg(test)]
@@ -110,7 +174,7 @@ mod tests {
     use crate::device::Cpu;
     use crate::ops::Backend;
     use crate::rng::Rng;
-    use crate::testing::{act, assert_close, fd_check, par, random, randn, tol, RED};
+    use crate::testing::{act, assert_close, fd_check, par, randn, random, tol, RED};
 
     const B: usize = 3;
     const C: usize = 7;
@@ -126,11 +190,19 @@ mod tests {
         let labels = [2u32, 0, 6];
         let (mut ds, mut loss) = (vec![0.0; B * C], vec![0.0]);
         logit_loss(&mut ds, &mut loss, &s, Some(&t), &labels, B, C, &cfg, 1.0);
-        fd_check(&format!("{cfg:?}"), &s, &ds, B * C, |s| value(s, &t, &labels, &cfg));
+        fd_check(&format!("{cfg:?}"), &s, &ds, B * C, |s| {
+            value(s, &t, &labels, &cfg)
+        });
     }
 
     fn cfg(ce: f32, ls: f32, kd: f32, temp: f32, feature: f32) -> LogitLossConfig {
-        LogitLossConfig { ce_weight: ce, label_smoothing: ls, kd_weight: kd, temperature: temp, feature_weight: feature }
+        LogitLossConfig {
+            ce_weight: ce,
+            label_smoothing: ls,
+            kd_weight: kd,
+            temperature: temp,
+            feature_weight: feature,
+        }
     }
 
     #[test]
@@ -147,24 +219,64 @@ mod tests {
         // One sample, logits (0, ln 3): softmax = (1/4, 3/4).
         let s = [0.0f32, 3f32.ln()];
         let (mut ds, mut loss) = (vec![0.0; 2], vec![0.0]);
-        logit_loss(&mut ds, &mut loss, &s, None, &[1], 1, 2, &cfg(1.0, 0.0, 0.0, 1.0, 0.0), 1.0);
+        logit_loss(
+            &mut ds,
+            &mut loss,
+            &s,
+            None,
+            &[1],
+            1,
+            2,
+            &cfg(1.0, 0.0, 0.0, 1.0, 0.0),
+            1.0,
+        );
         assert!((loss[0] as f64 - (4.0f64 / 3.0).ln()).abs() < 1e-6);
         // KD of identical logits is zero; of (0,0) vs (0, ln 3) at T=1 it is KL((1/4,3/4) || (1/2,1/2)).
         let (mut ds, mut loss) = (vec![0.0; 2], vec![0.0]);
-        logit_loss(&mut ds, &mut loss, &[0.0, 0.0], Some(&s), &[0], 1, 2, &cfg(0.0, 0.0, 1.0, 1.0, 0.0), 1.0);
+        logit_loss(
+            &mut ds,
+            &mut loss,
+            &[0.0, 0.0],
+            Some(&s),
+            &[0],
+            1,
+            2,
+            &cfg(0.0, 0.0, 1.0, 1.0, 0.0),
+            1.0,
+        );
         let kl = 0.25 * (0.25f64 / 0.5).ln() + 0.75 * (0.75f64 / 0.5).ln();
         assert!((loss[0] as f64 - kl).abs() < 1e-6);
         // Feature term of s = 2t: MSE = mean(t²), cos = 1.
         let t = [1.0f32, 2.0];
         let (mut ds, mut loss) = (vec![0.0; 2], vec![0.0]);
-        logit_loss(&mut ds, &mut loss, &[2.0, 4.0], Some(&t), &[0], 1, 2, &cfg(0.0, 0.0, 0.0, 1.0, 1.0), 1.0);
+        logit_loss(
+            &mut ds,
+            &mut loss,
+            &[2.0, 4.0],
+            Some(&t),
+            &[0],
+            1,
+            2,
+            &cfg(0.0, 0.0, 0.0, 1.0, 1.0),
+            1.0,
+        );
         assert!((loss[0] - 2.5).abs() < 1e-6, "{}", loss[0]);
     }
 
     #[test]
     fn a_nan_logit_gives_a_nan_loss() {
         let (mut ds, mut loss) = (vec![0.0; 2], vec![0.0]);
-        logit_loss(&mut ds, &mut loss, &[f32::NAN, 0.0], None, &[0], 1, 2, &cfg(1.0, 0.0, 0.0, 1.0, 0.0), 1.0);
+        logit_loss(
+            &mut ds,
+            &mut loss,
+            &[f32::NAN, 0.0],
+            None,
+            &[0],
+            1,
+            2,
+            &cfg(1.0, 0.0, 0.0, 1.0, 0.0),
+            1.0,
+        );
         assert!(loss[0].is_nan());
     }
 
@@ -189,19 +301,160 @@ mod tests {
         let z = |n: usize| vec![0.0f32; n];
         let ce = cfg(1.0, 0.0, 0.0, 1.0, 0.0);
         let kd = cfg(0.0, 0.0, 1.0, 4.0, 0.0);
-        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), None, &[0, 1, 2], B, C, &ce, 1.0).is_ok());
-        assert!(super::logit_loss(&Cpu, &mut z(B * C - 1), &mut z(1), &z(B * C), None, &[0, 1, 2], B, C, &ce, 1.0).is_err(), "short ds");
-        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(0), &z(B * C), None, &[0, 1, 2], B, C, &ce, 1.0).is_err(), "no loss slot");
-        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C - 1), None, &[0, 1, 2], B, C, &ce, 1.0).is_err(), "short logits");
-        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), None, &[0, 1], B, C, &ce, 1.0).is_err(), "too few labels");
-        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), None, &[0, 1, 7], B, C, &ce, 1.0).is_err(), "label out of range");
-        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), None, &[], B, C, &kd, 1.0).is_err(), "KD without a teacher");
-        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), Some(&z(B * C - 1)), &[], B, C, &kd, 1.0).is_err(), "short teacher");
-        assert!(super::logit_loss(&Cpu, &mut z(B * C), &mut z(1), &z(B * C), Some(&z(B * C)), &[], B, C, &cfg(0.0, 0.0, 1.0, 0.0, 0.0), 1.0).is_err(), "temperature 0");
+        assert!(super::logit_loss(
+            &Cpu,
+            &mut z(B * C),
+            &mut z(1),
+            &z(B * C),
+            None,
+            &[0, 1, 2],
+            B,
+            C,
+            &ce,
+            1.0
+        )
+        .is_ok());
+        assert!(
+            super::logit_loss(
+                &Cpu,
+                &mut z(B * C - 1),
+                &mut z(1),
+                &z(B * C),
+                None,
+                &[0, 1, 2],
+                B,
+                C,
+                &ce,
+                1.0
+            )
+            .is_err(),
+            "short ds"
+        );
+        assert!(
+            super::logit_loss(
+                &Cpu,
+                &mut z(B * C),
+                &mut z(0),
+                &z(B * C),
+                None,
+                &[0, 1, 2],
+                B,
+                C,
+                &ce,
+                1.0
+            )
+            .is_err(),
+            "no loss slot"
+        );
+        assert!(
+            super::logit_loss(
+                &Cpu,
+                &mut z(B * C),
+                &mut z(1),
+                &z(B * C - 1),
+                None,
+                &[0, 1, 2],
+                B,
+                C,
+                &ce,
+                1.0
+            )
+            .is_err(),
+            "short logits"
+        );
+        assert!(
+            super::logit_loss(
+                &Cpu,
+                &mut z(B * C),
+                &mut z(1),
+                &z(B * C),
+                None,
+                &[0, 1],
+                B,
+                C,
+                &ce,
+                1.0
+            )
+            .is_err(),
+            "too few labels"
+        );
+        assert!(
+            super::logit_loss(
+                &Cpu,
+                &mut z(B * C),
+                &mut z(1),
+                &z(B * C),
+                None,
+                &[0, 1, 7],
+                B,
+                C,
+                &ce,
+                1.0
+            )
+            .is_err(),
+            "label out of range"
+        );
+        assert!(
+            super::logit_loss(
+                &Cpu,
+                &mut z(B * C),
+                &mut z(1),
+                &z(B * C),
+                None,
+                &[],
+                B,
+                C,
+                &kd,
+                1.0
+            )
+            .is_err(),
+            "KD without a teacher"
+        );
+        assert!(
+            super::logit_loss(
+                &Cpu,
+                &mut z(B * C),
+                &mut z(1),
+                &z(B * C),
+                Some(&z(B * C - 1)),
+                &[],
+                B,
+                C,
+                &kd,
+                1.0
+            )
+            .is_err(),
+            "short teacher"
+        );
+        assert!(
+            super::logit_loss(
+                &Cpu,
+                &mut z(B * C),
+                &mut z(1),
+                &z(B * C),
+                Some(&z(B * C)),
+                &[],
+                B,
+                C,
+                &cfg(0.0, 0.0, 1.0, 0.0, 0.0),
+                1.0
+            )
+            .is_err(),
+            "temperature 0"
+        );
         let (rows, cols) = (4, 6);
         for short in 0..4 {
             let l = |i: usize, n: usize| if i == short { n - 1 } else { n };
-            let res = super::feature_loss(&Cpu, &mut z(l(0, rows * cols)), &mut z(l(1, 1)), &z(l(2, rows * cols)), &z(l(3, rows * cols)), rows, cols, 1.0);
+            let res = super::feature_loss(
+                &Cpu,
+                &mut z(l(0, rows * cols)),
+                &mut z(l(1, 1)),
+                &z(l(2, rows * cols)),
+                &z(l(3, rows * cols)),
+                rows,
+                cols,
+                1.0,
+            );
             assert!(res.is_err(), "feature_loss with argument {short} short");
         }
     }
@@ -210,21 +463,55 @@ mod tests {
         let (batch, classes) = (37, 1000);
         let mut rng = Rng::new(43);
         let labels: Vec<u32> = (0..batch).map(|_| rng.below(classes) as u32).collect();
-        let configs = [cfg(1.0, 0.1, 0.0, 1.0, 0.0), cfg(0.0, 0.0, 1.0, 4.0, 0.0), cfg(0.0, 0.0, 0.0, 1.0, 1.0), cfg(0.5, 0.1, 0.5, 2.0, 0.3)];
+        let configs = [
+            cfg(1.0, 0.1, 0.0, 1.0, 0.0),
+            cfg(0.0, 0.0, 1.0, 4.0, 0.0),
+            cfg(0.0, 0.0, 0.0, 1.0, 1.0),
+            cfg(0.5, 0.1, 0.5, 2.0, 0.3),
+        ];
         for c in configs {
-            let (cp, gp) = crate::on_both!(dev, vec![act(randn(44, batch * classes, 3.0)), act(randn(45, batch * classes, 3.0)), act(vec![0.0; batch * classes]), par(vec![0.25])], |be, [s, t, ds, loss]| {
-                super::logit_loss(be, ds, loss, s, Some(t), &labels, batch, classes, &c, 0.5).unwrap();
-            });
-            assert_close(&format!("logit loss {:?} {c:?}", dev.precision()), &gp, &cp, tol(dev.precision(), RED));
+            let (cp, gp) = crate::on_both!(
+                dev,
+                vec![
+                    act(randn(44, batch * classes, 3.0)),
+                    act(randn(45, batch * classes, 3.0)),
+                    act(vec![0.0; batch * classes]),
+                    par(vec![0.25])
+                ],
+                |be, [s, t, ds, loss]| {
+                    super::logit_loss(be, ds, loss, s, Some(t), &labels, batch, classes, &c, 0.5)
+                        .unwrap();
+                }
+            );
+            assert_close(
+                &format!("logit loss {:?} {c:?}", dev.precision()),
+                &gp,
+                &cp,
+                tol(dev.precision(), RED),
+            );
         }
     }
 
     fn feature_loss_matches_the_cpu<D: Backend>(dev: &D) {
         let (rows, cols) = (197 * 3, 192);
-        let (c, g) = crate::on_both!(dev, vec![act(randn(46, rows * cols, 1.0)), act(randn(47, rows * cols, 1.0)), act(randn(48, rows * cols, 1e-3)), par(vec![1.5])], |be, [s, t, ds, loss]| {
-            super::feature_loss(be, ds, loss, s, t, rows, cols, 0.7).unwrap();
-        });
-        assert_close(&format!("feature loss {:?}", dev.precision()), &g, &c, tol(dev.precision(), RED));
+        let (c, g) = crate::on_both!(
+            dev,
+            vec![
+                act(randn(46, rows * cols, 1.0)),
+                act(randn(47, rows * cols, 1.0)),
+                act(randn(48, rows * cols, 1e-3)),
+                par(vec![1.5])
+            ],
+            |be, [s, t, ds, loss]| {
+                super::feature_loss(be, ds, loss, s, t, rows, cols, 0.7).unwrap();
+            }
+        );
+        assert_close(
+            &format!("feature loss {:?}", dev.precision()),
+            &g,
+            &c,
+            tol(dev.precision(), RED),
+        );
     }
 
     crate::on_every_device!(logit_loss_matches_the_cpu);

@@ -33,14 +33,22 @@ pub fn fused_launch(precision: Precision, rank: usize) -> (usize, usize, usize) 
 pub fn bf16_launch(rank: usize) -> (usize, usize, usize) {
     let r = rank.div_ceil(16) * 16;
     let wide = r.max(128);
-    (64, 256, 4 * 64 * (wide + 4) + 2 * 64 * (r + 8) + 2 * 40 * (64 + wide))
+    (
+        64,
+        256,
+        4 * 64 * (wide + 4) + 2 * 64 * (r + 8) + 2 * 40 * (64 + wide),
+    )
 }
 
 /// The aligned bf16 kernel: 64 rows, 256 threads; a 16×16 fp32 staging tile
 /// per warp, the x chunk [64][264] and V chunk [rank][264] in bf16 (the U
 /// chunk [128][rank+8] reuses the V space), h in bf16 [64][rank+8].
 pub fn aligned_launch(rank: usize) -> (usize, usize, usize) {
-    (64, 256, 8 * 16 * 16 * 4 + 2 * 64 * 264 + 2 * rank * 264 + 2 * 64 * (rank + 8))
+    (
+        64,
+        256,
+        8 * 16 * 16 * 4 + 2 * 64 * 264 + 2 * rank * 264 + 2 * 64 * (rank + 8),
+    )
 }
 
 /// Largest rank at which the engine runs the fused kernel (bf16, aligned
@@ -53,7 +61,20 @@ pub const FUSED_FASTER_MAX_RANK: usize = 32;
 impl LowRankKernel for Cuda {
     /// The faster of the fused kernel and the cuBLAS pair for this shape
     /// and precision (see FUSED_FASTER_MAX_RANK).
-    fn lowrank_forward(&self, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize, ok: Checked) -> Result<()> {
+    fn lowrank_forward(
+        &self,
+        y: &mut CudaBuf,
+        h: &mut CudaBuf,
+        x: &CudaBuf,
+        v: &CudaBuf,
+        u: &CudaBuf,
+        bias: &CudaBuf,
+        rows: usize,
+        inp: usize,
+        rank: usize,
+        out: usize,
+        ok: Checked,
+    ) -> Result<()> {
         let aligned = [rows, inp, rank, out].iter().all(|d| d % 16 == 0);
         if self.precision() == Precision::Bf16 && aligned && rank <= FUSED_FASTER_MAX_RANK {
             lowrank_forward_fused(self, y, h, x, v, u, bias, rows, inp, rank, out, ok)
@@ -69,14 +90,32 @@ impl LowRankKernel for Cuda {
 /// const act_t* v, const act_t* u, const float* bias, int rows, int inp,
 /// int rank, int out)`.
 #[allow(clippy::too_many_arguments)]
-pub fn lowrank_forward_fused(be: &Cuda, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize, ok: Checked) -> Result<()> {
+pub fn lowrank_forward_fused(
+    be: &Cuda,
+    y: &mut CudaBuf,
+    h: &mut CudaBuf,
+    x: &CudaBuf,
+    v: &CudaBuf,
+    u: &CudaBuf,
+    bias: &CudaBuf,
+    rows: usize,
+    inp: usize,
+    rank: usize,
+    out: usize,
+    ok: Checked,
+) -> Result<()> {
     if rank == 0 || rank > MAX_FUSED_RANK || inp == 0 {
         return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out, ok);
     }
     // bf16 with every dimension a multiple of 16: the kernel that loads its
     // tensor-core fragments straight from global memory.
-    let aligned = be.precision() == Precision::Bf16 && [rows, inp, rank, out].iter().all(|d| d % 16 == 0);
-    let (name, (rows_per_block, threads, smem)) = if aligned { ("lowrank_forward_aligned", aligned_launch(rank)) } else { ("lowrank_forward", fused_launch(be.precision(), rank)) };
+    let aligned =
+        be.precision() == Precision::Bf16 && [rows, inp, rank, out].iter().all(|d| d % 16 == 0);
+    let (name, (rows_per_block, threads, smem)) = if aligned {
+        ("lowrank_forward_aligned", aligned_launch(rank))
+    } else {
+        ("lowrank_forward", fused_launch(be.precision(), rank))
+    };
     if smem > be.max_shared_bytes() {
         return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out, ok);
     }
@@ -84,24 +123,66 @@ pub fn lowrank_forward_fused(be: &Cuda, y: &mut CudaBuf, h: &mut CudaBuf, x: &Cu
         return Ok(());
     }
     let a = [rows, inp, rank, out].map(|v| v as i32);
-    let (yp, hp, xp) = (be.act_mut(y, "lowrank y")?, be.act_mut(h, "lowrank h")?, be.act(x, "lowrank x")?);
-    let (vp, up, bp) = (be.operand(v, "lowrank V")?, be.operand(u, "lowrank U")?, be.f32(bias, "lowrank bias")?);
-    let cfg = LaunchConfig { grid_dim: (rows.div_ceil(rows_per_block) as u32, 1, 1), block_dim: (threads as u32, 1, 1), shared_mem_bytes: smem as u32 };
+    let (yp, hp, xp) = (
+        be.act_mut(y, "lowrank y")?,
+        be.act_mut(h, "lowrank h")?,
+        be.act(x, "lowrank x")?,
+    );
+    let (vp, up, bp) = (
+        be.operand(v, "lowrank V")?,
+        be.operand(u, "lowrank U")?,
+        be.f32(bias, "lowrank bias")?,
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(rows_per_block) as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
     let f = be.function("lowrank", name, smem)?;
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&yp).arg(&hp).arg(&xp).arg(&vp).arg(&up).arg(&bp).arg(&a[0]).arg(&a[1]).arg(&a[2]).arg(&a[3]);
-    unsafe { l.launch(cfg) }.cu_with_context(|| format!("lowrank_forward launch (rows {rows}, in {inp}, rank {rank}, out {out})"))?;
+    l.arg(&yp)
+        .arg(&hp)
+        .arg(&xp)
+        .arg(&vp)
+        .arg(&up)
+        .arg(&bp)
+        .arg(&a[0])
+        .arg(&a[1])
+        .arg(&a[2])
+        .arg(&a[3]);
+    unsafe { l.launch(cfg) }.cu_with_context(|| {
+        format!("lowrank_forward launch (rows {rows}, in {inp}, rank {rank}, out {out})")
+    })?;
     Ok(())
 }
 
 /// The two-GEMM path: `h = x Vᵀ` then `y = h Uᵀ + b` (also the benchmark baseline).
 #[allow(clippy::too_many_arguments)]
-pub fn unfused(be: &Cuda, y: &mut CudaBuf, h: &mut CudaBuf, x: &CudaBuf, v: &CudaBuf, u: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, rank: usize, out: usize, _: Checked) -> Result<()> {
+pub fn unfused(
+    be: &Cuda,
+    y: &mut CudaBuf,
+    h: &mut CudaBuf,
+    x: &CudaBuf,
+    v: &CudaBuf,
+    u: &CudaBuf,
+    bias: &CudaBuf,
+    rows: usize,
+    inp: usize,
+    rank: usize,
+    out: usize,
+    _: Checked,
+) -> Result<()> {
     if inp == 0 {
         be.zero(h, rows * rank)?;
     } else {
         let (xm, vm) = (operand(be, x, "lowrank x")?, operand(be, v, "lowrank V")?);
-        gemm(be, output(be, h), xm, vm, &RowMajorGemm::plain(rows, rank, inp, false, true, 0.0))?;
+        gemm(
+            be,
+            output(be, h),
+            xm,
+            vm,
+            &RowMajorGemm::plain(rows, rank, inp, false, true, 0.0),
+        )?;
     }
     linear_forward(be, y, h, u, bias, rows, rank, out)
 }

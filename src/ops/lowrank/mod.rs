@@ -19,14 +19,39 @@ use anyhow::Result;
 /// Device body of the low-rank forward (call `forward`).
 pub trait LowRankKernel: Device {
     #[allow(clippy::too_many_arguments)]
-    fn lowrank_forward(&self, y: &mut Self::Buf, h: &mut Self::Buf, x: &Self::Buf, v: &Self::Buf, u: &Self::Buf, bias: &Self::Buf, rows: usize, inp: usize, rank: usize, out: usize, _: Checked) -> Result<()>;
+    fn lowrank_forward(
+        &self,
+        y: &mut Self::Buf,
+        h: &mut Self::Buf,
+        x: &Self::Buf,
+        v: &Self::Buf,
+        u: &Self::Buf,
+        bias: &Self::Buf,
+        rows: usize,
+        inp: usize,
+        rank: usize,
+        out: usize,
+        _: Checked,
+    ) -> Result<()>;
 }
 
 /// The checks of `forward`, for callers that pick a device's path
 /// themselves (the CUDA benches and the fused-kernel test): the token they
 /// need to call it.
 #[allow(clippy::too_many_arguments)]
-pub fn check_forward<D: Device>(dev: &D, y: &D::Buf, h: &D::Buf, x: &D::Buf, v: &D::Buf, u: &D::Buf, bias: &D::Buf, rows: usize, inp: usize, rank: usize, out: usize) -> Result<Checked> {
+pub fn check_forward<D: Device>(
+    dev: &D,
+    y: &D::Buf,
+    h: &D::Buf,
+    x: &D::Buf,
+    v: &D::Buf,
+    u: &D::Buf,
+    bias: &D::Buf,
+    rows: usize,
+    inp: usize,
+    rank: usize,
+    out: usize,
+) -> Result<Checked> {
     if rank == 0 {
         anyhow::bail!("lowrank: rank 0");
     }
@@ -42,10 +67,37 @@ pub fn check_forward<D: Device>(dev: &D, y: &D::Buf, h: &D::Buf, x: &D::Buf, v: 
 /// Writes `h[rows, r] = x · vᵀ` and `y[rows, out] = h · uᵀ + bias`, with
 /// `v: [r, inp]`, `u: [out, r]`. `h` is kept for the backward pass (`dU = dyᵀ h`).
 #[allow(clippy::too_many_arguments)]
-pub fn forward<D: LowRankKernel>(dev: &D, y: &mut D::Buf, h: &mut D::Buf, x: &D::Buf, v: &D::Buf, u: &D::Buf, bias: &D::Buf, rows: usize, inp: usize, rank: usize, out: usize) -> Result<()> {
+pub fn forward<D: LowRankKernel>(
+    dev: &D,
+    y: &mut D::Buf,
+    h: &mut D::Buf,
+    x: &D::Buf,
+    v: &D::Buf,
+    u: &D::Buf,
+    bias: &D::Buf,
+    rows: usize,
+    inp: usize,
+    rank: usize,
+    out: usize,
+) -> Result<()> {
     let ok = check_forward(dev, y, h, x, v, u, bias, rows, inp, rank, out)?;
-    let w = dev.profiling().then(|| work(dev, &[(y, rows * out), (h, rows * rank), (x, rows * inp), (v, rank * inp), (u, out * rank), (bias, out)], 2.0 * (rows * rank) as f64 * (inp + out) as f64));
-    profiled(dev, "lowrank_forward", w, || dev.lowrank_forward(y, h, x, v, u, bias, rows, inp, rank, out, ok))
+    let w = dev.profiling().then(|| {
+        work(
+            dev,
+            &[
+                (y, rows * out),
+                (h, rows * rank),
+                (x, rows * inp),
+                (v, rank * inp),
+                (u, out * rank),
+                (bias, out),
+            ],
+            2.0 * (rows * rank) as f64 * (inp + out) as f64,
+        )
+    });
+    profiled(dev, "lowrank_forward", w, || {
+        dev.lowrank_forward(y, h, x, v, u, bias, rows, inp, rank, out, ok)
+    })
 }
 
 #[cfg(test)]
@@ -53,12 +105,17 @@ mod tests {
     use super::cpu::*;
     use crate::device::Cpu;
     use crate::ops::Backend;
-    use crate::testing::{act, assert_close, par, random, randn, tol, RED};
+    use crate::testing::{act, assert_close, par, randn, random, tol, RED};
 
     #[test]
     fn equals_the_dense_layer_of_the_product() {
         let (rows, inp, r, out) = (6, 10, 3, 8);
-        let (x, v, u, b) = (random(rows * inp, 1), random(r * inp, 2), random(out * r, 3), random(out, 4));
+        let (x, v, u, b) = (
+            random(rows * inp, 1),
+            random(r * inp, 2),
+            random(out * r, 3),
+            random(out, 4),
+        );
         let (mut y, mut h) = (vec![0.0; rows * out], vec![0.0; rows * r]);
         lowrank_forward(&mut y, &mut h, &x, &v, &u, &b, rows, inp, r, out);
         let mut w = vec![0f32; out * inp];
@@ -81,26 +138,66 @@ mod tests {
         let (rows, inp, r, out) = (3, 5, 2, 4);
         let lens = [rows * out, rows * r, rows * inp, r * inp, out * r, out];
         for short in 0..=lens.len() {
-            let b: Vec<Vec<f32>> = lens.iter().enumerate().map(|(i, &n)| vec![0.0; if i == short { n - 1 } else { n }]).collect();
+            let b: Vec<Vec<f32>> = lens
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| vec![0.0; if i == short { n - 1 } else { n }])
+                .collect();
             let (mut y, mut h) = (b[0].clone(), b[1].clone());
-            let res = super::forward(&Cpu, &mut y, &mut h, &b[2], &b[3], &b[4], &b[5], rows, inp, r, out);
+            let res = super::forward(
+                &Cpu, &mut y, &mut h, &b[2], &b[3], &b[4], &b[5], rows, inp, r, out,
+            );
             assert_eq!(res.is_ok(), short == lens.len(), "argument {short} short");
         }
         let (mut y, mut h) = (vec![0.0; 12], vec![0.0; 12]);
-        assert!(super::forward(&Cpu, &mut y, &mut h, &vec![0.0; 15], &vec![0.0; 10], &vec![0.0; 8], &vec![0.0; 4], rows, inp, 0, out).is_err(), "rank 0");
+        assert!(
+            super::forward(
+                &Cpu,
+                &mut y,
+                &mut h,
+                &vec![0.0; 15],
+                &vec![0.0; 10],
+                &vec![0.0; 8],
+                &vec![0.0; 4],
+                rows,
+                inp,
+                0,
+                out
+            )
+            .is_err(),
+            "rank 0"
+        );
     }
 
     fn forward_matches_the_cpu<D: Backend>(dev: &D) {
         let p = dev.precision();
         // Ragged shapes (generic kernels), and all-multiples-of-16 shapes
         // (the aligned bf16 kernel), ranks up to the fused limit and past it.
-        for (rows, inp, out) in [(1000, 192, 300), (77, 24, 10), (1600, 768, 768), (208, 3072, 768), (96, 768, 3072)] {
+        for (rows, inp, out) in [
+            (1000, 192, 300),
+            (77, 24, 10),
+            (1600, 768, 768),
+            (208, 3072, 768),
+            (96, 768, 3072),
+        ] {
             for rank in [1, 3, 16, 17, 64, 100, 128, 256, 300] {
-                let inputs = vec![act(vec![0.0; rows * out]), act(vec![0.0; rows * rank]), act(randn(13, rows * inp, 1.0)), par(randn(14, rank * inp, 0.1)), par(randn(15, out * rank, 0.1)), par(randn(16, out, 1.0))];
+                let inputs = vec![
+                    act(vec![0.0; rows * out]),
+                    act(vec![0.0; rows * rank]),
+                    act(randn(13, rows * inp, 1.0)),
+                    par(randn(14, rank * inp, 0.1)),
+                    par(randn(15, out * rank, 0.1)),
+                    par(randn(16, out, 1.0)),
+                ];
                 let (c, g) = crate::on_both!(dev, inputs, |be, [y, h, x, v, u, bias]| {
                     super::forward(be, y, h, x, v, u, bias, rows, inp, rank, out).unwrap();
                 });
-                assert_close(&format!("lowrank {p:?} rows {rows} in {inp} out {out} rank {rank}"), &g, &c, tol(p, RED));
+                assert_close(
+                    &format!("lowrank {p:?} rows {rows} in {inp} out {out} rank {rank}"),
+                    &g,
+                    &c,
+                    tol(p, RED),
+                );
             }
         }
     }
@@ -116,18 +213,65 @@ mod tests {
         use crate::device::{BufKind, Device, Precision};
         for p in [Precision::F32, Precision::Bf16] {
             let cuda = crate::testing::cuda(p);
-            for (rows, inp, out) in [(1000, 192, 300), (77, 24, 10), (1600, 768, 768), (208, 3072, 768), (96, 768, 3072)] {
+            for (rows, inp, out) in [
+                (1000, 192, 300),
+                (77, 24, 10),
+                (1600, 768, 768),
+                (208, 3072, 768),
+                (96, 768, 3072),
+            ] {
                 for rank in [1, 3, 16, 17, 32, 64, 100, 128, 256] {
-                    let inputs = crate::testing::rounded(&cuda, vec![act(randn(13, rows * inp, 1.0)), par(randn(14, rank * inp, 0.1)), par(randn(15, out * rank, 0.1)), par(randn(16, out, 1.0))]);
+                    let inputs = crate::testing::rounded(
+                        &cuda,
+                        vec![
+                            act(randn(13, rows * inp, 1.0)),
+                            par(randn(14, rank * inp, 0.1)),
+                            par(randn(15, out * rank, 0.1)),
+                            par(randn(16, out, 1.0)),
+                        ],
+                    );
                     let (mut yc, mut hc) = (vec![0.0; rows * out], vec![0.0; rows * rank]);
-                    super::forward(&Cpu, &mut yc, &mut hc, &inputs[0].1, &inputs[1].1, &inputs[2].1, &inputs[3].1, rows, inp, rank, out).unwrap();
+                    super::forward(
+                        &Cpu,
+                        &mut yc,
+                        &mut hc,
+                        &inputs[0].1,
+                        &inputs[1].1,
+                        &inputs[2].1,
+                        &inputs[3].1,
+                        rows,
+                        inp,
+                        rank,
+                        out,
+                    )
+                    .unwrap();
                     let up = |(k, v): &(BufKind, Vec<f32>)| cuda.upload(v, *k).unwrap();
-                    let (x, v, u, b) = (up(&inputs[0]), up(&inputs[1]), up(&inputs[2]), up(&inputs[3]));
-                    let (mut y, mut h) = (cuda.upload(&vec![f32::NAN; rows * out], BufKind::Activation).unwrap(), cuda.upload(&vec![f32::NAN; rows * rank], BufKind::Activation).unwrap());
-                    let ok = super::check_forward(&cuda, &y, &h, &x, &v, &u, &b, rows, inp, rank, out).unwrap();
-                    super::cuda::lowrank_forward_fused(&cuda, &mut y, &mut h, &x, &v, &u, &b, rows, inp, rank, out, ok).unwrap();
+                    let (x, v, u, b) = (
+                        up(&inputs[0]),
+                        up(&inputs[1]),
+                        up(&inputs[2]),
+                        up(&inputs[3]),
+                    );
+                    let (mut y, mut h) = (
+                        cuda.upload(&vec![f32::NAN; rows * out], BufKind::Activation)
+                            .unwrap(),
+                        cuda.upload(&vec![f32::NAN; rows * rank], BufKind::Activation)
+                            .unwrap(),
+                    );
+                    let ok =
+                        super::check_forward(&cuda, &y, &h, &x, &v, &u, &b, rows, inp, rank, out)
+                            .unwrap();
+                    super::cuda::lowrank_forward_fused(
+                        &cuda, &mut y, &mut h, &x, &v, &u, &b, rows, inp, rank, out, ok,
+                    )
+                    .unwrap();
                     let got = vec![cuda.download(&y).unwrap(), cuda.download(&h).unwrap()];
-                    assert_close(&format!("fused lowrank {p:?} rows {rows} in {inp} out {out} rank {rank}"), &got, &[yc, hc], tol(p, RED));
+                    assert_close(
+                        &format!("fused lowrank {p:?} rows {rows} in {inp} out {out} rank {rank}"),
+                        &got,
+                        &[yc, hc],
+                        tol(p, RED),
+                    );
                 }
             }
         }

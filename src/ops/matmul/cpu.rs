@@ -26,38 +26,145 @@ use rayon::prelude::*;
 /// Every element the strides address must lie inside its buffer, and `c`
 /// must not overlap `a` or `b`.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn strided_gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, accumulate: bool, c: *mut f32, rsc: isize, csc: isize, threads: usize) {
+pub unsafe fn strided_gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    accumulate: bool,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+    threads: usize,
+) {
     let along_columns = n > m;
     let len = if along_columns { n } else { m };
     // Ranges in multiples of 16 elements (64 bytes: whole cache lines of C
     // when the columns are cut).
     let chunk = len.div_ceil(threads.max(1)).div_ceil(16) * 16;
     if threads <= 1 || chunk >= len {
-        serial_gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, accumulate, c, rsc, csc);
+        serial_gemm(
+            m, k, n, alpha, a, rsa, csa, b, rsb, csb, accumulate, c, rsc, csc,
+        );
         return;
     }
-    let (a, b, c) = (SharedMut(a as *mut f32), SharedMut(b as *mut f32), SharedMut(c));
+    let (a, b, c) = (
+        SharedMut(a as *mut f32),
+        SharedMut(b as *mut f32),
+        SharedMut(c),
+    );
     (0..len.div_ceil(chunk)).into_par_iter().for_each(|t| {
         let (start, end) = (t * chunk, ((t + 1) * chunk).min(len));
         let (a, b, c) = (a.get() as *const f32, b.get() as *const f32, c.get());
         // SAFETY: each task writes only its own rows (columns) of C; the
         // caller guarantees the rest.
-        unsafe { part_of_c(serial_gemm, along_columns, start, end, m, k, n, alpha, a, rsa, csa, b, rsb, csb, accumulate, c, rsc, csc) };
+        unsafe {
+            part_of_c(
+                serial_gemm,
+                along_columns,
+                start,
+                end,
+                m,
+                k,
+                n,
+                alpha,
+                a,
+                rsa,
+                csa,
+                b,
+                rsb,
+                csb,
+                accumulate,
+                c,
+                rsc,
+                csc,
+            )
+        };
     });
 }
 
 /// The signature of `serial_gemm` and `faer_gemm`.
-type Gemm = unsafe fn(usize, usize, usize, f32, *const f32, isize, isize, *const f32, isize, isize, bool, *mut f32, isize, isize);
+type Gemm = unsafe fn(
+    usize,
+    usize,
+    usize,
+    f32,
+    *const f32,
+    isize,
+    isize,
+    *const f32,
+    isize,
+    isize,
+    bool,
+    *mut f32,
+    isize,
+    isize,
+);
 
 /// Runs `gemm` on columns (`along_columns`) or rows `start..end` of C only:
 /// the matching columns of B or rows of A. Used by the thread split and by
 /// the cut into faer calls.
 #[allow(clippy::too_many_arguments)]
-unsafe fn part_of_c(gemm: Gemm, along_columns: bool, start: usize, end: usize, m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, accumulate: bool, c: *mut f32, rsc: isize, csc: isize) {
+unsafe fn part_of_c(
+    gemm: Gemm,
+    along_columns: bool,
+    start: usize,
+    end: usize,
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    accumulate: bool,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) {
     if along_columns {
-        gemm(m, k, end - start, alpha, a, rsa, csa, b.offset(start as isize * csb), rsb, csb, accumulate, c.offset(start as isize * csc), rsc, csc);
+        gemm(
+            m,
+            k,
+            end - start,
+            alpha,
+            a,
+            rsa,
+            csa,
+            b.offset(start as isize * csb),
+            rsb,
+            csb,
+            accumulate,
+            c.offset(start as isize * csc),
+            rsc,
+            csc,
+        );
     } else {
-        gemm(end - start, k, n, alpha, a.offset(start as isize * rsa), rsa, csa, b, rsb, csb, accumulate, c.offset(start as isize * rsc), rsc, csc);
+        gemm(
+            end - start,
+            k,
+            n,
+            alpha,
+            a.offset(start as isize * rsa),
+            rsa,
+            csa,
+            b,
+            rsb,
+            csb,
+            accumulate,
+            c.offset(start as isize * rsc),
+            rsc,
+            csc,
+        );
     }
 }
 
@@ -92,7 +199,22 @@ const FAER_KC: usize = 512;
 /// (fc1 with twelve cold weight matrices, alternating with the uncut code)
 /// measured 292-322 against 286-290 GFLOP/s.
 #[allow(clippy::too_many_arguments)]
-unsafe fn serial_gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, accumulate: bool, c: *mut f32, rsc: isize, csc: isize) {
+unsafe fn serial_gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    accumulate: bool,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) {
     // faer's micro-kernel rows run along C's contiguous side: columns of a row-major C.
     let along_columns = rsc.unsigned_abs() > csc.unsigned_abs();
     let len = if along_columns { n } else { m };
@@ -100,18 +222,56 @@ unsafe fn serial_gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, r
     let mut start = 0;
     while start < len {
         let end = (start + piece).min(len);
-        part_of_c(faer_gemm, along_columns, start, end, m, k, n, alpha, a, rsa, csa, b, rsb, csb, accumulate, c, rsc, csc);
+        part_of_c(
+            faer_gemm,
+            along_columns,
+            start,
+            end,
+            m,
+            k,
+            n,
+            alpha,
+            a,
+            rsa,
+            csa,
+            b,
+            rsb,
+            csb,
+            accumulate,
+            c,
+            rsc,
+            csc,
+        );
         start = end;
     }
 }
 
 /// One faer call on the calling thread.
 #[allow(clippy::too_many_arguments)]
-unsafe fn faer_gemm(m: usize, k: usize, n: usize, alpha: f32, a: *const f32, rsa: isize, csa: isize, b: *const f32, rsb: isize, csb: isize, accumulate: bool, c: *mut f32, rsc: isize, csc: isize) {
+unsafe fn faer_gemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    rsa: isize,
+    csa: isize,
+    b: *const f32,
+    rsb: isize,
+    csb: isize,
+    accumulate: bool,
+    c: *mut f32,
+    rsc: isize,
+    csc: isize,
+) {
     let c = MatMut::from_raw_parts_mut(c, m, n, rsc, csc);
     let a = MatRef::from_raw_parts(a, m, k, rsa, csa);
     let b = MatRef::from_raw_parts(b, k, n, rsb, csb);
-    let accum = if accumulate { Accum::Add } else { Accum::Replace };
+    let accum = if accumulate {
+        Accum::Add
+    } else {
+        Accum::Replace
+    };
     faer::linalg::matmul::matmul(c, accum, a, b, alpha, Par::Seq);
     clear_upper_vector_state();
 }
@@ -150,8 +310,21 @@ fn strides(cols_stored: usize, trans: bool) -> (isize, isize) {
 
 /// `out[m, n] (+)= op(a)[m, k] · op(b)[k, n]` (see `ops::matmul::matmul`).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool) {
-    assert!(out.len() >= m * n && a.len() >= m * k && b.len() >= k * n, "matmul: buffers shorter than [{m},{k}]x[{k},{n}]");
+pub fn matmul(
+    out: &mut [f32],
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    trans_a: bool,
+    trans_b: bool,
+    accumulate: bool,
+) {
+    assert!(
+        out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
+        "matmul: buffers shorter than [{m},{k}]x[{k},{n}]"
+    );
     let (rsa, csa) = strides(if trans_a { m } else { k }, trans_a);
     let (rsb, csb) = strides(if trans_b { k } else { n }, trans_b);
     if k == 0 {
@@ -162,12 +335,36 @@ pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], m: usize, n: usize, k: usiz
     }
     // SAFETY: the asserts above guarantee every index the product touches is in bounds.
     unsafe {
-        strided_gemm(m, k, n, 1.0, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, accumulate, out.as_mut_ptr(), n as isize, 1, rayon::current_num_threads());
+        strided_gemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            rsa,
+            csa,
+            b.as_ptr(),
+            rsb,
+            csb,
+            accumulate,
+            out.as_mut_ptr(),
+            n as isize,
+            1,
+            rayon::current_num_threads(),
+        );
     }
 }
 
 /// Writes `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ + bias`.
-pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], rows: usize, inp: usize, out: usize) {
+pub fn linear_forward(
+    y: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+) {
     if rows * out == 0 {
         return;
     }
@@ -177,7 +374,8 @@ pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], rows: u
 
 /// Fill every row of `y` with `row`.
 pub fn broadcast_rows(y: &mut [f32], row: &[f32]) {
-    y.par_chunks_mut(row.len()).for_each(|r| r.copy_from_slice(row));
+    y.par_chunks_mut(row.len())
+        .for_each(|r| r.copy_from_slice(row));
 }
 
 /// Adds the column sums of `dy[rows, cols]` to `dbias`.
@@ -199,7 +397,11 @@ pub const ROW_CHUNK: usize = 64;
 /// `acc`: rows are split into chunks of 64 summed in parallel in f32 (the
 /// inner loop over columns vectorizes), then the chunks are added in order
 /// in f64, so the result does not depend on the thread count.
-pub fn column_sums(rows: usize, cols: usize, add_row: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f64> {
+pub fn column_sums(
+    rows: usize,
+    cols: usize,
+    add_row: impl Fn(usize, &mut [f32]) + Sync,
+) -> Vec<f64> {
     let partials: Vec<Vec<f32>> = (0..rows.div_ceil(ROW_CHUNK))
         .into_par_iter()
         .map(|c| {
@@ -231,15 +433,44 @@ pub fn sum_in_order(partials: Vec<Vec<f32>>, cols: usize) -> Vec<f64> {
 }
 
 impl MatmulKernel for Cpu {
-    fn matmul(&self, out: &mut Vec<f32>, a: &Vec<f32>, b: &Vec<f32>, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool, _: Checked) -> Result<()> {
+    fn matmul(
+        &self,
+        out: &mut Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+        _: Checked,
+    ) -> Result<()> {
         matmul(out, a, b, m, n, k, trans_a, trans_b, accumulate);
         Ok(())
     }
-    fn linear_forward(&self, y: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, bias: &Vec<f32>, rows: usize, inp: usize, out: usize, _: Checked) -> Result<()> {
+    fn linear_forward(
+        &self,
+        y: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        bias: &Vec<f32>,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        _: Checked,
+    ) -> Result<()> {
         linear_forward(y, x, w, bias, rows, inp, out);
         Ok(())
     }
-    fn bias_backward(&self, dbias: &mut Vec<f32>, dy: &Vec<f32>, rows: usize, cols: usize, _: Checked) -> Result<()> {
+    fn bias_backward(
+        &self,
+        dbias: &mut Vec<f32>,
+        dy: &Vec<f32>,
+        rows: usize,
+        cols: usize,
+        _: Checked,
+    ) -> Result<()> {
         bias_backward(dbias, dy, rows, cols);
         Ok(())
     }

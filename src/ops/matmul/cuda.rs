@@ -24,14 +24,24 @@ pub struct Mat {
 impl Mat {
     /// The same matrix starting `elems` elements further on.
     pub fn at(self, elems: usize) -> Mat {
-        let size = if self.dtype == cudaDataType::CUDA_R_16BF { 2 } else { 4 };
-        Mat { ptr: self.ptr + (elems * size) as u64, dtype: self.dtype }
+        let size = if self.dtype == cudaDataType::CUDA_R_16BF {
+            2
+        } else {
+            4
+        };
+        Mat {
+            ptr: self.ptr + (elems * size) as u64,
+            dtype: self.dtype,
+        }
     }
 }
 
 /// An operand of a product (an activation, or a weight through its bf16 copy in bf16 mode).
 pub fn operand(be: &Cuda, b: &CudaBuf, what: &str) -> Result<Mat> {
-    Ok(Mat { ptr: be.operand(b, what)?, dtype: be.operand_type() })
+    Ok(Mat {
+        ptr: be.operand(b, what)?,
+        dtype: be.operand_type(),
+    })
 }
 
 /// The output of a product, in its own storage type (fp32 gradients of
@@ -68,7 +78,22 @@ impl RowMajorGemm {
     pub fn plain(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, beta: f32) -> Self {
         let lda = if trans_a { m } else { k };
         let ldb = if trans_b { k } else { n };
-        RowMajorGemm { m, n, k, trans_a, trans_b, lda, ldb, ldc: n, alpha: 1.0, beta, batch: 1, stride_a: 0, stride_b: 0, stride_c: 0 }
+        RowMajorGemm {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            lda,
+            ldb,
+            ldc: n,
+            alpha: 1.0,
+            beta,
+            batch: 1,
+            stride_a: 0,
+            stride_b: 0,
+            stride_c: 0,
+        }
     }
 }
 
@@ -87,7 +112,10 @@ pub fn gemm(be: &Cuda, c: Mat, a: Mat, b: Mat, g: &RowMajorGemm) -> Result<()> {
     if g.m == 0 || g.n == 0 {
         return Ok(());
     }
-    let int = |v: usize, what: &str| i32::try_from(v.max(1)).map_err(|_| anyhow!("gemm: {what} = {v} exceeds the cuBLAS int range"));
+    let int = |v: usize, what: &str| {
+        i32::try_from(v.max(1))
+            .map_err(|_| anyhow!("gemm: {what} = {v} exceeds the cuBLAS int range"))
+    };
     let (m, n, k) = (int(g.n, "n")?, int(g.m, "m")?, g.k as i32);
     let (lda, ldb, ldc) = (int(g.ldb, "ldb")?, int(g.lda, "lda")?, int(g.ldc, "ldc")?);
     let batch = int(g.batch, "batch")?;
@@ -120,11 +148,30 @@ pub fn gemm(be: &Cuda, c: Mat, a: Mat, b: Mat, g: &RowMajorGemm) -> Result<()> {
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(|e| anyhow!("cuBLAS GemmEx {g:?} ({:?} x {:?} -> {:?}): {e:?}", a.dtype, b.dtype, c.dtype))
+    .map_err(|e| {
+        anyhow!(
+            "cuBLAS GemmEx {g:?} ({:?} x {:?} -> {:?}): {e:?}",
+            a.dtype,
+            b.dtype,
+            c.dtype
+        )
+    })
 }
 
 impl MatmulKernel for Cuda {
-    fn matmul(&self, out: &mut CudaBuf, a: &CudaBuf, b: &CudaBuf, m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, accumulate: bool, _: Checked) -> Result<()> {
+    fn matmul(
+        &self,
+        out: &mut CudaBuf,
+        a: &CudaBuf,
+        b: &CudaBuf,
+        m: usize,
+        n: usize,
+        k: usize,
+        trans_a: bool,
+        trans_b: bool,
+        accumulate: bool,
+        _: Checked,
+    ) -> Result<()> {
         if k == 0 {
             if !accumulate && m * n > 0 {
                 self.zero(out, m * n)?;
@@ -132,30 +179,81 @@ impl MatmulKernel for Cuda {
             return Ok(());
         }
         let (a, b) = (operand(self, a, "matmul a")?, operand(self, b, "matmul b")?);
-        gemm(self, output(self, out), a, b, &RowMajorGemm::plain(m, n, k, trans_a, trans_b, if accumulate { 1.0 } else { 0.0 }))
+        gemm(
+            self,
+            output(self, out),
+            a,
+            b,
+            &RowMajorGemm::plain(
+                m,
+                n,
+                k,
+                trans_a,
+                trans_b,
+                if accumulate { 1.0 } else { 0.0 },
+            ),
+        )
     }
-    fn linear_forward(&self, y: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, out: usize, _: Checked) -> Result<()> {
+    fn linear_forward(
+        &self,
+        y: &mut CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        bias: &CudaBuf,
+        rows: usize,
+        inp: usize,
+        out: usize,
+        _: Checked,
+    ) -> Result<()> {
         linear_forward(self, y, x, w, bias, rows, inp, out)
     }
-    fn bias_backward(&self, dbias: &mut CudaBuf, dy: &CudaBuf, rows: usize, cols: usize, _: Checked) -> Result<()> {
+    fn bias_backward(
+        &self,
+        dbias: &mut CudaBuf,
+        dy: &CudaBuf,
+        rows: usize,
+        cols: usize,
+        _: Checked,
+    ) -> Result<()> {
         bias_backward(self, dbias, dy, rows, cols)
     }
 }
 
 /// Writes `y = x · wᵀ + bias`: bias broadcast, then a GEMM with beta = 1.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_forward(be: &Cuda, y: &mut CudaBuf, x: &CudaBuf, w: &CudaBuf, bias: &CudaBuf, rows: usize, inp: usize, out: usize) -> Result<()> {
+pub fn linear_forward(
+    be: &Cuda,
+    y: &mut CudaBuf,
+    x: &CudaBuf,
+    w: &CudaBuf,
+    bias: &CudaBuf,
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> Result<()> {
     broadcast_rows(be, y, bias, rows, out)?;
     if inp == 0 {
         return Ok(());
     }
     let (x, w) = (operand(be, x, "linear x")?, operand(be, w, "linear w")?);
-    gemm(be, output(be, y), x, w, &RowMajorGemm::plain(rows, out, inp, false, true, 1.0))
+    gemm(
+        be,
+        output(be, y),
+        x,
+        w,
+        &RowMajorGemm::plain(rows, out, inp, false, true, 1.0),
+    )
 }
 
 /// `broadcast_rows(act_t* y, const float* bias, int rows, int cols)`:
 /// fills every row of `y[rows, cols]` with `bias`.
-pub fn broadcast_rows(be: &Cuda, y: &mut CudaBuf, bias: &CudaBuf, rows: usize, cols: usize) -> Result<()> {
+pub fn broadcast_rows(
+    be: &Cuda,
+    y: &mut CudaBuf,
+    bias: &CudaBuf,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
@@ -164,7 +262,8 @@ pub fn broadcast_rows(be: &Cuda, y: &mut CudaBuf, bias: &CudaBuf, rows: usize, c
     let f = be.function("matmul", "broadcast_rows", 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&yp).arg(&bp).arg(&r).arg(&c);
-    unsafe { l.launch(be.grid_for(rows * cols)) }.cu_with_context(|| format!("broadcast_rows launch [{rows}, {cols}]"))?;
+    unsafe { l.launch(be.grid_for(rows * cols)) }
+        .cu_with_context(|| format!("broadcast_rows launch [{rows}, {cols}]"))?;
     Ok(())
 }
 
@@ -174,19 +273,37 @@ pub const ROWS_PER_BLOCK: usize = 256;
 /// Grid and block of the column-sum kernels: 32 columns × 8 row lanes per
 /// block, `ROWS_PER_BLOCK` rows per block.
 pub fn column_sum_config(rows: usize, cols: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (cols.div_ceil(32) as u32, rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 }
+    LaunchConfig {
+        grid_dim: (
+            cols.div_ceil(32) as u32,
+            rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32,
+            1,
+        ),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// `bias_backward(float* dbias, const act_t* dy, int rows, int cols, int rows_per_block)`.
-fn bias_backward(be: &Cuda, dbias: &mut CudaBuf, dy: &CudaBuf, rows: usize, cols: usize) -> Result<()> {
+fn bias_backward(
+    be: &Cuda,
+    dbias: &mut CudaBuf,
+    dy: &CudaBuf,
+    rows: usize,
+    cols: usize,
+) -> Result<()> {
     if rows * cols == 0 {
         return Ok(());
     }
     let (r, c, rpb) = (rows as i32, cols as i32, ROWS_PER_BLOCK as i32);
-    let (dbp, dyp) = (be.f32_mut(dbias, "bias gradient")?, be.act(dy, "bias_backward dy")?);
+    let (dbp, dyp) = (
+        be.f32_mut(dbias, "bias gradient")?,
+        be.act(dy, "bias_backward dy")?,
+    );
     let f = be.function("matmul", "bias_backward", 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dbp).arg(&dyp).arg(&r).arg(&c).arg(&rpb);
-    unsafe { l.launch(column_sum_config(rows, cols)) }.cu_with_context(|| format!("bias_backward launch [{rows}, {cols}]"))?;
+    unsafe { l.launch(column_sum_config(rows, cols)) }
+        .cu_with_context(|| format!("bias_backward launch [{rows}, {cols}]"))?;
     Ok(())
 }
