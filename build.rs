@@ -1,6 +1,8 @@
 //! Compiles every `kernels/*.cu` to PTX with NVRTC (through cudarc, loaded
 //! dynamically) and writes `$OUT_DIR/kernels.rs`: a table of (kernel file
-//! name, PTX text) that `src/backend/cuda.rs` includes.
+//! name, PTX text) that `src/device/cuda.rs` includes; and records the git
+//! commit the engine is built from (`EFFRANK_GIT_COMMIT`, read by
+//! `options::engine_version` into every run's metadata).
 //!
 //! NVRTC does not need a GPU. Without NVRTC the build still succeeds with an
 //! empty table and a warning (the CUDA backend then reports that the binary
@@ -12,16 +14,53 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-/// PTX target: Hopper (H100/H200). PTX ISA 9.0, loadable by driver 580+.
-const ARCH: &str = "compute_90";
-const ENV_VARS: [&str; 4] = [
+/// The default PTX target: Hopper (H100/H200), PTX ISA 9.0, loadable by
+/// driver 580+, and JIT-compiled by the driver for newer GPUs. Another with
+/// `EFFRANK_CUDA_ARCH=compute_XY` (docs/gpu.md).
+const DEFAULT_ARCH: &str = "compute_90";
+const ENV_VARS: [&str; 5] = [
     "EFFRANK_REQUIRE_KERNELS",
+    "EFFRANK_CUDA_ARCH",
     "CUDA_PATH",
     "CUDA_HOME",
     "LD_LIBRARY_PATH",
 ];
 
+/// The PTX target: `EFFRANK_CUDA_ARCH` (`compute_` and digits), else
+/// `DEFAULT_ARCH`.
+fn arch() -> &'static str {
+    match std::env::var("EFFRANK_CUDA_ARCH") {
+        Err(_) => DEFAULT_ARCH,
+        Ok(v)
+            if v.strip_prefix("compute_")
+                .is_some_and(|d| !d.is_empty() && d.chars().all(|c| c.is_ascii_digit())) =>
+        {
+            Box::leak(v.into_boxed_str())
+        }
+        Ok(v) => panic!("EFFRANK_CUDA_ARCH={v}: use compute_XY, e.g. {DEFAULT_ARCH}"),
+    }
+}
+
+/// Pass the git commit of the checkout to the crate, when there is one.
+fn record_git_commit() {
+    for path in [".git/HEAD", ".git/refs/heads", ".git/packed-refs"] {
+        if Path::new(path).exists() {
+            println!("cargo:rerun-if-changed={path}");
+        }
+    }
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if let Some(commit) = commit.filter(|c| !c.is_empty()) {
+        println!("cargo:rustc-env=EFFRANK_GIT_COMMIT={commit}");
+    }
+}
+
 fn main() {
+    record_git_commit();
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-changed=build.rs");
     for var in ENV_VARS {
@@ -120,7 +159,7 @@ fn compile_all(
             options.push("-DEFFRANK_ACT_BF16".into());
         }
         let opts = cudarc::nvrtc::CompileOptions {
-            arch: Some(ARCH),
+            arch: Some(arch()),
             include_paths: include_paths.clone(),
             name: Some(format!("{name}.cu")),
             options,

@@ -5,7 +5,7 @@
 //!    inference, and a distillation step (KD loss) at ranks 16, 32, 64, 128
 //!    with the teacher run live and with cached teacher logits; on the
 //!    default paths and with every path that is off by default switched on
-//!    (`CudaPaths::all`), with the ratio.
+//!    (`ComputeOptions::every_path`), with the ratio.
 //! 2. Ceilings of this run: a device-to-device copy (bytes read + written per
 //!    second) and an 8192³ matrix product in the device's precision.
 //! 3. Per-op breakdown (a separate pass on a profiling device,
@@ -30,13 +30,14 @@
 //! only synchronization), EFFRANK_STEP_PROFILE=0 to skip 2-4.
 
 use anyhow::{anyhow, Context, Result};
-use effrank_engine::device::cuda::{cuda_available, CudaOptions, CudaPaths};
+use effrank_engine::device::cuda::{cuda_available, CudaOptions};
 use effrank_engine::device::{BufKind, Cuda, Device, Precision};
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::{dense_ranks, uniform_ranks, Ranks};
 use effrank_engine::model::{Vit, VitConfig, VitParams};
 use effrank_engine::ops;
 use effrank_engine::ops::image::ImageTransform;
+use effrank_engine::options::{ComputeOptions, DeviceKind, ModelPaths};
 use effrank_engine::perf::{breakdown, format_breakdown, interpolate, project, Ceilings, Protocol};
 use effrank_engine::rng::Rng;
 use effrank_engine::train::{AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
@@ -150,12 +151,13 @@ type Measure<'a> = dyn FnMut(&str, f64, &mut dyn FnMut() -> Result<()>) -> Resul
 
 /// The steps of the headline table at `batch`, each handed to `measure`.
 fn headline_steps(
-    be: &Cuda,
+    gpu: &Opened,
     h: &Hosts,
     ranks: &[usize],
     data: &Batch,
     measure: &mut Measure,
 ) -> Result<()> {
+    let be = &gpu.be;
     let (cfg, batch) = (&h.cfg, data.len());
     let dense = dense_ranks(cfg);
     let f_dense = forward_flops(cfg, &dense, batch);
@@ -163,7 +165,7 @@ fn headline_steps(
     {
         let mut learner = Learner::new(
             be,
-            Vit::from_host(be, cfg, &dense, &h.teacher)?,
+            Vit::from_host(be, cfg, &dense, &h.teacher, gpu.paths)?,
             batch,
             AdamWConfig::default(),
         )?;
@@ -181,7 +183,11 @@ fn headline_steps(
                 .map(drop)
         })?;
     }
-    let mut teacher = Frozen::new(be, Vit::from_host(be, cfg, &dense, &h.teacher)?, batch)?;
+    let mut teacher = Frozen::new(
+        be,
+        Vit::from_host(be, cfg, &dense, &h.teacher, gpu.paths)?,
+        batch,
+    )?;
     measure("teacher inference", f_dense, &mut || {
         teacher
             .logits(be, &data.bytes, batch, &data.transform)
@@ -194,7 +200,7 @@ fn headline_steps(
         let f_student = forward_flops(cfg, &sr, batch);
         let mut student = Learner::new(
             be,
-            Vit::from_host(be, cfg, &sr, h.student(r)?)?,
+            Vit::from_host(be, cfg, &sr, h.student(r)?, gpu.paths)?,
             batch,
             AdamWConfig::default(),
         )?;
@@ -240,12 +246,13 @@ fn headline_steps(
 /// inference at the teacher's batch, and at each rank a student's step with
 /// the feature loss and the teacher run live, at the students' batch.
 fn protocol_steps(
-    be: &Cuda,
+    gpu: &Opened,
     h: &Hosts,
     ranks: &[usize],
     p: &Protocol,
     measure: &mut Measure,
 ) -> Result<()> {
+    let be = &gpu.be;
     let cfg = &h.cfg;
     let dense = dense_ranks(cfg);
     let (tdata, sdata) = (
@@ -255,7 +262,7 @@ fn protocol_steps(
     {
         let mut learner = Learner::new(
             be,
-            Vit::from_host(be, cfg, &dense, &h.teacher)?,
+            Vit::from_host(be, cfg, &dense, &h.teacher, gpu.paths)?,
             p.teacher_batch,
             AdamWConfig::default(),
         )?;
@@ -279,7 +286,7 @@ fn protocol_steps(
     }
     let mut teacher = Frozen::new(
         be,
-        Vit::from_host(be, cfg, &dense, &h.teacher)?,
+        Vit::from_host(be, cfg, &dense, &h.teacher, gpu.paths)?,
         p.teacher_batch.max(p.student_batch),
     )?;
     measure(
@@ -298,7 +305,7 @@ fn protocol_steps(
             + 3.0 * forward_flops(cfg, &sr, p.student_batch);
         let mut student = Learner::new(
             be,
-            Vit::from_host(be, cfg, &sr, h.student(r)?)?,
+            Vit::from_host(be, cfg, &sr, h.student(r)?, gpu.paths)?,
             p.student_batch,
             AdamWConfig::default(),
         )?;
@@ -351,8 +358,24 @@ fn timed(iters: usize, steps: impl FnOnce(&mut Measure) -> Result<()>) -> Result
     Ok(rows)
 }
 
-fn open(precision: Precision, paths: CudaPaths, profile: bool) -> Result<Cuda> {
-    Cuda::with_options(0, precision, CudaOptions { paths, profile })
+/// A device and the paths its models take.
+struct Opened {
+    be: Cuda,
+    paths: ModelPaths,
+}
+
+/// The GPU at `precision` with `options` (the default paths, or every
+/// path that is off by default on), profiled or not.
+fn open(precision: Precision, options: ComputeOptions, profile: bool) -> Result<Opened> {
+    let paths = options.resolve(DeviceKind::Cuda);
+    let cuda = CudaOptions {
+        short_attention: paths.short_attention,
+        profile,
+    };
+    Ok(Opened {
+        be: Cuda::with_options(0, precision, cuda)?,
+        paths: paths.model,
+    })
 }
 
 /// `n` normal values: 16 Mi drawn once and repeated (random data for the
@@ -502,10 +525,10 @@ fn run() -> Result<()> {
     let hosts = Hosts::new(&all_ranks)?;
     let data = Batch::new(batch, 224);
     for precision in precisions {
-        let be = open(precision, CudaPaths::default(), false)?;
+        let be = open(precision, ComputeOptions::default(), false)?;
         println!(
             "\n== device: {}; ViT-B/32, batch {batch}, {iters} timed steps (median)",
-            be.name()
+            be.be.name()
         );
         let default = timed(iters, |m| headline_steps(&be, &hosts, &ranks, &data, m))?;
         drop(be);
@@ -513,7 +536,7 @@ fn run() -> Result<()> {
         let new = match precision {
             Precision::Bf16 => Some(timed(iters, |m| {
                 headline_steps(
-                    &open(precision, CudaPaths::all(), false)?,
+                    &open(precision, ComputeOptions::every_path(), false)?,
                     &hosts,
                     &ranks,
                     &data,
@@ -524,25 +547,25 @@ fn run() -> Result<()> {
         };
         println!(
             "headline (no profiling); 'new': every path that is off by default on ({:?})",
-            CudaPaths::VARS
+            ComputeOptions::every_path()
         );
         print_headline(batch, &default, new.as_ref());
         if !profile || precision != Precision::Bf16 {
             continue;
         }
-        let ceil = ceilings(&open(precision, CudaPaths::default(), false)?)?;
+        let ceil = ceilings(&open(precision, ComputeOptions::default(), false)?.be)?;
         println!(
             "\nceilings measured now: copy {:.0} GB/s (read + write), 8192³ GEMM {:.0} TFLOP/s",
             ceil.copy_bytes_per_s / 1e9,
             ceil.gemm_flops_per_s / 1e12
         );
         for (label, paths) in [
-            ("default paths", CudaPaths::default()),
-            ("new paths", CudaPaths::all()),
+            ("default paths", ComputeOptions::default()),
+            ("new paths", ComputeOptions::every_path()),
         ] {
             let be = open(precision, paths, true)?;
             println!("\n== per-op breakdown, {label}");
-            print_breakdown(&be, &ceil, |m| {
+            print_breakdown(&be.be, &ceil, |m| {
                 headline_steps(&be, &hosts, &ranks, &data, m)
             })?;
             drop(be);

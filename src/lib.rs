@@ -10,6 +10,7 @@ pub mod faults;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod options;
 pub mod perf;
 pub mod provenance;
 pub mod results;

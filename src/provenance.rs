@@ -12,6 +12,7 @@
 
 use crate::data::{Dataset, Normalize};
 use crate::factorize::{FactorInit, FromTeacher, StudentPlan, Targets};
+use crate::options::ComputeRecord;
 use crate::train::{AdamWConfig, EpochMetrics, FitOptions, LossSpec};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -134,6 +135,11 @@ pub struct RunMeta {
     /// The training settings (None for a checkpoint that was not trained).
     pub fit: Option<FitOptions>,
     pub optimizer: Option<AdamWConfig>,
+    /// What computed the training: the engine version and commit, the
+    /// device, the precision, the options given and the paths they took
+    /// (None: not trained, or a file written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compute: Option<ComputeRecord>,
     /// Finished epochs when the checkpoint was written (None: not trained).
     pub epoch: Option<usize>,
     /// That epoch's numbers, among them the test accuracy the run recorded.
@@ -147,6 +153,8 @@ pub struct Training<'a> {
     pub loss: &'a LossSpec,
     pub fit: &'a FitOptions,
     pub optimizer: AdamWConfig,
+    /// What computed it: engine, device, precision, options and paths.
+    pub compute: &'a ComputeRecord,
 }
 
 impl RunMeta {
@@ -165,6 +173,7 @@ impl RunMeta {
             from_teacher: None,
             fit: Some(training.fit.clone()),
             optimizer: Some(training.optimizer),
+            compute: Some(training.compute.clone()),
             epoch: None,
             metrics: None,
         }
@@ -191,6 +200,7 @@ impl RunMeta {
             from_teacher: plan.map(|p| p.from_teacher),
             fit: training.map(|t| t.fit.clone()),
             optimizer: training.map(|t| t.optimizer),
+            compute: training.map(|t| t.compute.clone()),
             epoch: None,
             metrics: None,
         }
@@ -266,11 +276,13 @@ mod tests {
             label: "x".into(),
         };
         let d = data("a");
+        let compute = ComputeRecord::for_device(&Default::default(), &crate::device::Cpu);
         let training = Training {
             data: &d,
             loss: &LossSpec::ce(),
             fit: &fit,
             optimizer: AdamWConfig::default(),
+            compute: &compute,
         };
         let teacher = FileRef {
             path: "t.safetensors".into(),

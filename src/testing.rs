@@ -13,7 +13,8 @@
 //! device for `fn body<D: Backend>(dev: &D)`: `cpu`, and with the `cuda`
 //! feature `cuda_fp32` and `cuda_bf16` on the default paths, and
 //! `cuda_fp32_new_paths` and `cuda_bf16_new_paths` with every path that is
-//! off by default switched on (`CudaPaths::all`), all ignored without a
+//! off by default switched on (`CudaOptions::short_attention`; a model
+//! test also sets `ModelPaths` on, `every_path`), all ignored without a
 //! GPU (run them with `--include-ignored`). The environment does not
 //! change which paths a test runs. Inside the body, `on_both!` runs the same code
 //! on the CPU reference and on `dev` and returns both sets of buffers, which
@@ -191,7 +192,7 @@ pub fn cuda(p: Precision) -> crate::device::Cuda {
 #[cfg(feature = "cuda")]
 pub fn cuda_new_paths(p: Precision) -> crate::device::Cuda {
     let options = crate::device::cuda::CudaOptions {
-        paths: crate::device::cuda::CudaPaths::all(),
+        short_attention: true,
         profile: false,
     };
     crate::device::Cuda::with_options(0, p, options).expect("CUDA device 0")

@@ -20,6 +20,7 @@ use effrank_engine::model::params::{dense_ranks, uniform_ranks, Ranks};
 use effrank_engine::model::{Vit, VitConfig, VitParams};
 use effrank_engine::ops::image::{self, ImageTransform};
 use effrank_engine::ops::Backend;
+use effrank_engine::options::{ComputeOptions, DeviceKind, ModelPaths};
 use effrank_engine::rng::Rng;
 use effrank_engine::testing::{assert_close, assert_close_floor, cuda, cuda_new_paths, RED};
 use effrank_engine::train::{AdamWConfig, Learner, LossSpec, TeacherSignal};
@@ -27,6 +28,17 @@ use effrank_engine::train::{AdamWConfig, Learner, LossSpec, TeacherSignal};
 const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
 
 /// The device of a precision on the default paths, or with every new path on.
+/// The model paths of a GPU test: the default ones, or every path that is
+/// off by default on (with the device of `gpu`).
+fn gpu_paths(new_paths: bool) -> ModelPaths {
+    let options = if new_paths {
+        ComputeOptions::every_path()
+    } else {
+        ComputeOptions::default()
+    };
+    options.resolve(DeviceKind::Cuda).model
+}
+
 fn gpu(p: Precision, new_paths: bool) -> Cuda {
     if new_paths {
         cuda_new_paths(p)
@@ -93,6 +105,7 @@ fn random_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f32
 /// Loss, gradients after one forward/backward, and parameters after one step.
 fn one_step<B: Backend>(
     be: &B,
+    paths: ModelPaths,
     cfg: &VitConfig,
     ranks: &Ranks,
     bytes: &[u8],
@@ -107,7 +120,7 @@ fn one_step<B: Backend>(
         std: [0.25; 3],
         resize: None,
     };
-    let model = Vit::from_host(be, cfg, ranks, &random_params(cfg, ranks, 1)).unwrap();
+    let model = Vit::from_host(be, cfg, ranks, &random_params(cfg, ranks, 1), paths).unwrap();
     let mut learner = Learner::new(be, model, labels.len(), AdamWConfig::default()).unwrap();
     let loss = learner
         .step(
@@ -165,8 +178,22 @@ fn whole_vit_step_matches_cpu() {
             Precision::Bf16 => (1e-2, 3e-2, 0.0, 3e-2),
         };
         for (new_paths, ranks) in cases(&cfg) {
-            let (lc, gc, pc) = one_step(&Cpu, &cfg, &ranks, &bytes, &labels);
-            let (lg, gg, pg) = one_step(&gpu(p, new_paths), &cfg, &ranks, &bytes, &labels);
+            let (lc, gc, pc) = one_step(
+                &Cpu,
+                ModelPaths::default_of(&Cpu),
+                &cfg,
+                &ranks,
+                &bytes,
+                &labels,
+            );
+            let (lg, gg, pg) = one_step(
+                &gpu(p, new_paths),
+                gpu_paths(new_paths),
+                &cfg,
+                &ranks,
+                &bytes,
+                &labels,
+            );
             println!("{p:?}, new paths {new_paths}: loss cpu {lc} gpu {lg}");
             assert!(
                 (lc - lg).abs() <= loss_tol * lc.abs().max(1.0),
@@ -250,16 +277,28 @@ fn logits_only_forward_matches_cpu() {
     for p in PRECISIONS {
         for (new_paths, ranks) in cases(&cfg) {
             let cpu = Cpu;
-            let model =
-                Vit::from_host(&cpu, &cfg, &ranks, &random_params(&cfg, &ranks, 2)).unwrap();
+            let model = Vit::from_host(
+                &cpu,
+                &cfg,
+                &ranks,
+                &random_params(&cfg, &ranks, 2),
+                ModelPaths::default_of(&cpu),
+            )
+            .unwrap();
             let mut acts = model.new_acts(&cpu, batch).unwrap();
             image::from_bytes(&cpu, &mut acts.images, &bytes, batch, &t).unwrap();
             model.forward(&cpu, &mut acts, batch).unwrap();
             let want = cpu.download(&acts.logits).unwrap();
 
             let gpu = gpu(p, new_paths);
-            let model =
-                Vit::from_host(&gpu, &cfg, &ranks, &random_params(&cfg, &ranks, 2)).unwrap();
+            let model = Vit::from_host(
+                &gpu,
+                &cfg,
+                &ranks,
+                &random_params(&cfg, &ranks, 2),
+                gpu_paths(new_paths),
+            )
+            .unwrap();
             let mut acts = model.new_acts(&gpu, batch).unwrap();
             image::from_bytes(&gpu, &mut acts.images, &bytes, batch, &t).unwrap();
             model.forward_logits(&gpu, &mut acts, batch).unwrap();

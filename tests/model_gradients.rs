@@ -133,14 +133,22 @@ fn check_gradients_on(
 ) {
     let be = Cpu;
     let cfg = tiny_config();
-    let mut student = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 1)).unwrap();
-    student.class_token_tail = class_token_tail;
-    student.class_token_query = class_token_query;
+    let mut student = Vit::from_host(
+        &be,
+        &cfg,
+        &ranks,
+        &random_params(&cfg, &ranks, 1),
+        effrank_engine::options::ModelPaths::default_of(&be),
+    )
+    .unwrap();
+    student.paths.class_token_tail = class_token_tail;
+    student.paths.class_token_query = class_token_query;
     let teacher_model = Vit::from_host(
         &be,
         &cfg,
         &dense_ranks(&cfg),
         &random_params(&cfg, &dense_ranks(&cfg), 2),
+        effrank_engine::options::ModelPaths::default_of(&be),
     )
     .unwrap();
     let mut teacher = Frozen::new(&be, teacher_model, 3).unwrap();
@@ -223,11 +231,29 @@ fn full_rank_svd_student_reproduces_the_teacher() {
     assert!(reports.iter().all(|r| r.rel_error < 1e-5));
     // fc1 is [12, 8] and fc2 [8, 12]: full rank is 8 for every layer.
     let c = case(&cfg, 4);
-    let mut teacher =
-        Frozen::new(&be, Vit::from_host(&be, &cfg, &dense, &host).unwrap(), 4).unwrap();
+    let mut teacher = Frozen::new(
+        &be,
+        Vit::from_host(
+            &be,
+            &cfg,
+            &dense,
+            &host,
+            effrank_engine::options::ModelPaths::default_of(&be),
+        )
+        .unwrap(),
+        4,
+    )
+    .unwrap();
     let mut student = Frozen::new(
         &be,
-        Vit::from_host(&be, &cfg, &uniform_ranks(&cfg, 8), &student_host).unwrap(),
+        Vit::from_host(
+            &be,
+            &cfg,
+            &uniform_ranks(&cfg, 8),
+            &student_host,
+            effrank_engine::options::ModelPaths::default_of(&be),
+        )
+        .unwrap(),
         4,
     )
     .unwrap();
@@ -249,7 +275,14 @@ fn a_non_finite_loss_stops_the_step_and_leaves_the_parameters() {
     let dense = dense_ranks(&cfg);
     let mut host = random_params(&cfg, &dense, 6);
     host.head.bias_mut()[0] = f32::INFINITY;
-    let model = Vit::from_host(&be, &cfg, &dense, &host).unwrap();
+    let model = Vit::from_host(
+        &be,
+        &cfg,
+        &dense,
+        &host,
+        effrank_engine::options::ModelPaths::default_of(&be),
+    )
+    .unwrap();
     let mut learner = Learner::new(&be, model, 4, AdamWConfig::default()).unwrap();
     let c = case(&cfg, 4);
     let before = learner.model.to_host(&be).unwrap();
@@ -275,7 +308,14 @@ fn a_few_steps_reduce_the_loss() {
     let be = Cpu;
     let cfg = tiny_config();
     let dense = dense_ranks(&cfg);
-    let model = Vit::from_host(&be, &cfg, &dense, &random_params(&cfg, &dense, 4)).unwrap();
+    let model = Vit::from_host(
+        &be,
+        &cfg,
+        &dense,
+        &random_params(&cfg, &dense, 4),
+        effrank_engine::options::ModelPaths::default_of(&be),
+    )
+    .unwrap();
     let mut learner = Learner::new(&be, model, 8, AdamWConfig::default()).unwrap();
     let c = case(&cfg, 8);
     let loss = LossSpec::ce();
@@ -325,9 +365,15 @@ fn logits_only_forward_matches_the_full_forward() {
             .into_iter()
             .flat_map(|r| [(r.clone(), true), (r, false)])
         {
-            let mut model =
-                Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 5)).unwrap();
-            model.class_token_query = class_token_query;
+            let mut model = Vit::from_host(
+                &be,
+                &cfg,
+                &ranks,
+                &random_params(&cfg, &ranks, 5),
+                effrank_engine::options::ModelPaths::default_of(&be),
+            )
+            .unwrap();
+            model.paths.class_token_query = class_token_query;
             let mut acts = model.new_acts(&be, 5).unwrap();
             let c = case(&cfg, 3);
             image::from_bytes(&be, &mut acts.images, &c.bytes, 3, &transform(&cfg)).unwrap();
@@ -384,10 +430,17 @@ fn class_token_tail_gives_the_gradients_of_every_token() {
                     ),
                 ] {
                     let run = |class_token_tail: bool| {
-                        let mut model = Vit::from_host(&be, &cfg, &ranks, &params).unwrap();
-                        model.fused_add_layernorm = fused;
-                        model.class_token_tail = class_token_tail;
-                        model.class_token_query = class_token_query;
+                        let mut model = Vit::from_host(
+                            &be,
+                            &cfg,
+                            &ranks,
+                            &params,
+                            effrank_engine::options::ModelPaths::default_of(&be),
+                        )
+                        .unwrap();
+                        model.paths.fused_add_layernorm = fused;
+                        model.paths.class_token_tail = class_token_tail;
+                        model.paths.class_token_query = class_token_query;
                         let mut l =
                             Learner::with_shards(&be, model, 5, AdamWConfig::default(), 1).unwrap();
                         let signal = if cached {
@@ -449,7 +502,14 @@ fn backward_refuses_activations_it_cannot_use() {
     let be = Cpu;
     let cfg = tiny_config();
     let ranks = dense_ranks(&cfg);
-    let model = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 5)).unwrap();
+    let model = Vit::from_host(
+        &be,
+        &cfg,
+        &ranks,
+        &random_params(&cfg, &ranks, 5),
+        effrank_engine::options::ModelPaths::default_of(&be),
+    )
+    .unwrap();
     let mut acts = model.new_acts(&be, 3).unwrap();
     let mut scratch = model.new_scratch(&be, 3).unwrap();
     let mut grads = model.zeros_like(&be).unwrap();
@@ -520,16 +580,29 @@ fn fused_add_layernorm_path_gives_the_same_bits() {
     let mut ranks = uniform_ranks(&cfg, 3);
     ranks[1][BlockLinear::Fc1] = None;
     let run = |fused: bool| {
-        let mut teacher_model =
-            Vit::from_host(&be, &cfg, &dense, &random_params(&cfg, &dense, 5)).unwrap();
-        teacher_model.fused_add_layernorm = fused;
+        let mut teacher_model = Vit::from_host(
+            &be,
+            &cfg,
+            &dense,
+            &random_params(&cfg, &dense, 5),
+            effrank_engine::options::ModelPaths::default_of(&be),
+        )
+        .unwrap();
+        teacher_model.paths.fused_add_layernorm = fused;
         let mut teacher = Frozen::new(&be, teacher_model, 3).unwrap();
-        let mut model = Vit::from_host(&be, &cfg, &ranks, &random_params(&cfg, &ranks, 6)).unwrap();
+        let mut model = Vit::from_host(
+            &be,
+            &cfg,
+            &ranks,
+            &random_params(&cfg, &ranks, 6),
+            effrank_engine::options::ModelPaths::default_of(&be),
+        )
+        .unwrap();
         assert!(
-            !model.fused_add_layernorm,
+            !model.paths.fused_add_layernorm,
             "the CPU never asks for the fused path"
         );
-        model.fused_add_layernorm = fused;
+        model.paths.fused_add_layernorm = fused;
         let mut learner = Learner::new(&be, model, 3, AdamWConfig::default()).unwrap();
         let l = loss_of(&be, &mut learner, &mut teacher, &c, &loss, &cfg);
         let grads: Vec<Vec<f32>> = learner
@@ -574,7 +647,14 @@ fn a_split_batch_gives_the_whole_batch_step() {
         let run = |shards: usize| {
             let mut l = Learner::with_shards(
                 &be,
-                Vit::from_host(&be, &cfg, &ranks, &params).unwrap(),
+                Vit::from_host(
+                    &be,
+                    &cfg,
+                    &ranks,
+                    &params,
+                    effrank_engine::options::ModelPaths::default_of(&be),
+                )
+                .unwrap(),
                 5,
                 AdamWConfig::default(),
                 shards,
@@ -638,7 +718,14 @@ fn split_batches_give_the_same_bits_on_one_thread_and_two() {
             let lent = lend.then(|| spare_threads::lend(1));
             let mut l = Learner::with_shards(
                 &be,
-                Vit::from_host(&be, &cfg, &ranks, &params).unwrap(),
+                Vit::from_host(
+                    &be,
+                    &cfg,
+                    &ranks,
+                    &params,
+                    effrank_engine::options::ModelPaths::default_of(&be),
+                )
+                .unwrap(),
                 6,
                 AdamWConfig::default(),
                 2,

@@ -63,7 +63,14 @@ fn logits_of(
 ) -> (Vec<f32>, Vit<Cpu>, effrank_engine::model::VitActs<Cpu>) {
     let be = Cpu;
     let ck = load_any(&data(file), &opts()).unwrap();
-    let model = Vit::from_host(&be, &ck.cfg, &ck.ranks, &ck.params).unwrap();
+    let model = Vit::from_host(
+        &be,
+        &ck.cfg,
+        &ck.ranks,
+        &ck.params,
+        effrank_engine::options::ModelPaths::default_of(&be),
+    )
+    .unwrap();
     let mut acts = model.new_acts(&be, 4).unwrap();
     be.write(&mut acts.images, &r.f32s["input"]).unwrap();
     model.forward(&be, &mut acts, 4).unwrap();

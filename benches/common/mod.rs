@@ -34,7 +34,14 @@ fn batch_bytes(cfg: &VitConfig, batch: usize) -> (Vec<u8>, Vec<u32>, ImageTransf
 fn dense_model(preset: &str) -> Vit<Cpu> {
     let cfg = VitConfig::preset(preset, 100).unwrap();
     let ranks = dense_ranks(&cfg);
-    Vit::from_host(&Cpu, &cfg, &ranks, &init_params(&cfg, &ranks, 0)).unwrap()
+    Vit::from_host(
+        &Cpu,
+        &cfg,
+        &ranks,
+        &init_params(&cfg, &ranks, 0),
+        effrank_engine::options::ModelPaths::default_of(&Cpu),
+    )
+    .unwrap()
 }
 
 /// Training steps (forward, backward, AdamW; cross-entropy) of `vit-cifar`,
@@ -51,7 +58,7 @@ pub struct TrainStep {
 impl TrainStep {
     pub fn vit_cifar(batch: usize, class_token_tail: bool) -> Self {
         let mut model = dense_model("vit-cifar");
-        model.class_token_tail = class_token_tail;
+        model.paths.class_token_tail = class_token_tail;
         let (bytes, labels, transform) = batch_bytes(&model.cfg, batch);
         let learner = Learner::new(&Cpu, model, batch, AdamWConfig::default()).unwrap();
         TrainStep {

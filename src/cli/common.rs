@@ -11,7 +11,8 @@ use effrank_engine::device::Cpu;
 use effrank_engine::factorize::{
     BlockRange, FactorInit, FromTeacher, LayerSet, StudentPlan, Targets, DEFAULT_CALIBRATION,
 };
-use effrank_engine::ops::Backend;
+use effrank_engine::ops::{self, Backend};
+use effrank_engine::options::{ComputeOptions, ComputeRecord, DeviceKind, SimdChoice, Switch};
 use effrank_engine::train::{AdamWConfig, FitOptions};
 
 /// Where to compute.
@@ -29,29 +30,100 @@ pub enum DeviceArg {
     Auto,
 }
 
+/// Where to compute and every choice of code path that can change a result
+/// (`options::ComputeOptions`). Each switch not given falls back to its
+/// environment variable (unset or `0`: auto; `1`: the named path; anything
+/// else an error), then to `auto`. All of it is recorded in every
+/// checkpoint's run metadata and in the teacher-logit cache key.
+#[derive(Args, Debug, Clone)]
+pub struct ComputeFlags {
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: DeviceArg,
+    /// The last block runs after attention on the class-token rows alone,
+    /// with the class token's query alone, when the loss reads only the
+    /// logits (auto: on for cpu, off for cuda) [env: EFFRANK_EVERY_TOKEN=1
+    /// off, EFFRANK_CUDA_CLASS_TOKEN_TAIL=1 on].
+    #[arg(long, value_enum)]
+    pub class_token_tail: Option<Switch>,
+    /// Split a small model's training batch in two halves computed at once
+    /// (auto: on for cpu, off for cuda) [env: EFFRANK_WHOLE_BATCHES=1 off].
+    #[arg(long, value_enum)]
+    pub batch_split: Option<Switch>,
+    /// CUDA: attention for sequences of at most 64 tokens on tensor cores
+    /// (auto: off; not yet verified on a GPU) [env:
+    /// EFFRANK_CUDA_SHORT_ATTENTION=1 on].
+    #[arg(long, value_enum)]
+    pub short_attention: Option<Switch>,
+    /// CUDA: each residual add and the LayerNorm that reads it as one op
+    /// (auto: off; not yet verified on a GPU) [env:
+    /// EFFRANK_CUDA_FUSED_ADD_LN=1 on].
+    #[arg(long, value_enum)]
+    pub fused_add_layernorm: Option<Switch>,
+    /// CPU: the attention backward's AVX-512 register tiles at head width 16
+    /// (auto: on where the CPU has AVX-512) [env:
+    /// EFFRANK_ATTENTION_PRODUCTS=1 off].
+    #[arg(long, value_enum)]
+    pub attention_tiles: Option<Switch>,
+    /// CPU: the vector instruction set (auto: the widest this CPU has)
+    /// [env: EFFRANK_SIMD].
+    #[arg(long, value_enum)]
+    pub simd: Option<SimdChoice>,
+    /// Time every op and print a table at the end (changes no result)
+    /// [env: EFFRANK_PROFILE=1].
+    #[arg(long)]
+    pub profile: bool,
+}
+
+impl ComputeFlags {
+    /// The options: each flag given, else its environment variable.
+    pub fn options(&self) -> Result<ComputeOptions> {
+        self.options_over(ComputeOptions::from_env()?)
+    }
+
+    /// The flags given, over `fallback` (what the environment asked for).
+    pub fn options_over(&self, fallback: ComputeOptions) -> Result<ComputeOptions> {
+        Ok(ComputeOptions {
+            class_token_tail: self.class_token_tail.unwrap_or(fallback.class_token_tail),
+            batch_split: self.batch_split.unwrap_or(fallback.batch_split),
+            short_attention: self.short_attention.unwrap_or(fallback.short_attention),
+            fused_add_layernorm: self
+                .fused_add_layernorm
+                .unwrap_or(fallback.fused_add_layernorm),
+            attention_tiles: self.attention_tiles.unwrap_or(fallback.attention_tiles),
+            simd: self.simd.unwrap_or(fallback.simd),
+            profile: self.profile || fallback.profile,
+        })
+    }
+}
+
 /// Work that runs on whichever device `dispatch` picks.
 pub trait WithBackend {
     type Output;
-    fn run<B: Backend>(self, be: &B) -> Result<Self::Output>;
+    /// Runs on `be`; `compute` says what computes it (the paths the model
+    /// takes, and what the run records).
+    fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<Self::Output>;
 }
 
-/// Run `work` on the device `device` names.
-pub fn dispatch<W: WithBackend>(device: DeviceArg, quiet: bool, work: W) -> Result<W::Output> {
-    match device {
-        DeviceArg::Cpu => work.run(&Cpu),
-        DeviceArg::Cuda => run_cuda(work, false),
-        DeviceArg::CudaFp32 => run_cuda(work, true),
+/// Runs `work` on the device `flags.device` names, with its options.
+pub fn dispatch<W: WithBackend>(flags: &ComputeFlags, quiet: bool, work: W) -> Result<W::Output> {
+    let options = flags.options()?;
+    ops::configure_cpu(&options.resolve(DeviceKind::Cpu), options.profile)?;
+    let on_cpu = |work: W| work.run(&Cpu, &ComputeRecord::for_device(&options, &Cpu));
+    match flags.device {
+        DeviceArg::Cpu => on_cpu(work),
+        DeviceArg::Cuda => run_cuda(work, &options, false),
+        DeviceArg::CudaFp32 => run_cuda(work, &options, true),
         DeviceArg::Auto => {
             if cuda_usable() {
                 if !quiet {
                     eprintln!("device: cuda (auto)");
                 }
-                run_cuda(work, false)
+                run_cuda(work, &options, false)
             } else {
                 if !quiet {
                     eprintln!("device: cpu (auto: no usable CUDA GPU found)");
                 }
-                work.run(&Cpu)
+                on_cpu(work)
             }
         }
     }
@@ -68,21 +140,26 @@ fn cuda_usable() -> bool {
 }
 
 #[cfg(feature = "cuda")]
-fn run_cuda<W: WithBackend>(work: W, fp32: bool) -> Result<W::Output> {
+fn run_cuda<W: WithBackend>(work: W, options: &ComputeOptions, fp32: bool) -> Result<W::Output> {
+    use effrank_engine::device::cuda::CudaOptions;
     use effrank_engine::device::{Cuda, Precision};
-    let be = Cuda::with_precision(
-        0,
-        if fp32 {
-            Precision::F32
-        } else {
-            Precision::Bf16
-        },
-    )?;
-    work.run(&be)
+    let precision = if fp32 {
+        Precision::F32
+    } else {
+        Precision::Bf16
+    };
+    let paths = options.resolve(DeviceKind::Cuda);
+    let cuda_options = CudaOptions {
+        short_attention: paths.short_attention,
+        profile: options.profile,
+    };
+    let be = Cuda::with_options(0, precision, cuda_options)?;
+    // A profiled device prints its table when dropped (`--profile`).
+    work.run(&be, &ComputeRecord::for_device(options, &be))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_cuda<W: WithBackend>(_work: W, _fp32: bool) -> Result<W::Output> {
+fn run_cuda<W: WithBackend>(_: W, _: &ComputeOptions, _: bool) -> Result<W::Output> {
     bail!("--device cuda: this binary was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, or use --device cpu")
 }
 

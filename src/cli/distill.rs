@@ -1,7 +1,7 @@
 //! `effrank-engine distill`: train one low-rank student against a teacher.
 
 use super::common::{
-    dispatch, DataFlags, DeviceArg, FactorFlags, LossFlags, TrainFlags, WithBackend,
+    dispatch, ComputeFlags, DataFlags, FactorFlags, LossFlags, TrainFlags, WithBackend,
 };
 use super::setup::{load_data_for, load_model, load_resumed_run, model_input, warn_if_other_data};
 use anyhow::{bail, Result};
@@ -10,6 +10,7 @@ use effrank_engine::io::atomic_write;
 use effrank_engine::model::params::{dense_ranks, is_lowrank, param_count};
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
+use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{FileRef, RunMeta, Training};
 use effrank_engine::train::{train_student, Frozen, RunFiles, StudentRun, StudentStart, Teacher};
 use std::path::PathBuf;
@@ -53,8 +54,8 @@ pub struct DistillArgs {
     /// Output folder.
     #[arg(long, default_value = "runs/distill")]
     pub out: PathBuf,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub compute: ComputeFlags,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -66,12 +67,12 @@ pub fn run(args: DistillArgs) -> Result<()> {
     if args.student.is_none() && args.rank.is_none() {
         bail!("give the student: --student CKPT, or --rank R to factorize the teacher");
     }
-    dispatch(args.device, args.quiet, args)
+    dispatch(&args.compute.clone(), args.quiet, args)
 }
 
 impl WithBackend for DistillArgs {
     type Output = ();
-    fn run<B: Backend>(self, be: &B) -> Result<()> {
+    fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<()> {
         let loss = self.loss.spec()?;
         let teacher = load_model(&self.teacher, self.heads, None)?;
         if is_lowrank(&teacher.ranks) {
@@ -136,6 +137,7 @@ impl WithBackend for DistillArgs {
             loss: &loss,
             fit: &fit_opts,
             optimizer: self.train.optimizer(),
+            compute,
         };
         let meta = RunMeta::student(
             normalize,
@@ -154,7 +156,13 @@ impl WithBackend for DistillArgs {
         }
         let mut frozen = Frozen::new(
             be,
-            Vit::from_host(be, &teacher.cfg, &dense, &teacher.params)?,
+            Vit::from_host(
+                be,
+                &teacher.cfg,
+                &dense,
+                &teacher.params,
+                compute.paths.model,
+            )?,
             self.train.batch,
         )?;
         let teacher_signal = if loss.needs_teacher() {
@@ -175,6 +183,7 @@ impl WithBackend for DistillArgs {
             optimizer: self.train.optimizer(),
             files: &files,
             meta: &meta,
+            paths: compute.paths.model,
         };
         let summary = train_student(be, &run, teacher_signal, &mut |_| Ok(()))?;
         atomic_write(

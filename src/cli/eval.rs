@@ -1,7 +1,7 @@
 //! `effrank-engine eval`: top-1 and top-5 of a checkpoint on a test set,
 //! optionally dumping the logits.
 
-use super::common::{dispatch, DataFlags, DeviceArg, WithBackend};
+use super::common::{dispatch, ComputeFlags, DataFlags, WithBackend};
 use super::setup::{choose_normalize, load_data_for, load_model, model_input, warn_if_other_data};
 use anyhow::{bail, Result};
 use clap::Args;
@@ -9,6 +9,7 @@ use effrank_engine::data::Normalize;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
+use effrank_engine::options::ComputeRecord;
 use effrank_engine::train::fit::evaluate;
 use effrank_engine::train::Frozen;
 use safetensors::tensor::{Dtype, TensorView};
@@ -48,8 +49,8 @@ pub struct EvalArgs {
     /// checkpoint's run recorded, data, normalization, device).
     #[arg(long)]
     pub json: bool,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub compute: ComputeFlags,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -58,12 +59,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if args.batch == Some(0) {
         bail!("--batch must be at least 1");
     }
-    dispatch(args.device, args.quiet, args)
+    dispatch(&args.compute.clone(), args.quiet, args)
 }
 
 impl WithBackend for EvalArgs {
     type Output = ();
-    fn run<B: Backend>(self, be: &B) -> Result<()> {
+    fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<()> {
         let m = load_model(&self.checkpoint, self.heads, None)?;
         let choice = self
             .data
@@ -90,7 +91,11 @@ impl WithBackend for EvalArgs {
             .batch
             .or(m.run.as_ref().and_then(|r| r.fit.as_ref()).map(|f| f.batch))
             .unwrap_or(128);
-        let mut model = Frozen::new(be, Vit::from_host(be, &m.cfg, &m.ranks, &m.params)?, batch)?;
+        let mut model = Frozen::new(
+            be,
+            Vit::from_host(be, &m.cfg, &m.ranks, &m.params, compute.paths.model)?,
+            batch,
+        )?;
         let mut all = Vec::new();
         let (top1, top5) = evaluate(&test, batch, m.cfg.classes, |bytes, n| {
             let logits = model.logits(be, bytes, n, &transform)?;

@@ -56,7 +56,7 @@ pub fn main() -> Result<()> {
     if let Some(table) = effrank_engine::device::cpu::take_profile().filter(|t| !t.is_empty()) {
         let wall = started.elapsed().as_secs_f64();
         eprintln!(
-            "EFFRANK_PROFILE: CPU time per op over the whole command (wall {wall:.2} s, of which {:.2} s in op calls; summed over threads):\n{}",
+            "--profile: CPU time per op over the whole command (wall {wall:.2} s, of which {:.2} s in op calls; summed over threads):\n{}",
             table.total_seconds(),
             effrank_engine::perf::format_totals(&table)
         );

@@ -3,7 +3,7 @@
 //! the built-in data; `--status` shows a (distributed) sweep's progress.
 
 use super::common::{
-    dispatch, DataFlags, DeviceArg, FactorFlags, LossFlags, Schedule, TrainFlags, WithBackend,
+    dispatch, ComputeFlags, DataFlags, FactorFlags, LossFlags, Schedule, TrainFlags, WithBackend,
 };
 use super::recipe::{self, Recipe};
 use super::setup::{
@@ -21,6 +21,7 @@ use effrank_engine::io::atomic_write;
 use effrank_engine::model::params::{is_lowrank, max_rank};
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
+use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
 use effrank_engine::sweep::jobs::{all_jobs, claim_state, finished, read_claim, Heartbeat, Shard};
 use effrank_engine::sweep::{run_sweep, Parallel, SweepInputs, SweepOptions, SweepSummary};
@@ -141,8 +142,8 @@ pub struct SweepArgs {
     /// Results folder (shared by all shards).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub compute: ComputeFlags,
     #[arg(long)]
     pub quiet: bool,
 }
@@ -184,12 +185,12 @@ pub fn run(mut args: SweepArgs) -> Result<()> {
     if args.ranks.is_empty() {
         bail!("give the ranks to train, e.g. --ranks 2,4,8,16,32");
     }
-    dispatch(args.device, args.quiet, args)
+    dispatch(&args.compute.clone(), args.quiet, args)
 }
 
 impl WithBackend for SweepArgs {
     type Output = ();
-    fn run<B: Backend>(self, be: &B) -> Result<()> {
+    fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<()> {
         let started = std::time::Instant::now();
         let out = self.out.clone().expect("set in run");
         // A teacher given by file names the data it was trained on; the
@@ -209,7 +210,7 @@ impl WithBackend for SweepArgs {
         let (teacher_path, teacher) = match (&self.teacher, given) {
             (Some(p), Some(t)) => (p.clone(), t),
             _ => {
-                let path = train_demo_teacher(be, &out, &train, &test, &data, self.quiet)?;
+                let path = train_demo_teacher(be, compute, &out, &train, &test, &data, self.quiet)?;
                 let t = load_model(&path, self.heads, None)?;
                 (path, t)
             }
@@ -250,15 +251,13 @@ impl WithBackend for SweepArgs {
                 layers: group.unwrap_or(base.targets.layers),
                 ..base.targets
             };
-            let done = self.sweep_one(
-                be,
-                &inputs,
-                &dir,
-                &cache_dir,
-                StudentPlan { targets, ..base },
+            let group_sweep = GroupSweep {
+                out: &dir,
+                cache_dir: &cache_dir,
+                plan: StudentPlan { targets, ..base },
                 shard,
-                started,
-            )?;
+            };
+            let done = self.sweep_one(be, compute, &inputs, group_sweep, started)?;
             if let (Some(g), true) = (group, done) {
                 groups_done.push(Labelled {
                     label: g.to_string(),
@@ -301,22 +300,24 @@ impl SweepArgs {
             .collect()
     }
 
-    /// One sweep into `out` with `plan`, its teacher logits in `cache_dir`
-    /// (`<--out>/cache`, shared by the groups): train (and with --adaptive
-    /// refine) every job of this shard, write the shard's summary, and
-    /// analyze the folder when every job is done. True when it is (and
-    /// analyzed, unless --no-analyze).
-    #[allow(clippy::too_many_arguments)]
+    /// One sweep as `group` says: train (and with --adaptive refine) every
+    /// job of this shard, write the shard's summary, and analyze the folder
+    /// when every job is done. True when it is (and analyzed, unless
+    /// --no-analyze).
     fn sweep_one<B: Backend>(
         &self,
         be: &B,
+        compute: &ComputeRecord,
         inputs: &SweepInputs<'_>,
-        out: &Path,
-        cache_dir: &Path,
-        plan: StudentPlan,
-        shard: Shard,
+        group: GroupSweep<'_>,
         started: std::time::Instant,
     ) -> Result<bool> {
+        let GroupSweep {
+            out,
+            cache_dir,
+            plan,
+            shard,
+        } = group;
         let mut opts = SweepOptions {
             out: out.to_path_buf(),
             cache_dir: cache_dir.to_path_buf(),
@@ -328,6 +329,7 @@ impl SweepArgs {
             fit: self.train.fit_options("", self.quiet),
             optimizer: self.train.optimizer(),
             cache_teacher: !self.no_teacher_cache,
+            compute: compute.clone(),
             heartbeat: self.claim_heartbeat(),
             parallel: self.parallel,
             quiet: self.quiet,
@@ -407,6 +409,16 @@ impl SweepArgs {
     }
 }
 
+/// One sweep of a command: into `out` with `plan` (one layer group's, or
+/// the only one), its teacher logits in `cache_dir` (`<--out>/cache`,
+/// shared by the groups), this shard's jobs.
+struct GroupSweep<'a> {
+    out: &'a Path,
+    cache_dir: &'a Path,
+    plan: StudentPlan,
+    shard: Shard,
+}
+
 /// A group that appears twice in `groups`.
 fn repeated_group(groups: &[LayerSet]) -> Option<LayerSet> {
     groups
@@ -419,6 +431,7 @@ fn repeated_group(groups: &[LayerSet]) -> Option<LayerSet> {
 /// Train (or resume) the demo teacher in `<out>/teacher`; returns its checkpoint.
 fn train_demo_teacher<B: Backend>(
     be: &B,
+    compute: &ComputeRecord,
     out: &Path,
     train: &Dataset,
     test: &Dataset,
@@ -459,7 +472,13 @@ fn train_demo_teacher<B: Backend>(
     let loss = LossSpec::ce();
     let mut learner = Learner::new(
         be,
-        Vit::from_host(be, &teacher.cfg, &teacher.ranks, &teacher.params)?,
+        Vit::from_host(
+            be,
+            &teacher.cfg,
+            &teacher.ranks,
+            &teacher.params,
+            compute.paths.model,
+        )?,
         DEMO_BATCH,
         flags.optimizer(),
     )?;
@@ -478,6 +497,7 @@ fn train_demo_teacher<B: Backend>(
             loss: &loss,
             fit: &fit_opts,
             optimizer: flags.optimizer(),
+            compute,
         },
     );
     let summary = fit(

@@ -2,7 +2,7 @@
 //! from a checkpoint in any importable naming (engine, timm, torchvision,
 //! Hugging Face).
 
-use super::common::{dispatch, DataFlags, DeviceArg, TrainFlags, WithBackend};
+use super::common::{dispatch, ComputeFlags, DataFlags, TrainFlags, WithBackend};
 use super::recipe::{self, Recipe};
 use super::setup::{
     load_data_for, load_resumed_run, load_teacher_or_init, model_input, warn_if_other_data,
@@ -13,6 +13,7 @@ use clap::Args;
 use effrank_engine::io::atomic_write;
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
+use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{RunMeta, Training};
 use effrank_engine::train::{fit, Learner, LossSpec, RunFiles, Teacher};
 use std::path::PathBuf;
@@ -77,8 +78,8 @@ pub struct TrainArgs {
     /// Output folder.
     #[arg(long, default_value = "runs/teacher")]
     pub out: PathBuf,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub device: DeviceArg,
+    #[command(flatten)]
+    pub compute: ComputeFlags,
     /// Print only errors and the final summary.
     #[arg(long)]
     pub quiet: bool,
@@ -89,12 +90,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if args.recipe.is_some() && args.init.is_none() {
         bail!("--recipe reference fine-tunes a checkpoint: give --init (e.g. torchvision's vit_b_32 .pth)");
     }
-    dispatch(args.device, args.quiet, args)
+    dispatch(&args.compute.clone(), args.quiet, args)
 }
 
 impl WithBackend for TrainArgs {
     type Output = ();
-    fn run<B: Backend>(self, be: &B) -> Result<()> {
+    fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<()> {
         let choice = self.data.choose(None);
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
         let source = match &self.init {
@@ -110,7 +111,13 @@ impl WithBackend for TrainArgs {
         };
         let teacher = load_teacher_or_init(&source, train.classes)?;
         let (normalize, transform) = model_input(&self.data, &teacher, &train, &choice.source)?;
-        let model = Vit::from_host(be, &teacher.cfg, &teacher.ranks, &teacher.params)?;
+        let model = Vit::from_host(
+            be,
+            &teacher.cfg,
+            &teacher.ranks,
+            &teacher.params,
+            compute.paths.model,
+        )?;
         let mut learner = Learner::new(be, model, self.train.batch, self.train.optimizer())?;
         let loss = LossSpec {
             label_smoothing: self.label_smoothing,
@@ -125,6 +132,7 @@ impl WithBackend for TrainArgs {
                 loss: &loss,
                 fit: &fit_opts,
                 optimizer: self.train.optimizer(),
+                compute,
             },
         );
         let files = RunFiles::new(&self.out);

@@ -4,7 +4,7 @@
 //! deterministic: the same inputs give the same bits whatever the thread
 //! count.
 
-use super::{check_len, BufKind, Device, Precision, Work};
+use super::{check_len, BufKind, Device, DeviceKind, Precision, Work};
 use crate::perf::OpTable;
 use anyhow::{anyhow, Result};
 use std::cell::Cell;
@@ -45,21 +45,22 @@ pub fn thread_pool(threads: usize) -> Result<rayon::ThreadPool> {
         .map_err(|e| anyhow!("creating a pool of {threads} thread(s): {e}"))
 }
 
-/// The CPU's op profile (`EFFRANK_PROFILE=1`): wall time of every
-/// outermost op call on every thread, summed per op (with several students
-/// at once, thread time, which can exceed the wall time). None when off.
+static PROFILING: OnceLock<bool> = OnceLock::new();
+
+/// Switch the CPU's op profile on or off for this process (`--profile`);
+/// off unless switched on before the first op.
+pub fn set_profiling(on: bool) -> Result<()> {
+    crate::options::set_once(&PROFILING, on, "the CPU op profile (--profile)")
+}
+
+/// The CPU's op profile (`--profile`): wall time of every outermost op
+/// call on every thread, summed per op (with several students at once,
+/// thread time, which can exceed the wall time). None when off.
 fn profile() -> Option<&'static Mutex<OpTable>> {
-    static PROFILE: OnceLock<Option<Mutex<OpTable>>> = OnceLock::new();
-    PROFILE
-        .get_or_init(|| {
-            (std::env::var("EFFRANK_PROFILE")
-                .ok()
-                .as_deref()
-                .map(str::trim)
-                == Some("1"))
-            .then(|| Mutex::new(OpTable::default()))
-        })
-        .as_ref()
+    static TABLE: OnceLock<Mutex<OpTable>> = OnceLock::new();
+    PROFILING
+        .get_or_init(|| false)
+        .then(|| TABLE.get_or_init(|| Mutex::new(OpTable::default())))
 }
 
 thread_local! {
@@ -95,14 +96,8 @@ impl Device for Cpu {
     fn independent_workers(&self) -> usize {
         rayon::current_num_threads()
     }
-    fn splits_small_batches(&self) -> bool {
-        true
-    }
-    fn trains_class_token_tail(&self) -> bool {
-        std::env::var_os("EFFRANK_EVERY_TOKEN").is_none()
-    }
-    fn class_token_query(&self) -> bool {
-        true
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Cpu
     }
     fn alloc(&self, len: usize, _kind: BufKind) -> Result<Vec<f32>> {
         let mut v = Vec::new();

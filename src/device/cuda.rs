@@ -22,12 +22,12 @@
 //! that asks for more than 48 KiB of dynamic shared memory is opted in here
 //! on first use.
 //!
-//! Paths that are off by default (`CudaPaths`), each switched on by its own
-//! environment variable read when the device opens: new kernels that run
-//! beside the default ones until a GPU run has measured them
-//! (README, "GPU").
+//! Kernels that are off by default (`CudaOptions`), switched on by the
+//! options the device is opened with (`--short-attention`): new kernels that
+//! run beside the default ones until a GPU run has measured them
+//! (docs/gpu.md).
 //!
-//! Profiling (`EFFRANK_PROFILE=1`, or `CudaOptions::profile`): every op call
+//! Profiling (`--profile`, or `CudaOptions::profile`): every op call
 //! (`Device::op_begin` / `op_end`, from the op layer's entry points) and
 //! every copy, zeroing and upload outside an op is bracketed by a CUDA event
 //! pair; `take_profile` sums device time and work per op name
@@ -40,7 +40,7 @@
 //! per-batch inputs (image bytes, labels), which the caller hands over as
 //! host slices anyway.
 
-use super::{check_len, BufKind, Device, Precision, Work};
+use super::{check_len, BufKind, Device, DeviceKind, Precision, Work};
 use crate::perf::OpTable;
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::sys::cudaDataType;
@@ -172,85 +172,16 @@ struct Loaded {
     shared_allowed: usize,
 }
 
-/// The CUDA paths that are off by default, each beside the default path it
-/// would replace, each switched on by its own environment variable
-/// (`from_env`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CudaPaths {
-    /// `EFFRANK_CUDA_SHORT_ATTENTION=1`: attention for sequences of at most
-    /// 64 tokens on tensor cores, Q, K, V and the scores of one (image,
-    /// head) in shared memory (`kernels/attention.cu`, `attention_short_*`).
-    pub short_attention: bool,
-    /// `EFFRANK_CUDA_FUSED_ADD_LN=1`: the model's residual adds and the
-    /// LayerNorms that read them as one op (`ops::add_layernorm`).
-    pub fused_add_layernorm: bool,
-    /// `EFFRANK_CUDA_CLASS_TOKEN_TAIL=1`: training on a loss of the logits
-    /// alone runs the last block after attention on the class-token rows
-    /// (`Device::trains_class_token_tail`, `model::vit`), and every
-    /// logits-only pass computes that block's query and attention for the
-    /// class token alone (`Device::class_token_query`).
-    pub class_token_tail: bool,
-}
-
-impl CudaPaths {
-    /// The environment variable of each path, in field order.
-    pub const VARS: [&'static str; 3] = [
-        "EFFRANK_CUDA_SHORT_ATTENTION",
-        "EFFRANK_CUDA_FUSED_ADD_LN",
-        "EFFRANK_CUDA_CLASS_TOKEN_TAIL",
-    ];
-
-    /// Every path on (what the CUDA-vs-CPU tests of the new paths use).
-    pub fn all() -> Self {
-        CudaPaths {
-            short_attention: true,
-            fused_add_layernorm: true,
-            class_token_tail: true,
-        }
-    }
-
-    /// The paths the environment switches on: each variable unset, `0` or
-    /// `1`; anything else is an error naming it.
-    pub fn from_env() -> Result<Self> {
-        Self::from_lookup(|v| std::env::var(v).ok())
-    }
-
-    fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let [short_attention, fused_add_layernorm, class_token_tail] =
-            Self::VARS.map(|v| switch(v, get(v)));
-        Ok(CudaPaths {
-            short_attention: short_attention?,
-            fused_add_layernorm: fused_add_layernorm?,
-            class_token_tail: class_token_tail?,
-        })
-    }
-}
-
-/// An on/off environment variable: unset or `0` off, `1` on.
-fn switch(var: &str, value: Option<String>) -> Result<bool> {
-    match value.as_deref().map(str::trim) {
-        None | Some("") | Some("0") => Ok(false),
-        Some("1") => Ok(true),
-        Some(other) => bail!("{var}={other}: use 1 (on) or 0 (off)"),
-    }
-}
-
-/// How a `Cuda` device is opened beyond its precision.
+/// How a `Cuda` device is opened beyond its precision: the device's own
+/// kernel choices, fixed for its life (`options::ComputePaths`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CudaOptions {
-    pub paths: CudaPaths,
+    /// Attention for sequences of at most 64 tokens on tensor cores, Q, K,
+    /// V and the scores of one (image, head) in shared memory
+    /// (`kernels/attention.cu`, `attention_short_*`); off by default.
+    pub short_attention: bool,
     /// Record device time per op call (`take_profile`).
     pub profile: bool,
-}
-
-impl CudaOptions {
-    /// `CudaPaths::from_env` and `EFFRANK_PROFILE` (unset, `0` or `1`).
-    pub fn from_env() -> Result<Self> {
-        Ok(CudaOptions {
-            paths: CudaPaths::from_env()?,
-            profile: switch("EFFRANK_PROFILE", std::env::var("EFFRANK_PROFILE").ok())?,
-        })
-    }
 }
 
 /// One call whose events are recorded and not read yet.
@@ -290,7 +221,7 @@ pub struct Cuda {
     max_smem: usize,
     bytes_scratch: Mutex<Option<CudaSlice<u8>>>,
     labels_scratch: Mutex<Option<CudaSlice<u32>>>,
-    paths: CudaPaths,
+    options: CudaOptions,
     profile: Option<Mutex<Profile>>,
 }
 
@@ -300,10 +231,9 @@ impl Cuda {
         Self::with_precision(device, Precision::Bf16)
     }
 
-    /// Opens device `device` in `precision`, with the paths and profiling
-    /// the environment asks for (`CudaOptions::from_env`).
+    /// Opens device `device` in `precision` on the default kernels.
     pub fn with_precision(device: usize, precision: Precision) -> Result<Self> {
-        Self::with_options(device, precision, CudaOptions::from_env()?)
+        Self::with_options(device, precision, CudaOptions::default())
     }
 
     /// Opens device `device`, loads every embedded kernel module and a cuBLAS handle.
@@ -353,20 +283,20 @@ impl Cuda {
             max_smem,
             bytes_scratch: Mutex::new(None),
             labels_scratch: Mutex::new(None),
-            paths: options.paths,
+            options,
             profile,
         })
     }
 
-    /// The paths that are off by default and on for this device.
-    pub fn paths(&self) -> CudaPaths {
-        self.paths
+    /// The kernel choices this device was opened with.
+    pub fn options(&self) -> CudaOptions {
+        self.options
     }
 
     /// Device time and work per op since the last call (synchronizes);
     /// an error if the device was not opened to profile.
     pub fn take_profile(&self) -> Result<OpTable> {
-        let mut p = self.profile_state()?.ok_or_else(|| anyhow!("this CUDA device was opened without profiling (EFFRANK_PROFILE=1 or CudaOptions::profile)"))?;
+        let mut p = self.profile_state()?.ok_or_else(|| anyhow!("this CUDA device was opened without profiling (--profile, or CudaOptions::profile)"))?;
         self.read_pending(&mut p)?;
         p.taken = true;
         Ok(std::mem::take(&mut p.totals))
@@ -760,11 +690,8 @@ impl Device for Cuda {
     fn independent_workers(&self) -> usize {
         1
     }
-    fn trains_class_token_tail(&self) -> bool {
-        self.paths().class_token_tail
-    }
-    fn class_token_query(&self) -> bool {
-        self.paths().class_token_tail
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::Cuda
     }
 
     fn alloc(&self, len: usize, kind: BufKind) -> Result<CudaBuf> {
@@ -950,7 +877,7 @@ impl Cuda {
 
 impl Drop for Cuda {
     /// A profiled device nobody asked for its profile (a command run with
-    /// `EFFRANK_PROFILE=1`) prints it.
+    /// `--profile`) prints it.
     fn drop(&mut self) {
         let untaken = self
             .profile_state()
@@ -962,49 +889,11 @@ impl Drop for Cuda {
         }
         match self.take_profile() {
             Ok(t) => eprintln!(
-                "EFFRANK_PROFILE: device time per op over the whole run ({}):\n{}",
+                "--profile: device time per op over the whole run ({}):\n{}",
                 self.name(),
                 crate::perf::format_totals(&t)
             ),
-            Err(e) => eprintln!("EFFRANK_PROFILE: could not read the profile: {e:#}"),
+            Err(e) => eprintln!("--profile: could not read the profile: {e:#}"),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_and_profiling_are_off_unless_their_variable_is_1() {
-        let none = CudaPaths::from_lookup(|_| None).unwrap();
-        assert_eq!(none, CudaPaths::default());
-        assert_eq!(
-            CudaPaths::from_lookup(|_| Some("0".into())).unwrap(),
-            CudaPaths::default()
-        );
-        assert_eq!(
-            CudaPaths::from_lookup(|_| Some("1".into())).unwrap(),
-            CudaPaths::all()
-        );
-        let only_short =
-            CudaPaths::from_lookup(|v| (v == "EFFRANK_CUDA_SHORT_ATTENTION").then(|| "1".into()))
-                .unwrap();
-        assert_eq!(
-            only_short,
-            CudaPaths {
-                short_attention: true,
-                ..CudaPaths::default()
-            }
-        );
-        let e =
-            CudaPaths::from_lookup(|v| (v == "EFFRANK_CUDA_FUSED_ADD_LN").then(|| "yes".into()))
-                .unwrap_err();
-        assert!(
-            format!("{e}").contains("EFFRANK_CUDA_FUSED_ADD_LN=yes"),
-            "{e}"
-        );
-        assert!(switch("EFFRANK_PROFILE", Some("2".into())).is_err());
-        assert!(switch("EFFRANK_PROFILE", Some(" 1 ".into())).unwrap());
     }
 }

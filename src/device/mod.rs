@@ -29,6 +29,7 @@ pub mod cuda;
 
 use anyhow::{bail, Result};
 
+pub use crate::options::DeviceKind;
 pub use crate::perf::Work;
 
 pub use cpu::Cpu;
@@ -81,27 +82,10 @@ pub trait Device: Send + Sync {
     /// How many independent jobs (students) this device can run at once,
     /// each from its own thread: the CPU's threads, one per GPU (one stream).
     fn independent_workers(&self) -> usize;
-    /// Whether a training step of a small model splits its batch into
-    /// halves computed at once, each on its share of the threads
-    /// (`train::Learner`): the CPU, where one small model's products do not
-    /// keep two threads busy. A GPU runs the batch whole.
-    fn splits_small_batches(&self) -> bool {
-        false
-    }
-    /// Whether training on a loss of the logits alone runs the last block
-    /// after attention on the class-token rows only (`model::vit`, module
-    /// doc): the CPU unless `EFFRANK_EVERY_TOKEN=1`; CUDA only with
-    /// `EFFRANK_CUDA_CLASS_TOKEN_TAIL=1` (`CudaPaths`).
-    fn trains_class_token_tail(&self) -> bool {
-        false
-    }
-    /// Whether a logits-only pass computes the last block's query and
-    /// attention for the class token alone (`attention::class_token_forward`,
-    /// `model::vit`): the CPU; CUDA only with
-    /// `EFFRANK_CUDA_CLASS_TOKEN_TAIL=1` (its kernels have not run on a GPU).
-    fn class_token_query(&self) -> bool {
-        false
-    }
+    /// What kind of device this is: the defaults of the paths the model
+    /// takes depend on it (`options::ComputeOptions::resolve`); the device
+    /// itself decides none of them.
+    fn kind(&self) -> DeviceKind;
 
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize, kind: BufKind) -> Result<Self::Buf>;
@@ -121,7 +105,7 @@ pub trait Device: Send + Sync {
     fn element_bytes(&self, buf: &Self::Buf) -> usize;
 
     /// Whether op calls are profiled. False unless the device was opened to
-    /// profile (the CUDA device with `EFFRANK_PROFILE=1`); the op layer asks
+    /// profile (`--profile`); the op layer asks
     /// before every call and does nothing more when it is false.
     fn profiling(&self) -> bool {
         false

@@ -87,8 +87,14 @@ pub fn calibrate(
     if n == 0 {
         bail!("svd-act calibration needs at least one training image (--calibration {images}, {} training images)", train.len());
     }
-    let model = Vit::from_host(&Cpu, cfg, &dense_ranks(cfg), teacher)
-        .context("building the teacher for svd-act calibration")?;
+    let model = Vit::from_host(
+        &Cpu,
+        cfg,
+        &dense_ranks(cfg),
+        teacher,
+        crate::options::ModelPaths::default_of(&Cpu),
+    )
+    .context("building the teacher for svd-act calibration")?;
     let mut acts = model.new_acts(&Cpu, BATCH.min(n))?;
     let mut sums: Vec<BTreeMap<Input, Vec<f64>>> = ranks
         .iter()
@@ -164,7 +170,14 @@ mod tests {
         assert_eq!(m.rows, 35 * cfg.tokens());
         assert!(m.of(0, BlockLinear::Fc2).is_none() && m.of(1, BlockLinear::Q).is_none());
         let got = m.of(1, BlockLinear::Fc2).unwrap();
-        let model = Vit::from_host(&Cpu, &cfg, &dense, &teacher).unwrap();
+        let model = Vit::from_host(
+            &Cpu,
+            &cfg,
+            &dense,
+            &teacher,
+            crate::options::ModelPaths::default_of(&Cpu),
+        )
+        .unwrap();
         let mut acts = model.new_acts(&Cpu, 35).unwrap();
         let (mut bytes, mut labels) = (Vec::new(), Vec::new());
         augmented_batch(

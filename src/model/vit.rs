@@ -18,15 +18,15 @@
 //! `forward_logits` (inference) computes the same logits with less work:
 //! only the class token reaches the head, so the last block computes the
 //! class token's query alone and its attention over every token's k and v
-//! (`attention::class_token_forward`; with `class_token_query`, set by the
-//! device: the CPU, CUDA with `EFFRANK_CUDA_CLASS_TOKEN_TAIL=1`; otherwise
-//! every token's, keeping the class token's row), and its projection,
+//! (`attention::class_token_forward`; with `paths.class_token_query`:
+//! `--class-token-tail`, on by default for the CPU; otherwise every token's,
+//! keeping the class token's row), and its projection,
 //! residuals, LN2 and MLP run on the class-token rows only (one row in T;
 //! ViT-B/32: ~7% of the forward's FLOPs).
 //!
 //! Training takes the same path when the loss reads only the logits (cross
-//! entropy, KD) and the model's `class_token_tail` is on (the CPU's default,
-//! `Device::trains_class_token_tail`): the rows of the other tokens after
+//! entropy, KD) and the model's `paths.class_token_tail` is on (the CPU's
+//! default; `options::ComputeOptions`): the rows of the other tokens after
 //! the last block's attention get exactly zero gradient, so `backward`
 //! after `forward_logits` runs that block's MLP, LN2, projection,
 //! attention and Q backward on the class-token rows
@@ -43,8 +43,7 @@
 //! reads every token of the last block's sub-layer outputs and runs
 //! `forward`.
 //!
-//! With `fused_add_layernorm` (when the device asks for it:
-//! `EFFRANK_CUDA_FUSED_ADD_LN=1` on CUDA) each residual add that a
+//! With `paths.fused_add_layernorm` (`--fused-add-layernorm on`, CUDA only) each residual add that a
 //! LayerNorm reads runs with it as one op (`m` and LN2; `x_l+1` and the
 //! next block's LN1), forward and backward; the numbers are the same.
 //!
@@ -58,6 +57,7 @@ use super::linear::{linear_backward, linear_forward, LinearShape};
 use super::params::{param_specs, validate_ranks, BlockLinear, PerLinear, Ranks, VitParams};
 use crate::device::{BufKind, Device};
 use crate::ops::{add, add_layernorm, attention, embed, gelu, layernorm, matmul, Backend};
+use crate::options::ModelPaths;
 use anyhow::{bail, Result};
 
 /// What a forward pass must produce.
@@ -74,18 +74,10 @@ pub struct Vit<B: Backend> {
     pub cfg: VitConfig,
     pub ranks: Ranks,
     pub params: VitParams<B::Buf>,
-    /// Residual adds and the LayerNorms that read them as one op
-    /// (`ops::add_layernorm`); set from the device when the model is made.
-    pub fused_add_layernorm: bool,
-    /// Training on a loss of the logits alone runs `forward_logits` and its
-    /// backward (module doc); set from the device when the model is made
-    /// (`Device::trains_class_token_tail`).
-    pub class_token_tail: bool,
-    /// A logits-only pass (inference, and training on the class-token
-    /// tail) computes the last block's query and attention for the class
-    /// token alone (module doc); else for every token, keeping the
-    /// class-token rows. Set from the device (`Device::class_token_query`).
-    pub class_token_query: bool,
+    /// The paths this model takes (class-token tail, batch split, fused
+    /// adds): fixed when it is made, from the options resolved for its
+    /// device (`options::ComputeOptions::resolve`).
+    pub paths: ModelPaths,
 }
 
 /// Where a block writes its output.
@@ -172,12 +164,15 @@ pub struct VitBackwardScratch<B: Backend> {
 }
 
 impl<B: Backend> Vit<B> {
-    /// Upload host parameters (in `param_specs` order) to the device.
+    /// Upload host parameters (in `param_specs` order) to the device; the
+    /// model takes `paths` (a command's options resolved for its device,
+    /// `ComputeRecord::paths`, or `ModelPaths::default_of(be)`).
     pub fn from_host(
         be: &B,
         cfg: &VitConfig,
         ranks: &Ranks,
         host: &VitParams<Vec<f32>>,
+        paths: ModelPaths,
     ) -> Result<Self> {
         cfg.validate()?;
         validate_ranks(cfg, ranks)?;
@@ -197,9 +192,7 @@ impl<B: Backend> Vit<B> {
             cfg: cfg.clone(),
             ranks: ranks.clone(),
             params,
-            fused_add_layernorm: be.fuse_add_layernorm(),
-            class_token_tail: be.trains_class_token_tail(),
-            class_token_query: be.class_token_query(),
+            paths,
         })
     }
 
@@ -365,7 +358,7 @@ impl<B: Backend> Vit<B> {
         batch: usize,
         needs_features: bool,
     ) -> Result<()> {
-        let outputs = if self.class_token_tail && !needs_features {
+        let outputs = if self.paths.class_token_tail && !needs_features {
             Outputs::LogitsOnly
         } else {
             Outputs::Everything
@@ -428,7 +421,7 @@ impl<B: Backend> Vit<B> {
             let a = &mut done[l];
             let bp = &p.blocks[l];
             // On the fused path the previous block wrote this LN1 with its output.
-            if !(self.fused_add_layernorm && l > 0) {
+            if !(self.paths.fused_add_layernorm && l > 0) {
                 layernorm::forward(
                     be,
                     &mut a.ln1,
@@ -461,7 +454,7 @@ impl<B: Backend> Vit<B> {
                 n,
             )?;
             let class_rows = rest.is_empty() && outputs == Outputs::LogitsOnly;
-            if class_rows && self.class_token_query {
+            if class_rows && self.paths.class_token_query {
                 // Only the class token's row of this block reaches the logits: its query alone.
                 embed::cls_gather(be, &mut acts.cls_ln1, &a.ln1, batch, t, d)?;
                 linear_forward(
@@ -586,7 +579,7 @@ impl<B: Backend> Vit<B> {
             attn,
             rows,
         )?;
-        if self.fused_add_layernorm {
+        if self.paths.fused_add_layernorm {
             add_layernorm::forward(
                 be,
                 &mut a.x_mid,
@@ -636,7 +629,7 @@ impl<B: Backend> Vit<B> {
             rows,
         )?;
         match out {
-            BlockOut::Next(next, nl) if self.fused_add_layernorm => {
+            BlockOut::Next(next, nl) if self.paths.fused_add_layernorm => {
                 let np = &self.params.blocks[nl];
                 add_layernorm::forward(
                     be,
@@ -737,7 +730,7 @@ impl<B: Backend> Vit<B> {
         // class-token rows). On the fused path a LayerNorm's backward also
         // leaves a copy of its dx in s.d_sub (`d_sub_ready`), the copy each
         // sub-layer starts from.
-        let fused = self.fused_add_layernorm;
+        let fused = self.paths.fused_add_layernorm;
         let mut d_sub_ready = false;
         for l in (0..c.depth).rev() {
             let a = &acts.blocks[l];
@@ -862,7 +855,7 @@ impl<B: Backend> Vit<B> {
                     n,
                 )?;
             }
-            if class_rows && self.class_token_query {
+            if class_rows && self.paths.class_token_query {
                 // Attention and Q on the class-token rows; K and V on every token.
                 attention::class_token_backward(
                     be,

@@ -34,7 +34,18 @@ pub mod matmul;
 pub mod simd;
 
 use crate::device::{check_len, Cpu, Device, Work};
+use crate::options::ComputePaths;
 use anyhow::Result;
+
+/// Fix the CPU kernels' process-wide choices (`--simd`,
+/// `--attention-tiles`, `--profile`) before the first op; the command line
+/// calls it once. An error when a level is missing on this CPU or a choice
+/// was already fixed otherwise.
+pub fn configure_cpu(paths: &ComputePaths, profile: bool) -> Result<()> {
+    simd::choose(paths.simd)?;
+    attention::cpu::choose_tiles(paths.attention_tiles)?;
+    crate::device::cpu::set_profiling(profile)
+}
 
 /// Proof that an op's checked entry point has validated the call: every
 /// device body takes one, and only code under `crate::ops` can make one.
@@ -135,6 +146,9 @@ mod profile_tests {
         }
         fn independent_workers(&self) -> usize {
             1
+        }
+        fn kind(&self) -> crate::device::DeviceKind {
+            crate::device::DeviceKind::Cuda
         }
         fn alloc(&self, len: usize, _: BufKind) -> Result<Vec<f32>> {
             Ok(vec![0.0; len])

@@ -13,11 +13,11 @@
 //! into an FMA or reorders float sums on its own, so the wide versions do the
 //! same operations in the same order, only several lanes at a time.
 //!
-//! Measured with `cargo bench --bench cpu` on a 2-core AVX-512 Xeon, this
-//! level against `EFFRANK_SIMD=baseline`, alternating, four runs each: the
-//! vit-cifar training step 134.8-155.2 (mean 148) against 108.0-133.0 (mean
-//! 123) images/s, most of it in GELU; the ViT-B/32 forward (products are 85%
-//! of it) showed no difference beyond noise.
+//! `--simd` fixes a narrower level, to pair them in one build
+//! (`cargo bench --bench cpu`; the numbers are in `bench/`).
+
+use crate::options::{set_once, SimdChoice};
+use anyhow::{bail, Result};
 
 /// Elements per rayon task in elementwise loops (64 KiB of f32): large
 /// enough that a task's work dwarfs handing it to a thread.
@@ -46,19 +46,26 @@ pub enum Level {
     Baseline,
 }
 
-/// What `vectorized` uses: the widest level this CPU has, or a narrower one
-/// that the environment variable `EFFRANK_SIMD` (`avx512`, `avx2` or
-/// `baseline`) asks for, to compare them. Decided once per process.
+static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+
+/// What `vectorized` uses: the widest level this CPU has, unless
+/// `choose` fixed a narrower one (`--simd`). Fixed once per process.
 pub fn level() -> Level {
-    static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let best = detect();
-        match std::env::var("EFFRANK_SIMD").as_deref() {
-            Ok("baseline") => Level::Baseline,
-            Ok("avx2") if best != Level::Baseline => Level::Avx2,
-            _ => best,
-        }
-    })
+    *LEVEL.get_or_init(detect)
+}
+
+/// Fix the level for this process (`--simd`, `ops::configure_cpu`): an
+/// error when the CPU lacks it, or when another level is already in use.
+pub fn choose(choice: SimdChoice) -> Result<()> {
+    let best = detect();
+    let level = match choice {
+        SimdChoice::Auto => best,
+        SimdChoice::Baseline => Level::Baseline,
+        SimdChoice::Avx2 if best != Level::Baseline => Level::Avx2,
+        SimdChoice::Avx512 if best == Level::Avx512 => Level::Avx512,
+        _ => bail!("--simd {choice:?}: this CPU has {best:?} at most"),
+    };
+    set_once(&LEVEL, level, "the CPU's vector level (--simd)")
 }
 
 /// The widest level this CPU supports.

@@ -10,12 +10,12 @@
 pub mod jobs;
 
 use crate::data::{Dataset, Normalize};
-use crate::device::Precision;
 use crate::factorize::StudentPlan;
 use crate::model::params::{dense_ranks, param_count, validate_ranks};
 use crate::model::{Vit, VitConfig, VitParams};
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
+use crate::options::ComputeRecord;
 use crate::provenance::{DataRef, FileRef, RunMeta, Training};
 use crate::results::{append_record, read_records, Record, StudentRecord, TeacherRecord};
 use crate::train::fit::evaluate;
@@ -75,6 +75,9 @@ pub struct SweepOptions {
     pub optimizer: AdamWConfig,
     /// Reuse teacher logits across ranks (when the loss allows it).
     pub cache_teacher: bool,
+    /// What computes the students (recorded in each record and checkpoint,
+    /// and part of the teacher-logit cache key).
+    pub compute: ComputeRecord,
     /// How often a job refreshes its claim, and when others give up on it.
     #[serde(skip)]
     pub heartbeat: Heartbeat,
@@ -135,7 +138,8 @@ struct TeacherCacheKey<'a> {
     transform: &'a ImageTransform,
     augment: &'a crate::data::Augment,
     batch: usize,
-    precision: Precision,
+    /// The engine, device, precision and paths (`ComputeRecord::cache_key`).
+    compute: String,
 }
 
 /// Run this shard's part of the sweep.
@@ -161,8 +165,11 @@ pub fn run_sweep<B: Backend>(
     let teacher_top1 = match known {
         Some(t) => t.top1,
         None => {
-            let mut teacher =
-                Frozen::new(be, Vit::from_host(be, cfg, &dense, inputs.teacher)?, batch)?;
+            let mut teacher = Frozen::new(
+                be,
+                Vit::from_host(be, cfg, &dense, inputs.teacher, opts.compute.paths.model)?,
+                batch,
+            )?;
             let (top1, top5) = evaluate(inputs.test, batch, cfg.classes, |bytes, n| {
                 teacher.logits(be, bytes, n, &inputs.transform)
             })?;
@@ -206,7 +213,7 @@ pub fn run_sweep<B: Backend>(
         transform: &inputs.transform,
         augment: &opts.fit.augment,
         batch,
-        precision: be.precision(),
+        compute: opts.compute.cache_key(),
     })?;
     let workers = opts.parallel.workers(be, cfg, todo.len());
     if !opts.quiet && workers > 1 {
@@ -288,10 +295,10 @@ impl std::str::FromStr for Parallel {
     }
 }
 
-/// Models up to this width train several at once under `Parallel::Auto`:
-/// their products are too small to keep every thread busy, and a student
-/// per thread is faster (`cargo bench --bench pipeline_vs_pytorch`).
-pub const AUTO_PARALLEL_MAX_WIDTH: usize = 256;
+/// Models up to this width train several at once under `Parallel::Auto`
+/// (`train::step::SMALL_MODEL_MAX_WIDTH`: their products are too small to
+/// keep every thread busy, and a student per thread is faster).
+pub use crate::train::step::SMALL_MODEL_MAX_WIDTH as AUTO_PARALLEL_MAX_WIDTH;
 
 impl Parallel {
     /// Students at once for `jobs` jobs of a model of shape `cfg` on `be`:
@@ -429,7 +436,13 @@ fn cache_for<B: Backend>(
     let (be, inputs, batch) = (shared.be, shared.inputs, shared.opts.fit.batch);
     let t = Frozen::new(
         be,
-        Vit::from_host(be, inputs.cfg, &dense_ranks(inputs.cfg), inputs.teacher)?,
+        Vit::from_host(
+            be,
+            inputs.cfg,
+            &dense_ranks(inputs.cfg),
+            inputs.teacher,
+            shared.opts.compute.paths.model,
+        )?,
         batch,
     )?;
     let cache = Arc::new(Mutex::new(TeacherLogits::new(
@@ -490,7 +503,13 @@ fn train_job<B: Backend>(
     if opts.loss.needs_teacher() && !shared.use_cache && live.is_none() {
         *live = Some(Frozen::new(
             be,
-            Vit::from_host(be, cfg, &dense_ranks(cfg), inputs.teacher)?,
+            Vit::from_host(
+                be,
+                cfg,
+                &dense_ranks(cfg),
+                inputs.teacher,
+                opts.compute.paths.model,
+            )?,
             opts.fit.batch,
         )?);
     }
@@ -522,6 +541,7 @@ fn train_job<B: Backend>(
         optimizer: opts.optimizer,
         files: &files,
         meta: &meta,
+        paths: opts.compute.paths.model,
     };
     let mut heartbeat = |epoch: usize| claim.epoch_done(epoch, opts.heartbeat);
     let summary = train_student(be, &run, teacher_signal, &mut heartbeat)
@@ -581,6 +601,7 @@ fn student_meta(inputs: &SweepInputs<'_>, job: &SweepOptions) -> RunMeta {
         loss: &job.loss,
         fit: &job.fit,
         optimizer: job.optimizer,
+        compute: &job.compute,
     };
     RunMeta::student(
         inputs.normalize,

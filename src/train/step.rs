@@ -77,9 +77,16 @@ pub struct StepStats {
 /// Halves of a batch trained at once on the CPU (see `Learner`).
 const SHARDS: usize = 2;
 
+/// Models up to this width are small: one model's products do not keep two
+/// threads busy, so a training step splits its batch (`Learner::new`) and a
+/// sweep trains a student per thread (`sweep::Parallel::Auto`; `cargo bench
+/// --bench pipeline_vs_pytorch`).
+pub const SMALL_MODEL_MAX_WIDTH: usize = 256;
+
 /// A model being trained, with all buffers a step needs.
 ///
-/// On the CPU, a model up to `sweep::AUTO_PARALLEL_MAX_WIDTH` wide splits
+/// With `ModelPaths::batch_split` (the CPU's default), a model up to
+/// `SMALL_MODEL_MAX_WIDTH` wide splits
 /// every batch into two halves (shards), each with its own activations and
 /// gradients, computed at once on half of the threads (their own rayon
 /// pools); the halves' gradients are added in a fixed order (shard 0, then
@@ -262,12 +269,6 @@ impl<B: Backend> Shard<B> {
     }
 }
 
-/// `EFFRANK_WHOLE_BATCHES=1`: never split a batch (to pair the two ways in
-/// one build; the results then differ in the last bits).
-fn whole_batches_asked() -> bool {
-    std::env::var_os("EFFRANK_WHOLE_BATCHES").is_some()
-}
-
 /// Images of each shard for a batch of `batch`: the first ⌈batch/s⌉, and
 /// so on (a shard may get none).
 fn shard_sizes(batch: usize, shards: usize) -> Vec<usize> {
@@ -281,10 +282,11 @@ impl<B: Backend> Learner<B> {
     /// A learner for batches of up to `max_batch` images, split as the
     /// type's comment says.
     pub fn new(be: &B, model: Vit<B>, max_batch: usize, opt: AdamWConfig) -> Result<Self> {
-        let split = be.splits_small_batches()
-            && model.cfg.width <= crate::sweep::AUTO_PARALLEL_MAX_WIDTH
-            && max_batch >= SHARDS
-            && !whole_batches_asked();
+        // `--batch-split off` keeps batches whole (to pair the two ways in
+        // one build; the results then differ in the last bits).
+        let split = model.paths.batch_split
+            && model.cfg.width <= SMALL_MODEL_MAX_WIDTH
+            && max_batch >= SHARDS;
         Self::with_shards(be, model, max_batch, opt, if split { SHARDS } else { 1 })
     }
 

@@ -13,6 +13,7 @@ use crate::factorize::{make_student, CalibrationData, StudentPlan};
 use crate::model::{Ranks, Vit, VitConfig, VitParams};
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
+use crate::options::ModelPaths;
 use crate::provenance::RunMeta;
 use anyhow::Result;
 
@@ -49,6 +50,8 @@ pub struct StudentRun<'a> {
     pub files: &'a RunFiles,
     /// Provenance written into every checkpoint of the run.
     pub meta: &'a RunMeta,
+    /// The paths the student takes (`ComputeRecord::paths`).
+    pub paths: ModelPaths,
 }
 
 /// Factorize (or take) the student, build it on `be` and train it.
@@ -69,7 +72,7 @@ pub fn train_student<B: Backend>(
         }
         StudentStart::Given { params, .. } => (*params).clone(),
     };
-    let model = Vit::from_host(be, run.cfg, run.start.ranks(), &params)?;
+    let model = Vit::from_host(be, run.cfg, run.start.ranks(), &params, run.paths)?;
     let mut learner = Learner::new(be, model, run.fit.batch, run.optimizer)?;
     fit(
         be,

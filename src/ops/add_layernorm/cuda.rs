@@ -57,9 +57,6 @@ impl AddLayerNormKernel for Cuda {
         backward_dx(self, dx, dbranch, dout, sum, mean, rstd, gamma, rows, cols)?;
         backward_params(self, dgamma, dbeta, dout, sum, mean, rstd, rows, cols, ok)
     }
-    fn fuse_add_layernorm(&self) -> bool {
-        self.paths().fused_add_layernorm
-    }
 }
 
 /// `add_layernorm_forward(act_t* s, act_t* y, float* mean, float* rstd,

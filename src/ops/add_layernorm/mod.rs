@@ -11,9 +11,9 @@
 //! `layernorm::backward` followed by a copy of `dx` (the CPU body is exactly
 //! that); the CUDA kernels make one pass over the rows instead of three
 //! (forward: a and b read, s and y written; backward: dy, s, dx read, dx
-//! and dbranch written). The model uses it only when the device asks
-//! (`AddLayerNormKernel::fuse_add_layernorm`: `EFFRANK_CUDA_FUSED_ADD_LN=1`
-//! on CUDA, never on the CPU).
+//! and dbranch written). The model uses it when its paths say so
+//! (`ModelPaths::fused_add_layernorm`: `--fused-add-layernorm on` on CUDA,
+//! never on the CPU).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -57,11 +57,6 @@ pub trait AddLayerNormKernel: Device {
         cols: usize,
         _: Checked,
     ) -> Result<()>;
-    /// Whether the model should use this op instead of `add` + `layernorm`
-    /// (false unless the device has the path switched on).
-    fn fuse_add_layernorm(&self) -> bool {
-        false
-    }
 }
 
 /// Writes `sum = a + b` and its LayerNorm: `out`, and the per-row `mean`

@@ -578,14 +578,22 @@ mod tiles {
     }
 }
 
+static TILES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Allow or forbid the tiles for this process (`--attention-tiles`,
+/// `ops::configure_cpu`); allowed unless forbidden before first use.
+pub fn choose_tiles(allowed: bool) -> Result<()> {
+    crate::options::set_once(&TILES, allowed, "the attention tiles (--attention-tiles)")
+}
+
 /// Whether the backward pass takes the tiles (AVX-512 and 16-wide heads;
-/// see the section comment). `EFFRANK_ATTENTION_PRODUCTS=1` keeps the
+/// see the section comment), unless `choose_tiles(false)` keeps the
 /// products at every width (to pair the two paths in one build).
 fn tiled(head_dim: usize) -> bool {
-    static PRODUCTS_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let products_only =
-        *PRODUCTS_ONLY.get_or_init(|| std::env::var_os("EFFRANK_ATTENTION_PRODUCTS").is_some());
-    !products_only && cfg!(target_arch = "x86_64") && level() == Level::Avx512 && head_dim == 16
+    *TILES.get_or_init(|| true)
+        && cfg!(target_arch = "x86_64")
+        && level() == Level::Avx512
+        && head_dim == 16
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -3,7 +3,7 @@
 //! memory fits the device (ViT: T ≤ 256, head_dim ≤ 128; T = 197, dh = 64
 //! needs 118 KiB); otherwise the unfused path runs: strided-batched cuBLAS
 //! GEMMs per image plus row-softmax kernels, which is also the benchmark
-//! baseline. With `EFFRANK_CUDA_SHORT_ATTENTION=1` (`CudaPaths`), sequences
+//! baseline. With `--short-attention on` (`CudaOptions`), sequences
 //! of at most 64 tokens with head_dim a multiple of 16 run the short
 //! kernels instead (tensor cores in bf16; ViT-B/32: 50 tokens).
 
@@ -108,7 +108,7 @@ impl AttentionKernel for Cuda {
         head_dim: usize,
         ok: Checked,
     ) -> Result<()> {
-        if self.paths().short_attention {
+        if self.options().short_attention {
             short_forward(
                 self, out, probs, q, k, v, batch, tokens, heads, head_dim, ok,
             )
@@ -134,7 +134,7 @@ impl AttentionKernel for Cuda {
         head_dim: usize,
         ok: Checked,
     ) -> Result<()> {
-        if self.paths().short_attention {
+        if self.options().short_attention {
             short_backward(
                 self, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok,
             )
