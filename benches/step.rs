@@ -12,7 +12,7 @@
 //!    `CudaOptions::profile`): for each step, each op's device time, share of
 //!    the step, bytes and FLOPs, achieved GB/s and TFLOP/s and fraction of
 //!    the roofline against the ceilings of 2 (`perf::breakdown`).
-//! 4. The reference protocol (`../shared/METHOD.md`: teacher 20 epochs at
+//! 4. The reference protocol (`docs/method.md`: teacher 20 epochs at
 //!    batch 32, then 16 ranks × 200 epochs at batch 24 with the feature loss
 //!    and a live teacher, on 50,000 CIFAR images upsampled from 32 px):
 //!    those steps measured at a few ranks, projected to GPU-hours

@@ -21,14 +21,17 @@ for line in sys.stdin:
     if m.get("reason") == "build-script-executed" and "effrank-engine" in m.get("package_id", ""):
         print(m["out_dir"])')"
 
-echo "ci_kernels: ptxas -arch=sm_90 -v on the embedded PTX"
+# The PTX target of build.rs (EFFRANK_CUDA_ARCH, default compute_90) as ptxas names it.
+ci_kernels_sm="sm_${EFFRANK_CUDA_ARCH:-compute_90}"
+ci_kernels_sm="${ci_kernels_sm/sm_compute_/sm_}"
+echo "ci_kernels: ptxas -arch=$ci_kernels_sm -v on the embedded PTX"
 if [ -z "$ci_kernels_out" ] || ! ls "$ci_kernels_out"/*.ptx >/dev/null 2>&1; then
     echo "ci_kernels: no PTX in the build script's output folder '$ci_kernels_out'" >&2
     return 1 2>/dev/null || exit 1
 fi
 for ci_kernels_ptx in "$ci_kernels_out"/*.ptx; do
     echo "-- $(basename "$ci_kernels_ptx")"
-    "$CUDA_PATH/bin/ptxas" -arch=sm_90 -v "$ci_kernels_ptx" -o /dev/null 2>&1 \
+    "$CUDA_PATH/bin/ptxas" -arch="$ci_kernels_sm" -v "$ci_kernels_ptx" -o /dev/null 2>&1 \
         | awk '/Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); name = substr($0, RSTART + 1, RLENGTH - 2) }
                /spill stores/ { spills = $0; sub(/.*info *: */, "", spills) }
                /Used [0-9]+ registers/ { regs = $0; sub(/.*info *: */, "", regs); printf "   %-28s %s; %s\n", name, regs, spills }'

@@ -10,7 +10,7 @@
 #
 # The demo sweeps start from an empty output folder (a rerun is a new run).
 # demo-new: the demo sweep with every path that is off by default on and
-# EFFRANK_PROFILE=1 (the per-op device time of the whole sweep at exit).
+# --profile (the per-op device time of the whole sweep at exit).
 #
 # Every step has its own time limit, and all steps together stay within
 # SESSION_BUDGET seconds of wall time (default 470, under the 8 minutes the
@@ -110,7 +110,7 @@ command_of() {
         pytorch-eager) echo "python3 scripts/bench_pytorch_gpu.py --no-compile --warmup 3 --iters 10 --out $OUT/pytorch_gpu_eager.json" ;;
         demo-fp32) echo "rm -rf /tmp/demo_cuda_fp32 && $G/effrank-engine sweep --demo --device cuda-fp32 --quiet --out /tmp/demo_cuda_fp32" ;;
         demo) echo "rm -rf /tmp/demo_cuda && $G/effrank-engine sweep --demo --device cuda --quiet --out /tmp/demo_cuda" ;;
-        demo-new) echo "rm -rf /tmp/demo_cuda_new && env EFFRANK_CUDA_SHORT_ATTENTION=1 EFFRANK_CUDA_FUSED_ADD_LN=1 EFFRANK_CUDA_CLASS_TOKEN_TAIL=1 EFFRANK_PROFILE=1 $G/effrank-engine sweep --demo --device cuda --quiet --out /tmp/demo_cuda_new" ;;
+        demo-new) echo "rm -rf /tmp/demo_cuda_new && $G/effrank-engine sweep --demo --device cuda --short-attention on --fused-add-layernorm on --class-token-tail on --profile --quiet --out /tmp/demo_cuda_new" ;;
         democpu) echo "rm -rf /tmp/demo_cpu && $G/effrank-engine sweep --demo --device cpu --quiet --out /tmp/demo_cpu" ;;
         *) return 1 ;;
     esac

@@ -1,6 +1,7 @@
 //! effrank-engine: measures the effective rank of Vision Transformers.
 //!
-//! See README.md for the architecture and `../shared/METHOD.md` for the method.
+//! See README.md for a quick start and a map, `docs/method.md` for the method and
+//! `docs/architecture.md` for how the code is laid out.
 
 pub mod analysis;
 pub mod data;

@@ -11,7 +11,7 @@
 //!   of the step, achieved GB/s and TFLOP/s, and the fraction of the
 //!   roofline, `max(bytes / copy rate, flops / GEMM rate) / measured time`.
 //! - `Protocol` and `project`: measured step rates turned into GPU-hours of
-//!   the reference protocol (`../shared/METHOD.md`).
+//!   the reference protocol (`docs/method.md`).
 //!
 //! Nothing here touches a device, so all of it is tested on the CPU.
 
@@ -237,7 +237,7 @@ pub fn format_totals(table: &OpTable) -> String {
     s
 }
 
-/// The reference protocol as a workload (`../shared/METHOD.md`): a teacher
+/// The reference protocol as a workload (`docs/method.md`): a teacher
 /// trained `teacher_epochs`, then one student per rank trained
 /// `student_epochs`, each epoch over `train_images`, each run evaluated once
 /// on `test_images` (the engine's default: the last epoch only).

@@ -715,7 +715,8 @@ fn split_batches_give_the_same_bits_on_one_thread_and_two() {
             .unwrap();
         pool.install(|| {
             let be = Cpu;
-            let lent = lend.then(|| spare_threads::lend(1));
+            let spare = spare_threads::SpareThreads::new();
+            let lent = lend.then(|| spare.lend(1));
             let mut l = Learner::with_shards(
                 &be,
                 Vit::from_host(
@@ -731,6 +732,7 @@ fn split_batches_give_the_same_bits_on_one_thread_and_two() {
                 2,
             )
             .unwrap();
+            l.borrow_from(spare.clone());
             for _ in 0..3 {
                 l.step(
                     &be,

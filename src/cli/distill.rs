@@ -184,6 +184,7 @@ impl WithBackend for DistillArgs {
             files: &files,
             meta: &meta,
             paths: compute.paths.model,
+            spare_threads: None,
         };
         let summary = train_student(be, &run, teacher_signal, &mut |_| Ok(()))?;
         atomic_write(

@@ -1,5 +1,5 @@
 //! `--recipe reference`: every setting of the reference protocol
-//! (`../shared/METHOD.md`, "The reference protocol") at once, for `train`
+//! (`docs/method.md`, "The reference protocol") at once, for `train`
 //! (the teacher) and `sweep` (the students).
 //!
 //! A recipe is a list of command-line flags, one per setting. Applying it

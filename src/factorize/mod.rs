@@ -29,7 +29,7 @@ pub use calibrate::{calibrate, InputMoments};
 pub use targets::{BlockRange, LayerSet, Targets};
 
 use crate::data::Dataset;
-use crate::model::init::init_params;
+use crate::model::init::{init_params, random_factor_std};
 use crate::model::params::{is_lowrank, validate_ranks, BlockLinear, Linear, Ranks};
 use crate::model::{VitConfig, VitParams};
 use crate::ops::image::ImageTransform;
@@ -136,9 +136,6 @@ pub struct LayerReport {
     pub svd_output_error: Option<f64>,
 }
 
-/// Standard deviation of a fresh dense weight, which random factors match.
-const DENSE_INIT_STD: f32 = 0.02;
-
 /// Truncated SVD factors of `w` (`[out, inp]`, row-major) at rank `r`:
 /// returns `U: [out, r]`, `V: [r, inp]` and the relative Frobenius error.
 pub fn svd_factors(
@@ -198,12 +195,6 @@ fn check_layer(w: &[f32], out: usize, inp: usize, r: usize, name: &str) -> Resul
         );
     }
     Ok(())
-}
-
-/// Standard deviation of random U and V entries at rank `r`: the product of
-/// two such factors has entries of standard deviation `σ_w` = 0.02.
-pub fn random_factor_std(r: usize) -> f32 {
-    (DENSE_INIT_STD / (r as f32).sqrt()).sqrt()
 }
 
 /// Random factors whose product has the spread of a fresh dense layer, and

@@ -16,17 +16,23 @@
 //!
 //! A low-rank layer's U
 //! and V are drawn so that U·V has the spread of a dense layer
-//! (`factorize::random_factor_std`). Tensor `i` (in `param_specs` order)
+//! (`random_factor_std`). Tensor `i` (in `param_specs` order)
 //! draws from `Rng::from_keys(&[seed, i])`, so adding a layer does not change
 //! the others.
 
 use super::config::VitConfig;
 use super::params::{param_specs, Ranks, VitParams};
-use crate::factorize::random_factor_std;
 use crate::rng::Rng;
 
 /// Std of timm's `trunc_normal_` for linear weights and the position embedding.
 const STD: f32 = 0.02;
+
+/// Standard deviation of random U and V entries at rank `r`: the product of
+/// two such factors has entries of standard deviation `STD`, a fresh dense
+/// layer's (random low-rank layers here and in `factorize`).
+pub fn random_factor_std(r: usize) -> f32 {
+    (STD / (r as f32).sqrt()).sqrt()
+}
 /// Its bounds, absolute (timm's defaults a = -2, b = 2).
 const TRUNC_BOUND: f32 = 2.0;
 

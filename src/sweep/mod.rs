@@ -19,7 +19,7 @@ use crate::options::ComputeRecord;
 use crate::provenance::{DataRef, FileRef, RunMeta, Training};
 use crate::results::{append_record, read_records, Record, StudentRecord, TeacherRecord};
 use crate::train::fit::evaluate;
-use crate::train::spare_threads;
+use crate::train::spare_threads::{self, SpareThreads};
 use crate::train::{
     train_student, AdamWConfig, FitOptions, Frozen, LossSpec, RunFiles, StudentRun, StudentStart,
     Teacher, TeacherLogits,
@@ -232,6 +232,7 @@ pub fn run_sweep<B: Backend>(
         use_cache,
         cache_key,
         caches: Mutex::new(HashMap::new()),
+        spare_threads: SpareThreads::new(),
         queue: Mutex::new(
             queue_order(&todo, workers, |rank| {
                 Ok(param_count(cfg, &opts.plan.targets.ranks(cfg, rank)?))
@@ -325,6 +326,8 @@ struct Shared<'a, B: Backend> {
     cache_key: String,
     /// Teacher logits per seed, shared by every student of that seed.
     caches: Mutex<HashMap<u64, Arc<Mutex<TeacherLogits<B>>>>>,
+    /// Threads of finished workers, lent to the students still training.
+    spare_threads: SpareThreads,
     queue: Mutex<VecDeque<Job>>,
     skipped_claimed: AtomicUsize,
     /// Set when a job fails: the other workers take no new job.
@@ -377,7 +380,7 @@ fn run_workers<B: Backend>(shared: &Shared<'_, B>, workers: usize) -> Result<()>
                 scope.spawn(move || -> Result<spare_threads::Lent> {
                     let pool = crate::device::cpu::thread_pool(threads)?;
                     pool.install(|| worker(shared))?;
-                    Ok(spare_threads::lend(threads))
+                    Ok(shared.spare_threads.lend(threads))
                 })
             })
             .collect();
@@ -542,6 +545,7 @@ fn train_job<B: Backend>(
         files: &files,
         meta: &meta,
         paths: opts.compute.paths.model,
+        spare_threads: Some(shared.spare_threads.clone()),
     };
     let mut heartbeat = |epoch: usize| claim.epoch_done(epoch, opts.heartbeat);
     let summary = train_student(be, &run, teacher_signal, &mut heartbeat)

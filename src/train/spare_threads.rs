@@ -13,46 +13,66 @@
 //! neither do the results.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-/// Threads lent and not borrowed.
-static SPARE: AtomicUsize = AtomicUsize::new(0);
+/// Threads lent and not borrowed, shared by one sweep's workers and the
+/// learners of its students (cloning shares the count).
+#[derive(Clone, Debug, Default)]
+pub struct SpareThreads(Arc<AtomicUsize>);
 
 /// Threads a finished worker lends until this is dropped (the end of the
 /// sweep, once every student, and so every `Loan`, is gone).
 #[must_use = "the threads are lent until this is dropped"]
-pub struct Lent(usize);
-
-/// Lend `threads` idle threads.
-pub fn lend(threads: usize) -> Lent {
-    SPARE.fetch_add(threads, Ordering::SeqCst);
-    Lent(threads)
-}
-
-impl Drop for Lent {
-    fn drop(&mut self) {
-        // Saturating: a loan still out (a test's learner outliving its
-        // sweep) must not wrap the count around.
-        let _ = SPARE.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-            Some(n.saturating_sub(self.0))
-        });
-    }
+pub struct Lent {
+    spare: SpareThreads,
+    threads: usize,
 }
 
 /// One borrowed thread, given back when dropped.
 #[must_use = "the thread is given back when this is dropped"]
-pub struct Loan(());
+pub struct Loan(SpareThreads);
 
-/// A lent thread, if one is idle.
-pub fn borrow() -> Option<Loan> {
-    SPARE
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-        .ok()
-        .map(|_| Loan(()))
+impl SpareThreads {
+    /// No threads lent yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lend `threads` idle threads.
+    pub fn lend(&self, threads: usize) -> Lent {
+        self.0.fetch_add(threads, Ordering::SeqCst);
+        Lent {
+            spare: self.clone(),
+            threads,
+        }
+    }
+
+    /// A lent thread, if one is idle.
+    pub fn borrow(&self) -> Option<Loan> {
+        self.0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .ok()
+            .map(|_| Loan(self.clone()))
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        // Saturating: a loan still out (a learner outliving its sweep) must
+        // not wrap the count around.
+        let n = self.threads;
+        let _ = self
+            .spare
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| {
+                Some(c.saturating_sub(n))
+            });
+    }
 }
 
 impl Drop for Loan {
     fn drop(&mut self) {
-        SPARE.fetch_add(1, Ordering::SeqCst);
+        (self.0).0.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -62,13 +82,18 @@ mod tests {
 
     #[test]
     fn a_thread_is_borrowed_once_and_given_back() {
-        // The count is process-wide; no other unit test of the library
-        // lends or borrows, so this test's thread is the only one lent.
-        let lent = lend(1);
-        let loan = borrow().expect("one thread was lent");
+        let spare = SpareThreads::new();
+        assert!(spare.borrow().is_none(), "nothing lent yet");
+        let lent = spare.lend(1);
+        let loan = spare.borrow().expect("one thread was lent");
+        assert!(spare.borrow().is_none(), "the only thread is out");
         drop(loan);
-        let again = borrow().expect("the loan was given back");
+        let again = spare.borrow().expect("the loan was given back");
         drop(again);
         drop(lent);
+        assert!(spare.borrow().is_none(), "the lender took its thread back");
+        // Another sweep's count is its own.
+        let _other = SpareThreads::new().lend(3);
+        assert!(spare.borrow().is_none());
     }
 }

@@ -8,7 +8,7 @@
 
 use super::loss::LossSpec;
 use super::optimizer::{AdamW, AdamWConfig};
-use super::spare_threads;
+use super::spare_threads::{Loan, SpareThreads};
 use crate::device::BufKind;
 use crate::model::{Grads, Vit, VitActs, VitBackwardScratch};
 use crate::ops::image::{self, ImageTransform};
@@ -99,7 +99,7 @@ pub const SMALL_MODEL_MAX_WIDTH: usize = 256;
 /// halves one after the other), so a run gives the same bits on any number
 /// of threads. A GPU, and wider models, run the batch whole. A learner on
 /// one thread (a sweep's worker) runs its halves one after the other, or at
-/// once on a thread that a finished worker lent (`spare_threads`).
+/// once on a thread that a finished worker lent (`borrow_from`).
 pub struct Learner<B: Backend> {
     pub model: Vit<B>,
     /// The batch's gradients (shard 0 writes here, the others are added).
@@ -112,7 +112,9 @@ pub struct Learner<B: Backend> {
     pools: Vec<rayon::ThreadPool>,
     /// Without pools: a lent thread and a pool on it, where shard 1 runs
     /// while shard 0 runs on the calling thread.
-    borrowed: Option<(spare_threads::Loan, rayon::ThreadPool)>,
+    borrowed: Option<(Loan, rayon::ThreadPool)>,
+    /// Where to borrow that thread from (`borrow_from`; none: never).
+    spare: Option<SpareThreads>,
     max_batch: usize,
 }
 
@@ -322,6 +324,7 @@ impl<B: Backend> Learner<B> {
             opt: AdamW::new(be, &model, opt)?,
             pools,
             borrowed: None,
+            spare: None,
             max_batch,
             model,
         })
@@ -333,10 +336,16 @@ impl<B: Backend> Learner<B> {
         !self.pools.is_empty() || self.borrowed.is_some()
     }
 
+    /// Lets this learner borrow a thread that `spare`'s lenders lent (a
+    /// sweep's finished workers) to compute its two shards at once.
+    pub fn borrow_from(&mut self, spare: SpareThreads) {
+        self.spare = Some(spare);
+    }
+
     /// Borrows a lent thread when two shards have no pools and one is idle.
     fn borrow_idle_thread(&mut self) -> Result<()> {
         if self.pools.is_empty() && self.borrowed.is_none() && self.shards.len() == 2 {
-            if let Some(loan) = spare_threads::borrow() {
+            if let Some(loan) = self.spare.as_ref().and_then(SpareThreads::borrow) {
                 self.borrowed = Some((loan, crate::device::cpu::thread_pool(1)?));
             }
         }
@@ -552,7 +561,7 @@ impl<B: Backend> Learner<B> {
 /// the borrowed thread's.
 fn shard_pools<'a>(
     pools: &'a [rayon::ThreadPool],
-    borrowed: &'a Option<(spare_threads::Loan, rayon::ThreadPool)>,
+    borrowed: &'a Option<(Loan, rayon::ThreadPool)>,
 ) -> &'a [rayon::ThreadPool] {
     match borrowed {
         Some((_, pool)) => std::slice::from_ref(pool),

@@ -15,6 +15,7 @@ use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
 use crate::options::ModelPaths;
 use crate::provenance::RunMeta;
+use crate::train::spare_threads::SpareThreads;
 use anyhow::Result;
 
 /// Where a student's weights start.
@@ -52,6 +53,8 @@ pub struct StudentRun<'a> {
     pub meta: &'a RunMeta,
     /// The paths the student takes (`ComputeRecord::paths`).
     pub paths: ModelPaths,
+    /// Threads a sweep's finished workers lend (None: outside a sweep).
+    pub spare_threads: Option<SpareThreads>,
 }
 
 /// Factorize (or take) the student, build it on `be` and train it.
@@ -74,6 +77,9 @@ pub fn train_student<B: Backend>(
     };
     let model = Vit::from_host(be, run.cfg, run.start.ranks(), &params, run.paths)?;
     let mut learner = Learner::new(be, model, run.fit.batch, run.optimizer)?;
+    if let Some(spare) = &run.spare_threads {
+        learner.borrow_from(spare.clone());
+    }
     fit(
         be,
         &mut learner,
