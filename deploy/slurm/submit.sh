@@ -6,7 +6,7 @@
 #   3. the analysis, started only when every array task finished (afterok).
 #
 # Usage (from the repository root, on the cluster's login node):
-#   OUT=/shared/runs/sweep DATA=/shared/cifar-100-binary TASKS=8 examples/slurm/submit.sh
+#   OUT=/shared/runs/sweep DATA=/shared/cifar-100-binary TASKS=8 deploy/slurm/submit.sh
 #
 # Settings (environment):
 #   BIN       the effrank-engine binary (default: target/release/effrank-engine)
