@@ -7,20 +7,13 @@
 //! environment variable, read by one rule (`switch_from_env`); else `auto`.
 //! `ComputeOptions::resolve` turns them, for one device, into
 //! `ComputePaths`: plain booleans that the model (`Vit::paths`) and the
-//! CPU's kernels (`device::cpu::configure`) follow. `ComputeRecord` is what
+//! CPU's kernels (`ops::configure_cpu`) follow. `ComputeRecord` is what
 //! a run writes into every checkpoint's metadata and hashes into the
 //! teacher-logit cache key: the engine version and commit, the device, the
 //! precision, the options given and the paths taken.
 //!
-//! | flag | default (`auto`) | environment fallback |
-//! |---|---|---|
-//! | `--class-token-tail` | on for cpu, off for cuda | `EFFRANK_EVERY_TOKEN=1` off, `EFFRANK_CUDA_CLASS_TOKEN_TAIL=1` on |
-//! | `--batch-split` | on for cpu, off for cuda | `EFFRANK_WHOLE_BATCHES=1` off |
-//! | `--short-attention` | off (cuda only) | `EFFRANK_CUDA_SHORT_ATTENTION=1` on |
-//! | `--fused-add-layernorm` | off (cuda only) | `EFFRANK_CUDA_FUSED_ADD_LN=1` on |
-//! | `--attention-tiles` | on (cpu, AVX-512, head dim 16) | `EFFRANK_ATTENTION_PRODUCTS=1` off |
-//! | `--simd` | the widest the CPU has | `EFFRANK_SIMD=avx512|avx2|baseline` |
-//! | `--profile` | off | `EFFRANK_PROFILE=1` on |
+//! The flags, their defaults and their variables: README, "Compute
+//! options" (and `--help`).
 
 use crate::device::{Device, Precision};
 use anyhow::{bail, Result};
