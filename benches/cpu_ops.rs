@@ -18,6 +18,7 @@ use effrank_engine::ops::add::{add, add_assign};
 use effrank_engine::ops::attention::cpu::{
     attention_backward, attention_forward, products_backward, products_forward,
 };
+use effrank_engine::ops::attention::{AttentionShape, Qkv};
 use effrank_engine::ops::gelu::cpu::{gelu_backward, gelu_backward_recomputing, gelu_forward};
 use effrank_engine::ops::layernorm::cpu::{layernorm_backward, layernorm_forward};
 use effrank_engine::ops::matmul::cpu::strided_gemm;
@@ -29,6 +30,16 @@ const WIDTH: usize = 768;
 const MLP: usize = 3072;
 const HEADS: usize = 12;
 const ROUNDS: usize = 15;
+
+/// `q, k, v` as one `Qkv`.
+fn qkv<'a>(q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Qkv<&'a [f32]> {
+    Qkv { q, k, v }
+}
+
+/// `dq, dk, dv` as one `Qkv`.
+fn grads<'a>(q: &'a mut [f32], k: &'a mut [f32], v: &'a mut [f32]) -> Qkv<&'a mut [f32]> {
+    Qkv { q, k, v }
+}
 
 /// Median over rounds of the seconds per call of `f`.
 fn median_seconds(calls_per_round: usize, mut f: impl FnMut()) -> f64 {
@@ -139,19 +150,15 @@ fn main() {
             random(ROWS * WIDTH),
             random(ROWS * WIDTH),
         );
+        let vit_b32 = AttentionShape {
+            batch: 8,
+            tokens: 50,
+            heads: HEADS,
+            head_dim: WIDTH / HEADS,
+        };
         let (mut out, mut probs) = (vec![0f32; ROWS * WIDTH], vec![0f32; 8 * HEADS * 50 * 50]);
         let t = median_seconds(10, || {
-            attention_forward(
-                &mut out,
-                &mut probs,
-                &q,
-                &k,
-                &v,
-                8,
-                50,
-                HEADS,
-                WIDTH / HEADS,
-            )
+            attention_forward(&mut out, &mut probs, qkv(&q, &k, &v), vit_b32)
         });
         row(
             "attention forward (8 x 12 heads, 50 tokens)",
@@ -165,18 +172,11 @@ fn main() {
         );
         let t = median_seconds(10, || {
             attention_backward(
-                &mut dq,
-                &mut dk,
-                &mut dv,
+                grads(&mut dq, &mut dk, &mut dv),
                 &dout,
-                &q,
-                &k,
-                &v,
+                qkv(&q, &k, &v),
                 &probs,
-                8,
-                50,
-                HEADS,
-                WIDTH / HEADS,
+                vit_b32,
             )
         });
         row("attention backward", t, per_element(t, 8 * HEADS * 50 * 50));
@@ -191,7 +191,13 @@ fn main() {
             ("vit-cifar", 64, 65, 3, 64),
             ("vit-b32", 8, 50, 12, 64),
         ] {
-            let n = batch * t * heads * dh;
+            let shape = AttentionShape {
+                batch,
+                tokens: t,
+                heads,
+                head_dim: dh,
+            };
+            let n = shape.len();
             let (q, k, v, dout) = (random(n), random(n), random(n), random(n));
             let (mut out, mut probs) = (vec![0f32; n], vec![0f32; batch * heads * t * t]);
             let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
@@ -200,19 +206,27 @@ fn main() {
             let (mut tf, mut pf, mut tb, mut pb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..3 {
                 tf.push(median_seconds(5, || {
-                    attention_forward(&mut out, &mut probs, &q, &k, &v, batch, t, heads, dh)
+                    attention_forward(&mut out, &mut probs, qkv(&q, &k, &v), shape)
                 }));
                 pf.push(median_seconds(5, || {
-                    products_forward(&mut out, &mut probs, &q, &k, &v, batch, t, heads, dh)
+                    products_forward(&mut out, &mut probs, qkv(&q, &k, &v), shape)
                 }));
                 tb.push(median_seconds(5, || {
                     attention_backward(
-                        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh,
+                        grads(&mut dq, &mut dk, &mut dv),
+                        &dout,
+                        qkv(&q, &k, &v),
+                        &probs,
+                        shape,
                     )
                 }));
                 pb.push(median_seconds(5, || {
                     products_backward(
-                        &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh,
+                        grads(&mut dq, &mut dk, &mut dv),
+                        &dout,
+                        qkv(&q, &k, &v),
+                        &probs,
+                        shape,
                     )
                 }));
             }

@@ -18,9 +18,15 @@ use effrank_engine::device::cuda::{cuda_available, CudaBuf, CudaOptions};
 use effrank_engine::device::{BufKind, Cuda, Device, Precision};
 use effrank_engine::ops;
 use effrank_engine::ops::adamw::AdamWStep;
+use effrank_engine::ops::attention::{AttentionShape, Qkv};
 use effrank_engine::ops::image::ImageTransform;
 use effrank_engine::ops::loss::LogitLossConfig;
 use effrank_engine::rng::Rng;
+
+/// `dq, dk, dv` as one `Qkv`.
+fn grads<'a>(q: &'a mut CudaBuf, k: &'a mut CudaBuf, v: &'a mut CudaBuf) -> Qkv<&'a mut CudaBuf> {
+    Qkv { q, k, v }
+}
 
 /// A random activation buffer.
 fn buf(be: &Cuda, seed: u64, n: usize, std: f32) -> Result<CudaBuf> {
@@ -97,7 +103,13 @@ fn lowrank_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
 
 fn attention_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     let (batch, t, heads, dh) = (64, 197, 12, 64);
-    let n = batch * t * heads * dh;
+    let shape = AttentionShape {
+        batch,
+        tokens: t,
+        heads,
+        head_dim: dh,
+    };
+    let n = shape.len();
     let (q, k, v, dout) = (
         buf(be, 5, n, 1.0)?,
         buf(be, 6, n, 1.0)?,
@@ -112,16 +124,17 @@ fn attention_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
         be.alloc(n, BufKind::Activation)?,
     );
     let flops = 4.0 * (batch * heads) as f64 * (t * t * dh) as f64;
-    let ok = ops::attention::check_forward(be, &out, &probs, &q, &k, &v, batch, t, heads, dh)?;
+    let x = Qkv {
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    let ok = ops::attention::check_forward(be, &out, &probs, x, shape)?;
     let f = be.median_device_seconds(10, || {
-        ops::attention::cuda::fused_forward(
-            be, &mut out, &mut probs, &q, &k, &v, batch, t, heads, dh, ok,
-        )
+        ops::attention::cuda::fused_forward(be, &mut out, &mut probs, x, shape, ok)
     })?;
     let fb = be.median_device_seconds(10, || {
-        ops::attention::cuda::unfused_forward(
-            be, &mut out, &mut probs, &q, &k, &v, batch, t, heads, dh, ok,
-        )
+        ops::attention::cuda::unfused_forward(be, &mut out, &mut probs, x, shape, ok)
     })?;
     rows.push(Row {
         kernel: format!("attention_forward b{batch} t{t} h{heads}x{dh}"),
@@ -130,16 +143,37 @@ fn attention_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
         baseline_ms: Some(fb * 1e3),
     });
     let ok = ops::attention::check_backward(
-        be, &dq, &dk, &dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh,
+        be,
+        Qkv {
+            q: &dq,
+            k: &dk,
+            v: &dv,
+        },
+        &dout,
+        x,
+        &probs,
+        shape,
     )?;
     let b = be.median_device_seconds(10, || {
         ops::attention::cuda::fused_backward(
-            be, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh, ok,
+            be,
+            grads(&mut dq, &mut dk, &mut dv),
+            &dout,
+            x,
+            &probs,
+            shape,
+            ok,
         )
     })?;
     let bb = be.median_device_seconds(10, || {
         ops::attention::cuda::unfused_backward(
-            be, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh, ok,
+            be,
+            grads(&mut dq, &mut dk, &mut dv),
+            &dout,
+            x,
+            &probs,
+            shape,
+            ok,
         )
     })?;
     rows.push(Row {
@@ -155,7 +189,13 @@ fn attention_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
 /// kernels against the default fused ones, and those against the unfused path.
 fn short_attention_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     let (batch, t, heads, dh) = (256, 50, 12, 64);
-    let n = batch * t * heads * dh;
+    let shape = AttentionShape {
+        batch,
+        tokens: t,
+        heads,
+        head_dim: dh,
+    };
+    let n = shape.len();
     let (q, k, v, dout) = (
         buf(be, 25, n, 1.0)?,
         buf(be, 26, n, 1.0)?,
@@ -170,65 +210,89 @@ fn short_attention_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
         be.alloc(n, BufKind::Activation)?,
     );
     let flops = 4.0 * (batch * heads) as f64 * (t * t * dh) as f64;
-    let shape = format!("b{batch} t{t} h{heads}x{dh}");
+    let label = format!("b{batch} t{t} h{heads}x{dh}");
     use ops::attention::cuda::{
         fused_backward, fused_forward, short_backward, short_forward, unfused_backward,
         unfused_forward,
     };
-    let ok = ops::attention::check_forward(be, &out, &probs, &q, &k, &v, batch, t, heads, dh)?;
-    let short = be.median_device_seconds(20, || {
-        short_forward(
-            be, &mut out, &mut probs, &q, &k, &v, batch, t, heads, dh, ok,
-        )
-    })?;
-    let fused = be.median_device_seconds(20, || {
-        fused_forward(
-            be, &mut out, &mut probs, &q, &k, &v, batch, t, heads, dh, ok,
-        )
-    })?;
+    let x = Qkv {
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    let ok = ops::attention::check_forward(be, &out, &probs, x, shape)?;
+    let short =
+        be.median_device_seconds(20, || short_forward(be, &mut out, &mut probs, x, shape, ok))?;
+    let fused =
+        be.median_device_seconds(20, || fused_forward(be, &mut out, &mut probs, x, shape, ok))?;
     let unfused = be.median_device_seconds(10, || {
-        unfused_forward(
-            be, &mut out, &mut probs, &q, &k, &v, batch, t, heads, dh, ok,
-        )
+        unfused_forward(be, &mut out, &mut probs, x, shape, ok)
     })?;
     rows.push(Row {
-        kernel: format!("attention_short_forward {shape} vs fused"),
+        kernel: format!("attention_short_forward {label} vs fused"),
         ms: short * 1e3,
         rate: format!("{:.2} TFLOP/s", flops / short / 1e12),
         baseline_ms: Some(fused * 1e3),
     });
     rows.push(Row {
-        kernel: format!("attention_forward (fused) {shape} vs unfused"),
+        kernel: format!("attention_forward (fused) {label} vs unfused"),
         ms: fused * 1e3,
         rate: format!("{:.2} TFLOP/s", flops / fused / 1e12),
         baseline_ms: Some(unfused * 1e3),
     });
     let ok = ops::attention::check_backward(
-        be, &dq, &dk, &dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh,
+        be,
+        Qkv {
+            q: &dq,
+            k: &dk,
+            v: &dv,
+        },
+        &dout,
+        x,
+        &probs,
+        shape,
     )?;
     let short = be.median_device_seconds(20, || {
         short_backward(
-            be, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh, ok,
+            be,
+            grads(&mut dq, &mut dk, &mut dv),
+            &dout,
+            x,
+            &probs,
+            shape,
+            ok,
         )
     })?;
     let fused = be.median_device_seconds(20, || {
         fused_backward(
-            be, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh, ok,
+            be,
+            grads(&mut dq, &mut dk, &mut dv),
+            &dout,
+            x,
+            &probs,
+            shape,
+            ok,
         )
     })?;
     let unfused = be.median_device_seconds(10, || {
         unfused_backward(
-            be, &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &probs, batch, t, heads, dh, ok,
+            be,
+            grads(&mut dq, &mut dk, &mut dv),
+            &dout,
+            x,
+            &probs,
+            shape,
+            ok,
         )
     })?;
     rows.push(Row {
-        kernel: format!("attention_short_backward {shape} vs fused"),
+        kernel: format!("attention_short_backward {label} vs fused"),
         ms: short * 1e3,
         rate: format!("{:.2} TFLOP/s", 2.0 * flops / short / 1e12),
         baseline_ms: Some(fused * 1e3),
     });
     rows.push(Row {
-        kernel: format!("attention_backward (fused) {shape} vs unfused"),
+        kernel: format!("attention_backward (fused) {label} vs unfused"),
         ms: fused * 1e3,
         rate: format!("{:.2} TFLOP/s", 2.0 * flops / fused / 1e12),
         baseline_ms: Some(unfused * 1e3),

@@ -56,6 +56,7 @@ use super::config::VitConfig;
 use super::linear::{linear_backward, linear_forward, LinearShape};
 use super::params::{param_specs, validate_ranks, BlockLinear, PerLinear, Ranks, VitParams};
 use crate::device::{BufKind, Device};
+use crate::ops::attention::{AttentionShape, Qkv};
 use crate::ops::{add, add_layernorm, attention, embed, gelu, layernorm, matmul, Backend};
 use crate::options::ModelPaths;
 use anyhow::{bail, Result};
@@ -384,6 +385,12 @@ impl<B: Backend> Vit<B> {
         let (t, d) = (c.tokens(), c.width);
         let n = batch * t;
         let np = batch * c.n_patches();
+        let shape = AttentionShape {
+            batch,
+            tokens: t,
+            heads: c.heads,
+            head_dim: c.head_dim(),
+        };
         acts.forwarded = None;
 
         embed::patch_gather(
@@ -470,13 +477,12 @@ impl<B: Backend> Vit<B> {
                     be,
                     &mut acts.cls_attn,
                     &mut acts.cls_probs,
-                    &acts.cls_q,
-                    &a.k,
-                    &a.v,
-                    batch,
-                    t,
-                    c.heads,
-                    c.head_dim(),
+                    Qkv {
+                        q: &acts.cls_q,
+                        k: &a.k,
+                        v: &a.v,
+                    },
+                    shape,
                 )?;
             } else {
                 linear_forward(
@@ -492,13 +498,12 @@ impl<B: Backend> Vit<B> {
                     be,
                     &mut a.attn,
                     &mut a.probs,
-                    &a.q,
-                    &a.k,
-                    &a.v,
-                    batch,
-                    t,
-                    c.heads,
-                    c.head_dim(),
+                    Qkv {
+                        q: &a.q,
+                        k: &a.k,
+                        v: &a.v,
+                    },
+                    shape,
                 )?;
                 if class_rows {
                     embed::cls_gather(be, &mut acts.cls_attn, &a.attn, batch, t, d)?;
@@ -672,6 +677,12 @@ impl<B: Backend> Vit<B> {
         let p = &self.params;
         let (t, d) = (c.tokens(), c.width);
         let n = batch * t;
+        let shape = AttentionShape {
+            batch,
+            tokens: t,
+            heads: c.heads,
+            head_dim: c.head_dim(),
+        };
         let tail = match acts.forwarded {
             None => bail!("backward needs a forward pass on these activations first"),
             Some((_, b)) if b != batch => {
@@ -859,18 +870,19 @@ impl<B: Backend> Vit<B> {
                 // Attention and Q on the class-token rows; K and V on every token.
                 attention::class_token_backward(
                     be,
-                    &mut s.d_cls_q,
-                    &mut s.dk,
-                    &mut s.dv,
+                    Qkv {
+                        q: &mut s.d_cls_q,
+                        k: &mut s.dk,
+                        v: &mut s.dv,
+                    },
                     &s.d_cls_ln,
-                    &acts.cls_q,
-                    &a.k,
-                    &a.v,
+                    Qkv {
+                        q: &acts.cls_q,
+                        k: &a.k,
+                        v: &a.v,
+                    },
                     &acts.cls_probs,
-                    batch,
-                    t,
-                    c.heads,
-                    c.head_dim(),
+                    shape,
                 )?;
                 linear_backward(
                     be,
@@ -920,18 +932,19 @@ impl<B: Backend> Vit<B> {
                 }
                 attention::backward(
                     be,
-                    &mut s.dq,
-                    &mut s.dk,
-                    &mut s.dv,
+                    Qkv {
+                        q: &mut s.dq,
+                        k: &mut s.dk,
+                        v: &mut s.dv,
+                    },
                     &s.d_attn,
-                    &a.q,
-                    &a.k,
-                    &a.v,
+                    Qkv {
+                        q: &a.q,
+                        k: &a.k,
+                        v: &a.v,
+                    },
                     &a.probs,
-                    batch,
-                    t,
-                    c.heads,
-                    c.head_dim(),
+                    shape,
                 )?;
                 linear_backward(
                     be,

@@ -3,9 +3,10 @@
 //! columns of q, k, v and out (no copies), so every task writes only its own
 //! head's columns. The backward pass at 16-wide heads computes its one
 //! product over the head width on register tiles instead (the second half
-//! of this file).
+//! of this file). The entry points take the sizes as one `AttentionShape`
+//! and `q, k, v` (and `dq, dk, dv`) as one `Qkv` of slices.
 
-use super::AttentionKernel;
+use super::{AttentionKernel, AttentionShape, Qkv};
 use crate::device::Cpu;
 use crate::ops::gelu::cpu::exp;
 use crate::ops::matmul::cpu::SharedMut;
@@ -14,84 +15,72 @@ use crate::ops::Checked;
 use anyhow::Result;
 use rayon::prelude::*;
 
+/// A strided matrix operand: element `(i, j)` at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+struct Strided<P> {
+    ptr: P,
+    rs: usize,
+    cs: usize,
+}
+
+/// The operand at `ptr` with row stride `rs` and column stride `cs`.
+fn strided<P>(ptr: P, rs: usize, cs: usize) -> Strided<P> {
+    Strided { ptr, rs, cs }
+}
+
 /// `c[m, n] = alpha · a[m, k] · b[k, n]` with explicit strides, one thread.
-#[allow(clippy::too_many_arguments)]
 unsafe fn gemm(
-    m: usize,
-    k: usize,
-    n: usize,
+    (m, k, n): (usize, usize, usize),
     alpha: f32,
-    a: *const f32,
-    rsa: usize,
-    csa: usize,
-    b: *const f32,
-    rsb: usize,
-    csb: usize,
-    c: *mut f32,
-    rsc: usize,
-    csc: usize,
+    a: Strided<*const f32>,
+    b: Strided<*const f32>,
+    c: Strided<*mut f32>,
 ) {
     crate::ops::matmul::cpu::strided_gemm(
         m,
         k,
         n,
         alpha,
-        a,
-        rsa as isize,
-        csa as isize,
-        b,
-        rsb as isize,
-        csb as isize,
+        a.ptr,
+        a.rs as isize,
+        a.cs as isize,
+        b.ptr,
+        b.rs as isize,
+        b.cs as isize,
         false,
-        c,
-        rsc as isize,
-        csc as isize,
+        c.ptr,
+        c.rs as isize,
+        c.cs as isize,
         1,
     );
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn attention_forward(
     out: &mut [f32],
     probs: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    x: Qkv<&[f32]>,
+    shape: AttentionShape,
 ) {
-    let (t, d) = (tokens, heads * head_dim);
+    let n = shape.len();
     assert!(
-        q.len() >= batch * t * d
-            && k.len() >= batch * t * d
-            && v.len() >= batch * t * d
-            && out.len() >= batch * t * d
-            && probs.len() >= batch * heads * t * t
+        x.q.len() >= n
+            && x.k.len() >= n
+            && x.v.len() >= n
+            && out.len() >= n
+            && probs.len() >= shape.probs_len()
     );
-    products_forward(out, probs, q, k, v, batch, tokens, heads, head_dim)
+    products_forward(out, probs, x, shape)
 }
 
 /// The forward pass as faer products per (image, head): the path for head
 /// widths the tiles do not cover, and the baseline of `cargo bench --bench
 /// cpu_ops`.
-#[allow(clippy::too_many_arguments)]
-pub fn products_forward(
-    out: &mut [f32],
-    probs: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
-) {
-    let (t, dh, d) = (tokens, head_dim, heads * head_dim);
-    let scale = 1.0 / (dh as f32).sqrt();
+pub fn products_forward(out: &mut [f32], probs: &mut [f32], x: Qkv<&[f32]>, shape: AttentionShape) {
+    let Qkv { q, k, v } = x;
+    let (t, dh, d, heads) = (shape.tokens, shape.head_dim, shape.width(), shape.heads);
+    let scale = shape.scale();
     let out_ptr = SharedMut(out.as_mut_ptr());
-    probs[..batch * heads * t * t]
+    probs[..shape.probs_len()]
         .par_chunks_mut(t * t)
         .enumerate()
         .for_each(|(bh, p)| {
@@ -102,19 +91,11 @@ pub fn products_forward(
             // only rows of image b and columns h*dh..(h+1)*dh of `out`.
             unsafe {
                 gemm(
-                    t,
-                    dh,
-                    t,
+                    (t, dh, t),
                     scale,
-                    q.as_ptr().add(base),
-                    d,
-                    1,
-                    k.as_ptr().add(base),
-                    1,
-                    d,
-                    p.as_mut_ptr(),
-                    t,
-                    1,
+                    strided(q.as_ptr().add(base), d, 1),
+                    strided(k.as_ptr().add(base), 1, d),
+                    strided(p.as_mut_ptr(), t, 1),
                 );
             }
             vectorized(
@@ -127,19 +108,11 @@ pub fn products_forward(
             );
             unsafe {
                 gemm(
-                    t,
-                    t,
-                    dh,
+                    (t, t, dh),
                     1.0,
-                    p.as_ptr(),
-                    t,
-                    1,
-                    v.as_ptr().add(base),
-                    d,
-                    1,
-                    o.0.add(base),
-                    d,
-                    1,
+                    strided(p.as_ptr(), t, 1),
+                    strided(v.as_ptr().add(base), d, 1),
+                    strided(o.0.add(base), d, 1),
                 );
             }
         });
@@ -233,69 +206,49 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         })
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    grads: Qkv<&mut [f32]>,
     dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    x: Qkv<&[f32]>,
     probs: &[f32],
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    shape: AttentionShape,
 ) {
-    let (t, d) = (tokens, heads * head_dim);
-    let n = batch * t * d;
+    let n = shape.len();
     assert!(
-        dq.len() >= n
-            && dk.len() >= n
-            && dv.len() >= n
+        grads.q.len() >= n
+            && grads.k.len() >= n
+            && grads.v.len() >= n
             && dout.len() >= n
-            && q.len() >= n
-            && k.len() >= n
-            && v.len() >= n
-            && probs.len() >= batch * heads * t * t
+            && x.q.len() >= n
+            && x.k.len() >= n
+            && x.v.len() >= n
+            && probs.len() >= shape.probs_len()
     );
-    if tiled(head_dim) {
-        tiled_backward(
-            dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
-        )
+    if tiled(shape.head_dim) {
+        tiled_backward(grads, dout, x, probs, shape)
     } else {
-        products_backward(
-            dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
-        )
+        products_backward(grads, dout, x, probs, shape)
     }
 }
 
 /// The backward pass as faer products per (image, head) (see
 /// `products_forward`).
-#[allow(clippy::too_many_arguments)]
 pub fn products_backward(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    grads: Qkv<&mut [f32]>,
     dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    x: Qkv<&[f32]>,
     probs: &[f32],
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    shape: AttentionShape,
 ) {
-    let (t, dh, d) = (tokens, head_dim, heads * head_dim);
-    let scale = 1.0 / (dh as f32).sqrt();
+    let Qkv { q, k, v } = x;
+    let (t, dh, d, heads) = (shape.tokens, shape.head_dim, shape.width(), shape.heads);
+    let scale = shape.scale();
     let (pq, pk, pv) = (
-        SharedMut(dq.as_mut_ptr()),
-        SharedMut(dk.as_mut_ptr()),
-        SharedMut(dv.as_mut_ptr()),
+        SharedMut(grads.q.as_mut_ptr()),
+        SharedMut(grads.k.as_mut_ptr()),
+        SharedMut(grads.v.as_mut_ptr()),
     );
-    (0..batch * heads).into_par_iter().for_each(|bh| {
+    (0..shape.pairs()).into_par_iter().for_each(|bh| {
         let (b, h) = (bh / heads, bh % heads);
         let base = b * t * d + h * dh;
         let p = &probs[bh * t * t..(bh + 1) * t * t];
@@ -306,35 +259,19 @@ pub fn products_backward(
         unsafe {
             // dP = dout · vᵀ
             gemm(
-                t,
-                dh,
-                t,
+                (t, dh, t),
                 1.0,
-                dout.as_ptr().add(base),
-                d,
-                1,
-                v.as_ptr().add(base),
-                1,
-                d,
-                ds.as_mut_ptr(),
-                t,
-                1,
+                strided(dout.as_ptr().add(base), d, 1),
+                strided(v.as_ptr().add(base), 1, d),
+                strided(ds.as_mut_ptr(), t, 1),
             );
             // dV = Pᵀ · dout
             gemm(
-                t,
-                t,
-                dh,
+                (t, t, dh),
                 1.0,
-                p.as_ptr(),
-                1,
-                t,
-                dout.as_ptr().add(base),
-                d,
-                1,
-                pv.0.add(base),
-                d,
-                1,
+                strided(p.as_ptr(), 1, t),
+                strided(dout.as_ptr().add(base), d, 1),
+                strided(pv.0.add(base), d, 1),
             );
         }
         // dS = P ∘ (dP − rowsum(dP ∘ P))
@@ -352,34 +289,18 @@ pub fn products_backward(
         unsafe {
             // dQ = scale · dS · k ;  dK = scale · dSᵀ · q
             gemm(
-                t,
-                t,
-                dh,
+                (t, t, dh),
                 scale,
-                ds.as_ptr(),
-                t,
-                1,
-                k.as_ptr().add(base),
-                d,
-                1,
-                pq.0.add(base),
-                d,
-                1,
+                strided(ds.as_ptr(), t, 1),
+                strided(k.as_ptr().add(base), d, 1),
+                strided(pq.0.add(base), d, 1),
             );
             gemm(
-                t,
-                t,
-                dh,
+                (t, t, dh),
                 scale,
-                ds.as_ptr(),
-                1,
-                t,
-                q.as_ptr().add(base),
-                d,
-                1,
-                pk.0.add(base),
-                d,
-                1,
+                strided(ds.as_ptr(), 1, t),
+                strided(q.as_ptr().add(base), d, 1),
+                strided(pk.0.add(base), d, 1),
             );
         }
     });
@@ -408,7 +329,21 @@ pub fn products_backward(
 
 #[cfg(target_arch = "x86_64")]
 mod tiles {
+    use super::{strided, AttentionShape, Qkv};
     use std::arch::x86_64::*;
+
+    /// Rows at stride `ld` from `ptr` (each row contiguous).
+    #[derive(Clone, Copy)]
+    pub struct Rows<P> {
+        pub ptr: P,
+        pub ld: usize,
+    }
+
+    impl<P: Copy> Rows<P> {
+        fn new(ptr: P, ld: usize) -> Self {
+            Rows { ptr, ld }
+        }
+    }
 
     /// Rows per block of queries (and of keys in dk, dv).
     pub const RS: usize = 8;
@@ -416,23 +351,22 @@ mod tiles {
     pub const L: usize = 16;
 
     /// `out[r][c·16..] = alpha · Σ_dd a[r·lda + dd] · bt[dd·ldb + c·16..]`
-    /// for R rows and C vectors (an A·Bᵀ tile with Bᵀ packed).
+    /// for R rows and C vectors (an A·Bᵀ tile with Bᵀ packed; `lda`, `ldb`,
+    /// `ldo` the strides of `a`, `bt`, `out`).
     ///
     /// # Safety
     /// AVX-512F; all addressed elements lie inside their buffers.
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn tile_abt<const R: usize, const C: usize>(
-        a: *const f32,
-        lda: usize,
-        bt: *const f32,
-        ldb: usize,
+        a: Rows<*const f32>,
+        bt: Rows<*const f32>,
         depth: usize,
         alpha: f32,
-        out: *mut f32,
-        ldo: usize,
+        out: Rows<*mut f32>,
     ) {
+        let (Rows { ptr: a, ld: lda }, Rows { ptr: bt, ld: ldb }) = (a, bt);
+        let Rows { ptr: out, ld: ldo } = out;
         let mut acc = [[_mm512_setzero_ps(); C]; R];
         for dd in 0..depth {
             let mut b = [_mm512_setzero_ps(); C];
@@ -454,40 +388,44 @@ mod tiles {
         }
     }
 
-    /// `rows` (≤ RS) rows of `alpha · a · btᵀ` into `out` (stride `ldo`,
-    /// `tp` columns), two vectors at a time.
+    /// `rows` (≤ RS) rows of `alpha · a · btᵀ` into `out` (its stride
+    /// `out.ld`, `tp` columns), two vectors at a time; `bt` is `depth` rows of
+    /// `tp = bt.ld` columns.
     ///
     /// # Safety
     /// As `tile_abt`.
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn rows_abt(
         rows: usize,
-        a: *const f32,
-        lda: usize,
-        bt: *const f32,
-        tp: usize,
+        a: Rows<*const f32>,
+        bt: Rows<*const f32>,
         depth: usize,
         alpha: f32,
-        out: *mut f32,
-        ldo: usize,
+        out: Rows<*mut f32>,
     ) {
+        let (lda, tp, ldo) = (a.ld, bt.ld, out.ld);
         let vectors = tp / L;
         let mut c = 0;
         while c < vectors {
-            let (bt, out) = (bt.add(c * L), out.add(c * L));
+            let (bt, out) = (
+                Rows::new(bt.ptr.add(c * L), tp),
+                Rows::new(out.ptr.add(c * L), ldo),
+            );
             let two = c + 2 <= vectors;
             match (rows == RS, two) {
-                (true, true) => tile_abt::<RS, 2>(a, lda, bt, tp, depth, alpha, out, ldo),
-                (true, false) => tile_abt::<RS, 1>(a, lda, bt, tp, depth, alpha, out, ldo),
+                (true, true) => tile_abt::<RS, 2>(a, bt, depth, alpha, out),
+                (true, false) => tile_abt::<RS, 1>(a, bt, depth, alpha, out),
                 (false, _) => {
                     for r in 0..rows {
-                        let (a, out) = (a.add(r * lda), out.add(r * ldo));
+                        let (a, out) = (
+                            Rows::new(a.ptr.add(r * lda), lda),
+                            Rows::new(out.ptr.add(r * ldo), ldo),
+                        );
                         if two {
-                            tile_abt::<1, 2>(a, lda, bt, tp, depth, alpha, out, ldo)
+                            tile_abt::<1, 2>(a, bt, depth, alpha, out)
                         } else {
-                            tile_abt::<1, 1>(a, lda, bt, tp, depth, alpha, out, ldo)
+                            tile_abt::<1, 1>(a, bt, depth, alpha, out)
                         }
                     }
                 }
@@ -523,43 +461,33 @@ mod tiles {
     /// dimension of `t` by faer. `vt` holds `dh × tp` floats.
     ///
     /// # Safety
-    /// AVX-512F; `p` is the head's `t × t` probabilities; `dout`, `q`, `k`,
-    /// `v`, `dq`, `dk`, `dv` point at the head's first column of the image's
-    /// first token (`t` rows at stride `d`).
+    /// AVX-512F; `p` is the head's `t × t` probabilities; `dout`, `x` (q, k,
+    /// v) and `grads` (dq, dk, dv) point at the head's first column of the
+    /// image's first token (`t` rows at stride `d`).
     #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,avx")]
-    #[allow(clippy::too_many_arguments)]
     pub unsafe fn head_backward(
         p: &[f32],
         dout: *const f32,
-        q: *const f32,
-        k: *const f32,
-        v: *const f32,
-        dq: *mut f32,
-        dk: *mut f32,
-        dv: *mut f32,
-        t: usize,
-        dh: usize,
-        d: usize,
-        scale: f32,
+        x: Qkv<*const f32>,
+        grads: Qkv<*mut f32>,
+        shape: AttentionShape,
         vt: &mut [f32],
         ds: &mut [f32],
     ) {
+        let (t, dh, d, scale) = (shape.tokens, shape.head_dim, shape.width(), shape.scale());
         let tp = t.div_ceil(L) * L;
-        pack_transposed(vt, v, t, tp, dh, d);
+        pack_transposed(vt, x.v, t, tp, dh, d);
         let mut i0 = 0;
         while i0 < t {
             let rows = RS.min(t - i0);
             // dP = do vᵀ
             rows_abt(
                 rows,
-                dout.add(i0 * d),
-                d,
-                vt.as_ptr(),
-                tp,
+                Rows::new(dout.add(i0 * d), d),
+                Rows::new(vt.as_ptr(), tp),
                 dh,
                 1.0,
-                ds.as_mut_ptr().add(i0 * tp),
-                tp,
+                Rows::new(ds.as_mut_ptr().add(i0 * tp), tp),
             );
             i0 += rows;
         }
@@ -572,9 +500,28 @@ mod tiles {
             }
         }
         // dv = Pᵀ do ;  dq = s · dS k ;  dk = s · dSᵀ q
-        super::gemm(t, t, dh, 1.0, p.as_ptr(), 1, t, dout, d, 1, dv, d, 1);
-        super::gemm(t, t, dh, scale, ds.as_ptr(), tp, 1, k, d, 1, dq, d, 1);
-        super::gemm(t, t, dh, scale, ds.as_ptr(), 1, tp, q, d, 1, dk, d, 1);
+        let ttd = (t, t, dh);
+        super::gemm(
+            ttd,
+            1.0,
+            strided(p.as_ptr(), 1, t),
+            strided(dout, d, 1),
+            strided(grads.v, d, 1),
+        );
+        super::gemm(
+            ttd,
+            scale,
+            strided(ds.as_ptr(), tp, 1),
+            strided(x.k, d, 1),
+            strided(grads.q, d, 1),
+        );
+        super::gemm(
+            ttd,
+            scale,
+            strided(ds.as_ptr(), 1, tp),
+            strided(x.q, d, 1),
+            strided(grads.k, d, 1),
+        );
     }
 }
 
@@ -597,71 +544,50 @@ fn tiled(head_dim: usize) -> bool {
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn tiled_backward(
-    _: &mut [f32],
-    _: &mut [f32],
-    _: &mut [f32],
-    _: &[f32],
-    _: &[f32],
-    _: &[f32],
-    _: &[f32],
-    _: &[f32],
-    _: usize,
-    _: usize,
-    _: usize,
-    _: usize,
-) {
+fn tiled_backward(_: Qkv<&mut [f32]>, _: &[f32], _: Qkv<&[f32]>, _: &[f32], _: AttentionShape) {
     unreachable!("the tiled path is x86-64 only (see `tiled`)")
 }
 
 /// The backward pass with dP on the tiles.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 fn tiled_backward(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    grads: Qkv<&mut [f32]>,
     dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    x: Qkv<&[f32]>,
     probs: &[f32],
-    batch: usize,
-    t: usize,
-    heads: usize,
-    dh: usize,
+    shape: AttentionShape,
 ) {
     assert!(level() == Level::Avx512, "the tiles need AVX-512");
-    let d = heads * dh;
-    let scale = 1.0 / (dh as f32).sqrt();
+    let (t, dh, d, heads) = (shape.tokens, shape.head_dim, shape.width(), shape.heads);
     let tp = t.div_ceil(tiles::L) * tiles::L;
     let (pq, pk, pv) = (
-        SharedMut(dq.as_mut_ptr()),
-        SharedMut(dk.as_mut_ptr()),
-        SharedMut(dv.as_mut_ptr()),
+        SharedMut(grads.q.as_mut_ptr()),
+        SharedMut(grads.k.as_mut_ptr()),
+        SharedMut(grads.v.as_mut_ptr()),
     );
-    (0..batch * heads).into_par_iter().for_each_init(
+    (0..shape.pairs()).into_par_iter().for_each_init(
         || (vec![0f32; dh * tp], vec![0f32; t * tp]),
         |(vt, ds), bh| {
             let base = (bh / heads) * t * d + (bh % heads) * dh;
             let p = &probs[bh * t * t..(bh + 1) * t * t];
-            let (dq, dk, dv) = (pq.get(), pk.get(), pv.get());
             // SAFETY: as in the forward pass, task (b, h) touches only its
             // head's columns of image b.
             unsafe {
+                let at = |x: &[f32]| x.as_ptr().add(base);
                 tiles::head_backward(
                     p,
-                    dout.as_ptr().add(base),
-                    q.as_ptr().add(base),
-                    k.as_ptr().add(base),
-                    v.as_ptr().add(base),
-                    dq.add(base),
-                    dk.add(base),
-                    dv.add(base),
-                    t,
-                    dh,
-                    d,
-                    scale,
+                    at(dout),
+                    Qkv {
+                        q: at(x.q),
+                        k: at(x.k),
+                        v: at(x.v),
+                    },
+                    Qkv {
+                        q: pq.get().add(base),
+                        k: pk.get().add(base),
+                        v: pv.get().add(base),
+                    },
+                    shape,
                     vt,
                     ds,
                 )
@@ -673,29 +599,24 @@ fn tiled_backward(
 /// Attention of the class token's query alone (`attention::class_token_forward`):
 /// one rayon task per (image, head), the scores as dots of q with each key
 /// row, the softmax of `forward`, and `out = Σ_j P_j v_j` in order.
-#[allow(clippy::too_many_arguments)]
 pub fn class_token_attention_forward(
     out: &mut [f32],
     probs: &mut [f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    x: Qkv<&[f32]>,
+    shape: AttentionShape,
 ) {
-    let (t, dh, d) = (tokens, head_dim, heads * head_dim);
+    let Qkv { q, k, v } = x;
+    let (t, dh, d, heads) = (shape.tokens, shape.head_dim, shape.width(), shape.heads);
     assert!(
-        q.len() >= batch * d
-            && out.len() >= batch * d
-            && k.len() >= batch * t * d
-            && v.len() >= batch * t * d
-            && probs.len() >= batch * heads * t
+        q.len() >= shape.class_token_len()
+            && out.len() >= shape.class_token_len()
+            && k.len() >= shape.len()
+            && v.len() >= shape.len()
+            && probs.len() >= shape.class_token_probs_len()
     );
-    let scale = 1.0 / (dh as f32).sqrt();
+    let scale = shape.scale();
     let out_ptr = SharedMut(out.as_mut_ptr());
-    probs[..batch * heads * t]
+    probs[..shape.class_token_probs_len()]
         .par_chunks_mut(t)
         .enumerate()
         .for_each(|(bh, p)| {
@@ -725,40 +646,33 @@ pub fn class_token_attention_forward(
 /// Backward of `class_token_attention_forward` (`attention::class_token_backward`),
 /// per (image, head): dP_j = do·v_j, dS_j = P_j (dP_j − Σ P∘dP),
 /// dq = s·Σ_j dS_j k_j, dk_j = s·dS_j q, dv_j = P_j do.
-#[allow(clippy::too_many_arguments)]
 pub fn class_token_attention_backward(
-    dq: &mut [f32],
-    dk: &mut [f32],
-    dv: &mut [f32],
+    grads: Qkv<&mut [f32]>,
     dout: &[f32],
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    x: Qkv<&[f32]>,
     probs: &[f32],
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    shape: AttentionShape,
 ) {
-    let (t, dh, d) = (tokens, head_dim, heads * head_dim);
-    let (rows, all) = (batch * d, batch * t * d);
+    let Qkv { q, k, v } = x;
+    let (t, dh, d, heads) = (shape.tokens, shape.head_dim, shape.width(), shape.heads);
+    let (rows, all) = (shape.class_token_len(), shape.len());
     assert!(
-        dq.len() >= rows
+        grads.q.len() >= rows
             && dout.len() >= rows
             && q.len() >= rows
-            && dk.len() >= all
-            && dv.len() >= all
+            && grads.k.len() >= all
+            && grads.v.len() >= all
             && k.len() >= all
             && v.len() >= all
-            && probs.len() >= batch * heads * t
+            && probs.len() >= shape.class_token_probs_len()
     );
-    let scale = 1.0 / (dh as f32).sqrt();
+    let scale = shape.scale();
     let (pq, pk, pv) = (
-        SharedMut(dq.as_mut_ptr()),
-        SharedMut(dk.as_mut_ptr()),
-        SharedMut(dv.as_mut_ptr()),
+        SharedMut(grads.q.as_mut_ptr()),
+        SharedMut(grads.k.as_mut_ptr()),
+        SharedMut(grads.v.as_mut_ptr()),
     );
-    (0..batch * heads).into_par_iter().for_each(|bh| {
+    (0..shape.pairs()).into_par_iter().for_each(|bh| {
         let (b, h) = (bh / heads, bh % heads);
         let (row, keys) = (b * d + h * dh, b * t * d + h * dh);
         let (p, q, g) = (
@@ -805,80 +719,70 @@ pub fn class_token_attention_backward(
     });
 }
 
+/// The slices of three buffers.
+fn slices(x: Qkv<&Vec<f32>>) -> Qkv<&[f32]> {
+    Qkv {
+        q: x.q,
+        k: x.k,
+        v: x.v,
+    }
+}
+
 impl AttentionKernel for Cpu {
     fn attention_forward(
         &self,
         out: &mut Vec<f32>,
         probs: &mut Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        x: Qkv<&Vec<f32>>,
+        shape: AttentionShape,
         _: Checked,
     ) -> Result<()> {
-        attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim);
+        attention_forward(out, probs, slices(x), shape);
         Ok(())
     }
     fn attention_backward(
         &self,
-        dq: &mut Vec<f32>,
-        dk: &mut Vec<f32>,
-        dv: &mut Vec<f32>,
+        grads: Qkv<&mut Vec<f32>>,
         dout: &Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
+        x: Qkv<&Vec<f32>>,
         probs: &Vec<f32>,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        shape: AttentionShape,
         _: Checked,
     ) -> Result<()> {
-        attention_backward(
-            dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
-        );
+        attention_backward(slices_mut(grads), dout, slices(x), probs, shape);
         Ok(())
     }
     fn class_token_attention_forward(
         &self,
         out: &mut Vec<f32>,
         probs: &mut Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        x: Qkv<&Vec<f32>>,
+        shape: AttentionShape,
         _: Checked,
     ) -> Result<()> {
-        class_token_attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim);
+        class_token_attention_forward(out, probs, slices(x), shape);
         Ok(())
     }
     fn class_token_attention_backward(
         &self,
-        dq: &mut Vec<f32>,
-        dk: &mut Vec<f32>,
-        dv: &mut Vec<f32>,
+        grads: Qkv<&mut Vec<f32>>,
         dout: &Vec<f32>,
-        q: &Vec<f32>,
-        k: &Vec<f32>,
-        v: &Vec<f32>,
+        x: Qkv<&Vec<f32>>,
         probs: &Vec<f32>,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        shape: AttentionShape,
         _: Checked,
     ) -> Result<()> {
-        class_token_attention_backward(
-            dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
-        );
+        class_token_attention_backward(slices_mut(grads), dout, slices(x), probs, shape);
         Ok(())
+    }
+}
+
+/// The mutable slices of three buffers.
+fn slices_mut(x: Qkv<&mut Vec<f32>>) -> Qkv<&mut [f32]> {
+    Qkv {
+        q: x.q,
+        k: x.k,
+        v: x.v,
     }
 }
 
@@ -909,7 +813,13 @@ mod tests {
             (1, 33, 1, 16),
             (2, 24, 2, 64),
         ] {
-            let n = batch * t * heads * dh;
+            let shape = AttentionShape {
+                batch,
+                tokens: t,
+                heads,
+                head_dim: dh,
+            };
+            let n = shape.len();
             seed += 10;
             let (q, k, v, g) = (
                 randn(seed, n, 1.0),
@@ -917,28 +827,38 @@ mod tests {
                 randn(seed + 2, n, 1.0),
                 randn(seed + 3, n, 1.0),
             );
-            let (mut o, mut p) = (vec![0f32; n], vec![0f32; batch * heads * t * t]);
-            products_forward(&mut o, &mut p, &q, &k, &v, batch, t, heads, dh);
+            let (mut o, mut p) = (vec![0f32; n], vec![0f32; shape.probs_len()]);
+            let x = Qkv {
+                q: &q[..],
+                k: &k[..],
+                v: &v[..],
+            };
+            products_forward(&mut o, &mut p, x, shape);
             let (mut dq_ref, mut dk_ref, mut dv_ref) =
                 (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
             products_backward(
-                &mut dq_ref,
-                &mut dk_ref,
-                &mut dv_ref,
+                Qkv {
+                    q: &mut dq_ref[..],
+                    k: &mut dk_ref[..],
+                    v: &mut dv_ref[..],
+                },
                 &g,
-                &q,
-                &k,
-                &v,
+                x,
                 &p,
-                batch,
-                t,
-                heads,
-                dh,
+                shape,
             );
             let (mut dq, mut dk, mut dv) =
                 (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]);
             tiled_backward(
-                &mut dq, &mut dk, &mut dv, &g, &q, &k, &v, &p, batch, t, heads, dh,
+                Qkv {
+                    q: &mut dq[..],
+                    k: &mut dk[..],
+                    v: &mut dv[..],
+                },
+                &g,
+                x,
+                &p,
+                shape,
             );
             let what = format!("tiled attention backward, b{batch} t{t} h{heads} dh{dh}");
             for (name, got, want) in [
@@ -955,8 +875,13 @@ mod tests {
             }
         }
         // And against finite differences of the forward pass.
-        let (t, dh) = (7, 16);
-        let n = t * dh;
+        let shape = AttentionShape {
+            batch: 1,
+            tokens: 7,
+            heads: 1,
+            head_dim: 16,
+        };
+        let (t, n) = (shape.tokens, shape.len());
         let (q, k, v, w) = (
             randn(1, n, 1.0),
             randn(2, n, 1.0),
@@ -965,12 +890,22 @@ mod tests {
         );
         let forward = |q: &[f32], k: &[f32], v: &[f32]| {
             let (mut o, mut p) = (vec![0f32; n], vec![0f32; t * t]);
-            products_forward(&mut o, &mut p, q, k, v, 1, t, 1, dh);
+            products_forward(&mut o, &mut p, Qkv { q, k, v }, shape);
             (o, p)
         };
         let p = forward(&q, &k, &v).1;
         let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        tiled_backward(&mut dq, &mut dk, &mut dv, &w, &q, &k, &v, &p, 1, t, 1, dh);
+        let grads = Qkv {
+            q: &mut dq[..],
+            k: &mut dk[..],
+            v: &mut dv[..],
+        };
+        let x = Qkv {
+            q: &q[..],
+            k: &k[..],
+            v: &v[..],
+        };
+        tiled_backward(grads, &w, x, &p, shape);
         fd_check("tiled attention dq", &q, &dq, 40, |q| {
             dot(&w, &forward(q, &k, &v).0)
         });

@@ -6,8 +6,12 @@
 //! baseline. With `--short-attention on` (`CudaOptions`), sequences
 //! of at most 64 tokens with head_dim a multiple of 16 run the short
 //! kernels instead (tensor cores in bf16; ViT-B/32: 50 tokens).
+//!
+//! Every launcher takes the sizes as one `AttentionShape` and `q, k, v`
+//! (and `dq, dk, dv`) as one `Qkv`; the six fused, short and class-token
+//! kernels share two argument lists (`launch_forward`, `launch_backward`).
 
-use super::AttentionKernel;
+use super::{AttentionKernel, AttentionShape, Qkv};
 use crate::device::cuda::{CudaBuf, DriverResultExt};
 use crate::device::{BufKind, Cuda, Device, Precision};
 use crate::ops::matmul::cuda::{gemm, Mat, RowMajorGemm};
@@ -36,13 +40,8 @@ fn fused_fits(be: &Cuda, t: usize, dh: usize, smem: usize) -> bool {
     t <= MAX_FUSED_TOKENS && dh <= MAX_FUSED_HEAD_DIM && smem <= be.max_shared_bytes()
 }
 
-fn block_config(batch: usize, heads: usize, smem: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((batch * heads) as u32, 1, 1),
-        block_dim: ((WARPS * 32) as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    }
-}
+/// Threads per block of the fused kernels.
+const FUSED_THREADS: u32 = (WARPS * 32) as u32;
 
 /// Largest sequence and head width of the short kernels.
 pub const MAX_SHORT_TOKENS: usize = 64;
@@ -86,12 +85,154 @@ fn short_fits(be: &Cuda, t: usize, dh: usize, smem: usize) -> bool {
         && smem <= be.max_shared_bytes()
 }
 
-fn short_config(batch: usize, heads: usize, smem: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((batch * heads) as u32, 1, 1),
-        block_dim: (SHORT_THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
+/// Threads per block of the class-token kernels (CLS_THREADS in the kernel file).
+const CLASS_TOKEN_THREADS: u32 = 128;
+
+/// One launch of a kernel with one block per (image, head).
+#[derive(Clone, Copy)]
+struct Launch {
+    /// The kernel's name in `kernels/attention.cu`.
+    kernel: &'static str,
+    /// The names of its buffers in error messages.
+    names: &'static Names,
+    threads: u32,
+    smem: usize,
+}
+
+/// The names of the buffers of one kernel family, for error messages.
+struct Names {
+    out: &'static str,
+    probs: &'static str,
+    q: &'static str,
+    k: &'static str,
+    v: &'static str,
+    dout: &'static str,
+    dq: &'static str,
+    dk: &'static str,
+    dv: &'static str,
+}
+
+const FULL: Names = Names {
+    out: "attention out",
+    probs: "attention probs",
+    q: "attention q",
+    k: "attention k",
+    v: "attention v",
+    dout: "attention dout",
+    dq: "attention dq",
+    dk: "attention dk",
+    dv: "attention dv",
+};
+
+const CLASS_TOKEN: Names = Names {
+    out: "class-token attention out",
+    probs: "class-token attention probs",
+    q: "class-token attention q",
+    k: "class-token attention k",
+    v: "class-token attention v",
+    dout: "class-token attention dout",
+    dq: "class-token attention dq",
+    dk: "class-token attention dk",
+    dv: "class-token attention dv",
+};
+
+impl Launch {
+    fn config(&self, shape: AttentionShape) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (shape.pairs() as u32, 1, 1),
+            block_dim: (self.threads, 1, 1),
+            shared_mem_bytes: self.smem as u32,
+        }
     }
+}
+
+/// The sizes the kernels take: `int tokens, int heads, int head_dim`.
+fn kernel_sizes(shape: AttentionShape) -> [i32; 3] {
+    [shape.tokens, shape.heads, shape.head_dim].map(|v| v as i32)
+}
+
+/// `kernel(act_t* out, act_t* probs, const act_t* q, const act_t* k, const
+/// act_t* v, int tokens, int heads, int head_dim)`, one block per (image,
+/// head).
+fn launch_forward(
+    be: &Cuda,
+    launch: Launch,
+    out: &mut CudaBuf,
+    probs: &mut CudaBuf,
+    x: Qkv<&CudaBuf>,
+    shape: AttentionShape,
+) -> Result<()> {
+    let (names, kernel) = (launch.names, launch.kernel);
+    let a = kernel_sizes(shape);
+    let (o, p) = (be.act_mut(out, names.out)?, be.act_mut(probs, names.probs)?);
+    let (qp, kp, vp) = (
+        be.act(x.q, names.q)?,
+        be.act(x.k, names.k)?,
+        be.act(x.v, names.v)?,
+    );
+    let f = be.function("attention", kernel, launch.smem)?;
+    let mut l = be.stream().launch_builder(&f);
+    l.arg(&o)
+        .arg(&p)
+        .arg(&qp)
+        .arg(&kp)
+        .arg(&vp)
+        .arg(&a[0])
+        .arg(&a[1])
+        .arg(&a[2]);
+    unsafe { l.launch(launch.config(shape)) }.cu_with_context(|| launch_context(kernel, shape))?;
+    Ok(())
+}
+
+/// `kernel(act_t* dq, act_t* dk, act_t* dv, const act_t* dout, const act_t*
+/// q, const act_t* k, const act_t* v, const act_t* probs, int tokens, int
+/// heads, int head_dim)`, one block per (image, head).
+fn launch_backward(
+    be: &Cuda,
+    launch: Launch,
+    grads: Qkv<&mut CudaBuf>,
+    dout: &CudaBuf,
+    x: Qkv<&CudaBuf>,
+    probs: &CudaBuf,
+    shape: AttentionShape,
+) -> Result<()> {
+    let (names, kernel) = (launch.names, launch.kernel);
+    let a = kernel_sizes(shape);
+    let (dqp, dkp, dvp) = (
+        be.act_mut(grads.q, names.dq)?,
+        be.act_mut(grads.k, names.dk)?,
+        be.act_mut(grads.v, names.dv)?,
+    );
+    let (dop, qp, kp, vp, pp) = (
+        be.act(dout, names.dout)?,
+        be.act(x.q, names.q)?,
+        be.act(x.k, names.k)?,
+        be.act(x.v, names.v)?,
+        be.act(probs, names.probs)?,
+    );
+    let f = be.function("attention", kernel, launch.smem)?;
+    let mut l = be.stream().launch_builder(&f);
+    l.arg(&dqp)
+        .arg(&dkp)
+        .arg(&dvp)
+        .arg(&dop)
+        .arg(&qp)
+        .arg(&kp)
+        .arg(&vp)
+        .arg(&pp)
+        .arg(&a[0])
+        .arg(&a[1])
+        .arg(&a[2]);
+    unsafe { l.launch(launch.config(shape)) }.cu_with_context(|| launch_context(kernel, shape))?;
+    Ok(())
+}
+
+/// The error context of a failed launch.
+fn launch_context(kernel: &str, s: AttentionShape) -> String {
+    format!(
+        "{kernel} launch (batch {}, tokens {}, heads {}, head_dim {})",
+        s.batch, s.tokens, s.heads, s.head_dim
+    )
 }
 
 impl AttentionKernel for Cuda {
@@ -99,49 +240,29 @@ impl AttentionKernel for Cuda {
         &self,
         out: &mut CudaBuf,
         probs: &mut CudaBuf,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        x: Qkv<&CudaBuf>,
+        shape: AttentionShape,
         ok: Checked,
     ) -> Result<()> {
         if self.options().short_attention {
-            short_forward(
-                self, out, probs, q, k, v, batch, tokens, heads, head_dim, ok,
-            )
+            short_forward(self, out, probs, x, shape, ok)
         } else {
-            fused_forward(
-                self, out, probs, q, k, v, batch, tokens, heads, head_dim, ok,
-            )
+            fused_forward(self, out, probs, x, shape, ok)
         }
     }
     fn attention_backward(
         &self,
-        dq: &mut CudaBuf,
-        dk: &mut CudaBuf,
-        dv: &mut CudaBuf,
+        grads: Qkv<&mut CudaBuf>,
         dout: &CudaBuf,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
+        x: Qkv<&CudaBuf>,
         probs: &CudaBuf,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        shape: AttentionShape,
         ok: Checked,
     ) -> Result<()> {
         if self.options().short_attention {
-            short_backward(
-                self, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok,
-            )
+            short_backward(self, grads, dout, x, probs, shape, ok)
         } else {
-            fused_backward(
-                self, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok,
-            )
+            fused_backward(self, grads, dout, x, probs, shape, ok)
         }
     }
 
@@ -151,41 +272,20 @@ impl AttentionKernel for Cuda {
         &self,
         out: &mut CudaBuf,
         probs: &mut CudaBuf,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        x: Qkv<&CudaBuf>,
+        shape: AttentionShape,
         _: Checked,
     ) -> Result<()> {
-        if batch * heads * tokens == 0 {
+        if shape.class_token_probs_len() == 0 {
             return Ok(());
         }
-        let smem = 4 * (head_dim + tokens);
-        let a = [tokens, heads, head_dim].map(|v| v as i32);
-        let (o, p) = (
-            self.act_mut(out, "class-token attention out")?,
-            self.act_mut(probs, "class-token attention probs")?,
-        );
-        let (qp, kp, vp) = (
-            self.act(q, "class-token attention q")?,
-            self.act(k, "class-token attention k")?,
-            self.act(v, "class-token attention v")?,
-        );
-        let f = self.function("attention", "attention_cls_forward", smem)?;
-        let mut l = self.stream().launch_builder(&f);
-        l.arg(&o)
-            .arg(&p)
-            .arg(&qp)
-            .arg(&kp)
-            .arg(&vp)
-            .arg(&a[0])
-            .arg(&a[1])
-            .arg(&a[2]);
-        unsafe { l.launch(class_token_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_cls_forward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
-        Ok(())
+        let launch = Launch {
+            kernel: "attention_cls_forward",
+            names: &CLASS_TOKEN,
+            threads: CLASS_TOKEN_THREADS,
+            smem: 4 * (shape.head_dim + shape.tokens),
+        };
+        launch_forward(self, launch, out, probs, x, shape)
     }
 
     /// `attention_cls_backward(act_t* dq, act_t* dk, act_t* dv, const act_t*
@@ -193,274 +293,124 @@ impl AttentionKernel for Cuda {
     /// probs, int tokens, int heads, int head_dim)`.
     fn class_token_attention_backward(
         &self,
-        dq: &mut CudaBuf,
-        dk: &mut CudaBuf,
-        dv: &mut CudaBuf,
+        grads: Qkv<&mut CudaBuf>,
         dout: &CudaBuf,
-        q: &CudaBuf,
-        k: &CudaBuf,
-        v: &CudaBuf,
+        x: Qkv<&CudaBuf>,
         probs: &CudaBuf,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        shape: AttentionShape,
         _: Checked,
     ) -> Result<()> {
-        if batch * heads * tokens == 0 {
+        if shape.class_token_probs_len() == 0 {
             return Ok(());
         }
-        let smem = 4 * (2 * head_dim + tokens);
-        let a = [tokens, heads, head_dim].map(|v| v as i32);
-        let (dqp, dkp, dvp) = (
-            self.act_mut(dq, "class-token attention dq")?,
-            self.act_mut(dk, "class-token attention dk")?,
-            self.act_mut(dv, "class-token attention dv")?,
-        );
-        let (dop, qp, kp, vp, pp) = (
-            self.act(dout, "class-token attention dout")?,
-            self.act(q, "class-token attention q")?,
-            self.act(k, "class-token attention k")?,
-            self.act(v, "class-token attention v")?,
-            self.act(probs, "class-token attention probs")?,
-        );
-        let f = self.function("attention", "attention_cls_backward", smem)?;
-        let mut l = self.stream().launch_builder(&f);
-        l.arg(&dqp)
-            .arg(&dkp)
-            .arg(&dvp)
-            .arg(&dop)
-            .arg(&qp)
-            .arg(&kp)
-            .arg(&vp)
-            .arg(&pp)
-            .arg(&a[0])
-            .arg(&a[1])
-            .arg(&a[2]);
-        unsafe { l.launch(class_token_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_cls_backward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
-        Ok(())
+        let launch = Launch {
+            kernel: "attention_cls_backward",
+            names: &CLASS_TOKEN,
+            threads: CLASS_TOKEN_THREADS,
+            smem: 4 * (2 * shape.head_dim + shape.tokens),
+        };
+        launch_backward(self, launch, grads, dout, x, probs, shape)
     }
 }
 
-/// Threads per block of the class-token kernels (CLS_THREADS in the kernel file).
-const CLASS_TOKEN_THREADS: u32 = 128;
-
-fn class_token_config(batch: usize, heads: usize, smem: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((batch * heads) as u32, 1, 1),
-        block_dim: (CLASS_TOKEN_THREADS, 1, 1),
-        shared_mem_bytes: smem as u32,
-    }
-}
-
-/// `attention_short_forward(act_t* out, act_t* probs, const act_t* q, const
-/// act_t* k, const act_t* v, int tokens, int heads, int head_dim)`, or
+/// `attention_short_forward` (`launch_forward`'s arguments), or
 /// `fused_forward` where the short kernel does not take the shape.
-#[allow(clippy::too_many_arguments)]
 pub fn short_forward(
     be: &Cuda,
     out: &mut CudaBuf,
     probs: &mut CudaBuf,
-    q: &CudaBuf,
-    k: &CudaBuf,
-    v: &CudaBuf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    x: Qkv<&CudaBuf>,
+    shape: AttentionShape,
     ok: Checked,
 ) -> Result<()> {
-    let smem = short_forward_smem_bytes(be.precision(), tokens, head_dim);
-    if batch * heads == 0 || !short_fits(be, tokens, head_dim, smem) {
-        return fused_forward(be, out, probs, q, k, v, batch, tokens, heads, head_dim, ok);
+    let smem = short_forward_smem_bytes(be.precision(), shape.tokens, shape.head_dim);
+    if shape.pairs() == 0 || !short_fits(be, shape.tokens, shape.head_dim, smem) {
+        return fused_forward(be, out, probs, x, shape, ok);
     }
-    let a = [tokens, heads, head_dim].map(|v| v as i32);
-    let (o, p) = (
-        be.act_mut(out, "attention out")?,
-        be.act_mut(probs, "attention probs")?,
-    );
-    let (qp, kp, vp) = (
-        be.act(q, "attention q")?,
-        be.act(k, "attention k")?,
-        be.act(v, "attention v")?,
-    );
-    let f = be.function("attention", "attention_short_forward", smem)?;
-    let mut l = be.stream().launch_builder(&f);
-    l.arg(&o)
-        .arg(&p)
-        .arg(&qp)
-        .arg(&kp)
-        .arg(&vp)
-        .arg(&a[0])
-        .arg(&a[1])
-        .arg(&a[2]);
-    unsafe { l.launch(short_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_short_forward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
-    Ok(())
+    let launch = Launch {
+        kernel: "attention_short_forward",
+        names: &FULL,
+        threads: SHORT_THREADS,
+        smem,
+    };
+    launch_forward(be, launch, out, probs, x, shape)
 }
 
-/// `attention_short_backward(act_t* dq, act_t* dk, act_t* dv, const act_t*
-/// dout, const act_t* q, const act_t* k, const act_t* v, const act_t* probs,
-/// int tokens, int heads, int head_dim)`, or `fused_backward` where the
-/// short kernel does not take the shape.
-#[allow(clippy::too_many_arguments)]
+/// `attention_short_backward` (`launch_backward`'s arguments), or
+/// `fused_backward` where the short kernel does not take the shape.
 pub fn short_backward(
     be: &Cuda,
-    dq: &mut CudaBuf,
-    dk: &mut CudaBuf,
-    dv: &mut CudaBuf,
+    grads: Qkv<&mut CudaBuf>,
     dout: &CudaBuf,
-    q: &CudaBuf,
-    k: &CudaBuf,
-    v: &CudaBuf,
+    x: Qkv<&CudaBuf>,
     probs: &CudaBuf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    shape: AttentionShape,
     ok: Checked,
 ) -> Result<()> {
-    let smem = short_backward_smem_bytes(be.precision(), tokens, head_dim);
-    if batch * heads == 0 || !short_fits(be, tokens, head_dim, smem) {
-        return fused_backward(
-            be, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok,
-        );
+    let smem = short_backward_smem_bytes(be.precision(), shape.tokens, shape.head_dim);
+    if shape.pairs() == 0 || !short_fits(be, shape.tokens, shape.head_dim, smem) {
+        return fused_backward(be, grads, dout, x, probs, shape, ok);
     }
-    let a = [tokens, heads, head_dim].map(|v| v as i32);
-    let (dqp, dkp, dvp) = (
-        be.act_mut(dq, "attention dq")?,
-        be.act_mut(dk, "attention dk")?,
-        be.act_mut(dv, "attention dv")?,
-    );
-    let (dop, qp, kp, vp, pp) = (
-        be.act(dout, "attention dout")?,
-        be.act(q, "attention q")?,
-        be.act(k, "attention k")?,
-        be.act(v, "attention v")?,
-        be.act(probs, "attention probs")?,
-    );
-    let f = be.function("attention", "attention_short_backward", smem)?;
-    let mut l = be.stream().launch_builder(&f);
-    l.arg(&dqp)
-        .arg(&dkp)
-        .arg(&dvp)
-        .arg(&dop)
-        .arg(&qp)
-        .arg(&kp)
-        .arg(&vp)
-        .arg(&pp)
-        .arg(&a[0])
-        .arg(&a[1])
-        .arg(&a[2]);
-    unsafe { l.launch(short_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_short_backward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
-    Ok(())
+    let launch = Launch {
+        kernel: "attention_short_backward",
+        names: &FULL,
+        threads: SHORT_THREADS,
+        smem,
+    };
+    launch_backward(be, launch, grads, dout, x, probs, shape)
 }
 
-/// `attention_forward(act_t* out, act_t* probs, const act_t* q, const
-/// act_t* k, const act_t* v, int tokens, int heads, int head_dim)`, or the
-/// unfused path where the fused kernel does not fit.
-#[allow(clippy::too_many_arguments)]
+/// `attention_forward` (`launch_forward`'s arguments), or the unfused path
+/// where the fused kernel does not fit.
 pub fn fused_forward(
     be: &Cuda,
     out: &mut CudaBuf,
     probs: &mut CudaBuf,
-    q: &CudaBuf,
-    k: &CudaBuf,
-    v: &CudaBuf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    x: Qkv<&CudaBuf>,
+    shape: AttentionShape,
     ok: Checked,
 ) -> Result<()> {
-    if batch * heads * tokens * head_dim == 0 {
+    if shape.is_empty() {
         return Ok(());
     }
-    let smem = forward_smem_bytes(tokens, head_dim);
-    if !fused_fits(be, tokens, head_dim, smem) {
-        return unfused_forward(be, out, probs, q, k, v, batch, tokens, heads, head_dim, ok);
+    let smem = forward_smem_bytes(shape.tokens, shape.head_dim);
+    if !fused_fits(be, shape.tokens, shape.head_dim, smem) {
+        return unfused_forward(be, out, probs, x, shape, ok);
     }
-    let a = [tokens, heads, head_dim].map(|v| v as i32);
-    let (o, p) = (
-        be.act_mut(out, "attention out")?,
-        be.act_mut(probs, "attention probs")?,
-    );
-    let (qp, kp, vp) = (
-        be.act(q, "attention q")?,
-        be.act(k, "attention k")?,
-        be.act(v, "attention v")?,
-    );
-    let f = be.function("attention", "attention_forward", smem)?;
-    let mut l = be.stream().launch_builder(&f);
-    l.arg(&o)
-        .arg(&p)
-        .arg(&qp)
-        .arg(&kp)
-        .arg(&vp)
-        .arg(&a[0])
-        .arg(&a[1])
-        .arg(&a[2]);
-    unsafe { l.launch(block_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_forward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
-    Ok(())
+    let launch = Launch {
+        kernel: "attention_forward",
+        names: &FULL,
+        threads: FUSED_THREADS,
+        smem,
+    };
+    launch_forward(be, launch, out, probs, x, shape)
 }
 
-/// `attention_backward(act_t* dq, act_t* dk, act_t* dv, const act_t* dout,
-/// const act_t* q, const act_t* k, const act_t* v, const act_t* probs, int
-/// tokens, int heads, int head_dim)`, or the unfused path where the fused
-/// kernel does not fit.
-#[allow(clippy::too_many_arguments)]
+/// `attention_backward` (`launch_backward`'s arguments), or the unfused
+/// path where the fused kernel does not fit.
 pub fn fused_backward(
     be: &Cuda,
-    dq: &mut CudaBuf,
-    dk: &mut CudaBuf,
-    dv: &mut CudaBuf,
+    grads: Qkv<&mut CudaBuf>,
     dout: &CudaBuf,
-    q: &CudaBuf,
-    k: &CudaBuf,
-    v: &CudaBuf,
+    x: Qkv<&CudaBuf>,
     probs: &CudaBuf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    shape: AttentionShape,
     ok: Checked,
 ) -> Result<()> {
-    if batch * heads * tokens * head_dim == 0 {
+    if shape.is_empty() {
         return Ok(());
     }
-    let smem = backward_smem_bytes(tokens, head_dim);
-    if !fused_fits(be, tokens, head_dim, smem) {
-        return unfused_backward(
-            be, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok,
-        );
+    let smem = backward_smem_bytes(shape.tokens, shape.head_dim);
+    if !fused_fits(be, shape.tokens, shape.head_dim, smem) {
+        return unfused_backward(be, grads, dout, x, probs, shape, ok);
     }
-    let a = [tokens, heads, head_dim].map(|v| v as i32);
-    let (dqp, dkp, dvp) = (
-        be.act_mut(dq, "attention dq")?,
-        be.act_mut(dk, "attention dk")?,
-        be.act_mut(dv, "attention dv")?,
-    );
-    let (dop, qp, kp, vp, pp) = (
-        be.act(dout, "attention dout")?,
-        be.act(q, "attention q")?,
-        be.act(k, "attention k")?,
-        be.act(v, "attention v")?,
-        be.act(probs, "attention probs")?,
-    );
-    let f = be.function("attention", "attention_backward", smem)?;
-    let mut l = be.stream().launch_builder(&f);
-    l.arg(&dqp)
-        .arg(&dkp)
-        .arg(&dvp)
-        .arg(&dop)
-        .arg(&qp)
-        .arg(&kp)
-        .arg(&vp)
-        .arg(&pp)
-        .arg(&a[0])
-        .arg(&a[1])
-        .arg(&a[2]);
-    unsafe { l.launch(block_config(batch, heads, smem)) }.cu_with_context(|| format!("attention_backward launch (batch {batch}, tokens {tokens}, heads {heads}, head_dim {head_dim})"))?;
-    Ok(())
+    let launch = Launch {
+        kernel: "attention_backward",
+        names: &FULL,
+        threads: FUSED_THREADS,
+        smem,
+    };
+    launch_backward(be, launch, grads, dout, x, probs, shape)
 }
 
 /// Per-image batched product over the heads of one image: operand `a` is
@@ -473,29 +423,43 @@ struct HeadGemm {
     heads: usize,
 }
 
+/// An operand of `HeadGemm`: a head's columns of `[T, D]` or a `[T, T]`
+/// probability block.
+#[derive(Clone, Copy)]
+enum Layout {
+    Head,
+    Probs,
+}
+
 impl HeadGemm {
-    /// `(row stride, batch stride)` of a head operand (`wide`) or a T×T block.
-    fn layout(&self, wide: bool) -> (usize, usize) {
-        if wide {
-            (self.d, self.dh)
-        } else {
-            (self.t, self.t * self.t)
+    fn new(shape: AttentionShape) -> Self {
+        HeadGemm {
+            t: shape.tokens,
+            dh: shape.head_dim,
+            d: shape.width(),
+            heads: shape.heads,
         }
     }
-    #[allow(clippy::too_many_arguments)]
+    /// `(row stride, batch stride)` of an operand.
+    fn layout(&self, layout: Layout) -> (usize, usize) {
+        match layout {
+            Layout::Head => (self.d, self.dh),
+            Layout::Probs => (self.t, self.t * self.t),
+        }
+    }
+    /// `c = alpha · op(a) · op(b)` of `(m, n, k)`, each operand with its
+    /// layout and `a`, `b` with whether they are transposed.
     fn spec(
         &self,
-        m: usize,
-        n: usize,
-        k: usize,
-        (ta, a_wide): (bool, bool),
-        (tb, b_wide): (bool, bool),
-        c_wide: bool,
+        (m, n, k): (usize, usize, usize),
+        (ta, a_layout): (bool, Layout),
+        (tb, b_layout): (bool, Layout),
+        c_layout: Layout,
         alpha: f32,
     ) -> RowMajorGemm {
-        let (lda, sa) = self.layout(a_wide);
-        let (ldb, sb) = self.layout(b_wide);
-        let (ldc, sc) = self.layout(c_wide);
+        let (lda, sa) = self.layout(a_layout);
+        let (ldb, sb) = self.layout(b_layout);
+        let (ldc, sc) = self.layout(c_layout);
         RowMajorGemm {
             m,
             n,
@@ -540,61 +504,51 @@ fn act_mat_mut(be: &Cuda, b: &mut CudaBuf, what: &str) -> Result<Mat> {
 
 /// Unfused forward: per image, `S = q kᵀ/√dh` (cuBLAS), softmax
 /// (`softmax_rows(act_t* x, int rows, int cols)`), `out = P v` (cuBLAS).
-#[allow(clippy::too_many_arguments)]
 pub fn unfused_forward(
     be: &Cuda,
     out: &mut CudaBuf,
     probs: &mut CudaBuf,
-    q: &CudaBuf,
-    k: &CudaBuf,
-    v: &CudaBuf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    x: Qkv<&CudaBuf>,
+    shape: AttentionShape,
     _: Checked,
 ) -> Result<()> {
-    let (t, dh) = (tokens, head_dim);
-    let hg = HeadGemm {
-        t,
-        dh,
-        d: heads * dh,
-        heads,
-    };
-    let scale = 1.0 / (dh as f32).sqrt();
+    use Layout::{Head, Probs};
+    let (t, dh, heads) = (shape.tokens, shape.head_dim, shape.heads);
+    let hg = HeadGemm::new(shape);
+    let scale = shape.scale();
     let (om, pm) = (
         act_mat_mut(be, out, "attention out")?,
         act_mat_mut(be, probs, "attention probs")?,
     );
     let (qm, km, vm) = (
-        act_mat(be, q, "attention q")?,
-        act_mat(be, k, "attention k")?,
-        act_mat(be, v, "attention v")?,
+        act_mat(be, x.q, "attention q")?,
+        act_mat(be, x.k, "attention k")?,
+        act_mat(be, x.v, "attention v")?,
     );
-    for b in 0..batch {
+    for b in 0..shape.batch {
         let (x0, p0) = (b * t * hg.d, b * heads * t * t);
         gemm(
             be,
             pm.at(p0),
             qm.at(x0),
             km.at(x0),
-            &hg.spec(t, t, dh, (false, true), (true, true), false, scale),
+            &hg.spec((t, t, dh), (false, Head), (true, Head), Probs, scale),
         )?;
     }
-    let rows = batch * heads * t;
+    let rows = shape.pairs() * t;
     let (r, c) = (rows as i32, t as i32);
     let f = be.function("attention", "softmax_rows", 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&pm.ptr).arg(&r).arg(&c);
     unsafe { l.launch(rows_config(rows)) }.cu_context("softmax_rows launch")?;
-    for b in 0..batch {
+    for b in 0..shape.batch {
         let (x0, p0) = (b * t * hg.d, b * heads * t * t);
         gemm(
             be,
             om.at(x0),
             pm.at(p0),
             vm.at(x0),
-            &hg.spec(t, dh, t, (false, false), (false, true), true, 1.0),
+            &hg.spec((t, dh, t), (false, Probs), (false, Head), Head, 1.0),
         )?;
     }
     Ok(())
@@ -603,84 +557,72 @@ pub fn unfused_forward(
 /// Unfused backward: `dP = dout vᵀ`, `dV = Pᵀ dout`, `dS = P∘(dP − rowsum(dP∘P))`
 /// (`softmax_rows_backward(act_t* dp, const act_t* p, int rows, int cols)`),
 /// `dQ = dS k/√dh`, `dK = dSᵀ q/√dh`.
-#[allow(clippy::too_many_arguments)]
 pub fn unfused_backward(
     be: &Cuda,
-    dq: &mut CudaBuf,
-    dk: &mut CudaBuf,
-    dv: &mut CudaBuf,
+    grads: Qkv<&mut CudaBuf>,
     dout: &CudaBuf,
-    q: &CudaBuf,
-    k: &CudaBuf,
-    v: &CudaBuf,
+    x: Qkv<&CudaBuf>,
     probs: &CudaBuf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    shape: AttentionShape,
     _: Checked,
 ) -> Result<()> {
-    let (t, dh) = (tokens, head_dim);
-    let hg = HeadGemm {
-        t,
-        dh,
-        d: heads * dh,
-        heads,
-    };
-    let scale = 1.0 / (dh as f32).sqrt();
-    let len = batch * heads * t * t;
+    use Layout::{Head, Probs};
+    let (t, dh, heads) = (shape.tokens, shape.head_dim, shape.heads);
+    let hg = HeadGemm::new(shape);
+    let scale = shape.scale();
+    let len = shape.probs_len();
     let mut ds = be.alloc(len, BufKind::Activation)?;
     let dsm = act_mat_mut(be, &mut ds, "attention score gradients")?;
     let (dqm, dkm, dvm) = (
-        act_mat_mut(be, dq, "attention dq")?,
-        act_mat_mut(be, dk, "attention dk")?,
-        act_mat_mut(be, dv, "attention dv")?,
+        act_mat_mut(be, grads.q, "attention dq")?,
+        act_mat_mut(be, grads.k, "attention dk")?,
+        act_mat_mut(be, grads.v, "attention dv")?,
     );
     let (dom, qm, km, vm, pm) = (
         act_mat(be, dout, "attention dout")?,
-        act_mat(be, q, "attention q")?,
-        act_mat(be, k, "attention k")?,
-        act_mat(be, v, "attention v")?,
+        act_mat(be, x.q, "attention q")?,
+        act_mat(be, x.k, "attention k")?,
+        act_mat(be, x.v, "attention v")?,
         act_mat(be, probs, "attention probs")?,
     );
-    for b in 0..batch {
+    for b in 0..shape.batch {
         let (x0, p0) = (b * t * hg.d, b * heads * t * t);
         gemm(
             be,
             dsm.at(p0),
             dom.at(x0),
             vm.at(x0),
-            &hg.spec(t, t, dh, (false, true), (true, true), false, 1.0),
+            &hg.spec((t, t, dh), (false, Head), (true, Head), Probs, 1.0),
         )?;
         gemm(
             be,
             dvm.at(x0),
             pm.at(p0),
             dom.at(x0),
-            &hg.spec(t, dh, t, (true, false), (false, true), true, 1.0),
+            &hg.spec((t, dh, t), (true, Probs), (false, Head), Head, 1.0),
         )?;
     }
-    let rows = batch * heads * t;
+    let rows = shape.pairs() * t;
     let (r, c) = (rows as i32, t as i32);
     let f = be.function("attention", "softmax_rows_backward", 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dsm.ptr).arg(&pm.ptr).arg(&r).arg(&c);
     unsafe { l.launch(rows_config(rows)) }.cu_context("softmax_rows_backward launch")?;
-    for b in 0..batch {
+    for b in 0..shape.batch {
         let (x0, p0) = (b * t * hg.d, b * heads * t * t);
         gemm(
             be,
             dqm.at(x0),
             dsm.at(p0),
             km.at(x0),
-            &hg.spec(t, dh, t, (false, false), (false, true), true, scale),
+            &hg.spec((t, dh, t), (false, Probs), (false, Head), Head, scale),
         )?;
         gemm(
             be,
             dkm.at(x0),
             dsm.at(p0),
             qm.at(x0),
-            &hg.spec(t, dh, t, (true, false), (false, true), true, scale),
+            &hg.spec((t, dh, t), (true, Probs), (false, Head), Head, scale),
         )?;
     }
     Ok(())

@@ -13,6 +13,10 @@
 //! row of the output reaches the loss. The same formulas with one query
 //! row: `q, o, dq: [1, dh]` per image and head, `P: [1, T]`, while `k, v,
 //! dk, dv` keep every token (each key and value still gets a gradient).
+//!
+//! Every entry point takes the sizes as one `AttentionShape` (images,
+//! tokens, heads, head width) and the three inputs `q, k, v` (and the three
+//! gradients `dq, dk, dv`) as one `Qkv`.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -22,101 +26,138 @@ use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::Result;
 
+/// The sizes of one attention call: `batch` images of `tokens` tokens,
+/// `heads` heads of width `head_dim`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub tokens: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    /// Columns of a `[batch, tokens, heads·head_dim]` tensor: `heads·head_dim`.
+    pub fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    /// Rows of a `[batch, tokens, ·]` tensor: `batch·tokens`.
+    pub fn rows(&self) -> usize {
+        self.batch * self.tokens
+    }
+    /// (image, head) pairs: `batch·heads`.
+    pub fn pairs(&self) -> usize {
+        self.batch * self.heads
+    }
+    /// Elements of one `[batch, tokens, heads·head_dim]` tensor (q, k, v, out
+    /// and their gradients).
+    pub fn len(&self) -> usize {
+        self.batch * self.tokens * self.heads * self.head_dim
+    }
+    /// Whether a tensor of this shape has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Elements of the probabilities `[batch, heads, tokens, tokens]`.
+    pub fn probs_len(&self) -> usize {
+        self.batch * self.heads * self.tokens * self.tokens
+    }
+    /// Elements of one class-token tensor `[batch, heads·head_dim]` (q, out,
+    /// dq, dout of the class-token ops).
+    pub fn class_token_len(&self) -> usize {
+        self.batch * self.heads * self.head_dim
+    }
+    /// Elements of the class-token probabilities `[batch, heads, tokens]`.
+    pub fn class_token_probs_len(&self) -> usize {
+        self.batch * self.heads * self.tokens
+    }
+    /// The softmax scale `1/√head_dim`.
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+}
+
+/// The three operands that travel together: `q, k, v` (`Qkv<&Buf>`) or
+/// their gradients `dq, dk, dv` (`Qkv<&mut Buf>`).
+#[derive(Clone, Copy, Debug)]
+pub struct Qkv<T> {
+    pub q: T,
+    pub k: T,
+    pub v: T,
+}
+
+impl<T: ?Sized> Qkv<&mut T> {
+    /// The same three, read-only.
+    pub fn shared(&self) -> Qkv<&T> {
+        Qkv {
+            q: &*self.q,
+            k: &*self.k,
+            v: &*self.v,
+        }
+    }
+}
+
 /// Device bodies of attention (call `forward` / `backward`).
 pub trait AttentionKernel: Device {
-    #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,
         out: &mut Self::Buf,
         probs: &mut Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        x: Qkv<&Self::Buf>,
+        shape: AttentionShape,
         _: Checked,
     ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
-        dq: &mut Self::Buf,
-        dk: &mut Self::Buf,
-        dv: &mut Self::Buf,
+        grads: Qkv<&mut Self::Buf>,
         dout: &Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
+        x: Qkv<&Self::Buf>,
         probs: &Self::Buf,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        shape: AttentionShape,
         _: Checked,
     ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
     fn class_token_attention_forward(
         &self,
         out: &mut Self::Buf,
         probs: &mut Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        x: Qkv<&Self::Buf>,
+        shape: AttentionShape,
         _: Checked,
     ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
     fn class_token_attention_backward(
         &self,
-        dq: &mut Self::Buf,
-        dk: &mut Self::Buf,
-        dv: &mut Self::Buf,
+        grads: Qkv<&mut Self::Buf>,
         dout: &Self::Buf,
-        q: &Self::Buf,
-        k: &Self::Buf,
-        v: &Self::Buf,
+        x: Qkv<&Self::Buf>,
         probs: &Self::Buf,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
+        shape: AttentionShape,
         _: Checked,
     ) -> Result<()>;
 }
 
 /// Elements of one `[batch, tokens, heads·head_dim]` tensor and of the
-/// probabilities `[batch, heads, tokens, tokens]`.
-fn sizes(batch: usize, tokens: usize, heads: usize, head_dim: usize) -> Result<(usize, usize)> {
+/// probabilities `[batch, heads, tokens, tokens]`, checked for overflow.
+fn sizes(s: AttentionShape) -> Result<(usize, usize)> {
     Ok((
-        product("attention", &[batch, tokens, heads, head_dim])?,
-        product("attention probs", &[batch, heads, tokens, tokens])?,
+        product("attention", &[s.batch, s.tokens, s.heads, s.head_dim])?,
+        product("attention probs", &[s.batch, s.heads, s.tokens, s.tokens])?,
     ))
 }
 
 /// The checks of `forward`, for callers that pick a device's path
 /// themselves (the CUDA benches): the token they need to call it.
-#[allow(clippy::too_many_arguments)]
 pub fn check_forward<D: Device>(
     dev: &D,
     out: &D::Buf,
     probs: &D::Buf,
-    q: &D::Buf,
-    k: &D::Buf,
-    v: &D::Buf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    x: Qkv<&D::Buf>,
+    shape: AttentionShape,
 ) -> Result<Checked> {
-    let (n, pn) = sizes(batch, tokens, heads, head_dim)?;
+    let (n, pn) = sizes(shape)?;
     for (name, b) in [
-        ("attention q", q),
-        ("attention k", k),
-        ("attention v", v),
+        ("attention q", x.q),
+        ("attention k", x.k),
+        ("attention v", x.v),
         ("attention out", out),
     ] {
         need(dev, name, b, n)?;
@@ -126,31 +167,23 @@ pub fn check_forward<D: Device>(
 }
 
 /// The checks of `backward` (see `check_forward`).
-#[allow(clippy::too_many_arguments)]
 pub fn check_backward<D: Device>(
     dev: &D,
-    dq: &D::Buf,
-    dk: &D::Buf,
-    dv: &D::Buf,
+    grads: Qkv<&D::Buf>,
     dout: &D::Buf,
-    q: &D::Buf,
-    k: &D::Buf,
-    v: &D::Buf,
+    x: Qkv<&D::Buf>,
     probs: &D::Buf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    shape: AttentionShape,
 ) -> Result<Checked> {
-    let (n, pn) = sizes(batch, tokens, heads, head_dim)?;
+    let (n, pn) = sizes(shape)?;
     for (name, b) in [
-        ("attention dq", dq),
-        ("attention dk", dk),
-        ("attention dv", dv),
+        ("attention dq", grads.q),
+        ("attention dk", grads.k),
+        ("attention dv", grads.v),
         ("attention dout", dout),
-        ("attention q", q),
-        ("attention k", k),
-        ("attention v", v),
+        ("attention q", x.q),
+        ("attention k", x.k),
+        ("attention v", x.v),
     ] {
         need(dev, name, b, n)?;
     }
@@ -158,129 +191,98 @@ pub fn check_backward<D: Device>(
     Ok(Checked::new())
 }
 
-/// Multi-head self-attention core for `batch` images of `tokens` tokens,
-/// `heads` heads of width `head_dim`; `q, k, v, out: [batch, tokens,
-/// heads*head_dim]` (head h occupies columns `h*head_dim..(h+1)*head_dim`).
-/// Writes `probs[batch, heads, tokens, tokens] = softmax(q kᵀ / √head_dim)`
-/// (row-wise) and `out = probs · v`.
-#[allow(clippy::too_many_arguments)]
+/// Multi-head self-attention core for `shape.batch` images of
+/// `shape.tokens` tokens, `shape.heads` heads of width `shape.head_dim`;
+/// `q, k, v, out: [batch, tokens, heads*head_dim]` (head h occupies columns
+/// `h*head_dim..(h+1)*head_dim`). Writes `probs[batch, heads, tokens,
+/// tokens] = softmax(q kᵀ / √head_dim)` (row-wise) and `out = probs · v`.
 pub fn forward<D: AttentionKernel>(
     dev: &D,
     out: &mut D::Buf,
     probs: &mut D::Buf,
-    q: &D::Buf,
-    k: &D::Buf,
-    v: &D::Buf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    x: Qkv<&D::Buf>,
+    shape: AttentionShape,
 ) -> Result<()> {
-    let ok = check_forward(dev, out, probs, q, k, v, batch, tokens, heads, head_dim)?;
+    let ok = check_forward(dev, out, probs, x, shape)?;
     let w = dev.profiling().then(|| {
-        let (n, pn) = (
-            batch * tokens * heads * head_dim,
-            batch * heads * tokens * tokens,
-        );
+        let (n, pn) = (shape.len(), shape.probs_len());
         work(
             dev,
-            &[(q, n), (k, n), (v, n), (out, n), (probs, pn)],
-            4.0 * (pn * head_dim) as f64,
+            &[(x.q, n), (x.k, n), (x.v, n), (out, n), (probs, pn)],
+            4.0 * (pn * shape.head_dim) as f64,
         )
     });
     profiled(dev, "attention_forward", w, || {
-        dev.attention_forward(out, probs, q, k, v, batch, tokens, heads, head_dim, ok)
+        dev.attention_forward(out, probs, x, shape, ok)
     })
 }
 
-/// Attention backward: WRITES `dq`, `dk`, `dv` from `dout`.
-#[allow(clippy::too_many_arguments)]
+/// Attention backward: WRITES `grads` (`dq`, `dk`, `dv`) from `dout`.
 pub fn backward<D: AttentionKernel>(
     dev: &D,
-    dq: &mut D::Buf,
-    dk: &mut D::Buf,
-    dv: &mut D::Buf,
+    grads: Qkv<&mut D::Buf>,
     dout: &D::Buf,
-    q: &D::Buf,
-    k: &D::Buf,
-    v: &D::Buf,
+    x: Qkv<&D::Buf>,
     probs: &D::Buf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    shape: AttentionShape,
 ) -> Result<()> {
-    let ok = check_backward(
-        dev, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
-    )?;
+    let ok = check_backward(dev, grads.shared(), dout, x, probs, shape)?;
     // Four products of 2·T²·dh each per (image, head): dP, dV, dQ, dK.
     let w = dev.profiling().then(|| {
-        let (n, pn) = (
-            batch * tokens * heads * head_dim,
-            batch * heads * tokens * tokens,
-        );
+        let (n, pn) = (shape.len(), shape.probs_len());
         work(
             dev,
             &[
                 (dout, n),
-                (q, n),
-                (k, n),
-                (v, n),
+                (x.q, n),
+                (x.k, n),
+                (x.v, n),
                 (probs, pn),
-                (dq, n),
-                (dk, n),
-                (dv, n),
+                (&*grads.q, n),
+                (&*grads.k, n),
+                (&*grads.v, n),
             ],
-            8.0 * (pn * head_dim) as f64,
+            8.0 * (pn * shape.head_dim) as f64,
         )
     });
     profiled(dev, "attention_backward", w, || {
-        dev.attention_backward(
-            dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim, ok,
-        )
+        dev.attention_backward(grads, dout, x, probs, shape, ok)
     })
 }
 
 /// Elements of one `[batch, heads·head_dim]` class-token tensor (q, out,
 /// dq, dout), of one `[batch, tokens, heads·head_dim]` tensor (k, v, dk,
-/// dv) and of the probabilities `[batch, heads, tokens]`.
-fn class_token_sizes(
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
-) -> Result<(usize, usize, usize)> {
+/// dv) and of the probabilities `[batch, heads, tokens]`, checked for
+/// overflow.
+fn class_token_sizes(s: AttentionShape) -> Result<(usize, usize, usize)> {
     Ok((
-        product("class-token attention", &[batch, heads, head_dim])?,
-        product("class-token attention", &[batch, tokens, heads, head_dim])?,
-        product("class-token attention probs", &[batch, heads, tokens])?,
+        product("class-token attention", &[s.batch, s.heads, s.head_dim])?,
+        product(
+            "class-token attention",
+            &[s.batch, s.tokens, s.heads, s.head_dim],
+        )?,
+        product("class-token attention probs", &[s.batch, s.heads, s.tokens])?,
     ))
 }
 
-/// Attention of the class token's query alone, for `batch` images of
-/// `tokens` tokens (module doc): `q, out: [batch, heads·head_dim]` (one row
-/// per image), `k, v: [batch, tokens, heads·head_dim]`. Writes
+/// Attention of the class token's query alone, for `shape.batch` images of
+/// `shape.tokens` tokens (module doc): `q, out: [batch, heads·head_dim]`
+/// (one row per image), `k, v: [batch, tokens, heads·head_dim]`. Writes
 /// `probs[batch, heads, tokens] = softmax(q kᵀ / √head_dim)` and
 /// `out = probs · v`: the class-token rows of `forward`.
-#[allow(clippy::too_many_arguments)]
 pub fn class_token_forward<D: AttentionKernel>(
     dev: &D,
     out: &mut D::Buf,
     probs: &mut D::Buf,
-    q: &D::Buf,
-    k: &D::Buf,
-    v: &D::Buf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    x: Qkv<&D::Buf>,
+    shape: AttentionShape,
 ) -> Result<()> {
-    let (rows, all, pn) = class_token_sizes(batch, tokens, heads, head_dim)?;
+    let (rows, all, pn) = class_token_sizes(shape)?;
     for (name, b, n) in [
-        ("class-token attention q", q, rows),
+        ("class-token attention q", x.q, rows),
         ("class-token attention out", &*out, rows),
-        ("class-token attention k", k, all),
-        ("class-token attention v", v, all),
+        ("class-token attention k", x.k, all),
+        ("class-token attention v", x.v, all),
         ("class-token attention probs", &*probs, pn),
     ] {
         need(dev, name, b, n)?;
@@ -288,23 +290,18 @@ pub fn class_token_forward<D: AttentionKernel>(
     let w = dev.profiling().then(|| {
         work(
             dev,
-            &[(q, rows), (k, all), (v, all), (out, rows), (probs, pn)],
-            4.0 * (pn * head_dim) as f64,
+            &[
+                (x.q, rows),
+                (x.k, all),
+                (x.v, all),
+                (out, rows),
+                (probs, pn),
+            ],
+            4.0 * (pn * shape.head_dim) as f64,
         )
     });
     profiled(dev, "attention_cls_forward", w, || {
-        dev.class_token_attention_forward(
-            out,
-            probs,
-            q,
-            k,
-            v,
-            batch,
-            tokens,
-            heads,
-            head_dim,
-            Checked::new(),
-        )
+        dev.class_token_attention_forward(out, probs, x, shape, Checked::new())
     })
 }
 
@@ -312,31 +309,23 @@ pub fn class_token_forward<D: AttentionKernel>(
 /// and every row of `dk`, `dv` from `dout` (`[batch, heads·head_dim]`): the
 /// gradients of `backward` when only the class token's row of `dout` is
 /// non-zero.
-#[allow(clippy::too_many_arguments)]
 pub fn class_token_backward<D: AttentionKernel>(
     dev: &D,
-    dq: &mut D::Buf,
-    dk: &mut D::Buf,
-    dv: &mut D::Buf,
+    grads: Qkv<&mut D::Buf>,
     dout: &D::Buf,
-    q: &D::Buf,
-    k: &D::Buf,
-    v: &D::Buf,
+    x: Qkv<&D::Buf>,
     probs: &D::Buf,
-    batch: usize,
-    tokens: usize,
-    heads: usize,
-    head_dim: usize,
+    shape: AttentionShape,
 ) -> Result<()> {
-    let (rows, all, pn) = class_token_sizes(batch, tokens, heads, head_dim)?;
+    let (rows, all, pn) = class_token_sizes(shape)?;
     for (name, b, n) in [
-        ("class-token attention dq", &*dq, rows),
-        ("class-token attention dk", &*dk, all),
-        ("class-token attention dv", &*dv, all),
+        ("class-token attention dq", &*grads.q, rows),
+        ("class-token attention dk", &*grads.k, all),
+        ("class-token attention dv", &*grads.v, all),
         ("class-token attention dout", dout, rows),
-        ("class-token attention q", q, rows),
-        ("class-token attention k", k, all),
-        ("class-token attention v", v, all),
+        ("class-token attention q", x.q, rows),
+        ("class-token attention k", x.k, all),
+        ("class-token attention v", x.v, all),
         ("class-token attention probs", probs, pn),
     ] {
         need(dev, name, b, n)?;
@@ -347,39 +336,26 @@ pub fn class_token_backward<D: AttentionKernel>(
             dev,
             &[
                 (dout, rows),
-                (q, rows),
-                (k, all),
-                (v, all),
+                (x.q, rows),
+                (x.k, all),
+                (x.v, all),
                 (probs, pn),
-                (dq, rows),
-                (dk, all),
-                (dv, all),
+                (&*grads.q, rows),
+                (&*grads.k, all),
+                (&*grads.v, all),
             ],
-            8.0 * (pn * head_dim) as f64,
+            8.0 * (pn * shape.head_dim) as f64,
         )
     });
     profiled(dev, "attention_cls_backward", w, || {
-        dev.class_token_attention_backward(
-            dq,
-            dk,
-            dv,
-            dout,
-            q,
-            k,
-            v,
-            probs,
-            batch,
-            tokens,
-            heads,
-            head_dim,
-            Checked::new(),
-        )
+        dev.class_token_attention_backward(grads, dout, x, probs, shape, Checked::new())
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
+    use super::{AttentionShape, Qkv};
     use crate::device::{Cpu, Precision};
     use crate::ops::Backend;
     use crate::testing::{
@@ -391,10 +367,26 @@ mod tests {
     const H: usize = 2;
     const DH: usize = 4;
     const N: usize = B * T * H * DH;
+    const SHAPE: AttentionShape = AttentionShape {
+        batch: B,
+        tokens: T,
+        heads: H,
+        head_dim: DH,
+    };
+
+    /// `q, k, v` as one `Qkv`.
+    fn qkv<'a, X: ?Sized>(q: &'a X, k: &'a X, v: &'a X) -> Qkv<&'a X> {
+        Qkv { q, k, v }
+    }
+
+    /// `dq, dk, dv` as one `Qkv`.
+    fn grads<'a, X: ?Sized>(q: &'a mut X, k: &'a mut X, v: &'a mut X) -> Qkv<&'a mut X> {
+        Qkv { q, k, v }
+    }
 
     fn forward(q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (mut o, mut p) = (vec![0.0; N], vec![0.0; B * H * T * T]);
-        attention_forward(&mut o, &mut p, q, k, v, B, T, H, DH);
+        attention_forward(&mut o, &mut p, qkv(q, k, v), SHAPE);
         (o, p)
     }
 
@@ -458,18 +450,11 @@ mod tests {
         let (_, p) = forward(&q, &k, &v);
         let (mut dq, mut dk, mut dv) = (vec![0.0; N], vec![0.0; N], vec![0.0; N]);
         attention_backward(
-            &mut dq,
-            &mut dk,
-            &mut dv,
+            grads(&mut dq, &mut dk, &mut dv),
             &random(N, 24),
-            &q,
-            &k,
-            &v,
+            qkv(&q, &k, &v),
             &p,
-            B,
-            T,
-            H,
-            DH,
+            SHAPE,
         );
         assert!(
             p.iter().all(|x| !x.is_subnormal()),
@@ -495,7 +480,13 @@ mod tests {
         let (q, k, v, w) = (random(N, 1), random(N, 2), random(N, 3), random(N, 4));
         let (_, p) = forward(&q, &k, &v);
         let (mut dq, mut dk, mut dv) = (vec![0.0; N], vec![0.0; N], vec![0.0; N]);
-        attention_backward(&mut dq, &mut dk, &mut dv, &w, &q, &k, &v, &p, B, T, H, DH);
+        attention_backward(
+            grads(&mut dq, &mut dk, &mut dv),
+            &w,
+            qkv(&q, &k, &v),
+            &p,
+            SHAPE,
+        );
         fd_check("attention dq", &q, &dq, 40, |q| {
             dot(&w, &forward(q, &k, &v).0)
         });
@@ -515,27 +506,25 @@ mod tests {
             let [out, probs, q, k, v] = b else {
                 unreachable!()
             };
-            super::forward(&Cpu, out, probs, q, k, v, B, T, H, DH)
+            super::forward(&Cpu, out, probs, qkv(q, k, v), SHAPE)
         });
         let lens = [N, N, N, N, N, N, N, pn];
         each_buffer_short("backward", &lens, 0.5, |b| {
             let [dq, dk, dv, dout, q, k, v, probs] = b else {
                 unreachable!()
             };
-            super::backward(&Cpu, dq, dk, dv, dout, q, k, v, probs, B, T, H, DH)
+            super::backward(&Cpu, grads(dq, dk, dv), dout, qkv(q, k, v), probs, SHAPE)
         });
     }
 
-    fn check_on<D: Backend>(
-        dev: &D,
-        batch: usize,
-        tokens: usize,
-        heads: usize,
-        head_dim: usize,
-        tolerance: f32,
-    ) {
-        let n = batch * tokens * heads * head_dim;
-        let pn = batch * heads * tokens * tokens;
+    fn check_on<D: Backend>(dev: &D, (batch, tokens, heads, head_dim): Dims, tolerance: f32) {
+        let shape = AttentionShape {
+            batch,
+            tokens,
+            heads,
+            head_dim,
+        };
+        let (n, pn) = (shape.len(), shape.probs_len());
         let inputs = vec![
             act(randn(26, n, 1.0)),
             act(randn(27, n, 1.0)),
@@ -551,11 +540,8 @@ mod tests {
             dev,
             inputs,
             |be, [q, k, v, out, probs, dout, dq, dk, dv]| {
-                super::forward(be, out, probs, q, k, v, batch, tokens, heads, head_dim).unwrap();
-                super::backward(
-                    be, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
-                )
-                .unwrap();
+                super::forward(be, out, probs, qkv(q, k, v), shape).unwrap();
+                super::backward(be, grads(dq, dk, dv), dout, qkv(q, k, v), probs, shape).unwrap();
             }
         );
         assert_close(
@@ -569,11 +555,14 @@ mod tests {
         );
     }
 
+    /// `(batch, tokens, heads, head_dim)`.
+    type Dims = (usize, usize, usize, usize);
+
     fn fused_vit_shapes_match_the_cpu<D: Backend>(dev: &D) {
         let t = tol(dev.precision(), RED);
-        check_on(dev, 2, 197, 3, 64, t);
-        check_on(dev, 3, 17, 2, 8, t);
-        check_on(dev, 1, 65, 1, 128, t);
+        check_on(dev, (2, 197, 3, 64), t);
+        check_on(dev, (3, 17, 2, 8), t);
+        check_on(dev, (1, 65, 1, 128), t);
     }
 
     /// The unfused path stores the scores S = q kᵀ/√dh in the activation
@@ -586,8 +575,8 @@ mod tests {
         } else {
             RED
         };
-        check_on(dev, 2, 300, 2, 64, t);
-        check_on(dev, 1, 256, 2, 128, t);
+        check_on(dev, (2, 300, 2, 64), t);
+        check_on(dev, (1, 256, 2, 128), t);
     }
 
     /// Sequences of at most 64 tokens, head widths multiples of 16: the
@@ -597,11 +586,11 @@ mod tests {
     /// exactly 64; head widths 16 to 128.
     fn short_sequences_match_the_cpu<D: Backend>(dev: &D) {
         let t = tol(dev.precision(), RED);
-        check_on(dev, 4, 50, 3, 64, t);
-        check_on(dev, 3, 17, 2, 16, t);
-        check_on(dev, 2, 33, 2, 48, t);
-        check_on(dev, 1, 64, 2, 128, t);
-        check_on(dev, 5, 1, 1, 32, t);
+        check_on(dev, (4, 50, 3, 64), t);
+        check_on(dev, (3, 17, 2, 16), t);
+        check_on(dev, (2, 33, 2, 48), t);
+        check_on(dev, (1, 64, 2, 128), t);
+        check_on(dev, (5, 1, 1, 32), t);
     }
 
     /// The class token's row of each image, `[B, H·DH]`, of a `[B, T, H·DH]` tensor.
@@ -614,7 +603,7 @@ mod tests {
 
     fn class_token(q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (mut o, mut p) = (vec![0.0; B * H * DH], vec![0.0; B * H * T]);
-        class_token_attention_forward(&mut o, &mut p, q, k, v, B, T, H, DH);
+        class_token_attention_forward(&mut o, &mut p, qkv(q, k, v), SHAPE);
         (o, p)
     }
 
@@ -649,23 +638,20 @@ mod tests {
         }
         let (mut dq, mut dk, mut dv) = (vec![0.0; N], vec![0.0; N], vec![0.0; N]);
         attention_backward(
-            &mut dq, &mut dk, &mut dv, &dout, &q, &k, &v, &p, B, T, H, DH,
+            grads(&mut dq, &mut dk, &mut dv),
+            &dout,
+            qkv(&q, &k, &v),
+            &p,
+            SHAPE,
         );
         let (mut dq_cls, mut dk_cls, mut dv_cls) =
             (vec![f32::NAN; B * d], vec![f32::NAN; N], vec![f32::NAN; N]);
         class_token_attention_backward(
-            &mut dq_cls,
-            &mut dk_cls,
-            &mut dv_cls,
+            grads(&mut dq_cls, &mut dk_cls, &mut dv_cls),
             &dout_cls,
-            &class_rows(&q),
-            &k,
-            &v,
+            qkv(&class_rows(&q), &k, &v),
             &p_cls,
-            B,
-            T,
-            H,
-            DH,
+            SHAPE,
         );
         close("dq", &dq_cls, &class_rows(&dq));
         close("dk", &dk_cls, &dk);
@@ -682,7 +668,13 @@ mod tests {
         );
         let (_, p) = class_token(&q, &k, &v);
         let (mut dq, mut dk, mut dv) = (vec![0.0; B * H * DH], vec![0.0; N], vec![0.0; N]);
-        class_token_attention_backward(&mut dq, &mut dk, &mut dv, &w, &q, &k, &v, &p, B, T, H, DH);
+        class_token_attention_backward(
+            grads(&mut dq, &mut dk, &mut dv),
+            &w,
+            qkv(&q, &k, &v),
+            &p,
+            SHAPE,
+        );
         fd_check("class-token attention dq", &q, &dq, 16, |q| {
             dot(&w, &class_token(q, &k, &v).0)
         });
@@ -702,14 +694,14 @@ mod tests {
             let [out, probs, q, k, v] = b else {
                 unreachable!()
             };
-            super::class_token_forward(&Cpu, out, probs, q, k, v, B, T, H, DH)
+            super::class_token_forward(&Cpu, out, probs, qkv(q, k, v), SHAPE)
         });
         let lens = [rows, N, N, rows, rows, N, N, pn];
         each_buffer_short("class-token backward", &lens, 0.5, |b| {
             let [dq, dk, dv, dout, q, k, v, probs] = b else {
                 unreachable!()
             };
-            super::class_token_backward(&Cpu, dq, dk, dv, dout, q, k, v, probs, B, T, H, DH)
+            super::class_token_backward(&Cpu, grads(dq, dk, dv), dout, qkv(q, k, v), probs, SHAPE)
         });
     }
 
@@ -723,10 +715,16 @@ mod tests {
             (3, 17, 2, 8),
             (2, 1, 1, 32),
         ] {
+            let shape = AttentionShape {
+                batch,
+                tokens,
+                heads,
+                head_dim,
+            };
             let (rows, all, pn) = (
-                batch * heads * head_dim,
-                batch * tokens * heads * head_dim,
-                batch * heads * tokens,
+                shape.class_token_len(),
+                shape.len(),
+                shape.class_token_probs_len(),
             );
             let inputs = vec![
                 act(randn(40, rows, 1.0)),
@@ -743,12 +741,14 @@ mod tests {
                 dev,
                 inputs,
                 |be, [q, k, v, out, probs, dout, dq, dk, dv]| {
-                    super::class_token_forward(
-                        be, out, probs, q, k, v, batch, tokens, heads, head_dim,
-                    )
-                    .unwrap();
+                    super::class_token_forward(be, out, probs, qkv(q, k, v), shape).unwrap();
                     super::class_token_backward(
-                        be, dq, dk, dv, dout, q, k, v, probs, batch, tokens, heads, head_dim,
+                        be,
+                        grads(dq, dk, dv),
+                        dout,
+                        qkv(q, k, v),
+                        probs,
+                        shape,
                     )
                     .unwrap();
                 }
