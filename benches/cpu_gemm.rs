@@ -1,4 +1,4 @@
-//! CPU matrix products on the model's shapes: the engine's `strided_gemm`
+//! CPU matrix products on the model's shapes: the engine's `gemm`
 //! (faer's matmul) against the `gemm` crate, which it replaced, in the same
 //! run, alternating so that machine noise hits both.
 //! Prints GFLOP/s (median of rounds) and the ratio. Shapes: every product of
@@ -10,8 +10,10 @@
 //!
 //! Threads: every core unless RAYON_NUM_THREADS says otherwise.
 
-use effrank_engine::ops::matmul::cpu::strided_gemm;
+use effrank_engine::ops::matmul::cpu::gemm as engine_gemm;
+use effrank_engine::ops::matmul::Accumulate;
 use effrank_engine::rng::Rng;
+use faer::{MatMut, MatRef};
 use std::time::Instant;
 
 #[derive(Clone, Copy)]
@@ -131,21 +133,16 @@ fn main() {
                             par,
                         );
                     } else {
-                        strided_gemm(
-                            m,
-                            k,
-                            n,
+                        engine_gemm(
                             1.0,
-                            a.as_ptr(),
-                            rsa,
-                            csa,
-                            b.as_ptr(),
-                            rsb,
-                            csb,
-                            accumulate,
-                            c.as_mut_ptr(),
-                            n as isize,
-                            1,
+                            MatRef::from_raw_parts(a.as_ptr(), m, k, rsa, csa),
+                            MatRef::from_raw_parts(b.as_ptr(), k, n, rsb, csb),
+                            if accumulate {
+                                Accumulate::Add
+                            } else {
+                                Accumulate::Overwrite
+                            },
+                            MatMut::from_row_major_slice_mut(&mut c[..m * n], m, n),
                             threads,
                         );
                     }

@@ -21,8 +21,10 @@ use effrank_engine::ops::attention::cpu::{
 use effrank_engine::ops::attention::{AttentionShape, Qkv};
 use effrank_engine::ops::gelu::cpu::{gelu_backward, gelu_backward_recomputing, gelu_forward};
 use effrank_engine::ops::layernorm::cpu::{layernorm_backward, layernorm_forward};
-use effrank_engine::ops::matmul::cpu::strided_gemm;
+use effrank_engine::ops::matmul::cpu::gemm;
+use effrank_engine::ops::matmul::Accumulate;
 use effrank_engine::rng::Rng;
+use faer::{MatMut, MatRef};
 use std::time::Instant;
 
 const ROWS: usize = 8 * 50;
@@ -278,26 +280,15 @@ fn main() {
             let mut y = vec![0f32; ROWS * out];
             let t = median_seconds(1, || {
                 for w in &weights {
-                    // SAFETY: x is [ROWS, inp], w is [out, inp] read transposed, y is [ROWS, out].
-                    unsafe {
-                        strided_gemm(
-                            ROWS,
-                            inp,
-                            out,
-                            1.0,
-                            x.as_ptr(),
-                            inp as isize,
-                            1,
-                            w.as_ptr(),
-                            1,
-                            inp as isize,
-                            false,
-                            y.as_mut_ptr(),
-                            out as isize,
-                            1,
-                            rayon::current_num_threads(),
-                        )
-                    };
+                    // x is [ROWS, inp], w is [out, inp] read transposed, y is [ROWS, out].
+                    gemm(
+                        1.0,
+                        MatRef::from_row_major_slice(&x, ROWS, inp),
+                        MatRef::from_row_major_slice(w, out, inp).transpose(),
+                        Accumulate::Overwrite,
+                        MatMut::from_row_major_slice_mut(&mut y, ROWS, out),
+                        rayon::current_num_threads(),
+                    );
                 }
             }) / 12.0;
             let gflops = 2.0 * (ROWS * inp * out) as f64 / t / 1e9;

@@ -70,20 +70,25 @@ fn lowrank_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
             .map(|_| be.alloc(m * r, BufKind::Activation))
             .collect::<Result<Vec<_>>>()?;
         let mut i = 0;
-        let ok = ops::lowrank::check_forward(
-            be, &ys[0], &hs[0], &xs[0], &v, &u, &bias, m, width, r, width,
-        )?;
+        let w = ops::lowrank::LowRankWeights {
+            v: &v,
+            u: &u,
+            bias: &bias,
+        };
+        let s = ops::lowrank::LowRankShape {
+            rows: m,
+            inp: width,
+            rank: r,
+            out: width,
+        };
+        let ok = ops::lowrank::check_forward(be, &ys[0], &hs[0], &xs[0], w, s)?;
         let fused = be.median_device_seconds(40, || {
             i = (i + 1) % SETS;
-            ops::lowrank::cuda::lowrank_forward_fused(
-                be, &mut ys[i], &mut hs[i], &xs[i], &v, &u, &bias, m, width, r, width, ok,
-            )
+            ops::lowrank::cuda::lowrank_forward_fused(be, &mut ys[i], &mut hs[i], &xs[i], w, s, ok)
         })?;
         let base = be.median_device_seconds(40, || {
             i = (i + 1) % SETS;
-            ops::lowrank::cuda::unfused(
-                be, &mut ys[i], &mut hs[i], &xs[i], &v, &u, &bias, m, width, r, width, ok,
-            )
+            ops::lowrank::cuda::unfused(be, &mut ys[i], &mut hs[i], &xs[i], w, s, ok)
         })?;
         let flops = 2.0 * m as f64 * r as f64 * (2 * width) as f64;
         let bytes = act_bytes(be) * (m * (2 * width + r)) as f64;

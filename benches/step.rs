@@ -401,7 +401,7 @@ fn ceilings(be: &Cuda) -> Result<Ceilings> {
     );
     let mut c = be.alloc(m * m, BufKind::Activation)?;
     let gemm = be.median_device_seconds(10, || {
-        ops::matmul::matmul(be, &mut c, &a, &b, m, m, m, false, false, false)
+        ops::matmul::matmul(be, &mut c, &a, &b, ops::matmul::Gemm::new(m, m, m))
     })?;
     Ok(Ceilings {
         copy_bytes_per_s: 8.0 * n as f64 / copy,

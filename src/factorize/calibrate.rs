@@ -118,7 +118,13 @@ pub fn calibrate(
                 let dim = x.len() / (acts.max_batch * cfg.tokens());
                 product.resize(dim * dim, 0.0);
                 // XᵀX of this batch's rows: [dim, rows] · [rows, dim].
-                matmul::matmul(&Cpu, &mut product, x, x, dim, dim, rows, true, false, false)?;
+                matmul::matmul(
+                    &Cpu,
+                    &mut product,
+                    x,
+                    x,
+                    matmul::Gemm::new(dim, dim, rows).a_t(),
+                )?;
                 total.resize(dim * dim, 0.0);
                 for (t, p) in total.iter_mut().zip(&product) {
                     *t += *p as f64;

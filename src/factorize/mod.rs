@@ -33,6 +33,7 @@ use crate::model::init::{init_params, random_factor_std};
 use crate::model::params::{is_lowrank, validate_ranks, BlockLinear, Linear, Ranks};
 use crate::model::{VitConfig, VitParams};
 use crate::ops::image::ImageTransform;
+use crate::ops::matmul::Gemm;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 
@@ -216,7 +217,7 @@ pub fn random_factors(
 /// `‖W - UV‖_F / ‖W‖_F`, computed directly (f64 accumulation).
 pub fn relative_error(w: &[f32], u: &[f32], v: &[f32], out: usize, inp: usize, r: usize) -> f64 {
     let mut uv = vec![0f32; out * inp];
-    crate::ops::matmul::cpu::matmul(&mut uv, u, v, out, inp, r, false, false, false);
+    crate::ops::matmul::cpu::matmul(&mut uv, u, v, Gemm::new(out, inp, r));
     let (mut num, mut den) = (0f64, 0f64);
     for (a, b) in w.iter().zip(&uv) {
         num += ((a - b) as f64).powi(2);
@@ -435,7 +436,7 @@ mod tests {
         let (out, inp, r) = (64, 64, 16);
         let (u, v, _) = random_factors(&vec![0.0; out * inp], out, inp, r, &mut Rng::new(5));
         let mut uv = vec![0f32; out * inp];
-        crate::ops::matmul::cpu::matmul(&mut uv, &u, &v, out, inp, r, false, false, false);
+        crate::ops::matmul::cpu::matmul(&mut uv, &u, &v, Gemm::new(out, inp, r));
         let std = (uv.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / uv.len() as f64).sqrt();
         assert!((std - 0.02).abs() < 0.003, "std {std}");
     }

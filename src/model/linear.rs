@@ -8,9 +8,12 @@
 //!
 //! `x` is `[rows, in]`, `y` and `dy` are `[rows, out]`, `h` and `dh` are
 //! `[rows, r]`. The input gradient is written, or added when the same input
-//! feeds several layers (q, k and v all read the first LayerNorm's output).
+//! feeds several layers (q, k and v all read the first LayerNorm's output):
+//! `Flow::dx` carries its `Accumulate` mode.
 
 use super::params::Linear;
+use crate::ops::lowrank::{LowRankShape, LowRankWeights};
+use crate::ops::matmul::{Accumulate, DenseShape, Gemm};
 use crate::ops::{lowrank, matmul, Backend};
 use anyhow::Result;
 
@@ -21,6 +24,48 @@ pub struct LinearShape {
     pub out: usize,
     /// `Some(r)` for a low-rank layer.
     pub rank: Option<usize>,
+}
+
+impl LinearShape {
+    /// The dense layer of this shape on `rows` rows.
+    pub fn dense(self, rows: usize) -> DenseShape {
+        DenseShape {
+            rows,
+            inp: self.inp,
+            out: self.out,
+        }
+    }
+
+    /// The low-rank layer of this shape on `rows` rows (an error without a rank).
+    pub fn low_rank(self, rows: usize) -> Result<LowRankShape> {
+        let rank = self
+            .rank
+            .ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its rank"))?;
+        Ok(LowRankShape {
+            rows,
+            inp: self.inp,
+            rank,
+            out: self.out,
+        })
+    }
+}
+
+/// What a layer's backward pass reads of its forward pass: the input `x`
+/// (`[rows, in]`) and, for a low-rank layer, the intermediate `h` (`[rows, r]`).
+pub struct Saved<'a, T> {
+    pub rows: usize,
+    pub x: &'a T,
+    pub h: Option<&'a T>,
+}
+
+/// The gradients flowing through a layer's backward pass: `dy` (`[rows,
+/// out]`) in; the input gradient out to `dx` when given, written or added
+/// (the same input can feed several layers); `dh` scratch of at least
+/// `rows * r` for a low-rank layer.
+pub struct Flow<'a, T> {
+    pub dy: &'a T,
+    pub dx: Option<(&'a mut T, Accumulate)>,
+    pub dh: Option<&'a mut T>,
 }
 
 /// Forward: writes `y`; a low-rank layer also writes its intermediate `h`.
@@ -35,37 +80,30 @@ pub fn linear_forward<B: Backend>(
 ) -> Result<()> {
     match layer {
         Linear::Dense { weight, bias } => {
-            matmul::linear_forward(be, y, x, weight, bias, rows, shape.inp, shape.out)
+            matmul::linear_forward(be, y, x, weight, bias, shape.dense(rows))
         }
         Linear::LowRank { u, v, bias } => {
             let h =
                 h.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its intermediate buffer"))?;
-            let r = shape
-                .rank
-                .ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its rank"))?;
-            lowrank::forward(be, y, h, x, v, u, bias, rows, shape.inp, r, shape.out)
+            let s = shape.low_rank(rows)?;
+            lowrank::forward(be, y, h, x, LowRankWeights { v, u, bias }, s)
         }
     }
 }
 
-/// Backward: adds the parameter gradients to `grad`, and writes (or, with
-/// `accumulate_dx`, adds) the input gradient to `dx` when given.
-/// `h` is the forward intermediate, `dh` scratch of at least `rows * r`.
-#[allow(clippy::too_many_arguments)]
+/// Backward: adds the parameter gradients to `grad`, and writes (or adds)
+/// the input gradient to `f.dx` when given.
 pub fn linear_backward<B: Backend>(
     be: &B,
     layer: &Linear<B::Buf>,
     grad: &mut Linear<B::Buf>,
     shape: LinearShape,
-    dx: Option<&mut B::Buf>,
-    accumulate_dx: bool,
-    dy: &B::Buf,
-    x: &B::Buf,
-    h: Option<&B::Buf>,
-    dh: Option<&mut B::Buf>,
-    rows: usize,
+    saved: Saved<'_, B::Buf>,
+    f: Flow<'_, B::Buf>,
 ) -> Result<()> {
     let (inp, out) = (shape.inp, shape.out);
+    let Saved { rows, x, h } = saved;
+    let Flow { dy, dx, dh } = f;
     match (layer, grad) {
         (
             Linear::Dense { weight, .. },
@@ -74,21 +112,12 @@ pub fn linear_backward<B: Backend>(
                 bias: db,
             },
         ) => {
-            matmul::matmul(be, dw, dy, x, out, inp, rows, true, false, true)?;
+            // dW[out, in] += dyᵀ x
+            matmul::matmul(be, dw, dy, x, Gemm::new(out, inp, rows).a_t().add())?;
             matmul::bias_backward(be, db, dy, rows, out)?;
-            if let Some(dx) = dx {
-                matmul::matmul(
-                    be,
-                    dx,
-                    dy,
-                    weight,
-                    rows,
-                    inp,
-                    out,
-                    false,
-                    false,
-                    accumulate_dx,
-                )?;
+            if let Some((dx, mode)) = dx {
+                // dx[rows, in] (+)= dy W
+                matmul::matmul(be, dx, dy, weight, Gemm::new(rows, inp, out).with(mode))?;
             }
         }
         (
@@ -99,19 +128,19 @@ pub fn linear_backward<B: Backend>(
                 bias: db,
             },
         ) => {
-            let r = shape
-                .rank
-                .ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its rank"))?;
+            let r = shape.low_rank(rows)?.rank;
             let h = h.ok_or_else(|| {
                 anyhow::anyhow!("a low-rank layer needs its forward intermediate")
             })?;
             let dh = dh.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs scratch for dh"))?;
-            matmul::matmul(be, du, dy, h, out, r, rows, true, false, true)?;
+            // dU[out, r] += dyᵀ h,  db += Σ_rows dy,  dh[rows, r] = dy U,  dV[r, in] += dhᵀ x
+            matmul::matmul(be, du, dy, h, Gemm::new(out, r, rows).a_t().add())?;
             matmul::bias_backward(be, db, dy, rows, out)?;
-            matmul::matmul(be, dh, dy, u, rows, r, out, false, false, false)?;
-            matmul::matmul(be, dv, dh, x, r, inp, rows, true, false, true)?;
-            if let Some(dx) = dx {
-                matmul::matmul(be, dx, dh, v, rows, inp, r, false, false, accumulate_dx)?;
+            matmul::matmul(be, dh, dy, u, Gemm::new(rows, r, out))?;
+            matmul::matmul(be, dv, dh, x, Gemm::new(r, inp, rows).a_t().add())?;
+            if let Some((dx, mode)) = dx {
+                // dx[rows, in] (+)= dh V
+                matmul::matmul(be, dx, dh, v, Gemm::new(rows, inp, r).with(mode))?;
             }
         }
         _ => anyhow::bail!("gradient layout does not match the layer (dense vs low-rank)"),

@@ -53,10 +53,11 @@
 //! reused every step; a smaller batch uses their leading part.
 
 use super::config::VitConfig;
-use super::linear::{linear_backward, linear_forward, LinearShape};
+use super::linear::{linear_backward, linear_forward, Flow, LinearShape, Saved};
 use super::params::{param_specs, validate_ranks, BlockLinear, PerLinear, Ranks, VitParams};
 use crate::device::{BufKind, Device};
 use crate::ops::attention::{AttentionShape, Qkv};
+use crate::ops::matmul::Accumulate;
 use crate::ops::{add, add_layernorm, attention, embed, gelu, layernorm, matmul, Backend};
 use crate::options::ModelPaths;
 use anyhow::{bail, Result};
@@ -408,9 +409,7 @@ impl<B: Backend> Vit<B> {
             &acts.patches,
             &p.patch_w,
             &p.patch_b,
-            np,
-            self.patch_shape().inp,
-            d,
+            self.patch_shape().dense(np),
         )?;
         embed::tokens_forward(
             be,
@@ -709,13 +708,16 @@ impl<B: Backend> Vit<B> {
             &p.head,
             &mut grads.head,
             self.head_shape(),
-            Some(&mut s.d_cls_ln),
-            false,
-            d_logits,
-            &acts.cls_ln,
-            None,
-            None,
-            batch,
+            Saved {
+                rows: batch,
+                x: &acts.cls_ln,
+                h: None,
+            },
+            Flow {
+                dy: d_logits,
+                dx: Some((&mut s.d_cls_ln, Accumulate::Overwrite)),
+                dh: None,
+            },
         )?;
         be.zero(&mut s.d_cls, batch * d)?;
         layernorm::backward(
@@ -763,13 +765,16 @@ impl<B: Backend> Vit<B> {
                 &bp.fc2,
                 &mut g.fc2,
                 self.linear_shape(l, BlockLinear::Fc2),
-                Some(&mut s.d_hidden),
-                false,
-                &s.d_sub,
-                &a.fc1_act,
-                a.h[BlockLinear::Fc2].as_ref(),
-                Some(&mut s.dh),
-                rows,
+                Saved {
+                    rows,
+                    x: &a.fc1_act,
+                    h: a.h[BlockLinear::Fc2].as_ref(),
+                },
+                Flow {
+                    dy: &s.d_sub,
+                    dx: Some((&mut s.d_hidden, Accumulate::Overwrite)),
+                    dh: Some(&mut s.dh),
+                },
             )?;
             gelu::backward(
                 be,
@@ -784,13 +789,16 @@ impl<B: Backend> Vit<B> {
                 &bp.fc1,
                 &mut g.fc1,
                 self.linear_shape(l, BlockLinear::Fc1),
-                Some(&mut s.d_ln),
-                false,
-                &s.d_hidden2,
-                &a.ln2,
-                a.h[BlockLinear::Fc1].as_ref(),
-                Some(&mut s.dh),
-                rows,
+                Saved {
+                    rows,
+                    x: &a.ln2,
+                    h: a.h[BlockLinear::Fc1].as_ref(),
+                },
+                Flow {
+                    dy: &s.d_hidden2,
+                    dx: Some((&mut s.d_ln, Accumulate::Overwrite)),
+                    dh: Some(&mut s.dh),
+                },
             )?;
             // m feeds both the residual and LN2: the LN2 gradient is added.
             if fused {
@@ -842,13 +850,16 @@ impl<B: Backend> Vit<B> {
                     &bp.proj,
                     &mut g.proj,
                     self.linear_shape(l, BlockLinear::Proj),
-                    Some(&mut s.d_cls_ln),
-                    false,
-                    &s.d_sub,
-                    &acts.cls_attn,
-                    a.h[BlockLinear::Proj].as_ref(),
-                    Some(&mut s.dh),
-                    batch,
+                    Saved {
+                        rows: batch,
+                        x: &acts.cls_attn,
+                        h: a.h[BlockLinear::Proj].as_ref(),
+                    },
+                    Flow {
+                        dy: &s.d_sub,
+                        dx: Some((&mut s.d_cls_ln, Accumulate::Overwrite)),
+                        dh: Some(&mut s.dh),
+                    },
                 )?;
                 embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
             } else {
@@ -857,13 +868,16 @@ impl<B: Backend> Vit<B> {
                     &bp.proj,
                     &mut g.proj,
                     self.linear_shape(l, BlockLinear::Proj),
-                    Some(&mut s.d_attn),
-                    false,
-                    &s.d_sub,
-                    &a.attn,
-                    a.h[BlockLinear::Proj].as_ref(),
-                    Some(&mut s.dh),
-                    n,
+                    Saved {
+                        rows: n,
+                        x: &a.attn,
+                        h: a.h[BlockLinear::Proj].as_ref(),
+                    },
+                    Flow {
+                        dy: &s.d_sub,
+                        dx: Some((&mut s.d_attn, Accumulate::Overwrite)),
+                        dh: Some(&mut s.dh),
+                    },
                 )?;
             }
             if class_rows && self.paths.class_token_query {
@@ -889,26 +903,32 @@ impl<B: Backend> Vit<B> {
                     &bp.k,
                     &mut g.k,
                     k_shape,
-                    Some(&mut s.d_ln),
-                    false,
-                    &s.dk,
-                    &a.ln1,
-                    a.h[BlockLinear::K].as_ref(),
-                    Some(&mut s.dh),
-                    n,
+                    Saved {
+                        rows: n,
+                        x: &a.ln1,
+                        h: a.h[BlockLinear::K].as_ref(),
+                    },
+                    Flow {
+                        dy: &s.dk,
+                        dx: Some((&mut s.d_ln, Accumulate::Overwrite)),
+                        dh: Some(&mut s.dh),
+                    },
                 )?;
                 linear_backward(
                     be,
                     &bp.v,
                     &mut g.v,
                     v_shape,
-                    Some(&mut s.d_ln),
-                    true,
-                    &s.dv,
-                    &a.ln1,
-                    a.h[BlockLinear::V].as_ref(),
-                    Some(&mut s.dh),
-                    n,
+                    Saved {
+                        rows: n,
+                        x: &a.ln1,
+                        h: a.h[BlockLinear::V].as_ref(),
+                    },
+                    Flow {
+                        dy: &s.dv,
+                        dx: Some((&mut s.d_ln, Accumulate::Add)),
+                        dh: Some(&mut s.dh),
+                    },
                 )?;
                 // s.d_cls_ln (read by the attention above) now takes Q's input gradient, the class-token rows of LN1's.
                 linear_backward(
@@ -916,13 +936,16 @@ impl<B: Backend> Vit<B> {
                     &bp.q,
                     &mut g.q,
                     q_shape,
-                    Some(&mut s.d_cls_ln),
-                    false,
-                    &s.d_cls_q,
-                    &acts.cls_ln1,
-                    a.h[BlockLinear::Q].as_ref(),
-                    Some(&mut s.dh),
-                    batch,
+                    Saved {
+                        rows: batch,
+                        x: &acts.cls_ln1,
+                        h: a.h[BlockLinear::Q].as_ref(),
+                    },
+                    Flow {
+                        dy: &s.d_cls_q,
+                        dx: Some((&mut s.d_cls_ln, Accumulate::Overwrite)),
+                        dh: Some(&mut s.dh),
+                    },
                 )?;
                 embed::cls_scatter_add(be, &mut s.d_ln, &s.d_cls_ln, batch, t, d)?;
             } else {
@@ -951,39 +974,48 @@ impl<B: Backend> Vit<B> {
                     &bp.q,
                     &mut g.q,
                     q_shape,
-                    Some(&mut s.d_ln),
-                    false,
-                    &s.dq,
-                    &a.ln1,
-                    a.h[BlockLinear::Q].as_ref(),
-                    Some(&mut s.dh),
-                    n,
+                    Saved {
+                        rows: n,
+                        x: &a.ln1,
+                        h: a.h[BlockLinear::Q].as_ref(),
+                    },
+                    Flow {
+                        dy: &s.dq,
+                        dx: Some((&mut s.d_ln, Accumulate::Overwrite)),
+                        dh: Some(&mut s.dh),
+                    },
                 )?;
                 linear_backward(
                     be,
                     &bp.k,
                     &mut g.k,
                     k_shape,
-                    Some(&mut s.d_ln),
-                    true,
-                    &s.dk,
-                    &a.ln1,
-                    a.h[BlockLinear::K].as_ref(),
-                    Some(&mut s.dh),
-                    n,
+                    Saved {
+                        rows: n,
+                        x: &a.ln1,
+                        h: a.h[BlockLinear::K].as_ref(),
+                    },
+                    Flow {
+                        dy: &s.dk,
+                        dx: Some((&mut s.d_ln, Accumulate::Add)),
+                        dh: Some(&mut s.dh),
+                    },
                 )?;
                 linear_backward(
                     be,
                     &bp.v,
                     &mut g.v,
                     v_shape,
-                    Some(&mut s.d_ln),
-                    true,
-                    &s.dv,
-                    &a.ln1,
-                    a.h[BlockLinear::V].as_ref(),
-                    Some(&mut s.dh),
-                    n,
+                    Saved {
+                        rows: n,
+                        x: &a.ln1,
+                        h: a.h[BlockLinear::V].as_ref(),
+                    },
+                    Flow {
+                        dy: &s.dv,
+                        dx: Some((&mut s.d_ln, Accumulate::Add)),
+                        dh: Some(&mut s.dh),
+                    },
                 )?;
             }
             // x_in is the previous block's output, whose MLP sub-layer starts from this dx.
@@ -1033,17 +1065,13 @@ impl<B: Backend> Vit<B> {
         )?;
         let np = batch * c.n_patches();
         let pd = self.patch_shape().inp;
+        // dW[d, pd] += dyᵀ patches
         matmul::matmul(
             be,
             &mut grads.patch_w,
             &s.d_patch_out,
             &acts.patches,
-            d,
-            pd,
-            np,
-            true,
-            false,
-            true,
+            matmul::Gemm::new(d, pd, np).a_t().add(),
         )?;
         matmul::bias_backward(be, &mut grads.patch_b, &s.d_patch_out, np, d)
     }

@@ -232,8 +232,9 @@ mod tests {
     /// (which rewrites the copy) and after a plain write (which marks it stale),
     /// a product with the weight matches the CPU's product with the new values.
     fn weight_copies_follow_updates<D: Backend>(dev: &D) {
-        use crate::ops::matmul::linear_forward;
+        use crate::ops::matmul::{linear_forward, DenseShape};
         let (rows, inp, out) = (64, 48, 40);
+        let s = DenseShape { rows, inp, out };
         let h = AdamWStep {
             lr: 1e-1,
             beta1: 0.9,
@@ -254,14 +255,14 @@ mod tests {
             par(vec![0.0]),
         ];
         let (c, g) = crate::on_both!(dev, inputs, |be, [y, x, w, bias, grad, m, v, gn]| {
-            linear_forward(be, y, x, w, bias, rows, inp, out).unwrap();
+            linear_forward(be, y, x, w, bias, s).unwrap();
             super::update(be, w, grad, m, v, gn, out * inp, &h).unwrap();
-            linear_forward(be, y, x, w, bias, rows, inp, out).unwrap();
+            linear_forward(be, y, x, w, bias, s).unwrap();
             // Keep the product after the step (its first row) in `bias`, one of
             // the compared buffers, before overwriting y.
             let y_after_step = be.download(y).unwrap();
             be.write(w, &randn(63, out * inp, 0.3)).unwrap();
-            linear_forward(be, y, x, w, bias, rows, inp, out).unwrap();
+            linear_forward(be, y, x, w, bias, s).unwrap();
             be.write(bias, &y_after_step[..out]).unwrap();
         });
         let tolerance = if dev.precision() == Precision::Bf16 {

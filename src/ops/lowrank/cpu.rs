@@ -1,28 +1,22 @@
 //! The low-rank layer on the CPU: two strided products, `h = x Vᵀ` then
 //! `y = h Uᵀ + b` (the CUDA kernel fuses them; here `h` is needed anyway).
 
-use super::LowRankKernel;
+use super::{LowRankKernel, LowRankShape, LowRankWeights};
 use crate::device::Cpu;
 use crate::ops::matmul::cpu::{linear_forward, matmul};
 use crate::ops::Checked;
 use anyhow::Result;
 
 /// Writes `h[rows, r] = x · vᵀ` and `y[rows, out] = h · uᵀ + bias`.
-#[allow(clippy::too_many_arguments)]
 pub fn lowrank_forward(
     y: &mut [f32],
     h: &mut [f32],
     x: &[f32],
-    v: &[f32],
-    u: &[f32],
-    bias: &[f32],
-    rows: usize,
-    inp: usize,
-    rank: usize,
-    out: usize,
+    w: LowRankWeights<'_, [f32]>,
+    s: LowRankShape,
 ) {
-    matmul(h, x, v, rows, rank, inp, false, true, false);
-    linear_forward(y, h, u, bias, rows, rank, out);
+    matmul(h, x, w.v, s.first());
+    linear_forward(y, h, w.u, w.bias, s.second());
 }
 
 impl LowRankKernel for Cpu {
@@ -31,16 +25,16 @@ impl LowRankKernel for Cpu {
         y: &mut Vec<f32>,
         h: &mut Vec<f32>,
         x: &Vec<f32>,
-        v: &Vec<f32>,
-        u: &Vec<f32>,
-        bias: &Vec<f32>,
-        rows: usize,
-        inp: usize,
-        rank: usize,
-        out: usize,
+        w: LowRankWeights<'_, Vec<f32>>,
+        s: LowRankShape,
         _: Checked,
     ) -> Result<()> {
-        lowrank_forward(y, h, x, v, u, bias, rows, inp, rank, out);
+        let w = LowRankWeights {
+            v: w.v.as_slice(),
+            u: w.u.as_slice(),
+            bias: w.bias.as_slice(),
+        };
+        lowrank_forward(y, h, x, w, s);
         Ok(())
     }
 }

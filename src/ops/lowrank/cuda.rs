@@ -5,7 +5,7 @@
 //! two cuBLAS GEMMs (`FUSED_FASTER_MAX_RANK`) and the GEMM pair elsewhere;
 //! both give the same result, and the pair is the benchmark baseline.
 
-use super::LowRankKernel;
+use super::{LowRankKernel, LowRankShape, LowRankWeights};
 use crate::device::cuda::{CudaBuf, DriverResultExt};
 use crate::device::{Cuda, Device, Precision};
 use crate::ops::matmul::cuda::{gemm, linear_forward, operand, output, RowMajorGemm};
@@ -66,20 +66,15 @@ impl LowRankKernel for Cuda {
         y: &mut CudaBuf,
         h: &mut CudaBuf,
         x: &CudaBuf,
-        v: &CudaBuf,
-        u: &CudaBuf,
-        bias: &CudaBuf,
-        rows: usize,
-        inp: usize,
-        rank: usize,
-        out: usize,
+        w: LowRankWeights<'_, CudaBuf>,
+        s: LowRankShape,
         ok: Checked,
     ) -> Result<()> {
-        let aligned = [rows, inp, rank, out].iter().all(|d| d % 16 == 0);
-        if self.precision() == Precision::Bf16 && aligned && rank <= FUSED_FASTER_MAX_RANK {
-            lowrank_forward_fused(self, y, h, x, v, u, bias, rows, inp, rank, out, ok)
+        let aligned = s.dims().iter().all(|d| d % 16 == 0);
+        if self.precision() == Precision::Bf16 && aligned && s.rank <= FUSED_FASTER_MAX_RANK {
+            lowrank_forward_fused(self, y, h, x, w, s, ok)
         } else {
-            unfused(self, y, h, x, v, u, bias, rows, inp, rank, out, ok)
+            unfused(self, y, h, x, w, s, ok)
         }
     }
 }
@@ -89,49 +84,48 @@ impl LowRankKernel for Cuda {
 /// `lowrank_forward_aligned`, both `(act_t* y, act_t* h, const act_t* x,
 /// const act_t* v, const act_t* u, const float* bias, int rows, int inp,
 /// int rank, int out)`.
-#[allow(clippy::too_many_arguments)]
 pub fn lowrank_forward_fused(
     be: &Cuda,
     y: &mut CudaBuf,
     h: &mut CudaBuf,
     x: &CudaBuf,
-    v: &CudaBuf,
-    u: &CudaBuf,
-    bias: &CudaBuf,
-    rows: usize,
-    inp: usize,
-    rank: usize,
-    out: usize,
+    w: LowRankWeights<'_, CudaBuf>,
+    s: LowRankShape,
     ok: Checked,
 ) -> Result<()> {
+    let LowRankShape {
+        rows,
+        inp,
+        rank,
+        out,
+    } = s;
     if rank == 0 || rank > MAX_FUSED_RANK || inp == 0 {
-        return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out, ok);
+        return unfused(be, y, h, x, w, s, ok);
     }
     // bf16 with every dimension a multiple of 16: the kernel that loads its
     // tensor-core fragments straight from global memory.
-    let aligned =
-        be.precision() == Precision::Bf16 && [rows, inp, rank, out].iter().all(|d| d % 16 == 0);
+    let aligned = be.precision() == Precision::Bf16 && s.dims().iter().all(|d| d % 16 == 0);
     let (name, (rows_per_block, threads, smem)) = if aligned {
         ("lowrank_forward_aligned", aligned_launch(rank))
     } else {
         ("lowrank_forward", fused_launch(be.precision(), rank))
     };
     if smem > be.max_shared_bytes() {
-        return unfused(be, y, h, x, v, u, bias, rows, inp, rank, out, ok);
+        return unfused(be, y, h, x, w, s, ok);
     }
     if rows * out == 0 {
         return Ok(());
     }
-    let a = [rows, inp, rank, out].map(|v| v as i32);
+    let a = s.dims().map(|v| v as i32);
     let (yp, hp, xp) = (
         be.act_mut(y, "lowrank y")?,
         be.act_mut(h, "lowrank h")?,
         be.act(x, "lowrank x")?,
     );
     let (vp, up, bp) = (
-        be.operand(v, "lowrank V")?,
-        be.operand(u, "lowrank U")?,
-        be.f32(bias, "lowrank bias")?,
+        be.operand(w.v, "lowrank V")?,
+        be.operand(w.u, "lowrank U")?,
+        be.f32(w.bias, "lowrank bias")?,
     );
     let cfg = LaunchConfig {
         grid_dim: (rows.div_ceil(rows_per_block) as u32, 1, 1),
@@ -157,32 +151,20 @@ pub fn lowrank_forward_fused(
 }
 
 /// The two-GEMM path: `h = x Vᵀ` then `y = h Uᵀ + b` (also the benchmark baseline).
-#[allow(clippy::too_many_arguments)]
 pub fn unfused(
     be: &Cuda,
     y: &mut CudaBuf,
     h: &mut CudaBuf,
     x: &CudaBuf,
-    v: &CudaBuf,
-    u: &CudaBuf,
-    bias: &CudaBuf,
-    rows: usize,
-    inp: usize,
-    rank: usize,
-    out: usize,
+    w: LowRankWeights<'_, CudaBuf>,
+    s: LowRankShape,
     _: Checked,
 ) -> Result<()> {
-    if inp == 0 {
-        be.zero(h, rows * rank)?;
+    if s.inp == 0 {
+        be.zero(h, s.rows * s.rank)?;
     } else {
-        let (xm, vm) = (operand(be, x, "lowrank x")?, operand(be, v, "lowrank V")?);
-        gemm(
-            be,
-            output(be, h),
-            xm,
-            vm,
-            &RowMajorGemm::plain(rows, rank, inp, false, true, 0.0),
-        )?;
+        let (xm, vm) = (operand(be, x, "lowrank x")?, operand(be, w.v, "lowrank V")?);
+        gemm(be, output(be, h), xm, vm, &RowMajorGemm::plain(s.first()))?;
     }
-    linear_forward(be, y, h, u, bias, rows, rank, out)
+    linear_forward(be, y, h, w.u, w.bias, s.second())
 }

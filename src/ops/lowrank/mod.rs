@@ -12,25 +12,65 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
+use super::matmul::{DenseShape, Gemm};
 use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::Result;
 
+/// Shape of a low-rank layer applied to `rows` rows: `x[rows, inp]`,
+/// `v[rank, inp]`, `h[rows, rank]`, `u[out, rank]`, `bias[out]`, `y[rows, out]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LowRankShape {
+    pub rows: usize,
+    pub inp: usize,
+    pub rank: usize,
+    pub out: usize,
+}
+
+impl LowRankShape {
+    /// The first product, `h[rows, rank] = x · vᵀ` (written).
+    pub fn first(self) -> Gemm {
+        Gemm::new(self.rows, self.rank, self.inp).b_t()
+    }
+
+    /// The second product as a dense layer, `y = h · uᵀ + bias`.
+    pub fn second(self) -> DenseShape {
+        DenseShape {
+            rows: self.rows,
+            inp: self.rank,
+            out: self.out,
+        }
+    }
+
+    /// `[rows, inp, rank, out]`.
+    pub fn dims(self) -> [usize; 4] {
+        [self.rows, self.inp, self.rank, self.out]
+    }
+}
+
+/// The parameters of a low-rank layer: `v[rank, inp]`, `u[out, rank]`, `bias[out]`.
+pub struct LowRankWeights<'a, T: ?Sized> {
+    pub v: &'a T,
+    pub u: &'a T,
+    pub bias: &'a T,
+}
+
+impl<T: ?Sized> Clone for LowRankWeights<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T: ?Sized> Copy for LowRankWeights<'_, T> {}
+
 /// Device body of the low-rank forward (call `forward`).
 pub trait LowRankKernel: Device {
-    #[allow(clippy::too_many_arguments)]
     fn lowrank_forward(
         &self,
         y: &mut Self::Buf,
         h: &mut Self::Buf,
         x: &Self::Buf,
-        v: &Self::Buf,
-        u: &Self::Buf,
-        bias: &Self::Buf,
-        rows: usize,
-        inp: usize,
-        rank: usize,
-        out: usize,
+        w: LowRankWeights<'_, Self::Buf>,
+        s: LowRankShape,
         _: Checked,
     ) -> Result<()>;
 }
@@ -38,72 +78,74 @@ pub trait LowRankKernel: Device {
 /// The checks of `forward`, for callers that pick a device's path
 /// themselves (the CUDA benches and the fused-kernel test): the token they
 /// need to call it.
-#[allow(clippy::too_many_arguments)]
 pub fn check_forward<D: Device>(
     dev: &D,
     y: &D::Buf,
     h: &D::Buf,
     x: &D::Buf,
-    v: &D::Buf,
-    u: &D::Buf,
-    bias: &D::Buf,
-    rows: usize,
-    inp: usize,
-    rank: usize,
-    out: usize,
+    w: LowRankWeights<'_, D::Buf>,
+    s: LowRankShape,
 ) -> Result<Checked> {
+    let LowRankShape {
+        rows,
+        inp,
+        rank,
+        out,
+    } = s;
     if rank == 0 {
         anyhow::bail!("lowrank: rank 0");
     }
     need(dev, "lowrank y", y, product("lowrank y", &[rows, out])?)?;
     need(dev, "lowrank h", h, product("lowrank h", &[rows, rank])?)?;
     need(dev, "lowrank x", x, product("lowrank x", &[rows, inp])?)?;
-    need(dev, "lowrank v", v, product("lowrank v", &[rank, inp])?)?;
-    need(dev, "lowrank u", u, product("lowrank u", &[out, rank])?)?;
-    need(dev, "lowrank bias", bias, out)?;
+    need(dev, "lowrank v", w.v, product("lowrank v", &[rank, inp])?)?;
+    need(dev, "lowrank u", w.u, product("lowrank u", &[out, rank])?)?;
+    need(dev, "lowrank bias", w.bias, out)?;
     Ok(Checked::new())
 }
 
 /// Writes `h[rows, r] = x · vᵀ` and `y[rows, out] = h · uᵀ + bias`, with
 /// `v: [r, inp]`, `u: [out, r]`. `h` is kept for the backward pass (`dU = dyᵀ h`).
-#[allow(clippy::too_many_arguments)]
 pub fn forward<D: LowRankKernel>(
     dev: &D,
     y: &mut D::Buf,
     h: &mut D::Buf,
     x: &D::Buf,
-    v: &D::Buf,
-    u: &D::Buf,
-    bias: &D::Buf,
-    rows: usize,
-    inp: usize,
-    rank: usize,
-    out: usize,
+    w: LowRankWeights<'_, D::Buf>,
+    s: LowRankShape,
 ) -> Result<()> {
-    let ok = check_forward(dev, y, h, x, v, u, bias, rows, inp, rank, out)?;
-    let w = dev.profiling().then(|| {
+    let ok = check_forward(dev, y, h, x, w, s)?;
+    let LowRankShape {
+        rows,
+        inp,
+        rank,
+        out,
+    } = s;
+    let cost = dev.profiling().then(|| {
         work(
             dev,
             &[
                 (y, rows * out),
                 (h, rows * rank),
                 (x, rows * inp),
-                (v, rank * inp),
-                (u, out * rank),
-                (bias, out),
+                (w.v, rank * inp),
+                (w.u, out * rank),
+                (w.bias, out),
             ],
             2.0 * (rows * rank) as f64 * (inp + out) as f64,
         )
     });
-    profiled(dev, "lowrank_forward", w, || {
-        dev.lowrank_forward(y, h, x, v, u, bias, rows, inp, rank, out, ok)
+    profiled(dev, "lowrank_forward", cost, || {
+        dev.lowrank_forward(y, h, x, w, s, ok)
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
+    use super::{LowRankShape, LowRankWeights};
     use crate::device::Cpu;
+    use crate::ops::matmul::{DenseShape, Gemm};
     use crate::ops::Backend;
     use crate::testing::{act, assert_close, par, randn, random, tol, RED};
 
@@ -117,11 +159,28 @@ mod tests {
             random(out, 4),
         );
         let (mut y, mut h) = (vec![0.0; rows * out], vec![0.0; rows * r]);
-        lowrank_forward(&mut y, &mut h, &x, &v, &u, &b, rows, inp, r, out);
+        let s = LowRankShape {
+            rows,
+            inp,
+            rank: r,
+            out,
+        };
+        let weights = LowRankWeights {
+            v: &v[..],
+            u: &u[..],
+            bias: &b[..],
+        };
+        lowrank_forward(&mut y, &mut h, &x, weights, s);
         let mut w = vec![0f32; out * inp];
-        crate::ops::matmul::cpu::matmul(&mut w, &u, &v, out, inp, r, false, false, false);
+        crate::ops::matmul::cpu::matmul(&mut w, &u, &v, Gemm::new(out, inp, r));
         let mut dense = vec![0.0; rows * out];
-        crate::ops::matmul::cpu::linear_forward(&mut dense, &x, &w, &b, rows, inp, out);
+        crate::ops::matmul::cpu::linear_forward(
+            &mut dense,
+            &x,
+            &w,
+            &b,
+            DenseShape { rows, inp, out },
+        );
         for (a, d) in y.iter().zip(&dense) {
             assert!((a - d).abs() < 1e-4, "{a} vs {d}");
         }
@@ -136,6 +195,12 @@ mod tests {
     #[test]
     fn wrong_shapes_are_errors() {
         let (rows, inp, r, out) = (3, 5, 2, 4);
+        let s = LowRankShape {
+            rows,
+            inp,
+            rank: r,
+            out,
+        };
         let lens = [rows * out, rows * r, rows * inp, r * inp, out * r, out];
         for short in 0..=lens.len() {
             let b: Vec<Vec<f32>> = lens
@@ -144,9 +209,12 @@ mod tests {
                 .map(|(i, &n)| vec![0.0; if i == short { n - 1 } else { n }])
                 .collect();
             let (mut y, mut h) = (b[0].clone(), b[1].clone());
-            let res = super::forward(
-                &Cpu, &mut y, &mut h, &b[2], &b[3], &b[4], &b[5], rows, inp, r, out,
-            );
+            let w = LowRankWeights {
+                v: &b[3],
+                u: &b[4],
+                bias: &b[5],
+            };
+            let res = super::forward(&Cpu, &mut y, &mut h, &b[2], w, s);
             assert_eq!(res.is_ok(), short == lens.len(), "argument {short} short");
         }
         let (mut y, mut h) = (vec![0.0; 12], vec![0.0; 12]);
@@ -156,13 +224,12 @@ mod tests {
                 &mut y,
                 &mut h,
                 &vec![0.0; 15],
-                &vec![0.0; 10],
-                &vec![0.0; 8],
-                &vec![0.0; 4],
-                rows,
-                inp,
-                0,
-                out
+                LowRankWeights {
+                    v: &vec![0.0; 10],
+                    u: &vec![0.0; 8],
+                    bias: &vec![0.0; 4],
+                },
+                LowRankShape { rank: 0, ..s }
             )
             .is_err(),
             "rank 0"
@@ -189,8 +256,14 @@ mod tests {
                     par(randn(15, out * rank, 0.1)),
                     par(randn(16, out, 1.0)),
                 ];
+                let s = LowRankShape {
+                    rows,
+                    inp,
+                    rank,
+                    out,
+                };
                 let (c, g) = crate::on_both!(dev, inputs, |be, [y, h, x, v, u, bias]| {
-                    super::forward(be, y, h, x, v, u, bias, rows, inp, rank, out).unwrap();
+                    super::forward(be, y, h, x, LowRankWeights { v, u, bias }, s).unwrap();
                 });
                 assert_close(
                     &format!("lowrank {p:?} rows {rows} in {inp} out {out} rank {rank}"),
@@ -230,21 +303,19 @@ mod tests {
                             par(randn(16, out, 1.0)),
                         ],
                     );
-                    let (mut yc, mut hc) = (vec![0.0; rows * out], vec![0.0; rows * rank]);
-                    super::forward(
-                        &Cpu,
-                        &mut yc,
-                        &mut hc,
-                        &inputs[0].1,
-                        &inputs[1].1,
-                        &inputs[2].1,
-                        &inputs[3].1,
+                    let s = LowRankShape {
                         rows,
                         inp,
                         rank,
                         out,
-                    )
-                    .unwrap();
+                    };
+                    let (mut yc, mut hc) = (vec![0.0; rows * out], vec![0.0; rows * rank]);
+                    let weights = LowRankWeights {
+                        v: &inputs[1].1,
+                        u: &inputs[2].1,
+                        bias: &inputs[3].1,
+                    };
+                    super::forward(&Cpu, &mut yc, &mut hc, &inputs[0].1, weights, s).unwrap();
                     let up = |(k, v): &(BufKind, Vec<f32>)| cuda.upload(v, *k).unwrap();
                     let (x, v, u, b) = (
                         up(&inputs[0]),
@@ -258,13 +329,14 @@ mod tests {
                         cuda.upload(&vec![f32::NAN; rows * rank], BufKind::Activation)
                             .unwrap(),
                     );
-                    let ok =
-                        super::check_forward(&cuda, &y, &h, &x, &v, &u, &b, rows, inp, rank, out)
-                            .unwrap();
-                    super::cuda::lowrank_forward_fused(
-                        &cuda, &mut y, &mut h, &x, &v, &u, &b, rows, inp, rank, out, ok,
-                    )
-                    .unwrap();
+                    let w = LowRankWeights {
+                        v: &v,
+                        u: &u,
+                        bias: &b,
+                    };
+                    let ok = super::check_forward(&cuda, &y, &h, &x, w, s).unwrap();
+                    super::cuda::lowrank_forward_fused(&cuda, &mut y, &mut h, &x, w, s, ok)
+                        .unwrap();
                     let got = vec![cuda.download(&y).unwrap(), cuda.download(&h).unwrap()];
                     assert_close(
                         &format!("fused lowrank {p:?} rows {rows} in {inp} out {out} rank {rank}"),

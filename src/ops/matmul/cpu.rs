@@ -1,9 +1,11 @@
 //! Matrix products on the CPU through `faer`'s matmul, which takes row and
 //! column strides (transposed operands and per-head views need no copies),
 //! runs AVX-512 kernels on stable Rust where the CPU has them (AVX2 + FMA
-//! otherwise); large products are split over rayon's threads here.
+//! otherwise); large products are split over rayon's threads here. The
+//! products take faer views (`MatRef`/`MatMut`): shape and strides in one
+//! value per operand.
 
-use super::MatmulKernel;
+use super::{Accumulate, DenseShape, Gemm, MatmulKernel, Op};
 use crate::device::Cpu;
 use crate::ops::simd::vectorized;
 use crate::ops::Checked;
@@ -11,9 +13,10 @@ use anyhow::Result;
 use faer::{Accum, MatMut, MatRef, Par};
 use rayon::prelude::*;
 
-/// `c[m, n] (+)= alpha · a[m, k] · b[k, n]` with explicit (row, column)
-/// strides, on `threads` threads (1 inside already-parallel code). Without
-/// `accumulate` the old contents of `c` are ignored (may be garbage or NaN).
+/// `c[m, n] (+)= alpha · a[m, k] · b[k, n]` on faer views (any row and
+/// column strides), on `threads` threads (1 inside already-parallel code).
+/// With `Accumulate::Overwrite` the old contents of `c` are ignored (may be
+/// garbage or NaN).
 ///
 /// With several threads, C is cut into one range of rows (or of columns,
 /// when it is wider than tall) per thread and each thread runs a
@@ -21,6 +24,44 @@ use rayon::prelude::*;
 /// parallel split (`cargo bench --bench cpu`, alternating, two runs each):
 /// training step 144.6 / 144.2 against 135.4 / 138.0 images/s, ViT-B/32
 /// forward the same within noise.
+pub fn gemm(
+    alpha: f32,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    accumulate: Accumulate,
+    c: MatMut<'_, f32>,
+    threads: usize,
+) {
+    assert!(
+        a.nrows() == c.nrows() && b.ncols() == c.ncols() && a.ncols() == b.nrows(),
+        "gemm: [{}x{}] · [{}x{}] into [{}x{}]",
+        a.nrows(),
+        a.ncols(),
+        b.nrows(),
+        b.ncols(),
+        c.nrows(),
+        c.ncols()
+    );
+    let (m, n) = (c.nrows(), c.ncols());
+    let along_columns = n > m;
+    let len = if along_columns { n } else { m };
+    // Ranges in multiples of 16 elements (64 bytes: whole cache lines of C
+    // when the columns are cut).
+    let chunk = len.div_ceil(threads.max(1)).div_ceil(16) * 16;
+    if threads <= 1 || chunk >= len {
+        serial_gemm(alpha, a, b, accumulate, c);
+        return;
+    }
+    // Each task gets its own rows (columns) of C.
+    let parts: Vec<_> = PartsOfC::new(a, b, c, along_columns, chunk).collect();
+    parts
+        .into_par_iter()
+        .for_each(|(a, b, c)| serial_gemm(alpha, a, b, accumulate, c));
+}
+
+/// The raw-pointer form of [`gemm`] (`m, k, n`, then each operand's address
+/// and row and column strides), kept with its old signature for
+/// `ops::attention`'s CPU kernels until they take views too.
 ///
 /// # Safety
 /// Every element the strides address must lie inside its buffer, and `c`
@@ -43,133 +84,85 @@ pub unsafe fn strided_gemm(
     csc: isize,
     threads: usize,
 ) {
-    let along_columns = n > m;
-    let len = if along_columns { n } else { m };
-    // Ranges in multiples of 16 elements (64 bytes: whole cache lines of C
-    // when the columns are cut).
-    let chunk = len.div_ceil(threads.max(1)).div_ceil(16) * 16;
-    if threads <= 1 || chunk >= len {
-        serial_gemm(
-            m, k, n, alpha, a, rsa, csa, b, rsb, csb, accumulate, c, rsc, csc,
-        );
-        return;
-    }
-    let (a, b, c) = (
-        SharedMut(a as *mut f32),
-        SharedMut(b as *mut f32),
-        SharedMut(c),
+    let accumulate = if accumulate {
+        Accumulate::Add
+    } else {
+        Accumulate::Overwrite
+    };
+    gemm(
+        alpha,
+        MatRef::from_raw_parts(a, m, k, rsa, csa),
+        MatRef::from_raw_parts(b, k, n, rsb, csb),
+        accumulate,
+        MatMut::from_raw_parts_mut(c, m, n, rsc, csc),
+        threads,
     );
-    (0..len.div_ceil(chunk)).into_par_iter().for_each(|t| {
-        let (start, end) = (t * chunk, ((t + 1) * chunk).min(len));
-        let (a, b, c) = (a.get() as *const f32, b.get() as *const f32, c.get());
-        // SAFETY: each task writes only its own rows (columns) of C; the
-        // caller guarantees the rest.
-        unsafe {
-            part_of_c(
-                serial_gemm,
-                along_columns,
-                start,
-                end,
-                m,
-                k,
-                n,
-                alpha,
-                a,
-                rsa,
-                csa,
-                b,
-                rsb,
-                csb,
-                accumulate,
-                c,
-                rsc,
-                csc,
-            )
-        };
-    });
 }
 
-/// The signature of `serial_gemm` and `faer_gemm`.
-type Gemm = unsafe fn(
-    usize,
-    usize,
-    usize,
-    f32,
-    *const f32,
-    isize,
-    isize,
-    *const f32,
-    isize,
-    isize,
-    bool,
-    *mut f32,
-    isize,
-    isize,
-);
-
-/// Runs `gemm` on columns (`along_columns`) or rows `start..end` of C only:
-/// the matching columns of B or rows of A. Used by the thread split and by
-/// the cut into faer calls.
-#[allow(clippy::too_many_arguments)]
-unsafe fn part_of_c(
-    gemm: Gemm,
+/// The operands of consecutive pieces of C: its rows (or columns, when
+/// `along_columns`) cut into ranges of `piece` (the last one ragged), each
+/// with the matching rows of A (or columns of B). Used by the thread split
+/// and by the cut into faer calls.
+struct PartsOfC<'a> {
+    a: MatRef<'a, f32>,
+    b: MatRef<'a, f32>,
+    /// The rest of C (`None` once it is used up).
+    c: Option<MatMut<'a, f32>>,
     along_columns: bool,
-    start: usize,
-    end: usize,
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: *const f32,
-    rsa: isize,
-    csa: isize,
-    b: *const f32,
-    rsb: isize,
-    csb: isize,
-    accumulate: bool,
-    c: *mut f32,
-    rsc: isize,
-    csc: isize,
-) {
-    if along_columns {
-        gemm(
-            m,
-            k,
-            end - start,
-            alpha,
+    piece: usize,
+}
+
+impl<'a> PartsOfC<'a> {
+    fn new(
+        a: MatRef<'a, f32>,
+        b: MatRef<'a, f32>,
+        c: MatMut<'a, f32>,
+        along_columns: bool,
+        piece: usize,
+    ) -> Self {
+        PartsOfC {
             a,
-            rsa,
-            csa,
-            b.offset(start as isize * csb),
-            rsb,
-            csb,
-            accumulate,
-            c.offset(start as isize * csc),
-            rsc,
-            csc,
-        );
-    } else {
-        gemm(
-            end - start,
-            k,
-            n,
-            alpha,
-            a.offset(start as isize * rsa),
-            rsa,
-            csa,
             b,
-            rsb,
-            csb,
-            accumulate,
-            c.offset(start as isize * rsc),
-            rsc,
-            csc,
-        );
+            c: Some(c),
+            along_columns,
+            piece,
+        }
+    }
+}
+
+impl<'a> Iterator for PartsOfC<'a> {
+    type Item = (MatRef<'a, f32>, MatRef<'a, f32>, MatMut<'a, f32>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let c = self.c.take()?;
+        let len = if self.along_columns {
+            c.ncols()
+        } else {
+            c.nrows()
+        };
+        if len == 0 {
+            return None;
+        }
+        let take = self.piece.min(len);
+        let (a, b, c) = if self.along_columns {
+            let (c, rest) = c.split_at_col_mut(take);
+            let (b, b_rest) = self.b.split_at_col(take);
+            self.b = b_rest;
+            self.c = Some(rest);
+            (self.a, b, c)
+        } else {
+            let (c, rest) = c.split_at_row_mut(take);
+            let (a, a_rest) = self.a.split_at_row(take);
+            self.a = a_rest;
+            self.c = Some(rest);
+            (a, self.b, c)
+        };
+        Some((a, b, c))
     }
 }
 
 /// A raw pointer that tasks writing disjoint parts of one buffer (or only
-/// reading it) may share. Used here and by the attention op.
+/// reading it) may share. Used by the attention op.
 #[derive(Clone, Copy)]
 pub(crate) struct SharedMut(pub(crate) *mut f32);
 unsafe impl Send for SharedMut {}
@@ -198,79 +191,33 @@ const FAER_KC: usize = 512;
 /// of block (384 outputs at depth ≥ 512), `cargo bench --bench cpu_ops`
 /// (fc1 with twelve cold weight matrices, alternating with the uncut code)
 /// measured 292-322 against 286-290 GFLOP/s.
-#[allow(clippy::too_many_arguments)]
-unsafe fn serial_gemm(
-    m: usize,
-    k: usize,
-    n: usize,
+fn serial_gemm(
     alpha: f32,
-    a: *const f32,
-    rsa: isize,
-    csa: isize,
-    b: *const f32,
-    rsb: isize,
-    csb: isize,
-    accumulate: bool,
-    c: *mut f32,
-    rsc: isize,
-    csc: isize,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    accumulate: Accumulate,
+    c: MatMut<'_, f32>,
 ) {
     // faer's micro-kernel rows run along C's contiguous side: columns of a row-major C.
-    let along_columns = rsc.unsigned_abs() > csc.unsigned_abs();
-    let len = if along_columns { n } else { m };
+    let along_columns = c.row_stride().unsigned_abs() > c.col_stride().unsigned_abs();
+    let k = a.ncols();
     let piece = (PACKED_BLOCK_BYTES / (4 * k.clamp(1, FAER_KC))).max(96) / 96 * 96;
-    let mut start = 0;
-    while start < len {
-        let end = (start + piece).min(len);
-        part_of_c(
-            faer_gemm,
-            along_columns,
-            start,
-            end,
-            m,
-            k,
-            n,
-            alpha,
-            a,
-            rsa,
-            csa,
-            b,
-            rsb,
-            csb,
-            accumulate,
-            c,
-            rsc,
-            csc,
-        );
-        start = end;
+    for (a, b, c) in PartsOfC::new(a, b, c, along_columns, piece) {
+        faer_gemm(alpha, a, b, accumulate, c);
     }
 }
 
 /// One faer call on the calling thread.
-#[allow(clippy::too_many_arguments)]
-unsafe fn faer_gemm(
-    m: usize,
-    k: usize,
-    n: usize,
+fn faer_gemm(
     alpha: f32,
-    a: *const f32,
-    rsa: isize,
-    csa: isize,
-    b: *const f32,
-    rsb: isize,
-    csb: isize,
-    accumulate: bool,
-    c: *mut f32,
-    rsc: isize,
-    csc: isize,
+    a: MatRef<'_, f32>,
+    b: MatRef<'_, f32>,
+    accumulate: Accumulate,
+    c: MatMut<'_, f32>,
 ) {
-    let c = MatMut::from_raw_parts_mut(c, m, n, rsc, csc);
-    let a = MatRef::from_raw_parts(a, m, k, rsa, csa);
-    let b = MatRef::from_raw_parts(b, k, n, rsb, csb);
-    let accum = if accumulate {
-        Accum::Add
-    } else {
-        Accum::Replace
+    let accum = match accumulate {
+        Accumulate::Add => Accum::Add,
+        Accumulate::Overwrite => Accum::Replace,
     };
     faer::linalg::matmul::matmul(c, accum, a, b, alpha, Par::Seq);
     clear_upper_vector_state();
@@ -298,78 +245,45 @@ unsafe fn vzeroupper() {
     std::arch::x86_64::_mm256_zeroupper();
 }
 
-/// Strides (row, column) of a row-major `[rows, cols]` matrix, read
-/// transposed when `trans`.
-fn strides(cols_stored: usize, trans: bool) -> (isize, isize) {
-    if trans {
-        (1, cols_stored as isize)
-    } else {
-        (cols_stored as isize, 1)
+/// `op(x)` of a row-major `[rows, cols]` operand as stored (`[cols, rows]`
+/// when transposed).
+fn operand(x: &[f32], rows: usize, cols: usize, op: Op) -> MatRef<'_, f32> {
+    match op {
+        Op::N => MatRef::from_row_major_slice(&x[..rows * cols], rows, cols),
+        Op::T => MatRef::from_row_major_slice(&x[..rows * cols], cols, rows).transpose(),
     }
 }
 
 /// `out[m, n] (+)= op(a)[m, k] · op(b)[k, n]` (see `ops::matmul::matmul`).
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    out: &mut [f32],
-    a: &[f32],
-    b: &[f32],
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
-) {
+pub fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: Gemm) {
+    let Gemm { m, n, k, .. } = g;
     assert!(
         out.len() >= m * n && a.len() >= m * k && b.len() >= k * n,
         "matmul: buffers shorter than [{m},{k}]x[{k},{n}]"
     );
-    let (rsa, csa) = strides(if trans_a { m } else { k }, trans_a);
-    let (rsb, csb) = strides(if trans_b { k } else { n }, trans_b);
     if k == 0 {
-        if !accumulate {
+        if !g.accumulate.adds() {
             out[..m * n].fill(0.0);
         }
         return;
     }
-    // SAFETY: the asserts above guarantee every index the product touches is in bounds.
-    unsafe {
-        strided_gemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            rsa,
-            csa,
-            b.as_ptr(),
-            rsb,
-            csb,
-            accumulate,
-            out.as_mut_ptr(),
-            n as isize,
-            1,
-            rayon::current_num_threads(),
-        );
-    }
+    gemm(
+        1.0,
+        operand(a, m, k, g.a),
+        operand(b, k, n, g.b),
+        g.accumulate,
+        MatMut::from_row_major_slice_mut(&mut out[..m * n], m, n),
+        rayon::current_num_threads(),
+    );
 }
 
 /// Writes `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ + bias`.
-pub fn linear_forward(
-    y: &mut [f32],
-    x: &[f32],
-    w: &[f32],
-    bias: &[f32],
-    rows: usize,
-    inp: usize,
-    out: usize,
-) {
-    if rows * out == 0 {
+pub fn linear_forward(y: &mut [f32], x: &[f32], w: &[f32], bias: &[f32], s: DenseShape) {
+    if s.rows * s.out == 0 {
         return;
     }
-    broadcast_rows(&mut y[..rows * out], &bias[..out]);
-    matmul(y, x, w, rows, out, inp, false, true, true);
+    broadcast_rows(&mut y[..s.rows * s.out], &bias[..s.out]);
+    matmul(y, x, w, s.gemm().add());
 }
 
 /// Fill every row of `y` with `row`.
@@ -438,15 +352,10 @@ impl MatmulKernel for Cpu {
         out: &mut Vec<f32>,
         a: &Vec<f32>,
         b: &Vec<f32>,
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_a: bool,
-        trans_b: bool,
-        accumulate: bool,
+        g: Gemm,
         _: Checked,
     ) -> Result<()> {
-        matmul(out, a, b, m, n, k, trans_a, trans_b, accumulate);
+        matmul(out, a, b, g);
         Ok(())
     }
     fn linear_forward(
@@ -455,12 +364,10 @@ impl MatmulKernel for Cpu {
         x: &Vec<f32>,
         w: &Vec<f32>,
         bias: &Vec<f32>,
-        rows: usize,
-        inp: usize,
-        out: usize,
+        s: DenseShape,
         _: Checked,
     ) -> Result<()> {
-        linear_forward(y, x, w, bias, rows, inp, out);
+        linear_forward(y, x, w, bias, s);
         Ok(())
     }
     fn bias_backward(

@@ -6,7 +6,7 @@
 //! column-major `Cᵀ = op(B)ᵀ · op(A)ᵀ`, so every call swaps the operands
 //! and passes the row strides as leading dimensions.
 
-use super::MatmulKernel;
+use super::{DenseShape, Gemm, MatmulKernel};
 use crate::device::cuda::{CudaBuf, DriverResultExt};
 use crate::device::{Cuda, Device};
 use crate::ops::Checked;
@@ -74,21 +74,22 @@ pub struct RowMajorGemm {
 }
 
 impl RowMajorGemm {
-    /// One contiguous product `[m, k] · [k, n]` with optional transposes.
-    pub fn plain(m: usize, n: usize, k: usize, trans_a: bool, trans_b: bool, beta: f32) -> Self {
-        let lda = if trans_a { m } else { k };
-        let ldb = if trans_b { k } else { n };
+    /// One contiguous product as `g` describes it (beta 1 when it adds to C, else 0).
+    pub fn plain(g: Gemm) -> Self {
+        let (trans_a, trans_b) = (g.a.is_transposed(), g.b.is_transposed());
+        let lda = if trans_a { g.m } else { g.k };
+        let ldb = if trans_b { g.k } else { g.n };
         RowMajorGemm {
-            m,
-            n,
-            k,
+            m: g.m,
+            n: g.n,
+            k: g.k,
             trans_a,
             trans_b,
             lda,
             ldb,
-            ldc: n,
+            ldc: g.n,
             alpha: 1.0,
-            beta,
+            beta: if g.accumulate.adds() { 1.0 } else { 0.0 },
             batch: 1,
             stride_a: 0,
             stride_b: 0,
@@ -164,35 +165,17 @@ impl MatmulKernel for Cuda {
         out: &mut CudaBuf,
         a: &CudaBuf,
         b: &CudaBuf,
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_a: bool,
-        trans_b: bool,
-        accumulate: bool,
+        g: Gemm,
         _: Checked,
     ) -> Result<()> {
-        if k == 0 {
-            if !accumulate && m * n > 0 {
-                self.zero(out, m * n)?;
+        if g.k == 0 {
+            if !g.accumulate.adds() && g.m * g.n > 0 {
+                self.zero(out, g.m * g.n)?;
             }
             return Ok(());
         }
         let (a, b) = (operand(self, a, "matmul a")?, operand(self, b, "matmul b")?);
-        gemm(
-            self,
-            output(self, out),
-            a,
-            b,
-            &RowMajorGemm::plain(
-                m,
-                n,
-                k,
-                trans_a,
-                trans_b,
-                if accumulate { 1.0 } else { 0.0 },
-            ),
-        )
+        gemm(self, output(self, out), a, b, &RowMajorGemm::plain(g))
     }
     fn linear_forward(
         &self,
@@ -200,12 +183,10 @@ impl MatmulKernel for Cuda {
         x: &CudaBuf,
         w: &CudaBuf,
         bias: &CudaBuf,
-        rows: usize,
-        inp: usize,
-        out: usize,
+        s: DenseShape,
         _: Checked,
     ) -> Result<()> {
-        linear_forward(self, y, x, w, bias, rows, inp, out)
+        linear_forward(self, y, x, w, bias, s)
     }
     fn bias_backward(
         &self,
@@ -220,19 +201,16 @@ impl MatmulKernel for Cuda {
 }
 
 /// Writes `y = x · wᵀ + bias`: bias broadcast, then a GEMM with beta = 1.
-#[allow(clippy::too_many_arguments)]
 pub fn linear_forward(
     be: &Cuda,
     y: &mut CudaBuf,
     x: &CudaBuf,
     w: &CudaBuf,
     bias: &CudaBuf,
-    rows: usize,
-    inp: usize,
-    out: usize,
+    s: DenseShape,
 ) -> Result<()> {
-    broadcast_rows(be, y, bias, rows, out)?;
-    if inp == 0 {
+    broadcast_rows(be, y, bias, s.rows, s.out)?;
+    if s.inp == 0 {
         return Ok(());
     }
     let (x, w) = (operand(be, x, "linear x")?, operand(be, w, "linear w")?);
@@ -241,7 +219,7 @@ pub fn linear_forward(
         output(be, y),
         x,
         w,
-        &RowMajorGemm::plain(rows, out, inp, false, true, 1.0),
+        &RowMajorGemm::plain(s.gemm().add()),
     )
 }
 

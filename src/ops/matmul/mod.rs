@@ -5,6 +5,11 @@
 //! linear forward  y = x Wᵀ + b
 //! linear backward dW += dyᵀ x,  db += Σ_rows dy,  dx = dy W   (model::linear)
 //! ```
+//!
+//! A product is described by a [`Gemm`] (C is `[m, n]`, the inner dimension
+//! `k`, each operand's [`Op`] and the [`Accumulate`] mode), a dense layer by
+//! a [`DenseShape`]; every layer of this module and of `ops::lowrank` takes
+//! its dimensions in that order.
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
@@ -14,32 +19,116 @@ use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::Result;
 
+/// How an operand of a product is read from its row-major storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// As stored: `op(A) = A`.
+    N,
+    /// Transposed: `op(A) = Aᵀ` (an `[m, k]` operand stored `[k, m]`).
+    T,
+}
+
+impl Op {
+    pub fn is_transposed(self) -> bool {
+        self == Op::T
+    }
+}
+
+/// Whether a product overwrites its output or adds to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accumulate {
+    /// `C = product`: the old contents of C are ignored (may be garbage or NaN).
+    Overwrite,
+    /// `C += product`.
+    Add,
+}
+
+impl Accumulate {
+    pub fn adds(self) -> bool {
+        self == Accumulate::Add
+    }
+}
+
+/// One product `C[m, n] (+)= op(A)[m, k] · op(B)[k, n]`: `op(A)` is stored
+/// `[m, k]` (`[k, m]` when `a` is `Op::T`), `op(B)` is stored `[k, n]`
+/// (`[n, k]` when `b` is `Op::T`), C is `[m, n]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gemm {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: Op,
+    pub b: Op,
+    pub accumulate: Accumulate,
+}
+
+impl Gemm {
+    /// `C[m, n] = A[m, k] · B[k, n]`: no transposes, C overwritten.
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        Gemm {
+            m,
+            n,
+            k,
+            a: Op::N,
+            b: Op::N,
+            accumulate: Accumulate::Overwrite,
+        }
+    }
+
+    /// The same product with A read transposed.
+    pub fn a_t(self) -> Self {
+        Gemm { a: Op::T, ..self }
+    }
+
+    /// The same product with B read transposed.
+    pub fn b_t(self) -> Self {
+        Gemm { b: Op::T, ..self }
+    }
+
+    /// The same product, adding to C (`Accumulate::Add`).
+    pub fn add(self) -> Self {
+        self.with(Accumulate::Add)
+    }
+
+    /// The same product with the given accumulate mode.
+    pub fn with(self, accumulate: Accumulate) -> Self {
+        Gemm { accumulate, ..self }
+    }
+}
+
+/// Shape of a dense layer applied to `rows` rows: `x[rows, inp]`,
+/// `w[out, inp]`, `bias[out]`, `y[rows, out]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenseShape {
+    pub rows: usize,
+    pub inp: usize,
+    pub out: usize,
+}
+
+impl DenseShape {
+    /// The product `y (+)= x · wᵀ` of this layer (`[rows, out]`, inner `inp`).
+    pub fn gemm(self) -> Gemm {
+        Gemm::new(self.rows, self.out, self.inp).b_t()
+    }
+}
+
 /// Device bodies of the products (call `matmul`, `linear_forward`, `bias_backward`).
 pub trait MatmulKernel: Device {
-    #[allow(clippy::too_many_arguments)]
     fn matmul(
         &self,
         out: &mut Self::Buf,
         a: &Self::Buf,
         b: &Self::Buf,
-        m: usize,
-        n: usize,
-        k: usize,
-        trans_a: bool,
-        trans_b: bool,
-        accumulate: bool,
+        g: Gemm,
         _: Checked,
     ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
         y: &mut Self::Buf,
         x: &Self::Buf,
         w: &Self::Buf,
         bias: &Self::Buf,
-        rows: usize,
-        inp: usize,
-        out: usize,
+        s: DenseShape,
         _: Checked,
     ) -> Result<()>;
     fn bias_backward(
@@ -52,22 +141,15 @@ pub trait MatmulKernel: Device {
     ) -> Result<()>;
 }
 
-/// `out[m, n] (+)= op(a) · op(b)` with `op(a)` of shape `[m, k]` (stored
-/// `[k, m]` when `trans_a`) and `op(b)` of shape `[k, n]` (stored `[n, k]`
-/// when `trans_b`). Adds to `out` when `accumulate`, else writes.
-#[allow(clippy::too_many_arguments)]
+/// `out[m, n] (+)= op(a) · op(b)` as `g` describes it (see [`Gemm`]).
 pub fn matmul<D: MatmulKernel>(
     dev: &D,
     out: &mut D::Buf,
     a: &D::Buf,
     b: &D::Buf,
-    m: usize,
-    n: usize,
-    k: usize,
-    trans_a: bool,
-    trans_b: bool,
-    accumulate: bool,
+    g: Gemm,
 ) -> Result<()> {
+    let Gemm { m, n, k, .. } = g;
     need(dev, "matmul out", out, product("matmul out", &[m, n])?)?;
     need(dev, "matmul a", a, product("matmul a", &[m, k])?)?;
     need(dev, "matmul b", b, product("matmul b", &[k, n])?)?;
@@ -75,7 +157,14 @@ pub fn matmul<D: MatmulKernel>(
         work(
             dev,
             &[
-                (out, if accumulate { 2 * m * n } else { m * n }),
+                (
+                    out,
+                    if g.accumulate.adds() {
+                        2 * m * n
+                    } else {
+                        m * n
+                    },
+                ),
                 (a, m * k),
                 (b, k * n),
             ],
@@ -83,33 +172,20 @@ pub fn matmul<D: MatmulKernel>(
         )
     });
     profiled(dev, "matmul", w, || {
-        dev.matmul(
-            out,
-            a,
-            b,
-            m,
-            n,
-            k,
-            trans_a,
-            trans_b,
-            accumulate,
-            Checked::new(),
-        )
+        dev.matmul(out, a, b, g, Checked::new())
     })
 }
 
 /// Dense linear layer: writes `y[rows, out] = x[rows, inp] · w[out, inp]ᵀ + bias[out]`.
-#[allow(clippy::too_many_arguments)]
 pub fn linear_forward<D: MatmulKernel>(
     dev: &D,
     y: &mut D::Buf,
     x: &D::Buf,
     w: &D::Buf,
     bias: &D::Buf,
-    rows: usize,
-    inp: usize,
-    out: usize,
+    s: DenseShape,
 ) -> Result<()> {
+    let DenseShape { rows, inp, out } = s;
     need(dev, "linear y", y, product("linear y", &[rows, out])?)?;
     need(dev, "linear x", x, product("linear x", &[rows, inp])?)?;
     need(dev, "linear w", w, product("linear w", &[out, inp])?)?;
@@ -127,7 +203,7 @@ pub fn linear_forward<D: MatmulKernel>(
         )
     });
     profiled(dev, "linear_forward", cost, || {
-        dev.linear_forward(y, x, w, bias, rows, inp, out, Checked::new())
+        dev.linear_forward(y, x, w, bias, s, Checked::new())
     })
 }
 
@@ -161,39 +237,56 @@ pub fn bias_backward<D: MatmulKernel>(
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
+    use super::{Accumulate, DenseShape, Gemm, Op};
     use crate::device::{BufKind, Cpu};
     use crate::ops::Backend;
     use crate::testing::{act, assert_close, par, randn, random, tol, RED};
+    use faer::{MatMut, MatRef};
+
+    const OPS: [Op; 2] = [Op::N, Op::T];
+    const MODES: [Accumulate; 2] = [Accumulate::Overwrite, Accumulate::Add];
 
     /// `op(A)[i, l]` from row-major storage.
-    fn at(a: &[f32], rows: usize, cols: usize, trans: bool, i: usize, l: usize) -> f64 {
-        (if trans {
-            a[l * rows + i]
-        } else {
-            a[i * cols + l]
+    fn at(a: &[f32], rows: usize, cols: usize, op: Op, i: usize, l: usize) -> f64 {
+        (match op {
+            Op::T => a[l * rows + i],
+            Op::N => a[i * cols + l],
         }) as f64
+    }
+
+    /// The view of `op(A)` (`[rows, cols]`) on its row-major storage.
+    fn view(a: &[f32], rows: usize, cols: usize, op: Op) -> MatRef<'_, f32> {
+        match op {
+            Op::N => MatRef::from_row_major_slice(a, rows, cols),
+            Op::T => MatRef::from_row_major_slice(a, cols, rows).transpose(),
+        }
     }
 
     #[test]
     fn all_transpose_combinations_match_plain_loops() {
         let (m, n, k) = (7, 5, 6);
-        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            for accumulate in [false, true] {
+        for (ta, tb) in OPS.into_iter().flat_map(|ta| OPS.map(|tb| (ta, tb))) {
+            for accumulate in MODES {
                 let (a, b) = (random(m * k, 1), random(k * n, 2));
                 let prior = random(m * n, 3);
                 let mut c = prior.clone();
-                matmul(&mut c, &a, &b, m, n, k, ta, tb, accumulate);
+                let g = Gemm {
+                    a: ta,
+                    b: tb,
+                    ..Gemm::new(m, n, k).with(accumulate)
+                };
+                matmul(&mut c, &a, &b, g);
                 for i in 0..m {
                     for j in 0..n {
                         let mut want: f64 = (0..k)
                             .map(|l| at(&a, m, k, ta, i, l) * at(&b, k, n, tb, l, j))
                             .sum();
-                        if accumulate {
+                        if accumulate.adds() {
                             want += prior[i * n + j] as f64;
                         }
                         assert!(
                             (c[i * n + j] as f64 - want).abs() < 1e-4,
-                            "ta={ta} tb={tb} acc={accumulate} [{i},{j}]"
+                            "ta={ta:?} tb={tb:?} acc={accumulate:?} [{i},{j}]"
                         );
                     }
                 }
@@ -207,51 +300,37 @@ mod tests {
     #[test]
     fn threaded_split_matches_plain_loops() {
         for (m, k, n) in [(37, 9, 5), (5, 9, 41), (130, 3, 129), (1, 4, 70)] {
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                for accumulate in [false, true] {
+            for (ta, tb) in OPS.into_iter().flat_map(|ta| OPS.map(|tb| (ta, tb))) {
+                for accumulate in MODES {
                     for threads in [2, 3] {
                         let (a, b) = (random(m * k, 4), random(k * n, 5));
                         let prior = random(m * n, 6);
-                        let mut c = if accumulate {
+                        let mut c = if accumulate.adds() {
                             prior.clone()
                         } else {
                             vec![f32::NAN; m * n]
                         };
-                        let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
-                        let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
-                        // SAFETY: the strides describe the buffers exactly.
-                        unsafe {
-                            strided_gemm(
-                                m,
-                                k,
-                                n,
-                                0.5,
-                                a.as_ptr(),
-                                rsa,
-                                csa,
-                                b.as_ptr(),
-                                rsb,
-                                csb,
-                                accumulate,
-                                c.as_mut_ptr(),
-                                n as isize,
-                                1,
-                                threads,
-                            )
-                        };
+                        gemm(
+                            0.5,
+                            view(&a, m, k, ta),
+                            view(&b, k, n, tb),
+                            accumulate,
+                            MatMut::from_row_major_slice_mut(&mut c, m, n),
+                            threads,
+                        );
                         for i in 0..m {
                             for j in 0..n {
                                 let dot: f64 = (0..k)
                                     .map(|l| at(&a, m, k, ta, i, l) * at(&b, k, n, tb, l, j))
                                     .sum();
                                 let want = 0.5 * dot
-                                    + if accumulate {
+                                    + if accumulate.adds() {
                                         prior[i * n + j] as f64
                                     } else {
                                         0.0
                                     };
                                 let got = c[i * n + j] as f64;
-                                assert!((got - want).abs() < 1e-4, "[{m}x{k}x{n}] ta={ta} tb={tb} acc={accumulate} threads={threads} [{i},{j}]: {got} vs {want}");
+                                assert!((got - want).abs() < 1e-4, "[{m}x{k}x{n}] ta={ta:?} tb={tb:?} acc={accumulate:?} threads={threads} [{i},{j}]: {got} vs {want}");
                             }
                         }
                     }
@@ -275,48 +354,43 @@ mod tests {
             } else {
                 (long, short)
             };
-            let (rsc, csc) = if c_row_major {
-                (n as isize, 1)
-            } else {
-                (1, m as isize)
-            };
-            for accumulate in [false, true] {
+            let (rsc, csc) = if c_row_major { (n, 1) } else { (1, m) };
+            for accumulate in MODES {
                 for threads in [1, 2] {
                     let prior = random(m * n, 11);
-                    let mut c = if accumulate {
+                    let mut c = if accumulate.adds() {
                         prior.clone()
                     } else {
                         vec![f32::NAN; m * n]
                     };
-                    // SAFETY: A is [m, k] and B is [k, n], both row-major; C as the strides say.
-                    unsafe {
-                        strided_gemm(
-                            m,
-                            k,
-                            n,
-                            1.0,
-                            a.as_ptr(),
-                            k as isize,
-                            1,
-                            b.as_ptr(),
-                            n as isize,
-                            1,
-                            accumulate,
-                            c.as_mut_ptr(),
-                            rsc,
-                            csc,
-                            threads,
-                        )
+                    // A is [m, k] and B is [k, n], both row-major; C as the strides say.
+                    let c_view = if c_row_major {
+                        MatMut::from_row_major_slice_mut(&mut c, m, n)
+                    } else {
+                        MatMut::from_column_major_slice_mut(&mut c, m, n)
                     };
+                    gemm(
+                        1.0,
+                        view(&a[..m * k], m, k, Op::N),
+                        view(&b[..k * n], k, n, Op::N),
+                        accumulate,
+                        c_view,
+                        threads,
+                    );
                     for i in 0..m {
                         for j in 0..n {
                             let dot: f64 = (0..k)
                                 .map(|l| a[i * k + l] as f64 * b[l * n + j] as f64)
                                 .sum();
-                            let at_c = (i as isize * rsc + j as isize * csc) as usize;
-                            let want = dot + if accumulate { prior[at_c] as f64 } else { 0.0 };
+                            let at_c = i * rsc + j * csc;
+                            let want = dot
+                                + if accumulate.adds() {
+                                    prior[at_c] as f64
+                                } else {
+                                    0.0
+                                };
                             let got = c[at_c] as f64;
-                            assert!((got - want).abs() < 1e-3, "[{m}x{k}x{n}] row-major C {c_row_major} acc={accumulate} threads={threads} [{i},{j}]: {got} vs {want}");
+                            assert!((got - want).abs() < 1e-3, "[{m}x{k}x{n}] row-major C {c_row_major} acc={accumulate:?} threads={threads} [{i},{j}]: {got} vs {want}");
                         }
                     }
                 }
@@ -338,26 +412,15 @@ mod tests {
             let (a, b) = (random(m * k, 7), random(k * n, 8));
             let product = |threads: usize| {
                 let mut c = vec![0f32; m * n];
-                // SAFETY: the strides describe the buffers exactly (B read transposed).
-                unsafe {
-                    strided_gemm(
-                        m,
-                        k,
-                        n,
-                        1.0,
-                        a.as_ptr(),
-                        k as isize,
-                        1,
-                        b.as_ptr(),
-                        1,
-                        k as isize,
-                        false,
-                        c.as_mut_ptr(),
-                        n as isize,
-                        1,
-                        threads,
-                    )
-                };
+                // B read transposed.
+                gemm(
+                    1.0,
+                    view(&a, m, k, Op::N),
+                    view(&b, k, n, Op::T),
+                    Accumulate::Overwrite,
+                    MatMut::from_row_major_slice_mut(&mut c, m, n),
+                    threads,
+                );
                 c
             };
             let one = product(1);
@@ -377,7 +440,7 @@ mod tests {
         let (rows, inp, out) = (4, 3, 130);
         let (x, w, b) = (random(rows * inp, 1), random(out * inp, 2), random(out, 3));
         let mut y = vec![0.0; rows * out];
-        linear_forward(&mut y, &x, &w, &b, rows, inp, out);
+        linear_forward(&mut y, &x, &w, &b, DenseShape { rows, inp, out });
         for r in 0..rows {
             for o in 0..out {
                 let want: f32 = b[o]
@@ -399,72 +462,16 @@ mod tests {
     fn wrong_shapes_are_errors() {
         let (m, n, k) = (3, 4, 5);
         let ok = |len: usize| vec![0.0f32; len];
-        assert!(super::matmul(
-            &Cpu,
-            &mut ok(m * n),
-            &ok(m * k),
-            &ok(k * n),
-            m,
-            n,
-            k,
-            false,
-            false,
-            false
-        )
-        .is_ok());
-        assert!(super::matmul(
-            &Cpu,
-            &mut ok(m * n - 1),
-            &ok(m * k),
-            &ok(k * n),
-            m,
-            n,
-            k,
-            false,
-            false,
-            false
-        )
-        .is_err());
-        assert!(super::matmul(
-            &Cpu,
-            &mut ok(m * n),
-            &ok(m * k - 1),
-            &ok(k * n),
-            m,
-            n,
-            k,
-            true,
-            false,
-            false
-        )
-        .is_err());
-        assert!(super::matmul(
-            &Cpu,
-            &mut ok(m * n),
-            &ok(m * k),
-            &ok(k * n - 1),
-            m,
-            n,
-            k,
-            false,
-            true,
-            true
-        )
-        .is_err());
+        let g = Gemm::new(m, n, k);
+        let mm = |out: usize, a: usize, b: usize, g: Gemm| {
+            super::matmul(&Cpu, &mut ok(out), &ok(a), &ok(b), g)
+        };
+        assert!(mm(m * n, m * k, k * n, g).is_ok());
+        assert!(mm(m * n - 1, m * k, k * n, g).is_err());
+        assert!(mm(m * n, m * k - 1, k * n, g.a_t()).is_err());
+        assert!(mm(m * n, m * k, k * n - 1, g.b_t().add()).is_err());
         assert!(
-            super::matmul(
-                &Cpu,
-                &mut ok(1),
-                &ok(1),
-                &ok(1),
-                usize::MAX,
-                2,
-                1,
-                false,
-                false,
-                false
-            )
-            .is_err(),
+            mm(1, 1, 1, Gemm::new(usize::MAX, 2, 1)).is_err(),
             "an overflowing shape"
         );
         let (rows, inp, out) = (2, 3, 4);
@@ -476,9 +483,7 @@ mod tests {
                 &ok(len(1, rows * inp)),
                 &ok(len(2, out * inp)),
                 &ok(len(3, out)),
-                rows,
-                inp,
-                out,
+                DenseShape { rows, inp, out },
             );
             assert!(r.is_err(), "linear_forward with argument {short} short");
         }
@@ -489,9 +494,9 @@ mod tests {
     fn matmul_matches_the_cpu<D: Backend>(dev: &D) {
         let (m, n, k) = (77, 130, 301);
         let p = dev.precision();
-        for ta in [false, true] {
-            for tb in [false, true] {
-                for acc in [false, true] {
+        for ta in OPS {
+            for tb in OPS {
+                for acc in MODES {
                     // Activation × activation into an activation (dx = dy W with W a
                     // weight is covered by the linear test), and into an fp32 weight
                     // gradient (dW = dyᵀ x), as the model uses them.
@@ -504,11 +509,18 @@ mod tests {
                                 par(randn(7, k * n, 1.0))
                             ],
                             |be, [out, a, b]| {
-                                super::matmul(be, out, a, b, m, n, k, ta, tb, acc).unwrap();
+                                let g = Gemm {
+                                    a: ta,
+                                    b: tb,
+                                    ..Gemm::new(m, n, k).with(acc)
+                                };
+                                super::matmul(be, out, a, b, g).unwrap();
                             }
                         );
                         assert_close(
-                            &format!("matmul {p:?} ta={ta} tb={tb} acc={acc} out {out_kind:?}"),
+                            &format!(
+                                "matmul {p:?} ta={ta:?} tb={tb:?} acc={acc:?} out {out_kind:?}"
+                            ),
                             &g,
                             &c,
                             tol(p, RED),
@@ -529,7 +541,7 @@ mod tests {
             par(randn(12, out, 1.0)),
         ];
         let (c, g) = crate::on_both!(dev, inputs, |be, [y, x, w, bias, dbias]| {
-            super::linear_forward(be, y, x, w, bias, rows, inp, out).unwrap();
+            super::linear_forward(be, y, x, w, bias, DenseShape { rows, inp, out }).unwrap();
             super::bias_backward(be, dbias, y, rows, out).unwrap();
         });
         assert_close(
