@@ -36,21 +36,13 @@ unsafe fn gemm(
     b: Strided<*const f32>,
     c: Strided<*mut f32>,
 ) {
-    crate::ops::matmul::cpu::strided_gemm(
-        m,
-        k,
-        n,
+    use faer::{MatMut, MatRef};
+    crate::ops::matmul::cpu::gemm(
         alpha,
-        a.ptr,
-        a.rs as isize,
-        a.cs as isize,
-        b.ptr,
-        b.rs as isize,
-        b.cs as isize,
-        false,
-        c.ptr,
-        c.rs as isize,
-        c.cs as isize,
+        MatRef::from_raw_parts(a.ptr, m, k, a.rs as isize, a.cs as isize),
+        MatRef::from_raw_parts(b.ptr, k, n, b.rs as isize, b.cs as isize),
+        crate::ops::matmul::Accumulate::Overwrite,
+        MatMut::from_raw_parts_mut(c.ptr, m, n, c.rs as isize, c.cs as isize),
         1,
     );
 }

@@ -59,46 +59,6 @@ pub fn gemm(
         .for_each(|(a, b, c)| serial_gemm(alpha, a, b, accumulate, c));
 }
 
-/// The raw-pointer form of [`gemm`] (`m, k, n`, then each operand's address
-/// and row and column strides), kept with its old signature for
-/// `ops::attention`'s CPU kernels until they take views too.
-///
-/// # Safety
-/// Every element the strides address must lie inside its buffer, and `c`
-/// must not overlap `a` or `b`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn strided_gemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: *const f32,
-    rsa: isize,
-    csa: isize,
-    b: *const f32,
-    rsb: isize,
-    csb: isize,
-    accumulate: bool,
-    c: *mut f32,
-    rsc: isize,
-    csc: isize,
-    threads: usize,
-) {
-    let accumulate = if accumulate {
-        Accumulate::Add
-    } else {
-        Accumulate::Overwrite
-    };
-    gemm(
-        alpha,
-        MatRef::from_raw_parts(a, m, k, rsa, csa),
-        MatRef::from_raw_parts(b, k, n, rsb, csb),
-        accumulate,
-        MatMut::from_raw_parts_mut(c, m, n, rsc, csc),
-        threads,
-    );
-}
-
 /// The operands of consecutive pieces of C: its rows (or columns, when
 /// `along_columns`) cut into ranges of `piece` (the last one ragged), each
 /// with the matching rows of A (or columns of B). Used by the thread split
