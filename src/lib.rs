@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod factorize;
 pub mod faults;
+pub mod formats;
 pub mod io;
 pub mod model;
 pub mod ops;

@@ -9,14 +9,18 @@
 //!
 //! A pickle is a program: its `GLOBAL` and `REDUCE` opcodes import and call
 //! any Python function, which is how a malicious checkpoint runs code on
-//! `torch.load`. This reader is a small pickle virtual machine that executes
-//! nothing: a global is only a name, accepted when it is on a short
+//! `torch.load`. `data.pkl` is run on the pickle machine of
+//! `formats::pickle`, which executes nothing; this file is the torch layer
+//! on it. A global is only a name, accepted when it is on a short
 //! allow-list of data constructors (`collections.OrderedDict`,
 //! `torch._utils._rebuild_tensor_v2` / `_rebuild_tensor` /
 //! `_rebuild_parameter[_with_state]`, the `torch.*Storage` types), and
 //! "calling" one builds a plain Rust value (an empty dict, a tensor
-//! descriptor). Any other global (`posix.system`, `builtins.eval`, a numpy
-//! type, a model class) is an error naming it.
+//! descriptor); a persistent id names a storage. Any other global
+//! (`posix.system`, `builtins.eval`, a numpy type, a model class) is an
+//! error naming it. The layer then picks the state_dict out of the object,
+//! reads each storage from the zip once and gathers its tensors (any
+//! offset and strides) into f32.
 //!
 //! Supported: the opcodes of protocols 2 to 5 that a pickled state_dict or
 //! training checkpoint uses (no protocol-0 text opcodes, sets or
@@ -34,19 +38,15 @@
 //! allocation.
 
 use super::checkpoint::RawTensor;
+use crate::formats::pickle;
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek};
 use std::path::Path;
 use std::rc::Rc;
 
 const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
-
-/// The deepest nesting of containers accepted. State dicts nest 3 deep,
-/// training checkpoints about 5; the limit keeps the recursive drop of a
-/// hostile, deeply nested value from overflowing the stack.
-const MAX_DEPTH: u32 = 100;
 
 /// Where to find a state_dict inside a training checkpoint.
 const WRAPPER_KEYS: [&str; 3] = ["state_dict", "model", "module"];
@@ -194,7 +194,7 @@ fn read_entry(zip: &mut Zip, name: &str, file_len: u64) -> Result<Vec<u8>> {
 }
 
 // ---------------------------------------------------------------------------
-// The pickle virtual machine.
+// The torch layer on the pickle machine: its globals and persistent ids.
 
 /// Element types of the storages torch names in a pickle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,526 +286,71 @@ struct TensorDesc {
     stride: Vec<usize>,
 }
 
-/// A pickled value. Everything on the heap is shared, so that BINGET and
-/// DUP are O(1) (no quadratic blow-up from a hostile memo); containers are
-/// copied on write, which gives value semantics: a memoized container does
-/// not see later mutations, a difference from Python that torch's pickles
-/// never rely on (they memoize each container before filling it and never
-/// fetch it again).
+/// What the hooks build: an allowed global, a storage (from a persistent
+/// id) or a tensor (from calling `_rebuild_tensor*`). Cheap to clone.
 #[derive(Clone, Debug)]
-enum Value {
-    None,
-    Bool(bool),
-    Int(i64),
-    Float(f64),
-    Str(Rc<str>),
-    Bytes(Rc<[u8]>),
-    Tuple(Rc<Seq>),
-    List(Rc<Seq>),
-    Dict(Rc<Dict>),
+enum Torch {
     Global(Global),
     Storage(Rc<Storage>),
     Tensor(Rc<TensorDesc>),
 }
 
-#[derive(Clone, Debug, Default)]
-struct Seq {
-    items: Vec<Value>,
-    depth: u32,
-}
-
-/// Insertion-ordered; string keys are indexed so that a repeated key
-/// replaces its value as in Python (other keys are only kept).
-#[derive(Clone, Debug, Default)]
-struct Dict {
-    items: Vec<(Value, Value)>,
-    index: HashMap<Rc<str>, usize>,
-    depth: u32,
-}
-
-impl Value {
-    fn depth(&self) -> u32 {
-        match self {
-            Value::Tuple(s) | Value::List(s) => s.depth,
-            Value::Dict(d) => d.depth,
-            _ => 0,
-        }
-    }
-
-    /// A short description for error messages ("a dict of 3", "the int 7").
+impl pickle::Object for Torch {
     fn kind(&self) -> String {
         match self {
-            Value::None => "None".into(),
-            Value::Bool(b) => format!("the bool {b}"),
-            Value::Int(i) => format!("the int {i}"),
-            Value::Float(f) => format!("the float {f}"),
-            Value::Str(_) => "a str".into(),
-            Value::Bytes(b) => format!("{} bytes", b.len()),
-            Value::Tuple(s) => format!("a tuple of {}", s.items.len()),
-            Value::List(s) => format!("a list of {}", s.items.len()),
-            Value::Dict(d) => format!("a dict of {}", d.items.len()),
-            Value::Global(g) => format!("the global {}", g.python_name()),
-            Value::Storage(_) => "a storage".into(),
-            Value::Tensor(_) => "a tensor".into(),
-        }
-    }
-
-    fn str(&self) -> Option<&str> {
-        match self {
-            Value::Str(s) => Some(s),
-            _ => None,
+            Torch::Global(g) => format!("the global {}", g.python_name()),
+            Torch::Storage(_) => "a storage".into(),
+            Torch::Tensor(_) => "a tensor".into(),
         }
     }
 }
 
-/// Depth of a container that holds `child` (and was `current` deep).
-fn deeper(current: u32, child: &Value) -> Result<u32> {
-    let depth = current.max(child.depth() + 1);
-    ensure!(
-        depth <= MAX_DEPTH,
-        "containers nested more than {MAX_DEPTH} deep"
-    );
-    Ok(depth)
-}
+type Value = pickle::Value<Torch>;
+type Dict = pickle::Dict<Torch>;
 
-fn seq(items: Vec<Value>) -> Result<Rc<Seq>> {
-    let mut depth = 1;
-    for item in &items {
-        depth = deeper(depth, item)?;
+/// The torch layer's answers to the opcodes that import and call.
+struct TorchHooks;
+
+impl pickle::Hooks for TorchHooks {
+    type Object = Torch;
+
+    fn global(&mut self, module: &str, name: &str) -> Result<Torch> {
+        resolve_global(module, name).map(Torch::Global)
     }
-    Ok(Rc::new(Seq { items, depth }))
-}
 
-impl Dict {
-    fn insert(&mut self, key: Value, value: Value) -> Result<()> {
-        self.depth = deeper(deeper(self.depth.max(1), &key)?, &value)?;
-        if let Value::Str(s) = &key {
-            if let Some(&i) = self.index.get(s) {
-                if let Some(slot) = self.items.get_mut(i) {
-                    slot.1 = value;
-                    return Ok(());
-                }
-            }
-            self.index.insert(s.clone(), self.items.len());
+    fn call(&mut self, callable: &Torch, args: &[Value]) -> Result<Value> {
+        call(callable, args)
+    }
+
+    fn persistent_load(&mut self, pid: &Value) -> Result<Value> {
+        Ok(Value::Object(Torch::Storage(Rc::new(storage_from_pid(
+            pid,
+        )?))))
+    }
+
+    fn build(&mut self, target: &mut Value, state: Value) -> Result<()> {
+        match target {
+            // nn.Module.state_dict() sets `_metadata` (module versions) on
+            // the OrderedDict; the tensors do not need it.
+            Value::Dict(_) => Ok(()),
+            other => bail!("BUILD on {} (with state {})", other.kind(), state.kind()),
         }
-        self.items.push((key, value));
-        Ok(())
     }
 }
 
-fn new_dict() -> Value {
-    Value::Dict(Rc::new(Dict {
-        depth: 1,
-        ..Dict::default()
-    }))
-}
-
-/// Run the pickle `data` and return the object it builds.
+/// Run the pickle `data` (a `data.pkl`) and return the object it builds.
 fn unpickle(data: &[u8]) -> Result<Value> {
-    let mut vm = Machine {
-        data,
-        pos: 0,
-        stack: Vec::new(),
-        marks: Vec::new(),
-        memo: HashMap::new(),
-    };
-    loop {
-        let at = vm.pos;
-        ensure!(
-            at < data.len(),
-            "truncated pickle: it ends at byte {at} without a STOP opcode"
-        );
-        let op = vm.u8()?;
-        match vm.step(op) {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(e) => return Err(e.context(format!("opcode {} at byte {at}", opcode_name(op)))),
-        }
-    }
-}
-
-struct Machine<'a> {
-    data: &'a [u8],
-    pos: usize,
-    stack: Vec<Value>,
-    /// Stack lengths at each MARK.
-    marks: Vec<usize>,
-    memo: HashMap<u32, Value>,
-}
-
-/// "NAME (0xNN)", or "0xNN" for an opcode this machine does not know.
-fn opcode_name(op: u8) -> String {
-    let name = match op {
-        0x80 => "PROTO",
-        0x95 => "FRAME",
-        b'.' => "STOP",
-        b'(' => "MARK",
-        b'0' => "POP",
-        b'1' => "POP_MARK",
-        b'2' => "DUP",
-        b'}' => "EMPTY_DICT",
-        b']' => "EMPTY_LIST",
-        b')' => "EMPTY_TUPLE",
-        b'd' => "DICT",
-        b'l' => "LIST",
-        b't' => "TUPLE",
-        0x85 => "TUPLE1",
-        0x86 => "TUPLE2",
-        0x87 => "TUPLE3",
-        b'N' => "NONE",
-        0x88 => "NEWTRUE",
-        0x89 => "NEWFALSE",
-        b'J' => "BININT",
-        b'K' => "BININT1",
-        b'M' => "BININT2",
-        0x8a => "LONG1",
-        0x8b => "LONG4",
-        b'G' => "BINFLOAT",
-        b'X' => "BINUNICODE",
-        0x8c => "SHORT_BINUNICODE",
-        0x8d => "BINUNICODE8",
-        b'T' => "BINSTRING",
-        b'U' => "SHORT_BINSTRING",
-        b'B' => "BINBYTES",
-        b'C' => "SHORT_BINBYTES",
-        0x8e => "BINBYTES8",
-        b'q' => "BINPUT",
-        b'r' => "LONG_BINPUT",
-        0x94 => "MEMOIZE",
-        b'h' => "BINGET",
-        b'j' => "LONG_BINGET",
-        b'a' => "APPEND",
-        b'e' => "APPENDS",
-        b's' => "SETITEM",
-        b'u' => "SETITEMS",
-        b'c' => "GLOBAL",
-        0x93 => "STACK_GLOBAL",
-        b'R' => "REDUCE",
-        0x81 => "NEWOBJ",
-        b'b' => "BUILD",
-        b'Q' => "BINPERSID",
-        _ => return format!("0x{op:02x}"),
-    };
-    format!("{name} (0x{op:02x})")
-}
-
-impl<'a> Machine<'a> {
-    /// Execute one opcode; `Some` at STOP.
-    fn step(&mut self, op: u8) -> Result<Option<Value>> {
-        match op {
-            0x80 => {
-                let version = self.u8()?;
-                ensure!(version <= 5, "pickle protocol {version} is newer than 5");
-            }
-            0x95 => {
-                self.take(8)?; // framing is only a hint for buffered readers
-            }
-            b'.' => return self.pop().map(Some),
-            b'(' => self.marks.push(self.stack.len()),
-            b'0' => drop(self.pop()?),
-            b'1' => drop(self.pop_mark()?),
-            b'2' => {
-                let top = self.pop()?;
-                self.stack.push(top.clone());
-                self.stack.push(top);
-            }
-            b'}' => self.stack.push(new_dict()),
-            b']' => self.stack.push(Value::List(seq(Vec::new())?)),
-            b')' => self.stack.push(Value::Tuple(seq(Vec::new())?)),
-            b'd' => {
-                let items = self.pop_mark()?;
-                let mut dict = new_dict();
-                set_items(&mut dict, items)?;
-                self.stack.push(dict);
-            }
-            b'l' => {
-                let items = self.pop_mark()?;
-                self.stack.push(Value::List(seq(items)?));
-            }
-            b't' => {
-                let items = self.pop_mark()?;
-                self.stack.push(Value::Tuple(seq(items)?));
-            }
-            0x85..=0x87 => {
-                let n = usize::from(op - 0x84);
-                let items = self.pop_n(n)?;
-                self.stack.push(Value::Tuple(seq(items)?));
-            }
-            b'N' => self.stack.push(Value::None),
-            0x88 => self.stack.push(Value::Bool(true)),
-            0x89 => self.stack.push(Value::Bool(false)),
-            b'J' => {
-                let v = i32::from_le_bytes(self.array()?);
-                self.stack.push(Value::Int(v.into()));
-            }
-            b'K' => {
-                let v = self.u8()?;
-                self.stack.push(Value::Int(v.into()));
-            }
-            b'M' => {
-                let v = u16::from_le_bytes(self.array()?);
-                self.stack.push(Value::Int(v.into()));
-            }
-            0x8a => {
-                let n = usize::from(self.u8()?);
-                let v = self.long(n)?;
-                self.stack.push(Value::Int(v));
-            }
-            0x8b => {
-                let n = self.len32()?;
-                let v = self.long(n)?;
-                self.stack.push(Value::Int(v));
-            }
-            b'G' => {
-                let v = f64::from_be_bytes(self.array()?);
-                self.stack.push(Value::Float(v));
-            }
-            b'X' | 0x8c | 0x8d | b'T' | b'U' => {
-                let n = match op {
-                    0x8c | b'U' => usize::from(self.u8()?),
-                    0x8d => self.len64()?,
-                    _ => self.len32()?,
-                };
-                let text = std::str::from_utf8(self.take(n)?).context("string is not UTF-8")?;
-                self.stack.push(Value::Str(text.into()));
-            }
-            b'B' | b'C' | 0x8e => {
-                let n = match op {
-                    b'C' => usize::from(self.u8()?),
-                    0x8e => self.len64()?,
-                    _ => self.len32()?,
-                };
-                let bytes = self.take(n)?;
-                self.stack.push(Value::Bytes(bytes.into()));
-            }
-            b'q' => {
-                let i = self.u8()?;
-                self.put(i.into())?;
-            }
-            b'r' => {
-                let i = u32::from_le_bytes(self.array()?);
-                self.put(i)?;
-            }
-            0x94 => {
-                let i = u32::try_from(self.memo.len())?;
-                self.put(i)?;
-            }
-            b'h' => {
-                let i = self.u8()?;
-                self.get(i.into())?;
-            }
-            b'j' => {
-                let i = u32::from_le_bytes(self.array()?);
-                self.get(i)?;
-            }
-            b'a' => {
-                let item = self.pop()?;
-                self.append(vec![item])?;
-            }
-            b'e' => {
-                let items = self.pop_mark()?;
-                self.append(items)?;
-            }
-            b's' => {
-                let items = self.pop_n(2)?;
-                set_items(self.top_mut()?, items)?;
-            }
-            b'u' => {
-                let items = self.pop_mark()?;
-                set_items(self.top_mut()?, items)?;
-            }
-            b'c' => {
-                let module = self.line()?;
-                let name = self.line()?;
-                self.stack
-                    .push(Value::Global(resolve_global(module, name)?));
-            }
-            0x93 => {
-                let name = self.pop()?;
-                let module = self.pop()?;
-                match (module.str(), name.str()) {
-                    (Some(m), Some(n)) => self.stack.push(Value::Global(resolve_global(m, n)?)),
-                    _ => bail!(
-                        "expected module and name strings, found {} and {}",
-                        module.kind(),
-                        name.kind()
-                    ),
-                }
-            }
-            b'R' | 0x81 => {
-                let args = self.pop()?;
-                let callable = self.pop()?;
-                let value = call(&callable, &args)?;
-                self.stack.push(value);
-            }
-            b'b' => {
-                let state = self.pop()?;
-                match self.top_mut()? {
-                    // nn.Module.state_dict() sets `_metadata` (module
-                    // versions) on the OrderedDict; the tensors do not need it.
-                    Value::Dict(_) => {}
-                    other => bail!("BUILD on {} (with state {})", other.kind(), state.kind()),
-                }
-            }
-            b'Q' => {
-                let pid = self.pop()?;
-                self.stack
-                    .push(Value::Storage(Rc::new(storage_from_pid(&pid)?)));
-            }
-            _ => bail!("unsupported pickle opcode (not one a torch.save'd state_dict uses)"),
-        }
-        Ok(None)
-    }
-
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len());
-        let end = end.ok_or_else(|| {
-            anyhow!(
-                "truncated pickle: {n} bytes needed at byte {}, {} left",
-                self.pos,
-                self.data.len() - self.pos.min(self.data.len())
-            )
-        })?;
-        let data: &'a [u8] = self.data;
-        let bytes = &data[self.pos..end];
-        self.pos = end;
-        Ok(bytes)
-    }
-
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        Ok(self.take(N)?.try_into()?)
-    }
-
-    fn u8(&mut self) -> Result<u8> {
-        Ok(u8::from_le_bytes(self.array()?))
-    }
-
-    fn len32(&mut self) -> Result<usize> {
-        Ok(usize::try_from(u32::from_le_bytes(self.array()?))?)
-    }
-
-    fn len64(&mut self) -> Result<usize> {
-        Ok(usize::try_from(u64::from_le_bytes(self.array()?)).unwrap_or(usize::MAX))
-    }
-
-    /// A two's-complement little-endian integer of `n` bytes (LONG1/LONG4).
-    fn long(&mut self, n: usize) -> Result<i64> {
-        ensure!(n <= 8, "integer of {n} bytes does not fit in 64 bits");
-        let bytes = self.take(n)?;
-        let negative = bytes.last().is_some_and(|&b| b & 0x80 != 0);
-        let mut full = if negative { [0xff; 8] } else { [0; 8] };
-        full[..n].copy_from_slice(bytes);
-        Ok(i64::from_le_bytes(full))
-    }
-
-    /// A newline-terminated line (GLOBAL's module and name).
-    fn line(&mut self) -> Result<&'a str> {
-        let data: &'a [u8] = self.data;
-        let rest = data.get(self.pos..).unwrap_or_default();
-        let n = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| anyhow!("truncated pickle: unterminated GLOBAL name"))?;
-        let line = &rest[..n];
-        self.pos += n + 1;
-        std::str::from_utf8(line).context("GLOBAL name is not UTF-8")
-    }
-
-    /// The bottom of the stack a pop may reach: the last MARK.
-    fn floor(&self) -> usize {
-        self.marks.last().copied().unwrap_or(0)
-    }
-
-    fn pop(&mut self) -> Result<Value> {
-        ensure!(self.stack.len() > self.floor(), "stack underflow");
-        self.stack.pop().ok_or_else(|| anyhow!("stack underflow"))
-    }
-
-    fn pop_n(&mut self, n: usize) -> Result<Vec<Value>> {
-        ensure!(
-            self.stack.len() >= self.floor() + n,
-            "stack underflow: {n} values needed"
-        );
-        Ok(self.stack.split_off(self.stack.len() - n))
-    }
-
-    fn pop_mark(&mut self) -> Result<Vec<Value>> {
-        let mark = self
-            .marks
-            .pop()
-            .ok_or_else(|| anyhow!("no MARK on the stack"))?;
-        ensure!(mark <= self.stack.len(), "MARK above the stack");
-        Ok(self.stack.split_off(mark))
-    }
-
-    fn top_mut(&mut self) -> Result<&mut Value> {
-        ensure!(self.stack.len() > self.floor(), "stack underflow");
-        self.stack
-            .last_mut()
-            .ok_or_else(|| anyhow!("stack underflow"))
-    }
-
-    fn put(&mut self, i: u32) -> Result<()> {
-        let top = self.top_mut()?.clone();
-        self.memo.insert(i, top);
-        Ok(())
-    }
-
-    fn get(&mut self, i: u32) -> Result<()> {
-        let value = self
-            .memo
-            .get(&i)
-            .cloned()
-            .ok_or_else(|| anyhow!("memo entry {i} was never stored"))?;
-        self.stack.push(value);
-        Ok(())
-    }
-
-    fn append(&mut self, items: Vec<Value>) -> Result<()> {
-        let Value::List(list) = self.top_mut()? else {
-            let kind = self.top_mut()?.kind();
-            bail!("APPEND to {kind}, expected a list");
-        };
-        let list = Rc::make_mut(list);
-        for item in items {
-            list.depth = deeper(list.depth, &item)?;
-            list.items.push(item);
-        }
-        Ok(())
-    }
-}
-
-/// SETITEM(S): `items` are key, value, key, value...
-fn set_items(target: &mut Value, items: Vec<Value>) -> Result<()> {
-    let Value::Dict(dict) = target else {
-        bail!("SETITEM on {}, expected a dict", target.kind())
-    };
-    ensure!(
-        items.len().is_multiple_of(2),
-        "odd number of values ({}) for key/value pairs",
-        items.len()
-    );
-    let dict = Rc::make_mut(dict);
-    let mut items = items.into_iter();
-    while let (Some(key), Some(value)) = (items.next(), items.next()) {
-        dict.insert(key, value)?;
-    }
-    Ok(())
+    pickle::unpickle(data, &mut TorchHooks)
 }
 
 /// What REDUCE (or NEWOBJ) of an allowed global means, as plain data.
-fn call(callable: &Value, args: &Value) -> Result<Value> {
-    let Value::Global(global) = callable else {
-        bail!("calling {}, not an allowed global", callable.kind())
-    };
-    let Value::Tuple(args) = args else {
+fn call(callable: &Torch, args: &[Value]) -> Result<Value> {
+    let Torch::Global(global) = callable else {
         bail!(
-            "arguments of {} are {}, not a tuple",
-            global.python_name(),
-            args.kind()
+            "calling {}, not an allowed global",
+            pickle::Object::kind(callable)
         )
     };
-    let args = args.items.as_slice();
     match global {
         Global::OrderedDict => {
             ensure!(
@@ -813,7 +358,7 @@ fn call(callable: &Value, args: &Value) -> Result<Value> {
                 "OrderedDict called with {} arguments; pickles build it empty",
                 args.len()
             );
-            Ok(new_dict())
+            Ok(Value::new_dict())
         }
         Global::RebuildTensorV2 => {
             // (storage, offset, size, stride, requires_grad, backward_hooks[, metadata])
@@ -851,7 +396,7 @@ fn call(callable: &Value, args: &Value) -> Result<Value> {
                 args.len()
             );
             match &args[0] {
-                Value::Tensor(_) => Ok(args[0].clone()),
+                Value::Object(Torch::Tensor(_)) => Ok(args[0].clone()),
                 other => bail!("a Parameter wrapping {}, expected a tensor", other.kind()),
             }
         }
@@ -865,7 +410,7 @@ fn rebuild_tensor(args: &[Value]) -> Result<Value> {
     let [storage, offset, shape, stride] = args else {
         bail!("expected storage, offset, size, stride")
     };
-    let Value::Storage(storage) = storage else {
+    let Value::Object(Torch::Storage(storage)) = storage else {
         bail!(
             "tensor storage is {}, expected a persistent storage",
             storage.kind()
@@ -880,12 +425,12 @@ fn rebuild_tensor(args: &[Value]) -> Result<Value> {
         shape.len(),
         stride.len()
     );
-    Ok(Value::Tensor(Rc::new(TensorDesc {
+    Ok(Value::Object(Torch::Tensor(Rc::new(TensorDesc {
         storage: storage.clone(),
         offset,
         shape,
         stride,
-    })))
+    }))))
 }
 
 fn to_usize(v: &Value) -> Result<usize> {
@@ -899,7 +444,7 @@ fn to_usize(v: &Value) -> Result<usize> {
 
 fn usize_tuple(v: &Value) -> Result<Vec<usize>> {
     match v {
-        Value::Tuple(s) | Value::List(s) => s.items.iter().map(to_usize).collect(),
+        Value::Tuple(s) | Value::List(s) => s.items().iter().map(to_usize).collect(),
         other => bail!("{}, expected a tuple of ints", other.kind()),
     }
 }
@@ -909,10 +454,10 @@ fn storage_from_pid(pid: &Value) -> Result<Storage> {
     let Value::Tuple(t) = pid else {
         bail!("persistent id is {}, expected a tuple", pid.kind())
     };
-    let [tag, ty, key, _location, numel] = t.items.as_slice() else {
+    let [tag, ty, key, _location, numel] = t.items() else {
         bail!(
             "persistent id has {} fields, expected ('storage', type, key, location, numel)",
-            t.items.len()
+            t.items().len()
         )
     };
     ensure!(
@@ -920,7 +465,7 @@ fn storage_from_pid(pid: &Value) -> Result<Storage> {
         "persistent id starting with {}, expected 'storage'",
         tag.kind()
     );
-    let Value::Global(Global::Storage(dtype)) = ty else {
+    let Value::Object(Torch::Global(Global::Storage(dtype))) = ty else {
         bail!("storage type is {}, expected torch.*Storage", ty.kind())
     };
     let key = match key {
@@ -948,14 +493,14 @@ fn select_state_dict(top: &Value) -> Result<Vec<(String, Rc<TensorDesc>)>> {
         )
     };
     if dict
-        .items
+        .items()
         .iter()
-        .all(|(_, v)| matches!(v, Value::Tensor(_)))
+        .all(|(_, v)| matches!(v, Value::Object(Torch::Tensor(_))))
     {
         return tensor_entries(dict);
     }
     let wrapped: Vec<(&str, &Dict)> = dict
-        .items
+        .items()
         .iter()
         .filter_map(|(k, v)| match (k.str(), v) {
             (Some(k), Value::Dict(d)) if WRAPPER_KEYS.contains(&k) => Some((k, &**d)),
@@ -964,7 +509,11 @@ fn select_state_dict(top: &Value) -> Result<Vec<(String, Rc<TensorDesc>)>> {
         .collect();
     let all_tensors: Vec<&(&str, &Dict)> = wrapped
         .iter()
-        .filter(|(_, d)| d.items.iter().all(|(_, v)| matches!(v, Value::Tensor(_))))
+        .filter(|(_, d)| {
+            d.items()
+                .iter()
+                .all(|(_, v)| matches!(v, Value::Object(Torch::Tensor(_))))
+        })
         .collect();
     match (all_tensors.as_slice(), wrapped.as_slice()) {
         ([(name, d)], _) => {
@@ -975,9 +524,9 @@ fn select_state_dict(top: &Value) -> Result<Vec<(String, Rc<TensorDesc>)>> {
             tensor_entries(d).with_context(|| format!("in the checkpoint's {name:?}"))
         }
         _ if dict
-            .items
+            .items()
             .iter()
-            .any(|(_, v)| matches!(v, Value::Tensor(_))) =>
+            .any(|(_, v)| matches!(v, Value::Object(Torch::Tensor(_)))) =>
         {
             tensor_entries(dict)
         }
@@ -991,7 +540,7 @@ fn select_state_dict(top: &Value) -> Result<Vec<(String, Rc<TensorDesc>)>> {
 /// The keys and kinds of a dict, for error messages.
 fn describe(dict: &Dict) -> String {
     let mut parts: Vec<String> = dict
-        .items
+        .items()
         .iter()
         .take(8)
         .map(|(k, v)| {
@@ -1002,21 +551,21 @@ fn describe(dict: &Dict) -> String {
             )
         })
         .collect();
-    if dict.items.len() > 8 {
-        parts.push(format!("... ({} entries)", dict.items.len()));
+    if dict.items().len() > 8 {
+        parts.push(format!("... ({} entries)", dict.items().len()));
     }
     format!("{{{}}}", parts.join(", "))
 }
 
 fn tensor_entries(dict: &Dict) -> Result<Vec<(String, Rc<TensorDesc>)>> {
-    dict.items
+    dict.items()
         .iter()
         .map(|(k, v)| {
             let name = k
                 .str()
                 .ok_or_else(|| anyhow!("a state_dict key is {}, expected a str", k.kind()))?;
             match v {
-                Value::Tensor(t) => Ok((name.to_string(), t.clone())),
+                Value::Object(Torch::Tensor(t)) => Ok((name.to_string(), t.clone())),
                 other => bail!("state_dict entry {name} is {}, not a tensor", other.kind()),
             }
         })
@@ -1196,6 +745,7 @@ fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::pickle::writer::P;
     use std::io::{Cursor, Write};
     use std::path::PathBuf;
 
@@ -1222,36 +772,21 @@ mod tests {
 
     // --- hand-built pickles --------------------------------------------
 
-    /// A pickle written opcode by opcode.
-    struct P(Vec<u8>);
+    /// The torch opcodes on top of the pickle writer.
+    trait TorchPickle {
+        fn ordered_dict(self) -> Self;
+        fn tensor(
+            self,
+            storage: &str,
+            key: &str,
+            numel: usize,
+            offset: usize,
+            shape: &[usize],
+            stride: &[usize],
+        ) -> Self;
+    }
 
-    impl P {
-        fn new() -> Self {
-            P(vec![0x80, 2])
-        }
-        fn op(mut self, bytes: &[u8]) -> Self {
-            self.0.extend_from_slice(bytes);
-            self
-        }
-        fn global(self, module: &str, name: &str) -> Self {
-            self.op(b"c")
-                .op(module.as_bytes())
-                .op(b"\n")
-                .op(name.as_bytes())
-                .op(b"\n")
-        }
-        fn str(self, s: &str) -> Self {
-            let len = (s.len() as u32).to_le_bytes();
-            self.op(b"X").op(&len).op(s.as_bytes())
-        }
-        fn int(self, i: i32) -> Self {
-            self.op(b"J").op(&i.to_le_bytes())
-        }
-        fn ints(self, v: &[usize]) -> Self {
-            v.iter()
-                .fold(self.op(b"("), |p, &i| p.int(i as i32))
-                .op(b"t")
-        }
+    impl TorchPickle for P {
         fn ordered_dict(self) -> Self {
             self.global("collections", "OrderedDict").op(b")R")
         }
@@ -1279,9 +814,6 @@ mod tests {
                 .op(&[0x89])
                 .ordered_dict()
                 .op(b"tR")
-        }
-        fn stop(self) -> Vec<u8> {
-            self.op(b".").0
         }
     }
 
@@ -1398,64 +930,6 @@ mod tests {
                 "{n}: {e}"
             );
         }
-    }
-
-    #[test]
-    fn malformed_streams_are_errors() {
-        let e = unpickle_err(b"\x80\x02\xff.");
-        assert!(
-            e.contains("opcode 0xff at byte 2") && e.contains("unsupported pickle opcode"),
-            "{e}"
-        );
-        assert!(unpickle_err(b"\x80\x02s.").contains("underflow"));
-        assert!(
-            unpickle_err(b"\x80\x02(}u.").contains("underflow"),
-            "values below a MARK are out of reach"
-        );
-        assert!(unpickle_err(b"\x80\x02h\x07.").contains("memo entry 7"));
-        assert!(
-            unpickle_err(b"\x80\x02X\xff\xff\xff\xff").contains("truncated"),
-            "a huge length is not allocated"
-        );
-        assert!(
-            unpickle_err(b"\x80\x02\x8a\x09\x01\x01\x01\x01\x01\x01\x01\x01\x01.")
-                .contains("64 bits")
-        );
-        assert!(unpickle_err(b"\x80\x02N]a.").contains("APPEND to None"));
-        assert!(unpickle_err(b"\x80\x02\x80\x09.").contains("protocol 9"));
-        let deep = [&b"\x80\x02)"[..], &[0x85; 1000], b"."].concat();
-        assert!(unpickle_err(&deep).contains("nested"));
-    }
-
-    #[test]
-    fn pickle_values() {
-        // LONG1 sign extension, BININT2, BINFLOAT, MEMOIZE/BINGET, dict key replacement.
-        let p = P::new()
-            .op(b"}(")
-            .str("a")
-            .op(b"\x8a\x02\x00\xff")
-            .str("b")
-            .op(b"M\x34\x12")
-            .str("c")
-            .op(b"G\x3f\xe0\0\0\0\0\0\0\x94")
-            .str("a")
-            .op(b"h\x00u.");
-        let Ok(Value::Dict(d)) = unpickle(&p.0) else {
-            panic!("not a dict")
-        };
-        let got: Vec<String> = d
-            .items
-            .iter()
-            .map(|(k, v)| format!("{}: {}", k.str().unwrap(), v.kind()))
-            .collect();
-        assert_eq!(
-            got,
-            ["a: the float 0.5", "b: the int 4660", "c: the float 0.5"]
-        );
-        let Ok(Value::Int(i)) = unpickle(b"\x80\x02\x8a\x02\x00\xff.") else {
-            panic!()
-        };
-        assert_eq!(i, -256);
     }
 
     #[test]
