@@ -21,8 +21,10 @@ use effrank_engine::ops::attention::cpu::{
 use effrank_engine::ops::attention::{AttentionShape, Qkv};
 use effrank_engine::ops::gelu::cpu::{gelu_backward, gelu_backward_recomputing, gelu_forward};
 use effrank_engine::ops::layernorm::cpu::{layernorm_backward, layernorm_forward};
+use effrank_engine::ops::layernorm::{Grads, Outputs, Params, Saved};
 use effrank_engine::ops::matmul::cpu::gemm;
 use effrank_engine::ops::matmul::Accumulate;
+use effrank_engine::ops::Rows;
 use effrank_engine::rng::Rng;
 use faer::{MatMut, MatRef};
 use std::time::Instant;
@@ -112,7 +114,18 @@ fn main() {
             (vec![0f32; ROWS * WIDTH], vec![0f32; ROWS], vec![0f32; ROWS]);
         let t = median_seconds(50, || {
             layernorm_forward(
-                &mut y, &mut mean, &mut rstd, &x, &gamma, &beta, ROWS, WIDTH, 1e-6,
+                Outputs {
+                    out: &mut y,
+                    mean: &mut mean,
+                    rstd: &mut rstd,
+                },
+                &x,
+                Params {
+                    gamma: &gamma,
+                    beta: &beta,
+                },
+                Rows::new(ROWS, WIDTH),
+                1e-6,
             )
         });
         row(
@@ -127,16 +140,19 @@ fn main() {
         );
         let t = median_seconds(50, || {
             layernorm_backward(
-                &mut dx,
-                &mut dgamma,
-                &mut dbeta,
+                Grads {
+                    dx: &mut dx,
+                    dgamma: &mut dgamma,
+                    dbeta: &mut dbeta,
+                },
                 &dy,
-                &x,
-                &mean,
-                &rstd,
+                Saved {
+                    x: &x,
+                    mean: &mean,
+                    rstd: &rstd,
+                },
                 &gamma,
-                ROWS,
-                WIDTH,
+                Rows::new(ROWS, WIDTH),
             )
         });
         row(

@@ -20,7 +20,9 @@ use effrank_engine::ops;
 use effrank_engine::ops::adamw::AdamWStep;
 use effrank_engine::ops::attention::{AttentionShape, Qkv};
 use effrank_engine::ops::image::ImageTransform;
+use effrank_engine::ops::layernorm::{Params, Saved};
 use effrank_engine::ops::loss::LogitLossConfig;
+use effrank_engine::ops::Rows;
 use effrank_engine::rng::Rng;
 
 /// `dq, dk, dv` as one `Qkv`.
@@ -331,13 +333,38 @@ fn add_layernorm_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     let gbs = |bytes: f64, s: f64| format!("{:.0} GB/s", bytes / s / 1e9);
     let fused = be.median_device_seconds(50, || {
         ops::add_layernorm::forward(
-            be, &mut sum, &mut out, &mut mean, &mut rstd, &a, &b, &gamma, &beta, r, c, 1e-6,
+            be,
+            ops::add_layernorm::Outputs {
+                sum: &mut sum,
+                out: &mut out,
+                mean: &mut mean,
+                rstd: &mut rstd,
+            },
+            ops::add_layernorm::Terms { a: &a, b: &b },
+            Params {
+                gamma: &gamma,
+                beta: &beta,
+            },
+            Rows::new(r, c),
+            1e-6,
         )
     })?;
     let plain = be.median_device_seconds(50, || {
         ops::add::add(be, &mut sum, &a, &b, n)?;
         ops::layernorm::forward(
-            be, &mut out, &mut mean, &mut rstd, &sum, &gamma, &beta, r, c, 1e-6,
+            be,
+            ops::layernorm::Outputs {
+                out: &mut out,
+                mean: &mut mean,
+                rstd: &mut rstd,
+            },
+            &sum,
+            Params {
+                gamma: &gamma,
+                beta: &beta,
+            },
+            Rows::new(r, c),
+            1e-6,
         )
     })?;
     rows.push(Row {
@@ -349,32 +376,38 @@ fn add_layernorm_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     let fused = be.median_device_seconds(50, || {
         ops::add_layernorm::backward(
             be,
-            &mut dx,
-            &mut dbranch,
-            &mut dgamma,
-            &mut dbeta,
+            ops::add_layernorm::Grads {
+                dx: &mut dx,
+                dbranch: &mut dbranch,
+                dgamma: &mut dgamma,
+                dbeta: &mut dbeta,
+            },
             &dout,
-            &sum,
-            &mean,
-            &rstd,
+            Saved {
+                x: &sum,
+                mean: &mean,
+                rstd: &rstd,
+            },
             &gamma,
-            r,
-            c,
+            Rows::new(r, c),
         )
     })?;
     let plain = be.median_device_seconds(50, || {
         ops::layernorm::backward(
             be,
-            &mut dx,
-            &mut dgamma,
-            &mut dbeta,
+            ops::layernorm::Grads {
+                dx: &mut dx,
+                dgamma: &mut dgamma,
+                dbeta: &mut dbeta,
+            },
             &dout,
-            &sum,
-            &mean,
-            &rstd,
+            Saved {
+                x: &sum,
+                mean: &mean,
+                rstd: &rstd,
+            },
             &gamma,
-            r,
-            c,
+            Rows::new(r, c),
         )?;
         be.copy(&mut dbranch, &dx, n)
     })?;
@@ -404,7 +437,19 @@ fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     let gbs = |bytes: f64, s: f64| format!("{:.0} GB/s", bytes / s / 1e9);
     let s = be.median_device_seconds(50, || {
         ops::layernorm::forward(
-            be, &mut out, &mut mean, &mut rstd, &x, &gamma, &beta, r, c, 1e-6,
+            be,
+            ops::layernorm::Outputs {
+                out: &mut out,
+                mean: &mut mean,
+                rstd: &mut rstd,
+            },
+            &x,
+            Params {
+                gamma: &gamma,
+                beta: &beta,
+            },
+            Rows::new(r, c),
+            1e-6,
         )
     })?;
     rows.push(Row {
@@ -416,16 +461,19 @@ fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     let s = be.median_device_seconds(50, || {
         ops::layernorm::backward(
             be,
-            &mut dx,
-            &mut dgamma,
-            &mut dbeta,
+            ops::layernorm::Grads {
+                dx: &mut dx,
+                dgamma: &mut dgamma,
+                dbeta: &mut dbeta,
+            },
             &dout,
-            &x,
-            &mean,
-            &rstd,
+            Saved {
+                x: &x,
+                mean: &mean,
+                rstd: &rstd,
+            },
             &gamma,
-            r,
-            c,
+            Rows::new(r, c),
         )
     })?;
     rows.push(Row {
@@ -437,12 +485,26 @@ fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     // Its two kernels apart: the input gradient (a warp per row) and the
     // parameter gradients (column sums).
     {
-        let ok = ops::layernorm::check_backward(
-            be, &dx, &dgamma, &dbeta, &dout, &x, &mean, &rstd, &gamma, r, c,
-        )?;
+        let saved = Saved {
+            x: &x,
+            mean: &mean,
+            rstd: &rstd,
+        };
+        let grads = ops::layernorm::Grads {
+            dx: &mut dx,
+            dgamma: &mut dgamma,
+            dbeta: &mut dbeta,
+        };
+        let ok = ops::layernorm::check_backward(be, &grads, &dout, saved, &gamma, Rows::new(r, c))?;
         let s = be.median_device_seconds(50, || {
             ops::layernorm::cuda::backward_dx(
-                be, &mut dx, &dout, &x, &mean, &rstd, &gamma, r, c, ok,
+                be,
+                grads.dx,
+                &dout,
+                saved,
+                &gamma,
+                Rows::new(r, c),
+                ok,
             )
         })?;
         rows.push(Row {
@@ -454,14 +516,11 @@ fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
         let s = be.median_device_seconds(50, || {
             ops::layernorm::cuda::backward_params(
                 be,
-                &mut dgamma,
-                &mut dbeta,
+                grads.dgamma,
+                grads.dbeta,
                 &dout,
-                &x,
-                &mean,
-                &rstd,
-                r,
-                c,
+                saved,
+                Rows::new(r, c),
                 ok,
             )
         })?;
@@ -530,7 +589,17 @@ fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
         baseline_ms: None,
     });
     let s = be.median_device_seconds(20, || {
-        ops::embed::patch_gather(be, &mut patches, &images, batch, 3, size, 32)
+        ops::embed::patch_gather(
+            be,
+            &mut patches,
+            &images,
+            ops::embed::Images {
+                batch,
+                channels: 3,
+                size,
+                patch: 32,
+            },
+        )
     })?;
     rows.push(Row {
         kernel: format!("patch_gather {batch}x3x224²"),
@@ -557,13 +626,16 @@ fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
     let s = be.median_device_seconds(50, || {
         ops::loss::logit_loss(
             be,
-            &mut ds,
-            &mut loss,
-            &s_logits,
-            Some(&t_logits),
-            &labels,
-            lb,
-            classes,
+            ops::loss::Outputs {
+                ds: &mut ds,
+                loss: &mut loss,
+            },
+            ops::loss::Logits {
+                student: &s_logits,
+                teacher: Some(&t_logits),
+                labels: &labels,
+            },
+            Rows::new(lb, classes),
             &cfg,
             1.0,
         )
@@ -598,7 +670,18 @@ fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
         max_grad_norm: Some(1.0),
     };
     let s = be.median_device_seconds(20, || {
-        ops::adamw::update(be, &mut param, &grad, &mut m, &mut v, &gn, p, &hp)
+        ops::adamw::update(
+            be,
+            ops::adamw::State {
+                param: &mut param,
+                m: &mut m,
+                v: &mut v,
+            },
+            &grad,
+            &gn,
+            p,
+            &hp,
+        )
     })?;
     rows.push(Row {
         kernel: format!("adamw_update {p}"),

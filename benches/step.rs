@@ -40,7 +40,7 @@ use effrank_engine::ops::image::ImageTransform;
 use effrank_engine::options::{ComputeOptions, DeviceKind, ModelPaths};
 use effrank_engine::perf::{breakdown, format_breakdown, interpolate, project, Ceilings, Protocol};
 use effrank_engine::rng::Rng;
-use effrank_engine::train::{AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
+use effrank_engine::train::{self, AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -92,6 +92,15 @@ struct Batch {
 }
 
 impl Batch {
+    /// The batch as a training step takes it.
+    fn view(&self) -> train::Batch<'_> {
+        train::Batch {
+            bytes: &self.bytes,
+            labels: &self.labels,
+            transform: &self.transform,
+        }
+    }
+
     /// `batch` images of `src` px, upsampled to 224.
     fn new(batch: usize, src: usize) -> Self {
         let mut rng = Rng::new(0);
@@ -171,15 +180,7 @@ fn headline_steps(
         )?;
         measure("teacher train step", 3.0 * f_dense, &mut || {
             learner
-                .step(
-                    be,
-                    &data.bytes,
-                    &data.labels,
-                    &data.transform,
-                    TeacherSignal::None,
-                    &ce,
-                    1e-4,
-                )
+                .step(be, data.view(), TeacherSignal::None, &ce, 1e-4)
                 .map(drop)
         })?;
     }
@@ -211,9 +212,7 @@ fn headline_steps(
                 student
                     .step(
                         be,
-                        &data.bytes,
-                        &data.labels,
-                        &data.transform,
+                        data.view(),
                         TeacherSignal::Live(&mut teacher),
                         &kd,
                         1e-4,
@@ -226,15 +225,7 @@ fn headline_steps(
             3.0 * f_student,
             &mut || {
                 student
-                    .step(
-                        be,
-                        &data.bytes,
-                        &data.labels,
-                        &data.transform,
-                        TeacherSignal::Cached(&cached),
-                        &kd,
-                        1e-4,
-                    )
+                    .step(be, data.view(), TeacherSignal::Cached(&cached), &kd, 1e-4)
                     .map(drop)
             },
         )?;
@@ -271,15 +262,7 @@ fn protocol_steps(
             3.0 * forward_flops(cfg, &dense, p.teacher_batch),
             &mut || {
                 learner
-                    .step(
-                        be,
-                        &tdata.bytes,
-                        &tdata.labels,
-                        &tdata.transform,
-                        TeacherSignal::None,
-                        &LossSpec::ce(),
-                        1e-4,
-                    )
+                    .step(be, tdata.view(), TeacherSignal::None, &LossSpec::ce(), 1e-4)
                     .map(drop)
             },
         )?;
@@ -313,9 +296,7 @@ fn protocol_steps(
             student
                 .step(
                     be,
-                    &sdata.bytes,
-                    &sdata.labels,
-                    &sdata.transform,
+                    sdata.view(),
                     TeacherSignal::Live(&mut teacher),
                     &geometric,
                     1e-4,

@@ -23,7 +23,7 @@ use effrank_engine::ops::Backend;
 use effrank_engine::options::{ComputeOptions, DeviceKind, ModelPaths};
 use effrank_engine::rng::Rng;
 use effrank_engine::testing::{assert_close, assert_close_floor, cuda, cuda_new_paths, RED};
-use effrank_engine::train::{AdamWConfig, Learner, LossSpec, TeacherSignal};
+use effrank_engine::train::{AdamWConfig, Batch, Learner, LossSpec, TeacherSignal};
 
 const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
 
@@ -125,9 +125,11 @@ fn one_step<B: Backend>(
     let loss = learner
         .step(
             be,
-            bytes,
-            labels,
-            &t,
+            Batch {
+                bytes,
+                labels,
+                transform: &t,
+            },
             TeacherSignal::None,
             &LossSpec::ce(),
             1e-3,

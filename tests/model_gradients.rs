@@ -12,10 +12,12 @@ use effrank_engine::device::{Cpu, Device};
 use effrank_engine::factorize::{factorize, FactorInit};
 use effrank_engine::model::params::BlockLinear;
 use effrank_engine::model::params::{dense_ranks, param_specs, uniform_ranks, Ranks};
-use effrank_engine::model::{Vit, VitConfig, VitParams};
+use effrank_engine::model::{OutputGrads, Vit, VitConfig, VitParams};
 use effrank_engine::ops::image::{self, ImageTransform};
 use effrank_engine::rng::Rng;
-use effrank_engine::train::{spare_threads, AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
+use effrank_engine::train::{
+    spare_threads, AdamWConfig, Batch, Frozen, Learner, LossSpec, TeacherSignal,
+};
 
 fn tiny_config() -> VitConfig {
     VitConfig {
@@ -101,9 +103,11 @@ fn loss_of(
     learner
         .forward_backward(
             be,
-            &c.bytes,
-            &c.labels,
-            &transform(cfg),
+            Batch {
+                bytes: &c.bytes,
+                labels: &c.labels,
+                transform: &transform(cfg),
+            },
             TeacherSignal::Live(teacher),
             loss,
         )
@@ -289,9 +293,11 @@ fn a_non_finite_loss_stops_the_step_and_leaves_the_parameters() {
     let e = learner
         .step(
             &be,
-            &c.bytes,
-            &c.labels,
-            &transform(&cfg),
+            Batch {
+                bytes: &c.bytes,
+                labels: &c.labels,
+                transform: &transform(&cfg),
+            },
             TeacherSignal::None,
             &LossSpec::ce(),
             1e-3,
@@ -322,9 +328,11 @@ fn a_few_steps_reduce_the_loss() {
     let first = learner
         .step(
             &be,
-            &c.bytes,
-            &c.labels,
-            &transform(&cfg),
+            Batch {
+                bytes: &c.bytes,
+                labels: &c.labels,
+                transform: &transform(&cfg),
+            },
             TeacherSignal::None,
             &loss,
             3e-3,
@@ -336,9 +344,11 @@ fn a_few_steps_reduce_the_loss() {
         last = learner
             .step(
                 &be,
-                &c.bytes,
-                &c.labels,
-                &transform(&cfg),
+                Batch {
+                    bytes: &c.bytes,
+                    labels: &c.labels,
+                    transform: &transform(&cfg),
+                },
                 TeacherSignal::None,
                 &loss,
                 3e-3,
@@ -451,9 +461,11 @@ fn class_token_tail_gives_the_gradients_of_every_token() {
                         let stats = l
                             .forward_backward(
                                 &be,
-                                &c.bytes,
-                                &c.labels,
-                                &transform(&cfg),
+                                Batch {
+                                    bytes: &c.bytes,
+                                    labels: &c.labels,
+                                    transform: &transform(&cfg),
+                                },
                                 signal,
                                 &loss,
                             )
@@ -521,7 +533,17 @@ fn backward_refuses_activations_it_cannot_use() {
         .map(|_| (vec![0f32; n], vec![0f32; n]))
         .collect();
     let e = model
-        .backward(&be, &acts, &d_logits, None, &mut grads, &mut scratch, 3)
+        .backward(
+            &be,
+            &acts,
+            OutputGrads {
+                logits: &d_logits,
+                features: None,
+            },
+            &mut grads,
+            &mut scratch,
+            3,
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("needs a forward pass"), "{e}");
@@ -529,7 +551,17 @@ fn backward_refuses_activations_it_cannot_use() {
     image::from_bytes(&be, &mut acts.images, &c.bytes, 3, &transform(&cfg)).unwrap();
     model.forward_logits(&be, &mut acts, 3).unwrap();
     let e = model
-        .backward(&be, &acts, &d_logits, None, &mut grads, &mut scratch, 2)
+        .backward(
+            &be,
+            &acts,
+            OutputGrads {
+                logits: &d_logits,
+                features: None,
+            },
+            &mut grads,
+            &mut scratch,
+            2,
+        )
         .unwrap_err()
         .to_string();
     assert!(e.contains("batch of 2 after a forward of 3"), "{e}");
@@ -537,8 +569,10 @@ fn backward_refuses_activations_it_cannot_use() {
         .backward(
             &be,
             &acts,
-            &d_logits,
-            Some(&features),
+            OutputGrads {
+                logits: &d_logits,
+                features: Some(&features),
+            },
             &mut grads,
             &mut scratch,
             3,
@@ -547,15 +581,27 @@ fn backward_refuses_activations_it_cannot_use() {
         .to_string();
     assert!(e.contains("feature loss"), "{e}");
     model
-        .backward(&be, &acts, &d_logits, None, &mut grads, &mut scratch, 3)
+        .backward(
+            &be,
+            &acts,
+            OutputGrads {
+                logits: &d_logits,
+                features: None,
+            },
+            &mut grads,
+            &mut scratch,
+            3,
+        )
         .unwrap();
     model.forward(&be, &mut acts, 3).unwrap();
     model
         .backward(
             &be,
             &acts,
-            &d_logits,
-            Some(&features),
+            OutputGrads {
+                logits: &d_logits,
+                features: Some(&features),
+            },
             &mut grads,
             &mut scratch,
             3,
@@ -667,7 +713,16 @@ fn a_split_batch_gives_the_whole_batch_step() {
                 TeacherSignal::None
             };
             let stats = l
-                .forward_backward(&be, &c.bytes, &c.labels, &transform(&cfg), signal, &loss)
+                .forward_backward(
+                    &be,
+                    Batch {
+                        bytes: &c.bytes,
+                        labels: &c.labels,
+                        transform: &transform(&cfg),
+                    },
+                    signal,
+                    &loss,
+                )
                 .unwrap();
             let grads: Vec<Vec<f32>> = l
                 .grads
@@ -736,9 +791,11 @@ fn split_batches_give_the_same_bits_on_one_thread_and_two() {
             for _ in 0..3 {
                 l.step(
                     &be,
-                    &c.bytes,
-                    &c.labels,
-                    &transform(&cfg),
+                    Batch {
+                        bytes: &c.bytes,
+                        labels: &c.labels,
+                        transform: &transform(&cfg),
+                    },
                     TeacherSignal::None,
                     &LossSpec::ce(),
                     1e-2,

@@ -7,8 +7,9 @@ use effrank_engine::device::{Cpu, Device};
 use effrank_engine::model::checkpoint::NamingScheme;
 use effrank_engine::model::import::{load_any, ImportOptions};
 use effrank_engine::model::params::param_specs;
-use effrank_engine::model::Vit;
-use effrank_engine::ops::loss::{logit_loss, LogitLossConfig};
+use effrank_engine::model::{OutputGrads, Vit};
+use effrank_engine::ops::loss::{logit_loss, LogitLossConfig, Logits, Outputs};
+use effrank_engine::ops::Rows;
 use safetensors::SafeTensors;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -121,13 +122,16 @@ fn timm_logits_loss_and_gradients_match() {
     let mut loss = vec![0f32; 1];
     logit_loss(
         &be,
-        &mut d_logits,
-        &mut loss,
-        &acts.logits,
-        None,
-        &r.labels,
-        4,
-        10,
+        Outputs {
+            ds: &mut d_logits,
+            loss: &mut loss,
+        },
+        Logits {
+            student: &acts.logits,
+            teacher: None,
+            labels: &r.labels,
+        },
+        Rows::new(4, 10),
         &cfg,
         1.0,
     )
@@ -138,7 +142,17 @@ fn timm_logits_loss_and_gradients_match() {
     let mut grads = model.zeros_like(&be).unwrap();
     let mut scratch = model.new_scratch(&be, 4).unwrap();
     model
-        .backward(&be, &acts, &d_logits, None, &mut grads, &mut scratch, 4)
+        .backward(
+            &be,
+            &acts,
+            OutputGrads {
+                logits: &d_logits,
+                features: None,
+            },
+            &mut grads,
+            &mut scratch,
+            4,
+        )
         .unwrap();
     let specs = param_specs(&model.cfg, &model.ranks);
     let by_name: HashMap<String, Vec<f32>> = specs

@@ -8,7 +8,7 @@ use effrank_engine::model::params::dense_ranks;
 use effrank_engine::model::{Vit, VitConfig};
 use effrank_engine::ops::image::{self, ImageTransform};
 use effrank_engine::rng::Rng;
-use effrank_engine::train::{AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
+use effrank_engine::train::{AdamWConfig, Batch, Frozen, Learner, LossSpec, TeacherSignal};
 
 /// A batch of random image bytes at the model's own size, random labels,
 /// and the transform that feeds them to the model unchanged in size.
@@ -73,9 +73,11 @@ impl TrainStep {
         self.learner
             .step(
                 &Cpu,
-                &self.bytes,
-                &self.labels,
-                &self.transform,
+                Batch {
+                    bytes: &self.bytes,
+                    labels: &self.labels,
+                    transform: &self.transform,
+                },
                 TeacherSignal::None,
                 &LossSpec::ce(),
                 1e-4,

@@ -25,7 +25,7 @@ use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
 use effrank_engine::sweep::jobs::{all_jobs, claim_state, finished, read_claim, Heartbeat, Shard};
 use effrank_engine::sweep::{run_sweep, Parallel, SweepInputs, SweepOptions, SweepSummary};
-use effrank_engine::train::{fit, Learner, LossSpec, RunFiles, Teacher};
+use effrank_engine::train::{fit, FitRun, Learner, LossSpec, RunFiles, Teacher};
 use std::path::{Path, PathBuf};
 
 /// Sweep the rank r of a factorized student: for each rank (and seed),
@@ -504,11 +504,13 @@ fn train_demo_teacher<B: Backend>(
         be,
         &mut learner,
         Teacher::None,
-        train,
-        test,
-        &transform,
-        &loss,
-        &fit_opts,
+        FitRun {
+            train,
+            test,
+            transform: &transform,
+            loss: &loss,
+            opts: &fit_opts,
+        },
         &files,
         &meta,
         &mut |_| Ok(()),

@@ -15,7 +15,7 @@ use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{RunMeta, Training};
-use effrank_engine::train::{fit, Learner, LossSpec, RunFiles, Teacher};
+use effrank_engine::train::{fit, FitRun, Learner, LossSpec, RunFiles, Teacher};
 use std::path::PathBuf;
 
 /// Train a full-rank teacher.
@@ -158,11 +158,13 @@ impl WithBackend for TrainArgs {
             be,
             &mut learner,
             Teacher::None,
-            &train,
-            &test,
-            &transform,
-            &loss,
-            &fit_opts,
+            FitRun {
+                train: &train,
+                test: &test,
+                transform: &transform,
+                loss: &loss,
+                opts: &fit_opts,
+            },
             &files,
             &meta,
             &mut |_| Ok(()),

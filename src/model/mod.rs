@@ -13,4 +13,4 @@ pub use params::{Linear, Ranks, VitParams};
 pub mod linear;
 pub mod vit;
 
-pub use vit::{Grads, Vit, VitActs, VitBackwardScratch};
+pub use vit::{Grads, OutputGrads, Vit, VitActs, VitBackwardScratch};

@@ -56,9 +56,11 @@ use super::config::VitConfig;
 use super::linear::{linear_backward, linear_forward, Flow, LinearShape, Saved};
 use super::params::{param_specs, validate_ranks, BlockLinear, PerLinear, Ranks, VitParams};
 use crate::device::{BufKind, Device};
+use crate::ops::add_layernorm::Terms;
 use crate::ops::attention::{AttentionShape, Qkv};
+use crate::ops::layernorm::Params;
 use crate::ops::matmul::Accumulate;
-use crate::ops::{add, add_layernorm, attention, embed, gelu, layernorm, matmul, Backend};
+use crate::ops::{add, add_layernorm, attention, embed, gelu, layernorm, matmul, Backend, Rows};
 use crate::options::ModelPaths;
 use anyhow::{bail, Result};
 
@@ -92,6 +94,15 @@ enum BlockOut<'a, T> {
 
 /// Gradients have the parameters' structure.
 pub type Grads<B> = VitParams<<B as Device>::Buf>;
+
+/// The gradient of the loss with respect to the model's outputs, where
+/// `Vit::backward` starts: the logits' (`[batch, classes]`) and, for the
+/// feature loss, every block's extra gradient with respect to its
+/// attention output and its MLP output (`None` without the feature loss).
+pub struct OutputGrads<'a, T> {
+    pub logits: &'a T,
+    pub features: Option<&'a [(T, T)]>,
+}
 
 /// Activations of one block, kept for the backward pass.
 pub struct BlockActs<T> {
@@ -398,10 +409,12 @@ impl<B: Backend> Vit<B> {
             be,
             &mut acts.patches,
             &acts.images,
-            batch,
-            c.channels,
-            c.image_size,
-            c.patch,
+            embed::Images {
+                batch,
+                channels: c.channels,
+                size: c.image_size,
+                patch: c.patch,
+            },
         )?;
         matmul::linear_forward(
             be,
@@ -417,9 +430,11 @@ impl<B: Backend> Vit<B> {
             &acts.patch_out,
             &p.cls,
             &p.pos,
-            batch,
-            c.n_patches(),
-            d,
+            embed::Tokens {
+                batch,
+                n_patches: c.n_patches(),
+                width: d,
+            },
         )?;
 
         for l in 0..c.depth {
@@ -430,14 +445,17 @@ impl<B: Backend> Vit<B> {
             if !(self.paths.fused_add_layernorm && l > 0) {
                 layernorm::forward(
                     be,
-                    &mut a.ln1,
-                    &mut a.ln1_mean,
-                    &mut a.ln1_rstd,
+                    layernorm::Outputs {
+                        out: &mut a.ln1,
+                        mean: &mut a.ln1_mean,
+                        rstd: &mut a.ln1_rstd,
+                    },
                     &a.x_in,
-                    &bp.norm1_w,
-                    &bp.norm1_b,
-                    n,
-                    d,
+                    Params {
+                        gamma: &bp.norm1_w,
+                        beta: &bp.norm1_b,
+                    },
+                    Rows::new(n, d),
                     c.ln_eps,
                 )?;
             }
@@ -534,14 +552,17 @@ impl<B: Backend> Vit<B> {
         }
         layernorm::forward(
             be,
-            &mut acts.cls_ln,
-            &mut acts.cls_mean,
-            &mut acts.cls_rstd,
+            layernorm::Outputs {
+                out: &mut acts.cls_ln,
+                mean: &mut acts.cls_mean,
+                rstd: &mut acts.cls_rstd,
+            },
             &acts.cls,
-            &p.norm_w,
-            &p.norm_b,
-            batch,
-            d,
+            Params {
+                gamma: &p.norm_w,
+                beta: &p.norm_b,
+            },
+            Rows::new(batch, d),
             c.ln_eps,
         )?;
         linear_forward(
@@ -586,30 +607,38 @@ impl<B: Backend> Vit<B> {
         if self.paths.fused_add_layernorm {
             add_layernorm::forward(
                 be,
-                &mut a.x_mid,
-                &mut a.ln2,
-                &mut a.ln2_mean,
-                &mut a.ln2_rstd,
-                x_in,
-                &a.attn_out,
-                &bp.norm2_w,
-                &bp.norm2_b,
-                rows,
-                d,
+                add_layernorm::Outputs {
+                    sum: &mut a.x_mid,
+                    out: &mut a.ln2,
+                    mean: &mut a.ln2_mean,
+                    rstd: &mut a.ln2_rstd,
+                },
+                Terms {
+                    a: x_in,
+                    b: &a.attn_out,
+                },
+                Params {
+                    gamma: &bp.norm2_w,
+                    beta: &bp.norm2_b,
+                },
+                Rows::new(rows, d),
                 c.ln_eps,
             )?;
         } else {
             add::add(be, &mut a.x_mid, x_in, &a.attn_out, rows * d)?;
             layernorm::forward(
                 be,
-                &mut a.ln2,
-                &mut a.ln2_mean,
-                &mut a.ln2_rstd,
+                layernorm::Outputs {
+                    out: &mut a.ln2,
+                    mean: &mut a.ln2_mean,
+                    rstd: &mut a.ln2_rstd,
+                },
                 &a.x_mid,
-                &bp.norm2_w,
-                &bp.norm2_b,
-                rows,
-                d,
+                Params {
+                    gamma: &bp.norm2_w,
+                    beta: &bp.norm2_b,
+                },
+                Rows::new(rows, d),
                 c.ln_eps,
             )?;
         }
@@ -637,16 +666,21 @@ impl<B: Backend> Vit<B> {
                 let np = &self.params.blocks[nl];
                 add_layernorm::forward(
                     be,
-                    &mut next.x_in,
-                    &mut next.ln1,
-                    &mut next.ln1_mean,
-                    &mut next.ln1_rstd,
-                    &a.x_mid,
-                    &a.mlp_out,
-                    &np.norm1_w,
-                    &np.norm1_b,
-                    rows,
-                    d,
+                    add_layernorm::Outputs {
+                        sum: &mut next.x_in,
+                        out: &mut next.ln1,
+                        mean: &mut next.ln1_mean,
+                        rstd: &mut next.ln1_rstd,
+                    },
+                    Terms {
+                        a: &a.x_mid,
+                        b: &a.mlp_out,
+                    },
+                    Params {
+                        gamma: &np.norm1_w,
+                        beta: &np.norm1_b,
+                    },
+                    Rows::new(rows, d),
                     c.ln_eps,
                 )
             }
@@ -655,23 +689,25 @@ impl<B: Backend> Vit<B> {
         }
     }
 
-    /// Backward pass from `d_logits` (`[batch, classes]`), after `forward`
+    /// Backward pass from `d.logits` (`[batch, classes]`), after `forward`
     /// or `forward_logits` of the same batch on the same `acts`.
-    /// `feature_grads`, when given, holds for every block the extra gradient
+    /// `d.features`, when given, holds for every block the extra gradient
     /// of the loss with respect to its attention output and its MLP output
     /// (the feature loss; needs `forward`). Adds every parameter gradient
     /// to `grads`.
-    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         be: &B,
         acts: &VitActs<B>,
-        d_logits: &B::Buf,
-        feature_grads: Option<&[(B::Buf, B::Buf)]>,
+        d: OutputGrads<'_, B::Buf>,
         grads: &mut Grads<B>,
         s: &mut VitBackwardScratch<B>,
         batch: usize,
     ) -> Result<()> {
+        let OutputGrads {
+            logits: d_logits,
+            features: feature_grads,
+        } = d;
         let c = &self.cfg;
         let p = &self.params;
         let (t, d) = (c.tokens(), c.width);
@@ -722,16 +758,19 @@ impl<B: Backend> Vit<B> {
         be.zero(&mut s.d_cls, batch * d)?;
         layernorm::backward(
             be,
-            &mut s.d_cls,
-            &mut grads.norm_w,
-            &mut grads.norm_b,
+            layernorm::Grads {
+                dx: &mut s.d_cls,
+                dgamma: &mut grads.norm_w,
+                dbeta: &mut grads.norm_b,
+            },
             &s.d_cls_ln,
-            &acts.cls,
-            &acts.cls_mean,
-            &acts.cls_rstd,
+            layernorm::Saved {
+                x: &acts.cls,
+                mean: &acts.cls_mean,
+                rstd: &acts.cls_rstd,
+            },
             &p.norm_w,
-            batch,
-            d,
+            Rows::new(batch, d),
         )?;
         be.zero(&mut s.dx, n * d)?;
         if !tail {
@@ -804,31 +843,37 @@ impl<B: Backend> Vit<B> {
             if fused {
                 add_layernorm::backward(
                     be,
-                    d_out,
-                    &mut s.d_sub,
-                    &mut g.norm2_w,
-                    &mut g.norm2_b,
+                    add_layernorm::Grads {
+                        dx: d_out,
+                        dbranch: &mut s.d_sub,
+                        dgamma: &mut g.norm2_w,
+                        dbeta: &mut g.norm2_b,
+                    },
                     &s.d_ln,
-                    &a.x_mid,
-                    &a.ln2_mean,
-                    &a.ln2_rstd,
+                    layernorm::Saved {
+                        x: &a.x_mid,
+                        mean: &a.ln2_mean,
+                        rstd: &a.ln2_rstd,
+                    },
                     &bp.norm2_w,
-                    rows,
-                    d,
+                    Rows::new(rows, d),
                 )?;
             } else {
                 layernorm::backward(
                     be,
-                    d_out,
-                    &mut g.norm2_w,
-                    &mut g.norm2_b,
+                    layernorm::Grads {
+                        dx: d_out,
+                        dgamma: &mut g.norm2_w,
+                        dbeta: &mut g.norm2_b,
+                    },
                     &s.d_ln,
-                    &a.x_mid,
-                    &a.ln2_mean,
-                    &a.ln2_rstd,
+                    layernorm::Saved {
+                        x: &a.x_mid,
+                        mean: &a.ln2_mean,
+                        rstd: &a.ln2_rstd,
+                    },
                     &bp.norm2_w,
-                    rows,
-                    d,
+                    Rows::new(rows, d),
                 )?;
                 be.copy(&mut s.d_sub, d_out, rows * d)?;
             }
@@ -1023,31 +1068,37 @@ impl<B: Backend> Vit<B> {
             if d_sub_ready {
                 add_layernorm::backward(
                     be,
-                    &mut s.dx,
-                    &mut s.d_sub,
-                    &mut g.norm1_w,
-                    &mut g.norm1_b,
+                    add_layernorm::Grads {
+                        dx: &mut s.dx,
+                        dbranch: &mut s.d_sub,
+                        dgamma: &mut g.norm1_w,
+                        dbeta: &mut g.norm1_b,
+                    },
                     &s.d_ln,
-                    &a.x_in,
-                    &a.ln1_mean,
-                    &a.ln1_rstd,
+                    layernorm::Saved {
+                        x: &a.x_in,
+                        mean: &a.ln1_mean,
+                        rstd: &a.ln1_rstd,
+                    },
                     &bp.norm1_w,
-                    n,
-                    d,
+                    Rows::new(n, d),
                 )?;
             } else {
                 layernorm::backward(
                     be,
-                    &mut s.dx,
-                    &mut g.norm1_w,
-                    &mut g.norm1_b,
+                    layernorm::Grads {
+                        dx: &mut s.dx,
+                        dgamma: &mut g.norm1_w,
+                        dbeta: &mut g.norm1_b,
+                    },
                     &s.d_ln,
-                    &a.x_in,
-                    &a.ln1_mean,
-                    &a.ln1_rstd,
+                    layernorm::Saved {
+                        x: &a.x_in,
+                        mean: &a.ln1_mean,
+                        rstd: &a.ln1_rstd,
+                    },
                     &bp.norm1_w,
-                    n,
-                    d,
+                    Rows::new(n, d),
                 )?;
             }
         }
@@ -1059,9 +1110,11 @@ impl<B: Backend> Vit<B> {
             &mut grads.cls,
             &mut grads.pos,
             &s.dx,
-            batch,
-            c.n_patches(),
-            d,
+            embed::Tokens {
+                batch,
+                n_patches: c.n_patches(),
+                width: d,
+            },
         )?;
         let np = batch * c.n_patches();
         let pd = self.patch_shape().inp;

@@ -31,7 +31,10 @@ pub mod layernorm;
 pub mod loss;
 pub mod lowrank;
 pub mod matmul;
+mod rows;
 pub mod simd;
+
+pub use rows::Rows;
 
 use crate::device::{check_len, Cpu, Device, Work};
 use crate::options::ComputePaths;

@@ -9,7 +9,7 @@
 //! the next epoch with the same numbers it would have produced.
 
 use super::state::{load_train_state, save_train_state};
-use super::step::{count_correct, count_top_k, Frozen, Learner, TeacherSignal};
+use super::step::{count_correct, count_top_k, Batch, Frozen, Learner, TeacherSignal};
 use super::teacher_cache::TeacherLogits;
 use super::{CosineSchedule, LossSpec};
 use crate::data::{augmented_batch, epoch_order, Augment, Dataset};
@@ -175,25 +175,39 @@ fn progress_bar(quiet: bool, len: u64, label: &str) -> ProgressBar {
     pb
 }
 
-/// Train `learner` on `train` for `opts.epochs` epochs, writing checkpoints
-/// and metrics into `files.dir` and resuming from them when present.
-/// `meta` is stored in every model checkpoint, with the epoch and its
-/// metrics; `on_epoch` is called with the number of finished epochs after
-/// each one is saved.
-#[allow(clippy::too_many_arguments)]
+/// What a training run trains on and how: the training and test sets, the
+/// transform that makes their images the model's input, the loss and the
+/// run's options.
+#[derive(Clone, Copy)]
+pub struct FitRun<'a> {
+    pub train: &'a Dataset,
+    pub test: &'a Dataset,
+    pub transform: &'a ImageTransform,
+    pub loss: &'a LossSpec,
+    pub opts: &'a FitOptions,
+}
+
+/// Train `learner` on `run.train` for `run.opts.epochs` epochs, writing
+/// checkpoints and metrics into `files.dir` and resuming from them when
+/// present. `meta` is stored in every model checkpoint, with the epoch and
+/// its metrics; `on_epoch` is called with the number of finished epochs
+/// after each one is saved.
 pub fn fit<B: Backend>(
     be: &B,
     learner: &mut Learner<B>,
     mut teacher: Teacher<'_, B>,
-    train: &Dataset,
-    test: &Dataset,
-    transform: &ImageTransform,
-    loss: &LossSpec,
-    opts: &FitOptions,
+    run: FitRun<'_>,
     files: &RunFiles,
     meta: &RunMeta,
     on_epoch: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<FitSummary> {
+    let FitRun {
+        train,
+        test,
+        transform,
+        loss,
+        opts,
+    } = run;
     install_interrupt_handler();
     if opts.batch == 0 || opts.batch > learner.max_batch() {
         bail!("batch {} outside 1..={}", opts.batch, learner.max_batch());
@@ -282,7 +296,17 @@ pub fn fit<B: Backend>(
             };
             lr = schedule.lr(epoch * steps_per_epoch + b);
             let stats = learner
-                .step(be, &bytes, &labels, transform, signal, loss, lr)
+                .step(
+                    be,
+                    Batch {
+                        bytes: &bytes,
+                        labels: &labels,
+                        transform,
+                    },
+                    signal,
+                    loss,
+                    lr,
+                )
                 .with_context(|| {
                     format!(
                         "{}: epoch {}, batch {}; {}",

@@ -13,10 +13,10 @@ pub mod step;
 pub mod student;
 pub mod teacher_cache;
 
-pub use fit::{fit, EpochMetrics, FitOptions, FitSummary, RunFiles, Teacher};
+pub use fit::{fit, EpochMetrics, FitOptions, FitRun, FitSummary, RunFiles, Teacher};
 pub use loss::LossSpec;
 pub use optimizer::{AdamW, AdamWConfig};
 pub use schedule::CosineSchedule;
-pub use step::{Frozen, Learner, StepStats, TeacherSignal};
+pub use step::{Batch, Frozen, Learner, StepStats, TeacherSignal};
 pub use student::{train_student, StudentRun, StudentStart};
 pub use teacher_cache::TeacherLogits;

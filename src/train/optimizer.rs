@@ -88,7 +88,14 @@ impl<B: Backend> AdamW<B> {
                 step: self.step,
                 max_grad_norm: self.cfg.max_grad_norm,
             };
-            adamw::update(be, p, g, m, v, &self.grad_norm_sq, spec.numel(), &hp)?;
+            adamw::update(
+                be,
+                adamw::State { param: p, m, v },
+                g,
+                &self.grad_norm_sq,
+                spec.numel(),
+                &hp,
+            )?;
         }
         Ok(())
     }

@@ -10,9 +10,9 @@ use super::loss::LossSpec;
 use super::optimizer::{AdamW, AdamWConfig};
 use super::spare_threads::{Loan, SpareThreads};
 use crate::device::BufKind;
-use crate::model::{Grads, Vit, VitActs, VitBackwardScratch};
+use crate::model::{Grads, OutputGrads, Vit, VitActs, VitBackwardScratch};
 use crate::ops::image::{self, ImageTransform};
-use crate::ops::{loss as loss_ops, Backend};
+use crate::ops::{loss as loss_ops, Backend, Rows};
 use anyhow::{bail, Result};
 
 /// A frozen model run forward only (the teacher, or a model being evaluated).
@@ -63,6 +63,23 @@ pub enum TeacherSignal<'a, B: Backend> {
     Live(&'a mut Frozen<B>),
     /// Teacher logits `[batch, classes]` computed earlier for this exact batch.
     Cached(&'a [f32]),
+}
+
+/// A batch to train on: `labels.len()` images as raw bytes, their labels,
+/// and the transform that makes the bytes the model's input.
+#[derive(Clone, Copy)]
+pub struct Batch<'a> {
+    pub bytes: &'a [u8],
+    pub labels: &'a [u32],
+    pub transform: &'a ImageTransform,
+}
+
+/// A shard's part of a batch, its loss weighted by `weight` (its share of
+/// the whole batch).
+#[derive(Clone, Copy)]
+struct Part<'a> {
+    data: Batch<'a>,
+    weight: f32,
 }
 
 /// What a step reports.
@@ -152,22 +169,28 @@ impl<B: Backend> Shard<B> {
         })
     }
 
-    /// Forward, loss and backward of this shard's `labels.len()` images,
-    /// the loss weighted by `weight` (its share of the whole batch); writes
-    /// `grads` (zeroed first). Returns the weighted loss and the top-1 count.
-    #[allow(clippy::too_many_arguments)]
+    /// Forward, loss and backward of this shard's part of the batch
+    /// (`labels.len()` images), the loss weighted by `part.weight` (its
+    /// share of the whole batch); writes `grads` (zeroed first). Returns the
+    /// weighted loss and the top-1 count.
     fn forward_backward(
         &mut self,
         be: &B,
         model: &Vit<B>,
         grads: &mut Grads<B>,
-        bytes: &[u8],
-        labels: &[u32],
-        transform: &ImageTransform,
+        part: Part<'_>,
         teacher: TeacherSignal<'_, B>,
         loss: &LossSpec,
-        weight: f32,
     ) -> Result<StepStats> {
+        let Part {
+            data:
+                Batch {
+                    bytes,
+                    labels,
+                    transform,
+                },
+            weight,
+        } = part;
         let batch = labels.len();
         let c = &model.cfg;
         let (n, d) = (batch * c.tokens(), c.width);
@@ -208,13 +231,16 @@ impl<B: Backend> Shard<B> {
         be.zero(&mut self.loss, 1)?;
         loss_ops::logit_loss(
             be,
-            &mut self.d_logits,
-            &mut self.loss,
-            &self.acts.logits,
-            teacher_logits,
-            labels,
-            batch,
-            c.classes,
+            loss_ops::Outputs {
+                ds: &mut self.d_logits,
+                loss: &mut self.loss,
+            },
+            loss_ops::Logits {
+                student: &self.acts.logits,
+                teacher: teacher_logits,
+                labels,
+            },
+            Rows::new(batch, c.classes),
             &loss.logit_config(c.depth),
             weight,
         )?;
@@ -227,22 +253,24 @@ impl<B: Backend> Shard<B> {
                     be.zero(d_mlp, n * d)?;
                     loss_ops::feature_loss(
                         be,
-                        d_attn,
-                        &mut self.loss,
+                        loss_ops::Outputs {
+                            ds: d_attn,
+                            loss: &mut self.loss,
+                        },
                         &s.attn_out,
                         &tb.attn_out,
-                        n,
-                        d,
+                        Rows::new(n, d),
                         w,
                     )?;
                     loss_ops::feature_loss(
                         be,
-                        d_mlp,
-                        &mut self.loss,
+                        loss_ops::Outputs {
+                            ds: d_mlp,
+                            loss: &mut self.loss,
+                        },
                         &s.mlp_out,
                         &tb.mlp_out,
-                        n,
-                        d,
+                        Rows::new(n, d),
                         w,
                     )?;
                 }
@@ -255,8 +283,10 @@ impl<B: Backend> Shard<B> {
         model.backward(
             be,
             &self.acts,
-            &self.d_logits,
-            features,
+            OutputGrads {
+                logits: &self.d_logits,
+                features,
+            },
             grads,
             &mut self.scratch,
             batch,
@@ -367,12 +397,15 @@ impl<B: Backend> Learner<B> {
     pub fn forward_backward(
         &mut self,
         be: &B,
-        bytes: &[u8],
-        labels: &[u32],
-        transform: &ImageTransform,
+        data: Batch<'_>,
         teacher: TeacherSignal<'_, B>,
         loss: &LossSpec,
     ) -> Result<StepStats> {
+        let Batch {
+            bytes,
+            labels,
+            transform,
+        } = data;
         let batch = labels.len();
         if batch == 0 || batch > self.max_batch {
             bail!(
@@ -419,32 +452,32 @@ impl<B: Backend> Learner<B> {
                 }
                 _ => None,
             };
-            parts.push((
-                &bytes[start * image_bytes..(start + size) * image_bytes],
-                &labels[start..start + size],
-                signal,
-                size as f32 / batch as f32,
-            ));
+            let part = Part {
+                data: Batch {
+                    bytes: &bytes[start * image_bytes..(start + size) * image_bytes],
+                    labels: &labels[start..start + size],
+                    transform,
+                },
+                weight: size as f32 / batch as f32,
+            };
+            parts.push((part, signal));
             start += size;
         }
         let stats: Vec<Result<StepStats>> = match teacher {
             // One teacher's activations: the shards take turns.
             TeacherSignal::Live(t) => {
                 let mut out = Vec::new();
-                for ((shard, g), (b, l, _, w)) in
+                for ((shard, g), (part, _)) in
                     self.shards.iter_mut().zip(grads.iter_mut()).zip(&parts)
                 {
-                    if !l.is_empty() {
+                    if !part.data.labels.is_empty() {
                         out.push(shard.forward_backward(
                             be,
                             model,
                             g,
-                            b,
-                            l,
-                            transform,
+                            *part,
                             TeacherSignal::Live(&mut *t),
                             loss,
-                            *w,
                         ));
                     }
                 }
@@ -457,16 +490,14 @@ impl<B: Backend> Learner<B> {
                     .iter_mut()
                     .zip(grads)
                     .zip(parts)
-                    .filter(|(_, (_, l, _, _))| !l.is_empty())
-                    .map(|((shard, g), (b, l, cached, w))| {
+                    .filter(|(_, (part, _))| !part.data.labels.is_empty())
+                    .map(|((shard, g), (part, cached))| {
                         let signal = match cached {
                             Some(logits) => TeacherSignal::Cached(logits),
                             None if none => TeacherSignal::None,
                             None => unreachable!("a cached signal is split above"),
                         };
-                        move || {
-                            shard.forward_backward(be, model, g, b, l, transform, signal, loss, w)
-                        }
+                        move || shard.forward_backward(be, model, g, part, signal, loss)
                     });
                 run_at_once(pools, work.collect())
             }
@@ -533,18 +564,15 @@ impl<B: Backend> Learner<B> {
     /// A full training step: `forward_backward`, a finiteness check, then
     /// AdamW at learning rate `lr`. A non-finite loss is an error and leaves
     /// the parameters untouched.
-    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         be: &B,
-        bytes: &[u8],
-        labels: &[u32],
-        transform: &ImageTransform,
+        data: Batch<'_>,
         teacher: TeacherSignal<'_, B>,
         loss: &LossSpec,
         lr: f32,
     ) -> Result<StepStats> {
-        let stats = self.forward_backward(be, bytes, labels, transform, teacher, loss)?;
+        let stats = self.forward_backward(be, data, teacher, loss)?;
         if !stats.loss.is_finite() {
             bail!(
                 "the loss became {} at optimizer step {}: lower --lr, or check the data",

@@ -6,7 +6,7 @@
 //! the device with its optimizer and trained by `fit` against the teacher
 //! signal the caller chose (live teacher, cached logits, or none).
 
-use super::fit::{fit, FitOptions, FitSummary, RunFiles, Teacher};
+use super::fit::{fit, FitOptions, FitRun, FitSummary, RunFiles, Teacher};
 use super::{AdamWConfig, Learner, LossSpec};
 use crate::data::Dataset;
 use crate::factorize::{make_student, CalibrationData, StudentPlan};
@@ -84,11 +84,13 @@ pub fn train_student<B: Backend>(
         be,
         &mut learner,
         teacher,
-        run.train,
-        run.test,
-        run.transform,
-        run.loss,
-        run.fit,
+        FitRun {
+            train: run.train,
+            test: run.test,
+            transform: run.transform,
+            loss: run.loss,
+            opts: run.fit,
+        },
         run.files,
         run.meta,
         on_epoch,

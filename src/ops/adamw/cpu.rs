@@ -1,6 +1,6 @@
 //! AdamW and the global gradient norm on the CPU.
 
-use super::{AdamWKernel, AdamWStep};
+use super::{AdamWKernel, AdamWStep, State};
 use crate::device::Cpu;
 use crate::ops::simd::{vectorized, ELEMENTWISE_CHUNK as CHUNK};
 use crate::ops::Checked;
@@ -69,15 +69,14 @@ impl AdamWKernel for Cpu {
     }
     fn adamw_update(
         &self,
-        param: &mut Vec<f32>,
+        state: State<'_, Vec<f32>>,
         grad: &Vec<f32>,
-        m: &mut Vec<f32>,
-        v: &mut Vec<f32>,
         grad_norm_sq: &Vec<f32>,
         len: usize,
         hp: &AdamWStep,
         _: Checked,
     ) -> Result<()> {
+        let State { param, m, v } = state;
         adamw_update(param, grad, m, v, grad_norm_sq[0], len, hp);
         Ok(())
     }

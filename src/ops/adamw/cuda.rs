@@ -2,7 +2,7 @@
 //! sums, one atomicAdd per block) and the fused AdamW step, which reads the
 //! squared norm on the device so the clip needs no host synchronization.
 
-use super::{AdamWKernel, AdamWStep};
+use super::{AdamWKernel, AdamWStep, State};
 use crate::device::cuda::{CudaBuf, DriverResultExt};
 use crate::device::Cuda;
 use crate::ops::Checked;
@@ -15,16 +15,14 @@ impl AdamWKernel for Cuda {
     }
     fn adamw_update(
         &self,
-        param: &mut CudaBuf,
+        state: State<'_, CudaBuf>,
         grad: &CudaBuf,
-        m: &mut CudaBuf,
-        v: &mut CudaBuf,
         grad_norm_sq: &CudaBuf,
         len: usize,
         hp: &AdamWStep,
         _: Checked,
     ) -> Result<()> {
-        adamw_update(self, param, grad, m, v, grad_norm_sq, len, hp)
+        adamw_update(self, state, grad, grad_norm_sq, len, hp)
     }
 }
 
@@ -49,17 +47,15 @@ fn sum_squares(be: &Cuda, acc: &mut CudaBuf, x: &CudaBuf, len: usize) -> Result<
 /// `adamw_update(float* param, const float* grad, float* m, float* v, const
 /// float* grad_norm_sq, u64 n, float lr, float beta1, float beta2, float eps,
 /// float weight_decay, float bc1, float bc2, int clip, float max_norm, bf16* shadow)`.
-#[allow(clippy::too_many_arguments)]
 fn adamw_update(
     be: &Cuda,
-    param: &mut CudaBuf,
+    state: State<'_, CudaBuf>,
     grad: &CudaBuf,
-    m: &mut CudaBuf,
-    v: &mut CudaBuf,
     grad_norm_sq: &CudaBuf,
     len: usize,
     hp: &AdamWStep,
 ) -> Result<()> {
+    let State { param, m, v } = state;
     if len == 0 {
         return Ok(());
     }

@@ -30,17 +30,22 @@ pub struct AdamWStep {
     pub max_grad_norm: Option<f32>,
 }
 
+/// A parameter tensor and its two moments, `len` elements each: what an
+/// AdamW step updates in place.
+pub struct State<'a, B: ?Sized> {
+    pub param: &'a mut B,
+    pub m: &'a mut B,
+    pub v: &'a mut B,
+}
+
 /// Device bodies of the optimizer (call `sum_squares` / `update`).
 pub trait AdamWKernel: Device {
     fn sum_squares(&self, acc: &mut Self::Buf, x: &Self::Buf, len: usize, _: Checked)
         -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
     fn adamw_update(
         &self,
-        param: &mut Self::Buf,
+        state: State<'_, Self::Buf>,
         grad: &Self::Buf,
-        m: &mut Self::Buf,
-        v: &mut Self::Buf,
         grad_norm_sq: &Self::Buf,
         len: usize,
         hp: &AdamWStep,
@@ -65,23 +70,22 @@ pub fn sum_squares<D: AdamWKernel>(
     })
 }
 
-/// One AdamW step on `param[len]` with gradient `grad`, moments `m`, `v`.
+/// One AdamW step on `state.param[len]` with gradient `grad`, moments
+/// `state.m`, `state.v`.
 /// With `hp.max_grad_norm = Some(c)`, the gradient is first multiplied by
 /// `min(1, c / sqrt(grad_norm_sq[0]))` (the global norm over all
 /// parameters, summed by `sum_squares`). Then, with `g` the scaled gradient:
 /// `m = b1 m + (1-b1) g; v = b2 v + (1-b2) g²;
 ///  p -= lr (wd p + (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps))`.
-#[allow(clippy::too_many_arguments)]
 pub fn update<D: AdamWKernel>(
     dev: &D,
-    param: &mut D::Buf,
+    state: State<'_, D::Buf>,
     grad: &D::Buf,
-    m: &mut D::Buf,
-    v: &mut D::Buf,
     grad_norm_sq: &D::Buf,
     len: usize,
     hp: &AdamWStep,
 ) -> Result<()> {
+    let State { param, m, v } = state;
     need(dev, "adamw param", param, len)?;
     need(dev, "adamw grad", grad, len)?;
     need(dev, "adamw m", m, len)?;
@@ -100,7 +104,8 @@ pub fn update<D: AdamWKernel>(
         )
     });
     profiled(dev, "adamw_update", w, || {
-        dev.adamw_update(param, grad, m, v, grad_norm_sq, len, hp, Checked::new())
+        let state = State { param, m, v };
+        dev.adamw_update(state, grad, grad_norm_sq, len, hp, Checked::new())
     })
 }
 
@@ -167,10 +172,12 @@ mod tests {
             let l = |i: usize, n: usize| if i == short { n - 1 } else { n };
             let res = super::update(
                 &Cpu,
-                &mut z(l(0, 4)),
+                super::State {
+                    param: &mut z(l(0, 4)),
+                    m: &mut z(l(2, 4)),
+                    v: &mut z(l(3, 4)),
+                },
                 &z(l(1, 4)),
-                &mut z(l(2, 4)),
-                &mut z(l(3, 4)),
                 &z(l(4, 1)),
                 4,
                 &h,
@@ -180,10 +187,12 @@ mod tests {
         assert!(
             super::update(
                 &Cpu,
-                &mut z(4),
+                super::State {
+                    param: &mut z(4),
+                    m: &mut z(4),
+                    v: &mut z(4)
+                },
                 &z(4),
-                &mut z(4),
-                &mut z(4),
                 &z(1),
                 4,
                 &hp(0, None)
@@ -216,7 +225,7 @@ mod tests {
             ];
             let (c, g) = crate::on_both!(dev, inputs, |be, [w, grad, m, v, gn]| {
                 super::sum_squares(be, gn, grad, n).unwrap();
-                super::update(be, w, grad, m, v, gn, n, &h).unwrap();
+                super::update(be, super::State { param: w, m, v }, grad, gn, n, &h).unwrap();
             });
             // Everything here is fp32 on every device.
             assert_close(
@@ -256,7 +265,7 @@ mod tests {
         ];
         let (c, g) = crate::on_both!(dev, inputs, |be, [y, x, w, bias, grad, m, v, gn]| {
             linear_forward(be, y, x, w, bias, s).unwrap();
-            super::update(be, w, grad, m, v, gn, out * inp, &h).unwrap();
+            super::update(be, super::State { param: w, m, v }, grad, gn, out * inp, &h).unwrap();
             linear_forward(be, y, x, w, bias, s).unwrap();
             // Keep the product after the step (its first row) in `bias`, one of
             // the compared buffers, before overwriting y.

@@ -1,50 +1,57 @@
 //! The fused residual add + LayerNorm on the CPU: the two ops' own CPU
 //! bodies one after the other (the reference the CUDA kernels are held to).
 
-use super::AddLayerNormKernel;
+use super::{AddLayerNormKernel, Grads, Outputs, Terms};
 use crate::device::Cpu;
 use crate::ops::add::AddKernel;
 use crate::ops::layernorm::cpu::{layernorm_backward, layernorm_forward};
-use crate::ops::Checked;
+use crate::ops::layernorm::{self, Params, Saved};
+use crate::ops::{Checked, Rows};
 use anyhow::Result;
 
 impl AddLayerNormKernel for Cpu {
     fn add_layernorm_forward(
         &self,
-        sum: &mut Vec<f32>,
-        out: &mut Vec<f32>,
-        mean: &mut Vec<f32>,
-        rstd: &mut Vec<f32>,
-        a: &Vec<f32>,
-        b: &Vec<f32>,
-        gamma: &Vec<f32>,
-        beta: &Vec<f32>,
-        rows: usize,
-        cols: usize,
+        out: Outputs<'_, Vec<f32>>,
+        terms: Terms<'_, Vec<f32>>,
+        params: Params<'_, Vec<f32>>,
+        shape: Rows,
         eps: f32,
         ok: Checked,
     ) -> Result<()> {
-        self.add(sum, a, b, rows * cols, ok)?;
-        layernorm_forward(out, mean, rstd, sum, gamma, beta, rows, cols, eps);
+        let Outputs {
+            sum,
+            out,
+            mean,
+            rstd,
+        } = out;
+        self.add(sum, terms.a, terms.b, shape.rows * shape.cols, ok)?;
+        let out = layernorm::Outputs { out, mean, rstd };
+        layernorm_forward(out.slices(), sum, params.slices(), shape, eps);
         Ok(())
     }
     fn add_layernorm_backward(
         &self,
-        dx: &mut Vec<f32>,
-        dbranch: &mut Vec<f32>,
-        dgamma: &mut Vec<f32>,
-        dbeta: &mut Vec<f32>,
+        grads: Grads<'_, Vec<f32>>,
         dout: &Vec<f32>,
-        sum: &Vec<f32>,
-        mean: &Vec<f32>,
-        rstd: &Vec<f32>,
+        saved: Saved<'_, Vec<f32>>,
         gamma: &Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: Rows,
         _: Checked,
     ) -> Result<()> {
-        layernorm_backward(dx, dgamma, dbeta, dout, sum, mean, rstd, gamma, rows, cols);
-        let n = rows * cols;
+        let Grads {
+            dx,
+            dbranch,
+            dgamma,
+            dbeta,
+        } = grads;
+        let ln_grads = layernorm::Grads {
+            dx: &mut *dx,
+            dgamma,
+            dbeta,
+        };
+        layernorm_backward(ln_grads.slices(), dout, saved.slices(), gamma, shape);
+        let n = shape.rows * shape.cols;
         dbranch[..n].copy_from_slice(&dx[..n]);
         Ok(())
     }

@@ -2,11 +2,12 @@
 //! forward pass and the input gradient; the parameter gradients are
 //! LayerNorm's own column sums (`layernorm::cuda::backward_params`).
 
-use super::AddLayerNormKernel;
+use super::{AddLayerNormKernel, Grads, Outputs, Terms};
 use crate::device::cuda::{CudaBuf, DriverResultExt};
 use crate::device::Cuda;
 use crate::ops::layernorm::cuda::backward_params;
-use crate::ops::Checked;
+use crate::ops::layernorm::{Params, Saved};
+use crate::ops::{Checked, Rows};
 use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -22,61 +23,54 @@ fn row_config(rows: usize) -> LaunchConfig {
 impl AddLayerNormKernel for Cuda {
     fn add_layernorm_forward(
         &self,
-        sum: &mut CudaBuf,
-        out: &mut CudaBuf,
-        mean: &mut CudaBuf,
-        rstd: &mut CudaBuf,
-        a: &CudaBuf,
-        b: &CudaBuf,
-        gamma: &CudaBuf,
-        beta: &CudaBuf,
-        rows: usize,
-        cols: usize,
+        out: Outputs<'_, CudaBuf>,
+        terms: Terms<'_, CudaBuf>,
+        params: Params<'_, CudaBuf>,
+        shape: Rows,
         eps: f32,
         _: Checked,
     ) -> Result<()> {
-        forward(
-            self, sum, out, mean, rstd, a, b, gamma, beta, rows, cols, eps,
-        )
+        forward(self, out, terms, params, shape, eps)
     }
     fn add_layernorm_backward(
         &self,
-        dx: &mut CudaBuf,
-        dbranch: &mut CudaBuf,
-        dgamma: &mut CudaBuf,
-        dbeta: &mut CudaBuf,
+        grads: Grads<'_, CudaBuf>,
         dout: &CudaBuf,
-        sum: &CudaBuf,
-        mean: &CudaBuf,
-        rstd: &CudaBuf,
+        saved: Saved<'_, CudaBuf>,
         gamma: &CudaBuf,
-        rows: usize,
-        cols: usize,
+        shape: Rows,
         ok: Checked,
     ) -> Result<()> {
-        backward_dx(self, dx, dbranch, dout, sum, mean, rstd, gamma, rows, cols)?;
-        backward_params(self, dgamma, dbeta, dout, sum, mean, rstd, rows, cols, ok)
+        let Grads {
+            dx,
+            dbranch,
+            dgamma,
+            dbeta,
+        } = grads;
+        backward_dx(self, dx, dbranch, dout, saved, gamma, shape)?;
+        backward_params(self, dgamma, dbeta, dout, saved, shape, ok)
     }
 }
 
 /// `add_layernorm_forward(act_t* s, act_t* y, float* mean, float* rstd,
 /// const act_t* a, const act_t* b, const float* gamma, const float* beta,
 /// int rows, int cols, float eps)`.
-#[allow(clippy::too_many_arguments)]
 fn forward(
     be: &Cuda,
-    sum: &mut CudaBuf,
-    out: &mut CudaBuf,
-    mean: &mut CudaBuf,
-    rstd: &mut CudaBuf,
-    a: &CudaBuf,
-    b: &CudaBuf,
-    gamma: &CudaBuf,
-    beta: &CudaBuf,
-    rows: usize,
-    cols: usize,
+    out: Outputs<'_, CudaBuf>,
+    terms: Terms<'_, CudaBuf>,
+    params: Params<'_, CudaBuf>,
+    shape: Rows,
     eps: f32,
 ) -> Result<()> {
+    let Outputs {
+        sum,
+        out,
+        mean,
+        rstd,
+    } = out;
+    let (Terms { a, b }, Params { gamma, beta }) = (terms, params);
+    let Rows { rows, cols } = shape;
     if rows * cols == 0 {
         return Ok(());
     }
@@ -115,19 +109,17 @@ fn forward(
 /// `add_layernorm_backward_dx(act_t* dx, act_t* dbranch, const act_t* dy,
 /// const act_t* s, const float* mean, const float* rstd, const float* gamma,
 /// int rows, int cols)`: ADDS the input gradient to dx and copies it to dbranch.
-#[allow(clippy::too_many_arguments)]
 fn backward_dx(
     be: &Cuda,
     dx: &mut CudaBuf,
     dbranch: &mut CudaBuf,
     dout: &CudaBuf,
-    sum: &CudaBuf,
-    mean: &CudaBuf,
-    rstd: &CudaBuf,
+    saved: Saved<'_, CudaBuf>,
     gamma: &CudaBuf,
-    rows: usize,
-    cols: usize,
+    shape: Rows,
 ) -> Result<()> {
+    let Saved { x: sum, mean, rstd } = saved;
+    let Rows { rows, cols } = shape;
     if rows * cols == 0 {
         return Ok(());
     }

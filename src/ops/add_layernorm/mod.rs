@@ -19,146 +19,142 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, product, profiled, work, Checked};
+use super::layernorm::{Params, Saved};
+use super::{need, profiled, work, Checked, Rows};
 use crate::device::Device;
 use anyhow::{bail, Result};
 
+/// What the forward pass writes: `sum[rows, cols] = a + b` (the residual
+/// stream), its LayerNorm `out[rows, cols]`, and per row `mean[rows]` and
+/// `rstd[rows]` (of `sum` as stored) for the backward pass.
+pub struct Outputs<'a, B: ?Sized> {
+    pub sum: &'a mut B,
+    pub out: &'a mut B,
+    pub mean: &'a mut B,
+    pub rstd: &'a mut B,
+}
+
+/// The two terms of the residual add, `[rows, cols]` each.
+pub struct Terms<'a, B: ?Sized> {
+    pub a: &'a B,
+    pub b: &'a B,
+}
+
+impl<B: ?Sized> Clone for Terms<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: ?Sized> Copy for Terms<'_, B> {}
+
+/// The gradients of the backward pass: `dx` (ADDED to), `dbranch`
+/// (WRITTEN, a copy of `dx`), both `[rows, cols]`; `dgamma`, `dbeta`
+/// (ADDED to, `[cols]` each).
+pub struct Grads<'a, B: ?Sized> {
+    pub dx: &'a mut B,
+    pub dbranch: &'a mut B,
+    pub dgamma: &'a mut B,
+    pub dbeta: &'a mut B,
+}
+
 /// Device bodies of the fused residual add + LayerNorm (call `forward` / `backward`).
 pub trait AddLayerNormKernel: Device {
-    #[allow(clippy::too_many_arguments)]
     fn add_layernorm_forward(
         &self,
-        sum: &mut Self::Buf,
-        out: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        a: &Self::Buf,
-        b: &Self::Buf,
-        gamma: &Self::Buf,
-        beta: &Self::Buf,
-        rows: usize,
-        cols: usize,
+        out: Outputs<'_, Self::Buf>,
+        terms: Terms<'_, Self::Buf>,
+        params: Params<'_, Self::Buf>,
+        shape: Rows,
         eps: f32,
         _: Checked,
     ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
     fn add_layernorm_backward(
         &self,
-        dx: &mut Self::Buf,
-        dbranch: &mut Self::Buf,
-        dgamma: &mut Self::Buf,
-        dbeta: &mut Self::Buf,
+        grads: Grads<'_, Self::Buf>,
         dout: &Self::Buf,
-        sum: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
+        saved: Saved<'_, Self::Buf>,
         gamma: &Self::Buf,
-        rows: usize,
-        cols: usize,
+        shape: Rows,
         _: Checked,
     ) -> Result<()>;
 }
 
-/// Writes `sum = a + b` and its LayerNorm: `out`, and the per-row `mean`
-/// and `rstd` (of `sum` as stored) for the backward pass.
-#[allow(clippy::too_many_arguments)]
+/// Writes `out.sum = a + b` and its LayerNorm: `out.out`, and the per-row
+/// `out.mean` and `out.rstd` (of `sum` as stored) for the backward pass.
 pub fn forward<D: AddLayerNormKernel>(
     dev: &D,
-    sum: &mut D::Buf,
-    out: &mut D::Buf,
-    mean: &mut D::Buf,
-    rstd: &mut D::Buf,
-    a: &D::Buf,
-    b: &D::Buf,
-    gamma: &D::Buf,
-    beta: &D::Buf,
-    rows: usize,
-    cols: usize,
+    out: Outputs<'_, D::Buf>,
+    terms: Terms<'_, D::Buf>,
+    params: Params<'_, D::Buf>,
+    shape: Rows,
     eps: f32,
 ) -> Result<()> {
-    let n = product("add_layernorm", &[rows, cols])?;
+    let Rows { rows, cols } = shape;
+    let n = shape.elements("add_layernorm")?;
     if eps.is_nan() || eps <= 0.0 {
         bail!("add_layernorm: eps must be positive, got {eps}");
     }
     for (name, buf) in [
-        ("add_layernorm sum", &*sum),
-        ("add_layernorm out", &*out),
-        ("add_layernorm a", a),
-        ("add_layernorm b", b),
+        ("add_layernorm sum", &*out.sum),
+        ("add_layernorm out", &*out.out),
+        ("add_layernorm a", terms.a),
+        ("add_layernorm b", terms.b),
     ] {
         need(dev, name, buf, n)?;
     }
-    need(dev, "add_layernorm mean", mean, rows)?;
-    need(dev, "add_layernorm rstd", rstd, rows)?;
-    need(dev, "add_layernorm gamma", gamma, cols)?;
-    need(dev, "add_layernorm beta", beta, cols)?;
+    need(dev, "add_layernorm mean", out.mean, rows)?;
+    need(dev, "add_layernorm rstd", out.rstd, rows)?;
+    need(dev, "add_layernorm gamma", params.gamma, cols)?;
+    need(dev, "add_layernorm beta", params.beta, cols)?;
     let w = dev.profiling().then(|| {
         work(
             dev,
             &[
-                (a, n),
-                (b, n),
-                (sum, n),
-                (out, n),
-                (gamma, cols),
-                (beta, cols),
-                (mean, rows),
-                (rstd, rows),
+                (terms.a, n),
+                (terms.b, n),
+                (out.sum, n),
+                (out.out, n),
+                (params.gamma, cols),
+                (params.beta, cols),
+                (out.mean, rows),
+                (out.rstd, rows),
             ],
             9.0 * n as f64,
         )
     });
     profiled(dev, "add_layernorm_forward", w, || {
-        dev.add_layernorm_forward(
-            sum,
-            out,
-            mean,
-            rstd,
-            a,
-            b,
-            gamma,
-            beta,
-            rows,
-            cols,
-            eps,
-            Checked::new(),
-        )
+        dev.add_layernorm_forward(out, terms, params, shape, eps, Checked::new())
     })
 }
 
-/// Backward of `forward`: ADDS the LayerNorm's input gradient to `dx` (which
-/// holds the gradient of `sum` from its other use), then WRITES
-/// `dbranch = dx`; ADDS the parameter gradients to `dgamma`, `dbeta`.
-#[allow(clippy::too_many_arguments)]
+/// Backward of `forward` (`saved.x` is the forward's `sum`): ADDS the
+/// LayerNorm's input gradient to `grads.dx` (which holds the gradient of
+/// `sum` from its other use), then WRITES `grads.dbranch = grads.dx`; ADDS
+/// the parameter gradients to `grads.dgamma`, `grads.dbeta`.
 pub fn backward<D: AddLayerNormKernel>(
     dev: &D,
-    dx: &mut D::Buf,
-    dbranch: &mut D::Buf,
-    dgamma: &mut D::Buf,
-    dbeta: &mut D::Buf,
+    grads: Grads<'_, D::Buf>,
     dout: &D::Buf,
-    sum: &D::Buf,
-    mean: &D::Buf,
-    rstd: &D::Buf,
+    saved: Saved<'_, D::Buf>,
     gamma: &D::Buf,
-    rows: usize,
-    cols: usize,
+    shape: Rows,
 ) -> Result<()> {
-    let n = product("add_layernorm", &[rows, cols])?;
+    let Rows { rows, cols } = shape;
+    let n = shape.elements("add_layernorm")?;
     for (name, buf) in [
-        ("add_layernorm dx", &*dx),
-        ("add_layernorm dbranch", &*dbranch),
+        ("add_layernorm dx", &*grads.dx),
+        ("add_layernorm dbranch", &*grads.dbranch),
         ("add_layernorm dout", dout),
-        ("add_layernorm sum", sum),
+        ("add_layernorm sum", saved.x),
     ] {
         need(dev, name, buf, n)?;
     }
-    need(dev, "add_layernorm mean", mean, rows)?;
-    need(dev, "add_layernorm rstd", rstd, rows)?;
+    need(dev, "add_layernorm mean", saved.mean, rows)?;
+    need(dev, "add_layernorm rstd", saved.rstd, rows)?;
     for (name, buf) in [
         ("add_layernorm gamma", gamma),
-        ("add_layernorm dgamma", &*dgamma),
-        ("add_layernorm dbeta", &*dbeta),
+        ("add_layernorm dgamma", &*grads.dgamma),
+        ("add_layernorm dbeta", &*grads.dbeta),
     ] {
         need(dev, name, buf, cols)?;
     }
@@ -167,40 +163,29 @@ pub fn backward<D: AddLayerNormKernel>(
             dev,
             &[
                 (dout, n),
-                (sum, n),
-                (dx, 2 * n),
-                (dbranch, n),
-                (mean, rows),
-                (rstd, rows),
+                (saved.x, n),
+                (grads.dx, 2 * n),
+                (grads.dbranch, n),
+                (saved.mean, rows),
+                (saved.rstd, rows),
                 (gamma, cols),
-                (dgamma, 2 * cols),
-                (dbeta, 2 * cols),
+                (grads.dgamma, 2 * cols),
+                (grads.dbeta, 2 * cols),
             ],
             14.0 * n as f64,
         )
     });
     profiled(dev, "add_layernorm_backward", w, || {
-        dev.add_layernorm_backward(
-            dx,
-            dbranch,
-            dgamma,
-            dbeta,
-            dout,
-            sum,
-            mean,
-            rstd,
-            gamma,
-            rows,
-            cols,
-            Checked::new(),
-        )
+        dev.add_layernorm_backward(grads, dout, saved, gamma, shape, Checked::new())
     })
 }
 
 #[cfg(test)]
 mod tests {
+    use super::{Grads, Outputs, Terms};
     use crate::device::Cpu;
-    use crate::ops::Backend;
+    use crate::ops::layernorm::{self, Params, Saved};
+    use crate::ops::{Backend, Rows};
     use crate::testing::{
         act, assert_close, dot, each_buffer_short, fd_check, par, randn, random, stat, tol, RED,
     };
@@ -208,22 +193,28 @@ mod tests {
     const R: usize = 5;
     const C: usize = 24;
     const N: usize = R * C;
+    const SHAPE: Rows = Rows { rows: R, cols: C };
 
     /// (sum, out) of the CPU body.
     fn forward(a: &[f32], b: &[f32], g: &[f32], be: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (mut s, mut y, mut m, mut r) = (vec![0.0; N], vec![0.0; N], vec![0.0; R], vec![0.0; R]);
         super::forward(
             &Cpu,
-            &mut s,
-            &mut y,
-            &mut m,
-            &mut r,
-            &a.to_vec(),
-            &b.to_vec(),
-            &g.to_vec(),
-            &be.to_vec(),
-            R,
-            C,
+            Outputs {
+                sum: &mut s,
+                out: &mut y,
+                mean: &mut m,
+                rstd: &mut r,
+            },
+            Terms {
+                a: &a.to_vec(),
+                b: &b.to_vec(),
+            },
+            Params {
+                gamma: &g.to_vec(),
+                beta: &be.to_vec(),
+            },
+            SHAPE,
             1e-6,
         )
         .unwrap();
@@ -242,24 +233,40 @@ mod tests {
         };
         let (mut s, mut y, mut m, mut r) = (vec![0.0; N], vec![0.0; N], vec![0.0; R], vec![0.0; R]);
         super::forward(
-            &Cpu, &mut s, &mut y, &mut m, &mut r, &a, &b, &g, &be, R, C, 1e-6,
+            &Cpu,
+            Outputs {
+                sum: &mut s,
+                out: &mut y,
+                mean: &mut m,
+                rstd: &mut r,
+            },
+            Terms { a: &a, b: &b },
+            Params {
+                gamma: &g,
+                beta: &be,
+            },
+            SHAPE,
+            1e-6,
         )
         .unwrap();
         let (mut dx, mut dbranch, mut dg, mut db) =
             (v.clone(), vec![f32::NAN; N], vec![0.5; C], vec![0.5; C]);
         super::backward(
             &Cpu,
-            &mut dx,
-            &mut dbranch,
-            &mut dg,
-            &mut db,
+            Grads {
+                dx: &mut dx,
+                dbranch: &mut dbranch,
+                dgamma: &mut dg,
+                dbeta: &mut db,
+            },
             &w,
-            &s,
-            &m,
-            &r,
+            Saved {
+                x: &s,
+                mean: &m,
+                rstd: &r,
+            },
             &g,
-            R,
-            C,
+            SHAPE,
         )
         .unwrap();
         assert_eq!(dx, dbranch, "dbranch is a copy of dx");
@@ -285,8 +292,22 @@ mod tests {
         let mut s2 = vec![0.0; N];
         crate::ops::add::add(&Cpu, &mut s2, &a, &b, N).unwrap();
         let (mut y2, mut m2, mut r2) = (vec![0.0; N], vec![0.0; R], vec![0.0; R]);
-        crate::ops::layernorm::forward(&Cpu, &mut y2, &mut m2, &mut r2, &s2, &g, &be, R, C, 1e-6)
-            .unwrap();
+        layernorm::forward(
+            &Cpu,
+            layernorm::Outputs {
+                out: &mut y2,
+                mean: &mut m2,
+                rstd: &mut r2,
+            },
+            &s2,
+            Params {
+                gamma: &g,
+                beta: &be,
+            },
+            SHAPE,
+            1e-6,
+        )
+        .unwrap();
         assert_eq!((s, y), (s2, y2));
     }
 
@@ -299,21 +320,58 @@ mod tests {
             let [s, out, mean, rstd, x, y, g, be] = b else {
                 unreachable!()
             };
-            super::forward(&Cpu, s, out, mean, rstd, x, y, g, be, rows, cols, 1e-6)
+            super::forward(
+                &Cpu,
+                Outputs {
+                    sum: s,
+                    out,
+                    mean,
+                    rstd,
+                },
+                Terms { a: x, b: y },
+                Params { gamma: g, beta: be },
+                Rows { rows, cols },
+                1e-6,
+            )
         });
         let lens = [n, n, cols, cols, n, n, rows, rows, cols];
         each_buffer_short("backward", &lens, 1.0, |b| {
             let [dx, dbr, dg, db, dout, s, mean, rstd, g] = b else {
                 unreachable!()
             };
-            super::backward(&Cpu, dx, dbr, dg, db, dout, s, mean, rstd, g, rows, cols)
+            super::backward(
+                &Cpu,
+                Grads {
+                    dx,
+                    dbranch: dbr,
+                    dgamma: dg,
+                    dbeta: db,
+                },
+                dout,
+                Saved { x: s, mean, rstd },
+                g,
+                Rows { rows, cols },
+            )
         });
         let mut b = vec![vec![0.0f32; n]; 8];
         let [s, out, mean, rstd, x, y, g, be] = b.as_mut_slice() else {
             unreachable!()
         };
         assert!(
-            super::forward(&Cpu, s, out, mean, rstd, x, y, g, be, rows, cols, f32::NAN).is_err(),
+            super::forward(
+                &Cpu,
+                Outputs {
+                    sum: s,
+                    out,
+                    mean,
+                    rstd,
+                },
+                Terms { a: x, b: y },
+                Params { gamma: g, beta: be },
+                Rows { rows, cols },
+                f32::NAN,
+            )
+            .is_err(),
             "eps NaN"
         );
     }
@@ -344,8 +402,11 @@ mod tests {
                 par(randn(38, cols, 1.0)),
             ];
             let (c, g) = crate::on_both!(dev, inputs, |be, [a, b, gamma, beta, sum, out, mean, rstd, dout, dx, dbranch, dgamma, dbeta]| {
-                super::forward(be, sum, out, mean, rstd, a, b, gamma, beta, rows, cols, 1e-6).unwrap();
-                super::backward(be, dx, dbranch, dgamma, dbeta, dout, sum, mean, rstd, gamma, rows, cols).unwrap();
+                let shape = Rows { rows, cols };
+                let out = Outputs { sum, out, mean, rstd };
+                super::forward(be, out, Terms { a, b }, Params { gamma, beta }, shape, 1e-6).unwrap();
+                let (grads, saved) = (Grads { dx, dbranch, dgamma, dbeta }, Saved { x: sum, mean, rstd });
+                super::backward(be, grads, dout, saved, gamma, shape).unwrap();
             });
             assert_close(
                 &format!("add_layernorm {:?} [{rows}, {cols}]", dev.precision()),

@@ -1,19 +1,18 @@
 //! Patch gathering, token assembly and class-token pooling on the CPU.
 
-use super::EmbedKernel;
+use super::{EmbedKernel, Images, Tokens};
 use crate::device::Cpu;
 use crate::ops::Checked;
 use anyhow::Result;
 use rayon::prelude::*;
 
-pub fn patch_gather(
-    patches: &mut [f32],
-    images: &[f32],
-    batch: usize,
-    channels: usize,
-    size: usize,
-    patch: usize,
-) {
+pub fn patch_gather(patches: &mut [f32], images: &[f32], shape: Images) {
+    let Images {
+        batch,
+        channels,
+        size,
+        patch,
+    } = shape;
     let grid = size / patch;
     let row_len = channels * patch * patch;
     patches[..batch * grid * grid * row_len]
@@ -32,15 +31,12 @@ pub fn patch_gather(
         });
 }
 
-pub fn tokens_forward(
-    x: &mut [f32],
-    patch_out: &[f32],
-    cls: &[f32],
-    pos: &[f32],
-    batch: usize,
-    n_patches: usize,
-    width: usize,
-) {
+pub fn tokens_forward(x: &mut [f32], patch_out: &[f32], cls: &[f32], pos: &[f32], shape: Tokens) {
+    let Tokens {
+        batch,
+        n_patches,
+        width,
+    } = shape;
     let t = n_patches + 1;
     x[..batch * t * width]
         .par_chunks_mut(width)
@@ -69,10 +65,13 @@ pub fn tokens_backward(
     dcls: &mut [f32],
     dpos: &mut [f32],
     dx: &[f32],
-    batch: usize,
-    n_patches: usize,
-    width: usize,
+    shape: Tokens,
 ) {
+    let Tokens {
+        batch,
+        n_patches,
+        width,
+    } = shape;
     let t = n_patches + 1;
     dpatch_out[..batch * n_patches * width]
         .par_chunks_mut(width)
@@ -120,13 +119,10 @@ impl EmbedKernel for Cpu {
         &self,
         patches: &mut Vec<f32>,
         images: &Vec<f32>,
-        batch: usize,
-        channels: usize,
-        size: usize,
-        patch: usize,
+        shape: Images,
         _: Checked,
     ) -> Result<()> {
-        patch_gather(patches, images, batch, channels, size, patch);
+        patch_gather(patches, images, shape);
         Ok(())
     }
     fn tokens_forward(
@@ -135,12 +131,10 @@ impl EmbedKernel for Cpu {
         patch_out: &Vec<f32>,
         cls: &Vec<f32>,
         pos: &Vec<f32>,
-        batch: usize,
-        n_patches: usize,
-        width: usize,
+        shape: Tokens,
         _: Checked,
     ) -> Result<()> {
-        tokens_forward(x, patch_out, cls, pos, batch, n_patches, width);
+        tokens_forward(x, patch_out, cls, pos, shape);
         Ok(())
     }
     fn tokens_backward(
@@ -149,12 +143,10 @@ impl EmbedKernel for Cpu {
         dcls: &mut Vec<f32>,
         dpos: &mut Vec<f32>,
         dx: &Vec<f32>,
-        batch: usize,
-        n_patches: usize,
-        width: usize,
+        shape: Tokens,
         _: Checked,
     ) -> Result<()> {
-        tokens_backward(dpatch_out, dcls, dpos, dx, batch, n_patches, width);
+        tokens_backward(dpatch_out, dcls, dpos, dx, shape);
         Ok(())
     }
     fn cls_gather(

@@ -2,7 +2,7 @@
 //! class-token pooling, forward and backward (grid-stride, one thread per
 //! element).
 
-use super::EmbedKernel;
+use super::{EmbedKernel, Images, Tokens};
 use crate::device::cuda::{CudaBuf, DriverResultExt};
 use crate::device::Cuda;
 use crate::ops::Checked;
@@ -14,13 +14,10 @@ impl EmbedKernel for Cuda {
         &self,
         patches: &mut CudaBuf,
         images: &CudaBuf,
-        batch: usize,
-        channels: usize,
-        size: usize,
-        patch: usize,
+        shape: Images,
         _: Checked,
     ) -> Result<()> {
-        patch_gather(self, patches, images, batch, channels, size, patch)
+        patch_gather(self, patches, images, shape)
     }
     fn tokens_forward(
         &self,
@@ -28,12 +25,10 @@ impl EmbedKernel for Cuda {
         patch_out: &CudaBuf,
         cls: &CudaBuf,
         pos: &CudaBuf,
-        batch: usize,
-        n_patches: usize,
-        width: usize,
+        shape: Tokens,
         _: Checked,
     ) -> Result<()> {
-        tokens_forward(self, x, patch_out, cls, pos, batch, n_patches, width)
+        tokens_forward(self, x, patch_out, cls, pos, shape)
     }
     fn tokens_backward(
         &self,
@@ -41,12 +36,10 @@ impl EmbedKernel for Cuda {
         dcls: &mut CudaBuf,
         dpos: &mut CudaBuf,
         dx: &CudaBuf,
-        batch: usize,
-        n_patches: usize,
-        width: usize,
+        shape: Tokens,
         _: Checked,
     ) -> Result<()> {
-        tokens_backward(self, dpatch_out, dcls, dpos, dx, batch, n_patches, width)
+        tokens_backward(self, dpatch_out, dcls, dpos, dx, shape)
     }
     fn cls_gather(
         &self,
@@ -77,15 +70,13 @@ fn ints(values: &[usize]) -> Vec<i32> {
 }
 
 /// `patch_gather(act_t* patches, const act_t* images, int batch, int channels, int size, int patch)`.
-fn patch_gather(
-    be: &Cuda,
-    patches: &mut CudaBuf,
-    images: &CudaBuf,
-    batch: usize,
-    channels: usize,
-    size: usize,
-    patch: usize,
-) -> Result<()> {
+fn patch_gather(be: &Cuda, patches: &mut CudaBuf, images: &CudaBuf, shape: Images) -> Result<()> {
+    let Images {
+        batch,
+        channels,
+        size,
+        patch,
+    } = shape;
     let n = batch * channels * size * size;
     if n == 0 {
         return Ok(());
@@ -110,17 +101,19 @@ fn patch_gather(
 }
 
 /// `tokens_forward(act_t* x, const act_t* patch_out, const float* cls, const float* pos, int batch, int n_patches, int width)`.
-#[allow(clippy::too_many_arguments)]
 fn tokens_forward(
     be: &Cuda,
     x: &mut CudaBuf,
     patch_out: &CudaBuf,
     cls: &CudaBuf,
     pos: &CudaBuf,
-    batch: usize,
-    n_patches: usize,
-    width: usize,
+    shape: Tokens,
 ) -> Result<()> {
+    let Tokens {
+        batch,
+        n_patches,
+        width,
+    } = shape;
     let n = batch * (n_patches + 1) * width;
     if n == 0 {
         return Ok(());
@@ -151,17 +144,19 @@ fn tokens_forward(
 
 /// `tokens_backward_patches(act_t* dpatch_out, const act_t* dx, int batch, int n_patches, int width)`,
 /// then `tokens_backward_params(float* dcls, float* dpos, const act_t* dx, int batch, int n_patches, int width)`.
-#[allow(clippy::too_many_arguments)]
 fn tokens_backward(
     be: &Cuda,
     dpatch_out: &mut CudaBuf,
     dcls: &mut CudaBuf,
     dpos: &mut CudaBuf,
     dx: &CudaBuf,
-    batch: usize,
-    n_patches: usize,
-    width: usize,
+    shape: Tokens,
 ) -> Result<()> {
+    let Tokens {
+        batch,
+        n_patches,
+        width,
+    } = shape;
     if width == 0 {
         return Ok(());
     }

@@ -17,41 +17,50 @@ use super::{need, product, profiled, work, Checked};
 use crate::device::Device;
 use anyhow::{bail, Result};
 
+/// A batch of square images cut into square patches: `batch` images of
+/// `channels × size × size`, patches of `patch × patch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Images {
+    pub batch: usize,
+    pub channels: usize,
+    pub size: usize,
+    pub patch: usize,
+}
+
+/// The token sequences of a batch: per image a class token and
+/// `n_patches` patch tokens, each `width` wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tokens {
+    pub batch: usize,
+    pub n_patches: usize,
+    pub width: usize,
+}
+
 /// Device bodies of the embedding and pooling ops (call the functions below).
 pub trait EmbedKernel: Device {
-    #[allow(clippy::too_many_arguments)]
     fn patch_gather(
         &self,
         patches: &mut Self::Buf,
         images: &Self::Buf,
-        batch: usize,
-        channels: usize,
-        size: usize,
-        patch: usize,
+        shape: Images,
         _: Checked,
     ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
     fn tokens_forward(
         &self,
         x: &mut Self::Buf,
         patch_out: &Self::Buf,
         cls: &Self::Buf,
         pos: &Self::Buf,
-        batch: usize,
-        n_patches: usize,
-        width: usize,
+        shape: Tokens,
         _: Checked,
     ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
     fn tokens_backward(
         &self,
         dpatch_out: &mut Self::Buf,
         dcls: &mut Self::Buf,
         dpos: &mut Self::Buf,
         dx: &Self::Buf,
-        batch: usize,
-        n_patches: usize,
-        width: usize,
+        shape: Tokens,
         _: Checked,
     ) -> Result<()>;
     fn cls_gather(
@@ -89,11 +98,14 @@ pub fn patch_gather<D: EmbedKernel>(
     dev: &D,
     patches: &mut D::Buf,
     images: &D::Buf,
-    batch: usize,
-    channels: usize,
-    size: usize,
-    patch: usize,
+    shape: Images,
 ) -> Result<()> {
+    let Images {
+        batch,
+        channels,
+        size,
+        patch,
+    } = shape;
     if patch == 0 || !size.is_multiple_of(patch) {
         bail!("patch_gather: image size {size} is not a multiple of the patch size {patch}");
     }
@@ -107,31 +119,25 @@ pub fn patch_gather<D: EmbedKernel>(
         .profiling()
         .then(|| work(dev, &[(images, n), (patches, n)], 0.0));
     profiled(dev, "patch_gather", w, || {
-        dev.patch_gather(
-            patches,
-            images,
-            batch,
-            channels,
-            size,
-            patch,
-            Checked::new(),
-        )
+        dev.patch_gather(patches, images, shape, Checked::new())
     })
 }
 
 /// Writes the token sequence `x[batch, 1 + n_patches, width]`: token 0 is
 /// `cls + pos[0]`, token `1 + i` is `patch_out[b, i] + pos[1 + i]`.
-#[allow(clippy::too_many_arguments)]
 pub fn tokens_forward<D: EmbedKernel>(
     dev: &D,
     x: &mut D::Buf,
     patch_out: &D::Buf,
     cls: &D::Buf,
     pos: &D::Buf,
-    batch: usize,
-    n_patches: usize,
-    width: usize,
+    shape: Tokens,
 ) -> Result<()> {
+    let Tokens {
+        batch,
+        n_patches,
+        width,
+    } = shape;
     positive("tokens_forward", "width", width)?;
     let t = n_patches + 1;
     need(dev, "tokens x", x, product("tokens x", &[batch, t, width])?)?;
@@ -156,31 +162,24 @@ pub fn tokens_forward<D: EmbedKernel>(
         )
     });
     profiled(dev, "tokens_forward", w, || {
-        dev.tokens_forward(
-            x,
-            patch_out,
-            cls,
-            pos,
-            batch,
-            n_patches,
-            width,
-            Checked::new(),
-        )
+        dev.tokens_forward(x, patch_out, cls, pos, shape, Checked::new())
     })
 }
 
 /// Backward of `tokens_forward`: WRITES `dpatch_out`, ADDS to `dcls` and `dpos`.
-#[allow(clippy::too_many_arguments)]
 pub fn tokens_backward<D: EmbedKernel>(
     dev: &D,
     dpatch_out: &mut D::Buf,
     dcls: &mut D::Buf,
     dpos: &mut D::Buf,
     dx: &D::Buf,
-    batch: usize,
-    n_patches: usize,
-    width: usize,
+    shape: Tokens,
 ) -> Result<()> {
+    let Tokens {
+        batch,
+        n_patches,
+        width,
+    } = shape;
     positive("tokens_backward", "width", width)?;
     let t = n_patches + 1;
     need(
@@ -215,16 +214,7 @@ pub fn tokens_backward<D: EmbedKernel>(
         )
     });
     profiled(dev, "tokens_backward", w, || {
-        dev.tokens_backward(
-            dpatch_out,
-            dcls,
-            dpos,
-            dx,
-            batch,
-            n_patches,
-            width,
-            Checked::new(),
-        )
+        dev.tokens_backward(dpatch_out, dcls, dpos, dx, shape, Checked::new())
     })
 }
 
@@ -295,6 +285,7 @@ pub fn cls_scatter_add<D: EmbedKernel>(
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
+    use super::{Images, Tokens};
     use crate::device::Cpu;
     use crate::ops::Backend;
     use crate::testing::{act, assert_close, dot, fd_check, par, randn, random, tol, EW};
@@ -308,7 +299,16 @@ mod tests {
             })
             .collect();
         let mut p = vec![0.0; 4 * 8];
-        patch_gather(&mut p, &img, 1, 2, 4, 2);
+        patch_gather(
+            &mut p,
+            &img,
+            Images {
+                batch: 1,
+                channels: 2,
+                size: 4,
+                patch: 2,
+            },
+        );
         // Patch 3 is (py, px) = (1, 1): rows 2..4, cols 2..4.
         assert_eq!(
             &p[3 * 8..4 * 8],
@@ -328,11 +328,31 @@ mod tests {
         );
         let fwd = |po: &[f32], cls: &[f32], pos: &[f32]| {
             let mut x = vec![0.0; b * t * d];
-            tokens_forward(&mut x, po, cls, pos, b, np, d);
+            tokens_forward(
+                &mut x,
+                po,
+                cls,
+                pos,
+                Tokens {
+                    batch: b,
+                    n_patches: np,
+                    width: d,
+                },
+            );
             dot(&w, &x)
         };
         let (mut dpo, mut dcls, mut dpos) = (vec![0.0; b * np * d], vec![0.0; d], vec![0.0; t * d]);
-        tokens_backward(&mut dpo, &mut dcls, &mut dpos, &w, b, np, d);
+        tokens_backward(
+            &mut dpo,
+            &mut dcls,
+            &mut dpos,
+            &w,
+            Tokens {
+                batch: b,
+                n_patches: np,
+                width: d,
+            },
+        );
         fd_check("tokens dpatch", &po, &dpo, 30, |po| fwd(po, &cls, &pos));
         fd_check("tokens dcls", &cls, &dcls, d, |cls| fwd(&po, cls, &pos));
         fd_check("tokens dpos", &pos, &dpos, 25, |pos| fwd(&po, &cls, pos));
@@ -357,20 +377,86 @@ mod tests {
         let z = |n: usize| vec![0.0f32; n];
         // patch_gather: patch must divide the size; 1-3 channels; buffer lengths.
         assert!(
-            super::patch_gather(&Cpu, &mut z(48), &z(48), 1, 3, 4, 3).is_err(),
+            super::patch_gather(
+                &Cpu,
+                &mut z(48),
+                &z(48),
+                Images {
+                    batch: 1,
+                    channels: 3,
+                    size: 4,
+                    patch: 3
+                }
+            )
+            .is_err(),
             "patch 3 of size 4"
         );
         assert!(
-            super::patch_gather(&Cpu, &mut z(48), &z(48), 1, 3, 4, 0).is_err(),
+            super::patch_gather(
+                &Cpu,
+                &mut z(48),
+                &z(48),
+                Images {
+                    batch: 1,
+                    channels: 3,
+                    size: 4,
+                    patch: 0
+                }
+            )
+            .is_err(),
             "patch 0"
         );
         assert!(
-            super::patch_gather(&Cpu, &mut z(64), &z(64), 1, 4, 4, 2).is_err(),
+            super::patch_gather(
+                &Cpu,
+                &mut z(64),
+                &z(64),
+                Images {
+                    batch: 1,
+                    channels: 4,
+                    size: 4,
+                    patch: 2
+                }
+            )
+            .is_err(),
             "4 channels"
         );
-        assert!(super::patch_gather(&Cpu, &mut z(47), &z(48), 1, 3, 4, 2).is_err());
-        assert!(super::patch_gather(&Cpu, &mut z(48), &z(47), 1, 3, 4, 2).is_err());
-        assert!(super::patch_gather(&Cpu, &mut z(48), &z(48), 1, 3, 4, 2).is_ok());
+        assert!(super::patch_gather(
+            &Cpu,
+            &mut z(47),
+            &z(48),
+            Images {
+                batch: 1,
+                channels: 3,
+                size: 4,
+                patch: 2
+            }
+        )
+        .is_err());
+        assert!(super::patch_gather(
+            &Cpu,
+            &mut z(48),
+            &z(47),
+            Images {
+                batch: 1,
+                channels: 3,
+                size: 4,
+                patch: 2
+            }
+        )
+        .is_err());
+        assert!(super::patch_gather(
+            &Cpu,
+            &mut z(48),
+            &z(48),
+            Images {
+                batch: 1,
+                channels: 3,
+                size: 4,
+                patch: 2
+            }
+        )
+        .is_ok());
         // tokens: x, patch_out, cls (the class token), pos.
         let (b, np, d) = (2, 4, 3);
         let t = np + 1;
@@ -385,7 +471,19 @@ mod tests {
                 unreachable!()
             };
             assert_eq!(
-                super::tokens_forward(&Cpu, x, po, cls, pos, b, np, d).is_ok(),
+                super::tokens_forward(
+                    &Cpu,
+                    x,
+                    po,
+                    cls,
+                    pos,
+                    Tokens {
+                        batch: b,
+                        n_patches: np,
+                        width: d
+                    }
+                )
+                .is_ok(),
                 short == lens.len(),
                 "tokens_forward, argument {short} short"
             );
@@ -398,13 +496,37 @@ mod tests {
                 unreachable!()
             };
             assert_eq!(
-                super::tokens_backward(&Cpu, dpo, dcls, dpos, dx, b, np, d).is_ok(),
+                super::tokens_backward(
+                    &Cpu,
+                    dpo,
+                    dcls,
+                    dpos,
+                    dx,
+                    Tokens {
+                        batch: b,
+                        n_patches: np,
+                        width: d
+                    }
+                )
+                .is_ok(),
                 short == lens.len(),
                 "tokens_backward, argument {short} short"
             );
         }
         assert!(
-            super::tokens_forward(&Cpu, &mut z(10), &z(10), &z(10), &z(10), 1, 1, 0).is_err(),
+            super::tokens_forward(
+                &Cpu,
+                &mut z(10),
+                &z(10),
+                &z(10),
+                &z(10),
+                Tokens {
+                    batch: 1,
+                    n_patches: 1,
+                    width: 0
+                }
+            )
+            .is_err(),
             "width 0"
         );
         assert!(super::cls_gather(&Cpu, &mut z(b * d - 1), &z(b * t * d), b, t, d).is_err());
@@ -436,9 +558,10 @@ mod tests {
             act(randn(41, batch * width, 1.0)),
         ];
         let (c, g) = crate::on_both!(dev, inputs, |be, [images, patches, patch_out, cls, pos, x, dx, dpatch, dcls, dpos, pooled, dpooled]| {
-            super::patch_gather(be, patches, images, batch, channels, size, patch).unwrap();
-            super::tokens_forward(be, x, patch_out, cls, pos, batch, np, width).unwrap();
-            super::tokens_backward(be, dpatch, dcls, dpos, dx, batch, np, width).unwrap();
+            let tokens = Tokens { batch, n_patches: np, width };
+            super::patch_gather(be, patches, images, Images { batch, channels, size, patch }).unwrap();
+            super::tokens_forward(be, x, patch_out, cls, pos, tokens).unwrap();
+            super::tokens_backward(be, dpatch, dcls, dpos, dx, tokens).unwrap();
             super::cls_gather(be, pooled, x, batch, t, width).unwrap();
             super::cls_scatter_add(be, dx, dpooled, batch, t, width).unwrap();
         });

@@ -3,26 +3,23 @@
 //! (vectorized, deterministic); parameter gradients summed per 64-row chunk
 //! in the backward's own pass, chunks combined in order.
 
-use super::LayerNormKernel;
+use super::{Grads, LayerNormKernel, Outputs, Params, Saved};
 use crate::device::Cpu;
 use crate::ops::matmul::cpu::{sum_in_order, ROW_CHUNK};
 use crate::ops::simd::{fold_pairwise, vectorized};
-use crate::ops::Checked;
+use crate::ops::{Checked, Rows};
 use anyhow::Result;
 use rayon::prelude::*;
 
-#[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
-    out: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
+    out: Outputs<'_, [f32]>,
     x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    rows: usize,
-    cols: usize,
+    params: Params<'_, [f32]>,
+    shape: Rows,
     eps: f32,
 ) {
+    let (Outputs { out, mean, rstd }, Params { gamma, beta }) = (out, params);
+    let Rows { rows, cols } = shape;
     // Exactly `cols` long, so that indexing inside the loops needs no bounds checks.
     let (gamma, beta) = (&gamma[..cols], &beta[..cols]);
     let task = cols * ROWS_PER_TASK;
@@ -71,19 +68,15 @@ const ROWS_PER_TASK: usize = 16;
 /// does not depend on the thread count. Before, dγ and dβ were two more
 /// passes (`column_sums`) over `dout` and `x`; the sums are the same
 /// expressions in the same order, so the bits did not change.
-#[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward(
-    dx: &mut [f32],
-    dgamma: &mut [f32],
-    dbeta: &mut [f32],
+    grads: Grads<'_, [f32]>,
     dout: &[f32],
-    x: &[f32],
-    mean: &[f32],
-    rstd: &[f32],
+    saved: Saved<'_, [f32]>,
     gamma: &[f32],
-    rows: usize,
-    cols: usize,
+    shape: Rows,
 ) {
+    let (Grads { dx, dgamma, dbeta }, Saved { x, mean, rstd }) = (grads, saved);
+    let Rows { rows, cols } = shape;
     let gamma = &gamma[..cols];
     let partials: Vec<(Vec<f32>, Vec<f32>)> = dx[..rows * cols]
         .par_chunks_mut(cols * ROW_CHUNK)
@@ -173,35 +166,69 @@ fn lane_sum(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -
 impl LayerNormKernel for Cpu {
     fn layernorm_forward(
         &self,
-        out: &mut Vec<f32>,
-        mean: &mut Vec<f32>,
-        rstd: &mut Vec<f32>,
+        out: Outputs<'_, Vec<f32>>,
         x: &Vec<f32>,
-        gamma: &Vec<f32>,
-        beta: &Vec<f32>,
-        rows: usize,
-        cols: usize,
+        params: Params<'_, Vec<f32>>,
+        shape: Rows,
         eps: f32,
         _: Checked,
     ) -> Result<()> {
-        layernorm_forward(out, mean, rstd, x, gamma, beta, rows, cols, eps);
+        layernorm_forward(out.slices(), x, params.slices(), shape, eps);
         Ok(())
     }
     fn layernorm_backward(
         &self,
-        dx: &mut Vec<f32>,
-        dgamma: &mut Vec<f32>,
-        dbeta: &mut Vec<f32>,
+        grads: Grads<'_, Vec<f32>>,
         dout: &Vec<f32>,
-        x: &Vec<f32>,
-        mean: &Vec<f32>,
-        rstd: &Vec<f32>,
+        saved: Saved<'_, Vec<f32>>,
         gamma: &Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: Rows,
         _: Checked,
     ) -> Result<()> {
-        layernorm_backward(dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols);
+        layernorm_backward(grads.slices(), dout, saved.slices(), gamma, shape);
         Ok(())
+    }
+}
+
+impl<'a> Outputs<'a, Vec<f32>> {
+    /// The same buffers as slices, for the reference loops.
+    pub fn slices(self) -> Outputs<'a, [f32]> {
+        Outputs {
+            out: self.out,
+            mean: self.mean,
+            rstd: self.rstd,
+        }
+    }
+}
+
+impl<'a> Params<'a, Vec<f32>> {
+    /// The same buffers as slices, for the reference loops.
+    pub fn slices(self) -> Params<'a, [f32]> {
+        Params {
+            gamma: self.gamma,
+            beta: self.beta,
+        }
+    }
+}
+
+impl<'a> Saved<'a, Vec<f32>> {
+    /// The same buffers as slices, for the reference loops.
+    pub fn slices(self) -> Saved<'a, [f32]> {
+        Saved {
+            x: self.x,
+            mean: self.mean,
+            rstd: self.rstd,
+        }
+    }
+}
+
+impl<'a> Grads<'a, Vec<f32>> {
+    /// The same buffers as slices, for the reference loops.
+    pub fn slices(self) -> Grads<'a, [f32]> {
+        Grads {
+            dx: self.dx,
+            dgamma: self.dgamma,
+            dbeta: self.dbeta,
+        }
     }
 }

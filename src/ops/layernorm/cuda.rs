@@ -2,11 +2,11 @@
 //! pass and the input gradient; column sums (block partials + atomicAdd)
 //! for the parameter gradients.
 
-use super::LayerNormKernel;
+use super::{Grads, LayerNormKernel, Outputs, Params, Saved};
 use crate::device::cuda::{CudaBuf, DriverResultExt};
 use crate::device::Cuda;
 use crate::ops::matmul::cuda::{column_sum_config, ROWS_PER_BLOCK};
-use crate::ops::Checked;
+use crate::ops::{Checked, Rows};
 use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -22,53 +22,41 @@ fn row_config(rows: usize) -> LaunchConfig {
 impl LayerNormKernel for Cuda {
     fn layernorm_forward(
         &self,
-        out: &mut CudaBuf,
-        mean: &mut CudaBuf,
-        rstd: &mut CudaBuf,
+        out: Outputs<'_, CudaBuf>,
         x: &CudaBuf,
-        gamma: &CudaBuf,
-        beta: &CudaBuf,
-        rows: usize,
-        cols: usize,
+        params: Params<'_, CudaBuf>,
+        shape: Rows,
         eps: f32,
         _: Checked,
     ) -> Result<()> {
-        forward(self, out, mean, rstd, x, gamma, beta, rows, cols, eps)
+        forward(self, out, x, params, shape, eps)
     }
     fn layernorm_backward(
         &self,
-        dx: &mut CudaBuf,
-        dgamma: &mut CudaBuf,
-        dbeta: &mut CudaBuf,
+        grads: Grads<'_, CudaBuf>,
         dout: &CudaBuf,
-        x: &CudaBuf,
-        mean: &CudaBuf,
-        rstd: &CudaBuf,
+        saved: Saved<'_, CudaBuf>,
         gamma: &CudaBuf,
-        rows: usize,
-        cols: usize,
+        shape: Rows,
         ok: Checked,
     ) -> Result<()> {
-        backward_dx(self, dx, dout, x, mean, rstd, gamma, rows, cols, ok)?;
-        backward_params(self, dgamma, dbeta, dout, x, mean, rstd, rows, cols, ok)
+        backward_dx(self, grads.dx, dout, saved, gamma, shape, ok)?;
+        backward_params(self, grads.dgamma, grads.dbeta, dout, saved, shape, ok)
     }
 }
 
 /// `layernorm_forward(act_t* out, float* mean, float* rstd, const act_t* x,
 /// const float* gamma, const float* beta, int rows, int cols, float eps)`.
-#[allow(clippy::too_many_arguments)]
 fn forward(
     be: &Cuda,
-    out: &mut CudaBuf,
-    mean: &mut CudaBuf,
-    rstd: &mut CudaBuf,
+    out: Outputs<'_, CudaBuf>,
     x: &CudaBuf,
-    gamma: &CudaBuf,
-    beta: &CudaBuf,
-    rows: usize,
-    cols: usize,
+    params: Params<'_, CudaBuf>,
+    shape: Rows,
     eps: f32,
 ) -> Result<()> {
+    let (Outputs { out, mean, rstd }, Params { gamma, beta }) = (out, params);
+    let Rows { rows, cols } = shape;
     if rows == 0 {
         return Ok(());
     }
@@ -102,19 +90,17 @@ fn forward(
 /// `layernorm_backward_dx(act_t* dx, const act_t* dout, const act_t* x,
 /// const float* mean, const float* rstd, const float* gamma, int rows, int
 /// cols)`: ADDS the input gradient, one warp per row.
-#[allow(clippy::too_many_arguments)]
 pub fn backward_dx(
     be: &Cuda,
     dx: &mut CudaBuf,
     dout: &CudaBuf,
-    x: &CudaBuf,
-    mean: &CudaBuf,
-    rstd: &CudaBuf,
+    saved: Saved<'_, CudaBuf>,
     gamma: &CudaBuf,
-    rows: usize,
-    cols: usize,
+    shape: Rows,
     _: Checked,
 ) -> Result<()> {
+    let Saved { x, mean, rstd } = saved;
+    let Rows { rows, cols } = shape;
     if rows * cols == 0 {
         return Ok(());
     }
@@ -147,19 +133,17 @@ pub fn backward_dx(
 /// `layernorm_backward_params(float* dgamma, float* dbeta, const act_t*
 /// dout, const act_t* x, const float* mean, const float* rstd, int rows, int
 /// cols, int rows_per_block)`: ADDS the parameter gradients (column sums).
-#[allow(clippy::too_many_arguments)]
 pub fn backward_params(
     be: &Cuda,
     dgamma: &mut CudaBuf,
     dbeta: &mut CudaBuf,
     dout: &CudaBuf,
-    x: &CudaBuf,
-    mean: &CudaBuf,
-    rstd: &CudaBuf,
-    rows: usize,
-    cols: usize,
+    saved: Saved<'_, CudaBuf>,
+    shape: Rows,
     _: Checked,
 ) -> Result<()> {
+    let Saved { x, mean, rstd } = saved;
+    let Rows { rows, cols } = shape;
     if rows * cols == 0 {
         return Ok(());
     }

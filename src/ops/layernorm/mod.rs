@@ -13,186 +13,202 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, product, profiled, work, Checked};
+use super::{need, profiled, work, Checked, Rows};
 use crate::device::Device;
 use anyhow::{bail, Result};
 
+/// What the forward pass writes: `out[rows, cols]` and, per row,
+/// `mean[rows]` and `rstd[rows]` for the backward pass.
+pub struct Outputs<'a, B: ?Sized> {
+    pub out: &'a mut B,
+    pub mean: &'a mut B,
+    pub rstd: &'a mut B,
+}
+
+/// What the backward pass reads of its forward pass: the input
+/// `x[rows, cols]` and its per-row `mean`, `rstd`.
+pub struct Saved<'a, B: ?Sized> {
+    pub x: &'a B,
+    pub mean: &'a B,
+    pub rstd: &'a B,
+}
+
+impl<B: ?Sized> Clone for Saved<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: ?Sized> Copy for Saved<'_, B> {}
+
+/// The affine parameters γ and β, `[cols]` each.
+pub struct Params<'a, B: ?Sized> {
+    pub gamma: &'a B,
+    pub beta: &'a B,
+}
+
+impl<B: ?Sized> Clone for Params<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: ?Sized> Copy for Params<'_, B> {}
+
+/// The gradients the backward pass ADDS to: `dx[rows, cols]` and
+/// `dgamma`, `dbeta` (`[cols]` each).
+pub struct Grads<'a, B: ?Sized> {
+    pub dx: &'a mut B,
+    pub dgamma: &'a mut B,
+    pub dbeta: &'a mut B,
+}
+
 /// Device bodies of LayerNorm (call `forward` / `backward`).
 pub trait LayerNormKernel: Device {
-    #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
         &self,
-        out: &mut Self::Buf,
-        mean: &mut Self::Buf,
-        rstd: &mut Self::Buf,
+        out: Outputs<'_, Self::Buf>,
         x: &Self::Buf,
-        gamma: &Self::Buf,
-        beta: &Self::Buf,
-        rows: usize,
-        cols: usize,
+        params: Params<'_, Self::Buf>,
+        shape: Rows,
         eps: f32,
         _: Checked,
     ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &self,
-        dx: &mut Self::Buf,
-        dgamma: &mut Self::Buf,
-        dbeta: &mut Self::Buf,
+        grads: Grads<'_, Self::Buf>,
         dout: &Self::Buf,
-        x: &Self::Buf,
-        mean: &Self::Buf,
-        rstd: &Self::Buf,
+        saved: Saved<'_, Self::Buf>,
         gamma: &Self::Buf,
-        rows: usize,
-        cols: usize,
+        shape: Rows,
         _: Checked,
     ) -> Result<()>;
 }
 
-/// LayerNorm over the last axis of `x[rows, cols]`: writes `out`, and the
-/// per-row `mean[rows]` and `rstd[rows] = 1/sqrt(var + eps)` (biased
-/// variance, computed in two passes) for the backward pass.
-#[allow(clippy::too_many_arguments)]
+/// LayerNorm over the last axis of `x[rows, cols]`: writes `out.out`, and
+/// the per-row `out.mean[rows]` and `out.rstd[rows] = 1/sqrt(var + eps)`
+/// (biased variance, computed in two passes) for the backward pass.
 pub fn forward<D: LayerNormKernel>(
     dev: &D,
-    out: &mut D::Buf,
-    mean: &mut D::Buf,
-    rstd: &mut D::Buf,
+    out: Outputs<'_, D::Buf>,
     x: &D::Buf,
-    gamma: &D::Buf,
-    beta: &D::Buf,
-    rows: usize,
-    cols: usize,
+    params: Params<'_, D::Buf>,
+    shape: Rows,
     eps: f32,
 ) -> Result<()> {
-    let n = product("layernorm", &[rows, cols])?;
+    let Rows { rows, cols } = shape;
+    let n = shape.elements("layernorm")?;
     if eps.is_nan() || eps <= 0.0 {
         bail!("layernorm: eps must be positive, got {eps}");
     }
-    need(dev, "layernorm out", out, n)?;
+    need(dev, "layernorm out", out.out, n)?;
     need(dev, "layernorm x", x, n)?;
-    need(dev, "layernorm mean", mean, rows)?;
-    need(dev, "layernorm rstd", rstd, rows)?;
-    need(dev, "layernorm gamma", gamma, cols)?;
-    need(dev, "layernorm beta", beta, cols)?;
+    need(dev, "layernorm mean", out.mean, rows)?;
+    need(dev, "layernorm rstd", out.rstd, rows)?;
+    need(dev, "layernorm gamma", params.gamma, cols)?;
+    need(dev, "layernorm beta", params.beta, cols)?;
     let w = dev.profiling().then(|| {
         work(
             dev,
             &[
                 (x, n),
-                (out, n),
-                (gamma, cols),
-                (beta, cols),
-                (mean, rows),
-                (rstd, rows),
+                (out.out, n),
+                (params.gamma, cols),
+                (params.beta, cols),
+                (out.mean, rows),
+                (out.rstd, rows),
             ],
             8.0 * n as f64,
         )
     });
     profiled(dev, "layernorm_forward", w, || {
-        dev.layernorm_forward(
-            out,
-            mean,
-            rstd,
-            x,
-            gamma,
-            beta,
-            rows,
-            cols,
-            eps,
-            Checked::new(),
-        )
+        dev.layernorm_forward(out, x, params, shape, eps, Checked::new())
     })
 }
 
-/// LayerNorm backward: ADDS the input gradient to `dx` (the residual
+/// LayerNorm backward: ADDS the input gradient to `grads.dx` (the residual
 /// stream's gradient already lives there) and the parameter gradients to
-/// `dgamma`, `dbeta`.
-#[allow(clippy::too_many_arguments)]
+/// `grads.dgamma`, `grads.dbeta`.
 pub fn backward<D: LayerNormKernel>(
     dev: &D,
-    dx: &mut D::Buf,
-    dgamma: &mut D::Buf,
-    dbeta: &mut D::Buf,
+    grads: Grads<'_, D::Buf>,
     dout: &D::Buf,
-    x: &D::Buf,
-    mean: &D::Buf,
-    rstd: &D::Buf,
+    saved: Saved<'_, D::Buf>,
     gamma: &D::Buf,
-    rows: usize,
-    cols: usize,
+    shape: Rows,
 ) -> Result<()> {
-    let ok = check_backward(
-        dev, dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols,
-    )?;
+    let ok = check_backward(dev, &grads, dout, saved, gamma, shape)?;
+    let Rows { rows, cols } = shape;
     let n = rows * cols;
     let w = dev.profiling().then(|| {
         work(
             dev,
             &[
                 (dout, n),
-                (x, n),
-                (dx, 2 * n),
-                (mean, rows),
-                (rstd, rows),
+                (saved.x, n),
+                (grads.dx, 2 * n),
+                (saved.mean, rows),
+                (saved.rstd, rows),
                 (gamma, cols),
-                (dgamma, 2 * cols),
-                (dbeta, 2 * cols),
+                (grads.dgamma, 2 * cols),
+                (grads.dbeta, 2 * cols),
             ],
             14.0 * n as f64,
         )
     });
     profiled(dev, "layernorm_backward", w, || {
-        dev.layernorm_backward(
-            dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols, ok,
-        )
+        dev.layernorm_backward(grads, dout, saved, gamma, shape, ok)
     })
 }
 
 /// The checks of `backward`, for callers that time a device's kernels one
 /// by one (the CUDA bench): the token they need to call them.
-#[allow(clippy::too_many_arguments)]
 pub fn check_backward<D: Device>(
     dev: &D,
-    dx: &D::Buf,
-    dgamma: &D::Buf,
-    dbeta: &D::Buf,
+    grads: &Grads<'_, D::Buf>,
     dout: &D::Buf,
-    x: &D::Buf,
-    mean: &D::Buf,
-    rstd: &D::Buf,
+    saved: Saved<'_, D::Buf>,
     gamma: &D::Buf,
-    rows: usize,
-    cols: usize,
+    shape: Rows,
 ) -> Result<Checked> {
-    let n = product("layernorm", &[rows, cols])?;
-    need(dev, "layernorm dx", dx, n)?;
+    let Rows { rows, cols } = shape;
+    let n = shape.elements("layernorm")?;
+    need(dev, "layernorm dx", grads.dx, n)?;
     need(dev, "layernorm dout", dout, n)?;
-    need(dev, "layernorm x", x, n)?;
-    need(dev, "layernorm mean", mean, rows)?;
-    need(dev, "layernorm rstd", rstd, rows)?;
+    need(dev, "layernorm x", saved.x, n)?;
+    need(dev, "layernorm mean", saved.mean, rows)?;
+    need(dev, "layernorm rstd", saved.rstd, rows)?;
     need(dev, "layernorm gamma", gamma, cols)?;
-    need(dev, "layernorm dgamma", dgamma, cols)?;
-    need(dev, "layernorm dbeta", dbeta, cols)?;
+    need(dev, "layernorm dgamma", grads.dgamma, cols)?;
+    need(dev, "layernorm dbeta", grads.dbeta, cols)?;
     Ok(Checked::new())
 }
 
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
+    use super::{Grads, Outputs, Params, Saved};
     use crate::device::Cpu;
-    use crate::ops::Backend;
+    use crate::ops::{Backend, Rows};
     use crate::testing::{
         act, assert_close, dot, each_buffer_short, fd_check, par, randn, random, stat, tol, RED,
     };
 
     const R: usize = 5;
     const C: usize = 24;
+    const SHAPE: Rows = Rows { rows: R, cols: C };
 
     fn forward(x: &[f32], g: &[f32], b: &[f32]) -> Vec<f32> {
         let (mut y, mut m, mut r) = (vec![0.0; R * C], vec![0.0; R], vec![0.0; R]);
-        layernorm_forward(&mut y, &mut m, &mut r, x, g, b, R, C, 1e-6);
+        layernorm_forward(
+            Outputs {
+                out: &mut y,
+                mean: &mut m,
+                rstd: &mut r,
+            },
+            x,
+            Params { gamma: g, beta: b },
+            SHAPE,
+            1e-6,
+        );
         y
     }
 
@@ -219,10 +235,37 @@ mod tests {
             random(R * C, 4),
         );
         let (mut y, mut m, mut r) = (vec![0.0; R * C], vec![0.0; R], vec![0.0; R]);
-        layernorm_forward(&mut y, &mut m, &mut r, &x, &g, &b, R, C, 1e-6);
+        layernorm_forward(
+            Outputs {
+                out: &mut y,
+                mean: &mut m,
+                rstd: &mut r,
+            },
+            &x,
+            Params {
+                gamma: &g,
+                beta: &b,
+            },
+            SHAPE,
+            1e-6,
+        );
         let prior = random(R * C, 5);
         let (mut dx, mut dg, mut db) = (prior.clone(), vec![0.5; C], vec![0.5; C]);
-        layernorm_backward(&mut dx, &mut dg, &mut db, &w, &x, &m, &r, &g, R, C);
+        layernorm_backward(
+            Grads {
+                dx: &mut dx,
+                dgamma: &mut dg,
+                dbeta: &mut db,
+            },
+            &w,
+            Saved {
+                x: &x,
+                mean: &m,
+                rstd: &r,
+            },
+            &g,
+            SHAPE,
+        );
         let dx_only: Vec<f32> = dx.iter().zip(&prior).map(|(a, p)| a - p).collect();
         let dg_only: Vec<f32> = dg.iter().map(|v| v - 0.5).collect();
         let db_only: Vec<f32> = db.iter().map(|v| v - 0.5).collect();
@@ -246,21 +289,47 @@ mod tests {
             let [out, mean, rstd, x, g, be] = b else {
                 unreachable!()
             };
-            super::forward(&Cpu, out, mean, rstd, x, g, be, rows, cols, 1e-6)
+            super::forward(
+                &Cpu,
+                Outputs { out, mean, rstd },
+                x,
+                Params { gamma: g, beta: be },
+                Rows { rows, cols },
+                1e-6,
+            )
         });
         let lens = [n, cols, cols, n, n, rows, rows, cols];
         each_buffer_short("backward", &lens, 1.0, |b| {
             let [dx, dg, db, dout, x, mean, rstd, g] = b else {
                 unreachable!()
             };
-            super::backward(&Cpu, dx, dg, db, dout, x, mean, rstd, g, rows, cols)
+            super::backward(
+                &Cpu,
+                Grads {
+                    dx,
+                    dgamma: dg,
+                    dbeta: db,
+                },
+                dout,
+                Saved { x, mean, rstd },
+                g,
+                Rows { rows, cols },
+            )
         });
         let mut b = vec![vec![0.0f32; n]; 6];
         let [out, mean, rstd, x, g, be] = b.as_mut_slice() else {
             unreachable!()
         };
         assert!(
-            super::forward(&Cpu, out, mean, rstd, x, g, be, rows, cols, 0.0).is_err(),
+            super::forward(
+                &Cpu,
+                Outputs { out, mean, rstd },
+                x,
+                Params { gamma: g, beta: be },
+                Rows { rows, cols },
+                0.0
+            )
+            .is_err(),
             "eps 0"
         );
     }
@@ -289,9 +358,23 @@ mod tests {
                 dev,
                 inputs,
                 |be, [x, gamma, beta, out, mean, rstd, dout, dx, dgamma, dbeta]| {
-                    super::forward(be, out, mean, rstd, x, gamma, beta, rows, cols, 1e-6).unwrap();
+                    let shape = Rows { rows, cols };
+                    super::forward(
+                        be,
+                        Outputs { out, mean, rstd },
+                        x,
+                        Params { gamma, beta },
+                        shape,
+                        1e-6,
+                    )
+                    .unwrap();
                     super::backward(
-                        be, dx, dgamma, dbeta, dout, x, mean, rstd, gamma, rows, cols,
+                        be,
+                        Grads { dx, dgamma, dbeta },
+                        dout,
+                        Saved { x, mean, rstd },
+                        gamma,
+                        shape,
                     )
                     .unwrap();
                 }

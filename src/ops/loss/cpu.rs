@@ -1,9 +1,9 @@
 //! The losses on the CPU: one row (sample or token) per rayon task, row
 //! losses summed in order in f64 (deterministic).
 
-use super::{LogitLossConfig, LossKernel};
+use super::{LogitLossConfig, Logits, LossKernel, Outputs};
 use crate::device::Cpu;
-use crate::ops::Checked;
+use crate::ops::{Checked, Rows};
 use anyhow::Result;
 use rayon::prelude::*;
 
@@ -97,18 +97,23 @@ fn logit_row(
     loss
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn logit_loss(
-    ds: &mut [f32],
-    loss: &mut [f32],
-    s: &[f32],
-    teacher: Option<&[f32]>,
-    labels: &[u32],
-    batch: usize,
-    classes: usize,
+    out: Outputs<'_, [f32]>,
+    logits: Logits<'_, [f32]>,
+    shape: Rows,
     cfg: &LogitLossConfig,
     scale: f32,
 ) {
+    let Outputs { ds, loss } = out;
+    let Logits {
+        student: s,
+        teacher,
+        labels,
+    } = logits;
+    let Rows {
+        rows: batch,
+        cols: classes,
+    } = shape;
     let k = scale as f64 / batch as f64;
     let rows: Vec<f64> = ds[..batch * classes]
         .par_chunks_mut(classes)
@@ -132,16 +137,9 @@ pub fn logit_loss(
     loss[0] += (rows.iter().sum::<f64>() * k) as f32;
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn feature_loss(
-    ds: &mut [f32],
-    loss: &mut [f32],
-    s: &[f32],
-    t: &[f32],
-    rows: usize,
-    cols: usize,
-    scale: f32,
-) {
+pub fn feature_loss(out: Outputs<'_, [f32]>, s: &[f32], t: &[f32], shape: Rows, scale: f32) {
+    let Outputs { ds, loss } = out;
+    let Rows { rows, cols } = shape;
     // loss = scale · (Σ (s − t)² / (rows·cols) + Σ_rows (1 − cos) / rows)
     //      = Σ_rows (scale/rows) · (Σ_row (s − t)² / cols + 1 − cos)
     let w = scale as f64 / rows as f64;
@@ -169,42 +167,39 @@ pub fn feature_loss(
 impl LossKernel for Cpu {
     fn logit_loss(
         &self,
-        ds: &mut Vec<f32>,
-        loss: &mut Vec<f32>,
-        s: &Vec<f32>,
-        teacher: Option<&Vec<f32>>,
-        labels: &[u32],
-        batch: usize,
-        classes: usize,
+        out: Outputs<'_, Vec<f32>>,
+        logits: Logits<'_, Vec<f32>>,
+        shape: Rows,
         cfg: &LogitLossConfig,
         scale: f32,
         _: Checked,
     ) -> Result<()> {
-        logit_loss(
-            ds,
-            loss,
-            s,
-            teacher.map(|t| t.as_slice()),
-            labels,
-            batch,
-            classes,
-            cfg,
-            scale,
-        );
+        let out: Outputs<'_, [f32]> = Outputs {
+            ds: out.ds,
+            loss: out.loss,
+        };
+        let logits: Logits<'_, [f32]> = Logits {
+            student: logits.student,
+            teacher: logits.teacher.map(|t| t.as_slice()),
+            labels: logits.labels,
+        };
+        logit_loss(out, logits, shape, cfg, scale);
         Ok(())
     }
     fn feature_loss(
         &self,
-        ds: &mut Vec<f32>,
-        loss: &mut Vec<f32>,
+        out: Outputs<'_, Vec<f32>>,
         s: &Vec<f32>,
         t: &Vec<f32>,
-        rows: usize,
-        cols: usize,
+        shape: Rows,
         scale: f32,
         _: Checked,
     ) -> Result<()> {
-        feature_loss(ds, loss, s, t, rows, cols, scale);
+        let out: Outputs<'_, [f32]> = Outputs {
+            ds: out.ds,
+            loss: out.loss,
+        };
+        feature_loss(out, s, t, shape, scale);
         Ok(())
     }
 }

@@ -2,10 +2,10 @@
 //! and gradient in one kernel; the batch loss is accumulated on the device
 //! with atomicAdd into `loss[0]`.
 
-use super::{LogitLossConfig, LossKernel};
+use super::{LogitLossConfig, Logits, LossKernel, Outputs};
 use crate::device::cuda::{CudaBuf, DriverResultExt};
 use crate::device::Cuda;
-use crate::ops::Checked;
+use crate::ops::{Checked, Rows};
 use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -20,33 +20,25 @@ fn per_row(rows: usize) -> LaunchConfig {
 impl LossKernel for Cuda {
     fn logit_loss(
         &self,
-        ds: &mut CudaBuf,
-        loss: &mut CudaBuf,
-        s: &CudaBuf,
-        teacher: Option<&CudaBuf>,
-        labels: &[u32],
-        batch: usize,
-        classes: usize,
+        out: Outputs<'_, CudaBuf>,
+        logits: Logits<'_, CudaBuf>,
+        shape: Rows,
         cfg: &LogitLossConfig,
         scale: f32,
         _: Checked,
     ) -> Result<()> {
-        logit_loss(
-            self, ds, loss, s, teacher, labels, batch, classes, cfg, scale,
-        )
+        logit_loss(self, out, logits, shape, cfg, scale)
     }
     fn feature_loss(
         &self,
-        ds: &mut CudaBuf,
-        loss: &mut CudaBuf,
+        out: Outputs<'_, CudaBuf>,
         s: &CudaBuf,
         t: &CudaBuf,
-        rows: usize,
-        cols: usize,
+        shape: Rows,
         scale: f32,
         _: Checked,
     ) -> Result<()> {
-        feature_loss(self, ds, loss, s, t, rows, cols, scale)
+        feature_loss(self, out, s, t, shape, scale)
     }
 }
 
@@ -54,19 +46,24 @@ impl LossKernel for Cuda {
 /// null), const unsigned* labels, int batch, int classes, float ce_weight,
 /// float label_smoothing, float kd_weight, float temperature, float
 /// feature_weight, float scale)`.
-#[allow(clippy::too_many_arguments)]
 fn logit_loss(
     be: &Cuda,
-    ds: &mut CudaBuf,
-    loss: &mut CudaBuf,
-    s: &CudaBuf,
-    teacher: Option<&CudaBuf>,
-    labels: &[u32],
-    batch: usize,
-    classes: usize,
+    out: Outputs<'_, CudaBuf>,
+    logits: Logits<'_, CudaBuf>,
+    shape: Rows,
     cfg: &LogitLossConfig,
     scale: f32,
 ) -> Result<()> {
+    let Outputs { ds, loss } = out;
+    let Logits {
+        student: s,
+        teacher,
+        labels,
+    } = logits;
+    let Rows {
+        rows: batch,
+        cols: classes,
+    } = shape;
     if batch * classes == 0 {
         return Ok(());
     }
@@ -104,17 +101,16 @@ fn logit_loss(
 
 /// `feature_loss(act_t* ds, float* loss, const act_t* s, const act_t* t,
 /// int rows, int cols, float scale)`.
-#[allow(clippy::too_many_arguments)]
 fn feature_loss(
     be: &Cuda,
-    ds: &mut CudaBuf,
-    loss: &mut CudaBuf,
+    out: Outputs<'_, CudaBuf>,
     s: &CudaBuf,
     t: &CudaBuf,
-    rows: usize,
-    cols: usize,
+    shape: Rows,
     scale: f32,
 ) -> Result<()> {
+    let Outputs { ds, loss } = out;
+    let Rows { rows, cols } = shape;
     if rows * cols == 0 {
         return Ok(());
     }

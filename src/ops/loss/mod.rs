@@ -19,7 +19,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-use super::{need, product, profiled, work, Checked};
+use super::{need, profiled, work, Checked, Rows};
 use crate::device::Device;
 use anyhow::{bail, Result};
 
@@ -45,58 +45,78 @@ pub struct LogitLossConfig {
     pub feature_weight: f32,
 }
 
+/// What a loss writes: the gradient `ds` with respect to the student's
+/// values (the shape of `s`) and the running loss in `loss[0]`.
+pub struct Outputs<'a, B: ?Sized> {
+    pub ds: &'a mut B,
+    pub loss: &'a mut B,
+}
+
+/// The inputs of `logit_loss`, `[batch, classes]` each: the student's
+/// logits, the teacher's (needed by the KD and feature terms) and the
+/// labels (needed by the CE term).
+pub struct Logits<'a, B: ?Sized> {
+    pub student: &'a B,
+    pub teacher: Option<&'a B>,
+    pub labels: &'a [u32],
+}
+
+impl<B: ?Sized> Clone for Logits<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: ?Sized> Copy for Logits<'_, B> {}
+
 /// Device bodies of the losses (call `logit_loss` / `feature_loss`).
 pub trait LossKernel: Device {
-    #[allow(clippy::too_many_arguments)]
     fn logit_loss(
         &self,
-        ds: &mut Self::Buf,
-        loss: &mut Self::Buf,
-        s: &Self::Buf,
-        teacher: Option<&Self::Buf>,
-        labels: &[u32],
-        batch: usize,
-        classes: usize,
+        out: Outputs<'_, Self::Buf>,
+        logits: Logits<'_, Self::Buf>,
+        shape: Rows,
         cfg: &LogitLossConfig,
         scale: f32,
         _: Checked,
     ) -> Result<()>;
-    #[allow(clippy::too_many_arguments)]
     fn feature_loss(
         &self,
-        ds: &mut Self::Buf,
-        loss: &mut Self::Buf,
+        out: Outputs<'_, Self::Buf>,
         s: &Self::Buf,
         t: &Self::Buf,
-        rows: usize,
-        cols: usize,
+        shape: Rows,
         scale: f32,
         _: Checked,
     ) -> Result<()>;
 }
 
-/// Fused loss over the logits `s[batch, classes]` (see `LogitLossConfig`):
-/// WRITES `ds` (the gradient of the batch-mean loss, times `scale`) and
-/// ADDS `scale` × the batch-mean loss to `loss[0]`. `teacher` is required
-/// when `kd_weight` or `feature_weight` is non-zero; `labels` when
-/// `ce_weight` is non-zero.
-#[allow(clippy::too_many_arguments)]
+/// Fused loss over the logits `s[batch, classes]` (see `LogitLossConfig`;
+/// `shape` is `[batch, classes]`): WRITES `out.ds` (the gradient of the
+/// batch-mean loss, times `scale`) and ADDS `scale` × the batch-mean loss
+/// to `out.loss[0]`. `logits.teacher` is required when `kd_weight` or
+/// `feature_weight` is non-zero; `logits.labels` when `ce_weight` is
+/// non-zero.
 pub fn logit_loss<D: LossKernel>(
     dev: &D,
-    ds: &mut D::Buf,
-    loss: &mut D::Buf,
-    s: &D::Buf,
-    teacher: Option<&D::Buf>,
-    labels: &[u32],
-    batch: usize,
-    classes: usize,
+    out: Outputs<'_, D::Buf>,
+    logits: Logits<'_, D::Buf>,
+    shape: Rows,
     cfg: &LogitLossConfig,
     scale: f32,
 ) -> Result<()> {
-    let n = product("logit_loss", &[batch, classes])?;
+    let Rows {
+        rows: batch,
+        cols: classes,
+    } = shape;
+    let Logits {
+        student: s,
+        teacher,
+        labels,
+    } = logits;
+    let n = shape.elements("logit_loss")?;
     need(dev, "logit_loss s", s, n)?;
-    need(dev, "logit_loss ds", ds, n)?;
-    need(dev, "logit_loss loss", loss, 1)?;
+    need(dev, "logit_loss ds", out.ds, n)?;
+    need(dev, "logit_loss loss", out.loss, 1)?;
     if (cfg.kd_weight != 0.0 || cfg.feature_weight != 0.0) && teacher.is_none() {
         bail!("logit_loss: the KD or feature term needs teacher logits");
     }
@@ -121,58 +141,44 @@ pub fn logit_loss<D: LossKernel>(
         let t = teacher
             .map(|t| work(dev, &[(t, n)], 0.0))
             .unwrap_or_default();
-        work(dev, &[(s, n), (ds, n)], 30.0 * n as f64) + t
+        work(dev, &[(s, n), (out.ds, n)], 30.0 * n as f64) + t
     });
     profiled(dev, "logit_loss", w, || {
-        dev.logit_loss(
-            ds,
-            loss,
-            s,
-            teacher,
-            labels,
-            batch,
-            classes,
-            cfg,
-            scale,
-            Checked::new(),
-        )
+        dev.logit_loss(out, logits, shape, cfg, scale, Checked::new())
     })
 }
 
 /// Feature-matching loss of one feature map `s, t: [rows, cols]`:
 /// `scale · (MSE(s, t) + mean over rows of (1 - cos(s_row, t_row)))`,
-/// MSE averaged over all `rows*cols` elements. ADDS the loss to `loss[0]`
-/// and the gradient with respect to `s` to `ds`.
-#[allow(clippy::too_many_arguments)]
+/// MSE averaged over all `rows*cols` elements. ADDS the loss to
+/// `out.loss[0]` and the gradient with respect to `s` to `out.ds`.
 pub fn feature_loss<D: LossKernel>(
     dev: &D,
-    ds: &mut D::Buf,
-    loss: &mut D::Buf,
+    out: Outputs<'_, D::Buf>,
     s: &D::Buf,
     t: &D::Buf,
-    rows: usize,
-    cols: usize,
+    shape: Rows,
     scale: f32,
 ) -> Result<()> {
-    let n = product("feature_loss", &[rows, cols])?;
+    let n = shape.elements("feature_loss")?;
     need(dev, "feature_loss s", s, n)?;
     need(dev, "feature_loss t", t, n)?;
-    need(dev, "feature_loss ds", ds, n)?;
-    need(dev, "feature_loss loss", loss, 1)?;
+    need(dev, "feature_loss ds", out.ds, n)?;
+    need(dev, "feature_loss loss", out.loss, 1)?;
     let w = dev
         .profiling()
-        .then(|| work(dev, &[(s, n), (t, n), (ds, 2 * n)], 10.0 * n as f64));
+        .then(|| work(dev, &[(s, n), (t, n), (out.ds, 2 * n)], 10.0 * n as f64));
     profiled(dev, "feature_loss", w, || {
-        dev.feature_loss(ds, loss, s, t, rows, cols, scale, Checked::new())
+        dev.feature_loss(out, s, t, shape, scale, Checked::new())
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::cpu::*;
-    use super::LogitLossConfig;
+    use super::{LogitLossConfig, Logits, Outputs};
     use crate::device::Cpu;
-    use crate::ops::Backend;
+    use crate::ops::{Backend, Rows};
     use crate::rng::Rng;
     use crate::testing::{act, assert_close, fd_check, par, randn, random, tol, RED};
 
@@ -181,7 +187,20 @@ mod tests {
 
     fn value(s: &[f32], t: &[f32], labels: &[u32], cfg: &LogitLossConfig) -> f64 {
         let (mut ds, mut loss) = (vec![0.0; B * C], vec![0.0]);
-        logit_loss(&mut ds, &mut loss, s, Some(t), labels, B, C, cfg, 1.0);
+        logit_loss(
+            Outputs {
+                ds: &mut ds,
+                loss: &mut loss,
+            },
+            Logits {
+                student: s,
+                teacher: Some(t),
+                labels,
+            },
+            Rows::new(B, C),
+            cfg,
+            1.0,
+        );
         loss[0] as f64
     }
 
@@ -189,7 +208,20 @@ mod tests {
         let (s, t) = (random(B * C, 1), random(B * C, 2));
         let labels = [2u32, 0, 6];
         let (mut ds, mut loss) = (vec![0.0; B * C], vec![0.0]);
-        logit_loss(&mut ds, &mut loss, &s, Some(&t), &labels, B, C, &cfg, 1.0);
+        logit_loss(
+            Outputs {
+                ds: &mut ds,
+                loss: &mut loss,
+            },
+            Logits {
+                student: &s,
+                teacher: Some(&t),
+                labels: &labels,
+            },
+            Rows::new(B, C),
+            &cfg,
+            1.0,
+        );
         fd_check(&format!("{cfg:?}"), &s, &ds, B * C, |s| {
             value(s, &t, &labels, &cfg)
         });
@@ -220,13 +252,16 @@ mod tests {
         let s = [0.0f32, 3f32.ln()];
         let (mut ds, mut loss) = (vec![0.0; 2], vec![0.0]);
         logit_loss(
-            &mut ds,
-            &mut loss,
-            &s,
-            None,
-            &[1],
-            1,
-            2,
+            Outputs {
+                ds: &mut ds,
+                loss: &mut loss,
+            },
+            Logits {
+                student: &s,
+                teacher: None,
+                labels: &[1],
+            },
+            Rows::new(1, 2),
             &cfg(1.0, 0.0, 0.0, 1.0, 0.0),
             1.0,
         );
@@ -234,13 +269,16 @@ mod tests {
         // KD of identical logits is zero; of (0,0) vs (0, ln 3) at T=1 it is KL((1/4,3/4) || (1/2,1/2)).
         let (mut ds, mut loss) = (vec![0.0; 2], vec![0.0]);
         logit_loss(
-            &mut ds,
-            &mut loss,
-            &[0.0, 0.0],
-            Some(&s),
-            &[0],
-            1,
-            2,
+            Outputs {
+                ds: &mut ds,
+                loss: &mut loss,
+            },
+            Logits {
+                student: &[0.0, 0.0],
+                teacher: Some(&s),
+                labels: &[0],
+            },
+            Rows::new(1, 2),
             &cfg(0.0, 0.0, 1.0, 1.0, 0.0),
             1.0,
         );
@@ -250,13 +288,16 @@ mod tests {
         let t = [1.0f32, 2.0];
         let (mut ds, mut loss) = (vec![0.0; 2], vec![0.0]);
         logit_loss(
-            &mut ds,
-            &mut loss,
-            &[2.0, 4.0],
-            Some(&t),
-            &[0],
-            1,
-            2,
+            Outputs {
+                ds: &mut ds,
+                loss: &mut loss,
+            },
+            Logits {
+                student: &[2.0, 4.0],
+                teacher: Some(&t),
+                labels: &[0],
+            },
+            Rows::new(1, 2),
             &cfg(0.0, 0.0, 0.0, 1.0, 1.0),
             1.0,
         );
@@ -267,13 +308,16 @@ mod tests {
     fn a_nan_logit_gives_a_nan_loss() {
         let (mut ds, mut loss) = (vec![0.0; 2], vec![0.0]);
         logit_loss(
-            &mut ds,
-            &mut loss,
-            &[f32::NAN, 0.0],
-            None,
-            &[0],
-            1,
-            2,
+            Outputs {
+                ds: &mut ds,
+                loss: &mut loss,
+            },
+            Logits {
+                student: &[f32::NAN, 0.0],
+                teacher: None,
+                labels: &[0],
+            },
+            Rows::new(1, 2),
             &cfg(1.0, 0.0, 0.0, 1.0, 0.0),
             1.0,
         );
@@ -286,11 +330,29 @@ mod tests {
         let (s, t) = (random(rows * cols, 1), random(rows * cols, 2));
         let mut ds = vec![1.0; rows * cols];
         let mut loss = vec![2.0];
-        feature_loss(&mut ds, &mut loss, &s, &t, rows, cols, 0.7);
+        feature_loss(
+            Outputs {
+                ds: &mut ds,
+                loss: &mut loss,
+            },
+            &s,
+            &t,
+            Rows::new(rows, cols),
+            0.7,
+        );
         let grad: Vec<f32> = ds.iter().map(|v| v - 1.0).collect();
         fd_check("feature", &s, &grad, 24, |s| {
             let (mut d, mut l) = (vec![0.0; rows * cols], vec![0.0]);
-            feature_loss(&mut d, &mut l, s, &t, rows, cols, 0.7);
+            feature_loss(
+                Outputs {
+                    ds: &mut d,
+                    loss: &mut l,
+                },
+                s,
+                &t,
+                Rows::new(rows, cols),
+                0.7,
+            );
             l[0] as f64
         });
         assert!(loss[0] > 2.0);
@@ -303,13 +365,16 @@ mod tests {
         let kd = cfg(0.0, 0.0, 1.0, 4.0, 0.0);
         assert!(super::logit_loss(
             &Cpu,
-            &mut z(B * C),
-            &mut z(1),
-            &z(B * C),
-            None,
-            &[0, 1, 2],
-            B,
-            C,
+            Outputs {
+                ds: &mut z(B * C),
+                loss: &mut z(1)
+            },
+            Logits {
+                student: &z(B * C),
+                teacher: None,
+                labels: &[0, 1, 2]
+            },
+            Rows::new(B, C),
             &ce,
             1.0
         )
@@ -317,13 +382,16 @@ mod tests {
         assert!(
             super::logit_loss(
                 &Cpu,
-                &mut z(B * C - 1),
-                &mut z(1),
-                &z(B * C),
-                None,
-                &[0, 1, 2],
-                B,
-                C,
+                Outputs {
+                    ds: &mut z(B * C - 1),
+                    loss: &mut z(1)
+                },
+                Logits {
+                    student: &z(B * C),
+                    teacher: None,
+                    labels: &[0, 1, 2]
+                },
+                Rows::new(B, C),
                 &ce,
                 1.0
             )
@@ -333,13 +401,16 @@ mod tests {
         assert!(
             super::logit_loss(
                 &Cpu,
-                &mut z(B * C),
-                &mut z(0),
-                &z(B * C),
-                None,
-                &[0, 1, 2],
-                B,
-                C,
+                Outputs {
+                    ds: &mut z(B * C),
+                    loss: &mut z(0)
+                },
+                Logits {
+                    student: &z(B * C),
+                    teacher: None,
+                    labels: &[0, 1, 2]
+                },
+                Rows::new(B, C),
                 &ce,
                 1.0
             )
@@ -349,13 +420,16 @@ mod tests {
         assert!(
             super::logit_loss(
                 &Cpu,
-                &mut z(B * C),
-                &mut z(1),
-                &z(B * C - 1),
-                None,
-                &[0, 1, 2],
-                B,
-                C,
+                Outputs {
+                    ds: &mut z(B * C),
+                    loss: &mut z(1)
+                },
+                Logits {
+                    student: &z(B * C - 1),
+                    teacher: None,
+                    labels: &[0, 1, 2]
+                },
+                Rows::new(B, C),
                 &ce,
                 1.0
             )
@@ -365,13 +439,16 @@ mod tests {
         assert!(
             super::logit_loss(
                 &Cpu,
-                &mut z(B * C),
-                &mut z(1),
-                &z(B * C),
-                None,
-                &[0, 1],
-                B,
-                C,
+                Outputs {
+                    ds: &mut z(B * C),
+                    loss: &mut z(1)
+                },
+                Logits {
+                    student: &z(B * C),
+                    teacher: None,
+                    labels: &[0, 1]
+                },
+                Rows::new(B, C),
                 &ce,
                 1.0
             )
@@ -381,13 +458,16 @@ mod tests {
         assert!(
             super::logit_loss(
                 &Cpu,
-                &mut z(B * C),
-                &mut z(1),
-                &z(B * C),
-                None,
-                &[0, 1, 7],
-                B,
-                C,
+                Outputs {
+                    ds: &mut z(B * C),
+                    loss: &mut z(1)
+                },
+                Logits {
+                    student: &z(B * C),
+                    teacher: None,
+                    labels: &[0, 1, 7]
+                },
+                Rows::new(B, C),
                 &ce,
                 1.0
             )
@@ -397,13 +477,16 @@ mod tests {
         assert!(
             super::logit_loss(
                 &Cpu,
-                &mut z(B * C),
-                &mut z(1),
-                &z(B * C),
-                None,
-                &[],
-                B,
-                C,
+                Outputs {
+                    ds: &mut z(B * C),
+                    loss: &mut z(1)
+                },
+                Logits {
+                    student: &z(B * C),
+                    teacher: None,
+                    labels: &[]
+                },
+                Rows::new(B, C),
                 &kd,
                 1.0
             )
@@ -413,13 +496,16 @@ mod tests {
         assert!(
             super::logit_loss(
                 &Cpu,
-                &mut z(B * C),
-                &mut z(1),
-                &z(B * C),
-                Some(&z(B * C - 1)),
-                &[],
-                B,
-                C,
+                Outputs {
+                    ds: &mut z(B * C),
+                    loss: &mut z(1)
+                },
+                Logits {
+                    student: &z(B * C),
+                    teacher: Some(&z(B * C - 1)),
+                    labels: &[]
+                },
+                Rows::new(B, C),
                 &kd,
                 1.0
             )
@@ -429,13 +515,16 @@ mod tests {
         assert!(
             super::logit_loss(
                 &Cpu,
-                &mut z(B * C),
-                &mut z(1),
-                &z(B * C),
-                Some(&z(B * C)),
-                &[],
-                B,
-                C,
+                Outputs {
+                    ds: &mut z(B * C),
+                    loss: &mut z(1)
+                },
+                Logits {
+                    student: &z(B * C),
+                    teacher: Some(&z(B * C)),
+                    labels: &[]
+                },
+                Rows::new(B, C),
                 &cfg(0.0, 0.0, 1.0, 0.0, 0.0),
                 1.0
             )
@@ -447,12 +536,13 @@ mod tests {
             let l = |i: usize, n: usize| if i == short { n - 1 } else { n };
             let res = super::feature_loss(
                 &Cpu,
-                &mut z(l(0, rows * cols)),
-                &mut z(l(1, 1)),
+                Outputs {
+                    ds: &mut z(l(0, rows * cols)),
+                    loss: &mut z(l(1, 1)),
+                },
                 &z(l(2, rows * cols)),
                 &z(l(3, rows * cols)),
-                rows,
-                cols,
+                Rows::new(rows, cols),
                 1.0,
             );
             assert!(res.is_err(), "feature_loss with argument {short} short");
@@ -479,8 +569,19 @@ mod tests {
                     par(vec![0.25])
                 ],
                 |be, [s, t, ds, loss]| {
-                    super::logit_loss(be, ds, loss, s, Some(t), &labels, batch, classes, &c, 0.5)
-                        .unwrap();
+                    super::logit_loss(
+                        be,
+                        Outputs { ds, loss },
+                        Logits {
+                            student: s,
+                            teacher: Some(t),
+                            labels: &labels,
+                        },
+                        Rows::new(batch, classes),
+                        &c,
+                        0.5,
+                    )
+                    .unwrap();
                 }
             );
             assert_close(
@@ -503,7 +604,8 @@ mod tests {
                 par(vec![1.5])
             ],
             |be, [s, t, ds, loss]| {
-                super::feature_loss(be, ds, loss, s, t, rows, cols, 0.7).unwrap();
+                super::feature_loss(be, Outputs { ds, loss }, s, t, Rows::new(rows, cols), 0.7)
+                    .unwrap();
             }
         );
         assert_close(
