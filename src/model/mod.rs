@@ -10,6 +10,7 @@ pub mod pth;
 
 pub use config::VitConfig;
 pub use params::{Linear, Ranks, VitParams};
+mod block;
 pub mod linear;
 pub mod vit;
 

@@ -52,15 +52,15 @@
 //! Activations are allocated once for a maximum batch (`VitActs::new`) and
 //! reused every step; a smaller batch uses their leading part.
 
+use super::block::{MlpGradient, OutputGradient, TransformerBlock};
 use super::config::VitConfig;
 use super::linear::{linear_backward, linear_forward, Flow, LinearShape, Saved};
 use super::params::{param_specs, validate_ranks, BlockLinear, PerLinear, Ranks, VitParams};
 use crate::device::{BufKind, Device};
-use crate::ops::add_layernorm::Terms;
-use crate::ops::attention::{AttentionShape, Qkv};
+use crate::ops::attention::AttentionShape;
 use crate::ops::layernorm::Params;
 use crate::ops::matmul::Accumulate;
-use crate::ops::{add, add_layernorm, attention, embed, gelu, layernorm, matmul, Backend, Rows};
+use crate::ops::{embed, layernorm, matmul, Backend, Rows};
 use crate::options::ModelPaths;
 use anyhow::{bail, Result};
 
@@ -85,11 +85,11 @@ pub struct Vit<B: Backend> {
 }
 
 /// Where a block writes its output.
-enum BlockOut<'a, T> {
+pub(super) enum BlockOut<'a, T> {
     /// A buffer: the last block's `x_out`, or its class-token rows.
     Buf(&'a mut T),
-    /// The next block (its index): its input, and on the fused path its LN1.
-    Next(&'a mut BlockActs<T>, usize),
+    /// The next block: its input, and on the fused path its LN1.
+    Next(&'a mut BlockActs<T>),
 }
 
 /// Gradients have the parameters' structure.
@@ -131,6 +131,20 @@ pub struct BlockActs<T> {
     pub h: PerLinear<Option<T>>,
 }
 
+/// The last block's activations on the class-token rows alone, the
+/// class-token tail (`forward_logits`).
+pub struct ClassTokenActs<T> {
+    /// The block input's and LN1's class-token rows, `[batch, D]`.
+    pub x_in: T,
+    pub ln1: T,
+    /// The class token's query, `[batch, D]`, and its attention
+    /// probabilities over every token, `[batch, heads, T]`.
+    pub q: T,
+    pub probs: T,
+    /// The attention output's class-token rows, `[batch, D]`.
+    pub attn: T,
+}
+
 /// Every activation of a forward pass for up to `max_batch` images.
 pub struct VitActs<B: Backend> {
     pub max_batch: usize,
@@ -140,14 +154,10 @@ pub struct VitActs<B: Backend> {
     pub blocks: Vec<BlockActs<B::Buf>>,
     /// Final residual stream `x_L`, `[N, D]` (not written by `forward_logits`).
     pub x_out: B::Buf,
-    /// Class-token rows of the last block's input, LN1, query and attention
-    /// output, `[batch, D]`, and its attention probabilities `[batch,
-    /// heads, T]` (`forward_logits` only).
-    pub cls_x_in: B::Buf,
-    pub cls_ln1: B::Buf,
-    pub cls_q: B::Buf,
-    pub cls_probs: B::Buf,
-    pub cls_attn: B::Buf,
+    /// The last block's class-token rows (`forward_logits` only).
+    pub class_token: ClassTokenActs<B::Buf>,
+    /// The final residual stream's class-token rows, `[batch, D]`, the
+    /// final LayerNorm's output and statistics, and the logits.
     pub cls: B::Buf,
     pub cls_ln: B::Buf,
     pub cls_mean: B::Buf,
@@ -157,8 +167,10 @@ pub struct VitActs<B: Backend> {
     forwarded: Option<(Outputs, usize)>,
 }
 
-/// Scratch buffers of the backward pass.
+/// Scratch buffers of the backward pass, one meaning each.
 pub struct VitBackwardScratch<B: Backend> {
+    /// The gradient of the residual stream at the current block's output,
+    /// then (after its LN1) at its input, `[N, D]`.
     pub dx: B::Buf,
     pub d_sub: B::Buf,
     pub d_ln: B::Buf,
@@ -169,10 +181,16 @@ pub struct VitBackwardScratch<B: Backend> {
     pub d_hidden: B::Buf,
     pub d_hidden2: B::Buf,
     pub dh: B::Buf,
+    /// The gradient of the final residual stream's class-token rows
+    /// (`acts.cls`), `[batch, D]`.
     pub d_cls: B::Buf,
+    /// The gradient of the final LayerNorm's output (`acts.cls_ln`).
     pub d_cls_ln: B::Buf,
-    /// Gradient of the last block's class-token query (class-token tail).
+    /// Class-token tail: the gradients of the last block's class-token
+    /// attention output, query and LN1 rows, `[batch, D]`.
+    pub d_cls_attn: B::Buf,
     pub d_cls_q: B::Buf,
+    pub d_cls_ln1: B::Buf,
     pub d_patch_out: B::Buf,
 }
 
@@ -233,7 +251,7 @@ impl<B: Backend> Vit<B> {
         Ok(())
     }
 
-    fn linear_shape(&self, block: usize, l: BlockLinear) -> LinearShape {
+    pub(super) fn linear_shape(&self, block: usize, l: BlockLinear) -> LinearShape {
         let (out, inp) = l.shape(&self.cfg);
         LinearShape {
             inp,
@@ -301,11 +319,13 @@ impl<B: Backend> Vit<B> {
             patch_out: a(max_batch * c.n_patches() * d)?,
             blocks,
             x_out: a(n * d)?,
-            cls_x_in: a(max_batch * d)?,
-            cls_ln1: a(max_batch * d)?,
-            cls_q: a(max_batch * d)?,
-            cls_probs: a(max_batch * c.heads * t)?,
-            cls_attn: a(max_batch * d)?,
+            class_token: ClassTokenActs {
+                x_in: a(max_batch * d)?,
+                ln1: a(max_batch * d)?,
+                q: a(max_batch * d)?,
+                probs: a(max_batch * c.heads * t)?,
+                attn: a(max_batch * d)?,
+            },
             cls: a(max_batch * d)?,
             cls_ln: a(max_batch * d)?,
             cls_mean: stat(max_batch)?,
@@ -340,7 +360,9 @@ impl<B: Backend> Vit<B> {
             dh: a(n * max_rank)?,
             d_cls: a(max_batch * d)?,
             d_cls_ln: a(max_batch * d)?,
+            d_cls_attn: a(max_batch * d)?,
             d_cls_q: a(max_batch * d)?,
+            d_cls_ln1: a(max_batch * d)?,
             d_patch_out: a(max_batch * c.n_patches() * d)?,
         })
     }
@@ -438,111 +460,21 @@ impl<B: Backend> Vit<B> {
         )?;
 
         for l in 0..c.depth {
+            let block = TransformerBlock { vit: self, l };
             let (done, rest) = acts.blocks.split_at_mut(l + 1);
             let a = &mut done[l];
-            let bp = &p.blocks[l];
-            // On the fused path the previous block wrote this LN1 with its output.
-            if !(self.paths.fused_add_layernorm && l > 0) {
-                layernorm::forward(
-                    be,
-                    layernorm::Outputs {
-                        out: &mut a.ln1,
-                        mean: &mut a.ln1_mean,
-                        rstd: &mut a.ln1_rstd,
-                    },
-                    &a.x_in,
-                    Params {
-                        gamma: &bp.norm1_w,
-                        beta: &bp.norm1_b,
-                    },
-                    Rows::new(n, d),
-                    c.ln_eps,
-                )?;
-            }
-            linear_forward(
-                be,
-                &bp.k,
-                self.linear_shape(l, BlockLinear::K),
-                &mut a.k,
-                a.h[BlockLinear::K].as_mut(),
-                &a.ln1,
-                n,
-            )?;
-            linear_forward(
-                be,
-                &bp.v,
-                self.linear_shape(l, BlockLinear::V),
-                &mut a.v,
-                a.h[BlockLinear::V].as_mut(),
-                &a.ln1,
-                n,
-            )?;
-            let class_rows = rest.is_empty() && outputs == Outputs::LogitsOnly;
-            if class_rows && self.paths.class_token_query {
-                // Only the class token's row of this block reaches the logits: its query alone.
-                embed::cls_gather(be, &mut acts.cls_ln1, &a.ln1, batch, t, d)?;
-                linear_forward(
-                    be,
-                    &bp.q,
-                    self.linear_shape(l, BlockLinear::Q),
-                    &mut acts.cls_q,
-                    a.h[BlockLinear::Q].as_mut(),
-                    &acts.cls_ln1,
-                    batch,
-                )?;
-                attention::class_token_forward(
-                    be,
-                    &mut acts.cls_attn,
-                    &mut acts.cls_probs,
-                    Qkv {
-                        q: &acts.cls_q,
-                        k: &a.k,
-                        v: &a.v,
-                    },
-                    shape,
-                )?;
-            } else {
-                linear_forward(
-                    be,
-                    &bp.q,
-                    self.linear_shape(l, BlockLinear::Q),
-                    &mut a.q,
-                    a.h[BlockLinear::Q].as_mut(),
-                    &a.ln1,
-                    n,
-                )?;
-                attention::forward(
-                    be,
-                    &mut a.attn,
-                    &mut a.probs,
-                    Qkv {
-                        q: &a.q,
-                        k: &a.k,
-                        v: &a.v,
-                    },
-                    shape,
-                )?;
-                if class_rows {
-                    embed::cls_gather(be, &mut acts.cls_attn, &a.attn, batch, t, d)?;
-                }
-            }
+            block.kv_forward(be, a, shape)?;
             match (rest.first_mut(), outputs) {
-                (Some(next), _) => {
-                    self.block_tail(be, l, a, None, BlockOut::Next(next, l + 1), n)?
-                }
-                (None, Outputs::Everything) => {
-                    self.block_tail(be, l, a, None, BlockOut::Buf(&mut acts.x_out), n)?
-                }
                 (None, Outputs::LogitsOnly) => {
-                    embed::cls_gather(be, &mut acts.cls_x_in, &a.x_in, batch, t, d)?;
-                    self.block_tail(
-                        be,
-                        l,
-                        a,
-                        Some((&acts.cls_x_in, &acts.cls_attn)),
-                        BlockOut::Buf(&mut acts.cls),
-                        batch,
-                    )?;
+                    block.class_token_forward(be, a, &mut acts.class_token, &mut acts.cls, shape)?
+                }
+                (next, _) => {
+                    block.attention_forward(be, a, shape)?;
+                    let out = match next {
+                        Some(next) => BlockOut::Next(next),
+                        None => BlockOut::Buf(&mut acts.x_out),
+                    };
+                    block.tail_forward(be, a, None, out, n)?;
                 }
             }
         }
@@ -576,117 +508,6 @@ impl<B: Backend> Vit<B> {
         )?;
         acts.forwarded = Some((outputs, batch));
         Ok(())
-    }
-
-    /// The rest of block `l` after attention, on `rows` rows, writing the
-    /// block's output to `out`:
-    /// `m = x_in + proj(attn)`, `x_next = m + fc2(GELU(fc1(LN2(m))))`.
-    /// `x_in` and `attn` are the block's own (`a.x_in`, `a.attn`) unless
-    /// `inputs` gives other rows of them.
-    fn block_tail(
-        &self,
-        be: &B,
-        l: usize,
-        a: &mut BlockActs<B::Buf>,
-        inputs: Option<(&B::Buf, &B::Buf)>,
-        out: BlockOut<'_, B::Buf>,
-        rows: usize,
-    ) -> Result<()> {
-        let (c, bp) = (&self.cfg, &self.params.blocks[l]);
-        let d = c.width;
-        let (x_in, attn) = inputs.unwrap_or((&a.x_in, &a.attn));
-        linear_forward(
-            be,
-            &bp.proj,
-            self.linear_shape(l, BlockLinear::Proj),
-            &mut a.attn_out,
-            a.h[BlockLinear::Proj].as_mut(),
-            attn,
-            rows,
-        )?;
-        if self.paths.fused_add_layernorm {
-            add_layernorm::forward(
-                be,
-                add_layernorm::Outputs {
-                    sum: &mut a.x_mid,
-                    out: &mut a.ln2,
-                    mean: &mut a.ln2_mean,
-                    rstd: &mut a.ln2_rstd,
-                },
-                Terms {
-                    a: x_in,
-                    b: &a.attn_out,
-                },
-                Params {
-                    gamma: &bp.norm2_w,
-                    beta: &bp.norm2_b,
-                },
-                Rows::new(rows, d),
-                c.ln_eps,
-            )?;
-        } else {
-            add::add(be, &mut a.x_mid, x_in, &a.attn_out, rows * d)?;
-            layernorm::forward(
-                be,
-                layernorm::Outputs {
-                    out: &mut a.ln2,
-                    mean: &mut a.ln2_mean,
-                    rstd: &mut a.ln2_rstd,
-                },
-                &a.x_mid,
-                Params {
-                    gamma: &bp.norm2_w,
-                    beta: &bp.norm2_b,
-                },
-                Rows::new(rows, d),
-                c.ln_eps,
-            )?;
-        }
-        linear_forward(
-            be,
-            &bp.fc1,
-            self.linear_shape(l, BlockLinear::Fc1),
-            &mut a.fc1_pre,
-            a.h[BlockLinear::Fc1].as_mut(),
-            &a.ln2,
-            rows,
-        )?;
-        gelu::forward(be, &mut a.fc1_act, &a.fc1_pre, rows * c.mlp)?;
-        linear_forward(
-            be,
-            &bp.fc2,
-            self.linear_shape(l, BlockLinear::Fc2),
-            &mut a.mlp_out,
-            a.h[BlockLinear::Fc2].as_mut(),
-            &a.fc1_act,
-            rows,
-        )?;
-        match out {
-            BlockOut::Next(next, nl) if self.paths.fused_add_layernorm => {
-                let np = &self.params.blocks[nl];
-                add_layernorm::forward(
-                    be,
-                    add_layernorm::Outputs {
-                        sum: &mut next.x_in,
-                        out: &mut next.ln1,
-                        mean: &mut next.ln1_mean,
-                        rstd: &mut next.ln1_rstd,
-                    },
-                    Terms {
-                        a: &a.x_mid,
-                        b: &a.mlp_out,
-                    },
-                    Params {
-                        gamma: &np.norm1_w,
-                        beta: &np.norm1_b,
-                    },
-                    Rows::new(rows, d),
-                    c.ln_eps,
-                )
-            }
-            BlockOut::Next(next, _) => add::add(be, &mut next.x_in, &a.x_mid, &a.mlp_out, rows * d),
-            BlockOut::Buf(x_next) => add::add(be, x_next, &a.x_mid, &a.mlp_out, rows * d),
-        }
     }
 
     /// Backward pass from `d.logits` (`[batch, classes]`), after `forward`
@@ -782,325 +603,27 @@ impl<B: Backend> Vit<B> {
         // class-token rows). On the fused path a LayerNorm's backward also
         // leaves a copy of its dx in s.d_sub (`d_sub_ready`), the copy each
         // sub-layer starts from.
-        let fused = self.paths.fused_add_layernorm;
         let mut d_sub_ready = false;
         for l in (0..c.depth).rev() {
-            let a = &acts.blocks[l];
-            let bp = &p.blocks[l];
-            let g = &mut grads.blocks[l];
+            let block = TransformerBlock { vit: self, l };
+            let (a, g) = (&acts.blocks[l], &mut grads.blocks[l]);
             let class_rows = tail && l + 1 == c.depth;
-            let rows = if class_rows { batch } else { n };
-            let d_out = if class_rows { &mut s.d_cls } else { &mut s.dx };
-
-            // MLP sub-layer: f_mlp = fc2(gelu(fc1(LN2(m)))).
-            if !d_sub_ready {
-                be.copy(&mut s.d_sub, d_out, rows * d)?;
-            }
-            if let Some(f) = feature_grads {
-                add::add_assign(be, &mut s.d_sub, &f[l].1, n * d)?;
-            }
-            linear_backward(
-                be,
-                &bp.fc2,
-                &mut g.fc2,
-                self.linear_shape(l, BlockLinear::Fc2),
-                Saved {
-                    rows,
-                    x: &a.fc1_act,
-                    h: a.h[BlockLinear::Fc2].as_ref(),
+            let from = MlpGradient {
+                d_out: if class_rows {
+                    OutputGradient::ClassToken
+                } else {
+                    OutputGradient::EveryToken
                 },
-                Flow {
-                    dy: &s.d_sub,
-                    dx: Some((&mut s.d_hidden, Accumulate::Overwrite)),
-                    dh: Some(&mut s.dh),
-                },
-            )?;
-            gelu::backward(
-                be,
-                &mut s.d_hidden2,
-                &a.fc1_pre,
-                &a.fc1_act,
-                &s.d_hidden,
-                rows * c.mlp,
-            )?;
-            linear_backward(
-                be,
-                &bp.fc1,
-                &mut g.fc1,
-                self.linear_shape(l, BlockLinear::Fc1),
-                Saved {
-                    rows,
-                    x: &a.ln2,
-                    h: a.h[BlockLinear::Fc1].as_ref(),
-                },
-                Flow {
-                    dy: &s.d_hidden2,
-                    dx: Some((&mut s.d_ln, Accumulate::Overwrite)),
-                    dh: Some(&mut s.dh),
-                },
-            )?;
-            // m feeds both the residual and LN2: the LN2 gradient is added.
-            if fused {
-                add_layernorm::backward(
-                    be,
-                    add_layernorm::Grads {
-                        dx: d_out,
-                        dbranch: &mut s.d_sub,
-                        dgamma: &mut g.norm2_w,
-                        dbeta: &mut g.norm2_b,
-                    },
-                    &s.d_ln,
-                    layernorm::Saved {
-                        x: &a.x_mid,
-                        mean: &a.ln2_mean,
-                        rstd: &a.ln2_rstd,
-                    },
-                    &bp.norm2_w,
-                    Rows::new(rows, d),
-                )?;
-            } else {
-                layernorm::backward(
-                    be,
-                    layernorm::Grads {
-                        dx: d_out,
-                        dgamma: &mut g.norm2_w,
-                        dbeta: &mut g.norm2_b,
-                    },
-                    &s.d_ln,
-                    layernorm::Saved {
-                        x: &a.x_mid,
-                        mean: &a.ln2_mean,
-                        rstd: &a.ln2_rstd,
-                    },
-                    &bp.norm2_w,
-                    Rows::new(rows, d),
-                )?;
-                be.copy(&mut s.d_sub, d_out, rows * d)?;
-            }
-
-            // Attention sub-layer: f_attn = proj(attention(q, k, v of LN1(x))).
-            if let Some(f) = feature_grads {
-                add::add_assign(be, &mut s.d_sub, &f[l].0, n * d)?;
-            }
-            let (q_shape, k_shape, v_shape) = (
-                self.linear_shape(l, BlockLinear::Q),
-                self.linear_shape(l, BlockLinear::K),
-                self.linear_shape(l, BlockLinear::V),
-            );
+                d_sub_ready,
+                feature: feature_grads.map(|f| &f[l].1),
+            };
+            block.mlp_backward(be, a, g, s, if class_rows { batch } else { n }, from)?;
             if class_rows {
-                // The projection on the class-token rows; the other rows of
-                // the attention output and of x_in get zero gradient.
-                linear_backward(
-                    be,
-                    &bp.proj,
-                    &mut g.proj,
-                    self.linear_shape(l, BlockLinear::Proj),
-                    Saved {
-                        rows: batch,
-                        x: &acts.cls_attn,
-                        h: a.h[BlockLinear::Proj].as_ref(),
-                    },
-                    Flow {
-                        dy: &s.d_sub,
-                        dx: Some((&mut s.d_cls_ln, Accumulate::Overwrite)),
-                        dh: Some(&mut s.dh),
-                    },
-                )?;
-                embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
+                block.class_token_backward(be, a, &acts.class_token, g, s, shape)?;
             } else {
-                linear_backward(
-                    be,
-                    &bp.proj,
-                    &mut g.proj,
-                    self.linear_shape(l, BlockLinear::Proj),
-                    Saved {
-                        rows: n,
-                        x: &a.attn,
-                        h: a.h[BlockLinear::Proj].as_ref(),
-                    },
-                    Flow {
-                        dy: &s.d_sub,
-                        dx: Some((&mut s.d_attn, Accumulate::Overwrite)),
-                        dh: Some(&mut s.dh),
-                    },
-                )?;
+                block.attention_backward(be, a, g, s, shape, feature_grads.map(|f| &f[l].0))?;
             }
-            if class_rows && self.paths.class_token_query {
-                // Attention and Q on the class-token rows; K and V on every token.
-                attention::class_token_backward(
-                    be,
-                    Qkv {
-                        q: &mut s.d_cls_q,
-                        k: &mut s.dk,
-                        v: &mut s.dv,
-                    },
-                    &s.d_cls_ln,
-                    Qkv {
-                        q: &acts.cls_q,
-                        k: &a.k,
-                        v: &a.v,
-                    },
-                    &acts.cls_probs,
-                    shape,
-                )?;
-                linear_backward(
-                    be,
-                    &bp.k,
-                    &mut g.k,
-                    k_shape,
-                    Saved {
-                        rows: n,
-                        x: &a.ln1,
-                        h: a.h[BlockLinear::K].as_ref(),
-                    },
-                    Flow {
-                        dy: &s.dk,
-                        dx: Some((&mut s.d_ln, Accumulate::Overwrite)),
-                        dh: Some(&mut s.dh),
-                    },
-                )?;
-                linear_backward(
-                    be,
-                    &bp.v,
-                    &mut g.v,
-                    v_shape,
-                    Saved {
-                        rows: n,
-                        x: &a.ln1,
-                        h: a.h[BlockLinear::V].as_ref(),
-                    },
-                    Flow {
-                        dy: &s.dv,
-                        dx: Some((&mut s.d_ln, Accumulate::Add)),
-                        dh: Some(&mut s.dh),
-                    },
-                )?;
-                // s.d_cls_ln (read by the attention above) now takes Q's input gradient, the class-token rows of LN1's.
-                linear_backward(
-                    be,
-                    &bp.q,
-                    &mut g.q,
-                    q_shape,
-                    Saved {
-                        rows: batch,
-                        x: &acts.cls_ln1,
-                        h: a.h[BlockLinear::Q].as_ref(),
-                    },
-                    Flow {
-                        dy: &s.d_cls_q,
-                        dx: Some((&mut s.d_cls_ln, Accumulate::Overwrite)),
-                        dh: Some(&mut s.dh),
-                    },
-                )?;
-                embed::cls_scatter_add(be, &mut s.d_ln, &s.d_cls_ln, batch, t, d)?;
-            } else {
-                if class_rows {
-                    be.zero(&mut s.d_attn, n * d)?;
-                    embed::cls_scatter_add(be, &mut s.d_attn, &s.d_cls_ln, batch, t, d)?;
-                }
-                attention::backward(
-                    be,
-                    Qkv {
-                        q: &mut s.dq,
-                        k: &mut s.dk,
-                        v: &mut s.dv,
-                    },
-                    &s.d_attn,
-                    Qkv {
-                        q: &a.q,
-                        k: &a.k,
-                        v: &a.v,
-                    },
-                    &a.probs,
-                    shape,
-                )?;
-                linear_backward(
-                    be,
-                    &bp.q,
-                    &mut g.q,
-                    q_shape,
-                    Saved {
-                        rows: n,
-                        x: &a.ln1,
-                        h: a.h[BlockLinear::Q].as_ref(),
-                    },
-                    Flow {
-                        dy: &s.dq,
-                        dx: Some((&mut s.d_ln, Accumulate::Overwrite)),
-                        dh: Some(&mut s.dh),
-                    },
-                )?;
-                linear_backward(
-                    be,
-                    &bp.k,
-                    &mut g.k,
-                    k_shape,
-                    Saved {
-                        rows: n,
-                        x: &a.ln1,
-                        h: a.h[BlockLinear::K].as_ref(),
-                    },
-                    Flow {
-                        dy: &s.dk,
-                        dx: Some((&mut s.d_ln, Accumulate::Add)),
-                        dh: Some(&mut s.dh),
-                    },
-                )?;
-                linear_backward(
-                    be,
-                    &bp.v,
-                    &mut g.v,
-                    v_shape,
-                    Saved {
-                        rows: n,
-                        x: &a.ln1,
-                        h: a.h[BlockLinear::V].as_ref(),
-                    },
-                    Flow {
-                        dy: &s.dv,
-                        dx: Some((&mut s.d_ln, Accumulate::Add)),
-                        dh: Some(&mut s.dh),
-                    },
-                )?;
-            }
-            // x_in is the previous block's output, whose MLP sub-layer starts from this dx.
-            d_sub_ready = fused && l > 0;
-            if d_sub_ready {
-                add_layernorm::backward(
-                    be,
-                    add_layernorm::Grads {
-                        dx: &mut s.dx,
-                        dbranch: &mut s.d_sub,
-                        dgamma: &mut g.norm1_w,
-                        dbeta: &mut g.norm1_b,
-                    },
-                    &s.d_ln,
-                    layernorm::Saved {
-                        x: &a.x_in,
-                        mean: &a.ln1_mean,
-                        rstd: &a.ln1_rstd,
-                    },
-                    &bp.norm1_w,
-                    Rows::new(n, d),
-                )?;
-            } else {
-                layernorm::backward(
-                    be,
-                    layernorm::Grads {
-                        dx: &mut s.dx,
-                        dgamma: &mut g.norm1_w,
-                        dbeta: &mut g.norm1_b,
-                    },
-                    &s.d_ln,
-                    layernorm::Saved {
-                        x: &a.x_in,
-                        mean: &a.ln1_mean,
-                        rstd: &a.ln1_rstd,
-                    },
-                    &bp.norm1_w,
-                    Rows::new(n, d),
-                )?;
-            }
+            d_sub_ready = block.ln1_backward(be, a, g, s, n)?;
         }
 
         // Embeddings.
