@@ -1,5 +1,5 @@
 //! Fault injection for the crash tests: a named point before and after
-//! every durable write (`io::atomic_write`, `io::append_line`) where the
+//! every durable write (`durable::atomic_write`, `durable::append_line`) where the
 //! process can be made to die as `kill -9` would (`std::process::abort`: no
 //! destructors, no flushing).
 //!

@@ -6,10 +6,10 @@
 pub mod analysis;
 pub mod data;
 pub mod device;
+pub mod durable;
 pub mod factorize;
 pub mod faults;
 pub mod formats;
-pub mod io;
 pub mod model;
 pub mod ops;
 pub mod options;

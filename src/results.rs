@@ -5,10 +5,10 @@
 //! A results folder holds `results.jsonl` (one process) or
 //! `results-shard<I>of<N>.jsonl` (one file per shard, so shards on
 //! different machines never write the same file). Each line is one JSON
-//! `Record`, appended durably (`io::append_line`: a torn last line from a
+//! `Record`, appended durably (`durable::append_line`: a torn last line from a
 //! crash is cut off, and its work redone).
 
-use crate::io::{append_line, read_jsonl};
+use crate::durable::{append_line, read_jsonl};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

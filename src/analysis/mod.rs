@@ -220,7 +220,7 @@ pub fn analyze_labelled(
     opts: &AnalysisOptions,
 ) -> Result<JointReport> {
     let report = joint::analyze_joint(inputs, opts)?;
-    crate::io::create_folder(out)?;
+    crate::durable::create_folder(out)?;
     output::write_joint(&report, out, opts.plot)?;
     Ok(report)
 }

@@ -9,7 +9,7 @@ use super::joint::JointReport;
 use super::plot::{plot_curve, plot_joint, plot_spectrum};
 use super::report::AnalysisReport;
 use super::spectrum::SpectrumReport;
-use crate::io::atomic_write;
+use crate::durable::atomic_write;
 use anyhow::{Context, Result};
 use std::path::Path;
 

@@ -11,7 +11,7 @@ use effrank_engine::analysis::{
     analyze_labelled, read_measurements, suggest_ranks, weight_spectra, AnalysisOptions, KneeAxis,
     Labelled, Reference, SpectrumReport,
 };
-use effrank_engine::io::create_folder;
+use effrank_engine::durable::create_folder;
 use std::path::{Path, PathBuf};
 
 /// Analyze measured accuracies per rank (PCHIP curve, region [r_lo, r_hi],

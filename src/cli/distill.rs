@@ -6,7 +6,7 @@ use super::common::{
 use super::setup::{load_data_for, load_model, load_resumed_run, model_input, warn_if_other_data};
 use anyhow::{bail, Result};
 use clap::Args;
-use effrank_engine::io::atomic_write;
+use effrank_engine::durable::atomic_write;
 use effrank_engine::model::params::{dense_ranks, is_lowrank, param_count};
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;

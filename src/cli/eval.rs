@@ -6,7 +6,7 @@ use super::setup::{choose_normalize, load_data_for, load_model, model_input, war
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::data::Normalize;
-use effrank_engine::io::atomic_write;
+use effrank_engine::durable::atomic_write;
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;

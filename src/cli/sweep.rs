@@ -16,8 +16,8 @@ use effrank_engine::analysis::{
     analyze_folder, analyze_labelled, suggest_ranks, AnalysisOptions, Labelled,
 };
 use effrank_engine::data::{Dataset, Normalize};
+use effrank_engine::durable::atomic_write;
 use effrank_engine::factorize::{LayerSet, StudentPlan, Targets};
-use effrank_engine::io::atomic_write;
 use effrank_engine::model::params::{is_lowrank, max_rank};
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;

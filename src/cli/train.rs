@@ -10,7 +10,7 @@ use super::setup::{
 };
 use anyhow::{bail, Result};
 use clap::Args;
-use effrank_engine::io::atomic_write;
+use effrank_engine::durable::atomic_write;
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;

@@ -22,7 +22,7 @@
 
 use super::config::VitConfig;
 use super::params::{param_specs, BlockLinear, Ranks, VitParams};
-use crate::io::atomic_write;
+use crate::durable::atomic_write;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;

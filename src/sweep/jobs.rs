@@ -6,7 +6,7 @@
 //! naming its host and process, created exclusively and refreshed every
 //! epoch; `sweep --status` reads both.
 
-use crate::io::atomic_write;
+use crate::durable::atomic_write;
 use crate::results::{read_records, Record, StudentRecord};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};

@@ -151,7 +151,7 @@ pub fn run_sweep<B: Backend>(
     let started = std::time::Instant::now();
     let cfg = inputs.cfg;
     validate_options(cfg, opts)?;
-    crate::io::create_folder(&opts.out)?;
+    crate::durable::create_folder(&opts.out)?;
     let results_file = opts.shard.results_file(&opts.out);
     let dense = dense_ranks(cfg);
     let teacher_params = param_count(cfg, &dense);

@@ -13,7 +13,7 @@ use super::step::{count_correct, count_top_k, Batch, Frozen, Learner, TeacherSig
 use super::teacher_cache::TeacherLogits;
 use super::{CosineSchedule, LossSpec};
 use crate::data::{augmented_batch, epoch_order, Augment, Dataset};
-use crate::io::{append_line, read_jsonl};
+use crate::durable::{append_line, read_jsonl};
 use crate::model::checkpoint::save_checkpoint;
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
@@ -215,7 +215,7 @@ pub fn fit<B: Backend>(
     if train.is_empty() {
         bail!("the training set is empty");
     }
-    crate::io::create_folder(&files.dir)?;
+    crate::durable::create_folder(&files.dir)?;
     let steps_per_epoch = train.len().div_ceil(opts.batch);
     let schedule = CosineSchedule {
         base_lr: opts.lr,
@@ -410,7 +410,7 @@ fn resumed_history(path: &Path, start_epoch: usize) -> Result<Vec<EpochMetrics>>
             text.push_str(&serde_json::to_string(m)?);
             text.push('\n');
         }
-        crate::io::atomic_write(path, text.as_bytes())?;
+        crate::durable::atomic_write(path, text.as_bytes())?;
     }
     Ok(kept)
 }

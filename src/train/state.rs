@@ -5,7 +5,7 @@
 //! The file alone is enough to continue a run exactly where it stopped.
 
 use super::step::Learner;
-use crate::io::atomic_write;
+use crate::durable::atomic_write;
 use crate::model::params::param_specs;
 use crate::model::VitParams;
 use crate::ops::Backend;

@@ -11,7 +11,7 @@
 
 use super::step::Frozen;
 use crate::data::{augmented_batch, Augment, Dataset};
-use crate::io::atomic_write;
+use crate::durable::atomic_write;
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
 use anyhow::{Context, Result};
