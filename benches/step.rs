@@ -40,7 +40,7 @@ use effrank_engine::ops::image::ImageTransform;
 use effrank_engine::options::{ComputeOptions, DeviceKind, ModelPaths};
 use effrank_engine::perf::{breakdown, format_breakdown, interpolate, project, Ceilings, Protocol};
 use effrank_engine::rng::Rng;
-use effrank_engine::train::{self, AdamWConfig, Frozen, Learner, LossSpec, TeacherSignal};
+use effrank_engine::train::{self, AdamWConfig, Frozen, LossSpec, TeacherSignal, Trainer};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -172,14 +172,14 @@ fn headline_steps(
     let f_dense = forward_flops(cfg, &dense, batch);
     let ce = LossSpec::ce();
     {
-        let mut learner = Learner::new(
+        let mut trainer = Trainer::new(
             be,
             Vit::from_host(be, cfg, &dense, &h.teacher, gpu.paths)?,
             batch,
             AdamWConfig::default(),
         )?;
         measure("teacher train step", 3.0 * f_dense, &mut || {
-            learner
+            trainer
                 .step(be, data.view(), TeacherSignal::None, &ce, 1e-4)
                 .map(drop)
         })?;
@@ -199,7 +199,7 @@ fn headline_steps(
     for &r in ranks {
         let sr = uniform_ranks(cfg, r);
         let f_student = forward_flops(cfg, &sr, batch);
-        let mut student = Learner::new(
+        let mut student = Trainer::new(
             be,
             Vit::from_host(be, cfg, &sr, h.student(r)?, gpu.paths)?,
             batch,
@@ -251,7 +251,7 @@ fn protocol_steps(
         Batch::new(p.student_batch, 32),
     );
     {
-        let mut learner = Learner::new(
+        let mut trainer = Trainer::new(
             be,
             Vit::from_host(be, cfg, &dense, &h.teacher, gpu.paths)?,
             p.teacher_batch,
@@ -261,7 +261,7 @@ fn protocol_steps(
             "protocol teacher step",
             3.0 * forward_flops(cfg, &dense, p.teacher_batch),
             &mut || {
-                learner
+                trainer
                     .step(be, tdata.view(), TeacherSignal::None, &LossSpec::ce(), 1e-4)
                     .map(drop)
             },
@@ -286,7 +286,7 @@ fn protocol_steps(
         let sr = uniform_ranks(cfg, r);
         let flops = forward_flops(cfg, &dense, p.student_batch)
             + 3.0 * forward_flops(cfg, &sr, p.student_batch);
-        let mut student = Learner::new(
+        let mut student = Trainer::new(
             be,
             Vit::from_host(be, cfg, &sr, h.student(r)?, gpu.paths)?,
             p.student_batch,

@@ -74,7 +74,7 @@ pub struct ComputeOptions {
     /// (`model::vit`, module doc).
     pub class_token_tail: Switch,
     /// A small model's training batch is split in two halves computed at
-    /// once, each on its share of the threads (`train::Learner`).
+    /// once, each on its share of the threads (`train::Trainer`).
     pub batch_split: Switch,
     /// CUDA attention for sequences of at most 64 tokens on tensor cores.
     pub short_attention: Switch,
@@ -196,7 +196,7 @@ pub struct ModelPaths {
     /// rows.
     pub class_token_query: bool,
     /// A small model's training batch is split in two halves computed at
-    /// once (`train::Learner::new`).
+    /// once (`train::Trainer::new`).
     pub batch_split: bool,
     /// Residual adds and the LayerNorms that read them as one op
     /// (`ops::add_layernorm`).

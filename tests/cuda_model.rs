@@ -23,7 +23,7 @@ use effrank_engine::ops::Backend;
 use effrank_engine::options::{ComputeOptions, DeviceKind, ModelPaths};
 use effrank_engine::rng::Rng;
 use effrank_engine::testing::{assert_close, assert_close_floor, cuda, cuda_new_paths, RED};
-use effrank_engine::train::{AdamWConfig, Batch, Learner, LossSpec, TeacherSignal};
+use effrank_engine::train::{AdamWConfig, Batch, LossSpec, TeacherSignal, Trainer};
 
 const PRECISIONS: [Precision; 2] = [Precision::F32, Precision::Bf16];
 
@@ -121,8 +121,8 @@ fn one_step<B: Backend>(
         resize: None,
     };
     let model = Vit::from_host(be, cfg, ranks, &random_params(cfg, ranks, 1), paths).unwrap();
-    let mut learner = Learner::new(be, model, labels.len(), AdamWConfig::default()).unwrap();
-    let loss = learner
+    let mut trainer = Trainer::new(be, model, labels.len(), AdamWConfig::default()).unwrap();
+    let loss = trainer
         .step(
             be,
             Batch {
@@ -136,13 +136,13 @@ fn one_step<B: Backend>(
         )
         .unwrap()
         .loss;
-    let grads = learner
+    let grads = trainer
         .grads
         .tensors()
         .iter()
         .map(|g| be.download(g).unwrap())
         .collect();
-    let params = learner
+    let params = trainer
         .model
         .params
         .tensors()

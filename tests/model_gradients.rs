@@ -16,7 +16,7 @@ use effrank_engine::model::{OutputGrads, Vit, VitConfig, VitParams};
 use effrank_engine::ops::image::{self, ImageTransform};
 use effrank_engine::rng::Rng;
 use effrank_engine::train::{
-    spare_threads, AdamWConfig, Batch, Frozen, Learner, LossSpec, TeacherSignal,
+    spare_threads, AdamWConfig, Batch, Frozen, LossSpec, TeacherSignal, Trainer,
 };
 
 fn tiny_config() -> VitConfig {
@@ -94,13 +94,13 @@ fn case(cfg: &VitConfig, batch: usize) -> Case {
 
 fn loss_of(
     be: &Cpu,
-    learner: &mut Learner<Cpu>,
+    trainer: &mut Trainer<Cpu>,
     teacher: &mut Frozen<Cpu>,
     c: &Case,
     loss: &LossSpec,
     cfg: &VitConfig,
 ) -> f32 {
-    learner
+    trainer
         .forward_backward(
             be,
             Batch {
@@ -156,10 +156,10 @@ fn check_gradients_on(
     )
     .unwrap();
     let mut teacher = Frozen::new(&be, teacher_model, 3).unwrap();
-    let mut learner = Learner::new(&be, student, 3, AdamWConfig::default()).unwrap();
+    let mut trainer = Trainer::new(&be, student, 3, AdamWConfig::default()).unwrap();
     let c = case(&cfg, 3);
-    loss_of(&be, &mut learner, &mut teacher, &c, loss, &cfg);
-    let grads: Vec<Vec<f32>> = learner
+    loss_of(&be, &mut trainer, &mut teacher, &c, loss, &cfg);
+    let grads: Vec<Vec<f32>> = trainer
         .grads
         .tensors()
         .iter()
@@ -170,19 +170,19 @@ fn check_gradients_on(
     let mut rng = Rng::new(5);
     let mut checked = 0;
     for (ti, spec) in param_specs(&cfg, &ranks).iter().enumerate() {
-        let base = be.download(learner.model.params.tensors()[ti]).unwrap();
+        let base = be.download(trainer.model.params.tensors()[ti]).unwrap();
         for _ in 0..4 {
             let i = rng.below(spec.numel());
             let mut p = base.clone();
             p[i] = base[i] + h;
-            be.write(learner.model.params.tensors_mut()[ti], &p)
+            be.write(trainer.model.params.tensors_mut()[ti], &p)
                 .unwrap();
-            let up = loss_of(&be, &mut learner, &mut teacher, &c, loss, &cfg);
+            let up = loss_of(&be, &mut trainer, &mut teacher, &c, loss, &cfg);
             p[i] = base[i] - h;
-            be.write(learner.model.params.tensors_mut()[ti], &p)
+            be.write(trainer.model.params.tensors_mut()[ti], &p)
                 .unwrap();
-            let down = loss_of(&be, &mut learner, &mut teacher, &c, loss, &cfg);
-            be.write(learner.model.params.tensors_mut()[ti], &base)
+            let down = loss_of(&be, &mut trainer, &mut teacher, &c, loss, &cfg);
+            be.write(trainer.model.params.tensors_mut()[ti], &base)
                 .unwrap();
             let numeric = (up - down) / (2.0 * h);
             let analytic = grads[ti][i];
@@ -287,10 +287,10 @@ fn a_non_finite_loss_stops_the_step_and_leaves_the_parameters() {
         effrank_engine::options::ModelPaths::default_of(&be),
     )
     .unwrap();
-    let mut learner = Learner::new(&be, model, 4, AdamWConfig::default()).unwrap();
+    let mut trainer = Trainer::new(&be, model, 4, AdamWConfig::default()).unwrap();
     let c = case(&cfg, 4);
-    let before = learner.model.to_host(&be).unwrap();
-    let e = learner
+    let before = trainer.model.to_host(&be).unwrap();
+    let e = trainer
         .step(
             &be,
             Batch {
@@ -305,7 +305,7 @@ fn a_non_finite_loss_stops_the_step_and_leaves_the_parameters() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("loss became"), "{e}");
-    let after = learner.model.to_host(&be).unwrap();
+    let after = trainer.model.to_host(&be).unwrap();
     assert_eq!(before.tensors(), after.tensors());
 }
 
@@ -322,10 +322,10 @@ fn a_few_steps_reduce_the_loss() {
         effrank_engine::options::ModelPaths::default_of(&be),
     )
     .unwrap();
-    let mut learner = Learner::new(&be, model, 8, AdamWConfig::default()).unwrap();
+    let mut trainer = Trainer::new(&be, model, 8, AdamWConfig::default()).unwrap();
     let c = case(&cfg, 8);
     let loss = LossSpec::ce();
-    let first = learner
+    let first = trainer
         .step(
             &be,
             Batch {
@@ -341,7 +341,7 @@ fn a_few_steps_reduce_the_loss() {
         .loss;
     let mut last = first;
     for _ in 0..30 {
-        last = learner
+        last = trainer
             .step(
                 &be,
                 Batch {
@@ -452,7 +452,7 @@ fn class_token_tail_gives_the_gradients_of_every_token() {
                         model.paths.class_token_tail = class_token_tail;
                         model.paths.class_token_query = class_token_query;
                         let mut l =
-                            Learner::with_shards(&be, model, 5, AdamWConfig::default(), 1).unwrap();
+                            Trainer::with_shards(&be, model, 5, AdamWConfig::default(), 1).unwrap();
                         let signal = if cached {
                             TeacherSignal::Cached(&teacher_logits)
                         } else {
@@ -649,9 +649,9 @@ fn fused_add_layernorm_path_gives_the_same_bits() {
             "the CPU never asks for the fused path"
         );
         model.paths.fused_add_layernorm = fused;
-        let mut learner = Learner::new(&be, model, 3, AdamWConfig::default()).unwrap();
-        let l = loss_of(&be, &mut learner, &mut teacher, &c, &loss, &cfg);
-        let grads: Vec<Vec<f32>> = learner
+        let mut trainer = Trainer::new(&be, model, 3, AdamWConfig::default()).unwrap();
+        let l = loss_of(&be, &mut trainer, &mut teacher, &c, &loss, &cfg);
+        let grads: Vec<Vec<f32>> = trainer
             .grads
             .tensors()
             .iter()
@@ -691,7 +691,7 @@ fn a_split_batch_gives_the_whole_batch_step() {
         ),
     ] {
         let run = |shards: usize| {
-            let mut l = Learner::with_shards(
+            let mut l = Trainer::with_shards(
                 &be,
                 Vit::from_host(
                     &be,
@@ -772,7 +772,7 @@ fn split_batches_give_the_same_bits_on_one_thread_and_two() {
             let be = Cpu;
             let spare = spare_threads::SpareThreads::new();
             let lent = lend.then(|| spare.lend(1));
-            let mut l = Learner::with_shards(
+            let mut l = Trainer::with_shards(
                 &be,
                 Vit::from_host(
                     &be,

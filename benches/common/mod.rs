@@ -8,7 +8,7 @@ use effrank_engine::model::params::dense_ranks;
 use effrank_engine::model::{Vit, VitConfig};
 use effrank_engine::ops::image::{self, ImageTransform};
 use effrank_engine::rng::Rng;
-use effrank_engine::train::{AdamWConfig, Batch, Frozen, Learner, LossSpec, TeacherSignal};
+use effrank_engine::train::{AdamWConfig, Batch, Frozen, LossSpec, TeacherSignal, Trainer};
 
 /// A batch of random image bytes at the model's own size, random labels,
 /// and the transform that feeds them to the model unchanged in size.
@@ -49,7 +49,7 @@ fn dense_model(preset: &str) -> Vit<Cpu> {
 /// attention on the class-token rows, `model::vit`) or with every token
 /// through every block, as timm computes it.
 pub struct TrainStep {
-    learner: Learner<Cpu>,
+    trainer: Trainer<Cpu>,
     bytes: Vec<u8>,
     labels: Vec<u32>,
     transform: ImageTransform,
@@ -60,9 +60,9 @@ impl TrainStep {
         let mut model = dense_model("vit-cifar");
         model.paths.class_token_tail = class_token_tail;
         let (bytes, labels, transform) = batch_bytes(&model.cfg, batch);
-        let learner = Learner::new(&Cpu, model, batch, AdamWConfig::default()).unwrap();
+        let trainer = Trainer::new(&Cpu, model, batch, AdamWConfig::default()).unwrap();
         TrainStep {
-            learner,
+            trainer,
             bytes,
             labels,
             transform,
@@ -70,7 +70,7 @@ impl TrainStep {
     }
 
     pub fn run(&mut self) {
-        self.learner
+        self.trainer
             .step(
                 &Cpu,
                 Batch {

@@ -25,7 +25,7 @@ use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
 use effrank_engine::sweep::jobs::{all_jobs, claim_state, finished, read_claim, Heartbeat, Shard};
 use effrank_engine::sweep::{run_sweep, Parallel, SweepInputs, SweepOptions, SweepSummary};
-use effrank_engine::train::{fit, FitRun, Learner, LossSpec, RunFiles, Teacher};
+use effrank_engine::train::{fit, FitRun, LossSpec, RunFiles, Teacher, Trainer};
 use std::path::{Path, PathBuf};
 
 /// Sweep the rank r of a factorized student: for each rank (and seed),
@@ -470,7 +470,7 @@ fn train_demo_teacher<B: Backend>(
         eval_last_only: false,
     };
     let loss = LossSpec::ce();
-    let mut learner = Learner::new(
+    let mut trainer = Trainer::new(
         be,
         Vit::from_host(
             be,
@@ -502,7 +502,7 @@ fn train_demo_teacher<B: Backend>(
     );
     let summary = fit(
         be,
-        &mut learner,
+        &mut trainer,
         Teacher::None,
         FitRun {
             train,

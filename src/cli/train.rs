@@ -15,7 +15,7 @@ use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{RunMeta, Training};
-use effrank_engine::train::{fit, FitRun, Learner, LossSpec, RunFiles, Teacher};
+use effrank_engine::train::{fit, FitRun, LossSpec, RunFiles, Teacher, Trainer};
 use std::path::PathBuf;
 
 /// Train a full-rank teacher.
@@ -118,7 +118,7 @@ impl WithBackend for TrainArgs {
             &teacher.params,
             compute.paths.model,
         )?;
-        let mut learner = Learner::new(be, model, self.train.batch, self.train.optimizer())?;
+        let mut trainer = Trainer::new(be, model, self.train.batch, self.train.optimizer())?;
         let loss = LossSpec {
             label_smoothing: self.label_smoothing,
             ..LossSpec::ce()
@@ -156,7 +156,7 @@ impl WithBackend for TrainArgs {
         }
         let summary = fit(
             be,
-            &mut learner,
+            &mut trainer,
             Teacher::None,
             FitRun {
                 train: &train,

@@ -1,7 +1,7 @@
 //! The epoch loop shared by `train`, `distill` and every rank of `sweep`.
 //!
 //! Per epoch: a seeded order of the training set, augmented batches (seeded
-//! by (seed, epoch, index)), one `Learner::step` per batch with the
+//! by (seed, epoch, index)), one `Trainer::step` per batch with the
 //! scheduled learning rate, then top-1/top-5 on the test set. After every
 //! epoch the model and optimizer state go to disk atomically
 //! (`model.safetensors`, `state.safetensors`) and a JSON line to
@@ -9,7 +9,7 @@
 //! the next epoch with the same numbers it would have produced.
 
 use super::state::{load_train_state, save_train_state};
-use super::step::{count_correct, count_top_k, Batch, Frozen, Learner, TeacherSignal};
+use super::step::{count_correct, count_top_k, Batch, Frozen, TeacherSignal, Trainer};
 use super::teacher_cache::TeacherLogits;
 use super::{CosineSchedule, LossSpec};
 use crate::data::{augmented_batch, epoch_order, Augment, Dataset};
@@ -187,14 +187,14 @@ pub struct FitRun<'a> {
     pub opts: &'a FitOptions,
 }
 
-/// Train `learner` on `run.train` for `run.opts.epochs` epochs, writing
+/// Train `trainer` on `run.train` for `run.opts.epochs` epochs, writing
 /// checkpoints and metrics into `files.dir` and resuming from them when
 /// present. `meta` is stored in every model checkpoint, with the epoch and
 /// its metrics; `on_epoch` is called with the number of finished epochs
 /// after each one is saved.
 pub fn fit<B: Backend>(
     be: &B,
-    learner: &mut Learner<B>,
+    trainer: &mut Trainer<B>,
     mut teacher: Teacher<'_, B>,
     run: FitRun<'_>,
     files: &RunFiles,
@@ -209,8 +209,8 @@ pub fn fit<B: Backend>(
         opts,
     } = run;
     install_interrupt_handler();
-    if opts.batch == 0 || opts.batch > learner.max_batch() {
-        bail!("batch {} outside 1..={}", opts.batch, learner.max_batch());
+    if opts.batch == 0 || opts.batch > trainer.max_batch() {
+        bail!("batch {} outside 1..={}", opts.batch, trainer.max_batch());
     }
     if train.is_empty() {
         bail!("the training set is empty");
@@ -226,7 +226,7 @@ pub fn fit<B: Backend>(
 
     let mut start_epoch = 0;
     if files.state().exists() {
-        start_epoch = load_train_state(be, &files.state(), learner)
+        start_epoch = load_train_state(be, &files.state(), trainer)
             .with_context(|| format!("resuming from {}", files.state().display()))?;
         if !opts.quiet {
             report(&format!(
@@ -240,7 +240,7 @@ pub fn fit<B: Backend>(
 
     let started = Instant::now();
     let (mut bytes, mut labels) = (Vec::new(), Vec::new());
-    let classes = learner.model.cfg.classes;
+    let classes = trainer.model.cfg.classes;
     for epoch in start_epoch..opts.epochs {
         let order = epoch_order(train.len(), opts.seed, epoch as u64);
         let epoch_logits = match &mut teacher {
@@ -295,7 +295,7 @@ pub fn fit<B: Backend>(
                 (Teacher::Cached(_), None) => unreachable!("cached logits are computed above"),
             };
             lr = schedule.lr(epoch * steps_per_epoch + b);
-            let stats = learner
+            let stats = trainer
                 .step(
                     be,
                     Batch {
@@ -327,7 +327,7 @@ pub fn fit<B: Backend>(
         let last = epoch + 1 == opts.epochs;
         let (test_top1, test_top5) = if opts.eval_every_epoch || last {
             let (t1, t5) = evaluate(test, opts.batch, classes, |bytes, n| {
-                learner.logits(be, bytes, n, transform)
+                trainer.logits(be, bytes, n, transform)
             })?;
             (Some(t1), Some(t5))
         } else {
@@ -342,11 +342,11 @@ pub fn fit<B: Backend>(
             images_per_s,
             lr,
         };
-        let host = learner.model.to_host(be)?;
+        let host = trainer.model.to_host(be)?;
         save_checkpoint(
             &files.model(),
-            &learner.model.cfg,
-            &learner.model.ranks,
+            &trainer.model.cfg,
+            &trainer.model.ranks,
             &host,
             &meta.after_epoch(epoch + 1, &m).metadata()?,
         )?;
@@ -354,7 +354,7 @@ pub fn fit<B: Backend>(
         // The training state is the commit point of an epoch: a crash before
         // it is written redoes the epoch (with the same numbers), and the
         // metrics line it left is dropped on resume.
-        save_train_state(be, &files.state(), learner, epoch + 1)?;
+        save_train_state(be, &files.state(), trainer, epoch + 1)?;
         on_epoch(epoch + 1)?;
         if !opts.quiet {
             let test = test_top1
@@ -380,7 +380,7 @@ pub fn fit<B: Backend>(
             ..
         }) => (*t1, *t5),
         _ => evaluate(test, opts.batch, classes, |bytes, n| {
-            learner.logits(be, bytes, n, transform)
+            trainer.logits(be, bytes, n, transform)
         })?,
     };
     Ok(FitSummary {

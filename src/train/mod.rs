@@ -17,6 +17,6 @@ pub use fit::{fit, EpochMetrics, FitOptions, FitRun, FitSummary, RunFiles, Teach
 pub use loss::LossSpec;
 pub use optimizer::{AdamW, AdamWConfig};
 pub use schedule::CosineSchedule;
-pub use step::{Batch, Frozen, Learner, StepStats, TeacherSignal};
+pub use step::{Batch, Frozen, StepStats, TeacherSignal, Trainer};
 pub use student::{train_student, StudentRun, StudentStart};
 pub use teacher_cache::TeacherLogits;

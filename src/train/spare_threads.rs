@@ -7,7 +7,7 @@
 //! (in a small32 sweep of 9 ranks on 2 threads, rank 1, the last, took
 //! 17.5-19.2 s of a 125-129 s stage). The finished worker lends its thread
 //! here instead, and a
-//! `Learner` whose batches are split into halves but who has no second
+//! `Trainer` whose batches are split into halves but who has no second
 //! thread of its own borrows it and computes its second half there
 //! (`train::step`). Where a half is computed does not change its bits, so
 //! neither do the results.
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Threads lent and not borrowed, shared by one sweep's workers and the
-/// learners of its students (cloning shares the count).
+/// trainers of its students (cloning shares the count).
 #[derive(Clone, Debug, Default)]
 pub struct SpareThreads(Arc<AtomicUsize>);
 
@@ -58,7 +58,7 @@ impl SpareThreads {
 
 impl Drop for Lent {
     fn drop(&mut self) {
-        // Saturating: a loan still out (a learner outliving its sweep) must
+        // Saturating: a loan still out (a trainer outliving its sweep) must
         // not wrap the count around.
         let n = self.threads;
         let _ = self

@@ -4,7 +4,7 @@
 //! with the names of `model::params`; metadata holds `step` and `epoch`.
 //! The file alone is enough to continue a run exactly where it stopped.
 
-use super::step::Learner;
+use super::step::Trainer;
 use crate::durable::atomic_write;
 use crate::model::params::param_specs;
 use crate::model::VitParams;
@@ -17,17 +17,17 @@ use std::path::Path;
 
 const PREFIXES: [&str; 3] = ["param", "adam_m", "adam_v"];
 
-/// Write the learner's state after `epoch` finished epochs.
+/// Write the trainer's state after `epoch` finished epochs.
 pub fn save_train_state<B: Backend>(
     be: &B,
     path: &Path,
-    learner: &Learner<B>,
+    trainer: &Trainer<B>,
     epoch: usize,
 ) -> Result<()> {
-    let model = &learner.model;
+    let model = &trainer.model;
     let specs = param_specs(&model.cfg, &model.ranks);
     let params = model.to_host(be)?;
-    let (m, v) = learner.opt.to_host(be, model)?;
+    let (m, v) = trainer.opt.to_host(be, model)?;
     let sets = [&params, &m, &v];
     let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (prefix, set) in PREFIXES.iter().zip(sets) {
@@ -49,7 +49,7 @@ pub fn save_train_state<B: Backend>(
         })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let meta: HashMap<String, String> = [
-        ("step".to_string(), learner.opt.step.to_string()),
+        ("step".to_string(), trainer.opt.step.to_string()),
         ("epoch".to_string(), epoch.to_string()),
     ]
     .into();
@@ -58,12 +58,12 @@ pub fn save_train_state<B: Backend>(
     atomic_write(path, &out)
 }
 
-/// Restore parameters and optimizer state into `learner` (whose shape must
+/// Restore parameters and optimizer state into `trainer` (whose shape must
 /// match); returns the number of finished epochs.
 pub fn load_train_state<B: Backend>(
     be: &B,
     path: &Path,
-    learner: &mut Learner<B>,
+    trainer: &mut Trainer<B>,
 ) -> Result<usize> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let st = SafeTensors::deserialize(&bytes)
@@ -78,7 +78,7 @@ pub fn load_train_state<B: Backend>(
             .with_context(|| format!("{}: metadata '{key}' is not a number", path.display()))
     };
     let (step, epoch) = (number("step")?, number("epoch")?);
-    let model = &learner.model;
+    let model = &trainer.model;
     let specs = param_specs(&model.cfg, &model.ranks);
     let mut sets: Vec<Vec<Vec<f32>>> = Vec::new();
     for prefix in PREFIXES {
@@ -104,13 +104,13 @@ pub fn load_train_state<B: Backend>(
         }
         sets.push(tensors);
     }
-    let cfg = learner.model.cfg.clone();
-    let ranks = learner.model.ranks.clone();
+    let cfg = trainer.model.cfg.clone();
+    let ranks = trainer.model.ranks.clone();
     let mut it = sets.into_iter();
     let params = VitParams::from_tensors(&cfg, &ranks, it.next().expect("three sets"));
     let m = VitParams::from_tensors(&cfg, &ranks, it.next().expect("three sets"));
     let v = VitParams::from_tensors(&cfg, &ranks, it.next().expect("three sets"));
-    for (dst, src) in learner
+    for (dst, src) in trainer
         .model
         .params
         .tensors_mut()
@@ -119,6 +119,6 @@ pub fn load_train_state<B: Backend>(
     {
         be.write(dst, src)?;
     }
-    learner.opt.load_host(be, &m, &v, step as u32)?;
+    trainer.opt.load_host(be, &m, &v, step as u32)?;
     Ok(epoch)
 }

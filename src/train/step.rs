@@ -1,6 +1,6 @@
 //! One training step and one inference pass, on any `Backend`.
 //!
-//! A `Learner` owns everything a step touches (model, gradients,
+//! A `Trainer` owns everything a step touches (model, gradients,
 //! activations, optimizer state, loss buffers), allocated once for a maximum
 //! batch and reused. A step: bytes → normalized images on the device →
 //! forward → (teacher forward, or cached teacher logits) → fused logit loss
@@ -91,11 +91,11 @@ pub struct StepStats {
     pub correct: usize,
 }
 
-/// Halves of a batch trained at once on the CPU (see `Learner`).
+/// Halves of a batch trained at once on the CPU (see `Trainer`).
 const SHARDS: usize = 2;
 
 /// Models up to this width are small: one model's products do not keep two
-/// threads busy, so a training step splits its batch (`Learner::new`) and a
+/// threads busy, so a training step splits its batch (`Trainer::new`) and a
 /// sweep trains a student per thread (`sweep::Parallel::Auto`; `cargo bench
 /// --bench pipeline_vs_pytorch`).
 pub const SMALL_MODEL_MAX_WIDTH: usize = 256;
@@ -114,10 +114,10 @@ pub const SMALL_MODEL_MAX_WIDTH: usize = 256;
 /// splitting the batch once per step does not. The split depends only on
 /// the model and the device, never on the thread count (one thread runs the
 /// halves one after the other), so a run gives the same bits on any number
-/// of threads. A GPU, and wider models, run the batch whole. A learner on
+/// of threads. A GPU, and wider models, run the batch whole. A trainer on
 /// one thread (a sweep's worker) runs its halves one after the other, or at
 /// once on a thread that a finished worker lent (`borrow_from`).
-pub struct Learner<B: Backend> {
+pub struct Trainer<B: Backend> {
     pub model: Vit<B>,
     /// The batch's gradients (shard 0 writes here, the others are added).
     pub grads: Grads<B>,
@@ -310,8 +310,8 @@ fn shard_sizes(batch: usize, shards: usize) -> Vec<usize> {
         .collect()
 }
 
-impl<B: Backend> Learner<B> {
-    /// A learner for batches of up to `max_batch` images, split as the
+impl<B: Backend> Trainer<B> {
+    /// A trainer for batches of up to `max_batch` images, split as the
     /// type's comment says.
     pub fn new(be: &B, model: Vit<B>, max_batch: usize, opt: AdamWConfig) -> Result<Self> {
         // `--batch-split off` keeps batches whole (to pair the two ways in
@@ -322,7 +322,7 @@ impl<B: Backend> Learner<B> {
         Self::with_shards(be, model, max_batch, opt, if split { SHARDS } else { 1 })
     }
 
-    /// A learner that splits every batch into `shards` parts (1: whole
+    /// A trainer that splits every batch into `shards` parts (1: whole
     /// batches), whatever the device and model; for tests and benches.
     pub fn with_shards(
         be: &B,
@@ -343,7 +343,7 @@ impl<B: Backend> Learner<B> {
         } else {
             Vec::new()
         };
-        Ok(Learner {
+        Ok(Trainer {
             grads: model.zeros_like(be)?,
             shard_grads: (1..shards)
                 .map(|_| model.zeros_like(be))
@@ -366,7 +366,7 @@ impl<B: Backend> Learner<B> {
         !self.pools.is_empty() || self.borrowed.is_some()
     }
 
-    /// Lets this learner borrow a thread that `spare`'s lenders lent (a
+    /// Lets this trainer borrow a thread that `spare`'s lenders lent (a
     /// sweep's finished workers) to compute its two shards at once.
     pub fn borrow_from(&mut self, spare: SpareThreads) {
         self.spare = Some(spare);
@@ -409,7 +409,7 @@ impl<B: Backend> Learner<B> {
         let batch = labels.len();
         if batch == 0 || batch > self.max_batch {
             bail!(
-                "a batch of {batch} images; this learner takes 1 to {}",
+                "a batch of {batch} images; this trainer takes 1 to {}",
                 self.max_batch
             );
         }
@@ -530,7 +530,7 @@ impl<B: Backend> Learner<B> {
     ) -> Result<Vec<f32>> {
         if n == 0 || n > self.max_batch {
             bail!(
-                "{n} images to evaluate; this learner takes 1 to {} at a time",
+                "{n} images to evaluate; this trainer takes 1 to {} at a time",
                 self.max_batch
             );
         }
@@ -585,7 +585,7 @@ impl<B: Backend> Learner<B> {
     }
 }
 
-/// The pools a learner's shards run on (see `run_at_once`): their own, or
+/// The pools a trainer's shards run on (see `run_at_once`): their own, or
 /// the borrowed thread's.
 fn shard_pools<'a>(
     pools: &'a [rayon::ThreadPool],

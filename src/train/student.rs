@@ -7,7 +7,7 @@
 //! signal the caller chose (live teacher, cached logits, or none).
 
 use super::fit::{fit, FitOptions, FitRun, FitSummary, RunFiles, Teacher};
-use super::{AdamWConfig, Learner, LossSpec};
+use super::{AdamWConfig, LossSpec, Trainer};
 use crate::data::Dataset;
 use crate::factorize::{make_student, CalibrationData, StudentPlan};
 use crate::model::{Ranks, Vit, VitConfig, VitParams};
@@ -76,13 +76,13 @@ pub fn train_student<B: Backend>(
         StudentStart::Given { params, .. } => (*params).clone(),
     };
     let model = Vit::from_host(be, run.cfg, run.start.ranks(), &params, run.paths)?;
-    let mut learner = Learner::new(be, model, run.fit.batch, run.optimizer)?;
+    let mut trainer = Trainer::new(be, model, run.fit.batch, run.optimizer)?;
     if let Some(spare) = &run.spare_threads {
-        learner.borrow_from(spare.clone());
+        trainer.borrow_from(spare.clone());
     }
     fit(
         be,
-        &mut learner,
+        &mut trainer,
         teacher,
         FitRun {
             train: run.train,
