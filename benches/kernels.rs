@@ -3,9 +3,9 @@
 //! same run: two cuBLAS SGEMMs for the fused low-rank layer (M = 12,800
 //! rows, width 768, r from 16 to 256), the unfused cuBLAS + softmax path for
 //! attention (ViT-B/16: 197 tokens, 12 heads of 64); at ViT-B/32's 50 tokens
-//! (batch 256) the short kernels (`EFFRANK_CUDA_SHORT_ATTENTION`) against
+//! (batch 256) the short kernels (`--short-attention`) against
 //! the default fused kernels, which are timed against the unfused path;
-//! the fused residual add + LayerNorm (`EFFRANK_CUDA_FUSED_ADD_LN`) against
+//! the fused residual add + LayerNorm (`--fused-add-layernorm`) against
 //! `add` then `layernorm`. Other memory-bound kernels report GB/s against
 //! none. Runs the bf16 mixed-precision device (the
 //! default; baselines are bf16 cuBLAS GEMMs with fp32 accumulation), then the

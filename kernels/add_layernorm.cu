@@ -1,5 +1,5 @@
 // Residual add + LayerNorm as one pass (src/ops/add_layernorm), one warp per
-// row of [rows, cols]; used by the model only with EFFRANK_CUDA_FUSED_ADD_LN=1.
+// row of [rows, cols]; used by the model only with --fused-add-layernorm on.
 //
 // Forward:   s = act(a + b)  (the residual stream, WRITTEN, rounded to act_t),
 //            μ = Σs/C,  σ² = Σ(s−μ)²/C,  rstd = 1/√(σ²+ε),  y = (s−μ)·rstd·γ + β

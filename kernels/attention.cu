@@ -15,7 +15,7 @@
 //
 // Short sequences (T ≤ 64, dh a multiple of 16 up to 128; ViT-B/32 has T =
 // 50): attention_short_forward and attention_short_backward, off by default
-// (EFFRANK_CUDA_SHORT_ATTENTION=1). One block of 4 warps per (image, head);
+// (--short-attention on). One block of 4 warps per (image, head);
 // every operand of the head lives in shared memory, zero-padded to TP = T
 // rounded up to 16 rows and columns, so every product runs on whole 16×16
 // tiles and the padding contributes exact zeros:

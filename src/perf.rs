@@ -1,5 +1,5 @@
 //! Performance accounting: what the CUDA device's profiling mode
-//! (`EFFRANK_PROFILE=1`, `device::cuda`) and the GPU benches report.
+//! (`--profile`, `device::cuda`) and the GPU benches report.
 //!
 //! - `Work`: the least an op call must do (METHOD.md's two numbers): bytes
 //!   through device memory (each input read once, each output written once)

@@ -610,7 +610,7 @@ fn backward_refuses_activations_it_cannot_use() {
 }
 
 /// The fused residual add + LayerNorm path of the model (what
-/// `EFFRANK_CUDA_FUSED_ADD_LN=1` switches on for CUDA) gives the CPU's
+/// `--fused-add-layernorm on` switches on for CUDA) gives the CPU's
 /// numbers bit for bit: loss, every gradient (feature loss, so every
 /// sub-layer's gradient path is used), and the inference logits.
 #[test]

@@ -580,7 +580,7 @@ mod tests {
     }
 
     /// Sequences of at most 64 tokens, head widths multiples of 16: the
-    /// short kernels on a device with `EFFRANK_CUDA_SHORT_ATTENTION` on
+    /// short kernels on a device with `--short-attention on`
     /// (`cuda_*_new_paths`), the fused kernels otherwise. ViT-B/32's 50
     /// tokens; one token; 17 and 33 tokens (padding inside a 16-row tile);
     /// exactly 64; head widths 16 to 128.

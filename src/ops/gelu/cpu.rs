@@ -11,7 +11,7 @@
 //! instruction: `cargo bench --bench cpu_ops`, GELU over 400 × 3072 on two
 //! threads, forward 0.649-0.657 → 0.368-0.372 ns per element, backward
 //! 0.917-0.928 → 0.539-0.542, against separate multiplies and adds (same
-//! sitting). Code compiled for baseline x86-64 (`EFFRANK_SIMD=baseline`, or a
+//! sitting). Code compiled for baseline x86-64 (`--simd baseline`, or a
 //! CPU without FMA) calls libm's `fmaf` instead: the same bits, about 40x
 //! slower.
 //!

@@ -157,7 +157,7 @@ fn lane_sum(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -
         .map(|((&a, &b), &c)| f(a, b, c) as f64)
         .sum();
     // Folded pairwise in f64: 32 dependent additions one after the other
-    // were most of a row's time at width 64 (`EFFRANK_PROFILE=1`: LayerNorm
+    // were most of a row's time at width 64 (`--profile`: LayerNorm
     // forward 77 ns per 64-wide row on one thread, 9% of a small model's
     // distillation step).
     fold_pairwise(lanes.map(|v| v as f64), |x, y| x + y) + tail
