@@ -14,13 +14,20 @@
 //! - `F32`: every buffer fp32 and every product a plain fp32 GEMM (no TF32),
 //!   so results match the CPU reference to fp32 rounding.
 //!
-//! Kernels: every op folder's `cuda.rs` asks for its kernels by file and
-//! name (`function("gelu", "gelu_forward", shared_bytes)` is
-//! `gelu_forward_bf16` or `_f32` of `kernels/gelu.cu`); this file knows no
-//! kernel by name except its own `kernels/device.cu` (the fp32 → bf16
-//! conversion behind weight copies and cross-precision copies). A kernel
-//! that asks for more than 48 KiB of dynamic shared memory is opted in here
-//! on first use.
+//! Kernels: every op folder's `cuda.rs` declares the kernels it launches
+//! once, with `cuda_kernels!` (a `Kernel` const each, and the module's
+//! `KERNELS` list; `ops::cuda_kernels` gathers every list and a test checks
+//! it against the compiled PTX), and asks for one with `function(KERNEL,
+//! shared_bytes)` (`gelu_forward` is `gelu_forward_bf16` or `_f32` of
+//! `kernels/gelu.cu`); this file knows no kernel by name except its own
+//! `kernels/device.cu` (the fp32 → bf16 conversion behind weight copies and
+//! cross-precision copies). A kernel that asks for more than 48 KiB of
+//! dynamic shared memory is opted in here on first use.
+//!
+//! Launch shapes: each launch takes its grid, block and shared memory from
+//! one family helper (`elementwise_config`, `warp_per_row_config`,
+//! `block_per_row_config`, `column_sum_config`, `tiled_config`), then
+//! pushes the kernel's arguments.
 //!
 //! Kernels that are off by default (`CudaOptions`), switched on by the
 //! options the device is opened with (`--short-attention`): new kernels that
@@ -55,6 +62,83 @@ use half::bf16;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+crate::cuda_kernels! {
+    "device";
+    CONVERT_F32_TO_BF16 = "convert_f32_to_bf16",
+}
+
+/// One kernel of `kernels/<file>.cu` as the Rust side launches it: `name`
+/// without the precision suffix (`gelu_forward` is `gelu_forward_bf16` or
+/// `gelu_forward_f32` in the PTX), and whether it is compiled only for bf16.
+/// Made by `cuda_kernels!`, which also lists it in its module's `KERNELS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Kernel {
+    file: &'static str,
+    name: &'static str,
+    bf16_only: bool,
+}
+
+impl Kernel {
+    /// Use `cuda_kernels!`, which puts the kernel in its module's list.
+    #[doc(hidden)]
+    pub const fn new(file: &'static str, name: &'static str, bf16_only: bool) -> Self {
+        Kernel {
+            file,
+            name,
+            bf16_only,
+        }
+    }
+    /// The kernel file's stem: `kernels/<file>.cu`.
+    pub fn file(&self) -> &'static str {
+        self.file
+    }
+    /// The kernel's name without the precision suffix.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+    /// Whether the kernel exists only in the bf16 PTX.
+    pub fn bf16_only(&self) -> bool {
+        self.bf16_only
+    }
+    /// Whether the kernel is compiled for `precision`.
+    pub fn compiled_for(&self, precision: Precision) -> bool {
+        !self.bf16_only || precision == Precision::Bf16
+    }
+}
+
+/// Declares the kernels of one kernel file that a module launches, once:
+///
+/// ```ignore
+/// crate::cuda_kernels! { "gelu"; FORWARD = "gelu_forward", BACKWARD = "gelu_backward" }
+/// ```
+///
+/// makes a private `const FORWARD: Kernel` (and `BACKWARD`) of
+/// `kernels/gelu.cu` and `pub const KERNELS: &[Kernel]` listing them all,
+/// so that every kernel the module can launch is in its list
+/// (`ops::cuda_kernels`, checked against the compiled PTX). A kernel
+/// compiled only for bf16 carries the marker `(bf16)`:
+/// `ALIGNED = "lowrank_forward_aligned" (bf16)`.
+#[macro_export]
+macro_rules! cuda_kernels {
+    (@bf16_only) => {
+        false
+    };
+    (@bf16_only bf16) => {
+        true
+    };
+    ($file:literal; $($konst:ident = $name:literal $(($only:ident))?),+ $(,)?) => {
+        $(
+            const $konst: $crate::device::cuda::Kernel = $crate::device::cuda::Kernel::new(
+                $file,
+                $name,
+                $crate::cuda_kernels!(@bf16_only $($only)?),
+            );
+        )+
+        /// Every kernel this module launches.
+        pub const KERNELS: &[$crate::device::cuda::Kernel] = &[$($konst),+];
+    };
+}
+
 /// `context` for cudarc's `DriverError`, which (without cudarc's `std`
 /// feature) implements neither `Display` nor `Error`.
 pub trait DriverResultExt<T> {
@@ -80,6 +164,10 @@ mod table {
 pub fn embedded_kernels() -> &'static [(&'static str, &'static str)] {
     table::KERNELS
 }
+
+/// Rows summed by one block of the column-sum kernels (`column_sum_config`;
+/// the kernels take it as their `rows_per_block` argument).
+pub const COLUMN_SUM_ROWS_PER_BLOCK: usize = 256;
 
 /// Dynamic shared memory a block may use without opting in.
 const DEFAULT_SHARED_BYTES: usize = 48 * 1024;
@@ -386,10 +474,15 @@ impl Cuda {
         r
     }
 
-    /// Kernel `name` of `kernels/<file>.cu`, compiled for this device's
-    /// precision, allowed `shared_bytes` of dynamic shared memory (opting in
-    /// past 48 KiB; an error past the device's limit).
-    pub fn function(&self, file: &str, name: &str, shared_bytes: usize) -> Result<CudaFunction> {
+    /// `kernel`, compiled for this device's precision, allowed
+    /// `shared_bytes` of dynamic shared memory (opting in past 48 KiB; an
+    /// error past the device's limit, or for a bf16-only kernel on an fp32
+    /// device).
+    pub fn function(&self, kernel: Kernel, shared_bytes: usize) -> Result<CudaFunction> {
+        let (file, name) = (kernel.file(), kernel.name());
+        if !kernel.compiled_for(self.precision) {
+            bail!("kernel {name} of kernels/{file}.cu is compiled only for bf16; this device runs {:?}", self.precision);
+        }
         let suffix = kernel_suffix(self.precision);
         let full = format!("{name}{suffix}");
         let mut functions = self
@@ -560,14 +653,63 @@ impl Cuda {
         self.max_smem
     }
 
-    /// A launch over `n` elements for a grid-stride kernel: 256 threads per
+    // ---- launch shapes: every launch takes its grid, block and dynamic
+    // shared memory from one of these families.
+
+    /// Grid-stride over `n` elements (elementwise kernels): 256 threads per
     /// block, at most 32 blocks per SM.
-    pub fn grid_for(&self, n: usize) -> LaunchConfig {
+    pub fn elementwise_config(&self, n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(256).clamp(1, self.sm_count as usize * 32);
         LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
+        }
+    }
+
+    /// One warp per row (LayerNorm, row softmax): 8 warps (256 threads) per
+    /// block, so `rows / 8` blocks rounded up.
+    pub fn warp_per_row_config(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// One block of 256 threads per row (the losses).
+    pub fn block_per_row_config(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// Column sums of `[rows, cols]` (bias and LayerNorm parameter
+    /// gradients): 32 columns × 8 row lanes per block,
+    /// `COLUMN_SUM_ROWS_PER_BLOCK` rows per block.
+    pub fn column_sum_config(rows: usize, cols: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                cols.div_ceil(32) as u32,
+                rows.div_ceil(COLUMN_SUM_ROWS_PER_BLOCK).max(1) as u32,
+                1,
+            ),
+            block_dim: (32, 8, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// `blocks` blocks of `threads` threads, each with `shared_bytes` of
+    /// dynamic shared memory (one block per work item: attention's
+    /// (image, head) pairs, the low-rank kernel's row tiles). Ask for the
+    /// kernel with the same `shared_bytes` (`function`).
+    pub fn tiled_config(blocks: usize, threads: usize, shared_bytes: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: shared_bytes as u32,
         }
     }
 
@@ -614,10 +756,10 @@ impl Cuda {
             return Ok(());
         }
         let n = len as u64;
-        let f = self.function("device", "convert_f32_to_bf16", 0)?;
+        let f = self.function(CONVERT_F32_TO_BF16, 0)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(&dst).arg(&src).arg(&n);
-        unsafe { l.launch(self.grid_for(len)) }
+        unsafe { l.launch(self.elementwise_config(len)) }
             .cu_with_context(|| format!("convert_f32_to_bf16 launch ({len} elements)"))?;
         Ok(())
     }
@@ -895,5 +1037,40 @@ impl Drop for Cuda {
             ),
             Err(e) => eprintln!("--profile: could not read the profile: {e:#}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod kernel_list_tests {
+    use super::Kernel;
+    use crate::device::Precision;
+
+    crate::cuda_kernels! {
+        "sample";
+        PLAIN = "sample_plain",
+        ONLY_BF16 = "sample_aligned" (bf16),
+    }
+
+    #[test]
+    fn the_macro_declares_each_kernel_once_in_its_list() {
+        assert_eq!(
+            (PLAIN.file(), PLAIN.name(), PLAIN.bf16_only()),
+            ("sample", "sample_plain", false)
+        );
+        assert_eq!(
+            (ONLY_BF16.file(), ONLY_BF16.name(), ONLY_BF16.bf16_only()),
+            ("sample", "sample_aligned", true)
+        );
+        assert_eq!(KERNELS, &[PLAIN, ONLY_BF16][..]);
+        assert!(PLAIN.compiled_for(Precision::F32) && PLAIN.compiled_for(Precision::Bf16));
+        assert!(!ONLY_BF16.compiled_for(Precision::F32) && ONLY_BF16.compiled_for(Precision::Bf16));
+        assert_eq!(Kernel::new("sample", "sample_plain", false), PLAIN);
+    }
+
+    #[test]
+    fn the_device_lists_its_own_conversion_kernel() {
+        assert_eq!(super::KERNELS, &[super::CONVERT_F32_TO_BF16][..]);
+        assert_eq!(super::CONVERT_F32_TO_BF16.name(), "convert_f32_to_bf16");
+        assert_eq!(super::CONVERT_F32_TO_BF16.file(), "device");
     }
 }

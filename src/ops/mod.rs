@@ -9,8 +9,12 @@
 //!   the cross-device comparison, one body run on every device present
 //!   (`crate::on_every_device!`);
 //! - `cpu.rs`: the kernel trait for `device::Cpu` and the reference loops;
-//! - `cuda.rs`: the kernel trait for `device::Cuda`: its launchers, one per
-//!   kernel of `kernels/<op>.cu` (the kernel file has the folder's name).
+//! - `cuda.rs`: the kernel trait for `device::Cuda`: the kernels of
+//!   `kernels/<op>.cu` it launches, declared once with `crate::cuda_kernels!`
+//!   (its `KERNELS` list, gathered by `cuda_kernels` below and checked
+//!   against the compiled PTX), and its launchers, one per kernel, each
+//!   taking its launch shape from a `Cuda` family helper
+//!   (`elementwise_config`, ...).
 //!
 //! Device bodies take a `Checked` token that only code in this module tree
 //! can make, so the model, the trainer or a test cannot call a body without
@@ -18,7 +22,8 @@
 //! the losses and the optimizer are generic over.
 //!
 //! Adding an op (say `rmsnorm`): `src/ops/rmsnorm/{mod.rs, cpu.rs, cuda.rs}`,
-//! `kernels/rmsnorm.cu`, and one line in `Backend` below (plus its `pub mod`).
+//! `kernels/rmsnorm.cu`, and one line in `Backend` below (plus its `pub mod`)
+//! and one in `cuda_kernels`.
 
 pub mod adamw;
 pub mod add;
@@ -82,6 +87,27 @@ pub trait Backend:
 impl Backend for Cpu {}
 #[cfg(feature = "cuda")]
 impl Backend for crate::device::Cuda {}
+
+/// Every CUDA kernel the Rust side can launch: each op's `KERNELS` (declared
+/// with `cuda_kernels!` in its `cuda.rs`) and the device's own.
+#[cfg(feature = "cuda")]
+pub fn cuda_kernels() -> Vec<crate::device::cuda::Kernel> {
+    [
+        adamw::cuda::KERNELS,
+        add::cuda::KERNELS,
+        add_layernorm::cuda::KERNELS,
+        attention::cuda::KERNELS,
+        embed::cuda::KERNELS,
+        gelu::cuda::KERNELS,
+        image::cuda::KERNELS,
+        layernorm::cuda::KERNELS,
+        loss::cuda::KERNELS,
+        lowrank::cuda::KERNELS,
+        matmul::cuda::KERNELS,
+        crate::device::cuda::KERNELS,
+    ]
+    .concat()
+}
 
 /// The error of an argument buffer shorter than the op needs.
 pub(in crate::ops) fn need<D: Device>(dev: &D, what: &str, buf: &D::Buf, len: usize) -> Result<()> {
@@ -236,56 +262,14 @@ mod profile_tests {
 
 #[cfg(all(test, feature = "cuda"))]
 mod tests {
+    use super::cuda_kernels;
     use crate::device::cuda::embedded_kernels;
+    use crate::device::Precision;
     use std::collections::BTreeSet;
-    use std::path::Path;
 
-    /// `(file, kernel)` of every `function("file", "kernel", ..)` call in the
-    /// Rust sources under `dir`.
-    fn requested(dir: &Path, out: &mut BTreeSet<(String, String)>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                requested(&path, out);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let text = std::fs::read_to_string(&path).unwrap();
-                for call in text.split(".function(\"").skip(1) {
-                    let mut parts = call.split('"');
-                    let (file, kernel) = (parts.next().unwrap_or(""), parts.nth(1).unwrap_or(""));
-                    if !kernel.is_empty()
-                        && kernel
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '_')
-                    {
-                        out.insert((file.to_string(), kernel.to_string()));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every kernel the Rust side launches exists in the PTX of the kernel
-    /// file it names, in both precisions, and every compiled kernel is
-    /// launched from somewhere: a renamed kernel or a moved launcher fails
-    /// here, in CI, instead of on the first GPU run.
-    #[test]
-    fn every_launched_kernel_is_compiled_and_every_compiled_kernel_is_launched() {
-        if embedded_kernels().is_empty() {
-            assert!(
-                std::env::var("EFFRANK_REQUIRE_KERNELS").is_err(),
-                "EFFRANK_REQUIRE_KERNELS=1 but no kernels are embedded"
-            );
-            eprintln!("no kernels embedded (built without NVRTC): nothing to check");
-            return;
-        }
-        let mut wanted = BTreeSet::new();
-        requested(
-            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
-            &mut wanted,
-        );
-        // The fused low-rank kernel's name is chosen at run time.
-        wanted.insert(("lowrank".into(), "lowrank_forward".into()));
-        wanted.insert(("lowrank".into(), "lowrank_forward_aligned".into()));
+    /// `(file, kernel, suffix)` of every `.visible .entry` in the embedded
+    /// PTX, the kernel's name without its precision suffix.
+    fn compiled() -> BTreeSet<(String, String, &'static str)> {
         let mut compiled = BTreeSet::new();
         for (module, ptx) in embedded_kernels() {
             for suffix in ["_f32", "_bf16"] {
@@ -308,20 +292,89 @@ mod tests {
                 }
             }
         }
-        for (file, kernel) in &wanted {
-            for suffix in ["_f32", "_bf16"] {
-                // The fp32 variant of the aligned tensor-core kernel does not exist (bf16 only).
-                if kernel == "lowrank_forward_aligned" && suffix == "_f32" {
-                    continue;
+        compiled
+    }
+
+    /// Every kernel in an op's (or the device's) list exists in the PTX of
+    /// its kernel file, in both precisions (bf16-only kernels in bf16 only),
+    /// and every compiled kernel is in a list: a renamed kernel or a kernel
+    /// nothing declares fails here, in CI, instead of on the first GPU run.
+    #[test]
+    fn every_listed_kernel_is_compiled_and_every_compiled_kernel_is_listed() {
+        if embedded_kernels().is_empty() {
+            assert!(
+                std::env::var("EFFRANK_REQUIRE_KERNELS").is_err(),
+                "EFFRANK_REQUIRE_KERNELS=1 but no kernels are embedded"
+            );
+            eprintln!("no kernels embedded (built without NVRTC): nothing to check");
+            return;
+        }
+        let listed = cuda_kernels();
+        let compiled = compiled();
+        let mut wanted = BTreeSet::new();
+        for k in &listed {
+            for (precision, suffix) in [(Precision::F32, "_f32"), (Precision::Bf16, "_bf16")] {
+                if k.compiled_for(precision) {
+                    wanted.insert((k.file().to_string(), k.name().to_string(), suffix));
                 }
-                assert!(compiled.contains(&(file.clone(), kernel.clone(), suffix)), "the Rust side launches {kernel}{suffix} of kernels/{file}.cu, which has no such kernel");
             }
+        }
+        for (file, kernel, suffix) in &wanted {
+            assert!(
+                compiled.contains(&(file.clone(), kernel.clone(), *suffix)),
+                "the Rust side lists {kernel}{suffix} of kernels/{file}.cu, which has no such kernel"
+            );
         }
         for (file, kernel, suffix) in &compiled {
             assert!(
-                wanted.contains(&(file.clone(), kernel.clone())),
-                "kernels/{file}.cu compiles {kernel}{suffix}, which nothing launches"
+                wanted.contains(&(file.clone(), kernel.clone(), *suffix)),
+                "kernels/{file}.cu compiles {kernel}{suffix}, which no kernel list holds (or holds as bf16-only)"
             );
         }
+        // Every kernel file is both compiled and listed.
+        let files: BTreeSet<&str> = listed.iter().map(|k| k.file()).collect();
+        for (module, _) in embedded_kernels() {
+            let file = module
+                .strip_suffix("_f32")
+                .or_else(|| module.strip_suffix("_bf16"))
+                .unwrap_or(module);
+            assert!(
+                files.contains(file),
+                "kernels/{file}.cu is compiled but no list names it"
+            );
+        }
+    }
+
+    /// The lists themselves, without a GPU or kernels: no kernel twice,
+    /// every op's file present, the one bf16-only kernel marked.
+    #[test]
+    fn the_kernel_lists_hold_each_kernel_once() {
+        let listed = cuda_kernels();
+        let unique: BTreeSet<_> = listed.iter().map(|k| (k.file(), k.name())).collect();
+        assert_eq!(unique.len(), listed.len(), "a kernel is listed twice");
+        let files: BTreeSet<&str> = listed.iter().map(|k| k.file()).collect();
+        let want: BTreeSet<&str> = [
+            "adamw",
+            "add",
+            "add_layernorm",
+            "attention",
+            "device",
+            "embed",
+            "gelu",
+            "image",
+            "layernorm",
+            "loss",
+            "lowrank",
+            "matmul",
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(files, want);
+        let bf16_only: Vec<&str> = listed
+            .iter()
+            .filter(|k| k.bf16_only())
+            .map(|k| k.name())
+            .collect();
+        assert_eq!(bf16_only, ["lowrank_forward_aligned"]);
     }
 }

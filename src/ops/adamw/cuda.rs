@@ -9,6 +9,12 @@ use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::PushKernelArg;
 
+crate::cuda_kernels! {
+    "adamw";
+    SUM_SQUARES = "sum_squares",
+    ADAMW_UPDATE = "adamw_update",
+}
+
 impl AdamWKernel for Cuda {
     fn sum_squares(&self, acc: &mut CudaBuf, x: &CudaBuf, len: usize, _: Checked) -> Result<()> {
         sum_squares(self, acc, x, len)
@@ -36,10 +42,10 @@ fn sum_squares(be: &Cuda, acc: &mut CudaBuf, x: &CudaBuf, len: usize) -> Result<
         be.f32_mut(acc, "sum_squares acc")?,
         be.f32(x, "sum_squares x")?,
     );
-    let f = be.function("adamw", "sum_squares", 0)?;
+    let f = be.function(SUM_SQUARES, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&a).arg(&xp).arg(&n);
-    unsafe { l.launch(be.grid_for(len)) }
+    unsafe { l.launch(be.elementwise_config(len)) }
         .cu_with_context(|| format!("sum_squares launch ({len} elements)"))?;
     Ok(())
 }
@@ -78,7 +84,7 @@ fn adamw_update(
         be.f32_mut(v, "adamw v")?,
         be.f32(grad_norm_sq, "adamw grad_norm_sq")?,
     );
-    let f = be.function("adamw", "adamw_update", 0)?;
+    let f = be.function(ADAMW_UPDATE, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&p).arg(&g).arg(&mp).arg(&vp).arg(&gn).arg(&n);
     l.arg(&hp.lr)
@@ -91,7 +97,7 @@ fn adamw_update(
         .arg(&clip)
         .arg(&max_norm)
         .arg(&copy);
-    unsafe { l.launch(be.grid_for(len)) }
+    unsafe { l.launch(be.elementwise_config(len)) }
         .cu_with_context(|| format!("adamw_update launch ({len} elements)"))?;
     Ok(())
 }

@@ -7,6 +7,11 @@ use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::PushKernelArg;
 
+crate::cuda_kernels! {
+    "add";
+    ADD_ASSIGN = "add_assign",
+}
+
 impl AddKernel for Cuda {
     fn add_assign(&self, dst: &mut CudaBuf, src: &CudaBuf, len: usize, _: Checked) -> Result<()> {
         add_assign_kernel(self, dst, src, len)
@@ -34,10 +39,10 @@ fn add_assign_kernel(dev: &Cuda, dst: &mut CudaBuf, src: &CudaBuf, len: usize) -
         dev.act_mut(dst, "add_assign dst")?,
         dev.act(src, "add_assign src")?,
     );
-    let f = dev.function("add", "add_assign", 0)?;
+    let f = dev.function(ADD_ASSIGN, 0)?;
     let mut l = dev.stream().launch_builder(&f);
     l.arg(&d).arg(&s).arg(&n);
-    unsafe { l.launch(dev.grid_for(len)) }
+    unsafe { l.launch(dev.elementwise_config(len)) }
         .cu_with_context(|| format!("add_assign launch ({len} elements)"))?;
     Ok(())
 }

@@ -9,15 +9,12 @@ use crate::ops::layernorm::cuda::backward_params;
 use crate::ops::layernorm::{Params, Saved};
 use crate::ops::{Checked, Rows};
 use anyhow::Result;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
-/// 8 warps per block, one row per warp.
-fn row_config(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
+crate::cuda_kernels! {
+    "add_layernorm";
+    ADD_LAYERNORM_FORWARD = "add_layernorm_forward",
+    ADD_LAYERNORM_BACKWARD_DX = "add_layernorm_backward_dx",
 }
 
 impl AddLayerNormKernel for Cuda {
@@ -88,7 +85,7 @@ fn forward(
         be.f32(gamma, "add_layernorm gamma")?,
         be.f32(beta, "add_layernorm beta")?,
     );
-    let f = be.function("add_layernorm", "add_layernorm_forward", 0)?;
+    let f = be.function(ADD_LAYERNORM_FORWARD, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&sp)
         .arg(&op)
@@ -101,7 +98,7 @@ fn forward(
         .arg(&r)
         .arg(&c)
         .arg(&eps);
-    unsafe { l.launch(row_config(rows)) }
+    unsafe { l.launch(Cuda::warp_per_row_config(rows)) }
         .cu_with_context(|| format!("add_layernorm_forward launch [{rows}, {cols}]"))?;
     Ok(())
 }
@@ -137,7 +134,7 @@ fn backward_dx(
         be.f32(rstd, "add_layernorm rstd")?,
         be.f32(gamma, "add_layernorm gamma")?,
     );
-    let f = be.function("add_layernorm", "add_layernorm_backward_dx", 0)?;
+    let f = be.function(ADD_LAYERNORM_BACKWARD_DX, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dxp)
         .arg(&dbp)
@@ -148,7 +145,7 @@ fn backward_dx(
         .arg(&g)
         .arg(&r)
         .arg(&c);
-    unsafe { l.launch(row_config(rows)) }
+    unsafe { l.launch(Cuda::warp_per_row_config(rows)) }
         .cu_with_context(|| format!("add_layernorm_backward_dx launch [{rows}, {cols}]"))?;
     Ok(())
 }

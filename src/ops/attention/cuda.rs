@@ -12,12 +12,24 @@
 //! kernels share two argument lists (`launch_forward`, `launch_backward`).
 
 use super::{AttentionKernel, AttentionShape, Qkv};
-use crate::device::cuda::{CudaBuf, DriverResultExt};
+use crate::device::cuda::{CudaBuf, DriverResultExt, Kernel};
 use crate::device::{BufKind, Cuda, Device, Precision};
 use crate::ops::matmul::cuda::{gemm, Mat, RowMajorGemm};
 use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+crate::cuda_kernels! {
+    "attention";
+    FUSED_FORWARD = "attention_forward",
+    FUSED_BACKWARD = "attention_backward",
+    SHORT_FORWARD = "attention_short_forward",
+    SHORT_BACKWARD = "attention_short_backward",
+    CLASS_TOKEN_FORWARD = "attention_cls_forward",
+    CLASS_TOKEN_BACKWARD = "attention_cls_backward",
+    SOFTMAX_ROWS = "softmax_rows",
+    SOFTMAX_ROWS_BACKWARD = "softmax_rows_backward",
+}
 
 /// Warps per block of the fused kernels (ATT_WARPS in the kernel file).
 const WARPS: usize = 8;
@@ -41,13 +53,13 @@ fn fused_fits(be: &Cuda, t: usize, dh: usize, smem: usize) -> bool {
 }
 
 /// Threads per block of the fused kernels.
-const FUSED_THREADS: u32 = (WARPS * 32) as u32;
+const FUSED_THREADS: usize = WARPS * 32;
 
 /// Largest sequence and head width of the short kernels.
 pub const MAX_SHORT_TOKENS: usize = 64;
 pub const MAX_SHORT_HEAD_DIM: usize = 128;
 /// Threads per block of the short kernels (SHORT_WARPS = 4 in the kernel file).
-const SHORT_THREADS: u32 = 128;
+const SHORT_THREADS: usize = 128;
 
 /// The short kernels' shared-memory layout (kernels/attention.cu): T and
 /// the columns padded to TP (a multiple of 16), rows of head tiles dh + 8
@@ -86,16 +98,16 @@ fn short_fits(be: &Cuda, t: usize, dh: usize, smem: usize) -> bool {
 }
 
 /// Threads per block of the class-token kernels (CLS_THREADS in the kernel file).
-const CLASS_TOKEN_THREADS: u32 = 128;
+const CLASS_TOKEN_THREADS: usize = 128;
 
 /// One launch of a kernel with one block per (image, head).
 #[derive(Clone, Copy)]
 struct Launch {
-    /// The kernel's name in `kernels/attention.cu`.
-    kernel: &'static str,
+    /// The kernel of `kernels/attention.cu`.
+    kernel: Kernel,
     /// The names of its buffers in error messages.
     names: &'static Names,
-    threads: u32,
+    threads: usize,
     smem: usize,
 }
 
@@ -138,11 +150,7 @@ const CLASS_TOKEN: Names = Names {
 
 impl Launch {
     fn config(&self, shape: AttentionShape) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (shape.pairs() as u32, 1, 1),
-            block_dim: (self.threads, 1, 1),
-            shared_mem_bytes: self.smem as u32,
-        }
+        Cuda::tiled_config(shape.pairs(), self.threads, self.smem)
     }
 }
 
@@ -170,7 +178,7 @@ fn launch_forward(
         be.act(x.k, names.k)?,
         be.act(x.v, names.v)?,
     );
-    let f = be.function("attention", kernel, launch.smem)?;
+    let f = be.function(kernel, launch.smem)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&o)
         .arg(&p)
@@ -180,7 +188,8 @@ fn launch_forward(
         .arg(&a[0])
         .arg(&a[1])
         .arg(&a[2]);
-    unsafe { l.launch(launch.config(shape)) }.cu_with_context(|| launch_context(kernel, shape))?;
+    unsafe { l.launch(launch.config(shape)) }
+        .cu_with_context(|| launch_context(kernel.name(), shape))?;
     Ok(())
 }
 
@@ -210,7 +219,7 @@ fn launch_backward(
         be.act(x.v, names.v)?,
         be.act(probs, names.probs)?,
     );
-    let f = be.function("attention", kernel, launch.smem)?;
+    let f = be.function(kernel, launch.smem)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dqp)
         .arg(&dkp)
@@ -223,7 +232,8 @@ fn launch_backward(
         .arg(&a[0])
         .arg(&a[1])
         .arg(&a[2]);
-    unsafe { l.launch(launch.config(shape)) }.cu_with_context(|| launch_context(kernel, shape))?;
+    unsafe { l.launch(launch.config(shape)) }
+        .cu_with_context(|| launch_context(kernel.name(), shape))?;
     Ok(())
 }
 
@@ -280,7 +290,7 @@ impl AttentionKernel for Cuda {
             return Ok(());
         }
         let launch = Launch {
-            kernel: "attention_cls_forward",
+            kernel: CLASS_TOKEN_FORWARD,
             names: &CLASS_TOKEN,
             threads: CLASS_TOKEN_THREADS,
             smem: 4 * (shape.head_dim + shape.tokens),
@@ -304,7 +314,7 @@ impl AttentionKernel for Cuda {
             return Ok(());
         }
         let launch = Launch {
-            kernel: "attention_cls_backward",
+            kernel: CLASS_TOKEN_BACKWARD,
             names: &CLASS_TOKEN,
             threads: CLASS_TOKEN_THREADS,
             smem: 4 * (2 * shape.head_dim + shape.tokens),
@@ -328,7 +338,7 @@ pub fn short_forward(
         return fused_forward(be, out, probs, x, shape, ok);
     }
     let launch = Launch {
-        kernel: "attention_short_forward",
+        kernel: SHORT_FORWARD,
         names: &FULL,
         threads: SHORT_THREADS,
         smem,
@@ -352,7 +362,7 @@ pub fn short_backward(
         return fused_backward(be, grads, dout, x, probs, shape, ok);
     }
     let launch = Launch {
-        kernel: "attention_short_backward",
+        kernel: SHORT_BACKWARD,
         names: &FULL,
         threads: SHORT_THREADS,
         smem,
@@ -378,7 +388,7 @@ pub fn fused_forward(
         return unfused_forward(be, out, probs, x, shape, ok);
     }
     let launch = Launch {
-        kernel: "attention_forward",
+        kernel: FUSED_FORWARD,
         names: &FULL,
         threads: FUSED_THREADS,
         smem,
@@ -405,7 +415,7 @@ pub fn fused_backward(
         return unfused_backward(be, grads, dout, x, probs, shape, ok);
     }
     let launch = Launch {
-        kernel: "attention_backward",
+        kernel: FUSED_BACKWARD,
         names: &FULL,
         threads: FUSED_THREADS,
         smem,
@@ -479,14 +489,6 @@ impl HeadGemm {
     }
 }
 
-fn rows_config(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// An activation as a cuBLAS matrix.
 fn act_mat(be: &Cuda, b: &CudaBuf, what: &str) -> Result<Mat> {
     Ok(Mat {
@@ -537,10 +539,10 @@ pub fn unfused_forward(
     }
     let rows = shape.pairs() * t;
     let (r, c) = (rows as i32, t as i32);
-    let f = be.function("attention", "softmax_rows", 0)?;
+    let f = be.function(SOFTMAX_ROWS, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&pm.ptr).arg(&r).arg(&c);
-    unsafe { l.launch(rows_config(rows)) }.cu_context("softmax_rows launch")?;
+    unsafe { l.launch(Cuda::warp_per_row_config(rows)) }.cu_context("softmax_rows launch")?;
     for b in 0..shape.batch {
         let (x0, p0) = (b * t * hg.d, b * heads * t * t);
         gemm(
@@ -604,10 +606,11 @@ pub fn unfused_backward(
     }
     let rows = shape.pairs() * t;
     let (r, c) = (rows as i32, t as i32);
-    let f = be.function("attention", "softmax_rows_backward", 0)?;
+    let f = be.function(SOFTMAX_ROWS_BACKWARD, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dsm.ptr).arg(&pm.ptr).arg(&r).arg(&c);
-    unsafe { l.launch(rows_config(rows)) }.cu_context("softmax_rows_backward launch")?;
+    unsafe { l.launch(Cuda::warp_per_row_config(rows)) }
+        .cu_context("softmax_rows_backward launch")?;
     for b in 0..shape.batch {
         let (x0, p0) = (b * t * hg.d, b * heads * t * t);
         gemm(

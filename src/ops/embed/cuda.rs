@@ -9,6 +9,16 @@ use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::PushKernelArg;
 
+crate::cuda_kernels! {
+    "embed";
+    PATCH_GATHER = "patch_gather",
+    TOKENS_FORWARD = "tokens_forward",
+    TOKENS_BACKWARD_PATCHES = "tokens_backward_patches",
+    TOKENS_BACKWARD_PARAMS = "tokens_backward_params",
+    CLS_GATHER = "cls_gather",
+    CLS_SCATTER_ADD = "cls_scatter_add",
+}
+
 impl EmbedKernel for Cuda {
     fn patch_gather(
         &self,
@@ -86,7 +96,7 @@ fn patch_gather(be: &Cuda, patches: &mut CudaBuf, images: &CudaBuf, shape: Image
         be.act_mut(patches, "patch_gather patches")?,
         be.act(images, "patch_gather images")?,
     );
-    let f = be.function("embed", "patch_gather", 0)?;
+    let f = be.function(PATCH_GATHER, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&pp)
         .arg(&ip)
@@ -94,7 +104,7 @@ fn patch_gather(be: &Cuda, patches: &mut CudaBuf, images: &CudaBuf, shape: Image
         .arg(&a[1])
         .arg(&a[2])
         .arg(&a[3]);
-    unsafe { l.launch(be.grid_for(n)) }.cu_with_context(|| {
+    unsafe { l.launch(be.elementwise_config(n)) }.cu_with_context(|| {
         format!("patch_gather launch ({batch} images {channels}x{size}x{size}, patch {patch})")
     })?;
     Ok(())
@@ -124,7 +134,7 @@ fn tokens_forward(
         be.act(patch_out, "tokens patch_out")?,
     );
     let (cp, pp) = (be.f32(cls, "tokens cls")?, be.f32(pos, "tokens pos")?);
-    let f = be.function("embed", "tokens_forward", 0)?;
+    let f = be.function(TOKENS_FORWARD, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&xp)
         .arg(&po)
@@ -133,7 +143,7 @@ fn tokens_forward(
         .arg(&a[0])
         .arg(&a[1])
         .arg(&a[2]);
-    unsafe { l.launch(be.grid_for(n)) }.cu_with_context(|| {
+    unsafe { l.launch(be.elementwise_config(n)) }.cu_with_context(|| {
         format!(
             "tokens_forward launch [{batch}, {}, {width}]",
             n_patches + 1
@@ -164,18 +174,18 @@ fn tokens_backward(
     let dxp = be.act(dx, "tokens dx")?;
     if batch * n_patches > 0 {
         let dp = be.act_mut(dpatch_out, "tokens dpatch_out")?;
-        let f = be.function("embed", "tokens_backward_patches", 0)?;
+        let f = be.function(TOKENS_BACKWARD_PATCHES, 0)?;
         let mut l = be.stream().launch_builder(&f);
         l.arg(&dp).arg(&dxp).arg(&a[0]).arg(&a[1]).arg(&a[2]);
-        unsafe { l.launch(be.grid_for(batch * n_patches * width)) }.cu_with_context(|| {
-            format!("tokens_backward_patches launch [{batch}, {n_patches}, {width}]")
-        })?;
+        unsafe { l.launch(be.elementwise_config(batch * n_patches * width)) }.cu_with_context(
+            || format!("tokens_backward_patches launch [{batch}, {n_patches}, {width}]"),
+        )?;
     }
     let (dc, dp) = (
         be.f32_mut(dcls, "tokens dcls")?,
         be.f32_mut(dpos, "tokens dpos")?,
     );
-    let f = be.function("embed", "tokens_backward_params", 0)?;
+    let f = be.function(TOKENS_BACKWARD_PARAMS, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dc)
         .arg(&dp)
@@ -183,7 +193,7 @@ fn tokens_backward(
         .arg(&a[0])
         .arg(&a[1])
         .arg(&a[2]);
-    unsafe { l.launch(be.grid_for((n_patches + 1) * width)) }.cu_with_context(|| {
+    unsafe { l.launch(be.elementwise_config((n_patches + 1) * width)) }.cu_with_context(|| {
         format!("tokens_backward_params launch [{batch}, {n_patches}, {width}]")
     })?;
     Ok(())
@@ -206,10 +216,10 @@ fn cls_gather(
         be.act_mut(out, "cls_gather out")?,
         be.act(x, "cls_gather x")?,
     );
-    let f = be.function("embed", "cls_gather", 0)?;
+    let f = be.function(CLS_GATHER, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&o).arg(&xp).arg(&a[0]).arg(&a[1]).arg(&a[2]);
-    unsafe { l.launch(be.grid_for(batch * width)) }
+    unsafe { l.launch(be.elementwise_config(batch * width)) }
         .cu_with_context(|| format!("cls_gather launch [{batch}, {tokens}, {width}]"))?;
     Ok(())
 }
@@ -231,10 +241,10 @@ fn cls_scatter_add(
         be.act_mut(dx, "cls_scatter dx")?,
         be.act(dout, "cls_scatter dout")?,
     );
-    let f = be.function("embed", "cls_scatter_add", 0)?;
+    let f = be.function(CLS_SCATTER_ADD, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dxp).arg(&dop).arg(&a[0]).arg(&a[1]).arg(&a[2]);
-    unsafe { l.launch(be.grid_for(batch * width)) }
+    unsafe { l.launch(be.elementwise_config(batch * width)) }
         .cu_with_context(|| format!("cls_scatter_add launch [{batch}, {tokens}, {width}]"))?;
     Ok(())
 }

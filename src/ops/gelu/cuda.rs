@@ -7,6 +7,12 @@ use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::PushKernelArg;
 
+crate::cuda_kernels! {
+    "gelu";
+    GELU_FORWARD = "gelu_forward",
+    GELU_BACKWARD = "gelu_backward",
+}
+
 impl GeluKernel for Cuda {
     /// `gelu_forward(act_t* out, const act_t* x, u64 n)`.
     fn gelu_forward(&self, out: &mut CudaBuf, x: &CudaBuf, len: usize, _: Checked) -> Result<()> {
@@ -15,10 +21,10 @@ impl GeluKernel for Cuda {
         }
         let n = len as u64;
         let (o, xp) = (self.act_mut(out, "gelu out")?, self.act(x, "gelu x")?);
-        let f = self.function("gelu", "gelu_forward", 0)?;
+        let f = self.function(GELU_FORWARD, 0)?;
         let mut l = self.stream().launch_builder(&f);
         l.arg(&o).arg(&xp).arg(&n);
-        unsafe { l.launch(self.grid_for(len)) }
+        unsafe { l.launch(self.elementwise_config(len)) }
             .cu_with_context(|| format!("gelu_forward launch ({len} elements)"))?;
         Ok(())
     }
@@ -44,10 +50,10 @@ impl GeluKernel for Cuda {
             self.act(x, "gelu x")?,
             self.act(dout, "gelu dout")?,
         );
-        let f = self.function("gelu", "gelu_backward", 0)?;
+        let f = self.function(GELU_BACKWARD, 0)?;
         let mut l = self.stream().launch_builder(&f);
         l.arg(&d).arg(&xp).arg(&dop).arg(&n);
-        unsafe { l.launch(self.grid_for(len)) }
+        unsafe { l.launch(self.elementwise_config(len)) }
             .cu_with_context(|| format!("gelu_backward launch ({len} elements)"))?;
         Ok(())
     }

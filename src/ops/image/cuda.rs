@@ -10,6 +10,12 @@ use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::PushKernelArg;
 
+crate::cuda_kernels! {
+    "image";
+    IMAGES_FROM_BYTES = "images_from_bytes",
+    IMAGES_FROM_BYTES_CROPPED = "images_from_bytes_cropped",
+}
+
 impl ImageKernel for Cuda {
     fn images_from_bytes(
         &self,
@@ -43,7 +49,7 @@ fn images_from_bytes(
     let inv = t.std.map(|s| 1.0 / s);
     let o = be.act_mut(out, "images_from_bytes out")?;
     be.with_device_bytes(src, |bytes| {
-        let f = be.function("image", "images_from_bytes", 0)?;
+        let f = be.function(IMAGES_FROM_BYTES, 0)?;
         let mut l = be.stream().launch_builder(&f);
         l.arg(&o).arg(bytes);
         for d in &dims {
@@ -55,7 +61,7 @@ fn images_from_bytes(
         for i in &inv {
             l.arg(i);
         }
-        unsafe { l.launch(be.grid_for(n)) }.cu_with_context(|| {
+        unsafe { l.launch(be.elementwise_config(n)) }.cu_with_context(|| {
             format!(
                 "images_from_bytes launch ({batch} images {}x{}x{} to {})",
                 t.channels, t.src_height, t.src_width, t.dst_size
@@ -93,7 +99,7 @@ fn images_from_bytes_cropped(
     let inv = t.std.map(|s| 1.0 / s);
     let o = be.act_mut(out, "images_from_bytes_cropped out")?;
     be.with_device_bytes(src, |bytes| {
-        let f = be.function("image", "images_from_bytes_cropped", 0)?;
+        let f = be.function(IMAGES_FROM_BYTES_CROPPED, 0)?;
         let mut l = be.stream().launch_builder(&f);
         l.arg(&o).arg(bytes);
         for d in &dims {
@@ -105,7 +111,7 @@ fn images_from_bytes_cropped(
         for i in &inv {
             l.arg(i);
         }
-        unsafe { l.launch(be.grid_for(n)) }
+        unsafe { l.launch(be.elementwise_config(n)) }
             .cu_with_context(|| format!("images_from_bytes_cropped launch ({batch} images {}x{}x{} to {resized}, center {})", t.channels, t.src_height, t.src_width, t.dst_size))?;
         Ok(())
     })

@@ -3,20 +3,17 @@
 //! for the parameter gradients.
 
 use super::{Grads, LayerNormKernel, Outputs, Params, Saved};
-use crate::device::cuda::{CudaBuf, DriverResultExt};
+use crate::device::cuda::{CudaBuf, DriverResultExt, COLUMN_SUM_ROWS_PER_BLOCK};
 use crate::device::Cuda;
-use crate::ops::matmul::cuda::{column_sum_config, ROWS_PER_BLOCK};
 use crate::ops::{Checked, Rows};
 use anyhow::Result;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
-/// 8 warps per block, one row per warp.
-fn row_config(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
+crate::cuda_kernels! {
+    "layernorm";
+    LAYERNORM_FORWARD = "layernorm_forward",
+    LAYERNORM_BACKWARD_DX = "layernorm_backward_dx",
+    LAYERNORM_BACKWARD_PARAMS = "layernorm_backward_params",
 }
 
 impl LayerNormKernel for Cuda {
@@ -71,7 +68,7 @@ fn forward(
         be.f32(gamma, "layernorm gamma")?,
         be.f32(beta, "layernorm beta")?,
     );
-    let f = be.function("layernorm", "layernorm_forward", 0)?;
+    let f = be.function(LAYERNORM_FORWARD, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&o)
         .arg(&mu)
@@ -82,7 +79,7 @@ fn forward(
         .arg(&r)
         .arg(&c)
         .arg(&eps);
-    unsafe { l.launch(row_config(rows)) }
+    unsafe { l.launch(Cuda::warp_per_row_config(rows)) }
         .cu_with_context(|| format!("layernorm_forward launch [{rows}, {cols}]"))?;
     Ok(())
 }
@@ -115,7 +112,7 @@ pub fn backward_dx(
         be.f32(rstd, "layernorm rstd")?,
         be.f32(gamma, "layernorm gamma")?,
     );
-    let f = be.function("layernorm", "layernorm_backward_dx", 0)?;
+    let f = be.function(LAYERNORM_BACKWARD_DX, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dxp)
         .arg(&dop)
@@ -125,7 +122,7 @@ pub fn backward_dx(
         .arg(&g)
         .arg(&r)
         .arg(&c);
-    unsafe { l.launch(row_config(rows)) }
+    unsafe { l.launch(Cuda::warp_per_row_config(rows)) }
         .cu_with_context(|| format!("layernorm_backward_dx launch [{rows}, {cols}]"))?;
     Ok(())
 }
@@ -147,7 +144,7 @@ pub fn backward_params(
     if rows * cols == 0 {
         return Ok(());
     }
-    let (r, c, rpb) = (rows as i32, cols as i32, ROWS_PER_BLOCK as i32);
+    let (r, c, rpb) = (rows as i32, cols as i32, COLUMN_SUM_ROWS_PER_BLOCK as i32);
     let (dop, xp, mu, rs) = (
         be.act(dout, "layernorm dout")?,
         be.act(x, "layernorm x")?,
@@ -158,7 +155,7 @@ pub fn backward_params(
         be.f32_mut(dgamma, "layernorm dgamma")?,
         be.f32_mut(dbeta, "layernorm dbeta")?,
     );
-    let f = be.function("layernorm", "layernorm_backward_params", 0)?;
+    let f = be.function(LAYERNORM_BACKWARD_PARAMS, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dg)
         .arg(&db)
@@ -169,7 +166,7 @@ pub fn backward_params(
         .arg(&r)
         .arg(&c)
         .arg(&rpb);
-    unsafe { l.launch(column_sum_config(rows, cols)) }
+    unsafe { l.launch(Cuda::column_sum_config(rows, cols)) }
         .cu_with_context(|| format!("layernorm_backward_params launch [{rows}, {cols}]"))?;
     Ok(())
 }

@@ -7,14 +7,12 @@ use crate::device::cuda::{CudaBuf, DriverResultExt};
 use crate::device::Cuda;
 use crate::ops::{Checked, Rows};
 use anyhow::Result;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
-fn per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
+crate::cuda_kernels! {
+    "loss";
+    LOGIT_LOSS = "logit_loss",
+    FEATURE_LOSS = "feature_loss",
 }
 
 impl LossKernel for Cuda {
@@ -83,7 +81,7 @@ fn logit_loss(
         None => 0u64,
     };
     be.with_device_labels(used_labels, |dev_labels| {
-        let f = be.function("loss", "logit_loss", 0)?;
+        let f = be.function(LOGIT_LOSS, 0)?;
         let mut l = be.stream().launch_builder(&f);
         l.arg(&dsp).arg(&lp).arg(&sp).arg(&tp);
         l.arg(dev_labels).arg(&b).arg(&c);
@@ -93,7 +91,7 @@ fn logit_loss(
             .arg(&cfg.temperature)
             .arg(&cfg.feature_weight)
             .arg(&scale);
-        unsafe { l.launch(per_row(batch)) }
+        unsafe { l.launch(Cuda::block_per_row_config(batch)) }
             .cu_with_context(|| format!("logit_loss launch [{batch}, {classes}]"))?;
         Ok(())
     })
@@ -120,7 +118,7 @@ fn feature_loss(
         be.f32_mut(loss, "feature_loss loss")?,
     );
     let (sp, tp) = (be.act(s, "feature_loss s")?, be.act(t, "feature_loss t")?);
-    let f = be.function("loss", "feature_loss", 0)?;
+    let f = be.function(FEATURE_LOSS, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dsp)
         .arg(&lp)
@@ -129,7 +127,7 @@ fn feature_loss(
         .arg(&r)
         .arg(&c)
         .arg(&scale);
-    unsafe { l.launch(per_row(rows)) }
+    unsafe { l.launch(Cuda::block_per_row_config(rows)) }
         .cu_with_context(|| format!("feature_loss launch [{rows}, {cols}]"))?;
     Ok(())
 }

@@ -11,7 +11,13 @@ use crate::device::{Cuda, Device, Precision};
 use crate::ops::matmul::cuda::{gemm, linear_forward, operand, output, RowMajorGemm};
 use crate::ops::Checked;
 use anyhow::Result;
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
+
+crate::cuda_kernels! {
+    "lowrank";
+    FUSED = "lowrank_forward",
+    ALIGNED = "lowrank_forward_aligned" (bf16),
+}
 
 /// Largest rank the fused kernel handles.
 pub const MAX_FUSED_RANK: usize = 256;
@@ -105,10 +111,10 @@ pub fn lowrank_forward_fused(
     // bf16 with every dimension a multiple of 16: the kernel that loads its
     // tensor-core fragments straight from global memory.
     let aligned = be.precision() == Precision::Bf16 && s.dims().iter().all(|d| d % 16 == 0);
-    let (name, (rows_per_block, threads, smem)) = if aligned {
-        ("lowrank_forward_aligned", aligned_launch(rank))
+    let (kernel, (rows_per_block, threads, smem)) = if aligned {
+        (ALIGNED, aligned_launch(rank))
     } else {
-        ("lowrank_forward", fused_launch(be.precision(), rank))
+        (FUSED, fused_launch(be.precision(), rank))
     };
     if smem > be.max_shared_bytes() {
         return unfused(be, y, h, x, w, s, ok);
@@ -127,12 +133,8 @@ pub fn lowrank_forward_fused(
         be.operand(w.u, "lowrank U")?,
         be.f32(w.bias, "lowrank bias")?,
     );
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(rows_per_block) as u32, 1, 1),
-        block_dim: (threads as u32, 1, 1),
-        shared_mem_bytes: smem as u32,
-    };
-    let f = be.function("lowrank", name, smem)?;
+    let cfg = Cuda::tiled_config(rows.div_ceil(rows_per_block), threads, smem);
+    let f = be.function(kernel, smem)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&yp)
         .arg(&hp)
@@ -145,7 +147,10 @@ pub fn lowrank_forward_fused(
         .arg(&a[2])
         .arg(&a[3]);
     unsafe { l.launch(cfg) }.cu_with_context(|| {
-        format!("lowrank_forward launch (rows {rows}, in {inp}, rank {rank}, out {out})")
+        format!(
+            "{} launch (rows {rows}, in {inp}, rank {rank}, out {out})",
+            kernel.name()
+        )
     })?;
     Ok(())
 }

@@ -7,12 +7,18 @@
 //! and passes the row strides as leading dimensions.
 
 use super::{DenseShape, Gemm, MatmulKernel};
-use crate::device::cuda::{CudaBuf, DriverResultExt};
+use crate::device::cuda::{CudaBuf, DriverResultExt, COLUMN_SUM_ROWS_PER_BLOCK};
 use crate::device::{Cuda, Device};
 use crate::ops::Checked;
 use anyhow::{anyhow, Result};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::PushKernelArg;
+
+crate::cuda_kernels! {
+    "matmul";
+    BROADCAST_ROWS = "broadcast_rows",
+    BIAS_BACKWARD = "bias_backward",
+}
 
 /// A matrix in device memory for cuBLAS: address and element type.
 #[derive(Clone, Copy, Debug)]
@@ -237,29 +243,12 @@ pub fn broadcast_rows(
     }
     let (r, c) = (rows as i32, cols as i32);
     let (yp, bp) = (be.act_mut(y, "linear y")?, be.f32(bias, "linear bias")?);
-    let f = be.function("matmul", "broadcast_rows", 0)?;
+    let f = be.function(BROADCAST_ROWS, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&yp).arg(&bp).arg(&r).arg(&c);
-    unsafe { l.launch(be.grid_for(rows * cols)) }
+    unsafe { l.launch(be.elementwise_config(rows * cols)) }
         .cu_with_context(|| format!("broadcast_rows launch [{rows}, {cols}]"))?;
     Ok(())
-}
-
-/// Rows summed by one block of the column-sum kernels (bias, LayerNorm).
-pub const ROWS_PER_BLOCK: usize = 256;
-
-/// Grid and block of the column-sum kernels: 32 columns × 8 row lanes per
-/// block, `ROWS_PER_BLOCK` rows per block.
-pub fn column_sum_config(rows: usize, cols: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (
-            cols.div_ceil(32) as u32,
-            rows.div_ceil(ROWS_PER_BLOCK).max(1) as u32,
-            1,
-        ),
-        block_dim: (32, 8, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 /// `bias_backward(float* dbias, const act_t* dy, int rows, int cols, int rows_per_block)`.
@@ -273,15 +262,15 @@ fn bias_backward(
     if rows * cols == 0 {
         return Ok(());
     }
-    let (r, c, rpb) = (rows as i32, cols as i32, ROWS_PER_BLOCK as i32);
+    let (r, c, rpb) = (rows as i32, cols as i32, COLUMN_SUM_ROWS_PER_BLOCK as i32);
     let (dbp, dyp) = (
         be.f32_mut(dbias, "bias gradient")?,
         be.act(dy, "bias_backward dy")?,
     );
-    let f = be.function("matmul", "bias_backward", 0)?;
+    let f = be.function(BIAS_BACKWARD, 0)?;
     let mut l = be.stream().launch_builder(&f);
     l.arg(&dbp).arg(&dyp).arg(&r).arg(&c).arg(&rpb);
-    unsafe { l.launch(column_sum_config(rows, cols)) }
+    unsafe { l.launch(Cuda::column_sum_config(rows, cols)) }
         .cu_with_context(|| format!("bias_backward launch [{rows}, {cols}]"))?;
     Ok(())
 }
