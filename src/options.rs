@@ -15,6 +15,7 @@
 //! The flags, their defaults and their variables: README, "Compute
 //! options" (and `--help`).
 
+pub use crate::device::DeviceKind;
 use crate::device::{Device, Precision};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -55,14 +56,6 @@ pub enum SimdChoice {
     Avx512,
     Avx2,
     Baseline,
-}
-
-/// The kinds of device, whose defaults differ.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    Cpu,
-    Cuda,
 }
 
 /// Every choice of code path that can change a result, as given.
@@ -226,23 +219,6 @@ pub struct ComputePaths {
     pub attention_tiles: bool,
     /// CPU only: the vector instruction set asked for.
     pub simd: SimdChoice,
-}
-
-/// Fix a process-wide choice of the CPU's kernels (`ops::configure_cpu`):
-/// the first call, or the first use, which fixes the default, wins; a
-/// later call that asks for something else is an error naming `what`.
-pub fn set_once<T: Copy + PartialEq + std::fmt::Debug>(
-    cell: &std::sync::OnceLock<T>,
-    value: T,
-    what: &str,
-) -> Result<()> {
-    let fixed = *cell.get_or_init(|| value);
-    if fixed != value {
-        bail!(
-            "{what} is already fixed to {fixed:?} in this process; it cannot change to {value:?}"
-        );
-    }
-    Ok(())
 }
 
 /// The engine's version, and the git commit it was built from when known.

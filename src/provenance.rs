@@ -247,6 +247,16 @@ impl RunMeta {
     }
 }
 
+impl crate::train::fit::EpochMetadata for RunMeta {
+    fn after_epoch(
+        &self,
+        epoch: usize,
+        metrics: &EpochMetrics,
+    ) -> Result<BTreeMap<String, String>> {
+        RunMeta::after_epoch(self, epoch, metrics).metadata()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

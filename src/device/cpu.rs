@@ -50,7 +50,7 @@ static PROFILING: OnceLock<bool> = OnceLock::new();
 /// Switch the CPU's op profile on or off for this process (`--profile`);
 /// off unless switched on before the first op.
 pub fn set_profiling(on: bool) -> Result<()> {
-    crate::options::set_once(&PROFILING, on, "the CPU op profile (--profile)")
+    super::set_once(&PROFILING, on, "the CPU op profile (--profile)")
 }
 
 /// The CPU's op profile (`--profile`): wall time of every outermost op

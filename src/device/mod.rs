@@ -29,12 +29,36 @@ pub mod cuda;
 
 use anyhow::{bail, Result};
 
-pub use crate::options::DeviceKind;
 pub use crate::perf::Work;
 
 pub use cpu::Cpu;
 #[cfg(feature = "cuda")]
 pub use cuda::Cuda;
+
+/// The kinds of device, whose defaults differ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+}
+
+/// Fix a process-wide choice of the CPU's kernels (`ops::configure_cpu`, `cpu::set_profiling`):
+/// the first call, or the first use, which fixes the default, wins; a
+/// later call that asks for something else is an error naming `what`.
+pub fn set_once<T: Copy + PartialEq + std::fmt::Debug>(
+    cell: &std::sync::OnceLock<T>,
+    value: T,
+    what: &str,
+) -> Result<()> {
+    let fixed = *cell.get_or_init(|| value);
+    if fixed != value {
+        bail!(
+            "{what} is already fixed to {fixed:?} in this process; it cannot change to {value:?}"
+        );
+    }
+    Ok(())
+}
 
 /// What a buffer holds, so that a device may store the kinds at different
 /// precisions. The CPU stores everything in fp32; CUDA in bf16 mixed

@@ -16,7 +16,8 @@
 //! `--simd` fixes a narrower level, to pair them in one build
 //! (`cargo bench --bench cpu`; the numbers are in `bench/`).
 
-use crate::options::{set_once, SimdChoice};
+use crate::device::set_once;
+use crate::options::SimdChoice;
 use anyhow::{bail, Result};
 
 /// Elements per rayon task in elementwise loops (64 KiB of f32): large

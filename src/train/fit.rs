@@ -17,9 +17,9 @@ use crate::durable::{append_line, read_jsonl};
 use crate::model::checkpoint::save_checkpoint;
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
-use crate::provenance::RunMeta;
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
@@ -187,6 +187,14 @@ pub struct FitRun<'a> {
     pub opts: &'a FitOptions,
 }
 
+/// What a run writes into each of its model checkpoints' metadata after an
+/// epoch (`provenance::RunMeta`: the run's description, with the epoch and
+/// its metrics).
+pub trait EpochMetadata {
+    fn after_epoch(&self, epoch: usize, metrics: &EpochMetrics)
+        -> Result<BTreeMap<String, String>>;
+}
+
 /// Train `trainer` on `run.train` for `run.opts.epochs` epochs, writing
 /// checkpoints and metrics into `files.dir` and resuming from them when
 /// present. `meta` is stored in every model checkpoint, with the epoch and
@@ -198,7 +206,7 @@ pub fn fit<B: Backend>(
     mut teacher: Teacher<'_, B>,
     run: FitRun<'_>,
     files: &RunFiles,
-    meta: &RunMeta,
+    meta: &dyn EpochMetadata,
     on_epoch: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<FitSummary> {
     let FitRun {
@@ -348,7 +356,7 @@ pub fn fit<B: Backend>(
             &trainer.model.cfg,
             &trainer.model.ranks,
             &host,
-            &meta.after_epoch(epoch + 1, &m).metadata()?,
+            &meta.after_epoch(epoch + 1, &m)?,
         )?;
         append_line(&files.metrics(), &serde_json::to_string(&m)?)?;
         // The training state is the commit point of an epoch: a crash before

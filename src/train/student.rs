@@ -14,7 +14,7 @@ use crate::model::{Ranks, Vit, VitConfig, VitParams};
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
 use crate::options::ModelPaths;
-use crate::provenance::RunMeta;
+use crate::train::fit::EpochMetadata;
 use crate::train::spare_threads::SpareThreads;
 use anyhow::Result;
 
@@ -50,7 +50,7 @@ pub struct StudentRun<'a> {
     pub optimizer: AdamWConfig,
     pub files: &'a RunFiles,
     /// Provenance written into every checkpoint of the run.
-    pub meta: &'a RunMeta,
+    pub meta: &'a dyn EpochMetadata,
     /// The paths the student takes (`ComputeRecord::paths`).
     pub paths: ModelPaths,
     /// Threads a sweep's finished workers lend (None: outside a sweep).

@@ -522,7 +522,7 @@ static TILES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 /// Allow or forbid the tiles for this process (`--attention-tiles`,
 /// `ops::configure_cpu`); allowed unless forbidden before first use.
 pub fn choose_tiles(allowed: bool) -> Result<()> {
-    crate::options::set_once(&TILES, allowed, "the attention tiles (--attention-tiles)")
+    crate::device::set_once(&TILES, allowed, "the attention tiles (--attention-tiles)")
 }
 
 /// Whether the backward pass takes the tiles (AVX-512 and 16-wide heads;
