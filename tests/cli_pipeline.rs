@@ -728,3 +728,43 @@ fn a_reference_recipe_sweep_records_the_protocol() {
     );
     assert_eq!(settings["fit"]["batch"], 24);
 }
+
+/// A batch larger than the training set is cut to it with a warning (no
+/// step allocates for images that do not exist), and the run records the
+/// batch it used.
+#[test]
+fn a_batch_larger_than_the_training_set_is_cut_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("t");
+    let text = ok(&[
+        "train",
+        "--model",
+        "vit-demo",
+        "--epochs",
+        "1",
+        "--batch",
+        "100000",
+        "--device",
+        "cpu",
+        "--data",
+        "demo",
+        "--demo-images",
+        "40",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains(
+            "--batch 100000 is larger than the training set (40 images); using --batch 40"
+        ),
+        "{text}"
+    );
+    let model = out.join("model.safetensors");
+    let meta = effrank_engine::provenance::RunMeta::from_metadata(
+        &effrank_engine::model::checkpoint::read_metadata(&model).unwrap(),
+        &model,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(meta.fit.unwrap().batch, 40);
+}

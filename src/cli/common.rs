@@ -250,6 +250,19 @@ pub struct TrainFlags {
 }
 
 impl TrainFlags {
+    /// A batch larger than the training set is cut to the training set,
+    /// with a warning, so that no step allocates for images that do not
+    /// exist; the run records the batch it used.
+    pub fn fit_batch_to(&mut self, train_images: usize) {
+        if self.batch > train_images {
+            eprintln!(
+                "warning: --batch {} is larger than the training set ({train_images} images); using --batch {train_images}",
+                self.batch
+            );
+            self.batch = train_images;
+        }
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
             bail!("--epochs must be at least 1");

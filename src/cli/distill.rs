@@ -72,7 +72,7 @@ pub fn run(args: DistillArgs) -> Result<()> {
 
 impl WithBackend for DistillArgs {
     type Output = ();
-    fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<()> {
+    fn run<B: Backend>(mut self, be: &B, compute: &ComputeRecord) -> Result<()> {
         let loss = self.loss.spec()?;
         let teacher = load_model(&self.teacher, self.heads, None)?;
         if is_lowrank(&teacher.ranks) {
@@ -85,6 +85,7 @@ impl WithBackend for DistillArgs {
             .data
             .choose(teacher.run.as_ref().and_then(|r| r.data.as_ref()));
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
+        self.train.fit_batch_to(train.len());
         warn_if_other_data(
             teacher.run.as_ref(),
             &data,

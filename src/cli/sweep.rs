@@ -190,7 +190,7 @@ pub fn run(mut args: SweepArgs) -> Result<()> {
 
 impl WithBackend for SweepArgs {
     type Output = ();
-    fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<()> {
+    fn run<B: Backend>(mut self, be: &B, compute: &ComputeRecord) -> Result<()> {
         let started = std::time::Instant::now();
         let out = self.out.clone().expect("set in run");
         // A teacher given by file names the data it was trained on; the
@@ -207,6 +207,7 @@ impl WithBackend for SweepArgs {
                 .and_then(|r| r.data.as_ref()),
         );
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
+        self.train.fit_batch_to(train.len());
         let (teacher_path, teacher) = match (&self.teacher, given) {
             (Some(p), Some(t)) => (p.clone(), t),
             _ => {

@@ -95,9 +95,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
 impl WithBackend for TrainArgs {
     type Output = ();
-    fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<()> {
+    fn run<B: Backend>(mut self, be: &B, compute: &ComputeRecord) -> Result<()> {
         let choice = self.data.choose(None);
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
+        self.train.fit_batch_to(train.len());
         let source = match &self.init {
             Some(path) => ModelSource::Checkpoint {
                 path: path.clone(),
