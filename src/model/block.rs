@@ -301,16 +301,12 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
         if let Some(f) = feature {
             add::add_assign(be, &mut s.d_sub, f, rows * d)?;
         }
-        linear_backward(
+        self.layer_backward(
             be,
-            &bp.fc2,
-            &mut g.fc2,
-            self.shape(BlockLinear::Fc2),
-            Saved {
-                rows,
-                x: &a.fc1_act,
-                h: a.h[BlockLinear::Fc2].as_ref(),
-            },
+            a,
+            g,
+            BlockLinear::Fc2,
+            (&a.fc1_act, rows),
             Flow {
                 dy: &s.d_sub,
                 dx: Some((&mut s.d_hidden, Accumulate::Overwrite)),
@@ -325,16 +321,12 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             &s.d_hidden,
             rows * c.mlp,
         )?;
-        linear_backward(
+        self.layer_backward(
             be,
-            &bp.fc1,
-            &mut g.fc1,
-            self.shape(BlockLinear::Fc1),
-            Saved {
-                rows,
-                x: &a.ln2,
-                h: a.h[BlockLinear::Fc1].as_ref(),
-            },
+            a,
+            g,
+            BlockLinear::Fc1,
+            (&a.ln2, rows),
             Flow {
                 dy: &s.d_hidden2,
                 dx: Some((&mut s.d_ln, Accumulate::Overwrite)),
@@ -394,16 +386,12 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
         if let Some(f) = feature {
             add::add_assign(be, &mut s.d_sub, f, n * self.vit.cfg.width)?;
         }
-        linear_backward(
+        self.layer_backward(
             be,
-            &self.params().proj,
-            &mut g.proj,
-            self.shape(BlockLinear::Proj),
-            Saved {
-                rows: n,
-                x: &a.attn,
-                h: a.h[BlockLinear::Proj].as_ref(),
-            },
+            a,
+            g,
+            BlockLinear::Proj,
+            (&a.attn, n),
             Flow {
                 dy: &s.d_sub,
                 dx: Some((&mut s.d_attn, Accumulate::Overwrite)),
@@ -423,7 +411,6 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
         s: &mut VitBackwardScratch<B>,
         shape: AttentionShape,
     ) -> Result<()> {
-        let bp = self.params();
         attention::backward(
             be,
             Qkv {
@@ -441,35 +428,19 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             shape,
         )?;
         let n = shape.batch * shape.tokens;
-        for (layer, w, gw, dy, into) in [
-            (
-                BlockLinear::Q,
-                &bp.q,
-                &mut g.q,
-                &s.dq,
-                Accumulate::Overwrite,
-            ),
-            (BlockLinear::K, &bp.k, &mut g.k, &s.dk, Accumulate::Add),
-            (BlockLinear::V, &bp.v, &mut g.v, &s.dv, Accumulate::Add),
-        ] {
-            linear_backward(
-                be,
-                w,
-                gw,
-                self.shape(layer),
-                Saved {
-                    rows: n,
-                    x: &a.ln1,
-                    h: a.h[layer].as_ref(),
-                },
-                Flow {
-                    dy,
-                    dx: Some((&mut s.d_ln, into)),
-                    dh: Some(&mut s.dh),
-                },
-            )?;
-        }
-        Ok(())
+        self.ln1_layers_backward(
+            be,
+            a,
+            g,
+            s,
+            n,
+            [
+                (BlockLinear::Q, Accumulate::Overwrite),
+                (BlockLinear::K, Accumulate::Add),
+                (BlockLinear::V, Accumulate::Add),
+            ]
+            .as_slice(),
+        )
     }
 
     /// The class-token tail's attention sub-layer backward, from `s.d_sub`
@@ -488,19 +459,14 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
         s: &mut VitBackwardScratch<B>,
         shape: AttentionShape,
     ) -> Result<()> {
-        let bp = self.params();
         let (batch, t, d) = (shape.batch, shape.tokens, self.vit.cfg.width);
         let n = batch * t;
-        linear_backward(
+        self.layer_backward(
             be,
-            &bp.proj,
-            &mut g.proj,
-            self.shape(BlockLinear::Proj),
-            Saved {
-                rows: batch,
-                x: &ct.attn,
-                h: a.h[BlockLinear::Proj].as_ref(),
-            },
+            a,
+            g,
+            BlockLinear::Proj,
+            (&ct.attn, batch),
             Flow {
                 dy: &s.d_sub,
                 dx: Some((&mut s.d_cls_attn, Accumulate::Overwrite)),
@@ -530,43 +496,24 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             &ct.probs,
             shape,
         )?;
-        for (layer, w, gw, dy, into) in [
-            (
-                BlockLinear::K,
-                &bp.k,
-                &mut g.k,
-                &s.dk,
-                Accumulate::Overwrite,
-            ),
-            (BlockLinear::V, &bp.v, &mut g.v, &s.dv, Accumulate::Add),
-        ] {
-            linear_backward(
-                be,
-                w,
-                gw,
-                self.shape(layer),
-                Saved {
-                    rows: n,
-                    x: &a.ln1,
-                    h: a.h[layer].as_ref(),
-                },
-                Flow {
-                    dy,
-                    dx: Some((&mut s.d_ln, into)),
-                    dh: Some(&mut s.dh),
-                },
-            )?;
-        }
-        linear_backward(
+        self.ln1_layers_backward(
             be,
-            &bp.q,
-            &mut g.q,
-            self.shape(BlockLinear::Q),
-            Saved {
-                rows: batch,
-                x: &ct.ln1,
-                h: a.h[BlockLinear::Q].as_ref(),
-            },
+            a,
+            g,
+            s,
+            n,
+            [
+                (BlockLinear::K, Accumulate::Overwrite),
+                (BlockLinear::V, Accumulate::Add),
+            ]
+            .as_slice(),
+        )?;
+        self.layer_backward(
+            be,
+            a,
+            g,
+            BlockLinear::Q,
+            (&ct.ln1, batch),
             Flow {
                 dy: &s.d_cls_q,
                 dx: Some((&mut s.d_cls_ln1, Accumulate::Overwrite)),
@@ -574,6 +521,61 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             },
         )?;
         embed::cls_scatter_add(be, &mut s.d_ln, &s.d_cls_ln1, batch, t, d)
+    }
+
+    /// `layer`'s backward from `flow`, with the input the forward gave it
+    /// (`x` on `rows` rows) and its low-rank intermediate; its parameter
+    /// gradients are added to `g`.
+    fn layer_backward(
+        &self,
+        be: &B,
+        a: &BlockActs<B::Buf>,
+        g: &mut params::Block<B::Buf>,
+        layer: BlockLinear,
+        (x, rows): (&B::Buf, usize),
+        flow: Flow<'_, B::Buf>,
+    ) -> Result<()> {
+        linear_backward(
+            be,
+            self.params().linear(layer),
+            g.linear_mut(layer),
+            self.shape(layer),
+            Saved {
+                rows,
+                x,
+                h: a.h[layer].as_ref(),
+            },
+            flow,
+        )
+    }
+
+    /// The backward of projections of LN1's output on every token, in the
+    /// order given, each from its own gradient (`s.dq`, `s.dk`, `s.dv`),
+    /// their input gradients written or added into `s.d_ln` as each says.
+    fn ln1_layers_backward(
+        &self,
+        be: &B,
+        a: &BlockActs<B::Buf>,
+        g: &mut params::Block<B::Buf>,
+        s: &mut VitBackwardScratch<B>,
+        rows: usize,
+        layers: &[(BlockLinear, Accumulate)],
+    ) -> Result<()> {
+        for &(layer, into) in layers {
+            let dy = match layer {
+                BlockLinear::Q => &s.dq,
+                BlockLinear::K => &s.dk,
+                BlockLinear::V => &s.dv,
+                other => anyhow::bail!("{other:?} does not read LN1's output"),
+            };
+            let flow = Flow {
+                dy,
+                dx: Some((&mut s.d_ln, into)),
+                dh: Some(&mut s.dh),
+            };
+            self.layer_backward(be, a, g, layer, (&a.ln1, rows), flow)?;
+        }
+        Ok(())
     }
 
     /// LN1's backward on every token from `s.d_ln`, added into `s.dx` (the
