@@ -155,7 +155,7 @@ fn check_gradients_on(
         effrank_engine::options::ModelPaths::default_of(&be),
     )
     .unwrap();
-    let mut teacher = Frozen::new(&be, teacher_model, 3).unwrap();
+    let mut teacher = Frozen::for_feature_loss(&be, teacher_model, 3).unwrap();
     let mut trainer = Trainer::new(&be, student, 3, AdamWConfig::default()).unwrap();
     let c = case(&cfg, 3);
     loss_of(&be, &mut trainer, &mut teacher, &c, loss, &cfg);
@@ -635,7 +635,7 @@ fn fused_add_layernorm_path_gives_the_same_bits() {
         )
         .unwrap();
         teacher_model.paths.fused_add_layernorm = fused;
-        let mut teacher = Frozen::new(&be, teacher_model, 3).unwrap();
+        let mut teacher = Frozen::for_feature_loss(&be, teacher_model, 3).unwrap();
         let mut model = Vit::from_host(
             &be,
             &cfg,
@@ -831,4 +831,68 @@ fn split_batches_give_the_same_bits_on_one_thread_and_two() {
             );
         }
     }
+}
+
+/// Inference activations (two blocks' worth, taken in turn) give the same
+/// logits, bit for bit, as every block's, for a model deeper than two
+/// blocks whose blocks have different ranks (each slot's low-rank buffer
+/// must fit the largest rank of the blocks that take it), on the full
+/// forward and the logits-only one; and they refuse a backward pass.
+#[test]
+fn inference_activations_give_the_logits_of_every_blocks() {
+    let be = Cpu;
+    let mut cfg = wide_config();
+    cfg.depth = 5;
+    let mut ranks = dense_ranks(&cfg);
+    ranks[0][BlockLinear::Fc1] = Some(3);
+    ranks[2][BlockLinear::Fc1] = Some(9);
+    ranks[1][BlockLinear::Q] = Some(5);
+    ranks[4][BlockLinear::V] = Some(2);
+    let model = Vit::from_host(
+        &be,
+        &cfg,
+        &ranks,
+        &random_params(&cfg, &ranks, 11),
+        effrank_engine::options::ModelPaths::default_of(&be),
+    )
+    .unwrap();
+    let c = case(&cfg, 3);
+    let mut full = model.new_acts(&be, 4).unwrap();
+    let mut small = model.new_inference_acts(&be, 4).unwrap();
+    assert_eq!(small.blocks.len(), 2);
+    for logits_only in [false, true] {
+        let mut out = Vec::new();
+        for acts in [&mut full, &mut small] {
+            image::from_bytes(&be, &mut acts.images, &c.bytes, 3, &transform(&cfg)).unwrap();
+            if logits_only {
+                model.forward_logits(&be, acts, 3).unwrap();
+            } else {
+                model.forward(&be, acts, 3).unwrap();
+            }
+            out.push(be.download(&acts.logits).unwrap()[..3 * cfg.classes].to_vec());
+        }
+        assert!(out[0].iter().any(|v| v.abs() > 1e-3));
+        assert_eq!(out[0], out[1], "logits only: {logits_only}");
+    }
+    let mut grads = model.zeros_like(&be).unwrap();
+    let mut scratch = model.new_scratch(&be, 4).unwrap();
+    let d = be
+        .alloc(4 * cfg.classes, effrank_engine::device::BufKind::Activation)
+        .unwrap();
+    let err = model
+        .backward(
+            &be,
+            &small,
+            OutputGrads {
+                logits: &d,
+                features: None,
+            },
+            &mut grads,
+            &mut scratch,
+            3,
+        )
+        .err()
+        .expect("backward on inference activations must fail")
+        .to_string();
+    assert!(err.contains("allocated for inference"), "{err}");
 }

@@ -155,7 +155,7 @@ impl WithBackend for DistillArgs {
                 &format!("the run being resumed in {}", self.out.display()),
             );
         }
-        let mut frozen = Frozen::new(
+        let mut frozen = Frozen::for_loss(
             be,
             Vit::from_host(
                 be,
@@ -165,6 +165,7 @@ impl WithBackend for DistillArgs {
                 compute.paths.model,
             )?,
             self.train.batch,
+            &loss,
         )?;
         let teacher_signal = if loss.needs_teacher() {
             Teacher::Live(&mut frozen)

@@ -90,7 +90,8 @@ impl WithBackend for EvalArgs {
         let batch = self
             .batch
             .or(m.run.as_ref().and_then(|r| r.fit.as_ref()).map(|f| f.batch))
-            .unwrap_or(128);
+            .unwrap_or(128)
+            .min(test.len().max(1));
         let mut model = Frozen::new(
             be,
             Vit::from_host(be, &m.cfg, &m.ranks, &m.params, compute.paths.model)?,

@@ -49,8 +49,10 @@
 //!
 //! The backward pass runs the same steps in reverse; every gradient buffer
 //! of a parameter is accumulated (`+=`), so `Grads` is zeroed once per step.
-//! Activations are allocated once for a maximum batch (`VitActs::new`) and
-//! reused every step; a smaller batch uses their leading part.
+//! Activations are allocated once for a maximum batch (`Vit::new_acts`) and
+//! reused every step; a smaller batch uses their leading part. Inference
+//! allocates two blocks' activations, whatever the depth
+//! (`Vit::new_inference_acts`).
 
 use super::block::{MlpGradient, OutputGradient, TransformerBlock};
 use super::config::VitConfig;
@@ -82,6 +84,44 @@ pub struct Vit<B: Backend> {
     /// adds): fixed when it is made, from the options resolved for its
     /// device (`options::ComputeOptions::resolve`).
     pub paths: ModelPaths,
+}
+
+/// Blocks' activations an inference pass keeps (`Vit::new_inference_acts`):
+/// the one a block works in and the one it writes its output into.
+const INFERENCE_SLOTS: usize = 2;
+
+/// The rank slot `slot` of `slots` must hold for `layer`: the largest rank
+/// of that layer among the blocks that take the slot (`l % slots == slot`),
+/// `None` when all of them are dense.
+fn slot_rank(ranks: &Ranks, slot: usize, slots: usize, layer: BlockLinear) -> Option<usize> {
+    ranks
+        .iter()
+        .skip(slot)
+        .step_by(slots)
+        .filter_map(|b| b[layer])
+        .max()
+}
+
+/// Block `l`'s activations and, unless it is the last of `depth`, the next
+/// block's (its input): with one slot per block, slots `l` and `l + 1`; with
+/// fewer (inference), slots `l % n` and `(l + 1) % n`.
+fn block_and_next<T>(
+    blocks: &mut [BlockActs<T>],
+    l: usize,
+    depth: usize,
+) -> (&mut BlockActs<T>, Option<&mut BlockActs<T>>) {
+    let slots = blocks.len();
+    let (here, there) = (l % slots, (l + 1) % slots);
+    if l + 1 == depth {
+        return (&mut blocks[here], None);
+    }
+    if here < there {
+        let (lo, hi) = blocks.split_at_mut(there);
+        (&mut lo[here], Some(&mut hi[0]))
+    } else {
+        let (lo, hi) = blocks.split_at_mut(here);
+        (&mut hi[0], Some(&mut lo[there]))
+    }
 }
 
 /// Where a block writes its output.
@@ -276,17 +316,31 @@ impl<B: Backend> Vit<B> {
         }
     }
 
-    /// Allocate activations for up to `max_batch` images.
+    /// Allocate activations for up to `max_batch` images: every block's,
+    /// as training's backward pass and the feature loss read them.
     pub fn new_acts(&self, be: &B, max_batch: usize) -> Result<VitActs<B>> {
+        self.alloc_acts(be, max_batch, self.cfg.depth)
+    }
+
+    /// Allocate activations for inference alone (forward passes; no
+    /// `backward`, no feature loss): two blocks' worth, which the blocks
+    /// take in turn (block `l` works in slot `l % 2` and writes its output
+    /// into the other), so memory does not grow with the depth. ViT-B/32:
+    /// 12 blocks' activations become 2.
+    pub fn new_inference_acts(&self, be: &B, max_batch: usize) -> Result<VitActs<B>> {
+        self.alloc_acts(be, max_batch, self.cfg.depth.min(INFERENCE_SLOTS))
+    }
+
+    fn alloc_acts(&self, be: &B, max_batch: usize, slots: usize) -> Result<VitActs<B>> {
         let c = &self.cfg;
         let (n, d, t) = (max_batch * c.tokens(), c.width, c.tokens());
         let a = |len: usize| be.alloc(len, BufKind::Activation);
         let stat = |len: usize| be.alloc(len, BufKind::Statistic);
-        let mut blocks = Vec::with_capacity(c.depth);
-        for br in &self.ranks {
+        let mut blocks = Vec::with_capacity(slots);
+        for slot in 0..slots {
             let mut h: PerLinear<Option<B::Buf>> = Default::default();
-            for (layer, r) in br.iter() {
-                if let Some(r) = r {
+            for layer in BlockLinear::ALL {
+                if let Some(r) = slot_rank(&self.ranks, slot, slots, layer) {
                     h[layer] = Some(a(n * r)?);
                 }
             }
@@ -461,10 +515,9 @@ impl<B: Backend> Vit<B> {
 
         for l in 0..c.depth {
             let block = TransformerBlock { vit: self, l };
-            let (done, rest) = acts.blocks.split_at_mut(l + 1);
-            let a = &mut done[l];
+            let (a, next) = block_and_next(&mut acts.blocks, l, c.depth);
             block.kv_forward(be, a, shape)?;
-            match (rest.first_mut(), outputs) {
+            match (next, outputs) {
                 (None, Outputs::LogitsOnly) => {
                     block.class_token_forward(be, a, &mut acts.class_token, &mut acts.cls, shape)?
                 }
@@ -539,6 +592,13 @@ impl<B: Backend> Vit<B> {
             heads: c.heads,
             head_dim: c.head_dim(),
         };
+        if acts.blocks.len() != c.depth {
+            bail!(
+                "backward needs every block's activations; these were allocated for inference ({} of {} blocks)",
+                acts.blocks.len(),
+                c.depth
+            );
+        }
         let tail = match acts.forwarded {
             None => bail!("backward needs a forward pass on these activations first"),
             Some((_, b)) if b != batch => {

@@ -504,7 +504,7 @@ fn train_job<B: Backend>(
         None
     };
     if opts.loss.needs_teacher() && !shared.use_cache && live.is_none() {
-        *live = Some(Frozen::new(
+        *live = Some(Frozen::for_loss(
             be,
             Vit::from_host(
                 be,
@@ -514,6 +514,7 @@ fn train_job<B: Backend>(
                 opts.compute.paths.model,
             )?,
             opts.fit.batch,
+            &opts.loss,
         )?);
     }
     let teacher_signal = match (&cache, live.as_mut()) {

@@ -22,9 +22,27 @@ pub struct Frozen<B: Backend> {
 }
 
 impl<B: Backend> Frozen<B> {
+    /// A model for logits alone: inference activations
+    /// (`Vit::new_inference_acts`, two blocks' worth).
     pub fn new(be: &B, model: Vit<B>, max_batch: usize) -> Result<Self> {
+        let acts = model.new_inference_acts(be, max_batch)?;
+        Ok(Frozen { model, acts })
+    }
+
+    /// A teacher for the feature loss, which reads every block's outputs:
+    /// every block's activations.
+    pub fn for_feature_loss(be: &B, model: Vit<B>, max_batch: usize) -> Result<Self> {
         let acts = model.new_acts(be, max_batch)?;
         Ok(Frozen { model, acts })
+    }
+
+    /// A teacher for `loss`: `for_feature_loss` when it reads features.
+    pub fn for_loss(be: &B, model: Vit<B>, max_batch: usize, loss: &LossSpec) -> Result<Self> {
+        if loss.needs_features() {
+            Self::for_feature_loss(be, model, max_batch)
+        } else {
+            Self::new(be, model, max_batch)
+        }
     }
 
     /// Logits `[batch, classes]` of raw image bytes, on the host.
@@ -201,6 +219,9 @@ impl<B: Backend> Shard<B> {
         let teacher_logits: Option<&B::Buf> = match teacher {
             TeacherSignal::None => None,
             TeacherSignal::Live(t) => {
+                if loss.needs_features() && t.acts.blocks.len() != t.model.cfg.depth {
+                    bail!("the feature loss reads every block of the teacher: make it with `Frozen::for_feature_loss`");
+                }
                 let img_len = batch * c.channels * c.image_size * c.image_size;
                 be.copy(&mut t.acts.images, &self.acts.images, img_len)?;
                 t.model
