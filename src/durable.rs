@@ -53,6 +53,18 @@ pub fn create_folder(path: &Path) -> Result<()> {
 
 /// Write `bytes` to `path` atomically (temporary file, fsync, rename, fsync of the folder).
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    atomic_write_with(path, |tmp| {
+        let mut f =
+            std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("writing {}", tmp.display()))
+    })
+}
+
+/// Write `path` atomically as `atomic_write` does, the temporary file
+/// created and filled by `fill` (a writer that streams: no whole copy of
+/// the file in memory).
+pub fn atomic_write_with(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let dir = folder_of(path);
     std::fs::create_dir_all(dir).with_context(|| format!("creating folder {}", dir.display()))?;
     if path.is_dir() {
@@ -72,11 +84,9 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     let written = (|| {
-        let mut f =
-            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(bytes)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()
+        fill(&tmp)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
             .with_context(|| format!("syncing {}", tmp.display()))?;
         crate::faults::point("before", path);
         std::fs::rename(&tmp, path)

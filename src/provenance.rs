@@ -282,6 +282,7 @@ mod tests {
             seed: 1,
             augment: crate::data::Augment::NONE,
             eval_every_epoch: true,
+            micro_batches: 1,
             quiet: true,
             label: "x".into(),
         };

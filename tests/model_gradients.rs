@@ -891,8 +891,7 @@ fn inference_activations_give_the_logits_of_every_blocks() {
             &mut scratch,
             3,
         )
-        .err()
-        .expect("backward on inference activations must fail")
+        .expect_err("backward on inference activations must fail")
         .to_string();
     assert!(err.contains("allocated for inference"), "{err}");
 }

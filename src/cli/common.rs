@@ -247,6 +247,47 @@ pub struct TrainFlags {
     /// Evaluate on the test set only after the last epoch.
     #[arg(long)]
     pub eval_last_only: bool,
+    /// Gradient accumulation: compute each batch as N micro-batches whose
+    /// gradients are added before one optimizer step (the same step as the
+    /// whole batch, up to rounding, with a micro-batch's activations), or
+    /// `auto`: the fewest micro-batches whose memory plan fits.
+    #[arg(long, default_value = "1")]
+    pub accumulate: Accumulate,
+}
+
+/// `--accumulate N|auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accumulate {
+    MicroBatches(usize),
+    Auto,
+}
+
+impl std::str::FromStr for Accumulate {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Accumulate::Auto),
+            n => match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(Accumulate::MicroBatches(n)),
+                _ => bail!(
+                    "--accumulate takes a number of micro-batches (1 or more) or auto, not '{s}'"
+                ),
+            },
+        }
+    }
+}
+
+/// What bounds a run's memory, and whether to stop after planning it.
+#[derive(Args, Debug, Clone, Default)]
+pub struct MemoryFlags {
+    /// Print the memory plan (every buffer the run would allocate, in
+    /// bytes) and what the machine has, then exit without training.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Host memory the run may use, e.g. 8G or 512MiB [default: what the
+    /// operating system says is available, within the cgroup's limit].
+    #[arg(long, value_parser = effrank_engine::memory::parse_size)]
+    pub memory_limit: Option<u64>,
 }
 
 impl TrainFlags {
@@ -269,6 +310,15 @@ impl TrainFlags {
         }
         if self.batch == 0 {
             bail!("--batch must be at least 1");
+        }
+        if let Accumulate::MicroBatches(n) = self.accumulate {
+            if n > self.batch {
+                bail!(
+                    "--accumulate {n}: a batch of {} images splits into at most {} micro-batches",
+                    self.batch,
+                    self.batch
+                );
+            }
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("--lr must be a positive number, got {}", self.lr);
@@ -313,6 +363,11 @@ impl TrainFlags {
             seed: self.seed,
             augment: self.augment(),
             eval_every_epoch: !self.eval_last_only,
+            micro_batches: match self.accumulate {
+                Accumulate::MicroBatches(n) => n,
+                // Resolved from the memory plan (`cli::memory`) before use.
+                Accumulate::Auto => 1,
+            },
             quiet,
             label: label.to_string(),
         }

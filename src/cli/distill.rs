@@ -1,18 +1,23 @@
 //! `effrank-engine distill`: train one low-rank student against a teacher.
 
 use super::common::{
-    dispatch, ComputeFlags, DataFlags, FactorFlags, LossFlags, TrainFlags, WithBackend,
+    dispatch, ComputeFlags, DataFlags, FactorFlags, LossFlags, MemoryFlags, TrainFlags, WithBackend,
 };
+use super::memory::{self, Planned};
 use super::setup::{load_data_for, load_model, load_resumed_run, model_input, warn_if_other_data};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::durable::atomic_write;
+use effrank_engine::memory::{ModelShape, Plan, Storage, TeacherPlan, TrainingRun};
 use effrank_engine::model::params::{dense_ranks, is_lowrank, param_count};
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{FileRef, RunMeta, Training};
-use effrank_engine::train::{train_student, Frozen, RunFiles, StudentRun, StudentStart, Teacher};
+use effrank_engine::train::step::{micro_batch, shards_for};
+use effrank_engine::train::{
+    train_student, FitOptions, Frozen, RunFiles, StudentRun, StudentStart, Teacher,
+};
 use std::path::PathBuf;
 
 /// Distill a teacher into a rank-r student and evaluate it every epoch.
@@ -54,6 +59,8 @@ pub struct DistillArgs {
     /// Output folder.
     #[arg(long, default_value = "runs/distill")]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub memory: MemoryFlags,
     #[command(flatten)]
     pub compute: ComputeFlags,
     #[arg(long)]
@@ -132,7 +139,54 @@ impl WithBackend for DistillArgs {
             .rank
             .map(|r| format!("rank {r}"))
             .unwrap_or_else(|| "student".into());
-        let fit_opts = self.train.fit_options(&label, self.quiet);
+        let ranks = start.ranks().clone();
+        let teacher_shape = ModelShape {
+            cfg: &teacher.cfg,
+            ranks: &dense,
+        };
+        let planned = memory::plan_training(
+            be,
+            &self.memory,
+            self.train.batch,
+            self.train.accumulate,
+            self.quiet,
+            |batch, micro_batches| {
+                Plan::training(&TrainingRun {
+                    model: ModelShape {
+                        cfg: &teacher.cfg,
+                        ranks: &ranks,
+                    },
+                    batch,
+                    micro_batches,
+                    shards: shards_for(
+                        &compute.paths.model,
+                        &teacher.cfg,
+                        batch.div_ceil(micro_batches),
+                    ),
+                    feature_loss: loss.needs_features(),
+                    teacher: if loss.needs_teacher() {
+                        TeacherPlan::Live(teacher_shape)
+                    } else {
+                        TeacherPlan::None
+                    },
+                    storage: Storage::of(be),
+                    data_bytes: memory::data_bytes(&train, &test),
+                    image_bytes: train.image_len() as u64,
+                    // The teacher as loaded, and the student's start.
+                    loaded_params: (param_count(&teacher.cfg, &dense)
+                        + param_count(&teacher.cfg, &ranks))
+                        as u64,
+                })
+            },
+        )?;
+        let micro_batches = match planned {
+            Planned::Go { micro_batches } => micro_batches,
+            Planned::DryRun => return Ok(()),
+        };
+        let fit_opts = FitOptions {
+            micro_batches,
+            ..self.train.fit_options(&label, self.quiet)
+        };
         let training = Training {
             data: &data,
             loss: &loss,
@@ -155,24 +209,28 @@ impl WithBackend for DistillArgs {
                 &format!("the run being resumed in {}", self.out.display()),
             );
         }
-        let mut frozen = Frozen::for_loss(
-            be,
-            Vit::from_host(
+        // The live teacher runs on one shard's part of a micro-batch at a
+        // time; its activations hold a micro-batch.
+        let mut frozen = if loss.needs_teacher() {
+            Some(Frozen::for_loss(
                 be,
-                &teacher.cfg,
-                &dense,
-                &teacher.params,
-                compute.paths.model,
-            )?,
-            self.train.batch,
-            &loss,
-        )?;
-        let teacher_signal = if loss.needs_teacher() {
-            Teacher::Live(&mut frozen)
+                Vit::from_host(
+                    be,
+                    &teacher.cfg,
+                    &dense,
+                    &teacher.params,
+                    compute.paths.model,
+                )?,
+                micro_batch(self.train.batch, micro_batches)?,
+                &loss,
+            )?)
         } else {
-            Teacher::None
+            None
         };
-        let ranks = start.ranks().clone();
+        let teacher_signal = match frozen.as_mut() {
+            Some(f) => Teacher::Live(f),
+            None => Teacher::None,
+        };
         let run = StudentRun {
             cfg: &teacher.cfg,
             teacher: &teacher.params,
@@ -198,10 +256,11 @@ impl WithBackend for DistillArgs {
             param_count(&teacher.cfg, &ranks),
         );
         println!(
-            "student: test top-1 {:.2}%, top-5 {:.2}%; {sp} parameters ({:.2}x fewer than the teacher's {tp}); checkpoint {}",
+            "student: test top-1 {:.2}%, top-5 {:.2}%; {sp} parameters ({:.2}x fewer than the teacher's {tp}){}; checkpoint {}",
             100.0 * summary.test_top1,
             100.0 * summary.test_top5,
             tp as f64 / sp as f64,
+            memory::peak_note(&summary),
             files.model().display()
         );
         Ok(())

@@ -113,6 +113,7 @@ impl WithBackend for EvalArgs {
             top5,
             recorded_top1: recorded,
             device: be.name(),
+            peak_host_bytes: effrank_engine::memory::peak_resident_bytes(),
         };
         if self.json {
             println!("{}", serde_json::to_string(&result)?);
@@ -171,4 +172,6 @@ struct EvalResult {
     /// The test top-1 the checkpoint's run recorded (engine checkpoints).
     recorded_top1: Option<f64>,
     device: String,
+    /// The process's peak resident memory (None where it cannot be read).
+    peak_host_bytes: Option<u64>,
 }

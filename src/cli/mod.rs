@@ -5,6 +5,7 @@ mod common;
 mod distill;
 mod eval;
 mod factorize;
+mod memory;
 mod recipe;
 mod setup;
 mod sweep;

@@ -3,8 +3,10 @@
 //! the built-in data; `--status` shows a (distributed) sweep's progress.
 
 use super::common::{
-    dispatch, ComputeFlags, DataFlags, FactorFlags, LossFlags, Schedule, TrainFlags, WithBackend,
+    dispatch, Accumulate, ComputeFlags, DataFlags, FactorFlags, LossFlags, MemoryFlags, Schedule,
+    TrainFlags, WithBackend,
 };
+use super::memory::{self, Planned};
 use super::recipe::{self, Recipe};
 use super::setup::{
     load_data_for, load_model, load_teacher_or_init, model_input, transform_for,
@@ -18,14 +20,17 @@ use effrank_engine::analysis::{
 use effrank_engine::data::{Dataset, Normalize};
 use effrank_engine::durable::atomic_write;
 use effrank_engine::factorize::{LayerSet, StudentPlan, Targets};
-use effrank_engine::model::params::{is_lowrank, max_rank};
+use effrank_engine::memory::{human, Plan, Storage};
+use effrank_engine::model::params::{dense_ranks, is_lowrank, max_rank};
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
 use effrank_engine::sweep::jobs::{all_jobs, claim_state, finished, read_claim, Heartbeat, Shard};
-use effrank_engine::sweep::{run_sweep, Parallel, SweepInputs, SweepOptions, SweepSummary};
-use effrank_engine::train::{fit, FitRun, LossSpec, RunFiles, Teacher, Trainer};
+use effrank_engine::sweep::{
+    run_sweep, students_at_once, training_run, Parallel, SweepInputs, SweepOptions, SweepSummary,
+};
+use effrank_engine::train::{fit, FitOptions, FitRun, LossSpec, RunFiles, Teacher, Trainer};
 use std::path::{Path, PathBuf};
 
 /// Sweep the rank r of a factorized student: for each rank (and seed),
@@ -142,6 +147,8 @@ pub struct SweepArgs {
     /// Results folder (shared by all shards).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub memory: MemoryFlags,
     #[command(flatten)]
     pub compute: ComputeFlags,
     #[arg(long)]
@@ -333,8 +340,57 @@ impl SweepArgs {
             compute: compute.clone(),
             heartbeat: self.claim_heartbeat(),
             parallel: self.parallel,
+            memory: Some(memory::limits(be, &self.memory)?),
             quiet: self.quiet,
         };
+        // The plan of the costliest student (the highest rank) decides
+        // --accumulate auto and is what --dry-run prints.
+        let top = *self.ranks.iter().max().expect("validated: ranks given");
+        let (top_ranks, dense) = (
+            opts.plan.targets.ranks(inputs.cfg, top)?,
+            dense_ranks(inputs.cfg),
+        );
+        let planned = memory::plan_training(
+            be,
+            &self.memory,
+            self.train.batch,
+            self.train.accumulate,
+            self.quiet,
+            |batch, micro_batches| {
+                let o = SweepOptions {
+                    fit: FitOptions {
+                        batch,
+                        micro_batches,
+                        ..opts.fit.clone()
+                    },
+                    ..opts.clone()
+                };
+                Plan::training(&training_run(
+                    Storage::of(be),
+                    inputs,
+                    &o,
+                    o.uses_teacher_cache(),
+                    &top_ranks,
+                    &dense,
+                ))
+            },
+        )?;
+        match planned {
+            Planned::Go { micro_batches } => opts.fit.micro_batches = micro_batches,
+            Planned::DryRun => {
+                let at_once = students_at_once(be, inputs, &opts)?;
+                match (at_once.shared, at_once.each) {
+                    (Some([shared, _]), Some([each, _])) => println!(
+                        "students at once: {} (host: each student up to {}, beside {} they share)",
+                        at_once.students,
+                        human(each),
+                        human(shared)
+                    ),
+                    _ => println!("students at once: {}", at_once.students),
+                }
+                return Ok(false);
+            }
+        }
         let mut summary = run_sweep(be, inputs, &opts)?;
         if self.adaptive {
             self.refine(be, inputs, &mut opts, &mut summary)?;
@@ -469,6 +525,7 @@ fn train_demo_teacher<B: Backend>(
         crop_padding: 2,
         no_flip: false,
         eval_last_only: false,
+        accumulate: Accumulate::MicroBatches(1),
     };
     let loss = LossSpec::ce();
     let mut trainer = Trainer::new(

@@ -2,7 +2,8 @@
 //! from a checkpoint in any importable naming (engine, timm, torchvision,
 //! Hugging Face).
 
-use super::common::{dispatch, ComputeFlags, DataFlags, TrainFlags, WithBackend};
+use super::common::{dispatch, ComputeFlags, DataFlags, MemoryFlags, TrainFlags, WithBackend};
+use super::memory::{self, Planned};
 use super::recipe::{self, Recipe};
 use super::setup::{
     load_data_for, load_resumed_run, load_teacher_or_init, model_input, warn_if_other_data,
@@ -11,11 +12,14 @@ use super::setup::{
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::durable::atomic_write;
+use effrank_engine::memory::{ModelShape, Plan, Storage, TeacherPlan, TrainingRun};
+use effrank_engine::model::params::param_count;
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{RunMeta, Training};
-use effrank_engine::train::{fit, FitRun, LossSpec, RunFiles, Teacher, Trainer};
+use effrank_engine::train::step::shards_for;
+use effrank_engine::train::{fit, FitOptions, FitRun, LossSpec, RunFiles, Teacher, Trainer};
 use std::path::PathBuf;
 
 /// Train a full-rank teacher.
@@ -79,6 +83,8 @@ pub struct TrainArgs {
     #[arg(long, default_value = "runs/teacher")]
     pub out: PathBuf,
     #[command(flatten)]
+    pub memory: MemoryFlags,
+    #[command(flatten)]
     pub compute: ComputeFlags,
     /// Print only errors and the final summary.
     #[arg(long)]
@@ -112,6 +118,39 @@ impl WithBackend for TrainArgs {
         };
         let teacher = load_teacher_or_init(&source, train.classes)?;
         let (normalize, transform) = model_input(&self.data, &teacher, &train, &choice.source)?;
+        let student = ModelShape {
+            cfg: &teacher.cfg,
+            ranks: &teacher.ranks,
+        };
+        let planned = memory::plan_training(
+            be,
+            &self.memory,
+            self.train.batch,
+            self.train.accumulate,
+            self.quiet,
+            |batch, micro_batches| {
+                Plan::training(&TrainingRun {
+                    model: student,
+                    batch,
+                    micro_batches,
+                    shards: shards_for(
+                        &compute.paths.model,
+                        &teacher.cfg,
+                        batch.div_ceil(micro_batches),
+                    ),
+                    feature_loss: false,
+                    teacher: TeacherPlan::None,
+                    storage: Storage::of(be),
+                    data_bytes: memory::data_bytes(&train, &test),
+                    image_bytes: train.image_len() as u64,
+                    loaded_params: param_count(&teacher.cfg, &teacher.ranks) as u64,
+                })
+            },
+        )?;
+        let micro_batches = match planned {
+            Planned::Go { micro_batches } => micro_batches,
+            Planned::DryRun => return Ok(()),
+        };
         let model = Vit::from_host(
             be,
             &teacher.cfg,
@@ -119,12 +158,21 @@ impl WithBackend for TrainArgs {
             &teacher.params,
             compute.paths.model,
         )?;
-        let mut trainer = Trainer::new(be, model, self.train.batch, self.train.optimizer())?;
+        let mut trainer = Trainer::with_accumulation(
+            be,
+            model,
+            self.train.batch,
+            micro_batches,
+            self.train.optimizer(),
+        )?;
         let loss = LossSpec {
             label_smoothing: self.label_smoothing,
             ..LossSpec::ce()
         };
-        let fit_opts = self.train.fit_options("teacher", self.quiet);
+        let fit_opts = FitOptions {
+            micro_batches,
+            ..self.train.fit_options("teacher", self.quiet)
+        };
         let meta = RunMeta::teacher(
             normalize,
             transform.resize,
@@ -175,11 +223,12 @@ impl WithBackend for TrainArgs {
             serde_json::to_string_pretty(&summary)?.as_bytes(),
         )?;
         println!(
-            "teacher: test top-1 {:.2}%, top-5 {:.2}% after {} epochs ({:.1} s); checkpoint {}",
+            "teacher: test top-1 {:.2}%, top-5 {:.2}% after {} epochs ({:.1} s{}); checkpoint {}",
             100.0 * summary.test_top1,
             100.0 * summary.test_top5,
             summary.epochs,
             summary.wall_s,
+            memory::peak_note(&summary),
             files.model().display()
         );
         Ok(())

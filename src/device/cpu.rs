@@ -11,6 +11,50 @@ use std::cell::Cell;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
+/// Elements of the buffers a thread has allocated through `Cpu`, by kind:
+/// what the memory plan's tests (`tests/memory_plan.rs`) hold the plan to,
+/// and, with CUDA's storage rule applied to the kinds, the CUDA plan too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Allocated {
+    pub param: u64,
+    pub activation: u64,
+    pub statistic: u64,
+}
+
+thread_local! {
+    static ALLOCATED: Cell<Allocated> = const {
+        Cell::new(Allocated { param: 0, activation: 0, statistic: 0 })
+    };
+}
+
+fn count_allocation(len: usize, kind: BufKind) {
+    ALLOCATED.with(|a| {
+        let mut n = a.get();
+        match kind {
+            BufKind::Param => n.param += len as u64,
+            BufKind::Activation => n.activation += len as u64,
+            BufKind::Statistic => n.statistic += len as u64,
+        }
+        a.set(n);
+    });
+}
+
+/// What this thread has allocated through `Cpu` so far.
+pub fn allocated_on_this_thread() -> Allocated {
+    ALLOCATED.with(|a| a.get())
+}
+
+impl Allocated {
+    /// Elements allocated since `before`.
+    pub fn since(self, before: Allocated) -> Allocated {
+        Allocated {
+            param: self.param - before.param,
+            activation: self.activation - before.activation,
+            statistic: self.statistic - before.statistic,
+        }
+    }
+}
+
 /// The CPU reference device.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Cpu;
@@ -99,7 +143,8 @@ impl Device for Cpu {
     fn kind(&self) -> DeviceKind {
         DeviceKind::Cpu
     }
-    fn alloc(&self, len: usize, _kind: BufKind) -> Result<Vec<f32>> {
+    fn alloc(&self, len: usize, kind: BufKind) -> Result<Vec<f32>> {
+        count_allocation(len, kind);
         let mut v = Vec::new();
         v.try_reserve_exact(len).map_err(|_| {
             anyhow!(
@@ -110,7 +155,8 @@ impl Device for Cpu {
         v.resize(len, 0.0);
         Ok(v)
     }
-    fn upload(&self, host: &[f32], _kind: BufKind) -> Result<Vec<f32>> {
+    fn upload(&self, host: &[f32], kind: BufKind) -> Result<Vec<f32>> {
+        count_allocation(host.len(), kind);
         Ok(host.to_vec())
     }
     fn write(&self, buf: &mut Vec<f32>, host: &[f32]) -> Result<()> {

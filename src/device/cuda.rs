@@ -835,6 +835,13 @@ impl Device for Cuda {
     fn kind(&self) -> DeviceKind {
         DeviceKind::Cuda
     }
+    fn free_memory(&self) -> Result<Option<u64>> {
+        let (free, _total) = self
+            .ctx
+            .mem_get_info()
+            .cu_context("reading the GPU's free memory")?;
+        Ok(Some(free as u64))
+    }
 
     fn alloc(&self, len: usize, kind: BufKind) -> Result<CudaBuf> {
         let bf16 = kind == BufKind::Activation && self.precision == Precision::Bf16;

@@ -110,6 +110,12 @@ pub trait Device: Send + Sync {
     /// takes depend on it (`options::ComputeOptions::resolve`); the device
     /// itself decides none of them.
     fn kind(&self) -> DeviceKind;
+    /// Free memory of the device itself, in bytes, for the memory plan
+    /// (`memory`): the GPU's, from the driver; `None` for the CPU, whose
+    /// buffers are host memory.
+    fn free_memory(&self) -> Result<Option<u64>> {
+        Ok(None)
+    }
 
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize, kind: BufKind) -> Result<Self::Buf>;

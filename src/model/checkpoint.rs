@@ -22,10 +22,11 @@
 
 use super::config::VitConfig;
 use super::params::{param_specs, BlockLinear, Ranks, VitParams};
-use crate::durable::atomic_write;
+use crate::durable::atomic_write_with;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -72,11 +73,11 @@ fn qkv_fused(ranks: &Ranks, i: usize) -> bool {
 }
 
 /// The on-disk tensors of a model: (name, shape, values).
-pub fn disk_tensors(
+pub fn disk_tensors<'a>(
     cfg: &VitConfig,
     ranks: &Ranks,
-    params: &VitParams<Vec<f32>>,
-) -> Vec<(String, Vec<usize>, Vec<f32>)> {
+    params: &'a VitParams<Vec<f32>>,
+) -> Vec<(String, Vec<usize>, Cow<'a, [f32]>)> {
     let mut out = Vec::new();
     let mut pending_qkv: HashMap<(usize, bool), Vec<f32>> = HashMap::new();
     for (spec, t) in param_specs(cfg, ranks).iter().zip(params.tensors()) {
@@ -87,7 +88,7 @@ pub fn disk_tensors(
             && parts[2] == "attn"
             && ["q", "k", "v"].contains(&parts[3]);
         if !fused {
-            out.push((spec.name.clone(), spec.shape.clone(), t.clone()));
+            out.push((spec.name.clone(), spec.shape.clone(), Cow::Borrowed(&t[..])));
             continue;
         }
         let i = block.expect("checked");
@@ -104,7 +105,7 @@ pub fn disk_tensors(
             out.push((
                 name,
                 shape,
-                pending_qkv.remove(&(i, is_weight)).expect("filled above"),
+                Cow::Owned(pending_qkv.remove(&(i, is_weight)).expect("filled above")),
             ));
         }
     }
@@ -135,9 +136,11 @@ pub fn save_checkpoint(
     meta.insert("format".into(), FORMAT.into());
     meta.insert("config".into(), serde_json::to_string(cfg)?);
     meta.insert("ranks".into(), serde_json::to_string(ranks)?);
-    let bytes = safetensors::serialize(views, &Some(meta))
-        .map_err(|e| anyhow!("serializing {}: {e}", path.display()))?;
-    atomic_write(path, &bytes)
+    // Straight to the file, tensor by tensor: no second copy of the model.
+    atomic_write_with(path, |tmp| {
+        safetensors::serialize_to_file(views, &Some(meta), tmp)
+            .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+    })
 }
 
 /// A tensor read from a file, converted to f32, with its shape.

@@ -11,7 +11,10 @@ pub mod jobs;
 
 use crate::data::{Dataset, Normalize};
 use crate::factorize::StudentPlan;
-use crate::model::params::{dense_ranks, param_count, validate_ranks};
+use crate::memory::{
+    human, Gate, Limits, ModelShape, Place, Plan, Storage, TeacherPlan, TrainingRun,
+};
+use crate::model::params::{dense_ranks, param_count, validate_ranks, Ranks};
 use crate::model::{Vit, VitConfig, VitParams};
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
@@ -20,6 +23,7 @@ use crate::provenance::{DataRef, FileRef, RunMeta, Training};
 use crate::results::{append_record, read_records, Record, StudentRecord, TeacherRecord};
 use crate::train::fit::evaluate;
 use crate::train::spare_threads::{self, SpareThreads};
+use crate::train::step::shards_for;
 use crate::train::{
     train_student, AdamWConfig, FitOptions, Frozen, LossSpec, RunFiles, StudentRun, StudentStart,
     Teacher, TeacherLogits,
@@ -84,8 +88,21 @@ pub struct SweepOptions {
     /// Students trained at once (results do not depend on it).
     #[serde(skip)]
     pub parallel: Parallel,
+    /// What the machine has (`memory::Limits`): a student starts only
+    /// while its memory plan fits beside the others', and `Parallel::Auto`
+    /// trains no more at once than fit. `None`: unchecked.
+    #[serde(skip)]
+    pub memory: Option<Limits>,
     #[serde(skip)]
     pub quiet: bool,
+}
+
+impl SweepOptions {
+    /// Whether students read teacher logits computed once per epoch (the
+    /// loss needs a teacher's logits but not its features).
+    pub fn uses_teacher_cache(&self) -> bool {
+        self.cache_teacher && self.loss.needs_teacher() && !self.loss.needs_features()
+    }
 }
 
 /// What a sweep did.
@@ -206,7 +223,7 @@ pub fn run_sweep<B: Backend>(
         );
     }
 
-    let use_cache = opts.cache_teacher && opts.loss.needs_teacher() && !opts.loss.needs_features();
+    let use_cache = opts.uses_teacher_cache();
     let cache_key = serde_json::to_string(&TeacherCacheKey {
         teacher_sha256: &inputs.teacher_file.sha256,
         train: &inputs.data.train,
@@ -215,7 +232,7 @@ pub fn run_sweep<B: Backend>(
         batch,
         compute: opts.compute.cache_key(),
     })?;
-    let workers = opts.parallel.workers(be, cfg, todo.len());
+    let (workers, gate) = workers_and_gate(be, inputs, opts, &todo)?;
     if !opts.quiet && workers > 1 {
         eprintln!(
             "training {workers} students at once, {} thread(s) each",
@@ -241,6 +258,7 @@ pub fn run_sweep<B: Backend>(
         ),
         skipped_claimed: AtomicUsize::new(0),
         failed: AtomicBool::new(false),
+        gate,
     };
     run_workers(&shared, workers)?;
 
@@ -332,6 +350,160 @@ struct Shared<'a, B: Backend> {
     skipped_claimed: AtomicUsize,
     /// Set when a job fails: the other workers take no new job.
     failed: AtomicBool,
+    /// Memory left for students (`SweepOptions::memory`).
+    gate: Option<Gate>,
+}
+
+/// A sweep's student of `ranks`, as far as memory goes (`memory`).
+pub fn training_run<'a>(
+    storage: Storage,
+    inputs: &'a SweepInputs<'a>,
+    opts: &SweepOptions,
+    use_cache: bool,
+    ranks: &'a Ranks,
+    dense: &'a Ranks,
+) -> TrainingRun<'a> {
+    let cfg = inputs.cfg;
+    let micro = opts.fit.batch.div_ceil(opts.fit.micro_batches.max(1));
+    let teacher = ModelShape { cfg, ranks: dense };
+    TrainingRun {
+        model: ModelShape { cfg, ranks },
+        batch: opts.fit.batch,
+        micro_batches: opts.fit.micro_batches,
+        shards: shards_for(&opts.compute.paths.model, cfg, micro),
+        feature_loss: opts.loss.needs_features(),
+        teacher: if use_cache {
+            TeacherPlan::Cached {
+                teacher,
+                batch: opts.fit.batch,
+                train_images: inputs.train.len(),
+                caches: opts.seeds.len(),
+            }
+        } else if opts.loss.needs_teacher() {
+            TeacherPlan::Live(teacher)
+        } else {
+            TeacherPlan::None
+        },
+        storage,
+        data_bytes: (inputs.train.images.len() + inputs.test.images.len()) as u64,
+        image_bytes: inputs.train.image_len() as u64,
+        // The teacher as loaded, and a student's factorized start.
+        loaded_params: (param_count(cfg, dense) + param_count(cfg, ranks)) as u64,
+    }
+}
+
+/// Students to train at once for `todo`: `opts.parallel` on `be`, and
+/// under `Parallel::Auto` no more than the memory limits hold; with the
+/// gate each student passes before it starts (`SweepOptions::memory`).
+fn workers_and_gate<B: Backend>(
+    be: &B,
+    inputs: &SweepInputs<'_>,
+    opts: &SweepOptions,
+    todo: &[Job],
+) -> Result<(usize, Option<Gate>)> {
+    let gate = memory_gate(be, inputs, opts, opts.uses_teacher_cache(), todo)?;
+    let mut workers = opts.parallel.workers(be, inputs.cfg, todo.len());
+    if let (Parallel::Auto, Some((gate, largest))) = (opts.parallel, &gate) {
+        workers = workers.min(gate.how_many(largest).max(1));
+    }
+    Ok((workers, gate.map(|(g, _)| g)))
+}
+
+/// How many students a sweep trains at once, and why (`--dry-run` says it).
+#[derive(Clone, Copy, Debug)]
+pub struct StudentsAtOnce {
+    pub students: usize,
+    /// Host and GPU bytes of what the students share (data, teacher,
+    /// caches, the runtime), and of the largest student; None without a
+    /// memory limit.
+    pub shared: Option<[u64; 2]>,
+    pub each: Option<[u64; 2]>,
+}
+
+/// Students a sweep of every job of `opts` (this shard's) would train at
+/// once.
+pub fn students_at_once<B: Backend>(
+    be: &B,
+    inputs: &SweepInputs<'_>,
+    opts: &SweepOptions,
+) -> Result<StudentsAtOnce> {
+    let mine = opts.shard.select(&all_jobs(&opts.ranks, &opts.seeds));
+    let sizes = memory_gate(be, inputs, opts, opts.uses_teacher_cache(), &mine)?
+        .map(|(_, largest)| largest);
+    let totals = |p: &Plan| [p.total(Place::Host), p.total(Place::Device)];
+    let shared = match (opts.memory, mine.first()) {
+        (Some(_), Some(first)) => {
+            let ranks = opts.plan.targets.ranks(inputs.cfg, first.rank)?;
+            let dense = dense_ranks(inputs.cfg);
+            let run = training_run(
+                Storage::of(be),
+                inputs,
+                opts,
+                opts.uses_teacher_cache(),
+                &ranks,
+                &dense,
+            );
+            Some(totals(&Plan::shared(&run)))
+        }
+        _ => None,
+    };
+    Ok(StudentsAtOnce {
+        students: workers_and_gate(be, inputs, opts, &mine)?.0,
+        shared,
+        each: sizes.as_ref().map(totals),
+    })
+}
+
+/// The gate students pass before they start (`SweepOptions::memory`): the
+/// room the limits leave beside what the students share, and the plan of
+/// the largest student of `todo`. An error when the shared part alone
+/// does not fit.
+fn memory_gate<B: Backend>(
+    be: &B,
+    inputs: &SweepInputs<'_>,
+    opts: &SweepOptions,
+    use_cache: bool,
+    todo: &[Job],
+) -> Result<Option<(Gate, Plan)>> {
+    let (Some(limits), Some(first)) = (opts.memory, todo.first()) else {
+        return Ok(None);
+    };
+    let (storage, dense) = (Storage::of(be), dense_ranks(inputs.cfg));
+    let ranks = opts.plan.targets.ranks(inputs.cfg, first.rank)?;
+    let shared = Plan::shared(&training_run(
+        storage, inputs, opts, use_cache, &ranks, &dense,
+    ));
+    let mut largest: Option<Plan> = None;
+    for job in todo {
+        let ranks = opts.plan.targets.ranks(inputs.cfg, job.rank)?;
+        let p = Plan::worker(&training_run(
+            storage, inputs, opts, use_cache, &ranks, &dense,
+        ));
+        if largest.as_ref().is_none_or(|l| {
+            p.total(Place::Host) + p.total(Place::Device)
+                > l.total(Place::Host) + l.total(Place::Device)
+        }) {
+            largest = Some(p);
+        }
+    }
+    let room = |limit: Option<u64>, place: Place| -> Result<Option<u64>> {
+        let Some(limit) = limit else { return Ok(None) };
+        let need = shared.total(place);
+        if need > limit {
+            bail!(
+                "not enough memory for the sweep: what its students share needs {} and {} is available ({})\n{shared}",
+                human(need),
+                human(limit),
+                limits.host_source
+            );
+        }
+        Ok(Some(limit - need))
+    };
+    let gate = Gate::new(
+        room(limits.host, Place::Host)?,
+        room(limits.device, Place::Device)?,
+    );
+    Ok(largest.map(|l| (gate, l)))
 }
 
 /// The order in which workers take `todo`: as listed for one worker; for
@@ -417,7 +589,29 @@ fn worker<B: Backend>(shared: &Shared<'_, B>) -> Result<()> {
         else {
             return Ok(());
         };
-        if let Err(e) = train_job(shared, job, &mut live) {
+        let reserved = match &shared.gate {
+            Some(gate) => {
+                let ranks = shared
+                    .opts
+                    .plan
+                    .targets
+                    .ranks(shared.inputs.cfg, job.rank)?;
+                let dense = dense_ranks(shared.inputs.cfg);
+                let run = training_run(
+                    Storage::of(shared.be),
+                    shared.inputs,
+                    shared.opts,
+                    shared.use_cache,
+                    &ranks,
+                    &dense,
+                );
+                Some(gate.reserve(&Plan::worker(&run))?)
+            }
+            None => None,
+        };
+        let result = train_job(shared, job, &mut live);
+        drop(reserved);
+        if let Err(e) = result {
             shared.failed.store(true, Ordering::SeqCst);
             return Err(e);
         }

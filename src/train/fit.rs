@@ -54,11 +54,24 @@ pub struct FitOptions {
     pub augment: Augment,
     /// Evaluate on the test set after every epoch (else only after the last).
     pub eval_every_epoch: bool,
+    /// Micro-batches per optimizer step (gradient accumulation; 1: none).
+    /// Left out of records when 1, so records of runs without it keep
+    /// their form.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub micro_batches: usize,
     #[serde(skip)]
     pub quiet: bool,
     /// Label for the progress bar ("teacher", "rank 16").
     #[serde(skip)]
     pub label: String,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// One epoch's numbers, as written to `metrics.jsonl`.
@@ -71,6 +84,10 @@ pub struct EpochMetrics {
     pub test_top5: Option<f64>,
     pub images_per_s: f64,
     pub lr: f32,
+    /// The process's peak resident memory so far, in bytes
+    /// (`memory::peak_resident_bytes`; none where it cannot be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_host_bytes: Option<u64>,
 }
 
 /// The outcome of a run.
@@ -81,6 +98,8 @@ pub struct FitSummary {
     pub test_top5: f64,
     pub wall_s: f64,
     pub resumed_from_epoch: usize,
+    /// The process's peak resident memory at the end, in bytes.
+    pub peak_host_bytes: Option<u64>,
     pub history: Vec<EpochMetrics>,
 }
 
@@ -349,13 +368,13 @@ pub fn fit<B: Backend>(
             test_top5,
             images_per_s,
             lr,
+            peak_host_bytes: crate::memory::peak_resident_bytes(),
         };
-        let host = trainer.model.to_host(be)?;
         save_checkpoint(
             &files.model(),
             &trainer.model.cfg,
             &trainer.model.ranks,
-            &host,
+            &trainer.model.to_host(be)?,
             &meta.after_epoch(epoch + 1, &m)?,
         )?;
         append_line(&files.metrics(), &serde_json::to_string(&m)?)?;
@@ -397,6 +416,7 @@ pub fn fit<B: Backend>(
         test_top5,
         wall_s: started.elapsed().as_secs_f64(),
         resumed_from_epoch: start_epoch,
+        peak_host_bytes: crate::memory::peak_resident_bytes(),
         history,
     })
 }

@@ -5,7 +5,7 @@
 //! The file alone is enough to continue a run exactly where it stopped.
 
 use super::step::Trainer;
-use crate::durable::atomic_write;
+use crate::durable::atomic_write_with;
 use crate::model::params::param_specs;
 use crate::model::VitParams;
 use crate::ops::Backend;
@@ -29,33 +29,25 @@ pub fn save_train_state<B: Backend>(
     let params = model.to_host(be)?;
     let (m, v) = trainer.opt.to_host(be, model)?;
     let sets = [&params, &m, &v];
-    let mut bytes: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut views = Vec::new();
     for (prefix, set) in PREFIXES.iter().zip(sets) {
         for (spec, t) in specs.iter().zip(set.tensors()) {
-            bytes.push((
+            views.push((
                 format!("{prefix}.{}", spec.name),
-                spec.shape.clone(),
-                bytemuck::cast_slice(t).to_vec(),
+                TensorView::new(Dtype::F32, spec.shape.clone(), bytemuck::cast_slice(t))?,
             ));
         }
     }
-    let views = bytes
-        .iter()
-        .map(|(name, shape, data)| {
-            Ok((
-                name.clone(),
-                TensorView::new(Dtype::F32, shape.clone(), data)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
     let meta: HashMap<String, String> = [
         ("step".to_string(), trainer.opt.step.to_string()),
         ("epoch".to_string(), epoch.to_string()),
     ]
     .into();
-    let out = safetensors::serialize(views, &Some(meta))
-        .map_err(|e| anyhow!("serializing training state: {e}"))?;
-    atomic_write(path, &out)
+    // Straight to the file: no copy of the state beside the one downloaded.
+    atomic_write_with(path, |tmp| {
+        safetensors::serialize_to_file(views, &Some(meta), tmp)
+            .map_err(|e| anyhow!("writing the training state {}: {e}", path.display()))
+    })
 }
 
 /// Restore parameters and optimizer state into `trainer` (whose shape must

@@ -10,9 +10,10 @@ use super::loss::LossSpec;
 use super::optimizer::{AdamW, AdamWConfig};
 use super::spare_threads::{Loan, SpareThreads};
 use crate::device::BufKind;
-use crate::model::{Grads, OutputGrads, Vit, VitActs, VitBackwardScratch};
+use crate::model::{Grads, OutputGrads, Vit, VitActs, VitBackwardScratch, VitConfig};
 use crate::ops::image::{self, ImageTransform};
 use crate::ops::{loss as loss_ops, Backend, Rows};
+use crate::options::ModelPaths;
 use anyhow::{bail, Result};
 
 /// A frozen model run forward only (the teacher, or a model being evaluated).
@@ -98,6 +99,8 @@ pub struct Batch<'a> {
 struct Part<'a> {
     data: Batch<'a>,
     weight: f32,
+    /// Zero the gradients first (else add to them: a later micro-batch).
+    fresh: bool,
 }
 
 /// What a step reports.
@@ -150,7 +153,12 @@ pub struct Trainer<B: Backend> {
     borrowed: Option<(Loan, rayon::ThreadPool)>,
     /// Where to borrow that thread from (`borrow_from`; none: never).
     spare: Option<SpareThreads>,
+    /// The largest batch of a step (an optimizer step's images).
     max_batch: usize,
+    /// The largest micro-batch: a step's batch runs forward and backward in
+    /// micro-batches of at most this many images (gradient accumulation),
+    /// each split into shards; the activations hold one micro-batch.
+    micro_batch: usize,
 }
 
 /// The buffers of one shard: activations and loss buffers for its part of
@@ -168,23 +176,30 @@ struct Shard<B: Backend> {
 impl<B: Backend> Shard<B> {
     fn new(be: &B, model: &Vit<B>, max_batch: usize) -> Result<Self> {
         let c = &model.cfg;
-        let n = max_batch * c.tokens() * c.width;
-        let feature_grads = (0..c.depth)
-            .map(|_| {
-                Ok((
-                    be.alloc(n, BufKind::Activation)?,
-                    be.alloc(n, BufKind::Activation)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
         Ok(Shard {
             acts: model.new_acts(be, max_batch)?,
             scratch: model.new_scratch(be, max_batch)?,
             d_logits: be.alloc(max_batch * c.classes, BufKind::Activation)?,
             loss: be.alloc(1, BufKind::Param)?,
             teacher_logits: be.alloc(max_batch * c.classes, BufKind::Activation)?,
-            feature_grads,
+            feature_grads: Vec::new(),
         })
+    }
+
+    /// The feature loss's gradient buffers, allocated by the first step
+    /// that needs them (a run without the feature loss never does).
+    fn ensure_feature_grads(&mut self, be: &B, model: &Vit<B>) -> Result<()> {
+        if self.feature_grads.is_empty() {
+            let c = &model.cfg;
+            let n = self.acts.max_batch * c.tokens() * c.width;
+            for _ in 0..c.depth {
+                self.feature_grads.push((
+                    be.alloc(n, BufKind::Activation)?,
+                    be.alloc(n, BufKind::Activation)?,
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Forward, loss and backward of this shard's part of the batch
@@ -208,6 +223,7 @@ impl<B: Backend> Shard<B> {
                     transform,
                 },
             weight,
+            fresh,
         } = part;
         let batch = labels.len();
         let c = &model.cfg;
@@ -268,6 +284,7 @@ impl<B: Backend> Shard<B> {
         let features = match teacher_acts {
             Some(t) if loss.needs_features() => {
                 let w = weight * loss.feature_term_weight(c.depth);
+                self.ensure_feature_grads(be, model)?;
                 for (l, (d_attn, d_mlp)) in self.feature_grads.iter_mut().enumerate() {
                     let (s, tb) = (&self.acts.blocks[l], &t.blocks[l]);
                     be.zero(d_attn, n * d)?;
@@ -300,7 +317,9 @@ impl<B: Backend> Shard<B> {
             _ => None,
         };
 
-        model.zero_grads(be, grads)?;
+        if fresh {
+            model.zero_grads(be, grads)?;
+        }
         model.backward(
             be,
             &self.acts,
@@ -322,6 +341,25 @@ impl<B: Backend> Shard<B> {
     }
 }
 
+/// Parts a micro-batch of up to `micro` images of a model of shape `cfg`
+/// taking `paths` is split into (`Trainer`'s comment).
+pub fn shards_for(paths: &ModelPaths, cfg: &VitConfig, micro: usize) -> usize {
+    if paths.batch_split && cfg.width <= SMALL_MODEL_MAX_WIDTH && micro >= SHARDS {
+        SHARDS
+    } else {
+        1
+    }
+}
+
+/// The largest micro-batch when a batch of up to `batch` images runs as
+/// `micro_batches` micro-batches (gradient accumulation).
+pub fn micro_batch(batch: usize, micro_batches: usize) -> Result<usize> {
+    if micro_batches == 0 || micro_batches > batch.max(1) {
+        bail!("--accumulate {micro_batches}: a batch of {batch} images splits into 1 to {batch} micro-batches");
+    }
+    Ok(batch.div_ceil(micro_batches))
+}
+
 /// Images of each shard for a batch of `batch`: the first ⌈batch/s⌉, and
 /// so on (a shard may get none).
 fn shard_sizes(batch: usize, shards: usize) -> Vec<usize> {
@@ -335,12 +373,33 @@ impl<B: Backend> Trainer<B> {
     /// A trainer for batches of up to `max_batch` images, split as the
     /// type's comment says.
     pub fn new(be: &B, model: Vit<B>, max_batch: usize, opt: AdamWConfig) -> Result<Self> {
+        Self::with_accumulation(be, model, max_batch, 1, opt)
+    }
+
+    /// A trainer for batches of up to `max_batch` images, each computed as
+    /// `micro_batches` micro-batches of at most ⌈max_batch / micro_batches⌉
+    /// images whose gradients are added before one optimizer step (gradient
+    /// accumulation): each micro-batch's loss is weighted by its share of
+    /// the whole batch, so the step is the whole batch's up to rounding,
+    /// with activations for one micro-batch.
+    pub fn with_accumulation(
+        be: &B,
+        model: Vit<B>,
+        max_batch: usize,
+        micro_batches: usize,
+        opt: AdamWConfig,
+    ) -> Result<Self> {
+        let micro = micro_batch(max_batch, micro_batches)?;
         // `--batch-split off` keeps batches whole (to pair the two ways in
         // one build; the results then differ in the last bits).
-        let split = model.paths.batch_split
-            && model.cfg.width <= SMALL_MODEL_MAX_WIDTH
-            && max_batch >= SHARDS;
-        Self::with_shards(be, model, max_batch, opt, if split { SHARDS } else { 1 })
+        let shards = Self::shards_for(&model, micro);
+        Self::build(be, model, max_batch, micro, opt, shards)
+    }
+
+    /// Parts a micro-batch of up to `micro` images is split into on `model`'s
+    /// paths (the type's comment).
+    pub fn shards_for(model: &Vit<B>, micro: usize) -> usize {
+        shards_for(&model.paths, &model.cfg, micro)
     }
 
     /// A trainer that splits every batch into `shards` parts (1: whole
@@ -352,10 +411,21 @@ impl<B: Backend> Trainer<B> {
         opt: AdamWConfig,
         shards: usize,
     ) -> Result<Self> {
-        if shards == 0 || shards > max_batch.max(1) {
-            bail!("{shards} shards for batches of up to {max_batch} images");
+        Self::build(be, model, max_batch, max_batch, opt, shards)
+    }
+
+    fn build(
+        be: &B,
+        model: Vit<B>,
+        max_batch: usize,
+        micro_batch: usize,
+        opt: AdamWConfig,
+        shards: usize,
+    ) -> Result<Self> {
+        if shards == 0 || shards > micro_batch.max(1) {
+            bail!("{shards} shards for batches of up to {micro_batch} images");
         }
-        let per_shard = max_batch.div_ceil(shards);
+        let per_shard = micro_batch.div_ceil(shards);
         let threads = rayon::current_num_threads();
         let pools = if shards > 1 && threads >= shards {
             (0..shards)
@@ -377,6 +447,7 @@ impl<B: Backend> Trainer<B> {
             borrowed: None,
             spare: None,
             max_batch,
+            micro_batch,
             model,
         })
     }
@@ -413,13 +484,21 @@ impl<B: Backend> Trainer<B> {
         self.shards.len()
     }
 
+    /// The largest micro-batch (`with_accumulation`; the batch itself
+    /// without accumulation).
+    pub fn micro_batch(&self) -> usize {
+        self.micro_batch
+    }
+
     /// Forward, loss and backward for one batch; leaves the gradients in
     /// `self.grads` (zeroed first) and returns the loss and top-1 count.
+    /// The batch runs in micro-batches of at most `micro_batch()` images
+    /// (one, without accumulation), in order, their gradients added.
     pub fn forward_backward(
         &mut self,
         be: &B,
         data: Batch<'_>,
-        teacher: TeacherSignal<'_, B>,
+        mut teacher: TeacherSignal<'_, B>,
         loss: &LossSpec,
     ) -> Result<StepStats> {
         let Batch {
@@ -443,6 +522,60 @@ impl<B: Backend> Trainer<B> {
                 bytes.len()
             );
         }
+        if let TeacherSignal::Cached(all) = &teacher {
+            if all.len() != batch * classes {
+                bail!(
+                    "cached teacher logits hold {} values, the batch needs {} x {}",
+                    all.len(),
+                    batch,
+                    classes
+                );
+            }
+        }
+        let image_bytes = bytes.len() / batch;
+        let mut total = StepStats::default();
+        let mut start = 0;
+        while start < batch {
+            let end = (start + self.micro_batch).min(batch);
+            let signal = match &mut teacher {
+                TeacherSignal::None => TeacherSignal::None,
+                TeacherSignal::Live(t) => TeacherSignal::Live(&mut **t),
+                TeacherSignal::Cached(all) => {
+                    TeacherSignal::Cached(&all[start * classes..end * classes])
+                }
+            };
+            let micro = Batch {
+                bytes: &bytes[start * image_bytes..end * image_bytes],
+                labels: &labels[start..end],
+                transform,
+            };
+            let s = self.micro_forward_backward(be, micro, signal, loss, batch, start == 0)?;
+            total.loss += s.loss;
+            total.correct += s.correct;
+            start = end;
+        }
+        Ok(total)
+    }
+
+    /// One micro-batch of a batch of `whole` images: split into shards, each
+    /// weighted by its share of `whole`; its gradients added to
+    /// `self.grads`, which it zeroes first when `first`.
+    fn micro_forward_backward(
+        &mut self,
+        be: &B,
+        data: Batch<'_>,
+        teacher: TeacherSignal<'_, B>,
+        loss: &LossSpec,
+        whole: usize,
+        first: bool,
+    ) -> Result<StepStats> {
+        let Batch {
+            bytes,
+            labels,
+            transform,
+        } = data;
+        let batch = labels.len();
+        let classes = self.model.cfg.classes;
         let image_bytes = bytes.len() / batch;
         let sizes = shard_sizes(batch, self.shards.len());
         self.borrow_idle_thread()?;
@@ -479,7 +612,8 @@ impl<B: Backend> Trainer<B> {
                     labels: &labels[start..start + size],
                     transform,
                 },
-                weight: size as f32 / batch as f32,
+                weight: size as f32 / whole as f32,
+                fresh: first || start > 0,
             };
             parts.push((part, signal));
             start += size;
@@ -541,7 +675,8 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Logits `[n, classes]` of raw image bytes with the current parameters
-    /// (reuses the training activations; the shards take a part each).
+    /// (reuses the training activations, a micro-batch at a time; the shards
+    /// take a part each).
     pub fn logits(
         &mut self,
         be: &B,
@@ -561,6 +696,21 @@ impl<B: Backend> Trainer<B> {
                 bytes.len()
             );
         }
+        let (image_bytes, classes) = (bytes.len() / n, self.model.cfg.classes);
+        let mut logits = Vec::with_capacity(n * classes);
+        for chunk in bytes.chunks(self.micro_batch * image_bytes) {
+            logits.extend(self.micro_logits(be, chunk, chunk.len() / image_bytes, transform)?);
+        }
+        Ok(logits)
+    }
+
+    fn micro_logits(
+        &mut self,
+        be: &B,
+        bytes: &[u8],
+        n: usize,
+        transform: &ImageTransform,
+    ) -> Result<Vec<f32>> {
         let (image_bytes, classes) = (bytes.len() / n, self.model.cfg.classes);
         self.borrow_idle_thread()?;
         let pools = shard_pools(&self.pools, &self.borrowed);

@@ -76,7 +76,13 @@ pub fn train_student<B: Backend>(
         StudentStart::Given { params, .. } => (*params).clone(),
     };
     let model = Vit::from_host(be, run.cfg, run.start.ranks(), &params, run.paths)?;
-    let mut trainer = Trainer::new(be, model, run.fit.batch, run.optimizer)?;
+    let mut trainer = Trainer::with_accumulation(
+        be,
+        model,
+        run.fit.batch,
+        run.fit.micro_batches,
+        run.optimizer,
+    )?;
     if let Some(spare) = &run.spare_threads {
         trainer.borrow_from(spare.clone());
     }
