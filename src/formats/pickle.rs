@@ -916,6 +916,16 @@ mod tests {
     }
 
     #[test]
+    fn python2_strings_are_utf8_unless_a_layer_says_otherwise() {
+        let Ok(Value::Str(s)) = unpickle(b"\x80\x02U\x02hi.", &mut Plain) else {
+            panic!("not a str")
+        };
+        assert_eq!(&*s, "hi");
+        let e = unpickle_err(b"\x80\x02T\x01\x00\x00\x00\xff.");
+        assert!(e.contains("not UTF-8") && e.contains("BINSTRING"), "{e}");
+    }
+
+    #[test]
     fn memoized_values_are_shared_not_copied() {
         // A list memoized, then fetched and DUP'ed many times: each is O(1).
         let mut p = P::new().op(b"](").int(7).op(b"eq\x00(");
