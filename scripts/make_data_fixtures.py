@@ -320,19 +320,23 @@ def mixed(train_x, train_y):
     write_parquet(os.path.join(root, "unsupervised.parquet"), rows["train"][:1], "image", "label", names)
 
 
+def small_cifar10(d, train_x):
+    """A two-image CIFAR-10 python folder in d (data_batch_1, test_batch, batches.meta)."""
+    write_pickle(os.path.join(d, "data_batch_1"), batch("training batch 1 of 1", "labels", train_x[:2], [0, 1]))
+    write_pickle(os.path.join(d, "test_batch"), batch("testing batch 1 of 1", "labels", train_x[2:4], [1, 0]))
+    write_pickle(os.path.join(d, "batches.meta"), {b"label_names": CIFAR10_NAMES})
+
+
 def bad(train_x):
     d = mkdir("bad", "pickle-truncated", "cifar-10-batches-py")
-    good = os.path.join(OUT, "cifar10-py", "cifar-10-batches-py")
-    for f in ["data_batch_1", "test_batch", "batches.meta"]:
-        shutil.copy(os.path.join(good, f), d)
-    with open(os.path.join(good, "data_batch_1"), "rb") as f:
+    small_cifar10(d, train_x)
+    with open(os.path.join(d, "data_batch_1"), "rb") as f:
         data = f.read()
     with open(os.path.join(d, "data_batch_1"), "wb") as f:
         f.write(data[: len(data) // 2])
 
     d = mkdir("bad", "pickle-global", "cifar-10-batches-py")
-    for f in ["test_batch", "batches.meta"]:
-        shutil.copy(os.path.join(good, f), d)
+    small_cifar10(d, train_x)
     p = Py2Pickler()
     p.glob("os", "system")
     p.string("echo this must never run")

@@ -158,6 +158,48 @@ fn parquet_png_and_jpeg_rows_decode_as_the_same_files_in_an_image_folder() {
 }
 
 #[test]
+fn parquet_splits_are_found_by_file_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let touch = |name: &str| std::fs::write(dir.path().join(name), b"").unwrap();
+    let spec = dir.path().to_str().unwrap();
+    touch("train-00001-of-00002.parquet");
+    touch("train-00000-of-00002.parquet");
+    let e = format!("{:#}", DataSource::resolve(spec).unwrap_err());
+    assert_contains(&e, &["missing test split", "'test' or 'validation'"]);
+    touch("validation-00000-of-00001.parquet");
+    touch("test-00000-of-00001.parquet");
+    touch("unsupervised-00000-of-00001.parquet");
+    let src = DataSource::resolve(spec).unwrap();
+    let DataSource::Parquet { train, test } = &src else {
+        panic!("{src:?}")
+    };
+    let names = |files: &[PathBuf]| -> Vec<String> {
+        files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    };
+    assert_eq!(
+        names(train),
+        [
+            "train-00000-of-00002.parquet",
+            "train-00001-of-00002.parquet"
+        ]
+    );
+    assert_eq!(
+        names(test),
+        ["test-00000-of-00001.parquet"],
+        "test wins over validation"
+    );
+    touch("train_test.parquet");
+    let e = format!("{:#}", DataSource::resolve(spec).unwrap_err());
+    assert_contains(
+        &e,
+        &["train_test.parquet names more than one split (train, test)"],
+    );
+}
+
+#[test]
 fn named_columns_are_used_and_checked() {
     let named = LoadOptions {
         columns: ColumnChoice {
@@ -245,11 +287,12 @@ fn run(args: &[&str]) -> (bool, String) {
 #[test]
 fn train_and_eval_run_on_each_new_source_and_record_its_columns() {
     let tmp = tempfile::tempdir().unwrap();
-    let sources: [(&str, &[&str]); 2] = [
-        ("cifar10-py", &[]),
-        ("hf-parquet", &["--label-column", "label"]),
+    // CIFAR's own statistics for CIFAR in any format, as for the binaries.
+    let sources: [(&str, &[&str], &str); 2] = [
+        ("cifar10-py", &[], "cifar"),
+        ("hf-parquet", &["--label-column", "label"], "half"),
     ];
-    for (name, extra) in sources {
+    for (name, extra, normalize) in sources {
         let out = tmp.path().join(name);
         let out = out.to_str().unwrap();
         let data = fixture(name);
@@ -274,6 +317,7 @@ fn train_and_eval_run_on_each_new_source_and_record_its_columns() {
         let json = text.lines().find(|l| l.starts_with('{')).unwrap();
         let result: serde_json::Value = serde_json::from_str(json).unwrap();
         assert_eq!(result["top1"], result["recorded_top1"], "{name}: {text}");
+        assert_eq!(result["normalize"], normalize, "{name}: {text}");
         let meta = std::fs::read(&checkpoint).unwrap();
         let recorded = String::from_utf8_lossy(&meta);
         assert_eq!(

@@ -53,7 +53,9 @@ pub fn load_files(kind: CifarKind, files: &[PathBuf], meta: &Path) -> Result<Dat
     let mut images = Vec::new();
     let mut labels = Vec::new();
     for path in files {
-        parse_batch(kind, path, &read(kind, path)?, &mut images, &mut labels)?;
+        // The file's bytes are dropped once unpickled: the array holds its own copy.
+        let top = unpickle(path, &read(kind, path)?)?;
+        append_batch(kind, path, &top, &mut images, &mut labels)?;
     }
     Dataset::new(images, labels, kind.classes(), Some(names), (3, SIDE, SIDE))
 }
@@ -71,12 +73,27 @@ pub fn parse_batch(
     images: &mut Vec<u8>,
     labels: &mut Vec<u32>,
 ) -> Result<()> {
+    append_batch(kind, path, &unpickle(path, bytes)?, images, labels)
+}
+
+fn unpickle(path: &Path, bytes: &[u8]) -> Result<Value> {
+    numpy_pickle::unpickle(bytes)
+        .with_context(|| format!("{}: not a readable pickle", path.display()))
+}
+
+/// Append the images and labels of one unpickled batch, `top`.
+fn append_batch(
+    kind: CifarKind,
+    path: &Path,
+    top: &Value,
+    images: &mut Vec<u8>,
+    labels: &mut Vec<u32>,
+) -> Result<()> {
     let at = |what: String| format!("{}: {what}", path.display());
-    let top = numpy_pickle::unpickle(bytes).with_context(|| at("not a readable pickle".into()))?;
     let key = labels_key(kind);
-    let found = int_list(entry(&top, key).map_err(|e| anyhow!(at(e.to_string())))?)
+    let found = int_list(entry(top, key).map_err(|e| anyhow!(at(e.to_string())))?)
         .with_context(|| at(format!("key '{key}'")))?;
-    let data = entry(&top, "data").map_err(|e| anyhow!(at(e.to_string())))?;
+    let data = entry(top, "data").map_err(|e| anyhow!(at(e.to_string())))?;
     let Value::Object(obj) = data else {
         bail!(at(format!(
             "key 'data' holds {}, expected a numpy array",
@@ -114,7 +131,7 @@ pub fn parse_batch(
 /// The class names of a meta pickle's bytes: exactly the kind's count.
 pub fn parse_class_names(kind: CifarKind, path: &Path, bytes: &[u8]) -> Result<Vec<String>> {
     let at = |what: String| format!("{}: {what}", path.display());
-    let top = numpy_pickle::unpickle(bytes).with_context(|| at("not a readable pickle".into()))?;
+    let top = unpickle(path, bytes)?;
     let key = names_key(kind);
     let list = entry(&top, key).map_err(|e| anyhow!(at(e.to_string())))?;
     let (Value::List(items) | Value::Tuple(items)) = list else {
