@@ -58,12 +58,19 @@ impl FileRef {
 /// each split (`Dataset::fingerprint`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataRef {
-    /// The `--data` value: `demo`, a CIFAR folder or an image-folder root.
+    /// The `--data` value: `demo`, a CIFAR folder (binary or python), a
+    /// parquet folder or an image-folder root.
     pub source: String,
-    /// Side of the stored images of an image folder (`--image-size`).
+    /// Side of the stored images of an image folder or parquet data (`--image-size`).
     pub image_size: usize,
     /// Training images of the demo data (`--demo-images`).
     pub demo_images: usize,
+    /// The image and label columns of parquet data as `--image-column` and
+    /// `--label-column` named them (absent: detected, or not parquet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_column: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_column: Option<String>,
     pub train: String,
     pub test: String,
 }
@@ -80,6 +87,8 @@ impl DataRef {
             source: source.to_string(),
             image_size,
             demo_images,
+            image_column: None,
+            label_column: None,
             train: train.fingerprint(),
             test: test.fingerprint(),
         }
@@ -266,6 +275,8 @@ mod tests {
             source: "demo".into(),
             image_size: 32,
             demo_images: 4000,
+            image_column: None,
+            label_column: None,
             train: train.into(),
             test: "t".into(),
         }

@@ -1,5 +1,5 @@
 //! Property-based fuzzing of every parser of user input: CIFAR binaries,
-//! image folders, results JSON lines, the rank/accuracy CSV, model config
+//! CIFAR python pickles, Hugging Face parquet files, image folders, results JSON lines, the rank/accuracy CSV, model config
 //! JSON, checkpoint files and their metadata, PyTorch checkpoints, and the
 //! small flag parsers. Each gets thousands of random and mutated inputs
 //! (mutations of a valid sample: bytes flipped, inserted, deleted, numbers
@@ -9,6 +9,7 @@
 
 use effrank_engine::analysis::read_measurements;
 use effrank_engine::data::cifar::{parse_records, CifarKind};
+use effrank_engine::data::cifar_pickle;
 use effrank_engine::data::{load_data, LoadOptions};
 use effrank_engine::model::checkpoint::save_checkpoint;
 use effrank_engine::model::import::{load_any, ImportOptions};
@@ -167,6 +168,38 @@ proptest! {
             write(dir.path(), "train.bin", &train);
             write(dir.path(), "test.bin", &test);
         }
+        let _ = load_data(dir.path().to_str().unwrap(), &LoadOptions::default());
+    }
+}
+
+// ---- CIFAR python pickles and parquet (tests/fixtures/) ------------------
+
+fn fixture(path: &str) -> Vec<u8> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    std::fs::read(root.join(path)).unwrap()
+}
+
+proptest! {
+    #![proptest_config(cases(1000))]
+
+    /// Mutations of a batch and a meta pickle as the official files hold them.
+    #[test]
+    fn cifar_pickles_of_mutated_bytes(batch in mutated(fixture("cifar10-py/cifar-10-batches-py/data_batch_1")), meta in mutated(fixture("cifar100-py/cifar-100-python/meta"))) {
+        let (mut images, mut labels) = (Vec::new(), Vec::new());
+        let _ = cifar_pickle::parse_batch(CifarKind::Cifar10, Path::new("fuzz"), &batch, &mut images, &mut labels);
+        let _ = cifar_pickle::parse_class_names(CifarKind::Cifar100, Path::new("fuzz"), &meta);
+    }
+}
+
+proptest! {
+    #![proptest_config(cases(300))]
+
+    /// A parquet folder whose training file is a mutation of the fixture's.
+    #[test]
+    fn parquet_files_of_mutated_bytes(train in mutated(fixture("hf-parquet/data/train-00000-of-00001.parquet"))) {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "train.parquet", &train);
+        write(dir.path(), "test.parquet", &fixture("hf-parquet/data/test-00000-of-00001.parquet"));
         let _ = load_data(dir.path().to_str().unwrap(), &LoadOptions::default());
     }
 }

@@ -168,9 +168,11 @@ fn run_cuda<W: WithBackend>(_: W, _: &ComputeOptions, _: bool) -> Result<W::Outp
 /// default shown.
 #[derive(Args, Debug, Clone)]
 pub struct DataFlags {
-    /// `demo` (built in, generated from a seed), a CIFAR-10/100 binary folder,
-    /// or an image-folder root with train/ and test/ (one sub-folder per
-    /// class). Default: the data the checkpoint recorded (eval), else demo.
+    /// `demo` (built in, generated from a seed), a CIFAR-10/100 folder
+    /// (binary, or torchvision's python pickles), a Hugging Face parquet
+    /// folder (data/train-*.parquet, data/test-*.parquet), or an image-folder
+    /// root with train/ and test/ (one sub-folder per class). Default: the
+    /// data the checkpoint recorded (eval), else demo.
     #[arg(long)]
     pub data: Option<String>,
     /// Per-channel normalization: cifar, imagenet or half (mean = std = 0.5).
@@ -188,7 +190,7 @@ pub struct DataFlags {
     /// Skip unreadable images in image folders (counted) instead of failing.
     #[arg(long)]
     pub skip_bad: bool,
-    /// Side of the stored images of an image folder (resized once at load;
+    /// Side of the stored images of an image folder or parquet data (resized once at load;
     /// the model's input resize happens per batch) [default: 32].
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -196,6 +198,14 @@ pub struct DataFlags {
     /// many) [default: 4000].
     #[arg(long)]
     pub demo_images: Option<usize>,
+    /// Parquet data: the image column, a struct {bytes, path} as datasets
+    /// writes an Image [default: the struct column with a bytes field].
+    #[arg(long, value_name = "NAME")]
+    pub image_column: Option<String>,
+    /// Parquet data: the int label column [default: label, labels or
+    /// fine_label, else the only ClassLabel].
+    #[arg(long, value_name = "NAME")]
+    pub label_column: Option<String>,
 }
 
 /// How the learning rate moves after the warm-up.

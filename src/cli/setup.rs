@@ -4,6 +4,7 @@
 
 use super::common::DataFlags;
 use anyhow::{bail, Context, Result};
+use effrank_engine::data::hf_parquet::ColumnChoice;
 use effrank_engine::data::{load_data, DataSource, Dataset, LoadOptions, Normalize};
 use effrank_engine::model::checkpoint::read_metadata;
 use effrank_engine::model::import::{load_any, ImportOptions};
@@ -27,6 +28,8 @@ pub struct DataChoice {
     pub image_size: usize,
     pub demo_images: usize,
     pub skip_bad: bool,
+    /// Parquet columns (`--image-column`, `--label-column`).
+    pub columns: ColumnChoice,
 }
 
 impl DataFlags {
@@ -50,6 +53,12 @@ impl DataFlags {
                 .or(same.map(|r| r.demo_images))
                 .unwrap_or(DEFAULT_DEMO_IMAGES),
             skip_bad: self.skip_bad,
+            columns: ColumnChoice {
+                image: (self.image_column.clone())
+                    .or_else(|| same.and_then(|r| r.image_column.clone())),
+                label: (self.label_column.clone())
+                    .or_else(|| same.and_then(|r| r.label_column.clone())),
+            },
             source,
         }
     }
@@ -60,6 +69,7 @@ pub fn load_data_for(choice: &DataChoice, quiet: bool) -> Result<(Dataset, Datas
     let mut opts = LoadOptions {
         skip_bad: choice.skip_bad,
         image_size: choice.image_size,
+        columns: choice.columns.clone(),
         ..LoadOptions::default()
     };
     opts.demo.train = choice.demo_images;
@@ -78,13 +88,17 @@ pub fn load_data_for(choice: &DataChoice, quiet: bool) -> Result<(Dataset, Datas
             test.len()
         );
     }
-    let data = DataRef::new(
-        &choice.source,
-        choice.image_size,
-        choice.demo_images,
-        &train,
-        &test,
-    );
+    let data = DataRef {
+        image_column: choice.columns.image.clone(),
+        label_column: choice.columns.label.clone(),
+        ..DataRef::new(
+            &choice.source,
+            choice.image_size,
+            choice.demo_images,
+            &train,
+            &test,
+        )
+    };
     Ok((train, test, data))
 }
 

@@ -18,8 +18,10 @@
 
 pub mod augment;
 pub mod cifar;
+pub mod cifar_pickle;
 pub mod demo;
 pub mod folder;
+pub mod hf_parquet;
 pub mod normalize;
 pub mod source;
 

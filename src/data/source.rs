@@ -4,7 +4,14 @@
 //! - CIFAR-10 binaries (`data_batch_*.bin` + `test_batch.bin`),
 //! - CIFAR-100 binaries (`train.bin` + `test.bin`; fine labels),
 //!   either directly or in a `cifar-10-batches-bin/` or `cifar-100-binary/`
-//!   sub-folder (the names of the official archives), or
+//!   sub-folder (the names of the official archives),
+//! - torchvision's CIFAR python pickles (`data_batch_1`.. + `test_batch` +
+//!   `batches.meta`, or `train` + `test` + `meta`; fine labels), directly
+//!   or in `cifar-10-batches-py/` or `cifar-100-python/` (the folder
+//!   torchvision is given as `root` holds these),
+//! - a Hugging Face datasets parquet folder: `*.parquet` files in `data/`
+//!   (the hub's layout) or directly, named by split (train; test, else
+//!   validation), or
 //! - image folders: `train/` and `test/` (or `val/`), one sub-folder per class.
 //!
 //! Finding the files (`DataSource::resolve`) is separate from reading them
@@ -12,7 +19,9 @@
 //! slow part.
 
 use super::cifar::{self, CifarKind};
+use super::cifar_pickle::{self, PYTHON_SUBFOLDERS};
 use super::demo::{self, DemoConfig};
+use super::hf_parquet::{self, ColumnChoice};
 use super::{folder, Dataset};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -21,14 +30,30 @@ use std::path::{Path, PathBuf};
 /// unpack.
 pub const CIFAR_SUBFOLDERS: [&str; 2] = ["cifar-10-batches-bin", "cifar-100-binary"];
 
+/// How a CIFAR folder stores its batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CifarFormat {
+    /// The binary records of `cifar-10-batches-bin/`, `cifar-100-binary/`.
+    Binary,
+    /// The pickles of `cifar-10-batches-py/`, `cifar-100-python/`, with
+    /// the class names in the meta pickle beside them.
+    Python,
+}
+
 /// Where the data comes from, with every file or folder found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataSource {
     Demo,
     Cifar {
         kind: CifarKind,
+        format: CifarFormat,
         train: Vec<PathBuf>,
         test: PathBuf,
+    },
+    /// Hugging Face parquet files of each split, in name order.
+    Parquet {
+        train: Vec<PathBuf>,
+        test: Vec<PathBuf>,
     },
     ImageFolder {
         train: PathBuf,
@@ -39,9 +64,13 @@ pub enum DataSource {
 /// How to read the data.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Side of the stored square images for image folders (each image is
-    /// resized to it). CIFAR images stay 32x32; the demo uses `demo.image_size`.
+    /// Side of the stored square images for image folders and parquet
+    /// files (each image is resized to it). CIFAR images stay 32x32; the
+    /// demo uses `demo.image_size`.
     pub image_size: usize,
+    /// The image and label columns of parquet files (None: detected). Given
+    /// for another source, they are an error.
+    pub columns: ColumnChoice,
     /// Leave unreadable images of an image folder out (and list them) instead
     /// of failing.
     pub skip_bad: bool,
@@ -52,6 +81,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             image_size: 32,
+            columns: ColumnChoice::default(),
             skip_bad: false,
             demo: DemoConfig::default(),
         }
@@ -108,17 +138,28 @@ impl DataSource {
             bail!("data '{spec}' is neither 'demo' nor an existing folder");
         }
         let candidates = std::iter::once(root.to_path_buf())
-            .chain(CIFAR_SUBFOLDERS.iter().map(|s| root.join(s)));
+            .chain(CIFAR_SUBFOLDERS.iter().map(|s| root.join(s)))
+            .chain(PYTHON_SUBFOLDERS.iter().map(|s| root.join(s)));
         for dir in candidates.filter(|d| d.is_dir()) {
             if let Some(source) = find_cifar(&dir)? {
                 return Ok(source);
             }
+            if let Some(source) = find_cifar_python(&dir)? {
+                return Ok(source);
+            }
+        }
+        if let Some(source) = find_parquet(root)? {
+            return Ok(source);
         }
         find_image_folders(root)
     }
 
     /// Read the training and test splits.
     pub fn load(&self, opts: &LoadOptions) -> Result<Loaded> {
+        let is_parquet = matches!(self, DataSource::Parquet { .. });
+        if !is_parquet && opts.columns != ColumnChoice::default() {
+            bail!("--image-column and --label-column name columns of parquet data; this data is not parquet");
+        }
         match self {
             DataSource::Demo => {
                 let (train, test) = demo::generate(&opts.demo)?;
@@ -130,14 +171,52 @@ impl DataSource {
                     source,
                 })
             }
-            DataSource::Cifar { kind, train, test } => {
-                let train_ds = cifar::load_files(*kind, train)?;
-                let test_ds = cifar::load_files(*kind, std::slice::from_ref(test))?;
+            DataSource::Cifar {
+                kind,
+                format,
+                train,
+                test,
+            } => {
+                let test_files = std::slice::from_ref(test);
+                let (train_ds, test_ds) = match format {
+                    CifarFormat::Binary => (
+                        cifar::load_files(*kind, train)?,
+                        cifar::load_files(*kind, test_files)?,
+                    ),
+                    CifarFormat::Python => {
+                        let meta = test.with_file_name(cifar_pickle::meta_file(*kind));
+                        (
+                            cifar_pickle::load_files(*kind, train, &meta)?,
+                            cifar_pickle::load_files(*kind, test_files, &meta)?,
+                        )
+                    }
+                };
                 let dir = test.parent().unwrap_or(Path::new("."));
-                let source = format!("{} in {}", kind.name(), dir.display());
+                let form = match format {
+                    CifarFormat::Binary => "",
+                    CifarFormat::Python => " (python pickles)",
+                };
+                let source = format!("{}{form} in {}", kind.name(), dir.display());
                 Ok(Loaded {
                     train: train_ds,
                     test: test_ds,
+                    skipped: Vec::new(),
+                    source,
+                })
+            }
+            DataSource::Parquet { train, test } => {
+                let data = hf_parquet::load(train, test, &opts.columns, opts.image_size)?;
+                let dir = test[0].parent().unwrap_or(Path::new("."));
+                let source = format!(
+                    "Hugging Face parquet in {} ({} train / {} test files; {})",
+                    dir.display(),
+                    train.len(),
+                    test.len(),
+                    data.description
+                );
+                Ok(Loaded {
+                    train: data.train,
+                    test: data.test,
                     skipped: Vec::new(),
                     source,
                 })
@@ -167,7 +246,7 @@ fn load_image_folders(train: &Path, test: &Path, opts: &LoadOptions) -> Result<L
 /// files without the test file or the reverse) is an error naming what is
 /// missing.
 fn find_cifar(dir: &Path) -> Result<Option<DataSource>> {
-    let batches = cifar10_batches(dir)?;
+    let batches = cifar10_batches(dir, ".bin")?;
     let test_batch = dir.join("test_batch.bin");
     if !batches.is_empty() || test_batch.is_file() {
         if batches.is_empty() {
@@ -184,6 +263,7 @@ fn find_cifar(dir: &Path) -> Result<Option<DataSource>> {
         }
         return Ok(Some(DataSource::Cifar {
             kind: CifarKind::Cifar10,
+            format: CifarFormat::Binary,
             train: batches,
             test: test_batch,
         }));
@@ -192,6 +272,7 @@ fn find_cifar(dir: &Path) -> Result<Option<DataSource>> {
     match (train.is_file(), test.is_file()) {
         (true, true) => Ok(Some(DataSource::Cifar {
             kind: CifarKind::Cifar100,
+            format: CifarFormat::Binary,
             train: vec![train],
             test,
         })),
@@ -204,8 +285,137 @@ fn find_cifar(dir: &Path) -> Result<Option<DataSource>> {
     }
 }
 
-/// `data_batch_<n>.bin` files in `dir`, ordered by `n`.
-fn cifar10_batches(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The CIFAR python pickles directly in `dir`, if there are any: the
+/// batches, the test batch and the meta file, all three (a missing one is
+/// an error naming it).
+fn find_cifar_python(dir: &Path) -> Result<Option<DataSource>> {
+    let batches = cifar10_batches(dir, "")?;
+    let (test10, train100, test100) = (dir.join("test_batch"), dir.join("train"), dir.join("test"));
+    let (kind, train, test) = if !batches.is_empty() || test10.is_file() {
+        (CifarKind::Cifar10, batches, test10)
+    } else if train100.is_file() || test100.is_file() {
+        (CifarKind::Cifar100, vec![train100], test100)
+    } else {
+        return Ok(None);
+    };
+    let meta = dir.join(cifar_pickle::meta_file(kind));
+    let train_name = match kind {
+        CifarKind::Cifar10 => "data_batch_1..5",
+        CifarKind::Cifar100 => "train",
+    };
+    let missing: Vec<String> = [
+        (!train.iter().any(|p| p.is_file())).then(|| train_name.to_string()),
+        (!test.is_file()).then(|| file_name(&test)),
+        (!meta.is_file()).then(|| file_name(&meta)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{} holds {} python pickles but lacks {}",
+            dir.display(),
+            kind.name(),
+            missing.join(" and ")
+        );
+    }
+    Ok(Some(DataSource::Cifar {
+        kind,
+        format: CifarFormat::Python,
+        train,
+        test,
+    }))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The split names a parquet file's name may hold.
+const PARQUET_SPLITS: [&str; 3] = ["train", "test", "validation"];
+
+/// Hugging Face parquet files in `root/data/` (the hub's layout), else
+/// directly in `root`, by split: train, and test (validation when there
+/// is no test). Files named by no split (`unsupervised`, `extra`) are not
+/// read; a file named by two is an error.
+fn find_parquet(root: &Path) -> Result<Option<DataSource>> {
+    let data = root.join("data");
+    let mut files = if data.is_dir() {
+        parquet_files(&data)?
+    } else {
+        Vec::new()
+    };
+    if files.is_empty() {
+        files = parquet_files(root)?;
+    }
+    if files.is_empty() {
+        return Ok(None);
+    }
+    let mut splits: [Vec<PathBuf>; 3] = Default::default();
+    for path in files {
+        let name = file_name(&path).to_ascii_lowercase();
+        let named: Vec<usize> = (0..3)
+            .filter(|&i| name.contains(PARQUET_SPLITS[i]))
+            .collect();
+        match named[..] {
+            [i] => splits[i].push(path),
+            [] => {}
+            _ => bail!(
+                "parquet file {} names more than one split ({})",
+                path.display(),
+                named
+                    .iter()
+                    .map(|&i| PARQUET_SPLITS[i])
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+    let [train, test, validation] = splits;
+    let dir = if data.is_dir() {
+        data
+    } else {
+        root.to_path_buf()
+    };
+    if train.is_empty() {
+        bail!(
+            "{} holds parquet files but none with 'train' in its name",
+            dir.display()
+        );
+    }
+    let test = if test.is_empty() { validation } else { test };
+    if test.is_empty() {
+        bail!(
+            "missing test split: {} holds parquet files for train but none with 'test' or 'validation' in its name",
+            dir.display()
+        );
+    }
+    Ok(Some(DataSource::Parquet { train, test }))
+}
+
+/// The `*.parquet` files of `dir`, sorted by name.
+fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("listing {}", dir.display()))?
+            .path();
+        if path.is_file()
+            && path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+        {
+            found.push(path);
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// `data_batch_<n><suffix>` files in `dir`, ordered by `n`.
+fn cifar10_batches(dir: &Path, suffix: &str) -> Result<Vec<PathBuf>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
         let path = entry
@@ -217,7 +427,7 @@ fn cifar10_batches(dir: &Path) -> Result<Vec<PathBuf>> {
             .unwrap_or_default();
         let number = name
             .strip_prefix("data_batch_")
-            .and_then(|r| r.strip_suffix(".bin"))
+            .and_then(|r| r.strip_suffix(suffix))
             .and_then(|n| n.parse::<u32>().ok());
         if let (Some(n), true) = (number, path.is_file()) {
             found.push((n, path));
@@ -232,10 +442,11 @@ fn find_image_folders(root: &Path) -> Result<DataSource> {
     let train = root.join("train");
     if !train.is_dir() {
         bail!(
-            "{} holds no CIFAR files (data_batch_*.bin + test_batch.bin, or train.bin + test.bin, here or in {}) \
-             and no train/ image folder",
+            "{} holds no CIFAR files (data_batch_*.bin + test_batch.bin, or train.bin + test.bin, here or in {}; \
+             torchvision's pickles here or in {}), no parquet files (here or in data/) and no train/ image folder",
             root.display(),
-            CIFAR_SUBFOLDERS.join(" or ")
+            CIFAR_SUBFOLDERS.join(" or "),
+            PYTHON_SUBFOLDERS.join(" or ")
         );
     }
     let Some(test) = ["test", "val"]

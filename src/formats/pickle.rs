@@ -10,9 +10,9 @@
 //! only a module and a name, which the hooks accept or refuse; "calling" an
 //! accepted one, a persistent id (`BINPERSID`) and `BUILD` are what the
 //! hooks make of them, as plain Rust values ([`Object`]). The torch layer
-//! (`model::pth`) plugs in tensors and storages this way; a numpy layer
-//! would plug in `numpy.core.multiarray._reconstruct` and `numpy.dtype`.
-//! Nothing here knows about either.
+//! (`model::pth`) plugs in tensors and storages this way, the numpy layer
+//! (`formats::numpy_pickle`) `numpy.core.multiarray._reconstruct` and
+//! `numpy.dtype`. Nothing here knows about either.
 //!
 //! The opcodes read (protocols 2 to 5, binary only):
 //!
@@ -26,7 +26,8 @@
 //! | `BININT`, `BININT1`, `BININT2` | `J K M` | 4-, 1-, 2-byte ints |
 //! | `LONG1`, `LONG4` | `0x8a 0x8b` | little-endian two's complement (up to 64 bits) |
 //! | `BINFLOAT` | `G` | big-endian f64 |
-//! | `BINUNICODE`, `SHORT_BINUNICODE`, `BINUNICODE8`, `BINSTRING`, `SHORT_BINSTRING` | `X 0x8c 0x8d T U` | UTF-8 strings |
+//! | `BINUNICODE`, `SHORT_BINUNICODE`, `BINUNICODE8` | `X 0x8c 0x8d` | UTF-8 strings |
+//! | `BINSTRING`, `SHORT_BINSTRING` | `T U` | Python 2 strings: [`Hooks::python2_string`] |
 //! | `BINBYTES`, `SHORT_BINBYTES`, `BINBYTES8` | `B C 0x8e` | bytes |
 //! | `EMPTY_TUPLE`, `TUPLE1..3`, `TUPLE` | `) 0x85-0x87 t` | tuples |
 //! | `EMPTY_LIST`, `LIST`, `APPEND`, `APPENDS` | `] l a e` | lists |
@@ -88,6 +89,15 @@ pub trait Hooks {
     /// storages this way). Refused unless the layer has them.
     fn persistent_load(&mut self, pid: &Value<Self::Object>) -> Result<Value<Self::Object>> {
         bail!("persistent id {}: this format has none", pid.kind())
+    }
+
+    /// `BINSTRING` / `SHORT_BINSTRING`: a Python 2 `str`, which is bytes
+    /// with no stated encoding. By default it is decoded as UTF-8 (what
+    /// `torch.load` does); a layer whose Python 2 strings hold binary data
+    /// (numpy's array bytes) keeps them as bytes.
+    fn python2_string(&mut self, bytes: &[u8]) -> Result<Value<Self::Object>> {
+        let text = std::str::from_utf8(bytes).context("string is not UTF-8")?;
+        Ok(Value::Str(text.into()))
     }
 
     /// `BUILD`: set the `state` of `target` (Python's `__setstate__`).
@@ -402,14 +412,23 @@ impl<'a, H: Hooks> Machine<'a, H> {
                 let v = f64::from_be_bytes(self.array()?);
                 self.stack.push(Value::Float(v));
             }
-            b'X' | 0x8c | 0x8d | b'T' | b'U' => {
+            b'X' | 0x8c | 0x8d => {
                 let n = match op {
-                    0x8c | b'U' => usize::from(self.u8()?),
+                    0x8c => usize::from(self.u8()?),
                     0x8d => self.len64()?,
                     _ => self.len32()?,
                 };
                 let text = std::str::from_utf8(self.take(n)?).context("string is not UTF-8")?;
                 self.stack.push(Value::Str(text.into()));
+            }
+            b'T' | b'U' => {
+                let n = match op {
+                    b'U' => usize::from(self.u8()?),
+                    _ => self.len32()?,
+                };
+                let bytes = self.take(n)?;
+                let value = self.hooks.python2_string(bytes)?;
+                self.stack.push(value);
             }
             b'B' | b'C' | 0x8e => {
                 let n = match op {
@@ -894,6 +913,16 @@ mod tests {
             e.contains("BUILD on a dict of 0 (with state a dict of 0)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn python2_strings_are_utf8_unless_a_layer_says_otherwise() {
+        let Ok(Value::Str(s)) = unpickle(b"\x80\x02U\x02hi.", &mut Plain) else {
+            panic!("not a str")
+        };
+        assert_eq!(&*s, "hi");
+        let e = unpickle_err(b"\x80\x02T\x01\x00\x00\x00\xff.");
+        assert!(e.contains("not UTF-8") && e.contains("BINSTRING"), "{e}");
     }
 
     #[test]
