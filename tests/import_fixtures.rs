@@ -182,9 +182,12 @@ fn load_error(dir: &Path, opts: &ImportOptions) -> String {
     format!("{:#}", load_any(dir, opts).unwrap_err())
 }
 
+/// An edit of a config.json.
+type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
 #[test]
 fn a_config_that_contradicts_the_tensors_or_names_another_model_is_refused() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>, &[&str])> = vec![
+    let cases: Vec<(&str, Edit, &[&str])> = vec![
         (
             "hf_vit",
             Box::new(|c| c["num_hidden_layers"] = 3.into()),

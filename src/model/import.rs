@@ -362,9 +362,19 @@ pub fn torchvision_heads(width: usize, depth: usize, mlp: usize) -> Option<(&'st
         .map(|&(_, name, heads)| (name, heads))
 }
 
-/// The number of heads and what says it: config.json, else the
-/// architecture the shapes identify, else `--heads`, else width / 64
-/// (guessed). `--heads` contradicting the first two is an error.
+/// A head count that a config.json or the architecture fixes.
+struct KnownHeads {
+    heads: usize,
+    from: HeadsFrom,
+    architecture: Option<String>,
+    /// What says it, for errors.
+    said_by: String,
+}
+
+/// The number of heads, what says it and the architecture: config.json,
+/// else the architecture torchvision's shapes identify, else `--heads`,
+/// else width / 64 (guessed). `--heads` contradicting the first two is an
+/// error.
 fn choose_heads(
     shape: &VitConfig,
     scheme: NamingScheme,
@@ -372,41 +382,37 @@ fn choose_heads(
     flag: Option<usize>,
 ) -> Result<(usize, HeadsFrom, Option<String>)> {
     let known = match hub {
-        Some(h) => Some((
-            h.heads,
-            HeadsFrom::Config(h.heads_field.clone()),
-            h.architecture.clone(),
-            h.file.display().to_string(),
-        )),
+        Some(h) => Some(KnownHeads {
+            heads: h.heads,
+            from: HeadsFrom::Config(h.heads_field.clone()),
+            architecture: h.architecture.clone(),
+            said_by: format!("{} field {}", h.file.display(), h.heads_field),
+        }),
         None if scheme == NamingScheme::Torchvision => {
-            torchvision_heads(shape.width, shape.depth, shape.mlp)
-                .map(|(name, heads)| {
-                    (
-                        heads,
-                        HeadsFrom::Architecture(format!("torchvision {name}")),
-                        format!("torchvision {name}"),
-                        format!(
-                            "torchvision {name} (width {}, depth {}, MLP {})",
-                            shape.width, shape.depth, shape.mlp
-                        ),
-                    )
-                })
-                .map(|(h, from, arch, said)| (h, from, Some(arch), said))
+            torchvision_heads(shape.width, shape.depth, shape.mlp).map(|(name, heads)| {
+                let name = format!("torchvision {name}");
+                KnownHeads {
+                    heads,
+                    from: HeadsFrom::Architecture(name.clone()),
+                    said_by: format!(
+                        "{name} (the architecture of width {}, depth {} and MLP {})",
+                        shape.width, shape.depth, shape.mlp
+                    ),
+                    architecture: Some(name),
+                }
+            })
         }
         None => None,
     };
     match (known, flag) {
-        (Some((heads, from, arch, said_by)), Some(f)) if f != heads => {
-            let field = match &from {
-                HeadsFrom::Config(field) => format!(" {field}"),
-                _ => String::new(),
-            };
+        (Some(k), Some(f)) if f != k.heads => {
             bail!(
-                "--heads {f} contradicts {said_by}{field}, which says {heads} heads ({arch:?})",
-                arch = arch.unwrap_or_default()
+                "--heads {f} contradicts {}, which says {} heads",
+                k.said_by,
+                k.heads
             )
         }
-        (Some((heads, from, arch, _)), _) => Ok((heads, from, arch)),
+        (Some(k), _) => Ok((k.heads, k.from, k.architecture)),
         (None, Some(f)) => Ok((f, HeadsFrom::Flag, None)),
         (None, None) => Ok(((shape.width / 64).max(1), HeadsFrom::Guessed, None)),
     }
