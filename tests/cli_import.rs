@@ -161,3 +161,48 @@ fn train_from_a_hub_folder_at_another_size_records_the_resampling() {
     ]);
     assert_eq!(run_meta(&student)["import"], *import);
 }
+
+#[test]
+fn a_sweeps_students_record_how_the_teacher_was_imported() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = five_classes(&dir.path().join("data"));
+    let out = dir.path().join("sweep");
+    let tv = fixture("torchvision_vit.safetensors");
+    let text = ok(&[
+        "sweep",
+        "--teacher",
+        &tv,
+        "--input-size",
+        "48",
+        "--data",
+        &data,
+        "--ranks",
+        "2,4",
+        "--epochs",
+        "1",
+        "--batch",
+        "5",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains("assuming 1") && text.contains("--heads N"),
+        "{text}"
+    );
+    for rank in [2, 4] {
+        let student = out.join(format!("runs/r{rank}-s0/model.safetensors"));
+        let import = &run_meta(&student)["import"];
+        assert_eq!(import["heads_from"], "guessed", "rank {rank}");
+        assert_eq!(import["naming"], "torchvision");
+        assert_eq!(
+            (
+                import["input_size"]["from"].as_u64(),
+                import["input_size"]["to"].as_u64()
+            ),
+            (Some(32), Some(48))
+        );
+    }
+}

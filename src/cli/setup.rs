@@ -170,21 +170,6 @@ pub struct HostModel {
     pub import: Option<ImportRecord>,
 }
 
-/// Load any checkpoint (engine, timm, torchvision, HF names) with `--heads`
-/// only.
-pub fn load_model(
-    path: &Path,
-    heads: Option<usize>,
-    new_classes: Option<usize>,
-) -> Result<HostModel> {
-    let opts = ImportOptions {
-        heads,
-        new_classes,
-        input_size: None,
-    };
-    load_model_with(path, &opts)
-}
-
 /// Load any checkpoint (engine, timm, torchvision, HF names; a file or a
 /// hub folder) as `opts` say, announcing on stderr what was guessed.
 pub fn load_model_with(path: &Path, opts: &ImportOptions) -> Result<HostModel> {

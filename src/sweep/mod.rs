@@ -11,6 +11,7 @@ pub mod jobs;
 
 use crate::data::{Dataset, Normalize};
 use crate::factorize::StudentPlan;
+use crate::model::import::ImportRecord;
 use crate::model::params::{dense_ranks, param_count, validate_ranks};
 use crate::model::{Vit, VitConfig, VitParams};
 use crate::ops::image::ImageTransform;
@@ -44,6 +45,8 @@ pub struct SweepInputs<'a> {
     pub transform: ImageTransform,
     /// How the data was named and loaded, and its fingerprints.
     pub data: DataRef,
+    /// How the teacher was imported or resampled (students record it).
+    pub import: Option<ImportRecord>,
 }
 
 /// Settings of a sweep. Serialized whole into every student's record
@@ -607,13 +610,15 @@ fn student_meta(inputs: &SweepInputs<'_>, job: &SweepOptions) -> RunMeta {
         optimizer: job.optimizer,
         compute: &job.compute,
     };
-    RunMeta::student(
+    let mut meta = RunMeta::student(
         inputs.normalize,
         inputs.transform.resize,
         inputs.teacher_file.clone(),
         Some(&job.plan),
         Some(training),
-    )
+    );
+    meta.import = inputs.import.clone();
+    meta
 }
 
 #[cfg(test)]
