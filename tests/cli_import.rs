@@ -40,7 +40,12 @@ fn ok(args: &[&str]) -> String {
 
 /// An image folder of the fixtures' five classes, two 8 px images each.
 fn five_classes(root: &Path) -> String {
-    for (i, class) in ["cat", "dog", "fox", "owl", "yak"].iter().enumerate() {
+    classes(root, &["cat", "dog", "fox", "owl", "yak"])
+}
+
+/// An image folder of these classes, two 8 px images each.
+fn classes(root: &Path, names: &[&str]) -> String {
+    for (i, class) in names.iter().enumerate() {
         for split in ["train", "test"] {
             let dir = root.join(split).join(class);
             std::fs::create_dir_all(&dir).unwrap();
@@ -79,9 +84,28 @@ fn eval_reads_a_hub_folder_at_its_size_and_another() {
         let text = ok(&[&base[..], extra].concat());
         assert!(text.contains("\"top1\""), "{text}");
         assert!(!text.contains("assuming"), "nothing was guessed:\n{text}");
+        assert!(!text.contains("class 0"), "the classes agree:\n{text}");
     }
     let (success, text) = run(&[&base[..], &["--heads", "4"]].concat());
     assert!(!success && text.contains("num_attention_heads"), "{text}");
+    // Other names than the head's id2label are announced.
+    let other = classes(
+        &dir.path().join("other"),
+        &["ant", "bee", "cat", "dog", "eel"],
+    );
+    let text = ok(&[
+        "eval",
+        "--checkpoint",
+        &hf,
+        "--data",
+        &other,
+        "--device",
+        "cpu",
+    ]);
+    assert!(
+        text.contains(r#"class 0 of its head is "cat""#) && text.contains("\"ant\""),
+        "{text}"
+    );
 }
 
 #[test]

@@ -85,6 +85,10 @@ impl WithBackend for EvalArgs {
                 m.cfg.classes
             );
         }
+        let differ = m.import.as_ref().zip(test.class_names.as_ref());
+        if let Some(warning) = differ.and_then(|(i, names)| i.class_names_differ(names)) {
+            eprintln!("{warning}");
+        }
         if m.normalize.is_none() && self.data.normalize.is_none() {
             eprintln!("warning: {} does not record how its inputs were normalized; using {} (give --normalize to choose)", self.checkpoint.display(), choose_normalize(None, None, &choice.source));
         }

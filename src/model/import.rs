@@ -127,6 +127,23 @@ impl ImportRecord {
         }
         out
     }
+
+    /// A warning when the data names its classes otherwise than the head
+    /// does (config.json `id2label`), index by index: the labels would be
+    /// scored against other classes' logits.
+    pub fn class_names_differ(&self, data: &[String]) -> Option<String> {
+        let head = self.class_names.as_ref()?;
+        let (i, (h, d)) = head
+            .iter()
+            .zip(data)
+            .enumerate()
+            .find(|(_, (h, d))| h != d)?;
+        Some(format!(
+            "warning: {}: class {i} of its head is {h:?} (as {} says), of the data {d:?}; labels are scored by index, so the data's classes must be the head's in its order",
+            self.source,
+            self.config.as_deref().unwrap_or("the checkpoint")
+        ))
+    }
 }
 
 /// Every tensor of a checkpoint file and its metadata: safetensors, or a
