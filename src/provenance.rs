@@ -39,13 +39,22 @@ pub struct FileRef {
 }
 
 impl FileRef {
-    /// Hash `path` (reads the whole file).
+    /// Hash `path` (reads the whole file); a hub folder hashes its
+    /// config.json, then its weights file.
     pub fn of(path: &Path) -> Result<FileRef> {
         use sha2::{Digest, Sha256};
-        let mut f =
-            std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        let files = if path.is_dir() {
+            let (weights, config) = crate::model::import::hub_folder_files(path)?;
+            vec![config, weights]
+        } else {
+            vec![path.to_path_buf()]
+        };
         let mut h = Sha256::new();
-        std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", path.display()))?;
+        for file in files {
+            let mut f = std::fs::File::open(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            std::io::copy(&mut f, &mut h).with_context(|| format!("reading {}", file.display()))?;
+        }
         let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
         Ok(FileRef {
             path: path.display().to_string(),
@@ -149,6 +158,11 @@ pub struct RunMeta {
     /// (None: not trained, or a file written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compute: Option<ComputeRecord>,
+    /// How the imported checkpoint it came from was read: the naming, the
+    /// config.json, where the heads came from (guessed or said), the input
+    /// size resampling, the class names (None: not from an import).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub import: Option<crate::model::import::ImportRecord>,
     /// Finished epochs when the checkpoint was written (None: not trained).
     pub epoch: Option<usize>,
     /// That epoch's numbers, among them the test accuracy the run recorded.
@@ -183,6 +197,7 @@ impl RunMeta {
             fit: Some(training.fit.clone()),
             optimizer: Some(training.optimizer),
             compute: Some(training.compute.clone()),
+            import: None,
             epoch: None,
             metrics: None,
         }
@@ -210,6 +225,7 @@ impl RunMeta {
             fit: training.map(|t| t.fit.clone()),
             optimizer: training.map(|t| t.optimizer),
             compute: training.map(|t| t.compute.clone()),
+            import: None,
             epoch: None,
             metrics: None,
         }

@@ -1,6 +1,7 @@
 //! Property-based fuzzing of every parser of user input: CIFAR binaries,
-//! CIFAR python pickles, Hugging Face parquet files, image folders, results JSON lines, the rank/accuracy CSV, model config
-//! JSON, checkpoint files and their metadata, PyTorch checkpoints, and the
+//! CIFAR python pickles, Hugging Face parquet files, image folders, results
+//! JSON lines, the rank/accuracy CSV, model config JSON, checkpoint files and
+//! their metadata, PyTorch checkpoints, hub folders' config.json, and the
 //! small flag parsers. Each gets thousands of random and mutated inputs
 //! (mutations of a valid sample: bytes flipped, inserted, deleted, numbers
 //! swapped for extreme ones, truncation); every input must give a result or
@@ -365,6 +366,35 @@ proptest! {
         let p = write(dir.path(), "m.safetensors", &out);
         if let Ok(ck) = load_any(&p, &ImportOptions::default()) {
             let _ = effrank_engine::provenance::RunMeta::from_metadata(&ck.metadata, &p);
+        }
+    }
+}
+
+// ---- hub folders: config.json beside the weights ---------------------------
+
+/// The config.json of a hub folder fixture (tests/fixtures/import/).
+fn hub_config(folder: &str) -> Vec<u8> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/import");
+    std::fs::read(root.join(folder).join("config.json")).unwrap()
+}
+
+proptest! {
+    #![proptest_config(cases(500))]
+
+    /// A Hugging Face or timm config.json mutated, beside its own weights,
+    /// read with any --heads and --input-size.
+    #[test]
+    fn hub_folders_of_mutated_configs(timm in any::<bool>(), hf in mutated(hub_config("hf_vit")), tm in mutated(hub_config("timm_vit")), heads in prop::option::of(prop_oneof![0usize..5, Just(usize::MAX)]), size in prop::option::of(prop_oneof![0usize..80, Just(1usize << 40), Just(usize::MAX)])) {
+        let folder = if timm { "timm_vit" } else { "hf_vit" };
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/import");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(root.join(folder).join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+        write(dir.path(), "config.json", if timm { &tm } else { &hf });
+        let opts = ImportOptions { heads, new_classes: None, input_size: size };
+        if let Ok(ck) = load_any(dir.path(), &opts) {
+            let record = ck.import.unwrap();
+            let _ = record.notices(ck.cfg.width);
+            let _ = record.class_names_differ(&["x".to_string()]);
         }
     }
 }

@@ -227,6 +227,7 @@ fn a_new_head_replaces_the_old_one() {
         &ImportOptions {
             heads: Some(4),
             new_classes: Some(3),
+            ..ImportOptions::default()
         },
     )
     .unwrap();

@@ -11,6 +11,7 @@ use effrank_engine::device::Cpu;
 use effrank_engine::factorize::{
     BlockRange, FactorInit, FromTeacher, LayerSet, StudentPlan, Targets, DEFAULT_CALIBRATION,
 };
+use effrank_engine::model::import::ImportOptions;
 use effrank_engine::ops::{self, Backend};
 use effrank_engine::options::{ComputeOptions, ComputeRecord, DeviceKind, SimdChoice, Switch};
 use effrank_engine::train::{AdamWConfig, FitOptions};
@@ -161,6 +162,35 @@ fn run_cuda<W: WithBackend>(work: W, options: &ComputeOptions, fp32: bool) -> Re
 #[cfg(not(feature = "cuda"))]
 fn run_cuda<W: WithBackend>(_: W, _: &ComputeOptions, _: bool) -> Result<W::Output> {
     bail!("--device cuda: this binary was built without the `cuda` feature; rebuild with `cargo build --release --features cuda`, or use --device cpu")
+}
+
+/// How a checkpoint is read, beyond what it says itself.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ImportFlags {
+    /// Attention heads of an imported file that does not say them: a bare
+    /// timm, Hugging Face or torchvision file of another shape than
+    /// torchvision's five (a hub folder's config.json says them, and so do
+    /// the engine's files). Without it: width / 64, announced on stderr
+    /// and recorded as guessed.
+    #[arg(long)]
+    pub heads: Option<usize>,
+    /// Run the checkpoint at this input size (pixels, a multiple of its
+    /// patch): its position embedding is resampled as timm's
+    /// resample_abs_pos_embed does (bicubic, antialiased, class token
+    /// kept), and the images are prepared at this size. Recorded.
+    /// Default: the size it was trained at.
+    #[arg(long, value_name = "N")]
+    pub input_size: Option<usize>,
+}
+
+impl ImportFlags {
+    pub fn options(&self) -> ImportOptions {
+        ImportOptions {
+            heads: self.heads,
+            new_classes: None,
+            input_size: self.input_size,
+        }
+    }
 }
 
 /// The data set and how images are prepared. Each flag not given takes the

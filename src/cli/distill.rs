@@ -1,10 +1,13 @@
 //! `effrank-engine distill`: train one low-rank student against a teacher.
 
 use super::common::{
-    dispatch, ComputeFlags, DataFlags, FactorFlags, LossFlags, MemoryFlags, TrainFlags, WithBackend,
+    dispatch, ComputeFlags, DataFlags, FactorFlags, ImportFlags, LossFlags, MemoryFlags,
+    TrainFlags, WithBackend,
 };
 use super::memory::{self, Planned};
-use super::setup::{load_data_for, load_model, load_resumed_run, model_input, warn_if_other_data};
+use super::setup::{
+    load_data_for, load_model_with, load_resumed_run, model_input, warn_if_other_data,
+};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::durable::atomic_write;
@@ -47,9 +50,8 @@ pub struct DistillArgs {
     /// How --rank factorizes the teacher.
     #[command(flatten)]
     pub factor: FactorFlags,
-    /// Attention heads of an imported checkpoint (default: width / 64).
-    #[arg(long)]
-    pub heads: Option<usize>,
+    #[command(flatten)]
+    pub import: ImportFlags,
     #[command(flatten)]
     pub loss: LossFlags,
     #[command(flatten)]
@@ -81,7 +83,7 @@ impl WithBackend for DistillArgs {
     type Output = ();
     fn run<B: Backend>(mut self, be: &B, compute: &ComputeRecord) -> Result<()> {
         let loss = self.loss.spec()?;
-        let teacher = load_model(&self.teacher, self.heads, None)?;
+        let teacher = load_model_with(&self.teacher, &self.import.options())?;
         if is_lowrank(&teacher.ranks) {
             bail!(
                 "--teacher {} is a low-rank model; the teacher must be dense",
@@ -100,7 +102,7 @@ impl WithBackend for DistillArgs {
         );
         let student_file = match &self.student {
             Some(path) => {
-                let s = load_model(path, self.heads, None)?;
+                let s = load_model_with(path, &self.import.options())?;
                 if s.cfg != teacher.cfg {
                     bail!(
                         "student {} has shape {:?}, the teacher {:?}",
@@ -194,13 +196,14 @@ impl WithBackend for DistillArgs {
             optimizer: self.train.optimizer(),
             compute,
         };
-        let meta = RunMeta::student(
+        let mut meta = RunMeta::student(
             normalize,
             transform.resize,
             FileRef::of(&self.teacher)?,
             plan.as_ref(),
             Some(training),
         );
+        meta.import = teacher.import.clone();
         let files = RunFiles::new(&self.out);
         if let Some(resumed) = load_resumed_run(&files)? {
             warn_if_other_data(

@@ -1,8 +1,10 @@
 //! `effrank-engine eval`: top-1 and top-5 of a checkpoint on a test set,
 //! optionally dumping the logits.
 
-use super::common::{dispatch, ComputeFlags, DataFlags, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_model, model_input, warn_if_other_data};
+use super::common::{dispatch, ComputeFlags, DataFlags, ImportFlags, WithBackend};
+use super::setup::{
+    choose_normalize, load_data_for, load_model_with, model_input, warn_if_other_data,
+};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::data::Normalize;
@@ -29,7 +31,8 @@ use std::path::PathBuf;
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct EvalArgs {
-    /// Checkpoint (engine, timm, torchvision or HF names).
+    /// Checkpoint: a file (engine, timm, torchvision or Hugging Face names;
+    /// safetensors or .pth) or a hub folder (config.json + model.safetensors).
     #[arg(long)]
     pub checkpoint: PathBuf,
     #[command(flatten)]
@@ -38,9 +41,8 @@ pub struct EvalArgs {
     /// evaluated with, so that a GPU computes the same products; else 128).
     #[arg(long)]
     pub batch: Option<usize>,
-    /// Attention heads of an imported checkpoint (default: width / 64).
-    #[arg(long)]
-    pub heads: Option<usize>,
+    #[command(flatten)]
+    pub import: ImportFlags,
     /// Write the logits ([n, classes], F32, tensor "logits") and labels
     /// (tensor "labels", I64) to this safetensors file.
     #[arg(long)]
@@ -65,7 +67,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
 impl WithBackend for EvalArgs {
     type Output = ();
     fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<()> {
-        let m = load_model(&self.checkpoint, self.heads, None)?;
+        let m = load_model_with(&self.checkpoint, &self.import.options())?;
         let choice = self
             .data
             .choose(m.run.as_ref().and_then(|r| r.data.as_ref()));
@@ -82,6 +84,10 @@ impl WithBackend for EvalArgs {
                 self.checkpoint.display(),
                 m.cfg.classes
             );
+        }
+        let differ = m.import.as_ref().zip(test.class_names.as_ref());
+        if let Some(warning) = differ.and_then(|(i, names)| i.class_names_differ(names)) {
+            eprintln!("{warning}");
         }
         if m.normalize.is_none() && self.data.normalize.is_none() {
             eprintln!("warning: {} does not record how its inputs were normalized; using {} (give --normalize to choose)", self.checkpoint.display(), choose_normalize(None, None, &choice.source));

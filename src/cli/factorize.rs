@@ -1,8 +1,8 @@
 //! `effrank-engine factorize`: turn a dense teacher into a rank-r student
 //! and show what each layer lost.
 
-use super::common::{DataFlags, FactorFlags};
-use super::setup::{load_data_for, load_model, transform_for, HostModel};
+use super::common::{DataFlags, FactorFlags, ImportFlags};
+use super::setup::{load_data_for, load_model_with, transform_for, HostModel};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::data::{Dataset, Normalize};
@@ -44,9 +44,8 @@ pub struct FactorizeArgs {
     /// Seed of random factors and fresh tensors.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Attention heads of an imported checkpoint (default: width / 64).
-    #[arg(long)]
-    pub heads: Option<usize>,
+    #[command(flatten)]
+    pub import: ImportFlags,
     /// Where to write the student.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -57,7 +56,7 @@ pub struct FactorizeArgs {
 }
 
 pub fn run(args: FactorizeArgs) -> Result<()> {
-    let teacher = load_model(&args.teacher, args.heads, None)?;
+    let teacher = load_model_with(&args.teacher, &args.import.options())?;
     if is_lowrank(&teacher.ranks) {
         bail!(
             "{} is already a low-rank student; factorize a dense teacher",
@@ -108,6 +107,7 @@ pub fn run(args: FactorizeArgs) -> Result<()> {
     );
     // The student is not trained yet; it is meant for the teacher's data.
     meta.data = teacher.run.and_then(|r| r.data);
+    meta.import = teacher.import;
     save_checkpoint(&out, &teacher.cfg, &ranks, &student, &meta.metadata()?)?;
     println!("student written to {}", out.display());
     Ok(())

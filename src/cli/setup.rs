@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use effrank_engine::data::hf_parquet::ColumnChoice;
 use effrank_engine::data::{load_data, DataSource, Dataset, LoadOptions, Normalize};
 use effrank_engine::model::checkpoint::read_metadata;
-use effrank_engine::model::import::{load_any, ImportOptions};
+use effrank_engine::model::import::{load_any, ImportOptions, ImportRecord};
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::{dense_ranks, Ranks};
 use effrank_engine::model::{VitConfig, VitParams};
@@ -162,7 +162,8 @@ pub enum ModelSource {
     },
     Checkpoint {
         path: PathBuf,
-        heads: Option<usize>,
+        /// `--heads` and `--input-size` (its `new_classes` is the data's).
+        import: ImportOptions,
     },
 }
 
@@ -178,17 +179,21 @@ pub struct HostModel {
     /// The provenance the engine recorded in the file (None for other
     /// libraries' files and fresh models).
     pub run: Option<RunMeta>,
+    /// How it was imported (or resampled) now, else how the checkpoint it
+    /// was trained from was, as its run recorded; for the run metadata.
+    pub import: Option<ImportRecord>,
 }
 
-/// Load any checkpoint (engine, timm, torchvision, HF names).
-pub fn load_model(
-    path: &Path,
-    heads: Option<usize>,
-    new_classes: Option<usize>,
-) -> Result<HostModel> {
-    let opts = ImportOptions { heads, new_classes };
+/// Load any checkpoint (engine, timm, torchvision, HF names; a file or a
+/// hub folder) as `opts` say, announcing on stderr what was guessed.
+pub fn load_model_with(path: &Path, opts: &ImportOptions) -> Result<HostModel> {
     let ck =
-        load_any(path, &opts).with_context(|| format!("loading checkpoint {}", path.display()))?;
+        load_any(path, opts).with_context(|| format!("loading checkpoint {}", path.display()))?;
+    if let Some(record) = &ck.import {
+        for notice in record.notices(ck.cfg.width) {
+            eprintln!("{notice}");
+        }
+    }
     let run = RunMeta::from_metadata(&ck.metadata, path)?;
     // Files written before the engine recorded a `RunMeta` kept only a `normalize` key.
     let legacy = ck
@@ -205,6 +210,9 @@ pub fn load_model(
         .or(legacy)
         .or(ck.scheme.default_normalize());
     let resize = run.as_ref().and_then(|r| r.resize);
+    let import = ck
+        .import
+        .or_else(|| run.as_ref().and_then(|r| r.import.clone()));
     Ok(HostModel {
         cfg: ck.cfg,
         ranks: ck.ranks,
@@ -212,6 +220,7 @@ pub fn load_model(
         normalize,
         resize,
         run,
+        import,
     })
 }
 
@@ -237,14 +246,19 @@ pub fn load_teacher_or_init(source: &ModelSource, classes: usize) -> Result<Host
                 normalize: None,
                 resize: None,
                 run: None,
+                import: None,
             })
         }
-        ModelSource::Checkpoint { path, heads } => {
-            let probe = load_model(path, *heads, None)?;
+        ModelSource::Checkpoint { path, import } => {
+            let probe = load_model_with(path, import)?;
             if probe.cfg.classes == classes {
                 return Ok(probe);
             }
-            load_model(path, *heads, Some(classes))
+            let opts = ImportOptions {
+                new_classes: Some(classes),
+                ..import.clone()
+            };
+            load_model_with(path, &opts)
         }
     }
 }

@@ -3,13 +3,13 @@
 //! the built-in data; `--status` shows a (distributed) sweep's progress.
 
 use super::common::{
-    dispatch, Accumulate, ComputeFlags, DataFlags, FactorFlags, LossFlags, MemoryFlags, Schedule,
-    TrainFlags, WithBackend,
+    dispatch, Accumulate, ComputeFlags, DataFlags, FactorFlags, ImportFlags, LossFlags,
+    MemoryFlags, Schedule, TrainFlags, WithBackend,
 };
 use super::memory::{self, Planned};
 use super::recipe::{self, Recipe};
 use super::setup::{
-    load_data_for, load_model, load_teacher_or_init, model_input, transform_for,
+    load_data_for, load_model_with, load_teacher_or_init, model_input, transform_for,
     warn_if_other_data, ModelSource,
 };
 use anyhow::{bail, Context, Result};
@@ -135,9 +135,8 @@ pub struct SweepArgs {
     /// Recompute the teacher's logits for every rank instead of caching them.
     #[arg(long)]
     pub no_teacher_cache: bool,
-    /// Attention heads of an imported checkpoint (default: width / 64).
-    #[arg(long)]
-    pub heads: Option<usize>,
+    #[command(flatten)]
+    pub import: ImportFlags,
     #[command(flatten)]
     pub loss: LossFlags,
     #[command(flatten)]
@@ -205,7 +204,7 @@ impl WithBackend for SweepArgs {
         let given = self
             .teacher
             .as_ref()
-            .map(|p| load_model(p, self.heads, None))
+            .map(|p| load_model_with(p, &self.import.options()))
             .transpose()?;
         let choice = self.data.choose(
             given
@@ -219,7 +218,7 @@ impl WithBackend for SweepArgs {
             (Some(p), Some(t)) => (p.clone(), t),
             _ => {
                 let path = train_demo_teacher(be, compute, &out, &train, &test, &data, self.quiet)?;
-                let t = load_model(&path, self.heads, None)?;
+                let t = load_model_with(&path, &self.import.options())?;
                 (path, t)
             }
         };
@@ -249,6 +248,7 @@ impl WithBackend for SweepArgs {
             normalize,
             transform,
             data,
+            import: teacher.import.clone(),
         };
         let base = self.factor.plan(0)?;
         let mut groups_done = Vec::new();

@@ -13,6 +13,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::durable::atomic_write;
 use effrank_engine::memory::{ModelShape, Plan, Storage, TeacherPlan, TrainingRun};
+use effrank_engine::model::import::ImportOptions;
 use effrank_engine::model::params::param_count;
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
@@ -49,15 +50,20 @@ pub struct TrainArgs {
     /// file; ignored with --init, which takes the shape from the checkpoint.
     #[arg(long, default_value = "vit-demo")]
     pub model: String,
-    /// Start from this checkpoint (engine, timm, torchvision or HF names);
-    /// its head is replaced when the data has another number of classes.
+    /// Start from this checkpoint (engine, timm, torchvision or HF names; a
+    /// file or a hub folder with its config.json); its head is replaced
+    /// when the data has another number of classes.
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Attention heads: overrides the preset, or sets those of an imported
-    /// checkpoint (tensors cannot tell; default width / 64).
+    /// file that does not say them (a hub folder's config.json and
+    /// torchvision's five shapes do; else width / 64, announced on stderr
+    /// and recorded as guessed).
     #[arg(long)]
     pub heads: Option<usize>,
-    /// Override the preset's input size (pixels, square).
+    /// Input size (pixels, square): overrides the preset's, or runs the
+    /// --init checkpoint at this size, its position embedding resampled as
+    /// timm's resample_abs_pos_embed does (bicubic, antialiased; recorded).
     #[arg(long)]
     pub input_size: Option<usize>,
     /// Override the preset's patch size.
@@ -108,7 +114,11 @@ impl WithBackend for TrainArgs {
         let source = match &self.init {
             Some(path) => ModelSource::Checkpoint {
                 path: path.clone(),
-                heads: self.heads,
+                import: ImportOptions {
+                    heads: self.heads,
+                    new_classes: None,
+                    input_size: self.input_size,
+                },
             },
             None => ModelSource::Preset {
                 name: self.model.clone(),
@@ -173,7 +183,7 @@ impl WithBackend for TrainArgs {
             micro_batches,
             ..self.train.fit_options("teacher", self.quiet)
         };
-        let meta = RunMeta::teacher(
+        let mut meta = RunMeta::teacher(
             normalize,
             transform.resize,
             Training {
@@ -184,6 +194,7 @@ impl WithBackend for TrainArgs {
                 compute,
             },
         );
+        meta.import = teacher.import.clone();
         let files = RunFiles::new(&self.out);
         if let Some(resumed) = load_resumed_run(&files)? {
             warn_if_other_data(

@@ -34,7 +34,8 @@ use std::path::Path;
 pub const FORMAT: &str = "effrank-engine";
 
 /// Which library's tensor names a file uses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum NamingScheme {
     Engine,
     Timm,
@@ -63,6 +64,8 @@ pub struct Checkpoint {
     pub params: VitParams<Vec<f32>>,
     pub metadata: BTreeMap<String, String>,
     pub scheme: NamingScheme,
+    /// How an imported (or resampled) checkpoint was read.
+    pub import: Option<super::import::ImportRecord>,
 }
 
 /// True when q, k and v of block `i` are all dense (fused on disk).
@@ -365,6 +368,7 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
         params,
         metadata,
         scheme: NamingScheme::Engine,
+        import: None,
     })
 }
 

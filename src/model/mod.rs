@@ -3,10 +3,12 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod hub;
 pub mod import;
 pub mod init;
 pub mod params;
 pub mod pth;
+pub mod resample;
 
 pub use config::VitConfig;
 pub use params::{Linear, Ranks, VitParams};

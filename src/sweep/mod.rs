@@ -14,6 +14,7 @@ use crate::factorize::StudentPlan;
 use crate::memory::{
     human, Gate, Limits, ModelShape, Place, Plan, Storage, TeacherPlan, TrainingRun,
 };
+use crate::model::import::ImportRecord;
 use crate::model::params::{dense_ranks, param_count, validate_ranks, Ranks};
 use crate::model::{Vit, VitConfig, VitParams};
 use crate::ops::image::ImageTransform;
@@ -48,6 +49,8 @@ pub struct SweepInputs<'a> {
     pub transform: ImageTransform,
     /// How the data was named and loaded, and its fingerprints.
     pub data: DataRef,
+    /// How the teacher was imported or resampled (students record it).
+    pub import: Option<ImportRecord>,
 }
 
 /// Settings of a sweep. Serialized whole into every student's record
@@ -802,13 +805,15 @@ fn student_meta(inputs: &SweepInputs<'_>, job: &SweepOptions) -> RunMeta {
         optimizer: job.optimizer,
         compute: &job.compute,
     };
-    RunMeta::student(
+    let mut meta = RunMeta::student(
         inputs.normalize,
         inputs.transform.resize,
         inputs.teacher_file.clone(),
         Some(&job.plan),
         Some(training),
-    )
+    );
+    meta.import = inputs.import.clone();
+    meta
 }
 
 #[cfg(test)]
