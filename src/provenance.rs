@@ -60,8 +60,14 @@ impl FileRef {
 pub struct DataRef {
     /// The `--data` value: `demo`, a CIFAR folder or an image-folder root.
     pub source: String,
-    /// Side of the stored images of an image folder (`--image-size`).
+    /// Side of the stored images of an image folder (`--image-size`, else
+    /// the model's need: `cli::setup::DataFlags::choose`).
     pub image_size: usize,
+    /// Why `image_size` is what it is: "model input size", "--resize",
+    /// "--image-size" or "recorded by the run" (absent from files written
+    /// before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size_from: Option<String>,
     /// Training images of the demo data (`--demo-images`).
     pub demo_images: usize,
     pub train: String,
@@ -79,6 +85,7 @@ impl DataRef {
         DataRef {
             source: source.to_string(),
             image_size,
+            image_size_from: None,
             demo_images,
             train: train.fingerprint(),
             test: test.fingerprint(),
@@ -265,6 +272,7 @@ mod tests {
         DataRef {
             source: "demo".into(),
             image_size: 32,
+            image_size_from: None,
             demo_images: 4000,
             train: train.into(),
             test: "t".into(),

@@ -3,7 +3,9 @@
 use super::common::{
     dispatch, ComputeFlags, DataFlags, FactorFlags, LossFlags, TrainFlags, WithBackend,
 };
-use super::setup::{load_data_for, load_model, load_resumed_run, model_input, warn_if_other_data};
+use super::setup::{
+    load_data_for, load_model, load_resumed_run, model_input, warn_if_other_data, ModelInput,
+};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::durable::atomic_write;
@@ -81,9 +83,10 @@ impl WithBackend for DistillArgs {
                 self.teacher.display()
             );
         }
-        let choice = self
-            .data
-            .choose(teacher.run.as_ref().and_then(|r| r.data.as_ref()));
+        let choice = self.data.choose(
+            teacher.run.as_ref().and_then(|r| r.data.as_ref()),
+            ModelInput::of(&teacher, &self.data),
+        );
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
         self.train.fit_batch_to(train.len());
         warn_if_other_data(

@@ -2,7 +2,9 @@
 //! optionally dumping the logits.
 
 use super::common::{dispatch, ComputeFlags, DataFlags, WithBackend};
-use super::setup::{choose_normalize, load_data_for, load_model, model_input, warn_if_other_data};
+use super::setup::{
+    choose_normalize, load_data_for, load_model, model_input, warn_if_other_data, ModelInput,
+};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::data::Normalize;
@@ -66,9 +68,10 @@ impl WithBackend for EvalArgs {
     type Output = ();
     fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<()> {
         let m = load_model(&self.checkpoint, self.heads, None)?;
-        let choice = self
-            .data
-            .choose(m.run.as_ref().and_then(|r| r.data.as_ref()));
+        let choice = self.data.choose(
+            m.run.as_ref().and_then(|r| r.data.as_ref()),
+            ModelInput::of(&m, &self.data),
+        );
         let (_, test, data) = load_data_for(&choice, self.quiet)?;
         warn_if_other_data(
             m.run.as_ref(),

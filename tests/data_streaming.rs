@@ -1,0 +1,292 @@
+//! Image folders at the model's size, and image folders streamed.
+//!
+//! - A model of input size 64 evaluated on 64 px PNGs with no size flag sees
+//!   them at 64 px: its logits equal those of `--image-size 64`, and differ
+//!   from a stored 32 px copy (which warns). A run trained on them records 64.
+//! - A folder larger than `--data-memory` is streamed: an epoch trains to the
+//!   same weights and metrics, and evaluates to the same logits, bit for bit,
+//!   as with the folder in memory; the streamed split has the in-memory
+//!   split's fingerprint.
+
+use effrank_engine::data::{load_data, LoadOptions};
+use effrank_engine::model::checkpoint::{read_metadata, save_checkpoint};
+use effrank_engine::model::init::init_params;
+use effrank_engine::model::params::dense_ranks;
+use effrank_engine::model::VitConfig;
+use effrank_engine::provenance::RunMeta;
+use effrank_engine::rng::Rng;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_effrank-engine");
+
+fn run(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("the binary runs")
+}
+
+/// Run the engine; its stderr, after checking that it succeeded.
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "effrank-engine {args:?} failed:\n{}{err}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    err
+}
+
+/// `root/{train,test}/{a,b}/NN.png`: seeded noise of `side` px, `per_class`
+/// training and 2 test images per class.
+fn folder(root: &Path, side: u32, per_class: usize) {
+    let mut rng = Rng::from_keys(&[side as u64, per_class as u64]);
+    for (split, n) in [("train", per_class), ("test", 2)] {
+        for class in ["a", "b"] {
+            let dir = root.join(split).join(class);
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                let img = image::RgbImage::from_fn(side, side, |_, _| {
+                    image::Rgb([
+                        rng.below(256) as u8,
+                        rng.below(256) as u8,
+                        rng.below(256) as u8,
+                    ])
+                });
+                let format = if i % 3 == 2 {
+                    image::ImageFormat::Jpeg
+                } else {
+                    image::ImageFormat::Png
+                };
+                let ext = if format == image::ImageFormat::Png {
+                    "png"
+                } else {
+                    "jpg"
+                };
+                img.save_with_format(dir.join(format!("{i:02}.{ext}")), format)
+                    .unwrap();
+            }
+        }
+    }
+}
+
+/// The logits tensor of an `eval --dump-logits` file, as raw bytes.
+fn logits(path: &Path) -> Vec<u8> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor("logits").unwrap().data().to_vec()
+}
+
+fn eval_logits(checkpoint: &Path, data: &Path, extra: &[&str], dump: &Path) -> String {
+    let mut args = vec![
+        "eval",
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--dump-logits",
+        dump.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    ok(&args)
+}
+
+#[test]
+fn a_folder_is_stored_at_the_models_input_size_without_a_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    folder(&data, 64, 3);
+    // A 64 px model that records nothing (as another library's file).
+    let cfg = VitConfig {
+        image_size: 64,
+        patch: 16,
+        ..VitConfig::preset("vit-demo", 2).unwrap()
+    };
+    let ranks = dense_ranks(&cfg);
+    let checkpoint = dir.path().join("model64.safetensors");
+    save_checkpoint(
+        &checkpoint,
+        &cfg,
+        &ranks,
+        &init_params(&cfg, &ranks, 7),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    let dump = |name: &str| dir.path().join(name);
+    let err = eval_logits(&checkpoint, &data, &["--normalize", "half"], &dump("auto"));
+    assert!(!err.contains("warning: the images"), "{err}");
+    eval_logits(
+        &checkpoint,
+        &data,
+        &["--normalize", "half", "--image-size", "64"],
+        &dump("given"),
+    );
+    let err = eval_logits(
+        &checkpoint,
+        &data,
+        &["--normalize", "half", "--image-size", "32"],
+        &dump("small"),
+    );
+    assert!(
+        err.contains("warning: the images") && err.contains("32 px") && err.contains("64 px"),
+        "{err}"
+    );
+    assert_eq!(logits(&dump("auto")), logits(&dump("given")));
+    assert_ne!(logits(&dump("auto")), logits(&dump("small")));
+
+    // A run trained on the folder records the size and why.
+    let out = dir.path().join("run");
+    ok(&[
+        "train",
+        "--model",
+        "vit-demo",
+        "--input-size",
+        "64",
+        "--patch",
+        "16",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let model = out.join("model.safetensors");
+    let meta = RunMeta::from_metadata(&read_metadata(&model).unwrap(), &model)
+        .unwrap()
+        .unwrap();
+    let recorded = meta.data.unwrap();
+    assert_eq!(recorded.image_size, 64);
+    assert_eq!(
+        recorded.image_size_from.as_deref(),
+        Some("model input size")
+    );
+}
+
+/// `train` one epoch on `data` with `--data-memory gib` into `out`.
+fn train_epoch(data: &Path, out: &Path, gib: &str) -> String {
+    ok(&[
+        "train",
+        "--model",
+        "vit-demo",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--device",
+        "cpu",
+        "--data",
+        data.to_str().unwrap(),
+        "--data-memory",
+        gib,
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
+/// Every tensor of a safetensors file, by name.
+fn tensors(path: &Path) -> BTreeMap<String, Vec<u8>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().to_vec()))
+        .collect()
+}
+
+/// `metrics.jsonl` less the timing.
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("images_per_s");
+            v
+        })
+        .collect()
+}
+
+/// A budget (in GiB, 42949 bytes) that holds a few batches of 4 images of
+/// 16 px (768 bytes each) but not the 88 images.
+const TINY: &str = "0.00004";
+
+#[test]
+fn a_streamed_epoch_equals_the_in_memory_epoch_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    folder(&data, 16, 42);
+    let (memory, streamed) = (dir.path().join("memory"), dir.path().join("streamed"));
+    let said = train_epoch(&data, &memory, "1");
+    assert!(!said.contains("streamed"), "{said}");
+    let said = train_epoch(&data, &streamed, TINY);
+    assert!(said.contains("streamed"), "{said}");
+    let (a, b) = (
+        memory.join("model.safetensors"),
+        streamed.join("model.safetensors"),
+    );
+    assert_eq!(tensors(&a), tensors(&b));
+    assert_eq!(metrics(&memory), metrics(&streamed));
+    let data_of = |p: &PathBuf| {
+        RunMeta::from_metadata(&read_metadata(p).unwrap(), p)
+            .unwrap()
+            .unwrap()
+            .data
+            .unwrap()
+    };
+    assert_eq!(data_of(&a), data_of(&b));
+
+    let (x, y) = (dir.path().join("x"), dir.path().join("y"));
+    eval_logits(&a, &data, &["--data-memory", "1"], &x);
+    eval_logits(&a, &data, &["--data-memory", TINY], &y);
+    assert_eq!(logits(&x), logits(&y));
+}
+
+#[test]
+fn a_streamed_split_has_the_fingerprint_of_its_decoded_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    folder(dir.path(), 16, 12);
+    // An unreadable image, left out by skip_bad in both paths.
+    std::fs::write(dir.path().join("train/a/99.png"), b"not a png").unwrap();
+    let opts = |memory_budget| LoadOptions {
+        image_size: 12,
+        skip_bad: true,
+        memory_budget,
+        ..LoadOptions::default()
+    };
+    let spec = dir.path().to_str().unwrap();
+    let memory = load_data(spec, &opts(None)).unwrap();
+    let streamed = load_data(spec, &opts(Some(4096))).unwrap();
+    assert!(!memory.train.is_streamed());
+    assert!(streamed.train.is_streamed() && streamed.test.is_streamed());
+    assert_eq!(streamed.skipped.len(), 1);
+    assert_eq!(memory.train.labels, streamed.train.labels);
+    assert_eq!(memory.train.fingerprint(), streamed.train.fingerprint());
+    assert_eq!(memory.test.fingerprint(), streamed.test.fingerprint());
+    let pick = [5, 0, 17];
+    assert_eq!(
+        memory.train.subset(&pick).unwrap().fingerprint(),
+        streamed.train.subset(&pick).unwrap().fingerprint()
+    );
+    // Without skip_bad, the bad file is named.
+    let err = load_data(
+        spec,
+        &LoadOptions {
+            skip_bad: false,
+            ..opts(Some(4096))
+        },
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("99.png"), "{err:#}");
+}
