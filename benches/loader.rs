@@ -164,7 +164,7 @@ fn run() -> Result<()> {
         );
         println!(
             "{:<44} {:>12.0}",
-            format!("decode {name} 224 px, {threads} threads (x{threads})"),
+            format!("decode {name} 224 px, {threads} threads (1 thread x {threads})"),
             rate * threads as f64
         );
     }

@@ -251,6 +251,58 @@ fn a_streamed_epoch_equals_the_in_memory_epoch_bit_for_bit() {
     eval_logits(&a, &data, &["--data-memory", "1"], &x);
     eval_logits(&a, &data, &["--data-memory", TINY], &y);
     assert_eq!(logits(&x), logits(&y));
+
+    // A sweep distils through the teacher-logit cache, streamed or not.
+    let sweep = |out: &Path, gib: &str| {
+        ok(&[
+            "sweep",
+            "--teacher",
+            a.to_str().unwrap(),
+            "--ranks",
+            "4",
+            "--epochs",
+            "1",
+            "--batch",
+            "4",
+            "--device",
+            "cpu",
+            "--no-analyze",
+            "--data",
+            data.to_str().unwrap(),
+            "--data-memory",
+            gib,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    let (memory, streamed) = (
+        dir.path().join("sweep-memory"),
+        dir.path().join("sweep-streamed"),
+    );
+    sweep(&memory, "1");
+    assert!(sweep(&streamed, TINY).contains("streamed"));
+    let students = models_under(&memory);
+    assert!(!students.is_empty());
+    assert_eq!(students, models_under(&streamed));
+    assert!(std::fs::read_dir(memory.join("cache")).unwrap().count() > 0);
+}
+
+/// The tensors of every `model.safetensors` under `dir`, by relative path.
+fn models_under(dir: &Path) -> BTreeMap<PathBuf, BTreeMap<String, Vec<u8>>> {
+    let mut found = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.file_name().is_some_and(|n| n == "model.safetensors") {
+                let rel = path.strip_prefix(dir).unwrap().to_path_buf();
+                found.insert(rel, tensors(&path));
+            }
+        }
+    }
+    found
 }
 
 #[test]
