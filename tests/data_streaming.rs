@@ -342,3 +342,63 @@ fn a_streamed_split_has_the_fingerprint_of_its_decoded_copy() {
     .unwrap_err();
     assert!(format!("{err:#}").contains("99.png"), "{err:#}");
 }
+
+/// The data `checkpoint`'s run recorded.
+fn recorded_data(checkpoint: &Path) -> effrank_engine::provenance::DataRef {
+    RunMeta::from_metadata(&read_metadata(checkpoint).unwrap(), checkpoint)
+        .unwrap()
+        .unwrap()
+        .data
+        .unwrap()
+}
+
+#[test]
+fn resumed_runs_keep_the_size_they_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    folder(&data, 16, 4);
+    let (teacher, student) = (dir.path().join("teacher"), dir.path().join("student"));
+    let train = |epochs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train", "--model", "vit-demo", "--epochs", epochs, "--batch", "4", "--device", "cpu",
+        ];
+        args.extend(["--data", data.to_str().unwrap()]);
+        args.extend(["--out", teacher.to_str().unwrap()]);
+        args.extend(extra);
+        ok(&args)
+    };
+    // Below the model's 16 px: said out loud, and recorded.
+    let said = train("1", &["--image-size", "12"]);
+    assert!(
+        said.contains("warning: the images") && said.contains("12 px"),
+        "{said}"
+    );
+    let said = train("2", &[]);
+    assert!(!said.contains("other data"), "{said}");
+    let model = teacher.join("model.safetensors");
+    let recorded = recorded_data(&model);
+    assert_eq!(recorded.image_size, 12);
+    assert_eq!(
+        recorded.image_size_from.as_deref(),
+        Some("recorded by the run")
+    );
+
+    let distill = |epochs: &str, extra: &[&str]| {
+        let mut args = vec![
+            "distill", "--rank", "4", "--epochs", epochs, "--batch", "4", "--device", "cpu",
+        ];
+        args.extend(["--teacher", model.to_str().unwrap()]);
+        args.extend(["--data", data.to_str().unwrap()]);
+        args.extend(["--out", student.to_str().unwrap()]);
+        args.extend(extra);
+        ok(&args)
+    };
+    // The student's run is at 16 px; resumed, it stays there, not at the teacher's 12.
+    distill("1", &["--image-size", "16"]);
+    let said = distill("2", &[]);
+    assert!(!said.contains("run being resumed"), "{said}");
+    assert_eq!(
+        recorded_data(&student.join("model.safetensors")).image_size,
+        16
+    );
+}

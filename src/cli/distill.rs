@@ -83,8 +83,14 @@ impl WithBackend for DistillArgs {
                 self.teacher.display()
             );
         }
+        // A resumed run keeps the data it recorded; a new one the teacher's.
+        let files = RunFiles::new(&self.out);
+        let resumed = load_resumed_run(&files)?;
         let choice = self.data.choose(
-            teacher.run.as_ref().and_then(|r| r.data.as_ref()),
+            resumed
+                .as_ref()
+                .or(teacher.run.as_ref())
+                .and_then(|r| r.data.as_ref()),
             ModelInput::of(&teacher, &self.data),
         );
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
@@ -150,10 +156,9 @@ impl WithBackend for DistillArgs {
             plan.as_ref(),
             Some(training),
         );
-        let files = RunFiles::new(&self.out);
-        if let Some(resumed) = load_resumed_run(&files)? {
+        if let Some(resumed) = &resumed {
             warn_if_other_data(
-                Some(&resumed),
+                Some(resumed),
                 &data,
                 &format!("the run being resumed in {}", self.out.display()),
             );
