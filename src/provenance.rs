@@ -60,12 +60,13 @@ impl FileRef {
 pub struct DataRef {
     /// The `--data` value: `demo`, a CIFAR folder or an image-folder root.
     pub source: String,
-    /// Side of the stored images of an image folder (`--image-size`, else
-    /// the model's need: `cli::setup::DataFlags::choose`).
+    /// Side of the stored images (an image folder's: `--image-size`, else
+    /// the model's need, `cli::setup::DataFlags::choose`).
     pub image_size: usize,
     /// Why `image_size` is what it is: "model input size", "--resize",
-    /// "--image-size" or "recorded by the run" (absent from files written
-    /// before it was recorded).
+    /// "--image-size", "recorded by the run", or "stored by the source"
+    /// (demo, CIFAR: not resized at load). Absent from files written
+    /// before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_size_from: Option<String>,
     /// Training images of the demo data (`--demo-images`).

@@ -402,3 +402,34 @@ fn resumed_runs_keep_the_size_they_recorded() {
         16
     );
 }
+
+#[test]
+fn a_source_not_resized_at_load_records_its_own_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    ok(&[
+        "train",
+        "--model",
+        "vit-demo",
+        "--input-size",
+        "32",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--data",
+        "demo",
+        "--demo-images",
+        "40",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    // The demo is 16 px whatever the model's 32 px input.
+    let recorded = recorded_data(&out.join("model.safetensors"));
+    assert_eq!(recorded.image_size, 16);
+    assert_eq!(
+        recorded.image_size_from.as_deref(),
+        Some("stored by the source")
+    );
+}

@@ -54,6 +54,9 @@ pub struct DataChoice {
     pub image_size: usize,
     /// Where `image_size` came from, as the run records it.
     pub image_size_from: String,
+    /// Whether the source is resized to `image_size` at load (image
+    /// folders); other sources keep the size they store.
+    pub resized_at_load: bool,
     pub demo_images: usize,
     pub skip_bad: bool,
     /// Bytes the decoded images may take before they are streamed.
@@ -96,6 +99,7 @@ impl DataFlags {
         DataChoice {
             image_size,
             image_size_from,
+            resized_at_load,
             demo_images: self
                 .demo_images
                 .or(same.map(|r| r.demo_images))
@@ -147,14 +151,21 @@ pub fn load_data_for(choice: &DataChoice, quiet: bool) -> Result<(Dataset, Datas
             test.len()
         );
     }
+    // A source not resized at load records the size it stores, not a
+    // choice it ignored.
+    let (image_size, image_size_from) = if choice.resized_at_load {
+        (choice.image_size, choice.image_size_from.clone())
+    } else {
+        (train.height, "stored by the source".to_string())
+    };
     let mut data = DataRef::new(
         &choice.source,
-        choice.image_size,
+        image_size,
         choice.demo_images,
         &train,
         &test,
     );
-    data.image_size_from = Some(choice.image_size_from.clone());
+    data.image_size_from = Some(image_size_from);
     Ok((train, test, data))
 }
 
