@@ -365,7 +365,12 @@ pub fn streamed_pass(
                         q.next_start - 1
                     };
                     in_flight.add(plan.batch_bytes);
-                    let built = build_batch(pass, stream, chunks[b], &mut scratch);
+                    // A decoder that panics fails the pass with an error
+                    // instead of leaving the consumer waiting for batch b.
+                    let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        build_batch(pass, stream, chunks[b], &mut scratch)
+                    }))
+                    .unwrap_or_else(|_| Err(anyhow!("decoding batch {b} panicked")));
                     let Ok(mut q) = queue.lock() else { break };
                     q.ready.insert(b, built);
                     changed.notify_all();
@@ -597,5 +602,24 @@ mod tests {
         bad.stream.as_mut().unwrap().source = Arc::new(source);
         let err = for_each_batch(BatchPass { ds: &bad, ..pass }, |_, _, _| Ok(())).unwrap_err();
         assert!(err.to_string().contains("png 7"), "{err}");
+        // A source that panics ends the pass with an error, not a hang.
+        bad.stream.as_mut().unwrap().source = Arc::new(Panics);
+        let err = for_each_batch(BatchPass { ds: &bad, ..pass }, |_, _, _| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
+    }
+
+    #[derive(Debug)]
+    struct Panics;
+
+    impl EncodedImages for Panics {
+        fn len(&self) -> usize {
+            23
+        }
+        fn encoded(&self, i: usize) -> Result<Vec<u8>> {
+            panic!("image {i} cannot be read")
+        }
+        fn name(&self, i: usize) -> String {
+            format!("panic {i}")
+        }
     }
 }
