@@ -15,7 +15,10 @@
 //!
 //! Memory: at most `plan.depth` batches are decoded or waiting, plus the one
 //! the consumer holds, plus one decoded image per thread; [`InFlight`]
-//! counts those bytes and the test below holds its peak to the plan.
+//! counts those bytes and the test below holds its peak to the plan. The
+//! bound is per pass: passes that run at once (a sweep's students trained
+//! in parallel) each take up to their plan, which the queue's cap of two
+//! batches per thread keeps far below the budget for usual batch sizes.
 
 use super::augment::{apply, AugmentDraw};
 use super::{check_indices, Augment, Dataset};
