@@ -70,8 +70,15 @@ pub struct DataRef {
     /// The `--data` value: `demo`, a CIFAR folder (binary or python), a
     /// parquet folder or an image-folder root.
     pub source: String,
-    /// Side of the stored images of an image folder or parquet data (`--image-size`).
+    /// Side of the stored images (an image folder's or parquet data's:
+    /// `--image-size`, else the model's need, `cli::setup::DataFlags::choose`).
     pub image_size: usize,
+    /// Why `image_size` is what it is: "model input size", "--resize",
+    /// "--image-size", "recorded by the run", or "stored by the source"
+    /// (demo, CIFAR: not resized at load). Absent from files written
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_size_from: Option<String>,
     /// Training images of the demo data (`--demo-images`).
     pub demo_images: usize,
     /// The image and label columns of parquet data as `--image-column` and
@@ -95,6 +102,7 @@ impl DataRef {
         DataRef {
             source: source.to_string(),
             image_size,
+            image_size_from: None,
             demo_images,
             image_column: None,
             label_column: None,
@@ -290,6 +298,7 @@ mod tests {
         DataRef {
             source: "demo".into(),
             image_size: 32,
+            image_size_from: None,
             demo_images: 4000,
             image_column: None,
             label_column: None,

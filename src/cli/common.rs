@@ -220,10 +220,18 @@ pub struct DataFlags {
     /// Skip unreadable images in image folders (counted) instead of failing.
     #[arg(long)]
     pub skip_bad: bool,
-    /// Side of the stored images of an image folder or parquet data (resized once at load;
-    /// the model's input resize happens per batch) [default: 32].
-    #[arg(long)]
+    /// Side at which an image folder's or parquet data's images are decoded and stored
+    /// (resized once at load; the model's input resize happens per batch).
+    /// Default: the size the run recorded, else what the model needs (its
+    /// --resize, else its input size); a smaller size warns.
+    #[arg(long, value_name = "N")]
     pub image_size: Option<usize>,
+    /// Memory for decoded images, in GiB (fractions allowed): image folders
+    /// larger than this decoded are streamed, decoded per batch by threads
+    /// working ahead of the model, with the same results. Default: half the
+    /// memory available at start (MemAvailable), 4 GiB where unknown.
+    #[arg(long, value_name = "GIB", value_parser = positive_gib)]
+    pub data_memory: Option<f64>,
     /// Training images of the demo data (the test split gets a quarter as
     /// many) [default: 4000].
     #[arg(long)]
@@ -236,6 +244,13 @@ pub struct DataFlags {
     /// fine_label, else the only ClassLabel].
     #[arg(long, value_name = "NAME")]
     pub label_column: Option<String>,
+}
+
+fn positive_gib(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a positive number of GiB")),
+    }
 }
 
 /// How the learning rate moves after the warm-up.

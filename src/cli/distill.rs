@@ -6,7 +6,7 @@ use super::common::{
 };
 use super::memory::{self, Planned};
 use super::setup::{
-    load_data_for, load_model_with, load_resumed_run, model_input, warn_if_other_data,
+    load_data_for, load_model_with, load_resumed_run, model_input, warn_if_other_data, ModelInput,
 };
 use anyhow::{bail, Result};
 use clap::Args;
@@ -90,9 +90,16 @@ impl WithBackend for DistillArgs {
                 self.teacher.display()
             );
         }
-        let choice = self
-            .data
-            .choose(teacher.run.as_ref().and_then(|r| r.data.as_ref()));
+        // A resumed run keeps the data it recorded; a new one the teacher's.
+        let files = RunFiles::new(&self.out);
+        let resumed = load_resumed_run(&files)?;
+        let choice = self.data.choose(
+            resumed
+                .as_ref()
+                .or(teacher.run.as_ref())
+                .and_then(|r| r.data.as_ref()),
+            ModelInput::of(&teacher, &self.data),
+        );
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
         self.train.fit_batch_to(train.len());
         warn_if_other_data(
@@ -204,10 +211,9 @@ impl WithBackend for DistillArgs {
             Some(training),
         );
         meta.import = teacher.import.clone();
-        let files = RunFiles::new(&self.out);
-        if let Some(resumed) = load_resumed_run(&files)? {
+        if let Some(resumed) = &resumed {
             warn_if_other_data(
-                Some(&resumed),
+                Some(resumed),
                 &data,
                 &format!("the run being resumed in {}", self.out.display()),
             );

@@ -3,7 +3,7 @@
 
 use super::common::{dispatch, ComputeFlags, DataFlags, ImportFlags, WithBackend};
 use super::setup::{
-    choose_normalize, load_data_for, load_model_with, model_input, warn_if_other_data,
+    choose_normalize, load_data_for, load_model_with, model_input, warn_if_other_data, ModelInput,
 };
 use anyhow::{bail, Result};
 use clap::Args;
@@ -68,9 +68,10 @@ impl WithBackend for EvalArgs {
     type Output = ();
     fn run<B: Backend>(self, be: &B, compute: &ComputeRecord) -> Result<()> {
         let m = load_model_with(&self.checkpoint, &self.import.options())?;
-        let choice = self
-            .data
-            .choose(m.run.as_ref().and_then(|r| r.data.as_ref()));
+        let choice = self.data.choose(
+            m.run.as_ref().and_then(|r| r.data.as_ref()),
+            ModelInput::of(&m, &self.data),
+        );
         let (_, test, data) = load_data_for(&choice, self.quiet)?;
         warn_if_other_data(
             m.run.as_ref(),

@@ -2,7 +2,7 @@
 //! and show what each layer lost.
 
 use super::common::{DataFlags, FactorFlags, ImportFlags};
-use super::setup::{load_data_for, load_model_with, transform_for, HostModel};
+use super::setup::{load_data_for, load_model_with, transform_for, HostModel, ModelInput};
 use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::data::{Dataset, Normalize};
@@ -121,7 +121,11 @@ fn calibration_data(
     normalize: Normalize,
     resize: Option<usize>,
 ) -> Result<(Dataset, ImageTransform)> {
-    let choice = flags.choose(teacher.run.as_ref().and_then(|r| r.data.as_ref()));
+    let input = ModelInput {
+        side: teacher.cfg.image_size,
+        resize,
+    };
+    let choice = flags.choose(teacher.run.as_ref().and_then(|r| r.data.as_ref()), input);
     let (train, _, _) = load_data_for(&choice, true)?;
     let transform = transform_for(&teacher.cfg, &train, normalize, resize)?;
     Ok((train, transform))

@@ -9,9 +9,9 @@ use effrank_engine::device::Device;
 use effrank_engine::memory::{human, largest_batch, Limits, Place, Plan};
 use effrank_engine::train::FitSummary;
 
-/// Bytes of the stored images of a training and a test set.
+/// Bytes a training and a test set hold in memory (`Dataset::held_bytes`).
 pub fn data_bytes(train: &Dataset, test: &Dataset) -> u64 {
-    (train.images.len() + test.images.len()) as u64
+    train.held_bytes() + test.held_bytes()
 }
 
 /// ", peak memory 1.2 GiB" for a run's summary line (empty where the peak

@@ -10,7 +10,7 @@ use super::memory::{self, Planned};
 use super::recipe::{self, Recipe};
 use super::setup::{
     load_data_for, load_model_with, load_teacher_or_init, model_input, transform_for,
-    warn_if_other_data, ModelSource,
+    warn_if_other_data, ModelInput, ModelProbe, ModelSource,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -206,11 +206,16 @@ impl WithBackend for SweepArgs {
             .as_ref()
             .map(|p| load_model_with(p, &self.import.options()))
             .transpose()?;
+        let input = match &given {
+            Some(t) => ModelInput::of(t, &self.data),
+            None => ModelProbe::new(&demo_teacher_source())?.input(&self.data),
+        };
         let choice = self.data.choose(
             given
                 .as_ref()
                 .and_then(|t| t.run.as_ref())
                 .and_then(|r| r.data.as_ref()),
+            input,
         );
         let (train, test, data) = load_data_for(&choice, self.quiet)?;
         self.train.fit_batch_to(train.len());
@@ -485,6 +490,15 @@ fn repeated_group(groups: &[LayerSet]) -> Option<LayerSet> {
         .map(|(_, g)| *g)
 }
 
+/// The teacher a sweep without --teacher trains first.
+fn demo_teacher_source() -> ModelSource {
+    ModelSource::Preset {
+        name: "vit-demo".into(),
+        seed: 0,
+        shape: Default::default(),
+    }
+}
+
 /// Train (or resume) the demo teacher in `<out>/teacher`; returns its checkpoint.
 fn train_demo_teacher<B: Backend>(
     be: &B,
@@ -502,14 +516,7 @@ fn train_demo_teacher<B: Backend>(
         return Ok(files.model());
     }
     let seed = 0;
-    let teacher = load_teacher_or_init(
-        &ModelSource::Preset {
-            name: "vit-demo".into(),
-            seed,
-            shape: Default::default(),
-        },
-        train.classes,
-    )?;
+    let teacher = load_teacher_or_init(&demo_teacher_source(), train.classes)?;
     let normalize = Normalize::Half;
     let transform = transform_for(&teacher.cfg, train, normalize, None)?;
     let flags = TrainFlags {

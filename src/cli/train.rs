@@ -6,8 +6,8 @@ use super::common::{dispatch, ComputeFlags, DataFlags, MemoryFlags, TrainFlags, 
 use super::memory::{self, Planned};
 use super::recipe::{self, Recipe};
 use super::setup::{
-    load_data_for, load_resumed_run, load_teacher_or_init, model_input, warn_if_other_data,
-    ModelSource, ShapeOverrides,
+    load_data_for, load_resumed_run, model_input, warn_if_other_data, ModelProbe, ModelSource,
+    ShapeOverrides,
 };
 use anyhow::{bail, Result};
 use clap::Args;
@@ -108,9 +108,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
 impl WithBackend for TrainArgs {
     type Output = ();
     fn run<B: Backend>(mut self, be: &B, compute: &ComputeRecord) -> Result<()> {
-        let choice = self.data.choose(None);
-        let (train, test, data) = load_data_for(&choice, self.quiet)?;
-        self.train.fit_batch_to(train.len());
         let source = match &self.init {
             Some(path) => ModelSource::Checkpoint {
                 path: path.clone(),
@@ -126,7 +123,18 @@ impl WithBackend for TrainArgs {
                 shape: self.shape(),
             },
         };
-        let teacher = load_teacher_or_init(&source, train.classes)?;
+        // The model first: image folders are stored at the size it needs,
+        // or at the size the run being resumed recorded.
+        let probe = ModelProbe::new(&source)?;
+        let files = RunFiles::new(&self.out);
+        let resumed = load_resumed_run(&files)?;
+        let choice = self.data.choose(
+            resumed.as_ref().and_then(|r| r.data.as_ref()),
+            probe.input(&self.data),
+        );
+        let (train, test, data) = load_data_for(&choice, self.quiet)?;
+        self.train.fit_batch_to(train.len());
+        let teacher = probe.for_classes(train.classes)?;
         let (normalize, transform) = model_input(&self.data, &teacher, &train, &choice.source)?;
         let student = ModelShape {
             cfg: &teacher.cfg,
@@ -195,10 +203,9 @@ impl WithBackend for TrainArgs {
             },
         );
         meta.import = teacher.import.clone();
-        let files = RunFiles::new(&self.out);
-        if let Some(resumed) = load_resumed_run(&files)? {
+        if let Some(resumed) = &resumed {
             warn_if_other_data(
-                Some(&resumed),
+                Some(resumed),
                 &data,
                 &format!("the run being resumed in {}", self.out.display()),
             );

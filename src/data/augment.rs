@@ -88,23 +88,35 @@ pub fn augmented_batch(
     let n = ds.image_len();
     images.clear();
     images.resize(indices.len() * n, 0);
-    images
-        .par_chunks_mut(n)
-        .zip(indices.par_iter())
-        .for_each(|(out, &i)| {
-            if aug.is_none() {
-                out.copy_from_slice(ds.image(i));
-            } else {
-                let draw = AugmentDraw::new(aug, seed, epoch, i);
-                apply(
-                    ds.image(i),
-                    (ds.channels, ds.height, ds.width),
-                    aug.pad,
-                    draw,
-                    out,
-                );
-            }
-        });
+    let shape = (ds.channels, ds.height, ds.width);
+    match &ds.stream {
+        None => images
+            .par_chunks_mut(n)
+            .zip(indices.par_iter())
+            .for_each(|(out, &i)| {
+                if aug.is_none() {
+                    out.copy_from_slice(ds.image(i));
+                } else {
+                    let draw = AugmentDraw::new(aug, seed, epoch, i);
+                    apply(ds.image(i), shape, aug.pad, draw, out);
+                }
+            }),
+        // Decoded per image; the same bytes as the in-memory copy.
+        Some(stream) => images
+            .par_chunks_mut(n)
+            .zip(indices.par_iter())
+            .try_for_each(|(out, &i)| -> Result<()> {
+                if aug.is_none() {
+                    stream.decode(i, out)
+                } else {
+                    let mut decoded = vec![0u8; n];
+                    stream.decode(i, &mut decoded)?;
+                    let draw = AugmentDraw::new(aug, seed, epoch, i);
+                    apply(&decoded, shape, aug.pad, draw, out);
+                    Ok(())
+                }
+            })?,
+    }
     labels.clear();
     labels.extend(indices.iter().map(|&i| ds.labels[i]));
     Ok(())

@@ -2,13 +2,16 @@
 //! JPEG) inside. Class names, sorted, give the label ids; the test split uses
 //! the training split's mapping, so a test class missing from training is an
 //! error. Every image is decoded (in parallel, with rayon), converted to RGB
-//! and resized (bilinear) to one stored square size.
+//! and resized (bilinear) to one stored square size; a split that is to be
+//! streamed (`stream::Streamed`) keeps its file list instead, after one
+//! pass that decodes every image to check it and to fingerprint the split.
 
+use super::stream::{self, decode_in_order, EncodedImages, ImageFiles, Streamed};
 use super::Dataset;
 use anyhow::{bail, Context, Result};
-use image::imageops::FilterType;
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// File extensions read as images (compared case-insensitively); other files
 /// in a class folder are ignored.
@@ -41,40 +44,62 @@ pub fn class_names(dir: &Path) -> Result<Vec<String>> {
     Ok(names)
 }
 
+/// How a split's images are read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitOptions {
+    /// Side of the stored (or, streamed, decoded) square images.
+    pub size: usize,
+    /// Leave unreadable images out (listed in `skipped`) instead of failing.
+    pub skip_bad: bool,
+    /// Stream the split with this many bytes for batches in flight (None:
+    /// decode it whole into memory).
+    pub stream_budget: Option<u64>,
+    /// The training split (an empty class folder is an error there).
+    pub is_training_split: bool,
+}
+
 /// Read the split in `dir` with label ids from `classes` (sorted names), each
 /// image resized to `size` x `size` RGB. An unreadable image is an error
 /// naming it, or with `skip_bad` is left out and listed in `skipped`.
-pub fn load_split(
-    dir: &Path,
-    classes: &[String],
-    size: usize,
-    skip_bad: bool,
-    is_training_split: bool,
-) -> Result<FolderSplit> {
-    if size == 0 {
+pub fn load_split(dir: &Path, classes: &[String], opts: SplitOptions) -> Result<FolderSplit> {
+    if opts.size == 0 {
         bail!("image size for {} must be at least 1 pixel", dir.display());
     }
-    let files = list_images(dir, classes, is_training_split)?;
-    let n = 3 * size * size;
-    let mut images = vec![0u8; files.len() * n];
+    let files = list_images(dir, classes, opts.is_training_split)?;
+    let (paths, labels): (Vec<PathBuf>, Vec<u32>) = files.into_iter().unzip();
+    let source = ImageFiles { paths };
+    match opts.stream_budget {
+        None => load_decoded(dir, classes, source, labels, opts),
+        Some(budget) => load_streamed(dir, classes, source, labels, opts, budget),
+    }
+}
+
+fn load_decoded(
+    dir: &Path,
+    classes: &[String],
+    source: ImageFiles,
+    all_labels: Vec<u32>,
+    opts: SplitOptions,
+) -> Result<FolderSplit> {
+    let n = 3 * opts.size * opts.size;
+    let mut images = vec![0u8; source.len() * n];
     let results: Vec<Result<()>> = images
         .par_chunks_mut(n)
-        .zip(files.par_iter())
-        .map(|(out, (path, _))| decode_into(path, size, out))
+        .enumerate()
+        .map(|(i, out)| {
+            let bytes = source.encoded(i)?;
+            stream::decode_into(&bytes, &source.name(i), opts.size, out)
+        })
         .collect();
-    let mut labels = Vec::with_capacity(files.len());
+    let mut labels = Vec::with_capacity(all_labels.len());
     let mut skipped = Vec::new();
-    for (i, ((path, label), result)) in files.into_iter().zip(results).enumerate() {
+    for (i, (label, result)) in all_labels.into_iter().zip(results).enumerate() {
         match result {
             Ok(()) => {
                 images.copy_within(i * n..(i + 1) * n, labels.len() * n);
                 labels.push(label);
             }
-            Err(e) if skip_bad => skipped.push((path, describe(&e))),
-            Err(e) => bail!(
-                "{} (the skip-bad option leaves unreadable images out)",
-                describe(&e)
-            ),
+            Err(e) => skipped.push(skip_or_fail(&source, i, &e, opts.skip_bad)?),
         }
     }
     images.truncate(labels.len() * n);
@@ -86,9 +111,94 @@ pub fn load_split(
         labels,
         classes.len(),
         Some(classes.to_vec()),
-        (3, size, size),
+        (3, opts.size, opts.size),
     )?;
     Ok(FolderSplit { data, skipped })
+}
+
+/// The split as a streamed data set: one pass decodes every image (a
+/// budget's worth at a time) to find unreadable ones and to fingerprint the
+/// split as its decoded copy would be; a second pass only when images were
+/// left out (the fingerprint hashes the labels before the pixels).
+fn load_streamed(
+    dir: &Path,
+    classes: &[String],
+    source: ImageFiles,
+    all_labels: Vec<u32>,
+    opts: SplitOptions,
+    budget: u64,
+) -> Result<FolderSplit> {
+    let source: Arc<dyn EncodedImages> = Arc::new(source);
+    let chunk = stream::pass_chunk(budget, 3 * opts.size * opts.size);
+    let mut streamed = Streamed {
+        source: source.clone(),
+        items: (0..source.len()).collect(),
+        side: opts.size,
+        budget,
+        fingerprint: String::new(),
+    };
+    let whole = Dataset::streamed(
+        streamed.clone(),
+        all_labels.clone(),
+        classes.len(),
+        Some(classes.to_vec()),
+    )?;
+    let mut good = Vec::with_capacity(source.len());
+    let mut skipped = Vec::new();
+    let fingerprint = whole.fingerprint_with(|feed| {
+        decode_in_order(
+            source.as_ref(),
+            &streamed.items,
+            opts.size,
+            chunk,
+            |i, image| {
+                match image {
+                    Ok(pixels) => {
+                        feed(pixels);
+                        good.push(i);
+                    }
+                    Err(e) => skipped.push(skip_or_fail(source.as_ref(), i, &e, opts.skip_bad)?),
+                }
+                Ok(())
+            },
+        )
+    })?;
+    if good.is_empty() {
+        bail!("image folder {} has no readable images", dir.display());
+    }
+    let labels: Vec<u32> = good.iter().map(|&i| all_labels[i]).collect();
+    streamed.items = good;
+    streamed.fingerprint = fingerprint;
+    let mut data = Dataset::streamed(streamed, labels, classes.len(), Some(classes.to_vec()))?;
+    if !skipped.is_empty() {
+        let fingerprint = stream::fingerprint_streamed(&data)?;
+        if let Some(s) = data.stream.as_mut() {
+            s.fingerprint = fingerprint;
+        }
+    }
+    Ok(FolderSplit { data, skipped })
+}
+
+/// An unreadable image `i`: with `skip_bad` its path and the reason, else
+/// the error naming it.
+fn skip_or_fail(
+    source: &dyn EncodedImages,
+    i: usize,
+    e: &anyhow::Error,
+    skip_bad: bool,
+) -> Result<(PathBuf, String)> {
+    if !skip_bad {
+        bail!(
+            "{} (the skip-bad option leaves unreadable images out)",
+            describe(e)
+        );
+    }
+    Ok((PathBuf::from(source.name(i)), describe(e)))
+}
+
+/// Number of images in the split in `dir` (listing only, nothing decoded).
+pub fn count_images(dir: &Path, classes: &[String], is_training_split: bool) -> Result<usize> {
+    Ok(list_images(dir, classes, is_training_split)?.len())
 }
 
 /// An image error in one line: our context and the decoder's message (whose
@@ -157,39 +267,10 @@ fn has_image_extension(path: &Path) -> bool {
     ext.is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
 }
 
-/// Decode one image (format from its content), convert to RGB, resize to
-/// `size` x `size` with a bilinear filter, and write its `[3, size, size]`
-/// planes to `out`.
-pub fn decode_into(path: &Path, size: usize, out: &mut [u8]) -> Result<()> {
-    let img = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .with_context(|| format!("opening image {}", path.display()))?
-        .decode()
-        .with_context(|| format!("decoding image {}", path.display()))?
-        .into_rgb8();
-    let side = size as u32;
-    let img = if img.dimensions() == (side, side) {
-        img
-    } else {
-        image::imageops::resize(&img, side, side, FilterType::Triangle)
-    };
-    interleaved_to_planes(img.as_raw(), 3, out);
-    Ok(())
-}
-
-/// `[h*w, c]` interleaved pixels to `[c, h*w]` planes in `planes`.
-pub fn interleaved_to_planes(pixels: &[u8], channels: usize, planes: &mut [u8]) {
-    let hw = pixels.len() / channels;
-    for (i, px) in pixels.chunks_exact(channels).enumerate() {
-        for (c, &v) in px.iter().enumerate() {
-            planes[c * hw + i] = v;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::stream::interleaved_to_planes;
 
     #[test]
     fn interleaved_to_planes_splits_channels() {

@@ -12,23 +12,26 @@
 //! `fine_label`, else the only `ClassLabel`; either can be named instead
 //! (`ColumnChoice`). Every image is decoded with the `image` crate,
 //! converted to RGB and resized to the stored size exactly as an image
-//! folder's are (`folder`), in parallel.
+//! folder's are (`folder`), in parallel; or, when the decoded splits
+//! would exceed the data memory budget, streamed: the encoded images (the
+//! files' own bytes, usually far smaller than the pixels at the model's
+//! size) are held and decoded per batch (`stream`).
 //!
 //! The class count is the number of `ClassLabel` names; without names it
 //! is one more than the largest training label, and the summary says so.
 //! Read: uncompressed and snappy-compressed files (pyarrow's default, which
 //! `datasets` uses); another codec is an error naming it and the file.
 
-use super::folder::interleaved_to_planes;
+use super::stream::{self, decode_into, EncodedImages, Streamed};
 use super::Dataset;
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use image::imageops::FilterType;
 use parquet::basic::{Compression, Type as Physical};
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 use parquet::schema::types::{Type, TypePtr};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Names of an int column taken as the labels when no flag names one.
 pub const LABEL_NAMES: [&str; 3] = ["label", "labels", "fine_label"];
@@ -50,12 +53,14 @@ pub struct ParquetData {
 }
 
 /// Read the training files and the test files, each list in order, every
-/// image resized to `size` x `size`.
+/// image resized to `size` x `size`; streamed when both splits decoded
+/// would take more than `budget` bytes.
 pub fn load(
     train: &[PathBuf],
     test: &[PathBuf],
     choice: &ColumnChoice,
     size: usize,
+    budget: Option<u64>,
 ) -> Result<ParquetData> {
     ensure!(size > 0, "image size must be at least 1 pixel");
     let first = train
@@ -77,13 +82,27 @@ pub fn load(
             a.len()
         );
     }
+    let decoded = (train_rows.rows.len() + test_rows.rows.len()) as u64 * 3 * (size as u64).pow(2);
+    let stream_budget = budget.filter(|&b| decoded > b);
     let description = format!(
-        "image column '{}', label column '{}', {classes} classes ({counted})",
-        columns.image, columns.label
+        "image column '{}', label column '{}', {classes} classes ({counted}){}",
+        columns.image,
+        columns.label,
+        match stream_budget {
+            Some(_) => format!(
+                "; streamed: {} MiB decoded exceeds the data memory budget",
+                decoded >> 20
+            ),
+            None => String::new(),
+        }
     );
+    let split = |rows: Rows| match stream_budget {
+        Some(budget) => rows.stream(&columns, classes, size, budget),
+        None => rows.decode(&columns, classes, size),
+    };
     Ok(ParquetData {
-        train: train_rows.decode(&columns, classes, size)?,
-        test: test_rows.decode(&columns, classes, size)?,
+        train: split(train_rows)?,
+        test: split(test_rows)?,
         description,
     })
 }
@@ -282,8 +301,7 @@ impl Rows {
         )
     }
 
-    /// Check every label against `classes` and decode every image.
-    fn decode(self, columns: &Columns, classes: usize, size: usize) -> Result<Dataset> {
+    fn check_labels(&self, columns: &Columns, classes: usize) -> Result<()> {
         for r in &self.rows {
             ensure!(
                 r.label >= 0 && (r.label as u64) < classes as u64,
@@ -292,34 +310,100 @@ impl Rows {
                 r.label
             );
         }
+        Ok(())
+    }
+
+    /// Check every label against `classes` and decode every image.
+    fn decode(self, columns: &Columns, classes: usize, size: usize) -> Result<Dataset> {
+        self.check_labels(columns, classes)?;
         let n = 3 * size * size;
         let mut images = vec![0u8; self.rows.len() * n];
         images
             .par_chunks_mut(n)
             .zip(self.rows.par_iter())
             .try_for_each(|(out, r)| {
-                decode_into(&r.bytes, size, out).with_context(|| {
-                    format!("{}: not a readable image", self.at(r, &columns.image))
-                })
+                let at = self.at(r, &columns.image);
+                decode_into(&r.bytes, &at, size, out)
+                    .with_context(|| format!("{at}: not a readable image"))
             })?;
         let labels = self.rows.iter().map(|r| r.label as u32).collect();
         Dataset::new(images, labels, classes, self.names, (3, size, size))
     }
+
+    /// Check every label, keep the encoded images, and decode each once to
+    /// check it and to fingerprint the split as its decoded copy would be.
+    fn stream(
+        self,
+        columns: &Columns,
+        classes: usize,
+        size: usize,
+        budget: u64,
+    ) -> Result<Dataset> {
+        self.check_labels(columns, classes)?;
+        let labels: Vec<u32> = self.rows.iter().map(|r| r.label as u32).collect();
+        let mut encoded = EncodedRows {
+            bytes: Vec::with_capacity(self.rows.iter().map(|r| r.bytes.len()).sum()),
+            ends: Vec::with_capacity(self.rows.len()),
+            at: Vec::with_capacity(self.rows.len()),
+            files: self.files,
+            column: columns.image.clone(),
+        };
+        for r in self.rows {
+            encoded.bytes.extend_from_slice(&r.bytes);
+            encoded.ends.push(encoded.bytes.len());
+            encoded.at.push((r.file, r.row));
+        }
+        let source: Arc<dyn EncodedImages> = Arc::new(encoded);
+        let mut data = Dataset::streamed(
+            Streamed {
+                items: (0..source.len()).collect(),
+                source,
+                side: size,
+                budget,
+                fingerprint: String::new(),
+            },
+            labels,
+            classes,
+            self.names,
+        )?;
+        let fingerprint = stream::fingerprint_streamed(&data)?;
+        if let Some(s) = data.stream.as_mut() {
+            s.fingerprint = fingerprint;
+        }
+        Ok(data)
+    }
 }
 
-/// Decode one encoded image (format from its content) to RGB, resize it
-/// to `size` x `size` and write its planes to `out`: the steps of
-/// `folder::decode_into`, on bytes instead of a file.
-fn decode_into(bytes: &[u8], size: usize, out: &mut [u8]) -> Result<()> {
-    let img = image::load_from_memory(bytes)?.into_rgb8();
-    let side = size as u32;
-    let img = if img.dimensions() == (side, side) {
-        img
-    } else {
-        image::imageops::resize(&img, side, side, FilterType::Triangle)
-    };
-    interleaved_to_planes(img.as_raw(), 3, out);
-    Ok(())
+/// The encoded images of a streamed split, one after another in `bytes`
+/// (image `i` ends at `ends[i]`), each named by its file and row.
+#[derive(Debug)]
+struct EncodedRows {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
+    at: Vec<(usize, usize)>,
+    files: Vec<PathBuf>,
+    column: String,
+}
+
+impl EncodedImages for EncodedRows {
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+    fn encoded(&self, i: usize) -> Result<Vec<u8>> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Ok(self.bytes[start..self.ends[i]].to_vec())
+    }
+    fn name(&self, i: usize) -> String {
+        let (file, row) = self.at[i];
+        format!(
+            "{}: row {row} column '{}'",
+            self.files[file].display(),
+            self.column
+        )
+    }
+    fn held_bytes(&self) -> u64 {
+        (self.bytes.len() + 8 * self.ends.len() + 16 * self.at.len()) as u64
+    }
 }
 
 /// Every row of `files`: the image bytes and the label of `columns`.

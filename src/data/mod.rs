@@ -7,6 +7,8 @@
 //! - `cifar`: the CIFAR-10 and CIFAR-100 binary formats;
 //! - `folder`: image folders (one sub-folder per class, PNG/JPEG), decoded in
 //!   parallel and resized to one stored size;
+//! - `stream`: data larger than the memory budget, kept encoded and decoded
+//!   per batch by threads working ahead of the trainer (`for_each_batch`);
 //! - `demo`: the built-in synthetic data set, generated from a seed;
 //! - `augment`: seeded shuffling, random flip and padded random crop, and
 //!   batch assembly, all pure functions of (seed, epoch, index);
@@ -24,19 +26,27 @@ pub mod folder;
 pub mod hf_parquet;
 pub mod normalize;
 pub mod source;
+pub mod stream;
 
 pub use augment::{augmented_batch, epoch_order, Augment};
 pub use demo::DemoConfig;
 pub use normalize::Normalize;
 pub use source::{load_data, DataSource, LoadOptions, Loaded};
+pub use stream::{for_each_batch, BatchPass, EncodedImages, Streamed};
 
 use anyhow::{bail, Result};
 
-/// A labelled set of images, stored as raw bytes.
+/// A labelled set of images, stored as raw bytes, or streamed: kept encoded
+/// and decoded when a batch needs them (`stream`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dataset {
-    /// Pixels `[n, channels, height, width]`, row-major, one plane per channel.
+    /// Pixels `[n, channels, height, width]`, row-major, one plane per
+    /// channel; empty when the data set is streamed.
     pub images: Vec<u8>,
+    /// Where a streamed data set's images are decoded from (None: every
+    /// image is in `images`). Read images through `augmented_batch` or
+    /// `for_each_batch`, which handle both.
+    pub stream: Option<Streamed>,
     /// One label per image, each below `classes`.
     pub labels: Vec<u32>,
     /// Number of classes (the model's head size).
@@ -61,6 +71,7 @@ impl Dataset {
     ) -> Result<Self> {
         let ds = Dataset {
             images,
+            stream: None,
             labels,
             classes,
             class_names,
@@ -72,7 +83,31 @@ impl Dataset {
         Ok(ds)
     }
 
-    /// Check the invariants listed on [`Dataset::new`].
+    /// A streamed data set: image `i` is `stream`'s item `i`, of `3 x side x
+    /// side` once decoded, with label `labels[i]`.
+    pub fn streamed(
+        stream: Streamed,
+        labels: Vec<u32>,
+        classes: usize,
+        class_names: Option<Vec<String>>,
+    ) -> Result<Self> {
+        let side = stream.side;
+        let ds = Dataset {
+            images: Vec::new(),
+            stream: Some(stream),
+            labels,
+            classes,
+            class_names,
+            channels: 3,
+            height: side,
+            width: side,
+        };
+        ds.validate()?;
+        Ok(ds)
+    }
+
+    /// Check the invariants listed on [`Dataset::new`] (for a streamed set:
+    /// one item per label and no decoded bytes).
     pub fn validate(&self) -> Result<()> {
         if self.channels == 0 || self.height == 0 || self.width == 0 {
             bail!(
@@ -85,7 +120,25 @@ impl Dataset {
         if self.classes == 0 {
             bail!("data set has 0 classes");
         }
-        let expected = self.labels.len() * self.image_len();
+        let expected = match &self.stream {
+            None => self.labels.len() * self.image_len(),
+            Some(s) => {
+                if s.items.len() != self.labels.len() {
+                    bail!(
+                        "streamed data set has {} images for {} labels",
+                        s.items.len(),
+                        self.labels.len()
+                    );
+                }
+                if let Some(&i) = s.items.iter().find(|&&i| i >= s.source.len()) {
+                    bail!(
+                        "streamed data set names image {i} of a source of {}",
+                        s.source.len()
+                    );
+                }
+                0
+            }
+        };
         if self.images.len() != expected {
             bail!(
                 "data set holds {} image bytes, expected {} ({} labels x {}x{}x{})",
@@ -130,7 +183,29 @@ impl Dataset {
         self.channels * self.height * self.width
     }
 
-    /// The bytes of image `i`, `[channels, height, width]`.
+    /// Bytes this data set holds in memory: its decoded images, or, when
+    /// streamed, what its source keeps (a parquet split's encoded images;
+    /// nothing for files on disk).
+    pub fn held_bytes(&self) -> u64 {
+        self.images.len() as u64 + self.stream.as_ref().map_or(0, |s| s.source.held_bytes())
+    }
+
+    /// Whether the images are decoded per batch instead of held.
+    pub fn is_streamed(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// Bytes of every image decoded: `len() * image_len()`.
+    pub fn decoded_bytes(&self) -> u64 {
+        self.len() as u64 * self.image_len() as u64
+    }
+
+    /// The bytes of image `i`, `[channels, height, width]`, of a data set
+    /// held in memory (a streamed one holds none: `augmented_batch` and
+    /// `for_each_batch` read both kinds).
+    ///
+    /// # Panics
+    /// When `i` is out of range or the data set is streamed.
     pub fn image(&self, i: usize) -> &[u8] {
         let n = self.image_len();
         &self.images[i * n..(i + 1) * n]
@@ -138,8 +213,27 @@ impl Dataset {
 
     /// A content hash of the data set (shape, labels and every pixel):
     /// the first 16 bytes of a SHA-256, as hex. Two data sets with the same
-    /// fingerprint hold the same images in the same order.
+    /// fingerprint hold the same images in the same order. A streamed data
+    /// set has the fingerprint its decoded copy would have (computed when
+    /// it was loaded).
     pub fn fingerprint(&self) -> String {
+        match &self.stream {
+            Some(s) => s.fingerprint.clone(),
+            None => self
+                .fingerprint_with(|feed| {
+                    feed(&self.images);
+                    Ok(())
+                })
+                .expect("hashing bytes in memory cannot fail"),
+        }
+    }
+
+    /// The fingerprint of this data set's shape and labels with the pixels
+    /// that `feed` hands to its callback, every image in order.
+    pub(crate) fn fingerprint_with(
+        &self,
+        feed: impl FnOnce(&mut dyn FnMut(&[u8])) -> Result<()>,
+    ) -> Result<String> {
         use sha2::{Digest, Sha256};
         let mut h = Sha256::new();
         for v in [
@@ -154,11 +248,11 @@ impl Dataset {
         for l in &self.labels {
             h.update(l.to_le_bytes());
         }
-        h.update(&self.images);
-        h.finalize()[..16]
+        feed(&mut |bytes| h.update(bytes))?;
+        Ok(h.finalize()[..16]
             .iter()
             .map(|b| format!("{b:02x}"))
-            .collect()
+            .collect())
     }
 
     /// How many images each class has, indexed by label.
@@ -174,6 +268,17 @@ impl Dataset {
     /// run). An index past the end is an error.
     pub fn subset(&self, indices: &[usize]) -> Result<Dataset> {
         check_indices(self, indices)?;
+        if let Some(s) = &self.stream {
+            let mut sub = s.clone();
+            sub.items = indices.iter().map(|&i| s.items[i]).collect();
+            let labels = indices.iter().map(|&i| self.labels[i]).collect();
+            let mut ds = Dataset::streamed(sub, labels, self.classes, self.class_names.clone())?;
+            let fingerprint = stream::fingerprint_streamed(&ds)?;
+            if let Some(s) = ds.stream.as_mut() {
+                s.fingerprint = fingerprint;
+            }
+            return Ok(ds);
+        }
         let mut images = Vec::with_capacity(indices.len() * self.image_len());
         for &i in indices {
             images.extend_from_slice(self.image(i));
@@ -181,6 +286,7 @@ impl Dataset {
         let labels = indices.iter().map(|&i| self.labels[i]).collect();
         Ok(Dataset {
             images,
+            stream: None,
             labels,
             classes: self.classes,
             class_names: self.class_names.clone(),

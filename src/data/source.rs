@@ -74,6 +74,10 @@ pub struct LoadOptions {
     /// Leave unreadable images of an image folder out (and list them) instead
     /// of failing.
     pub skip_bad: bool,
+    /// Bytes the decoded images may take (`--data-memory`): image folders
+    /// and parquet data whose decoded splits together exceed it are
+    /// streamed, decoded per batch within it. None: always decode whole.
+    pub memory_budget: Option<u64>,
     pub demo: DemoConfig,
 }
 
@@ -83,6 +87,7 @@ impl Default for LoadOptions {
             image_size: 32,
             columns: ColumnChoice::default(),
             skip_bad: false,
+            memory_budget: None,
             demo: DemoConfig::default(),
         }
     }
@@ -154,6 +159,16 @@ impl DataSource {
         find_image_folders(root)
     }
 
+    /// Whether the images are resized at load to `LoadOptions::image_size`
+    /// (image folders, parquet), rather than kept at the size the source
+    /// stores.
+    pub fn resized_at_load(&self) -> bool {
+        matches!(
+            self,
+            DataSource::ImageFolder { .. } | DataSource::Parquet { .. }
+        )
+    }
+
     /// Read the training and test splits.
     pub fn load(&self, opts: &LoadOptions) -> Result<Loaded> {
         let is_parquet = matches!(self, DataSource::Parquet { .. });
@@ -205,7 +220,13 @@ impl DataSource {
                 })
             }
             DataSource::Parquet { train, test } => {
-                let data = hf_parquet::load(train, test, &opts.columns, opts.image_size)?;
+                let data = hf_parquet::load(
+                    train,
+                    test,
+                    &opts.columns,
+                    opts.image_size,
+                    opts.memory_budget,
+                )?;
                 let dir = test[0].parent().unwrap_or(Path::new("."));
                 let source = format!(
                     "Hugging Face parquet in {} ({} train / {} test files; {})",
@@ -228,12 +249,32 @@ impl DataSource {
 
 fn load_image_folders(train: &Path, test: &Path, opts: &LoadOptions) -> Result<Loaded> {
     let classes = folder::class_names(train)?;
-    let train_split = folder::load_split(train, &classes, opts.image_size, opts.skip_bad, true)?;
-    let test_split = folder::load_split(test, &classes, opts.image_size, opts.skip_bad, false)?;
+    let image_bytes = 3 * (opts.image_size as u64).pow(2);
+    let images =
+        folder::count_images(train, &classes, true)? + folder::count_images(test, &classes, false)?;
+    let stream_budget = opts
+        .memory_budget
+        .filter(|&budget| images as u64 * image_bytes > budget);
+    let split = |is_training_split| folder::SplitOptions {
+        size: opts.image_size,
+        skip_bad: opts.skip_bad,
+        stream_budget,
+        is_training_split,
+    };
+    let train_split = folder::load_split(train, &classes, split(true))?;
+    let test_split = folder::load_split(test, &classes, split(false))?;
     let mut skipped = train_split.skipped;
     skipped.extend(test_split.skipped);
     let root = train.parent().unwrap_or(Path::new("."));
-    let source = format!("image folders in {}", root.display());
+    let streamed = if stream_budget.is_some() {
+        format!(
+            " (streamed: {} MiB decoded exceeds the data memory budget)",
+            (images as u64 * image_bytes) >> 20
+        )
+    } else {
+        String::new()
+    };
+    let source = format!("image folders in {}{streamed}", root.display());
     Ok(Loaded {
         train: train_split.data,
         test: test_split.data,

@@ -95,7 +95,10 @@ pub fn calibrate(
         crate::options::ModelPaths::default_of(&Cpu),
     )
     .context("building the teacher for svd-act calibration")?;
-    let mut acts = model.new_acts(&Cpu, BATCH.min(n))?;
+    // Inference activations (two blocks' slots): each block's inputs are
+    // read as soon as it is done.
+    let mut acts = model.new_inference_acts(&Cpu, BATCH.min(n))?;
+    let max_rows = acts.max_batch * cfg.tokens();
     let mut sums: Vec<BTreeMap<Input, Vec<f64>>> = ranks
         .iter()
         .map(|b| {
@@ -110,12 +113,11 @@ pub fn calibrate(
     for chunk in indices.chunks(BATCH) {
         augmented_batch(train, chunk, &Augment::NONE, 0, 0, &mut bytes, &mut labels)?;
         image::from_bytes(&Cpu, &mut acts.images, &bytes, chunk.len(), transform)?;
-        model.forward(&Cpu, &mut acts, chunk.len())?;
         let rows = chunk.len() * cfg.tokens();
-        for (block, sum) in acts.blocks.iter().zip(&mut sums) {
-            for (input, total) in sum.iter_mut() {
+        model.forward_each_block(&Cpu, &mut acts, chunk.len(), &mut |l, block| {
+            for (input, total) in sums[l].iter_mut() {
                 let x = input.rows(block);
-                let dim = x.len() / (acts.max_batch * cfg.tokens());
+                let dim = x.len() / max_rows;
                 product.resize(dim * dim, 0.0);
                 // XᵀX of this batch's rows: [dim, rows] · [rows, dim].
                 matmul::matmul(
@@ -130,7 +132,8 @@ pub fn calibrate(
                     *t += *p as f64;
                 }
             }
-        }
+            Ok(())
+        })?;
     }
     let rows = n * cfg.tokens();
     for total in sums.iter_mut().flat_map(|b| b.values_mut()) {

@@ -2,8 +2,10 @@
 //!
 //! `pickle.dump` of a numpy array (numpy's `ndarray.__reduce__`) writes
 //!
-//!     numpy.core.multiarray._reconstruct(numpy.ndarray, (0,), b'b')   REDUCE
-//!     BUILD (1, shape, dtype, is_fortran, raw bytes)
+//! ```text
+//! numpy.core.multiarray._reconstruct(numpy.ndarray, (0,), b'b')   REDUCE
+//! BUILD (1, shape, dtype, is_fortran, raw bytes)
+//! ```
 //!
 //! with the dtype itself pickled as `numpy.dtype('u1', 0, 1)` REDUCE, then
 //! BUILD `(3, '|', None, None, None, -1, -1, 0)` (version, byte order,

@@ -124,6 +124,10 @@ fn block_and_next<T>(
     }
 }
 
+/// What `Vit::forward_each_block` calls with each block's index and
+/// activations.
+pub type EachBlock<'a, T> = dyn FnMut(usize, &BlockActs<T>) -> Result<()> + 'a;
+
 /// Where a block writes its output.
 pub(super) enum BlockOut<'a, T> {
     /// A buffer: the last block's `x_out`, or its class-token rows.
@@ -425,7 +429,22 @@ impl<B: Backend> Vit<B> {
     /// (`[batch, channels, size, size]`, normalized). Writes every activation
     /// and `acts.logits`.
     pub fn forward(&self, be: &B, acts: &mut VitActs<B>, batch: usize) -> Result<()> {
-        self.forward_to(be, acts, batch, Outputs::Everything)
+        self.forward_to(be, acts, batch, Outputs::Everything, None)
+    }
+
+    /// `forward`, calling `each(l, block l's activations)` as soon as block
+    /// `l` is done: with inference activations (`new_inference_acts`), the
+    /// one moment all of a block's are there (the slot is reused two blocks
+    /// later). For passes that read every block's activations, such as
+    /// svd-act calibration, without keeping every block's.
+    pub fn forward_each_block(
+        &self,
+        be: &B,
+        acts: &mut VitActs<B>,
+        batch: usize,
+        each: &mut EachBlock<'_, B::Buf>,
+    ) -> Result<()> {
+        self.forward_to(be, acts, batch, Outputs::Everything, Some(each))
     }
 
     /// `acts.logits` only, for inference: the same logits as `forward`, but
@@ -434,7 +453,7 @@ impl<B: Backend> Vit<B> {
     /// hold `batch` rows and `x_out` is not written. `backward` may follow
     /// (without feature gradients; module doc).
     pub fn forward_logits(&self, be: &B, acts: &mut VitActs<B>, batch: usize) -> Result<()> {
-        self.forward_to(be, acts, batch, Outputs::LogitsOnly)
+        self.forward_to(be, acts, batch, Outputs::LogitsOnly, None)
     }
 
     /// The forward a training loss needs: `forward_logits` when the loss
@@ -452,7 +471,7 @@ impl<B: Backend> Vit<B> {
         } else {
             Outputs::Everything
         };
-        self.forward_to(be, acts, batch, outputs)
+        self.forward_to(be, acts, batch, outputs, None)
     }
 
     fn forward_to(
@@ -461,6 +480,7 @@ impl<B: Backend> Vit<B> {
         acts: &mut VitActs<B>,
         batch: usize,
         outputs: Outputs,
+        mut each: Option<&mut EachBlock<'_, B::Buf>>,
     ) -> Result<()> {
         if batch == 0 || batch > acts.max_batch {
             bail!(
@@ -528,6 +548,9 @@ impl<B: Backend> Vit<B> {
                         None => BlockOut::Buf(&mut acts.x_out),
                     };
                     block.tail_forward(be, a, None, out, n)?;
+                    if let Some(each) = each.as_mut() {
+                        each(l, a)?;
+                    }
                 }
             }
         }

@@ -388,7 +388,7 @@ pub fn training_run<'a>(
             TeacherPlan::None
         },
         storage,
-        data_bytes: (inputs.train.images.len() + inputs.test.images.len()) as u64,
+        data_bytes: inputs.train.held_bytes() + inputs.test.held_bytes(),
         image_bytes: inputs.train.image_len() as u64,
         // The teacher as loaded, and a student's factorized start.
         loaded_params: (param_count(cfg, dense) + param_count(cfg, ranks)) as u64,

@@ -1,7 +1,8 @@
 //! The epoch loop shared by `train`, `distill` and every rank of `sweep`.
 //!
 //! Per epoch: a seeded order of the training set, augmented batches (seeded
-//! by (seed, epoch, index)), one `Trainer::step` per batch with the
+//! by (seed, epoch, index); a streamed data set's decoded ahead on a pool
+//! of threads, `data::for_each_batch`), one `Trainer::step` per batch with the
 //! scheduled learning rate, then top-1/top-5 on the test set. After every
 //! epoch the model and optimizer state go to disk atomically
 //! (`model.safetensors`, `state.safetensors`) and a JSON line to
@@ -12,7 +13,7 @@ use super::state::{load_train_state, save_train_state};
 use super::step::{count_correct, count_top_k, Batch, Frozen, TeacherSignal, Trainer};
 use super::teacher_cache::TeacherLogits;
 use super::{CosineSchedule, LossSpec};
-use crate::data::{augmented_batch, epoch_order, Augment, Dataset};
+use crate::data::{epoch_order, for_each_batch, Augment, BatchPass, Dataset};
 use crate::durable::{append_line, read_jsonl};
 use crate::model::checkpoint::save_checkpoint;
 use crate::ops::image::ImageTransform;
@@ -146,7 +147,8 @@ impl RunFiles {
 }
 
 /// Test-set top-1 and top-5 (fractions), from `logits_of(bytes, n)`
-/// applied to un-augmented batches of at most `batch` images.
+/// applied to un-augmented batches of at most `batch` images (a streamed
+/// test set is decoded ahead, as in training).
 pub fn evaluate(
     test: &Dataset,
     batch: usize,
@@ -154,14 +156,21 @@ pub fn evaluate(
     mut logits_of: impl FnMut(&[u8], usize) -> Result<Vec<f32>>,
 ) -> Result<(f64, f64)> {
     let (mut top1, mut top5) = (0usize, 0usize);
-    let (mut bytes, mut labels) = (Vec::new(), Vec::new());
     let indices: Vec<usize> = (0..test.len()).collect();
-    for chunk in indices.chunks(batch.max(1)) {
-        augmented_batch(test, chunk, &Augment::NONE, 0, 0, &mut bytes, &mut labels)?;
-        let logits = logits_of(&bytes, chunk.len())?;
-        top1 += count_correct(&logits, &labels, classes);
-        top5 += count_top_k(&logits, &labels, classes, 5.min(classes));
-    }
+    let pass = BatchPass {
+        ds: test,
+        order: &indices,
+        batch: batch.max(1),
+        aug: &Augment::NONE,
+        seed: 0,
+        epoch: 0,
+    };
+    for_each_batch(pass, |_, bytes, labels| {
+        let logits = logits_of(bytes, labels.len())?;
+        top1 += count_correct(&logits, labels, classes);
+        top5 += count_top_k(&logits, labels, classes, 5.min(classes));
+        Ok(())
+    })?;
     let n = test.len().max(1) as f64;
     Ok((top1 as f64 / n, top5 as f64 / n))
 }
@@ -266,7 +275,6 @@ pub fn fit<B: Backend>(
     let mut history = resumed_history(&files.metrics(), start_epoch)?;
 
     let started = Instant::now();
-    let (mut bytes, mut labels) = (Vec::new(), Vec::new());
     let classes = trainer.model.cfg.classes;
     for epoch in start_epoch..opts.epochs {
         let order = epoch_order(train.len(), opts.seed, epoch as u64);
@@ -293,7 +301,15 @@ pub fn fit<B: Backend>(
         let epoch_start = Instant::now();
         let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
         let mut lr = opts.lr;
-        for (b, chunk) in order.chunks(opts.batch).enumerate() {
+        let pass = BatchPass {
+            ds: train,
+            order: &order,
+            batch: opts.batch,
+            aug: &opts.augment,
+            seed: opts.seed,
+            epoch: epoch as u64,
+        };
+        for_each_batch(pass, |b, bytes, labels| {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 pb.abandon();
                 bail!(
@@ -303,21 +319,12 @@ pub fn fit<B: Backend>(
                     files.last_checkpoint()
                 );
             }
-            augmented_batch(
-                train,
-                chunk,
-                &opts.augment,
-                opts.seed,
-                epoch as u64,
-                &mut bytes,
-                &mut labels,
-            )?;
             let signal = match (&mut teacher, &epoch_logits) {
                 (Teacher::None, _) => TeacherSignal::None,
                 (Teacher::Live(t), _) => TeacherSignal::Live(t),
                 (Teacher::Cached(_), Some(all)) => {
                     let from = b * opts.batch * classes;
-                    TeacherSignal::Cached(&all[from..from + chunk.len() * classes])
+                    TeacherSignal::Cached(&all[from..from + labels.len() * classes])
                 }
                 (Teacher::Cached(_), None) => unreachable!("cached logits are computed above"),
             };
@@ -326,8 +333,8 @@ pub fn fit<B: Backend>(
                 .step(
                     be,
                     Batch {
-                        bytes: &bytes,
-                        labels: &labels,
+                        bytes,
+                        labels,
                         transform,
                     },
                     signal,
@@ -343,12 +350,13 @@ pub fn fit<B: Backend>(
                         files.last_checkpoint()
                     )
                 })?;
-            loss_sum += stats.loss as f64 * chunk.len() as f64;
+            loss_sum += stats.loss as f64 * labels.len() as f64;
             correct += stats.correct;
-            seen += chunk.len();
+            seen += labels.len();
             pb.set_message(format!("loss {:.4}", loss_sum / seen as f64));
             pb.inc(1);
-        }
+            Ok(())
+        })?;
         pb.finish_and_clear();
         let images_per_s = seen as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9);
         let last = epoch + 1 == opts.epochs;

@@ -10,7 +10,7 @@
 //! normalization; a file of the wrong length is ignored and recomputed.
 
 use super::step::Frozen;
-use crate::data::{augmented_batch, Augment, Dataset};
+use crate::data::{for_each_batch, Augment, BatchPass, Dataset};
 use crate::durable::atomic_write;
 use crate::ops::image::ImageTransform;
 use crate::ops::Backend;
@@ -155,22 +155,20 @@ impl<B: Backend> TeacherLogits<B> {
         }
         let started = std::time::Instant::now();
         let mut all = Vec::with_capacity(expected);
-        let (mut bytes, mut labels) = (Vec::new(), Vec::new());
-        for chunk in order.chunks(self.batch) {
-            augmented_batch(
-                train,
-                chunk,
-                &self.augment,
-                self.seed,
-                epoch,
-                &mut bytes,
-                &mut labels,
-            )?;
-            all.extend(
-                self.teacher
-                    .logits(be, &bytes, chunk.len(), &self.transform)?,
-            );
-        }
+        let pass = BatchPass {
+            ds: train,
+            order,
+            batch: self.batch,
+            aug: &self.augment,
+            seed: self.seed,
+            epoch,
+        };
+        let teacher = &mut self.teacher;
+        let transform = &self.transform;
+        for_each_batch(pass, |_, bytes, labels| {
+            all.extend(teacher.logits(be, bytes, labels.len(), transform)?);
+            Ok(())
+        })?;
         self.teacher_seconds += started.elapsed().as_secs_f64();
         self.epochs_computed += 1;
         if let Some(path) = self.file(epoch) {
