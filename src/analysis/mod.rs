@@ -25,6 +25,7 @@ pub mod pchip;
 pub mod plot;
 pub mod region;
 pub mod report;
+pub mod sensitivity;
 pub mod spectrum;
 pub mod suggest;
 

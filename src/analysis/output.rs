@@ -1,13 +1,15 @@
 //! The files an analysis writes into its output folder, each atomically:
 //! `analysis.json` and `summary.md` (report, or joint for several curves),
 //! `plot.png` (plot), and with weight spectra `spectrum.json` and
-//! `spectrum.png`. The report and the
+//! `spectrum.png`; a sensitivity pass's `analysis.json`, `summary.md`
+//! and `heatmap.png`. The report and the
 //! spectrum know their numbers and prose; the plot reads both; this file
 //! ties them to disk, so neither imports the other's writer.
 
 use super::joint::JointReport;
-use super::plot::{plot_curve, plot_joint, plot_spectrum};
+use super::plot::{plot_curve, plot_joint, plot_sensitivity, plot_spectrum};
 use super::report::AnalysisReport;
+use super::sensitivity::SensitivityReport;
 use super::spectrum::SpectrumReport;
 use crate::durable::atomic_write;
 use anyhow::{Context, Result};
@@ -53,6 +55,20 @@ pub fn write_spectrum(s: &SpectrumReport, out: &Path, plot: bool) -> Result<()> 
     )?;
     if plot {
         plot_spectrum(s, &out.join("spectrum.png")).context("drawing spectrum.png")?;
+    }
+    Ok(())
+}
+
+/// Write a sensitivity pass: analysis.json (the per-layer curves),
+/// summary.md and (when `plot`) heatmap.png into `out`.
+pub fn write_sensitivity(s: &SensitivityReport, out: &Path, plot: bool) -> Result<()> {
+    atomic_write(
+        &out.join("analysis.json"),
+        serde_json::to_string_pretty(s)?.as_bytes(),
+    )?;
+    atomic_write(&out.join("summary.md"), s.summary_md().as_bytes())?;
+    if plot {
+        plot_sensitivity(s, &out.join("heatmap.png")).context("drawing heatmap.png")?;
     }
     Ok(())
 }

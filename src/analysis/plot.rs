@@ -1,10 +1,12 @@
 //! PNG plots (plotters' bitmap backend, DejaVu Sans compiled in, so no
 //! system font libraries): the accuracy curve with its region and knee,
-//! several labelled curves together, and the weight spectra. Rank is drawn
+//! several labelled curves together, the weight spectra, and the
+//! per-layer sensitivity's heat map. Rank is drawn
 //! on a log axis (ranks span 1..768).
 
 use super::joint::JointReport;
 use super::report::AnalysisReport;
+use super::sensitivity::{LayerSensitivity, SensitivityReport};
 use super::spectrum::SpectrumReport;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
@@ -386,5 +388,95 @@ fn draw_spectrum(
         .border_style(BLACK)
         .label_font(("sans-serif", 15))
         .draw()?;
+    Ok(())
+}
+
+/// heatmap.png: each layer's own effective rank (the sensitivity pass's
+/// r at `hi` and at `lo` of the teacher's top-1), block by projection, the
+/// colour the rank's share of the layer's full rank on a log scale.
+pub fn plot_sensitivity(s: &SensitivityReport, path: &Path) -> Result<()> {
+    register();
+    let root = BitMapBackend::new(path, (1100, 150 + 60 * depth_of(s) as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    let panels = root.split_evenly((1, 2));
+    for (panel, (fraction, pick)) in panels.iter().zip([
+        (s.hi, (|l| l.rank_hi) as fn(&LayerSensitivity) -> usize),
+        (s.lo, |l| l.rank_lo),
+    ]) {
+        draw_heatmap(s, panel, fraction, pick)
+            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+fn depth_of(s: &SensitivityReport) -> usize {
+    s.layers.iter().map(|l| l.block + 1).max().unwrap_or(1)
+}
+
+fn draw_heatmap(
+    s: &SensitivityReport,
+    root: &DrawingArea<BitMapBackend, Shift>,
+    fraction: f64,
+    pick: fn(&LayerSensitivity) -> usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let depth = depth_of(s);
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!(
+                "own effective rank at {:.0}% of the teacher",
+                100.0 * fraction
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(35)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0.0..6.0, depth as f64..0.0)?;
+    let names = ["q", "k", "v", "proj", "fc1", "fc2"];
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(12)
+        .y_labels(2 * depth + 1)
+        .x_label_formatter(&|v: &f64| {
+            let i = (v - 0.5).round();
+            if (v - 0.5 - i).abs() < 1e-6 && (0.0..6.0).contains(&i) {
+                names[i as usize].to_string()
+            } else {
+                String::new()
+            }
+        })
+        .y_label_formatter(&|v: &f64| {
+            let i = (v - 0.5).round();
+            if (v - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
+                format!("block {i}")
+            } else {
+                String::new()
+            }
+        })
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    for l in &s.layers {
+        let Some(x) = names.iter().position(|n| *n == l.layer) else {
+            continue;
+        };
+        let (x, y) = (x as f64, l.block as f64);
+        let rank = pick(l);
+        let full = l.out.min(l.inp).max(2) as f64;
+        let share = ((rank as f64).log2() / full.log2()).clamp(0.0, 1.0);
+        let shade = (255.0 * (1.0 - share)) as u8;
+        let colour = RGBColor(shade, shade, 255);
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(x, y), (x + 1.0, y + 1.0)],
+            colour.filled(),
+        )))?;
+        let ink = if share > 0.6 { WHITE } else { BLACK };
+        chart.draw_series(std::iter::once(Text::new(
+            rank.to_string(),
+            (x + 0.4, y + 0.45),
+            ("sans-serif", 18).into_font().color(&ink),
+        )))?;
+    }
     Ok(())
 }

@@ -6,6 +6,7 @@ mod distill;
 mod eval;
 mod factorize;
 mod recipe;
+mod sensitivity;
 mod setup;
 mod sweep;
 mod train;
@@ -43,6 +44,7 @@ enum Command {
     Sweep(sweep::SweepArgs),
     Analyze(analyze::AnalyzeArgs),
     Eval(eval::EvalArgs),
+    Sensitivity(sensitivity::SensitivityArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -86,5 +88,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sweep(a) => sweep::run(a),
         Command::Analyze(a) => analyze::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Sensitivity(a) => sensitivity::run(a),
     }
 }

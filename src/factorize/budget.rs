@@ -137,6 +137,21 @@ pub struct Allocation {
     pub predicted_increase: f64,
 }
 
+/// What chose a budget student's ranks, as its file records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AllocationRecord {
+    /// The budget as given (a count or a compression factor).
+    pub budget: Budget,
+    /// The parameter count it allowed, and the student's.
+    pub budget_params: usize,
+    pub params: usize,
+    pub bounds: RankBounds,
+    /// The sensitivity pass's `analysis.json` the curves came from.
+    pub sensitivity: crate::provenance::FileRef,
+    /// Σ_l Δ_l(r_l), the additive prediction of the KD loss increase.
+    pub predicted_increase: f64,
+}
+
 /// A layer in the allocation: its step cost, bounds and convex curve.
 struct Slot {
     block: usize,
