@@ -140,13 +140,18 @@ impl WithBackend for DistillArgs {
             optimizer: self.train.optimizer(),
             compute,
         };
-        let meta = RunMeta::student(
+        let mut meta = RunMeta::student(
             normalize,
             transform.resize,
             FileRef::of(&self.teacher)?,
             plan.as_ref(),
             Some(training),
         );
+        // A budget student keeps the record of how its ranks were chosen.
+        meta.allocation = student_file
+            .as_ref()
+            .and_then(|s| s.run.as_ref())
+            .and_then(|r| r.allocation.clone());
         let files = RunFiles::new(&self.out);
         if let Some(resumed) = load_resumed_run(&files)? {
             warn_if_other_data(
