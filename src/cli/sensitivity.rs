@@ -93,7 +93,7 @@ pub fn run(args: SensitivityArgs) -> Result<()> {
     if args.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    if !(args.temperature > 0.0) {
+    if args.temperature.is_nan() || args.temperature <= 0.0 {
         bail!("--temperature must be positive, got {}", args.temperature);
     }
     if !(0.0 < args.lo && args.lo <= args.hi && args.hi <= 1.0) {
