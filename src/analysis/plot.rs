@@ -430,33 +430,25 @@ fn draw_heatmap(
             ("sans-serif", 20),
         )
         .margin(15)
-        .x_label_area_size(35)
-        .y_label_area_size(55)
-        .build_cartesian_2d(0.0..6.0, depth as f64..0.0)?;
+        .x_label_area_size(5)
+        .y_label_area_size(5)
+        .build_cartesian_2d(-1.2..6.0, depth as f64..-0.5)?;
     let names = ["q", "k", "v", "proj", "fc1", "fc2"];
-    chart
-        .configure_mesh()
-        .disable_mesh()
-        .x_labels(12)
-        .y_labels(2 * depth + 1)
-        .x_label_formatter(&|v: &f64| {
-            let i = (v - 0.5).round();
-            if (v - 0.5 - i).abs() < 1e-6 && (0.0..6.0).contains(&i) {
-                names[i as usize].to_string()
-            } else {
-                String::new()
-            }
-        })
-        .y_label_formatter(&|v: &f64| {
-            let i = (v - 0.5).round();
-            if (v - 0.5 - i).abs() < 1e-6 && i >= 0.0 {
-                format!("block {i}")
-            } else {
-                String::new()
-            }
-        })
-        .label_style(("sans-serif", 15))
-        .draw()?;
+    // Names drawn as text: the projections above the cells, the blocks left.
+    chart.draw_series((0..depth).map(|b| {
+        Text::new(
+            format!("block {b}"),
+            (-1.15, b as f64 + 0.4),
+            ("sans-serif", 16).into_font(),
+        )
+    }))?;
+    chart.draw_series(names.iter().enumerate().map(|(i, n)| {
+        Text::new(
+            n.to_string(),
+            (i as f64 + 0.4, -0.4),
+            ("sans-serif", 17).into_font(),
+        )
+    }))?;
     for l in &s.layers {
         let Some(x) = names.iter().position(|n| *n == l.layer) else {
             continue;
@@ -470,6 +462,10 @@ fn draw_heatmap(
         chart.draw_series(std::iter::once(Rectangle::new(
             [(x, y), (x + 1.0, y + 1.0)],
             colour.filled(),
+        )))?;
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(x, y), (x + 1.0, y + 1.0)],
+            BLACK.mix(0.3).stroke_width(1),
         )))?;
         let ink = if share > 0.6 { WHITE } else { BLACK };
         chart.draw_series(std::iter::once(Text::new(
