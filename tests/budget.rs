@@ -1,7 +1,9 @@
 //! End to end: the per-layer sensitivity pass on a micro teacher, and
 //! `factorize --budget` from its curves (and from hand-made uniform ones),
-//! its student read back by `eval` and trained by `distill`.
+//! its student read back by `eval` and trained by `distill`; a budget
+//! sweep (`sweep --budgets`) killed and resumed.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -288,4 +290,190 @@ fn factorize_budget_with_uniform_curves_gives_the_uniform_rank() {
         assert_eq!(printed_ranks(&text), vec![r; 12], "{text}");
         assert_eq!(printed_params(&text).to_string(), budget);
     }
+}
+
+/// A micro teacher's sensitivity curves, shared by the sweep test.
+fn sensitivity(dir: &Path) -> PathBuf {
+    let sens = dir.join("sens");
+    let t = teacher().to_str().unwrap();
+    let mut args = vec![
+        "sensitivity",
+        "--teacher",
+        t,
+        "--ranks",
+        "1,2,4,16",
+        "--images",
+        "96",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        sens.to_str().unwrap(),
+    ];
+    args.extend(DEMO);
+    ok(&args);
+    sens
+}
+
+/// One uniform rank and two budgets, two epochs each, one student at a
+/// time (so a fault's count names the same job every time).
+fn budget_sweep(out: &Path, sens: &Path, fault: Option<&str>) -> Output {
+    let mut c = Command::new(BIN);
+    c.args([
+        "sweep",
+        "--teacher",
+        teacher().to_str().unwrap(),
+        "--ranks",
+        "1,2",
+        "--budgets",
+        "5x,3x",
+        "--sensitivity",
+        sens.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--lr",
+        "2e-3",
+        "--parallel",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+    .args(DEMO);
+    match fault {
+        Some(f) => c.env("EFFRANK_FAULT", f),
+        None => c.env_remove("EFFRANK_FAULT"),
+    };
+    c.output().unwrap()
+}
+
+/// (rank, seed, budget) → (top-1 bits, top-5 bits, per-layer ranks,
+/// resumed-from epoch) of every student record, and the number of records.
+type Students =
+    std::collections::BTreeMap<(u64, u64, Option<u64>), (u64, u64, serde_json::Value, u64)>;
+
+fn students(out: &Path) -> (Students, usize) {
+    let text = std::fs::read_to_string(out.join("results.jsonl")).unwrap();
+    let (mut map, mut n) = (Students::new(), 0);
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["kind"] != "student" {
+            continue;
+        }
+        n += 1;
+        let budget = v["allocation"]["budget_params"].as_u64();
+        map.insert(
+            (
+                v["rank"].as_u64().unwrap(),
+                v["seed"].as_u64().unwrap(),
+                budget,
+            ),
+            (
+                v["top1"].as_f64().unwrap().to_bits(),
+                v["top5"].as_f64().unwrap().to_bits(),
+                v["ranks"].clone(),
+                v["resumed_from_epoch"].as_u64().unwrap(),
+            ),
+        );
+    }
+    (map, n)
+}
+
+#[test]
+fn a_budget_sweep_killed_twice_resumes_to_the_uninterrupted_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let sens = sensitivity(dir.path());
+    let whole = dir.path().join("whole");
+    let out = budget_sweep(&whole, &sens, None);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let (reference, n) = students(&whole);
+    assert_eq!(n, 4, "2 ranks and 2 budgets, one seed");
+    let dense: u64 = 72010;
+    for ((rank, _, budget), (_, _, ranks, resumed)) in &reference {
+        assert_eq!(*resumed, 0);
+        match budget {
+            None => assert!(ranks.is_null(), "a uniform record has no per-layer ranks"),
+            Some(b) => {
+                assert_eq!(*rank, 0);
+                assert!([dense / 5, dense / 3].contains(b), "budget {b}");
+                let blocks = ranks.as_array().expect("a budget record's per-layer ranks");
+                assert_eq!(blocks.len(), 2);
+                assert!(blocks.iter().all(|b| b.as_array().unwrap().len() == 6));
+            }
+        }
+    }
+    // The records' parameter counts respect the budgets; the folders are b<params>-s<seed>.
+    let records = std::fs::read_to_string(whole.join("results.jsonl")).unwrap();
+    for line in records.lines().filter(|l| l.contains("\"allocation\"")) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let b = v["allocation"]["budget_params"].as_u64().unwrap();
+        assert!(v["params"].as_u64().unwrap() <= b);
+        assert!(whole
+            .join(format!("runs/b{b}-s0/model.safetensors"))
+            .exists());
+    }
+    // The analysis compares both kinds by parameter count.
+    assert!(text.contains("allocated"), "{text}");
+    for f in ["budget.json", "budget.png", "analysis.json", "plot.png"] {
+        assert!(whole.join(f).exists(), "{f}");
+    }
+    let budget: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("budget.json")).unwrap()).unwrap();
+    assert_eq!(budget["uniform"]["points"].as_array().unwrap().len(), 2);
+    assert_eq!(budget["allocated"]["points"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        budget["allocated"]["crossings"].as_array().unwrap().len(),
+        2
+    );
+
+    // Killed after the records of the teacher and both uniform students,
+    // then in the first budget student, after its first epoch's state.
+    let killed = dir.path().join("killed");
+    for fault in ["results:after@3", "state:after@1"] {
+        let out = budget_sweep(&killed, &sens, Some(fault));
+        assert_eq!(
+            out.status.signal(),
+            Some(6),
+            "{fault}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = budget_sweep(&killed, &sens, None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (resumed, n) = students(&killed);
+    assert_eq!(n, 4, "no job recorded twice");
+    let strip = |s: &Students| -> Vec<_> {
+        s.iter()
+            .map(|(k, (a, b, r, _))| (*k, *a, *b, r.clone()))
+            .collect()
+    };
+    assert_eq!(strip(&resumed), strip(&reference));
+    assert!(
+        resumed
+            .iter()
+            .any(|((_, _, budget), v)| budget.is_some() && v.3 == 1),
+        "a budget student resumed after its first epoch: {resumed:?}"
+    );
+    // --status lists the finished budget jobs by their budget.
+    let status = ok(&[
+        "sweep",
+        "--status",
+        "--ranks",
+        "1,2",
+        "--out",
+        killed.to_str().unwrap(),
+    ]);
+    assert!(status.contains(&format!("b{}", dense / 5)), "{status}");
+    assert!(status.contains("4 finished"), "{status}");
 }

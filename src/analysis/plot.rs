@@ -1,9 +1,11 @@
 //! PNG plots (plotters' bitmap backend, DejaVu Sans compiled in, so no
 //! system font libraries): the accuracy curve with its region and knee,
 //! several labelled curves together, the weight spectra, and the
-//! per-layer sensitivity's heat map. Rank is drawn
+//! per-layer sensitivity's heat map, accuracy against parameters of
+//! uniform and budget students. Rank is drawn
 //! on a log axis (ranks span 1..768).
 
+use super::budget::{BudgetReport, SizeCurve};
 use super::joint::JointReport;
 use super::report::AnalysisReport;
 use super::sensitivity::{LayerSensitivity, SensitivityReport};
@@ -296,6 +298,143 @@ fn draw_joint(
         }
         if let Some(p) = m.knee.and_then(|k| at(k.rank)) {
             chart.draw_series(std::iter::once(TriangleMarker::new(p, 9, color.filled())))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    Ok(())
+}
+
+/// budget.png: mean top-1 against parameter count (log axis) of the
+/// uniform and the budget students (PCHIP line, means, every seed), the
+/// teacher and threshold lines, each curve's crossings as vertical lines.
+pub fn plot_budget(r: &BudgetReport, path: &Path) -> Result<()> {
+    register();
+    let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    draw_budget(r, &root).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+/// PCHIP through a curve's means at 200 parameter counts evenly spaced
+/// on the log axis (the points themselves with fewer than two).
+fn size_line(c: &SizeCurve) -> Vec<(f64, f64)> {
+    let x: Vec<f64> = c.points.iter().map(|p| p.params as f64).collect();
+    let y: Vec<f64> = c.points.iter().map(|p| p.mean).collect();
+    match super::pchip::Pchip::new(&x, &y) {
+        Ok(p) if x.len() >= 2 => {
+            let (a, b) = (x[0].ln(), x[x.len() - 1].ln());
+            (0..=200)
+                .map(|i| {
+                    let v = (a + (b - a) * i as f64 / 200.0)
+                        .exp()
+                        .clamp(x[0], x[x.len() - 1]);
+                    (v, p.value(v))
+                })
+                .collect()
+        }
+        _ => x.into_iter().zip(y).collect(),
+    }
+}
+
+fn draw_budget(
+    r: &BudgetReport,
+    root: &DrawingArea<BitMapBackend, Shift>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let curves = [(&r.uniform, BLUE), (&r.allocated, ORANGE)];
+    let all = || curves.iter().flat_map(|(c, _)| c.points.iter());
+    let (x0, x1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+        (a.min(p.params as f64), b.max(p.params as f64))
+    });
+    let (lo_y, hi_y) = all()
+        .flat_map(|p| p.seeds.iter().map(|s| s.1))
+        .fold((r.teacher_acc, r.teacher_acc), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    let pad = 0.05 * (hi_y - lo_y).max(1e-6);
+    let (xa, xb) = (x0 * 0.9, x1 * 1.1);
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!(
+                "Accuracy vs parameters: uniform rank and allocated ({})",
+                r.source
+            ),
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((xa..xb).log_scale(), (lo_y - pad)..(hi_y + pad))?;
+    chart
+        .configure_mesh()
+        .x_desc("student parameters (log axis)")
+        .y_desc("top-1 accuracy")
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.3}"))
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(
+            vec![(xa, r.teacher_acc), (xb, r.teacher_acc)],
+            BLACK.mix(0.5),
+        ))?
+        .label(format!(
+            "teacher {:.4} ({} parameters)",
+            r.teacher_acc, r.teacher_params
+        ))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
+    for c in &r.uniform.crossings {
+        chart.draw_series(DashedLineSeries::new(
+            vec![(xa, c.level), (xb, c.level)],
+            8,
+            5,
+            BLACK.mix(0.3).stroke_width(1),
+        ))?;
+    }
+    for (c, color) in curves {
+        let at = |k: usize| {
+            c.crossings[k]
+                .params
+                .map_or("not reached".into(), |p| format!("{p:.0}"))
+        };
+        chart
+            .draw_series(LineSeries::new(size_line(c), color.stroke_width(2)))?
+            .label(format!(
+                "{}: {:.0}% at {}, {:.0}% at {} parameters",
+                c.kind,
+                100.0 * c.crossings[0].fraction,
+                at(0),
+                100.0 * c.crossings[1].fraction,
+                at(1)
+            ))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        for p in &c.points {
+            chart.draw_series(
+                p.seeds
+                    .iter()
+                    .map(|&(_, a)| Circle::new((p.params as f64, a), 3, color.mix(0.4).filled())),
+            )?;
+        }
+        chart.draw_series(
+            c.points
+                .iter()
+                .map(|p| Circle::new((p.params as f64, p.mean), 5, color.filled())),
+        )?;
+        for x in c.crossings.iter().filter_map(|k| k.params) {
+            chart.draw_series(DashedLineSeries::new(
+                vec![(x, lo_y - pad), (x, hi_y + pad)],
+                6,
+                4,
+                color.mix(0.7).stroke_width(1),
+            ))?;
         }
     }
     chart

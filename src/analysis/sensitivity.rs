@@ -329,11 +329,7 @@ pub fn kd_loss(teacher: &[f32], student: &[f32], classes: usize, temperature: f3
 impl SensitivityReport {
     /// Read a sensitivity run's `analysis.json` (or the folder holding it).
     pub fn read(path: &Path) -> Result<SensitivityReport> {
-        let file = if path.is_dir() {
-            path.join("analysis.json")
-        } else {
-            path.to_path_buf()
-        };
+        let file = Self::file(path);
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("reading the sensitivity curves {}", file.display()))?;
         serde_json::from_str(&text).with_context(|| {
@@ -342,6 +338,15 @@ impl SensitivityReport {
                 file.display()
             )
         })
+    }
+
+    /// The `analysis.json` that `path` names (itself, or in the folder).
+    pub fn file(path: &Path) -> std::path::PathBuf {
+        if path.is_dir() {
+            path.join("analysis.json")
+        } else {
+            path.to_path_buf()
+        }
     }
 
     /// Each layer's loss increase against rank, for `factorize::budget`.

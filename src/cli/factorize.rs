@@ -8,7 +8,7 @@ use clap::Args;
 use effrank_engine::analysis::sensitivity::SensitivityReport;
 use effrank_engine::data::{Dataset, Normalize};
 use effrank_engine::factorize::budget::{
-    allocate, ranks_table, AllocationRecord, Budget, RankBounds,
+    allocate_from_sensitivity, ranks_table, AllocationRecord, Budget, BudgetStudent, RankBounds,
 };
 use effrank_engine::factorize::{
     make_student, CalibrationData, FactorInit, LayerReport, StudentPlan,
@@ -164,50 +164,26 @@ fn allocate_budget(
 ) -> Result<(Ranks, AllocationRecord)> {
     let report = SensitivityReport::read(path)?;
     let cfg = &teacher.cfg;
-    for l in &report.layers {
-        let lin = l.linear()?;
-        if l.block >= cfg.depth || lin.shape(cfg) != (l.out, l.inp) {
-            bail!("{}: layer blocks.{}.{} [{}, {}] was measured on another model than {} ({} blocks, its {} is {:?})", path.display(), l.block, lin.name(), l.out, l.inp, args.teacher.display(), cfg.depth, lin.name(), lin.shape(cfg));
-        }
-    }
     if report.init != plan.init {
         eprintln!(
             "note: the curves were measured with {:?} factors, the student's are {:?}",
             report.init, plan.init
         );
     }
-    let targets = plan.targets.ranks(cfg, 1)?;
-    let curves: Vec<_> = report
-        .loss_curves()?
-        .into_iter()
-        .filter(|c| targets[c.block][c.layer].is_some())
-        .collect();
     let bounds = RankBounds {
         floor: args.floor,
         ceiling: args.ceiling,
     };
-    let budget_params = budget.params(cfg);
-    let a = allocate(cfg, &curves, budget_params, bounds).with_context(|| {
-        format!("allocating ranks for --budget {budget} ({budget_params} parameters)")
-    })?;
-    let file = if path.is_dir() {
-        path.join("analysis.json")
-    } else {
-        path.to_path_buf()
-    };
+    let file = SensitivityReport::file(path);
+    let targets = plan.targets.ranks(cfg, 1)?;
+    let BudgetStudent { ranks, allocation } =
+        allocate_from_sensitivity(cfg, &report, &file, &targets, budget, bounds)
+            .with_context(|| format!("--budget {budget} from {}", args.teacher.display()))?;
     println!(
-        "budget {budget}: {budget_params} parameters allowed, {} used; predicted KD loss increase {:.4} (the sum of each layer's own)",
-        a.params, a.predicted_increase
+        "budget {budget}: {} parameters allowed, {} used; predicted KD loss increase {:.4} (the sum of each layer's own)",
+        allocation.budget_params, allocation.params, allocation.predicted_increase
     );
-    let record = AllocationRecord {
-        budget,
-        budget_params,
-        params: a.params,
-        bounds,
-        sensitivity: FileRef::of(&file)?,
-        predicted_increase: a.predicted_increase,
-    };
-    Ok((a.ranks, record))
+    Ok((ranks, allocation))
 }
 
 /// The training images svd-act calibrates on: the data the flags name,

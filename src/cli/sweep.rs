@@ -12,19 +12,26 @@ use super::setup::{
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use effrank_engine::analysis::sensitivity::SensitivityReport;
 use effrank_engine::analysis::{
-    analyze_folder, analyze_labelled, suggest_ranks, AnalysisOptions, Labelled,
+    analyze_budgets, analyze_folder, analyze_labelled, suggest_ranks, AnalysisOptions, Labelled,
 };
 use effrank_engine::data::{Dataset, Normalize};
 use effrank_engine::durable::atomic_write;
+use effrank_engine::factorize::budget::{
+    allocate_from_sensitivity, ranks_table, Budget, BudgetStudent, RankBounds,
+};
 use effrank_engine::factorize::{LayerSet, StudentPlan, Targets};
 use effrank_engine::model::params::{is_lowrank, max_rank};
 use effrank_engine::model::Vit;
+use effrank_engine::model::VitConfig;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
 use effrank_engine::sweep::jobs::{all_jobs, claim_state, finished, read_claim, Heartbeat, Shard};
-use effrank_engine::sweep::{run_sweep, Parallel, SweepInputs, SweepOptions, SweepSummary};
+use effrank_engine::sweep::{
+    run_sweep, sweep_jobs, Parallel, SweepInputs, SweepOptions, SweepSummary,
+};
 use effrank_engine::train::{fit, FitRun, LossSpec, RunFiles, Teacher, Trainer};
 use std::path::{Path, PathBuf};
 
@@ -79,6 +86,24 @@ pub struct SweepArgs {
     /// Ranks to train, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub ranks: Vec<usize>,
+    /// Budget students besides (or instead of) --ranks, comma-separated:
+    /// parameter counts or compression factors (N or Nx); each layer's
+    /// rank is allocated from --sensitivity's curves as `factorize
+    /// --budget` does, and each budget is trained once per seed
+    /// (runs/b<params>-s<seed>). `analyze` then draws both kinds of
+    /// student against their parameter count (budget.png).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "sensitivity",
+        conflicts_with = "groups",
+        value_name = "N|Nx"
+    )]
+    pub budgets: Vec<Budget>,
+    /// The sensitivity pass (its folder or analysis.json) --budgets
+    /// allocates from (`effrank-engine sensitivity`).
+    #[arg(long, value_name = "PATH")]
+    pub sensitivity: Option<PathBuf>,
     /// Seeds: each rank is trained once per seed.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seeds: Vec<u64>,
@@ -182,8 +207,8 @@ pub fn run(mut args: SweepArgs) -> Result<()> {
     if let Some(g) = repeated_group(&args.groups) {
         bail!("--groups lists {g} more than once");
     }
-    if args.ranks.is_empty() {
-        bail!("give the ranks to train, e.g. --ranks 2,4,8,16,32");
+    if args.ranks.is_empty() && args.budgets.is_empty() {
+        bail!("give the ranks to train, e.g. --ranks 2,4,8,16,32 (or --budgets)");
     }
     dispatch(&args.compute.clone(), args.quiet, args)
 }
@@ -282,6 +307,45 @@ impl WithBackend for SweepArgs {
 }
 
 impl SweepArgs {
+    /// The student of each of --budgets for the layers `plan` targets.
+    fn budget_students(&self, cfg: &VitConfig, plan: &StudentPlan) -> Result<Vec<BudgetStudent>> {
+        let Some(path) = &self.sensitivity else {
+            return Ok(Vec::new());
+        };
+        let report = SensitivityReport::read(path)?;
+        if report.init != plan.init && !self.budgets.is_empty() {
+            eprintln!(
+                "note: the curves were measured with {:?} factors, the students' are {:?}",
+                report.init, plan.init
+            );
+        }
+        let file = SensitivityReport::file(path);
+        let targets = plan.targets.ranks(cfg, 1)?;
+        self.budgets
+            .iter()
+            .map(|&budget| {
+                let s = allocate_from_sensitivity(
+                    cfg,
+                    &report,
+                    &file,
+                    &targets,
+                    budget,
+                    RankBounds::default(),
+                )
+                .with_context(|| format!("--budgets {budget}"))?;
+                if !self.quiet {
+                    eprint!(
+                        "budget {budget}: {} parameters allowed, {} used, ranks\n{}",
+                        s.allocation.budget_params,
+                        s.allocation.params,
+                        ranks_table(&s.ranks)
+                    );
+                }
+                Ok(s)
+            })
+            .collect()
+    }
+
     fn claim_heartbeat(&self) -> Heartbeat {
         Heartbeat {
             every_s: self.heartbeat,
@@ -323,6 +387,7 @@ impl SweepArgs {
             out: out.to_path_buf(),
             cache_dir: cache_dir.to_path_buf(),
             ranks: self.ranks.clone(),
+            budgets: self.budget_students(inputs.cfg, &plan)?,
             seeds: self.seeds.clone(),
             shard,
             plan,
@@ -350,18 +415,23 @@ impl SweepArgs {
         print_summary(&summary, out);
         let all_done = {
             let done = finished(out)?;
-            all_jobs(&opts.ranks, &opts.seeds)
-                .iter()
-                .all(|j| done.contains_key(j))
+            sweep_jobs(&opts).iter().all(|j| done.contains_key(j))
         };
         if !all_done {
             println!("other shards are still missing ranks; run `effrank-engine analyze --results {}` when they finish", out.display());
             return Ok(false);
         }
         if !self.no_analyze {
-            let report =
-                analyze_folder(out, &AnalysisOptions::default()).context("analyzing the sweep")?;
-            println!("{}", report.terminal_summary());
+            if !opts.ranks.is_empty() {
+                let report = analyze_folder(out, &AnalysisOptions::default())
+                    .context("analyzing the sweep")?;
+                println!("{}", report.terminal_summary());
+            }
+            if let Some(b) = analyze_budgets(out, out, &AnalysisOptions::default())
+                .context("comparing the budget students with the uniform ones")?
+            {
+                print!("{}", b.terminal_summary());
+            }
         }
         Ok(true)
     }
@@ -560,18 +630,29 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
     let done = finished(out)?;
     let mut ranks = ranks.to_vec();
     if ranks.is_empty() {
-        ranks = done.keys().map(|j| j.rank).collect();
+        ranks = done
+            .keys()
+            .filter(|j| j.budget.is_none())
+            .map(|j| j.rank)
+            .collect();
         ranks.dedup();
     }
-    let jobs = all_jobs(&ranks, seeds);
+    let mut jobs = all_jobs(&ranks, seeds);
+    // Budget jobs by the parameter count they were allocated: the finished ones.
+    jobs.extend(done.keys().filter(|j| j.budget.is_some()));
     let (mut n_done, mut n_running, mut n_abandoned, mut missing) = (0, 0, 0, Vec::new());
     println!("{:>6} {:>6}  {:<10} detail", "rank", "seed", "state");
     for job in &jobs {
+        // A budget job shows its budget: b<params>.
+        let rank = match job.budget {
+            Some(b) => format!("b{b}"),
+            None => job.rank.to_string(),
+        };
         if let Some(rec) = done.get(job) {
             n_done += 1;
             println!(
                 "{:>6} {:>6}  {:<10} top-1 {:.2}% on {}",
-                job.rank,
+                rank,
                 job.seed,
                 "finished",
                 100.0 * rec.top1,
@@ -588,7 +669,7 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
             }
             println!(
                 "{:>6} {:>6}  {:<10} on {} (pid {}), {} epochs done, last heartbeat {age} s ago (every {} s)",
-                job.rank,
+                rank,
                 job.seed,
                 state.name(),
                 claim.host,
@@ -598,7 +679,7 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
             );
         } else {
             missing.push(job.rank);
-            println!("{:>6} {:>6}  {:<10}", job.rank, job.seed, "missing");
+            println!("{:>6} {:>6}  {:<10}", rank, job.seed, "missing");
         }
     }
     missing.dedup();

@@ -152,6 +152,54 @@ pub struct AllocationRecord {
     pub predicted_increase: f64,
 }
 
+/// A student chosen for a budget: its per-layer ranks and how they were
+/// chosen (what `factorize --budget` writes and a budget sweep trains).
+#[derive(Clone, Debug, PartialEq)]
+pub struct BudgetStudent {
+    pub ranks: Ranks,
+    pub allocation: AllocationRecord,
+}
+
+/// The student of `budget` for a teacher of `cfg`: the sensitivity pass
+/// `report` (read from `file`, its `analysis.json`) gives each layer's
+/// curve, and only the layers `targets` factorizes (`Some` there) are
+/// allocated; the others stay dense.
+pub fn allocate_from_sensitivity(
+    cfg: &VitConfig,
+    report: &crate::analysis::sensitivity::SensitivityReport,
+    file: &std::path::Path,
+    targets: &Ranks,
+    budget: Budget,
+    bounds: RankBounds,
+) -> Result<BudgetStudent> {
+    for l in &report.layers {
+        let lin = l.linear()?;
+        if l.block >= cfg.depth || lin.shape(cfg) != (l.out, l.inp) {
+            bail!("{}: layer blocks.{}.{} [{}, {}] was measured on another model than this teacher ({} blocks, its {} is {:?})", file.display(), l.block, lin.name(), l.out, l.inp, cfg.depth, lin.name(), lin.shape(cfg));
+        }
+    }
+    let curves: Vec<_> = report
+        .loss_curves()?
+        .into_iter()
+        .filter(|c| targets[c.block][c.layer].is_some())
+        .collect();
+    let budget_params = budget.params(cfg);
+    let a = allocate(cfg, &curves, budget_params, bounds).with_context(|| {
+        format!("allocating ranks for budget {budget} ({budget_params} parameters)")
+    })?;
+    Ok(BudgetStudent {
+        ranks: a.ranks,
+        allocation: AllocationRecord {
+            budget,
+            budget_params,
+            params: a.params,
+            bounds,
+            sensitivity: crate::provenance::FileRef::of(file)?,
+            predicted_increase: a.predicted_increase,
+        },
+    })
+}
+
 /// A layer in the allocation: its step cost, bounds and convex curve.
 struct Slot {
     block: usize,
