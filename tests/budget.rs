@@ -445,6 +445,28 @@ fn a_budget_sweep_killed_twice_resumes_to_the_uninterrupted_records() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // --status names the budget jobs still to do (the killed one's claim is dead).
+    let status = ok(&[
+        "sweep",
+        "--status",
+        "--ranks",
+        "1,2",
+        "--budgets",
+        &format!("{},{}", dense / 5, dense / 3),
+        "--sensitivity",
+        sens.to_str().unwrap(),
+        "--out",
+        killed.to_str().unwrap(),
+    ]);
+    assert!(
+        status.contains(&format!(
+            "to run only what is missing: --budgets {},{}",
+            dense / 5,
+            dense / 3
+        )),
+        "{status}"
+    );
+    assert!(status.contains("2 finished"), "{status}");
     let out = budget_sweep(&killed, &sens, None);
     assert!(
         out.status.success(),

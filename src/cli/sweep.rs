@@ -28,7 +28,9 @@ use effrank_engine::model::VitConfig;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
-use effrank_engine::sweep::jobs::{all_jobs, claim_state, finished, read_claim, Heartbeat, Shard};
+use effrank_engine::sweep::jobs::{
+    all_jobs, budget_jobs, claim_state, finished, read_claim, Heartbeat, Shard,
+};
 use effrank_engine::sweep::{
     run_sweep, sweep_jobs, Parallel, SweepInputs, SweepOptions, SweepSummary,
 };
@@ -190,7 +192,7 @@ pub fn run(mut args: SweepArgs) -> Result<()> {
         return args
             .group_folders(&out)
             .iter()
-            .try_for_each(|(_, dir)| print_status(dir, &args.ranks, &args.seeds));
+            .try_for_each(|(_, dir)| print_status(dir, &args.ranks, &args.budgets, &args.seeds));
     }
     if args.demo {
         if args.ranks.is_empty() {
@@ -623,7 +625,7 @@ fn print_summary(s: &SweepSummary, out: &Path) {
 /// `--status`: finished, running (host, pid, epoch, last beat), dead or
 /// stale (with the claim's age; the next sweep takes these over) and
 /// missing jobs, by the same rule the sweep applies.
-fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
+fn print_status(out: &Path, ranks: &[usize], budgets: &[Budget], seeds: &[u64]) -> Result<()> {
     if !out.exists() {
         bail!("--out {} does not exist", out.display());
     }
@@ -638,8 +640,24 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
         ranks.dedup();
     }
     let mut jobs = all_jobs(&ranks, seeds);
-    // Budget jobs by the parameter count they were allocated: the finished ones.
-    jobs.extend(done.keys().filter(|j| j.budget.is_some()));
+    // Budget jobs: those of the budgets given as counts, and every finished
+    // one (a factor's count needs the teacher, which --status does not read).
+    let counts: Vec<usize> = budgets
+        .iter()
+        .filter_map(|b| match b {
+            Budget::Params(n) => Some(*n),
+            Budget::Compression(_) => None,
+        })
+        .collect();
+    jobs.extend(budget_jobs(&counts, seeds));
+    jobs.extend(
+        done.keys()
+            .filter(|j| j.budget.is_some() && !jobs.contains(j))
+            .collect::<Vec<_>>(),
+    );
+    if counts.len() < budgets.len() {
+        println!("(budgets given as a factor Nx are listed once finished; give their parameter counts to see them missing or running)");
+    }
     let (mut n_done, mut n_running, mut n_abandoned, mut missing) = (0, 0, 0, Vec::new());
     println!("{:>6} {:>6}  {:<10} detail", "rank", "seed", "state");
     for job in &jobs {
@@ -664,7 +682,7 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
                 effrank_engine::sweep::jobs::ClaimState::Live => n_running += 1,
                 _ => {
                     n_abandoned += 1;
-                    missing.push(job.rank);
+                    missing.push(*job);
                 }
             }
             println!(
@@ -678,21 +696,34 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
                 claim.heartbeat.every_s
             );
         } else {
-            missing.push(job.rank);
+            missing.push(*job);
             println!("{:>6} {:>6}  {:<10}", rank, job.seed, "missing");
         }
     }
-    missing.dedup();
     println!("{n_done} finished, {n_running} running, {n_abandoned} dead or stale (taken over by the next sweep), {} missing", jobs.len() - n_done - n_running - n_abandoned);
-    if !missing.is_empty() {
-        println!(
-            "to run only what is missing: --ranks {}",
-            missing
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+    let list = |values: Vec<usize>| {
+        let mut v = values;
+        v.dedup();
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let missing_ranks = list(
+        missing
+            .iter()
+            .filter(|j| j.budget.is_none())
+            .map(|j| j.rank)
+            .collect(),
+    );
+    let missing_budgets = list(missing.iter().filter_map(|j| j.budget).collect());
+    match (missing_ranks.is_empty(), missing_budgets.is_empty()) {
+        (true, true) => {}
+        (false, true) => println!("to run only what is missing: --ranks {missing_ranks}"),
+        (true, false) => println!("to run only what is missing: --budgets {missing_budgets}"),
+        (false, false) => println!(
+            "to run only what is missing: --ranks {missing_ranks} --budgets {missing_budgets}"
+        ),
     }
     Ok(())
 }
