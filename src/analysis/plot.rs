@@ -13,6 +13,7 @@ use super::spectrum::SpectrumReport;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle};
 use std::path::Path;
 use std::sync::Once;
@@ -352,8 +353,10 @@ fn draw_budget(
     let (x0, x1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
         (a.min(p.params as f64), b.max(p.params as f64))
     });
+    let levels = r.uniform.crossings.iter().map(|c| c.level);
     let (lo_y, hi_y) = all()
         .flat_map(|p| p.seeds.iter().map(|s| s.1))
+        .chain(levels)
         .fold((r.teacher_acc, r.teacher_acc), |(a, b), v| {
             (a.min(v), b.max(v))
         });
@@ -375,7 +378,7 @@ fn draw_budget(
         .configure_mesh()
         .x_desc("student parameters (log axis)")
         .y_desc("top-1 accuracy")
-        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_label_formatter(&|_| String::new())
         .y_label_formatter(&|v| format!("{v:.3}"))
         .label_style(("sans-serif", 15))
         .draw()?;
@@ -389,6 +392,18 @@ fn draw_budget(
             r.teacher_acc, r.teacher_params
         ))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
+    // The axis is labelled at the measured sizes only (a log axis inside
+    // one decade has no tick labels of its own, and decade ticks would
+    // collide with the sizes' labels).
+    let mut sizes: Vec<usize> = all().map(|p| p.params).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let below =
+        TextStyle::from(("sans-serif", 14).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+    for n in sizes {
+        let (px, py) = chart.backend_coord(&(n as f64, lo_y - pad));
+        root.draw(&Text::new(n.to_string(), (px, py + 6), below.clone()))?;
+    }
     for c in &r.uniform.crossings {
         chart.draw_series(DashedLineSeries::new(
             vec![(xa, c.level), (xb, c.level)],
@@ -398,10 +413,12 @@ fn draw_budget(
         ))?;
     }
     for (c, color) in curves {
-        let at = |k: usize| {
-            c.crossings[k]
-                .params
-                .map_or("not reached".into(), |p| format!("{p:.0}"))
+        // At the smallest size the crossing is an upper bound.
+        let smallest = c.points.first().map_or(0.0, |p| p.params as f64);
+        let at = |k: usize| match c.crossings[k].params {
+            None => "not reached".into(),
+            Some(p) if p <= smallest => format!("<= {p:.0}"),
+            Some(p) => format!("{p:.0}"),
         };
         chart
             .draw_series(LineSeries::new(size_line(c), color.stroke_width(2)))?
