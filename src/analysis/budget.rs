@@ -235,7 +235,10 @@ impl BudgetReport {
             self.teacher_params
         );
         for c in [&self.uniform, &self.allocated] {
+            // At the smallest size the crossing is an upper bound.
+            let smallest = c.points.first().map_or(0.0, |p| p.params as f64);
             let at = |x: &ParamCrossing| match x.params {
+                Some(p) if p <= smallest => format!("<= {p:.0}"),
                 Some(p) => format!("{p:.0}"),
                 None => "-".into(),
             };
