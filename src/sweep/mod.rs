@@ -619,8 +619,13 @@ fn train_job<B: Backend>(
     append_record(&shared.results_file, &Record::Student(record))?;
     claim.release();
     if !opts.quiet {
+        // Rank jobs keep their aligned column.
+        let name = match job.budget {
+            None => format!("rank {:>4} seed {}", job.rank, job.seed),
+            Some(_) => job.to_string(),
+        };
         eprintln!(
-            "{job}: {:.2}% top-1 ({:.1}% of the teacher), {:.1}x fewer parameters, {:.1} s",
+            "{name}: {:.2}% top-1 ({:.1}% of the teacher), {:.1}x fewer parameters, {:.1} s",
             100.0 * summary.test_top1,
             100.0 * summary.test_top1 / shared.teacher_top1.max(1e-12),
             shared.teacher_params as f64 / params as f64,
