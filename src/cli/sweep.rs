@@ -62,6 +62,13 @@ use std::path::{Path, PathBuf};
 ///
 ///     effrank-engine sweep --teacher t.safetensors --ranks 2,4,8,16 --groups attn,mlp --out runs/groups
 ///
+/// Uniform ranks against students whose per-layer ranks are allocated for
+/// a parameter budget (from `effrank-engine sensitivity`), compared by
+/// parameter count in budget.png:
+///
+///     effrank-engine sweep --teacher t.safetensors --ranks 2,4,8,16 --budgets 8x,4x \
+///         --sensitivity runs/sens --seeds 0,1,2 --out runs/budgets
+///
 /// The reference protocol's students (see the table at the end of --help):
 ///
 ///     effrank-engine sweep --recipe reference --teacher runs/b32-reference/model.safetensors \
