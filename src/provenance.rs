@@ -11,6 +11,7 @@
 //! data or another teacher.
 
 use crate::data::{Dataset, Normalize};
+use crate::factorize::budget::AllocationRecord;
 use crate::factorize::{FactorInit, FromTeacher, StudentPlan, Targets};
 use crate::options::ComputeRecord;
 use crate::train::{AdamWConfig, EpochMetrics, FitOptions, LossSpec};
@@ -158,6 +159,10 @@ pub struct RunMeta {
     /// What a factorized student took from its teacher besides the factors.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_teacher: Option<FromTeacher>,
+    /// How a budget student's per-layer ranks were chosen (`factorize
+    /// --budget`; None: one rank for every layer, or not a student).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<AllocationRecord>,
     /// The training settings (None for a checkpoint that was not trained).
     pub fit: Option<FitOptions>,
     pub optimizer: Option<AdamWConfig>,
@@ -202,6 +207,7 @@ impl RunMeta {
             factor_init: None,
             targets: None,
             from_teacher: None,
+            allocation: None,
             fit: Some(training.fit.clone()),
             optimizer: Some(training.optimizer),
             compute: Some(training.compute.clone()),
@@ -230,6 +236,7 @@ impl RunMeta {
             factor_init: plan.map(|p| p.init),
             targets: plan.map(|p| p.targets),
             from_teacher: plan.map(|p| p.from_teacher),
+            allocation: None,
             fit: training.map(|t| t.fit.clone()),
             optimizer: training.map(|t| t.optimizer),
             compute: training.map(|t| t.compute.clone()),

@@ -21,7 +21,7 @@ pub enum Record {
     Teacher(TeacherRecord),
 }
 
-/// A finished (rank, seed) job.
+/// A finished (rank, seed) or (budget, seed) job.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StudentRecord {
     pub rank: usize,
@@ -40,6 +40,20 @@ pub struct StudentRecord {
     /// The epoch an interrupted job resumed after (0: trained in one go).
     #[serde(default)]
     pub resumed_from_epoch: usize,
+    /// A budget student's: how its ranks were chosen (`sweep --budgets`;
+    /// its `rank` is then 0, its ranks are per layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocation: Option<Box<crate::factorize::budget::AllocationRecord>>,
+    /// A budget student's rank of every layer (None: a dense layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranks: Option<crate::model::params::Ranks>,
+}
+
+impl StudentRecord {
+    /// The parameter budget of a budget student (`sweep --budgets`).
+    pub fn budget(&self) -> Option<usize> {
+        self.allocation.as_ref().map(|a| a.budget_params)
+    }
 }
 
 /// The teacher's accuracy on the same test set.
@@ -106,6 +120,8 @@ mod tests {
             host: "h".into(),
             settings: serde_json::json!({}),
             resumed_from_epoch: 0,
+            allocation: None,
+            ranks: None,
         }
     }
 

@@ -273,6 +273,8 @@ fn student(rank: usize, seed: u64, top1: f64) -> Record {
         host: "test".into(),
         settings: Value::Null,
         resumed_from_epoch: 0,
+        allocation: None,
+        ranks: None,
     })
 }
 

@@ -92,6 +92,9 @@ fn from_records(records: Vec<Record>, path: &Path) -> Measurements {
     let mut seen = BTreeMap::new();
     for r in records {
         match r {
+            // Budget students have per-layer ranks, no point on the rank
+            // axis (`analysis::budget` reads them).
+            Record::Student(s) if s.allocation.is_some() => {}
             Record::Student(s) => {
                 seen.entry((s.rank, s.seed)).or_insert(Measurement {
                     rank: s.rank,

@@ -7,7 +7,8 @@
 //! crossings), `knee`, `suggest` (which ranks to train next), `input`
 //! (results folders, files, CSV), `spectrum` (singular values of a
 //! checkpoint's weights), `report` (the numbers, summary.md's prose, the
-//! terminal table), `joint` (several labelled curves together), `plot`
+//! terminal table), `joint` (several labelled curves together), `budget`
+//! (uniform against budget students by parameter count), `plot`
 //! (PNG), `output` (the files, on disk). This file holds the options and
 //! ties them together.
 //!
@@ -17,6 +18,7 @@
 //! params(r) = a + b r is fitted exactly from two measured ranks that carry
 //! parameter counts and checked against the others.
 
+pub mod budget;
 pub mod input;
 pub mod joint;
 pub mod knee;
@@ -25,6 +27,7 @@ pub mod pchip;
 pub mod plot;
 pub mod region;
 pub mod report;
+pub mod sensitivity;
 pub mod spectrum;
 pub mod suggest;
 
@@ -210,6 +213,24 @@ pub fn analyze_folder(dir: &Path, opts: &AnalysisOptions) -> Result<AnalysisRepo
     };
     output::write_report(&report, &out, opts.plot)?;
     Ok(report)
+}
+
+/// When `dir` (a results folder) holds budget students: compare them with
+/// its uniform-rank students by parameter count at `opts`' thresholds and
+/// write budget.json and budget.png into `out`.
+pub fn analyze_budgets(
+    dir: &Path,
+    out: &Path,
+    opts: &AnalysisOptions,
+) -> Result<Option<budget::BudgetReport>> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let Some(report) = budget::budget_report(dir, opts.lo, opts.hi)? else {
+        return Ok(None);
+    };
+    output::write_budget(&report, out, opts.plot)?;
+    Ok(Some(report))
 }
 
 /// Analyze several labelled results folders or files together and write

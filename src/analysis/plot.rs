@@ -1,14 +1,19 @@
 //! PNG plots (plotters' bitmap backend, DejaVu Sans compiled in, so no
 //! system font libraries): the accuracy curve with its region and knee,
-//! several labelled curves together, and the weight spectra. Rank is drawn
+//! several labelled curves together, the weight spectra, and the
+//! per-layer sensitivity's heat map, accuracy against parameters of
+//! uniform and budget students. Rank is drawn
 //! on a log axis (ranks span 1..768).
 
+use super::budget::{BudgetReport, SizeCurve};
 use super::joint::JointReport;
 use super::report::AnalysisReport;
+use super::sensitivity::{LayerSensitivity, SensitivityReport};
 use super::spectrum::SpectrumReport;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{register_font, FontStyle};
 use std::path::Path;
 use std::sync::Once;
@@ -306,6 +311,159 @@ fn draw_joint(
     Ok(())
 }
 
+/// budget.png: mean top-1 against parameter count (log axis) of the
+/// uniform and the budget students (PCHIP line, means, every seed), the
+/// teacher and threshold lines, each curve's crossings as vertical lines.
+pub fn plot_budget(r: &BudgetReport, path: &Path) -> Result<()> {
+    register();
+    let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    draw_budget(r, &root).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+/// PCHIP through a curve's means at 200 parameter counts evenly spaced
+/// on the log axis (the points themselves with fewer than two).
+fn size_line(c: &SizeCurve) -> Vec<(f64, f64)> {
+    let x: Vec<f64> = c.points.iter().map(|p| p.params as f64).collect();
+    let y: Vec<f64> = c.points.iter().map(|p| p.mean).collect();
+    match super::pchip::Pchip::new(&x, &y) {
+        Ok(p) if x.len() >= 2 => {
+            let (a, b) = (x[0].ln(), x[x.len() - 1].ln());
+            (0..=200)
+                .map(|i| {
+                    let v = (a + (b - a) * i as f64 / 200.0)
+                        .exp()
+                        .clamp(x[0], x[x.len() - 1]);
+                    (v, p.value(v))
+                })
+                .collect()
+        }
+        _ => x.into_iter().zip(y).collect(),
+    }
+}
+
+fn draw_budget(
+    r: &BudgetReport,
+    root: &DrawingArea<BitMapBackend, Shift>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let curves = [(&r.uniform, BLUE), (&r.allocated, ORANGE)];
+    let all = || curves.iter().flat_map(|(c, _)| c.points.iter());
+    let (x0, x1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+        (a.min(p.params as f64), b.max(p.params as f64))
+    });
+    let levels = r.uniform.crossings.iter().map(|c| c.level);
+    let (lo_y, hi_y) = all()
+        .flat_map(|p| p.seeds.iter().map(|s| s.1))
+        .chain(levels)
+        .fold((r.teacher_acc, r.teacher_acc), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    let pad = 0.05 * (hi_y - lo_y).max(1e-6);
+    let (xa, xb) = (x0 * 0.9, x1 * 1.1);
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!(
+                "Accuracy vs parameters: uniform rank and allocated ({})",
+                r.source
+            ),
+            ("sans-serif", 22),
+        )
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(70)
+        .build_cartesian_2d((xa..xb).log_scale(), (lo_y - pad)..(hi_y + pad))?;
+    chart
+        .configure_mesh()
+        .x_desc("student parameters (log axis)")
+        .y_desc("top-1 accuracy")
+        .x_label_formatter(&|_| String::new())
+        .y_label_formatter(&|v| format!("{v:.3}"))
+        .label_style(("sans-serif", 15))
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(
+            vec![(xa, r.teacher_acc), (xb, r.teacher_acc)],
+            BLACK.mix(0.5),
+        ))?
+        .label(format!(
+            "teacher {:.4} ({} parameters)",
+            r.teacher_acc, r.teacher_params
+        ))
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.mix(0.5)));
+    // The axis is labelled at the measured sizes only (a log axis inside
+    // one decade has no tick labels of its own, and decade ticks would
+    // collide with the sizes' labels).
+    let mut sizes: Vec<usize> = all().map(|p| p.params).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let below =
+        TextStyle::from(("sans-serif", 14).into_font()).pos(Pos::new(HPos::Center, VPos::Top));
+    for n in sizes {
+        let (px, py) = chart.backend_coord(&(n as f64, lo_y - pad));
+        root.draw(&Text::new(n.to_string(), (px, py + 6), below.clone()))?;
+    }
+    for c in &r.uniform.crossings {
+        chart.draw_series(DashedLineSeries::new(
+            vec![(xa, c.level), (xb, c.level)],
+            8,
+            5,
+            BLACK.mix(0.3).stroke_width(1),
+        ))?;
+    }
+    for (c, color) in curves {
+        // At the smallest size the crossing is an upper bound.
+        let smallest = c.points.first().map_or(0.0, |p| p.params as f64);
+        let at = |k: usize| match c.crossings[k].params {
+            None => "not reached".into(),
+            Some(p) if p <= smallest => format!("<= {p:.0}"),
+            Some(p) => format!("{p:.0}"),
+        };
+        chart
+            .draw_series(LineSeries::new(size_line(c), color.stroke_width(2)))?
+            .label(format!(
+                "{}: {:.0}% at {}, {:.0}% at {} parameters",
+                c.kind,
+                100.0 * c.crossings[0].fraction,
+                at(0),
+                100.0 * c.crossings[1].fraction,
+                at(1)
+            ))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+            });
+        for p in &c.points {
+            chart.draw_series(
+                p.seeds
+                    .iter()
+                    .map(|&(_, a)| Circle::new((p.params as f64, a), 3, color.mix(0.4).filled())),
+            )?;
+        }
+        chart.draw_series(
+            c.points
+                .iter()
+                .map(|p| Circle::new((p.params as f64, p.mean), 5, color.filled())),
+        )?;
+        for x in c.crossings.iter().filter_map(|k| k.params) {
+            chart.draw_series(DashedLineSeries::new(
+                vec![(x, lo_y - pad), (x, hi_y + pad)],
+                6,
+                4,
+                color.mix(0.7).stroke_width(1),
+            ))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    Ok(())
+}
+
 /// spectrum.png: normalized singular values (σ_i / σ_1) of every layer.
 pub fn plot_spectrum(s: &SpectrumReport, path: &Path) -> Result<()> {
     register();
@@ -386,5 +544,91 @@ fn draw_spectrum(
         .border_style(BLACK)
         .label_font(("sans-serif", 15))
         .draw()?;
+    Ok(())
+}
+
+/// heatmap.png: each layer's own effective rank (the sensitivity pass's
+/// r at `hi` and at `lo` of the teacher's top-1), block by projection, the
+/// colour the rank's share of the layer's full rank on a log scale.
+pub fn plot_sensitivity(s: &SensitivityReport, path: &Path) -> Result<()> {
+    register();
+    let root = BitMapBackend::new(path, (1100, 150 + 60 * depth_of(s) as u32)).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    let panels = root.split_evenly((1, 2));
+    for (panel, (fraction, pick)) in panels.iter().zip([
+        (s.hi, (|l| l.rank_hi) as fn(&LayerSensitivity) -> usize),
+        (s.lo, |l| l.rank_lo),
+    ]) {
+        draw_heatmap(s, panel, fraction, pick)
+            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    }
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+fn depth_of(s: &SensitivityReport) -> usize {
+    s.layers.iter().map(|l| l.block + 1).max().unwrap_or(1)
+}
+
+fn draw_heatmap(
+    s: &SensitivityReport,
+    root: &DrawingArea<BitMapBackend, Shift>,
+    fraction: f64,
+    pick: fn(&LayerSensitivity) -> usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let depth = depth_of(s);
+    let mut chart = ChartBuilder::on(root)
+        .caption(
+            format!(
+                "own effective rank at {:.0}% of the teacher",
+                100.0 * fraction
+            ),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(5)
+        .y_label_area_size(5)
+        .build_cartesian_2d(-1.2..6.0, depth as f64..-0.5)?;
+    let names = ["q", "k", "v", "proj", "fc1", "fc2"];
+    // Names drawn as text: the projections above the cells, the blocks left.
+    chart.draw_series((0..depth).map(|b| {
+        Text::new(
+            format!("block {b}"),
+            (-1.15, b as f64 + 0.4),
+            ("sans-serif", 16).into_font(),
+        )
+    }))?;
+    chart.draw_series(names.iter().enumerate().map(|(i, n)| {
+        Text::new(
+            n.to_string(),
+            (i as f64 + 0.4, -0.4),
+            ("sans-serif", 17).into_font(),
+        )
+    }))?;
+    for l in &s.layers {
+        let Some(x) = names.iter().position(|n| *n == l.layer) else {
+            continue;
+        };
+        let (x, y) = (x as f64, l.block as f64);
+        let rank = pick(l);
+        let full = l.out.min(l.inp).max(2) as f64;
+        let share = ((rank as f64).log2() / full.log2()).clamp(0.0, 1.0);
+        let shade = (255.0 * (1.0 - share)) as u8;
+        let colour = RGBColor(shade, shade, 255);
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(x, y), (x + 1.0, y + 1.0)],
+            colour.filled(),
+        )))?;
+        chart.draw_series(std::iter::once(Rectangle::new(
+            [(x, y), (x + 1.0, y + 1.0)],
+            BLACK.mix(0.3).stroke_width(1),
+        )))?;
+        let ink = if share > 0.6 { WHITE } else { BLACK };
+        chart.draw_series(std::iter::once(Text::new(
+            rank.to_string(),
+            (x + 0.4, y + 0.45),
+            ("sans-serif", 18).into_font().color(&ink),
+        )))?;
+    }
     Ok(())
 }

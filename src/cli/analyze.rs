@@ -8,8 +8,8 @@ use clap::Args;
 use effrank_engine::analysis::output::{write_report, write_spectrum};
 use effrank_engine::analysis::report::analyze;
 use effrank_engine::analysis::{
-    analyze_labelled, read_measurements, suggest_ranks, weight_spectra, AnalysisOptions, KneeAxis,
-    Labelled, Reference, SpectrumReport,
+    analyze_budgets, analyze_labelled, read_measurements, suggest_ranks, weight_spectra,
+    AnalysisOptions, KneeAxis, Labelled, Reference, SpectrumReport,
 };
 use effrank_engine::durable::create_folder;
 use std::path::{Path, PathBuf};
@@ -220,6 +220,14 @@ fn analyze_one(
         if opts.plot { ", plot.png" } else { "" },
         out.display()
     );
+    if let Some(b) = analyze_budgets(results, &out, opts)? {
+        print!("{}", b.terminal_summary());
+        println!(
+            "wrote budget.json{} to {}",
+            if opts.plot { ", budget.png" } else { "" },
+            out.display()
+        );
+    }
     if let Some(n) = args.suggest {
         let max_rank = args
             .max_rank

@@ -211,6 +211,11 @@ impl WithBackend for DistillArgs {
             Some(training),
         );
         meta.import = teacher.import.clone();
+        // A budget student keeps the record of how its ranks were chosen.
+        meta.allocation = student_file
+            .as_ref()
+            .and_then(|s| s.run.as_ref())
+            .and_then(|r| r.allocation.clone());
         if let Some(resumed) = &resumed {
             warn_if_other_data(
                 Some(resumed),

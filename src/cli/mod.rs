@@ -7,6 +7,7 @@ mod eval;
 mod factorize;
 mod memory;
 mod recipe;
+mod sensitivity;
 mod setup;
 mod sweep;
 mod train;
@@ -44,6 +45,7 @@ enum Command {
     Sweep(sweep::SweepArgs),
     Analyze(analyze::AnalyzeArgs),
     Eval(eval::EvalArgs),
+    Sensitivity(sensitivity::SensitivityArgs),
 }
 
 pub fn main() -> Result<()> {
@@ -87,5 +89,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Sweep(a) => sweep::run(a),
         Command::Analyze(a) => analyze::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Sensitivity(a) => sensitivity::run(a),
     }
 }

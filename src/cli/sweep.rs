@@ -14,21 +14,29 @@ use super::setup::{
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use effrank_engine::analysis::sensitivity::SensitivityReport;
 use effrank_engine::analysis::{
-    analyze_folder, analyze_labelled, suggest_ranks, AnalysisOptions, Labelled,
+    analyze_budgets, analyze_folder, analyze_labelled, suggest_ranks, AnalysisOptions, Labelled,
 };
 use effrank_engine::data::{Dataset, Normalize};
 use effrank_engine::durable::atomic_write;
+use effrank_engine::factorize::budget::{
+    allocate_from_sensitivity, ranks_table, Budget, BudgetStudent, RankBounds,
+};
 use effrank_engine::factorize::{LayerSet, StudentPlan, Targets};
 use effrank_engine::memory::{human, Plan, Storage};
-use effrank_engine::model::params::{dense_ranks, is_lowrank, max_rank};
+use effrank_engine::model::params::{dense_ranks, is_lowrank, max_rank, param_count};
 use effrank_engine::model::Vit;
+use effrank_engine::model::VitConfig;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;
 use effrank_engine::provenance::{DataRef, FileRef, RunMeta, Training};
-use effrank_engine::sweep::jobs::{all_jobs, claim_state, finished, read_claim, Heartbeat, Shard};
+use effrank_engine::sweep::jobs::{
+    all_jobs, budget_jobs, claim_state, finished, read_claim, Heartbeat, Shard,
+};
 use effrank_engine::sweep::{
-    run_sweep, students_at_once, training_run, Parallel, SweepInputs, SweepOptions, SweepSummary,
+    job_ranks, run_sweep, students_at_once, sweep_jobs, training_run, Parallel, SweepInputs,
+    SweepOptions, SweepSummary,
 };
 use effrank_engine::train::{fit, FitOptions, FitRun, LossSpec, RunFiles, Teacher, Trainer};
 use std::path::{Path, PathBuf};
@@ -58,6 +66,13 @@ use std::path::{Path, PathBuf};
 ///
 ///     effrank-engine sweep --teacher t.safetensors --ranks 2,4,8,16 --groups attn,mlp --out runs/groups
 ///
+/// Uniform ranks against students whose per-layer ranks are allocated for
+/// a parameter budget (from `effrank-engine sensitivity`), compared by
+/// parameter count in budget.png:
+///
+///     effrank-engine sweep --teacher t.safetensors --ranks 2,4,8,16 --budgets 8x,4x \
+///         --sensitivity runs/sens --seeds 0,1,2 --out runs/budgets
+///
 /// The reference protocol's students (see the table at the end of --help):
 ///
 ///     effrank-engine sweep --recipe reference --teacher runs/b32-reference/model.safetensors \
@@ -84,6 +99,24 @@ pub struct SweepArgs {
     /// Ranks to train, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub ranks: Vec<usize>,
+    /// Budget students besides (or instead of) --ranks, comma-separated:
+    /// parameter counts or compression factors (N or Nx); each layer's
+    /// rank is allocated from --sensitivity's curves as `factorize
+    /// --budget` does, and each budget is trained once per seed
+    /// (runs/b<params>-s<seed>). `analyze` then draws both kinds of
+    /// student against their parameter count (budget.png).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        requires = "sensitivity",
+        conflicts_with = "groups",
+        value_name = "N|Nx"
+    )]
+    pub budgets: Vec<Budget>,
+    /// The sensitivity pass (its folder or analysis.json) --budgets
+    /// allocates from (`effrank-engine sensitivity`).
+    #[arg(long, value_name = "PATH")]
+    pub sensitivity: Option<PathBuf>,
     /// Seeds: each rank is trained once per seed.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seeds: Vec<u64>,
@@ -171,7 +204,7 @@ pub fn run(mut args: SweepArgs) -> Result<()> {
         return args
             .group_folders(&out)
             .iter()
-            .try_for_each(|(_, dir)| print_status(dir, &args.ranks, &args.seeds));
+            .try_for_each(|(_, dir)| print_status(dir, &args.ranks, &args.budgets, &args.seeds));
     }
     if args.demo {
         if args.ranks.is_empty() {
@@ -188,8 +221,8 @@ pub fn run(mut args: SweepArgs) -> Result<()> {
     if let Some(g) = repeated_group(&args.groups) {
         bail!("--groups lists {g} more than once");
     }
-    if args.ranks.is_empty() {
-        bail!("give the ranks to train, e.g. --ranks 2,4,8,16,32");
+    if args.ranks.is_empty() && args.budgets.is_empty() {
+        bail!("give the ranks to train, e.g. --ranks 2,4,8,16,32 (or --budgets)");
     }
     dispatch(&args.compute.clone(), args.quiet, args)
 }
@@ -294,6 +327,45 @@ impl WithBackend for SweepArgs {
 }
 
 impl SweepArgs {
+    /// The student of each of --budgets for the layers `plan` targets.
+    fn budget_students(&self, cfg: &VitConfig, plan: &StudentPlan) -> Result<Vec<BudgetStudent>> {
+        let Some(path) = &self.sensitivity else {
+            return Ok(Vec::new());
+        };
+        let report = SensitivityReport::read(path)?;
+        if report.init != plan.init && !self.budgets.is_empty() {
+            eprintln!(
+                "note: the curves were measured with {:?} factors, the students' are {:?}",
+                report.init, plan.init
+            );
+        }
+        let file = SensitivityReport::file(path);
+        let targets = plan.targets.ranks(cfg, 1)?;
+        self.budgets
+            .iter()
+            .map(|&budget| {
+                let s = allocate_from_sensitivity(
+                    cfg,
+                    &report,
+                    &file,
+                    &targets,
+                    budget,
+                    RankBounds::default(),
+                )
+                .with_context(|| format!("--budgets {budget}"))?;
+                if !self.quiet {
+                    eprint!(
+                        "budget {budget}: {} parameters allowed, {} used, ranks\n{}",
+                        s.allocation.budget_params,
+                        s.allocation.params,
+                        ranks_table(&s.ranks)
+                    );
+                }
+                Ok(s)
+            })
+            .collect()
+    }
+
     fn claim_heartbeat(&self) -> Heartbeat {
         Heartbeat {
             every_s: self.heartbeat,
@@ -335,6 +407,7 @@ impl SweepArgs {
             out: out.to_path_buf(),
             cache_dir: cache_dir.to_path_buf(),
             ranks: self.ranks.clone(),
+            budgets: self.budget_students(inputs.cfg, &plan)?,
             seeds: self.seeds.clone(),
             shard,
             plan,
@@ -348,13 +421,20 @@ impl SweepArgs {
             memory: Some(memory::limits(be, &self.memory)?),
             quiet: self.quiet,
         };
-        // The plan of the costliest student (the highest rank) decides
+        // The plan of the costliest student (the most parameters) decides
         // --accumulate auto and is what --dry-run prints.
-        let top = *self.ranks.iter().max().expect("validated: ranks given");
-        let (top_ranks, dense) = (
-            opts.plan.targets.ranks(inputs.cfg, top)?,
-            dense_ranks(inputs.cfg),
-        );
+        let mut top_ranks = None;
+        for job in sweep_jobs(&opts) {
+            let ranks = job_ranks(inputs.cfg, &opts, &job)?.0;
+            if top_ranks
+                .as_ref()
+                .is_none_or(|t| param_count(inputs.cfg, &ranks) > param_count(inputs.cfg, t))
+            {
+                top_ranks = Some(ranks);
+            }
+        }
+        let top_ranks = top_ranks.context("a sweep needs --ranks or --budgets")?;
+        let dense = dense_ranks(inputs.cfg);
         let planned = memory::plan_training(
             be,
             &self.memory,
@@ -411,18 +491,23 @@ impl SweepArgs {
         print_summary(&summary, out);
         let all_done = {
             let done = finished(out)?;
-            all_jobs(&opts.ranks, &opts.seeds)
-                .iter()
-                .all(|j| done.contains_key(j))
+            sweep_jobs(&opts).iter().all(|j| done.contains_key(j))
         };
         if !all_done {
             println!("other shards are still missing ranks; run `effrank-engine analyze --results {}` when they finish", out.display());
             return Ok(false);
         }
         if !self.no_analyze {
-            let report =
-                analyze_folder(out, &AnalysisOptions::default()).context("analyzing the sweep")?;
-            println!("{}", report.terminal_summary());
+            if !opts.ranks.is_empty() {
+                let report = analyze_folder(out, &AnalysisOptions::default())
+                    .context("analyzing the sweep")?;
+                println!("{}", report.terminal_summary());
+            }
+            if let Some(b) = analyze_budgets(out, out, &AnalysisOptions::default())
+                .context("comparing the budget students with the uniform ones")?
+            {
+                print!("{}", b.terminal_summary());
+            }
         }
         Ok(true)
     }
@@ -617,25 +702,52 @@ fn print_summary(s: &SweepSummary, out: &Path) {
 /// `--status`: finished, running (host, pid, epoch, last beat), dead or
 /// stale (with the claim's age; the next sweep takes these over) and
 /// missing jobs, by the same rule the sweep applies.
-fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
+fn print_status(out: &Path, ranks: &[usize], budgets: &[Budget], seeds: &[u64]) -> Result<()> {
     if !out.exists() {
         bail!("--out {} does not exist", out.display());
     }
     let done = finished(out)?;
     let mut ranks = ranks.to_vec();
     if ranks.is_empty() {
-        ranks = done.keys().map(|j| j.rank).collect();
+        ranks = done
+            .keys()
+            .filter(|j| j.budget.is_none())
+            .map(|j| j.rank)
+            .collect();
         ranks.dedup();
     }
-    let jobs = all_jobs(&ranks, seeds);
+    let mut jobs = all_jobs(&ranks, seeds);
+    // Budget jobs: those of the budgets given as counts, and every finished
+    // one (a factor's count needs the teacher, which --status does not read).
+    let counts: Vec<usize> = budgets
+        .iter()
+        .filter_map(|b| match b {
+            Budget::Params(n) => Some(*n),
+            Budget::Compression(_) => None,
+        })
+        .collect();
+    jobs.extend(budget_jobs(&counts, seeds));
+    jobs.extend(
+        done.keys()
+            .filter(|j| j.budget.is_some() && !jobs.contains(j))
+            .collect::<Vec<_>>(),
+    );
+    if counts.len() < budgets.len() {
+        println!("(budgets given as a factor Nx are listed once finished; give their parameter counts to see them missing or running)");
+    }
     let (mut n_done, mut n_running, mut n_abandoned, mut missing) = (0, 0, 0, Vec::new());
     println!("{:>6} {:>6}  {:<10} detail", "rank", "seed", "state");
     for job in &jobs {
+        // A budget job shows its budget: b<params>.
+        let rank = match job.budget {
+            Some(b) => format!("b{b}"),
+            None => job.rank.to_string(),
+        };
         if let Some(rec) = done.get(job) {
             n_done += 1;
             println!(
                 "{:>6} {:>6}  {:<10} top-1 {:.2}% on {}",
-                job.rank,
+                rank,
                 job.seed,
                 "finished",
                 100.0 * rec.top1,
@@ -647,12 +759,12 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
                 effrank_engine::sweep::jobs::ClaimState::Live => n_running += 1,
                 _ => {
                     n_abandoned += 1;
-                    missing.push(job.rank);
+                    missing.push(*job);
                 }
             }
             println!(
                 "{:>6} {:>6}  {:<10} on {} (pid {}), {} epochs done, last heartbeat {age} s ago (every {} s)",
-                job.rank,
+                rank,
                 job.seed,
                 state.name(),
                 claim.host,
@@ -661,21 +773,34 @@ fn print_status(out: &Path, ranks: &[usize], seeds: &[u64]) -> Result<()> {
                 claim.heartbeat.every_s
             );
         } else {
-            missing.push(job.rank);
-            println!("{:>6} {:>6}  {:<10}", job.rank, job.seed, "missing");
+            missing.push(*job);
+            println!("{:>6} {:>6}  {:<10}", rank, job.seed, "missing");
         }
     }
-    missing.dedup();
     println!("{n_done} finished, {n_running} running, {n_abandoned} dead or stale (taken over by the next sweep), {} missing", jobs.len() - n_done - n_running - n_abandoned);
-    if !missing.is_empty() {
-        println!(
-            "to run only what is missing: --ranks {}",
-            missing
-                .iter()
-                .map(|r| r.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+    let list = |values: Vec<usize>| {
+        let mut v = values;
+        v.dedup();
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let missing_ranks = list(
+        missing
+            .iter()
+            .filter(|j| j.budget.is_none())
+            .map(|j| j.rank)
+            .collect(),
+    );
+    let missing_budgets = list(missing.iter().filter_map(|j| j.budget).collect());
+    match (missing_ranks.is_empty(), missing_budgets.is_empty()) {
+        (true, true) => {}
+        (false, true) => println!("to run only what is missing: --ranks {missing_ranks}"),
+        (true, false) => println!("to run only what is missing: --budgets {missing_budgets}"),
+        (false, false) => println!(
+            "to run only what is missing: --ranks {missing_ranks} --budgets {missing_budgets}"
+        ),
     }
     Ok(())
 }

@@ -22,6 +22,7 @@
 //! `StudentPlan` bundles the three, and `make_student` applies it.
 
 pub mod act;
+pub mod budget;
 pub mod calibrate;
 pub mod targets;
 

@@ -15,26 +15,65 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-/// One student to train.
+/// One student to train: every layer at `rank`, or, for a budget job,
+/// the per-layer ranks allocated for `budget` parameters (`rank` is 0).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Job {
     pub rank: usize,
     pub seed: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<usize>,
 }
 
 impl Job {
     /// The job's own folder (checkpoints, metrics, claim).
     pub fn dir(&self, out: &Path) -> PathBuf {
-        out.join("runs")
-            .join(format!("r{}-s{}", self.rank, self.seed))
+        let name = match self.budget {
+            Some(b) => format!("b{b}-s{}", self.seed),
+            None => format!("r{}-s{}", self.rank, self.seed),
+        };
+        out.join("runs").join(name)
     }
+}
+
+impl std::fmt::Display for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.budget {
+            Some(b) => write!(f, "budget {b} seed {}", self.seed),
+            None => write!(f, "rank {} seed {}", self.rank, self.seed),
+        }
+    }
+}
+
+/// Every (budget, seed) pair of a budget sweep, budgets (parameter
+/// counts) ascending, then seeds; they follow the rank jobs.
+pub fn budget_jobs(budgets: &[usize], seeds: &[u64]) -> Vec<Job> {
+    let mut jobs: Vec<Job> = budgets
+        .iter()
+        .flat_map(|&b| {
+            seeds.iter().map(move |&seed| Job {
+                rank: 0,
+                seed,
+                budget: Some(b),
+            })
+        })
+        .collect();
+    jobs.sort_by_key(|j| (j.budget, j.seed));
+    jobs.dedup();
+    jobs
 }
 
 /// Every (rank, seed) pair, ranks ascending, then seeds.
 pub fn all_jobs(ranks: &[usize], seeds: &[u64]) -> Vec<Job> {
     let mut jobs: Vec<Job> = ranks
         .iter()
-        .flat_map(|&rank| seeds.iter().map(move |&seed| Job { rank, seed }))
+        .flat_map(|&rank| {
+            seeds.iter().map(move |&seed| Job {
+                rank,
+                seed,
+                budget: None,
+            })
+        })
         .collect();
     jobs.sort();
     jobs.dedup();
@@ -129,6 +168,7 @@ pub fn finished(out: &Path) -> Result<BTreeMap<Job, StudentRecord>> {
             done.entry(Job {
                 rank: s.rank,
                 seed: s.seed,
+                budget: s.budget(),
             })
             .or_insert(s);
         }
@@ -493,7 +533,11 @@ mod claim_tests {
     #[test]
     fn a_live_claim_blocks_a_second_claimant_and_a_dead_one_does_not() {
         let dir = tempfile::tempdir().unwrap();
-        let job = Job { rank: 8, seed: 0 };
+        let job = Job {
+            rank: 8,
+            seed: 0,
+            budget: None,
+        };
         let hb = Heartbeat::default();
         let guard = try_claim(dir.path(), job, hb)
             .unwrap()
@@ -559,7 +603,11 @@ mod claim_tests {
     #[test]
     fn the_heartbeat_refreshes_the_claim_on_its_own() {
         let dir = tempfile::tempdir().unwrap();
-        let job = Job { rank: 4, seed: 1 };
+        let job = Job {
+            rank: 4,
+            seed: 1,
+            budget: None,
+        };
         let hb = Heartbeat {
             every_s: 1,
             stale_after_beats: 2,

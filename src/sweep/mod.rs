@@ -10,6 +10,7 @@
 pub mod jobs;
 
 use crate::data::{Dataset, Normalize};
+use crate::factorize::budget::BudgetStudent;
 use crate::factorize::StudentPlan;
 use crate::memory::{
     human, Gate, Limits, ModelShape, Place, Plan, Storage, TeacherPlan, TrainingRun,
@@ -30,7 +31,7 @@ use crate::train::{
     Teacher, TeacherLogits,
 };
 use anyhow::{anyhow, bail, Context, Result};
-use jobs::{all_jobs, finished, host_name, try_claim, Heartbeat, Job, Shard};
+use jobs::{all_jobs, budget_jobs, finished, host_name, try_claim, Heartbeat, Job, Shard};
 use serde::Serialize;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
@@ -68,6 +69,10 @@ pub struct SweepOptions {
     pub cache_dir: PathBuf,
     #[serde(skip)]
     pub ranks: Vec<usize>,
+    /// Budget students (`sweep --budgets`), each trained once per seed
+    /// besides the ranks; each record carries its allocation.
+    #[serde(skip)]
+    pub budgets: Vec<BudgetStudent>,
     #[serde(skip)]
     pub seeds: Vec<u64>,
     #[serde(skip)]
@@ -123,8 +128,8 @@ pub struct SweepSummary {
 
 /// Check ranks and seeds before any work starts.
 pub fn validate_options(cfg: &VitConfig, opts: &SweepOptions) -> Result<()> {
-    if opts.ranks.is_empty() {
-        bail!("no ranks to sweep: give --ranks, e.g. --ranks 2,4,8,16");
+    if opts.ranks.is_empty() && opts.budgets.is_empty() {
+        bail!("no ranks to sweep: give --ranks, e.g. --ranks 2,4,8,16 (or --budgets)");
     }
     if opts.seeds.is_empty() {
         bail!("no seeds: give --seeds, e.g. --seeds 0");
@@ -136,10 +141,50 @@ pub fn validate_options(cfg: &VitConfig, opts: &SweepOptions) -> Result<()> {
     if let Some(r) = repeated(&opts.ranks) {
         bail!("--ranks lists {r} more than once");
     }
+    let budgets: Vec<usize> = opts.budgets.iter().map(budget_key).collect();
+    if let Some(b) = repeated(&budgets) {
+        bail!("--budgets gives {b} parameters more than once");
+    }
+    for b in &opts.budgets {
+        validate_ranks(cfg, &b.ranks)
+            .with_context(|| format!("the ranks allocated for budget {}", budget_key(b)))?;
+    }
     if let Some(s) = repeated(&opts.seeds) {
         bail!("--seeds lists {s} more than once");
     }
     Ok(())
+}
+
+/// Every job of a sweep: each rank, then each budget, for every seed.
+pub fn sweep_jobs(opts: &SweepOptions) -> Vec<Job> {
+    let budgets: Vec<usize> = opts.budgets.iter().map(budget_key).collect();
+    let mut jobs = all_jobs(&opts.ranks, &opts.seeds);
+    jobs.extend(budget_jobs(&budgets, &opts.seeds));
+    jobs
+}
+
+/// What names a budget student's jobs: the parameter count it allowed.
+fn budget_key(b: &BudgetStudent) -> usize {
+    b.allocation.budget_params
+}
+
+/// A job's per-layer ranks, and its budget student if it is a budget job.
+pub fn job_ranks<'a>(
+    cfg: &VitConfig,
+    opts: &'a SweepOptions,
+    job: &Job,
+) -> Result<(Ranks, Option<&'a BudgetStudent>)> {
+    match job.budget {
+        None => Ok((opts.plan.targets.ranks(cfg, job.rank)?, None)),
+        Some(b) => {
+            let student = opts
+                .budgets
+                .iter()
+                .find(|s| budget_key(s) == b)
+                .ok_or_else(|| anyhow!("no allocation for budget {b}"))?;
+            Ok((student.ranks.clone(), Some(student)))
+        }
+    }
 }
 
 /// A value that appears twice in `values`.
@@ -211,7 +256,7 @@ pub fn run_sweep<B: Backend>(
         );
     }
 
-    let mine = opts.shard.select(&all_jobs(&opts.ranks, &opts.seeds));
+    let mine = opts.shard.select(&sweep_jobs(opts));
     let done = finished(&opts.out)?;
     let todo: Vec<Job> = mine
         .iter()
@@ -254,8 +299,8 @@ pub fn run_sweep<B: Backend>(
         caches: Mutex::new(HashMap::new()),
         spare_threads: SpareThreads::new(),
         queue: Mutex::new(
-            queue_order(&todo, workers, |rank| {
-                Ok(param_count(cfg, &opts.plan.targets.ranks(cfg, rank)?))
+            queue_order(&todo, workers, |job| {
+                Ok(param_count(cfg, &job_ranks(cfg, opts, job)?.0))
             })?
             .into(),
         ),
@@ -430,13 +475,13 @@ pub fn students_at_once<B: Backend>(
     inputs: &SweepInputs<'_>,
     opts: &SweepOptions,
 ) -> Result<StudentsAtOnce> {
-    let mine = opts.shard.select(&all_jobs(&opts.ranks, &opts.seeds));
+    let mine = opts.shard.select(&sweep_jobs(opts));
     let sizes = memory_gate(be, inputs, opts, opts.uses_teacher_cache(), &mine)?
         .map(|(_, largest)| largest);
     let totals = |p: &Plan| [p.total(Place::Host), p.total(Place::Device)];
     let shared = match (opts.memory, mine.first()) {
         (Some(_), Some(first)) => {
-            let ranks = opts.plan.targets.ranks(inputs.cfg, first.rank)?;
+            let ranks = job_ranks(inputs.cfg, opts, first)?.0;
             let dense = dense_ranks(inputs.cfg);
             let run = training_run(
                 Storage::of(be),
@@ -472,13 +517,13 @@ fn memory_gate<B: Backend>(
         return Ok(None);
     };
     let (storage, dense) = (Storage::of(be), dense_ranks(inputs.cfg));
-    let ranks = opts.plan.targets.ranks(inputs.cfg, first.rank)?;
+    let ranks = job_ranks(inputs.cfg, opts, first)?.0;
     let shared = Plan::shared(&training_run(
         storage, inputs, opts, use_cache, &ranks, &dense,
     ));
     let mut largest: Option<Plan> = None;
     for job in todo {
-        let ranks = opts.plan.targets.ranks(inputs.cfg, job.rank)?;
+        let ranks = job_ranks(inputs.cfg, opts, job)?.0;
         let p = Plan::worker(&training_run(
             storage, inputs, opts, use_cache, &ranks, &dense,
         ));
@@ -522,16 +567,16 @@ fn memory_gate<B: Backend>(
 fn queue_order(
     todo: &[Job],
     workers: usize,
-    params_at_rank: impl Fn(usize) -> Result<usize>,
+    params_of: impl Fn(&Job) -> Result<usize>,
 ) -> Result<Vec<Job>> {
     let mut order = todo.to_vec();
     if workers > 1 {
         let mut cost = HashMap::new();
         for j in todo {
-            cost.insert(j.rank, params_at_rank(j.rank)?);
+            cost.insert(*j, params_of(j)?);
         }
         // A stable sort: equal costs keep their listed order.
-        order.sort_by_key(|j| std::cmp::Reverse(cost[&j.rank]));
+        order.sort_by_key(|j| std::cmp::Reverse(cost[j]));
     }
     Ok(order)
 }
@@ -672,8 +717,8 @@ fn train_job<B: Backend>(
         Ok(claim) => claim,
         Err(other) => {
             eprintln!(
-                "rank {} seed {} is being trained by {} (pid {}, heartbeat every {} s); skipping it here (it is taken over once it misses {} beats or its process is gone)",
-                job.rank, job.seed, other.host, other.pid, other.heartbeat.every_s, other.heartbeat.stale_after_beats
+                "{job} is being trained by {} (pid {}, heartbeat every {} s); skipping it here (it is taken over once it misses {} beats or its process is gone)",
+                other.host, other.pid, other.heartbeat.every_s, other.heartbeat.stale_after_beats
             );
             shared.skipped_claimed.fetch_add(1, Ordering::SeqCst);
             return Ok(());
@@ -685,14 +730,17 @@ fn train_job<B: Backend>(
         shared.skipped_claimed.fetch_add(1, Ordering::SeqCst);
         return Ok(());
     }
-    let ranks = opts.plan.targets.ranks(cfg, job.rank)?;
+    let (ranks, budget) = job_ranks(cfg, opts, &job)?;
     let plan = StudentPlan {
         init: opts.plan.init.with_seed(job.seed),
         ..opts.plan
     };
     let fit_opts = FitOptions {
         seed: job.seed,
-        label: format!("rank {}", job.rank),
+        label: match job.budget {
+            Some(b) => format!("budget {b}"),
+            None => format!("rank {}", job.rank),
+        },
         ..opts.fit.clone()
     };
     let cache = if shared.use_cache {
@@ -724,7 +772,8 @@ fn train_job<B: Backend>(
         plan,
         ..opts.clone()
     };
-    let meta = student_meta(inputs, &job_opts);
+    let mut meta = student_meta(inputs, &job_opts);
+    meta.allocation = budget.map(|b| b.allocation.clone());
     let files = RunFiles::new(&job.dir(&opts.out));
     warn_if_resumed_on_other_data(&files, &inputs.data, job);
     let run = StudentRun {
@@ -747,7 +796,7 @@ fn train_job<B: Backend>(
     };
     let mut heartbeat = |epoch: usize| claim.epoch_done(epoch, opts.heartbeat);
     let summary = train_student(be, &run, teacher_signal, &mut heartbeat)
-        .with_context(|| format!("training rank {} seed {}", job.rank, job.seed))?;
+        .with_context(|| format!("training {job}"))?;
     let params = param_count(cfg, &ranks);
     let record = StudentRecord {
         rank: job.rank,
@@ -762,14 +811,19 @@ fn train_job<B: Backend>(
         host: host_name(),
         settings: serde_json::to_value(&job_opts)?,
         resumed_from_epoch: summary.resumed_from_epoch,
+        allocation: budget.map(|b| Box::new(b.allocation.clone())),
+        ranks: budget.map(|_| ranks.clone()),
     };
     append_record(&shared.results_file, &Record::Student(record))?;
     claim.release();
     if !opts.quiet {
+        // Rank jobs keep their aligned column.
+        let name = match job.budget {
+            None => format!("rank {:>4} seed {}", job.rank, job.seed),
+            Some(_) => job.to_string(),
+        };
         eprintln!(
-            "rank {:>4} seed {}: {:.2}% top-1 ({:.1}% of the teacher), {:.1}x fewer parameters, {:.1} s",
-            job.rank,
-            job.seed,
+            "{name}: {:.2}% top-1 ({:.1}% of the teacher), {:.1}x fewer parameters, {:.1} s",
             100.0 * summary.test_top1,
             100.0 * summary.test_top1 / shared.teacher_top1.max(1e-12),
             shared.teacher_params as f64 / params as f64,
@@ -791,7 +845,7 @@ fn warn_if_resumed_on_other_data(files: &RunFiles, data: &DataRef, job: Job) {
     if let Some(recorded) = recorded {
         let d = recorded.differences(data);
         if !d.is_empty() {
-            eprintln!("warning: rank {} seed {} resumes a run started on other data ({}); delete {} to start it again", job.rank, job.seed, d.join(", "), files.dir.display());
+            eprintln!("warning: {job} resumes a run started on other data ({}); delete {} to start it again", d.join(", "), files.dir.display());
         }
     }
 }
@@ -823,7 +877,7 @@ mod tests {
     #[test]
     fn several_workers_take_the_costliest_students_first_one_takes_them_as_listed() {
         let todo: Vec<Job> = all_jobs(&[1, 64, 8, 2], &[0, 1]);
-        let cost = |rank: usize| Ok(1000 + 10 * rank);
+        let cost = |j: &Job| Ok(1000 + 10 * j.rank);
         assert_eq!(queue_order(&todo, 1, cost).unwrap(), todo);
         let ranks: Vec<(usize, u64)> = queue_order(&todo, 2, cost)
             .unwrap()
