@@ -175,7 +175,33 @@ fn sensitivity_writes_curves_whose_full_rank_is_the_teacher_and_a_budget_student
         "--json",
     ];
     eval.extend(DEMO);
-    assert!(ok(&eval).contains("\"top1\""));
+    let said = ok(&eval);
+    let line = said
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .expect("eval --json prints JSON");
+    let json: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert!(json["top1"].is_number());
+    // eval reports the student's own per-layer ranks and parameter count.
+    assert_eq!(
+        json["parameters"].as_u64().unwrap() as usize,
+        printed_params(&text)
+    );
+    let evaluated: Vec<Option<usize>> = json["ranks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| {
+            b.as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r.as_u64().map(|r| r as usize))
+        })
+        .collect();
+    assert_eq!(
+        evaluated,
+        ranks.iter().map(|&r| Some(r)).collect::<Vec<_>>()
+    );
     let out = dir.path().join("distilled");
     let mut distill = vec![
         "distill",
@@ -203,6 +229,7 @@ fn sensitivity_writes_curves_whose_full_rank_is_the_teacher_and_a_budget_student
         "cpu",
     ]);
     assert!(text.contains("top-1"), "{text}");
+    assert_eq!(printed_ranks(&text), ranks, "{text}");
     // Bad budgets are errors naming the problem.
     let e = fails(&[
         "factorize",

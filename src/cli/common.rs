@@ -511,3 +511,24 @@ impl FactorFlags {
         })
     }
 }
+
+/// The smallest and largest rank a budget allocation gives a layer
+/// (`factorize --budget`, `sweep --budgets`).
+#[derive(Args, Debug, Clone)]
+pub struct RankBoundFlags {
+    /// Smallest rank a budget gives a layer.
+    #[arg(long, default_value_t = 1)]
+    pub floor: usize,
+    /// Largest rank a budget gives a layer (default: its full rank).
+    #[arg(long)]
+    pub ceiling: Option<usize>,
+}
+
+impl RankBoundFlags {
+    pub fn bounds(&self) -> effrank_engine::factorize::budget::RankBounds {
+        effrank_engine::factorize::budget::RankBounds {
+            floor: self.floor,
+            ceiling: self.ceiling,
+        }
+    }
+}

@@ -9,6 +9,8 @@ use anyhow::{bail, Result};
 use clap::Args;
 use effrank_engine::data::Normalize;
 use effrank_engine::durable::atomic_write;
+use effrank_engine::factorize::budget::ranks_table;
+use effrank_engine::model::params::{param_count, Ranks};
 use effrank_engine::model::Vit;
 use effrank_engine::ops::Backend;
 use effrank_engine::options::ComputeRecord;
@@ -120,6 +122,8 @@ impl WithBackend for EvalArgs {
             top5,
             recorded_top1: recorded,
             device: be.name(),
+            parameters: param_count(&m.cfg, &m.ranks),
+            ranks: m.ranks.clone(),
             peak_host_bytes: effrank_engine::memory::peak_resident_bytes(),
         };
         if self.json {
@@ -134,11 +138,13 @@ impl WithBackend for EvalArgs {
                 None => String::new(),
             };
             println!(
-                "{}: top-1 {:.2}%, top-5 {:.2}% on {} test images{against}",
+                "{}: top-1 {:.2}%, top-5 {:.2}% on {} test images{against}; {} parameters{}",
                 result.checkpoint,
                 100.0 * top1,
                 100.0 * top5,
-                test.len()
+                test.len(),
+                result.parameters,
+                describe_ranks(&m.ranks)
             );
         }
         if let Some(path) = &self.dump_logits {
@@ -179,6 +185,24 @@ struct EvalResult {
     /// The test top-1 the checkpoint's run recorded (engine checkpoints).
     recorded_top1: Option<f64>,
     device: String,
+    /// The model's parameter count and its per-layer ranks (per block, in
+    /// the order q, k, v, proj, fc1, fc2; null: dense).
+    parameters: usize,
+    ranks: Ranks,
     /// The process's peak resident memory (None where it cannot be read).
     peak_host_bytes: Option<u64>,
+}
+
+/// After the parameter count: ", dense", ", rank 4 in every layer", ", rank
+/// 4 in the factorized layers, the rest dense", or the table of per-layer
+/// ranks on the lines below.
+fn describe_ranks(ranks: &Ranks) -> String {
+    let all: Vec<Option<usize>> = ranks.iter().flat_map(|b| b.values().copied()).collect();
+    let used: std::collections::BTreeSet<usize> = all.iter().flatten().copied().collect();
+    match (used.first(), used.len(), all.iter().all(Option::is_some)) {
+        (None, _, _) => ", dense".into(),
+        (Some(r), 1, true) => format!(", rank {r} in every layer"),
+        (Some(r), 1, false) => format!(", rank {r} in the factorized layers, the rest dense"),
+        _ => format!("\nper-layer ranks:\n{}", ranks_table(ranks).trim_end()),
+    }
 }

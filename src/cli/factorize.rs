@@ -1,14 +1,14 @@
 //! `effrank-engine factorize`: turn a dense teacher into a rank-r student
 //! and show what each layer lost.
 
-use super::common::{DataFlags, FactorFlags, ImportFlags};
+use super::common::{DataFlags, FactorFlags, ImportFlags, RankBoundFlags};
 use super::setup::{load_data_for, load_model_with, transform_for, HostModel, ModelInput};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use effrank_engine::analysis::sensitivity::SensitivityReport;
 use effrank_engine::data::{Dataset, Normalize};
 use effrank_engine::factorize::budget::{
-    allocate_from_sensitivity, ranks_table, AllocationRecord, Budget, BudgetStudent, RankBounds,
+    allocate_from_sensitivity, ranks_table, AllocationRecord, Budget, BudgetStudent,
 };
 use effrank_engine::factorize::{
     make_student, CalibrationData, FactorInit, LayerReport, StudentPlan,
@@ -58,12 +58,8 @@ pub struct FactorizeArgs {
     /// curves --budget allocates from (`effrank-engine sensitivity`).
     #[arg(long, value_name = "PATH")]
     pub sensitivity: Option<PathBuf>,
-    /// Smallest rank --budget gives a layer.
-    #[arg(long, default_value_t = 1)]
-    pub floor: usize,
-    /// Largest rank --budget gives a layer (default: its full rank).
-    #[arg(long)]
-    pub ceiling: Option<usize>,
+    #[command(flatten)]
+    pub bounds: RankBoundFlags,
     #[command(flatten)]
     pub factor: FactorFlags,
     /// Seed of random factors and fresh tensors.
@@ -170,10 +166,7 @@ fn allocate_budget(
             report.init, plan.init
         );
     }
-    let bounds = RankBounds {
-        floor: args.floor,
-        ceiling: args.ceiling,
-    };
+    let bounds = args.bounds.bounds();
     let file = SensitivityReport::file(path);
     let targets = plan.targets.ranks(cfg, 1)?;
     let BudgetStudent { ranks, allocation } =

@@ -4,7 +4,7 @@
 
 use super::common::{
     dispatch, Accumulate, ComputeFlags, DataFlags, FactorFlags, ImportFlags, LossFlags,
-    MemoryFlags, Schedule, TrainFlags, WithBackend,
+    MemoryFlags, RankBoundFlags, Schedule, TrainFlags, WithBackend,
 };
 use super::memory::{self, Planned};
 use super::recipe::{self, Recipe};
@@ -21,7 +21,7 @@ use effrank_engine::analysis::{
 use effrank_engine::data::{Dataset, Normalize};
 use effrank_engine::durable::atomic_write;
 use effrank_engine::factorize::budget::{
-    allocate_from_sensitivity, ranks_table, Budget, BudgetStudent, RankBounds,
+    allocate_from_sensitivity, ranks_table, Budget, BudgetStudent,
 };
 use effrank_engine::factorize::{LayerSet, StudentPlan, Targets};
 use effrank_engine::memory::{human, Plan, Storage};
@@ -117,6 +117,8 @@ pub struct SweepArgs {
     /// allocates from (`effrank-engine sensitivity`).
     #[arg(long, value_name = "PATH")]
     pub sensitivity: Option<PathBuf>,
+    #[command(flatten)]
+    pub bounds: RankBoundFlags,
     /// Seeds: each rank is trained once per seed.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seeds: Vec<u64>,
@@ -350,7 +352,7 @@ impl SweepArgs {
                     &file,
                     &targets,
                     budget,
-                    RankBounds::default(),
+                    self.bounds.bounds(),
                 )
                 .with_context(|| format!("--budgets {budget}"))?;
                 if !self.quiet {
