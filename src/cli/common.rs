@@ -227,8 +227,8 @@ pub struct DataFlags {
     #[arg(long, value_name = "N")]
     pub image_size: Option<usize>,
     /// Memory for decoded images, in GiB (fractions allowed): image folders
-    /// larger than this decoded are streamed, decoded per batch by threads
-    /// working ahead of the model, with the same results. Default: half the
+    /// and parquet data larger than this decoded are streamed, decoded per
+    /// batch by threads working ahead of the model, with the same results. Default: half the
     /// memory available at start (MemAvailable), 4 GiB where unknown.
     #[arg(long, value_name = "GIB", value_parser = positive_gib)]
     pub data_memory: Option<f64>,

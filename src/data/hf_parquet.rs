@@ -67,8 +67,17 @@ pub fn load(
         .first()
         .ok_or_else(|| anyhow!("no training parquet files"))?;
     let columns = Columns::detect(&open(first)?, first, choice)?;
-    let train_rows = read_files(train, &columns)?;
-    let test_rows = read_files(test, &columns)?;
+    // Files larger than the budget hold more encoded images than memory
+    // should: those are spilled to a temporary file as they are read.
+    let mut on_disk = 0;
+    for path in train.iter().chain(test) {
+        on_disk += std::fs::metadata(path)
+            .with_context(|| format!("opening {}", path.display()))?
+            .len();
+    }
+    let spill = budget.is_some_and(|b| on_disk > b);
+    let train_rows = read_files(train, &columns, spill)?;
+    let test_rows = read_files(test, &columns, spill)?;
     let (classes, counted) = match &train_rows.names {
         Some(names) => (names.len(), "ClassLabel names"),
         None => (train_rows.max_label() + 1, "largest training label + 1"),
@@ -90,8 +99,13 @@ pub fn load(
         columns.label,
         match stream_budget {
             Some(_) => format!(
-                "; streamed: {} MiB decoded exceeds the data memory budget",
-                decoded >> 20
+                "; streamed: {} MiB decoded exceeds the data memory budget{}",
+                decoded >> 20,
+                if spill {
+                    ", and so do the files: their images are read back from a temporary file"
+                } else {
+                    ""
+                }
             ),
             None => String::new(),
         }
@@ -268,9 +282,9 @@ fn class_names(
     Ok(Some(names))
 }
 
-/// One encoded image and its label, with where it came from.
+/// One row's label, with where it came from (its image is in the
+/// split's `ImageStore`, at the same index).
 struct RawRow {
-    bytes: Vec<u8>,
     label: i64,
     file: usize,
     row: usize,
@@ -280,6 +294,7 @@ struct RawRow {
 struct Rows {
     files: Vec<PathBuf>,
     rows: Vec<RawRow>,
+    store: ImageStore,
     /// The ClassLabel names (the same in every file).
     names: Option<Vec<String>>,
 }
@@ -320,10 +335,10 @@ impl Rows {
         let mut images = vec![0u8; self.rows.len() * n];
         images
             .par_chunks_mut(n)
-            .zip(self.rows.par_iter())
-            .try_for_each(|(out, r)| {
+            .zip(self.rows.par_iter().enumerate())
+            .try_for_each(|(out, (i, r))| {
                 let at = self.at(r, &columns.image);
-                decode_into(&r.bytes, &at, size, out)
+                decode_into(&self.store.get(i)?, &at, size, out)
                     .with_context(|| format!("{at}: not a readable image"))
             })?;
         let labels = self.rows.iter().map(|r| r.label as u32).collect();
@@ -341,18 +356,12 @@ impl Rows {
     ) -> Result<Dataset> {
         self.check_labels(columns, classes)?;
         let labels: Vec<u32> = self.rows.iter().map(|r| r.label as u32).collect();
-        let mut encoded = EncodedRows {
-            bytes: Vec::with_capacity(self.rows.iter().map(|r| r.bytes.len()).sum()),
-            ends: Vec::with_capacity(self.rows.len()),
-            at: Vec::with_capacity(self.rows.len()),
+        let encoded = EncodedRows {
+            at: self.rows.iter().map(|r| (r.file, r.row)).collect(),
+            store: self.store,
             files: self.files,
             column: columns.image.clone(),
         };
-        for r in self.rows {
-            encoded.bytes.extend_from_slice(&r.bytes);
-            encoded.ends.push(encoded.bytes.len());
-            encoded.at.push((r.file, r.row));
-        }
         let source: Arc<dyn EncodedImages> = Arc::new(encoded);
         let mut data = Dataset::streamed(
             Streamed {
@@ -374,12 +383,10 @@ impl Rows {
     }
 }
 
-/// The encoded images of a streamed split, one after another in `bytes`
-/// (image `i` ends at `ends[i]`), each named by its file and row.
+/// The encoded images of a streamed split, each named by its file and row.
 #[derive(Debug)]
 struct EncodedRows {
-    bytes: Vec<u8>,
-    ends: Vec<usize>,
+    store: ImageStore,
     at: Vec<(usize, usize)>,
     files: Vec<PathBuf>,
     column: String,
@@ -387,11 +394,10 @@ struct EncodedRows {
 
 impl EncodedImages for EncodedRows {
     fn len(&self) -> usize {
-        self.ends.len()
+        self.store.len()
     }
     fn encoded(&self, i: usize) -> Result<Vec<u8>> {
-        let start = if i == 0 { 0 } else { self.ends[i - 1] };
-        Ok(self.bytes[start..self.ends[i]].to_vec())
+        self.store.get(i)
     }
     fn name(&self, i: usize) -> String {
         let (file, row) = self.at[i];
@@ -402,13 +408,106 @@ impl EncodedImages for EncodedRows {
         )
     }
     fn held_bytes(&self) -> u64 {
-        (self.bytes.len() + 8 * self.ends.len() + 16 * self.at.len()) as u64
+        self.store.held_bytes() + 16 * self.at.len() as u64
     }
 }
 
-/// Every row of `files`: the image bytes and the label of `columns`.
-fn read_files(files: &[PathBuf], columns: &Columns) -> Result<Rows> {
+/// The encoded images of one split, in the order read, image `i` ending
+/// at `ends[i]`: in memory, or, for files larger than the data memory
+/// budget, in an unnamed temporary file (in `$TMPDIR`; the system removes
+/// it when the process ends, however it ends), read back per image.
+#[derive(Debug)]
+struct ImageStore {
+    place: StorePlace,
+    ends: Vec<u64>,
+}
+
+#[derive(Debug)]
+enum StorePlace {
+    Memory(Vec<u8>),
+    /// Being written, while the files are read.
+    Spilling(std::io::BufWriter<std::fs::File>),
+    Spilled(std::fs::File),
+}
+
+impl ImageStore {
+    fn new(spill: bool) -> Result<Self> {
+        let place = if spill {
+            let file = tempfile::tempfile().context(
+                "creating a temporary file for parquet images larger than the data memory budget",
+            )?;
+            StorePlace::Spilling(std::io::BufWriter::new(file))
+        } else {
+            StorePlace::Memory(Vec::new())
+        };
+        Ok(ImageStore {
+            place,
+            ends: Vec::new(),
+        })
+    }
+
+    fn push(&mut self, bytes: &[u8]) -> Result<()> {
+        use std::io::Write;
+        match &mut self.place {
+            StorePlace::Memory(v) => v.extend_from_slice(bytes),
+            StorePlace::Spilling(w) => w
+                .write_all(bytes)
+                .context("writing parquet images to a temporary file")?,
+            StorePlace::Spilled(_) => bail!("parquet image store already finished"),
+        }
+        let end = self.ends.last().copied().unwrap_or(0) + bytes.len() as u64;
+        self.ends.push(end);
+        Ok(())
+    }
+
+    /// Done writing: a spill file is flushed and read from then on.
+    fn finish(&mut self) -> Result<()> {
+        let place = std::mem::replace(&mut self.place, StorePlace::Memory(Vec::new()));
+        self.place = match place {
+            StorePlace::Spilling(w) => StorePlace::Spilled(
+                w.into_inner()
+                    .map_err(|e| e.into_error())
+                    .context("writing parquet images to a temporary file")?,
+            ),
+            other => other,
+        };
+        Ok(())
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn get(&self, i: usize) -> Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        let end = self.ends[i];
+        match &self.place {
+            StorePlace::Memory(v) => Ok(v[start as usize..end as usize].to_vec()),
+            StorePlace::Spilled(f) => {
+                let mut buf = vec![0u8; (end - start) as usize];
+                f.read_exact_at(&mut buf, start)
+                    .context("reading parquet images back from their temporary file")?;
+                Ok(buf)
+            }
+            StorePlace::Spilling(_) => bail!("parquet image store read before it was finished"),
+        }
+    }
+
+    fn held_bytes(&self) -> u64 {
+        let images = match &self.place {
+            StorePlace::Memory(v) => v.len() as u64,
+            _ => 0,
+        };
+        images + 8 * self.ends.len() as u64
+    }
+}
+
+/// Every row of `files`: the image bytes and the label of `columns`, the
+/// images spilled to a temporary file when `spill`.
+fn read_files(files: &[PathBuf], columns: &Columns, spill: bool) -> Result<Rows> {
     let mut rows = Vec::new();
+    let mut store = ImageStore::new(spill)?;
     let mut names: Option<Option<Vec<String>>> = None;
     for (i, path) in files.iter().enumerate() {
         let reader = open(path)?;
@@ -423,11 +522,13 @@ fn read_files(files: &[PathBuf], columns: &Columns) -> Result<Rows> {
                 files[0].display()
             ),
         }
-        read_rows(&reader, path, columns, i, &mut rows)?;
+        read_rows(&reader, path, columns, i, &mut rows, &mut store)?;
     }
+    store.finish()?;
     Ok(Rows {
         files: files.to_vec(),
         rows,
+        store,
         names: names.flatten(),
     })
 }
@@ -438,6 +539,7 @@ fn read_rows(
     columns: &Columns,
     file: usize,
     rows: &mut Vec<RawRow>,
+    store: &mut ImageStore,
 ) -> Result<()> {
     check_codecs(reader, path)?;
     let fields = top_fields(reader);
@@ -496,12 +598,8 @@ fn read_rows(
                 columns.label
             )
         };
-        rows.push(RawRow {
-            bytes,
-            label,
-            file,
-            row,
-        });
+        store.push(&bytes)?;
+        rows.push(RawRow { label, file, row });
     }
     Ok(())
 }
