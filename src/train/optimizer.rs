@@ -116,22 +116,4 @@ impl<B: Backend> AdamW<B> {
             .map(&model.cfg, &model.ranks, |_, t| be.download(t))?;
         Ok((m, v))
     }
-
-    /// Restore moments and step from the host.
-    pub fn load_host(
-        &mut self,
-        be: &B,
-        m: &VitParams<Vec<f32>>,
-        v: &VitParams<Vec<f32>>,
-        step: u32,
-    ) -> Result<()> {
-        for (dst, src) in self.m.tensors_mut().into_iter().zip(m.tensors()) {
-            be.write(dst, src)?;
-        }
-        for (dst, src) in self.v.tensors_mut().into_iter().zip(v.tensors()) {
-            be.write(dst, src)?;
-        }
-        self.step = step;
-        Ok(())
-    }
 }

@@ -7,7 +7,6 @@
 use super::step::Trainer;
 use crate::durable::atomic_write_with;
 use crate::model::params::param_specs;
-use crate::model::VitParams;
 use crate::ops::Backend;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
@@ -72,9 +71,14 @@ pub fn load_train_state<B: Backend>(
     let (step, epoch) = (number("step")?, number("epoch")?);
     let model = &trainer.model;
     let specs = param_specs(&model.cfg, &model.ranks);
-    let mut sets: Vec<Vec<Vec<f32>>> = Vec::new();
+    // Every tensor checked before any is written; then each goes from the
+    // file's bytes to its buffer through one tensor's host copy, so that
+    // loading holds the file and one tensor, not a second copy of the
+    // state (the memory plan counts one: `memory`, "saving the training
+    // state").
+    let mut sets = Vec::with_capacity(PREFIXES.len());
     for prefix in PREFIXES {
-        let mut tensors = Vec::with_capacity(specs.len());
+        let mut views = Vec::with_capacity(specs.len());
         for spec in &specs {
             let name = format!("{prefix}.{}", spec.name);
             let t = st.tensor(&name).map_err(|_| {
@@ -92,25 +96,20 @@ pub fn load_train_state<B: Backend>(
                     spec.shape
                 );
             }
-            tensors.push(bytemuck::pod_collect_to_vec::<u8, f32>(t.data()));
+            views.push(t);
         }
-        sets.push(tensors);
+        sets.push(views);
     }
-    let cfg = trainer.model.cfg.clone();
-    let ranks = trainer.model.ranks.clone();
-    let mut it = sets.into_iter();
-    let params = VitParams::from_tensors(&cfg, &ranks, it.next().expect("three sets"));
-    let m = VitParams::from_tensors(&cfg, &ranks, it.next().expect("three sets"));
-    let v = VitParams::from_tensors(&cfg, &ranks, it.next().expect("three sets"));
-    for (dst, src) in trainer
-        .model
-        .params
-        .tensors_mut()
-        .into_iter()
-        .zip(params.tensors())
-    {
-        be.write(dst, src)?;
+    let buffers = [
+        trainer.model.params.tensors_mut(),
+        trainer.opt.m.tensors_mut(),
+        trainer.opt.v.tensors_mut(),
+    ];
+    for (views, dsts) in sets.iter().zip(buffers) {
+        for (view, dst) in views.iter().zip(dsts) {
+            be.write(dst, &bytemuck::pod_collect_to_vec::<u8, f32>(view.data()))?;
+        }
     }
-    trainer.opt.load_host(be, &m, &v, step as u32)?;
+    trainer.opt.step = step as u32;
     Ok(epoch)
 }
