@@ -10,6 +10,7 @@ pub mod durable;
 pub mod factorize;
 pub mod faults;
 pub mod formats;
+pub mod linalg;
 pub mod memory;
 pub mod model;
 pub mod ops;

@@ -270,3 +270,25 @@ macro_rules! on_every_device {
         }
     };
 }
+
+/// The value of `f` run on rayon pools of 1, 2 and 4 threads (more threads
+/// than cores too, so a machine of any size takes the parallel paths),
+/// which must be the same: results may not depend on the thread count.
+pub fn same_on_any_thread_count<T: PartialEq + std::fmt::Debug + Send>(
+    what: &str,
+    f: impl Fn() -> T + Sync,
+) -> T {
+    let run = |threads| {
+        crate::device::cpu::thread_pool(threads)
+            .expect("a test pool")
+            .install(&f)
+    };
+    let one = run(1);
+    for threads in [2, 4] {
+        assert!(
+            run(threads) == one,
+            "{what}: {threads} threads give other bits than one thread"
+        );
+    }
+    one
+}

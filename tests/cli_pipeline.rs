@@ -450,6 +450,50 @@ fn students_trained_at_once_equal_students_trained_one_by_one() {
     assert_eq!(bits(results(one.path())), bits(results(two.path())));
 }
 
+/// The same at width 128, where the factorization's SVD (of 128 x 256
+/// layers) takes paths that split by thread: with `--parallel 1` a worker
+/// factorizes on two threads, with two workers on one. One block and one
+/// epoch: the teacher's weights need not be good, only that wide.
+#[test]
+fn students_of_a_128_wide_teacher_are_the_same_bits_at_once_and_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let teacher = dir.path().join("teacher");
+    let mut args = vec![
+        "train", "--model", "vit-demo", "--width", "128", "--depth", "1", "--epochs", "1",
+        "--device", "cpu", "--quiet", "--out",
+    ];
+    args.push(teacher.to_str().unwrap());
+    args.extend(DEMO);
+    ok(&args);
+    let t = teacher.join("model.safetensors");
+    let t = t.to_str().unwrap();
+    let (one, two) = (dir.path().join("p1"), dir.path().join("p2"));
+    for (out, parallel) in [(&one, "1"), (&two, "2")] {
+        let mut a = sweep_args(t, out.to_str().unwrap(), "2,4");
+        a.extend(["--parallel", parallel]);
+        ok(&a);
+    }
+    for rank in [2, 4] {
+        let student = |out: &Path| {
+            let bytes = std::fs::read(out.join(format!("runs/r{rank}-s0/model.safetensors")));
+            let bytes = bytes.unwrap();
+            let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+            let mut tensors: Vec<(String, Vec<u8>)> = file
+                .tensors()
+                .into_iter()
+                .map(|(name, view)| (name, view.data().to_vec()))
+                .collect();
+            tensors.sort();
+            tensors
+        };
+        // Tensor by tensor: the header's key order is not part of a result.
+        assert!(
+            student(&one) == student(&two),
+            "rank {rank}: the student's tensors differ between --parallel 1 and 2"
+        );
+    }
+}
+
 /// `EFFRANK_PROFILE=1` on the CPU prints the time per op of the whole
 /// command, and the run's results do not change.
 #[test]

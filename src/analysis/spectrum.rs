@@ -84,8 +84,7 @@ pub fn spectrum_of(
 /// Singular values (descending) of a row-major [rows, cols] matrix.
 pub fn singular_values(rows: usize, cols: usize, w: &[f64]) -> Result<Vec<f64>> {
     let m = faer::Mat::<f64>::from_fn(rows, cols, |i, j| w[i * cols + j]);
-    let mut sv = m
-        .singular_values()
+    let mut sv = crate::linalg::singular_values(m.as_ref())
         .map_err(|e| anyhow!("SVD of a {rows}x{cols} matrix did not converge: {e:?}"))?;
     sv.sort_by(|a, b| b.total_cmp(a));
     Ok(sv)
@@ -224,5 +223,25 @@ impl SpectrumReport {
         }
         s.push_str(&self.table_md());
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::singular_values;
+
+    /// `analyze` and `sensitivity` may run inside a pool of any size.
+    #[test]
+    fn singular_values_are_the_same_bits_on_any_thread_count() {
+        let (rows, cols) = (256, 128);
+        let w: Vec<f64> = crate::rng::Rng::new(5)
+            .normal_vec(rows * cols, 1.0)
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        crate::testing::same_on_any_thread_count("singular_values", || {
+            let sv = singular_values(rows, cols, &w).unwrap();
+            sv.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        });
     }
 }

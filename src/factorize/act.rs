@@ -25,8 +25,9 @@
 //! rounded to f32 at the end.
 
 use super::{check_layer, relative_error};
+use crate::linalg::{product, symmetric_eigen, thin_svd};
 use anyhow::{anyhow, bail, Result};
-use faer::{Mat, Side};
+use faer::Mat;
 
 /// The ridge, as a fraction of the mean eigenvalue `tr(C) / n` of the
 /// second moment.
@@ -55,14 +56,17 @@ pub fn svd_act_factors(
     }
     let (s, s_inv) = root_and_inverse(c, inp, name)?;
     let weight = Mat::<f64>::from_fn(out, inp, |i, j| w[i * inp + j] as f64);
-    let ws = &weight * &s;
-    let svd = ws.thin_svd().map_err(|e| {
+    let ws = product(weight.as_ref(), s.as_ref());
+    let svd = thin_svd(ws.as_ref()).map_err(|e| {
         anyhow!("SVD of W·C^½ of layer {name} [{out}, {inp}] did not converge: {e:?}")
     })?;
-    let (p, sigma, rt) = (svd.U(), svd.S().column_vector(), svd.V());
+    let (p, sigma, rt) = (&svd.u, &svd.s, &svd.v);
     let root: Vec<f64> = (0..r).map(|k| sigma[k].max(0.0).sqrt()).collect();
     // V = Σ_r^½ R_rᵀ S⁻¹, row k: √σ_k (column k of R)ᵀ S⁻¹.
-    let v_act = Mat::<f64>::from_fn(r, inp, |k, j| root[k] * rt[(j, k)]) * &s_inv;
+    let v_act = product(
+        Mat::<f64>::from_fn(r, inp, |k, j| root[k] * rt[(j, k)]).as_ref(),
+        s_inv.as_ref(),
+    );
     let u: Vec<f32> = (0..out * r)
         .map(|i| (p[(i / r, i % r)] * root[i % r]) as f32)
         .collect();
@@ -94,7 +98,7 @@ pub fn output_error(
     });
     let moment = Mat::<f64>::from_fn(inp, inp, |i, j| c[i * inp + j]);
     let energy = |m: &Mat<f64>| {
-        let mc = m * &moment;
+        let mc = product(m.as_ref(), moment.as_ref());
         (0..out)
             .map(|i| (0..inp).map(|j| mc[(i, j)] * m[(i, j)]).sum::<f64>())
             .sum::<f64>()
@@ -125,12 +129,14 @@ fn root_and_inverse(c: &[f64], n: usize, name: &str) -> Result<(Mat<f64>, Mat<f6
     let reg = Mat::<f64>::from_fn(n, n, |i, j| {
         0.5 * (c[i * n + j] + c[j * n + i]) + if i == j { lambda } else { 0.0 }
     });
-    let evd = reg.self_adjoint_eigen(Side::Lower).map_err(|e| anyhow!("eigendecomposition of the input second moment of layer {name} [{n}, {n}] did not converge: {e:?}"))?;
-    let (q, mu) = (evd.U(), evd.S().column_vector());
+    let (q, mu) = symmetric_eigen(reg.as_ref()).map_err(|e| anyhow!("eigendecomposition of the input second moment of layer {name} [{n}, {n}] did not converge: {e:?}"))?;
     // μ ≥ λ in exact arithmetic; the clamp keeps rounding from taking a root of a negative.
     let mu: Vec<f64> = (0..n).map(|k| mu[k].max(lambda)).collect();
     let scaled = |f: &dyn Fn(f64) -> f64| {
-        Mat::<f64>::from_fn(n, n, |i, k| q[(i, k)] * f(mu[k])) * q.transpose()
+        product(
+            Mat::<f64>::from_fn(n, n, |i, k| q[(i, k)] * f(mu[k])).as_ref(),
+            q.as_ref().transpose(),
+        )
     };
     Ok((scaled(&|m| m.sqrt()), scaled(&|m| 1.0 / m.sqrt())))
 }
@@ -205,6 +211,22 @@ mod tests {
     }
 
     const SHAPES: [(usize, usize); 4] = [(16, 16), (24, 12), (10, 30), (32, 20)];
+
+    /// Like plain SVD's (`svd_factors_are_the_same_bits_on_any_thread_count`):
+    /// the eigendecomposition, the SVD and the products all at the width of
+    /// the model's MLP layers.
+    #[test]
+    fn svd_act_factors_are_the_same_bits_on_any_thread_count() {
+        let (out, inp, rows) = (128, 256, 300);
+        let w = Rng::new(3).normal_vec(out * inp, 0.3);
+        let c = second_moment(&inputs(rows, inp, 0.99, 4), rows, inp);
+        crate::testing::same_on_any_thread_count("svd_act_factors", || {
+            let (u, v, err) = svd_act_factors(&w, out, inp, 4, &c, "w").unwrap();
+            let bits = |x: &[f32]| x.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let output = output_error(&w, &u, &v, &c, out, inp, 4).to_bits();
+            (bits(&u), bits(&v), err.to_bits(), output)
+        });
+    }
 
     #[test]
     fn full_rank_reproduces_the_layer() {

@@ -149,11 +149,11 @@ pub fn svd_factors(
 ) -> Result<(Vec<f32>, Vec<f32>, f64)> {
     check_layer(w, out, inp, r, name)?;
     let m = faer::Mat::<f32>::from_fn(out, inp, |i, j| w[i * inp + j]);
-    let svd = m.thin_svd().map_err(|e| {
+    let svd = crate::linalg::thin_svd(m.as_ref()).map_err(|e| {
         anyhow::anyhow!("SVD of layer {name} [{out}, {inp}] did not converge: {e:?}")
     })?;
-    let (u_full, s, v_full) = (svd.U(), svd.S().column_vector(), svd.V());
-    let sigma: Vec<f64> = (0..s.nrows()).map(|i| s[i] as f64).collect();
+    let (u_full, s, v_full) = (&svd.u, &svd.s, &svd.v);
+    let sigma: Vec<f64> = s.iter().map(|&x| x as f64).collect();
     let total: f64 = sigma.iter().map(|x| x * x).sum();
     let tail: f64 = sigma[r..].iter().map(|x| x * x).sum();
     let rel_error = if total > 0.0 {
@@ -414,6 +414,26 @@ mod tests {
         let row_norm = |k: usize| (0..3).map(|j| v[k * 3 + j].powi(2)).sum::<f32>().sqrt();
         assert!((col_norm(0) - 3.0).abs() < 1e-5 && (col_norm(1) - 2.0).abs() < 1e-5);
         assert!((row_norm(0) - 3.0).abs() < 1e-5 && (row_norm(1) - 2.0).abs() < 1e-5);
+    }
+
+    /// The bits of `v`, so that a comparison tells -0 from 0 and NaNs apart.
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// A sweep factorizes each student on its worker's pool (two threads
+    /// with `--parallel 1`, one with two workers), so the factors may not
+    /// depend on the thread count; at the width of the model's MLP layers
+    /// (128 x 256) the SVD's blocked paths run in parallel when let.
+    #[test]
+    fn svd_factors_are_the_same_bits_on_any_thread_count() {
+        for (out, inp) in [(256, 128), (128, 256)] {
+            let w = random_matrix(out, inp, 11);
+            crate::testing::same_on_any_thread_count("svd_factors", || {
+                let (u, v, err) = svd_factors(&w, out, inp, 4, "w").unwrap();
+                (bits(&u), bits(&v), err.to_bits())
+            });
+        }
     }
 
     #[test]
