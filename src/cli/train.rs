@@ -46,9 +46,9 @@ pub struct TrainArgs {
     /// explicitly overrides the recipe's value.
     #[arg(long, value_enum)]
     pub recipe: Option<Recipe>,
-    /// Model preset (vit-b32, vit-s32, vit-cifar, vit-demo) or a JSON config
-    /// file; ignored with --init, which takes the shape from the checkpoint.
-    #[arg(long, default_value = "vit-demo")]
+    /// Model preset (`--help` lists them) or a JSON config file; ignored
+    /// with --init, which takes the shape from the checkpoint.
+    #[arg(long, default_value = "vit-demo", long_help = model_help())]
     pub model: String,
     /// Start from this checkpoint (engine, timm, torchvision or HF names; a
     /// file or a hub folder with its config.json); its head is replaced
@@ -271,4 +271,15 @@ impl TrainArgs {
             None => format!("a {} teacher", self.model),
         }
     }
+}
+
+/// `--model`'s long help: the presets and their shapes.
+fn model_help() -> String {
+    let mut text = String::from(
+        "Model preset or a JSON config file (a VitConfig); ignored with --init, which takes the shape from the checkpoint. Presets:\n",
+    );
+    for p in effrank_engine::model::config::PRESETS {
+        text += &format!("  {:<10} {}\n", p.name, p.describe());
+    }
+    text
 }

@@ -33,41 +33,96 @@ pub const MAX_DIM: usize = 1 << 20;
 /// beyond any model that fits a machine, far below an overflow.
 pub const MAX_SIZE: u128 = 1 << 40;
 
-/// The named presets, for `--model` and `--help`.
-pub const PRESETS: &[(&str, &str)] = &[
-    (
-        "vit-b32",
-        "ViT-B/32: 224 px, patch 32, width 768, depth 12, 12 heads, MLP 3072",
+/// A named shape for `--model`.
+#[derive(Clone, Copy, Debug)]
+pub struct Preset {
+    pub name: &'static str,
+    /// What it is: the model family it matches.
+    pub what: &'static str,
+    pub image_size: usize,
+    pub patch: usize,
+    pub width: usize,
+    pub depth: usize,
+    pub heads: usize,
+    pub mlp: usize,
+}
+
+const fn preset(
+    name: &'static str,
+    what: &'static str,
+    (image_size, patch, width, depth, heads, mlp): (usize, usize, usize, usize, usize, usize),
+) -> Preset {
+    Preset {
+        name,
+        what,
+        image_size,
+        patch,
+        width,
+        depth,
+        heads,
+        mlp,
+    }
+}
+
+/// The named presets: the plain ViT shapes of timm's `vit_*_patch*_224`,
+/// torchvision's `vit_*` and the non-distilled DeiT (the same shapes), and
+/// the engine's own small ones.
+pub const PRESETS: &[Preset] = &[
+    preset("vit-t16", "ViT-Ti/16", (224, 16, 192, 12, 3, 768)),
+    preset("vit-s16", "ViT-S/16", (224, 16, 384, 12, 6, 1536)),
+    preset("vit-s32", "ViT-S/32", (224, 32, 384, 12, 6, 1536)),
+    preset("vit-b16", "ViT-B/16", (224, 16, 768, 12, 12, 3072)),
+    preset("vit-b32", "ViT-B/32", (224, 32, 768, 12, 12, 3072)),
+    preset("vit-l16", "ViT-L/16", (224, 16, 1024, 24, 16, 4096)),
+    preset("vit-l32", "ViT-L/32", (224, 32, 1024, 24, 16, 4096)),
+    preset("vit-h14", "ViT-H/14", (224, 14, 1280, 32, 16, 5120)),
+    preset(
+        "deit-t16",
+        "DeiT-Ti/16 (no distillation token)",
+        (224, 16, 192, 12, 3, 768),
     ),
-    (
-        "vit-s32",
-        "ViT-S/32: 224 px, patch 32, width 384, depth 12, 6 heads, MLP 1536",
+    preset(
+        "deit-s16",
+        "DeiT-S/16 (no distillation token)",
+        (224, 16, 384, 12, 6, 1536),
     ),
-    (
-        "vit-cifar",
-        "CIFAR-native: 32 px, patch 4, width 192, depth 6, 3 heads, MLP 768",
+    preset(
+        "deit-b16",
+        "DeiT-B/16 (no distillation token)",
+        (224, 16, 768, 12, 12, 3072),
     ),
-    (
-        "vit-demo",
-        "the built-in demo's: 16 px, patch 4, width 64, depth 2, 2 heads, MLP 128",
-    ),
+    preset("vit-cifar", "CIFAR-native", (32, 4, 192, 6, 3, 768)),
+    preset("vit-demo", "the built-in demo's", (16, 4, 64, 2, 2, 128)),
 ];
+
+impl Preset {
+    /// "ViT-B/32: 224 px, patch 32, width 768, depth 12, 12 heads, MLP 3072".
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: {} px, patch {}, width {}, depth {}, {} heads, MLP {}",
+            self.what, self.image_size, self.patch, self.width, self.depth, self.heads, self.mlp
+        )
+    }
+}
 
 impl VitConfig {
     /// A preset by name, with `classes` output classes.
     pub fn preset(name: &str, classes: usize) -> Result<Self> {
-        let (image_size, patch, width, depth, heads, mlp) = match name {
-            "vit-b32" => (224, 32, 768, 12, 12, 3072),
-            "vit-s32" => (224, 32, 384, 12, 6, 1536),
-            "vit-cifar" => (32, 4, 192, 6, 3, 768),
-            "vit-demo" => (16, 4, 64, 2, 2, 128),
-            other => {
-                let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
-                bail!(
-                    "unknown model preset '{other}'; known presets: {}, or a JSON file",
-                    names.join(", ")
-                )
-            }
+        let Some(&Preset {
+            image_size,
+            patch,
+            width,
+            depth,
+            heads,
+            mlp,
+            ..
+        }) = PRESETS.iter().find(|p| p.name == name)
+        else {
+            let names: Vec<&str> = PRESETS.iter().map(|p| p.name).collect();
+            bail!(
+                "unknown model preset '{name}'; known presets: {}, or a JSON file",
+                names.join(", ")
+            )
         };
         let cfg = VitConfig {
             image_size,
@@ -183,6 +238,40 @@ impl VitConfig {
 
 #[cfg(test)]
 mod tests {
+    use crate::model::params::{dense_ranks, param_count};
+
+    /// Every preset's parameter count by hand (patch embedding, class token
+    /// and position embedding, per block two LayerNorms, qkv, proj, fc1 and
+    /// fc2 with biases, final LayerNorm, head), and against the counts timm
+    /// reports for its models of the same shape with 1000 classes.
+    #[test]
+    fn preset_parameter_counts_match_a_hand_count_and_timm() {
+        for p in PRESETS {
+            let c = VitConfig::preset(p.name, 1000).unwrap();
+            let (d, m, pp) = (c.width, c.mlp, c.patch * c.patch);
+            let block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d);
+            let hand = (3 * pp * d + d)
+                + d
+                + (c.n_patches() + 1) * d
+                + c.depth * block
+                + 2 * d
+                + (d * 1000 + 1000);
+            assert_eq!(param_count(&c, &dense_ranks(&c)), hand, "{}", p.name);
+        }
+        // timm: sum(p.numel() for p in timm.create_model(name).parameters()).
+        for (name, timm) in [
+            ("vit-t16", 5_717_416),   // vit_tiny_patch16_224
+            ("vit-s16", 22_050_664),  // vit_small_patch16_224
+            ("vit-b16", 86_567_656),  // vit_base_patch16_224
+            ("vit-b32", 88_224_232),  // vit_base_patch32_224
+            ("vit-l16", 304_326_632), // vit_large_patch16_224
+            ("deit-s16", 22_050_664), // deit_small_patch16_224
+        ] {
+            let c = VitConfig::preset(name, 1000).unwrap();
+            assert_eq!(param_count(&c, &dense_ranks(&c)), timm, "{name}");
+        }
+    }
+
     use super::*;
 
     #[test]
