@@ -280,7 +280,8 @@ pub fn run_sweep<B: Backend>(
         batch,
         compute: opts.compute.cache_key(),
     })?;
-    let (workers, gate) = workers_and_gate(be, inputs, opts, &todo)?;
+    let (workers, room) = workers_and_room(be, inputs, opts, &todo)?;
+    let gate = room.map(|r| r.gate);
     if !opts.quiet && workers > 1 {
         eprintln!(
             "training {workers} students at once, {} thread(s) each",
@@ -442,19 +443,19 @@ pub fn training_run<'a>(
 
 /// Students to train at once for `todo`: `opts.parallel` on `be`, and
 /// under `Parallel::Auto` no more than the memory limits hold; with the
-/// gate each student passes before it starts (`SweepOptions::memory`).
-fn workers_and_gate<B: Backend>(
+/// room each student reserves before it starts (`SweepOptions::memory`).
+fn workers_and_room<B: Backend>(
     be: &B,
     inputs: &SweepInputs<'_>,
     opts: &SweepOptions,
     todo: &[Job],
-) -> Result<(usize, Option<Gate>)> {
-    let gate = memory_gate(be, inputs, opts, opts.uses_teacher_cache(), todo)?;
+) -> Result<(usize, Option<StudentRoom>)> {
+    let room = student_room(be, inputs, opts, opts.uses_teacher_cache(), todo)?;
     let mut workers = opts.parallel.workers(be, inputs.cfg, todo.len());
-    if let (Parallel::Auto, Some((gate, largest))) = (opts.parallel, &gate) {
-        workers = workers.min(gate.how_many(largest).max(1));
+    if let (Parallel::Auto, Some(r)) = (opts.parallel, &room) {
+        workers = workers.min(r.gate.how_many(&r.largest).max(1));
     }
-    Ok((workers, gate.map(|(g, _)| g)))
+    Ok((workers, room))
 }
 
 /// How many students a sweep trains at once, and why (`--dry-run` says it).
@@ -476,43 +477,33 @@ pub fn students_at_once<B: Backend>(
     opts: &SweepOptions,
 ) -> Result<StudentsAtOnce> {
     let mine = opts.shard.select(&sweep_jobs(opts));
-    let sizes = memory_gate(be, inputs, opts, opts.uses_teacher_cache(), &mine)?
-        .map(|(_, largest)| largest);
+    let (students, room) = workers_and_room(be, inputs, opts, &mine)?;
     let totals = |p: &Plan| [p.total(Place::Host), p.total(Place::Device)];
-    let shared = match (opts.memory, mine.first()) {
-        (Some(_), Some(first)) => {
-            let ranks = job_ranks(inputs.cfg, opts, first)?.0;
-            let dense = dense_ranks(inputs.cfg);
-            let run = training_run(
-                Storage::of(be),
-                inputs,
-                opts,
-                opts.uses_teacher_cache(),
-                &ranks,
-                &dense,
-            );
-            Some(totals(&Plan::shared(&run)))
-        }
-        _ => None,
-    };
     Ok(StudentsAtOnce {
-        students: workers_and_gate(be, inputs, opts, &mine)?.0,
-        shared,
-        each: sizes.as_ref().map(totals),
+        students,
+        shared: room.as_ref().map(|r| totals(&r.shared)),
+        each: room.as_ref().map(|r| totals(&r.largest)),
     })
 }
 
-/// The gate students pass before they start (`SweepOptions::memory`): the
-/// room the limits leave beside what the students share, and the plan of
-/// the largest student of `todo`. An error when the shared part alone
-/// does not fit.
-fn memory_gate<B: Backend>(
+/// What the memory limits leave a sweep's students: the plan of what they
+/// share, of the largest student of the jobs, and the gate each passes
+/// before it starts (the room beside the shared part).
+struct StudentRoom {
+    gate: Gate,
+    shared: Plan,
+    largest: Plan,
+}
+
+/// The students' room under `opts.memory` for `todo` (None without
+/// limits or jobs). An error when the shared part alone does not fit.
+fn student_room<B: Backend>(
     be: &B,
     inputs: &SweepInputs<'_>,
     opts: &SweepOptions,
     use_cache: bool,
     todo: &[Job],
-) -> Result<Option<(Gate, Plan)>> {
+) -> Result<Option<StudentRoom>> {
     let (Some(limits), Some(first)) = (opts.memory, todo.first()) else {
         return Ok(None);
     };
@@ -534,6 +525,9 @@ fn memory_gate<B: Backend>(
             largest = Some(p);
         }
     }
+    let Some(largest) = largest else {
+        return Ok(None);
+    };
     let room = |limit: Option<u64>, place: Place| -> Result<Option<u64>> {
         let Some(limit) = limit else { return Ok(None) };
         let need = shared.total(place);
@@ -551,7 +545,11 @@ fn memory_gate<B: Backend>(
         room(limits.host, Place::Host)?,
         room(limits.device, Place::Device)?,
     );
-    Ok(largest.map(|l| (gate, l)))
+    Ok(Some(StudentRoom {
+        gate,
+        shared,
+        largest,
+    }))
 }
 
 /// The order in which workers take `todo`: as listed for one worker; for
