@@ -31,6 +31,40 @@ fn err<E: std::fmt::Debug>(path: &Path) -> impl Fn(E) -> anyhow::Error + '_ {
     move |e| anyhow!("drawing {}: {e:?}", path.display())
 }
 
+type Drawn = Result<(), Box<dyn std::error::Error>>;
+
+/// Draw a `size` PNG at `path`: white, `draw` on it, written.
+fn render(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&DrawingArea<BitMapBackend, Shift>) -> Drawn,
+) -> Result<()> {
+    register();
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    root.fill(&WHITE).map_err(err(path))?;
+    draw(&root).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
+    root.present().map_err(err(path))?;
+    Ok(())
+}
+
+/// The legend box every plot draws, at `position`.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Drawn
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    Ok(())
+}
+
 const BLUE: RGBColor = RGBColor(31, 119, 180);
 const ORANGE: RGBColor = RGBColor(255, 127, 14);
 const GREEN: RGBColor = RGBColor(44, 160, 44);
@@ -40,18 +74,10 @@ const RED: RGBColor = RGBColor(214, 39, 40);
 /// the threshold lines, the region shaded, the knee marked, compression in
 /// the legend.
 pub fn plot_curve(r: &AnalysisReport, path: &Path) -> Result<()> {
-    register();
-    let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
-    root.fill(&WHITE).map_err(err(path))?;
-    draw_curve(r, &root).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
-    root.present().map_err(err(path))?;
-    Ok(())
+    render(path, (1100, 700), |root| draw_curve(r, root))
 }
 
-fn draw_curve(
-    r: &AnalysisReport,
-    root: &DrawingArea<BitMapBackend, Shift>,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn draw_curve(r: &AnalysisReport, root: &DrawingArea<BitMapBackend, Shift>) -> Drawn {
     let m = &r.mean;
     let (x0, x1) = (m.points[0].0, m.points[m.points.len() - 1].0);
     let all_acc = r
@@ -166,14 +192,7 @@ fn draw_curve(
             .label(format!("knee r* = {}{}", k.rank, comp("knee")))
             .legend(|(x, y)| TriangleMarker::new((x + 9, y), 7, RED.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()?;
-    Ok(())
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 const PALETTE: [RGBColor; 6] = [
@@ -190,18 +209,10 @@ const PALETTE: [RGBColor; 6] = [
 /// triangle; region, knee and compression in the legend), and the
 /// reference and threshold lines once when all curves share a reference.
 pub fn plot_joint(j: &JointReport, path: &Path) -> Result<()> {
-    register();
-    let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
-    root.fill(&WHITE).map_err(err(path))?;
-    draw_joint(j, &root).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
-    root.present().map_err(err(path))?;
-    Ok(())
+    render(path, (1100, 700), |root| draw_joint(j, root))
 }
 
-fn draw_joint(
-    j: &JointReport,
-    root: &DrawingArea<BitMapBackend, Shift>,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn draw_joint(j: &JointReport, root: &DrawingArea<BitMapBackend, Shift>) -> Drawn {
     let reports: Vec<&AnalysisReport> = j.curves.iter().map(|c| &c.report).collect();
     let xs = reports
         .iter()
@@ -301,26 +312,14 @@ fn draw_joint(
             chart.draw_series(std::iter::once(TriangleMarker::new(p, 9, color.filled())))?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()?;
-    Ok(())
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 /// budget.png: mean top-1 against parameter count (log axis) of the
 /// uniform and the budget students (PCHIP line, means, every seed), the
 /// teacher and threshold lines, each curve's crossings as vertical lines.
 pub fn plot_budget(r: &BudgetReport, path: &Path) -> Result<()> {
-    register();
-    let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
-    root.fill(&WHITE).map_err(err(path))?;
-    draw_budget(r, &root).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
-    root.present().map_err(err(path))?;
-    Ok(())
+    render(path, (1100, 700), |root| draw_budget(r, root))
 }
 
 /// PCHIP through a curve's means at 200 parameter counts evenly spaced
@@ -344,10 +343,7 @@ fn size_line(c: &SizeCurve) -> Vec<(f64, f64)> {
     }
 }
 
-fn draw_budget(
-    r: &BudgetReport,
-    root: &DrawingArea<BitMapBackend, Shift>,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn draw_budget(r: &BudgetReport, root: &DrawingArea<BitMapBackend, Shift>) -> Drawn {
     let curves = [(&r.uniform, BLUE), (&r.allocated, ORANGE)];
     let all = || curves.iter().flat_map(|(c, _)| c.points.iter());
     let (x0, x1) = all().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
@@ -454,30 +450,15 @@ fn draw_budget(
             ))?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()?;
-    Ok(())
+    draw_legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 /// spectrum.png: normalized singular values (σ_i / σ_1) of every layer.
 pub fn plot_spectrum(s: &SpectrumReport, path: &Path) -> Result<()> {
-    register();
-    let root = BitMapBackend::new(path, (1100, 700)).into_drawing_area();
-    root.fill(&WHITE).map_err(err(path))?;
-    draw_spectrum(s, &root).map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
-    root.present().map_err(err(path))?;
-    Ok(())
+    render(path, (1100, 700), |root| draw_spectrum(s, root))
 }
 
-fn draw_spectrum(
-    s: &SpectrumReport,
-    root: &DrawingArea<BitMapBackend, Shift>,
-) -> Result<(), Box<dyn std::error::Error>> {
+fn draw_spectrum(s: &SpectrumReport, root: &DrawingArea<BitMapBackend, Shift>) -> Drawn {
     let n = s
         .layers
         .iter()
@@ -537,33 +518,23 @@ fn draw_spectrum(
             }
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()?;
-    Ok(())
+    draw_legend(&mut chart, SeriesLabelPosition::LowerLeft)
 }
 
 /// heatmap.png: each layer's own effective rank (the sensitivity pass's
 /// r at `hi` and at `lo` of the teacher's top-1), block by projection, the
 /// colour the rank's share of the layer's full rank on a log scale.
 pub fn plot_sensitivity(s: &SensitivityReport, path: &Path) -> Result<()> {
-    register();
-    let root = BitMapBackend::new(path, (1100, 150 + 60 * depth_of(s) as u32)).into_drawing_area();
-    root.fill(&WHITE).map_err(err(path))?;
-    let panels = root.split_evenly((1, 2));
-    for (panel, (fraction, pick)) in panels.iter().zip([
-        (s.hi, (|l| l.rank_hi) as fn(&LayerSensitivity) -> usize),
-        (s.lo, |l| l.rank_lo),
-    ]) {
-        draw_heatmap(s, panel, fraction, pick)
-            .map_err(|e| anyhow!("drawing {}: {e}", path.display()))?;
-    }
-    root.present().map_err(err(path))?;
-    Ok(())
+    render(path, (1100, 150 + 60 * depth_of(s) as u32), |root| {
+        let panels = root.split_evenly((1, 2));
+        for (panel, (fraction, pick)) in panels.iter().zip([
+            (s.hi, (|l| l.rank_hi) as fn(&LayerSensitivity) -> usize),
+            (s.lo, |l| l.rank_lo),
+        ]) {
+            draw_heatmap(s, panel, fraction, pick)?;
+        }
+        Ok(())
+    })
 }
 
 fn depth_of(s: &SensitivityReport) -> usize {
@@ -575,7 +546,7 @@ fn draw_heatmap(
     root: &DrawingArea<BitMapBackend, Shift>,
     fraction: f64,
     pick: fn(&LayerSensitivity) -> usize,
-) -> Result<(), Box<dyn std::error::Error>> {
+) -> Drawn {
     let depth = depth_of(s);
     let mut chart = ChartBuilder::on(root)
         .caption(
