@@ -441,8 +441,9 @@ fn a_source_not_resized_at_load_records_its_own_size() {
 fn streamed_parquet_equals_parquet_in_memory() {
     let dir = tempfile::tempdir().unwrap();
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-parquet");
-    let epoch = |out: &Path, gib: &str| {
-        ok(&[
+    // One epoch at batch 2 with the budget `gib`, and `extra` flags.
+    let epoch = |out: &Path, gib: &str, extra: &[&str]| {
+        let mut args = vec![
             "train",
             "--model",
             "vit-demo",
@@ -456,15 +457,17 @@ fn streamed_parquet_equals_parquet_in_memory() {
             gib,
             "--out",
             out.to_str().unwrap(),
-        ])
+        ];
+        args.extend_from_slice(extra);
+        ok(&args)
     };
     let (memory, streamed) = (dir.path().join("memory"), dir.path().join("streamed"));
-    let said = epoch(&memory, "1");
+    let said = epoch(&memory, "1", &[]);
     assert!(!said.contains("streamed"), "{said}");
     // 5.4 kB: a few batches of 2 images of 16 px (768 bytes each), but
     // neither the decoded set nor the files (21 kB): the images are spilled
     // to a temporary file and read back from it.
-    let said = epoch(&streamed, "0.000005");
+    let said = epoch(&streamed, "0.000005", &[]);
     assert!(said.contains("temporary file"), "{said}");
     let same = |memory: &Path, streamed: &Path| {
         let (a, b) = (
@@ -478,25 +481,7 @@ fn streamed_parquet_equals_parquet_in_memory() {
     same(&memory, &streamed);
     // Stored at 64 px (12 kB each), the decoded set (369 kB) exceeds 107 kB
     // and the files do not: streamed from the encoded images held in memory.
-    let at_64 = |out: &Path, gib: &str| {
-        ok(&[
-            "train",
-            "--model",
-            "vit-demo",
-            "--epochs",
-            "1",
-            "--batch",
-            "2",
-            "--data",
-            data.to_str().unwrap(),
-            "--data-memory",
-            gib,
-            "--image-size",
-            "64",
-            "--out",
-            out.to_str().unwrap(),
-        ])
-    };
+    let at_64 = |out: &Path, gib: &str| epoch(out, gib, &["--image-size", "64"]);
     let (memory, streamed) = (dir.path().join("memory64"), dir.path().join("streamed64"));
     assert!(!at_64(&memory, "1").contains("streamed"));
     let said = at_64(&streamed, "0.0001");
