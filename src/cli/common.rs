@@ -343,6 +343,11 @@ pub struct MemoryFlags {
     /// operating system says is available, within the cgroup's limit].
     #[arg(long, value_parser = effrank_engine::memory::parse_size)]
     pub memory_limit: Option<u64>,
+    /// Also check the plan against the GPU's free memory (from the
+    /// driver). Off by default: the GPU side of the plan has not yet been
+    /// checked against a GPU's allocations (host memory is always checked).
+    #[arg(long)]
+    pub check_gpu_memory: bool,
 }
 
 impl TrainFlags {

@@ -31,9 +31,15 @@ pub enum Planned {
     DryRun,
 }
 
-/// The limits of `be`'s machine under `flags`.
+/// The limits of `be`'s machine under `flags`: the GPU's free memory only
+/// with `--check-gpu-memory` (`MemoryFlags`).
 pub fn limits<D: Device>(be: &D, flags: &MemoryFlags) -> Result<Limits> {
-    Ok(Limits::detect(flags.memory_limit, be.free_memory()?))
+    let device = if flags.check_gpu_memory {
+        be.free_memory()?
+    } else {
+        None
+    };
+    Ok(Limits::detect(flags.memory_limit, device))
 }
 
 /// Plans a training run of `batch` images per step, `plan_for(batch,
