@@ -483,6 +483,7 @@ fn weight_spectra_of_fused_qkv_and_low_rank_layers() {
         mlp: 4,
         classes: 2,
         ln_eps: 1e-6,
+        family: Default::default(),
     };
     let mut ranks = dense_ranks(&cfg);
     ranks[0][BlockLinear::Fc1] = Some(1);

@@ -30,6 +30,7 @@ fn tiny_config() -> VitConfig {
         mlp: 12,
         classes: 5,
         ln_eps: 1e-6,
+        family: Default::default(),
     }
 }
 
@@ -45,6 +46,7 @@ fn wide_config() -> VitConfig {
         mlp: 160,
         classes: 7,
         ln_eps: 1e-6,
+        family: Default::default(),
     }
 }
 
