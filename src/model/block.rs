@@ -231,7 +231,13 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             &a.ln2,
             rows,
         )?;
-        gelu::forward(be, &mut a.fc1_act, &a.fc1_pre, rows * c.mlp)?;
+        gelu::forward(
+            be,
+            &mut a.fc1_act,
+            &a.fc1_pre,
+            rows * c.mlp,
+            gelu::Activation::Gelu,
+        )?;
         linear_forward(
             be,
             &bp.fc2,
@@ -320,6 +326,7 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             &a.fc1_act,
             &s.d_hidden,
             rows * c.mlp,
+            gelu::Activation::Gelu,
         )?;
         self.layer_backward(
             be,
