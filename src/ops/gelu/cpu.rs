@@ -203,7 +203,7 @@ pub fn sigmoid(z: f32) -> f32 {
 }
 
 /// 2·√(2/π), for the tanh GELU's σ(2u).
-const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1;
+const TWO_SQRT_2_OVER_PI: f32 = 1.595_769;
 /// The cubic coefficient of the tanh GELU.
 const TANH_CUBIC: f32 = 0.044_715;
 /// The quick GELU's slope.
