@@ -20,7 +20,7 @@
 //! y = x·Φ(x) (2 ulp), so only φ(x) needs an `exp`, where evaluating Φ
 //! again costs a division, the erfc polynomial and a second `exp`.
 
-use super::{Activation, GeluKernel};
+use super::{Activation, GeluKernel, Saved};
 use crate::device::Cpu;
 use crate::ops::simd::{vectorized, ELEMENTWISE_CHUNK as CHUNK};
 use crate::ops::Checked;
@@ -308,8 +308,7 @@ impl GeluKernel for Cpu {
     fn gelu_backward(
         &self,
         dx: &mut Vec<f32>,
-        x: &Vec<f32>,
-        y: &Vec<f32>,
+        Saved { x, y }: Saved<'_, Vec<f32>>,
         dout: &Vec<f32>,
         len: usize,
         act: Activation,

@@ -67,6 +67,13 @@ impl std::str::FromStr for Activation {
     }
 }
 
+/// What the backward pass reads of the forward's: its input `x` and its
+/// output `y`.
+pub struct Saved<'a, T> {
+    pub x: &'a T,
+    pub y: &'a T,
+}
+
 /// Device bodies of the activations (call `forward` / `backward`).
 pub trait GeluKernel: Device {
     fn gelu_forward(
@@ -77,14 +84,10 @@ pub trait GeluKernel: Device {
         act: Activation,
         _: Checked,
     ) -> Result<()>;
-    // The buffers, their length, the activation and the token: one more
-    // argument than clippy's default, and grouping them would only rename them.
-    #[allow(clippy::too_many_arguments)]
     fn gelu_backward(
         &self,
         dx: &mut Self::Buf,
-        x: &Self::Buf,
-        y: &Self::Buf,
+        saved: Saved<'_, Self::Buf>,
         dout: &Self::Buf,
         len: usize,
         act: Activation,
@@ -134,7 +137,7 @@ pub fn backward<D: GeluKernel>(
         )
     });
     profiled(dev, "gelu_backward", w, || {
-        dev.gelu_backward(dx, x, y, dout, len, act, Checked::new())
+        dev.gelu_backward(dx, Saved { x, y }, dout, len, act, Checked::new())
     })
 }
 
