@@ -349,13 +349,6 @@ fn contradicting_configs_are_named() {
             },
             "dist_token",
         ),
-        (
-            Family {
-                dist_token: true,
-                ..Family::default()
-            },
-            "distillation token",
-        ),
     ];
     for (family, field) in cases {
         let e = config(family).validate().unwrap_err().to_string();

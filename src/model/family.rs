@@ -5,7 +5,7 @@
 //! | family | prefix tokens | position embedding | differs in |
 //! |---|---|---|---|
 //! | ViT (timm `vit_*`, torchvision, HF `ViT*`), DeiT | class | all tokens | |
-//! | DeiT distilled | class, distillation | all tokens | `Pool::Distilled` |
+//! | DeiT distilled | class, distillation | all tokens | `Pool::Distilled` (HF's `DeiTForImageClassification`: `Pool::Class`) |
 //! | DeiT-III | class | patches only | LayerScale |
 //! | DINOv2 | class | all tokens | LayerScale |
 //! | DINOv2 with registers | class, 4 registers | patches only | LayerScale |
@@ -280,11 +280,13 @@ mod tests {
         };
         avg.validate().unwrap();
         assert_eq!(avg.prefix_tokens(), 0);
-        let dist_without_pool = Family {
+        // Hugging Face's DeiTForImageClassification: the distillation token
+        // takes part in attention, only the class token reaches the head.
+        let dist_with_class_pool = Family {
             dist_token: true,
             ..Family::default()
         };
-        assert!(dist_without_pool.validate().is_err());
+        dist_with_class_pool.validate().unwrap();
         let distilled = Family {
             dist_token: true,
             pool: Pool::Distilled,
