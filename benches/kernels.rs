@@ -19,6 +19,7 @@ use effrank_engine::device::{BufKind, Cuda, Device, Precision};
 use effrank_engine::ops;
 use effrank_engine::ops::adamw::AdamWStep;
 use effrank_engine::ops::attention::{AttentionShape, Qkv};
+use effrank_engine::ops::gelu::Activation;
 use effrank_engine::ops::image::ImageTransform;
 use effrank_engine::ops::layernorm::{Params, Saved};
 use effrank_engine::ops::loss::LogitLossConfig;
@@ -531,15 +532,18 @@ fn memory_bound_rows(be: &Cuda, rows: &mut Vec<Row>) -> Result<()> {
             baseline_ms: None,
         });
     }
-    let s = be.median_device_seconds(50, || ops::gelu::forward(be, &mut out, &x, n))?;
+    let s = be.median_device_seconds(50, || {
+        ops::gelu::forward(be, &mut out, &x, n, Activation::Gelu)
+    })?;
     rows.push(Row {
         kernel: format!("gelu_forward {n}"),
         ms: s * 1e3,
         rate: gbs(2.0 * e * n as f64, s),
         baseline_ms: None,
     });
-    let s =
-        be.median_device_seconds(50, || ops::gelu::backward(be, &mut dx, &x, &out, &dout, n))?;
+    let s = be.median_device_seconds(50, || {
+        ops::gelu::backward(be, &mut dx, &x, &out, &dout, n, Activation::Gelu)
+    })?;
     rows.push(Row {
         kernel: format!("gelu_backward {n}"),
         ms: s * 1e3,

@@ -168,6 +168,10 @@ pub fn acts_elems(m: ModelShape, b: usize, slots: usize) -> Elems {
     for slot in 0..slots {
         e.activation += 10 * n * d + b * c.heads as u64 * t * t + 2 * n * c.mlp as u64;
         e.full += 4 * n;
+        if c.family.layer_scale {
+            // The projection's and fc2's outputs before LayerScale.
+            e.activation += 2 * n * d;
+        }
         for layer in crate::model::params::BlockLinear::ALL {
             let rank = m
                 .ranks
@@ -191,6 +195,14 @@ pub fn acts_elems(m: ModelShape, b: usize, slots: usize) -> Elems {
         + 2 * b * d
         + b * c.classes as u64;
     e.full += 2 * b;
+    if c.family.norm_pre {
+        e.activation += n * d;
+        e.full += 2 * n;
+    }
+    let [pool_acts, pool_stats] =
+        crate::model::pool::act_elems(c.family.pool, b as usize, c.tokens(), c.width, c.classes);
+    e.activation += pool_acts as u64;
+    e.full += pool_stats as u64;
     e
 }
 
@@ -207,12 +219,22 @@ pub fn scratch_elems(m: ModelShape, b: usize) -> Elems {
         .copied()
         .max()
         .unwrap_or(1) as u64;
+    let norm_pre = if c.family.norm_pre { n * d } else { 0 };
+    let pool = crate::model::pool::scratch_elems(
+        c.family.pool,
+        b as usize,
+        c.tokens(),
+        c.width,
+        c.classes,
+    ) as u64;
     Elems {
         activation: 7 * n * d
             + 2 * n * c.mlp as u64
             + n * max_rank
             + 5 * b * d
-            + b * c.n_patches() as u64 * d,
+            + b * c.n_patches() as u64 * d
+            + norm_pre
+            + pool,
         full: 0,
     }
 }

@@ -75,6 +75,10 @@ pub struct ComputeOptions {
     pub fused_add_layernorm: Switch,
     /// The CPU attention backward's AVX-512 register tiles (head dim 16).
     pub attention_tiles: Switch,
+    /// CUDA: the kernels only the ViT families other than the plain one
+    /// use (`model::family`).
+    #[serde(default)]
+    pub family_kernels: Switch,
     /// The CPU's vector instruction set.
     pub simd: SimdChoice,
     /// Time every op and print the table at the end (changes no result).
@@ -113,6 +117,7 @@ impl ComputeOptions {
             batch_split: Switch::Auto,
             short_attention: Switch::On,
             fused_add_layernorm: Switch::On,
+            family_kernels: Switch::On,
             ..Default::default()
         }
     }
@@ -152,6 +157,7 @@ impl ComputeOptions {
             short_attention: switch(on("EFFRANK_CUDA_SHORT_ATTENTION")?, Switch::On),
             fused_add_layernorm: switch(on("EFFRANK_CUDA_FUSED_ADD_LN")?, Switch::On),
             attention_tiles: switch(on("EFFRANK_ATTENTION_PRODUCTS")?, Switch::Off),
+            family_kernels: Switch::Auto,
             simd,
             profile: on("EFFRANK_PROFILE")?,
         })
@@ -169,6 +175,7 @@ impl ComputeOptions {
                 class_token_query: tail,
                 batch_split: self.batch_split.or(cpu),
                 fused_add_layernorm: !cpu && self.fused_add_layernorm.or(false),
+                family_kernels: cpu || self.family_kernels.or(false),
             },
             short_attention: !cpu && self.short_attention.or(false),
             attention_tiles: self.attention_tiles.or(true),
@@ -194,6 +201,11 @@ pub struct ModelPaths {
     /// Residual adds and the LayerNorms that read them as one op
     /// (`ops::add_layernorm`).
     pub fused_add_layernorm: bool,
+    /// The model may be of a family other than the plain ViT (its kernels
+    /// are on for the CPU; on CUDA they have not run on a GPU yet, so a
+    /// model that needs them is refused unless asked for).
+    #[serde(default)]
+    pub family_kernels: bool,
 }
 
 impl ModelPaths {

@@ -483,6 +483,7 @@ fn weight_spectra_of_fused_qkv_and_low_rank_layers() {
         mlp: 4,
         classes: 2,
         ln_eps: 1e-6,
+        family: Default::default(),
     };
     let mut ranks = dense_ranks(&cfg);
     ranks[0][BlockLinear::Fc1] = Some(1);
@@ -490,7 +491,7 @@ fn weight_spectra_of_fused_qkv_and_low_rank_layers() {
         VitParams::build(&cfg, &ranks, |s| Ok::<_, ()>(vec![0.5; s.numel()])).unwrap();
     let dense = |w: Vec<f32>| Linear::Dense {
         weight: w,
-        bias: vec![0.0; 2],
+        bias: Some(vec![0.0; 2]),
     };
     p.blocks[0].q = dense(vec![3.0, 0.0, 0.0, 1.0]);
     p.blocks[0].k = dense(vec![1.0, 0.0, 0.0, 1.0]);
@@ -498,7 +499,7 @@ fn weight_spectra_of_fused_qkv_and_low_rank_layers() {
     p.blocks[0].fc1 = Linear::LowRank {
         u: vec![1.0, 0.0, 0.0, 2.0],
         v: vec![1.0, 1.0],
-        bias: vec![0.0; 4],
+        bias: Some(vec![0.0; 4]),
     };
     let path = d.path().join("m.safetensors");
     save_checkpoint(&path, &cfg, &ranks, &p, &BTreeMap::new()).unwrap();

@@ -81,6 +81,7 @@ fn tiny_config() -> VitConfig {
         mlp: 48,
         classes: 10,
         ln_eps: 1e-6,
+        family: Default::default(),
     }
 }
 
@@ -316,6 +317,94 @@ fn logits_only_forward_matches_cpu() {
                 &[want],
                 tolerance,
             );
+        }
+    }
+}
+
+/// Every family but the plain one (`model::family`), a step on the GPU with
+/// its kernels switched on (`--family-kernels on`) against the CPU: loss
+/// and gradients, fp32 and bf16.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn every_familys_step_matches_cpu() {
+    use effrank_engine::model::{Family, Pool, PosEmbed};
+    use effrank_engine::ops::gelu::Activation;
+    let plain = Family::default();
+    let families = [
+        Family {
+            dist_token: true,
+            pool: Pool::Distilled,
+            ..plain
+        },
+        Family {
+            registers: 2,
+            pos_embed: PosEmbed::PatchesOnly,
+            layer_scale: true,
+            ..plain
+        },
+        Family {
+            registers: 1,
+            layer_scale: true,
+            pool: Pool::ClassAndMean,
+            ..plain
+        },
+        Family {
+            norm_pre: true,
+            patch_bias: false,
+            act: Activation::QuickGelu,
+            ..plain
+        },
+        Family {
+            class_token: false,
+            pool: Pool::Average,
+            qkv_bias: false,
+            act: Activation::GeluTanh,
+            ..plain
+        },
+    ];
+    let batch = 6;
+    let mut rng = Rng::new(54);
+    let bytes: Vec<u8> = (0..batch * 3 * 20 * 20)
+        .map(|_| rng.below(256) as u8)
+        .collect();
+    for family in families {
+        let cfg = VitConfig {
+            family,
+            ..tiny_config()
+        };
+        let labels: Vec<u32> = (0..batch).map(|_| rng.below(cfg.classes) as u32).collect();
+        for p in PRECISIONS {
+            let (loss_tol, grad_tol, floor) = match p {
+                Precision::F32 => (1e-4, 1e-3, 1e-3),
+                Precision::Bf16 => (1e-2, 3e-2, 3e-2),
+            };
+            let mut options = ComputeOptions::default();
+            options.family_kernels = effrank_engine::options::Switch::On;
+            let paths = options.resolve(DeviceKind::Cuda).model;
+            for ranks in [dense_ranks(&cfg), uniform_ranks(&cfg, 8)] {
+                let (lc, gc, _) = one_step(
+                    &Cpu,
+                    ModelPaths::default_of(&Cpu),
+                    &cfg,
+                    &ranks,
+                    &bytes,
+                    &labels,
+                );
+                let (lg, gg, _) = one_step(&cuda(p), paths, &cfg, &ranks, &bytes, &labels);
+                println!("{}, {p:?}: loss cpu {lc} gpu {lg}", family.describe());
+                assert!(
+                    (lc - lg).abs() <= loss_tol * lc.abs().max(1.0),
+                    "{}, {p:?}: loss cpu {lc} gpu {lg}",
+                    family.describe()
+                );
+                assert_close_floor(
+                    &format!("{} gradients {p:?}", family.describe()),
+                    &gg,
+                    &gc,
+                    grad_tol,
+                    floor,
+                );
+            }
         }
     }
 }

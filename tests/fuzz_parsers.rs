@@ -317,7 +317,7 @@ fn checkpoint_sample() -> (Vec<u8>, BTreeMap<String, String>) {
         std::sync::OnceLock::new();
     SAMPLE
         .get_or_init(|| {
-            let cfg = VitConfig { image_size: 8, channels: 3, patch: 4, width: 8, depth: 1, heads: 2, mlp: 16, classes: 3, ln_eps: 1e-6 };
+            let cfg = VitConfig { image_size: 8, channels: 3, patch: 4, width: 8, depth: 1, heads: 2, mlp: 16, classes: 3, ln_eps: 1e-6, family: Default::default() };
             let ranks = uniform_ranks(&cfg, 2);
             let params = init_params(&cfg, &ranks, 1);
             let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ use effrank_engine::memory::{
     Gate, ModelShape, Part, Place, Plan, Storage, TeacherPlan, TrainingRun,
 };
 use effrank_engine::model::params::{dense_ranks, param_count, uniform_ranks, BlockLinear, Ranks};
-use effrank_engine::model::{Vit, VitConfig, VitParams};
+use effrank_engine::model::{Family, Pool, Vit, VitConfig, VitParams};
 use effrank_engine::ops::image::ImageTransform;
 use effrank_engine::options::ModelPaths;
 use effrank_engine::rng::Rng;
@@ -41,6 +41,7 @@ fn configs() -> Vec<VitConfig> {
         mlp: 12,
         classes: 5,
         ln_eps: 1e-6,
+        family: Default::default(),
     };
     let deeper = VitConfig {
         image_size: 16,
@@ -60,7 +61,28 @@ fn configs() -> Vec<VitConfig> {
         depth: 1,
         ..deeper.clone()
     };
-    vec![small, deeper, wide]
+    // Families with buffers of their own: LayerScale's pre-scale outputs,
+    // norm_pre's input, the distilled pair of heads, and the LayerNorm on
+    // every token of class-and-mean pooling.
+    let distilled = VitConfig {
+        family: Family {
+            dist_token: true,
+            pool: Pool::Distilled,
+            layer_scale: true,
+            norm_pre: true,
+            ..Family::default()
+        },
+        ..small.clone()
+    };
+    let class_and_mean = VitConfig {
+        family: Family {
+            registers: 2,
+            pool: Pool::ClassAndMean,
+            ..Family::default()
+        },
+        ..deeper.clone()
+    };
+    vec![small, deeper, wide, distilled, class_and_mean]
 }
 
 fn rank_sets(cfg: &VitConfig) -> Vec<Ranks> {

@@ -232,7 +232,7 @@ fn a_new_head_replaces_the_old_one() {
     )
     .unwrap();
     assert_eq!(ck.cfg.classes, 3);
-    assert!(ck.params.head.bias().iter().all(|&v| v == 0.0));
+    assert!(ck.params.head.bias().unwrap().iter().all(|&v| v == 0.0));
 }
 
 /// torchvision distributes its weights as a `.pth` (a `torch.save`d

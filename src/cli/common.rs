@@ -60,6 +60,12 @@ pub struct ComputeFlags {
     /// EFFRANK_CUDA_FUSED_ADD_LN=1 on].
     #[arg(long, value_enum)]
     pub fused_add_layernorm: Option<Switch>,
+    /// CUDA: the kernels that only the ViT families other than the plain
+    /// one need (DeiT distilled, DeiT-III, DINOv2, registers, CLIP, average
+    /// pooling; `model::family`) (auto: off, so such a model is refused on
+    /// cuda; not yet verified on a GPU).
+    #[arg(long, value_enum)]
+    pub family_kernels: Option<Switch>,
     /// CPU: the attention backward's AVX-512 register tiles at head width 16
     /// (auto: on where the CPU has AVX-512) [env:
     /// EFFRANK_ATTENTION_PRODUCTS=1 off].
@@ -91,6 +97,7 @@ impl ComputeFlags {
                 .fused_add_layernorm
                 .unwrap_or(fallback.fused_add_layernorm),
             attention_tiles: self.attention_tiles.unwrap_or(fallback.attention_tiles),
+            family_kernels: self.family_kernels.unwrap_or(fallback.family_kernels),
             simd: self.simd.unwrap_or(fallback.simd),
             profile: self.profile || fallback.profile,
         })

@@ -261,6 +261,7 @@ pub fn factorize(
             let Linear::Dense { weight, bias } = layer else {
                 bail!("layer {name} of the teacher is already low-rank; factorize a dense teacher");
             };
+            let bias_params = bias.as_ref().map_or(0, |b| b.len());
             let ((u, v, rel_error), errors) = match init {
                 FactorInit::Svd => (
                     svd_factors(weight, out, inp, r, &name)
@@ -298,8 +299,8 @@ pub fn factorize(
                 out,
                 inp,
                 rank: r,
-                params_before: out * inp + out,
-                params_after: r * (out + inp) + out,
+                params_before: out * inp + bias_params,
+                params_after: r * (out + inp) + bias_params,
                 rel_error,
                 output_error,
                 svd_output_error,
@@ -370,6 +371,7 @@ fn refresh_blocks_and_head(
         *block = new;
     }
     student.head = fresh.head;
+    student.head_dist = fresh.head_dist;
 }
 
 #[cfg(test)]
@@ -502,8 +504,16 @@ mod tests {
         let (s, _) = make_student(&cfg, &teacher, &ranks, &plan, 42, None).unwrap();
         for (name, a, b) in [
             ("patch_w", &s.patch_w, &teacher.patch_w),
-            ("patch_b", &s.patch_b, &teacher.patch_b),
-            ("cls", &s.cls, &teacher.cls),
+            (
+                "patch_b",
+                s.patch_b.as_ref().unwrap(),
+                teacher.patch_b.as_ref().unwrap(),
+            ),
+            (
+                "cls",
+                s.cls.as_ref().unwrap(),
+                teacher.cls.as_ref().unwrap(),
+            ),
             ("pos", &s.pos, &teacher.pos),
             ("norm_w", &s.norm_w, &teacher.norm_w),
             ("norm_b", &s.norm_b, &teacher.norm_b),
@@ -517,12 +527,15 @@ mod tests {
             "fresh LayerNorms"
         );
         assert!(
-            BlockLinear::ALL
-                .iter()
-                .all(|&l| b.linear(l).bias().iter().all(|&v| v == 0.0)),
+            BlockLinear::ALL.iter().all(|&l| b
+                .linear(l)
+                .bias()
+                .into_iter()
+                .flatten()
+                .all(|&v| v == 0.0)),
             "fresh biases"
         );
-        assert!(s.head.bias().iter().all(|&v| v == 0.0));
+        assert!(s.head.bias().into_iter().flatten().all(|&v| v == 0.0));
         let (Linear::Dense { weight: head, .. }, Linear::Dense { weight: old, .. }) =
             (&s.head, &teacher.head)
         else {

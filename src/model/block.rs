@@ -11,6 +11,11 @@
 //!   x_next = m + MLP(LN2(m))   tail_forward  mlp_backward         dx (+)= LN2ᵀ(MLPᵀ(d_out))
 //! ```
 //!
+//! With LayerScale (`family.layer_scale`) each sub-layer's output is
+//! scaled per channel before its residual add, `m = x + γ₁ ⊙ attn Woᵀ` and
+//! `x_next = m + γ₂ ⊙ MLP(LN2(m))`; the sub-layer outputs (the features)
+//! are the scaled ones. The activation is the family's (`family.act`).
+//!
 //! The class-token tail (`class_token_forward` / `class_token_backward`)
 //! is the last block when only the logits are needed: after K and V on
 //! every token, the query (with `ModelPaths::class_token_query`), the
@@ -24,8 +29,8 @@ use crate::ops::add_layernorm::Terms;
 use crate::ops::attention::{AttentionShape, Qkv};
 use crate::ops::layernorm::Params;
 use crate::ops::matmul::Accumulate;
-use crate::ops::{add, add_layernorm, attention, embed, gelu, layernorm, Backend, Rows};
-use anyhow::Result;
+use crate::ops::{add, add_layernorm, attention, embed, gelu, layernorm, scale, Backend, Rows};
+use anyhow::{bail, Result};
 
 /// Block `l` of `vit`.
 pub(super) struct TransformerBlock<'a, B: Backend> {
@@ -175,15 +180,19 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
         let d = c.width;
         let fused = self.vit.paths.fused_add_layernorm;
         let (x_in, attn) = inputs.unwrap_or((&a.x_in, &a.attn));
+        let proj_out = a.attn_proj.as_mut().unwrap_or(&mut a.attn_out);
         linear_forward(
             be,
             &bp.proj,
             self.shape(BlockLinear::Proj),
-            &mut a.attn_out,
+            proj_out,
             a.h[BlockLinear::Proj].as_mut(),
             attn,
             rows,
         )?;
+        if let (Some(pre), Some(gamma)) = (&a.attn_proj, &bp.ls1) {
+            scale::forward(be, &mut a.attn_out, pre, gamma, Rows::new(rows, d))?;
+        }
         if fused {
             add_layernorm::forward(
                 be,
@@ -231,16 +240,20 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             &a.ln2,
             rows,
         )?;
-        gelu::forward(be, &mut a.fc1_act, &a.fc1_pre, rows * c.mlp)?;
+        gelu::forward(be, &mut a.fc1_act, &a.fc1_pre, rows * c.mlp, c.family.act)?;
+        let fc2_out = a.mlp_fc2.as_mut().unwrap_or(&mut a.mlp_out);
         linear_forward(
             be,
             &bp.fc2,
             self.shape(BlockLinear::Fc2),
-            &mut a.mlp_out,
+            fc2_out,
             a.h[BlockLinear::Fc2].as_mut(),
             &a.fc1_act,
             rows,
         )?;
+        if let (Some(pre), Some(gamma)) = (&a.mlp_fc2, &bp.ls2) {
+            scale::forward(be, &mut a.mlp_out, pre, gamma, Rows::new(rows, d))?;
+        }
         match out {
             BlockOut::Next(next) if fused => {
                 let np = &self.vit.params.blocks[self.l + 1];
@@ -301,6 +314,18 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
         if let Some(f) = feature {
             add::add_assign(be, &mut s.d_sub, f, rows * d)?;
         }
+        // s.d_attn is free until the attention sub-layer's backward.
+        let dy = layer_scale_backward(
+            be,
+            LayerScale {
+                gamma: bp.ls2.as_ref(),
+                dgamma: g.ls2.as_mut(),
+                x: a.mlp_fc2.as_ref(),
+            },
+            &s.d_sub,
+            &mut s.d_attn,
+            Rows::new(rows, d),
+        )?;
         self.layer_backward(
             be,
             a,
@@ -308,7 +333,7 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             BlockLinear::Fc2,
             (&a.fc1_act, rows),
             Flow {
-                dy: &s.d_sub,
+                dy,
                 dx: Some((&mut s.d_hidden, Accumulate::Overwrite)),
                 dh: Some(&mut s.dh),
             },
@@ -320,6 +345,7 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             &a.fc1_act,
             &s.d_hidden,
             rows * c.mlp,
+            c.family.act,
         )?;
         self.layer_backward(
             be,
@@ -383,9 +409,22 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
         feature: Option<&B::Buf>,
     ) -> Result<()> {
         let n = shape.batch * shape.tokens;
+        let d = self.vit.cfg.width;
         if let Some(f) = feature {
-            add::add_assign(be, &mut s.d_sub, f, n * self.vit.cfg.width)?;
+            add::add_assign(be, &mut s.d_sub, f, n * d)?;
         }
+        // s.d_ln is free until Q, K and V's backward.
+        let dy = layer_scale_backward(
+            be,
+            LayerScale {
+                gamma: self.params().ls1.as_ref(),
+                dgamma: g.ls1.as_mut(),
+                x: a.attn_proj.as_ref(),
+            },
+            &s.d_sub,
+            &mut s.d_ln,
+            Rows::new(n, d),
+        )?;
         self.layer_backward(
             be,
             a,
@@ -393,7 +432,7 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             BlockLinear::Proj,
             (&a.attn, n),
             Flow {
-                dy: &s.d_sub,
+                dy,
                 dx: Some((&mut s.d_attn, Accumulate::Overwrite)),
                 dh: Some(&mut s.dh),
             },
@@ -461,6 +500,18 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
     ) -> Result<()> {
         let (batch, t, d) = (shape.batch, shape.tokens, self.vit.cfg.width);
         let n = batch * t;
+        // s.d_ln is free until K and V's backward.
+        let dy = layer_scale_backward(
+            be,
+            LayerScale {
+                gamma: self.params().ls1.as_ref(),
+                dgamma: g.ls1.as_mut(),
+                x: a.attn_proj.as_ref(),
+            },
+            &s.d_sub,
+            &mut s.d_ln,
+            Rows::new(batch, d),
+        )?;
         self.layer_backward(
             be,
             a,
@@ -468,7 +519,7 @@ impl<'a, B: Backend> TransformerBlock<'a, B> {
             BlockLinear::Proj,
             (&ct.attn, batch),
             Flow {
-                dy: &s.d_sub,
+                dy,
                 dx: Some((&mut s.d_cls_attn, Accumulate::Overwrite)),
                 dh: Some(&mut s.dh),
             },
@@ -649,4 +700,32 @@ pub(super) struct MlpGradient<'b, T> {
     pub d_sub_ready: bool,
     /// The feature loss's gradient of the MLP output.
     pub feature: Option<&'b T>,
+}
+
+/// A sub-layer's LayerScale as its backward reads it: γ, γ's gradient and
+/// the sub-layer's output before γ (all absent without LayerScale).
+struct LayerScale<'a, T> {
+    gamma: Option<&'a T>,
+    dgamma: Option<&'a mut T>,
+    x: Option<&'a T>,
+}
+
+/// The gradient of a sub-layer's output before LayerScale, from `dy`, its
+/// gradient after: `γ ⊙ dy` written into `scratch` (and γ's gradient
+/// added), or `dy` itself without LayerScale.
+fn layer_scale_backward<'s, B: Backend>(
+    be: &B,
+    ls: LayerScale<'_, B::Buf>,
+    dy: &'s B::Buf,
+    scratch: &'s mut B::Buf,
+    rows: Rows,
+) -> Result<&'s B::Buf> {
+    match (ls.gamma, ls.dgamma, ls.x) {
+        (None, None, None) => Ok(dy),
+        (Some(gamma), Some(dgamma), Some(x)) => {
+            scale::backward(be, scratch, dgamma, dy, x, gamma, rows)?;
+            Ok(scratch)
+        }
+        _ => bail!("LayerScale: its parameter, gradient and saved input disagree"),
+    }
 }

@@ -335,12 +335,18 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
             &format!("blocks.{i}.attn.qkv.weight"),
             &[3 * d, d],
         )?;
-        let b = take(
-            &mut tensors,
-            path,
-            &format!("blocks.{i}.attn.qkv.bias"),
-            &[3 * d],
-        )?;
+        let b = cfg
+            .family
+            .qkv_bias
+            .then(|| {
+                take(
+                    &mut tensors,
+                    path,
+                    &format!("blocks.{i}.attn.qkv.bias"),
+                    &[3 * d],
+                )
+            })
+            .transpose()?;
         for (j, name) in ["q", "k", "v"].iter().enumerate() {
             tensors.insert(
                 format!("blocks.{i}.attn.{name}.weight"),
@@ -349,13 +355,15 @@ pub fn load_checkpoint(path: &Path) -> Result<Checkpoint> {
                     data: w[j * d * d..(j + 1) * d * d].to_vec(),
                 },
             );
-            tensors.insert(
-                format!("blocks.{i}.attn.{name}.bias"),
-                RawTensor {
-                    shape: vec![d],
-                    data: b[j * d..(j + 1) * d].to_vec(),
-                },
-            );
+            if let Some(b) = &b {
+                tensors.insert(
+                    format!("blocks.{i}.attn.{name}.bias"),
+                    RawTensor {
+                        shape: vec![d],
+                        data: b[j * d..(j + 1) * d].to_vec(),
+                    },
+                );
+            }
         }
     }
     let params = VitParams::build(&cfg, &ranks, |spec| {

@@ -1,10 +1,12 @@
 //! ViT shape: presets, flags and JSON files all end here.
 //!
 //! A ViT with `image_size` square inputs cut into `patch` x `patch` patches has
-//! `n_patches = (image_size/patch)^2` patch tokens plus one class token, a
-//! residual stream of `width`, `depth` pre-norm blocks of `heads` heads and an
-//! MLP of `mlp` hidden units, and a linear head over `classes`.
+//! `n_patches = (image_size/patch)^2` patch tokens after its prefix tokens
+//! (a class token, for most; `model::family`), a residual stream of
+//! `width`, `depth` pre-norm blocks of `heads` heads and an MLP of `mlp`
+//! hidden units, and a linear head over `classes`.
 
+use super::family::{Family, Pool, PosEmbed};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -21,6 +23,10 @@ pub struct VitConfig {
     /// LayerNorm epsilon (timm and torchvision 1e-6, Hugging Face 1e-12).
     #[serde(default = "default_ln_eps")]
     pub ln_eps: f32,
+    /// Prefix tokens, LayerScale, pooling, activation... (`model::family`);
+    /// its fields sit beside the shape's in JSON, absent for a plain ViT.
+    #[serde(flatten)]
+    pub family: Family,
 }
 
 fn default_ln_eps() -> f32 {
@@ -45,6 +51,8 @@ pub struct Preset {
     pub depth: usize,
     pub heads: usize,
     pub mlp: usize,
+    pub ln_eps: f32,
+    pub family: Family,
 }
 
 const fn preset(
@@ -61,8 +69,45 @@ const fn preset(
         depth,
         heads,
         mlp,
+        ln_eps: 1e-6,
+        family: Family::PLAIN,
     }
 }
+
+/// `preset` of another family.
+const fn of_family(p: Preset, family: Family, ln_eps: f32) -> Preset {
+    Preset {
+        family,
+        ln_eps,
+        ..p
+    }
+}
+
+const DISTILLED: Family = Family {
+    dist_token: true,
+    pool: Pool::Distilled,
+    ..Family::PLAIN
+};
+const DEIT3: Family = Family {
+    pos_embed: PosEmbed::PatchesOnly,
+    layer_scale: true,
+    ..Family::PLAIN
+};
+const DINOV2: Family = Family {
+    layer_scale: true,
+    ..Family::PLAIN
+};
+const DINOV2_REG4: Family = Family {
+    registers: 4,
+    pos_embed: PosEmbed::PatchesOnly,
+    layer_scale: true,
+    ..Family::PLAIN
+};
+const CLIP: Family = Family {
+    norm_pre: true,
+    patch_bias: false,
+    ..Family::PLAIN
+};
 
 /// The named presets: the plain ViT shapes of timm's `vit_*_patch*_224`,
 /// torchvision's `vit_*` and the non-distilled DeiT (the same shapes), and
@@ -91,6 +136,88 @@ pub const PRESETS: &[Preset] = &[
         "DeiT-B/16 (no distillation token)",
         (224, 16, 768, 12, 12, 3072),
     ),
+    of_family(
+        preset(
+            "deit-t16-distilled",
+            "DeiT-Ti/16 distilled",
+            (224, 16, 192, 12, 3, 768),
+        ),
+        DISTILLED,
+        1e-6,
+    ),
+    of_family(
+        preset(
+            "deit-s16-distilled",
+            "DeiT-S/16 distilled",
+            (224, 16, 384, 12, 6, 1536),
+        ),
+        DISTILLED,
+        1e-6,
+    ),
+    of_family(
+        preset(
+            "deit-b16-distilled",
+            "DeiT-B/16 distilled",
+            (224, 16, 768, 12, 12, 3072),
+        ),
+        DISTILLED,
+        1e-6,
+    ),
+    of_family(
+        preset("deit3-s16", "DeiT-III-S/16", (224, 16, 384, 12, 6, 1536)),
+        DEIT3,
+        1e-6,
+    ),
+    of_family(
+        preset("deit3-b16", "DeiT-III-B/16", (224, 16, 768, 12, 12, 3072)),
+        DEIT3,
+        1e-6,
+    ),
+    of_family(
+        preset(
+            "dinov2-s14",
+            "DINOv2-S/14 (at 224 px)",
+            (224, 14, 384, 12, 6, 1536),
+        ),
+        DINOV2,
+        1e-6,
+    ),
+    of_family(
+        preset(
+            "dinov2-b14",
+            "DINOv2-B/14 (at 224 px)",
+            (224, 14, 768, 12, 12, 3072),
+        ),
+        DINOV2,
+        1e-6,
+    ),
+    of_family(
+        preset(
+            "dinov2-s14-reg4",
+            "DINOv2-S/14 with 4 registers (at 224 px)",
+            (224, 14, 384, 12, 6, 1536),
+        ),
+        DINOV2_REG4,
+        1e-6,
+    ),
+    of_family(
+        preset(
+            "clip-b32",
+            "CLIP ViT-B/32 image tower",
+            (224, 32, 768, 12, 12, 3072),
+        ),
+        CLIP,
+        1e-5,
+    ),
+    of_family(
+        preset(
+            "clip-b16",
+            "CLIP ViT-B/16 image tower",
+            (224, 16, 768, 12, 12, 3072),
+        ),
+        CLIP,
+        1e-5,
+    ),
     preset("vit-cifar", "CIFAR-native", (32, 4, 192, 6, 3, 768)),
     preset("vit-demo", "the built-in demo's", (16, 4, 64, 2, 2, 128)),
 ];
@@ -98,8 +225,13 @@ pub const PRESETS: &[Preset] = &[
 impl Preset {
     /// "ViT-B/32: 224 px, patch 32, width 768, depth 12, 12 heads, MLP 3072".
     pub fn describe(&self) -> String {
+        let family = if self.family.is_plain() {
+            String::new()
+        } else {
+            format!("; {}", self.family.describe())
+        };
         format!(
-            "{}: {} px, patch {}, width {}, depth {}, {} heads, MLP {}",
+            "{}: {} px, patch {}, width {}, depth {}, {} heads, MLP {}{family}",
             self.what, self.image_size, self.patch, self.width, self.depth, self.heads, self.mlp
         )
     }
@@ -115,6 +247,8 @@ impl VitConfig {
             depth,
             heads,
             mlp,
+            ln_eps,
+            family,
             ..
         }) = PRESETS.iter().find(|p| p.name == name)
         else {
@@ -133,7 +267,8 @@ impl VitConfig {
             heads,
             mlp,
             classes,
-            ln_eps: 1e-6,
+            ln_eps,
+            family,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -201,9 +336,10 @@ impl VitConfig {
                 self.ln_eps
             );
         }
+        self.family.validate()?;
         // Every count below is at most a product of three fields (< 2^60).
         let grid = (self.image_size / self.patch) as u128;
-        let tokens = grid * grid + 1;
+        let tokens = grid * grid + self.family.prefix_tokens() as u128;
         let per_block =
             4 * (self.width as u128).pow(2) + 2 * (self.width as u128) * (self.mlp as u128);
         let params = per_block * self.depth as u128
@@ -223,9 +359,24 @@ impl VitConfig {
     pub fn n_patches(&self) -> usize {
         (self.image_size / self.patch).pow(2)
     }
-    /// Patches plus the class token.
+    /// Patches plus the prefix tokens (the class token, for most).
     pub fn tokens(&self) -> usize {
-        self.n_patches() + 1
+        self.n_patches() + self.family.prefix_tokens()
+    }
+    /// Prefix tokens in front of the patches.
+    pub fn prefix(&self) -> usize {
+        self.family.prefix_tokens()
+    }
+    /// Rows of the position embedding: every token's, or the patches'.
+    pub fn pos_rows(&self) -> usize {
+        match self.family.pos_embed {
+            PosEmbed::AllTokens => self.tokens(),
+            PosEmbed::PatchesOnly => self.n_patches(),
+        }
+    }
+    /// The first token the position embedding is added to.
+    pub fn pos_from(&self) -> usize {
+        self.tokens() - self.pos_rows()
     }
     pub fn head_dim(&self) -> usize {
         self.width / self.heads
@@ -240,32 +391,48 @@ impl VitConfig {
 mod tests {
     use crate::model::params::{dense_ranks, param_count};
 
-    /// Every preset's parameter count by hand (patch embedding, class token
-    /// and position embedding, per block two LayerNorms, qkv, proj, fc1 and
-    /// fc2 with biases, final LayerNorm, head), and against the counts timm
-    /// reports for its models of the same shape with 1000 classes.
+    /// Every preset's parameter count by hand (patch embedding, prefix
+    /// tokens and position embedding, per block two LayerNorms, qkv, proj,
+    /// fc1 and fc2 with biases and LayerScale, final LayerNorm, heads), and
+    /// against the counts timm reports for its models of the same shape
+    /// with 1000 classes.
     #[test]
     fn preset_parameter_counts_match_a_hand_count_and_timm() {
         for p in PRESETS {
             let c = VitConfig::preset(p.name, 1000).unwrap();
-            let (d, m, pp) = (c.width, c.mlp, c.patch * c.patch);
-            let block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d);
-            let hand = (3 * pp * d + d)
-                + d
-                + (c.n_patches() + 1) * d
+            let (d, m, pp, f) = (c.width, c.mlp, c.patch * c.patch, c.family);
+            let ls = if f.layer_scale { 2 * d } else { 0 };
+            let block = 4 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d) + ls;
+            let prefix = 1 + usize::from(f.dist_token) + f.registers;
+            let pos = if f.pos_embed == PosEmbed::AllTokens {
+                prefix + c.n_patches()
+            } else {
+                c.n_patches()
+            };
+            let heads = if f.pool == Pool::Distilled { 2 } else { 1 };
+            let hand = (3 * pp * d + usize::from(f.patch_bias) * d)
+                + prefix * d
+                + pos * d
+                + usize::from(f.norm_pre) * 2 * d
                 + c.depth * block
                 + 2 * d
-                + (d * 1000 + 1000);
+                + heads * (d * 1000 + 1000);
             assert_eq!(param_count(&c, &dense_ranks(&c)), hand, "{}", p.name);
         }
-        // timm: sum(p.numel() for p in timm.create_model(name).parameters()).
+        // timm: sum(p.numel() for p in timm.create_model(name, num_classes=1000).parameters()).
         for (name, timm) in [
-            ("vit-t16", 5_717_416),   // vit_tiny_patch16_224
-            ("vit-s16", 22_050_664),  // vit_small_patch16_224
-            ("vit-b16", 86_567_656),  // vit_base_patch16_224
-            ("vit-b32", 88_224_232),  // vit_base_patch32_224
-            ("vit-l16", 304_326_632), // vit_large_patch16_224
-            ("deit-s16", 22_050_664), // deit_small_patch16_224
+            ("vit-t16", 5_717_416),             // vit_tiny_patch16_224
+            ("vit-s16", 22_050_664),            // vit_small_patch16_224
+            ("vit-b16", 86_567_656),            // vit_base_patch16_224
+            ("vit-b32", 88_224_232),            // vit_base_patch32_224
+            ("vit-l16", 304_326_632),           // vit_large_patch16_224
+            ("deit-s16", 22_050_664),           // deit_small_patch16_224
+            ("deit-t16-distilled", 5_910_800),  // deit_tiny_distilled_patch16_224
+            ("deit-s16-distilled", 22_436_432), // deit_small_distilled_patch16_224
+            ("deit3-s16", 22_059_496),          // deit3_small_patch16_224
+            ("dinov2-s14", 22_013_800),         // vit_small_patch14_dinov2, img_size=224
+            ("dinov2-s14-reg4", 22_014_952),    // vit_small_patch14_reg4_dinov2, img_size=224
+            ("clip-b32", 88_225_000),           // vit_base_patch32_clip_224
         ] {
             let c = VitConfig::preset(name, 1000).unwrap();
             assert_eq!(param_count(&c, &dense_ranks(&c)), timm, "{name}");

@@ -354,7 +354,10 @@ fn resample_input(
     cfg.image_size = to;
     cfg.validate()
         .map_err(|e| anyhow!("--input-size {to} for {}: {e}", path.display()))?;
-    ck.params.pos = resample_pos_embed(&ck.params.pos, cfg.width, 1, grid, true)?;
+    // The prefix rows of the position embedding (none when it covers the
+    // patches only) are kept as they are.
+    let prefix_rows = ck.cfg.pos_rows() - ck.cfg.n_patches();
+    ck.params.pos = resample_pos_embed(&ck.params.pos, cfg.width, prefix_rows, grid, true)?;
     ck.cfg = cfg;
     Ok(Some(InputResample {
         from,
@@ -437,10 +440,14 @@ fn choose_heads(
 
 fn replace_head(cfg: &mut VitConfig, params: &mut VitParams<Vec<f32>>, classes: usize) {
     cfg.classes = classes;
-    params.head = Linear::Dense {
-        weight: vec![0.0; classes * cfg.width],
-        bias: vec![0.0; classes],
+    let fresh = |inputs: usize| Linear::Dense {
+        weight: vec![0.0; classes * inputs],
+        bias: Some(vec![0.0; classes]),
     };
+    params.head = fresh(cfg.family.pool.head_inputs(cfg.width));
+    if params.head_dist.is_some() {
+        params.head_dist = Some(fresh(cfg.width));
+    }
 }
 
 /// The naming scheme of a foreign file, from marker tensors.
@@ -658,6 +665,7 @@ fn infer_shape(
         mlp,
         classes: classes.max(1),
         ln_eps,
+        family: Default::default(),
     };
     cfg.validate().map_err(|e| {
         anyhow!(

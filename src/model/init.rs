@@ -12,7 +12,10 @@
 //!   model trained on 1,500 images (83.5% against timm's 92.8%; with
 //!   timm's initial weights given to `train --init`, the engine reached
 //!   91.5%);
-//! - class token: normal, std 1e-6; LayerNorm scale 1 and shift 0.
+//! - class token and register tokens: normal, std 1e-6; the distillation
+//!   token as the linear weights; LayerNorm scale 1 and shift 0;
+//! - LayerScale γ: `LAYER_SCALE_INIT` on every channel (timm's
+//!   `init_values` for DINOv2; a sub-layer starts almost switched off).
 //!
 //! A low-rank layer's U
 //! and V are drawn so that U·V has the spread of a dense layer
@@ -35,6 +38,8 @@ pub fn random_factor_std(r: usize) -> f32 {
 }
 /// Its bounds, absolute (timm's defaults a = -2, b = 2).
 const TRUNC_BOUND: f32 = 2.0;
+/// LayerScale's starting γ.
+pub const LAYER_SCALE_INIT: f32 = 1e-5;
 
 pub fn init_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f32>> {
     let specs = param_specs(cfg, ranks);
@@ -59,7 +64,9 @@ pub fn init_params(cfg: &VitConfig, ranks: &Ranks, seed: u64) -> VitParams<Vec<f
                 vec![0.0; n]
             } else if name.contains("norm") {
                 vec![1.0; n]
-            } else if name == "cls_token" {
+            } else if name.ends_with(".gamma") {
+                vec![LAYER_SCALE_INIT; n]
+            } else if name == "cls_token" || name == "reg_token" {
                 rng.normal_vec(n, 1e-6)
             } else {
                 rng.trunc_normal_vec(n, STD, TRUNC_BOUND)
@@ -79,7 +86,7 @@ mod tests {
         let cfg = VitConfig::preset("vit-demo", 10).unwrap();
         let p = init_params(&cfg, &dense_ranks(&cfg), 3);
         assert!(p.blocks[0].norm1_w.iter().all(|&v| v == 1.0));
-        assert!(p.head.bias().iter().all(|&v| v == 0.0));
+        assert!(p.head.bias().unwrap().iter().all(|&v| v == 0.0));
         let rms = |v: &[f32]| (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
         let std = rms(&p.pos);
         assert!(
@@ -92,7 +99,10 @@ mod tests {
         assert!((rms(q) - 0.02).abs() < 0.002, "q weight std {}", rms(q));
         // The patch embedding: PyTorch's Conv2d default, uniform in ±1/√fan_in.
         let bound = 1.0 / ((cfg.channels * cfg.patch * cfg.patch) as f32).sqrt();
-        for (what, v) in [("weight", &p.patch_w), ("bias", &p.patch_b)] {
+        for (what, v) in [
+            ("weight", &p.patch_w),
+            ("bias", p.patch_b.as_ref().unwrap()),
+        ] {
             assert!(
                 v.iter().all(|x| x.abs() <= bound),
                 "patch {what} outside ±{bound}"

@@ -7,7 +7,8 @@
 //!           dV += dhᵀ x,  dx = dh V
 //!
 //! `x` is `[rows, in]`, `y` and `dy` are `[rows, out]`, `h` and `dh` are
-//! `[rows, r]`. The input gradient is written, or added when the same input
+//! `[rows, r]`. A layer without a bias (q, k, v of some families) runs its
+//! products alone and has no `db`. The input gradient is written, or added when the same input
 //! feeds several layers (q, k and v all read the first LayerNorm's output):
 //! `Flow::dx` carries its `Accumulate` mode.
 
@@ -79,14 +80,30 @@ pub fn linear_forward<B: Backend>(
     rows: usize,
 ) -> Result<()> {
     match layer {
-        Linear::Dense { weight, bias } => {
-            matmul::linear_forward(be, y, x, weight, bias, shape.dense(rows))
-        }
+        Linear::Dense {
+            weight,
+            bias: Some(bias),
+        } => matmul::linear_forward(be, y, x, weight, bias, shape.dense(rows)),
+        // y[rows, out] = x W^T
+        Linear::Dense { weight, bias: None } => matmul::matmul(
+            be,
+            y,
+            x,
+            weight,
+            Gemm::new(rows, shape.out, shape.inp).b_t(),
+        ),
         Linear::LowRank { u, v, bias } => {
             let h =
                 h.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs its intermediate buffer"))?;
             let s = shape.low_rank(rows)?;
-            lowrank::forward(be, y, h, x, LowRankWeights { v, u, bias }, s)
+            match bias {
+                Some(bias) => lowrank::forward(be, y, h, x, LowRankWeights { v, u, bias }, s),
+                None => {
+                    // h[rows, r] = x Vᵀ,  y[rows, out] = h Uᵀ
+                    matmul::matmul(be, h, x, v, Gemm::new(rows, s.rank, s.inp).b_t())?;
+                    matmul::matmul(be, y, h, u, Gemm::new(rows, s.out, s.rank).b_t())
+                }
+            }
         }
     }
 }
@@ -114,7 +131,9 @@ pub fn linear_backward<B: Backend>(
         ) => {
             // dW[out, in] += dyᵀ x
             matmul::matmul(be, dw, dy, x, Gemm::new(out, inp, rows).a_t().add())?;
-            matmul::bias_backward(be, db, dy, rows, out)?;
+            if let Some(db) = db {
+                matmul::bias_backward(be, db, dy, rows, out)?;
+            }
             if let Some((dx, mode)) = dx {
                 // dx[rows, in] (+)= dy W
                 matmul::matmul(be, dx, dy, weight, Gemm::new(rows, inp, out).with(mode))?;
@@ -135,7 +154,9 @@ pub fn linear_backward<B: Backend>(
             let dh = dh.ok_or_else(|| anyhow::anyhow!("a low-rank layer needs scratch for dh"))?;
             // dU[out, r] += dyᵀ h,  db += Σ_rows dy,  dh[rows, r] = dy U,  dV[r, in] += dhᵀ x
             matmul::matmul(be, du, dy, h, Gemm::new(out, r, rows).a_t().add())?;
-            matmul::bias_backward(be, db, dy, rows, out)?;
+            if let Some(db) = db {
+                matmul::bias_backward(be, db, dy, rows, out)?;
+            }
             matmul::matmul(be, dh, dy, u, Gemm::new(rows, r, out))?;
             matmul::matmul(be, dv, dh, x, Gemm::new(r, inp, rows).a_t().add())?;
             if let Some((dx, mode)) = dx {

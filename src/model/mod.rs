@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod family;
 pub mod hub;
 pub mod import;
 pub mod init;
@@ -11,9 +12,12 @@ pub mod pth;
 pub mod resample;
 
 pub use config::VitConfig;
+pub use family::{Family, Pool, PosEmbed};
 pub use params::{Linear, Ranks, VitParams};
 mod block;
 pub mod linear;
+pub mod pool;
+mod tokens;
 pub mod vit;
 
 pub use vit::{Grads, OutputGrads, Vit, VitActs, VitBackwardScratch};

@@ -8,23 +8,31 @@
 //! | name | shape |
 //! |---|---|
 //! | `patch_embed.proj.weight` | `[width, channels, patch, patch]` |
-//! | `patch_embed.proj.bias` | `[width]` |
-//! | `cls_token` | `[1, 1, width]` |
-//! | `pos_embed` | `[1, tokens, width]` |
+//! | `patch_embed.proj.bias` (unless `!patch_bias`) | `[width]` |
+//! | `cls_token` (with `class_token`) | `[1, 1, width]` |
+//! | `dist_token` (with `dist_token`) | `[1, 1, width]` |
+//! | `reg_token` (with `registers`) | `[1, registers, width]` |
+//! | `pos_embed` | `[1, pos_rows, width]` (every token, or the patches) |
+//! | `norm_pre.weight`, `.bias` (with `norm_pre`) | `[width]` |
 //! | `blocks.N.norm1.weight`, `.bias` | `[width]` |
 //! | `blocks.N.attn.{q,k,v,proj}.weight` (dense) | `[width, width]` |
 //! | `blocks.N.attn.{q,k,v,proj}.U`, `.V` (low-rank) | `[width, r]`, `[r, width]` |
-//! | `blocks.N.attn.{q,k,v,proj}.bias` | `[width]` |
+//! | `blocks.N.attn.{q,k,v,proj}.bias` (q, k, v: unless `!qkv_bias`) | `[width]` |
+//! | `blocks.N.ls1.gamma` (with `layer_scale`) | `[width]` |
 //! | `blocks.N.norm2.weight`, `.bias` | `[width]` |
 //! | `blocks.N.mlp.fc1.weight` or `.U`/`.V`, `.bias` | `[mlp, width]`, `[mlp]` |
 //! | `blocks.N.mlp.fc2.weight` or `.U`/`.V`, `.bias` | `[width, mlp]`, `[width]` |
-//! | `norm.weight`, `norm.bias` | `[width]` |
-//! | `head.weight`, `head.bias` | `[classes, width]`, `[classes]` |
+//! | `blocks.N.ls2.gamma` (with `layer_scale`) | `[width]` |
+//! | `norm.weight`, `.bias` (`fc_norm.*` for average pooling) | `[width]` |
+//! | `head.weight`, `head.bias` | `[classes, head_inputs]`, `[classes]` |
+//! | `head_dist.weight`, `.bias` (distilled pooling) | `[classes, width]`, `[classes]` |
 //!
+//! The optional tensors follow the config's `family` (`model::family`).
 //! A dense checkpoint on disk stores q, k, v fused as timm's
 //! `blocks.N.attn.qkv.weight` (see `model::checkpoint`).
 
 use super::config::VitConfig;
+use super::family::Pool;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -178,22 +186,33 @@ pub fn validate_ranks(cfg: &VitConfig, ranks: &Ranks) -> Result<()> {
     Ok(())
 }
 
-/// A linear layer `y = W x + b`, dense or factorized as `W = U V`.
+/// A linear layer `y = W x + b`, dense or factorized as `W = U V`; `b`
+/// is absent where the family has none (q, k and v with `!qkv_bias`).
 #[derive(Clone, Debug)]
 pub enum Linear<T> {
-    Dense { weight: T, bias: T },
-    LowRank { u: T, v: T, bias: T },
+    Dense { weight: T, bias: Option<T> },
+    LowRank { u: T, v: T, bias: Option<T> },
 }
 
 impl<T> Linear<T> {
-    pub fn bias(&self) -> &T {
+    pub fn bias(&self) -> Option<&T> {
         match self {
-            Linear::Dense { bias, .. } | Linear::LowRank { bias, .. } => bias,
+            Linear::Dense { bias, .. } | Linear::LowRank { bias, .. } => bias.as_ref(),
         }
     }
-    pub fn bias_mut(&mut self) -> &mut T {
+    pub fn bias_mut(&mut self) -> Option<&mut T> {
         match self {
-            Linear::Dense { bias, .. } | Linear::LowRank { bias, .. } => bias,
+            Linear::Dense { bias, .. } | Linear::LowRank { bias, .. } => bias.as_mut(),
+        }
+    }
+}
+
+impl BlockLinear {
+    /// Whether this layer has a bias in a model of family `cfg.family`.
+    pub fn has_bias(self, cfg: &VitConfig) -> bool {
+        match self {
+            BlockLinear::Q | BlockLinear::K | BlockLinear::V => cfg.family.qkv_bias,
+            _ => true,
         }
     }
 }
@@ -207,10 +226,14 @@ pub struct Block<T> {
     pub k: Linear<T>,
     pub v: Linear<T>,
     pub proj: Linear<T>,
+    /// LayerScale of the attention sub-layer (`layer_scale`).
+    pub ls1: Option<T>,
     pub norm2_w: T,
     pub norm2_b: T,
     pub fc1: Linear<T>,
     pub fc2: Linear<T>,
+    /// LayerScale of the MLP sub-layer (`layer_scale`).
+    pub ls2: Option<T>,
 }
 
 impl<T> Block<T> {
@@ -241,13 +264,21 @@ impl<T> Block<T> {
 #[derive(Clone, Debug)]
 pub struct VitParams<T> {
     pub patch_w: T,
-    pub patch_b: T,
-    pub cls: T,
+    pub patch_b: Option<T>,
+    pub cls: Option<T>,
+    pub dist: Option<T>,
+    /// The register tokens, `[registers, width]`.
+    pub reg: Option<T>,
     pub pos: T,
+    /// CLIP's LayerNorm before the blocks (`norm_pre`).
+    pub norm_pre: Option<(T, T)>,
     pub blocks: Vec<Block<T>>,
+    /// The final LayerNorm (`norm`, or `fc_norm` for average pooling).
     pub norm_w: T,
     pub norm_b: T,
     pub head: Linear<T>,
+    /// DeiT's distillation head (`Pool::Distilled`).
+    pub head_dist: Option<Linear<T>>,
 }
 
 /// Name, shape and optimizer treatment of one parameter tensor.
@@ -270,7 +301,17 @@ fn spec(name: String, shape: Vec<usize>, decay: bool) -> TensorSpec {
     TensorSpec { name, shape, decay }
 }
 
-fn linear_specs(out: &mut Vec<TensorSpec>, prefix: &str, o: usize, i: usize, rank: Option<usize>) {
+/// The shape of one linear layer's tensors: `o` outputs, `i` inputs,
+/// dense or of rank `r`, with or without a bias.
+struct LinearSpec {
+    o: usize,
+    i: usize,
+    rank: Option<usize>,
+    bias: bool,
+}
+
+fn linear_specs(out: &mut Vec<TensorSpec>, prefix: &str, l: LinearSpec) {
+    let LinearSpec { o, i, rank, bias } = l;
     match rank {
         None => out.push(spec(format!("{prefix}.weight"), vec![o, i], true)),
         Some(r) => {
@@ -278,29 +319,49 @@ fn linear_specs(out: &mut Vec<TensorSpec>, prefix: &str, o: usize, i: usize, ran
             out.push(spec(format!("{prefix}.V"), vec![r, i], true));
         }
     }
-    out.push(spec(format!("{prefix}.bias"), vec![o], false));
+    if bias {
+        out.push(spec(format!("{prefix}.bias"), vec![o], false));
+    }
 }
 
 /// Every parameter tensor of the model, in the order `VitParams::tensors`
 /// lists them. Ranks must be valid (`validate_ranks`).
 pub fn param_specs(cfg: &VitConfig, ranks: &Ranks) -> Vec<TensorSpec> {
-    let d = cfg.width;
-    let mut s = vec![
-        spec(
-            "patch_embed.proj.weight".into(),
-            vec![d, cfg.channels, cfg.patch, cfg.patch],
-            true,
-        ),
-        spec("patch_embed.proj.bias".into(), vec![d], false),
-        spec("cls_token".into(), vec![1, 1, d], false),
-        spec("pos_embed".into(), vec![1, cfg.tokens(), d], false),
-    ];
+    let (d, f) = (cfg.width, &cfg.family);
+    let mut s = vec![spec(
+        "patch_embed.proj.weight".into(),
+        vec![d, cfg.channels, cfg.patch, cfg.patch],
+        true,
+    )];
+    let optional = |s: &mut Vec<TensorSpec>, present: bool, name: &str, shape: Vec<usize>| {
+        if present {
+            s.push(spec(name.into(), shape, false));
+        }
+    };
+    optional(&mut s, f.patch_bias, "patch_embed.proj.bias", vec![d]);
+    optional(&mut s, f.class_token, "cls_token", vec![1, 1, d]);
+    optional(&mut s, f.dist_token, "dist_token", vec![1, 1, d]);
+    optional(
+        &mut s,
+        f.registers > 0,
+        "reg_token",
+        vec![1, f.registers, d],
+    );
+    s.push(spec("pos_embed".into(), vec![1, cfg.pos_rows(), d], false));
+    optional(&mut s, f.norm_pre, "norm_pre.weight", vec![d]);
+    optional(&mut s, f.norm_pre, "norm_pre.bias", vec![d]);
     for (i, br) in ranks.iter().enumerate() {
         s.push(spec(format!("blocks.{i}.norm1.weight"), vec![d], false));
         s.push(spec(format!("blocks.{i}.norm1.bias"), vec![d], false));
         let linear = |s: &mut Vec<TensorSpec>, l: BlockLinear| {
             let (o, inp) = l.shape(cfg);
-            linear_specs(s, &format!("blocks.{i}.{}", l.name()), o, inp, br[l]);
+            let shape = LinearSpec {
+                o,
+                i: inp,
+                rank: br[l],
+                bias: l.has_bias(cfg),
+            };
+            linear_specs(s, &format!("blocks.{i}.{}", l.name()), shape);
         };
         for l in [
             BlockLinear::Q,
@@ -310,15 +371,37 @@ pub fn param_specs(cfg: &VitConfig, ranks: &Ranks) -> Vec<TensorSpec> {
         ] {
             linear(&mut s, l);
         }
+        optional(
+            &mut s,
+            f.layer_scale,
+            &format!("blocks.{i}.ls1.gamma"),
+            vec![d],
+        );
         s.push(spec(format!("blocks.{i}.norm2.weight"), vec![d], false));
         s.push(spec(format!("blocks.{i}.norm2.bias"), vec![d], false));
         for l in [BlockLinear::Fc1, BlockLinear::Fc2] {
             linear(&mut s, l);
         }
+        optional(
+            &mut s,
+            f.layer_scale,
+            &format!("blocks.{i}.ls2.gamma"),
+            vec![d],
+        );
     }
-    s.push(spec("norm.weight".into(), vec![d], false));
-    s.push(spec("norm.bias".into(), vec![d], false));
-    linear_specs(&mut s, "head", cfg.classes, d, None);
+    let norm = f.pool.norm_name();
+    s.push(spec(format!("{norm}.weight"), vec![d], false));
+    s.push(spec(format!("{norm}.bias"), vec![d], false));
+    let head = |inputs| LinearSpec {
+        o: cfg.classes,
+        i: inputs,
+        rank: None,
+        bias: true,
+    };
+    linear_specs(&mut s, "head", head(f.pool.head_inputs(d)));
+    if f.pool == Pool::Distilled {
+        linear_specs(&mut s, "head_dist", head(d));
+    }
     s
 }
 
@@ -329,33 +412,39 @@ pub fn param_count(cfg: &VitConfig, ranks: &Ranks) -> usize {
 
 fn linear_push<'a, T>(out: &mut Vec<&'a T>, l: &'a Linear<T>) {
     match l {
-        Linear::Dense { weight, bias } => out.extend([weight, bias]),
-        Linear::LowRank { u, v, bias } => out.extend([u, v, bias]),
+        Linear::Dense { weight, bias } => out.extend(std::iter::once(weight).chain(bias)),
+        Linear::LowRank { u, v, bias } => out.extend([u, v].into_iter().chain(bias)),
     }
 }
 
 fn linear_push_mut<'a, T>(out: &mut Vec<&'a mut T>, l: &'a mut Linear<T>) {
     match l {
-        Linear::Dense { weight, bias } => out.extend([weight, bias]),
-        Linear::LowRank { u, v, bias } => out.extend([u, v, bias]),
+        Linear::Dense { weight, bias } => out.extend(std::iter::once(weight).chain(bias)),
+        Linear::LowRank { u, v, bias } => out.extend([u, v].into_iter().chain(bias)),
     }
 }
 
-fn linear_take<T>(it: &mut impl Iterator<Item = T>, rank: Option<usize>) -> Linear<T> {
+fn linear_take<T>(it: &mut impl Iterator<Item = T>, rank: Option<usize>, bias: bool) -> Linear<T> {
     let mut next = || {
         it.next()
             .expect("param_specs and VitParams::from_tensors agree")
     };
     match rank {
-        None => Linear::Dense {
-            weight: next(),
-            bias: next(),
-        },
-        Some(_) => Linear::LowRank {
-            u: next(),
-            v: next(),
-            bias: next(),
-        },
+        None => {
+            let weight = next();
+            Linear::Dense {
+                weight,
+                bias: bias.then(next),
+            }
+        }
+        Some(_) => {
+            let (u, v) = (next(), next());
+            Linear::LowRank {
+                u,
+                v,
+                bias: bias.then(next),
+            }
+        }
     }
 }
 
@@ -367,24 +456,34 @@ impl<T> VitParams<T> {
             param_specs(cfg, ranks).len(),
             "one tensor per spec"
         );
+        let f = &cfg.family;
         let mut it = tensors.into_iter();
         let next = |it: &mut std::vec::IntoIter<T>| it.next().expect("counted above");
+        let maybe = |it: &mut std::vec::IntoIter<T>, present: bool| present.then(|| next(it));
         let patch_w = next(&mut it);
-        let patch_b = next(&mut it);
-        let cls = next(&mut it);
+        let patch_b = maybe(&mut it, f.patch_bias);
+        let cls = maybe(&mut it, f.class_token);
+        let dist = maybe(&mut it, f.dist_token);
+        let reg = maybe(&mut it, f.registers > 0);
         let pos = next(&mut it);
+        let norm_pre = f.norm_pre.then(|| (next(&mut it), next(&mut it)));
         let mut blocks = Vec::with_capacity(cfg.depth);
         for br in ranks {
             let norm1_w = next(&mut it);
             let norm1_b = next(&mut it);
-            let q = linear_take(&mut it, br[BlockLinear::Q]);
-            let k = linear_take(&mut it, br[BlockLinear::K]);
-            let v = linear_take(&mut it, br[BlockLinear::V]);
-            let proj = linear_take(&mut it, br[BlockLinear::Proj]);
+            let layer = |it: &mut std::vec::IntoIter<T>, l: BlockLinear| {
+                linear_take(it, br[l], l.has_bias(cfg))
+            };
+            let q = layer(&mut it, BlockLinear::Q);
+            let k = layer(&mut it, BlockLinear::K);
+            let v = layer(&mut it, BlockLinear::V);
+            let proj = layer(&mut it, BlockLinear::Proj);
+            let ls1 = maybe(&mut it, f.layer_scale);
             let norm2_w = next(&mut it);
             let norm2_b = next(&mut it);
-            let fc1 = linear_take(&mut it, br[BlockLinear::Fc1]);
-            let fc2 = linear_take(&mut it, br[BlockLinear::Fc2]);
+            let fc1 = layer(&mut it, BlockLinear::Fc1);
+            let fc2 = layer(&mut it, BlockLinear::Fc2);
+            let ls2 = maybe(&mut it, f.layer_scale);
             blocks.push(Block {
                 norm1_w,
                 norm1_b,
@@ -392,24 +491,31 @@ impl<T> VitParams<T> {
                 k,
                 v,
                 proj,
+                ls1,
                 norm2_w,
                 norm2_b,
                 fc1,
                 fc2,
+                ls2,
             });
         }
         let norm_w = next(&mut it);
         let norm_b = next(&mut it);
-        let head = linear_take(&mut it, None);
+        let head = linear_take(&mut it, None, true);
+        let head_dist = (f.pool == Pool::Distilled).then(|| linear_take(&mut it, None, true));
         VitParams {
             patch_w,
             patch_b,
             cls,
+            dist,
+            reg,
             pos,
+            norm_pre,
             blocks,
             norm_w,
             norm_b,
             head,
+            head_dist,
         }
     }
 
@@ -428,30 +534,52 @@ impl<T> VitParams<T> {
 
     /// Every tensor, in `param_specs` order.
     pub fn tensors(&self) -> Vec<&T> {
-        let mut out = vec![&self.patch_w, &self.patch_b, &self.cls, &self.pos];
+        let mut out = vec![&self.patch_w];
+        out.extend(
+            self.patch_b
+                .iter()
+                .chain(&self.cls)
+                .chain(&self.dist)
+                .chain(&self.reg),
+        );
+        out.push(&self.pos);
+        if let Some((w, b)) = &self.norm_pre {
+            out.extend([w, b]);
+        }
         for b in &self.blocks {
             out.extend([&b.norm1_w, &b.norm1_b]);
             for l in [&b.q, &b.k, &b.v, &b.proj] {
                 linear_push(&mut out, l);
             }
+            out.extend(&b.ls1);
             out.extend([&b.norm2_w, &b.norm2_b]);
             for l in [&b.fc1, &b.fc2] {
                 linear_push(&mut out, l);
             }
+            out.extend(&b.ls2);
         }
         out.extend([&self.norm_w, &self.norm_b]);
         linear_push(&mut out, &self.head);
+        if let Some(h) = &self.head_dist {
+            linear_push(&mut out, h);
+        }
         out
     }
 
     /// Every tensor, mutably, in `param_specs` order.
     pub fn tensors_mut(&mut self) -> Vec<&mut T> {
-        let mut out = vec![
-            &mut self.patch_w,
-            &mut self.patch_b,
-            &mut self.cls,
-            &mut self.pos,
-        ];
+        let mut out = vec![&mut self.patch_w];
+        out.extend(
+            self.patch_b
+                .iter_mut()
+                .chain(&mut self.cls)
+                .chain(&mut self.dist)
+                .chain(&mut self.reg),
+        );
+        out.push(&mut self.pos);
+        if let Some((w, b)) = &mut self.norm_pre {
+            out.extend([w, b]);
+        }
         for b in &mut self.blocks {
             out.push(&mut b.norm1_w);
             out.push(&mut b.norm1_b);
@@ -459,14 +587,19 @@ impl<T> VitParams<T> {
             linear_push_mut(&mut out, &mut b.k);
             linear_push_mut(&mut out, &mut b.v);
             linear_push_mut(&mut out, &mut b.proj);
+            out.extend(&mut b.ls1);
             out.push(&mut b.norm2_w);
             out.push(&mut b.norm2_b);
             linear_push_mut(&mut out, &mut b.fc1);
             linear_push_mut(&mut out, &mut b.fc2);
+            out.extend(&mut b.ls2);
         }
         out.push(&mut self.norm_w);
         out.push(&mut self.norm_b);
         linear_push_mut(&mut out, &mut self.head);
+        if let Some(h) = &mut self.head_dist {
+            linear_push_mut(&mut out, h);
+        }
         out
     }
 

@@ -58,6 +58,8 @@ use super::block::{MlpGradient, OutputGradient, TransformerBlock};
 use super::config::VitConfig;
 use super::linear::{linear_backward, linear_forward, Flow, LinearShape, Saved};
 use super::params::{param_specs, validate_ranks, BlockLinear, PerLinear, Ranks, VitParams};
+use super::pool::{self, DistActs, EveryTokenActs, PoolScratch};
+use super::tokens;
 use crate::device::{BufKind, Device};
 use crate::ops::attention::AttentionShape;
 use crate::ops::layernorm::Params;
@@ -171,6 +173,10 @@ pub struct BlockActs<T> {
     pub fc1_act: T,
     /// MLP sub-layer output before the residual add (a feature).
     pub mlp_out: T,
+    /// With LayerScale: the projection's and fc2's outputs before it (the
+    /// sub-layer outputs above are after it), `[N, D]` each.
+    pub attn_proj: Option<T>,
+    pub mlp_fc2: Option<T>,
     /// Low-rank intermediates `h = x Vᵀ` of each layer (`None` for dense layers).
     pub h: PerLinear<Option<T>>,
 }
@@ -207,6 +213,11 @@ pub struct VitActs<B: Backend> {
     pub cls_mean: B::Buf,
     pub cls_rstd: B::Buf,
     pub logits: B::Buf,
+    /// With `norm_pre`: the tokens before it `[N, D]` and its statistics.
+    pub pre: Option<(B::Buf, B::Buf, B::Buf)>,
+    /// The buffers of the poolings other than `Class` (`model::pool`).
+    pub dist: Option<DistActs<B::Buf>>,
+    pub every: Option<EveryTokenActs<B::Buf>>,
     /// The last forward pass's outputs and batch, which `backward` follows.
     forwarded: Option<(Outputs, usize)>,
 }
@@ -236,6 +247,9 @@ pub struct VitBackwardScratch<B: Backend> {
     pub d_cls_q: B::Buf,
     pub d_cls_ln1: B::Buf,
     pub d_patch_out: B::Buf,
+    /// With `norm_pre`: the gradient of the tokens before it, `[N, D]`.
+    pub d_pre: Option<B::Buf>,
+    pub pool: PoolScratch<B::Buf>,
 }
 
 impl<B: Backend> Vit<B> {
@@ -251,6 +265,13 @@ impl<B: Backend> Vit<B> {
     ) -> Result<Self> {
         cfg.validate()?;
         validate_ranks(cfg, ranks)?;
+        if !cfg.family.is_plain() && !paths.family_kernels {
+            bail!(
+                "this model ({}) needs kernels that have not yet run on this device ({}); pass --family-kernels on to run them anyway, or --device cpu",
+                cfg.family.describe(),
+                be.name()
+            );
+        }
         let params = host.map(cfg, ranks, |spec, t| {
             if t.len() != spec.numel() {
                 bail!(
@@ -312,7 +333,7 @@ impl<B: Backend> Vit<B> {
         }
     }
 
-    fn patch_shape(&self) -> LinearShape {
+    pub(super) fn patch_shape(&self) -> LinearShape {
         LinearShape {
             inp: self.cfg.patch_dim(),
             out: self.cfg.width,
@@ -340,6 +361,7 @@ impl<B: Backend> Vit<B> {
         let (n, d, t) = (max_batch * c.tokens(), c.width, c.tokens());
         let a = |len: usize| be.alloc(len, BufKind::Activation);
         let stat = |len: usize| be.alloc(len, BufKind::Statistic);
+        let ls = c.family.layer_scale;
         let mut blocks = Vec::with_capacity(slots);
         for slot in 0..slots {
             let mut h: PerLinear<Option<B::Buf>> = Default::default();
@@ -366,10 +388,18 @@ impl<B: Backend> Vit<B> {
                 fc1_pre: a(n * c.mlp)?,
                 fc1_act: a(n * c.mlp)?,
                 mlp_out: a(n * d)?,
+                attn_proj: ls.then(|| a(n * d)).transpose()?,
+                mlp_fc2: ls.then(|| a(n * d)).transpose()?,
                 h,
             });
         }
         let img = c.channels * c.image_size * c.image_size;
+        let pre = c
+            .family
+            .norm_pre
+            .then(|| Ok::<_, anyhow::Error>((a(n * d)?, stat(n)?, stat(n)?)))
+            .transpose()?;
+        let (dist, every) = pool::alloc_acts(be, self, max_batch)?;
         Ok(VitActs {
             max_batch,
             images: a(max_batch * img)?,
@@ -389,6 +419,9 @@ impl<B: Backend> Vit<B> {
             cls_mean: stat(max_batch)?,
             cls_rstd: stat(max_batch)?,
             logits: a(max_batch * c.classes)?,
+            pre,
+            dist,
+            every,
             forwarded: None,
         })
     }
@@ -422,6 +455,8 @@ impl<B: Backend> Vit<B> {
             d_cls_q: a(max_batch * d)?,
             d_cls_ln1: a(max_batch * d)?,
             d_patch_out: a(max_batch * c.n_patches() * d)?,
+            d_pre: c.family.norm_pre.then(|| a(n * d)).transpose()?,
+            pool: pool::alloc_scratch(be, self, max_batch)?,
         })
     }
 
@@ -500,6 +535,12 @@ impl<B: Backend> Vit<B> {
             head_dim: c.head_dim(),
         };
         acts.forwarded = None;
+        // Only the class token's pooling can stop at the class-token rows.
+        let outputs = if c.family.pools_class_token_only() {
+            outputs
+        } else {
+            Outputs::Everything
+        };
 
         embed::patch_gather(
             be,
@@ -512,25 +553,36 @@ impl<B: Backend> Vit<B> {
                 patch: c.patch,
             },
         )?;
-        matmul::linear_forward(
+        let patch = self.patch_shape();
+        match &p.patch_b {
+            Some(b) => matmul::linear_forward(
+                be,
+                &mut acts.patch_out,
+                &acts.patches,
+                &p.patch_w,
+                b,
+                patch.dense(np),
+            )?,
+            // CLIP's patch embedding has no bias: patch_out = patches Wpᵀ.
+            None => matmul::matmul(
+                be,
+                &mut acts.patch_out,
+                &acts.patches,
+                &p.patch_w,
+                matmul::Gemm::new(np, patch.out, patch.inp).b_t(),
+            )?,
+        }
+        let pre = acts
+            .pre
+            .as_mut()
+            .map(|(x, mean, rstd)| tokens::PreNorm { x, mean, rstd });
+        tokens::forward(
             be,
-            &mut acts.patch_out,
-            &acts.patches,
-            &p.patch_w,
-            &p.patch_b,
-            self.patch_shape().dense(np),
-        )?;
-        embed::tokens_forward(
-            be,
+            self,
             &mut acts.blocks[0].x_in,
+            pre,
             &acts.patch_out,
-            &p.cls,
-            &p.pos,
-            embed::Tokens {
-                batch,
-                n_patches: c.n_patches(),
-                width: d,
-            },
+            batch,
         )?;
 
         for l in 0..c.depth {
@@ -555,6 +607,11 @@ impl<B: Backend> Vit<B> {
             }
         }
 
+        if !c.family.pools_class_token_only() {
+            pool::forward(be, self, acts, batch)?;
+            acts.forwarded = Some((outputs, batch));
+            return Ok(());
+        }
         if outputs == Outputs::Everything {
             embed::cls_gather(be, &mut acts.cls, &acts.x_out, batch, t, d)?;
         }
@@ -642,43 +699,47 @@ impl<B: Backend> Vit<B> {
             }
         }
 
-        // Head and final LayerNorm on the class token.
-        linear_backward(
-            be,
-            &p.head,
-            &mut grads.head,
-            self.head_shape(),
-            Saved {
-                rows: batch,
-                x: &acts.cls_ln,
-                h: None,
-            },
-            Flow {
-                dy: d_logits,
-                dx: Some((&mut s.d_cls_ln, Accumulate::Overwrite)),
-                dh: None,
-            },
-        )?;
-        be.zero(&mut s.d_cls, batch * d)?;
-        layernorm::backward(
-            be,
-            layernorm::Grads {
-                dx: &mut s.d_cls,
-                dgamma: &mut grads.norm_w,
-                dbeta: &mut grads.norm_b,
-            },
-            &s.d_cls_ln,
-            layernorm::Saved {
-                x: &acts.cls,
-                mean: &acts.cls_mean,
-                rstd: &acts.cls_rstd,
-            },
-            &p.norm_w,
-            Rows::new(batch, d),
-        )?;
-        be.zero(&mut s.dx, n * d)?;
-        if !tail {
-            embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
+        if c.family.pools_class_token_only() {
+            // Head and final LayerNorm on the class token.
+            linear_backward(
+                be,
+                &p.head,
+                &mut grads.head,
+                self.head_shape(),
+                Saved {
+                    rows: batch,
+                    x: &acts.cls_ln,
+                    h: None,
+                },
+                Flow {
+                    dy: d_logits,
+                    dx: Some((&mut s.d_cls_ln, Accumulate::Overwrite)),
+                    dh: None,
+                },
+            )?;
+            be.zero(&mut s.d_cls, batch * d)?;
+            layernorm::backward(
+                be,
+                layernorm::Grads {
+                    dx: &mut s.d_cls,
+                    dgamma: &mut grads.norm_w,
+                    dbeta: &mut grads.norm_b,
+                },
+                &s.d_cls_ln,
+                layernorm::Saved {
+                    x: &acts.cls,
+                    mean: &acts.cls_mean,
+                    rstd: &acts.cls_rstd,
+                },
+                &p.norm_w,
+                Rows::new(batch, d),
+            )?;
+            be.zero(&mut s.dx, n * d)?;
+            if !tail {
+                embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
+            }
+        } else {
+            pool::backward(be, self, acts, d_logits, grads, s, batch)?;
         }
 
         // Blocks in reverse; s.dx holds the gradient of the block's output
@@ -710,18 +771,11 @@ impl<B: Backend> Vit<B> {
         }
 
         // Embeddings.
-        embed::tokens_backward(
-            be,
-            &mut s.d_patch_out,
-            &mut grads.cls,
-            &mut grads.pos,
-            &s.dx,
-            embed::Tokens {
-                batch,
-                n_patches: c.n_patches(),
-                width: d,
-            },
-        )?;
+        let pre = match (&acts.pre, s.d_pre.as_mut()) {
+            (Some((x, mean, rstd)), Some(dx)) => Some(tokens::PreNormSaved { x, mean, rstd, dx }),
+            _ => None,
+        };
+        tokens::backward(be, self, grads, &s.dx, pre, &mut s.d_patch_out, batch)?;
         let np = batch * c.n_patches();
         let pd = self.patch_shape().inp;
         // dW[d, pd] += dyᵀ patches
@@ -732,6 +786,9 @@ impl<B: Backend> Vit<B> {
             &acts.patches,
             matmul::Gemm::new(d, pd, np).a_t().add(),
         )?;
-        matmul::bias_backward(be, &mut grads.patch_b, &s.d_patch_out, np, d)
+        match grads.patch_b.as_mut() {
+            Some(db) => matmul::bias_backward(be, db, &s.d_patch_out, np, d),
+            None => Ok(()),
+        }
     }
 }

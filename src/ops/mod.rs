@@ -37,6 +37,7 @@ pub mod loss;
 pub mod lowrank;
 pub mod matmul;
 mod rows;
+pub mod scale;
 pub mod simd;
 
 pub use rows::Rows;
@@ -81,6 +82,7 @@ pub trait Backend:
     + loss::LossKernel
     + lowrank::LowRankKernel
     + matmul::MatmulKernel
+    + scale::ScaleKernel
 {
 }
 
@@ -104,6 +106,7 @@ pub fn cuda_kernels() -> Vec<crate::device::cuda::Kernel> {
         loss::cuda::KERNELS,
         lowrank::cuda::KERNELS,
         matmul::cuda::KERNELS,
+        scale::cuda::KERNELS,
         crate::device::cuda::KERNELS,
     ]
     .concat()
@@ -366,6 +369,7 @@ mod tests {
             "loss",
             "lowrank",
             "matmul",
+            "scale",
         ]
         .into_iter()
         .collect();

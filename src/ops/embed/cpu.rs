@@ -1,7 +1,11 @@
-//! Patch gathering, token assembly and class-token pooling on the CPU.
+//! Patch gathering, token assembly, row copies and pooling on the CPU.
+//! Sums run in the order the CUDA kernels use (over the batch, or over the
+//! pooled rows, from zero, then added or divided), so both give the same bits
+//! at fp32.
 
-use super::{EmbedKernel, Images, Tokens};
+use super::{EmbedKernel, Images, RowCopy, RowMean, Tokens};
 use crate::device::Cpu;
+use crate::ops::matmul::Accumulate;
 use crate::ops::Checked;
 use anyhow::Result;
 use rayon::prelude::*;
@@ -114,6 +118,125 @@ pub fn cls_scatter_add(dx: &mut [f32], dout: &[f32], batch: usize, tokens: usize
     }
 }
 
+pub fn copy_rows(dst: &mut [f32], src: &[f32], shape: RowCopy, mode: Accumulate) {
+    let RowCopy {
+        batch,
+        width,
+        src_tokens,
+        src_at,
+        dst_tokens,
+        dst_at,
+        rows,
+        broadcast,
+    } = shape;
+    if batch * rows == 0 {
+        return;
+    }
+    let span = rows * width;
+    dst[..batch * dst_tokens * width]
+        .par_chunks_mut(dst_tokens * width)
+        .enumerate()
+        .for_each(|(b, image)| {
+            let s = if broadcast { 0 } else { b };
+            let from = &src[(s * src_tokens + src_at) * width..][..span];
+            let to = &mut image[dst_at * width..][..span];
+            match mode {
+                Accumulate::Overwrite => to.copy_from_slice(from),
+                Accumulate::Add => {
+                    for (t, f) in to.iter_mut().zip(from) {
+                        *t += f;
+                    }
+                }
+            }
+        });
+}
+
+/// ADDS to `dsrc` each row's sum over the batch, summed from zero in image order.
+pub fn sum_rows_over_batch(dsrc: &mut [f32], dx: &[f32], shape: RowCopy) {
+    let RowCopy {
+        batch,
+        width,
+        src_at,
+        dst_tokens,
+        dst_at,
+        rows,
+        ..
+    } = shape;
+    dsrc[src_at * width..][..rows * width]
+        .par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(j, d)| {
+            let mut sum = vec![0f32; width];
+            for b in 0..batch {
+                for (s, g) in sum
+                    .iter_mut()
+                    .zip(&dx[(b * dst_tokens + dst_at + j) * width..][..width])
+                {
+                    *s += g;
+                }
+            }
+            for (d, s) in d.iter_mut().zip(sum) {
+                *d += s;
+            }
+        });
+}
+
+/// Writes each image's mean row, summed from zero in row order, then divided.
+pub fn mean_rows(dst: &mut [f32], src: &[f32], shape: RowMean) {
+    let RowMean {
+        batch,
+        width,
+        src_tokens,
+        src_at,
+        count,
+        dst_tokens,
+        dst_at,
+    } = shape;
+    let n = count as f32;
+    dst[..batch * dst_tokens * width]
+        .par_chunks_mut(dst_tokens * width)
+        .enumerate()
+        .for_each(|(b, image)| {
+            let out = &mut image[dst_at * width..][..width];
+            out.fill(0.0);
+            for j in 0..count {
+                for (o, v) in out
+                    .iter_mut()
+                    .zip(&src[(b * src_tokens + src_at + j) * width..][..width])
+                {
+                    *o += v;
+                }
+            }
+            for o in out {
+                *o /= n;
+            }
+        });
+}
+
+pub fn mean_rows_backward(dsrc: &mut [f32], ddst: &[f32], shape: RowMean) {
+    let RowMean {
+        batch,
+        width,
+        src_tokens,
+        src_at,
+        count,
+        dst_tokens,
+        dst_at,
+    } = shape;
+    let n = count as f32;
+    dsrc[..batch * src_tokens * width]
+        .par_chunks_mut(src_tokens * width)
+        .enumerate()
+        .for_each(|(b, image)| {
+            let g = &ddst[(b * dst_tokens + dst_at) * width..][..width];
+            for row in image[src_at * width..][..count * width].chunks_mut(width) {
+                for (d, g) in row.iter_mut().zip(g) {
+                    *d += g / n;
+                }
+            }
+        });
+}
+
 impl EmbedKernel for Cpu {
     fn patch_gather(
         &self,
@@ -171,6 +294,47 @@ impl EmbedKernel for Cpu {
         _: Checked,
     ) -> Result<()> {
         cls_scatter_add(dx, dout, batch, tokens, width);
+        Ok(())
+    }
+    fn copy_rows(
+        &self,
+        dst: &mut Vec<f32>,
+        src: &Vec<f32>,
+        shape: RowCopy,
+        mode: Accumulate,
+        _: Checked,
+    ) -> Result<()> {
+        copy_rows(dst, src, shape, mode);
+        Ok(())
+    }
+    fn sum_rows_over_batch(
+        &self,
+        dsrc: &mut Vec<f32>,
+        dx: &Vec<f32>,
+        shape: RowCopy,
+        _: Checked,
+    ) -> Result<()> {
+        sum_rows_over_batch(dsrc, dx, shape);
+        Ok(())
+    }
+    fn mean_rows(
+        &self,
+        dst: &mut Vec<f32>,
+        src: &Vec<f32>,
+        shape: RowMean,
+        _: Checked,
+    ) -> Result<()> {
+        mean_rows(dst, src, shape);
+        Ok(())
+    }
+    fn mean_rows_backward(
+        &self,
+        dsrc: &mut Vec<f32>,
+        ddst: &Vec<f32>,
+        shape: RowMean,
+        _: Checked,
+    ) -> Result<()> {
+        mean_rows_backward(dsrc, ddst, shape);
         Ok(())
     }
 }

@@ -1,10 +1,11 @@
-//! Launchers of `kernels/embed.cu`: patch gathering, token assembly and
-//! class-token pooling, forward and backward (grid-stride, one thread per
-//! element).
+//! Launchers of `kernels/embed.cu`: patch gathering, token assembly, row
+//! copies and pooling, forward and backward (grid-stride, one thread per
+//! element, or per column where a thread sums).
 
-use super::{EmbedKernel, Images, Tokens};
+use super::{EmbedKernel, Images, RowCopy, RowMean, Tokens};
 use crate::device::cuda::{CudaBuf, DriverResultExt};
-use crate::device::Cuda;
+use crate::device::{Cuda, Precision};
+use crate::ops::matmul::Accumulate;
 use crate::ops::Checked;
 use anyhow::Result;
 use cudarc::driver::PushKernelArg;
@@ -17,6 +18,11 @@ crate::cuda_kernels! {
     TOKENS_BACKWARD_PARAMS = "tokens_backward_params",
     CLS_GATHER = "cls_gather",
     CLS_SCATTER_ADD = "cls_scatter_add",
+    COPY_ROWS = "copy_rows",
+    COPY_ROWS_PARAM = "copy_rows_param",
+    SUM_ROWS_OVER_BATCH = "sum_rows_over_batch",
+    MEAN_ROWS = "mean_rows",
+    MEAN_ROWS_BACKWARD = "mean_rows_backward",
 }
 
 impl EmbedKernel for Cuda {
@@ -72,6 +78,44 @@ impl EmbedKernel for Cuda {
         _: Checked,
     ) -> Result<()> {
         cls_scatter_add(self, dx, dout, batch, tokens, width)
+    }
+    fn copy_rows(
+        &self,
+        dst: &mut CudaBuf,
+        src: &CudaBuf,
+        shape: RowCopy,
+        mode: Accumulate,
+        _: Checked,
+    ) -> Result<()> {
+        copy_rows(self, dst, src, shape, mode)
+    }
+    fn sum_rows_over_batch(
+        &self,
+        dsrc: &mut CudaBuf,
+        dx: &CudaBuf,
+        shape: RowCopy,
+        _: Checked,
+    ) -> Result<()> {
+        sum_rows_over_batch(self, dsrc, dx, shape)
+    }
+    fn mean_rows(
+        &self,
+        dst: &mut CudaBuf,
+        src: &CudaBuf,
+        shape: RowMean,
+        _: Checked,
+    ) -> Result<()> {
+        mean_rows(self, MEAN_ROWS, dst, src, shape, shape.batch * shape.width)
+    }
+    fn mean_rows_backward(
+        &self,
+        dsrc: &mut CudaBuf,
+        ddst: &CudaBuf,
+        shape: RowMean,
+        _: Checked,
+    ) -> Result<()> {
+        let n = shape.batch * shape.count * shape.width;
+        mean_rows(self, MEAN_ROWS_BACKWARD, dsrc, ddst, shape, n)
     }
 }
 
@@ -246,5 +290,129 @@ fn cls_scatter_add(
     l.arg(&dxp).arg(&dop).arg(&a[0]).arg(&a[1]).arg(&a[2]);
     unsafe { l.launch(be.elementwise_config(batch * width)) }
         .cu_with_context(|| format!("cls_scatter_add launch [{batch}, {tokens}, {width}]"))?;
+    Ok(())
+}
+
+/// `copy_rows(act_t* dst, const act_t* src, int batch, int width, int
+/// src_tokens, int src_at, int dst_tokens, int dst_at, int rows, int
+/// broadcast, int add)`, or `copy_rows_param` with `const float* src` when
+/// `src` is an fp32 parameter and activations are bf16.
+fn copy_rows(
+    be: &Cuda,
+    dst: &mut CudaBuf,
+    src: &CudaBuf,
+    shape: RowCopy,
+    mode: Accumulate,
+) -> Result<()> {
+    let RowCopy {
+        batch,
+        width,
+        src_tokens,
+        src_at,
+        dst_tokens,
+        dst_at,
+        rows,
+        broadcast,
+    } = shape;
+    let n = batch * rows * width;
+    if n == 0 {
+        return Ok(());
+    }
+    let a = ints(&[
+        batch,
+        width,
+        src_tokens,
+        src_at,
+        dst_tokens,
+        dst_at,
+        rows,
+        broadcast as usize,
+        mode.adds() as usize,
+    ]);
+    let (kernel, sp) = if src.is_bf16() || be.precision() == Precision::F32 {
+        (COPY_ROWS, be.act(src, "copy_rows src")?)
+    } else {
+        (COPY_ROWS_PARAM, be.f32(src, "copy_rows src")?)
+    };
+    let dp = be.act_mut(dst, "copy_rows dst")?;
+    let f = be.function(kernel, 0)?;
+    let mut l = be.stream().launch_builder(&f);
+    l.arg(&dp).arg(&sp);
+    for v in &a {
+        l.arg(v);
+    }
+    unsafe { l.launch(be.elementwise_config(n)) }
+        .cu_with_context(|| format!("copy_rows launch {shape:?} {mode:?}"))?;
+    Ok(())
+}
+
+/// `sum_rows_over_batch(float* dsrc, const act_t* dx, int batch, int width,
+/// int src_at, int dst_tokens, int dst_at, int rows)`.
+fn sum_rows_over_batch(be: &Cuda, dsrc: &mut CudaBuf, dx: &CudaBuf, shape: RowCopy) -> Result<()> {
+    let RowCopy {
+        batch,
+        width,
+        src_at,
+        dst_tokens,
+        dst_at,
+        rows,
+        ..
+    } = shape;
+    if rows * width == 0 {
+        return Ok(());
+    }
+    let a = ints(&[batch, width, src_at, dst_tokens, dst_at, rows]);
+    let (dp, xp) = (
+        be.f32_mut(dsrc, "sum_rows_over_batch dsrc")?,
+        be.act(dx, "sum_rows_over_batch dx")?,
+    );
+    let f = be.function(SUM_ROWS_OVER_BATCH, 0)?;
+    let mut l = be.stream().launch_builder(&f);
+    l.arg(&dp).arg(&xp);
+    for v in &a {
+        l.arg(v);
+    }
+    unsafe { l.launch(be.elementwise_config(rows * width)) }
+        .cu_with_context(|| format!("sum_rows_over_batch launch {shape:?}"))?;
+    Ok(())
+}
+
+/// `mean_rows(act_t* dst, const act_t* src, ...)` and
+/// `mean_rows_backward(act_t* dsrc, const act_t* ddst, ...)`, both with
+/// `(int batch, int width, int src_tokens, int src_at, int count, int
+/// dst_tokens, int dst_at)`, over `n` threads.
+fn mean_rows(
+    be: &Cuda,
+    kernel: crate::device::cuda::Kernel,
+    out: &mut CudaBuf,
+    input: &CudaBuf,
+    shape: RowMean,
+    n: usize,
+) -> Result<()> {
+    let RowMean {
+        batch,
+        width,
+        src_tokens,
+        src_at,
+        count,
+        dst_tokens,
+        dst_at,
+    } = shape;
+    if n == 0 {
+        return Ok(());
+    }
+    let a = ints(&[batch, width, src_tokens, src_at, count, dst_tokens, dst_at]);
+    let (op, ip) = (
+        be.act_mut(out, kernel.name())?,
+        be.act(input, kernel.name())?,
+    );
+    let f = be.function(kernel, 0)?;
+    let mut l = be.stream().launch_builder(&f);
+    l.arg(&op).arg(&ip);
+    for v in &a {
+        l.arg(v);
+    }
+    unsafe { l.launch(be.elementwise_config(n)) }
+        .cu_with_context(|| format!("{} launch {shape:?}", kernel.name()))?;
     Ok(())
 }

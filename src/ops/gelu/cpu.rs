@@ -1,4 +1,5 @@
-//! Exact GELU on the CPU, elementwise over rayon chunks.
+//! The activations on the CPU, elementwise over rayon chunks: the exact GELU
+//! with its own tuned loops, the tanh and quick GELUs through `sigmoid`.
 //!
 //! "Exact" means the erf form x·Φ(x), not the tanh approximation. Φ is
 //! evaluated as ½·erfc(−x/√2) with the Chebyshev fit of Numerical Recipes
@@ -19,7 +20,7 @@
 //! y = x·Φ(x) (2 ulp), so only φ(x) needs an `exp`, where evaluating Φ
 //! again costs a division, the erfc polynomial and a second `exp`.
 
-use super::GeluKernel;
+use super::{Activation, GeluKernel};
 use crate::device::Cpu;
 use crate::ops::simd::{vectorized, ELEMENTWISE_CHUNK as CHUNK};
 use crate::ops::Checked;
@@ -185,9 +186,123 @@ pub fn gelu_backward_recomputing(dx: &mut [f32], x: &[f32], dout: &[f32], len: u
         });
 }
 
+/// Below this z, σ(z) < e^−80 ≈ 1.8e-35 is taken as 0: a smaller σ would
+/// reach f32's subnormal range, as Φ would (`CDF_IS_ZERO_BEYOND`). The tanh
+/// GELU gets there below x ≈ −9.4, the quick GELU below x ≈ −47.
+const SIGMOID_IS_ZERO_BELOW: f32 = -80.0;
+
+/// σ(z) = 1 / (1 + e^−z), 0 below `SIGMOID_IS_ZERO_BELOW`; branch-free.
+#[inline(always)]
+pub fn sigmoid(z: f32) -> f32 {
+    let s = 1.0 / (1.0 + exp(-z.max(SIGMOID_IS_ZERO_BELOW)));
+    if z < SIGMOID_IS_ZERO_BELOW {
+        0.0
+    } else {
+        s
+    }
+}
+
+/// 2·√(2/π), for the tanh GELU's σ(2u).
+const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1;
+/// The cubic coefficient of the tanh GELU.
+const TANH_CUBIC: f32 = 0.044_715;
+/// The quick GELU's slope.
+const QUICK: f32 = 1.702;
+
+/// The tanh GELU's `(2u, 2u')`: ½(1 + tanh u) = σ(2u) (module doc of `gelu`).
+#[inline(always)]
+fn tanh_gelu_arg(x: f32) -> (f32, f32) {
+    let x2 = x * x;
+    (
+        TWO_SQRT_2_OVER_PI * x * TANH_CUBIC.mul_add(x2, 1.0),
+        TWO_SQRT_2_OVER_PI * (3.0 * TANH_CUBIC).mul_add(x2, 1.0),
+    )
+}
+
+/// x·σ(2u), torch's `gelu(x, approximate='tanh')`.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    x * sigmoid(tanh_gelu_arg(x).0)
+}
+
+/// σ(2u) + x·σ(2u)(1 − σ(2u))·2u'.
+#[inline(always)]
+pub fn gelu_tanh_grad(x: f32) -> f32 {
+    let (z, dz) = tanh_gelu_arg(x);
+    let s = sigmoid(z);
+    (x * s * (1.0 - s)).mul_add(dz, s)
+}
+
+/// x·σ(1.702x), CLIP's quick GELU.
+#[inline(always)]
+pub fn quick_gelu(x: f32) -> f32 {
+    x * sigmoid(QUICK * x)
+}
+
+/// σ(1.702x) + 1.702x·σ(1.702x)(1 − σ(1.702x)).
+#[inline(always)]
+pub fn quick_gelu_grad(x: f32) -> f32 {
+    let s = sigmoid(QUICK * x);
+    (QUICK * x * s).mul_add(1.0 - s, s)
+}
+
+/// `out[i] = f(x[i])` for `i < len`; `f` must be `#[inline(always)]`
+/// (`vectorized`).
+fn map(out: &mut [f32], x: &[f32], len: usize, f: impl Fn(f32) -> f32 + Copy + Send + Sync) {
+    out[..len]
+        .par_chunks_mut(CHUNK)
+        .zip(x[..len].par_chunks(CHUNK))
+        .for_each(|(o, x)| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = f(x);
+                    }
+                },
+            )
+        });
+}
+
+/// `dx[i] = dout[i] · grad(x[i])` for `i < len`; `grad` must be
+/// `#[inline(always)]` (`vectorized`).
+fn map_grad(
+    dx: &mut [f32],
+    x: &[f32],
+    dout: &[f32],
+    len: usize,
+    grad: impl Fn(f32) -> f32 + Copy + Send + Sync,
+) {
+    dx[..len]
+        .par_chunks_mut(CHUNK)
+        .zip(x[..len].par_chunks(CHUNK))
+        .zip(dout[..len].par_chunks(CHUNK))
+        .for_each(|((d, x), g)| {
+            vectorized(
+                #[inline(always)]
+                || {
+                    for ((d, &x), &g) in d.iter_mut().zip(x).zip(g) {
+                        *d = g * grad(x);
+                    }
+                },
+            )
+        });
+}
+
 impl GeluKernel for Cpu {
-    fn gelu_forward(&self, out: &mut Vec<f32>, x: &Vec<f32>, len: usize, _: Checked) -> Result<()> {
-        gelu_forward(out, x, len);
+    fn gelu_forward(
+        &self,
+        out: &mut Vec<f32>,
+        x: &Vec<f32>,
+        len: usize,
+        act: Activation,
+        _: Checked,
+    ) -> Result<()> {
+        match act {
+            Activation::Gelu => gelu_forward(out, x, len),
+            Activation::GeluTanh => map(out, x, len, gelu_tanh),
+            Activation::QuickGelu => map(out, x, len, quick_gelu),
+        }
         Ok(())
     }
     fn gelu_backward(
@@ -197,9 +312,14 @@ impl GeluKernel for Cpu {
         y: &Vec<f32>,
         dout: &Vec<f32>,
         len: usize,
+        act: Activation,
         _: Checked,
     ) -> Result<()> {
-        gelu_backward(dx, x, y, dout, len);
+        match act {
+            Activation::Gelu => gelu_backward(dx, x, y, dout, len),
+            Activation::GeluTanh => map_grad(dx, x, dout, len, gelu_tanh_grad),
+            Activation::QuickGelu => map_grad(dx, x, dout, len, quick_gelu_grad),
+        }
         Ok(())
     }
 }
