@@ -390,7 +390,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(root.join(folder).join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
         write(dir.path(), "config.json", if timm { &tm } else { &hf });
-        let opts = ImportOptions { heads, new_classes: None, input_size: size };
+        let opts = ImportOptions { heads, act: None, new_classes: None, input_size: size };
         if let Ok(ck) = load_any(dir.path(), &opts) {
             let record = ck.import.unwrap();
             let _ = record.notices(ck.cfg.width);

@@ -194,6 +194,7 @@ impl ImportFlags {
     pub fn options(&self) -> ImportOptions {
         ImportOptions {
             heads: self.heads,
+            act: None,
             new_classes: None,
             input_size: self.input_size,
         }
