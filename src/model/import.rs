@@ -600,7 +600,7 @@ fn infer_shape(
     family.pos_embed = pos_embed;
     let classes = t
         .get("head.weight")
-        .map(|h| h.shape[0])
+        .and_then(|h| h.shape.first().copied())
         .unwrap_or(opts.new_classes.unwrap_or(0));
     let cfg = VitConfig {
         image_size: grid * patch,
