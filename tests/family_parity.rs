@@ -58,8 +58,8 @@ fn identity_head(ck: &mut Checkpoint) {
     };
 }
 
-/// The fixture `folder` loaded (at `size`), with an identity head where it
-/// has none.
+/// The checkpoint at `path` as `opts` say, with an identity head when it
+/// is `headless`.
 fn load(path: &Path, opts: &ImportOptions, headless: bool) -> Checkpoint {
     let opts = ImportOptions {
         new_classes: headless.then_some(WIDTH),
@@ -516,6 +516,14 @@ fn an_architecture_the_engine_does_not_compute_is_refused_by_name() {
                 c.as_object_mut().unwrap().remove("architectures");
             }),
             &["model_type", "siglip_vision_model"],
+        ),
+        (
+            "hf_clip",
+            Box::new(|c| {
+                c["model_type"] = "clip".into();
+                c.as_object_mut().unwrap().remove("architectures");
+            }),
+            &["model_type", "CLIPVisionModel"],
         ),
         (
             "hf_clip",

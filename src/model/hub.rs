@@ -386,6 +386,9 @@ impl HubConfig {
             (None, Some(&(_, at, _))) => at,
             (None, None) => unreachable!("read() saw architectures or model_type"),
         };
+        if model_type == "clip" {
+            bail!("{}: field model_type = \"clip\": a whole CLIPModel (text and vision towers); the engine reads the vision tower alone (CLIPVisionModel.from_pretrained(...).save_pretrained(...) writes it)", file.display());
+        }
         if !HF_ARCHITECTURES.iter().any(|a| a.1 == model_type) {
             bail!("{}: field model_type = {model_type:?} names an architecture the engine does not read (it reads {})", file.display(), known());
         }
