@@ -54,7 +54,7 @@ sanitize() {
         return 1
     fi
     local rc=0
-    for t in ops::attention::tests::short_sequences_match_the_cpu::cuda_bf16_new_paths ops::add_layernorm::tests::forward_and_backward_match_the_cpu::cuda_bf16; do
+    for t in ops::attention::tests::short_sequences_match_the_cpu::cuda_bf16_new_paths ops::add_layernorm::tests::forward_and_backward_match_the_cpu::cuda_bf16 ops::embed::tests::row_ops_match_the_cpu::cuda_bf16 ops::scale::tests::scale_matches_the_cpu::cuda_bf16 ops::gelu::tests::forward_and_backward_match_the_cpu::cuda_bf16; do
         compute-sanitizer --tool memcheck --error-exitcode 9 "$G/lib_tests" --include-ignored --exact "$t" || rc=1
     done
     return $rc

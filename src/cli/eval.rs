@@ -137,8 +137,13 @@ impl WithBackend for EvalArgs {
                 ),
                 None => String::new(),
             };
+            let family = if m.cfg.family.is_plain() {
+                String::new()
+            } else {
+                format!(" ({})", m.cfg.family.describe())
+            };
             println!(
-                "{}: top-1 {:.2}%, top-5 {:.2}% on {} test images{against}; {} parameters{}",
+                "{}{family}: top-1 {:.2}%, top-5 {:.2}% on {} test images{against}; {} parameters{}",
                 result.checkpoint,
                 100.0 * top1,
                 100.0 * top5,

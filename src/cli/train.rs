@@ -280,7 +280,7 @@ fn model_help() -> String {
         "Model preset or a JSON config file (a VitConfig); ignored with --init, which takes the shape from the checkpoint. Presets:\n",
     );
     for p in effrank_engine::model::config::PRESETS {
-        text += &format!("  {:<10} {}\n", p.name, p.describe());
+        text += &format!("  {:<18} {}\n", p.name, p.describe());
     }
     text
 }

@@ -47,6 +47,12 @@ pub struct EveryTokenActs<T> {
     pub pooled: T,
 }
 
+/// The activations of the poolings that need more than the class token's.
+pub struct PoolActs<T> {
+    pub dist: Option<DistActs<T>>,
+    pub every: Option<EveryTokenActs<T>>,
+}
+
 /// Backward scratch of the poolings that need more than the class token's.
 pub struct PoolScratch<T> {
     /// Distilled: the gradients of the distillation rows and their LN,
@@ -91,36 +97,35 @@ pub fn scratch_elems(
 }
 
 /// Allocate the pooling's activations for up to `batch` images.
-pub fn alloc_acts<B: Backend>(
-    be: &B,
-    vit: &Vit<B>,
-    batch: usize,
-) -> Result<(Option<DistActs<B::Buf>>, Option<EveryTokenActs<B::Buf>>)> {
+pub fn alloc_acts<B: Backend>(be: &B, vit: &Vit<B>, batch: usize) -> Result<PoolActs<B::Buf>> {
     let c = &vit.cfg;
     let (d, n) = (c.width, batch * c.tokens());
     let a = |len: usize| be.alloc(len, BufKind::Activation);
     let stat = |len: usize| be.alloc(len, BufKind::Statistic);
     Ok(match c.family.pool {
-        Pool::Class | Pool::Average => (None, None),
-        Pool::Distilled => (
-            Some(DistActs {
+        Pool::Class | Pool::Average => PoolActs {
+            dist: None,
+            every: None,
+        },
+        Pool::Distilled => PoolActs {
+            dist: Some(DistActs {
                 x: a(batch * d)?,
                 ln: a(batch * d)?,
                 mean: stat(batch)?,
                 rstd: stat(batch)?,
                 logits: a(batch * c.classes)?,
             }),
-            None,
-        ),
-        Pool::ClassAndMean => (
-            None,
-            Some(EveryTokenActs {
+            every: None,
+        },
+        Pool::ClassAndMean => PoolActs {
+            dist: None,
+            every: Some(EveryTokenActs {
                 ln: a(n * d)?,
                 mean: stat(n)?,
                 rstd: stat(n)?,
                 pooled: a(2 * batch * d)?,
             }),
-        ),
+        },
     })
 }
 
@@ -242,6 +247,7 @@ pub fn forward<B: Backend>(
         }
         Pool::Distilled => {
             let dist = acts
+                .pool
                 .dist
                 .as_mut()
                 .ok_or_else(|| anyhow!("distilled pooling without its buffers"))?;
@@ -299,6 +305,7 @@ pub fn forward<B: Backend>(
         }
         Pool::ClassAndMean => {
             let e = acts
+                .pool
                 .every
                 .as_mut()
                 .ok_or_else(|| anyhow!("class-and-mean pooling without its buffers"))?;
@@ -420,6 +427,7 @@ pub fn backward<B: Backend>(
         }
         Pool::Distilled => {
             let dist = acts
+                .pool
                 .dist
                 .as_ref()
                 .ok_or_else(|| anyhow!("distilled pooling without its buffers"))?;
@@ -488,6 +496,7 @@ pub fn backward<B: Backend>(
         }
         Pool::ClassAndMean => {
             let e = acts
+                .pool
                 .every
                 .as_ref()
                 .ok_or_else(|| anyhow!("class-and-mean pooling without its buffers"))?;

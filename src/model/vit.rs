@@ -58,7 +58,7 @@ use super::block::{MlpGradient, OutputGradient, TransformerBlock};
 use super::config::VitConfig;
 use super::linear::{linear_backward, linear_forward, Flow, LinearShape, Saved};
 use super::params::{param_specs, validate_ranks, BlockLinear, PerLinear, Ranks, VitParams};
-use super::pool::{self, DistActs, EveryTokenActs, PoolScratch};
+use super::pool::{self, PoolActs, PoolScratch};
 use super::tokens;
 use crate::device::{BufKind, Device};
 use crate::ops::attention::AttentionShape;
@@ -216,8 +216,7 @@ pub struct VitActs<B: Backend> {
     /// With `norm_pre`: the tokens before it `[N, D]` and its statistics.
     pub pre: Option<(B::Buf, B::Buf, B::Buf)>,
     /// The buffers of the poolings other than `Class` (`model::pool`).
-    pub dist: Option<DistActs<B::Buf>>,
-    pub every: Option<EveryTokenActs<B::Buf>>,
+    pub pool: PoolActs<B::Buf>,
     /// The last forward pass's outputs and batch, which `backward` follows.
     forwarded: Option<(Outputs, usize)>,
 }
@@ -399,7 +398,7 @@ impl<B: Backend> Vit<B> {
             .norm_pre
             .then(|| Ok::<_, anyhow::Error>((a(n * d)?, stat(n)?, stat(n)?)))
             .transpose()?;
-        let (dist, every) = pool::alloc_acts(be, self, max_batch)?;
+        let pool = pool::alloc_acts(be, self, max_batch)?;
         Ok(VitActs {
             max_batch,
             images: a(max_batch * img)?,
@@ -420,8 +419,7 @@ impl<B: Backend> Vit<B> {
             cls_rstd: stat(max_batch)?,
             logits: a(max_batch * c.classes)?,
             pre,
-            dist,
-            every,
+            pool,
             forwarded: None,
         })
     }

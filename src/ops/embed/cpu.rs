@@ -1,7 +1,8 @@
 //! Patch gathering, token assembly, row copies and pooling on the CPU.
-//! Sums run in the order the CUDA kernels use (over the batch, or over the
-//! pooled rows, from zero, then added or divided), so both give the same bits
-//! at fp32.
+//! The row ops sum in the order the CUDA kernels use (over the batch, or
+//! over the pooled rows, from zero, then added or divided), so that at fp32
+//! the two devices round alike and differ by far less than a reduction's
+//! tolerance.
 
 use super::{EmbedKernel, Images, RowCopy, RowMean, Tokens};
 use crate::device::Cpu;

@@ -20,7 +20,7 @@
 //! y = x·Φ(x) (2 ulp), so only φ(x) needs an `exp`, where evaluating Φ
 //! again costs a division, the erfc polynomial and a second `exp`.
 
-use super::{Activation, GeluKernel};
+use super::{Activation, GeluKernel, Saved};
 use crate::device::Cpu;
 use crate::ops::simd::{vectorized, ELEMENTWISE_CHUNK as CHUNK};
 use crate::ops::Checked;
@@ -203,7 +203,7 @@ pub fn sigmoid(z: f32) -> f32 {
 }
 
 /// 2·√(2/π), for the tanh GELU's σ(2u).
-const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1;
+const TWO_SQRT_2_OVER_PI: f32 = 1.595_769;
 /// The cubic coefficient of the tanh GELU.
 const TANH_CUBIC: f32 = 0.044_715;
 /// The quick GELU's slope.
@@ -308,8 +308,7 @@ impl GeluKernel for Cpu {
     fn gelu_backward(
         &self,
         dx: &mut Vec<f32>,
-        x: &Vec<f32>,
-        y: &Vec<f32>,
+        Saved { x, y }: Saved<'_, Vec<f32>>,
         dout: &Vec<f32>,
         len: usize,
         act: Activation,

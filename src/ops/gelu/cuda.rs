@@ -1,7 +1,7 @@
 //! Launchers of `kernels/gelu.cu` (grid-stride, one thread per element);
 //! one kernel per direction, the activation an argument.
 
-use super::{Activation, GeluKernel};
+use super::{Activation, GeluKernel, Saved};
 use crate::device::cuda::{CudaBuf, DriverResultExt};
 use crate::device::Cuda;
 use crate::ops::Checked;
@@ -53,8 +53,7 @@ impl GeluKernel for Cuda {
     fn gelu_backward(
         &self,
         dx: &mut CudaBuf,
-        x: &CudaBuf,
-        _y: &CudaBuf,
+        Saved { x, .. }: Saved<'_, CudaBuf>,
         dout: &CudaBuf,
         len: usize,
         act: Activation,

@@ -2,7 +2,7 @@
 //! elementwise chunks); dγ through `matmul::cpu::column_sums`, whose f64
 //! sum of row chunks does not depend on the thread count.
 
-use super::ScaleKernel;
+use super::{Grads, ScaleKernel};
 use crate::device::Cpu;
 use crate::ops::matmul::cpu::column_sums;
 use crate::ops::simd::ELEMENTWISE_CHUNK;
@@ -65,8 +65,7 @@ impl ScaleKernel for Cpu {
     }
     fn scale_backward(
         &self,
-        dx: &mut Vec<f32>,
-        dgamma: &mut Vec<f32>,
+        Grads { dx, dgamma }: Grads<'_, Vec<f32>>,
         dy: &Vec<f32>,
         x: &Vec<f32>,
         gamma: &Vec<f32>,

@@ -2,7 +2,7 @@
 //! thread per element; the backward's dx is the same kernel over dy), dγ as
 //! column sums, and the scalar scale.
 
-use super::ScaleKernel;
+use super::{Grads, ScaleKernel};
 use crate::device::cuda::{CudaBuf, DriverResultExt, COLUMN_SUM_ROWS_PER_BLOCK};
 use crate::device::Cuda;
 use crate::ops::{Checked, Rows};
@@ -29,8 +29,7 @@ impl ScaleKernel for Cuda {
     }
     fn scale_backward(
         &self,
-        dx: &mut CudaBuf,
-        dgamma: &mut CudaBuf,
+        Grads { dx, dgamma }: Grads<'_, CudaBuf>,
         dy: &CudaBuf,
         x: &CudaBuf,
         gamma: &CudaBuf,

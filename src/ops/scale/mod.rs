@@ -20,6 +20,13 @@ use super::{need, profiled, work, Checked, Rows};
 use crate::device::Device;
 use anyhow::{bail, Result};
 
+/// What the backward pass writes: the input's gradient (written) and γ's
+/// (added to).
+pub struct Grads<'a, T> {
+    pub dx: &'a mut T,
+    pub dgamma: &'a mut T,
+}
+
 /// Device bodies of LayerScale and the scalar scale (call `forward`,
 /// `backward`, `by`).
 pub trait ScaleKernel: Device {
@@ -31,13 +38,9 @@ pub trait ScaleKernel: Device {
         shape: Rows,
         _: Checked,
     ) -> Result<()>;
-    // Two outputs, three inputs, the shape and the token: one more argument
-    // than clippy's default, and grouping them would only rename them.
-    #[allow(clippy::too_many_arguments)]
     fn scale_backward(
         &self,
-        dx: &mut Self::Buf,
-        dgamma: &mut Self::Buf,
+        grads: Grads<'_, Self::Buf>,
         dy: &Self::Buf,
         x: &Self::Buf,
         gamma: &Self::Buf,
@@ -94,7 +97,7 @@ pub fn backward<D: ScaleKernel>(
         )
     });
     profiled(dev, "scale_backward", w, || {
-        dev.scale_backward(dx, dgamma, dy, x, gamma, rows, Checked::new())
+        dev.scale_backward(Grads { dx, dgamma }, dy, x, gamma, rows, Checked::new())
     })
 }
 
