@@ -364,6 +364,21 @@ fn load_engine_file(path: &Path, weights: &Path, opts: &ImportOptions) -> Result
     Ok(ck)
 }
 
+/// A checkpoint without a classification head (Hugging Face's
+/// `Dinov2Model`, `CLIPVisionModel`) loaded without `new_classes`: the
+/// error, typed so that a caller who learns the classes later can ask
+/// again.
+#[derive(Debug)]
+pub struct NoHead(pub PathBuf);
+
+impl std::fmt::Display for NoHead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: the checkpoint has no classification head; give the number of classes (train --init takes it from the data)", self.0.display())
+    }
+}
+
+impl std::error::Error for NoHead {}
+
 /// A tensor of the classification heads (`head.*`, `head_dist.*`), which a
 /// fresh head makes zeros.
 fn is_head(name: &str) -> bool {
@@ -387,7 +402,7 @@ fn fresh_head(
         return Ok(false);
     };
     if classes == 0 {
-        bail!("{}: the checkpoint has no classification head; give the number of classes (train --init takes it from the data)", path.display());
+        return Err(NoHead(path.to_path_buf()).into());
     }
     cfg.classes = classes;
     tensors.retain(|name, _| !is_head(name));
