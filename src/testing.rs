@@ -45,6 +45,40 @@ pub fn dot(w: &[f32], out: &[f32]) -> f64 {
     w.iter().zip(out).map(|(a, b)| *a as f64 * *b as f64).sum()
 }
 
+/// `max |a − b| / max |b|`: the error of a result against a reference
+/// (another library's logits), relative to the reference's scale.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "lengths of result and reference");
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+/// Every tensor of a safetensors reference file (inputs and outputs a
+/// script wrote) as f32, by name.
+pub fn f32_tensors(path: &std::path::Path) -> std::collections::HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("a safetensors file");
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| (name, bytemuck::pod_collect_to_vec::<u8, f32>(v.data())))
+        .collect()
+}
+
+/// The logits of a checkpoint's model on the CPU for `images` (`[n, C, H,
+/// W]` at its input size).
+pub fn cpu_logits(ck: &crate::model::checkpoint::Checkpoint, images: &[f32]) -> Vec<f32> {
+    let be = crate::device::Cpu;
+    let c = &ck.cfg;
+    let n = images.len() / (c.channels * c.image_size * c.image_size);
+    let paths = crate::options::ModelPaths::default_of(&be);
+    let model = crate::model::Vit::from_host(&be, c, &ck.ranks, &ck.params, paths)
+        .expect("a model of a valid checkpoint");
+    let mut acts = model.new_acts(&be, n).expect("activations");
+    be.write(&mut acts.images, images).expect("images");
+    model.forward(&be, &mut acts, n).expect("forward");
+    be.download(&acts.logits).expect("logits")
+}
+
 /// Compare `analytic` with central differences of `loss` at `x`, on up to
 /// `samples` coordinates chosen at random.
 pub fn fd_check(

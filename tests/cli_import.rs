@@ -1,6 +1,8 @@
 //! The command line on imported checkpoints (tests/fixtures/import/): a hub
 //! folder evaluates, trains and factorizes at its own size and at another;
-//! a head count nobody said is announced with its flag and recorded.
+//! a head count nobody said is announced with its flag and recorded; a
+//! backbone without a head (tests/fixtures/families/hf_clip) takes the
+//! data's classes.
 
 use effrank_engine::model::checkpoint::read_metadata;
 use image::{Rgb, RgbImage};
@@ -229,4 +231,39 @@ fn a_sweeps_students_record_how_the_teacher_was_imported() {
             (Some(32), Some(48))
         );
     }
+}
+
+#[test]
+fn a_backbone_without_a_head_trains_with_the_datas_classes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = five_classes(dir.path());
+    let clip = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families/hf_clip");
+    let out = dir.path().join("teacher");
+    ok(&[
+        "train",
+        "--init",
+        clip.to_str().unwrap(),
+        "--data",
+        &data,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let import = &run_meta(&out.join("model.safetensors"))["import"];
+    assert_eq!(import["act"], "quick-gelu");
+    assert_eq!(import["act_from"]["config"], "hidden_act");
+    let (success, text) = run(&[
+        "eval",
+        "--checkpoint",
+        clip.to_str().unwrap(),
+        "--data",
+        &data,
+    ]);
+    assert!(
+        !success && text.contains("no classification head"),
+        "{text}"
+    );
 }

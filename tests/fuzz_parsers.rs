@@ -17,6 +17,7 @@ use effrank_engine::model::import::{load_any, ImportOptions};
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::uniform_ranks;
 use effrank_engine::model::VitConfig;
+use effrank_engine::ops::gelu::Activation;
 use effrank_engine::results::read_records_file;
 use proptest::prelude::*;
 use std::collections::BTreeMap;
@@ -390,11 +391,41 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         std::fs::copy(root.join(folder).join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
         write(dir.path(), "config.json", if timm { &tm } else { &hf });
-        let opts = ImportOptions { heads, new_classes: None, input_size: size };
+        let opts = ImportOptions { heads, act: None, new_classes: None, input_size: size };
         if let Ok(ck) = load_any(dir.path(), &opts) {
             let record = ck.import.unwrap();
             let _ = record.notices(ck.cfg.width);
             let _ = record.class_names_differ(&["x".to_string()]);
+        }
+    }
+}
+
+/// Family fixtures (tests/fixtures/families/) whose config.json says the
+/// most: registers, LayerScale, pooling, the activation.
+const FAMILY_FOLDERS: [&str; 4] = [
+    "hf_dinov2_reg_cls",
+    "timm_dinov2_reg4",
+    "hf_clip",
+    "timm_deit_distilled",
+];
+
+fn family_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/families")
+}
+
+proptest! {
+    #![proptest_config(cases(500))]
+
+    /// A family's config.json mutated, beside its own weights, read with
+    /// any --act and --input-size.
+    #[test]
+    fn family_folders_of_mutated_configs((i, config) in (0..FAMILY_FOLDERS.len()).prop_flat_map(|i| (Just(i), mutated(std::fs::read(family_root().join(FAMILY_FOLDERS[i]).join("config.json")).unwrap()))), act in prop::option::of(prop_oneof![Just(Activation::Gelu), Just(Activation::GeluTanh), Just(Activation::QuickGelu)]), size in prop::option::of(prop_oneof![0usize..80, Just(usize::MAX)])) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(family_root().join(FAMILY_FOLDERS[i]).join("model.safetensors"), dir.path().join("model.safetensors")).unwrap();
+        write(dir.path(), "config.json", &config);
+        let opts = ImportOptions { act, new_classes: Some(3), input_size: size, ..ImportOptions::default() };
+        if let Ok(ck) = load_any(dir.path(), &opts) {
+            let _ = ck.import.unwrap().notices(ck.cfg.width);
         }
     }
 }

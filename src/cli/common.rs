@@ -12,6 +12,7 @@ use effrank_engine::factorize::{
     BlockRange, FactorInit, FromTeacher, LayerSet, StudentPlan, Targets, DEFAULT_CALIBRATION,
 };
 use effrank_engine::model::import::ImportOptions;
+use effrank_engine::ops::gelu::Activation;
 use effrank_engine::ops::{self, Backend};
 use effrank_engine::options::{ComputeOptions, ComputeRecord, DeviceKind, SimdChoice, Switch};
 use effrank_engine::train::{AdamWConfig, FitOptions};
@@ -181,6 +182,14 @@ pub struct ImportFlags {
     /// and recorded as guessed.
     #[arg(long)]
     pub heads: Option<usize>,
+    /// The MLP's activation of an imported file that does not say it
+    /// (gelu, gelu-tanh or quick-gelu): a bare CLIP file, whose library
+    /// makes both GELU and QuickGELU models (OpenAI's weights: quick-gelu).
+    /// A hub folder's config.json says it, torchvision's is gelu, and so
+    /// do the engine's files. Without it: the library's default for the
+    /// family, announced on stderr where that is a guess, and recorded.
+    #[arg(long, value_name = "ACT", value_parser = parse_act)]
+    pub act: Option<Activation>,
     /// Run the checkpoint at this input size (pixels, a multiple of its
     /// patch): its position embedding is resampled as timm's
     /// resample_abs_pos_embed does (bicubic, antialiased, class token
@@ -194,10 +203,25 @@ impl ImportFlags {
     pub fn options(&self) -> ImportOptions {
         ImportOptions {
             heads: self.heads,
+            act: self.act,
             new_classes: None,
             input_size: self.input_size,
         }
     }
+}
+
+/// `--act`: the engine's name of an activation (`Activation::name`).
+fn parse_act(name: &str) -> Result<Activation, String> {
+    [
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::QuickGelu,
+    ]
+    .into_iter()
+    .find(|a| a.name() == name)
+    .ok_or_else(|| {
+        format!("{name:?} is not an activation the engine computes: gelu, gelu-tanh or quick-gelu")
+    })
 }
 
 /// The data set and how images are prepared. Each flag not given takes the

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use effrank_engine::data::hf_parquet::ColumnChoice;
 use effrank_engine::data::{load_data, DataSource, Dataset, LoadOptions, Normalize};
 use effrank_engine::model::checkpoint::read_metadata;
-use effrank_engine::model::import::{load_any, ImportOptions, ImportRecord};
+use effrank_engine::model::import::{load_any, ImportOptions, ImportRecord, NoHead};
 use effrank_engine::model::init::init_params;
 use effrank_engine::model::params::{dense_ranks, Ranks};
 use effrank_engine::model::{VitConfig, VitParams};
@@ -334,11 +334,25 @@ impl ModelProbe {
                     cfg,
                 })
             }
-            ModelSource::Checkpoint { path, import } => Ok(ModelProbe::Checkpoint {
-                path: path.clone(),
-                import: import.clone(),
-                model: Box::new(load_model_with(path, import)?),
-            }),
+            ModelSource::Checkpoint { path, import } => {
+                let model = match load_model_with(path, import) {
+                    // A backbone without a head: a placeholder one until the
+                    // data says the classes (`for_classes`).
+                    Err(e) if e.downcast_ref::<NoHead>().is_some() => {
+                        let placeholder = ImportOptions {
+                            new_classes: Some(1),
+                            ..import.clone()
+                        };
+                        load_model_with(path, &placeholder)?
+                    }
+                    other => other?,
+                };
+                Ok(ModelProbe::Checkpoint {
+                    path: path.clone(),
+                    import: import.clone(),
+                    model: Box::new(model),
+                })
+            }
         }
     }
 

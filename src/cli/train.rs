@@ -113,6 +113,7 @@ impl WithBackend for TrainArgs {
                 path: path.clone(),
                 import: ImportOptions {
                     heads: self.heads,
+                    act: None,
                     new_classes: None,
                     input_size: self.input_size,
                 },

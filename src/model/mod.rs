@@ -9,6 +9,7 @@ pub mod import;
 pub mod init;
 pub mod params;
 pub mod pth;
+pub mod rename;
 pub mod resample;
 
 pub use config::VitConfig;
