@@ -32,6 +32,13 @@ fn families() -> Vec<(&'static str, Family)> {
             },
         ),
         (
+            "deit-class-head",
+            Family {
+                dist_token: true,
+                ..plain
+            },
+        ),
+        (
             "deit3",
             Family {
                 pos_embed: PosEmbed::PatchesOnly,
