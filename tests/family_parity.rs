@@ -375,7 +375,12 @@ fn a_bare_clip_file_says_its_activation_is_guessed_and_act_sets_it() {
     let ck = check_outputs(&bare, &flagged, "timm_clip_quickgelu");
     let record = ck.import.unwrap();
     assert_eq!(record.act_from, SaidBy::Flag);
-    assert!(record.notices(WIDTH).is_empty());
+    // Only the normalization (not in a bare file) is still a guess.
+    let notices = record.notices(WIDTH);
+    assert!(
+        notices.len() == 1 && notices[0].contains("--normalize"),
+        "{notices:?}"
+    );
     // A bare DINOv2 file: nothing about its activation is a guess.
     let dinov2 = rewritten("timm_dinov2", dir.path(), "d.safetensors", |k| {
         Some(k.into())
@@ -587,4 +592,105 @@ fn a_flag_that_contradicts_the_folder_is_refused() {
     };
     let e = load_error(&fixture("timm_clip"), &opts);
     assert_names(&e, &["--act quick-gelu", "architecture"]);
+}
+
+// ---- the input normalization each file implies -------------------------------
+
+#[test]
+fn each_file_says_its_normalization_or_its_family_guesses_it_aloud() {
+    use effrank_engine::data::Normalize;
+    for (folder, want, from) in [
+        (
+            "timm_dinov2",
+            Normalize::Imagenet,
+            "pretrained_cfg.mean and std",
+        ),
+        (
+            "timm_deit_distilled",
+            Normalize::Imagenet,
+            "pretrained_cfg.mean",
+        ),
+        ("timm_clip", Normalize::Clip, "pretrained_cfg.mean"),
+        ("timm_avg", Normalize::Half, "pretrained_cfg.mean"),
+        (
+            "hf_dinov2_reg",
+            Normalize::Imagenet,
+            "model_type = \"dinov2_with_registers\"",
+        ),
+        ("hf_deit", Normalize::Imagenet, "model_type = \"deit\""),
+        (
+            "hf_clip",
+            Normalize::Clip,
+            "model_type = \"clip_vision_model\"",
+        ),
+    ] {
+        let opts = ImportOptions {
+            new_classes: Some(3),
+            ..at_size(None)
+        };
+        let ck = load_any(&fixture(folder), &opts).unwrap();
+        let record = ck.import.unwrap();
+        assert_eq!(record.normalize, Some(want), "{folder}");
+        assert_names(
+            record.normalize_from.as_deref().unwrap(),
+            &["config.json", from],
+        );
+        assert!(
+            !record
+                .notices(WIDTH)
+                .iter()
+                .any(|n| n.contains("--normalize")),
+            "{folder}: said by its config, not guessed"
+        );
+    }
+    // A preprocessor_config.json beside a Hugging Face config wins.
+    let dir = edited("hf_dinov2", |_| {});
+    std::fs::write(
+        dir.path().join("preprocessor_config.json"),
+        r#"{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}"#,
+    )
+    .unwrap();
+    let ck = load_any(
+        dir.path(),
+        &ImportOptions {
+            new_classes: Some(3),
+            ..at_size(None)
+        },
+    )
+    .unwrap();
+    let record = ck.import.unwrap();
+    assert_eq!(record.normalize, Some(Normalize::Half));
+    assert_names(
+        record.normalize_from.as_deref().unwrap(),
+        &["preprocessor_config.json", "image_mean"],
+    );
+    // Statistics the engine has no preset for are an error naming the fields.
+    let odd = edited("timm_dinov2", |c| {
+        c["pretrained_cfg"]["std"] = serde_json::json!([0.3, 0.3, 0.3])
+    });
+    let e = load_error(odd.path(), &at_size(None));
+    assert_names(
+        &e,
+        &["config.json", "pretrained_cfg.mean and std", "imagenet"],
+    );
+    // A bare file of a family: guessed from the family, and said so.
+    let bare_dir = tempfile::tempdir().unwrap();
+    let bare = rewritten("timm_dinov2", bare_dir.path(), "d.safetensors", |k| {
+        Some(k.to_string())
+    });
+    let ck = load_any(
+        &bare,
+        &ImportOptions {
+            heads: Some(2),
+            ..at_size(None)
+        },
+    )
+    .unwrap();
+    let record = ck.import.unwrap();
+    assert_eq!(record.normalize, Some(Normalize::Imagenet));
+    let notices = record.notices(WIDTH).join("\n");
+    assert_names(
+        &notices,
+        &["d.safetensors", "normalization", "imagenet", "--normalize"],
+    );
 }

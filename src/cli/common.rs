@@ -236,7 +236,8 @@ pub struct DataFlags {
     /// data the checkpoint recorded (eval), else demo.
     #[arg(long)]
     pub data: Option<String>,
-    /// Per-channel normalization: cifar, imagenet or half (mean = std = 0.5).
+    /// Per-channel normalization: cifar, imagenet, half (mean = std = 0.5)
+    /// or clip (OpenAI CLIP's statistics).
     /// Default: the checkpoint's (the teacher's for a new student), else
     /// cifar for CIFAR, half otherwise.
     #[arg(long)]

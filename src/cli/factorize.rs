@@ -85,7 +85,7 @@ pub fn run(args: FactorizeArgs) -> Result<()> {
         );
     }
     let Some(normalize) = args.data.normalize.or(teacher.normalize) else {
-        bail!("{} does not record how its inputs are normalized, so the student could not say either: give --normalize cifar|imagenet|half", args.teacher.display());
+        bail!("{} does not record how its inputs are normalized, so the student could not say either: give --normalize cifar|imagenet|half|clip", args.teacher.display());
     };
     let resize = args.data.resize.or(teacher.resize);
     let plan = args.factor.plan(args.seed)?;

@@ -119,7 +119,7 @@ impl WithBackend for SensitivityArgs {
             );
         }
         let Some(normalize) = self.data.normalize.or(teacher.normalize) else {
-            bail!("{} does not record how its inputs are normalized: give --normalize cifar|imagenet|half", self.teacher.display());
+            bail!("{} does not record how its inputs are normalized: give --normalize cifar|imagenet|half|clip", self.teacher.display());
         };
         let choice = self.data.choose(
             teacher.run.as_ref().and_then(|r| r.data.as_ref()),

@@ -289,6 +289,7 @@ pub fn load_model_with(path: &Path, opts: &ImportOptions) -> Result<HostModel> {
         .as_ref()
         .map(|r| r.normalize)
         .or(legacy)
+        .or(ck.import.as_ref().and_then(|i| i.normalize))
         .or(ck.scheme.default_normalize());
     let resize = run.as_ref().and_then(|r| r.resize);
     let import = ck

@@ -12,7 +12,7 @@
 //! - `demo`: the built-in synthetic data set, generated from a seed;
 //! - `augment`: seeded shuffling, random flip and padded random crop, and
 //!   batch assembly, all pure functions of (seed, epoch, index);
-//! - `normalize`: the mean/std presets (`--normalize cifar|imagenet|half`).
+//! - `normalize`: the mean/std presets (`--normalize cifar|imagenet|half|clip`).
 //!
 //! Images stay `u8` on the host: the resize to the model's resolution and the
 //! normalization happen on the device (`ops::image::from_bytes`), so the

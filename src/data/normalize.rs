@@ -1,4 +1,4 @@
-//! Per-channel normalization presets for `--normalize cifar|imagenet|half`:
+//! Per-channel normalization presets for `--normalize cifar|imagenet|half|clip`:
 //! the model sees `(pixel / 255 - mean[c]) / std[c]`. The arithmetic happens
 //! on the device (`ops::image::from_bytes`); this file only names the
 //! constants and builds the `ImageTransform` that carries them there.
@@ -18,16 +18,34 @@ pub enum Normalize {
     Imagenet,
     /// mean 0.5, std 0.5 (Hugging Face ViT checkpoints; maps [0, 1] to [-1, 1]).
     Half,
+    /// OpenAI CLIP's statistics (CLIP image towers, timm's and Hugging Face's).
+    Clip,
 }
 
 impl Normalize {
-    pub const ALL: [Normalize; 3] = [Normalize::Cifar, Normalize::Imagenet, Normalize::Half];
+    pub const ALL: [Normalize; 4] = [
+        Normalize::Cifar,
+        Normalize::Imagenet,
+        Normalize::Half,
+        Normalize::Clip,
+    ];
+
+    /// The preset of these statistics (as a config file gives them), if
+    /// any is within 1e-4 of them.
+    pub fn from_stats(mean: [f64; 3], std: [f64; 3]) -> Option<Normalize> {
+        let near =
+            |a: [f32; 3], b: [f64; 3]| a.iter().zip(b).all(|(&a, b)| (a as f64 - b).abs() < 1e-4);
+        Normalize::ALL
+            .into_iter()
+            .find(|n| near(n.mean(), mean) && near(n.std(), std))
+    }
 
     pub fn name(self) -> &'static str {
         match self {
             Normalize::Cifar => "cifar",
             Normalize::Imagenet => "imagenet",
             Normalize::Half => "half",
+            Normalize::Clip => "clip",
         }
     }
 
@@ -36,6 +54,7 @@ impl Normalize {
             Normalize::Cifar => [0.5071, 0.4865, 0.4409],
             Normalize::Imagenet => [0.485, 0.456, 0.406],
             Normalize::Half => [0.5; 3],
+            Normalize::Clip => [0.481_454_66, 0.457_827_5, 0.408_210_73],
         }
     }
 
@@ -44,6 +63,7 @@ impl Normalize {
             Normalize::Cifar => [0.2673, 0.2564, 0.2762],
             Normalize::Imagenet => [0.229, 0.224, 0.225],
             Normalize::Half => [0.5; 3],
+            Normalize::Clip => [0.268_629_54, 0.261_302_6, 0.275_777_1],
         }
     }
 
@@ -102,6 +122,20 @@ impl FromStr for Normalize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statistics_name_their_preset() {
+        // timm's IMAGENET_DEFAULT_*, IMAGENET_INCEPTION_* and OPENAI_CLIP_*.
+        let f = |v: [f32; 3]| v.map(f64::from);
+        for n in Normalize::ALL {
+            assert_eq!(Normalize::from_stats(f(n.mean()), f(n.std())), Some(n));
+        }
+        assert_eq!(
+            Normalize::from_stats([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            Some(Normalize::Imagenet)
+        );
+        assert_eq!(Normalize::from_stats([0.5; 3], [0.25; 3]), None);
+    }
 
     #[test]
     fn parses_every_name_and_lists_choices_on_error() {

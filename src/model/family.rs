@@ -188,12 +188,6 @@ impl Family {
             ),
             _ => {}
         }
-        if self.dist_token && self.pool != Pool::Distilled {
-            bail!(
-                "model config: a distillation token is only read by pool Distilled (pool is {:?})",
-                self.pool
-            );
-        }
         if self.registers > 1024 {
             bail!(
                 "model config: registers = {} is more than 1024",

@@ -22,6 +22,7 @@
 use super::config::VitConfig;
 use super::family::{Family, Pool, PosEmbed};
 use super::rename::{HfModel, Layout};
+use crate::data::Normalize;
 use crate::ops::gelu::Activation;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
@@ -133,6 +134,9 @@ pub struct HubConfig {
     pub act: Option<(Activation, String)>,
     pub ln_eps: Option<f32>,
     pub class_names: Option<Vec<String>>,
+    /// The input normalization the weights were trained with, and what
+    /// says it.
+    pub normalize: Option<(Normalize, String)>,
     expect: Vec<Expect>,
 }
 
@@ -490,6 +494,7 @@ impl HubConfig {
             act: Some(act),
             ln_eps,
             class_names,
+            normalize: hf_normalize(file, model_type)?,
             expect,
         })
     }
@@ -597,6 +602,7 @@ impl HubConfig {
             act: Some(act),
             ln_eps: Some(known.ln_eps),
             class_names,
+            normalize: timm_normalize(f)?,
             expect,
         })
     }
@@ -831,6 +837,92 @@ fn id2label(f: &Fields<'_>, v: &Value) -> Result<Vec<String>> {
         *slot = Some(name.as_str().ok_or_else(bad)?.to_string());
     }
     names.into_iter().map(|n| n.ok_or_else(bad)).collect()
+}
+
+/// Three numbers of field `key` of `f`.
+fn three(f: &Fields<'_>, key: &str) -> Result<Option<[f64; 3]>> {
+    let Some(v) = f.map.get(key) else {
+        return Ok(None);
+    };
+    let parsed = v
+        .as_array()
+        .filter(|a| a.len() == 3)
+        .and_then(|a| Some([a[0].as_f64()?, a[1].as_f64()?, a[2].as_f64()?]));
+    parsed
+        .map(Some)
+        .ok_or_else(|| f.bad(key, v, "three numbers (one per channel)"))
+}
+
+/// The preset of a mean and std given by fields `mean_key`, `std_key`:
+/// an error naming them when they are none of the engine's.
+fn stats(f: &Fields<'_>, mean_key: &str, std_key: &str) -> Result<Option<(Normalize, String)>> {
+    let (Some(mean), Some(std)) = (three(f, mean_key)?, three(f, std_key)?) else {
+        return Ok(None);
+    };
+    let said = format!("{}{mean_key} and {std_key}", f.prefix);
+    match Normalize::from_stats(mean, std) {
+        Some(n) => Ok(Some((n, format!("{} field {said}", f.file.display())))),
+        None => {
+            let names: Vec<&str> = Normalize::ALL.iter().map(|n| n.name()).collect();
+            bail!(
+                "{}: fields {said} = {mean:?}, {std:?} are none of the engine's normalizations ({}); normalize the data to one of them",
+                f.file.display(),
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// timm: `pretrained_cfg.mean` and `.std`.
+fn timm_normalize(f: &Fields<'_>) -> Result<Option<(Normalize, String)>> {
+    match f.map.get("pretrained_cfg") {
+        Some(Value::Object(pre)) => stats(
+            &Fields {
+                file: f.file,
+                map: pre,
+                prefix: "pretrained_cfg.",
+            },
+            "mean",
+            "std",
+        ),
+        _ => Ok(None),
+    }
+}
+
+/// Hugging Face: `image_mean` and `image_std` of the preprocessor_config.json
+/// beside the config, else the image processor's default of the model type
+/// (ViT: 0.5; DeiT and DINOv2: ImageNet's; CLIP: its own).
+fn hf_normalize(config: &Path, model_type: &str) -> Result<Option<(Normalize, String)>> {
+    let pre = config.with_file_name("preprocessor_config.json");
+    if pre.is_file() {
+        let text =
+            std::fs::read_to_string(&pre).with_context(|| format!("reading {}", pre.display()))?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow!("{} is not JSON: {e}", pre.display()))?;
+        if let Some(map) = json.as_object() {
+            let fields = Fields {
+                file: &pre,
+                map,
+                prefix: "",
+            };
+            if let Some(found) = stats(&fields, "image_mean", "image_std")? {
+                return Ok(Some(found));
+            }
+        }
+    }
+    let default = match model_type {
+        "vit" => Normalize::Half,
+        "deit" | "dinov2" | "dinov2_with_registers" => Normalize::Imagenet,
+        "clip_vision_model" => Normalize::Clip,
+        _ => return Ok(None),
+    };
+    Ok(Some((
+        default,
+        format!(
+            "{} field model_type = {model_type:?} (its image processor's default)",
+            config.display()
+        ),
+    )))
 }
 
 #[cfg(test)]

@@ -49,6 +49,7 @@ use super::params::{dense_ranks, VitParams};
 use super::pth::{looks_like_zip, read_pth};
 use super::rename::{count_blocks, detect, to_engine_names, HfModel, Layout};
 use super::resample::{resample_pos_embed, GridResize};
+use crate::data::Normalize;
 use crate::ops::gelu::Activation;
 use anyhow::{anyhow, bail, Result};
 use serde::{Deserialize, Serialize};
@@ -132,6 +133,13 @@ pub struct ImportRecord {
     /// None when the file has none or the head was replaced.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub class_names: Option<Vec<String>>,
+    /// The input normalization the weights expect, and what said it (a
+    /// config field, or the family, guessed and announced); None: the
+    /// naming scheme's default (`NamingScheme::default_normalize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize: Option<Normalize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normalize_from: Option<String>,
 }
 
 impl ImportRecord {
@@ -144,6 +152,14 @@ impl ImportRecord {
                 "warning: {}: the number of attention heads is not in the file; assuming {} (width {width} / 64, as ViT-S and ViT-B have). Give --heads N if it has another; a hub folder with its config.json says it",
                 self.source, self.heads
             ));
+        }
+        if let (Some(n), Some(from)) = (self.normalize, &self.normalize_from) {
+            if from.starts_with(GUESSED) {
+                out.push(format!(
+                    "warning: {}: the input normalization is not in the file; assuming {n} ({from}). Give --normalize if it was trained with another; a hub folder with its config says it",
+                    self.source
+                ));
+            }
         }
         if self.act_from == SaidBy::Guessed {
             out.push(format!(
@@ -300,6 +316,11 @@ pub fn load_any(path: &Path, opts: &ImportOptions) -> Result<Checkpoint> {
         import: None,
     };
     let input_size = resample_input(&mut ck, opts.input_size, &weights)?;
+    let (normalize, normalize_from) = hub
+        .as_ref()
+        .and_then(|h| h.normalize.clone())
+        .or_else(|| family_normalize(&ck.cfg.family))
+        .unzip();
     ck.import = Some(ImportRecord {
         source: path.display().to_string(),
         naming: scheme,
@@ -311,8 +332,28 @@ pub fn load_any(path: &Path, opts: &ImportOptions) -> Result<Checkpoint> {
         act_from,
         input_size,
         class_names,
+        normalize,
+        normalize_from,
     });
     Ok(ck)
+}
+
+/// How `normalize_from` begins for a normalization guessed from the family.
+const GUESSED: &str = "guessed";
+
+/// The normalization a file without a config is taken to expect, from its
+/// family: the libraries' DeiT (distilled), DeiT-III and DINOv2 weights
+/// were trained on ImageNet's statistics, CLIP's on its own; None for the
+/// plain ViT (the naming scheme's default).
+fn family_normalize(f: &Family) -> Option<(Normalize, String)> {
+    let (n, which) = if f.norm_pre {
+        (Normalize::Clip, "CLIP image towers")
+    } else if f.layer_scale || f.dist_token || f.registers > 0 {
+        (Normalize::Imagenet, "DeiT, DeiT-III and DINOv2 weights")
+    } else {
+        return None;
+    };
+    Some((n, format!("{GUESSED} from the family: {which} use it")))
 }
 
 /// One of the engine's own files, its head replaced and its input size
@@ -359,6 +400,9 @@ fn load_engine_file(path: &Path, weights: &Path, opts: &ImportOptions) -> Result
             act_from: SaidBy::Recorded,
             input_size: Some(resample),
             class_names: None,
+            // The engine's file records its own normalization.
+            normalize: None,
+            normalize_from: None,
         });
     }
     Ok(ck)
