@@ -150,7 +150,7 @@ mod tests {
         let err = "imgnet".parse::<Normalize>().unwrap_err().to_string();
         assert_eq!(
             err,
-            "unknown normalization 'imgnet'; choices: cifar, imagenet, half"
+            "unknown normalization 'imgnet'; choices: cifar, imagenet, half, clip"
         );
     }
 
