@@ -167,6 +167,30 @@ fn every_family_runs_train_factorize_distill_eval_and_spectrum() {
 }
 
 #[test]
+fn train_act_sets_the_activation_of_a_preset() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("clip");
+    let mut args = vec![
+        "train",
+        "--model",
+        "vit-demo",
+        "--act",
+        "quick-gelu",
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(DEMO);
+    ok(&args);
+    let recorded = metadata_config(&out.join("model.safetensors"));
+    assert_eq!(recorded["act"], "quick-gelu");
+}
+
+#[test]
 fn a_family_sweeps() {
     let dir = tempfile::tempdir().unwrap();
     let model = config(

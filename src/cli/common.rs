@@ -211,7 +211,7 @@ impl ImportFlags {
 }
 
 /// `--act`: the engine's name of an activation (`Activation::name`).
-fn parse_act(name: &str) -> Result<Activation, String> {
+pub fn parse_act(name: &str) -> Result<Activation, String> {
     [
         Activation::Gelu,
         Activation::GeluTanh,

@@ -213,6 +213,8 @@ pub struct ShapeOverrides {
     pub depth: Option<usize>,
     pub heads: Option<usize>,
     pub mlp: Option<usize>,
+    /// The MLP's activation (`--act`).
+    pub act: Option<effrank_engine::ops::gelu::Activation>,
 }
 
 impl ShapeOverrides {
@@ -229,6 +231,9 @@ impl ShapeOverrides {
             if let Some(v) = value {
                 *field = v;
             }
+        }
+        if let Some(act) = self.act {
+            cfg.family.act = act;
         }
         cfg.validate()
     }

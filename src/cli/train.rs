@@ -61,6 +61,12 @@ pub struct TrainArgs {
     /// and recorded as guessed).
     #[arg(long)]
     pub heads: Option<usize>,
+    /// The MLP's activation (gelu, gelu-tanh or quick-gelu): overrides the
+    /// preset's, or sets that of an --init file that does not say it (a
+    /// bare CLIP file; without it the library's default, announced on
+    /// stderr and recorded as guessed).
+    #[arg(long, value_name = "ACT", value_parser = crate::cli::common::parse_act)]
+    pub act: Option<effrank_engine::ops::gelu::Activation>,
     /// Input size (pixels, square): overrides the preset's, or runs the
     /// --init checkpoint at this size, its position embedding resampled as
     /// timm's resample_abs_pos_embed does (bicubic, antialiased; recorded).
@@ -113,7 +119,7 @@ impl WithBackend for TrainArgs {
                 path: path.clone(),
                 import: ImportOptions {
                     heads: self.heads,
-                    act: None,
+                    act: self.act,
                     new_classes: None,
                     input_size: self.input_size,
                 },
@@ -263,6 +269,7 @@ impl TrainArgs {
             depth: self.depth,
             heads: self.heads,
             mlp: self.mlp,
+            act: self.act,
         }
     }
 
