@@ -195,6 +195,83 @@ fn patch_mean<B: Backend>(vit: &Vit<B>, batch: usize, slots: usize, slot: usize)
     }
 }
 
+/// The class token's head, shared by every pooling that reduces the
+/// stream to one row per image in `acts.cls` (class, average, and the
+/// class half of distilled): `acts.logits = head(LN(acts.cls))`.
+pub(super) fn class_head_forward<B: Backend>(
+    be: &B,
+    vit: &Vit<B>,
+    acts: &mut VitActs<B>,
+    batch: usize,
+) -> Result<()> {
+    let (c, p) = (&vit.cfg, &vit.params);
+    layernorm::forward(
+        be,
+        layernorm::Outputs {
+            out: &mut acts.cls_ln,
+            mean: &mut acts.cls_mean,
+            rstd: &mut acts.cls_rstd,
+        },
+        &acts.cls,
+        Params {
+            gamma: &p.norm_w,
+            beta: &p.norm_b,
+        },
+        Rows::new(batch, c.width),
+        c.ln_eps,
+    )?;
+    linear_forward(
+        be,
+        &p.head,
+        head_shape(vit),
+        &mut acts.logits,
+        None,
+        &acts.cls_ln,
+        batch,
+    )
+}
+
+/// The backward of `class_head_forward` from `dy`: WRITES `d_cls` (the
+/// gradient of `acts.cls`; `s.d_cls`) through `d_cls_ln` (`s.d_cls_ln`),
+/// ADDS the head's and final LayerNorm's gradients.
+pub(super) fn class_head_backward<B: Backend>(
+    be: &B,
+    vit: &Vit<B>,
+    acts: &VitActs<B>,
+    dy: &B::Buf,
+    grads: &mut Grads<B>,
+    (d_cls_ln, d_cls): (&mut B::Buf, &mut B::Buf),
+    batch: usize,
+) -> Result<()> {
+    let p = &vit.params;
+    head_backward(
+        be,
+        vit,
+        (&p.head, &mut grads.head),
+        &acts.cls_ln,
+        dy,
+        d_cls_ln,
+        batch,
+    )?;
+    be.zero(d_cls, batch * vit.cfg.width)?;
+    layernorm::backward(
+        be,
+        layernorm::Grads {
+            dx: d_cls,
+            dgamma: &mut grads.norm_w,
+            dbeta: &mut grads.norm_b,
+        },
+        d_cls_ln,
+        layernorm::Saved {
+            x: &acts.cls,
+            mean: &acts.cls_mean,
+            rstd: &acts.cls_rstd,
+        },
+        &p.norm_w,
+        Rows::new(batch, vit.cfg.width),
+    )
+}
+
 /// The logits from `x` (the final residual stream, written by the blocks)
 /// for every pooling but `Class` (which `Vit` runs itself, with its tail).
 pub fn forward<B: Backend>(
@@ -227,35 +304,20 @@ pub fn forward<B: Backend>(
         Pool::Class => Err(anyhow!("class-token pooling runs in Vit::forward")),
         Pool::Average => {
             embed::mean_rows(be, &mut acts.cls, &acts.x_out, patch_mean(vit, batch, 1, 0))?;
-            ln(
-                be,
-                &mut acts.cls_ln,
-                &mut acts.cls_mean,
-                &mut acts.cls_rstd,
-                &acts.cls,
-                batch,
-            )?;
-            linear_forward(
-                be,
-                &p.head,
-                head_shape(vit),
-                &mut acts.logits,
-                None,
-                &acts.cls_ln,
-                batch,
-            )
+            class_head_forward(be, vit, acts, batch)
         }
         Pool::Distilled => {
-            let dist = acts
-                .pool
-                .dist
-                .as_mut()
-                .ok_or_else(|| anyhow!("distilled pooling without its buffers"))?;
             let head_dist = p
                 .head_dist
                 .as_ref()
                 .ok_or_else(|| anyhow!("distilled pooling without head_dist"))?;
             embed::cls_gather(be, &mut acts.cls, &acts.x_out, batch, c.tokens(), d)?;
+            class_head_forward(be, vit, acts, batch)?;
+            let dist = acts
+                .pool
+                .dist
+                .as_mut()
+                .ok_or_else(|| anyhow!("distilled pooling without its buffers"))?;
             let row = c.family.dist_row();
             embed::copy_rows(
                 be,
@@ -266,34 +328,16 @@ pub fn forward<B: Backend>(
             )?;
             ln(
                 be,
-                &mut acts.cls_ln,
-                &mut acts.cls_mean,
-                &mut acts.cls_rstd,
-                &acts.cls,
-                batch,
-            )?;
-            ln(
-                be,
                 &mut dist.ln,
                 &mut dist.mean,
                 &mut dist.rstd,
                 &dist.x,
                 batch,
             )?;
-            let shape = head_shape(vit);
-            linear_forward(
-                be,
-                &p.head,
-                shape,
-                &mut acts.logits,
-                None,
-                &acts.cls_ln,
-                batch,
-            )?;
             linear_forward(
                 be,
                 head_dist,
-                shape,
+                head_shape(vit),
                 &mut dist.logits,
                 None,
                 &dist.ln,
@@ -404,25 +448,8 @@ pub fn backward<B: Backend>(
     match c.family.pool {
         Pool::Class => Err(anyhow!("class-token pooling runs in Vit::backward")),
         Pool::Average => {
-            head_backward(
-                be,
-                vit,
-                (&p.head, &mut grads.head),
-                &acts.cls_ln,
-                d_logits,
-                &mut s.d_cls_ln,
-                batch,
-            )?;
-            be.zero(&mut s.d_cls, batch * d)?;
-            ln_back(
-                be,
-                &mut s.d_cls,
-                &mut grads.norm_w,
-                &mut grads.norm_b,
-                &s.d_cls_ln,
-                (&acts.cls, &acts.cls_mean, &acts.cls_rstd),
-                batch,
-            )?;
+            let class_rows = (&mut s.d_cls_ln, &mut s.d_cls);
+            class_head_backward(be, vit, acts, d_logits, grads, class_rows, batch)?;
             embed::mean_rows_backward(be, &mut s.dx, &s.d_cls, patch_mean(vit, batch, 1, 0))
         }
         Pool::Distilled => {
@@ -440,22 +467,15 @@ pub fn backward<B: Backend>(
                 .head_dist
                 .as_ref()
                 .ok_or_else(|| anyhow!("distilled pooling without head_dist"))?;
+            let len = batch * c.classes;
+            be.copy(d_half, d_logits, len)?;
+            scale::by(be, d_half, 0.5, len)?;
+            let class_rows = (&mut s.d_cls_ln, &mut s.d_cls);
+            class_head_backward(be, vit, acts, d_half, grads, class_rows, batch)?;
             let g_head_dist = grads
                 .head_dist
                 .as_mut()
                 .ok_or_else(|| anyhow!("distilled pooling without head_dist's gradient"))?;
-            let len = batch * c.classes;
-            be.copy(d_half, d_logits, len)?;
-            scale::by(be, d_half, 0.5, len)?;
-            head_backward(
-                be,
-                vit,
-                (&p.head, &mut grads.head),
-                &acts.cls_ln,
-                d_half,
-                &mut s.d_cls_ln,
-                batch,
-            )?;
             head_backward(
                 be,
                 vit,
@@ -465,17 +485,7 @@ pub fn backward<B: Backend>(
                 d_dist_ln,
                 batch,
             )?;
-            be.zero(&mut s.d_cls, batch * d)?;
             be.zero(d_dist, batch * d)?;
-            ln_back(
-                be,
-                &mut s.d_cls,
-                &mut grads.norm_w,
-                &mut grads.norm_b,
-                &s.d_cls_ln,
-                (&acts.cls, &acts.cls_mean, &acts.cls_rstd),
-                batch,
-            )?;
             ln_back(
                 be,
                 d_dist,

@@ -56,15 +56,13 @@
 
 use super::block::{MlpGradient, OutputGradient, TransformerBlock};
 use super::config::VitConfig;
-use super::linear::{linear_backward, linear_forward, Flow, LinearShape, Saved};
+use super::linear::LinearShape;
 use super::params::{param_specs, validate_ranks, BlockLinear, PerLinear, Ranks, VitParams};
 use super::pool::{self, PoolActs, PoolScratch};
 use super::tokens;
 use crate::device::{BufKind, Device};
 use crate::ops::attention::AttentionShape;
-use crate::ops::layernorm::Params;
-use crate::ops::matmul::Accumulate;
-use crate::ops::{embed, layernorm, matmul, Backend, Rows};
+use crate::ops::{embed, matmul, Backend};
 use crate::options::ModelPaths;
 use anyhow::{bail, Result};
 
@@ -321,14 +319,6 @@ impl<B: Backend> Vit<B> {
             inp,
             out,
             rank: self.ranks[block][l],
-        }
-    }
-
-    fn head_shape(&self) -> LinearShape {
-        LinearShape {
-            inp: self.cfg.width,
-            out: self.cfg.classes,
-            rank: None,
         }
     }
 
@@ -613,30 +603,7 @@ impl<B: Backend> Vit<B> {
         if outputs == Outputs::Everything {
             embed::cls_gather(be, &mut acts.cls, &acts.x_out, batch, t, d)?;
         }
-        layernorm::forward(
-            be,
-            layernorm::Outputs {
-                out: &mut acts.cls_ln,
-                mean: &mut acts.cls_mean,
-                rstd: &mut acts.cls_rstd,
-            },
-            &acts.cls,
-            Params {
-                gamma: &p.norm_w,
-                beta: &p.norm_b,
-            },
-            Rows::new(batch, d),
-            c.ln_eps,
-        )?;
-        linear_forward(
-            be,
-            &p.head,
-            self.head_shape(),
-            &mut acts.logits,
-            None,
-            &acts.cls_ln,
-            batch,
-        )?;
+        pool::class_head_forward(be, self, acts, batch)?;
         acts.forwarded = Some((outputs, batch));
         Ok(())
     }
@@ -661,7 +628,6 @@ impl<B: Backend> Vit<B> {
             features: feature_grads,
         } = d;
         let c = &self.cfg;
-        let p = &self.params;
         let (t, d) = (c.tokens(), c.width);
         let n = batch * t;
         let shape = AttentionShape {
@@ -699,39 +665,8 @@ impl<B: Backend> Vit<B> {
 
         if c.family.pools_class_token_only() {
             // Head and final LayerNorm on the class token.
-            linear_backward(
-                be,
-                &p.head,
-                &mut grads.head,
-                self.head_shape(),
-                Saved {
-                    rows: batch,
-                    x: &acts.cls_ln,
-                    h: None,
-                },
-                Flow {
-                    dy: d_logits,
-                    dx: Some((&mut s.d_cls_ln, Accumulate::Overwrite)),
-                    dh: None,
-                },
-            )?;
-            be.zero(&mut s.d_cls, batch * d)?;
-            layernorm::backward(
-                be,
-                layernorm::Grads {
-                    dx: &mut s.d_cls,
-                    dgamma: &mut grads.norm_w,
-                    dbeta: &mut grads.norm_b,
-                },
-                &s.d_cls_ln,
-                layernorm::Saved {
-                    x: &acts.cls,
-                    mean: &acts.cls_mean,
-                    rstd: &acts.cls_rstd,
-                },
-                &p.norm_w,
-                Rows::new(batch, d),
-            )?;
+            let class_rows = (&mut s.d_cls_ln, &mut s.d_cls);
+            pool::class_head_backward(be, self, acts, d_logits, grads, class_rows, batch)?;
             be.zero(&mut s.dx, n * d)?;
             if !tail {
                 embed::cls_scatter_add(be, &mut s.dx, &s.d_cls, batch, t, d)?;
